@@ -1,0 +1,136 @@
+//! The lab's test guest: a Debian cloud kernel and a busybox + qemu-guest-agent initramfs built by
+//! `guest/build-guest`, and the libvirt domain definitions that boot it under TCG.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::config::LAB_ROOT;
+use crate::process::run_ok;
+
+/// Where the guest image is built (shared by all labs on this machine; rebuilt when the build script changes).
+pub fn image_dir() -> PathBuf {
+    Path::new(LAB_ROOT).join("guest")
+}
+
+/// The guest build script in this source tree.
+pub fn build_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest").join("build-guest")
+}
+
+/// Builds the guest kernel and initramfs unless an up-to-date build exists.
+pub fn build_image() -> Result<PathBuf> {
+    let dir = image_dir();
+    let script = build_script();
+    let script = script.to_str().context("guest build script path is not UTF-8")?;
+    let out = dir.to_str().context("guest image path is not UTF-8")?;
+    run_ok("bash", &[script, out], Duration::from_secs(600)).context("building the lab guest image")?;
+    Ok(dir)
+}
+
+/// A lab VM: what its domain definition needs.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub name: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+}
+
+impl GuestSpec {
+    pub fn new(name: &str) -> Self {
+        GuestSpec { name: name.to_string(), memory_mib: 128, vcpus: 1 }
+    }
+
+    /// A stable UUID derived from the name (FNV-1a), formatted as a version-4 UUID.
+    pub fn uuid(&self) -> String {
+        let fnv = |seed: u64| {
+            self.name.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+        };
+        let a = fnv(0xcbf2_9ce4_8422_2325);
+        let b = fnv(0x8422_2325_cbf2_9ce4);
+        let a = (a & 0xffff_ffff_ffff_0fff) | 0x4000;
+        let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xffff,
+            b >> 48,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    /// The libvirt domain XML: TCG (`type='qemu'`), direct kernel boot from `image_dir`, serial console
+    /// logged to the host's libvirt log directory, and a qemu-guest-agent virtio-serial channel.
+    pub fn domain_xml(&self, image_dir: &Path) -> String {
+        let img = image_dir.display();
+        format!(
+            r#"<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>{mem}</memory>
+  <currentMemory unit='MiB'>{mem}</currentMemory>
+  <vcpu placement='static'>{vcpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{img}/vmlinuz</kernel>
+    <initrd>{img}/initrd.gz</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1</cmdline>
+  </os>
+  <features><acpi/></features>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='pty'>
+      <log file='/var/log/libvirt/qemu/{name}-console.log' append='on'/>
+    </serial>
+    <console type='pty'/>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"#,
+            name = self.name,
+            uuid = self.uuid(),
+            mem = self.memory_mib,
+            vcpus = self.vcpus,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_is_stable_distinct_and_well_formed() {
+        let a = GuestSpec::new("vm1").uuid();
+        assert_eq!(a, GuestSpec::new("vm1").uuid());
+        assert_ne!(a, GuestSpec::new("vm2").uuid());
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(parts.iter().map(|p| p.len()).collect::<Vec<_>>(), vec![8, 4, 4, 4, 12]);
+        assert!(parts[2].starts_with('4'));
+        assert!(matches!(parts[3].chars().next(), Some('8' | '9' | 'a' | 'b')));
+    }
+
+    #[test]
+    fn domain_xml_is_tcg_with_guest_agent_channel() {
+        let xml = GuestSpec::new("web").domain_xml(Path::new("/img"));
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let root = doc.root_element();
+        assert_eq!(root.attribute("type"), Some("qemu"));
+        let text = |tag: &str| root.descendants().find(|n| n.has_tag_name(tag)).and_then(|n| n.text());
+        assert_eq!(text("name"), Some("web"));
+        assert_eq!(text("kernel"), Some("/img/vmlinuz"));
+        assert_eq!(text("memory"), Some("128"));
+        let channel = root.descendants().find(|n| n.has_tag_name("channel")).unwrap();
+        let target = channel.children().find(|n| n.has_tag_name("target")).unwrap();
+        assert_eq!(target.attribute("name"), Some("org.qemu.guest_agent.0"));
+    }
+}

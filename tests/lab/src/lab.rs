@@ -1,0 +1,642 @@
+//! A running lab: bring it up, act on its hosts, observe the cluster, tear it down by PID.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::cluster::ClusterStatus;
+use crate::config::LabConfig;
+use crate::guest::{self, GuestSpec};
+use crate::power;
+use crate::process::{self, run_ok, run_with_deadline, ProcId};
+use crate::wait::wait_for;
+
+/// The host's PID 1 script, written into the lab directory at bring-up.
+const HOST_INIT: &str = include_str!("../scripts/host-init");
+
+/// Which resource agent runs a lab VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmAgent {
+    /// Pacemaker's `ocf:heartbeat:VirtualDomain` (the agent vmha replaces; kept for comparisons).
+    VirtualDomain,
+    /// vmha's `ocf:vmha:VirtualMachine`, installed into the hosts with [`Lab::install_build`].
+    Vmha,
+}
+
+/// A lab on this machine. A lab brought up by [`Lab::up`] is owned: dropping it (also when a test panics)
+/// collects the daemons' logs if the thread is panicking and tears everything down by PID.
+#[derive(Debug)]
+pub struct Lab {
+    pub cfg: LabConfig,
+    owned: bool,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        if std::thread::panicking() {
+            match self.collect_logs(&default_log_dir(&self.cfg.name)) {
+                Ok(dir) => {
+                    eprintln!("lab {}: daemon logs collected in {}", self.cfg.name, dir.display());
+                    eprintln!("{}", self.log_tails(25));
+                }
+                Err(e) => eprintln!("lab {}: collecting logs failed: {e:#}", self.cfg.name),
+            }
+        }
+        if let Err(e) = self.down() {
+            eprintln!("lab {}: tear-down failed: {e:#}", self.cfg.name);
+        }
+    }
+}
+
+/// Where logs go when a test fails: `lab-logs/<lab>-<time>` at the workspace root.
+pub fn default_log_dir(name: &str) -> PathBuf {
+    let stamp = power::now() as u64;
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../lab-logs").join(format!("{name}-{stamp}"))
+}
+
+/// Finds the `vmha-lab` binary: `$VMHA_LAB_BIN`, this executable, or a sibling in the cargo target directory.
+pub fn lab_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("VMHA_LAB_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    if exe.file_name().is_some_and(|n| n == "vmha-lab") {
+        return Ok(exe);
+    }
+    target_binary("vmha-lab")
+}
+
+/// A binary of this workspace next to the running executable (target/<profile>/NAME, also from
+/// target/<profile>/deps where test binaries live).
+pub fn target_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = d.parent();
+    }
+    bail!("binary {name} not found next to {}: build the workspace first (cargo build --workspace)", exe.display())
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Lab {
+    /// A handle on an existing lab (nothing is started or stopped when it is dropped).
+    pub fn attach(cfg: LabConfig) -> Result<Lab> {
+        cfg.validate()?;
+        Ok(Lab { cfg, owned: false })
+    }
+
+    /// A handle on the lab brought up earlier under `name`.
+    pub fn attach_named(name: &str) -> Result<Lab> {
+        Lab::attach(LabConfig::load(name)?)
+    }
+
+    /// Stops owning the lab: it keeps running after this handle is dropped.
+    pub fn release(mut self) {
+        self.owned = false;
+    }
+
+    /// Brings a fresh lab up from nothing (tearing down any earlier lab of the same name first): network,
+    /// hosts with Corosync, Pacemaker, D-Bus, virtlogd and libvirtd, the power controller, and a fence
+    /// device with fencing enabled. Returns once every host is online, a DC is elected and fencing runs.
+    pub fn up(cfg: LabConfig) -> Result<Lab> {
+        cfg.validate()?;
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the lab needs root (namespaces, mounts, network devices)");
+        }
+        Lab::attach(cfg.clone())?.down()?;
+        let mut lab = Lab { cfg, owned: true };
+        let t0 = Instant::now();
+        if let Err(e) = lab.bring_up() {
+            let dir = lab.collect_logs(&default_log_dir(&lab.cfg.name));
+            eprintln!("{}", lab.log_tails(25));
+            return Err(e.context(format!(
+                "bringing up lab {} (logs: {})",
+                lab.cfg.name,
+                dir.map(|d| d.display().to_string()).unwrap_or_else(|e| e.to_string())
+            )));
+        }
+        tracing::info!(lab = %lab.cfg.name, secs = t0.elapsed().as_secs_f64(), "lab up");
+        lab.owned = true;
+        Ok(lab)
+    }
+
+    /// Reuses a healthy running lab of the same configuration, or brings a fresh one up. Not owned.
+    pub fn ensure_up(cfg: LabConfig) -> Result<Lab> {
+        if let Ok(existing) = LabConfig::load(&cfg.name) {
+            let lab = Lab::attach(existing.clone())?;
+            if existing == cfg && lab.is_running() && lab.status_from_any().is_ok_and(|s| s.dc.is_some()) {
+                tracing::info!(lab = %cfg.name, "lab already up");
+                return Ok(lab);
+            }
+        }
+        let lab = Lab::up(cfg)?;
+        let cfg = lab.cfg.clone();
+        lab.release();
+        Lab::attach(cfg)
+    }
+
+    /// True when the power controller and every host are running.
+    pub fn is_running(&self) -> bool {
+        self.power_controller().is_some_and(|p| p.alive()) && self.cfg.host_numbers().all(|n| self.host_alive(n))
+    }
+
+    fn bring_up(&self) -> Result<()> {
+        let cfg = &self.cfg;
+        let dir = cfg.dir();
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        fs::create_dir_all(dir.join("bin"))?;
+        fs::create_dir_all(cfg.shared_dir())?;
+        fs::write(cfg.config_file(), serde_json::to_string_pretty(cfg)?)?;
+        let bin = dir.join("bin/vmha-lab");
+        fs::copy(lab_binary()?, &bin).context("copying the vmha-lab binary into the lab")?;
+        write_executable(&dir.join("bin/host-init"), HOST_INIT)?;
+        guest::build_image()?;
+        self.create_network()?;
+        for n in cfg.host_numbers() {
+            self.prepare_host(n, &bin)?;
+        }
+        self.start_power_controller(&bin)?;
+        for n in cfg.host_numbers() {
+            self.start_host(n)?;
+        }
+        let formed = wait_for("every host online and a DC elected", Duration::from_secs(180), Duration::from_secs(1), || {
+            let s = self.status(1).ok()?;
+            (s.dc.is_some() && s.online_nodes().len() == usize::from(cfg.hosts)).then_some(s)
+        })?;
+        tracing::info!(dc = ?formed.dc, "cluster formed");
+        self.configure_fencing()?;
+        for n in cfg.host_numbers() {
+            wait_for(&format!("libvirtd on {}", cfg.host_name(n)), Duration::from_secs(60), Duration::from_millis(250), || {
+                self.exec(n, &["virsh", "-c", "qemu:///system", "version"]).ok().filter(|o| o.status.success())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn create_network(&self) -> Result<()> {
+        let cfg = &self.cfg;
+        let sw = cfg.switch_netns();
+        let ip = |args: &[&str]| run_ok("ip", args, Duration::from_secs(20));
+        ip(&["netns", "add", &sw])?;
+        ip(&["-n", &sw, "link", "set", "lo", "up"])?;
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for n in cfg.host_numbers() {
+            let ns = cfg.host_netns(n);
+            let port = cfg.switch_port(n);
+            let tmp = format!("vmha-{}-v{n}", cfg.name);
+            ip(&["netns", "add", &ns])?;
+            ip(&["link", "add", &tmp, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&["-n", &ns, "link", "set", &tmp, "name", "eth0"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", cfg.host_address(n)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
+            ip(&["-n", &sw, "link", "set", &port, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Gives host N its own copies of the cluster and libvirt state and configuration.
+    fn prepare_host(&self, n: u8, bin: &Path) -> Result<()> {
+        let cfg = &self.cfg;
+        let d = cfg.host_dir(n);
+        fs::create_dir_all(&d)?;
+        for (src, name) in [
+            ("/etc/corosync", "etc-corosync"),
+            ("/var/lib/pacemaker", "var-lib-pacemaker"),
+            ("/var/log/pacemaker", "var-log-pacemaker"),
+            ("/etc/libvirt", "etc-libvirt"),
+            ("/var/lib/libvirt", "var-lib-libvirt"),
+            ("/var/log/libvirt", "var-log-libvirt"),
+            ("/var/cache/libvirt", "var-cache-libvirt"),
+        ] {
+            let dest = d.join(name);
+            run_ok("cp", &["-a", src, path_str(&dest)?], Duration::from_secs(60))?;
+        }
+        for name in ["var-lib-corosync", "var-log-corosync", "usr-upper/sbin", "usr-work"] {
+            fs::create_dir_all(d.join(name))?;
+        }
+        // No libvirt default NAT network inside the lab.
+        if let Ok(entries) = fs::read_dir(d.join("etc-libvirt/qemu/networks/autostart")) {
+            for e in entries.flatten() {
+                fs::remove_file(e.path())?;
+            }
+        }
+        fs::write(d.join("etc-corosync/corosync.conf"), cfg.corosync_conf())?;
+        fs::write(d.join("hosts"), cfg.etc_hosts())?;
+        fs::write(d.join("hostname"), format!("{}\n", cfg.host_name(n)))?;
+        append(&d.join("etc-libvirt/libvirtd.conf"), &cfg.libvirtd_conf_extra(n))?;
+        // No cgroups (they are not mounted inside the lab's namespaces and would clash between hosts) and
+        // no per-VM mount namespaces (they cannot re-create the hidden /dev/kvm).
+        append(&d.join("etc-libvirt/qemu.conf"), "\n# vmha lab\ncgroup_controllers = [ ]\nnamespaces = [ ]\n")?;
+        let agent = format!(
+            "#!/bin/sh\n# vmha lab fence agent: asks the lab power controller to power this lab's hosts off/on.\nexec {} fence-agent --lab {} \"$@\"\n",
+            sh_quote(path_str(bin)?),
+            cfg.name
+        );
+        write_executable(&d.join("usr-upper/sbin/fence_vmha_lab"), &agent)?;
+        Ok(())
+    }
+
+    fn start_power_controller(&self, bin: &Path) -> Result<()> {
+        let log = fs::File::create(self.cfg.dir().join("power-controller.log"))?;
+        let child = Command::new(bin)
+            .args(["power-controller", "--lab", &self.cfg.name])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting the lab power controller")?;
+        let id = ProcId::of(child.id() as i32)?;
+        reap_in_background(child);
+        id.save(&self.cfg.dir().join("power.pid"))?;
+        wait_for("the power controller", Duration::from_secs(10), Duration::from_millis(50), || {
+            power::request(&self.cfg, "ping", Duration::from_secs(2)).ok().filter(|r| r == "pong")
+        })?;
+        Ok(())
+    }
+
+    fn power_controller(&self) -> Option<ProcId> {
+        ProcId::load(&self.cfg.dir().join("power.pid")).ok().flatten()
+    }
+
+    /// Starts host N (its namespaces and daemons); the host's PID 1 is recorded by PID and start time.
+    fn start_host(&self, n: u8) -> Result<()> {
+        let cfg = &self.cfg;
+        let d = cfg.host_dir(n);
+        let console = fs::OpenOptions::new().create(true).append(true).open(d.join("console.log"))?;
+        let init = cfg.dir().join("bin/host-init");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &cfg.host_netns(n)])
+            .args(["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc", "--propagation", "private"])
+            .arg(&init)
+            .arg(&d)
+            .arg(cfg.host_name(n))
+            .stdin(Stdio::null())
+            .stdout(console.try_clone()?)
+            .stderr(console)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting host {}", cfg.host_name(n)))?;
+        let outer = child.id() as i32;
+        reap_in_background(child);
+        let my_ns = process::pid_namespace(std::process::id() as i32);
+        let init_str = path_str(&init)?.to_string();
+        let pid = wait_for(&format!("PID 1 of {}", cfg.host_name(n)), Duration::from_secs(10), Duration::from_millis(20), || {
+            // The host's PID 1 is the descendant of `unshare` that runs host-init in a new PID namespace.
+            let mut frontier = vec![outer];
+            for _ in 0..3 {
+                let mut next = Vec::new();
+                for p in frontier {
+                    if process::cmdline(p).iter().any(|a| a == &init_str) && process::pid_namespace(p) != my_ns {
+                        return Some(p);
+                    }
+                    next.extend(process::children(p));
+                }
+                frontier = next;
+            }
+            None
+        })?;
+        let id = ProcId::of(pid)?;
+        id.save(&d.join("pid"))?;
+        if let Some(ns) = id.pid_namespace() {
+            fs::write(d.join("pidns"), ns.to_string())?;
+        }
+        tracing::info!(host = %cfg.host_name(n), pid, "host started");
+        Ok(())
+    }
+
+    fn host_init(&self, n: u8) -> Option<ProcId> {
+        ProcId::load(&self.cfg.host_dir(n).join("pid")).ok().flatten()
+    }
+
+    /// True while host N is powered on.
+    pub fn host_alive(&self, n: u8) -> bool {
+        self.host_init(n).is_some_and(|p| p.alive())
+    }
+
+    /// Hard power-off of host N: SIGKILL to its PID 1, which makes the kernel kill every process of the host.
+    /// Returns once none of them is left.
+    pub fn power_off(&self, n: u8) -> Result<()> {
+        let Some(init) = self.host_init(n).filter(|p| p.alive()) else { return Ok(()) };
+        let ns = init.pid_namespace();
+        init.signal(Signal::SIGKILL)?;
+        fs::write(self.cfg.host_dir(n).join("powered-off-at"), format!("{}\n", power::now()))?;
+        if let Some(ns) = ns {
+            wait_for(&format!("every process of {} to end", self.cfg.host_name(n)), Duration::from_secs(30), Duration::from_millis(20), || {
+                process::pids_in_namespace(ns).is_empty().then_some(())
+            })?;
+        }
+        tracing::info!(host = %self.cfg.host_name(n), "powered off");
+        Ok(())
+    }
+
+    /// Powers host N on (a no-op when it runs). Its state directories are kept, as a real disk would be.
+    pub fn power_on(&self, n: u8) -> Result<()> {
+        if self.host_alive(n) {
+            return Ok(());
+        }
+        self.start_host(n)
+    }
+
+    /// Unplugs host N's network cable (its switch port goes down).
+    pub fn cut_network(&self, n: u8) -> Result<()> {
+        run_ok("ip", &["-n", &self.cfg.switch_netns(), "link", "set", &self.cfg.switch_port(n), "down"], Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Plugs host N's network cable back in.
+    pub fn heal_network(&self, n: u8) -> Result<()> {
+        run_ok("ip", &["-n", &self.cfg.switch_netns(), "link", "set", &self.cfg.switch_port(n), "up"], Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    fn nsenter_args(&self, n: u8) -> Result<Vec<String>> {
+        let init = self
+            .host_init(n)
+            .filter(|p| p.alive())
+            .ok_or_else(|| anyhow!("{} is not running", self.cfg.host_name(n)))?;
+        Ok(["nsenter", "-t", &init.pid.to_string(), "-m", "-u", "-i", "-n", "-p", "--", "env", "PCMK_logfacility=none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect())
+    }
+
+    /// Runs a command on host N (inside all its namespaces), killed after 60 s.
+    pub fn exec(&self, n: u8, args: &[&str]) -> Result<Output> {
+        self.exec_with_deadline(n, args, Duration::from_secs(60))
+    }
+
+    pub fn exec_with_deadline(&self, n: u8, args: &[&str], limit: Duration) -> Result<Output> {
+        let pre = self.nsenter_args(n)?;
+        let mut all: Vec<&str> = pre.iter().skip(1).map(String::as_str).collect();
+        all.extend_from_slice(args);
+        run_with_deadline("nsenter", &all, limit)
+    }
+
+    /// Runs a command on host N and returns its stdout, failing unless it exits 0.
+    pub fn exec_ok(&self, n: u8, args: &[&str]) -> Result<String> {
+        let out = self.exec(n, args)?;
+        if !out.status.success() {
+            bail!(
+                "on {}: {} failed ({}): {}{}",
+                self.cfg.host_name(n),
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a command on host N with the caller's terminal (for the CLI); returns its exit code.
+    pub fn exec_interactive(&self, n: u8, args: &[String]) -> Result<i32> {
+        let pre = self.nsenter_args(n)?;
+        let status = Command::new(&pre[0]).args(&pre[1..]).args(args).status()?;
+        Ok(status.code().unwrap_or(1))
+    }
+
+    /// Pacemaker's view of the cluster from host N.
+    pub fn status(&self, n: u8) -> Result<ClusterStatus> {
+        let out = self.exec_with_deadline(n, &["crm_mon", "--one-shot", "--output-as=xml"], Duration::from_secs(15))?;
+        if !out.status.success() {
+            bail!("crm_mon on {}: {}", self.cfg.host_name(n), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        ClusterStatus::parse(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    /// Pacemaker's view from the first host that answers.
+    pub fn status_from_any(&self) -> Result<ClusterStatus> {
+        let mut last = anyhow!("no host is running");
+        for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
+            match self.status(n) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The first running host other than `not`.
+    pub fn other_host(&self, not: u8) -> Option<u8> {
+        self.cfg.host_numbers().find(|&n| n != not && self.host_alive(n))
+    }
+
+    fn configure_fencing(&self) -> Result<()> {
+        let hosts = format!("pcmk_host_list={}", self.cfg.host_list());
+        self.exec_ok(1, &["pcs", "stonith", "create", "fence-lab", "fence_vmha_lab", &hosts, "op", "monitor", "interval=60s"])?;
+        self.exec_ok(1, &["crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--update", "true"])?;
+        wait_for("the fence device to start", Duration::from_secs(60), Duration::from_millis(500), || {
+            let s = self.status(1).ok()?;
+            s.resource("fence-lab").filter(|r| r.active && r.role == "Started").map(|_| ())
+        })
+    }
+
+    /// Copies `src` (a path on this machine) to `dest` inside host N with mode `mode`.
+    pub fn install(&self, n: u8, src: &Path, dest: &str, mode: &str) -> Result<()> {
+        self.exec_ok(n, &["install", "-D", "-m", mode, path_str(src)?, dest])?;
+        Ok(())
+    }
+
+    /// Installs the workspace's build into every running host: the OCF agent `ocf:vmha:VirtualMachine`
+    /// from `build_dir` (e.g. target/release).
+    pub fn install_build(&self, build_dir: &Path) -> Result<Vec<String>> {
+        let agent = build_dir.join("vmha-ocf-virtualmachine");
+        if !agent.is_file() {
+            bail!("{} is missing: build the workspace first", agent.display());
+        }
+        let mut installed = Vec::new();
+        for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
+            self.install(n, &agent, "/usr/lib/ocf/resource.d/vmha/VirtualMachine", "0755")?;
+            installed.push(self.cfg.host_name(n));
+        }
+        Ok(installed)
+    }
+
+    /// Writes a lab guest's domain XML to shared storage and returns its path.
+    pub fn write_domain_xml(&self, spec: &GuestSpec) -> Result<PathBuf> {
+        let path = self.cfg.shared_dir().join(format!("{}.xml", spec.name));
+        fs::write(&path, spec.domain_xml(&guest::image_dir()))?;
+        Ok(path)
+    }
+
+    /// Creates a VM as a cluster resource (live-migratable, monitored every 10 s) unless it exists.
+    pub fn add_vm(&self, spec: &GuestSpec, agent: VmAgent) -> Result<()> {
+        let n = self.other_host(0).ok_or_else(|| anyhow!("no host is running"))?;
+        let existing = self.status(n)?;
+        if existing.resource(&spec.name).is_some() {
+            return Ok(());
+        }
+        let xml = self.write_domain_xml(spec)?;
+        let config = format!("config={}", path_str(&xml)?);
+        let mut args: Vec<&str> = vec!["pcs", "resource", "create", &spec.name];
+        match agent {
+            VmAgent::VirtualDomain => args.extend([
+                "ocf:heartbeat:VirtualDomain",
+                &config,
+                "hypervisor=qemu:///system",
+                "migration_transport=tcp",
+                "force_stop=true",
+            ]),
+            VmAgent::Vmha => {
+                args.extend(["ocf:vmha:VirtualMachine", &config, "hypervisor=qemu:///system", "migration_transport=tcp"])
+            }
+        }
+        args.extend([
+            "meta",
+            "allow-migrate=true",
+            "op",
+            "monitor",
+            "interval=10s",
+            "timeout=30s",
+            "op",
+            "start",
+            "timeout=90s",
+            "op",
+            "stop",
+            "timeout=90s",
+            "op",
+            "migrate_to",
+            "timeout=120s",
+            "op",
+            "migrate_from",
+            "timeout=60s",
+        ]);
+        self.exec_ok(n, &args)?;
+        Ok(())
+    }
+
+    /// QEMU processes running the libvirt domain `vm`, anywhere on this machine, with the lab host each runs
+    /// on (0 when it is in no host of this lab).
+    pub fn qemu_processes(&self, vm: &str) -> Vec<(u8, i32)> {
+        let host_ns: Vec<(u8, u64)> = self
+            .cfg
+            .host_numbers()
+            .filter_map(|n| Some((n, fs::read_to_string(self.cfg.host_dir(n).join("pidns")).ok()?.trim().parse().ok()?)))
+            .collect();
+        process::all_pids()
+            .into_iter()
+            .filter(|&p| process::qemu_guest_name(&process::cmdline(p)).as_deref() == Some(vm))
+            .map(|p| {
+                let ns = process::pid_namespace(p);
+                let host = host_ns.iter().find(|(_, h)| Some(*h) == ns).map_or(0, |(n, _)| *n);
+                (host, p)
+            })
+            .collect()
+    }
+
+    /// Power actions the lab's power controller carried out (fencing), oldest first.
+    pub fn power_events(&self) -> Vec<power::PowerEvent> {
+        power::events(&self.cfg)
+    }
+
+    /// Copies every daemon log of every host (Corosync, Pacemaker, libvirt, QEMU, consoles) and the power
+    /// controller's log into `dest`.
+    pub fn collect_logs(&self, dest: &Path) -> Result<PathBuf> {
+        fs::create_dir_all(dest)?;
+        for n in self.cfg.host_numbers() {
+            let d = self.cfg.host_dir(n);
+            let to = dest.join(self.cfg.host_name(n));
+            fs::create_dir_all(&to)?;
+            for name in ["var-log-corosync", "var-log-pacemaker", "var-log-libvirt", "console.log"] {
+                let src = d.join(name);
+                if src.exists() {
+                    let _ = run_ok("cp", &["-a", path_str(&src)?, path_str(&to)?], Duration::from_secs(60));
+                }
+            }
+        }
+        for name in ["power.log", "power-controller.log", "lab.json"] {
+            let _ = fs::copy(self.cfg.dir().join(name), dest.join(name));
+        }
+        Ok(dest.to_path_buf())
+    }
+
+    /// The last `lines` lines of each host's Pacemaker and Corosync logs, for a failing test's output.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut s = String::new();
+        for n in self.cfg.host_numbers() {
+            for log in ["var-log-corosync/corosync.log", "var-log-pacemaker/pacemaker.log"] {
+                let path = self.cfg.host_dir(n).join(log);
+                let Ok(text) = fs::read_to_string(&path) else { continue };
+                let all: Vec<&str> = text.lines().collect();
+                s.push_str(&format!("---- {} {log} (last {lines} lines)\n", self.cfg.host_name(n)));
+                for l in &all[all.len().saturating_sub(lines)..] {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    /// Tears the lab down: the power controller and every host by PID (which ends every process the host
+    /// ran), then the lab's network namespaces. Safe to call on a lab that is partly or not running.
+    pub fn down(&self) -> Result<()> {
+        if let Some(p) = self.power_controller() {
+            p.signal(Signal::SIGKILL)?;
+        }
+        for n in self.cfg.host_numbers() {
+            self.power_off(n)?;
+        }
+        let existing = run_ok("ip", &["netns", "list"], Duration::from_secs(10))?;
+        let names: Vec<String> = existing.lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect();
+        let mut ours: Vec<String> = self.cfg.host_numbers().map(|n| self.cfg.host_netns(n)).collect();
+        ours.push(self.cfg.switch_netns());
+        for ns in ours.iter().filter(|ns| names.contains(ns)) {
+            run_ok("ip", &["netns", "del", ns], Duration::from_secs(10))?;
+        }
+        let _ = fs::remove_file(self.cfg.power_socket());
+        Ok(())
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))
+}
+
+fn write_executable(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(path, text)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))?;
+    Ok(())
+}
+
+fn append(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Waits for a child in a thread so it never lingers as a zombie.
+fn reap_in_background(mut child: std::process::Child) {
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+}

@@ -1,0 +1,30 @@
+//! The vmha lab: a real multi-host KVM cluster (Corosync, Pacemaker, D-Bus, virtlogd, libvirtd, QEMU guests
+//! under TCG) on one machine, every host in its own network, mount, UTS, IPC and PID namespaces.
+//!
+//! Used from Rust tests through [`Lab`] and from the command line through the `vmha-lab` binary.
+//! Everything the lab starts is tracked by PID (with the process start time, against PID reuse) and torn
+//! down by PID, never by name.
+
+pub mod cluster;
+pub mod config;
+pub mod guest;
+pub mod lab;
+pub mod power;
+pub mod process;
+pub mod wait;
+
+pub use cluster::{ClusterStatus, NodeStatus, ResourceStatus};
+pub use config::LabConfig;
+pub use lab::Lab;
+pub use wait::wait_for;
+
+/// Sets up `tracing` output on stderr for tests and the CLI (`RUST_LOG` overrides the default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
