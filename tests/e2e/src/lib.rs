@@ -6,15 +6,64 @@
 
 use std::time::{Duration, Instant};
 
-use vmha_lab::{Lab, LabConfig};
+use anyhow::{anyhow, bail, Result};
+use base64::Engine as _;
+use vmha_lab::lab::target_binary;
+use vmha_lab::{wait_for, Lab, LabConfig};
 
-/// Brings up a fresh 3-host lab for one scenario (lab `e2e`, subnet 10.213.1.0/24).
+/// Brings up a fresh 3-host lab for one scenario (lab `e2e`, subnet 10.213.1.0/24) with the workspace's
+/// build installed in every host.
 pub fn lab() -> Lab {
     vmha_lab::init_logging();
     let t0 = Instant::now();
     let lab = Lab::up(LabConfig::new("e2e", 3, "10.213.1")).expect("lab bring-up");
     println!("lab up (3 hosts, quorate, DC elected, fencing on) in {:.1} s", t0.elapsed().as_secs_f64());
+    let agent = target_binary("vmha-ocf-virtualmachine").expect("the workspace is built");
+    lab.install_build(agent.parent().expect("build directory")).expect("installing the build into the hosts");
     lab
+}
+
+/// Waits until `vm` is started on exactly one host according to Pacemaker and exactly one QEMU process
+/// runs it, on that host; returns the host number.
+pub fn wait_running(lab: &Lab, vm: &str, limit: Duration) -> u8 {
+    wait_for(&format!("{vm} running on one host"), limit, POLL, || {
+        let s = lab.status_from_any().ok()?;
+        let n = lab.cfg.host_number(s.running_on(vm)?)?;
+        let qemus = lab.qemu_processes(vm);
+        (qemus.len() == 1 && qemus[0].0 == n).then_some(n)
+    })
+    .unwrap()
+}
+
+/// Sends one qemu-guest-agent command to `vm` on host `n` (through libvirt) and returns its `return` value.
+pub fn guest_agent(lab: &Lab, n: u8, vm: &str, command: &serde_json::Value) -> Result<serde_json::Value> {
+    let out = lab.exec_ok(n, &["virsh", "-c", "qemu:///system", "qemu-agent-command", vm, &command.to_string()])?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    v.get("return").cloned().ok_or_else(|| anyhow!("guest agent answered {v}"))
+}
+
+/// Seconds since the guest's kernel booted, read inside the guest through qemu-guest-agent.
+pub fn guest_uptime(lab: &Lab, n: u8, vm: &str) -> Result<f64> {
+    let exec = serde_json::json!({"execute": "guest-exec",
+        "arguments": {"path": "/bin/cat", "arg": ["/proc/uptime"], "capture-output": true}});
+    let pid = guest_agent(lab, n, vm, &exec)?["pid"].as_i64().ok_or_else(|| anyhow!("guest-exec gave no pid"))?;
+    let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
+    let done = wait_for("guest-exec to finish", Duration::from_secs(10), POLL, || {
+        guest_agent(lab, n, vm, &status).ok().filter(|r| r["exited"] == true)
+    })?;
+    let Some(data) = done["out-data"].as_str() else { bail!("guest-exec returned no output: {done}") };
+    let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data)?)?;
+    let first = text.split_whitespace().next().ok_or_else(|| anyhow!("empty /proc/uptime"))?;
+    Ok(first.parse()?)
+}
+
+/// Location constraints `pcs resource move` / `crm_resource --move` leave behind (`cli-prefer-*`, `cli-ban-*`).
+pub fn leftover_move_constraints(lab: &Lab, n: u8) -> Vec<String> {
+    let xml = lab.exec_ok(n, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
+    xml.lines()
+        .filter(|l| l.contains("cli-prefer-") || l.contains("cli-ban-"))
+        .map(|l| l.trim().to_string())
+        .collect()
 }
 
 /// Poll interval of scenario checks.

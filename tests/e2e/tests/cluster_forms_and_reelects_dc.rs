@@ -23,6 +23,22 @@ fn cluster_forms_and_a_new_dc_is_elected_when_the_dc_host_dies() {
     assert_eq!(lab.exec_ok(1, &["crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--query", "--quiet"]).unwrap().trim(), "true");
     assert!(first.running_on("fence-lab").is_some(), "fence device runs");
 
+    // Each host is a host of its own: its own name and its own D-Bus system bus; host names resolve.
+    let mut bus_ids = Vec::new();
+    for n in lab.cfg.host_numbers() {
+        assert_eq!(lab.exec_ok(n, &["hostname"]).unwrap().trim(), format!("node{n}"));
+        let reply = lab
+            .exec_ok(n, &["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId"])
+            .unwrap();
+        let id = reply.split('"').nth(1).unwrap_or_else(|| panic!("node{n}'s system bus answers GetId: {reply}"));
+        bus_ids.push(id.to_string());
+        let resolved = lab.exec_ok(n, &["getent", "hosts", "node3"]).unwrap();
+        assert!(resolved.starts_with("10.213.1.13 "), "node3 resolves on node{n}: {resolved}");
+    }
+    bus_ids.sort();
+    bus_ids.dedup();
+    assert_eq!(bus_ids.len(), 3, "every host has its own system bus");
+
     // Kill the DC host.
     let victim = lab.cfg.host_number(&dc).unwrap();
     let observer = lab.other_host(victim).unwrap();
