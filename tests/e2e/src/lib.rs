@@ -106,3 +106,60 @@ impl Timeline {
         }
     }
 }
+
+/// How a scenario takes a host out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFailure {
+    /// Hard power-off: every process of the host dies at once.
+    Crash,
+    /// The host's network cable is pulled; the host itself keeps running until it is fenced.
+    Partition,
+}
+
+/// Takes out the host running `vm` and proves the cluster's recovery: the host is fenced, the VM runs on
+/// another host, and at no poll does more than one QEMU run the VM. Returns the timeline (detection,
+/// fencing, restart, rejoin).
+pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure) -> Timeline {
+    let host = wait_running(lab, vm, Duration::from_secs(120));
+    let observer = lab.other_host(host).unwrap();
+    let victim = lab.cfg.host_name(host);
+    let fences_before = lab.power_events().len();
+
+    let mut t = Timeline::start();
+    match failure {
+        HostFailure::Crash => lab.power_off(host).unwrap(),
+        HostFailure::Partition => lab.cut_network(host).unwrap(),
+    }
+    t.mark("host failed");
+    let fenced = |lab: &Lab| lab.power_events().iter().skip(fences_before).any(|e| e.host == victim && e.result == "ok");
+    let new_host = wait_for(&format!("{vm} restarted on another host"), Duration::from_secs(120), POLL, || {
+        let qemus = lab.qemu_processes(vm);
+        assert!(qemus.len() <= 1, "{vm} runs {} times at once: {qemus:?}", qemus.len());
+        let s = lab.status(observer).ok()?;
+        if s.node(&victim).is_some_and(|n| !n.online) {
+            t.mark("detected: pacemaker sees the host offline");
+        }
+        if fenced(lab) {
+            t.mark("fenced: power controller confirmed");
+        }
+        let n = lab.cfg.host_number(s.running_on(vm)?)?;
+        (n != host && qemus.len() == 1 && qemus[0].0 == n).then_some(n)
+    })
+    .unwrap();
+    t.mark(&format!("{vm} running on node{new_host}"));
+    assert!(fenced(lab), "the failed host was fenced before {vm} was recovered");
+    if failure == HostFailure::Partition {
+        lab.heal_network(host).unwrap();
+    }
+
+    // Stays exactly once while the fenced host comes back and rejoins.
+    wait_for("the fenced host to rejoin", Duration::from_secs(120), Duration::from_millis(500), || {
+        let qemus = lab.qemu_processes(vm);
+        assert_eq!(qemus.len(), 1, "{vm} QEMU processes after recovery: {qemus:?}");
+        (lab.status(observer).ok()?.online_nodes().len() == 3).then_some(())
+    })
+    .unwrap();
+    t.mark("fenced host back online");
+    assert_eq!(lab.status(observer).unwrap().resource(vm).unwrap().nodes.len(), 1);
+    t
+}

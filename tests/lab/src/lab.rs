@@ -184,7 +184,7 @@ impl Lab {
             (s.dc.is_some() && s.online_nodes().len() == usize::from(cfg.hosts)).then_some(s)
         })?;
         tracing::info!(dc = ?formed.dc, "cluster formed");
-        self.configure_fencing()?;
+        self.configure_cluster()?;
         for n in cfg.host_numbers() {
             wait_for(&format!("libvirtd on {}", cfg.host_name(n)), Duration::from_secs(60), Duration::from_millis(250), || {
                 self.exec(n, &["virsh", "-c", "qemu:///system", "version"]).ok().filter(|o| o.status.success())
@@ -445,7 +445,10 @@ impl Lab {
         self.cfg.host_numbers().find(|&n| n != not && self.host_alive(n))
     }
 
-    fn configure_fencing(&self) -> Result<()> {
+    /// Cluster-wide settings every VM cluster wants: fencing on with the lab's fence device, and resource
+    /// stickiness (a recovered VM stays where it runs instead of bouncing back when its host returns).
+    fn configure_cluster(&self) -> Result<()> {
+        self.exec_ok(1, &["crm_attribute", "--type", "rsc_defaults", "--name", "resource-stickiness", "--update", "100"])?;
         let hosts = format!("pcmk_host_list={}", self.cfg.host_list());
         self.exec_ok(1, &["pcs", "stonith", "create", "fence-lab", "fence_vmha_lab", &hosts, "op", "monitor", "interval=60s"])?;
         self.exec_ok(1, &["crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--update", "true"])?;

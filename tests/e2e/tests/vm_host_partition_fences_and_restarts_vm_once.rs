@@ -1,0 +1,15 @@
+//! When the host running a VM is cut off the network, the rest of the cluster fences it and restarts the
+//! VM on another host; the cut-off host never keeps a second copy running.
+
+use vmha_e2e::{fail_vm_host_and_check_recovery, HostFailure};
+use vmha_lab::guest::GuestSpec;
+use vmha_lab::lab::VmAgent;
+
+#[test]
+#[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
+fn vm_host_partition_is_fenced_and_the_vm_restarts_elsewhere_exactly_once() {
+    let lab = vmha_e2e::lab();
+    lab.add_vm(&GuestSpec::new("vm1"), VmAgent::Vmha).unwrap();
+    let t = fail_vm_host_and_check_recovery(&lab, "vm1", HostFailure::Partition);
+    t.print("vm1's host cut off the network (fencing on, token 1000 ms):");
+}
