@@ -107,6 +107,18 @@ impl Timeline {
     }
 }
 
+/// Host names in Corosync's current membership as seen from host `n` (empty when it cannot tell).
+pub fn corosync_members(lab: &Lab, n: u8) -> Vec<String> {
+    let Ok(out) = lab.exec_ok(n, &["corosync-quorumtool", "-l"]) else { return Vec::new() };
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|name| lab.cfg.host_number(name).is_some())
+        .map(str::to_string)
+        .collect()
+}
+
+const DETECTED: &str = "detected: corosync membership lost the host";
+
 /// How a scenario takes a host out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostFailure {
@@ -135,18 +147,22 @@ pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure
     let new_host = wait_for(&format!("{vm} restarted on another host"), Duration::from_secs(120), POLL, || {
         let qemus = lab.qemu_processes(vm);
         assert!(qemus.len() <= 1, "{vm} runs {} times at once: {qemus:?}", qemus.len());
-        let s = lab.status(observer).ok()?;
-        if s.node(&victim).is_some_and(|n| !n.online) {
-            t.mark("detected: pacemaker sees the host offline");
+        if t.get(DETECTED).is_none() {
+            let members = corosync_members(lab, observer);
+            if !members.is_empty() && !members.contains(&victim) {
+                t.mark(DETECTED);
+            }
         }
         if fenced(lab) {
             t.mark("fenced: power controller confirmed");
         }
+        let s = lab.status(observer).ok()?;
         let n = lab.cfg.host_number(s.running_on(vm)?)?;
         (n != host && qemus.len() == 1 && qemus[0].0 == n).then_some(n)
     })
     .unwrap();
     t.mark(&format!("{vm} running on node{new_host}"));
+    assert!(t.get(DETECTED).is_some(), "the failure was detected");
     assert!(fenced(lab), "the failed host was fenced before {vm} was recovered");
     if failure == HostFailure::Partition {
         lab.heal_network(host).unwrap();
