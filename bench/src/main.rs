@@ -72,7 +72,10 @@ fn main() -> ExitCode {
 fn measure_cmd(runs: usize, actions: &[String], agents: &[String]) -> Result<()> {
     let agents: Vec<(&str, &str)> = agents
         .iter()
-        .map(|a| a.split_once('=').ok_or_else(|| anyhow!("--agent wants LABEL=PROGRAM, not {a:?}")))
+        .map(|a| {
+            a.split_once('=')
+                .ok_or_else(|| anyhow!("--agent wants LABEL=PROGRAM, not {a:?}"))
+        })
         .collect::<Result<_>>()?;
     let mut samples = Vec::new();
     for _ in 0..runs {
@@ -103,7 +106,14 @@ fn ocf_env(vm: &str, config: &str, timeout_ms: u32, extra: &[(&str, String)]) ->
 }
 
 /// Runs `vmha-bench measure` inside host `n` and returns its samples.
-fn measure_in(lab: &Lab, n: u8, env: &[String], runs: usize, actions: &str, agents: &[(&str, &str)]) -> Result<Vec<Sample>> {
+fn measure_in(
+    lab: &Lab,
+    n: u8,
+    env: &[String],
+    runs: usize,
+    actions: &str,
+    agents: &[(&str, &str)],
+) -> Result<Vec<Sample>> {
     let me = std::env::current_exe()?;
     let me = me.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     let runs = runs.to_string();
@@ -123,14 +133,21 @@ type Spread = (f64, f64, f64);
 
 /// Wall and CPU spreads of one agent's action, and the exit codes it returned.
 fn row(samples: &[Sample], label: &str, action: &str) -> Option<(Spread, Spread, Vec<i32>)> {
-    let s: Vec<&Sample> = samples.iter().filter(|s| s.label == label && s.action == action).collect();
+    let s: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.label == label && s.action == action)
+        .collect();
     if s.is_empty() {
         return None;
     }
     let mut rcs: Vec<i32> = s.iter().map(|s| s.rc).collect();
     rcs.sort_unstable();
     rcs.dedup();
-    Some((spread(s.iter().map(|s| s.wall_ms).collect()), spread(s.iter().map(|s| s.cpu_ms).collect()), rcs))
+    Some((
+        spread(s.iter().map(|s| s.wall_ms).collect()),
+        spread(s.iter().map(|s| s.cpu_ms).collect()),
+        rcs,
+    ))
 }
 
 fn fmt3((a, b, c): Spread) -> String {
@@ -153,16 +170,29 @@ fn agents(runs: usize, rounds: usize, out: Option<PathBuf>) -> Result<()> {
 
     // Monitor: the same running VM (a cluster resource under vmha's agent), the same host, alternating.
     lab.add_vm(&GuestSpec::new("bench1"), VmAgent::Vmha)?;
-    let host = wait_for("bench1 running", Duration::from_secs(120), Duration::from_millis(250), || {
-        let s = lab.status_from_any().ok()?;
-        lab.cfg.host_number(s.running_on("bench1")?)
-    })?;
+    let host = wait_for(
+        "bench1 running",
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || {
+            let s = lab.status_from_any().ok()?;
+            lab.cfg.host_number(s.running_on("bench1")?)
+        },
+    )?;
     let config = lab.cfg.shared_dir().join("bench1.xml").display().to_string();
-    let env = ocf_env("bench1", &config, 30000, &[("OCF_RESKEY_CRM_meta_interval", "10000".into())]);
+    let env = ocf_env(
+        "bench1",
+        &config,
+        30000,
+        &[("OCF_RESKEY_CRM_meta_interval", "10000".into())],
+    );
     let mut agents_and_floor = both.to_vec();
     agents_and_floor.push(("true", "/bin/true"));
     let samples = measure_in(&lab, host, &env, runs, "monitor", &agents_and_floor)?;
-    let _ = writeln!(report, "## monitor of a running VM ({runs} calls each, alternating, same VM, same host)\n");
+    let _ = writeln!(
+        report,
+        "## monitor of a running VM ({runs} calls each, alternating, same VM, same host)\n"
+    );
     let _ = writeln!(report, "| agent | wall | CPU | exit codes |\n|---|---|---|---|");
     for (label, _) in &agents_and_floor {
         let (w, c, rc) = row(&samples, label, "monitor").ok_or_else(|| anyhow!("no samples for {label}"))?;
@@ -187,8 +217,14 @@ fn agents(runs: usize, rounds: usize, out: Option<PathBuf>) -> Result<()> {
     let config2 = lab.write_domain_xml(&spec)?.display().to_string();
     let env2 = ocf_env("bench2", &config2, 90000, &[]);
     let samples = measure_in(&lab, host, &env2, rounds, "start,stop", &both)?;
-    let _ = writeln!(report, "## start and stop ({rounds} rounds each, alternating; force_stop=true)\n");
-    let _ = writeln!(report, "| agent | action | wall | CPU | exit codes |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        report,
+        "## start and stop ({rounds} rounds each, alternating; force_stop=true)\n"
+    );
+    let _ = writeln!(
+        report,
+        "| agent | action | wall | CPU | exit codes |\n|---|---|---|---|---|"
+    );
     for (label, _) in &both {
         for action in ["start", "stop"] {
             let (w, c, rc) = row(&samples, label, action).ok_or_else(|| anyhow!("no {action} samples for {label}"))?;
@@ -212,20 +248,31 @@ fn agents(runs: usize, rounds: usize, out: Option<PathBuf>) -> Result<()> {
                 let a = measure_in(&lab, from, &env, 1, "migrate_to", &[(label, program)])?;
                 let b = measure_in(&lab, to, &env, 1, "migrate_from", &[(label, program)])?;
                 if a[0].rc != 0 || b[0].rc != 0 {
-                    bail!("{label} migration {from}->{to} failed: migrate_to rc {}, migrate_from rc {}", a[0].rc, b[0].rc);
+                    bail!(
+                        "{label} migration {from}->{to} failed: migrate_to rc {}, migrate_from rc {}",
+                        a[0].rc,
+                        b[0].rc
+                    );
                 }
                 migrations.push((label.to_string(), a[0].wall_ms + b[0].wall_ms));
             }
         }
         measure_in(&lab, host, &env2, 1, "stop", &[(label, program)])?;
     }
-    let _ = writeln!(report, "## live migration, migrate_to + migrate_from ({} migrations each)\n", rounds * 2);
+    let _ = writeln!(
+        report,
+        "## live migration, migrate_to + migrate_from ({} migrations each)\n",
+        rounds * 2
+    );
     let _ = writeln!(report, "| agent | wall |\n|---|---|");
     for (label, _) in &both {
         let w = spread(migrations.iter().filter(|(l, _)| l == label).map(|(_, w)| *w).collect());
         let _ = writeln!(report, "| {label} | {} |", fmt3(w));
     }
-    let _ = writeln!(report, "\nBaseline (lab.md): live migration through Pacemaker 2.1-2.7 s (VirtualDomain migrate_to 1.06 s).");
+    let _ = writeln!(
+        report,
+        "\nBaseline (lab.md): live migration through Pacemaker 2.1-2.7 s (VirtualDomain migrate_to 1.06 s)."
+    );
 
     print!("{report}");
     if let Some(out) = out {

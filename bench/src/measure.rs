@@ -37,7 +37,13 @@ pub fn run_once(label: &str, program: &str, action: &str) -> Result<Sample> {
         .with_context(|| format!("running {program} {action}"))?;
     let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
     let cpu_ms = children_cpu_ms()? - cpu0;
-    Ok(Sample { label: label.into(), action: action.into(), wall_ms, cpu_ms, rc: status.code().unwrap_or(-1) })
+    Ok(Sample {
+        label: label.into(),
+        action: action.into(),
+        wall_ms,
+        cpu_ms,
+        rc: status.code().unwrap_or(-1),
+    })
 }
 
 /// min, median, max of a list of figures.
@@ -47,7 +53,11 @@ pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
     (v[0], median, v[n - 1])
 }
 

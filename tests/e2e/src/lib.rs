@@ -17,9 +17,13 @@ pub fn lab() -> Lab {
     vmha_lab::init_logging();
     let t0 = Instant::now();
     let lab = Lab::up(LabConfig::new("e2e", 3, "10.213.1")).expect("lab bring-up");
-    println!("lab up (3 hosts, quorate, DC elected, fencing on) in {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "lab up (3 hosts, quorate, DC elected, fencing on) in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let agent = target_binary("vmha-ocf-virtualmachine").expect("the workspace is built");
-    lab.install_build(agent.parent().expect("build directory")).expect("installing the build into the hosts");
+    lab.install_build(agent.parent().expect("build directory"))
+        .expect("installing the build into the hosts");
     lab
 }
 
@@ -37,29 +41,50 @@ pub fn wait_running(lab: &Lab, vm: &str, limit: Duration) -> u8 {
 
 /// Sends one qemu-guest-agent command to `vm` on host `n` (through libvirt) and returns its `return` value.
 pub fn guest_agent(lab: &Lab, n: u8, vm: &str, command: &serde_json::Value) -> Result<serde_json::Value> {
-    let out = lab.exec_ok(n, &["virsh", "-c", "qemu:///system", "qemu-agent-command", vm, &command.to_string()])?;
+    let out = lab.exec_ok(
+        n,
+        &[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "qemu-agent-command",
+            vm,
+            &command.to_string(),
+        ],
+    )?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
-    v.get("return").cloned().ok_or_else(|| anyhow!("guest agent answered {v}"))
+    v.get("return")
+        .cloned()
+        .ok_or_else(|| anyhow!("guest agent answered {v}"))
 }
 
 /// Seconds since the guest's kernel booted, read inside the guest through qemu-guest-agent.
 pub fn guest_uptime(lab: &Lab, n: u8, vm: &str) -> Result<f64> {
     let exec = serde_json::json!({"execute": "guest-exec",
         "arguments": {"path": "/bin/cat", "arg": ["/proc/uptime"], "capture-output": true}});
-    let pid = guest_agent(lab, n, vm, &exec)?["pid"].as_i64().ok_or_else(|| anyhow!("guest-exec gave no pid"))?;
+    let pid = guest_agent(lab, n, vm, &exec)?["pid"]
+        .as_i64()
+        .ok_or_else(|| anyhow!("guest-exec gave no pid"))?;
     let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
     let done = wait_for("guest-exec to finish", Duration::from_secs(10), POLL, || {
         guest_agent(lab, n, vm, &status).ok().filter(|r| r["exited"] == true)
     })?;
-    let Some(data) = done["out-data"].as_str() else { bail!("guest-exec returned no output: {done}") };
+    let Some(data) = done["out-data"].as_str() else {
+        bail!("guest-exec returned no output: {done}")
+    };
     let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data)?)?;
-    let first = text.split_whitespace().next().ok_or_else(|| anyhow!("empty /proc/uptime"))?;
+    let first = text
+        .split_whitespace()
+        .next()
+        .ok_or_else(|| anyhow!("empty /proc/uptime"))?;
     Ok(first.parse()?)
 }
 
 /// Location constraints `pcs resource move` / `crm_resource --move` leave behind (`cli-prefer-*`, `cli-ban-*`).
 pub fn leftover_move_constraints(lab: &Lab, n: u8) -> Vec<String> {
-    let xml = lab.exec_ok(n, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
+    let xml = lab
+        .exec_ok(n, &["cibadmin", "--query", "--scope", "constraints"])
+        .unwrap();
     xml.lines()
         .filter(|l| l.contains("cli-prefer-") || l.contains("cli-ban-"))
         .map(|l| l.trim().to_string())
@@ -78,7 +103,10 @@ pub struct Timeline {
 
 impl Timeline {
     pub fn start() -> Self {
-        Timeline { start: Instant::now(), marks: Vec::new() }
+        Timeline {
+            start: Instant::now(),
+            marks: Vec::new(),
+        }
     }
 
     /// Records `what` as happening now (only the first time) and returns the time since the start.
@@ -109,7 +137,9 @@ impl Timeline {
 
 /// Host names in Corosync's current membership as seen from host `n` (empty when it cannot tell).
 pub fn corosync_members(lab: &Lab, n: u8) -> Vec<String> {
-    let Ok(out) = lab.exec_ok(n, &["corosync-quorumtool", "-l"]) else { return Vec::new() };
+    let Ok(out) = lab.exec_ok(n, &["corosync-quorumtool", "-l"]) else {
+        return Vec::new();
+    };
     out.lines()
         .filter_map(|l| l.split_whitespace().nth(2))
         .filter(|name| lab.cfg.host_number(name).is_some())
@@ -143,23 +173,33 @@ pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure
         HostFailure::Partition => lab.cut_network(host).unwrap(),
     }
     t.mark("host failed");
-    let fenced = |lab: &Lab| lab.power_events().iter().skip(fences_before).any(|e| e.host == victim && e.result == "ok");
-    let new_host = wait_for(&format!("{vm} restarted on another host"), Duration::from_secs(120), POLL, || {
-        let qemus = lab.qemu_processes(vm);
-        assert!(qemus.len() <= 1, "{vm} runs {} times at once: {qemus:?}", qemus.len());
-        if t.get(DETECTED).is_none() {
-            let members = corosync_members(lab, observer);
-            if !members.is_empty() && !members.contains(&victim) {
-                t.mark(DETECTED);
+    let fenced = |lab: &Lab| {
+        lab.power_events()
+            .iter()
+            .skip(fences_before)
+            .any(|e| e.host == victim && e.result == "ok")
+    };
+    let new_host = wait_for(
+        &format!("{vm} restarted on another host"),
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let qemus = lab.qemu_processes(vm);
+            assert!(qemus.len() <= 1, "{vm} runs {} times at once: {qemus:?}", qemus.len());
+            if t.get(DETECTED).is_none() {
+                let members = corosync_members(lab, observer);
+                if !members.is_empty() && !members.contains(&victim) {
+                    t.mark(DETECTED);
+                }
             }
-        }
-        if fenced(lab) {
-            t.mark("fenced: power controller confirmed");
-        }
-        let s = lab.status(observer).ok()?;
-        let n = lab.cfg.host_number(s.running_on(vm)?)?;
-        (n != host && qemus.len() == 1 && qemus[0].0 == n).then_some(n)
-    })
+            if fenced(lab) {
+                t.mark("fenced: power controller confirmed");
+            }
+            let s = lab.status(observer).ok()?;
+            let n = lab.cfg.host_number(s.running_on(vm)?)?;
+            (n != host && qemus.len() == 1 && qemus[0].0 == n).then_some(n)
+        },
+    )
     .unwrap();
     t.mark(&format!("{vm} running on node{new_host}"));
     assert!(t.get(DETECTED).is_some(), "the failure was detected");
@@ -169,11 +209,16 @@ pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure
     }
 
     // Stays exactly once while the fenced host comes back and rejoins.
-    wait_for("the fenced host to rejoin", Duration::from_secs(120), Duration::from_millis(500), || {
-        let qemus = lab.qemu_processes(vm);
-        assert_eq!(qemus.len(), 1, "{vm} QEMU processes after recovery: {qemus:?}");
-        (lab.status(observer).ok()?.online_nodes().len() == 3).then_some(())
-    })
+    wait_for(
+        "the fenced host to rejoin",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let qemus = lab.qemu_processes(vm);
+            assert_eq!(qemus.len(), 1, "{vm} QEMU processes after recovery: {qemus:?}");
+            (lab.status(observer).ok()?.online_nodes().len() == 3).then_some(())
+        },
+    )
     .unwrap();
     t.mark("fenced host back online");
     assert_eq!(lab.status(observer).unwrap().resource(vm).unwrap().nodes.len(), 1);

@@ -16,11 +16,31 @@ fn cluster_forms_and_a_new_dc_is_elected_when_the_dc_host_dies() {
     let dc = first.dc.clone().expect("a DC is elected");
     for n in lab.cfg.host_numbers() {
         let s = lab.status(n).unwrap();
-        assert_eq!(s.online_nodes(), vec!["node1", "node2", "node3"], "members seen from node{n}");
+        assert_eq!(
+            s.online_nodes(),
+            vec!["node1", "node2", "node3"],
+            "members seen from node{n}"
+        );
         assert_eq!(s.dc.as_deref(), Some(dc.as_str()), "DC seen from node{n}");
         assert!(s.quorate, "node{n} has quorum");
     }
-    assert_eq!(lab.exec_ok(1, &["crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--query", "--quiet"]).unwrap().trim(), "true");
+    assert_eq!(
+        lab.exec_ok(
+            1,
+            &[
+                "crm_attribute",
+                "--type",
+                "crm_config",
+                "--name",
+                "stonith-enabled",
+                "--query",
+                "--quiet"
+            ]
+        )
+        .unwrap()
+        .trim(),
+        "true"
+    );
     assert!(first.running_on("fence-lab").is_some(), "fence device runs");
 
     // Each host is a host of its own: its own name and its own D-Bus system bus; host names resolve.
@@ -28,12 +48,28 @@ fn cluster_forms_and_a_new_dc_is_elected_when_the_dc_host_dies() {
     for n in lab.cfg.host_numbers() {
         assert_eq!(lab.exec_ok(n, &["hostname"]).unwrap().trim(), format!("node{n}"));
         let reply = lab
-            .exec_ok(n, &["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId"])
+            .exec_ok(
+                n,
+                &[
+                    "dbus-send",
+                    "--system",
+                    "--print-reply",
+                    "--dest=org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.GetId",
+                ],
+            )
             .unwrap();
-        let id = reply.split('"').nth(1).unwrap_or_else(|| panic!("node{n}'s system bus answers GetId: {reply}"));
+        let id = reply
+            .split('"')
+            .nth(1)
+            .unwrap_or_else(|| panic!("node{n}'s system bus answers GetId: {reply}"));
         bus_ids.push(id.to_string());
         let resolved = lab.exec_ok(n, &["getent", "hosts", "node3"]).unwrap();
-        assert!(resolved.starts_with("10.213.1.13 "), "node3 resolves on node{n}: {resolved}");
+        assert!(
+            resolved.starts_with("10.213.1.13 "),
+            "node3 resolves on node{n}: {resolved}"
+        );
     }
     bus_ids.sort();
     bus_ids.dedup();
@@ -56,19 +92,30 @@ fn cluster_forms_and_a_new_dc_is_elected_when_the_dc_host_dies() {
     assert_ne!(new_dc, dc);
     assert_ne!(lab.cfg.host_number(&new_dc), Some(victim));
     for n in lab.cfg.host_numbers().filter(|&n| n != victim) {
-        assert_eq!(lab.status(n).unwrap().dc.as_deref(), Some(new_dc.as_str()), "every survivor agrees on the DC");
+        assert_eq!(
+            lab.status(n).unwrap().dc.as_deref(),
+            Some(new_dc.as_str()),
+            "every survivor agrees on the DC"
+        );
     }
 
     // The dead DC host is fenced (fencing is on: the power controller is asked to act on it) and rejoins.
     wait_for("the old DC host to be fenced", Duration::from_secs(60), POLL, || {
-        lab.power_events().into_iter().find(|e| e.host == dc && e.result == "ok")
+        lab.power_events()
+            .into_iter()
+            .find(|e| e.host == dc && e.result == "ok")
     })
     .unwrap();
     t.mark("old DC host fenced");
-    wait_for("the fenced host to rejoin", Duration::from_secs(120), Duration::from_millis(500), || {
-        let s = lab.status(observer).ok()?;
-        (s.online_nodes().len() == 3).then_some(())
-    })
+    wait_for(
+        "the fenced host to rejoin",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let s = lab.status(observer).ok()?;
+            (s.online_nodes().len() == 3).then_some(())
+        },
+    )
     .unwrap();
     t.mark("fenced host back online");
     t.print(&format!("DC {dc} killed; new DC {new_dc}:"));

@@ -44,7 +44,10 @@ impl ClusterStatus {
         let doc = roxmltree::Document::parse(xml).map_err(|e| anyhow!("crm_mon XML: {e}"))?;
         let root = doc.root_element();
         let current_dc = root.descendants().find(|n| n.has_tag_name("current_dc"));
-        let dc = current_dc.filter(|n| flag(*n, "present")).and_then(|n| n.attribute("name")).map(str::to_string);
+        let dc = current_dc
+            .filter(|n| flag(*n, "present"))
+            .and_then(|n| n.attribute("name"))
+            .map(str::to_string);
         let quorate = current_dc.is_some_and(|n| flag(n, "with_quorum"));
         let nodes = root
             .descendants()
@@ -86,7 +89,12 @@ impl ClusterStatus {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(ClusterStatus { dc, quorate, nodes, resources })
+        Ok(ClusterStatus {
+            dc,
+            quorate,
+            nodes,
+            resources,
+        })
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeStatus> {
@@ -98,7 +106,11 @@ impl ClusterStatus {
     }
 
     pub fn online_nodes(&self) -> Vec<&str> {
-        self.nodes.iter().filter(|n| n.online).map(|n| n.name.as_str()).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.online)
+            .map(|n| n.name.as_str())
+            .collect()
     }
 
     /// The single host a resource is started on, if it runs on exactly one.
@@ -117,8 +129,18 @@ impl ClusterStatus {
             self.dc.as_deref().unwrap_or("(none)")
         );
         for n in &self.nodes {
-            let mut state = if n.online { "online".to_string() } else { "OFFLINE".to_string() };
-            for (on, word) in [(n.is_dc, "DC"), (n.standby, "standby"), (n.maintenance, "maintenance"), (n.unclean, "UNCLEAN"), (n.pending, "pending")] {
+            let mut state = if n.online {
+                "online".to_string()
+            } else {
+                "OFFLINE".to_string()
+            };
+            for (on, word) in [
+                (n.is_dc, "DC"),
+                (n.standby, "standby"),
+                (n.maintenance, "maintenance"),
+                (n.unclean, "UNCLEAN"),
+                (n.pending, "pending"),
+            ] {
                 if on {
                     state.push_str(", ");
                     state.push_str(word);
@@ -128,8 +150,18 @@ impl ClusterStatus {
         }
         s.push_str("\nRESOURCE       AGENT                          STATE      HOST\n");
         for r in &self.resources {
-            let state = if r.failed { format!("{} FAILED", r.role) } else { r.role.clone() };
-            s.push_str(&format!("{:<14} {:<30} {:<10} {}\n", r.id, r.agent, state, r.nodes.join(",")));
+            let state = if r.failed {
+                format!("{} FAILED", r.role)
+            } else {
+                r.role.clone()
+            };
+            s.push_str(&format!(
+                "{:<14} {:<30} {:<10} {}\n",
+                r.id,
+                r.agent,
+                state,
+                r.nodes.join(",")
+            ));
         }
         s
     }

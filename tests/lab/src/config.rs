@@ -53,7 +53,12 @@ impl LabConfig {
             bail!("subnet {:?} must be three octets, e.g. 10.213.0", self.subnet);
         }
         let p = &self.host_prefix;
-        if p.is_empty() || p.len() > 20 || !p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        if p.is_empty()
+            || p.len() > 20
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
             bail!("host prefix {p:?} must be 1-20 characters of a-z, 0-9 and '-'");
         }
         Ok(())
@@ -80,7 +85,10 @@ impl LabConfig {
 
     /// All host names, space-separated (Pacemaker's `pcmk_host_list` form).
     pub fn host_list(&self) -> String {
-        self.host_numbers().map(|n| self.host_name(n)).collect::<Vec<_>>().join(" ")
+        self.host_numbers()
+            .map(|n| self.host_name(n))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     pub fn dir(&self) -> PathBuf {
@@ -225,7 +233,9 @@ mod tests {
     #[test]
     fn each_libvirtd_gets_its_own_uuid_and_address() {
         let cfg = LabConfig::new("t", 3, "10.213.5");
-        assert!(cfg.libvirtd_conf_extra(1).contains("00000000-0000-4000-8000-000000000001"));
+        assert!(cfg
+            .libvirtd_conf_extra(1)
+            .contains("00000000-0000-4000-8000-000000000001"));
         assert!(cfg.libvirtd_conf_extra(3).contains("listen_addr = \"10.213.5.13\""));
     }
 }

@@ -39,13 +39,19 @@ pub struct GuestSpec {
 
 impl GuestSpec {
     pub fn new(name: &str) -> Self {
-        GuestSpec { name: name.to_string(), memory_mib: 128, vcpus: 1 }
+        GuestSpec {
+            name: name.to_string(),
+            memory_mib: 128,
+            vcpus: 1,
+        }
     }
 
     /// A stable UUID derived from the name (FNV-1a), formatted as a version-4 UUID.
     pub fn uuid(&self) -> String {
         let fnv = |seed: u64| {
-            self.name.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+            self.name
+                .bytes()
+                .fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
         };
         let a = fnv(0xcbf2_9ce4_8422_2325);
         let b = fnv(0x8422_2325_cbf2_9ce4);

@@ -1,8 +1,8 @@
 //! A running lab: bring it up, act on its hosts, observe the cluster, tear it down by PID.
 
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -59,7 +59,9 @@ impl Drop for Lab {
 /// Where logs go when a test fails: `lab-logs/<lab>-<time>` at the workspace root.
 pub fn default_log_dir(name: &str) -> PathBuf {
     let stamp = power::now() as u64;
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../lab-logs").join(format!("{name}-{stamp}"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../lab-logs")
+        .join(format!("{name}-{stamp}"))
 }
 
 /// Finds the `vmha-lab` binary: `$VMHA_LAB_BIN`, this executable, or a sibling in the cargo target directory.
@@ -89,7 +91,10 @@ pub fn target_binary(name: &str) -> Result<PathBuf> {
         }
         dir = d.parent();
     }
-    bail!("binary {name} not found next to {}: build the workspace first (cargo build --workspace)", exe.display())
+    bail!(
+        "binary {name} not found next to {}: build the workspace first (cargo build --workspace)",
+        exe.display()
+    )
 }
 
 fn sh_quote(s: &str) -> String {
@@ -179,16 +184,28 @@ impl Lab {
         for n in cfg.host_numbers() {
             self.start_host(n)?;
         }
-        let formed = wait_for("every host online and a DC elected", Duration::from_secs(180), Duration::from_secs(1), || {
-            let s = self.status(1).ok()?;
-            (s.dc.is_some() && s.online_nodes().len() == usize::from(cfg.hosts)).then_some(s)
-        })?;
+        let formed = wait_for(
+            "every host online and a DC elected",
+            Duration::from_secs(180),
+            Duration::from_secs(1),
+            || {
+                let s = self.status(1).ok()?;
+                (s.dc.is_some() && s.online_nodes().len() == usize::from(cfg.hosts)).then_some(s)
+            },
+        )?;
         tracing::info!(dc = ?formed.dc, "cluster formed");
         self.configure_cluster()?;
         for n in cfg.host_numbers() {
-            wait_for(&format!("libvirtd on {}", cfg.host_name(n)), Duration::from_secs(60), Duration::from_millis(250), || {
-                self.exec(n, &["virsh", "-c", "qemu:///system", "version"]).ok().filter(|o| o.status.success())
-            })?;
+            wait_for(
+                &format!("libvirtd on {}", cfg.host_name(n)),
+                Duration::from_secs(60),
+                Duration::from_millis(250),
+                || {
+                    self.exec(n, &["virsh", "-c", "qemu:///system", "version"])
+                        .ok()
+                        .filter(|o| o.status.success())
+                },
+            )?;
         }
         Ok(())
     }
@@ -199,16 +216,38 @@ impl Lab {
         let ip = |args: &[&str]| run_ok("ip", args, Duration::from_secs(20));
         ip(&["netns", "add", &sw])?;
         ip(&["-n", &sw, "link", "set", "lo", "up"])?;
-        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        ip(&[
+            "-n",
+            &sw,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
         for n in cfg.host_numbers() {
             let ns = cfg.host_netns(n);
             let port = cfg.switch_port(n);
             let tmp = format!("vmha-{}-v{n}", cfg.name);
             ip(&["netns", "add", &ns])?;
-            ip(&["link", "add", &tmp, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &sw])?;
+            ip(&[
+                "link", "add", &tmp, "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &sw,
+            ])?;
             ip(&["-n", &ns, "link", "set", &tmp, "name", "eth0"])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", cfg.host_address(n)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", cfg.host_address(n)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &sw, "link", "set", &port, "master", "br0"])?;
@@ -249,7 +288,10 @@ impl Lab {
         append(&d.join("etc-libvirt/libvirtd.conf"), &cfg.libvirtd_conf_extra(n))?;
         // No cgroups (they are not mounted inside the lab's namespaces and would clash between hosts) and
         // no per-VM mount namespaces (they cannot re-create the hidden /dev/kvm).
-        append(&d.join("etc-libvirt/qemu.conf"), "\n# vmha lab\ncgroup_controllers = [ ]\nnamespaces = [ ]\n")?;
+        append(
+            &d.join("etc-libvirt/qemu.conf"),
+            "\n# vmha lab\ncgroup_controllers = [ ]\nnamespaces = [ ]\n",
+        )?;
         let agent = format!(
             "#!/bin/sh\n# vmha lab fence agent: asks the lab power controller to power this lab's hosts off/on.\nexec {} fence-agent --lab {} \"$@\"\n",
             sh_quote(path_str(bin)?),
@@ -272,9 +314,16 @@ impl Lab {
         let id = ProcId::of(child.id() as i32)?;
         reap_in_background(child);
         id.save(&self.cfg.dir().join("power.pid"))?;
-        wait_for("the power controller", Duration::from_secs(10), Duration::from_millis(50), || {
-            power::request(&self.cfg, "ping", Duration::from_secs(2)).ok().filter(|r| r == "pong")
-        })?;
+        wait_for(
+            "the power controller",
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                power::request(&self.cfg, "ping", Duration::from_secs(2))
+                    .ok()
+                    .filter(|r| r == "pong")
+            },
+        )?;
         Ok(())
     }
 
@@ -286,11 +335,24 @@ impl Lab {
     fn start_host(&self, n: u8) -> Result<()> {
         let cfg = &self.cfg;
         let d = cfg.host_dir(n);
-        let console = fs::OpenOptions::new().create(true).append(true).open(d.join("console.log"))?;
+        let console = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("console.log"))?;
         let init = cfg.dir().join("bin/host-init");
         let child = Command::new("ip")
             .args(["netns", "exec", &cfg.host_netns(n)])
-            .args(["unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc", "--propagation", "private"])
+            .args([
+                "unshare",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "private",
+            ])
             .arg(&init)
             .arg(&d)
             .arg(cfg.host_name(n))
@@ -304,21 +366,26 @@ impl Lab {
         reap_in_background(child);
         let my_ns = process::pid_namespace(std::process::id() as i32);
         let init_str = path_str(&init)?.to_string();
-        let pid = wait_for(&format!("PID 1 of {}", cfg.host_name(n)), Duration::from_secs(10), Duration::from_millis(20), || {
-            // The host's PID 1 is the descendant of `unshare` that runs host-init in a new PID namespace.
-            let mut frontier = vec![outer];
-            for _ in 0..3 {
-                let mut next = Vec::new();
-                for p in frontier {
-                    if process::cmdline(p).iter().any(|a| a == &init_str) && process::pid_namespace(p) != my_ns {
-                        return Some(p);
+        let pid = wait_for(
+            &format!("PID 1 of {}", cfg.host_name(n)),
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                // The host's PID 1 is the descendant of `unshare` that runs host-init in a new PID namespace.
+                let mut frontier = vec![outer];
+                for _ in 0..3 {
+                    let mut next = Vec::new();
+                    for p in frontier {
+                        if process::cmdline(p).iter().any(|a| a == &init_str) && process::pid_namespace(p) != my_ns {
+                            return Some(p);
+                        }
+                        next.extend(process::children(p));
                     }
-                    next.extend(process::children(p));
+                    frontier = next;
                 }
-                frontier = next;
-            }
-            None
-        })?;
+                None
+            },
+        )?;
         let id = ProcId::of(pid)?;
         id.save(&d.join("pid"))?;
         if let Some(ns) = id.pid_namespace() {
@@ -340,14 +407,22 @@ impl Lab {
     /// Hard power-off of host N: SIGKILL to its PID 1, which makes the kernel kill every process of the host.
     /// Returns once none of them is left.
     pub fn power_off(&self, n: u8) -> Result<()> {
-        let Some(init) = self.host_init(n).filter(|p| p.alive()) else { return Ok(()) };
+        let Some(init) = self.host_init(n).filter(|p| p.alive()) else {
+            return Ok(());
+        };
         let ns = init.pid_namespace();
         init.signal(Signal::SIGKILL)?;
-        fs::write(self.cfg.host_dir(n).join("powered-off-at"), format!("{}\n", power::now()))?;
+        fs::write(
+            self.cfg.host_dir(n).join("powered-off-at"),
+            format!("{}\n", power::now()),
+        )?;
         if let Some(ns) = ns {
-            wait_for(&format!("every process of {} to end", self.cfg.host_name(n)), Duration::from_secs(30), Duration::from_millis(20), || {
-                process::pids_in_namespace(ns).is_empty().then_some(())
-            })?;
+            wait_for(
+                &format!("every process of {} to end", self.cfg.host_name(n)),
+                Duration::from_secs(30),
+                Duration::from_millis(20),
+                || process::pids_in_namespace(ns).is_empty().then_some(()),
+            )?;
         }
         tracing::info!(host = %self.cfg.host_name(n), "powered off");
         Ok(())
@@ -363,13 +438,35 @@ impl Lab {
 
     /// Unplugs host N's network cable (its switch port goes down).
     pub fn cut_network(&self, n: u8) -> Result<()> {
-        run_ok("ip", &["-n", &self.cfg.switch_netns(), "link", "set", &self.cfg.switch_port(n), "down"], Duration::from_secs(10))?;
+        run_ok(
+            "ip",
+            &[
+                "-n",
+                &self.cfg.switch_netns(),
+                "link",
+                "set",
+                &self.cfg.switch_port(n),
+                "down",
+            ],
+            Duration::from_secs(10),
+        )?;
         Ok(())
     }
 
     /// Plugs host N's network cable back in.
     pub fn heal_network(&self, n: u8) -> Result<()> {
-        run_ok("ip", &["-n", &self.cfg.switch_netns(), "link", "set", &self.cfg.switch_port(n), "up"], Duration::from_secs(10))?;
+        run_ok(
+            "ip",
+            &[
+                "-n",
+                &self.cfg.switch_netns(),
+                "link",
+                "set",
+                &self.cfg.switch_port(n),
+                "up",
+            ],
+            Duration::from_secs(10),
+        )?;
         Ok(())
     }
 
@@ -378,10 +475,22 @@ impl Lab {
             .host_init(n)
             .filter(|p| p.alive())
             .ok_or_else(|| anyhow!("{} is not running", self.cfg.host_name(n)))?;
-        Ok(["nsenter", "-t", &init.pid.to_string(), "-m", "-u", "-i", "-n", "-p", "--", "env", "PCMK_logfacility=none"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect())
+        Ok([
+            "nsenter",
+            "-t",
+            &init.pid.to_string(),
+            "-m",
+            "-u",
+            "-i",
+            "-n",
+            "-p",
+            "--",
+            "env",
+            "PCMK_logfacility=none",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
     }
 
     /// Runs a command on host N (inside all its namespaces), killed after 60 s.
@@ -421,9 +530,17 @@ impl Lab {
 
     /// Pacemaker's view of the cluster from host N.
     pub fn status(&self, n: u8) -> Result<ClusterStatus> {
-        let out = self.exec_with_deadline(n, &["crm_mon", "--one-shot", "--output-as=xml"], Duration::from_secs(15))?;
+        let out = self.exec_with_deadline(
+            n,
+            &["crm_mon", "--one-shot", "--output-as=xml"],
+            Duration::from_secs(15),
+        )?;
         if !out.status.success() {
-            bail!("crm_mon on {}: {}", self.cfg.host_name(n), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "crm_mon on {}: {}",
+                self.cfg.host_name(n),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         ClusterStatus::parse(&String::from_utf8_lossy(&out.stdout))
     }
@@ -448,14 +565,56 @@ impl Lab {
     /// Cluster-wide settings every VM cluster wants: fencing on with the lab's fence device, and resource
     /// stickiness (a recovered VM stays where it runs instead of bouncing back when its host returns).
     fn configure_cluster(&self) -> Result<()> {
-        self.exec_ok(1, &["crm_attribute", "--type", "rsc_defaults", "--name", "resource-stickiness", "--update", "100"])?;
+        self.exec_ok(
+            1,
+            &[
+                "crm_attribute",
+                "--type",
+                "rsc_defaults",
+                "--name",
+                "resource-stickiness",
+                "--update",
+                "100",
+            ],
+        )?;
         let hosts = format!("pcmk_host_list={}", self.cfg.host_list());
-        self.exec_ok(1, &["pcs", "stonith", "create", "fence-lab", "fence_vmha_lab", &hosts, "op", "monitor", "interval=60s"])?;
-        self.exec_ok(1, &["crm_attribute", "--type", "crm_config", "--name", "stonith-enabled", "--update", "true"])?;
-        wait_for("the fence device to start", Duration::from_secs(60), Duration::from_millis(500), || {
-            let s = self.status(1).ok()?;
-            s.resource("fence-lab").filter(|r| r.active && r.role == "Started").map(|_| ())
-        })
+        self.exec_ok(
+            1,
+            &[
+                "pcs",
+                "stonith",
+                "create",
+                "fence-lab",
+                "fence_vmha_lab",
+                &hosts,
+                "op",
+                "monitor",
+                "interval=60s",
+            ],
+        )?;
+        self.exec_ok(
+            1,
+            &[
+                "crm_attribute",
+                "--type",
+                "crm_config",
+                "--name",
+                "stonith-enabled",
+                "--update",
+                "true",
+            ],
+        )?;
+        wait_for(
+            "the fence device to start",
+            Duration::from_secs(60),
+            Duration::from_millis(500),
+            || {
+                let s = self.status(1).ok()?;
+                s.resource("fence-lab")
+                    .filter(|r| r.active && r.role == "Started")
+                    .map(|_| ())
+            },
+        )
     }
 
     /// Copies `src` (a path on this machine) to `dest` inside host N with mode `mode`.
@@ -504,9 +663,12 @@ impl Lab {
                 "migration_transport=tcp",
                 "force_stop=true",
             ]),
-            VmAgent::Vmha => {
-                args.extend(["ocf:vmha:VirtualMachine", &config, "hypervisor=qemu:///system", "migration_transport=tcp"])
-            }
+            VmAgent::Vmha => args.extend([
+                "ocf:vmha:VirtualMachine",
+                &config,
+                "hypervisor=qemu:///system",
+                "migration_transport=tcp",
+            ]),
         }
         args.extend([
             "meta",
@@ -538,7 +700,16 @@ impl Lab {
         let host_ns: Vec<(u8, u64)> = self
             .cfg
             .host_numbers()
-            .filter_map(|n| Some((n, fs::read_to_string(self.cfg.host_dir(n).join("pidns")).ok()?.trim().parse().ok()?)))
+            .filter_map(|n| {
+                Some((
+                    n,
+                    fs::read_to_string(self.cfg.host_dir(n).join("pidns"))
+                        .ok()?
+                        .trim()
+                        .parse()
+                        .ok()?,
+                ))
+            })
             .collect();
         process::all_pids()
             .into_iter()
@@ -564,7 +735,12 @@ impl Lab {
             let d = self.cfg.host_dir(n);
             let to = dest.join(self.cfg.host_name(n));
             fs::create_dir_all(&to)?;
-            for name in ["var-log-corosync", "var-log-pacemaker", "var-log-libvirt", "console.log"] {
+            for name in [
+                "var-log-corosync",
+                "var-log-pacemaker",
+                "var-log-libvirt",
+                "console.log",
+            ] {
                 let src = d.join(name);
                 if src.exists() {
                     let _ = run_ok("cp", &["-a", path_str(&src)?, path_str(&to)?], Duration::from_secs(60));
@@ -605,7 +781,10 @@ impl Lab {
             self.power_off(n)?;
         }
         let existing = run_ok("ip", &["netns", "list"], Duration::from_secs(10))?;
-        let names: Vec<String> = existing.lines().filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect();
+        let names: Vec<String> = existing
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
         let mut ours: Vec<String> = self.cfg.host_numbers().map(|n| self.cfg.host_netns(n)).collect();
         ours.push(self.cfg.switch_netns());
         for ns in ours.iter().filter(|ns| names.contains(ns)) {
@@ -632,7 +811,10 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 
 fn append(path: &Path, text: &str) -> Result<()> {
     use std::io::Write;
-    let mut f = fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     f.write_all(text.as_bytes())?;
     Ok(())
 }

@@ -11,7 +11,10 @@ use vmha_lab::lab::{target_binary, VmAgent};
 use vmha_lab::{power, wait_for, Lab, LabConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "vmha-lab", about = "A multi-host KVM cluster (Corosync, Pacemaker, libvirtd, QEMU) in namespaces on this machine")]
+#[command(
+    name = "vmha-lab",
+    about = "A multi-host KVM cluster (Corosync, Pacemaker, libvirtd, QEMU) in namespaces on this machine"
+)]
 struct Cli {
     /// Lab name (several labs can run side by side).
     #[arg(long, global = true, default_value = "demo")]
@@ -108,7 +111,11 @@ fn host_arg(lab: &Lab, n: u8) -> Result<u8> {
     if (1..=lab.cfg.hosts).contains(&n) {
         Ok(n)
     } else {
-        Err(anyhow!("lab {} has hosts 1 to {}, not {n}", lab.cfg.name, lab.cfg.hosts))
+        Err(anyhow!(
+            "lab {} has hosts 1 to {}, not {n}",
+            lab.cfg.name,
+            lab.cfg.hosts
+        ))
     }
 }
 
@@ -175,7 +182,11 @@ fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
                     .ok_or_else(|| anyhow!("no build directory"))?,
             };
             let hosts = lab.install_build(&build)?;
-            println!("installed vmha's build from {} into {}", build.display(), hosts.join(", "));
+            println!(
+                "installed vmha's build from {} into {}",
+                build.display(),
+                hosts.join(", ")
+            );
             VmAgent::Vmha
         }
         AgentArg::VirtualDomain => VmAgent::VirtualDomain,
@@ -184,10 +195,15 @@ fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
     for vm in vms {
         lab.add_vm(&GuestSpec::new(vm), agent)?;
     }
-    let status = wait_for("both VMs running", Duration::from_secs(120), Duration::from_millis(500), || {
-        let s = lab.status_from_any().ok()?;
-        vms.iter().all(|vm| s.running_on(vm).is_some()).then_some(s)
-    })?;
+    let status = wait_for(
+        "both VMs running",
+        Duration::from_secs(120),
+        Duration::from_millis(500),
+        || {
+            let s = lab.status_from_any().ok()?;
+            vms.iter().all(|vm| s.running_on(vm).is_some()).then_some(s)
+        },
+    )?;
     println!();
     print!("{}", status.render(&lab.cfg.name));
     println!("\nrun a command on a host:  vmha-lab --lab {name} exec 1 -- crm_mon -1");

@@ -28,7 +28,10 @@ pub struct PowerEvent {
 }
 
 pub fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// Reads the controller's log of power actions.
@@ -71,8 +74,16 @@ fn handle(cfg: &LabConfig, lock: &Mutex<()>, stream: UnixStream) -> Result<()> {
         Err(e) => format!("error: {e:#}"),
     };
     if matches!(action.as_str(), "off" | "on" | "reboot") {
-        let ev = PowerEvent { time: now(), action: action.clone(), host: host.clone(), result: reply.clone() };
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(cfg.power_log())?;
+        let ev = PowerEvent {
+            time: now(),
+            action: action.clone(),
+            host: host.clone(),
+            result: reply.clone(),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(cfg.power_log())?;
         writeln!(f, "{}", serde_json::to_string(&ev)?)?;
     }
     tracing::info!(%action, %host, %reply, "power request");
@@ -104,13 +115,19 @@ fn answer(cfg: &LabConfig, lock: &Mutex<()>, action: &str, host: &str) -> Result
 
 /// Sends one request to the controller and returns its reply line.
 pub fn request(cfg: &LabConfig, line: &str, limit: Duration) -> Result<String> {
-    let mut stream = UnixStream::connect(cfg.power_socket())
-        .with_context(|| format!("connecting to the lab power controller at {}", cfg.power_socket().display()))?;
+    let mut stream = UnixStream::connect(cfg.power_socket()).with_context(|| {
+        format!(
+            "connecting to the lab power controller at {}",
+            cfg.power_socket().display()
+        )
+    })?;
     stream.set_read_timeout(Some(limit))?;
     stream.set_write_timeout(Some(limit))?;
     stream.write_all(format!("{line}\n").as_bytes())?;
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply).context("no answer from the power controller")?;
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("no answer from the power controller")?;
     let reply = reply.trim().to_string();
     if let Some(e) = reply.strip_prefix("error: ") {
         bail!("power controller: {e}");
@@ -130,7 +147,9 @@ impl FenceArgs {
     pub fn parse(stdin: &str, argv: &[String]) -> Self {
         let mut a = FenceArgs::default();
         for line in stdin.lines() {
-            let Some((k, v)) = line.trim().split_once('=') else { continue };
+            let Some((k, v)) = line.trim().split_once('=') else {
+                continue;
+            };
             match k {
                 "action" | "option" => a.action = v.to_string(),
                 "port" | "plug" | "nodename" if a.plug.is_none() => a.plug = Some(v.to_string()),
@@ -263,14 +282,26 @@ mod tests {
     #[test]
     fn parses_fencer_stdin() {
         let a = FenceArgs::parse("action=off\nport=node2\nnodename=node2\nunknown=1\n", &[]);
-        assert_eq!(a, FenceArgs { action: "off".into(), plug: Some("node2".into()) });
+        assert_eq!(
+            a,
+            FenceArgs {
+                action: "off".into(),
+                plug: Some("node2".into())
+            }
+        );
     }
 
     #[test]
     fn parses_command_line_and_defaults_to_reboot() {
         assert_eq!(FenceArgs::parse("", &argv(&["-o", "metadata"])).action, "metadata");
         let a = FenceArgs::parse("", &argv(&["--action=status", "--plug=node3"]));
-        assert_eq!(a, FenceArgs { action: "status".into(), plug: Some("node3".into()) });
+        assert_eq!(
+            a,
+            FenceArgs {
+                action: "status".into(),
+                plug: Some("node3".into())
+            }
+        );
         assert_eq!(FenceArgs::parse("", &[]).action, "reboot");
     }
 

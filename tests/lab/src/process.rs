@@ -43,7 +43,10 @@ impl ProcId {
         };
         let mut it = text.split_whitespace().map(str::parse::<u64>);
         match (it.next(), it.next()) {
-            (Some(Ok(pid)), Some(Ok(start_time))) => Ok(Some(ProcId { pid: i32::try_from(pid)?, start_time })),
+            (Some(Ok(pid)), Some(Ok(start_time))) => Ok(Some(ProcId {
+                pid: i32::try_from(pid)?,
+                start_time,
+            })),
             _ => bail!("malformed process identity in {}", path.display()),
         }
     }
@@ -77,7 +80,9 @@ fn start_time(pid: i32) -> Option<u64> {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    stat_fields(pid).and_then(|f| f.first().cloned()).is_some_and(|s| s == "Z")
+    stat_fields(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|s| s == "Z")
 }
 
 /// Inode of the PID namespace of a process.
@@ -89,20 +94,28 @@ pub fn pid_namespace(pid: i32) -> Option<u64> {
 
 /// Every PID (as seen from here) on this machine.
 pub fn all_pids() -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
 }
 
 /// PIDs of the processes living in the PID namespace `ns`.
 pub fn pids_in_namespace(ns: u64) -> Vec<i32> {
-    all_pids().into_iter().filter(|&p| pid_namespace(p) == Some(ns)).collect()
+    all_pids()
+        .into_iter()
+        .filter(|&p| pid_namespace(p) == Some(ns))
+        .collect()
 }
 
 /// The command line of a process as its arguments.
 pub fn cmdline(pid: i32) -> Vec<String> {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| {
-            b.split(|&c| c == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
         })
         .unwrap_or_default()
 }
@@ -161,7 +174,10 @@ mod tests {
     fn identifies_this_process_and_rejects_a_reused_pid() {
         let me = ProcId::of(std::process::id() as i32).unwrap();
         assert!(me.alive());
-        let impostor = ProcId { start_time: me.start_time + 1, ..me };
+        let impostor = ProcId {
+            start_time: me.start_time + 1,
+            ..me
+        };
         assert!(!impostor.alive());
         assert!(me.pid_namespace().is_some());
     }
@@ -172,7 +188,10 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("pid");
         assert_eq!(ProcId::load(&path).unwrap(), None);
-        let id = ProcId { pid: 42, start_time: 4242 };
+        let id = ProcId {
+            pid: 42,
+            start_time: 4242,
+        };
         id.save(&path).unwrap();
         assert_eq!(ProcId::load(&path).unwrap(), Some(id));
         fs::write(&path, "garbage").unwrap();
@@ -182,12 +201,20 @@ mod tests {
 
     #[test]
     fn reads_guest_name_from_qemu_command_line() {
-        let args: Vec<String> = ["/usr/bin/qemu-system-x86_64", "-name", "guest=vm1,debug-threads=on", "-S"]
+        let args: Vec<String> = [
+            "/usr/bin/qemu-system-x86_64",
+            "-name",
+            "guest=vm1,debug-threads=on",
+            "-S",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(qemu_guest_name(&args).as_deref(), Some("vm1"));
+        let other: Vec<String> = ["/bin/sleep", "-name", "guest=vm1"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        assert_eq!(qemu_guest_name(&args).as_deref(), Some("vm1"));
-        let other: Vec<String> = ["/bin/sleep", "-name", "guest=vm1"].iter().map(|s| s.to_string()).collect();
         assert_eq!(qemu_guest_name(&other), None);
     }
 
