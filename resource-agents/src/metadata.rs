@@ -54,10 +54,21 @@ guest-ping through the QEMU guest agent. Live migration is peer-to-peer and mana
 a failed migration leaves the VM running on one host only. The agent never writes utilization \
 attributes.";
 
+/// OCF 1.1 meta-data that also validates against the OCF 1.0 DTD shipped with resource-agents (which
+/// `ocf-tester` checks with `xmllint --valid`): the DOCTYPE names that DTD, declares the two 1.1
+/// parameter attributes it lacks and adds `reload-agent` to its action names (the first declaration of
+/// an attribute binds, and the internal subset is read before the external DTD). Select-type parameters are rendered as strings with their choices in
+/// the short description, since the 1.0 DTD has no `<option>` element.
+const DOCTYPE: &str = "<!DOCTYPE resource-agent SYSTEM \"ra-api-1.dtd\" [\n\
+<!ATTLIST parameter reloadable (0|1) \"0\" unique-group CDATA #IMPLIED>\n\
+<!ATTLIST action name (start|stop|recover|monitor|restart|migrate_to|migrate_from|promote|demote|notify|\
+status|reload|reload-agent|meta-data|usage|methods|validate-all) #REQUIRED>\n]>\n";
+
 /// The meta-data XML for agent version `version`.
 pub fn render(version: &str) -> String {
     let mut xml = String::with_capacity(16 * 1024);
     xml.push_str("<?xml version=\"1.0\"?>\n");
+    xml.push_str(DOCTYPE);
     let _ = writeln!(
         xml,
         "<resource-agent name=\"VirtualMachine\" version=\"{}\">",
@@ -73,24 +84,19 @@ pub fn render(version: &str) -> String {
         }
         let _ = writeln!(xml, " required=\"0\" reloadable=\"{}\">", u8::from(spec.reloadable));
         let _ = writeln!(xml, "<longdesc lang=\"en\">{}</longdesc>", escape(spec.longdesc));
-        let _ = writeln!(xml, "<shortdesc lang=\"en\">{}</shortdesc>", escape(spec.shortdesc));
-        let kind = match spec.kind {
-            ParamKind::String => "string",
-            ParamKind::Integer => "integer",
-            ParamKind::Boolean => "boolean",
-            ParamKind::Select(_) => "select",
+        let (kind, choices) = match spec.kind {
+            ParamKind::String => ("string", String::new()),
+            ParamKind::Integer => ("integer", String::new()),
+            ParamKind::Boolean => ("boolean", String::new()),
+            ParamKind::Select(options) => ("string", format!(" (one of: {})", options.join(", "))),
         };
-        let _ = write!(xml, "<content type=\"{kind}\" default=\"{}\"", escape(spec.default));
-        match spec.kind {
-            ParamKind::Select(options) => {
-                xml.push_str(">\n");
-                for option in options {
-                    let _ = writeln!(xml, "<option value=\"{}\"/>", escape(option));
-                }
-                xml.push_str("</content>\n");
-            }
-            _ => xml.push_str("/>\n"),
-        }
+        let _ = writeln!(
+            xml,
+            "<shortdesc lang=\"en\">{}{}</shortdesc>",
+            escape(spec.shortdesc),
+            escape(&choices)
+        );
+        let _ = writeln!(xml, "<content type=\"{kind}\" default=\"{}\"/>", escape(spec.default));
         xml.push_str("</parameter>\n");
     }
     xml.push_str("</parameters>\n<actions>\n");
@@ -135,10 +141,19 @@ mod tests {
         render("0.1.0")
     }
 
+    /// Parses the meta-data the way Pacemaker does: the DOCTYPE is read, not fetched.
+    fn parse(text: &str) -> roxmltree::Document<'_> {
+        let options = roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        };
+        roxmltree::Document::parse_with_options(text, options).expect("well-formed")
+    }
+
     #[test]
     fn is_well_formed_ocf_1_1() {
         let text = doc();
-        let parsed = roxmltree::Document::parse(&text).expect("well-formed");
+        let parsed = parse(&text);
         let root = parsed.root_element();
         assert_eq!(root.tag_name().name(), "resource-agent");
         assert_eq!(root.attribute("name"), Some("VirtualMachine"));
@@ -156,7 +171,7 @@ mod tests {
     #[test]
     fn every_parameter_is_documented_with_type_and_default() {
         let text = doc();
-        let parsed = roxmltree::Document::parse(&text).expect("well-formed");
+        let parsed = parse(&text);
         let params: Vec<_> = parsed.descendants().filter(|n| n.has_tag_name("parameter")).collect();
         assert_eq!(params.len(), PARAMETERS.len());
         for (node, spec) in params.iter().zip(PARAMETERS) {
@@ -180,10 +195,7 @@ mod tests {
     #[test]
     fn shutdown_mode_lists_its_options() {
         let text = doc();
-        assert!(text.contains(
-            "<content type=\"select\" default=\"acpi\">\n<option value=\"acpi\"/>\n\
-             <option value=\"agent\"/>\n<option value=\"both\"/>\n</content>"
-        ));
+        assert!(text.contains("(one of: acpi, agent, both)</shortdesc>\n<content type=\"string\" default=\"acpi\"/>"));
     }
 
     #[test]

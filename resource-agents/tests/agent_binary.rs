@@ -40,7 +40,8 @@ fn meta_data_needs_no_environment() {
     let out = agent(&["meta-data", "ignored-extra"], &[]);
     assert_eq!(code(&out), 0);
     let xml = String::from_utf8(out.stdout).expect("utf-8");
-    assert!(xml.starts_with("<?xml version=\"1.0\"?>\n<resource-agent name=\"VirtualMachine\""));
+    assert!(xml.starts_with("<?xml version=\"1.0\"?>\n<!DOCTYPE resource-agent SYSTEM \"ra-api-1.dtd\""));
+    assert!(xml.contains("\n<resource-agent name=\"VirtualMachine\""));
     assert!(xml.contains("<version>1.1</version>"));
     assert!(xml.trim_end().ends_with("</resource-agent>"));
 }

@@ -224,3 +224,76 @@ pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure
     assert_eq!(lab.status(observer).unwrap().resource(vm).unwrap().nodes.len(), 1);
     t
 }
+
+/// Where the lab installs vmha's OCF agent in every host.
+pub const VMHA_AGENT: &str = "/usr/lib/ocf/resource.d/vmha/VirtualMachine";
+
+/// What one direct call of an OCF agent returned.
+#[derive(Debug)]
+pub struct AgentRun {
+    pub rc: i32,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl AgentRun {
+    /// The `ocf-exit-reason:` line the agent printed, if any.
+    pub fn exit_reason(&self) -> Option<&str> {
+        self.stderr.lines().find_map(|l| l.strip_prefix("ocf-exit-reason:"))
+    }
+}
+
+/// Runs vmha's agent on host `n` outside Pacemaker, with the OCF environment Pacemaker would give it:
+/// instance `instance`, `OCF_RESKEY_<k>=<v>` for each parameter, the operation timeout in ms and any
+/// extra `CRM_meta` variables.
+pub fn run_agent(
+    lab: &Lab,
+    n: u8,
+    instance: &str,
+    action: &str,
+    params: &[(&str, &str)],
+    timeout_ms: u32,
+    meta: &[(&str, &str)],
+) -> AgentRun {
+    let mut args = vec![
+        "env".to_string(),
+        "OCF_ROOT=/usr/lib/ocf".into(),
+        format!("OCF_RESOURCE_INSTANCE={instance}"),
+        format!("OCF_RESKEY_CRM_meta_timeout={timeout_ms}"),
+    ];
+    args.extend(params.iter().map(|(k, v)| format!("OCF_RESKEY_{k}={v}")));
+    args.extend(meta.iter().map(|(k, v)| format!("OCF_RESKEY_CRM_meta_{k}={v}")));
+    args.push(VMHA_AGENT.into());
+    args.push(action.into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t0 = Instant::now();
+    let out = lab
+        .exec_with_deadline(n, &args, Duration::from_millis(u64::from(timeout_ms) + 30_000))
+        .unwrap();
+    AgentRun {
+        rc: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: t0.elapsed(),
+    }
+}
+
+/// Every libvirt domain host `n` knows (running or defined), sorted.
+pub fn domains(lab: &Lab, n: u8) -> Vec<String> {
+    let out = lab
+        .exec_ok(n, &["virsh", "-c", "qemu:///system", "list", "--all", "--name"])
+        .unwrap();
+    let mut names: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Sends a signal to host `n`'s libvirtd (SIGSTOP makes it hang, SIGCONT resumes it).
+pub fn signal_libvirtd(lab: &Lab, n: u8, signal: &str) {
+    lab.exec_ok(n, &["sh", "-c", &format!("kill -{signal} $(cat /run/libvirtd.pid)")])
+        .unwrap();
+}
