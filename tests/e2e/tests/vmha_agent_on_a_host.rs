@@ -142,13 +142,15 @@ fn bad_input_gets_the_right_code_and_changes_nothing(lab: &Lab) {
         assert!(!reason.trim().is_empty());
         println!("{what:>22}: {action:<12} -> {} \"{}\"", run.rc, reason.trim());
     }
-    // A well-formed URI of a hypervisor that is not there: an error with a reason, never success.
+    // A well-formed URI of a hypervisor that is not there (an unused address of the lab's own subnet):
+    // an error with a reason, never success.
+    let absent = format!("qemu+tcp://{}.99/system", lab.cfg.subnet);
     let run = run_agent(
         lab,
         1,
         "bad1",
         "start",
-        &[("domain", "x"), ("hypervisor", "qemu+tcp://192.0.2.1/system")],
+        &[("domain", "x"), ("hypervisor", &absent)],
         20_000,
         &[],
     );
