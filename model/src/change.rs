@@ -1,0 +1,339 @@
+//! The CIB changes vmha makes, as XML fragments for the CIB API's create/modify/delete on one section.
+//! Existing element ids are reused so a modify updates in place instead of adding a duplicate.
+
+use roxmltree::{Document, Node};
+
+use crate::ModelError;
+
+/// XML-escapes an attribute value.
+pub fn escape(value: &str) -> String {
+    let mut s = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '&' => s.push_str("&amp;"),
+            '<' => s.push_str("&lt;"),
+            '>' => s.push_str("&gt;"),
+            '"' => s.push_str("&quot;"),
+            '\'' => s.push_str("&apos;"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// Checks a resource or host name: it becomes part of XML ids, libvirt names and D-Bus object paths.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ModelError> {
+    let invalid = |why| {
+        Err(ModelError::Invalid {
+            what,
+            value: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() || name.len() > 64 {
+        return invalid("must be 1 to 64 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+        return invalid("must start with a letter or '_'");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return invalid("may hold only letters, digits, '_', '-' and '.'");
+    }
+    Ok(())
+}
+
+fn parse(cib: &str) -> Result<Document<'_>, ModelError> {
+    Ok(Document::parse(cib)?)
+}
+
+fn find<'a, 'i>(doc: &'a Document<'i>, tag: &str, id: &str) -> Option<Node<'a, 'i>> {
+    doc.descendants()
+        .find(|n| n.has_tag_name(tag) && n.attribute("id") == Some(id))
+}
+
+/// The id of an existing `<set_tag>` directly under `parent` and of its nvpair `name`, or fresh ids.
+fn nvpair_ids(parent: Option<Node>, set_tag: &str, default_set_id: String, name: &str) -> (String, String) {
+    let set = parent.and_then(|p| p.children().find(|n| n.has_tag_name(set_tag)));
+    let set_id = set
+        .and_then(|s| s.attribute("id"))
+        .map(str::to_string)
+        .unwrap_or(default_set_id);
+    let pair_id = set
+        .and_then(|s| {
+            s.children()
+                .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some(name))
+        })
+        .and_then(|n| n.attribute("id"))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{set_id}-{name}"));
+    (set_id, pair_id)
+}
+
+/// Sets meta attribute `name` of primitive `rsc` (e.g. `target-role`); for a modify of `resources`.
+pub fn set_resource_meta(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    let doc = parse(cib)?;
+    let primitive = find(&doc, "primitive", rsc).ok_or_else(|| ModelError::Invalid {
+        what: "resource",
+        value: rsc.to_string(),
+        why: "no such resource in the CIB",
+    })?;
+    let (set_id, pair_id) = nvpair_ids(
+        Some(primitive),
+        "meta_attributes",
+        format!("{rsc}-meta_attributes"),
+        name,
+    );
+    Ok(format!(
+        r#"<primitive id="{}"><meta_attributes id="{}"><nvpair id="{}" name="{}" value="{}"/></meta_attributes></primitive>"#,
+        escape(rsc),
+        escape(&set_id),
+        escape(&pair_id),
+        escape(name),
+        escape(value)
+    ))
+}
+
+/// Sets a permanent node attribute of `host` (e.g. `standby`, `maintenance`); for a modify of `nodes`.
+pub fn set_node_attribute(cib: &str, host: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    let doc = parse(cib)?;
+    let node = doc
+        .descendants()
+        .find(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
+        .ok_or_else(|| ModelError::Invalid {
+            what: "host",
+            value: host.to_string(),
+            why: "no such host in the CIB",
+        })?;
+    let id = node.attribute("id").unwrap_or(host);
+    let (set_id, pair_id) = nvpair_ids(Some(node), "instance_attributes", format!("nodes-{id}"), name);
+    Ok(format!(
+        r#"<node id="{}" uname="{}"><instance_attributes id="{}"><nvpair id="{}" name="{}" value="{}"/></instance_attributes></node>"#,
+        escape(id),
+        escape(host),
+        escape(&set_id),
+        escape(&pair_id),
+        escape(name),
+        escape(value)
+    ))
+}
+
+/// Id of the temporary location constraint vmha uses to move a VM.
+pub fn move_constraint_id(rsc: &str) -> String {
+    format!("vmha-move-{rsc}")
+}
+
+/// The temporary constraint that makes Pacemaker (live-)migrate `rsc` to `host`; for a create in
+/// `constraints`. vmha removes it once the VM runs there (`pcs resource move` leaves its own behind).
+pub fn move_constraint(rsc: &str, host: &str) -> String {
+    format!(
+        r#"<rsc_location id="{}" rsc="{}" role="Started" node="{}" score="INFINITY"/>"#,
+        escape(&move_constraint_id(rsc)),
+        escape(rsc),
+        escape(host)
+    )
+}
+
+/// What a new VM resource needs.
+#[derive(Debug, Clone)]
+pub struct NewVm<'a> {
+    pub name: &'a str,
+    /// Domain XML file on shared storage.
+    pub config: &'a str,
+    pub hypervisor: &'a str,
+    pub migration_transport: &'a str,
+    /// vCPUs and memory (MiB) of the domain, for placement.
+    pub cpu: u32,
+    pub memory_mib: u64,
+    /// Start it right away.
+    pub start: bool,
+}
+
+/// A VM primitive under `ocf:vmha:VirtualMachine` with vmha's defaults: live migration allowed, a
+/// monitor every 10 s, honest operation timeouts and utilization from the domain definition; for a
+/// create in `resources`.
+pub fn vm_primitive(vm: &NewVm) -> Result<String, ModelError> {
+    validate_name("VM name", vm.name)?;
+    if !vm.config.starts_with('/') {
+        return Err(ModelError::Invalid {
+            what: "domain XML path",
+            value: vm.config.into(),
+            why: "must be absolute",
+        });
+    }
+    let n = escape(vm.name);
+    let param = |k: &str, v: &str| {
+        format!(
+            r#"<nvpair id="{n}-instance_attributes-{k}" name="{k}" value="{}"/>"#,
+            escape(v)
+        )
+    };
+    let op = |name: &str, interval: &str, timeout: &str| {
+        format!(r#"<op id="{n}-{name}-interval-{interval}" name="{name}" interval="{interval}" timeout="{timeout}"/>"#)
+    };
+    Ok(format!(
+        concat!(
+            r#"<primitive id="{n}" class="ocf" provider="vmha" type="VirtualMachine">"#,
+            r#"<instance_attributes id="{n}-instance_attributes">{p1}{p2}{p3}</instance_attributes>"#,
+            r#"<meta_attributes id="{n}-meta_attributes">"#,
+            r#"<nvpair id="{n}-meta_attributes-allow-migrate" name="allow-migrate" value="true"/>"#,
+            r#"<nvpair id="{n}-meta_attributes-target-role" name="target-role" value="{role}"/>"#,
+            r#"</meta_attributes>"#,
+            r#"<utilization id="{n}-utilization">"#,
+            r#"<nvpair id="{n}-utilization-cpu" name="cpu" value="{cpu}"/>"#,
+            r#"<nvpair id="{n}-utilization-hv_memory" name="hv_memory" value="{mem}"/>"#,
+            r#"</utilization>"#,
+            r#"<operations>{o1}{o2}{o3}{o4}{o5}</operations></primitive>"#
+        ),
+        n = n,
+        p1 = param("config", vm.config),
+        p2 = param("hypervisor", vm.hypervisor),
+        p3 = param("migration_transport", vm.migration_transport),
+        role = if vm.start { "Started" } else { "Stopped" },
+        cpu = vm.cpu,
+        mem = vm.memory_mib,
+        o1 = op("monitor", "10s", "30s"),
+        o2 = op("start", "0s", "90s"),
+        o3 = op("stop", "0s", "90s"),
+        o4 = op("migrate_to", "0s", "120s"),
+        o5 = op("migrate_from", "0s", "60s"),
+    ))
+}
+
+/// Sets utilization attribute `name` of primitive `rsc`; for a modify of `resources`.
+pub fn set_resource_utilization(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    let doc = parse(cib)?;
+    let primitive = find(&doc, "primitive", rsc);
+    let (set_id, pair_id) = nvpair_ids(primitive, "utilization", format!("{rsc}-utilization"), name);
+    Ok(format!(
+        r#"<primitive id="{}"><utilization id="{}"><nvpair id="{}" name="{}" value="{}"/></utilization></primitive>"#,
+        escape(rsc),
+        escape(&set_id),
+        escape(&pair_id),
+        escape(name),
+        escape(value)
+    ))
+}
+
+/// Sets utilization attribute `name` of `host` (its capacity); for a modify of `nodes`.
+pub fn set_node_utilization(cib: &str, host: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    let doc = parse(cib)?;
+    let node = doc
+        .descendants()
+        .find(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
+        .ok_or_else(|| ModelError::Invalid {
+            what: "host",
+            value: host.to_string(),
+            why: "no such host in the CIB",
+        })?;
+    let id = node.attribute("id").unwrap_or(host);
+    let (set_id, pair_id) = nvpair_ids(Some(node), "utilization", format!("nodes-{id}-utilization"), name);
+    Ok(format!(
+        r#"<node id="{}" uname="{}"><utilization id="{}"><nvpair id="{}" name="{}" value="{}"/></utilization></node>"#,
+        escape(id),
+        escape(host),
+        escape(&set_id),
+        escape(&pair_id),
+        escape(name),
+        escape(value)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CIB: &str = r#"<cib><configuration><nodes>
+        <node id="1" uname="n1"><instance_attributes id="nodes-1"><nvpair id="nodes-1-standby" name="standby" value="off"/></instance_attributes></node>
+        <node id="2" uname="n2"/></nodes>
+        <resources><primitive id="vm1" class="ocf" provider="vmha" type="VirtualMachine">
+          <meta_attributes id="vm1-meta"><nvpair id="vm1-meta-role" name="target-role" value="Started"/></meta_attributes>
+        </primitive><primitive id="vm2" class="ocf" provider="vmha" type="VirtualMachine"/></resources>
+        <constraints/></configuration><status/></cib>"#;
+
+    fn parses(xml: &str) {
+        roxmltree::Document::parse(xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
+    }
+
+    #[test]
+    fn meta_changes_reuse_existing_ids() {
+        let x = set_resource_meta(CIB, "vm1", "target-role", "Stopped").unwrap();
+        parses(&x);
+        assert!(x.contains(
+            r#"<meta_attributes id="vm1-meta"><nvpair id="vm1-meta-role" name="target-role" value="Stopped"/>"#
+        ));
+        let y = set_resource_meta(CIB, "vm2", "target-role", "Stopped").unwrap();
+        assert!(y.contains(r#"<meta_attributes id="vm2-meta_attributes"><nvpair id="vm2-meta_attributes-target-role""#));
+        assert!(set_resource_meta(CIB, "nosuch", "target-role", "Stopped").is_err());
+    }
+
+    #[test]
+    fn node_attributes_reuse_existing_ids_and_reject_unknown_hosts() {
+        let x = set_node_attribute(CIB, "n1", "standby", "on").unwrap();
+        parses(&x);
+        assert!(x.contains(r#"<node id="1" uname="n1"><instance_attributes id="nodes-1"><nvpair id="nodes-1-standby" name="standby" value="on"/>"#));
+        let y = set_node_attribute(CIB, "n2", "maintenance", "on").unwrap();
+        assert!(y.contains(r#"<nvpair id="nodes-2-maintenance" name="maintenance" value="on"/>"#));
+        assert!(set_node_attribute(CIB, "n9", "standby", "on").is_err());
+        let u = set_node_utilization(CIB, "n2", "cpu", "4").unwrap();
+        assert!(u.contains(
+            r#"<utilization id="nodes-2-utilization"><nvpair id="nodes-2-utilization-cpu" name="cpu" value="4"/>"#
+        ));
+    }
+
+    #[test]
+    fn move_constraint_pins_the_vm_to_the_target() {
+        let x = move_constraint("vm1", "n2");
+        parses(&x);
+        assert_eq!(
+            x,
+            r#"<rsc_location id="vmha-move-vm1" rsc="vm1" role="Started" node="n2" score="INFINITY"/>"#
+        );
+    }
+
+    #[test]
+    fn new_vm_primitive_has_defaults_and_utilization() {
+        let vm = NewVm {
+            name: "web1",
+            config: "/shared/web1.xml",
+            hypervisor: "qemu:///system",
+            migration_transport: "tcp",
+            cpu: 2,
+            memory_mib: 512,
+            start: true,
+        };
+        let x = vm_primitive(&vm).unwrap();
+        parses(&x);
+        for needle in [
+            r#"type="VirtualMachine""#,
+            r#"name="config" value="/shared/web1.xml""#,
+            r#"name="allow-migrate" value="true""#,
+            r#"name="target-role" value="Started""#,
+            r#"name="hv_memory" value="512""#,
+            r#"name="monitor" interval="10s" timeout="30s""#,
+        ] {
+            assert!(x.contains(needle), "{needle} in {x}");
+        }
+        assert!(vm_primitive(&NewVm {
+            name: "bad name",
+            ..vm.clone()
+        })
+        .is_err());
+        assert!(vm_primitive(&NewVm {
+            config: "relative.xml",
+            ..vm
+        })
+        .is_err());
+    }
+
+    #[test]
+    fn names_and_values_are_checked_and_escaped() {
+        assert!(validate_name("VM name", "vm-1.a_b").is_ok());
+        for bad in ["", "1vm", "vm/1", "vm 1", "vm\"", &"x".repeat(65)] {
+            assert!(validate_name("VM name", bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(escape(r#"a<b>&"c'"#), "a&lt;b&gt;&amp;&quot;c&apos;");
+    }
+}

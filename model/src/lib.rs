@@ -1,0 +1,26 @@
+//! vmha's domain model, shared by the daemon, the CLI and the agents: the cluster as Pacemaker's CIB
+//! describes it ([`cib`]), and the CIB changes vmha makes ([`change`]). Pure logic, no I/O.
+
+pub mod change;
+pub mod cib;
+
+pub use cib::{ClusterView, Constraint, HostView, VmState, VmView};
+
+/// Resource agents whose resources vmha treats as virtual machines.
+pub const VM_AGENTS: [(&str, &str, &str); 2] =
+    [("ocf", "vmha", "VirtualMachine"), ("ocf", "heartbeat", "VirtualDomain")];
+
+/// Errors of the domain model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("the CIB is not well-formed XML: {0}")]
+    Xml(#[from] roxmltree::Error),
+    #[error("the CIB has no <{0}> section")]
+    MissingSection(&'static str),
+    #[error("invalid {what} {value:?}: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
