@@ -3,6 +3,7 @@
 
 pub mod change;
 pub mod cib;
+pub mod domain;
 
 pub use cib::{ClusterView, Constraint, HostView, VmState, VmView};
 

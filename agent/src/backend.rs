@@ -1,0 +1,83 @@
+//! How vmhad reads and changes the CIB. The daemon uses Pacemaker's CIB API (through the bindings in
+//! `bindings/`); unit tests use [`RecordingCib`], which serves a fixed document and records changes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+
+/// A boxed future, so the backend can be a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One change to one CIB section, as the CIB API takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CibChange {
+    /// Merge `xml` into `section` (elements matched by tag and id).
+    Modify { section: &'static str, xml: String },
+    /// Add `xml` to `section`.
+    Create { section: &'static str, xml: String },
+    /// Remove the element `xml` names (tag and id) from `section`.
+    Delete { section: &'static str, xml: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("CIB {call}: {message}")]
+pub struct CibError {
+    pub call: &'static str,
+    pub message: String,
+}
+
+/// Reading and changing the CIB. Every call has a deadline inside the implementation.
+pub trait CibBackend: Send + Sync + 'static {
+    /// The whole CIB (configuration and status) as XML.
+    fn query(&self) -> BoxFuture<'_, Result<String, CibError>>;
+    /// Applies one change.
+    fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>>;
+    /// A channel that yields once per CIB change; it closes when the connection to the CIB is lost
+    /// (the caller then reconnects with a new backend).
+    fn changes(&self) -> BoxFuture<'_, Result<mpsc::Receiver<()>, CibError>>;
+}
+
+/// A CIB for unit tests: `query` returns the document it holds, `apply` records the change.
+#[derive(Debug, Default)]
+pub struct RecordingCib {
+    pub document: Mutex<String>,
+    pub applied: Mutex<Vec<CibChange>>,
+}
+
+impl RecordingCib {
+    pub fn new(document: &str) -> Self {
+        RecordingCib {
+            document: Mutex::new(document.to_string()),
+            applied: Mutex::default(),
+        }
+    }
+
+    pub fn changes(&self) -> Vec<CibChange> {
+        self.applied.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+}
+
+impl CibBackend for RecordingCib {
+    fn query(&self) -> BoxFuture<'_, Result<String, CibError>> {
+        let doc = self.document.lock().map(|d| d.clone()).map_err(|_| CibError {
+            call: "query",
+            message: "poisoned".into(),
+        });
+        Box::pin(async move { doc })
+    }
+
+    fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {
+        let result = self.applied.lock().map(|mut a| a.push(change)).map_err(|_| CibError {
+            call: "apply",
+            message: "poisoned".into(),
+        });
+        Box::pin(async move { result })
+    }
+
+    fn changes(&self) -> BoxFuture<'_, Result<mpsc::Receiver<()>, CibError>> {
+        let (_tx, rx) = mpsc::channel(1);
+        Box::pin(async move { Ok(rx) })
+    }
+}

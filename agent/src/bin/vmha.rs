@@ -1,0 +1,574 @@
+//! `vmha`: the command-line tool on vmhad's D-Bus API. Human output by default, `--output json` for
+//! scripts; every error is one line on stderr and a non-zero exit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use vmha_agent::api::{
+    host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, JOB_INTERFACE, ROOT_PATH, VM_INTERFACE,
+};
+use zbus::message::Type as MessageType;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::{Connection, DBusError, MatchRule, MessageStream};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmha",
+    version,
+    about = "Manage a vmha cluster of KVM hosts (through vmhad on this host)"
+)]
+struct Cli {
+    /// Output format.
+    #[arg(long, short, value_enum, global = true, default_value_t = Output::Human)]
+    output: Output,
+    /// Give up on vmhad after this many seconds (jobs: on the whole job).
+    #[arg(long, global = true, default_value_t = 300)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Cluster status: name, quorum, DC, members, hosts and VMs with where they run.
+    Status,
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        command: VmCmd,
+    },
+    /// Hosts.
+    Host {
+        #[command(subcommand)]
+        command: HostCmd,
+    },
+    /// Print cluster events and state changes as they happen.
+    Watch {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// List VMs with their state and host.
+    List,
+    /// Everything about one VM.
+    Show {
+        name: String,
+    },
+    /// Make a VM a cluster resource from its domain XML (on storage every host sees) and start it.
+    Add {
+        name: String,
+        /// Domain XML file (absolute path).
+        #[arg(long)]
+        config: String,
+        /// Add it stopped.
+        #[arg(long)]
+        stopped: bool,
+    },
+    /// Stop a VM and remove its resource and constraints.
+    Remove {
+        name: String,
+    },
+    Start {
+        name: String,
+    },
+    Stop {
+        name: String,
+    },
+    /// Live-migrate a VM to another host.
+    Move {
+        name: String,
+        host: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    /// List hosts.
+    List,
+    /// Put a host in standby (its VMs move away).
+    Standby { host: String },
+    /// Take a host out of standby.
+    Unstandby { host: String },
+    /// Put a host in maintenance (Pacemaker leaves it alone) or take it out: `on` or `off`.
+    Maintenance { host: String, state: OnOff },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmha: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmha: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error as one line, with a hint for the common ones.
+fn one_line(e: &anyhow::Error) -> String {
+    if let Some(zbus::Error::MethodError(name, message, _)) = e.downcast_ref::<zbus::Error>() {
+        let msg = message.clone().unwrap_or_default();
+        return hint(name.as_str(), msg);
+    }
+    if let Some(e) = e.downcast_ref::<zbus::fdo::Error>() {
+        let name = e.name();
+        return hint(name.as_str(), e.description().unwrap_or_default().to_string());
+    }
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// A D-Bus error as a line a person can act on.
+fn hint(name: &str, msg: String) -> String {
+    match name {
+        "org.freedesktop.DBus.Error.AccessDenied" => {
+            format!("{msg} (hint: run as root, or get the polkit action org.vmha.Vmha1.manage)")
+        }
+        "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+            "vmhad is not running on this host (hint: systemctl start vmhad)".to_string()
+        }
+        "org.freedesktop.DBus.Error.UnknownObject" | "org.freedesktop.DBus.Error.UnknownMethod" => {
+            format!("no such VM or host ({msg})")
+        }
+        _ => msg,
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let limit = Duration::from_secs(cli.timeout);
+    let conn = tokio::time::timeout(limit, Connection::system())
+        .await
+        .map_err(|_| anyhow!("the system bus did not answer within {} s", cli.timeout))?
+        .context("connecting to the system bus")?;
+    let client = Client {
+        conn,
+        limit,
+        output: cli.output,
+    };
+    match cli.command {
+        Cmd::Status => client.status().await,
+        Cmd::Vm { command } => match command {
+            VmCmd::List => client.vm_list().await,
+            VmCmd::Show { name } => client.vm_show(&name).await,
+            VmCmd::Add { name, config, stopped } => {
+                client
+                    .job(
+                        ROOT_PATH.to_string(),
+                        CLUSTER_INTERFACE,
+                        "AddVm",
+                        (name, config, !stopped),
+                    )
+                    .await
+            }
+            VmCmd::Remove { name } => client.job(vm_path(&name), VM_INTERFACE, "Remove", ()).await,
+            VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
+            VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
+            VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
+        },
+        Cmd::Host { command } => match command {
+            HostCmd::List => client.host_list().await,
+            HostCmd::Standby { host } => {
+                client
+                    .call(&host_path(&host), HOST_INTERFACE, "SetStandby", (true,))
+                    .await
+            }
+            HostCmd::Unstandby { host } => {
+                client
+                    .call(&host_path(&host), HOST_INTERFACE, "SetStandby", (false,))
+                    .await
+            }
+            HostCmd::Maintenance { host, state } => {
+                client
+                    .call(
+                        &host_path(&host),
+                        HOST_INTERFACE,
+                        "SetMaintenance",
+                        (matches!(state, OnOff::On),),
+                    )
+                    .await
+            }
+        },
+        Cmd::Watch { count } => client.watch(count).await,
+    }
+}
+
+/// Converts a D-Bus value into JSON.
+fn to_json(v: &zbus::zvariant::Value) -> Value {
+    use zbus::zvariant::Value as V;
+    match v {
+        V::Bool(b) => json!(b),
+        V::U8(n) => json!(n),
+        V::U16(n) => json!(n),
+        V::U32(n) => json!(n),
+        V::U64(n) => json!(n),
+        V::I16(n) => json!(n),
+        V::I32(n) => json!(n),
+        V::I64(n) => json!(n),
+        V::F64(n) => json!(n),
+        V::Str(s) => json!(s.as_str()),
+        V::ObjectPath(p) => json!(p.as_str()),
+        V::Array(a) => Value::Array(a.iter().map(to_json).collect()),
+        V::Dict(d) => {
+            let mut m = serde_json::Map::new();
+            for (k, val) in d.iter() {
+                let key = match to_json(k) {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                m.insert(key, to_json(val));
+            }
+            Value::Object(m)
+        }
+        V::Value(inner) => to_json(inner),
+        other => json!(format!("{other:?}")),
+    }
+}
+
+fn props_json(props: &HashMap<String, OwnedValue>) -> Value {
+    let sorted: BTreeMap<&String, Value> = props.iter().map(|(k, v)| (k, to_json(v))).collect();
+    json!(sorted)
+}
+
+fn s(v: &Value, key: &str) -> String {
+    match &v[key] {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+            .collect::<Vec<_>>()
+            .join(","),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+struct Client {
+    conn: Connection,
+    limit: Duration,
+    output: Output,
+}
+
+impl Client {
+    async fn bounded<T, E>(&self, what: &str, f: impl std::future::Future<Output = Result<T, E>>) -> Result<T>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match tokio::time::timeout(self.limit, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => bail!("vmhad did not answer {what} within {} s", self.limit.as_secs()),
+        }
+    }
+
+    /// Cluster properties plus every host and VM object, as JSON.
+    async fn snapshot(&self) -> Result<Value> {
+        let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
+            .destination(BUS_NAME)?
+            .path(ROOT_PATH)?
+            .build()
+            .await?;
+        let iface = zbus::names::InterfaceName::try_from(CLUSTER_INTERFACE)?;
+        let cluster = self.bounded("GetAll", props.get_all(iface)).await?;
+        let om = zbus::fdo::ObjectManagerProxy::builder(&self.conn)
+            .destination(BUS_NAME)?
+            .path(ROOT_PATH)?
+            .build()
+            .await?;
+        let objects = self.bounded("GetManagedObjects", om.get_managed_objects()).await?;
+        let mut hosts = Vec::new();
+        let mut vms = Vec::new();
+        for (_, ifaces) in objects {
+            for (name, props) in ifaces {
+                match name.as_str() {
+                    HOST_INTERFACE => hosts.push(props_json(&props)),
+                    VM_INTERFACE => vms.push(props_json(&props)),
+                    _ => {}
+                }
+            }
+        }
+        let by_name = |a: &Value, b: &Value| s(a, "Name").cmp(&s(b, "Name"));
+        hosts.sort_by(by_name);
+        vms.sort_by(by_name);
+        Ok(json!({ "cluster": props_json(&cluster), "hosts": hosts, "vms": vms }))
+    }
+
+    fn print_json(&self, v: &Value) -> Result<ExitCode> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn status(&self) -> Result<ExitCode> {
+        let snap = self.snapshot().await?;
+        if self.output == Output::Json {
+            return self.print_json(&snap);
+        }
+        let c = &snap["cluster"];
+        println!(
+            "cluster {}: {}, DC {}, members {}{}",
+            s(c, "Name"),
+            if c["Quorate"] == json!(true) {
+                "quorate"
+            } else {
+                "NOT QUORATE"
+            },
+            if s(c, "DesignatedController").is_empty() {
+                "(none)".into()
+            } else {
+                s(c, "DesignatedController")
+            },
+            s(c, "Members"),
+            if c["Connected"] == json!(true) {
+                String::new()
+            } else {
+                " (vmhad cannot read the CIB: state may be stale)".into()
+            }
+        );
+        if c["StonithEnabled"] != json!(true) {
+            println!("WARNING: fencing is disabled: a failed host's VMs may run twice");
+        }
+        println!();
+        self.print_hosts(&snap);
+        println!();
+        self.print_vms(&snap);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn print_hosts(&self, snap: &Value) {
+        println!("{:<16} {:<9} FLAGS", "HOST", "STATE");
+        for h in snap["hosts"].as_array().into_iter().flatten() {
+            let mut flags = Vec::new();
+            for (key, word) in [
+                ("IsDesignatedController", "DC"),
+                ("Standby", "standby"),
+                ("Maintenance", "maintenance"),
+            ] {
+                if h[key] == json!(true) {
+                    flags.push(word);
+                }
+            }
+            println!("{:<16} {:<9} {}", s(h, "Name"), s(h, "State"), flags.join(","));
+        }
+    }
+
+    fn print_vms(&self, snap: &Value) {
+        println!("{:<16} {:<10} {:<16} AGENT", "VM", "STATE", "HOST");
+        for v in snap["vms"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<10} {:<16} {}",
+                s(v, "Name"),
+                s(v, "State"),
+                s(v, "Hosts"),
+                s(v, "Agent")
+            );
+        }
+    }
+
+    async fn vm_list(&self) -> Result<ExitCode> {
+        let snap = self.snapshot().await?;
+        if self.output == Output::Json {
+            return self.print_json(&snap["vms"]);
+        }
+        self.print_vms(&snap);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn host_list(&self) -> Result<ExitCode> {
+        let snap = self.snapshot().await?;
+        if self.output == Output::Json {
+            return self.print_json(&snap["hosts"]);
+        }
+        self.print_hosts(&snap);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn vm_show(&self, name: &str) -> Result<ExitCode> {
+        let snap = self.snapshot().await?;
+        let vm = snap["vms"]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| s(v, "Name") == name))
+            .ok_or_else(|| anyhow!("unknown VM {name}"))?;
+        if self.output == Output::Json {
+            return self.print_json(vm);
+        }
+        for (k, v) in vm.as_object().into_iter().flatten() {
+            let text = match v {
+                Value::String(t) => t.clone(),
+                Value::Array(a) if a.is_empty() => "-".into(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                other => other.to_string(),
+            };
+            println!("{k:<12} {text}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// A method that answers at once.
+    async fn call<B>(&self, path: &str, iface: &str, method: &str, body: B) -> Result<ExitCode>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        self.bounded(
+            method,
+            self.conn.call_method(Some(BUS_NAME), path, Some(iface), method, &body),
+        )
+        .await?;
+        if self.output == Output::Json {
+            return self.print_json(&json!({ "ok": true }));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// A method that returns a job: follows its progress until it finishes.
+    async fn job<B>(&self, path: String, iface: &str, method: &str, body: B) -> Result<ExitCode>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        // Subscribe before the call so no signal of the job can be missed.
+        let rule = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender(BUS_NAME)?
+            .path_namespace(ROOT_PATH)?
+            .build();
+        let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(64)).await?;
+        let reply = self
+            .bounded(
+                method,
+                self.conn
+                    .call_method(Some(BUS_NAME), path.as_str(), Some(iface), method, &body),
+            )
+            .await?;
+        let job: OwnedObjectPath = reply.body().deserialize()?;
+        let deadline = tokio::time::Instant::now() + self.limit;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, signals.next()).await {
+                Err(_) => bail!(
+                    "the job {} did not finish within {} s",
+                    job.as_str(),
+                    self.limit.as_secs()
+                ),
+                Ok(None) => bail!("lost the connection to vmhad while waiting for {}", job.as_str()),
+                Ok(Some(m)) => m?,
+            };
+            let header = msg.header();
+            if header.path().map(|p| p.as_str()) != Some(job.as_str()) {
+                continue;
+            }
+            match (
+                header.interface().map(|i| i.as_str()),
+                header.member().map(|m| m.as_str()),
+            ) {
+                (Some(JOB_INTERFACE), Some("Finished")) => {
+                    let (ok, message): (bool, String) = msg.body().deserialize()?;
+                    if self.output == Output::Json {
+                        println!("{}", json!({ "job": job.as_str(), "success": ok, "message": message }));
+                    } else if ok {
+                        println!("{message}");
+                    } else {
+                        eprintln!("vmha: {message}");
+                    }
+                    return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                }
+                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged"))
+                    if self.output == Output::Human =>
+                {
+                    let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
+                        msg.body().deserialize()?;
+                    if let Some(m) = changed.get("Message") {
+                        if let Value::String(text) = to_json(m) {
+                            eprintln!("  ... {text}");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn watch(&self, count: Option<usize>) -> Result<ExitCode> {
+        let rule = MatchRule::builder()
+            .msg_type(MessageType::Signal)
+            .sender(BUS_NAME)?
+            .path_namespace(ROOT_PATH)?
+            .build();
+        let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(256)).await?;
+        if self.output == Output::Human {
+            eprintln!("watching vmha events (Ctrl-C to stop)");
+        }
+        let mut seen = 0;
+        while count.is_none_or(|c| seen < c) {
+            let Some(msg) = signals.next().await else {
+                bail!("lost the connection to vmhad")
+            };
+            let msg = msg?;
+            let header = msg.header();
+            let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+            let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+            let event = if member == "Event" {
+                let (kind, subject, message): (String, String, String) = msg.body().deserialize()?;
+                json!({ "time": now(), "event": kind, "subject": subject, "message": message })
+            } else if member == "PropertiesChanged" {
+                let (iface, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
+                    msg.body().deserialize()?;
+                json!({ "time": now(), "event": "changed", "object": path, "interface": iface, "properties": props_json(&changed) })
+            } else {
+                json!({ "time": now(), "event": member, "object": path })
+            };
+            if self.output == Output::Json {
+                println!("{event}");
+            } else if member == "Event" {
+                println!(
+                    "{:.3} {} {} {}",
+                    event["time"].as_f64().unwrap_or(0.0),
+                    s(&event, "event"),
+                    s(&event, "subject"),
+                    s(&event, "message")
+                );
+            } else {
+                println!(
+                    "{:.3} {member} {path} {}",
+                    event["time"].as_f64().unwrap_or(0.0),
+                    event["properties"]
+                );
+            }
+            seen += 1;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

@@ -1,0 +1,10 @@
+//! vmhad, vmha's per-host D-Bus service, and the pieces the `vmha` CLI shares with it: the D-Bus API
+//! ([`api`]), the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the
+//! operations it runs as jobs ([`jobs`]), caller authorization ([`auth`]) and its CIB access ([`backend`]).
+
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod jobs;
+pub mod objects;
+pub mod state;

@@ -1,0 +1,467 @@
+//! vmhad's D-Bus objects: the Cluster (root), one Host per cluster node, one VirtualMachine per VM
+//! resource, and Job objects for long operations. Properties read the current [`Snapshot`]; after every
+//! state change [`publish`] adds and removes objects and emits PropertiesChanged for what changed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedObjectPath;
+use zbus::{interface, Connection};
+
+use crate::api::{host_path, vm_path};
+use crate::auth::authorize_change;
+use crate::jobs::{self, Job, Operation};
+use crate::state::{Shared, Snapshot};
+
+fn fail(e: impl std::fmt::Display) -> zbus::fdo::Error {
+    zbus::fdo::Error::Failed(e.to_string())
+}
+
+/// The cluster as a whole: `/org/vmha/Vmha1`, interface `org.vmha.Vmha1.Cluster`.
+#[derive(Debug)]
+pub struct ClusterObject {
+    pub shared: Arc<Shared>,
+}
+
+#[interface(name = "org.vmha.Vmha1.Cluster")]
+impl ClusterObject {
+    /// Cluster name (Pacemaker's `cluster-name`).
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.shared
+            .snapshot()
+            .view
+            .as_ref()
+            .and_then(|v| v.cluster_name.clone())
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn quorate(&self) -> bool {
+        self.shared.snapshot().quorate()
+    }
+
+    /// The host Pacemaker elected designated controller; empty while there is none.
+    #[zbus(property)]
+    async fn designated_controller(&self) -> String {
+        self.shared.snapshot().dc().unwrap_or_default().to_string()
+    }
+
+    /// Hosts in the cluster membership.
+    #[zbus(property)]
+    async fn members(&self) -> Vec<String> {
+        self.shared.snapshot().members()
+    }
+
+    /// The host this vmhad runs on.
+    #[zbus(property)]
+    async fn local_host(&self) -> String {
+        self.shared.local_host.clone()
+    }
+
+    #[zbus(property)]
+    async fn stonith_enabled(&self) -> bool {
+        self.shared.snapshot().view.as_ref().is_some_and(|v| v.stonith_enabled)
+    }
+
+    /// True while vmhad reads the CIB (false: the properties may be stale).
+    #[zbus(property)]
+    async fn connected(&self) -> bool {
+        self.shared.snapshot().view.is_some()
+    }
+
+    /// CIB version `admin_epoch.epoch.num_updates` the properties reflect.
+    #[zbus(property)]
+    async fn cib_version(&self) -> String {
+        self.shared
+            .snapshot()
+            .view
+            .as_ref()
+            .map(|v| v.version.clone())
+            .unwrap_or_default()
+    }
+
+    /// Defines a VM from its domain XML file (on storage every host sees) as a cluster resource under
+    /// `ocf:vmha:VirtualMachine`, with utilization from the definition; starts it when `start` is true.
+    /// Returns the job.
+    async fn add_vm(
+        &self,
+        name: String,
+        config: String,
+        start: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        authorize_change(conn, &header, &format!("add VM {name}")).await?;
+        let prepared = jobs::prepare_add(&self.shared, &name, &config)
+            .await
+            .map_err(zbus::fdo::Error::InvalidArgs)?;
+        Job::start(conn, &self.shared, Operation::Add { prepared, start }).await
+    }
+
+    /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).
+    #[zbus(signal)]
+    pub async fn event(emitter: &SignalEmitter<'_>, kind: &str, subject: &str, message: &str) -> zbus::Result<()>;
+}
+
+/// One host: `/org/vmha/Vmha1/host/<name>`, interface `org.vmha.Vmha1.Host`.
+#[derive(Debug)]
+pub struct HostObject {
+    pub shared: Arc<Shared>,
+    pub name: String,
+}
+
+impl HostObject {
+    fn view(&self) -> Option<vmha_model::HostView> {
+        self.shared.snapshot().view.as_ref()?.host(&self.name).cloned()
+    }
+
+    async fn set_attribute(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        attribute: &str,
+        on: bool,
+    ) -> zbus::fdo::Result<()> {
+        authorize_change(conn, header, &format!("{attribute} of host {}", self.name)).await?;
+        jobs::set_host_attribute(&self.shared, &self.name, attribute, on)
+            .await
+            .map_err(fail)
+    }
+}
+
+#[interface(name = "org.vmha.Vmha1.Host")]
+impl HostObject {
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// `online`, `pending`, `unclean` (lost, not yet fenced) or `offline`.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.view()
+            .map(|h| {
+                serde_json::to_value(h.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn standby(&self) -> bool {
+        self.view().is_some_and(|h| h.standby)
+    }
+
+    #[zbus(property)]
+    async fn maintenance(&self) -> bool {
+        self.view().is_some_and(|h| h.maintenance)
+    }
+
+    #[zbus(property)]
+    async fn is_designated_controller(&self) -> bool {
+        self.shared.snapshot().dc() == Some(self.name.as_str())
+    }
+
+    /// Capacity for placement (`cpu`, `hv_memory` in MiB).
+    #[zbus(property)]
+    async fn utilization(&self) -> HashMap<String, String> {
+        self.view()
+            .map(|h| h.utilization.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Standby: no VM may run here; running VMs are moved away by Pacemaker.
+    async fn set_standby(
+        &self,
+        on: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<()> {
+        self.set_attribute(conn, &header, "standby", on).await
+    }
+
+    /// Maintenance: Pacemaker neither starts, stops nor monitors anything here.
+    async fn set_maintenance(
+        &self,
+        on: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<()> {
+        self.set_attribute(conn, &header, "maintenance", on).await
+    }
+}
+
+/// One VM resource: `/org/vmha/Vmha1/vm/<name>`, interface `org.vmha.Vmha1.VirtualMachine`.
+#[derive(Debug)]
+pub struct VmObject {
+    pub shared: Arc<Shared>,
+    pub name: String,
+}
+
+impl VmObject {
+    fn view(&self) -> Option<vmha_model::VmView> {
+        self.shared.snapshot().view.as_ref()?.vm(&self.name).cloned()
+    }
+
+    async fn operation(
+        &self,
+        conn: &Connection,
+        header: &Header<'_>,
+        what: &str,
+        op: Operation,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        authorize_change(conn, header, &format!("{what} VM {}", self.name)).await?;
+        jobs::check(&self.shared, &op).map_err(zbus::fdo::Error::InvalidArgs)?;
+        Job::start(conn, &self.shared, op).await
+    }
+}
+
+#[interface(name = "org.vmha.Vmha1.VirtualMachine")]
+impl VmObject {
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// Resource agent, e.g. `ocf:vmha:VirtualMachine`.
+    #[zbus(property)]
+    async fn agent(&self) -> String {
+        self.view().map(|v| v.agent).unwrap_or_default()
+    }
+
+    /// `running`, `stopped`, `starting`, `stopping`, `migrating` or `failed`.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.view()
+            .and_then(|v| serde_json::to_value(v.state).ok()?.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// Hosts the VM runs on (one, except while something is wrong).
+    #[zbus(property)]
+    async fn hosts(&self) -> Vec<String> {
+        self.view().map(|v| v.hosts).unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn failed_on(&self) -> Vec<String> {
+        self.view().map(|v| v.failed_on).unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn fail_counts(&self) -> HashMap<String, u32> {
+        self.view()
+            .map(|v| v.fail_counts.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn target_role(&self) -> String {
+        self.view().and_then(|v| v.target_role).unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn managed(&self) -> bool {
+        self.view().is_some_and(|v| v.managed)
+    }
+
+    /// Domain XML file.
+    #[zbus(property)]
+    async fn config(&self) -> String {
+        self.view().and_then(|v| v.config).unwrap_or_default()
+    }
+
+    /// Constraints naming the VM, one line each.
+    #[zbus(property)]
+    async fn constraints(&self) -> Vec<String> {
+        self.view()
+            .map(|v| {
+                v.constraints
+                    .into_iter()
+                    .map(|c| format!("{}: {}", c.id, c.summary))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[zbus(property)]
+    async fn utilization(&self) -> HashMap<String, String> {
+        self.view()
+            .map(|v| v.utilization.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts the VM (target-role Started); the job ends when it runs.
+    async fn start(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.operation(conn, &header, "start", Operation::Start(self.name.clone()))
+            .await
+    }
+
+    /// Stops the VM (target-role Stopped); the job ends when it is stopped everywhere.
+    async fn stop(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.operation(conn, &header, "stop", Operation::Stop(self.name.clone()))
+            .await
+    }
+
+    /// Live-migrates the VM to `host` through Pacemaker; the temporary constraint is removed afterwards.
+    #[zbus(name = "Move")]
+    async fn move_to(
+        &self,
+        host: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.operation(
+            conn,
+            &header,
+            "move",
+            Operation::Move {
+                vm: self.name.clone(),
+                host,
+            },
+        )
+        .await
+    }
+
+    /// Stops the VM and removes its resource and the constraints naming it.
+    async fn remove(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.operation(conn, &header, "remove", Operation::Remove(self.name.clone()))
+            .await
+    }
+}
+
+macro_rules! emit_all {
+    ($iface:expr, $emitter:expr; $($prop:ident),+ $(,)?) => {{
+        $( $iface.$prop($emitter).await?; )+
+    }};
+}
+
+/// Brings the objects on the bus in line with `new` (after `old`): adds and removes host and VM objects
+/// and emits PropertiesChanged for whatever changed, plus Cluster.Event signals for membership and DC
+/// changes.
+pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, new: &Snapshot) -> zbus::Result<()> {
+    let server = conn.object_server();
+    let root = server.interface::<_, ClusterObject>(crate::api::ROOT_PATH).await?;
+    let cluster = root.get().await;
+    let e = root.signal_emitter();
+    if old.view.as_ref().map(|v| &v.cluster_name) != new.view.as_ref().map(|v| &v.cluster_name) {
+        cluster.name_changed(e).await?;
+    }
+    if old.quorate() != new.quorate() {
+        cluster.quorate_changed(e).await?;
+        ClusterObject::event(e, "quorum", "", if new.quorate() { "quorate" } else { "quorum lost" }).await?;
+    }
+    if old.dc() != new.dc() {
+        cluster.designated_controller_changed(e).await?;
+        ClusterObject::event(e, "dc", new.dc().unwrap_or(""), "designated controller changed").await?;
+    }
+    let (old_members, new_members) = (old.members(), new.members());
+    if old_members != new_members {
+        cluster.members_changed(e).await?;
+        for m in new_members.iter().filter(|m| !old_members.contains(m)) {
+            ClusterObject::event(e, "host-joined", m, "joined the cluster").await?;
+        }
+        for m in old_members.iter().filter(|m| !new_members.contains(m)) {
+            ClusterObject::event(e, "host-left", m, "left the cluster").await?;
+        }
+    }
+    if old.view.as_ref().map(|v| v.stonith_enabled) != new.view.as_ref().map(|v| v.stonith_enabled) {
+        cluster.stonith_enabled_changed(e).await?;
+    }
+    if old.view.is_some() != new.view.is_some() {
+        cluster.connected_changed(e).await?;
+    }
+    if old.view.as_ref().map(|v| &v.version) != new.view.as_ref().map(|v| &v.version) {
+        cluster.cib_version_changed(e).await?;
+    }
+    drop(cluster);
+
+    let old_hosts = old.host_names();
+    let new_hosts = new.host_names();
+    for name in old_hosts.iter().filter(|h| !new_hosts.contains(h)) {
+        server.remove::<HostObject, _>(host_path(name)).await?;
+    }
+    for name in &new_hosts {
+        let path = host_path(name);
+        if !old_hosts.contains(name) {
+            server
+                .at(
+                    path,
+                    HostObject {
+                        shared: Arc::clone(shared),
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+            continue;
+        }
+        let before = old.view.as_ref().and_then(|v| v.host(name));
+        let after = new.view.as_ref().and_then(|v| v.host(name));
+        let dc_flip = (old.dc() == Some(name.as_str())) != (new.dc() == Some(name.as_str()));
+        if before != after || dc_flip {
+            let iface = server.interface::<_, HostObject>(path).await?;
+            let h = iface.get().await;
+            let e = iface.signal_emitter();
+            emit_all!(h, e; state_changed, standby_changed, maintenance_changed, is_designated_controller_changed, utilization_changed);
+        }
+    }
+
+    let old_vms = old.vm_names();
+    let new_vms = new.vm_names();
+    for name in old_vms.iter().filter(|v| !new_vms.contains(v)) {
+        server.remove::<VmObject, _>(vm_path(name)).await?;
+    }
+    for name in &new_vms {
+        let path = vm_path(name);
+        if !old_vms.contains(name) {
+            server
+                .at(
+                    path,
+                    VmObject {
+                        shared: Arc::clone(shared),
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+            continue;
+        }
+        let before = old.view.as_ref().and_then(|v| v.vm(name));
+        let after = new.view.as_ref().and_then(|v| v.vm(name));
+        if before != after {
+            let iface = server.interface::<_, VmObject>(path).await?;
+            let vm = iface.get().await;
+            let e = iface.signal_emitter();
+            emit_all!(vm, e; agent_changed, state_changed, hosts_changed, failed_on_changed, fail_counts_changed,
+                target_role_changed, managed_changed, config_changed, constraints_changed, utilization_changed);
+            if let (Some(b), Some(a)) = (before, after) {
+                if a.state != b.state && a.state == vmha_model::VmState::Failed {
+                    ClusterObject::event(
+                        root.signal_emitter(),
+                        "vm-failed",
+                        name,
+                        &format!("failed on {}", a.failed_on.join(",")),
+                    )
+                    .await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}

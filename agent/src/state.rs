@@ -1,0 +1,192 @@
+//! What vmhad knows about the cluster: the CIB's view plus Corosync's membership and quorum, kept as
+//! immutable snapshots in a watch channel so D-Bus property reads and waiting jobs always see one
+//! consistent state.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use vmha_model::cib::HostState;
+use vmha_model::ClusterView;
+
+use crate::backend::CibBackend;
+
+/// Corosync's word on membership and quorum (from the Corosync client libraries).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub members: Vec<String>,
+    pub quorate: bool,
+}
+
+/// One consistent state of the cluster as this vmhad knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The CIB's view; `None` until the CIB was read, or while it cannot be.
+    pub view: Option<ClusterView>,
+    /// Corosync's view; `None` while vmhad is not connected to Corosync.
+    pub membership: Option<Membership>,
+}
+
+impl Snapshot {
+    /// Cluster members: Corosync's when known, else the hosts the CIB shows online.
+    pub fn members(&self) -> Vec<String> {
+        if let Some(m) = &self.membership {
+            return m.members.clone();
+        }
+        self.view
+            .as_ref()
+            .map(|v| v.online_hosts().into_iter().map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn quorate(&self) -> bool {
+        match &self.membership {
+            Some(m) => m.quorate,
+            None => self.view.as_ref().is_some_and(|v| v.quorate),
+        }
+    }
+
+    pub fn dc(&self) -> Option<&str> {
+        self.view.as_ref()?.dc.as_deref()
+    }
+
+    pub fn host_names(&self) -> Vec<String> {
+        self.view
+            .as_ref()
+            .map(|v| v.hosts.iter().map(|h| h.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn vm_names(&self) -> Vec<String> {
+        self.view
+            .as_ref()
+            .map(|v| v.vms.iter().map(|h| h.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn host_online(&self, name: &str) -> bool {
+        self.view
+            .as_ref()
+            .and_then(|v| v.host(name))
+            .is_some_and(|h| h.state == HostState::Online)
+    }
+}
+
+/// State shared by vmhad's D-Bus objects and jobs.
+pub struct Shared {
+    pub local_host: String,
+    pub backend: Arc<dyn CibBackend>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    next_job: AtomicU64,
+    /// How long a job waits for the cluster to reach the state it asked for.
+    pub job_deadline: Duration,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("local_host", &self.local_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub fn new(local_host: String, backend: Arc<dyn CibBackend>) -> Arc<Self> {
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot::default()));
+        Arc::new(Shared {
+            local_host,
+            backend,
+            snapshot,
+            next_job: AtomicU64::new(1),
+            job_deadline: Duration::from_secs(180),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// Replaces the state; returns the previous one.
+    pub fn update(&self, change: impl FnOnce(&mut Snapshot)) -> Arc<Snapshot> {
+        let old = self.snapshot();
+        let mut new = (*old).clone();
+        change(&mut new);
+        self.snapshot.send_replace(Arc::new(new));
+        old
+    }
+
+    pub fn next_job_id(&self) -> u64 {
+        self.next_job.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits until `check` returns Some on a snapshot (the current one or a later one), or fails after
+    /// `limit` with the last reason `check` could give.
+    pub async fn wait_until<T>(
+        &self,
+        limit: Duration,
+        mut check: impl FnMut(&Snapshot) -> Option<Result<T, String>>,
+    ) -> Result<T, String> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let current = rx.borrow_and_update().clone();
+            if let Some(result) = check(&current) {
+                return result;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err("vmhad is shutting down".into()),
+                Err(_) => return Err(format!("not done within {} s", limit.as_secs())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::RecordingCib;
+
+    #[test]
+    fn corosync_membership_wins_over_the_cib() {
+        let mut s = Snapshot::default();
+        assert!(s.members().is_empty());
+        assert!(!s.quorate());
+        s.membership = Some(Membership {
+            members: vec!["a".into(), "b".into()],
+            quorate: true,
+        });
+        assert_eq!(s.members(), vec!["a", "b"]);
+        assert!(s.quorate());
+    }
+
+    #[tokio::test]
+    async fn waiting_sees_later_snapshots_and_times_out() {
+        let shared = Shared::new("n1".into(), Arc::new(RecordingCib::new("<cib/>")));
+        let waiter = {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                shared
+                    .wait_until(Duration::from_secs(5), |s| {
+                        s.membership.as_ref().map(|m| Ok(m.members.len()))
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        shared.update(|s| {
+            s.membership = Some(Membership {
+                members: vec!["x".into()],
+                quorate: true,
+            })
+        });
+        assert_eq!(waiter.await.unwrap(), Ok(1));
+        let r: Result<(), String> = shared.wait_until(Duration::from_millis(20), |_| None).await;
+        assert!(r.unwrap_err().contains("not done within"));
+    }
+}
