@@ -5,6 +5,8 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod daemon;
 pub mod jobs;
 pub mod objects;
+pub mod pacemaker;
 pub mod state;

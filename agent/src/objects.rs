@@ -69,7 +69,7 @@ impl ClusterObject {
     /// True while vmhad reads the CIB (false: the properties may be stale).
     #[zbus(property)]
     async fn connected(&self) -> bool {
-        self.shared.snapshot().view.is_some()
+        self.shared.snapshot().cib_connected
     }
 
     /// CIB version `admin_epoch.epoch.num_updates` the properties reflect.
@@ -385,7 +385,7 @@ pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, ne
     if old.view.as_ref().map(|v| v.stonith_enabled) != new.view.as_ref().map(|v| v.stonith_enabled) {
         cluster.stonith_enabled_changed(e).await?;
     }
-    if old.view.is_some() != new.view.is_some() {
+    if old.cib_connected != new.cib_connected {
         cluster.connected_changed(e).await?;
     }
     if old.view.as_ref().map(|v| &v.version) != new.view.as_ref().map(|v| &v.version) {

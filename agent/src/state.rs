@@ -3,7 +3,7 @@
 //! consistent state.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub view: Option<ClusterView>,
     /// Corosync's view; `None` while vmhad is not connected to Corosync.
     pub membership: Option<Membership>,
+    /// True while vmhad is connected to the CIB (false: `view` is the last one read, possibly stale).
+    pub cib_connected: bool,
 }
 
 impl Snapshot {
@@ -81,6 +83,8 @@ pub struct Shared {
     next_job: AtomicU64,
     /// How long a job waits for the cluster to reach the state it asked for.
     pub job_deadline: Duration,
+    /// This host's (CPUs, memory MiB) as libvirt reports them, once known.
+    capacity: OnceLock<(u32, u64)>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -100,6 +104,7 @@ impl Shared {
             snapshot,
             next_job: AtomicU64::new(1),
             job_deadline: Duration::from_secs(180),
+            capacity: OnceLock::new(),
         })
     }
 
@@ -118,6 +123,14 @@ impl Shared {
         change(&mut new);
         self.snapshot.send_replace(Arc::new(new));
         old
+    }
+
+    pub fn host_capacity(&self) -> Option<(u32, u64)> {
+        self.capacity.get().copied()
+    }
+
+    pub fn set_host_capacity(&self, cpus: u32, memory_mib: u64) {
+        let _ = self.capacity.set((cpus, memory_mib));
     }
 
     pub fn next_job_id(&self) -> u64 {

@@ -1,2 +1,84 @@
-//! `vmhad`: vmha's per-host D-Bus service (placeholder until the Pacemaker CIB backend lands).
-fn main() {}
+//! `vmhad`: vmha's per-host D-Bus system service. Publishes the cluster (members, quorum, DC, hosts,
+//! VMs) as objects under `/org/vmha/Vmha1` on the system bus, follows every change of the CIB, runs VM
+//! and host operations as jobs, and owns utilization.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use vmha_agent::api::{BUS_NAME, ROOT_PATH};
+use vmha_agent::daemon::{follow_cib, probe_capacity};
+use vmha_agent::objects::ClusterObject;
+use vmha_agent::pacemaker::PacemakerCib;
+use vmha_agent::state::Shared;
+
+#[derive(Parser, Debug)]
+#[command(name = "vmhad", version, about = "vmha's per-host D-Bus service")]
+struct Args {
+    /// This host's name in the cluster (default: the system host name).
+    #[arg(long)]
+    host: Option<String>,
+    /// libvirt URI of this host's hypervisor.
+    #[arg(long, default_value = "qemu:///system")]
+    hypervisor: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let host = match args.host {
+        Some(h) => h,
+        None => system_hostname()?,
+    };
+    let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
+    let conn = zbus::connection::Builder::system()?
+        .name(BUS_NAME)?
+        .serve_at(ROOT_PATH, ClusterObject { shared: Arc::clone(&shared) })?
+        .serve_at(ROOT_PATH, zbus::fdo::ObjectManager)?
+        .method_timeout(Duration::from_secs(30))
+        .build()
+        .await
+        .with_context(|| format!("taking {BUS_NAME} on the system bus (is another vmhad running?)"))?;
+    tracing::info!(%host, "vmhad on the system bus as {BUS_NAME}");
+
+    if let Some((cpus, memory_mib)) = probe_capacity(&args.hypervisor, Duration::from_secs(10)).await {
+        shared.set_host_capacity(cpus, memory_mib);
+    }
+    let cib = tokio::spawn(follow_cib(conn.clone(), Arc::clone(&shared)));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+        r = cib => match r { Ok(()) => "the CIB follower ended", Err(_) => "the CIB follower panicked" },
+    };
+    tracing::info!("vmhad stopping: {why}");
+    Ok(())
+}
+
+fn system_hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
+    Ok(name.trim().to_string())
+}

@@ -297,3 +297,47 @@ pub fn signal_libvirtd(lab: &Lab, n: u8, signal: &str) {
     lab.exec_ok(n, &["sh", "-c", &format!("kill -{signal} $(cat /run/libvirtd.pid)")])
         .unwrap();
 }
+
+/// Brings up a lab with vmhad running on every host (the workspace's build installed first).
+pub fn lab_with_vmhad() -> Lab {
+    let lab = lab();
+    for n in lab.cfg.host_numbers() {
+        lab.start_vmhad(n).expect("starting vmhad");
+    }
+    lab
+}
+
+/// Runs the `vmha` CLI on host `n` with `--output json` and parses its output.
+pub fn vmha_json(lab: &Lab, n: u8, args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = vec!["vmha", "--output", "json"];
+    all.extend_from_slice(args);
+    let out = lab.exec_ok(n, &all)?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Runs the `vmha` CLI on host `n` as an unprivileged user (nobody), returning (exit code, stdout, stderr).
+pub fn vmha_as_nobody(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "vmha"];
+    all.extend_from_slice(args);
+    let out = lab.exec(n, &all).unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Resident memory (KiB) and CPU time (clock ticks) of process `pid` inside host `n`.
+pub fn process_usage(lab: &Lab, n: u8, pid: u32) -> (u64, u64) {
+    let status = lab.exec_ok(n, &["cat", &format!("/proc/{pid}/status")]).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = lab.exec_ok(n, &["cat", &format!("/proc/{pid}/stat")]).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = fields.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    (rss, ticks)
+}

@@ -273,7 +273,7 @@ impl Lab {
             let dest = d.join(name);
             run_ok("cp", &["-a", src, path_str(&dest)?], Duration::from_secs(60))?;
         }
-        for name in ["var-lib-corosync", "var-log-corosync", "usr-upper/sbin", "usr-work"] {
+        for name in ["var-lib-corosync", "var-log-corosync", "var-log-vmha", "usr-upper/sbin", "usr-work"] {
             fs::create_dir_all(d.join(name))?;
         }
         // No libvirt default NAT network inside the lab.
@@ -623,19 +623,58 @@ impl Lab {
         Ok(())
     }
 
-    /// Installs the workspace's build into every running host: the OCF agent `ocf:vmha:VirtualMachine`
-    /// from `build_dir` (e.g. target/release).
+    /// Installs the workspace's build into every running host from `build_dir` (e.g. target/release): the
+    /// OCF agent `ocf:vmha:VirtualMachine`, and when built, `vmhad`, the `vmha` CLI and vmhad's bus policy
+    /// (the host's D-Bus daemon is told to reload it).
     pub fn install_build(&self, build_dir: &Path) -> Result<Vec<String>> {
         let agent = build_dir.join("vmha-ocf-virtualmachine");
         if !agent.is_file() {
             bail!("{} is missing: build the workspace first", agent.display());
         }
+        let daemon = build_dir.join("vmhad");
+        let cli = build_dir.join("vmha");
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/dbus/org.vmha.Vmha1.conf");
         let mut installed = Vec::new();
         for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
             self.install(n, &agent, "/usr/lib/ocf/resource.d/vmha/VirtualMachine", "0755")?;
+            if daemon.is_file() && cli.is_file() {
+                self.install(n, &daemon, "/usr/sbin/vmhad", "0755")?;
+                self.install(n, &cli, "/usr/bin/vmha", "0755")?;
+                self.install(n, &policy, "/usr/share/dbus-1/system.d/org.vmha.Vmha1.conf", "0644")?;
+                self.exec_ok(n, &["sh", "-c", "kill -HUP $(cat /run/dbus/pid)"])?;
+            }
             installed.push(self.cfg.host_name(n));
         }
         Ok(installed)
+    }
+
+    /// Starts vmhad on host N (installed by [`Lab::install_build`]) unless it runs; returns its PID inside
+    /// the host.
+    /// Its log is the host's /var/log/vmha/vmhad.log.
+    pub fn start_vmhad(&self, n: u8) -> Result<u32> {
+        let out = self.exec_ok(
+            n,
+            &[
+                "sh",
+                "-c",
+                "if [ -f /run/vmhad.pid ] && kill -0 $(cat /run/vmhad.pid) 2>/dev/null; then cat /run/vmhad.pid; \
+                 else setsid vmhad >> /var/log/vmha/vmhad.log 2>&1 < /dev/null & echo $! > /run/vmhad.pid; cat /run/vmhad.pid; fi",
+            ],
+        )?;
+        let pid: u32 = out.trim().parse().with_context(|| format!("vmhad pid {out:?}"))?;
+        wait_for(&format!("vmhad on {} to own its bus name", self.cfg.host_name(n)), Duration::from_secs(30), Duration::from_millis(100), || {
+            let o = self
+                .exec(n, &["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner", "string:org.vmha.Vmha1"])
+                .ok()?;
+            String::from_utf8_lossy(&o.stdout).contains("boolean true").then_some(())
+        })?;
+        Ok(pid)
+    }
+
+    /// Stops vmhad on host N by the PID recorded when it was started.
+    pub fn stop_vmhad(&self, n: u8) -> Result<()> {
+        self.exec_ok(n, &["sh", "-c", "kill $(cat /run/vmhad.pid) && rm -f /run/vmhad.pid"])?;
+        Ok(())
     }
 
     /// Writes a lab guest's domain XML to shared storage and returns its path.

@@ -187,6 +187,12 @@ fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
                 build.display(),
                 hosts.join(", ")
             );
+            if build.join("vmhad").is_file() {
+                for n in lab.cfg.host_numbers() {
+                    lab.start_vmhad(n)?;
+                }
+                println!("vmhad runs on every host");
+            }
             VmAgent::Vmha
         }
         AgentArg::VirtualDomain => VmAgent::VirtualDomain,
@@ -206,6 +212,11 @@ fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
     )?;
     println!();
     print!("{}", status.render(&lab.cfg.name));
+    if lab.exec(1, &["test", "-x", "/usr/bin/vmha"]).is_ok_and(|o| o.status.success()) {
+        println!("\n$ vmha status   (on node1, through vmhad's D-Bus API)");
+        let out = lab.exec(1, &["vmha", "status"])?;
+        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
     println!("\nrun a command on a host:  vmha-lab --lab {name} exec 1 -- crm_mon -1");
     println!("tear down:                vmha-lab --lab {name} down");
     Ok(())

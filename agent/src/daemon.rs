@@ -1,0 +1,147 @@
+//! vmhad's main loop: follows the CIB (reconnecting when Pacemaker restarts), publishes every change on
+//! the bus, and owns utilization (host capacity from libvirt, VM needs from their definitions).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmha_model::change;
+use vmha_model::domain::DomainSummary;
+use vmha_model::ClusterView;
+use zbus::Connection;
+
+use crate::backend::CibChange;
+use crate::objects::publish;
+use crate::state::Shared;
+
+/// Re-reads the CIB and publishes what changed. Returns false when the CIB could not be read.
+pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> bool {
+    let view = match shared.backend.query().await {
+        Ok(xml) => ClusterView::from_cib(&xml).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let (old, connected) = match view {
+        Ok(view) => (
+            shared.update(|s| {
+                s.view = Some(view);
+                s.cib_connected = true;
+            }),
+            true,
+        ),
+        Err(e) => {
+            tracing::warn!("reading the CIB: {e}");
+            (shared.update(|s| s.cib_connected = false), false)
+        }
+    };
+    let new = shared.snapshot();
+    if let Err(e) = publish(conn, shared, &old, &new).await {
+        tracing::warn!("publishing on the bus: {e}");
+    }
+    connected
+}
+
+/// Follows the CIB forever: on every change notification (coalesced) re-reads it. When the connection
+/// is lost, marks the state stale and reconnects with a growing delay (at most 5 s).
+pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match shared.backend.changes().await {
+            Ok(mut changes) => {
+                tracing::info!("following the CIB");
+                delay = Duration::from_millis(200);
+                if refresh(&conn, &shared).await {
+                    reconcile_utilization(&shared).await;
+                }
+                while changes.recv().await.is_some() {
+                    while changes.try_recv().is_ok() {}
+                    if refresh(&conn, &shared).await {
+                        reconcile_utilization(&shared).await;
+                    }
+                }
+                tracing::warn!("lost the CIB connection; reconnecting");
+            }
+            Err(e) => tracing::warn!("connecting to the CIB: {e}"),
+        }
+        let old = shared.update(|s| s.cib_connected = false);
+        let _ = publish(&conn, &shared, &old, &shared.snapshot()).await;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The utilization vmhad owns, set only when it differs from the CIB (never on every monitor, as
+/// VirtualDomain does): this host's capacity, and — on the DC's vmhad only, so hosts do not race — each
+/// VM's needs from its domain definition.
+async fn reconcile_utilization(shared: &Arc<Shared>) {
+    let snap = shared.snapshot();
+    let Some(view) = snap.view.as_ref() else { return };
+    let mut changes = Vec::new();
+    if let Some(host) = view.host(&shared.local_host) {
+        if let Some((cpus, memory_mib)) = shared.host_capacity() {
+            for (name, value) in [("cpu", cpus.to_string()), ("hv_memory", memory_mib.to_string())] {
+                if host.utilization.get(name) != Some(&value) {
+                    changes.push(("nodes", Target::Host(host.name.clone()), name, value));
+                }
+            }
+        }
+    }
+    if view.dc.as_deref() == Some(shared.local_host.as_str()) {
+        for vm in &view.vms {
+            let Some(config) = &vm.config else { continue };
+            let Some(summary) = read_summary(config).await else { continue };
+            for (name, value) in [("cpu", summary.vcpus.to_string()), ("hv_memory", summary.memory_mib.to_string())] {
+                if vm.utilization.get(name) != Some(&value) {
+                    changes.push(("resources", Target::Vm(vm.name.clone()), name, value));
+                }
+            }
+        }
+    }
+    if changes.is_empty() {
+        return;
+    }
+    let Ok(cib) = shared.backend.query().await else { return };
+    for (section, target, name, value) in changes {
+        let xml = match &target {
+            Target::Host(h) => change::set_node_utilization(&cib, h, name, &value),
+            Target::Vm(v) => change::set_resource_utilization(&cib, v, name, &value),
+        };
+        let Ok(xml) = xml else { continue };
+        match shared.backend.apply(CibChange::Modify { section, xml }).await {
+            Ok(()) => tracing::info!(?target, name, %value, "utilization set"),
+            Err(e) => tracing::warn!(?target, name, "setting utilization: {e}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Target {
+    Host(String),
+    Vm(String),
+}
+
+/// Reads a VM's domain definition (bounded in size and time); `None` when it cannot be read.
+async fn read_summary(path: &str) -> Option<DomainSummary> {
+    let read = tokio::time::timeout(Duration::from_secs(5), tokio::fs::read_to_string(path)).await.ok()?.ok()?;
+    if read.len() > 1 << 20 {
+        return None;
+    }
+    DomainSummary::parse(&read).ok()
+}
+
+/// This host's capacity from libvirt: (CPUs, memory in MiB), over a read-only connection to `uri`, within
+/// `limit` (a hung libvirtd yields `None`, never a hung vmhad).
+pub async fn probe_capacity(uri: &str, limit: Duration) -> Option<(u32, u64)> {
+    let uri = uri.to_string();
+    let probe = tokio::task::spawn_blocking(move || {
+        let conn = virt::connect::Connect::open_read_only(Some(&uri)).ok()?;
+        let info = conn.node_info().ok();
+        let info = info?;
+        Some((info.cpus, info.memory / 1024))
+    });
+    match tokio::time::timeout(limit, probe).await {
+        Ok(Ok(capacity)) => capacity,
+        _ => {
+            tracing::warn!("libvirt did not report this host's capacity within {limit:?}");
+            None
+        }
+    }
+}
