@@ -521,8 +521,9 @@ impl Client {
             .path_namespace(ROOT_PATH)?
             .build();
         let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(256)).await?;
-        if self.output == Output::Human {
-            eprintln!("watching vmha events (Ctrl-C to stop)");
+        match self.output {
+            Output::Human => eprintln!("watching vmha events (Ctrl-C to stop)"),
+            Output::Json => println!("{}", json!({ "time": now(), "event": "watching" })),
         }
         let mut seen = 0;
         while count.is_none_or(|c| seen < c) {
