@@ -1,7 +1,8 @@
 //! vmha's Corosync bindings (`vmha-corosync`, driven by its `cs-watch` example on every host) follow the
 //! real cluster: all hosts see the same CPG membership and get every multicast message in the same
 //! order, quorum is reported, cmap and cfg describe the cluster; when a host is powered off the survivors
-//! get a membership change without it within seconds and stay quorate, and see it rejoin once fenced.
+//! get a membership change without it within seconds, stay quorate, see cmap's runtime member list mark
+//! it as left, and see it rejoin the ring once fenced.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -48,21 +49,25 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
     .unwrap();
 
     // cmap, cfg, cpg and votequorum describe the same cluster on every host.
-    let names: BTreeMap<String, String> = hosts
-        .iter()
-        .map(|&n| (n.to_string(), lab.cfg.host_name(n)))
-        .collect();
+    let names: BTreeMap<String, String> = hosts.iter().map(|&n| (n.to_string(), lab.cfg.host_name(n))).collect();
     for &n in &hosts {
         let all = events(&dir, n);
         let start = &of_kind(&all, "start")[0];
         assert_eq!(start["cluster_name"], lab.cfg.name.as_str(), "cluster name on node{n}");
-        assert_eq!(start["node_names"], serde_json::to_value(&names).unwrap(), "node names on node{n}");
+        assert_eq!(
+            start["node_names"],
+            serde_json::to_value(&names).unwrap(),
+            "node names on node{n}"
+        );
         assert_eq!(start["nodeid"], u64::from(n), "CPG's local node id on node{n}");
         assert_eq!(start["cfg_nodeid"], u64::from(n), "cfg's local node id on node{n}");
         assert_eq!(start["runtime_token_ms"], 1000, "runtime.config.totem.token on node{n}");
         assert_eq!(start["quorate"], true, "quorum_getquorate on node{n}");
         let vq = &start["votequorum"];
-        assert_eq!((vq["expected_votes"].as_u64(), vq["quorum"].as_u64()), (Some(3), Some(2)));
+        assert_eq!(
+            (vq["expected_votes"].as_u64(), vq["quorum"].as_u64()),
+            (Some(3), Some(2))
+        );
         assert_eq!(vq["quorate"], true);
         assert!(
             of_kind(&all, "quorum")
@@ -73,9 +78,16 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
     }
 
     // The same membership and the same message order everywhere.
-    let views: Vec<Value> = hosts.iter().map(|&n| full_view(&events(&dir, n), hosts.len())).collect();
+    let views: Vec<Value> = hosts
+        .iter()
+        .map(|&n| full_view(&events(&dir, n), hosts.len()))
+        .collect();
     for (i, view) in views.iter().enumerate() {
-        assert_eq!(view, &views[0], "the membership with every host, node{} vs node1", hosts[i]);
+        assert_eq!(
+            view, &views[0],
+            "the membership with every host, node{} vs node1",
+            hosts[i]
+        );
     }
     let orders: Vec<Vec<(u64, String)>> = hosts.iter().map(|&n| delivered(&events(&dir, n))).collect();
     let expected: BTreeSet<String> = hosts
@@ -112,12 +124,17 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
                     let left = of_kind(&all, "membership").into_iter().find(|m| {
                         after(m, t0)
                             && m["left"].as_array().is_some_and(|l| {
-                                l.iter().any(|a| a["nodeid"] == u64::from(victim) && a["reason"] == "nodedown")
+                                l.iter()
+                                    .any(|a| a["nodeid"] == u64::from(victim) && a["reason"] == "nodedown")
                             })
                     })?;
                     let quorum = of_kind(&all, "quorum")
                         .into_iter()
                         .find(|q| after(q, t0) && nodes(&q["members"]) == set(&survivors))?;
+                    let status = format!("runtime.members.{victim}.status");
+                    of_kind(&all, "cmap")
+                        .into_iter()
+                        .find(|c| after(c, t0) && c["key"] == status.as_str() && c["value"] == "left")?;
                     Some((n, left, quorum))
                 })
                 .collect::<Option<Vec<_>>>()
@@ -128,7 +145,11 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
         let detected = left["t"].as_f64().unwrap() - t0;
         println!("node{n}: CPG membership without node{victim} after {detected:.2} s; quorum {quorum}");
         assert!(detected < 10.0, "node{n} saw node{victim} leave after {detected:.2} s");
-        assert_eq!(nodes_of(&left["members"]), set(&survivors), "node{n}'s group after the failure");
+        assert_eq!(
+            nodes_of(&left["members"]),
+            set(&survivors),
+            "node{n}'s group after the failure"
+        );
         assert_eq!(quorum["quorate"], true, "node{n} stays quorate");
     }
 
@@ -154,7 +175,10 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
         for q in of_kind(&all, "quorum").iter().filter(|q| after(q, t0)) {
             assert_eq!(q["quorate"], true, "node{n} stayed quorate throughout: {q}");
         }
-        assert!(of_kind(&all, "error").is_empty(), "node{n}'s event streams never failed");
+        assert!(
+            of_kind(&all, "error").is_empty(),
+            "node{n}'s event streams never failed"
+        );
     }
 
     // cs-watch ends cleanly on SIGTERM.
@@ -177,7 +201,7 @@ fn output(dir: &Path, n: u8) -> PathBuf {
 fn start_watch(lab: &Lab, n: u8, out: &Path, members: usize) -> u32 {
     let script = format!(
         "setsid {WATCH} --group {GROUP} --send {SENDS} --send-when-members {members} --for 600 \
-         > {out} 2> {out}.err < /dev/null & echo $!",
+         --track runtime.members. > {out} 2> {out}.err < /dev/null & echo $!",
         out = out.display()
     );
     lab.exec_ok(n, &["sh", "-c", &script])
