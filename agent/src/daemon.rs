@@ -87,8 +87,13 @@ async fn reconcile_utilization(shared: &Arc<Shared>) {
     if view.dc.as_deref() == Some(shared.local_host.as_str()) {
         for vm in &view.vms {
             let Some(config) = &vm.config else { continue };
-            let Some(summary) = read_summary(config).await else { continue };
-            for (name, value) in [("cpu", summary.vcpus.to_string()), ("hv_memory", summary.memory_mib.to_string())] {
+            let Some(summary) = read_summary(config).await else {
+                continue;
+            };
+            for (name, value) in [
+                ("cpu", summary.vcpus.to_string()),
+                ("hv_memory", summary.memory_mib.to_string()),
+            ] {
                 if vm.utilization.get(name) != Some(&value) {
                     changes.push(("resources", Target::Vm(vm.name.clone()), name, value));
                 }
@@ -120,7 +125,10 @@ enum Target {
 
 /// Reads a VM's domain definition (bounded in size and time); `None` when it cannot be read.
 async fn read_summary(path: &str) -> Option<DomainSummary> {
-    let read = tokio::time::timeout(Duration::from_secs(5), tokio::fs::read_to_string(path)).await.ok()?.ok()?;
+    let read = tokio::time::timeout(Duration::from_secs(5), tokio::fs::read_to_string(path))
+        .await
+        .ok()?
+        .ok()?;
     if read.len() > 1 << 20 {
         return None;
     }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend;
 pub mod daemon;
 pub mod jobs;
+pub mod membership;
 pub mod objects;
 pub mod pacemaker;
 pub mod state;

@@ -55,6 +55,17 @@ impl ClusterObject {
         self.shared.snapshot().members()
     }
 
+    /// Hosts where vmhad runs (the `vmhad` Corosync process group); empty while Corosync is unreachable.
+    #[zbus(property)]
+    async fn agents(&self) -> Vec<String> {
+        self.shared
+            .snapshot()
+            .membership
+            .as_ref()
+            .map(|m| m.agents.clone())
+            .unwrap_or_default()
+    }
+
     /// The host this vmhad runs on.
     #[zbus(property)]
     async fn local_host(&self) -> String {
@@ -381,6 +392,10 @@ pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, ne
         for m in old_members.iter().filter(|m| !new_members.contains(m)) {
             ClusterObject::event(e, "host-left", m, "left the cluster").await?;
         }
+    }
+    let agents = |s: &Snapshot| s.membership.as_ref().map(|m| m.agents.clone());
+    if agents(old) != agents(new) {
+        cluster.agents_changed(e).await?;
     }
     if old.view.as_ref().map(|v| v.stonith_enabled) != new.view.as_ref().map(|v| v.stonith_enabled) {
         cluster.stonith_enabled_changed(e).await?;

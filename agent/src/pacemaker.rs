@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Mutex};
-use vmha_pacemaker::cib::{Access, CallOptions, Cib, Scope};
+use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
 
 use crate::backend::{BoxFuture, CibBackend, CibChange, CibError};
 
@@ -25,7 +25,10 @@ impl std::fmt::Debug for PacemakerCib {
 }
 
 fn error(call: &'static str, e: vmha_pacemaker::Error) -> CibError {
-    CibError { call, message: e.to_string() }
+    CibError {
+        call,
+        message: e.to_string(),
+    }
 }
 
 impl PacemakerCib {
@@ -34,7 +37,11 @@ impl PacemakerCib {
         if let Some(cib) = slot.as_ref() {
             return Ok(Arc::clone(cib));
         }
-        let cib = Arc::new(Cib::connect("vmhad", Access::ReadWrite, CALL_DEADLINE).await.map_err(|e| error("connect", e))?);
+        let cib = Arc::new(
+            Cib::connect("vmhad", Access::ReadWrite, CALL_DEADLINE)
+                .await
+                .map_err(|e| error("connect", e))?,
+        );
         *slot = Some(Arc::clone(&cib));
         Ok(cib)
     }
@@ -66,13 +73,16 @@ impl CibBackend for PacemakerCib {
             let cib = self.cib().await?;
             let result = match &change {
                 CibChange::Modify { section, xml } => {
-                    cib.modify(&Scope::section(section), xml, CallOptions::CAN_CREATE, CALL_DEADLINE).await
+                    cib.modify(&Scope::section(section), xml, CallOptions::CAN_CREATE, CALL_DEADLINE)
+                        .await
                 }
                 CibChange::Create { section, xml } => {
-                    cib.create(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE).await
+                    cib.create(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE)
+                        .await
                 }
                 CibChange::Delete { section, xml } => {
-                    cib.delete(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE).await
+                    cib.delete(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE)
+                        .await
                 }
             };
             if let Err(e) = &result {

@@ -17,6 +17,8 @@ use crate::backend::CibBackend;
 pub struct Membership {
     pub members: Vec<String>,
     pub quorate: bool,
+    /// Hosts where vmhad runs (members of the `vmhad` process group).
+    pub agents: Vec<String>,
 }
 
 /// One consistent state of the cluster as this vmhad knows it.
@@ -173,6 +175,7 @@ mod tests {
         s.membership = Some(Membership {
             members: vec!["a".into(), "b".into()],
             quorate: true,
+            agents: vec![],
         });
         assert_eq!(s.members(), vec!["a", "b"]);
         assert!(s.quorate());
@@ -196,6 +199,7 @@ mod tests {
             s.membership = Some(Membership {
                 members: vec!["x".into()],
                 quorate: true,
+                agents: vec![],
             })
         });
         assert_eq!(waiter.await.unwrap(), Ok(1));

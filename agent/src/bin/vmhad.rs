@@ -11,6 +11,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use vmha_agent::api::{BUS_NAME, ROOT_PATH};
 use vmha_agent::daemon::{follow_cib, probe_capacity};
+use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
 use vmha_agent::pacemaker::PacemakerCib;
 use vmha_agent::state::Shared;
@@ -28,8 +29,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -37,7 +43,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args));
+    // A call stuck in a hung daemon's library must not hold up vmhad's exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -54,7 +63,12 @@ async fn run(args: Args) -> Result<()> {
     let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
     let conn = zbus::connection::Builder::system()?
         .name(BUS_NAME)?
-        .serve_at(ROOT_PATH, ClusterObject { shared: Arc::clone(&shared) })?
+        .serve_at(
+            ROOT_PATH,
+            ClusterObject {
+                shared: Arc::clone(&shared),
+            },
+        )?
         .serve_at(ROOT_PATH, zbus::fdo::ObjectManager)?
         .method_timeout(Duration::from_secs(30))
         .build()
@@ -66,6 +80,7 @@ async fn run(args: Args) -> Result<()> {
         shared.set_host_capacity(cpus, memory_mib);
     }
     let cib = tokio::spawn(follow_cib(conn.clone(), Arc::clone(&shared)));
+    let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -73,6 +88,7 @@ async fn run(args: Args) -> Result<()> {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
         r = cib => match r { Ok(()) => "the CIB follower ended", Err(_) => "the CIB follower panicked" },
+        r = corosync => match r { Ok(()) => "the corosync follower ended", Err(_) => "the corosync follower panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

@@ -4,8 +4,11 @@
 //! it is sound. Errors carry the name of the libvirt call and libvirt's own error.
 #![allow(unsafe_code)]
 
+pub mod events;
+
 use std::ffi::{c_int, CString, NulError};
 use std::ptr;
+use std::time::Duration;
 
 use virt::domain::Domain;
 use virt_sys as sys;
@@ -27,6 +30,19 @@ pub enum Error {
         #[source]
         source: NulError,
     },
+    /// A step did not finish in time (libvirtd hung?); the work goes on in the background.
+    #[error("{what}: no answer within {after:?} (is libvirtd hung?)")]
+    Timeout { what: &'static str, after: Duration },
+    /// A helper thread could not be started.
+    #[error("{what}: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step failed without a libvirt error.
+    #[error("{what}")]
+    Failed { what: &'static str },
 }
 
 impl Error {
@@ -34,7 +50,7 @@ impl Error {
     pub fn libvirt_error(&self) -> Option<&virt::error::Error> {
         match self {
             Error::Libvirt { source, .. } => Some(source),
-            Error::Nul { .. } => None,
+            Error::Nul { .. } | Error::Timeout { .. } | Error::Thread { .. } | Error::Failed { .. } => None,
         }
     }
 }

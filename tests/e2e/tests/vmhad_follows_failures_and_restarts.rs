@@ -12,7 +12,15 @@ use vmha_lab::{power, wait_for, Lab};
 
 /// Starts `vmha watch --output json` on host `n`, writing events to /var/log/vmha/watch.json.
 fn start_watch(lab: &Lab, n: u8) {
-    lab.exec_ok(n, &["sh", "-c", "setsid vmha watch --output json > /var/log/vmha/watch.json 2>&1 < /dev/null &"]).unwrap();
+    lab.exec_ok(
+        n,
+        &[
+            "sh",
+            "-c",
+            "setsid vmha watch --output json > /var/log/vmha/watch.json 2>&1 < /dev/null &",
+        ],
+    )
+    .unwrap();
 }
 
 /// Events `vmha watch` printed on host `n`.
@@ -41,10 +49,15 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     let killed = qemu_pid(&lab, "vm1");
     let mut t = Timeline::start();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed), nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_for("Pacemaker to record vm1's failure", Duration::from_secs(30), Duration::from_millis(50), || {
-        let cib = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "status"]).ok()?;
-        cib.contains("fail-count-vm1").then_some(())
-    })
+    wait_for(
+        "Pacemaker to record vm1's failure",
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || {
+            let cib = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "status"]).ok()?;
+            cib.contains("fail-count-vm1").then_some(())
+        },
+    )
     .unwrap();
     let reported = t.mark("failure recorded by Pacemaker (recovery starts)");
     wait_for("vm1 running again", Duration::from_secs(60), POLL, || {
@@ -54,10 +67,16 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     .unwrap();
     t.mark("vm1 running again");
     t.print("vm1's QEMU killed (monitor interval 10 s: Pacemaker alone would notice after up to 10 s):");
-    assert!(reported < Duration::from_secs(1), "recovery started {reported:?} after the kill (goal under 1 s)");
+    assert!(
+        reported < Duration::from_secs(1),
+        "recovery started {reported:?} after the kill (goal under 1 s)"
+    );
 
     // 2. vmhad restarts itself: running VMs are not disturbed.
-    let vm_host = lab.cfg.host_number(lab.status(1).unwrap().running_on("vm1").unwrap()).unwrap_or(vm_host);
+    let vm_host = lab
+        .cfg
+        .host_number(lab.status(1).unwrap().running_on("vm1").unwrap())
+        .unwrap_or(vm_host);
     let qemu_before = qemu_pid(&lab, "vm1");
     for n in lab.cfg.host_numbers() {
         lab.stop_vmhad(n).unwrap();
@@ -67,33 +86,62 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         (vmha_json(&lab, vm_host, &["vm", "show", "vm1"]).ok()?["State"] == "running").then_some(())
     })
     .unwrap();
-    assert_eq!(qemu_pid(&lab, "vm1"), qemu_before, "restarting vmhad did not touch the VM");
+    assert_eq!(
+        qemu_pid(&lab, "vm1"),
+        qemu_before,
+        "restarting vmhad did not touch the VM"
+    );
 
     // 3. libvirtd restarts on the VM's host: vmhad survives, the VM keeps running.
     let vmhad_pid = lab.exec_ok(vm_host, &["cat", "/run/vmhad.pid"]).unwrap();
     lab.exec_ok(vm_host, &["sh", "-c", "kill $(cat /run/libvirtd.pid); while [ -e /run/libvirtd.pid ] && kill -0 $(cat /run/libvirtd.pid) 2>/dev/null; do sleep 0.1; done; libvirtd -d --listen"]).unwrap();
     wait_for("libvirtd back", Duration::from_secs(30), POLL, || {
-        lab.exec(vm_host, &["virsh", "-c", "qemu:///system", "domstate", "vm1"]).ok().filter(|o| o.status.success())
+        lab.exec(vm_host, &["virsh", "-c", "qemu:///system", "domstate", "vm1"])
+            .ok()
+            .filter(|o| o.status.success())
     })
     .unwrap();
     assert_eq!(qemu_pid(&lab, "vm1"), qemu_before);
     assert_eq!(lab.exec_ok(vm_host, &["cat", "/run/vmhad.pid"]).unwrap(), vmhad_pid);
-    assert!(lab.exec(vm_host, &["sh", "-c", "kill -0 $(cat /run/vmhad.pid)"]).unwrap().status.success(), "vmhad survived");
+    assert!(
+        lab.exec(vm_host, &["sh", "-c", "kill -0 $(cat /run/vmhad.pid)"])
+            .unwrap()
+            .status
+            .success(),
+        "vmhad survived"
+    );
 
     // 4. Pacemaker restarts on a host without VMs: that host's vmhad loses the CIB, says so, and catches up.
     let quiet = lab.cfg.host_numbers().find(|&n| n != vm_host).unwrap();
     let quiet_name = lab.cfg.host_name(quiet);
-    lab.exec_ok(quiet, &["sh", "-c", "kill $(cat /run/pacemaker/pacemakerd.pid 2>/dev/null || pgrep -o -x pacemakerd)"]).unwrap();
+    lab.exec_ok(
+        quiet,
+        &[
+            "sh",
+            "-c",
+            "kill $(cat /run/pacemaker/pacemakerd.pid 2>/dev/null || pgrep -o -x pacemakerd)",
+        ],
+    )
+    .unwrap();
     wait_for("vmhad to report the CIB lost", Duration::from_secs(60), POLL, || {
         (vmha_json(&lab, quiet, &["status"]).ok()?["cluster"]["Connected"] == false).then_some(())
     })
     .unwrap();
     lab.exec_ok(quiet, &["sh", "-c", "PCMK_logfile=/var/log/pacemaker/pacemaker.log PCMK_logfacility=none setsid pacemakerd >> /var/log/pacemaker/pacemakerd.stdout 2>&1 < /dev/null &"]).unwrap();
-    wait_for("vmhad to catch up after Pacemaker's restart", Duration::from_secs(120), POLL, || {
-        let s = vmha_json(&lab, quiet, &["status"]).ok()?;
-        let me = s["hosts"].as_array()?.iter().find(|h| h["Name"] == quiet_name.as_str())?.clone();
-        (s["cluster"]["Connected"] == true && me["State"] == "online").then_some(())
-    })
+    wait_for(
+        "vmhad to catch up after Pacemaker's restart",
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let s = vmha_json(&lab, quiet, &["status"]).ok()?;
+            let me = s["hosts"]
+                .as_array()?
+                .iter()
+                .find(|h| h["Name"] == quiet_name.as_str())?
+                .clone();
+            (s["cluster"]["Connected"] == true && me["State"] == "online").then_some(())
+        },
+    )
     .unwrap();
     assert_eq!(qemu_pid(&lab, "vm1"), qemu_before, "the VM ran on through it all");
 
@@ -105,20 +153,31 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         start_watch(&lab, n);
     }
     for &n in &survivors {
-        wait_for(&format!("node{n}'s watcher to subscribe"), Duration::from_secs(10), POLL, || {
-            watched(&lab, n).iter().any(|e| e["event"] == "watching").then_some(())
-        })
+        wait_for(
+            &format!("node{n}'s watcher to subscribe"),
+            Duration::from_secs(10),
+            POLL,
+            || watched(&lab, n).iter().any(|e| e["event"] == "watching").then_some(()),
+        )
         .unwrap();
     }
     lab.power_off(victim).unwrap();
-    let (new_dc, pcmk_time) = wait_for("Pacemaker's new DC", Duration::from_secs(60), Duration::from_millis(50), || {
-        let s = lab.status(survivors[0]).ok()?;
-        s.dc.filter(|d| *d != dc).map(|d| (d, power::now()))
-    })
+    let (new_dc, pcmk_time) = wait_for(
+        "Pacemaker's new DC",
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        || {
+            let s = lab.status(survivors[0]).ok()?;
+            s.dc.filter(|d| *d != dc).map(|d| (d, power::now()))
+        },
+    )
     .unwrap();
     for &n in &survivors {
         let signal_time = wait_for(&format!("node{n}'s dc event"), Duration::from_secs(10), POLL, || {
-            watched(&lab, n).iter().find(|e| e["event"] == "dc" && e["subject"] == new_dc.as_str()).and_then(|e| e["time"].as_f64())
+            watched(&lab, n)
+                .iter()
+                .find(|e| e["event"] == "dc" && e["subject"] == new_dc.as_str())
+                .and_then(|e| e["time"].as_f64())
         })
         .unwrap();
         let lag = signal_time - pcmk_time;

@@ -18,14 +18,25 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
     let pcmk = lab.status(1).unwrap();
     let dc = pcmk.dc.clone().unwrap();
     let views = wait_for("every vmhad to know the cluster", Duration::from_secs(30), POLL, || {
-        let v: Vec<serde_json::Value> = lab.cfg.host_numbers().map(|n| vmha_json(&lab, n, &["status"]).ok()).collect::<Option<_>>()?;
-        v.iter().all(|s| s["cluster"]["DesignatedController"] == dc.as_str()).then_some(v)
+        let v: Vec<serde_json::Value> = lab
+            .cfg
+            .host_numbers()
+            .map(|n| vmha_json(&lab, n, &["status"]).ok())
+            .collect::<Option<_>>()?;
+        v.iter()
+            .all(|s| s["cluster"]["DesignatedController"] == dc.as_str())
+            .then_some(v)
     })
     .unwrap();
     for (i, v) in views.iter().enumerate() {
         let c = &v["cluster"];
         assert_eq!(c["Quorate"], true, "host {} quorate", i + 1);
-        assert_eq!(c["Members"], serde_json::json!(["node1", "node2", "node3"]), "host {} members", i + 1);
+        assert_eq!(
+            c["Members"],
+            serde_json::json!(["node1", "node2", "node3"]),
+            "host {} members",
+            i + 1
+        );
         assert_eq!(c["Name"], "e2e");
         assert_eq!(c["LocalHost"], format!("node{}", i + 1));
         assert_eq!(v["hosts"].as_array().unwrap().len(), 3);
@@ -33,34 +44,60 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
 
     // Add a VM from its XML file; it runs; move it; no constraint is left.
     let xml = lab.write_domain_xml(&GuestSpec::new("vm1")).unwrap();
-    let added = lab.exec_ok(1, &["vmha", "vm", "add", "vm1", "--config", xml.to_str().unwrap()]).unwrap();
+    let added = lab
+        .exec_ok(1, &["vmha", "vm", "add", "vm1", "--config", xml.to_str().unwrap()])
+        .unwrap();
     assert!(added.contains("running on"), "{added}");
     let from = wait_running(&lab, "vm1", Duration::from_secs(60));
     let vm = vmha_json(&lab, 2, &["vm", "show", "vm1"]).unwrap();
     assert_eq!(vm["Agent"], "ocf:vmha:VirtualMachine");
     assert_eq!(vm["Hosts"], serde_json::json!([format!("node{from}")]));
-    assert_eq!(vm["Utilization"]["hv_memory"], "128", "utilization from the domain definition");
+    assert_eq!(
+        vm["Utilization"]["hv_memory"], "128",
+        "utilization from the domain definition"
+    );
     let to = lab.other_host(from).unwrap();
     let t0 = Instant::now();
-    lab.exec_ok(2, &["vmha", "vm", "move", "vm1", &format!("node{to}")]).unwrap();
+    lab.exec_ok(2, &["vmha", "vm", "move", "vm1", &format!("node{to}")])
+        .unwrap();
     println!("vmha vm move: {:.2} s", t0.elapsed().as_secs_f64());
     assert_eq!(wait_running(&lab, "vm1", Duration::from_secs(30)), to);
     assert_eq!(leftover_move_constraints(&lab, 1), Vec::<String>::new());
-    let cons = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
-    assert!(!cons.contains("vmha-move-vm1"), "vmha's temporary constraint is gone: {cons}");
+    let cons = lab
+        .exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"])
+        .unwrap();
+    assert!(
+        !cons.contains("vmha-move-vm1"),
+        "vmha's temporary constraint is gone: {cons}"
+    );
 
     // Host capacity from libvirt.
     let hosts = vmha_json(&lab, 1, &["host", "list"]).unwrap();
     for h in hosts.as_array().unwrap() {
-        assert!(h["Utilization"]["cpu"].as_str().is_some_and(|c| c.parse::<u32>().unwrap() >= 1), "{h}");
-        assert!(h["Utilization"]["hv_memory"].as_str().is_some_and(|m| m.parse::<u64>().unwrap() > 1000), "{h}");
+        assert!(
+            h["Utilization"]["cpu"]
+                .as_str()
+                .is_some_and(|c| c.parse::<u32>().unwrap() >= 1),
+            "{h}"
+        );
+        assert!(
+            h["Utilization"]["hv_memory"]
+                .as_str()
+                .is_some_and(|m| m.parse::<u64>().unwrap() > 1000),
+            "{h}"
+        );
     }
 
     // An unprivileged caller reads, and is refused every change with AccessDenied (nothing changes).
     let (rc, out, _) = vmha_as_nobody(&lab, 3, &["status"]);
     assert_eq!(rc, 0, "nobody can read: {out}");
     assert!(out.contains("vm1"));
-    for args in [vec!["vm", "stop", "vm1"], vec!["vm", "move", "vm1", "node1"], vec!["host", "standby", "node2"], vec!["vm", "remove", "vm1"]] {
+    for args in [
+        vec!["vm", "stop", "vm1"],
+        vec!["vm", "move", "vm1", "node1"],
+        vec!["host", "standby", "node2"],
+        vec!["vm", "remove", "vm1"],
+    ] {
         let (rc, _, err) = vmha_as_nobody(&lab, 3, &args);
         assert_ne!(rc, 0, "{args:?} must be refused");
         assert!(err.contains("not root") && err.contains("polkit"), "{args:?}: {err}");
@@ -75,14 +112,28 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
     ] {
         let out = lab.exec(1, &[&["vmha"][..], &args[..]].concat()).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(needle) && err.lines().count() == 1, "{args:?}: {err}");
+        assert!(
+            !out.status.success() && err.contains(needle) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
     }
 
     // Idle vmhad: small and not polling.
-    let pid: u32 = lab.exec_ok(1, &["cat", "/run/vmhad.pid"]).unwrap().trim().parse().unwrap();
+    let pid: u32 = lab
+        .exec_ok(1, &["cat", "/run/vmhad.pid"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let (rss0, cpu0) = process_usage(&lab, 1, pid);
     let idle = Instant::now();
-    wait_for("10 s of idling", Duration::from_secs(15), Duration::from_millis(500), || (idle.elapsed() >= Duration::from_secs(10)).then_some(())).unwrap();
+    wait_for(
+        "10 s of idling",
+        Duration::from_secs(15),
+        Duration::from_millis(500),
+        || (idle.elapsed() >= Duration::from_secs(10)).then_some(()),
+    )
+    .unwrap();
     let (rss1, cpu1) = process_usage(&lab, 1, pid);
     let cpu_ms = (cpu1 - cpu0) * 10;
     println!("idle vmhad: RSS {} KiB, CPU {cpu_ms} ms over 10 s", rss1.max(rss0));

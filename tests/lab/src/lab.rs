@@ -273,7 +273,13 @@ impl Lab {
             let dest = d.join(name);
             run_ok("cp", &["-a", src, path_str(&dest)?], Duration::from_secs(60))?;
         }
-        for name in ["var-lib-corosync", "var-log-corosync", "var-log-vmha", "usr-upper/sbin", "usr-work"] {
+        for name in [
+            "var-lib-corosync",
+            "var-log-corosync",
+            "var-log-vmha",
+            "usr-upper/sbin",
+            "usr-work",
+        ] {
             fs::create_dir_all(d.join(name))?;
         }
         // No libvirt default NAT network inside the lab.
@@ -662,12 +668,30 @@ impl Lab {
             ],
         )?;
         let pid: u32 = out.trim().parse().with_context(|| format!("vmhad pid {out:?}"))?;
-        wait_for(&format!("vmhad on {} to own its bus name", self.cfg.host_name(n)), Duration::from_secs(30), Duration::from_millis(100), || {
-            let o = self
-                .exec(n, &["dbus-send", "--system", "--print-reply", "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner", "string:org.vmha.Vmha1"])
-                .ok()?;
-            String::from_utf8_lossy(&o.stdout).contains("boolean true").then_some(())
-        })?;
+        wait_for(
+            &format!("vmhad on {} to own its bus name", self.cfg.host_name(n)),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let o = self
+                    .exec(
+                        n,
+                        &[
+                            "dbus-send",
+                            "--system",
+                            "--print-reply",
+                            "--dest=org.freedesktop.DBus",
+                            "/org/freedesktop/DBus",
+                            "org.freedesktop.DBus.NameHasOwner",
+                            "string:org.vmha.Vmha1",
+                        ],
+                    )
+                    .ok()?;
+                String::from_utf8_lossy(&o.stdout)
+                    .contains("boolean true")
+                    .then_some(())
+            },
+        )?;
         Ok(pid)
     }
 

@@ -212,10 +212,17 @@ fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
     )?;
     println!();
     print!("{}", status.render(&lab.cfg.name));
-    if lab.exec(1, &["test", "-x", "/usr/bin/vmha"]).is_ok_and(|o| o.status.success()) {
+    if lab
+        .exec(1, &["test", "-x", "/usr/bin/vmha"])
+        .is_ok_and(|o| o.status.success())
+    {
         println!("\n$ vmha status   (on node1, through vmhad's D-Bus API)");
         let out = lab.exec(1, &["vmha", "status"])?;
-        print!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        print!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     println!("\nrun a command on a host:  vmha-lab --lab {name} exec 1 -- crm_mon -1");
     println!("tear down:                vmha-lab --lab {name} down");

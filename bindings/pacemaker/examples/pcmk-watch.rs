@@ -1,0 +1,230 @@
+//! Drives vmha-pacemaker from the command line, one JSON line per result or event:
+//!
+//! ```text
+//! pcmk-watch dc                          # who the DC is, as the DC's controller answers
+//! pcmk-watch watch [--seconds N]         # the DC, then one line per CIB change (epoch, num_updates) and DC
+//!                                        # change; reconnects when a connection is lost
+//! pcmk-watch query [--section S | --xpath X]
+//! pcmk-watch modify --section S --xml XML [--create]
+//! pcmk-watch fail --host H --rsc ID --standard ocf [--provider P] --type T
+//! pcmk-watch refresh --host H --rsc ID --standard ocf [--provider P] --type T
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use vmha_pacemaker::{Access, CallOptions, Cib, CibChanges, Controller, Resource, Scope};
+
+#[derive(Parser)]
+#[command(about = "Follows and drives Pacemaker through vmha's bindings (JSON lines out)")]
+struct Cli {
+    /// Deadline of each call, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    limit_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the DC.
+    Dc,
+    /// Print the DC, then follow CIB changes and DC changes.
+    Watch {
+        /// Stop after this many seconds (default: run until killed).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Print the XML of a section, an XPath selection or the whole CIB.
+    Query {
+        #[arg(long, conflicts_with = "xpath")]
+        section: Option<String>,
+        #[arg(long)]
+        xpath: Option<String>,
+    },
+    /// Merge XML into a section in one CIB operation.
+    Modify {
+        #[arg(long)]
+        section: String,
+        #[arg(long)]
+        xml: String,
+        /// Create what is missing.
+        #[arg(long)]
+        create: bool,
+    },
+    /// Report a resource failure to the controller (recovery starts at once).
+    Fail(ResourceArgs),
+    /// Clear a resource's operation history on a host (Pacemaker probes it again).
+    Refresh(ResourceArgs),
+}
+
+#[derive(Args)]
+struct ResourceArgs {
+    #[arg(long)]
+    host: String,
+    #[arg(long)]
+    rsc: String,
+    #[arg(long, default_value = "ocf")]
+    standard: String,
+    #[arg(long)]
+    provider: Option<String>,
+    #[arg(long = "type")]
+    agent: String,
+}
+
+impl ResourceArgs {
+    fn resource(&self) -> Resource {
+        Resource {
+            id: self.rsc.clone(),
+            standard: self.standard.clone(),
+            provider: self.provider.clone(),
+            agent: self.agent.clone(),
+        }
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn emit(value: serde_json::Value) {
+    println!("{value}");
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("warn")
+        .init();
+    let cli = Cli::parse();
+    let limit = Duration::from_millis(cli.limit_ms);
+    match cli.command {
+        Command::Dc => {
+            let controller = Controller::connect(limit).await?;
+            let state = controller.ping(limit).await?;
+            emit(json!({"event": "dc", "dc": state.dc, "fsa_state": state.fsa_state, "result": state.result}));
+        }
+        Command::Watch { seconds } => watch(limit, seconds.map(Duration::from_secs)).await?,
+        Command::Query { section, xpath } => {
+            let scope = match (section, xpath) {
+                (Some(s), _) => Scope::Section(s),
+                (None, Some(x)) => Scope::XPath(x),
+                (None, None) => Scope::All,
+            };
+            let cib = Cib::connect("pcmk-watch", Access::ReadOnly, limit).await?;
+            println!("{}", cib.query(&scope, CallOptions::NONE, limit).await?);
+        }
+        Command::Modify { section, xml, create } => {
+            let cib = Cib::connect("pcmk-watch", Access::ReadWrite, limit).await?;
+            let options = if create {
+                CallOptions::CAN_CREATE
+            } else {
+                CallOptions::NONE
+            };
+            cib.modify(&Scope::Section(section.clone()), &xml, options, limit)
+                .await?;
+            emit(json!({"event": "modified", "section": section, "t": now()}));
+        }
+        Command::Fail(args) => {
+            let controller = Controller::connect(limit).await?;
+            let t = now();
+            controller.fail_resource(&args.host, &args.resource(), limit).await?;
+            emit(json!({"event": "failed", "host": args.host, "rsc": args.rsc, "t": t, "acknowledged": now()}));
+        }
+        Command::Refresh(args) => {
+            let controller = Controller::connect(limit).await?;
+            controller.refresh_resource(&args.host, &args.resource(), limit).await?;
+            emit(json!({"event": "refreshed", "host": args.host, "rsc": args.rsc, "t": now()}));
+        }
+    }
+    Ok(())
+}
+
+/// Prints the DC and follows the CIB: a line per change, and a line whenever the DC changes (polled every
+/// second). Follows the bindings' reconnect contract: when a connection is lost it prints an error line,
+/// connects again (retrying every second) and prints a new "watching" line with the CIB's version.
+async fn watch(limit: Duration, seconds: Option<Duration>) -> Result<()> {
+    let stop = tokio::time::sleep(seconds.unwrap_or(Duration::from_secs(u64::from(u32::MAX))));
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut controller: Option<Controller> = None;
+    let mut dc: Option<String> = None;
+    loop {
+        let (_cib, mut changes, version) = match follow_cib(limit).await {
+            Ok(following) => following,
+            Err(e) => {
+                emit(json!({"event": "error", "error": e.to_string(), "t": now()}));
+                tokio::select! {
+                    _ = &mut stop => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if controller.is_none() {
+            controller = Controller::connect(limit).await.ok();
+        }
+        if let Some(c) = &controller {
+            dc = c.designated_controller(limit).await.unwrap_or(None);
+        }
+        emit(json!({"event": "watching", "dc": dc, "t": now(), "epoch": version.0, "num_updates": version.1}));
+        loop {
+            tokio::select! {
+                _ = &mut stop => return Ok(()),
+                change = changes.next() => match change {
+                    Some(Ok(c)) => emit(json!({
+                        "event": "change", "t": now(),
+                        "admin_epoch": c.version.map(|v| v.admin_epoch),
+                        "epoch": c.version.map(|v| v.epoch),
+                        "num_updates": c.version.map(|v| v.num_updates),
+                        "operation": c.operation, "rc": c.rc, "paths": c.paths, "missed": c.missed,
+                    })),
+                    Some(Err(e)) => {
+                        emit(json!({"event": "error", "error": e.to_string(), "t": now()}));
+                        break;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    if controller.is_none() {
+                        controller = Controller::connect(limit).await.ok();
+                    }
+                    let Some(c) = &controller else { continue };
+                    match c.designated_controller(limit).await {
+                        Ok(Some(now_dc)) if dc.as_ref() != Some(&now_dc) => {
+                            emit(json!({"event": "dc", "dc": now_dc, "previous": dc, "t": now()}));
+                            dc = Some(now_dc);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            emit(json!({"event": "error", "error": e.to_string(), "t": now()}));
+                            controller = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Connects to the CIB, subscribes to its changes, then reads its version (epoch, num_updates): changes
+/// after that read are all notified.
+async fn follow_cib(limit: Duration) -> Result<(Cib, CibChanges, (u64, u64))> {
+    let cib = Cib::connect("pcmk-watch", Access::ReadOnly, limit).await?;
+    let changes = cib.subscribe(limit).await?;
+    let all = cib.query_all(limit).await?;
+    let doc = roxmltree::Document::parse(&all)?;
+    let attr = |name| {
+        doc.root_element()
+            .attribute(name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let version = (attr("epoch"), attr("num_updates"));
+    Ok((cib, changes, version))
+}

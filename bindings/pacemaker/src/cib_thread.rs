@@ -1,0 +1,543 @@
+//! The CIB thread: the one thread of the process that calls libcib.
+//!
+//! Pacemaker 2.1.5's native CIB client delivers notifications only through glib's process-wide default main
+//! context (`mainloop_add_ipc_client`, a `GIOChannel` watch on the IPC socket; `inputfd` is unset for it and
+//! the dispatch function is private), and libcib keeps process-wide state (the table of asynchronous call
+//! callbacks). So every CIB connection of the process lives on this thread, which owns the default main
+//! context: it runs the jobs callers send, then blocks in `g_main_context_iteration`, which polls the IPC
+//! sockets and dispatches notifications and disconnects. Callers wake it with `g_main_context_wakeup`.
+//!
+//! Deadlines: each job carries its caller's deadline. A job whose caller gave up or whose deadline passed
+//! before it started is skipped. A running call is bounded by libcib's own timeout (`call_timeout`, whole
+//! seconds, set from the remaining time), so a hung CIB manager holds the thread at most that long, except
+//! in sign-on (see [`crate::Cib::connect`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CString};
+use std::ptr;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use pacemaker_sys as sys;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cib::{parse_notification, Access, CallOptions, CibChange, CibChanges, EndReason, Scope, Target};
+use crate::error::{Error, Result};
+use crate::xml::{self, cstring, Tree};
+
+/// How many connections of the process may be subscribed to notifications at once (libcib's notification
+/// callback has no user data, so each subscription needs a callback function of its own).
+const SLOTS: usize = 8;
+
+/// Notifications a subscriber may fall behind by before they are counted as missed.
+const BACKLOG: usize = 256;
+
+const DAEMON: &str = "the CIB manager";
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// glib's default main context, owned by the CIB thread.
+#[derive(Debug, Clone, Copy)]
+struct MainContext(*mut sys::GMainContext);
+
+// SAFETY: a GMainContext is thread-safe; other threads only call g_main_context_wakeup on it.
+unsafe impl Send for MainContext {}
+// SAFETY: as above.
+unsafe impl Sync for MainContext {}
+
+#[derive(Debug)]
+struct Worker {
+    jobs: std_mpsc::Sender<Job>,
+    context: MainContext,
+}
+
+impl Worker {
+    fn submit(&self, job: Job) {
+        if self.jobs.send(job).is_ok() {
+            // SAFETY: the context is valid for the process's life (glib's default context is never freed);
+            // g_main_context_wakeup may be called from any thread.
+            unsafe { sys::g_main_context_wakeup(self.context.0) };
+        }
+    }
+}
+
+static WORKER: OnceLock<std::result::Result<Worker, String>> = OnceLock::new();
+
+fn worker(call: &'static str) -> Result<&'static Worker> {
+    WORKER.get_or_init(start).as_ref().map_err(|reason| Error::Invalid {
+        call,
+        reason: reason.clone(),
+    })
+}
+
+fn start() -> std::result::Result<Worker, String> {
+    let (jobs, rx) = std_mpsc::channel::<Job>();
+    let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("pcmk-cib".into())
+        .spawn(move || run(rx, ready_tx))
+        .map_err(|e| format!("starting the CIB thread: {e}"))?;
+    let context = ready_rx
+        .recv()
+        .map_err(|_| "the CIB thread stopped while starting".to_string())??;
+    Ok(Worker { jobs, context })
+}
+
+fn run(jobs: std_mpsc::Receiver<Job>, ready: std_mpsc::SyncSender<std::result::Result<MainContext, String>>) {
+    xml::init_thread();
+    // SAFETY: g_main_context_default returns glib's global default context (never NULL, never freed).
+    let context = unsafe { sys::g_main_context_default() };
+    // SAFETY: context is valid; acquiring makes this thread its owner for the process's life.
+    if unsafe { sys::g_main_context_acquire(context) } == 0 {
+        let _ = ready.send(Err(
+            "another thread owns glib's default main context, which libcib's notifications need".into(),
+        ));
+        return;
+    }
+    if ready.send(Ok(MainContext(context))).is_err() {
+        return;
+    }
+    loop {
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => job(),
+                Err(std_mpsc::TryRecvError::Empty) => break,
+                Err(std_mpsc::TryRecvError::Disconnected) => return,
+            }
+        }
+        // SAFETY: this thread owns the context; blocks until an IPC socket is ready or a caller wakes us.
+        unsafe { sys::g_main_context_iteration(context, 1) };
+    }
+}
+
+/// Runs `f` on the CIB thread with the caller's deadline; waits for it at most `limit`.
+async fn call<T: Send + 'static>(
+    name: &'static str,
+    limit: Duration,
+    f: impl FnOnce(Instant) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let worker = worker(name)?;
+    let deadline = Instant::now() + limit;
+    let (tx, rx) = oneshot::channel();
+    worker.submit(Box::new(move || {
+        if tx.is_closed() || Instant::now() >= deadline {
+            return; // the caller gave up: do not start a change it will report as timed out
+        }
+        let _ = tx.send(f(deadline));
+    }));
+    match tokio::time::timeout_at(deadline.into(), rx).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call: name, limit }),
+    }
+}
+
+/// A connection on the CIB thread.
+struct Connection {
+    cib: *mut sys::cib_t,
+    lost: bool,
+    subscription: Option<Subscription>,
+}
+
+struct Subscription {
+    slot: usize,
+    tx: mpsc::Sender<CibChange>,
+    end: EndReason,
+    missed: u64,
+}
+
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    by_id: HashMap<u64, Connection>,
+    slots: [Option<u64>; SLOTS],
+}
+
+thread_local! {
+    /// The CIB thread's connections. Never borrowed across a call into Pacemaker: sign-off and glib's
+    /// dispatch call back into this module.
+    static CONNECTIONS: RefCell<Connections> = RefCell::default();
+}
+
+fn with_connections<T>(f: impl FnOnce(&mut Connections) -> T) -> Option<T> {
+    CONNECTIONS.with(|c| c.try_borrow_mut().ok().map(|mut c| f(&mut c)))
+}
+
+/// The live `cib_t` of connection `id`.
+fn cib_of(call: &'static str, id: u64) -> Result<*mut sys::cib_t> {
+    match with_connections(|c| c.by_id.get(&id).map(|c| (c.cib, c.lost))).flatten() {
+        Some((cib, false)) => Ok(cib),
+        _ => Err(Error::Disconnected { call, daemon: DAEMON }),
+    }
+}
+
+/// The operation table of a connection.
+///
+/// # Safety
+/// `cib` must be a live `cib_t` of this thread.
+unsafe fn operations<'a>(cib: *mut sys::cib_t) -> &'a sys::cib_api_operations_t {
+    // SAFETY: a cib_t from cib_new()/cib_file_new() always has its operation table (see the contract).
+    unsafe { &*(*cib).cmds }
+}
+
+fn missing(call: &'static str) -> Error {
+    Error::Invalid {
+        call,
+        reason: "this CIB variant lacks the operation".into(),
+    }
+}
+
+/// Sets libcib's own timeout of the next call from the time left (whole seconds, at least 1).
+///
+/// # Safety
+/// `cib` must be a live `cib_t` of this thread.
+unsafe fn set_call_timeout(cib: *mut sys::cib_t, deadline: Instant) {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    // SAFETY: see the contract; call_timeout is a plain field libcib reads on each call.
+    unsafe { (*cib).call_timeout = secs.clamp(1, i32::MAX as u64) as i32 };
+}
+
+/// Maps a legacy result; a lost connection marks the connection lost.
+fn check(call: &'static str, id: u64, rc: i32) -> Result<()> {
+    if rc >= 0 {
+        return Ok(());
+    }
+    if rc == -libc::ENOTCONN {
+        lost(id);
+        return Err(Error::Disconnected { call, daemon: DAEMON });
+    }
+    Err(Error::Legacy {
+        call,
+        code: rc,
+        text: xml::legacy_text(rc),
+    })
+}
+
+/// Marks connection `id` lost and ends its notification stream with [`Error::Disconnected`].
+fn lost(id: u64) {
+    let subscription = with_connections(|c| {
+        let conn = c.by_id.get_mut(&id)?;
+        conn.lost = true;
+        let s = conn.subscription.take()?;
+        c.slots[s.slot] = None;
+        Some(s)
+    })
+    .flatten();
+    if let Some(s) = subscription {
+        tracing::warn!(connection = id, "CIB connection lost");
+        if let Ok(mut end) = s.end.lock() {
+            *end = Some(Error::Disconnected {
+                call: "cib_diff_notify",
+                daemon: DAEMON,
+            });
+        }
+    }
+}
+
+pub(crate) async fn connect(target: Target, client_name: &str, access: Access, limit: Duration) -> Result<u64> {
+    const CALL: &str = "cib signon";
+    let name = cstring(CALL, client_name)?;
+    let path = match &target {
+        Target::Local => None,
+        Target::File(p) => Some(cstring(CALL, &p.to_string_lossy())?),
+    };
+    call(CALL, limit, move |deadline| {
+        // SAFETY: cib_new/cib_file_new return a new cib_t we own, or NULL; path is a valid C string.
+        let cib = unsafe {
+            match &path {
+                None => sys::cib_new(),
+                Some(p) => sys::cib_file_new(p.as_ptr()),
+            }
+        };
+        if cib.is_null() {
+            return Err(Error::Invalid {
+                call: "cib_new",
+                reason: "no CIB connection object".into(),
+            });
+        }
+        let conn_type = match access {
+            Access::ReadWrite => sys::cib_command,
+            Access::ReadOnly => sys::cib_query,
+        };
+        // SAFETY: cib is live and owned here; the callback stays valid (a static function); name outlives the
+        // call. On failure the cib_t is freed once and not registered.
+        let rc = unsafe {
+            let ops = operations(cib);
+            if let Some(set_dnotify) = ops.set_connection_dnotify {
+                set_dnotify(cib, Some(on_connection_lost));
+            }
+            set_call_timeout(cib, deadline);
+            let rc = match ops.signon {
+                Some(signon) => signon(cib, name.as_ptr(), conn_type),
+                None => -libc::EPROTONOSUPPORT,
+            };
+            if rc != sys::pcmk_ok as i32 {
+                sys::cib_delete(cib);
+            }
+            rc
+        };
+        if rc != sys::pcmk_ok as i32 {
+            return Err(Error::Legacy {
+                call: CALL,
+                code: rc,
+                text: xml::legacy_text(rc),
+            });
+        }
+        let id = with_connections(|c| {
+            c.next_id += 1;
+            c.by_id.insert(
+                c.next_id,
+                Connection {
+                    cib,
+                    lost: false,
+                    subscription: None,
+                },
+            );
+            c.next_id
+        });
+        match id {
+            Some(id) => Ok(id),
+            None => {
+                // SAFETY: cib is live, owned here and not registered: free it once.
+                unsafe { free_connection(cib) };
+                Err(Error::Invalid {
+                    call: CALL,
+                    reason: "the CIB thread's registry is busy".into(),
+                })
+            }
+        }
+    })
+    .await
+}
+
+fn section_and_options(call: &'static str, scope: &Scope, options: CallOptions) -> Result<(Option<CString>, i32)> {
+    let mut bits = options.bits() | sys::cib_sync_call;
+    let section = match scope {
+        Scope::All => None,
+        Scope::Section(s) => Some(cstring(call, s)?),
+        Scope::XPath(x) => {
+            bits |= sys::cib_xpath;
+            Some(cstring(call, x)?)
+        }
+    };
+    Ok((section, bits as i32))
+}
+
+pub(crate) async fn query(id: u64, scope: Scope, options: CallOptions, limit: Duration) -> Result<String> {
+    const CALL: &str = "cib query";
+    let (section, opts) = section_and_options(CALL, &scope, options)?;
+    call(CALL, limit, move |deadline| {
+        let cib = cib_of(CALL, id)?;
+        let mut output: *mut sys::xmlNode = ptr::null_mut();
+        // SAFETY: cib is live on this thread; section is NULL or a valid C string; libcib stores a tree we
+        // own in output (or leaves it NULL), which Tree frees.
+        let (rc, tree) = unsafe {
+            set_call_timeout(cib, deadline);
+            let query = operations(cib).query.ok_or_else(|| missing(CALL))?;
+            let rc = query(
+                cib,
+                section.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
+                &mut output,
+                opts,
+            );
+            (rc, Tree::from_owned(output))
+        };
+        check(CALL, id, rc)?;
+        Ok(tree.map(|t| t.to_text()).unwrap_or_default())
+    })
+    .await
+}
+
+/// The CIB operations that take an XML argument.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Change {
+    Modify,
+    Replace,
+    Create,
+    Delete,
+}
+
+impl Change {
+    fn call(self) -> &'static str {
+        match self {
+            Change::Modify => "cib modify",
+            Change::Replace => "cib replace",
+            Change::Create => "cib create",
+            Change::Delete => "cib delete",
+        }
+    }
+}
+
+type ChangeFn = unsafe extern "C" fn(*mut sys::cib_t, *const c_char, *mut sys::xmlNode, i32) -> i32;
+
+pub(crate) async fn change(
+    id: u64,
+    what: Change,
+    scope: Scope,
+    xml_text: &str,
+    options: CallOptions,
+    limit: Duration,
+) -> Result<()> {
+    let name = what.call();
+    let (section, opts) = section_and_options(name, &scope, options)?;
+    roxmltree::Document::parse(xml_text).map_err(|e| Error::Invalid {
+        call: name,
+        reason: format!("malformed XML: {e}"),
+    })?;
+    let xml_text = xml_text.to_string();
+    call(name, limit, move |deadline| {
+        let cib = cib_of(name, id)?;
+        let data = Tree::parse(name, &xml_text)?;
+        // SAFETY: cib is live on this thread; the operation only reads data, which we free afterwards.
+        let rc = unsafe {
+            set_call_timeout(cib, deadline);
+            let ops = operations(cib);
+            let f: Option<ChangeFn> = match what {
+                Change::Modify => ops.modify,
+                Change::Replace => ops.replace,
+                Change::Create => ops.create,
+                Change::Delete => ops.remove,
+            };
+            let f = f.ok_or_else(|| missing(name))?;
+            f(
+                cib,
+                section.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
+                data.as_ptr(),
+                opts,
+            )
+        };
+        check(name, id, rc)
+    })
+    .await
+}
+
+pub(crate) async fn subscribe(id: u64, limit: Duration) -> Result<CibChanges> {
+    const CALL: &str = "cib add_notify_callback";
+    call(CALL, limit, move |deadline| {
+        let cib = cib_of(CALL, id)?;
+        let (tx, rx) = mpsc::channel(BACKLOG);
+        let end: EndReason = Arc::new(Mutex::new(None));
+        let slot = with_connections(|c| {
+            if c.by_id.get(&id).is_some_and(|conn| conn.subscription.is_some()) {
+                return Err(Error::Invalid {
+                    call: CALL,
+                    reason: "this connection is already subscribed".into(),
+                });
+            }
+            let slot = c.slots.iter().position(Option::is_none).ok_or_else(|| Error::Invalid {
+                call: CALL,
+                reason: format!("at most {SLOTS} CIB connections of a process can be subscribed"),
+            })?;
+            c.slots[slot] = Some(id);
+            Ok(slot)
+        })
+        .ok_or_else(|| Error::Invalid {
+            call: CALL,
+            reason: "the CIB thread's registry is busy".into(),
+        })??;
+        // SAFETY: cib is live on this thread; the event name is a static C string; the callback is a static
+        // function that stays valid.
+        let rc = unsafe {
+            set_call_timeout(cib, deadline);
+            match operations(cib).add_notify_callback {
+                Some(add) => add(cib, sys::T_CIB_DIFF_NOTIFY.as_ptr().cast(), Some(ON_DIFF[slot])),
+                None => -libc::EPROTONOSUPPORT,
+            }
+        };
+        let result = check(CALL, id, rc);
+        with_connections(|c| match (&result, c.by_id.get_mut(&id)) {
+            (Ok(()), Some(conn)) => {
+                conn.subscription = Some(Subscription {
+                    slot,
+                    tx,
+                    end: end.clone(),
+                    missed: 0,
+                });
+            }
+            _ => c.slots[slot] = None,
+        });
+        result.map(|()| CibChanges::new(rx, end))
+    })
+    .await
+}
+
+/// Signs off and frees connection `id` (from [`crate::Cib`]'s drop; does not wait).
+pub(crate) fn close(id: u64) {
+    let Ok(worker) = worker("cib signoff") else {
+        return;
+    };
+    worker.submit(Box::new(move || {
+        let conn = with_connections(|c| {
+            let conn = c.by_id.remove(&id)?;
+            if let Some(s) = &conn.subscription {
+                c.slots[s.slot] = None;
+            }
+            Some(conn)
+        })
+        .flatten();
+        if let Some(conn) = conn {
+            // SAFETY: the connection was live and is no longer registered: it is freed exactly once here.
+            unsafe { free_connection(conn.cib) };
+        }
+    }));
+}
+
+/// Signs off (which also drops the notification callbacks) and frees a connection.
+///
+/// # Safety
+/// `cib` must be a live `cib_t` of this thread that nothing uses afterwards.
+unsafe fn free_connection(cib: *mut sys::cib_t) {
+    // SAFETY: see the contract. signoff may call on_connection_lost, which finds nothing registered.
+    unsafe {
+        if let Some(signoff) = operations(cib).signoff {
+            signoff(cib);
+        }
+        sys::cib_delete(cib);
+    }
+}
+
+/// libcib's connection-destroyed callback (`set_connection_dnotify`); `user_data` is the `cib_t`.
+unsafe extern "C" fn on_connection_lost(user_data: *mut c_void) {
+    let cib = user_data.cast::<sys::cib_t>();
+    let id = with_connections(|c| c.by_id.iter().find(|(_, conn)| conn.cib == cib).map(|(id, _)| *id)).flatten();
+    if let Some(id) = id {
+        lost(id);
+    }
+}
+
+/// libcib's notification callbacks, one per subscription slot.
+static ON_DIFF: [unsafe extern "C" fn(*const c_char, *mut sys::xmlNode); SLOTS] = [
+    on_diff::<0>,
+    on_diff::<1>,
+    on_diff::<2>,
+    on_diff::<3>,
+    on_diff::<4>,
+    on_diff::<5>,
+    on_diff::<6>,
+    on_diff::<7>,
+];
+
+unsafe extern "C" fn on_diff<const SLOT: usize>(_event: *const c_char, msg: *mut sys::xmlNode) {
+    // SAFETY: libcib passes the notification message, valid for the duration of the callback.
+    let text = unsafe { xml::dump(msg) };
+    let mut change = match parse_notification(&text) {
+        Ok(change) => change,
+        Err(e) => {
+            tracing::warn!(error = %e, "skipping a CIB notification");
+            return;
+        }
+    };
+    with_connections(|c| {
+        let id = c.slots[SLOT]?;
+        let s = c.by_id.get_mut(&id)?.subscription.as_mut()?;
+        change.missed = s.missed;
+        match s.tx.try_send(change) {
+            Ok(()) => s.missed = 0,
+            Err(mpsc::error::TrySendError::Full(_)) => s.missed += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        Some(())
+    });
+}
