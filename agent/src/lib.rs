@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod daemon;
+pub mod failures;
 pub mod jobs;
 pub mod membership;
 pub mod objects;

@@ -11,6 +11,7 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use vmha_agent::api::{BUS_NAME, ROOT_PATH};
 use vmha_agent::daemon::{follow_cib, probe_capacity};
+use vmha_agent::failures::report_vm_failures;
 use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
 use vmha_agent::pacemaker::PacemakerCib;
@@ -81,6 +82,7 @@ async fn run(args: Args) -> Result<()> {
     }
     let cib = tokio::spawn(follow_cib(conn.clone(), Arc::clone(&shared)));
     let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
+    let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -89,6 +91,7 @@ async fn run(args: Args) -> Result<()> {
         _ = int.recv() => "SIGINT",
         r = cib => match r { Ok(()) => "the CIB follower ended", Err(_) => "the CIB follower panicked" },
         r = corosync => match r { Ok(()) => "the corosync follower ended", Err(_) => "the corosync follower panicked" },
+        r = failures => match r { Ok(()) => "the libvirt watcher ended", Err(_) => "the libvirt watcher panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use base64::Engine as _;
-use vmha_lab::lab::target_binary;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 /// Brings up a fresh 3-host lab for one scenario (lab `e2e`, subnet 10.213.1.0/24) with the workspace's
@@ -21,10 +20,26 @@ pub fn lab() -> Lab {
         "lab up (3 hosts, quorate, DC elected, fencing on) in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let agent = target_binary("vmha-ocf-virtualmachine").expect("the workspace is built");
-    lab.install_build(agent.parent().expect("build directory"))
+    lab.install_build(&release_build())
         .expect("installing the build into the hosts");
     lab
+}
+
+/// The release build of the workspace (what ships), which the scenarios install into the lab hosts:
+/// `target/release` beside the running test binary's target directory.
+pub fn release_build() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let target = exe
+        .ancestors()
+        .find(|d| d.file_name().is_some_and(|n| n == "target"))
+        .expect("a cargo target directory");
+    let dir = target.join("release");
+    assert!(
+        dir.join("vmha-ocf-virtualmachine").is_file() && dir.join("vmhad").is_file(),
+        "{} lacks the release build: run cargo build --release --workspace --bins",
+        dir.display()
+    );
+    dir
 }
 
 /// Waits until `vm` is started on exactly one host according to Pacemaker and exactly one QEMU process
