@@ -2,6 +2,7 @@
 //! Pacemaker electing it; a VM whose QEMU dies is reported to Pacemaker at once (recovery starts in
 //! under a second instead of at the next monitor); and vmhad rides out restarts of Pacemaker, libvirtd
 //! and itself without disturbing running VMs.
+//! (Corosync restarts are covered too: the host's vmhad rejoins the vmhad process group.)
 
 use std::time::Duration;
 
@@ -111,15 +112,26 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         "vmhad survived"
     );
 
-    // 4. Pacemaker restarts on a host without VMs: that host's vmhad loses the CIB, says so, and catches up.
+    // 4. Pacemaker and Corosync restart on a host without VMs: that host's vmhad loses both, says so,
+    //    and catches up; every vmhad sees it leave and rejoin the vmhad process group.
     let quiet = lab.cfg.host_numbers().find(|&n| n != vm_host).unwrap();
     let quiet_name = lab.cfg.host_name(quiet);
+    let agents = |n: u8| {
+        vmha_json(&lab, n, &["status"])
+            .ok()
+            .map(|s| s["cluster"]["Agents"].clone())
+    };
+    assert_eq!(
+        agents(vm_host),
+        Some(serde_json::json!(["node1", "node2", "node3"])),
+        "vmhad runs on every host"
+    );
     lab.exec_ok(
         quiet,
         &[
             "sh",
             "-c",
-            "kill $(cat /run/pacemaker/pacemakerd.pid 2>/dev/null || pgrep -o -x pacemakerd)",
+            "kill $(pgrep -o -x pacemakerd); while pgrep -x pacemakerd > /dev/null; do sleep 0.1; done",
         ],
     )
     .unwrap();
@@ -127,9 +139,29 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         (vmha_json(&lab, quiet, &["status"]).ok()?["cluster"]["Connected"] == false).then_some(())
     })
     .unwrap();
+    lab.exec_ok(
+        quiet,
+        &[
+            "sh",
+            "-c",
+            "corosync-cfgtool -H --force; while pgrep -x corosync > /dev/null; do sleep 0.1; done",
+        ],
+    )
+    .unwrap();
+    wait_for(
+        "the others to see the host's vmhad leave the group",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let a = agents(vm_host)?;
+            (!a.as_array()?.iter().any(|h| h == quiet_name.as_str())).then_some(())
+        },
+    )
+    .unwrap();
+    lab.exec_ok(quiet, &["sh", "-c", "setsid corosync >> /var/log/corosync/corosync.stdout 2>&1 < /dev/null; for i in $(seq 1 100); do corosync-cfgtool -s > /dev/null 2>&1 && break; sleep 0.1; done"]).unwrap();
     lab.exec_ok(quiet, &["sh", "-c", "PCMK_logfile=/var/log/pacemaker/pacemaker.log PCMK_logfacility=none setsid pacemakerd >> /var/log/pacemaker/pacemakerd.stdout 2>&1 < /dev/null &"]).unwrap();
     wait_for(
-        "vmhad to catch up after Pacemaker's restart",
+        "vmhad to catch up after Corosync's and Pacemaker's restart",
         Duration::from_secs(120),
         POLL,
         || {
@@ -139,7 +171,12 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
                 .iter()
                 .find(|h| h["Name"] == quiet_name.as_str())?
                 .clone();
-            (s["cluster"]["Connected"] == true && me["State"] == "online").then_some(())
+            let all = serde_json::json!(["node1", "node2", "node3"]);
+            (s["cluster"]["Connected"] == true
+                && me["State"] == "online"
+                && s["cluster"]["Agents"] == all
+                && s["cluster"]["Members"] == all)
+                .then_some(())
         },
     )
     .unwrap();

@@ -802,6 +802,7 @@ impl Lab {
                 "var-log-corosync",
                 "var-log-pacemaker",
                 "var-log-libvirt",
+                "var-log-vmha",
                 "console.log",
             ] {
                 let src = d.join(name);
