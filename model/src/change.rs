@@ -72,23 +72,59 @@ fn nvpair_ids(parent: Option<Node>, set_tag: &str, default_set_id: String, name:
     (set_id, pair_id)
 }
 
-/// Sets meta attribute `name` of primitive `rsc` (e.g. `target-role`); for a modify of `resources`.
-pub fn set_resource_meta(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
+/// The element whose attribute set a change addresses.
+#[derive(Debug, Clone, Copy)]
+enum Owner<'a> {
+    /// A primitive resource, by id; the change is for a modify of `resources`.
+    Resource(&'a str),
+    /// A cluster node, by host name; the change is for a modify of `nodes`.
+    Host(&'a str),
+}
+
+/// Sets nvpair `name` in the `set_tag` set (`meta_attributes`, `instance_attributes`, `utilization`) of
+/// `owner`, reusing the ids the CIB already has.
+fn set_nvpair(cib: &str, owner: Owner, set_tag: &str, name: &str, value: &str) -> Result<String, ModelError> {
     let doc = parse(cib)?;
-    let primitive = find(&doc, "primitive", rsc).ok_or_else(|| ModelError::Invalid {
-        what: "resource",
-        value: rsc.to_string(),
-        why: "no such resource in the CIB",
-    })?;
-    let (set_id, pair_id) = nvpair_ids(
-        Some(primitive),
-        "meta_attributes",
-        format!("{rsc}-meta_attributes"),
-        name,
-    );
+    let (ids, open) = match owner {
+        Owner::Resource(rsc) => {
+            let primitive = find(&doc, "primitive", rsc).ok_or_else(|| ModelError::Invalid {
+                what: "resource",
+                value: rsc.to_string(),
+                why: "no such resource in the CIB",
+            })?;
+            let default_set = format!("{rsc}-{set_tag}");
+            (
+                nvpair_ids(Some(primitive), set_tag, default_set, name),
+                format!(r#"<primitive id="{}">"#, escape(rsc)),
+            )
+        }
+        Owner::Host(host) => {
+            let node = doc
+                .descendants()
+                .find(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
+                .ok_or_else(|| ModelError::Invalid {
+                    what: "host",
+                    value: host.to_string(),
+                    why: "no such host in the CIB",
+                })?;
+            let id = node.attribute("id").unwrap_or(host);
+            let default_set = match set_tag {
+                "instance_attributes" => format!("nodes-{id}"),
+                other => format!("nodes-{id}-{other}"),
+            };
+            (
+                nvpair_ids(Some(node), set_tag, default_set, name),
+                format!(r#"<node id="{}" uname="{}">"#, escape(id), escape(host)),
+            )
+        }
+    };
+    let (set_id, pair_id) = ids;
+    let close = match owner {
+        Owner::Resource(_) => "</primitive>",
+        Owner::Host(_) => "</node>",
+    };
     Ok(format!(
-        r#"<primitive id="{}"><meta_attributes id="{}"><nvpair id="{}" name="{}" value="{}"/></meta_attributes></primitive>"#,
-        escape(rsc),
+        r#"{open}<{set_tag} id="{}"><nvpair id="{}" name="{}" value="{}"/></{set_tag}>{close}"#,
         escape(&set_id),
         escape(&pair_id),
         escape(name),
@@ -96,28 +132,24 @@ pub fn set_resource_meta(cib: &str, rsc: &str, name: &str, value: &str) -> Resul
     ))
 }
 
+/// Sets meta attribute `name` of primitive `rsc` (e.g. `target-role`); for a modify of `resources`.
+pub fn set_resource_meta(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    set_nvpair(cib, Owner::Resource(rsc), "meta_attributes", name, value)
+}
+
+/// Sets utilization attribute `name` of primitive `rsc`; for a modify of `resources`.
+pub fn set_resource_utilization(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    set_nvpair(cib, Owner::Resource(rsc), "utilization", name, value)
+}
+
 /// Sets a permanent node attribute of `host` (e.g. `standby`, `maintenance`); for a modify of `nodes`.
 pub fn set_node_attribute(cib: &str, host: &str, name: &str, value: &str) -> Result<String, ModelError> {
-    let doc = parse(cib)?;
-    let node = doc
-        .descendants()
-        .find(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
-        .ok_or_else(|| ModelError::Invalid {
-            what: "host",
-            value: host.to_string(),
-            why: "no such host in the CIB",
-        })?;
-    let id = node.attribute("id").unwrap_or(host);
-    let (set_id, pair_id) = nvpair_ids(Some(node), "instance_attributes", format!("nodes-{id}"), name);
-    Ok(format!(
-        r#"<node id="{}" uname="{}"><instance_attributes id="{}"><nvpair id="{}" name="{}" value="{}"/></instance_attributes></node>"#,
-        escape(id),
-        escape(host),
-        escape(&set_id),
-        escape(&pair_id),
-        escape(name),
-        escape(value)
-    ))
+    set_nvpair(cib, Owner::Host(host), "instance_attributes", name, value)
+}
+
+/// Sets utilization attribute `name` of `host` (its capacity); for a modify of `nodes`.
+pub fn set_node_utilization(cib: &str, host: &str, name: &str, value: &str) -> Result<String, ModelError> {
+    set_nvpair(cib, Owner::Host(host), "utilization", name, value)
 }
 
 /// Id of the temporary location constraint vmha uses to move a VM.
@@ -199,45 +231,6 @@ pub fn vm_primitive(vm: &NewVm) -> Result<String, ModelError> {
         o3 = op("stop", "0s", "90s"),
         o4 = op("migrate_to", "0s", "120s"),
         o5 = op("migrate_from", "0s", "60s"),
-    ))
-}
-
-/// Sets utilization attribute `name` of primitive `rsc`; for a modify of `resources`.
-pub fn set_resource_utilization(cib: &str, rsc: &str, name: &str, value: &str) -> Result<String, ModelError> {
-    let doc = parse(cib)?;
-    let primitive = find(&doc, "primitive", rsc);
-    let (set_id, pair_id) = nvpair_ids(primitive, "utilization", format!("{rsc}-utilization"), name);
-    Ok(format!(
-        r#"<primitive id="{}"><utilization id="{}"><nvpair id="{}" name="{}" value="{}"/></utilization></primitive>"#,
-        escape(rsc),
-        escape(&set_id),
-        escape(&pair_id),
-        escape(name),
-        escape(value)
-    ))
-}
-
-/// Sets utilization attribute `name` of `host` (its capacity); for a modify of `nodes`.
-pub fn set_node_utilization(cib: &str, host: &str, name: &str, value: &str) -> Result<String, ModelError> {
-    let doc = parse(cib)?;
-    let node = doc
-        .descendants()
-        .find(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
-        .ok_or_else(|| ModelError::Invalid {
-            what: "host",
-            value: host.to_string(),
-            why: "no such host in the CIB",
-        })?;
-    let id = node.attribute("id").unwrap_or(host);
-    let (set_id, pair_id) = nvpair_ids(Some(node), "utilization", format!("nodes-{id}-utilization"), name);
-    Ok(format!(
-        r#"<node id="{}" uname="{}"><utilization id="{}"><nvpair id="{}" name="{}" value="{}"/></utilization></node>"#,
-        escape(id),
-        escape(host),
-        escape(&set_id),
-        escape(&pair_id),
-        escape(name),
-        escape(value)
     ))
 }
 

@@ -359,3 +359,23 @@ pub fn process_usage(lab: &Lab, n: u8, pid: u32) -> (u64, u64) {
         + fields.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
     (rss, ticks)
 }
+
+/// Every complete JSON line written to `path` so far (a line still being written is skipped): the
+/// output of the event followers the scenarios run inside hosts.
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The events whose `event` field is `kind`.
+pub fn of_kind(events: &[serde_json::Value], kind: &str) -> Vec<serde_json::Value> {
+    events.iter().filter(|e| e["event"] == kind).cloned().collect()
+}
+
+/// Whether an event's time stamp `t` (seconds since the epoch) is at or after `t0`.
+pub fn after(event: &serde_json::Value, t0: f64) -> bool {
+    event["t"].as_f64().is_some_and(|t| t >= t0)
+}

@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
-use vmha_e2e::POLL;
+use vmha_e2e::{after, json_lines, of_kind, POLL};
 use vmha_lab::lab::target_binary;
 use vmha_lab::{wait_for, Lab};
 
@@ -110,7 +110,7 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
     // Power a host off: the survivors see it leave the group within seconds and stay quorate.
     let victim = *hosts.last().unwrap();
     let survivors: Vec<u8> = hosts.iter().copied().filter(|&n| n != victim).collect();
-    let t0 = now();
+    let t0 = vmha_lab::power::now();
     lab.power_off(victim).unwrap();
     let seen = wait_for(
         &format!("the survivors to see node{victim} leave"),
@@ -213,23 +213,7 @@ fn start_watch(lab: &Lab, n: u8, out: &Path, members: usize) -> u32 {
 
 /// Every complete JSON line host `n`'s cs-watch has written so far.
 fn events(dir: &Path, n: u8) -> Vec<Value> {
-    std::fs::read_to_string(output(dir, n))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn of_kind(events: &[Value], kind: &str) -> Vec<Value> {
-    events.iter().filter(|e| e["event"] == kind).cloned().collect()
-}
-
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn after(event: &Value, t0: f64) -> bool {
-    event["t"].as_f64().is_some_and(|t| t >= t0)
+    json_lines(&output(dir, n))
 }
 
 fn set(hosts: &[u8]) -> BTreeSet<u64> {

@@ -6,10 +6,10 @@
 //! survivor report the new DC, the one crm_mon reports.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
-use vmha_e2e::{Timeline, POLL};
+use vmha_e2e::{after, json_lines, of_kind, Timeline, POLL};
 use vmha_lab::lab::target_binary;
 use vmha_lab::{wait_for, Lab};
 
@@ -56,7 +56,7 @@ fn pacemaker_bindings_follow_the_cib_and_the_dc() {
     t.mark("follower subscribed");
 
     // A change made with crm_attribute on another host reaches the stream within a second.
-    let t0 = now();
+    let t0 = vmha_lab::power::now();
     lab.exec_ok(
         actor,
         &[
@@ -93,11 +93,11 @@ fn pacemaker_bindings_follow_the_cib_and_the_dc() {
     );
 
     // A change made through the bindings is what cibadmin reads on every host, and is notified too.
-    let marker = format!("m{}", now() as u64);
+    let marker = format!("m{}", vmha_lab::power::now() as u64);
     let xml = format!(
         r#"<cluster_property_set id="vmha-e2e"><nvpair id="vmha-e2e-marker" name="vmha-e2e-marker" value="{marker}"/></cluster_property_set>"#
     );
-    let t1 = now();
+    let t1 = vmha_lab::power::now();
     let done = json(
         &lab.exec_ok(
             actor,
@@ -158,7 +158,7 @@ fn pacemaker_bindings_follow_the_cib_and_the_dc() {
     .unwrap();
     let node = lab.cfg.host_name(runs_on);
     assert_eq!(fail_count(&lab, actor, &node), 0);
-    let t2 = now();
+    let t2 = vmha_lab::power::now();
     let acked = json(
         &lab.exec_ok(
             actor,
@@ -185,12 +185,12 @@ fn pacemaker_bindings_follow_the_cib_and_the_dc() {
         (c > 0).then_some(c)
     })
     .unwrap();
-    let counted_after = now() - t2;
+    let counted_after = vmha_lab::power::now() - t2;
     let restarted = wait_for("d1 to be restarted", Duration::from_secs(10), POLL, || {
         last_start(&lab, actor, &node).filter(|&at| at >= t2.floor() as u64)
     })
     .unwrap();
-    let recovered_after = now() - t2;
+    let recovered_after = vmha_lab::power::now() - t2;
     assert!(lab.status(actor).unwrap().running_on("d1").is_some(), "d1 runs again");
     println!(
         "fail_resource(d1 on {node}): acknowledged in {:.0} ms, fail count {counted} after {:.2} s, \
@@ -240,23 +240,7 @@ fn json(line: &str) -> Value {
 
 /// Every complete JSON line the follower has written so far.
 fn events(log: &Path) -> Vec<Value> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn of_kind(events: &[Value], kind: &str) -> Vec<Value> {
-    events.iter().filter(|e| e["event"] == kind).cloned().collect()
-}
-
-fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
-}
-
-fn after(event: &Value, t0: f64) -> bool {
-    event["t"].as_f64().is_some_and(|t| t >= t0)
+    json_lines(log)
 }
 
 /// Whether a change notification names a changed path containing `what`.

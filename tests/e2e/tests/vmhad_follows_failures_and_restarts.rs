@@ -26,11 +26,7 @@ fn start_watch(lab: &Lab, n: u8) {
 
 /// Events `vmha watch` printed on host `n`.
 fn watched(lab: &Lab, n: u8) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/watch.json"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
+    vmha_e2e::json_lines(&lab.cfg.host_dir(n).join("var-log-vmha/watch.json"))
 }
 
 fn qemu_pid(lab: &Lab, vm: &str) -> i32 {

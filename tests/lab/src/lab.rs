@@ -444,35 +444,17 @@ impl Lab {
 
     /// Unplugs host N's network cable (its switch port goes down).
     pub fn cut_network(&self, n: u8) -> Result<()> {
-        run_ok(
-            "ip",
-            &[
-                "-n",
-                &self.cfg.switch_netns(),
-                "link",
-                "set",
-                &self.cfg.switch_port(n),
-                "down",
-            ],
-            Duration::from_secs(10),
-        )?;
-        Ok(())
+        self.set_switch_port(n, "down")
     }
 
     /// Plugs host N's network cable back in.
     pub fn heal_network(&self, n: u8) -> Result<()> {
-        run_ok(
-            "ip",
-            &[
-                "-n",
-                &self.cfg.switch_netns(),
-                "link",
-                "set",
-                &self.cfg.switch_port(n),
-                "up",
-            ],
-            Duration::from_secs(10),
-        )?;
+        self.set_switch_port(n, "up")
+    }
+
+    fn set_switch_port(&self, n: u8, state: &str) -> Result<()> {
+        let (sw, port) = (self.cfg.switch_netns(), self.cfg.switch_port(n));
+        run_ok("ip", &["-n", &sw, "link", "set", &port, state], Duration::from_secs(10))?;
         Ok(())
     }
 
