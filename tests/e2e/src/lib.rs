@@ -10,12 +10,20 @@ use anyhow::{anyhow, bail, Result};
 use base64::Engine as _;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
-/// Brings up a fresh 3-host lab for one scenario (lab `e2e`, subnet 10.213.1.0/24) with the workspace's
-/// build installed in every host.
+/// The scenarios' lab: `e2e` on 10.213.1.0/24, or `$VMHA_E2E_LAB` on `$VMHA_E2E_SUBNET` (so that two
+/// engineers can run scenarios side by side).
+pub fn config() -> LabConfig {
+    let name = std::env::var("VMHA_E2E_LAB").unwrap_or_else(|_| "e2e".into());
+    let subnet = std::env::var("VMHA_E2E_SUBNET").unwrap_or_else(|_| "10.213.1".into());
+    LabConfig::new(&name, 3, &subnet)
+}
+
+/// Brings up a fresh 3-host lab for one scenario ([`config`]) with the workspace's build installed in
+/// every host.
 pub fn lab() -> Lab {
     vmha_lab::init_logging();
     let t0 = Instant::now();
-    let lab = Lab::up(LabConfig::new("e2e", 3, "10.213.1")).expect("lab bring-up");
+    let lab = Lab::up(config()).expect("lab bring-up");
     println!(
         "lab up (3 hosts, quorate, DC elected, fencing on) in {:.1} s",
         t0.elapsed().as_secs_f64()

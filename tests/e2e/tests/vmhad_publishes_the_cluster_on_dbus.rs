@@ -37,7 +37,7 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
             "host {} members",
             i + 1
         );
-        assert_eq!(c["Name"], "e2e");
+        assert_eq!(c["Name"], lab.cfg.name.as_str());
         assert_eq!(c["LocalHost"], format!("node{}", i + 1));
         assert_eq!(v["hosts"].as_array().unwrap().len(), 3);
     }
