@@ -12,6 +12,7 @@ use zbus::{interface, Connection};
 
 use crate::api::{host_path, vm_path};
 use crate::auth::authorize_change;
+use crate::guest::GuestError;
 use crate::jobs::{self, Job, Operation};
 use crate::state::{Shared, Snapshot};
 
@@ -115,6 +116,11 @@ impl ClusterObject {
     /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).
     #[zbus(signal)]
     pub async fn event(emitter: &SignalEmitter<'_>, kind: &str, subject: &str, message: &str) -> zbus::Result<()>;
+
+    /// A valid message from the guest of `vm` on this host (one JSON line of the guest channel protocol:
+    /// a hello or a request's result). Untrusted content: it comes from inside the VM.
+    #[zbus(signal)]
+    pub async fn guest_message(emitter: &SignalEmitter<'_>, vm: &str, json: &str) -> zbus::Result<()>;
 }
 
 /// One host: `/org/vmha/Vmha1/host/<name>`, interface `org.vmha.Vmha1.Host`.
@@ -345,6 +351,31 @@ impl VmObject {
             },
         )
         .await
+    }
+
+    /// Sends request `name` (with `data_json`, a JSON object, possibly empty) to the VM's guest over the
+    /// vmha guest channel and waits for its result, at most `timeout_ms` (the guest's deadline) plus one
+    /// second: `done`, `refused` (with the guest's reason) or `failed` (with why). Only the vmhad of the
+    /// host running the VM can do this.
+    async fn guest_request(
+        &self,
+        name: String,
+        data_json: String,
+        timeout_ms: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<(String, String)> {
+        authorize_change(conn, &header, &format!("guest request {name} to VM {}", self.name)).await?;
+        let (outcome, reason) = self
+            .shared
+            .guests
+            .request(&self.shared, &self.name, &name, &data_json, timeout_ms)
+            .await
+            .map_err(|e| match e {
+                GuestError::Invalid(m) => zbus::fdo::Error::InvalidArgs(m),
+                other => fail(other),
+            })?;
+        Ok((outcome.as_str().to_string(), reason))
     }
 
     /// Stops the VM and removes its resource and the constraints naming it.

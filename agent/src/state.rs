@@ -11,6 +11,7 @@ use vmha_model::cib::HostState;
 use vmha_model::ClusterView;
 
 use crate::backend::CibBackend;
+use crate::guest::Guests;
 
 /// Corosync's word on membership and quorum (from the Corosync client libraries).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,6 +88,8 @@ pub struct Shared {
     pub job_deadline: Duration,
     /// This host's (CPUs, memory MiB) as libvirt reports them, once known.
     capacity: OnceLock<(u32, u64)>,
+    /// The guest channels of the VMs on this host.
+    pub guests: Guests,
 }
 
 impl std::fmt::Debug for Shared {
@@ -107,6 +110,7 @@ impl Shared {
             next_job: AtomicU64::new(1),
             job_deadline: Duration::from_secs(180),
             capacity: OnceLock::new(),
+            guests: Guests::default(),
         })
     }
 

@@ -1,9 +1,11 @@
 //! vmha's domain model, shared by the daemon, the CLI and the agents: the cluster as Pacemaker's CIB
-//! describes it ([`cib`]), and the CIB changes vmha makes ([`change`]). Pure logic, no I/O.
+//! describes it ([`cib`]), the CIB changes vmha makes ([`change`]) and the guest channel protocol
+//! ([`guest`]). Pure logic, no I/O.
 
 pub mod change;
 pub mod cib;
 pub mod domain;
+pub mod guest;
 
 pub use cib::{ClusterView, Constraint, HostView, VmState, VmView};
 

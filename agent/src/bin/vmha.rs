@@ -2,16 +2,19 @@
 //! scripts; every error is one line on stderr and a non-zero exit.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap_complete::Shell;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use vmha_agent::api::{
     host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, JOB_INTERFACE, ROOT_PATH, VM_INTERFACE,
 };
+use vmha_agent::options::VmhadArgs;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, DBusError, MatchRule, MessageStream};
@@ -59,6 +62,20 @@ enum Cmd {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GenerateCmd {
+    /// Write vmha.1, one vmha-<subcommand>.1 per subcommand and vmhad.8 into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL on stdout.
+    Completions { shell: Shell },
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,9 +83,7 @@ enum VmCmd {
     /// List VMs with their state and host.
     List,
     /// Everything about one VM.
-    Show {
-        name: String,
-    },
+    Show { name: String },
     /// Make a VM a cluster resource from its domain XML (on storage every host sees) and start it.
     Add {
         name: String,
@@ -80,19 +95,26 @@ enum VmCmd {
         stopped: bool,
     },
     /// Stop a VM and remove its resource and constraints.
-    Remove {
-        name: String,
-    },
-    Start {
-        name: String,
-    },
-    Stop {
-        name: String,
-    },
+    Remove { name: String },
+    /// Start a VM (target-role Started) and wait until it runs.
+    Start { name: String },
+    /// Stop a VM (target-role Stopped) and wait until it is stopped everywhere.
+    Stop { name: String },
     /// Live-migrate a VM to another host.
-    Move {
+    Move { name: String, host: String },
+    /// Send a request to a VM's guest (vmha-guest runs its hooks) and print the result: done, refused
+    /// (with the guest's reason) or failed. Run it on the host where the VM runs. Exit status 0 only
+    /// for done.
+    Request {
         name: String,
-        host: String,
+        /// Request name, e.g. prepare-clone, drain ([a-z0-9-]{1,32}).
+        request: String,
+        /// Request data: a JSON object.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// The guest's deadline in milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u32,
     },
 }
 
@@ -116,6 +138,15 @@ enum OnOff {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Generate { what } = &cli.command {
+        return match generate(what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmha: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -191,6 +222,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
             VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
             VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
+            VmCmd::Request {
+                name,
+                request,
+                data,
+                timeout_ms,
+            } => client.guest_request(&name, &request, &data, timeout_ms).await,
         },
         Cmd::Host { command } => match command {
             HostCmd::List => client.host_list().await,
@@ -216,7 +253,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Cmd::Watch { count } => client.watch(count).await,
+        Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
     }
+}
+
+/// Manual pages and completion scripts, generated from the same clap definitions vmha and vmhad parse.
+fn generate(what: &GenerateCmd) -> Result<()> {
+    match what {
+        GenerateCmd::Man { dir } => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), dir)
+                .with_context(|| format!("writing vmha's manual pages into {}", dir.display()))?;
+            let vmhad = VmhadArgs::command();
+            let path = dir.join("vmhad.8");
+            let mut page = Vec::new();
+            clap_mangen::Man::new(vmhad).section("8").render(&mut page)?;
+            std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+        }
+        GenerateCmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "vmha", &mut std::io::stdout());
+        }
+    }
+    Ok(())
 }
 
 /// Converts a D-Bus value into JSON.
@@ -430,6 +488,32 @@ impl Client {
             println!("{k:<12} {text}");
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// A request to a VM's guest: waits for the guest's result (the guest's deadline plus a little).
+    async fn guest_request(&self, vm: &str, request: &str, data: &str, timeout_ms: u32) -> Result<ExitCode> {
+        let path = vm_path(vm);
+        let body = (request, data, timeout_ms);
+        let call = self
+            .conn
+            .call_method(Some(BUS_NAME), path.as_str(), Some(VM_INTERFACE), "GuestRequest", &body);
+        let reply = self.bounded("GuestRequest", call).await?;
+        let (result, reason): (String, String) = reply.body().deserialize()?;
+        if self.output == Output::Json {
+            println!(
+                "{}",
+                json!({ "vm": vm, "request": request, "result": result, "reason": reason })
+            );
+        } else if reason.is_empty() {
+            println!("{result}");
+        } else {
+            println!("{result}: {reason}");
+        }
+        Ok(if result == "done" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     }
 
     /// A method that answers at once.

@@ -12,24 +12,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use vmha_agent::api::{BUS_NAME, ROOT_PATH};
 use vmha_agent::daemon::{follow_cib, probe_capacity};
 use vmha_agent::failures::report_vm_failures;
+use vmha_agent::guest::follow_guests;
 use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
+use vmha_agent::options::VmhadArgs;
 use vmha_agent::pacemaker::PacemakerCib;
 use vmha_agent::state::Shared;
 
-#[derive(Parser, Debug)]
-#[command(name = "vmhad", version, about = "vmha's per-host D-Bus service")]
-struct Args {
-    /// This host's name in the cluster (default: the system host name).
-    #[arg(long)]
-    host: Option<String>,
-    /// libvirt URI of this host's hypervisor.
-    #[arg(long, default_value = "qemu:///system")]
-    hypervisor: String,
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = VmhadArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -56,7 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: VmhadArgs) -> Result<()> {
     let host = match args.host {
         Some(h) => h,
         None => system_hostname()?,
@@ -83,6 +74,7 @@ async fn run(args: Args) -> Result<()> {
     let cib = tokio::spawn(follow_cib(conn.clone(), Arc::clone(&shared)));
     let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
+    let guests = tokio::spawn(follow_guests(conn.clone(), Arc::clone(&shared)));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -92,6 +84,7 @@ async fn run(args: Args) -> Result<()> {
         r = cib => match r { Ok(()) => "the CIB follower ended", Err(_) => "the CIB follower panicked" },
         r = corosync => match r { Ok(()) => "the corosync follower ended", Err(_) => "the corosync follower panicked" },
         r = failures => match r { Ok(()) => "the libvirt watcher ended", Err(_) => "the libvirt watcher panicked" },
+        r = guests => match r { Ok(()) => "the guest channels ended", Err(_) => "the guest channels panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

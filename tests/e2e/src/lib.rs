@@ -81,21 +81,32 @@ pub fn guest_agent(lab: &Lab, n: u8, vm: &str, command: &serde_json::Value) -> R
         .ok_or_else(|| anyhow!("guest agent answered {v}"))
 }
 
-/// Seconds since the guest's kernel booted, read inside the guest through qemu-guest-agent.
-pub fn guest_uptime(lab: &Lab, n: u8, vm: &str) -> Result<f64> {
+/// Runs `path args` inside `vm` (on host `n`) through qemu-guest-agent and returns its stdout (empty when
+/// it printed nothing), waiting at most `limit` for it to finish.
+pub fn guest_exec(lab: &Lab, n: u8, vm: &str, path: &str, args: &[&str], limit: Duration) -> Result<String> {
     let exec = serde_json::json!({"execute": "guest-exec",
-        "arguments": {"path": "/bin/cat", "arg": ["/proc/uptime"], "capture-output": true}});
+        "arguments": {"path": path, "arg": args, "capture-output": true}});
     let pid = guest_agent(lab, n, vm, &exec)?["pid"]
         .as_i64()
         .ok_or_else(|| anyhow!("guest-exec gave no pid"))?;
     let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
-    let done = wait_for("guest-exec to finish", Duration::from_secs(10), POLL, || {
+    let done = wait_for(&format!("guest-exec {path} to finish"), limit, POLL, || {
         guest_agent(lab, n, vm, &status).ok().filter(|r| r["exited"] == true)
     })?;
     let Some(data) = done["out-data"].as_str() else {
-        bail!("guest-exec returned no output: {done}")
+        return Ok(String::new());
     };
-    let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data)?)?;
+    Ok(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(data)?,
+    )?)
+}
+
+/// Seconds since the guest's kernel booted, read inside the guest through qemu-guest-agent.
+pub fn guest_uptime(lab: &Lab, n: u8, vm: &str) -> Result<f64> {
+    let text = guest_exec(lab, n, vm, "/bin/cat", &["/proc/uptime"], Duration::from_secs(10))?;
+    if text.is_empty() {
+        bail!("guest-exec of cat /proc/uptime returned no output")
+    }
     let first = text
         .split_whitespace()
         .next()

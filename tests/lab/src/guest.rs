@@ -1,17 +1,37 @@
 //! The lab's test guest: a Debian cloud kernel and a busybox + qemu-guest-agent initramfs built by
-//! `guest/build-guest`, and the libvirt domain definitions that boot it under TCG.
+//! `guest/build-guest` (with vmha-guest and test hooks when the workspace has a release build of it), and
+//! the libvirt domain definitions that boot it under TCG.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use vmha_model::guest::{channel_socket, PORT_NAME};
+
 use crate::config::LAB_ROOT;
 use crate::process::run_ok;
 
-/// Where the guest image is built (shared by all labs on this machine; rebuilt when the build script changes).
+/// The vmha-guest binary the image includes: `$VMHA_GUEST_BIN`, else the workspace's release build when
+/// there is one.
+pub fn guest_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VMHA_GUEST_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/vmha-guest");
+    release.is_file().then_some(release)
+}
+
+/// Where the guest image is built (shared by all labs on this machine; rebuilt when the build script or
+/// the vmha-guest binary changes): `guest`, or `guest-vmha` for the image with vmha-guest, so that labs
+/// with and without it do not rebuild each other's image.
 pub fn image_dir() -> PathBuf {
-    Path::new(LAB_ROOT).join("guest")
+    let name = if guest_binary().is_some() {
+        "guest-vmha"
+    } else {
+        "guest"
+    };
+    Path::new(LAB_ROOT).join(name)
 }
 
 /// The guest build script in this source tree.
@@ -25,7 +45,15 @@ pub fn build_image() -> Result<PathBuf> {
     let script = build_script();
     let script = script.to_str().context("guest build script path is not UTF-8")?;
     let out = dir.to_str().context("guest image path is not UTF-8")?;
-    run_ok("bash", &[script, out], Duration::from_secs(600)).context("building the lab guest image")?;
+    // Downloaded kernel packages are shared by both images.
+    let cache = Path::new(LAB_ROOT).join("guest").join("cache");
+    let cache = format!("VMHA_GUEST_CACHE={}", cache.display());
+    let bin = match guest_binary() {
+        Some(b) => format!("VMHA_GUEST_BIN={}", b.canonicalize().unwrap_or(b).display()),
+        None => "VMHA_GUEST_BIN=".to_string(),
+    };
+    run_ok("env", &[&bin, &cache, "bash", script, out], Duration::from_secs(600))
+        .context("building the lab guest image")?;
     Ok(dir)
 }
 
@@ -68,7 +96,8 @@ impl GuestSpec {
     }
 
     /// The libvirt domain XML: TCG (`type='qemu'`), direct kernel boot from `image_dir`, serial console
-    /// logged to the host's libvirt log directory, and a qemu-guest-agent virtio-serial channel.
+    /// logged to the host's libvirt log directory, a qemu-guest-agent virtio-serial channel, and the vmha
+    /// guest channel on the socket vmhad connects to.
     pub fn domain_xml(&self, image_dir: &Path) -> String {
         let img = image_dir.display();
         format!(
@@ -98,6 +127,10 @@ impl GuestSpec {
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
+    <channel type='unix'>
+      <source mode='bind' path='{socket}'/>
+      <target type='virtio' name='{port}'/>
+    </channel>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -106,6 +139,8 @@ impl GuestSpec {
             uuid = self.uuid(),
             mem = self.memory_mib,
             vcpus = self.vcpus,
+            socket = channel_socket(&self.name),
+            port = PORT_NAME,
         )
     }
 }
@@ -126,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn domain_xml_is_tcg_with_guest_agent_channel() {
+    fn domain_xml_is_tcg_with_guest_agent_and_vmha_channels() {
         let xml = GuestSpec::new("web").domain_xml(Path::new("/img"));
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let root = doc.root_element();
@@ -135,8 +170,16 @@ mod tests {
         assert_eq!(text("name"), Some("web"));
         assert_eq!(text("kernel"), Some("/img/vmlinuz"));
         assert_eq!(text("memory"), Some("128"));
-        let channel = root.descendants().find(|n| n.has_tag_name("channel")).unwrap();
-        let target = channel.children().find(|n| n.has_tag_name("target")).unwrap();
-        assert_eq!(target.attribute("name"), Some("org.qemu.guest_agent.0"));
+        let channels: Vec<_> = root.descendants().filter(|n| n.has_tag_name("channel")).collect();
+        let attr = |c: usize, tag: &str, name: &str| {
+            let node = channels[c].children().find(|n| n.has_tag_name(tag)).unwrap();
+            node.attribute(name).map(str::to_string)
+        };
+        assert_eq!(attr(0, "target", "name").as_deref(), Some("org.qemu.guest_agent.0"));
+        assert_eq!(attr(1, "target", "name").as_deref(), Some("org.vmha.guest.0"));
+        assert_eq!(
+            attr(1, "source", "path").as_deref(),
+            Some("/var/lib/libvirt/qemu/vmha.web.guest.0")
+        );
     }
 }

@@ -1,0 +1,25 @@
+//! vmhad's command line. It lives in the library so that `vmha generate man` can write vmhad's manual page
+//! from the same definition the daemon parses.
+
+use clap::Parser;
+
+/// vmhad's command-line options (also settable through `/etc/default/vmhad` in the packaged unit).
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmhad",
+    version,
+    about = "vmha's per-host D-Bus service",
+    long_about = "vmha's per-host D-Bus service. Owns org.vmha.Vmha1 on the system bus and publishes the \
+                  cluster (members, quorum, DC, hosts, VMs) as objects under /org/vmha/Vmha1; follows every \
+                  change of the CIB and of the Corosync membership; runs VM and host operations as jobs; \
+                  reports VMs whose QEMU dies to Pacemaker at once. Normally started by systemd (vmhad.service) \
+                  or by D-Bus activation. Log level: RUST_LOG (default info)."
+)]
+pub struct VmhadArgs {
+    /// This host's name in the cluster (default: the system host name).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// libvirt URI of this host's hypervisor.
+    #[arg(long, default_value = "qemu:///system")]
+    pub hypervisor: String,
+}
