@@ -107,3 +107,115 @@ mod tests {
         }
     }
 }
+
+/// The vmha guest channel vmha adds to every domain it starts: a virtio-serial port named
+/// [`PORT_NAME`](crate::guest::PORT_NAME) whose host side is the Unix socket vmhad connects to.
+pub fn guest_channel_xml(vm: &str) -> String {
+    format!(
+        "<channel type='unix'><source mode='bind' path='{}'/><target type='virtio' name='{}'/></channel>",
+        crate::change::escape(&crate::guest::channel_socket(vm)),
+        crate::guest::PORT_NAME
+    )
+}
+
+/// The domain XML with vmha's guest channel added, or `None` when it already has one (any channel whose
+/// target is named [`PORT_NAME`](crate::guest::PORT_NAME)).
+pub fn with_guest_channel(xml: &str) -> Result<Option<String>, ModelError> {
+    let doc = Document::parse(xml)?;
+    let root = doc.root_element();
+    let has_channel = root
+        .descendants()
+        .any(|n| n.has_tag_name("target") && n.attribute("name") == Some(crate::guest::PORT_NAME));
+    if has_channel {
+        return Ok(None);
+    }
+    if !root.has_tag_name("domain") {
+        return Err(invalid("the root element is not <domain>"));
+    }
+    let name = root
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid("it has no <name>"))?;
+    let channel = guest_channel_xml(name);
+    // Insert as the last device (or in a new <devices> section), keeping the rest of the text as it is.
+    let out = match root.children().find(|n| n.has_tag_name("devices")) {
+        Some(devices) => {
+            let end = devices.range().end;
+            let close = xml[..end]
+                .rfind("</")
+                .ok_or_else(|| invalid("<devices> is not closed"))?;
+            if xml[devices.range()].ends_with("/>") {
+                let start = devices.range().start;
+                format!("{}<devices>{channel}</devices>{}", &xml[..start], &xml[end..])
+            } else {
+                format!("{}{channel}{}", &xml[..close], &xml[close..])
+            }
+        }
+        None => {
+            let end = root.range().end;
+            let close = xml[..end]
+                .rfind("</")
+                .ok_or_else(|| invalid("<domain> is not closed"))?;
+            format!("{}<devices>{channel}</devices>{}", &xml[..close], &xml[close..])
+        }
+    };
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod channel_tests {
+    use super::*;
+
+    fn channel_targets(xml: &str) -> Vec<String> {
+        let doc = Document::parse(xml).unwrap();
+        doc.descendants()
+            .filter(|n| n.has_tag_name("channel"))
+            .filter_map(|c| {
+                c.children()
+                    .find(|n| n.has_tag_name("target"))?
+                    .attribute("name")
+                    .map(str::to_string)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn adds_the_guest_channel_as_the_last_device() {
+        let xml = "<domain type='qemu'><name>web1</name><memory>1</memory><devices><channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel></devices></domain>";
+        let out = with_guest_channel(xml).unwrap().unwrap();
+        assert_eq!(
+            channel_targets(&out),
+            vec!["org.qemu.guest_agent.0", "org.vmha.guest.0"]
+        );
+        assert!(out.contains("path='/var/lib/libvirt/qemu/vmha.web1.guest.0'"));
+        assert!(with_guest_channel(&out).unwrap().is_none(), "added only once");
+    }
+
+    #[test]
+    fn adds_a_devices_section_when_there_is_none_or_it_is_empty() {
+        for xml in [
+            "<domain><name>a</name><memory>1</memory></domain>",
+            "<domain><name>a</name><memory>1</memory><devices/></domain>",
+        ] {
+            let out = with_guest_channel(xml).unwrap().unwrap();
+            assert_eq!(channel_targets(&out), vec!["org.vmha.guest.0"], "{out}");
+            assert_eq!(
+                Document::parse(&out)
+                    .unwrap()
+                    .descendants()
+                    .filter(|n| n.has_tag_name("devices"))
+                    .count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_domain() {
+        assert!(with_guest_channel("<vm/>").is_err());
+        assert!(with_guest_channel("garbage").is_err());
+    }
+}

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::deadline::{self, poll_until, Deadline, Progress};
-use crate::domain_config::DomainConfig;
+use crate::domain_config::{ConfigError, DomainConfig};
 use crate::domain_state::{Condition, PauseKind};
 use crate::error::AgentError;
 use crate::hypervisor::{Access, Hypervisor, ShutdownRequest};
@@ -212,7 +212,15 @@ pub fn start(hv: &Hypervisor, ctx: &Context, name: &str, config: Option<&LoadedC
     } else if let Some(config) = config {
         refuse_conflicting_definition(hv, name, config)?;
         tracing::info!(vm = name, config = %config.path.display(), "creating transient domain");
-        hv.create_transient(name, &config.xml)?;
+        let with_channel = if ctx.params.guest_channel {
+            vmha_model::domain::with_guest_channel(&config.xml).map_err(|e| AgentError::ConfigInvalid {
+                path: config.path.clone(),
+                source: ConfigError::Malformed(e.to_string()),
+            })?
+        } else {
+            None
+        };
+        hv.create_transient(name, with_channel.as_deref().unwrap_or(&config.xml))?;
     } else {
         let vm = hv.find(name)?.ok_or_else(|| AgentError::UnknownDomain {
             vm: name.to_owned(),

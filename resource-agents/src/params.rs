@@ -149,6 +149,18 @@ type='network'>) and storage pool (<disk type='volume'>) that the 'config' XML r
 addition to start_networks and start_pools.",
     },
     ParamSpec {
+        name: "guest_channel",
+        kind: ParamKind::Boolean,
+        default: "true",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "Add vmha's guest channel",
+        longdesc: "When start creates the domain from config and its XML has no virtio-serial channel named \
+org.vmha.guest.0, add one whose host side is the socket vmhad connects to \
+(/var/lib/libvirt/qemu/vmha.<domain>.guest.0), so that vmha-guest inside the VM receives cluster events \
+and requests. The file on shared storage is not changed.",
+    },
+    ParamSpec {
         name: "migration_transport",
         kind: ParamKind::String,
         default: "",
@@ -285,6 +297,8 @@ pub struct Params {
     pub start_networks: Vec<String>,
     pub start_pools: Vec<String>,
     pub start_resources: bool,
+    /// Add vmha's guest channel to a domain created from `config`.
+    pub guest_channel: bool,
     pub migration: MigrationParams,
     pub guest_agent_timeout: Duration,
 }
@@ -372,6 +386,7 @@ impl Params {
             optional(raw("start_resources"), |v| parse_bool("start_resources", v)),
             None,
         )?;
+        let guest_channel = soft.apply(optional(raw("guest_channel"), |v| parse_bool("guest_channel", v)), None)?;
         let transport = soft.apply(
             optional(raw("migration_transport"), |v| {
                 check_token(
@@ -448,6 +463,7 @@ impl Params {
             start_networks: start_networks.unwrap_or_default(),
             start_pools: start_pools.unwrap_or_default(),
             start_resources: start_resources.unwrap_or(false),
+            guest_channel: guest_channel.unwrap_or(true),
             migration: MigrationParams {
                 transport,
                 user,
@@ -840,6 +856,7 @@ mod tests {
             ("start_networks", "n"),
             ("start_pools", "p"),
             ("start_resources", "true"),
+            ("guest_channel", "false"),
             ("migration_transport", "tcp"),
             ("migration_user", "u"),
             ("migration_network_suffix", "-m"),

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use vmha_model::guest::{channel_socket, PORT_NAME};
-
 use crate::config::LAB_ROOT;
 use crate::process::run_ok;
 
@@ -96,8 +94,8 @@ impl GuestSpec {
     }
 
     /// The libvirt domain XML: TCG (`type='qemu'`), direct kernel boot from `image_dir`, serial console
-    /// logged to the host's libvirt log directory, a qemu-guest-agent virtio-serial channel, and the vmha
-    /// guest channel on the socket vmhad connects to.
+    /// logged to the host's libvirt log directory and a qemu-guest-agent virtio-serial channel. vmha's
+    /// guest channel is not in it: `ocf:vmha:VirtualMachine` adds it when it starts the domain.
     pub fn domain_xml(&self, image_dir: &Path) -> String {
         let img = image_dir.display();
         format!(
@@ -127,10 +125,6 @@ impl GuestSpec {
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
-    <channel type='unix'>
-      <source mode='bind' path='{socket}'/>
-      <target type='virtio' name='{port}'/>
-    </channel>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -139,8 +133,6 @@ impl GuestSpec {
             uuid = self.uuid(),
             mem = self.memory_mib,
             vcpus = self.vcpus,
-            socket = channel_socket(&self.name),
-            port = PORT_NAME,
         )
     }
 }
@@ -176,10 +168,6 @@ mod tests {
             node.attribute(name).map(str::to_string)
         };
         assert_eq!(attr(0, "target", "name").as_deref(), Some("org.qemu.guest_agent.0"));
-        assert_eq!(attr(1, "target", "name").as_deref(), Some("org.vmha.guest.0"));
-        assert_eq!(
-            attr(1, "source", "path").as_deref(),
-            Some("/var/lib/libvirt/qemu/vmha.web.guest.0")
-        );
+        assert_eq!(channels.len(), 1, "vmha's guest channel is the agent's to add");
     }
 }
