@@ -16,8 +16,8 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmha_model::guest::{
-    channel_socket, parse_guest_line, valid_name, GuestMessage, HostMessage, Outcome, EVENT_DC, EVENT_MEMBERSHIP,
-    MAX_LINE,
+    channel_socket, parse_guest_line, valid_name, BoundedLine, GuestMessage, HostMessage, Line, Outcome, EVENT_DC,
+    EVENT_MEMBERSHIP, MAX_LINE,
 };
 use zbus::Connection;
 
@@ -376,47 +376,20 @@ impl Bucket {
     }
 }
 
-/// A line read by [`read_line`].
-#[derive(Debug, PartialEq, Eq)]
-enum Line {
-    Complete(Vec<u8>),
-    TooLong(usize),
-    Eof,
-}
-
 /// Reads one line of at most `max` bytes, never buffering more; also returns the bytes consumed.
 async fn read_line(reader: &mut (impl AsyncBufRead + Unpin), max: usize) -> std::io::Result<(Line, usize)> {
-    let mut line = Vec::new();
-    let mut len = 0usize;
+    let mut bounded = BoundedLine::new(max);
     let mut consumed = 0usize;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            let l = match len {
-                0 => Line::Eof,
-                n if n > max => Line::TooLong(n),
-                _ => Line::Complete(line),
-            };
-            return Ok((l, consumed));
+            return Ok((bounded.end(), consumed));
         }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        len += chunk.len();
-        if len <= max {
-            line.extend_from_slice(chunk);
-        }
-        let used = done.unwrap_or(buf.len());
+        let (used, line) = bounded.feed(buf);
         reader.consume(used);
         consumed += used;
-        if done.is_some() {
-            let l = if len > max {
-                Line::TooLong(len)
-            } else {
-                Line::Complete(line)
-            };
-            return Ok((l, consumed));
+        if let Some(line) = line {
+            return Ok((line, consumed));
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmha_model::guest::{parse_host_line, GuestMessage, HostMessage, MAX_LINE};
+use vmha_model::guest::{parse_host_line, BoundedLine, GuestMessage, HostMessage, Line, MAX_LINE};
 
 use crate::hooks::run_hooks;
 
@@ -20,45 +20,19 @@ pub struct Config {
     pub event_timeout: Duration,
 }
 
-/// One line read by [`read_line`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Line {
-    Complete(Vec<u8>),
-    /// A line longer than `max` (skipped up to its newline); its length.
-    TooLong(usize),
-    Eof,
-}
-
 /// Reads one `\n`-terminated line of at most `max` bytes, never buffering more than that.
 pub fn read_line(reader: &mut impl BufRead, max: usize) -> io::Result<Line> {
-    let mut line = Vec::new();
-    let mut len = 0usize;
+    let mut bounded = BoundedLine::new(max);
     loop {
         let buf = reader.fill_buf()?;
         if buf.is_empty() {
-            return Ok(if len == 0 { Line::Eof } else { finish(line, len, max) });
+            return Ok(bounded.end());
         }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        len += chunk.len();
-        if len <= max {
-            line.extend_from_slice(chunk);
-        }
-        let used = done.unwrap_or(buf.len());
+        let (used, line) = bounded.feed(buf);
         reader.consume(used);
-        if done.is_some() {
-            return Ok(finish(line, len, max));
+        if let Some(line) = line {
+            return Ok(line);
         }
-    }
-}
-
-fn finish(line: Vec<u8>, len: usize, max: usize) -> Line {
-    if len > max {
-        Line::TooLong(len)
-    } else {
-        Line::Complete(line)
     }
 }
 

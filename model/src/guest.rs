@@ -353,9 +353,87 @@ fn text(
     }
 }
 
+/// One line read from a channel, bounded in size.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    Complete(Vec<u8>),
+    /// A line longer than the bound (skipped up to its newline); its length.
+    TooLong(usize),
+    Eof,
+}
+
+/// Collects one `\n`-terminated line of at most `max` bytes from the buffers a reader fills, never holding
+/// more than `max` bytes: the bounding both ends of a channel use, whatever their I/O.
+#[derive(Debug)]
+pub struct BoundedLine {
+    line: Vec<u8>,
+    len: usize,
+    max: usize,
+}
+
+impl BoundedLine {
+    pub fn new(max: usize) -> Self {
+        BoundedLine {
+            line: Vec::new(),
+            len: 0,
+            max,
+        }
+    }
+
+    /// Takes from a non-empty filled buffer what belongs to this line; returns the bytes to consume and the
+    /// line once its newline was seen.
+    pub fn feed(&mut self, buf: &[u8]) -> (usize, Option<Line>) {
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        self.len += chunk.len();
+        if self.len <= self.max {
+            self.line.extend_from_slice(chunk);
+        }
+        match done {
+            Some(used) => (used, Some(self.finish())),
+            None => (buf.len(), None),
+        }
+    }
+
+    /// The reader reached end of file.
+    pub fn end(&mut self) -> Line {
+        if self.len == 0 {
+            Line::Eof
+        } else {
+            self.finish()
+        }
+    }
+
+    fn finish(&mut self) -> Line {
+        let line = std::mem::take(&mut self.line);
+        if self.len > self.max {
+            Line::TooLong(self.len)
+        } else {
+            Line::Complete(line)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_bounded_across_buffers() {
+        let mut b = BoundedLine::new(10);
+        assert_eq!(b.feed(b"o"), (1, None));
+        assert_eq!(b.feed(b"k\nrest"), (2, Some(Line::Complete(b"ok".to_vec()))));
+        let mut b = BoundedLine::new(10);
+        assert_eq!(b.feed(&[b'x'; 8]), (8, None));
+        assert_eq!(b.feed(&[b'x'; 8]), (8, None));
+        assert_eq!(b.feed(b"x\n"), (2, Some(Line::TooLong(17))));
+        let mut b = BoundedLine::new(10);
+        assert_eq!(b.end(), Line::Eof);
+        assert_eq!(b.feed(b"end"), (3, None));
+        assert_eq!(b.end(), Line::Complete(b"end".to_vec()));
+    }
     use serde_json::json;
 
     #[test]
