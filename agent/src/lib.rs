@@ -14,4 +14,5 @@ pub mod membership;
 pub mod objects;
 pub mod options;
 pub mod pacemaker;
+pub mod placement;
 pub mod state;

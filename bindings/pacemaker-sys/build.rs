@@ -9,7 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
     let mut include_paths = Vec::new();
     // libpacemaker.pc requires pacemaker-cib, pacemaker (libcrmcommon) and the other client libraries.
-    for lib in ["libpacemaker", "pacemaker-cib", "pacemaker", "libxml-2.0", "glib-2.0"] {
+    for lib in ["libpacemaker", "pacemaker-pe_status", "pacemaker-cib", "pacemaker", "libxml-2.0", "glib-2.0"] {
         let found = pkg_config::Config::new()
             .probe(lib)
             .unwrap_or_else(|e| panic!("pkg-config {lib}: {e} (install pacemaker-dev)"));
@@ -65,6 +65,14 @@ fn main() {
         .allowlist_function("pcmk_pacemakerd_status")
         .allowlist_function("pcmk_list_nodes")
         .allowlist_function("pcmk_status")
+        // libpacemaker/libpe_status: the scheduler, run on a copy of the CIB (what-if)
+        .allowlist_function("pcmk_simulate")
+        .allowlist_type("pcmk_injections_t")
+        .allowlist_type("pcmk_sim_flags")
+        .allowlist_function("pe_new_working_set")
+        .allowlist_function("pe_free_working_set")
+        .opaque_type("pe_working_set_s")
+        .opaque_type("pe_working_set_t")
         // glib: the default main context that libcib's IPC notifications are dispatched from
         .allowlist_function("g_main_context_default")
         .allowlist_function("g_main_context_acquire")

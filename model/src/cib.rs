@@ -251,7 +251,8 @@ impl ClusterView {
                     state,
                     standby: flag("standby"),
                     maintenance: flag("maintenance"),
-                    utilization: nvpairs(node, "utilization"),
+                    // What vmhad and users declare; the placement policy's own (scaled) set is not theirs.
+                    utilization: crate::policy::effective_nvpairs(node, "utilization", true),
                 });
             }
         }

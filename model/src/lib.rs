@@ -6,6 +6,8 @@ pub mod change;
 pub mod cib;
 pub mod domain;
 pub mod guest;
+pub mod policy;
+pub mod whatif;
 
 pub use cib::{ClusterView, Constraint, HostView, VmState, VmView};
 

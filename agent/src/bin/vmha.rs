@@ -62,6 +62,18 @@ enum Cmd {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Placement policy: zones, priorities, capacity, affinity (stored in the CIB, compiled into
+    /// Pacemaker constraints).
+    Policy {
+        #[command(subcommand)]
+        command: vmha_agent::placement::PolicyCmd,
+    },
+    /// Ask Pacemaker's scheduler, on a copy of the live CIB, what would happen if hosts failed or a VM
+    /// were added; or whether every single host failure leaves every VM a place (--n-plus-one).
+    WhatIf(vmha_agent::placement::WhatIfArgs),
+    /// Run Pacemaker's scheduler on a CIB file (what-if's child process).
+    #[command(hide = true)]
+    ScheduleCopy(vmha_agent::placement::ScheduleArgs),
     /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
     #[command(hide = true)]
     Generate {
@@ -147,6 +159,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Cmd::ScheduleCopy(args) = &cli.command {
+        return report(vmha_agent::placement::schedule(args));
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -154,8 +169,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json_out = cli.output == Output::Json;
+    let limit = Duration::from_secs(cli.timeout);
+    match cli.command {
+        Cmd::Policy { command } => {
+            return report(runtime.block_on(vmha_agent::placement::policy(command, json_out)))
+        }
+        Cmd::WhatIf(args) => {
+            return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit)))
+        }
+        _ => {}
+    }
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmha: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Exit status of a command that does not go through vmhad.
+fn report(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmha: {}", one_line(&e));
             ExitCode::FAILURE
@@ -254,6 +291,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
+        Cmd::Policy { .. } | Cmd::WhatIf(_) | Cmd::ScheduleCopy(_) => {
+            unreachable!("policy and what-if run before the bus is reached")
+        }
     }
 }
 

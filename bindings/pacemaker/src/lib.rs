@@ -32,8 +32,10 @@ mod cib;
 mod cib_thread;
 mod controller;
 mod error;
+mod simulate;
 mod xml;
 
 pub use cib::{Access, CallOptions, Cib, CibChange, CibChanges, CibVersion, Scope};
 pub use controller::{Controller, ControllerState, Resource};
 pub use error::{Error, Result};
+pub use simulate::schedule_file;

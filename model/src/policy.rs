@@ -1,0 +1,1040 @@
+//! Placement policy: the operator's intent (zones, priorities, capacity, affinity) and its compilation into
+//! the Pacemaker configuration that carries it out.
+//!
+//! # The policy
+//! - Zones form a hierarchy, site > building > room > rack, written as a path (`eu`, `eu/b1`, `eu/b1/r2`,
+//!   `eu/b1/r2/k7`); each host sits in one zone. A zone may set an overcommit ratio for the hosts under it
+//!   (the deepest zone that sets one wins).
+//! - Each VM may have a priority (Pacemaker's `priority`: higher is placed first, lower is stopped first when
+//!   capacity is short) and a home zone (restarts prefer it; `strict_zone` forbids leaving it).
+//! - Hosts' capacity is their utilization (vmhad writes `cpu` and `hv_memory` from libvirt; VMs' needs come
+//!   from their definitions), scaled by the zone's overcommit ratio or replaced by an explicit capacity.
+//! - Groups of VMs may be kept apart (anti-affinity) or together (affinity) by host or by zone level.
+//!
+//! # Where it lives
+//! The policy is a JSON document stored in the CIB, in the nvpair `vmha-policy` of the cluster property set
+//! `vmha-policy` (so every host sees the same one); see [`store_xml`] and [`Policy::from_cib`].
+//!
+//! # What it compiles to
+//! Every element it generates has an id starting with [`PREFIX`] (`vmha-policy-`): node attributes
+//! `vmha-zone-<level>` (the zone path down to that level) in a set of their own per node, a higher-scored
+//! utilization set per node when capacity is scaled or given, a higher-scored meta set with `priority` per
+//! VM, one location constraint per VM with a home zone, colocation constraints for groups, and a cluster
+//! property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
+//! the policy owned before is dropped and generated afresh, everything else is copied as it is, so applying
+//! it (one `cib_replace` of the configuration section) changes exactly what the policy owns.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use roxmltree::{Document, Node};
+use serde::{Deserialize, Serialize};
+
+use crate::change::{escape, validate_name};
+use crate::cib::ClusterView;
+use crate::ModelError;
+
+/// Prefix of every id the policy generates (and owns).
+pub const PREFIX: &str = "vmha-policy-";
+/// Id of the cluster property set that stores the policy document (not generated, so not replaced).
+pub const STORE_SET_ID: &str = "vmha-policy";
+/// Name of the nvpair that holds the policy document.
+pub const STORE_NAME: &str = "vmha-policy";
+/// Score of the policy's attribute sets: above the unscored (0) sets users and vmhad write, so they win.
+pub const SET_SCORE: &str = "1000";
+/// Zone levels, outermost first.
+pub const LEVELS: [Level; 4] = [Level::Site, Level::Building, Level::Room, Level::Rack];
+
+/// Errors of the policy.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the policy is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("the CIB is not well-formed XML: {0}")]
+    Xml(#[from] roxmltree::Error),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
+    Err(PolicyError::Invalid(msg.into()))
+}
+
+/// A zone level, or the host itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Host,
+    Site,
+    Building,
+    Room,
+    Rack,
+}
+
+impl Level {
+    /// Depth in a zone path (site 1 .. rack 4); 0 for the host.
+    pub fn depth(self) -> usize {
+        match self {
+            Level::Host => 0,
+            Level::Site => 1,
+            Level::Building => 2,
+            Level::Room => 3,
+            Level::Rack => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Host => "host",
+            Level::Site => "site",
+            Level::Building => "building",
+            Level::Room => "room",
+            Level::Rack => "rack",
+        }
+    }
+
+    /// The node attribute that names a host's zone at this level (`#uname` for the host itself).
+    pub fn attribute(self) -> String {
+        match self {
+            Level::Host => "#uname".to_string(),
+            other => format!("vmha-zone-{}", other.name()),
+        }
+    }
+
+    fn of_depth(depth: usize) -> Option<Level> {
+        LEVELS.get(depth.checked_sub(1)?).copied()
+    }
+}
+
+/// Settings of a zone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSpec {
+    /// Capacity of the zone's hosts is their utilization times this (e.g. 1.5: 50 % overcommit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overcommit: Option<f64>,
+}
+
+/// Settings of a host.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// Zone path, e.g. `eu/b1/r2`.
+    pub zone: String,
+    /// Explicit capacity (`cpu`, `hv_memory`, ...), instead of the utilization vmhad writes (times overcommit).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capacity: BTreeMap<String, u64>,
+}
+
+/// Settings of a VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Pacemaker `priority`: higher is placed first and stopped last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Home zone: hosts in it are preferred (the policy's `home_score`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Never run outside the home zone (a -INFINITY rule); off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict_zone: bool,
+}
+
+/// VMs kept apart or together.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    pub members: Vec<String>,
+    /// Never two members on the same host (or in the same zone of this level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<Level>,
+    /// All members on the same host (or in the same zone of this level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Level>,
+    /// Colocation score; default -INFINITY for anti-affinity and INFINITY for affinity (a finite score
+    /// makes it a preference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<String>,
+}
+
+fn default_strategy() -> String {
+    "balanced".to_string()
+}
+
+fn default_home_score() -> i32 {
+    100
+}
+
+/// The placement policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Pacemaker `placement-strategy`: `default`, `utilization`, `minimal` or `balanced`.
+    #[serde(default = "default_strategy")]
+    pub placement_strategy: String,
+    /// Score of a VM's home zone (out of it: 0).
+    #[serde(default = "default_home_score")]
+    pub home_score: i32,
+    #[serde(default)]
+    pub zones: BTreeMap<String, ZoneSpec>,
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostSpec>,
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmSpec>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupSpec>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            placement_strategy: default_strategy(),
+            home_score: default_home_score(),
+            zones: BTreeMap::new(),
+            hosts: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+/// Checks a zone path: 1 to 4 names separated by `/`.
+pub fn validate_zone(zone: &str) -> Result<(), PolicyError> {
+    let parts: Vec<&str> = zone.split('/').collect();
+    if parts.len() > 4 {
+        return invalid(format!(
+            "zone {zone:?}: at most 4 levels (site/building/room/rack)"
+        ));
+    }
+    for part in parts {
+        validate_name("zone name", part)
+            .map_err(|e| PolicyError::Invalid(format!("zone {zone:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// `zone` is `ancestor` or lies under it.
+pub fn zone_within(zone: &str, ancestor: &str) -> bool {
+    zone == ancestor || zone.strip_prefix(ancestor).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The zone path of `zone` cut at `level` (None when the zone is not that deep).
+pub fn zone_at(zone: &str, level: Level) -> Option<String> {
+    let parts: Vec<&str> = zone.split('/').collect();
+    (level.depth() >= 1 && parts.len() >= level.depth()).then(|| parts[..level.depth()].join("/"))
+}
+
+fn is_score(s: &str) -> bool {
+    matches!(s, "INFINITY" | "+INFINITY" | "-INFINITY") || s.parse::<i64>().is_ok()
+}
+
+impl Policy {
+    /// Parses a policy document (JSON).
+    pub fn from_json(text: &str) -> Result<Policy, PolicyError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The policy stored in the CIB, if any.
+    pub fn from_cib(cib: &str) -> Result<Option<Policy>, PolicyError> {
+        let doc = Document::parse(cib)?;
+        let stored = doc
+            .descendants()
+            .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some(STORE_SET_ID))
+            .and_then(|set| {
+                set.children()
+                    .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some(STORE_NAME))
+            })
+            .and_then(|nv| nv.attribute("value"));
+        stored.map(Policy::from_json).transpose()
+    }
+
+    /// The home zone's level of a VM, and the zone.
+    fn home(&self, vm: &str) -> Option<(Level, &str)> {
+        let zone = self.vms.get(vm)?.zone.as_deref()?;
+        Some((Level::of_depth(zone.split('/').count())?, zone))
+    }
+
+    /// Checks the policy against the cluster: every host, VM and zone it names exists. A policy that fails
+    /// here is never stored or applied.
+    pub fn validate(&self, view: &ClusterView) -> Result<(), PolicyError> {
+        if !["default", "utilization", "minimal", "balanced"].contains(&self.placement_strategy.as_str()) {
+            return invalid(format!(
+                "placement_strategy {:?}: must be default, utilization, minimal or balanced",
+                self.placement_strategy
+            ));
+        }
+        if !(0..=1_000_000).contains(&self.home_score) {
+            return invalid(format!("home_score {}: must be 0 to 1000000", self.home_score));
+        }
+        for (zone, spec) in &self.zones {
+            validate_zone(zone)?;
+            if let Some(r) = spec.overcommit {
+                if !(r.is_finite() && r > 0.0 && r <= 100.0) {
+                    return invalid(format!("zone {zone}: overcommit {r} must be above 0 and at most 100"));
+                }
+            }
+            if !self.hosts.values().any(|h| zone_within(&h.zone, zone)) {
+                return invalid(format!("zone {zone}: no host is in it"));
+            }
+        }
+        for (host, spec) in &self.hosts {
+            if view.host(host).is_none() {
+                return invalid(format!("host {host}: not a node of this cluster"));
+            }
+            validate_zone(&spec.zone).map_err(|e| PolicyError::Invalid(format!("host {host}: {e}")))?;
+            for name in spec.capacity.keys() {
+                validate_name("utilization name", name)
+                    .map_err(|e| PolicyError::Invalid(format!("host {host}: {e}")))?;
+            }
+        }
+        for (vm, spec) in &self.vms {
+            if view.vm(vm).is_none() {
+                return invalid(format!("VM {vm}: no such VM resource in the CIB"));
+            }
+            if let Some(zone) = &spec.zone {
+                validate_zone(zone).map_err(|e| PolicyError::Invalid(format!("VM {vm}: {e}")))?;
+                if !self.hosts.values().any(|h| zone_within(&h.zone, zone)) {
+                    return invalid(format!("VM {vm}: home zone {zone} has no host"));
+                }
+            } else if spec.strict_zone {
+                return invalid(format!("VM {vm}: strict_zone needs a zone"));
+            }
+            if let Some(p) = spec.priority {
+                if !(-1_000_000..=1_000_000).contains(&p) {
+                    return invalid(format!("VM {vm}: priority {p} must be -1000000 to 1000000"));
+                }
+            }
+        }
+        let mut grouped: BTreeMap<&str, &str> = BTreeMap::new();
+        for (group, spec) in &self.groups {
+            validate_name("group name", group).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+            if spec.members.len() < 2 {
+                return invalid(format!("group {group}: needs at least 2 members"));
+            }
+            if spec.anti_affinity.is_some() == spec.affinity.is_some() {
+                return invalid(format!("group {group}: set exactly one of anti_affinity and affinity"));
+            }
+            if let Some(score) = &spec.score {
+                if !is_score(score) {
+                    return invalid(format!("group {group}: score {score:?} is not a Pacemaker score"));
+                }
+            }
+            for m in &spec.members {
+                if view.vm(m).is_none() {
+                    return invalid(format!("group {group}: {m} is no VM resource in the CIB"));
+                }
+                if let Some(other) = grouped.insert(m, group) {
+                    return invalid(format!("VM {m} is in two groups ({other} and {group})"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn priority(&self, vm: &str) -> i32 {
+        self.vms.get(vm).and_then(|v| v.priority).unwrap_or(0)
+    }
+
+    /// The overcommit ratio of a host's zone (the deepest zone that sets one), 1 by default.
+    pub fn overcommit(&self, zone: &str) -> f64 {
+        self.zones
+            .iter()
+            .filter(|(z, s)| zone_within(zone, z) && s.overcommit.is_some())
+            .max_by_key(|(z, _)| z.split('/').count())
+            .and_then(|(_, s)| s.overcommit)
+            .unwrap_or(1.0)
+    }
+}
+
+/// The `<cluster_property_set>` that stores `policy` in the CIB; for a modify of `crm_config`.
+pub fn store_xml(policy: &Policy) -> String {
+    let json = serde_json::to_string(policy).unwrap_or_default();
+    format!(
+        r#"<cluster_property_set id="{STORE_SET_ID}"><nvpair id="{STORE_SET_ID}.document" name="{STORE_NAME}" value="{}"/></cluster_property_set>"#,
+        escape(&json)
+    )
+}
+
+/// Sets of nvpairs of one tag under `node`, by Pacemaker's precedence: sorted by `score` (highest first,
+/// unscored 0), the first value of each name wins. `skip_policy` leaves out the policy's own sets.
+pub(crate) fn effective_nvpairs(node: Node, tag: &str, skip_policy: bool) -> BTreeMap<String, String> {
+    let mut sets: Vec<(i64, Node)> = node
+        .children()
+        .filter(|n| n.has_tag_name(tag))
+        .filter(|n| !(skip_policy && is_owned(n.attribute("id").unwrap_or(""))))
+        .map(|n| (score_value(n.attribute("score").unwrap_or("0")), n))
+        .collect();
+    sets.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut out = BTreeMap::new();
+    for (_, set) in sets {
+        for nv in set.children().filter(|n| n.has_tag_name("nvpair")) {
+            if let Some(name) = nv.attribute("name") {
+                out.entry(name.to_string())
+                    .or_insert_with(|| nv.attribute("value").unwrap_or("").to_string());
+            }
+        }
+    }
+    out
+}
+
+fn score_value(s: &str) -> i64 {
+    match s {
+        "INFINITY" | "+INFINITY" => 1_000_000,
+        "-INFINITY" => -1_000_000,
+        other => other.parse().unwrap_or(0),
+    }
+}
+
+/// An id the policy generated (the stored document is not one: it is kept across applies).
+pub fn is_owned(id: &str) -> bool {
+    id.starts_with(PREFIX)
+}
+
+fn id_part(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') { c } else { '.' })
+        .collect()
+}
+
+/// What the policy generates, keyed by where it goes.
+#[derive(Debug, Default)]
+struct Generated {
+    /// node id -> sets appended to the `<node>`.
+    nodes: BTreeMap<String, Vec<String>>,
+    /// primitive id -> sets appended to the `<primitive>`.
+    primitives: BTreeMap<String, Vec<String>>,
+    constraints: Vec<String>,
+    crm_config: Vec<String>,
+}
+
+fn nvpair(id: &str, name: &str, value: &str) -> String {
+    format!(
+        r#"<nvpair id="{}" name="{}" value="{}"/>"#,
+        escape(id),
+        escape(name),
+        escape(value)
+    )
+}
+
+fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Generated, PolicyError> {
+    let mut g = Generated::default();
+    let nodes: BTreeMap<&str, Node> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("node"))
+        .filter_map(|n| Some((n.attribute("uname")?, n)))
+        .collect();
+    for (host, spec) in &policy.hosts {
+        let node = nodes
+            .get(host.as_str())
+            .ok_or_else(|| PolicyError::Invalid(format!("host {host}: no <node> in the CIB")))?;
+        let id = node.attribute("id").unwrap_or(host);
+        let base = format!("{PREFIX}node-{}", id_part(id));
+        let mut attrs = String::new();
+        for level in LEVELS {
+            if let Some(z) = zone_at(&spec.zone, level) {
+                attrs.push_str(&nvpair(&format!("{base}-{}", level.name()), &level.attribute(), &z));
+            }
+        }
+        let mut sets = vec![format!(
+            r#"<instance_attributes id="{base}" score="{SET_SCORE}">{attrs}</instance_attributes>"#
+        )];
+        // Capacity: explicit, else what vmhad (or the user) declared, times the zone's overcommit.
+        let raw = effective_nvpairs(*node, "utilization", true);
+        let ratio = policy.overcommit(&spec.zone);
+        let mut capacity: BTreeMap<String, String> = BTreeMap::new();
+        if (ratio - 1.0).abs() > f64::EPSILON {
+            for (name, value) in &raw {
+                if let Ok(v) = value.parse::<u64>() {
+                    capacity.insert(name.clone(), ((v as f64) * ratio).floor().to_string());
+                }
+            }
+        }
+        for (name, value) in &spec.capacity {
+            capacity.insert(name.clone(), value.to_string());
+        }
+        if !capacity.is_empty() {
+            let pairs: String = capacity
+                .iter()
+                .map(|(n, v)| nvpair(&format!("{base}-utilization-{}", id_part(n)), n, v))
+                .collect();
+            sets.push(format!(
+                r#"<utilization id="{base}-utilization" score="{SET_SCORE}">{pairs}</utilization>"#
+            ));
+        }
+        g.nodes.insert(id.to_string(), sets);
+    }
+    for (vm, spec) in &policy.vms {
+        let v = id_part(vm);
+        if let Some(p) = spec.priority {
+            g.primitives.entry(vm.clone()).or_default().push(format!(
+                r#"<meta_attributes id="{PREFIX}meta-{v}" score="{SET_SCORE}">{}</meta_attributes>"#,
+                nvpair(&format!("{PREFIX}meta-{v}-priority"), "priority", &p.to_string())
+            ));
+        }
+        if let Some((level, zone)) = policy.home(vm) {
+            let attr = level.attribute();
+            let mut rules = format!(
+                r#"<rule id="{PREFIX}home-{v}-in" score="{}"><expression id="{PREFIX}home-{v}-in-expr" attribute="{}" operation="eq" value="{}"/></rule>"#,
+                policy.home_score,
+                escape(&attr),
+                escape(zone)
+            );
+            if spec.strict_zone {
+                rules.push_str(&format!(
+                    concat!(
+                        r#"<rule id="{p}home-{v}-out" score="-INFINITY" boolean-op="or">"#,
+                        r#"<expression id="{p}home-{v}-out-ne" attribute="{a}" operation="ne" value="{z}"/>"#,
+                        r#"<expression id="{p}home-{v}-out-undef" attribute="{a}" operation="not_defined"/>"#,
+                        r#"</rule>"#
+                    ),
+                    p = PREFIX,
+                    v = v,
+                    a = escape(&attr),
+                    z = escape(zone)
+                ));
+            }
+            g.constraints.push(format!(
+                r#"<rsc_location id="{PREFIX}home-{v}" rsc="{}">{rules}</rsc_location>"#,
+                escape(vm)
+            ));
+        }
+    }
+    for (group, spec) in &policy.groups {
+        let (level, default_score) = match (spec.anti_affinity, spec.affinity) {
+            (Some(l), _) => (l, "-INFINITY"),
+            (None, Some(l)) => (l, "INFINITY"),
+            (None, None) => continue,
+        };
+        let kind = if spec.anti_affinity.is_some() { "apart" } else { "together" };
+        let score = spec.score.as_deref().unwrap_or(default_score);
+        // Highest priority first: each member is placed with (after) the ones before it, so when
+        // capacity is short the lower-priority member is the one that gives way.
+        let mut members: Vec<&String> = spec.members.iter().collect();
+        members.sort_by(|a, b| policy.priority(b).cmp(&policy.priority(a)).then(a.cmp(b)));
+        for (i, dependent) in members.iter().enumerate() {
+            let primaries: Vec<&&String> = if spec.anti_affinity.is_some() {
+                members[..i].iter().collect()
+            } else {
+                members[..i].iter().take(1).collect()
+            };
+            for primary in primaries {
+                g.constraints.push(format!(
+                    r#"<rsc_colocation id="{PREFIX}{kind}-{}-{}-{}" rsc="{}" with-rsc="{}" score="{}" node-attribute="{}"/>"#,
+                    id_part(group),
+                    id_part(dependent),
+                    id_part(primary),
+                    escape(dependent),
+                    escape(primary),
+                    escape(score),
+                    escape(&level.attribute())
+                ));
+            }
+        }
+    }
+    g.crm_config.push(format!(
+        r#"<cluster_property_set id="{PREFIX}options">{}</cluster_property_set>"#,
+        nvpair(
+            &format!("{PREFIX}options-placement-strategy"),
+            "placement-strategy",
+            &policy.placement_strategy
+        )
+    ));
+    let _ = view;
+    Ok(g)
+}
+
+/// Writes `node` and its subtree as XML, leaving out elements `skip` selects and appending, at the end of
+/// each element, what `append` gives for it.
+pub(crate) fn write_xml(
+    node: Node,
+    out: &mut String,
+    skip: &dyn Fn(Node) -> bool,
+    append: &dyn Fn(Node) -> Vec<String>,
+) {
+    write_xml_with(node, out, skip, append, &|_| None)
+}
+
+/// As [`write_xml`], and `attributes` may replace an element's attributes.
+pub(crate) fn write_xml_with(
+    node: Node,
+    out: &mut String,
+    skip: &dyn Fn(Node) -> bool,
+    append: &dyn Fn(Node) -> Vec<String>,
+    attributes: &dyn Fn(Node) -> Option<Vec<(String, String)>>,
+) {
+    if node.is_text() {
+        out.push_str(&escape_text(node.text().unwrap_or("")));
+        return;
+    }
+    if node.is_comment() {
+        out.push_str(&format!("<!--{}-->", node.text().unwrap_or("")));
+        return;
+    }
+    if !node.is_element() || skip(node) {
+        return;
+    }
+    let tag = node.tag_name().name();
+    out.push('<');
+    out.push_str(tag);
+    match attributes(node) {
+        Some(attrs) => {
+            for (k, v) in attrs {
+                out.push_str(&format!(r#" {k}="{}""#, escape(&v)));
+            }
+        }
+        None => {
+            for a in node.attributes() {
+                out.push_str(&format!(r#" {}="{}""#, a.name(), escape(a.value())));
+            }
+        }
+    }
+    let extra = append(node);
+    let mut inner = String::new();
+    for c in node.children() {
+        write_xml_with(c, &mut inner, skip, append, attributes);
+    }
+    for e in extra {
+        inner.push_str(&e);
+    }
+    if inner.is_empty() {
+        out.push_str("/>");
+    } else {
+        out.push('>');
+        out.push_str(&inner);
+        out.push_str(&format!("</{tag}>"));
+    }
+}
+
+fn escape_text(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// An element in a canonical form (attributes sorted, whitespace-only text dropped), for comparing.
+fn canonical(node: Node) -> String {
+    let mut attrs: Vec<(String, String)> = node
+        .attributes()
+        .map(|a| (a.name().to_string(), a.value().to_string()))
+        .collect();
+    attrs.sort();
+    let mut s = format!("<{}", node.tag_name().name());
+    for (k, v) in attrs {
+        s.push_str(&format!(r#" {k}="{}""#, escape(&v)));
+    }
+    let children: Vec<String> = node
+        .children()
+        .filter_map(|c| {
+            if c.is_element() {
+                Some(canonical(c))
+            } else if c.is_text() {
+                let t = c.text().unwrap_or("").trim();
+                (!t.is_empty()).then(|| escape_text(t))
+            } else {
+                None
+            }
+        })
+        .collect();
+    if children.is_empty() {
+        s.push_str("/>");
+    } else {
+        s.push('>');
+        s.push_str(&children.concat());
+        s.push_str(&format!("</{}>", node.tag_name().name()));
+    }
+    s
+}
+
+/// The outermost policy-owned elements of a `<configuration>`: id -> (where, canonical XML).
+fn owned_elements(configuration: Node) -> BTreeMap<String, (String, String)> {
+    let mut out = BTreeMap::new();
+    fn walk(node: Node, out: &mut BTreeMap<String, (String, String)>) {
+        for c in node.children().filter(|c| c.is_element()) {
+            match c.attribute("id") {
+                Some(id) if is_owned(id) => {
+                    out.insert(id.to_string(), (location(c), canonical(c)));
+                }
+                _ => walk(c, out),
+            }
+        }
+    }
+    walk(configuration, &mut out);
+    out
+}
+
+/// Where an element sits, e.g. `nodes/node[node1]` or `constraints`.
+fn location(node: Node) -> String {
+    let mut parts: Vec<String> = node
+        .ancestors()
+        .skip(1)
+        .filter(|a| a.is_element())
+        .take_while(|a| !a.has_tag_name("configuration"))
+        .map(|a| match a.attribute("uname").or(a.attribute("id")) {
+            Some(id) => format!("{}[{}]", a.tag_name().name(), id),
+            None => a.tag_name().name().to_string(),
+        })
+        .collect();
+    parts.reverse();
+    parts.join("/")
+}
+
+/// One difference between the current and the planned configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "lowercase")]
+pub enum PlanChange {
+    Add { at: String, id: String, xml: String },
+    Remove { at: String, id: String, xml: String },
+    Replace { at: String, id: String, old: String, new: String },
+}
+
+/// What applying the policy does: the new `<configuration>` and how it differs from the current one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The whole new `<configuration>` section (for a `cib_replace` of `configuration`).
+    #[serde(skip)]
+    pub configuration: String,
+    /// The CIB version the plan was computed from (`admin_epoch.epoch.num_updates`).
+    pub from_version: String,
+    pub changes: Vec<PlanChange>,
+    /// Things that keep the policy from taking full effect.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// True when applying changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The difference as text: `+` added, `-` removed elements, each with where it goes.
+    pub fn diff_text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.changes {
+            match c {
+                PlanChange::Add { at, xml, .. } => s.push_str(&format!("+ {at}: {xml}\n")),
+                PlanChange::Remove { at, xml, .. } => s.push_str(&format!("- {at}: {xml}\n")),
+                PlanChange::Replace { at, old, new, .. } => {
+                    s.push_str(&format!("- {at}: {old}\n+ {at}: {new}\n"));
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Compiles `policy` against the whole CIB `cib` into the configuration that carries it out (see the
+/// module documentation). Validates the policy first.
+pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
+    let view = ClusterView::from_cib(cib)?;
+    policy.validate(&view)?;
+    let doc = Document::parse(cib)?;
+    let configuration = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("configuration"))
+        .ok_or(ModelError::MissingSection("configuration"))?;
+    let generated = generate(policy, &doc, &view)?;
+    let skip = |n: Node| n.attribute("id").is_some_and(is_owned);
+    let append = |n: Node| -> Vec<String> {
+        let id = n.attribute("id").unwrap_or("");
+        match n.tag_name().name() {
+            "node" if n.parent().is_some_and(|p| p.has_tag_name("nodes")) => {
+                generated.nodes.get(id).cloned().unwrap_or_default()
+            }
+            "primitive" => generated.primitives.get(id).cloned().unwrap_or_default(),
+            "constraints" => generated.constraints.clone(),
+            "crm_config" => generated.crm_config.clone(),
+            _ => Vec::new(),
+        }
+    };
+    let mut text = String::new();
+    write_xml(configuration, &mut text, &skip, &append);
+    // A configuration without <constraints> cannot happen in a CIB Pacemaker wrote; refuse rather than drop.
+    for (section, needed) in [
+        ("constraints", !generated.constraints.is_empty()),
+        ("crm_config", true),
+    ] {
+        if needed && !configuration.children().any(|c| c.has_tag_name(section)) {
+            return invalid(format!("the CIB has no <{section}> section"));
+        }
+    }
+
+    let new_doc = Document::parse(&text)?;
+    let old = owned_elements(configuration);
+    let new = owned_elements(new_doc.root_element());
+    let mut changes = Vec::new();
+    for (id, (at, xml)) in &old {
+        match new.get(id) {
+            None => changes.push(PlanChange::Remove {
+                at: at.clone(),
+                id: id.clone(),
+                xml: xml.clone(),
+            }),
+            Some((new_at, new_xml)) if new_xml != xml || new_at != at => changes.push(PlanChange::Replace {
+                at: new_at.clone(),
+                id: id.clone(),
+                old: xml.clone(),
+                new: new_xml.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    for (id, (at, xml)) in &new {
+        if !old.contains_key(id) {
+            changes.push(PlanChange::Add {
+                at: at.clone(),
+                id: id.clone(),
+                xml: xml.clone(),
+            });
+        }
+    }
+
+    let mut warnings = Vec::new();
+    if let Some(user) = configuration
+        .descendants()
+        .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some("cib-bootstrap-options"))
+        .and_then(|set| {
+            set.children()
+                .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some("placement-strategy"))
+        })
+        .and_then(|n| n.attribute("value"))
+    {
+        if user != policy.placement_strategy {
+            warnings.push(format!(
+                "placement-strategy is {user:?} in cib-bootstrap-options, which wins over the policy's {:?}",
+                policy.placement_strategy
+            ));
+        }
+    }
+    if policy.placement_strategy == "default"
+        && policy.hosts.values().any(|h| !h.capacity.is_empty())
+    {
+        warnings.push("placement_strategy default ignores capacity".into());
+    }
+    let unplaced: BTreeSet<&str> = view
+        .hosts
+        .iter()
+        .map(|h| h.name.as_str())
+        .filter(|h| !policy.hosts.contains_key(*h))
+        .collect();
+    if !policy.hosts.is_empty() && !unplaced.is_empty() {
+        warnings.push(format!(
+            "hosts in no zone: {}",
+            unplaced.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(Plan {
+        configuration: text,
+        from_version: view.version,
+        changes,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const CIB: &str = r#"<cib admin_epoch="0" epoch="5" num_updates="2">
+  <configuration>
+    <crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="true"/></cluster_property_set></crm_config>
+    <nodes>
+      <node id="1" uname="n1"><utilization id="nodes-1-utilization"><nvpair id="u1c" name="cpu" value="4"/><nvpair id="u1m" name="hv_memory" value="1000"/></utilization></node>
+      <node id="2" uname="n2"><utilization id="nodes-2-utilization"><nvpair id="u2c" name="cpu" value="4"/><nvpair id="u2m" name="hv_memory" value="1000"/></utilization></node>
+      <node id="3" uname="n3"/>
+    </nodes>
+    <resources>
+      <primitive id="vm1" class="ocf" provider="vmha" type="VirtualMachine"><utilization id="vm1-u"><nvpair id="vm1-u-m" name="hv_memory" value="128"/></utilization></primitive>
+      <primitive id="vm2" class="ocf" provider="vmha" type="VirtualMachine"/>
+      <primitive id="vm3" class="ocf" provider="vmha" type="VirtualMachine"/>
+      <primitive id="ip" class="ocf" provider="heartbeat" type="IPaddr2"/>
+    </resources>
+    <constraints><rsc_location id="user-loc" rsc="vm1" node="n1" score="50"/></constraints>
+  </configuration>
+  <status/>
+</cib>"#;
+
+    pub(crate) fn policy() -> Policy {
+        Policy::from_json(
+            r#"{
+            "zones": {"a": {"overcommit": 1.5}},
+            "hosts": {"n1": {"zone": "a/r1"}, "n2": {"zone": "a/r2"}, "n3": {"zone": "b", "capacity": {"hv_memory": 256}}},
+            "vms": {"vm1": {"priority": 10, "zone": "a"}, "vm2": {"priority": 5, "zone": "b", "strict_zone": true}, "vm3": {}},
+            "groups": {"app": {"members": ["vm1", "vm2", "vm3"], "anti_affinity": "host"}}
+        }"#,
+        )
+        .unwrap()
+    }
+
+    /// The CIB with `configuration` put in place of its configuration section.
+    pub(crate) fn with_configuration(cib: &str, configuration: &str) -> String {
+        let start = cib.find("<configuration>").unwrap();
+        let end = cib.find("</configuration>").unwrap() + "</configuration>".len();
+        format!("{}{}{}", &cib[..start], configuration, &cib[end..])
+    }
+
+    #[test]
+    fn compiles_zones_priorities_capacity_and_groups() {
+        let p = plan(&policy(), CIB).unwrap();
+        let c = &p.configuration;
+        Document::parse(c).unwrap();
+        for needle in [
+            // zone path per level as node attributes
+            r#"<nvpair id="vmha-policy-node-1-site" name="vmha-zone-site" value="a"/>"#,
+            r#"<nvpair id="vmha-policy-node-1-building" name="vmha-zone-building" value="a/r1"/>"#,
+            // overcommit scales what vmhad declared; an explicit capacity replaces it
+            r#"<utilization id="vmha-policy-node-1-utilization" score="1000"><nvpair id="vmha-policy-node-1-utilization-cpu" name="cpu" value="6"/><nvpair id="vmha-policy-node-1-utilization-hv_memory" name="hv_memory" value="1500"/></utilization>"#,
+            r#"<nvpair id="vmha-policy-node-3-utilization-hv_memory" name="hv_memory" value="256"/>"#,
+            // priority
+            r#"<meta_attributes id="vmha-policy-meta-vm1" score="1000"><nvpair id="vmha-policy-meta-vm1-priority" name="priority" value="10"/></meta_attributes>"#,
+            // home zone: preferred, not required...
+            r#"<rsc_location id="vmha-policy-home-vm1" rsc="vm1"><rule id="vmha-policy-home-vm1-in" score="100"><expression id="vmha-policy-home-vm1-in-expr" attribute="vmha-zone-site" operation="eq" value="a"/></rule></rsc_location>"#,
+            // ...unless strict
+            r#"<rule id="vmha-policy-home-vm2-out" score="-INFINITY" boolean-op="or">"#,
+            // anti-affinity: the lower priority VM is placed with (after) the higher one
+            r##"<rsc_colocation id="vmha-policy-apart-app-vm2-vm1" rsc="vm2" with-rsc="vm1" score="-INFINITY" node-attribute="#uname"/>"##,
+            r##"<rsc_colocation id="vmha-policy-apart-app-vm3-vm2" rsc="vm3" with-rsc="vm2" score="-INFINITY" node-attribute="#uname"/>"##,
+            r#"<rsc_colocation id="vmha-policy-apart-app-vm3-vm1""#,
+            r#"<nvpair id="vmha-policy-options-placement-strategy" name="placement-strategy" value="balanced"/>"#,
+            // user configuration is kept
+            r#"<rsc_location id="user-loc" rsc="vm1" node="n1" score="50"/>"#,
+            r#"<nvpair id="u1m" name="hv_memory" value="1000"/>"#,
+        ] {
+            assert!(c.contains(needle), "{needle}\nin\n{c}");
+        }
+        assert!(!c.contains("-INFINITY\" boolean-op=\"or\"><expression id=\"vmha-policy-home-vm1"));
+        assert!(!c.contains("vmha-policy-meta-vm3"), "no priority, no meta set");
+        assert!(p.changes.iter().all(|ch| matches!(ch, PlanChange::Add { .. })));
+        assert!(p.diff_text().contains("+ nodes/node[n1]: <instance_attributes id=\"vmha-policy-node-1\""));
+        assert_eq!(p.from_version, "0.5.2");
+    }
+
+    #[test]
+    fn reapplying_an_unchanged_policy_changes_nothing() {
+        let first = plan(&policy(), CIB).unwrap();
+        assert!(!first.is_empty());
+        let applied = with_configuration(CIB, &first.configuration);
+        let again = plan(&policy(), &applied).unwrap();
+        assert!(again.is_empty(), "{}", again.diff_text());
+        assert_eq!(again.configuration, first.configuration);
+    }
+
+    #[test]
+    fn reapplying_replaces_exactly_what_the_policy_owns() {
+        let applied = with_configuration(CIB, &plan(&policy(), CIB).unwrap().configuration);
+        let mut p = policy();
+        p.groups.clear();
+        p.vms.get_mut("vm1").unwrap().priority = Some(20);
+        let second = plan(&p, &applied).unwrap();
+        let removed: Vec<&str> = second
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                PlanChange::Remove { id, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            removed,
+            vec![
+                "vmha-policy-apart-app-vm2-vm1",
+                "vmha-policy-apart-app-vm3-vm1",
+                "vmha-policy-apart-app-vm3-vm2"
+            ]
+        );
+        let replaced: Vec<&str> = second
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                PlanChange::Replace { id, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replaced, vec!["vmha-policy-meta-vm1"]);
+        assert!(second.configuration.contains(r#"<rsc_location id="user-loc""#));
+        // An empty policy removes everything the policy owned and nothing else.
+        let none = plan(&Policy::default(), &applied).unwrap();
+        let cleared = with_configuration(CIB, &none.configuration);
+        let doc = Document::parse(&cleared).unwrap();
+        let owned: Vec<&str> = doc
+            .descendants()
+            .filter_map(|n| n.attribute("id"))
+            .filter(|id| is_owned(id) && *id != "vmha-policy-options" && !id.starts_with("vmha-policy-options-"))
+            .collect();
+        assert!(owned.is_empty(), "{owned:?}");
+        let before = Document::parse(CIB).unwrap();
+        let user_ids: BTreeSet<&str> = before.descendants().filter_map(|n| n.attribute("id")).collect();
+        let after_ids: BTreeSet<&str> = doc
+            .descendants()
+            .filter_map(|n| n.attribute("id"))
+            .filter(|id| !is_owned(id))
+            .collect();
+        assert_eq!(user_ids, after_ids);
+    }
+
+    #[test]
+    fn bad_policies_are_refused_with_a_reason() {
+        let check = |json: &str, why: &str| {
+            let err = Policy::from_json(json)
+                .map_err(|e| e.to_string())
+                .and_then(|p| plan(&p, CIB).map(|_| ()).map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(err.contains(why), "{json}: {err}");
+        };
+        check(r#"{"hosts": {"n9": {"zone": "a"}}}"#, "host n9: not a node");
+        check(r#"{"hosts": {"n1": {"zone": "a/b/c/d/e"}}}"#, "at most 4 levels");
+        check(r#"{"hosts": {"n1": {"zone": "a b"}}}"#, "zone name");
+        check(r#"{"vms": {"nosuch": {"priority": 1}}}"#, "VM nosuch: no such VM");
+        check(r#"{"hosts": {"n1": {"zone": "a"}}, "vms": {"vm1": {"zone": "b"}}}"#, "home zone b has no host");
+        check(r#"{"placement_strategy": "random"}"#, "placement_strategy");
+        check(r#"{"zones": {"a": {"overcommit": 0}}, "hosts": {"n1": {"zone": "a"}}}"#, "overcommit");
+        check(r#"{"groups": {"g": {"members": ["vm1"], "anti_affinity": "host"}}}"#, "at least 2");
+        check(r#"{"groups": {"g": {"members": ["vm1", "ip"], "anti_affinity": "host"}}}"#, "ip is no VM");
+        check(
+            r#"{"groups": {"g": {"members": ["vm1", "vm2"], "anti_affinity": "host", "affinity": "host"}}}"#,
+            "exactly one",
+        );
+        check(r#"{"typo": 1}"#, "unknown field");
+    }
+
+    #[test]
+    fn zone_levels_and_overcommit() {
+        assert_eq!(zone_at("eu/b1/r2", Level::Building).as_deref(), Some("eu/b1"));
+        assert_eq!(zone_at("eu", Level::Room), None);
+        assert!(zone_within("eu/b1", "eu") && !zone_within("eu2", "eu") && zone_within("eu", "eu"));
+        let p = Policy::from_json(
+            r#"{"zones": {"eu": {"overcommit": 2.0}, "eu/b1": {"overcommit": 1.25}, "eu/b2": {}}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.overcommit("eu/b1/r1"), 1.25);
+        assert_eq!(p.overcommit("eu/b2"), 2.0);
+        assert_eq!(p.overcommit("us"), 1.0);
+    }
+
+    #[test]
+    fn the_policy_round_trips_through_the_cib() {
+        let p = policy();
+        let set = store_xml(&p);
+        let cib = CIB.replace(
+            "</cluster_property_set></crm_config>",
+            &format!("</cluster_property_set>{set}</crm_config>"),
+        );
+        assert_eq!(Policy::from_cib(&cib).unwrap(), Some(p));
+        assert_eq!(Policy::from_cib(CIB).unwrap(), None);
+        // The stored document is not policy-owned: applying keeps it.
+        let planned = plan(&policy(), &cib).unwrap();
+        assert!(planned.configuration.contains(r#"<cluster_property_set id="vmha-policy">"#));
+    }
+
+    #[test]
+    fn effective_sets_follow_pacemakers_precedence() {
+        let x = r#"<node id="1"><utilization id="a"><nvpair name="cpu" value="4"/></utilization><utilization id="vmha-policy-x" score="1000"><nvpair name="cpu" value="6"/></utilization></node>"#;
+        let doc = Document::parse(x).unwrap();
+        assert_eq!(effective_nvpairs(doc.root_element(), "utilization", false)["cpu"], "6");
+        assert_eq!(effective_nvpairs(doc.root_element(), "utilization", true)["cpu"], "4");
+    }
+}

@@ -1,0 +1,432 @@
+//! What-if: the copy of the live CIB Pacemaker's scheduler is run on (hosts failed, a VM added), and what
+//! the transition graph it computes means for each VM and for each zone's capacity.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use roxmltree::{Document, Node};
+use serde::Serialize;
+
+use crate::cib::{ClusterView, HostState};
+use crate::policy::{effective_nvpairs, write_xml, write_xml_with, PolicyError, LEVELS};
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
+    Err(PolicyError::Invalid(msg.into()))
+}
+
+/// The hosts of the cluster with their zone (the deepest `vmha-zone-*` node attribute the policy set), or
+/// `None` for hosts in no zone.
+pub fn host_zones(cib: &str) -> Result<BTreeMap<String, Option<String>>, PolicyError> {
+    let doc = Document::parse(cib)?;
+    let mut out = BTreeMap::new();
+    for node in doc.descendants().filter(|n| n.has_tag_name("node")) {
+        let Some(name) = node.attribute("uname") else { continue };
+        if node.parent().is_none_or(|p| !p.has_tag_name("nodes")) {
+            continue;
+        }
+        let attrs = effective_nvpairs(node, "instance_attributes", false);
+        let zone = LEVELS
+            .iter()
+            .rev()
+            .find_map(|l| attrs.get(&l.attribute()).cloned());
+        out.insert(name.to_string(), zone);
+    }
+    Ok(out)
+}
+
+/// The hosts in `zone` (or under it), by the node attributes in the CIB.
+pub fn hosts_in_zone(cib: &str, zone: &str) -> Result<Vec<String>, PolicyError> {
+    let hosts: Vec<String> = host_zones(cib)?
+        .into_iter()
+        .filter(|(_, z)| z.as_deref().is_some_and(|z| crate::policy::zone_within(z, zone)))
+        .map(|(h, _)| h)
+        .collect();
+    if hosts.is_empty() {
+        return invalid(format!("no host is in zone {zone} (apply a policy that places hosts in zones)"));
+    }
+    Ok(hosts)
+}
+
+/// The whole CIB with `hosts` failed and fenced: cleanly down (`in_ccm` false, `crmd` offline, join and
+/// expected down), their resource history and transient attributes gone — what the CIB says once the
+/// cluster fenced them.
+pub fn fail_hosts(cib: &str, hosts: &[String]) -> Result<String, PolicyError> {
+    let doc = Document::parse(cib)?;
+    let view = ClusterView::from_cib(cib)?;
+    let mut ids = BTreeSet::new();
+    for h in hosts {
+        match view.host(h) {
+            Some(host) => {
+                ids.insert(host.id.clone());
+            }
+            None => return invalid(format!("host {h}: not a node of this cluster")),
+        }
+    }
+    let in_failed_state = |n: Node| {
+        n.parent().is_some_and(|p| {
+            p.has_tag_name("node_state") && p.attribute("id").is_some_and(|id| ids.contains(id))
+        })
+    };
+    let skip = |n: Node| {
+        (n.has_tag_name("lrm") || n.has_tag_name("transient_attributes")) && in_failed_state(n)
+    };
+    let attributes = |n: Node| -> Option<Vec<(String, String)>> {
+        if !(n.has_tag_name("node_state") && n.attribute("id").is_some_and(|id| ids.contains(id))) {
+            return None;
+        }
+        let mut attrs: Vec<(String, String)> = n
+            .attributes()
+            .map(|a| (a.name().to_string(), a.value().to_string()))
+            .collect();
+        for (name, value) in [("in_ccm", "false"), ("crmd", "offline"), ("join", "down"), ("expected", "down")] {
+            match attrs.iter_mut().find(|(k, _)| k == name) {
+                Some(a) => a.1 = value.to_string(),
+                None => attrs.push((name.to_string(), value.to_string())),
+            }
+        }
+        Some(attrs)
+    };
+    let mut out = String::new();
+    write_xml_with(doc.root_element(), &mut out, &skip, &|_| Vec::new(), &attributes);
+    Ok(out)
+}
+
+/// The whole CIB with `primitive` (a VM resource's XML) added to its resources.
+pub fn add_resource(cib: &str, primitive: &str) -> Result<String, PolicyError> {
+    let new = Document::parse(primitive)?;
+    let id = new.root_element().attribute("id").unwrap_or("");
+    let doc = Document::parse(cib)?;
+    if doc.descendants().any(|n| n.attribute("id") == Some(id)) {
+        return invalid(format!("{id} already exists in the CIB"));
+    }
+    let append = |n: Node| {
+        if n.has_tag_name("resources") && n.parent().is_some_and(|p| p.has_tag_name("configuration")) {
+            vec![primitive.to_string()]
+        } else {
+            Vec::new()
+        }
+    };
+    let mut out = String::new();
+    write_xml(doc.root_element(), &mut out, &|_| false, &append);
+    Ok(out)
+}
+
+/// One resource operation of a transition graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GraphAction {
+    pub resource: String,
+    pub operation: String,
+    pub host: String,
+}
+
+/// The resource operations (not pseudo-events) of a transition graph (`<transition_graph>`).
+pub fn graph_actions(graph: &str) -> Result<Vec<GraphAction>, PolicyError> {
+    let doc = Document::parse(graph)?;
+    if !doc.root_element().has_tag_name("transition_graph") {
+        return invalid("not a transition graph");
+    }
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("rsc_op"))
+        .filter_map(|op| {
+            let primitive = op.children().find(|c| c.has_tag_name("primitive"))?;
+            Some(GraphAction {
+                resource: primitive
+                    .attribute("long-id")
+                    .or(primitive.attribute("id"))?
+                    .to_string(),
+                operation: op.attribute("operation")?.to_string(),
+                host: op.attribute("on_node")?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// What happens to one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "kebab-case")]
+pub enum VmOutcome {
+    /// Keeps running where it runs.
+    Stays { host: String },
+    /// Runs elsewhere (restarted or migrated).
+    Moves { from: String, to: String },
+    /// Was running, would be stopped: no host has room for it (or none may take it).
+    Stops { from: String },
+    /// Not running, would start.
+    Starts { to: String },
+    /// Not running and would not start although it should run.
+    StaysStopped,
+}
+
+/// One VM's prediction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VmPrediction {
+    pub vm: String,
+    pub priority: i64,
+    #[serde(flatten)]
+    pub outcome: VmOutcome,
+}
+
+/// Capacity left in one zone after the event (sum over its surviving hosts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ZoneCapacity {
+    /// Zone path, or `-` for hosts in no zone.
+    pub zone: String,
+    pub hosts: Vec<String>,
+    /// Utilization name -> capacity of the surviving hosts.
+    pub capacity: BTreeMap<String, i64>,
+    /// Utilization name -> what is left once the predicted VMs run.
+    pub free: BTreeMap<String, i64>,
+}
+
+/// The scheduler's answer to one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Prediction {
+    pub failed_hosts: Vec<String>,
+    pub added_vm: Option<String>,
+    pub vms: Vec<VmPrediction>,
+    pub zones: Vec<ZoneCapacity>,
+}
+
+impl Prediction {
+    /// VMs that would not run although they ran before (or should run).
+    pub fn without_place(&self) -> Vec<&str> {
+        self.vms
+            .iter()
+            .filter(|v| matches!(v.outcome, VmOutcome::Stops { .. } | VmOutcome::StaysStopped))
+            .map(|v| v.vm.as_str())
+            .collect()
+    }
+
+    /// Where each VM would run (`None`: stopped).
+    pub fn placement(&self) -> BTreeMap<String, Option<String>> {
+        self.vms
+            .iter()
+            .map(|v| {
+                let host = match &v.outcome {
+                    VmOutcome::Stays { host } => Some(host.clone()),
+                    VmOutcome::Moves { to, .. } | VmOutcome::Starts { to } => Some(to.clone()),
+                    VmOutcome::Stops { .. } | VmOutcome::StaysStopped => None,
+                };
+                (v.vm.clone(), host)
+            })
+            .collect()
+    }
+}
+
+fn int(v: &str) -> i64 {
+    v.parse().unwrap_or(0)
+}
+
+/// Reads the scheduler's transition graph for the event: `live` is the live CIB, `copy` the CIB the
+/// scheduler ran on (the event applied), `graph` its transition graph.
+pub fn predict(
+    live: &str,
+    copy: &str,
+    graph: &str,
+    failed_hosts: &[String],
+    added_vm: Option<&str>,
+) -> Result<Prediction, PolicyError> {
+    let before = ClusterView::from_cib(live)?;
+    let after_view = ClusterView::from_cib(copy)?;
+    let actions = graph_actions(graph)?;
+    let mut vms = Vec::new();
+    let mut placed: BTreeMap<String, String> = BTreeMap::new();
+    for vm in &after_view.vms {
+        let mut hosts: BTreeSet<String> = vm.hosts.iter().cloned().collect();
+        for a in actions.iter().filter(|a| a.resource == vm.name) {
+            match a.operation.as_str() {
+                "stop" | "migrate_to" => {
+                    hosts.remove(&a.host);
+                }
+                "start" | "migrate_from" => {
+                    hosts.insert(a.host.clone());
+                }
+                _ => {}
+            }
+        }
+        let was = before.vm(&vm.name).and_then(|v| v.hosts.first().cloned());
+        let now = hosts.into_iter().next();
+        let wanted = vm.target_role.as_deref().is_none_or(|r| !r.eq_ignore_ascii_case("stopped"));
+        let outcome = match (was, now) {
+            (Some(a), Some(b)) if a == b => VmOutcome::Stays { host: b },
+            (Some(a), Some(b)) => VmOutcome::Moves { from: a, to: b },
+            (Some(a), None) => VmOutcome::Stops { from: a },
+            (None, Some(b)) => VmOutcome::Starts { to: b },
+            (None, None) if wanted => VmOutcome::StaysStopped,
+            (None, None) => continue,
+        };
+        if let VmOutcome::Stays { host: h } | VmOutcome::Moves { to: h, .. } | VmOutcome::Starts { to: h } =
+            &outcome
+        {
+            placed.insert(vm.name.clone(), h.clone());
+        }
+        vms.push(VmPrediction {
+            vm: vm.name.clone(),
+            priority: vm.meta.get("priority").map(|p| int(p)).unwrap_or(0),
+            outcome,
+        });
+    }
+    vms.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.vm.cmp(&b.vm)));
+
+    // Capacity per zone: the scheduler's view of each surviving host's capacity, minus the predicted VMs.
+    let doc = Document::parse(copy)?;
+    let zones = host_zones(copy)?;
+    let mut capacity: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for node in doc
+        .descendants()
+        .filter(|n| n.has_tag_name("node") && n.parent().is_some_and(|p| p.has_tag_name("nodes")))
+    {
+        let Some(name) = node.attribute("uname") else { continue };
+        let up = after_view
+            .host(name)
+            .is_some_and(|h| h.state == HostState::Online && !h.standby);
+        if !up || failed_hosts.iter().any(|f| f == name) {
+            continue;
+        }
+        let util = effective_nvpairs(node, "utilization", false)
+            .into_iter()
+            .map(|(k, v)| (k, int(&v)))
+            .collect();
+        capacity.insert(name.to_string(), util);
+    }
+    let mut by_zone: BTreeMap<String, ZoneCapacity> = BTreeMap::new();
+    for (host, cap) in &capacity {
+        let zone = zones.get(host).cloned().flatten().unwrap_or_else(|| "-".into());
+        let entry = by_zone.entry(zone.clone()).or_insert_with(|| ZoneCapacity {
+            zone,
+            hosts: Vec::new(),
+            capacity: BTreeMap::new(),
+            free: BTreeMap::new(),
+        });
+        entry.hosts.push(host.clone());
+        for (k, v) in cap {
+            *entry.capacity.entry(k.clone()).or_default() += v;
+            *entry.free.entry(k.clone()).or_default() += v;
+        }
+    }
+    for (vm, host) in &placed {
+        let zone = zones.get(host).cloned().flatten().unwrap_or_else(|| "-".into());
+        let (Some(z), Some(v)) = (by_zone.get_mut(&zone), after_view.vm(vm)) else {
+            continue;
+        };
+        for (k, need) in &v.utilization {
+            if let Some(free) = z.free.get_mut(k) {
+                *free -= int(need);
+            }
+        }
+    }
+    Ok(Prediction {
+        failed_hosts: failed_hosts.to_vec(),
+        added_vm: added_vm.map(str::to_string),
+        vms,
+        zones: by_zone.into_values().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIVE: &str = r#"<cib admin_epoch="0" epoch="9" num_updates="1">
+<configuration><crm_config/>
+<nodes>
+  <node id="1" uname="n1"><instance_attributes id="vmha-policy-node-1" score="1000"><nvpair id="a1" name="vmha-zone-site" value="a"/></instance_attributes><utilization id="u1"><nvpair id="u1m" name="hv_memory" value="256"/></utilization></node>
+  <node id="2" uname="n2"><instance_attributes id="vmha-policy-node-2" score="1000"><nvpair id="a2" name="vmha-zone-site" value="a"/></instance_attributes><utilization id="u2"><nvpair id="u2m" name="hv_memory" value="512"/></utilization><utilization id="vmha-policy-node-2-utilization" score="1000"><nvpair id="p2m" name="hv_memory" value="128"/></utilization></node>
+  <node id="3" uname="n3"><instance_attributes id="vmha-policy-node-3" score="1000"><nvpair id="a3" name="vmha-zone-site" value="b"/></instance_attributes><utilization id="u3"><nvpair id="u3m" name="hv_memory" value="128"/></utilization></node>
+</nodes>
+<resources>
+  <primitive id="hi" class="ocf" provider="vmha" type="VirtualMachine"><meta_attributes id="m1"><nvpair id="m1p" name="priority" value="100"/></meta_attributes><utilization id="hu"><nvpair id="hum" name="hv_memory" value="128"/></utilization></primitive>
+  <primitive id="lo" class="ocf" provider="vmha" type="VirtualMachine"><meta_attributes id="m2"><nvpair id="m2p" name="priority" value="1"/></meta_attributes><utilization id="lu"><nvpair id="lum" name="hv_memory" value="128"/></utilization></primitive>
+  <primitive id="mid" class="ocf" provider="vmha" type="VirtualMachine"><meta_attributes id="m3"><nvpair id="m3p" name="priority" value="50"/></meta_attributes><utilization id="mu"><nvpair id="mum" name="hv_memory" value="128"/></utilization></primitive>
+</resources><constraints/></configuration>
+<status>
+  <node_state id="1" uname="n1" in_ccm="true" crmd="online" join="member" expected="member"><transient_attributes id="1"/><lrm id="1"><lrm_resources>
+    <lrm_resource id="hi" type="VirtualMachine" class="ocf" provider="vmha"><lrm_rsc_op id="hi_last_0" operation="start" call-id="5" rc-code="0" op-status="0" interval="0"/></lrm_resource>
+    <lrm_resource id="lo" type="VirtualMachine" class="ocf" provider="vmha"><lrm_rsc_op id="lo_last_0" operation="start" call-id="6" rc-code="0" op-status="0" interval="0"/></lrm_resource>
+  </lrm_resources></lrm></node_state>
+  <node_state id="2" uname="n2" in_ccm="true" crmd="online" join="member" expected="member"><lrm id="2"><lrm_resources>
+    <lrm_resource id="mid" type="VirtualMachine" class="ocf" provider="vmha"><lrm_rsc_op id="mid_last_0" operation="start" call-id="5" rc-code="0" op-status="0" interval="0"/></lrm_resource>
+  </lrm_resources></lrm></node_state>
+  <node_state id="3" uname="n3" in_ccm="true" crmd="online" join="member" expected="member"/>
+</status></cib>"#;
+
+    const GRAPH: &str = r#"<transition_graph cluster-delay="60s" transition_id="0">
+  <synapse id="0"><action_set><rsc_op id="10" operation="start" operation_key="hi_start_0" on_node="n2" on_node_uuid="2"><primitive id="hi" class="ocf" provider="vmha" type="VirtualMachine"/><attributes/></rsc_op></action_set><inputs/></synapse>
+  <synapse id="1"><action_set><rsc_op id="11" operation="migrate_to" operation_key="mid_migrate_to_0" on_node="n2" on_node_uuid="2"><primitive id="mid" class="ocf" provider="vmha" type="VirtualMachine"/><attributes/></rsc_op></action_set><inputs/></synapse>
+  <synapse id="2"><action_set><rsc_op id="12" operation="migrate_from" operation_key="mid_migrate_from_0" on_node="n3" on_node_uuid="3"><primitive id="mid" class="ocf" provider="vmha" type="VirtualMachine"/><attributes/></rsc_op></action_set><inputs/></synapse>
+  <synapse id="3"><action_set><rsc_op id="13" operation="monitor" operation_key="hi_monitor_10000" on_node="n2" on_node_uuid="2"><primitive id="hi" class="ocf" provider="vmha" type="VirtualMachine"/><attributes/></rsc_op></action_set><inputs/></synapse>
+  <synapse id="4"><action_set><pseudo_event id="14" operation="stop" operation_key="lo_stop_0"><attributes/></pseudo_event></action_set><inputs/></synapse>
+</transition_graph>"#;
+
+    #[test]
+    fn failing_a_host_marks_it_fenced_and_forgets_its_resources() {
+        let copy = fail_hosts(LIVE, &["n1".to_string()]).unwrap();
+        let v = ClusterView::from_cib(&copy).unwrap();
+        assert_eq!(v.host("n1").unwrap().state, HostState::Offline);
+        assert_eq!(v.host("n2").unwrap().state, HostState::Online);
+        assert!(v.vm("hi").unwrap().hosts.is_empty());
+        assert_eq!(v.vm("mid").unwrap().hosts, vec!["n2"]);
+        assert!(!copy.contains("<transient_attributes id=\"1\""));
+        assert!(fail_hosts(LIVE, &["n9".to_string()]).is_err());
+    }
+
+    #[test]
+    fn zones_name_their_hosts() {
+        assert_eq!(hosts_in_zone(LIVE, "a").unwrap(), vec!["n1", "n2"]);
+        assert!(hosts_in_zone(LIVE, "c").is_err());
+    }
+
+    #[test]
+    fn the_graph_tells_who_moves_stops_and_what_is_left() {
+        let failed = vec!["n1".to_string()];
+        let copy = fail_hosts(LIVE, &failed).unwrap();
+        let p = predict(LIVE, &copy, GRAPH, &failed, None).unwrap();
+        assert_eq!(
+            p.vms,
+            vec![
+                VmPrediction {
+                    vm: "hi".into(),
+                    priority: 100,
+                    outcome: VmOutcome::Moves {
+                        from: "n1".into(),
+                        to: "n2".into()
+                    }
+                },
+                VmPrediction {
+                    vm: "mid".into(),
+                    priority: 50,
+                    outcome: VmOutcome::Moves {
+                        from: "n2".into(),
+                        to: "n3".into()
+                    }
+                },
+                VmPrediction {
+                    vm: "lo".into(),
+                    priority: 1,
+                    outcome: VmOutcome::Stops { from: "n1".into() }
+                },
+            ]
+        );
+        assert_eq!(p.without_place(), vec!["lo"]);
+        // n2's capacity is the policy's (128, not 512); n1 failed and counts no more.
+        let a = p.zones.iter().find(|z| z.zone == "a").unwrap();
+        assert_eq!(a.hosts, vec!["n2"]);
+        assert_eq!(a.capacity["hv_memory"], 128);
+        assert_eq!(a.free["hv_memory"], 0);
+        let b = p.zones.iter().find(|z| z.zone == "b").unwrap();
+        assert_eq!(b.free["hv_memory"], 0);
+        assert!(graph_actions("<cib/>").is_err());
+    }
+
+    #[test]
+    fn an_added_vm_goes_into_the_resources() {
+        let x = add_resource(
+            LIVE,
+            r#"<primitive id="new" class="ocf" provider="vmha" type="VirtualMachine"/>"#,
+        )
+        .unwrap();
+        let v = ClusterView::from_cib(&x).unwrap();
+        assert!(v.vm("new").is_some());
+        assert!(add_resource(LIVE, r#"<primitive id="hi"/>"#).is_err());
+    }
+}
