@@ -2,12 +2,13 @@
 //! across zones when it has none, the most important first and the least important stopped when capacity
 //! is short; two replicas never share a host. `vmha what-if` predicts exactly what the cluster then does.
 //!
-//! Lab: zone `a` = node1 (room for 2 VMs) + node2 (room for 1), zone `b` = node3 (room for 1); the hosts'
-//! capacity is set small by the policy so that four small guests fill the cluster. VMs: `ahi` (priority
-//! 100) and `amid` (50), replicas kept apart by host, `alo` (1), all at home in `a`; `bone` (10) at home in
-//! `b`. Failing the host that runs `ahi` leaves room for two VMs: `ahi` stays in zone `a`, `amid` has to
-//! cross into `b`, `bone` and `alo` are stopped. Fencing stays on (action `off`, so the fenced host stays
-//! down while the outcome is compared).
+//! Lab: zone `a` = node1 (room for 2 VMs) + node2 (room for 1), zone `b` = node3 (room for 2); the
+//! hosts' capacity is set small by the policy so that four small guests fill the cluster. VMs: `ahi`
+//! (priority 100) and `amid` (50) at home in `a`, both on node1 (the operator's own location preference,
+//! which the policy leaves alone); `bone` (10) and `btwo` (1) at home in `b`; `ahi` and `bone` are
+//! replicas kept apart by host. Failing node1: `ahi` restarts in zone `a` (node2 has room for one),
+//! `amid` has to cross into `b`, where the lowest priority, `btwo`, is stopped to make room. Fencing stays
+//! on (action `off`, so the fenced host stays down while the outcome is compared).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use vmha_e2e::{vmha_json, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::{wait_for, Lab};
 
-const VMS: [&str; 4] = ["ahi", "amid", "alo", "bone"];
+const VMS: [&str; 4] = ["ahi", "amid", "bone", "btwo"];
 
 fn policy_json(lab: &Lab) -> String {
     let h = |n| lab.cfg.host_name(n);
@@ -26,15 +27,15 @@ fn policy_json(lab: &Lab) -> String {
         "hosts": {
             h(1): {"zone": "a/r1", "capacity": {"cpu": 2, "hv_memory": 256}},
             h(2): {"zone": "a/r2", "capacity": {"cpu": 2, "hv_memory": 128}},
-            h(3): {"zone": "b/r1", "capacity": {"cpu": 2, "hv_memory": 128}},
+            h(3): {"zone": "b/r1", "capacity": {"cpu": 2, "hv_memory": 256}},
         },
         "vms": {
             "ahi": {"priority": 100, "zone": "a"},
             "amid": {"priority": 50, "zone": "a"},
-            "alo": {"priority": 1, "zone": "a"},
             "bone": {"priority": 10, "zone": "b"},
+            "btwo": {"priority": 1, "zone": "b"},
         },
-        "groups": {"app": {"members": ["ahi", "amid"], "anti_affinity": "host"}}
+        "groups": {"app": {"members": ["ahi", "bone"], "anti_affinity": "host"}}
     })
     .to_string()
 }
@@ -128,7 +129,7 @@ fn placement_policy_follows_zones_and_priorities() {
     lab.exec_ok(1, &["vmha", "policy", "set", file.to_str().unwrap()]).unwrap();
     let dry = lab.exec_ok(2, &["vmha", "policy", "apply", "--dry-run"]).unwrap();
     println!("vmha policy apply --dry-run:\n{dry}");
-    assert!(dry.contains("+ constraints: <rsc_colocation id=\"vmha-policy-apart-app-amid-ahi\""));
+    assert!(dry.contains("+ constraints: <rsc_colocation id=\"vmha-policy-apart-app-bone-ahi\""));
     assert!(dry.contains("dry run: nothing changed"));
     let constraints = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
     assert!(!constraints.contains("vmha-policy-"), "the dry run changed nothing");
@@ -148,6 +149,11 @@ fn placement_policy_follows_zones_and_priorities() {
     let constraints = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
     assert!(constraints.contains("vmha-policy-home-ahi"));
 
+    // The operator's own preference: ahi and amid start on node1 (the policy does not touch it).
+    for vm in ["ahi", "amid"] {
+        lab.exec_ok(1, &["pcs", "constraint", "location", vm, "prefers", &format!("{}=1000", lab.cfg.host_name(1))])
+            .unwrap();
+    }
     // Start the VMs, most important first; the cluster settles with every VM running.
     for vm in VMS {
         lab.exec_ok(1, &["vmha", "vm", "start", vm]).unwrap();
@@ -158,10 +164,13 @@ fn placement_policy_follows_zones_and_priorities() {
     })
     .unwrap();
     println!("before: {before:?} ({:.1} s since lab up)", t0.elapsed().as_secs_f64());
-    let victim_name = before["ahi"].clone().unwrap();
-    let victim = lab.cfg.host_number(&victim_name).unwrap();
-    assert_eq!(zone_of(&lab, &victim_name), "a");
-    assert_ne!(before["ahi"], before["amid"], "replicas apart");
+    let on = |n: u8| Some(lab.cfg.host_name(n));
+    assert_eq!(before["ahi"], on(1));
+    assert_eq!(before["amid"], on(1));
+    assert_eq!(before["bone"], on(3), "bone at home in zone b");
+    assert_eq!(before["btwo"], on(3), "btwo at home in zone b");
+    let victim = 1;
+    let victim_name = lab.cfg.host_name(victim);
 
     // N+1: with this little capacity, a host failure leaves VMs without a place.
     let n1 = vmha_json(&lab, 3, &["what-if", "--n-plus-one"]).unwrap();
@@ -172,9 +181,16 @@ fn placement_policy_follows_zones_and_priorities() {
         zone_a["failed_hosts"],
         serde_json::json!([lab.cfg.host_name(1), lab.cfg.host_name(2)])
     );
+    // Zone a lost: everything crowds into node3, and the replicas ahi and bone still do not share it.
+    let crowded = predicted(&zone_a);
+    assert!(
+        crowded["ahi"].is_none() || crowded["ahi"] != crowded["bone"],
+        "replicas apart: {zone_a}"
+    );
+    println!("what-if --fail-zone a: {crowded:?}");
 
-    // What-if first: fail the host running ahi.
-    let observer = if victim == 3 { 1 } else { 3 };
+    // What-if first: fail node1.
+    let observer = 3;
     let t = Instant::now();
     let prediction = vmha_json(&lab, observer, &["what-if", "--fail", &victim_name]).unwrap();
     println!(
@@ -186,15 +202,15 @@ fn placement_policy_follows_zones_and_priorities() {
     println!("{human}");
     let expected = predicted(&prediction);
 
-    // The prediction follows the policy: ahi stays in zone a, amid must cross into b, the two lowest
-    // priorities (bone 10, alo 1) have no place.
-    let ahi_to = expected["ahi"].clone().expect("ahi keeps a place");
-    let amid_to = expected["amid"].clone().expect("amid keeps a place");
-    assert_eq!(zone_of(&lab, &ahi_to), "a", "ahi restarts in its zone while it has room");
-    assert_eq!(zone_of(&lab, &amid_to), "b", "amid crosses zones: a has no room left");
-    assert_eq!(expected["alo"], None);
-    assert_eq!(expected["bone"], None);
-    assert_ne!(ahi_to, victim_name);
+    // The prediction follows the policy: ahi restarts in zone a (node2 has room for one), amid must cross
+    // into b, where the lowest priority (btwo) gives way; bone (10) keeps running.
+    assert_eq!(expected["ahi"], on(2), "ahi restarts in its zone while it has room");
+    assert_eq!(expected["amid"], on(3), "amid crosses zones: a has no room left");
+    assert_eq!(expected["bone"], on(3));
+    assert_eq!(expected["btwo"], None, "the lowest priority is stopped");
+    assert_ne!(expected["ahi"], expected["bone"]);
+    assert_eq!(zone_of(&lab, expected["ahi"].as_deref().unwrap()), "a");
+    assert_eq!(zone_of(&lab, expected["amid"].as_deref().unwrap()), "b");
 
     // Now the real thing.
     let fences_before = lab.power_events().len();
@@ -206,11 +222,11 @@ fn placement_policy_follows_zones_and_priorities() {
         POLL,
         || {
             let ahi = lab.qemu_processes("ahi");
-            let amid = lab.qemu_processes("amid");
+            let bone = lab.qemu_processes("bone");
             for a in &ahi {
                 assert!(
-                    !amid.iter().any(|m| m.0 == a.0 && a.0 != 0),
-                    "replicas share host {}: ahi {ahi:?} amid {amid:?}",
+                    !bone.iter().any(|b| b.0 == a.0 && a.0 != 0),
+                    "replicas share host {}: ahi {ahi:?} bone {bone:?}",
                     a.0
                 );
             }
