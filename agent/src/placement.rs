@@ -139,10 +139,7 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             let p = stored(&xml)?;
             let plan = policy::plan(&p, &xml)?;
             if json_out {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"policy": p, "plan": plan}))?
-                );
+                println!("{}", serde_json::to_string_pretty(&json!({"policy": p, "plan": plan}))?);
             } else {
                 println!("{}", p.to_json());
                 if plan.is_empty() {
@@ -185,7 +182,11 @@ async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
                     println!(
                         "{} change(s) {}",
                         plan.changes.len(),
-                        if applied { "applied in one CIB change" } else { "(dry run: nothing changed)" }
+                        if applied {
+                            "applied in one CIB change"
+                        } else {
+                            "(dry run: nothing changed)"
+                        }
                     );
                 }
             }
@@ -228,7 +229,12 @@ impl Scratch {
         let base = std::env::temp_dir();
         for i in 0..100u32 {
             let dir = base.join(format!("vmha-what-if-{}-{i}", std::process::id()));
-            match std::fs::create_dir(&dir) {
+            // Private: the copy holds the whole CIB, resource parameters included.
+            let created = {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new().mode(0o700).create(&dir)
+            };
+            match created {
                 Ok(()) => return Ok(Scratch(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e).with_context(|| format!("creating {}", dir.display())),
@@ -267,7 +273,10 @@ async fn run_scheduler(copy: &str, limit: Duration) -> Result<String> {
         .context("starting the scheduler child")?;
     let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
         Ok(r) => r.context("waiting for the scheduler child")?,
-        Err(_) => bail!("Pacemaker's scheduler did not finish within {} s (killed)", limit.as_secs()),
+        Err(_) => bail!(
+            "Pacemaker's scheduler did not finish within {} s (killed)",
+            limit.as_secs()
+        ),
     };
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);

@@ -9,7 +9,14 @@ fn main() {
     println!("cargo:rerun-if-changed=wrapper.h");
     let mut include_paths = Vec::new();
     // libpacemaker.pc requires pacemaker-cib, pacemaker (libcrmcommon) and the other client libraries.
-    for lib in ["libpacemaker", "pacemaker-pe_status", "pacemaker-cib", "pacemaker", "libxml-2.0", "glib-2.0"] {
+    for lib in [
+        "libpacemaker",
+        "pacemaker-pe_status",
+        "pacemaker-cib",
+        "pacemaker",
+        "libxml-2.0",
+        "glib-2.0",
+    ] {
         let found = pkg_config::Config::new()
             .probe(lib)
             .unwrap_or_else(|e| panic!("pkg-config {lib}: {e} (install pacemaker-dev)"));

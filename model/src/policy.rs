@@ -204,13 +204,10 @@ impl Default for Policy {
 pub fn validate_zone(zone: &str) -> Result<(), PolicyError> {
     let parts: Vec<&str> = zone.split('/').collect();
     if parts.len() > 4 {
-        return invalid(format!(
-            "zone {zone:?}: at most 4 levels (site/building/room/rack)"
-        ));
+        return invalid(format!("zone {zone:?}: at most 4 levels (site/building/room/rack)"));
     }
     for part in parts {
-        validate_name("zone name", part)
-            .map_err(|e| PolicyError::Invalid(format!("zone {zone:?}: {e}")))?;
+        validate_name("zone name", part).map_err(|e| PolicyError::Invalid(format!("zone {zone:?}: {e}")))?;
     }
     Ok(())
 }
@@ -398,7 +395,13 @@ pub fn is_owned(id: &str) -> bool {
 
 fn id_part(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') { c } else { '.' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '.'
+            }
+        })
         .collect()
 }
 
@@ -422,7 +425,7 @@ fn nvpair(id: &str, name: &str, value: &str) -> String {
     )
 }
 
-fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Generated, PolicyError> {
+fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
     let mut g = Generated::default();
     let nodes: BTreeMap<&str, Node> = doc
         .descendants()
@@ -511,7 +514,11 @@ fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Gener
             (None, Some(l)) => (l, "INFINITY"),
             (None, None) => continue,
         };
-        let kind = if spec.anti_affinity.is_some() { "apart" } else { "together" };
+        let kind = if spec.anti_affinity.is_some() {
+            "apart"
+        } else {
+            "together"
+        };
         let score = spec.score.as_deref().unwrap_or(default_score);
         // Highest priority first: each member is placed with (after) the ones before it, so when
         // capacity is short the lower-priority member is the one that gives way.
@@ -545,7 +552,6 @@ fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Gener
             &policy.placement_strategy
         )
     ));
-    let _ = view;
     Ok(g)
 }
 
@@ -686,9 +692,22 @@ fn location(node: Node) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "change", rename_all = "lowercase")]
 pub enum PlanChange {
-    Add { at: String, id: String, xml: String },
-    Remove { at: String, id: String, xml: String },
-    Replace { at: String, id: String, old: String, new: String },
+    Add {
+        at: String,
+        id: String,
+        xml: String,
+    },
+    Remove {
+        at: String,
+        id: String,
+        xml: String,
+    },
+    Replace {
+        at: String,
+        id: String,
+        old: String,
+        new: String,
+    },
 }
 
 /// What applying the policy does: the new `<configuration>` and how it differs from the current one.
@@ -737,7 +756,7 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
         .children()
         .find(|n| n.has_tag_name("configuration"))
         .ok_or(ModelError::MissingSection("configuration"))?;
-    let generated = generate(policy, &doc, &view)?;
+    let generated = generate(policy, &doc)?;
     let skip = |n: Node| n.attribute("id").is_some_and(is_owned);
     let append = |n: Node| -> Vec<String> {
         let id = n.attribute("id").unwrap_or("");
@@ -754,10 +773,7 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
     let mut text = String::new();
     write_xml(configuration, &mut text, &skip, &append);
     // A configuration without <constraints> cannot happen in a CIB Pacemaker wrote; refuse rather than drop.
-    for (section, needed) in [
-        ("constraints", !generated.constraints.is_empty()),
-        ("crm_config", true),
-    ] {
+    for (section, needed) in [("constraints", !generated.constraints.is_empty()), ("crm_config", true)] {
         if needed && !configuration.children().any(|c| c.has_tag_name(section)) {
             return invalid(format!("the CIB has no <{section}> section"));
         }
@@ -810,9 +826,7 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
             ));
         }
     }
-    if policy.placement_strategy == "default"
-        && policy.hosts.values().any(|h| !h.capacity.is_empty())
-    {
+    if policy.placement_strategy == "default" && policy.hosts.values().any(|h| !h.capacity.is_empty()) {
         warnings.push("placement_strategy default ignores capacity".into());
     }
     let unplaced: BTreeSet<&str> = view
@@ -909,7 +923,9 @@ mod tests {
         assert!(!c.contains("-INFINITY\" boolean-op=\"or\"><expression id=\"vmha-policy-home-vm1"));
         assert!(!c.contains("vmha-policy-meta-vm3"), "no priority, no meta set");
         assert!(p.changes.iter().all(|ch| matches!(ch, PlanChange::Add { .. })));
-        assert!(p.diff_text().contains("+ nodes/node[n1]: <instance_attributes id=\"vmha-policy-node-1\""));
+        assert!(p
+            .diff_text()
+            .contains("+ nodes/node[n1]: <instance_attributes id=\"vmha-policy-node-1\""));
         assert_eq!(p.from_version, "0.5.2");
     }
 
@@ -989,11 +1005,23 @@ mod tests {
         check(r#"{"hosts": {"n1": {"zone": "a/b/c/d/e"}}}"#, "at most 4 levels");
         check(r#"{"hosts": {"n1": {"zone": "a b"}}}"#, "zone name");
         check(r#"{"vms": {"nosuch": {"priority": 1}}}"#, "VM nosuch: no such VM");
-        check(r#"{"hosts": {"n1": {"zone": "a"}}, "vms": {"vm1": {"zone": "b"}}}"#, "home zone b has no host");
+        check(
+            r#"{"hosts": {"n1": {"zone": "a"}}, "vms": {"vm1": {"zone": "b"}}}"#,
+            "home zone b has no host",
+        );
         check(r#"{"placement_strategy": "random"}"#, "placement_strategy");
-        check(r#"{"zones": {"a": {"overcommit": 0}}, "hosts": {"n1": {"zone": "a"}}}"#, "overcommit");
-        check(r#"{"groups": {"g": {"members": ["vm1"], "anti_affinity": "host"}}}"#, "at least 2");
-        check(r#"{"groups": {"g": {"members": ["vm1", "ip"], "anti_affinity": "host"}}}"#, "ip is no VM");
+        check(
+            r#"{"zones": {"a": {"overcommit": 0}}, "hosts": {"n1": {"zone": "a"}}}"#,
+            "overcommit",
+        );
+        check(
+            r#"{"groups": {"g": {"members": ["vm1"], "anti_affinity": "host"}}}"#,
+            "at least 2",
+        );
+        check(
+            r#"{"groups": {"g": {"members": ["vm1", "ip"], "anti_affinity": "host"}}}"#,
+            "ip is no VM",
+        );
         check(
             r#"{"groups": {"g": {"members": ["vm1", "vm2"], "anti_affinity": "host", "affinity": "host"}}}"#,
             "exactly one",
@@ -1006,10 +1034,9 @@ mod tests {
         assert_eq!(zone_at("eu/b1/r2", Level::Building).as_deref(), Some("eu/b1"));
         assert_eq!(zone_at("eu", Level::Room), None);
         assert!(zone_within("eu/b1", "eu") && !zone_within("eu2", "eu") && zone_within("eu", "eu"));
-        let p = Policy::from_json(
-            r#"{"zones": {"eu": {"overcommit": 2.0}, "eu/b1": {"overcommit": 1.25}, "eu/b2": {}}}"#,
-        )
-        .unwrap();
+        let p =
+            Policy::from_json(r#"{"zones": {"eu": {"overcommit": 2.0}, "eu/b1": {"overcommit": 1.25}, "eu/b2": {}}}"#)
+                .unwrap();
         assert_eq!(p.overcommit("eu/b1/r1"), 1.25);
         assert_eq!(p.overcommit("eu/b2"), 2.0);
         assert_eq!(p.overcommit("us"), 1.0);
@@ -1027,7 +1054,9 @@ mod tests {
         assert_eq!(Policy::from_cib(CIB).unwrap(), None);
         // The stored document is not policy-owned: applying keeps it.
         let planned = plan(&policy(), &cib).unwrap();
-        assert!(planned.configuration.contains(r#"<cluster_property_set id="vmha-policy">"#));
+        assert!(planned
+            .configuration
+            .contains(r#"<cluster_property_set id="vmha-policy">"#));
     }
 
     #[test]

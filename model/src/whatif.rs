@@ -24,10 +24,7 @@ pub fn host_zones(cib: &str) -> Result<BTreeMap<String, Option<String>>, PolicyE
             continue;
         }
         let attrs = effective_nvpairs(node, "instance_attributes", false);
-        let zone = LEVELS
-            .iter()
-            .rev()
-            .find_map(|l| attrs.get(&l.attribute()).cloned());
+        let zone = LEVELS.iter().rev().find_map(|l| attrs.get(&l.attribute()).cloned());
         out.insert(name.to_string(), zone);
     }
     Ok(out)
@@ -41,7 +38,9 @@ pub fn hosts_in_zone(cib: &str, zone: &str) -> Result<Vec<String>, PolicyError> 
         .map(|(h, _)| h)
         .collect();
     if hosts.is_empty() {
-        return invalid(format!("no host is in zone {zone} (apply a policy that places hosts in zones)"));
+        return invalid(format!(
+            "no host is in zone {zone} (apply a policy that places hosts in zones)"
+        ));
     }
     Ok(hosts)
 }
@@ -62,13 +61,10 @@ pub fn fail_hosts(cib: &str, hosts: &[String]) -> Result<String, PolicyError> {
         }
     }
     let in_failed_state = |n: Node| {
-        n.parent().is_some_and(|p| {
-            p.has_tag_name("node_state") && p.attribute("id").is_some_and(|id| ids.contains(id))
-        })
+        n.parent()
+            .is_some_and(|p| p.has_tag_name("node_state") && p.attribute("id").is_some_and(|id| ids.contains(id)))
     };
-    let skip = |n: Node| {
-        (n.has_tag_name("lrm") || n.has_tag_name("transient_attributes")) && in_failed_state(n)
-    };
+    let skip = |n: Node| (n.has_tag_name("lrm") || n.has_tag_name("transient_attributes")) && in_failed_state(n);
     let attributes = |n: Node| -> Option<Vec<(String, String)>> {
         if !(n.has_tag_name("node_state") && n.attribute("id").is_some_and(|id| ids.contains(id))) {
             return None;
@@ -77,7 +73,12 @@ pub fn fail_hosts(cib: &str, hosts: &[String]) -> Result<String, PolicyError> {
             .attributes()
             .map(|a| (a.name().to_string(), a.value().to_string()))
             .collect();
-        for (name, value) in [("in_ccm", "false"), ("crmd", "offline"), ("join", "down"), ("expected", "down")] {
+        for (name, value) in [
+            ("in_ccm", "false"),
+            ("crmd", "offline"),
+            ("join", "down"),
+            ("expected", "down"),
+        ] {
             match attrs.iter_mut().find(|(k, _)| k == name) {
                 Some(a) => a.1 = value.to_string(),
                 None => attrs.push((name.to_string(), value.to_string())),
@@ -246,7 +247,10 @@ pub fn predict(
         }
         let was = before.vm(&vm.name).and_then(|v| v.hosts.first().cloned());
         let now = hosts.into_iter().next();
-        let wanted = vm.target_role.as_deref().is_none_or(|r| !r.eq_ignore_ascii_case("stopped"));
+        let wanted = vm
+            .target_role
+            .as_deref()
+            .is_none_or(|r| !r.eq_ignore_ascii_case("stopped"));
         let outcome = match (was, now) {
             (Some(a), Some(b)) if a == b => VmOutcome::Stays { host: b },
             (Some(a), Some(b)) => VmOutcome::Moves { from: a, to: b },
@@ -255,9 +259,7 @@ pub fn predict(
             (None, None) if wanted => VmOutcome::StaysStopped,
             (None, None) => continue,
         };
-        if let VmOutcome::Stays { host: h } | VmOutcome::Moves { to: h, .. } | VmOutcome::Starts { to: h } =
-            &outcome
-        {
+        if let VmOutcome::Stays { host: h } | VmOutcome::Moves { to: h, .. } | VmOutcome::Starts { to: h } = &outcome {
             placed.insert(vm.name.clone(), h.clone());
         }
         vms.push(VmPrediction {
@@ -289,29 +291,37 @@ pub fn predict(
             .collect();
         capacity.insert(name.to_string(), util);
     }
+    // A host counts in its zone and in every zone above it (`a/r1` counts in `a`).
+    let zones_of = |host: &str| -> Vec<String> {
+        match zones.get(host).cloned().flatten() {
+            Some(z) => LEVELS.iter().filter_map(|l| crate::policy::zone_at(&z, *l)).collect(),
+            None => vec!["-".to_string()],
+        }
+    };
     let mut by_zone: BTreeMap<String, ZoneCapacity> = BTreeMap::new();
     for (host, cap) in &capacity {
-        let zone = zones.get(host).cloned().flatten().unwrap_or_else(|| "-".into());
-        let entry = by_zone.entry(zone.clone()).or_insert_with(|| ZoneCapacity {
-            zone,
-            hosts: Vec::new(),
-            capacity: BTreeMap::new(),
-            free: BTreeMap::new(),
-        });
-        entry.hosts.push(host.clone());
-        for (k, v) in cap {
-            *entry.capacity.entry(k.clone()).or_default() += v;
-            *entry.free.entry(k.clone()).or_default() += v;
+        for zone in zones_of(host) {
+            let entry = by_zone.entry(zone.clone()).or_insert_with(|| ZoneCapacity {
+                zone,
+                hosts: Vec::new(),
+                capacity: BTreeMap::new(),
+                free: BTreeMap::new(),
+            });
+            entry.hosts.push(host.clone());
+            for (k, v) in cap {
+                *entry.capacity.entry(k.clone()).or_default() += v;
+                *entry.free.entry(k.clone()).or_default() += v;
+            }
         }
     }
     for (vm, host) in &placed {
-        let zone = zones.get(host).cloned().flatten().unwrap_or_else(|| "-".into());
-        let (Some(z), Some(v)) = (by_zone.get_mut(&zone), after_view.vm(vm)) else {
-            continue;
-        };
-        for (k, need) in &v.utilization {
-            if let Some(free) = z.free.get_mut(k) {
-                *free -= int(need);
+        let Some(v) = after_view.vm(vm) else { continue };
+        for zone in zones_of(host) {
+            let Some(z) = by_zone.get_mut(&zone) else { continue };
+            for (k, need) in &v.utilization {
+                if let Some(free) = z.free.get_mut(k) {
+                    *free -= int(need);
+                }
             }
         }
     }
@@ -331,7 +341,7 @@ mod tests {
 <configuration><crm_config/>
 <nodes>
   <node id="1" uname="n1"><instance_attributes id="vmha-policy-node-1" score="1000"><nvpair id="a1" name="vmha-zone-site" value="a"/></instance_attributes><utilization id="u1"><nvpair id="u1m" name="hv_memory" value="256"/></utilization></node>
-  <node id="2" uname="n2"><instance_attributes id="vmha-policy-node-2" score="1000"><nvpair id="a2" name="vmha-zone-site" value="a"/></instance_attributes><utilization id="u2"><nvpair id="u2m" name="hv_memory" value="512"/></utilization><utilization id="vmha-policy-node-2-utilization" score="1000"><nvpair id="p2m" name="hv_memory" value="128"/></utilization></node>
+  <node id="2" uname="n2"><instance_attributes id="vmha-policy-node-2" score="1000"><nvpair id="a2" name="vmha-zone-site" value="a"/><nvpair id="a2b" name="vmha-zone-building" value="a/x"/></instance_attributes><utilization id="u2"><nvpair id="u2m" name="hv_memory" value="512"/></utilization><utilization id="vmha-policy-node-2-utilization" score="1000"><nvpair id="p2m" name="hv_memory" value="128"/></utilization></node>
   <node id="3" uname="n3"><instance_attributes id="vmha-policy-node-3" score="1000"><nvpair id="a3" name="vmha-zone-site" value="b"/></instance_attributes><utilization id="u3"><nvpair id="u3m" name="hv_memory" value="128"/></utilization></node>
 </nodes>
 <resources>
@@ -413,6 +423,8 @@ mod tests {
         assert_eq!(a.hosts, vec!["n2"]);
         assert_eq!(a.capacity["hv_memory"], 128);
         assert_eq!(a.free["hv_memory"], 0);
+        let ax = p.zones.iter().find(|z| z.zone == "a/x").unwrap();
+        assert_eq!((ax.hosts.clone(), ax.free["hv_memory"]), (vec!["n2".to_string()], 0));
         let b = p.zones.iter().find(|z| z.zone == "b").unwrap();
         assert_eq!(b.free["hv_memory"], 0);
         assert!(graph_actions("<cib/>").is_err());

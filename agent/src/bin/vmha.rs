@@ -172,12 +172,8 @@ fn main() -> ExitCode {
     let json_out = cli.output == Output::Json;
     let limit = Duration::from_secs(cli.timeout);
     match cli.command {
-        Cmd::Policy { command } => {
-            return report(runtime.block_on(vmha_agent::placement::policy(command, json_out)))
-        }
-        Cmd::WhatIf(args) => {
-            return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit)))
-        }
+        Cmd::Policy { command } => return report(runtime.block_on(vmha_agent::placement::policy(command, json_out))),
+        Cmd::WhatIf(args) => return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit))),
         _ => {}
     }
     match runtime.block_on(run(cli)) {

@@ -103,14 +103,25 @@ fn placement_policy_follows_zones_and_priorities() {
     // The fenced host stays off (fencing stays on), so the outcome can be compared before it returns.
     lab.exec_ok(
         1,
-        &["crm_attribute", "--type", "crm_config", "--name", "stonith-action", "--update", "off"],
+        &[
+            "crm_attribute",
+            "--type",
+            "crm_config",
+            "--name",
+            "stonith-action",
+            "--update",
+            "off",
+        ],
     )
     .unwrap();
 
     for vm in VMS {
         let xml = lab.write_domain_xml(&GuestSpec::new(vm)).unwrap();
-        lab.exec_ok(1, &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap(), "--stopped"])
-            .unwrap();
+        lab.exec_ok(
+            1,
+            &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap(), "--stopped"],
+        )
+        .unwrap();
     }
 
     // A bad policy is refused and changes nothing.
@@ -120,18 +131,23 @@ fn placement_policy_follows_zones_and_priorities() {
     let out = lab.exec(1, &["vmha", "policy", "set", bad.to_str().unwrap()]).unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("host nosuch: not a node"));
-    let cib_before = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "configuration"]).unwrap();
+    let cib_before = lab
+        .exec_ok(1, &["cibadmin", "--query", "--scope", "configuration"])
+        .unwrap();
     assert!(!cib_before.contains("vmha-policy"));
 
     // Store, dry-run (prints the difference, changes nothing), apply, re-apply (changes nothing).
     let file = shared.join("policy.json");
     std::fs::write(&file, policy_json(&lab)).unwrap();
-    lab.exec_ok(1, &["vmha", "policy", "set", file.to_str().unwrap()]).unwrap();
+    lab.exec_ok(1, &["vmha", "policy", "set", file.to_str().unwrap()])
+        .unwrap();
     let dry = lab.exec_ok(2, &["vmha", "policy", "apply", "--dry-run"]).unwrap();
     println!("vmha policy apply --dry-run:\n{dry}");
     assert!(dry.contains("+ constraints: <rsc_colocation id=\"vmha-policy-apart-app-bone-ahi\""));
     assert!(dry.contains("dry run: nothing changed"));
-    let constraints = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
+    let constraints = lab
+        .exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"])
+        .unwrap();
     assert!(!constraints.contains("vmha-policy-"), "the dry run changed nothing");
     let applied = vmha_json(&lab, 2, &["policy", "apply"]).unwrap();
     assert_eq!(applied["applied"], true);
@@ -139,29 +155,54 @@ fn placement_policy_follows_zones_and_priorities() {
         let x = lab
             .exec_ok(1, &["cibadmin", "--query", "--xpath", "/cib", "--no-children"])
             .unwrap();
-        x.split(" epoch=\"").nth(1).and_then(|s| s.split('"').next()).unwrap().to_string()
+        x.split(" epoch=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .unwrap()
+            .to_string()
     };
     let epoch_applied = epoch(&lab);
     let again = vmha_json(&lab, 3, &["policy", "apply"]).unwrap();
     assert_eq!(again["applied"], false);
     assert_eq!(again["plan"]["changes"].as_array().unwrap().len(), 0);
-    assert_eq!(epoch(&lab), epoch_applied, "re-applying an unchanged policy changed nothing");
-    let constraints = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"]).unwrap();
+    assert_eq!(
+        epoch(&lab),
+        epoch_applied,
+        "re-applying an unchanged policy changed nothing"
+    );
+    let constraints = lab
+        .exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"])
+        .unwrap();
     assert!(constraints.contains("vmha-policy-home-ahi"));
 
     // The operator's own preference: ahi and amid start on node1 (the policy does not touch it).
     for vm in ["ahi", "amid"] {
-        lab.exec_ok(1, &["pcs", "constraint", "location", vm, "prefers", &format!("{}=1000", lab.cfg.host_name(1))])
-            .unwrap();
+        lab.exec_ok(
+            1,
+            &[
+                "pcs",
+                "constraint",
+                "location",
+                vm,
+                "prefers",
+                &format!("{}=1000", lab.cfg.host_name(1)),
+            ],
+        )
+        .unwrap();
     }
     // Start the VMs, most important first; the cluster settles with every VM running.
     for vm in VMS {
         lab.exec_ok(1, &["vmha", "vm", "start", vm]).unwrap();
     }
-    let before = wait_for("all four VMs to run and the DC to be idle", Duration::from_secs(300), POLL, || {
-        let p = settled_placement(&lab, 1)?;
-        (p.values().all(Option::is_some) && dc_idle(&lab, 1)).then_some(p)
-    })
+    let before = wait_for(
+        "all four VMs to run and the DC to be idle",
+        Duration::from_secs(300),
+        POLL,
+        || {
+            let p = settled_placement(&lab, 1)?;
+            (p.values().all(Option::is_some) && dc_idle(&lab, 1)).then_some(p)
+        },
+    )
     .unwrap();
     println!("before: {before:?} ({:.1} s since lab up)", t0.elapsed().as_secs_f64());
     let on = |n: u8| Some(lab.cfg.host_name(n));
@@ -198,7 +239,9 @@ fn placement_policy_follows_zones_and_priorities() {
         t.elapsed().as_secs_f64(),
         serde_json::to_string_pretty(&prediction).unwrap()
     );
-    let human = lab.exec_ok(observer, &["vmha", "what-if", "--fail", &victim_name]).unwrap();
+    let human = lab
+        .exec_ok(observer, &["vmha", "what-if", "--fail", &victim_name])
+        .unwrap();
     println!("{human}");
     let expected = predicted(&prediction);
 
