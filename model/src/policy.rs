@@ -11,6 +11,18 @@
 //!   from their definitions), scaled by the zone's overcommit ratio or replaced by an explicit capacity.
 //! - Groups of VMs may be kept apart (anti-affinity) or together (affinity) by host or by zone level.
 //!
+//! ```text
+//! {
+//!   "placement_strategy": "balanced",          // default | utilization | minimal | balanced
+//!   "home_score": 100,                         // preference for a VM's home zone (out of it: 0)
+//!   "zones": {"eu/b1": {"overcommit": 1.5}},   // capacity = utilization x 1.5 for hosts under eu/b1
+//!   "hosts": {"node1": {"zone": "eu/b1/r1"},
+//!             "node3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
+//!   "vms":   {"db": {"priority": 100, "zone": "eu"}, "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
+//!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"}}   // or "site", "rack", ...
+//! }
+//! ```
+//!
 //! # Where it lives
 //! The policy is a JSON document stored in the CIB, in the nvpair `vmha-policy` of the cluster property set
 //! `vmha-policy` (so every host sees the same one); see [`store_xml`] and [`Policy::from_cib`].
@@ -367,7 +379,7 @@ pub(crate) fn effective_nvpairs(node: Node, tag: &str, skip_policy: bool) -> BTr
         .filter(|n| !(skip_policy && is_owned(n.attribute("id").unwrap_or(""))))
         .map(|n| (score_value(n.attribute("score").unwrap_or("0")), n))
         .collect();
-    sets.sort_by(|a, b| b.0.cmp(&a.0));
+    sets.sort_by_key(|s| std::cmp::Reverse(s.0));
     let mut out = BTreeMap::new();
     for (_, set) in sets {
         for nv in set.children().filter(|n| n.has_tag_name("nvpair")) {
@@ -555,6 +567,9 @@ fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
     Ok(g)
 }
 
+/// An element's attributes, in order.
+pub(crate) type Attributes = Vec<(String, String)>;
+
 /// Writes `node` and its subtree as XML, leaving out elements `skip` selects and appending, at the end of
 /// each element, what `append` gives for it.
 pub(crate) fn write_xml(
@@ -572,7 +587,7 @@ pub(crate) fn write_xml_with(
     out: &mut String,
     skip: &dyn Fn(Node) -> bool,
     append: &dyn Fn(Node) -> Vec<String>,
-    attributes: &dyn Fn(Node) -> Option<Vec<(String, String)>>,
+    attributes: &dyn Fn(Node) -> Option<Attributes>,
 ) {
     if node.is_text() {
         out.push_str(&escape_text(node.text().unwrap_or("")));

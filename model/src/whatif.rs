@@ -7,7 +7,7 @@ use roxmltree::{Document, Node};
 use serde::Serialize;
 
 use crate::cib::{ClusterView, HostState};
-use crate::policy::{effective_nvpairs, write_xml, write_xml_with, PolicyError, LEVELS};
+use crate::policy::{effective_nvpairs, write_xml, write_xml_with, Attributes, PolicyError, LEVELS};
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
     Err(PolicyError::Invalid(msg.into()))
@@ -65,7 +65,7 @@ pub fn fail_hosts(cib: &str, hosts: &[String]) -> Result<String, PolicyError> {
             .is_some_and(|p| p.has_tag_name("node_state") && p.attribute("id").is_some_and(|id| ids.contains(id)))
     };
     let skip = |n: Node| (n.has_tag_name("lrm") || n.has_tag_name("transient_attributes")) && in_failed_state(n);
-    let attributes = |n: Node| -> Option<Vec<(String, String)>> {
+    let attributes = |n: Node| -> Option<Attributes> {
         if !(n.has_tag_name("node_state") && n.attribute("id").is_some_and(|id| ids.contains(id))) {
             return None;
         }

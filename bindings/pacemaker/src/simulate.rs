@@ -75,7 +75,7 @@ pub fn schedule_file(cib_file: &Path, graph_file: &Path) -> Result<()> {
     drop(unsafe { Tree::from_owned(out) });
     // SAFETY: data_set came from pe_new_working_set and is freed once.
     unsafe { sys::pe_free_working_set(data_set) };
-    if rc != sys::pcmk_rc_ok as i32 {
+    if rc != sys::pcmk_rc_ok {
         return Err(Error::Rc {
             call: CALL,
             code: rc,
