@@ -15,3 +15,4 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod state;
+pub mod vcluster;

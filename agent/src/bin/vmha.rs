@@ -62,6 +62,12 @@ enum Cmd {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Virtual clusters: named sets of resources, captured into an archive and instantiated elsewhere.
+    /// Works on this host's CIB and libvirt directly (run it on a cluster host, as root).
+    Vcluster {
+        #[command(subcommand)]
+        command: vmha_agent::vcluster::VclusterCmd,
+    },
     /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
     #[command(hide = true)]
     Generate {
@@ -193,6 +199,9 @@ fn hint(name: &str, msg: String) -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Cmd::Vcluster { command } = cli.command {
+        return vmha_agent::vcluster::run(command, cli.output == Output::Json).await;
+    }
     let limit = Duration::from_secs(cli.timeout);
     let conn = tokio::time::timeout(limit, Connection::system())
         .await
@@ -254,6 +263,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
+        Cmd::Vcluster { .. } => unreachable!("vmha vcluster runs before the bus is reached"),
     }
 }
 
