@@ -324,12 +324,10 @@ fn libvirt_uri(vm: &capture::CapturedVm, host: &str) -> String {
 fn agent_command(uri: &str, domain: &str, command: &str) -> Result<String> {
     let (uri, domain, command) = (uri.to_string(), domain.to_string(), command.to_string());
     with_deadline(format!("{command} on {domain} via {uri}"), LIBVIRT_DEADLINE, move || {
-        let mut conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
-        let result = virt::domain::Domain::lookup_by_name(&conn, &domain)
+        let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
+        conn.lookup_domain_by_name(&domain)
             .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
-            .map_err(|e| anyhow!("{command} on {domain}: {e}"));
-        let _ = conn.close();
-        result
+            .map_err(|e| anyhow!("{command} on {domain}: {e}"))
     })
 }
 
@@ -640,10 +638,8 @@ fn check_target(p: &Plan) -> Vec<String> {
             if let Some(net) = s.attribute("network") {
                 let net = net.to_string();
                 let found = with_deadline(format!("looking up network {net}"), LIBVIRT_DEADLINE, move || {
-                    let mut conn = virt::connect::Connect::open(Some("qemu:///system"))?;
-                    let found = virt::network::Network::lookup_by_name(&conn, &net).is_ok();
-                    let _ = conn.close();
-                    Ok(found)
+                    let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
+                    Ok(conn.lookup_network_by_name(&net).is_ok())
                 });
                 match found {
                     Ok(true) => {}

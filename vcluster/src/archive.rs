@@ -371,7 +371,8 @@ fn walk<R: Read>(
     let mut archive = tar::Archive::new(decoder);
     let mut seen = BTreeSet::new();
     let mut manifest_seen = false;
-    for entry in archive.entries().map_err(read_error)? {
+    let entries = archive.entries().map_err(read_error)?;
+    for entry in entries {
         let mut entry = entry.map_err(read_error)?;
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
@@ -408,6 +409,13 @@ fn walk<R: Read>(
         }
         manifest_seen = raw == MANIFEST;
         each(&raw, &mut entry, size)?;
+    }
+    // Read the compressed stream to its end: the zstd frame's own checksum and a cut-off end are only
+    // seen there (tar stops reading at its end-of-archive blocks).
+    let mut decoder = archive.into_inner();
+    let rest = io::copy(&mut decoder, &mut io::sink()).map_err(read_error)?;
+    if rest > 2 * 512 * 20 {
+        return Err(ArchiveError::Hostile(format!("{rest} bytes of data after the end of the archive")));
     }
     Ok(())
 }

@@ -153,7 +153,7 @@ impl Maps {
         let mut i = 0;
         while i < bytes.len() {
             let is_tok = |b: u8| b.is_ascii_digit() || b == b'.';
-            if is_tok(bytes[i]) && (i == 0 || !bytes[i - 1].is_ascii_alphanumeric()) {
+            if is_tok(bytes[i]) && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'.')) {
                 let mut j = i;
                 while j < bytes.len() && is_tok(bytes[j]) {
                     j += 1;
