@@ -162,9 +162,14 @@ async fn create(name: &str, members: &[String]) -> Result<()> {
         "<configuration><tags>{}</tags></configuration>",
         capture::tag_xml(name, members)
     );
-    cib.modify(&Scope::section("configuration"), &fragment, CallOptions::CAN_CREATE, CIB_DEADLINE)
-        .await
-        .context("creating the tag")?;
+    cib.modify(
+        &Scope::section("configuration"),
+        &fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("creating the tag")?;
     println!("virtual cluster {name} created with {}", members.join(", "));
     Ok(())
 }
@@ -173,7 +178,9 @@ async fn add(name: &str, members: &[String]) -> Result<()> {
     let cib = connect().await?;
     let xml = query(&cib).await?;
     let tags = capture::list(&xml)?;
-    let current = tags.get(name).ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
+    let current = tags
+        .get(name)
+        .ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
     check_members(&xml, members)?;
     if let Some(dup) = members.iter().find(|m| current.contains(m)) {
         bail!("{dup} is already a member of {name}");
@@ -186,9 +193,14 @@ async fn add(name: &str, members: &[String]) -> Result<()> {
         "<configuration><tags><tag id=\"{}\">{refs}</tag></tags></configuration>",
         escape(name)
     );
-    cib.modify(&Scope::section("configuration"), &fragment, CallOptions::NONE, CIB_DEADLINE)
-        .await
-        .context("adding to the tag")?;
+    cib.modify(
+        &Scope::section("configuration"),
+        &fragment,
+        CallOptions::NONE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("adding to the tag")?;
     println!("added to {name}: {}", members.join(", "));
     Ok(())
 }
@@ -198,7 +210,9 @@ async fn remove(name: &str, members: &[String]) -> Result<()> {
     let cib = connect().await?;
     let xml = query(&cib).await?;
     let tags = capture::list(&xml)?;
-    let current = tags.get(name).ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
+    let current = tags
+        .get(name)
+        .ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
     if members.is_empty() {
         cib.delete(
             &Scope::section("tags"),
@@ -323,12 +337,16 @@ fn libvirt_uri(vm: &capture::CapturedVm, host: &str) -> String {
 /// Sends a qemu-guest-agent command to a domain through libvirt, with a deadline.
 fn agent_command(uri: &str, domain: &str, command: &str) -> Result<String> {
     let (uri, domain, command) = (uri.to_string(), domain.to_string(), command.to_string());
-    with_deadline(format!("{command} on {domain} via {uri}"), LIBVIRT_DEADLINE, move || {
-        let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
-        conn.lookup_domain_by_name(&domain)
-            .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
-            .map_err(|e| anyhow!("{command} on {domain}: {e}"))
-    })
+    with_deadline(
+        format!("{command} on {domain} via {uri}"),
+        LIBVIRT_DEADLINE,
+        move || {
+            let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
+            conn.lookup_domain_by_name(&domain)
+                .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
+                .map_err(|e| anyhow!("{command} on {domain}: {e}"))
+        },
+    )
 }
 
 /// Progress of a long transfer on stderr (when it is a terminal, else one line at the end).
@@ -376,7 +394,12 @@ impl Progress {
 }
 
 fn now_rfc3339() -> String {
-    archive::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+    archive::rfc3339(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
 }
 
 /// Polls the CIB until `done` holds for the cluster view, or the deadline passes.
@@ -397,9 +420,14 @@ async fn wait_view(cib: &Cib, limit: Duration, what: &str, done: impl Fn(&Cluste
 async fn set_target_role(cib: &Cib, rsc: &str, role: &str) -> Result<()> {
     let xml = query(cib).await?;
     let change = set_resource_meta(&xml, rsc, "target-role", role)?;
-    cib.modify(&Scope::section("resources"), &change, CallOptions::CAN_CREATE, CIB_DEADLINE)
-        .await
-        .with_context(|| format!("setting target-role={role} on {rsc}"))
+    cib.modify(
+        &Scope::section("resources"),
+        &change,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .with_context(|| format!("setting target-role={role} on {rsc}"))
 }
 
 /// The `target-role` nvpair (id, value) of a resource.
@@ -428,20 +456,22 @@ async fn restore_roles(cib: &Cib, before: &BTreeMap<String, Option<(String, Stri
     for (rsc, role) in before {
         let result = match role {
             Some((_, value)) => set_target_role(cib, rsc, value).await,
-            None => async {
-                let now = target_role(&query(cib).await?, rsc)?;
-                if let Some((id, _)) = now {
-                    cib.delete(
-                        &Scope::section("resources"),
-                        &format!("<nvpair id=\"{}\"/>", escape(&id)),
-                        CallOptions::NONE,
-                        CIB_DEADLINE,
-                    )
-                    .await?;
+            None => {
+                async {
+                    let now = target_role(&query(cib).await?, rsc)?;
+                    if let Some((id, _)) = now {
+                        cib.delete(
+                            &Scope::section("resources"),
+                            &format!("<nvpair id=\"{}\"/>", escape(&id)),
+                            CallOptions::NONE,
+                            CIB_DEADLINE,
+                        )
+                        .await?;
+                    }
+                    Ok(())
                 }
-                Ok(())
+                .await
             }
-            .await,
         };
         if let Err(e) = result {
             errors.push(format!("{rsc}: {e:#}"));
@@ -462,9 +492,13 @@ async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level
     let mut domains = BTreeMap::new();
     for vm in &c.vms {
         let path = vm.config.as_ref().ok_or_else(|| {
-            anyhow!("VM {} has no config parameter: vmha captures VMs whose domain XML is a file", vm.resource)
+            anyhow!(
+                "VM {} has no config parameter: vmha captures VMs whose domain XML is a file",
+                vm.resource
+            )
         })?;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}'s domain XML {path}", vm.resource))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}'s domain XML {path}", vm.resource))?;
         domains.insert(vm.resource.clone(), text);
     }
     let placement: BTreeMap<String, String> = c
@@ -627,12 +661,16 @@ fn check_target(p: &Plan) -> Vec<String> {
         let Ok(doc) = roxmltree::Document::parse(&d.xml) else {
             continue;
         };
-        for s in doc.descendants().filter(|n| {
-            n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface"))
-        }) {
+        for s in doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
+        {
             if let Some(br) = s.attribute("bridge") {
                 if !Path::new("/sys/class/net").join(br).exists() {
-                    problems.push(format!("VM {}: bridge {br} does not exist here (--map network=...)", d.vm));
+                    problems.push(format!(
+                        "VM {}: bridge {br} does not exist here (--map network=...)",
+                        d.vm
+                    ));
                 }
             }
             if let Some(net) = s.attribute("network") {
@@ -667,7 +705,10 @@ struct Created {
 impl Created {
     async fn undo(&mut self, cib: &Cib, vms: &[String]) {
         for (section, xml) in self.cib.drain(..) {
-            if let Err(e) = cib.delete(&Scope::section(section), &xml, CallOptions::NONE, CIB_DEADLINE).await {
+            if let Err(e) = cib
+                .delete(&Scope::section(section), &xml, CallOptions::NONE, CIB_DEADLINE)
+                .await
+            {
                 eprintln!("vmha: rollback: deleting {xml} from {section}: {e}");
             }
         }
@@ -690,7 +731,11 @@ impl Created {
 fn created_elements(fragment: &str) -> Result<Vec<(&'static str, String)>> {
     let doc = roxmltree::Document::parse(fragment)?;
     let mut out = Vec::new();
-    for (section, tag) in [("tags", "tags"), ("constraints", "constraints"), ("resources", "resources")] {
+    for (section, tag) in [
+        ("tags", "tags"),
+        ("constraints", "constraints"),
+        ("resources", "resources"),
+    ] {
         if let Some(s) = doc.root_element().children().find(|n| n.has_tag_name(tag)) {
             for el in s.children().filter(|n| n.is_element()) {
                 out.push((
@@ -733,7 +778,10 @@ async fn instantiate(
     let p = plan(&verified, &maps, &target)?;
     let problems = check_target(&p);
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&json!({"plan": p, "problems": problems}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"plan": p, "problems": problems}))?
+        );
     } else {
         print!("{}", p.text());
     }
@@ -800,9 +848,14 @@ async fn apply(
         progress.finish(total);
     }
     let elements = created_elements(&p.cib_fragment)?;
-    cib.modify(&Scope::section("configuration"), &p.cib_fragment, CallOptions::CAN_CREATE, CIB_DEADLINE)
-        .await
-        .context("creating the resources, constraints and tag (one CIB change)")?;
+    cib.modify(
+        &Scope::section("configuration"),
+        &p.cib_fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("creating the resources, constraints and tag (one CIB change)")?;
     created.cib = elements;
     if wait.is_zero() {
         return Ok(());

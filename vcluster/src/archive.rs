@@ -157,7 +157,9 @@ pub struct ArchiveWriter<W: Write> {
 
 impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ArchiveWriter").field("files", &self.files.len()).finish()
+        f.debug_struct("ArchiveWriter")
+            .field("files", &self.files.len())
+            .finish()
     }
 }
 
@@ -393,9 +395,8 @@ fn walk<R: Read>(
             return Err(ArchiveError::Hostile(format!("entry {raw:?} follows the manifest")));
         }
         let size = entry.header().size().map_err(read_error)?;
-        let limit = entry_limit(&raw).ok_or_else(|| {
-            ArchiveError::Hostile(format!("entry {raw:?} is not part of the archive layout"))
-        })?;
+        let limit = entry_limit(&raw)
+            .ok_or_else(|| ArchiveError::Hostile(format!("entry {raw:?} is not part of the archive layout")))?;
         if size > limit {
             return Err(ArchiveError::Hostile(format!(
                 "entry {raw:?} is oversized: {size} bytes, at most {limit} allowed"
@@ -415,7 +416,9 @@ fn walk<R: Read>(
     let mut decoder = archive.into_inner();
     let rest = io::copy(&mut decoder, &mut io::sink()).map_err(read_error)?;
     if rest > 2 * 512 * 20 {
-        return Err(ArchiveError::Hostile(format!("{rest} bytes of data after the end of the archive")));
+        return Err(ArchiveError::Hostile(format!(
+            "{rest} bytes of data after the end of the archive"
+        )));
     }
     Ok(())
 }
@@ -441,11 +444,7 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ArchiveError> {
                 "format version {v}; this vmha reads format version {FORMAT_VERSION}"
             )))
         }
-        None => {
-            return Err(ArchiveError::Tampered(format!(
-                "{MANIFEST} has no format_version"
-            )))
-        }
+        None => return Err(ArchiveError::Tampered(format!("{MANIFEST} has no format_version"))),
     }
     serde_json::from_value(value).map_err(|e| ArchiveError::Tampered(format!("{MANIFEST}: {e}")))
 }
@@ -482,9 +481,8 @@ pub fn verify<R: Read>(input: R) -> Result<Verified, ArchiveError> {
         }
         Ok(())
     })?;
-    let manifest_data = manifest_data.ok_or_else(|| {
-        ArchiveError::Truncated(format!("no {MANIFEST} (the archive ends before its last entry)"))
-    })?;
+    let manifest_data = manifest_data
+        .ok_or_else(|| ArchiveError::Truncated(format!("no {MANIFEST} (the archive ends before its last entry)")))?;
     let manifest = parse_manifest(&manifest_data)?;
     for (path, sum) in &sums {
         match manifest.files.get(path) {
@@ -521,7 +519,10 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
     }
     for vm in &m.vms {
         if !m.files.contains_key(&vm.domain_file) || !vm.domain_file.starts_with("domains/") {
-            return bad(format!("VM {} names {} as its domain, which is not in the archive", vm.resource, vm.domain_file));
+            return bad(format!(
+                "VM {} names {} as its domain, which is not in the archive",
+                vm.resource, vm.domain_file
+            ));
         }
         if !m.members.contains(&vm.resource) {
             return bad(format!("VM {} is not a member", vm.resource));
@@ -540,10 +541,18 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
             .filter_map(|o| u64::from_str_radix(o, 16).ok())
             .collect();
         if chunks.len() as u64 != disk.chunks {
-            return bad(format!("disk {} lists {} chunks, the archive holds {}", disk.id, disk.chunks, chunks.len()));
+            return bad(format!(
+                "disk {} lists {} chunks, the archive holds {}",
+                disk.id,
+                disk.chunks,
+                chunks.len()
+            ));
         }
         if let Some(o) = chunks.iter().find(|&&o| o >= disk.size) {
-            return bad(format!("disk {} has a chunk at {o}, beyond its size {}", disk.id, disk.size));
+            return bad(format!(
+                "disk {} has a chunk at {o}, beyond its size {}",
+                disk.id, disk.size
+            ));
         }
         if !disk.path.starts_with('/') {
             return bad(format!("disk {} has a relative source path {:?}", disk.id, disk.path));
@@ -581,7 +590,9 @@ pub fn extract_disks<R: Read>(
             return Ok(());
         };
         let (id, offset) = rest.split_once('/').unwrap_or_default();
-        let id: u32 = id.parse().map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
+        let id: u32 = id
+            .parse()
+            .map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
         let offset = u64::from_str_radix(offset, 16).map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
         let file = files
             .get(&id)
@@ -592,7 +603,9 @@ pub fn extract_disks<R: Read>(
             .get(path)
             .ok_or_else(|| ArchiveError::Tampered(format!("entry {path} is not listed in the manifest")))?;
         if listed.size != size || listed.sha256 != sha256_hex(&data) {
-            return Err(ArchiveError::Tampered(format!("checksum mismatch for {path} (the file changed since it was verified)")));
+            return Err(ArchiveError::Tampered(format!(
+                "checksum mismatch for {path} (the file changed since it was verified)"
+            )));
         }
         file.write_all_at(&data, offset)?;
         written += size;

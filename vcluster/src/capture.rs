@@ -95,7 +95,12 @@ fn nvpair<'a>(node: Node<'a, '_>, set: &str, name: &str) -> Option<(String, &'a 
         .filter(|n| n.has_tag_name(set))
         .flat_map(|s| s.children())
         .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some(name))
-        .map(|n| (n.attribute("id").unwrap_or("").to_string(), n.attribute("value").unwrap_or("")))
+        .map(|n| {
+            (
+                n.attribute("id").unwrap_or("").to_string(),
+                n.attribute("value").unwrap_or(""),
+            )
+        })
 }
 
 /// The names of the tags (virtual clusters) in a CIB, with their members.
@@ -258,11 +263,17 @@ mod tests {
         assert_eq!(c.members, ["web", "db", "vip"]);
         assert_eq!(c.cluster_name.as_deref(), Some("siteA"));
         assert_eq!(c.hosts, ["node1", "node2", "node3"]);
-        assert_eq!(c.constraints, ["web-after-db", "vip-with-web", "db-prefers-node1", "web-rule"]);
+        assert_eq!(
+            c.constraints,
+            ["web-after-db", "vip-with-web", "db-prefers-node1", "web-rule"]
+        );
         assert_eq!(c.left_out, [("other-with-web".to_string(), "other".to_string())]);
         assert_eq!(c.vms.len(), 2);
         assert_eq!(c.vms[0].config.as_deref(), Some("/srv/a/shared/web.xml"));
-        assert_eq!(c.vms[1].target_role, Some(("db-meta-target-role".into(), "Started".into())));
+        assert_eq!(
+            c.vms[1].target_role,
+            Some(("db-meta-target-role".into(), "Started".into()))
+        );
         assert!(c.resources_xml.contains("<primitive id=\"vip\""));
         assert!(!c.resources_xml.contains("id=\"other\""));
         roxmltree::Document::parse(&c.resources_xml).unwrap();
@@ -272,7 +283,10 @@ mod tests {
 
     #[test]
     fn unknown_tag_or_member_is_an_error() {
-        assert!(capture(CIB, "nope").unwrap_err().to_string().contains("no virtual cluster"));
+        assert!(capture(CIB, "nope")
+            .unwrap_err()
+            .to_string()
+            .contains("no virtual cluster"));
         let broken = CIB.replace("<obj_ref id=\"vip\"/>", "<obj_ref id=\"ghost\"/>");
         assert!(capture(&broken, "shop").unwrap_err().to_string().contains("\"ghost\""));
     }

@@ -53,22 +53,30 @@ pub struct Maps {
 fn pairs(kind: &str, list: &str) -> Result<Vec<(String, String)>, VclusterError> {
     let mut out = Vec::new();
     for item in list.split(',').filter(|s| !s.is_empty()) {
-        let (a, b) = item.split_once(':').ok_or_else(|| {
-            VclusterError::Usage(format!("--map {kind}=...: {item:?} is not OLD:NEW"))
-        })?;
+        let (a, b) = item
+            .split_once(':')
+            .ok_or_else(|| VclusterError::Usage(format!("--map {kind}=...: {item:?} is not OLD:NEW")))?;
         if a.is_empty() || b.is_empty() {
-            return Err(VclusterError::Usage(format!("--map {kind}=...: {item:?} has an empty side")));
+            return Err(VclusterError::Usage(format!(
+                "--map {kind}=...: {item:?} has an empty side"
+            )));
         }
         out.push((a.to_string(), b.to_string()));
     }
     if out.is_empty() {
-        return Err(VclusterError::Usage(format!("--map {kind}= needs at least one OLD:NEW")));
+        return Err(VclusterError::Usage(format!(
+            "--map {kind}= needs at least one OLD:NEW"
+        )));
     }
     Ok(out)
 }
 
 fn cidr(s: &str) -> Result<(Ipv4Addr, u8), VclusterError> {
-    let bad = || VclusterError::Usage(format!("--map address=...: {s:?} is not an IPv4 network like 10.0.0.0/24"));
+    let bad = || {
+        VclusterError::Usage(format!(
+            "--map address=...: {s:?} is not an IPv4 network like 10.0.0.0/24"
+        ))
+    };
     let (a, p) = s.split_once('/').ok_or_else(bad)?;
     let p: u8 = p.parse().map_err(|_| bad())?;
     if p > 32 {
@@ -88,7 +96,9 @@ impl Maps {
         maps.name = name;
         for spec in specs {
             let (kind, list) = spec.split_once('=').ok_or_else(|| {
-                VclusterError::Usage(format!("--map {spec:?}: expected hosts=, address=, network= or storage="))
+                VclusterError::Usage(format!(
+                    "--map {spec:?}: expected hosts=, address=, network= or storage="
+                ))
             })?;
             match kind {
                 "hosts" | "host" => {
@@ -122,7 +132,8 @@ impl Maps {
                                 "--map storage={a}:{b}: both sides must be absolute paths"
                             )));
                         }
-                        maps.storage.push((a.trim_end_matches('/').to_string(), b.trim_end_matches('/').to_string()));
+                        maps.storage
+                            .push((a.trim_end_matches('/').to_string(), b.trim_end_matches('/').to_string()));
                     }
                     maps.storage.sort_by(|x, y| y.0.len().cmp(&x.0.len()));
                 }
@@ -268,10 +279,7 @@ fn element_path(n: Node) -> String {
             "primitive" | "group" | "clone" | "rsc_location" | "rsc_colocation" | "rsc_order" | "rsc_ticket"
         )
     });
-    id_owner
-        .and_then(|o| o.attribute("id"))
-        .unwrap_or("?")
-        .to_string()
+    id_owner.and_then(|o| o.attribute("id")).unwrap_or("?").to_string()
 }
 
 /// Domain XML with storage paths and network names mapped.
@@ -346,8 +354,7 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     let resources_text = archive.text(RESOURCES)?;
     let constraints_text = archive.text(CONSTRAINTS)?;
     let rdoc = Document::parse(resources_text).map_err(|e| VclusterError::Archive(format!("{RESOURCES}: {e}")))?;
-    let cdoc =
-        Document::parse(constraints_text).map_err(|e| VclusterError::Archive(format!("{CONSTRAINTS}: {e}")))?;
+    let cdoc = Document::parse(constraints_text).map_err(|e| VclusterError::Archive(format!("{CONSTRAINTS}: {e}")))?;
     let mut named_hosts: BTreeSet<String> = m.placement.values().cloned().collect();
     for c in cdoc.root_element().children().filter(|n| n.is_element()) {
         named_hosts.extend(constraint_hosts(c));
@@ -373,7 +380,11 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
         problems.push(format!(
             "hosts without a mapping: {} (add --map hosts={}; this cluster's hosts: {})",
             unmapped.join(", "),
-            unmapped.iter().map(|h| format!("{h}:NEW")).collect::<Vec<_>>().join(","),
+            unmapped
+                .iter()
+                .map(|h| format!("{h}:NEW"))
+                .collect::<Vec<_>>()
+                .join(","),
             target.hosts.join(", ")
         ));
     }
@@ -386,7 +397,10 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     // Ids must be free on the target.
     let mut ids: BTreeSet<String> = BTreeSet::new();
     for doc in [&rdoc, &cdoc] {
-        for n in doc.descendants().filter(|n| n.is_element() && !n.has_tag_name("resource_ref")) {
+        for n in doc
+            .descendants()
+            .filter(|n| n.is_element() && !n.has_tag_name("resource_ref"))
+        {
             if let Some(id) = n.attribute("id") {
                 ids.insert(id.to_string());
             }
@@ -426,9 +440,10 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
             });
         }
     }
-    for nv in rdoc.descendants().filter(|n| {
-        n.has_tag_name("nvpair") && n.parent().is_some_and(|p| p.has_tag_name("instance_attributes"))
-    }) {
+    for nv in rdoc
+        .descendants()
+        .filter(|n| n.has_tag_name("nvpair") && n.parent().is_some_and(|p| p.has_tag_name("instance_attributes")))
+    {
         let (Some(pname), Some(value)) = (nv.attribute("name"), nv.attribute("value")) else {
             continue;
         };
@@ -504,7 +519,10 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
         let xml = archive.text(&vm.domain_file)?;
         let translated = translate_domain(&vm.resource, xml, maps, &mut remaps)?;
         let Some(path) = configs.get(&vm.resource) else {
-            problems.push(format!("VM {} has no config parameter to write its domain to", vm.resource));
+            problems.push(format!(
+                "VM {} has no config parameter to write its domain to",
+                vm.resource
+            ));
             continue;
         };
         domains.push(PlannedDomain {
@@ -542,7 +560,8 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
             new: name.clone(),
         });
     }
-    let cib_fragment = format!("<configuration>\n{resources_xml}{constraints_xml}<tags>{tag}</tags>\n</configuration>\n");
+    let cib_fragment =
+        format!("<configuration>\n{resources_xml}{constraints_xml}<tags>{tag}</tags>\n</configuration>\n");
     Document::parse(&cib_fragment).map_err(|e| VclusterError::Archive(format!("translated configuration: {e}")))?;
     Ok(Plan {
         name,

@@ -26,7 +26,8 @@ fn good(disk: Option<&[u8]>) -> Vec<u8> {
     w.add_file(RESOURCES, b"<resources/>").unwrap();
     w.add_file(CONSTRAINTS, b"<constraints/>").unwrap();
     w.add_file(TAG, b"<tag id='t'><obj_ref id='web'/></tag>").unwrap();
-    w.add_file("domains/web.xml", b"<domain><name>web</name></domain>").unwrap();
+    w.add_file("domains/web.xml", b"<domain><name>web</name></domain>")
+        .unwrap();
     if let Some(data) = disk {
         let dir = std::env::temp_dir().join(format!("vmha-vc-test-{}-{}", std::process::id(), data.len()));
         std::fs::write(&dir, data).unwrap();
@@ -147,11 +148,20 @@ fn truncated_archives_are_rejected() {
 fn tampered_entries_fail_their_checksum() {
     let mut m = manifest("t");
     for (name, _, data) in &BASE {
-        m.files.insert(name.to_string(), FileSum { size: data.len() as u64, sha256: sha256_hex(data) });
+        m.files.insert(
+            name.to_string(),
+            FileSum {
+                size: data.len() as u64,
+                sha256: sha256_hex(data),
+            },
+        );
     }
     m.files.get_mut(TAG).unwrap().sha256 = sha256_hex(b"something else");
     let msg = rejected(&raw(&BASE, Some(m)));
-    assert!(msg.contains("tampered") && msg.contains("checksum mismatch for cluster/tag.xml"), "{msg}");
+    assert!(
+        msg.contains("tampered") && msg.contains("checksum mismatch for cluster/tag.xml"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -209,13 +219,31 @@ fn unknown_and_missing_entries_are_rejected() {
     // In the layout but not listed in the manifest.
     let mut m = manifest("t");
     for (name, _, data) in &BASE[..3] {
-        m.files.insert(name.to_string(), FileSum { size: data.len() as u64, sha256: sha256_hex(data) });
+        m.files.insert(
+            name.to_string(),
+            FileSum {
+                size: data.len() as u64,
+                sha256: sha256_hex(data),
+            },
+        );
     }
     let msg = rejected(&raw(&BASE, Some(m.clone())));
     assert!(msg.contains("domains/web.xml is not listed"), "{msg}");
     // Listed but absent.
-    m.files.insert("domains/web.xml".into(), FileSum { size: 9, sha256: sha256_hex(b"<domain/>") });
-    m.files.insert("domains/db.xml".into(), FileSum { size: 1, sha256: sha256_hex(b"x") });
+    m.files.insert(
+        "domains/web.xml".into(),
+        FileSum {
+            size: 9,
+            sha256: sha256_hex(b"<domain/>"),
+        },
+    );
+    m.files.insert(
+        "domains/db.xml".into(),
+        FileSum {
+            size: 1,
+            sha256: sha256_hex(b"x"),
+        },
+    );
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(msg.contains("lists domains/db.xml, which the archive lacks"), "{msg}");
     // Outside the layout.

@@ -55,7 +55,11 @@ fn parses_maps_and_rejects_bad_ones() {
     assert_eq!(m.hosts["node3"], "kvm-b2");
     assert_eq!(m.addresses[0].prefix, 24);
     assert_eq!(m.path("/srv/a/shared/x.img").as_deref(), Some("/srv/b/shared/x.img"));
-    assert_eq!(m.path("/srv/a/sharedx/x.img"), None, "prefixes match whole path components");
+    assert_eq!(
+        m.path("/srv/a/sharedx/x.img"),
+        None,
+        "prefixes match whole path components"
+    );
     for bad in [
         "hosts=node1",
         "address=10.0.0.0/24:10.1.0.0/16",
@@ -95,7 +99,10 @@ fn plan_translates_everything_it_names() {
     assert!(f.contains(r#"rsc="db" node="kvm-b1""#));
     assert!(f.contains(r##"attribute="#uname" operation="eq" value="kvm-b2""##));
     assert!(f.contains(r#"<tag id="shop"><obj_ref id="web"/><obj_ref id="db"/><obj_ref id="vip"/></tag>"#));
-    assert!(!f.contains("node1") || f.contains("db-prefers-node1"), "ids are kept, hosts are mapped");
+    assert!(
+        !f.contains("node1") || f.contains("db-prefers-node1"),
+        "ids are kept, hosts are mapped"
+    );
     let web = p.domains.iter().find(|d| d.vm == "web").unwrap();
     assert_eq!(web.path, "/srv/b/shared/web.xml");
     assert!(web.xml.contains("<source file='/srv/b/shared/web.img'/>"));
@@ -103,8 +110,14 @@ fn plan_translates_everything_it_names() {
     assert!(web.xml.contains("<source network='lan-b'/>"));
     assert!(web.xml.contains("<kernel>/srv/b/shared/vmlinuz</kernel>"));
     let r = p.resources.iter().find(|r| r.id == "web").unwrap();
-    assert_eq!((r.ran_on.as_deref(), r.expected_on.as_deref()), (Some("node1"), Some("kvm-b1")));
-    assert!(p.remaps.iter().any(|r| r.place == "resource vip param ip" && r.new == "10.213.17.100"));
+    assert_eq!(
+        (r.ran_on.as_deref(), r.expected_on.as_deref()),
+        (Some("node1"), Some("kvm-b1"))
+    );
+    assert!(p
+        .remaps
+        .iter()
+        .any(|r| r.place == "resource vip param ip" && r.new == "10.213.17.100"));
     assert!(p.warnings.iter().any(|w| w.contains("192.168.1.1")));
     assert!(p.text().contains("node3 -> kvm-b2"));
     let json = serde_json::to_value(&p).unwrap();
@@ -114,12 +127,18 @@ fn plan_translates_everything_it_names() {
 #[test]
 fn unmapped_hosts_are_listed_with_what_to_add() {
     let v = archived(CIB, "shop", "/srv/a/shared", "lan-a");
-    let err = plan(&v, &maps(&["hosts=node1:kvm-b1"]), &target_b()).unwrap_err().to_string();
-    assert!(err.contains("hosts without a mapping: node2, node3"), "{err}");
-    assert!(err.contains("--map hosts=node2:NEW,node3:NEW"), "{err}");
-    let err = plan(&v, &maps(&["hosts=node1:kvm-b1,node2:kvm-b9,node3:kvm-b2"]), &target_b())
+    let err = plan(&v, &maps(&["hosts=node1:kvm-b1"]), &target_b())
         .unwrap_err()
         .to_string();
+    assert!(err.contains("hosts without a mapping: node2, node3"), "{err}");
+    assert!(err.contains("--map hosts=node2:NEW,node3:NEW"), "{err}");
+    let err = plan(
+        &v,
+        &maps(&["hosts=node1:kvm-b1,node2:kvm-b9,node3:kvm-b2"]),
+        &target_b(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("kvm-b9 is not a host of this cluster"), "{err}");
 }
 
