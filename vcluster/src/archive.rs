@@ -191,8 +191,15 @@ fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
     let mut pos: i64 = 0;
     let end = size as i64;
     while pos < end {
-        let Ok(start) = lseek(fd, pos, Whence::SeekData) else {
-            break; // ENXIO: no data after pos
+        let start = match lseek(fd, pos, Whence::SeekData) {
+            Ok(start) => start,
+            // No data after pos.
+            Err(nix::errno::Errno::ENXIO) => break,
+            // No hole support: read the rest.
+            Err(_) => {
+                regions.push((pos as u64, size));
+                break;
+            }
         };
         let stop = lseek(fd, start, Whence::SeekHole).unwrap_or(end).min(end);
         if stop <= start {
