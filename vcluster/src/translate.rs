@@ -135,7 +135,7 @@ impl Maps {
                         maps.storage
                             .push((a.trim_end_matches('/').to_string(), b.trim_end_matches('/').to_string()));
                     }
-                    maps.storage.sort_by(|x, y| y.0.len().cmp(&x.0.len()));
+                    maps.storage.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
                 }
                 other => {
                     return Err(VclusterError::Usage(format!(
