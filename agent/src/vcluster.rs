@@ -567,7 +567,11 @@ async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level
             match agent_command(&uri, &domain, "guest-fsfreeze-freeze") {
                 Ok(_) => frozen.push((uri, domain)),
                 Err(e) => {
-                    r = Err(e.context(format!("freezing {}'s file systems", vm.resource)));
+                    r = Err(e.context(format!(
+                        "freezing {}'s file systems (a live capture needs qemu-guest-agent in every running VM; \
+                         --halt captures with the VMs stopped)",
+                        vm.resource
+                    )));
                     break;
                 }
             }

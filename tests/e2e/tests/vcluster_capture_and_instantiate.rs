@@ -319,6 +319,14 @@ fn vcluster_capture_and_instantiate() {
         a.status_from_any().ok()?.running_on("h7vip").map(str::to_string)
     })
     .unwrap();
+    // A live capture freezes the guests through qemu-guest-agent: wait until every agent answers.
+    for vm in VMS {
+        let n = wait_running(&a, vm, Duration::from_secs(30));
+        wait_for(&format!("{vm}'s guest agent"), Duration::from_secs(300), POLL, || {
+            vmha_e2e::guest_agent(&a, n, vm, &serde_json::json!({"execute": "guest-ping"})).ok()
+        })
+        .unwrap();
+    }
     let shown: serde_json::Value =
         serde_json::from_str(&vmha_ok(&a, 1, &["--output", "json", "vcluster", "show", "shop"])).unwrap();
     println!("vcluster show: {shown}");
