@@ -544,11 +544,35 @@ fn vcluster_capture_and_instantiate() {
     assert_eq!(order.len(), 3);
 
     // Capture on B, map back: A's configuration and domains.
-    vmha_ok(
+    // A cold capture (--halt): the members stop, their disks are copied, their target-role comes back as it
+    // was (none) and they run again.
+    let t = Instant::now();
+    let out = vmha_ok(
         &b,
         1,
-        &["vcluster", "capture", "shop", "--out", archive_b.to_str().unwrap()],
+        &[
+            "--output",
+            "json",
+            "vcluster",
+            "capture",
+            "shop",
+            "--out",
+            archive_b.to_str().unwrap(),
+            "--with-disks",
+            "--halt",
+        ],
     );
+    let halted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    println!("cold capture on B: {:.1} s: {halted}", t.elapsed().as_secs_f64());
+    assert_eq!(halted["consistency"], "halted");
+    let resources = b.exec_ok(1, &["cibadmin", "--query", "--scope", "resources"]).unwrap();
+    assert!(
+        !resources.contains("target-role"),
+        "target-role restored (absent): {resources}"
+    );
+    for vm in VMS {
+        wait_running(&b, vm, Duration::from_secs(300));
+    }
     let from_b = verify(std::fs::File::open(&archive_b).unwrap()).unwrap();
     let back = Maps::parse(
         &[
