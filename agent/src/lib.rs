@@ -16,3 +16,4 @@ pub mod options;
 pub mod pacemaker;
 pub mod placement;
 pub mod state;
+pub mod vcluster;

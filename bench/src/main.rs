@@ -2,6 +2,7 @@
 //! figures beside the baselines of `shared/docs/baselines.md`.
 
 mod measure;
+mod vcluster;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,6 +41,22 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Virtual clusters: capture and instantiate of the metadata of --vms VMs (file-backed CIBs) and of a
+    /// disk image against this machine's own sequential copy, measured in the same run.
+    Vcluster {
+        #[arg(long, default_value_t = 50)]
+        vms: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 1024)]
+        disk_mib: u64,
+        /// Work directory (default /var/tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also write the report (markdown) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// (internal, runs inside a lab host) Runs each agent's actions in turn and prints the samples as JSON.
     #[command(hide = true)]
     Measure {
@@ -59,6 +76,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Cmd::Agents { runs, rounds, out } => agents(runs, rounds, out),
         Cmd::Measure { runs, actions, agents } => measure_cmd(runs, &actions, &agents),
+        Cmd::Vcluster {
+            vms,
+            rounds,
+            disk_mib,
+            dir,
+            out,
+        } => vcluster::run(vms, rounds, disk_mib, dir, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,12 @@ enum Cmd {
     /// Run Pacemaker's scheduler on a CIB file (what-if's child process).
     #[command(hide = true)]
     ScheduleCopy(vmha_agent::placement::ScheduleArgs),
+    /// Virtual clusters: named sets of resources, captured into an archive and instantiated elsewhere.
+    /// Works on this host's CIB and libvirt directly (run it on a cluster host, as root).
+    Vcluster {
+        #[command(subcommand)]
+        command: vmha_agent::vcluster::VclusterCmd,
+    },
     /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
     #[command(hide = true)]
     Generate {
@@ -226,6 +232,9 @@ fn hint(name: &str, msg: String) -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    if let Cmd::Vcluster { command } = cli.command {
+        return vmha_agent::vcluster::run(command, cli.output == Output::Json).await;
+    }
     let limit = Duration::from_secs(cli.timeout);
     let conn = tokio::time::timeout(limit, Connection::system())
         .await
@@ -290,6 +299,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Policy { .. } | Cmd::WhatIf(_) | Cmd::ScheduleCopy(_) => {
             unreachable!("policy and what-if run before the bus is reached")
         }
+        Cmd::Vcluster { .. } => unreachable!("vmha vcluster runs before the bus is reached"),
     }
 }
 

@@ -1,0 +1,880 @@
+//! `vmha vcluster`: virtual clusters (a Pacemaker tag naming a set of resources), their capture into an
+//! archive and their instantiation on another cluster. The CLI works on this host's CIB through the
+//! Pacemaker CIB API (vmha-pacemaker) and on libvirt through the `virt` crate; every call has a deadline.
+//! The archive format, capture and translation are in the `vmha-vcluster` crate (pure logic).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+use vmha_model::change::{escape, set_resource_meta, validate_name};
+use vmha_model::{ClusterView, VmState};
+use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
+use vmha_vcluster::archive::{self, extract_disks, verify, ArchiveWriter};
+use vmha_vcluster::capture::{self, capture, configuration_ids};
+use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
+use vmha_vcluster::{add_metadata, manifest_for};
+
+/// Deadline of one CIB call.
+const CIB_DEADLINE: Duration = Duration::from_secs(30);
+/// Deadline of one libvirt call (connect, lookup, guest agent command).
+const LIBVIRT_DEADLINE: Duration = Duration::from_secs(20);
+/// The guest agent's own timeout for fsfreeze (seconds).
+const AGENT_TIMEOUT_S: i32 = 10;
+
+#[derive(Subcommand, Debug)]
+pub enum VclusterCmd {
+    /// Make a virtual cluster: a Pacemaker tag naming resources (VMs, virtual IPs, ...).
+    Create {
+        name: String,
+        /// Member resources (at least one).
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Add resources to a virtual cluster.
+    Add {
+        name: String,
+        #[arg(required = true)]
+        members: Vec<String>,
+    },
+    /// Remove resources from a virtual cluster, or (without resources) the virtual cluster itself (the
+    /// resources stay).
+    Remove { name: String, members: Vec<String> },
+    /// List virtual clusters.
+    List,
+    /// A virtual cluster's members, where they run, and the constraints that a capture would keep.
+    Show { name: String },
+    /// Capture a virtual cluster into one archive: domain definitions, resources, constraints, the tag and
+    /// optionally the disk images.
+    Capture {
+        name: String,
+        /// The archive to write.
+        #[arg(long = "out", short = 'f', value_name = "FILE")]
+        out: PathBuf,
+        /// Also the VMs' file-backed disk images (sparse-aware, compressed, streamed).
+        #[arg(long)]
+        with_disks: bool,
+        /// Stop the members first (cold capture) and restore their target-role afterwards; without it a
+        /// capture with disks freezes the guests' file systems (qemu-guest-agent) around the disk copy.
+        #[arg(long)]
+        halt: bool,
+        /// zstd level (1 fast .. 19 small).
+        #[arg(long, default_value_t = 1)]
+        level: i32,
+    },
+    /// Create a captured virtual cluster on this cluster: verify the archive and the target, print the
+    /// plan, write the domain definitions and disks, create everything in one CIB change, wait until it runs.
+    Instantiate {
+        file: PathBuf,
+        /// hosts=OLD:NEW[,...], address=OLD/NN:NEW/NN, network=OLD:NEW[,...], storage=/OLD:/NEW[,...]
+        #[arg(long = "map", value_name = "KIND=OLD:NEW")]
+        maps: Vec<String>,
+        /// Name the virtual cluster (tag) differently here.
+        #[arg(long)]
+        name: Option<String>,
+        /// Verify and print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds to wait for the VMs to run (0: do not wait); past it everything created is removed.
+        #[arg(long, default_value_t = 300)]
+        wait: u64,
+    },
+}
+
+async fn connect() -> Result<Cib> {
+    Cib::connect("vmha", Access::ReadWrite, CIB_DEADLINE)
+        .await
+        .context("connecting to this host's CIB (is Pacemaker running here?)")
+}
+
+async fn query(cib: &Cib) -> Result<String> {
+    cib.query_all(CIB_DEADLINE).await.context("reading the CIB")
+}
+
+/// Runs `vmha vcluster ...`.
+pub async fn run(cmd: VclusterCmd, json_out: bool) -> Result<ExitCode> {
+    match cmd {
+        VclusterCmd::Create { name, members } => create(&name, &members).await,
+        VclusterCmd::Add { name, members } => add(&name, &members).await,
+        VclusterCmd::Remove { name, members } => remove(&name, &members).await,
+        VclusterCmd::List => list(json_out).await,
+        VclusterCmd::Show { name } => show(&name, json_out).await,
+        VclusterCmd::Capture {
+            name,
+            out,
+            with_disks,
+            halt,
+            level,
+        } => capture_cmd(&name, &out, with_disks, halt, level, json_out).await,
+        VclusterCmd::Instantiate {
+            file,
+            maps,
+            name,
+            dry_run,
+            wait,
+        } => instantiate(&file, &maps, name, dry_run, Duration::from_secs(wait), json_out).await,
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn top_level_resources(cib: &str) -> Result<Vec<String>> {
+    let doc = roxmltree::Document::parse(cib)?;
+    Ok(doc
+        .descendants()
+        .find(|n| n.has_tag_name("resources"))
+        .map(|r| {
+            r.children()
+                .filter(|n| n.is_element())
+                .filter_map(|n| n.attribute("id").map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn check_members(cib: &str, members: &[String]) -> Result<()> {
+    let resources = top_level_resources(cib)?;
+    let missing: Vec<&str> = members
+        .iter()
+        .filter(|m| !resources.contains(m))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        bail!("no such resource: {}", missing.join(", "));
+    }
+    Ok(())
+}
+
+async fn create(name: &str, members: &[String]) -> Result<()> {
+    validate_name("virtual cluster name", name)?;
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    if configuration_ids(&xml)?.contains(name) {
+        bail!("the id {name} is already in use in the CIB");
+    }
+    check_members(&xml, members)?;
+    let fragment = format!(
+        "<configuration><tags>{}</tags></configuration>",
+        capture::tag_xml(name, members)
+    );
+    cib.modify(
+        &Scope::section("configuration"),
+        &fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("creating the tag")?;
+    println!("virtual cluster {name} created with {}", members.join(", "));
+    Ok(())
+}
+
+async fn add(name: &str, members: &[String]) -> Result<()> {
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let tags = capture::list(&xml)?;
+    let current = tags
+        .get(name)
+        .ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
+    check_members(&xml, members)?;
+    if let Some(dup) = members.iter().find(|m| current.contains(m)) {
+        bail!("{dup} is already a member of {name}");
+    }
+    let refs: String = members
+        .iter()
+        .map(|m| format!("<obj_ref id=\"{}\"/>", escape(m)))
+        .collect();
+    let fragment = format!(
+        "<configuration><tags><tag id=\"{}\">{refs}</tag></tags></configuration>",
+        escape(name)
+    );
+    cib.modify(
+        &Scope::section("configuration"),
+        &fragment,
+        CallOptions::NONE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("adding to the tag")?;
+    println!("added to {name}: {}", members.join(", "));
+    Ok(())
+}
+
+async fn remove(name: &str, members: &[String]) -> Result<()> {
+    validate_name("virtual cluster name", name)?;
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let tags = capture::list(&xml)?;
+    let current = tags
+        .get(name)
+        .ok_or_else(|| anyhow!("no virtual cluster named {name}"))?;
+    if members.is_empty() {
+        cib.delete(
+            &Scope::section("tags"),
+            &format!("<tag id=\"{}\"/>", escape(name)),
+            CallOptions::NONE,
+            CIB_DEADLINE,
+        )
+        .await
+        .context("removing the tag")?;
+        println!("virtual cluster {name} removed (its resources stay)");
+        return Ok(());
+    }
+    if let Some(m) = members.iter().find(|m| !current.contains(m)) {
+        bail!("{m} is not a member of {name}");
+    }
+    if members.len() >= current.len() {
+        bail!("that would leave {name} empty; remove the virtual cluster instead (vmha vcluster remove {name})");
+    }
+    for m in members {
+        validate_name("resource", m)?;
+    }
+    let kept: Vec<String> = current.iter().filter(|m| !members.contains(m)).cloned().collect();
+    cib.replace(
+        &Scope::xpath(&format!("/cib/configuration/tags/tag[@id='{name}']")),
+        &capture::tag_xml(name, &kept),
+        CallOptions::NONE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("updating the tag")?;
+    println!("removed from {name}: {}", members.join(", "));
+    Ok(())
+}
+
+async fn list(json_out: bool) -> Result<()> {
+    let cib = connect().await?;
+    let tags = capture::list(&query(&cib).await?)?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&tags)?);
+    } else {
+        for (name, members) in tags {
+            println!("{name}: {}", members.join(" "));
+        }
+    }
+    Ok(())
+}
+
+async fn show(name: &str, json_out: bool) -> Result<()> {
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let c = capture(&xml, name)?;
+    let view = ClusterView::from_cib(&xml)?;
+    let vms: Vec<_> = c
+        .vms
+        .iter()
+        .map(|v| {
+            let state = view.vm(&v.resource);
+            json!({
+                "resource": v.resource,
+                "config": v.config,
+                "state": state.map(|s| s.state),
+                "hosts": state.map(|s| s.hosts.clone()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let out = json!({
+        "name": c.name,
+        "members": c.members,
+        "vms": vms,
+        "constraints": c.constraints,
+        "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "outside": o})).collect::<Vec<_>>(),
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("virtual cluster {}: {}", c.name, c.members.join(" "));
+        for v in &vms {
+            println!(
+                "  vm {} {} on {}",
+                v["resource"].as_str().unwrap_or(""),
+                v["state"].as_str().unwrap_or("?"),
+                v["hosts"].as_array().map(|h| h.len()).unwrap_or(0)
+            );
+        }
+        println!("  constraints: {}", c.constraints.join(", "));
+        for (id, outsider) in &c.left_out {
+            println!("  left out: {id} (names {outsider}, not a member)");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread and waits at most `limit` for it: a hung libvirtd cannot hang vmha.
+fn with_deadline<T: Send + 'static>(
+    what: String,
+    limit: Duration,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .map_err(|_| anyhow!("{what}: no answer within {} s", limit.as_secs()))?
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// libvirt URI of the host running a VM.
+fn libvirt_uri(vm: &capture::CapturedVm, host: &str) -> String {
+    if host == hostname() {
+        return vm.hypervisor.clone().unwrap_or_else(|| "qemu:///system".into());
+    }
+    let transport = vm.migration_transport.clone().unwrap_or_else(|| "tcp".into());
+    format!("qemu+{transport}://{host}/system")
+}
+
+/// Sends a qemu-guest-agent command to a domain through libvirt, with a deadline.
+fn agent_command(uri: &str, domain: &str, command: &str) -> Result<String> {
+    let (uri, domain, command) = (uri.to_string(), domain.to_string(), command.to_string());
+    with_deadline(
+        format!("{command} on {domain} via {uri}"),
+        LIBVIRT_DEADLINE,
+        move || {
+            let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
+            conn.lookup_domain_by_name(&domain)
+                .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
+                .map_err(|e| anyhow!("{command} on {domain}: {e}"))
+        },
+    )
+}
+
+/// Progress of a long transfer on stderr (when it is a terminal, else one line at the end).
+struct Progress {
+    label: String,
+    total: u64,
+    start: Instant,
+    last: Instant,
+    tty: bool,
+}
+
+impl Progress {
+    fn new(label: String, total: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            label,
+            total,
+            start: now,
+            last: now,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        if self.tty && self.last.elapsed() > Duration::from_millis(300) {
+            self.last = Instant::now();
+            eprint!("\r{}", self.line(done));
+        }
+    }
+
+    fn line(&self, done: u64) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-3);
+        format!(
+            "{}: {:.1}/{:.1} MiB, {:.1} MiB/s   ",
+            self.label,
+            done as f64 / 1048576.0,
+            self.total as f64 / 1048576.0,
+            done as f64 / 1048576.0 / secs
+        )
+    }
+
+    fn finish(&self, done: u64) {
+        eprintln!("{}{}", if self.tty { "\r" } else { "" }, self.line(done));
+    }
+}
+
+fn now_rfc3339() -> String {
+    archive::rfc3339(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+/// Polls the CIB until `done` holds for the cluster view, or the deadline passes.
+async fn wait_view(cib: &Cib, limit: Duration, what: &str, done: impl Fn(&ClusterView) -> bool) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let view = ClusterView::from_cib(&query(cib).await?)?;
+        if done(&view) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: not reached within {} s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn set_target_role(cib: &Cib, rsc: &str, role: &str) -> Result<()> {
+    let xml = query(cib).await?;
+    let change = set_resource_meta(&xml, rsc, "target-role", role)?;
+    cib.modify(
+        &Scope::section("resources"),
+        &change,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .with_context(|| format!("setting target-role={role} on {rsc}"))
+}
+
+/// The `target-role` nvpair (id, value) of a resource.
+fn target_role(cib: &str, rsc: &str) -> Result<Option<(String, String)>> {
+    let doc = roxmltree::Document::parse(cib)?;
+    Ok(doc
+        .descendants()
+        .find(|n| n.is_element() && n.attribute("id") == Some(rsc) && !n.has_tag_name("obj_ref"))
+        .and_then(|r| {
+            r.children()
+                .filter(|n| n.has_tag_name("meta_attributes"))
+                .flat_map(|s| s.children())
+                .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some("target-role"))
+        })
+        .map(|n| {
+            (
+                n.attribute("id").unwrap_or("").to_string(),
+                n.attribute("value").unwrap_or("").to_string(),
+            )
+        }))
+}
+
+/// Puts back each resource's target-role as it was before a halt.
+async fn restore_roles(cib: &Cib, before: &BTreeMap<String, Option<(String, String)>>) -> Result<()> {
+    let mut errors = Vec::new();
+    for (rsc, role) in before {
+        let result = match role {
+            Some((_, value)) => set_target_role(cib, rsc, value).await,
+            None => {
+                async {
+                    let now = target_role(&query(cib).await?, rsc)?;
+                    if let Some((id, _)) = now {
+                        cib.delete(
+                            &Scope::section("resources"),
+                            &format!("<nvpair id=\"{}\"/>", escape(&id)),
+                            CallOptions::NONE,
+                            CIB_DEADLINE,
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                }
+                .await
+            }
+        };
+        if let Err(e) = result {
+            errors.push(format!("{rsc}: {e:#}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        bail!("restoring target-role failed: {}", errors.join("; "))
+    }
+}
+
+async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level: i32, json_out: bool) -> Result<()> {
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let c = capture(&xml, name)?;
+    let view = ClusterView::from_cib(&xml)?;
+    let mut domains = BTreeMap::new();
+    for vm in &c.vms {
+        let path = vm.config.as_ref().ok_or_else(|| {
+            anyhow!(
+                "VM {} has no config parameter: vmha captures VMs whose domain XML is a file",
+                vm.resource
+            )
+        })?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}'s domain XML {path}", vm.resource))?;
+        domains.insert(vm.resource.clone(), text);
+    }
+    let placement: BTreeMap<String, String> = c
+        .vms
+        .iter()
+        .filter_map(|v| Some((v.resource.clone(), view.vm(&v.resource)?.hosts.first()?.clone())))
+        .collect();
+    let mut disks = Vec::new();
+    if with_disks {
+        for vm in &c.vms {
+            for path in domain_disks(&domains[&vm.resource])? {
+                disks.push((vm.resource.clone(), path));
+            }
+        }
+    }
+    // Refuse to overwrite, and write to a temporary name renamed at the end: no half archive under FILE.
+    if out.exists() {
+        bail!("{} exists; not overwriting it", out.display());
+    }
+    let partial = out.with_extension("partial");
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
+    let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, file), level)?;
+    add_metadata(&mut writer, &c, &domains)?;
+
+    let consistency;
+    let result: Result<()> = if disks.is_empty() {
+        consistency = "metadata only";
+        Ok(())
+    } else if halt {
+        consistency = "halted";
+        let mut before = BTreeMap::new();
+        for vm in &c.vms {
+            before.insert(vm.resource.clone(), target_role(&xml, &vm.resource)?);
+        }
+        let r = async {
+            for vm in &c.vms {
+                set_target_role(&cib, &vm.resource, "Stopped").await?;
+            }
+            let names: Vec<String> = c.vms.iter().map(|v| v.resource.clone()).collect();
+            wait_view(&cib, Duration::from_secs(300), "members stopped", |v| {
+                names
+                    .iter()
+                    .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Stopped))
+            })
+            .await?;
+            copy_disks(&mut writer, &disks)
+        }
+        .await;
+        let restored = restore_roles(&cib, &before).await;
+        r.and(restored)
+    } else {
+        consistency = "frozen";
+        // Freeze every running member, copy, thaw every one that was frozen, whatever happened.
+        let mut frozen = Vec::new();
+        let mut r = Ok(());
+        for vm in &c.vms {
+            let Some(host) = placement.get(&vm.resource) else {
+                continue;
+            };
+            let domain = vm.domain.clone().unwrap_or_else(|| vm.resource.clone());
+            let uri = libvirt_uri(vm, host);
+            match agent_command(&uri, &domain, "guest-fsfreeze-freeze") {
+                Ok(_) => frozen.push((uri, domain)),
+                Err(e) => {
+                    r = Err(e.context(format!(
+                        "freezing {}'s file systems (a live capture needs qemu-guest-agent in every running VM; \
+                         --halt captures with the VMs stopped)",
+                        vm.resource
+                    )));
+                    break;
+                }
+            }
+        }
+        if r.is_ok() {
+            r = copy_disks(&mut writer, &disks);
+        }
+        for (uri, domain) in &frozen {
+            if let Err(e) = agent_command(uri, domain, "guest-fsfreeze-thaw") {
+                eprintln!("vmha: thawing {domain}: {e:#}");
+                if r.is_ok() {
+                    r = Err(e);
+                }
+            }
+        }
+        r
+    };
+    let finished = result.and_then(|()| {
+        let manifest = manifest_for(&c, placement, now_rfc3339(), consistency);
+        let (w, manifest) = writer.finish(manifest)?;
+        w.into_inner()
+            .map_err(|e| anyhow!("writing {}: {}", partial.display(), e.error()))?
+            .sync_all()?;
+        Ok(manifest)
+    });
+    let manifest = match finished {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out).with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+    let summary = json!({
+        "archive": out,
+        "name": manifest.name,
+        "members": manifest.members,
+        "constraints": c.constraints,
+        "left_out": c.left_out.iter().map(|(c, _)| c).collect::<Vec<_>>(),
+        "disks": manifest.disks,
+        "consistency": consistency,
+    });
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "captured {} ({} members, {} constraints, {} disks, {}) into {}",
+            manifest.name,
+            manifest.members.len(),
+            c.constraints.len(),
+            manifest.disks.len(),
+            consistency,
+            out.display()
+        );
+        for (id, outsider) in &c.left_out {
+            println!("  left out: constraint {id} (names {outsider}, not a member)");
+        }
+    }
+    Ok(())
+}
+
+fn copy_disks<W: Write>(writer: &mut ArchiveWriter<W>, disks: &[(String, String)]) -> Result<()> {
+    for (vm, path) in disks {
+        let file = File::open(path).with_context(|| format!("opening {vm}'s disk {path}"))?;
+        let size = file.metadata()?.len();
+        let mut p = Progress::new(format!("{vm} {path}"), size);
+        writer.add_disk(vm, path, &file, &mut |n| p.update(n))?;
+        p.finish(size);
+    }
+    Ok(())
+}
+
+/// Checks on this host what the plan needs: storage directories, free file names, libvirt networks and
+/// bridges.
+fn check_target(p: &Plan) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut paths: Vec<&str> = p.domains.iter().map(|d| d.path.as_str()).collect();
+    paths.extend(p.disks.iter().map(|d| d.to.as_str()));
+    for path in paths {
+        let path = Path::new(path);
+        if path.exists() {
+            problems.push(format!("{} exists already", path.display()));
+        } else if !path.parent().is_some_and(Path::is_dir) {
+            problems.push(format!(
+                "storage directory {} is missing (map it with --map storage=OLD:NEW)",
+                path.parent().unwrap_or(Path::new("/")).display()
+            ));
+        }
+    }
+    for d in &p.domains {
+        let Ok(doc) = roxmltree::Document::parse(&d.xml) else {
+            continue;
+        };
+        for s in doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
+        {
+            if let Some(br) = s.attribute("bridge") {
+                if !Path::new("/sys/class/net").join(br).exists() {
+                    problems.push(format!(
+                        "VM {}: bridge {br} does not exist here (--map network=...)",
+                        d.vm
+                    ));
+                }
+            }
+            if let Some(net) = s.attribute("network") {
+                let net = net.to_string();
+                let found = with_deadline(format!("looking up network {net}"), LIBVIRT_DEADLINE, move || {
+                    let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
+                    Ok(conn.lookup_network_by_name(&net).is_ok())
+                });
+                match found {
+                    Ok(true) => {}
+                    Ok(false) => problems.push(format!(
+                        "VM {}: libvirt network {} does not exist here (--map network=...)",
+                        d.vm,
+                        s.attribute("network").unwrap_or("")
+                    )),
+                    Err(e) => problems.push(format!("VM {}: {e:#}", d.vm)),
+                }
+            }
+        }
+    }
+    problems
+}
+
+/// What an instantiate has created so far, removed again on failure.
+#[derive(Default)]
+struct Created {
+    files: Vec<PathBuf>,
+    /// (section, element xml) for CIB deletes.
+    cib: Vec<(&'static str, String)>,
+}
+
+impl Created {
+    async fn undo(&mut self, cib: &Cib, vms: &[String]) {
+        for (section, xml) in self.cib.drain(..) {
+            if let Err(e) = cib
+                .delete(&Scope::section(section), &xml, CallOptions::NONE, CIB_DEADLINE)
+                .await
+            {
+                eprintln!("vmha: rollback: deleting {xml} from {section}: {e}");
+            }
+        }
+        // The domains must be gone before their files are.
+        if let Err(e) = wait_view(cib, Duration::from_secs(120), "removed VMs stopped", |v| {
+            vms.iter().all(|n| v.vm(n).is_none_or(|vm| vm.hosts.is_empty()))
+        })
+        .await
+        {
+            eprintln!("vmha: rollback: {e:#}");
+        }
+        for f in self.files.drain(..).rev() {
+            if let Err(e) = std::fs::remove_file(&f) {
+                eprintln!("vmha: rollback: removing {}: {e}", f.display());
+            }
+        }
+    }
+}
+
+fn created_elements(fragment: &str) -> Result<Vec<(&'static str, String)>> {
+    let doc = roxmltree::Document::parse(fragment)?;
+    let mut out = Vec::new();
+    for (section, tag) in [
+        ("tags", "tags"),
+        ("constraints", "constraints"),
+        ("resources", "resources"),
+    ] {
+        if let Some(s) = doc.root_element().children().find(|n| n.has_tag_name(tag)) {
+            for el in s.children().filter(|n| n.is_element()) {
+                out.push((
+                    section,
+                    format!(
+                        "<{} id=\"{}\"/>",
+                        el.tag_name().name(),
+                        escape(el.attribute("id").unwrap_or(""))
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn instantiate(
+    file: &Path,
+    map_specs: &[String],
+    name: Option<String>,
+    dry_run: bool,
+    wait: Duration,
+    json_out: bool,
+) -> Result<()> {
+    let maps = Maps::parse(map_specs, name)?;
+    let open = || -> Result<BufReader<File>> {
+        Ok(BufReader::with_capacity(
+            1 << 20,
+            File::open(file).with_context(|| format!("opening {}", file.display()))?,
+        ))
+    };
+    let verified = verify(open()?).with_context(|| format!("{} rejected", file.display()))?;
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let view = ClusterView::from_cib(&xml)?;
+    let target = Target {
+        hosts: view.hosts.iter().map(|h| h.name.clone()).collect(),
+        ids: configuration_ids(&xml)?,
+    };
+    let p = plan(&verified, &maps, &target)?;
+    let problems = check_target(&p);
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"plan": p, "problems": problems}))?
+        );
+    } else {
+        print!("{}", p.text());
+    }
+    if !problems.is_empty() {
+        bail!("the target is not ready: {}", problems.join("; "));
+    }
+    if dry_run {
+        if !json_out {
+            println!("dry run: nothing changed");
+        }
+        return Ok(());
+    }
+    let vms: Vec<String> = p.domains.iter().map(|d| d.vm.clone()).collect();
+    let mut created = Created::default();
+    let result = apply(&cib, &p, &verified, open, &mut created, wait, &vms).await;
+    if let Err(e) = result {
+        eprintln!("vmha: instantiate failed, removing what it created: {e:#}");
+        created.undo(&cib, &vms).await;
+        return Err(e);
+    }
+    if !json_out {
+        println!("virtual cluster {} instantiated", p.name);
+    }
+    Ok(())
+}
+
+async fn apply(
+    cib: &Cib,
+    p: &Plan,
+    verified: &vmha_vcluster::Verified,
+    open: impl Fn() -> Result<BufReader<File>>,
+    created: &mut Created,
+    wait: Duration,
+    vms: &[String],
+) -> Result<()> {
+    for d in &p.domains {
+        let mut f = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&d.path)
+            .with_context(|| format!("creating {}", d.path))?;
+        created.files.push(PathBuf::from(&d.path));
+        f.write_all(d.xml.as_bytes())?;
+        f.sync_all()?;
+    }
+    if !p.disks.is_empty() {
+        let targets: BTreeMap<u32, String> = p.disks.iter().map(|d| (d.id, d.to.clone())).collect();
+        let total: u64 = verified.manifest.disks.iter().map(|d| d.stored).sum();
+        let mut progress = Progress::new("disks".into(), total);
+        let mut new_files = Vec::new();
+        let r = extract_disks(
+            open()?,
+            &verified.manifest,
+            &mut |disk| {
+                let path = &targets[&disk.id];
+                let f = File::options().write(true).create_new(true).open(path)?;
+                new_files.push(PathBuf::from(path));
+                Ok(f)
+            },
+            &mut |n| progress.update(n),
+        );
+        created.files.extend(new_files);
+        r?;
+        progress.finish(total);
+    }
+    let elements = created_elements(&p.cib_fragment)?;
+    cib.modify(
+        &Scope::section("configuration"),
+        &p.cib_fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .context("creating the resources, constraints and tag (one CIB change)")?;
+    created.cib = elements;
+    if wait.is_zero() {
+        return Ok(());
+    }
+    // Activation: every VM whose captured target-role is not Stopped runs.
+    let xml = query(cib).await?;
+    let expect: Vec<String> = vms
+        .iter()
+        .filter(|v| target_role(&xml, v).ok().flatten().is_none_or(|(_, r)| r != "Stopped"))
+        .cloned()
+        .collect();
+    wait_view(cib, wait, "virtual cluster running", |v| {
+        expect
+            .iter()
+            .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Running))
+    })
+    .await
+}

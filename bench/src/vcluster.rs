@@ -1,0 +1,412 @@
+//! `vmha-bench vcluster`: virtual-cluster capture and instantiate, on this machine.
+//!
+//! Metadata: a CIB (Pacemaker's file-backed CIB, through the same vmha-pacemaker API vmha uses) with a
+//! virtual cluster of N VMs (domain XML files, utilization, operations, order/colocation/location
+//! constraints, a virtual IP) is captured into an archive and instantiated into a second file-backed CIB
+//! with host, address and storage maps, the same library calls `vmha vcluster` makes (no daemon round
+//! trips). Disks: a disk image is captured into an archive and written back by instantiate's two passes
+//! (verify, then extract), each against the machine's own sequential copy of the same image measured in
+//! the same run, all with cold caches (fadvise DONTNEED) and fsync.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
+use vmha_vcluster::archive::{extract_disks, verify, ArchiveWriter};
+use vmha_vcluster::capture::{capture, configuration_ids};
+use vmha_vcluster::translate::{plan, Maps, Target};
+use vmha_vcluster::{add_metadata, manifest_for};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn source_cib(dir: &Path, vms: usize) -> String {
+    let mut r = String::new();
+    let mut c = String::new();
+    let mut tag = String::from("<tags><tag id=\"bench\">");
+    for i in 0..vms {
+        let vm = format!("bvm{i:03}");
+        let _ = write!(
+            r,
+            r#"<primitive id="{vm}" class="ocf" provider="vmha" type="VirtualMachine">
+  <instance_attributes id="{vm}-ia">
+    <nvpair id="{vm}-ia-config" name="config" value="{dir}/shared/{vm}.xml"/>
+    <nvpair id="{vm}-ia-hypervisor" name="hypervisor" value="qemu:///system"/>
+    <nvpair id="{vm}-ia-migration_transport" name="migration_transport" value="tcp"/>
+  </instance_attributes>
+  <meta_attributes id="{vm}-meta"><nvpair id="{vm}-meta-allow-migrate" name="allow-migrate" value="true"/><nvpair id="{vm}-meta-target-role" name="target-role" value="Stopped"/></meta_attributes>
+  <utilization id="{vm}-util"><nvpair id="{vm}-util-cpu" name="cpu" value="1"/><nvpair id="{vm}-util-hv_memory" name="hv_memory" value="128"/></utilization>
+  <operations><op id="{vm}-monitor" name="monitor" interval="10s" timeout="30s"/><op id="{vm}-start" name="start" interval="0s" timeout="90s"/><op id="{vm}-stop" name="stop" interval="0s" timeout="90s"/></operations>
+</primitive>
+"#,
+            dir = dir.display()
+        );
+        if i > 0 {
+            let _ = writeln!(
+                c,
+                r#"<rsc_order id="bench-order-{i}" first="bvm{:03}" then="{vm}" kind="Optional"/>"#,
+                i - 1
+            );
+        }
+        if i % 2 == 1 {
+            let _ = writeln!(
+                c,
+                r#"<rsc_colocation id="bench-apart-{i}" rsc="{vm}" with-rsc="bvm{:03}" score="-100"/>"#,
+                i - 1
+            );
+        }
+        let _ = writeln!(
+            c,
+            r#"<rsc_location id="bench-loc-{i}" rsc="{vm}" node="node{}" score="10"/>"#,
+            i % 3 + 1
+        );
+        let _ = write!(tag, "<obj_ref id=\"{vm}\"/>");
+    }
+    r.push_str(
+        r#"<primitive id="bvip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="bvip-ia"><nvpair id="bvip-ia-ip" name="ip" value="10.213.7.100"/><nvpair id="bvip-ia-cidr" name="cidr_netmask" value="24"/></instance_attributes></primitive>
+"#,
+    );
+    c.push_str(r#"<rsc_colocation id="bench-vip" rsc="bvip" with-rsc="bvm000" score="INFINITY"/>"#);
+    tag.push_str("<obj_ref id=\"bvip\"/></tag></tags>");
+    format!(
+        r#"<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+<configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="cib-bootstrap-options-cluster-name" name="cluster-name" value="bench-a"/></cluster_property_set></crm_config>
+<nodes><node id="1" uname="node1"/><node id="2" uname="node2"/><node id="3" uname="node3"/></nodes>
+<resources>{r}</resources><constraints>{c}</constraints>{tag}</configuration><status/></cib>
+"#
+    )
+}
+
+fn target_cib() -> String {
+    r#"<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+<configuration><crm_config/><nodes><node id="1" uname="kvm-b1"/><node id="2" uname="kvm-b2"/></nodes><resources/><constraints/></configuration><status/></cib>
+"#
+    .to_string()
+}
+
+fn domain_xml(vm: &str, dir: &Path) -> String {
+    format!(
+        "<domain type='qemu'>\n  <name>{vm}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu>1</vcpu>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}/shared/{vm}.img'/><target dev='vda' bus='virtio'/></disk>\n    <interface type='network'><source network='default'/></interface>\n  </devices>\n</domain>\n",
+        dir.display()
+    )
+}
+
+/// One capture of the metadata: read the CIB, the domain files, write and fsync the archive.
+async fn capture_metadata(cib_file: &Path, archive: &Path) -> Result<usize> {
+    let cib = Cib::open_file(cib_file, Access::ReadOnly, LIMIT).await?;
+    let xml = cib.query_all(LIMIT).await?;
+    drop(cib);
+    let c = capture(&xml, "bench")?;
+    let mut domains = BTreeMap::new();
+    for vm in &c.vms {
+        let path = vm.config.as_ref().context("config")?;
+        domains.insert(vm.resource.clone(), fs::read_to_string(path)?);
+    }
+    let out = BufWriter::new(File::create(archive)?);
+    let mut w = ArchiveWriter::new(out, 1)?;
+    add_metadata(&mut w, &c, &domains)?;
+    let (out, _) = w.finish(manifest_for(
+        &c,
+        BTreeMap::new(),
+        "2026-01-01T00:00:00Z".into(),
+        "metadata only",
+    ))?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(c.vms.len())
+}
+
+/// One instantiate of the metadata: verify, plan, write the domain files, one CIB change.
+async fn instantiate_metadata(archive: &Path, target: &Path, dir_a: &Path, dir_b: &Path) -> Result<usize> {
+    let verified = verify(BufReader::new(File::open(archive)?))?;
+    let cib = Cib::open_file(target, Access::ReadWrite, LIMIT).await?;
+    let xml = cib.query_all(LIMIT).await?;
+    let maps = Maps::parse(
+        &[
+            "hosts=node1:kvm-b1,node2:kvm-b2,node3:kvm-b2".into(),
+            "address=10.213.7.0/24:10.213.17.0/24".into(),
+            format!("storage={}:{}", dir_a.display(), dir_b.display()),
+        ],
+        None,
+    )?;
+    let view = vmha_model::ClusterView::from_cib(&xml)?;
+    let t = Target {
+        hosts: view.hosts.iter().map(|h| h.name.clone()).collect(),
+        ids: configuration_ids(&xml)?,
+    };
+    let p = plan(&verified, &maps, &t)?;
+    for d in &p.domains {
+        let mut f = File::options().write(true).create_new(true).open(&d.path)?;
+        f.write_all(d.xml.as_bytes())?;
+        f.sync_all()?;
+    }
+    cib.modify(
+        &Scope::section("configuration"),
+        &p.cib_fragment,
+        CallOptions::CAN_CREATE,
+        LIMIT,
+    )
+    .await?;
+    let after = cib.query_all(LIMIT).await?;
+    drop(cib);
+    let created = configuration_ids(&after)?
+        .iter()
+        .filter(|id| id.starts_with("bvm") && !id.contains('-'))
+        .count();
+    Ok(created)
+}
+
+fn median(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+fn drop_cache(path: &Path) -> Result<()> {
+    let f = File::open(path)?;
+    f.sync_all()?;
+    nix::fcntl::posix_fadvise(f.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
+    Ok(())
+}
+
+/// A disk image of `mib` MiB, all data (no holes): half pseudo-random, half repetitive text, in 1 MiB
+/// stripes, roughly what a used guest file system holds.
+fn make_image(path: &Path, mib: u64) -> Result<()> {
+    let mut f = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let text: Vec<u8> = b"Nov 22 03:00:00 guest app[123]: request handled in 12 ms, status 200 OK\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    let mut random = vec![0u8; 1 << 20];
+    for i in 0..mib {
+        if i % 2 == 0 {
+            for b in random.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.copy_from_slice(&x.to_ne_bytes());
+            }
+            f.write_all(&random)?;
+        } else {
+            f.write_all(&text)?;
+        }
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
+/// User + system CPU seconds of this process so far.
+fn cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map(|u| {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+            t(u.user_time()) + t(u.system_time())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Wall and CPU seconds of `f`.
+fn timed(cpu_total: &mut f64, f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let (t, c) = (Instant::now(), cpu());
+    f()?;
+    *cpu_total += cpu() - c;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+pub fn run(vms: usize, rounds: usize, disk_mib: u64, dir: Option<PathBuf>, out: Option<PathBuf>) -> Result<()> {
+    if rounds == 0 || vms == 0 {
+        bail!("--rounds and --vms must be at least 1");
+    }
+    let base = dir
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"))
+        .join(format!("vmha-bench-vcluster-{}", std::process::id()));
+    fs::create_dir_all(&base)?;
+    let result = run_in(&base, vms, rounds, disk_mib);
+    let _ = fs::remove_dir_all(&base);
+    let report = result?;
+    print!("{report}");
+    if let Some(out) = out {
+        fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
+fn run_in(base: &Path, vms: usize, rounds: usize, disk_mib: u64) -> Result<String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let dir_a = base.join("a");
+    let dir_b = base.join("b");
+    fs::create_dir_all(dir_a.join("shared"))?;
+    let cib_a = base.join("cib-a.xml");
+    fs::write(&cib_a, source_cib(&dir_a, vms))?;
+    for i in 0..vms {
+        let vm = format!("bvm{i:03}");
+        fs::write(dir_a.join("shared").join(format!("{vm}.xml")), domain_xml(&vm, &dir_a))?;
+    }
+    let archive = base.join("meta.vca");
+    let mut cap = Vec::new();
+    let mut inst = Vec::new();
+    let mut archive_size = 0;
+    for round in 0..rounds {
+        let _ = fs::remove_file(&archive);
+        let t = Instant::now();
+        let n = runtime.block_on(capture_metadata(&cib_a, &archive))?;
+        cap.push(t.elapsed().as_secs_f64());
+        if n != vms {
+            bail!("captured {n} VMs, not {vms}");
+        }
+        archive_size = fs::metadata(&archive)?.len();
+        let _ = fs::remove_dir_all(&dir_b);
+        fs::create_dir_all(dir_b.join("shared"))?;
+        let cib_b = base.join(format!("cib-b-{round}.xml"));
+        fs::write(&cib_b, target_cib())?;
+        let t = Instant::now();
+        let created = runtime.block_on(instantiate_metadata(&archive, &cib_b, &dir_a, &dir_b))?;
+        inst.push(t.elapsed().as_secs_f64());
+        if created != vms {
+            bail!("instantiate created {created} VM resources, not {vms}");
+        }
+    }
+    let (c0, c1, c2) = median(&mut cap);
+    let (i0, i1, i2) = median(&mut inst);
+
+    // Disks.
+    let image = base.join("disk.img");
+    make_image(&image, disk_mib)?;
+    let size = fs::metadata(&image)?.len();
+    let mb = size as f64 / 1e6;
+    let copy = base.join("copy.img");
+    let disk_archive = base.join("disk.vca");
+    let back = base.join("back.img");
+    let mut base_t = Vec::new();
+    let mut cap_t = Vec::new();
+    let mut inst_t = Vec::new();
+    let (mut base_cpu, mut cap_cpu, mut inst_cpu) = (0.0, 0.0, 0.0);
+    for _ in 0..rounds.min(3) {
+        for f in [&copy, &disk_archive, &back] {
+            let _ = fs::remove_file(f);
+        }
+        drop_cache(&image)?;
+        base_t.push(timed(&mut base_cpu, || {
+            let mut src = File::open(&image)?;
+            let mut dst = File::create(&copy)?;
+            std::io::copy(&mut src, &mut dst)?;
+            dst.sync_all()?;
+            Ok(())
+        })?);
+        fs::remove_file(&copy)?;
+        drop_cache(&image)?;
+        cap_t.push(timed(&mut cap_cpu, || {
+            let src = File::open(&image)?;
+            let mut w = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, File::create(&disk_archive)?), 1)?;
+            w.add_file(vmha_vcluster::archive::RESOURCES, b"<resources/>")?;
+            w.add_file(vmha_vcluster::archive::CONSTRAINTS, b"<constraints/>")?;
+            w.add_file(vmha_vcluster::archive::TAG, b"<tag id='t'><obj_ref id='x'/></tag>")?;
+            w.add_disk("x", "/d/disk.img", &src, &mut |_| {})?;
+            let m = vmha_vcluster::Manifest {
+                format_version: 1,
+                vmha_version: String::new(),
+                name: "t".into(),
+                source_cluster: None,
+                hosts: vec![],
+                created: String::new(),
+                consistency: "halted".into(),
+                members: vec!["x".into()],
+                vms: vec![],
+                placement: BTreeMap::new(),
+                disks: vec![],
+                files: BTreeMap::new(),
+            };
+            let (out, _) = w.finish(m)?;
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(())
+        })?);
+        drop_cache(&disk_archive)?;
+        inst_t.push(timed(&mut inst_cpu, || {
+            let v = verify(BufReader::with_capacity(1 << 20, File::open(&disk_archive)?))?;
+            extract_disks(
+                BufReader::with_capacity(1 << 20, File::open(&disk_archive)?),
+                &v.manifest,
+                &mut |_| Ok(File::options().write(true).create_new(true).open(&back)?),
+                &mut |_| {},
+            )?;
+            Ok(())
+        })?);
+        if fs::metadata(&back)?.len() != size {
+            bail!("the instantiated image has the wrong size");
+        }
+    }
+    let same = {
+        use std::io::Read;
+        let (mut a, mut b) = (File::open(&image)?, File::open(&back)?);
+        let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+        let mut same = true;
+        loop {
+            let n = a.read(&mut x)?;
+            if n == 0 {
+                break;
+            }
+            b.read_exact(&mut y[..n])?;
+            if x[..n] != y[..n] {
+                same = false;
+                break;
+            }
+        }
+        same
+    };
+    if !same {
+        bail!("the instantiated image differs from the original");
+    }
+    let archive_disk = fs::metadata(&disk_archive)?.len();
+    let (b0, b1, b2) = median(&mut base_t);
+    let (k0, k1, k2) = median(&mut cap_t);
+    let (j0, j1, j2) = median(&mut inst_t);
+    let rate = |t: f64| mb / t;
+    let mut s = String::new();
+    let _ = writeln!(s, "# vmha vcluster: capture and instantiate\n");
+    let _ = writeln!(
+        s,
+        "Command: `vmha-bench vcluster --vms {vms} --rounds {rounds} --disk-mib {disk_mib}` (this machine, \
+         {} cores, other work running beside it; times min / median / max).\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let constraints = (vms - 1) + vms / 2 + vms + 1;
+    let _ = writeln!(
+        s,
+        "## metadata of {vms} VMs (+ a virtual IP, {constraints} constraints), {rounds} rounds\n"
+    );
+    let _ = writeln!(s, "| step | seconds | goal |\n|---|---|---|");
+    let _ = writeln!(s, "| capture (file-backed CIB query, {vms} domain files, archive written + fsync; {archive_size} bytes) | {c0:.3} / {c1:.3} / {c2:.3} | < 5 |");
+    let _ = writeln!(s, "| instantiate (verify, plan with host/address/storage maps, {vms} domain files, one CIB change into a file-backed CIB) | {i0:.3} / {i1:.3} / {i2:.3} | < 5 |");
+    let _ = writeln!(s, "\n**capture {c1:.3} s, instantiate {i1:.3} s (medians; goal under 5 s each)**. Against a live cluster each also waits for the CIB manager's round trip (ms) and instantiate for the VMs to start.\n");
+    let _ = writeln!(
+        s,
+        "## disk image of {disk_mib} MiB (half random, half text; cold cache, fsync), {} rounds\n",
+        base_t.len()
+    );
+    let n = base_t.len() as f64;
+    let _ = writeln!(
+        s,
+        "| what | seconds | MB/s (median) | vs machine | CPU s per round (mean) |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(s, "| machine: sequential copy of the image (read + write + fsync) | {b0:.2} / {b1:.2} / {b2:.2} | {:.0} | 100 % | {:.2} |", rate(b1), base_cpu / n);
+    let _ = writeln!(s, "| capture: image -> compressed archive ({archive_disk} bytes) | {k0:.2} / {k1:.2} / {k2:.2} | {:.0} | {:.0} % | {:.2} |", rate(k1), 100.0 * b1 / k1, cap_cpu / n);
+    let _ = writeln!(
+        s,
+        "| instantiate: verify pass + extract pass -> image | {j0:.2} / {j1:.2} / {j2:.2} | {:.0} | {:.0} % | {:.2} |",
+        rate(j1),
+        100.0 * b1 / j1,
+        inst_cpu / n
+    );
+    let _ = writeln!(
+        s,
+        "\nGoal: at least 80 % of the machine's own sequential throughput. The image came back byte for byte."
+    );
+    Ok(s)
+}

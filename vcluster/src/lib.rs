@@ -1,0 +1,85 @@
+//! vmha virtual clusters: a named set of cluster resources (a Pacemaker tag) captured with its
+//! constraints, domain definitions and optionally disk images into one archive ([`archive`]), read from a
+//! CIB ([`capture`]) and translated for another cluster ([`translate`]). Pure logic and archive streams;
+//! the CLI (`vmha vcluster`) does the CIB, libvirt and file work.
+
+pub mod archive;
+pub mod capture;
+pub mod translate;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+pub use archive::{ArchiveError, ArchiveWriter, Manifest, Verified};
+pub use capture::Captured;
+pub use translate::{Maps, Plan, Target};
+
+/// Errors of capture, verification and planning.
+#[derive(Debug, thiserror::Error)]
+pub enum VclusterError {
+    #[error("XML: {0}")]
+    Xml(#[from] roxmltree::Error),
+    #[error("CIB: {0}")]
+    Cib(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("archive content: {0}")]
+    Archive(String),
+    #[error("the plan cannot be carried out: {}", .0.join("; "))]
+    Plan(Vec<String>),
+    #[error(transparent)]
+    Format(#[from] ArchiveError),
+}
+
+/// The archive name of a VM's domain definition.
+pub fn domain_file(vm: &str) -> String {
+    format!("domains/{vm}.xml")
+}
+
+/// The manifest of a capture (files and disks are filled in by [`ArchiveWriter::finish`]).
+pub fn manifest_for(c: &Captured, placement: BTreeMap<String, String>, created: String, consistency: &str) -> Manifest {
+    Manifest {
+        format_version: archive::FORMAT_VERSION,
+        vmha_version: env!("CARGO_PKG_VERSION").to_string(),
+        name: c.name.clone(),
+        source_cluster: c.cluster_name.clone(),
+        hosts: c.hosts.clone(),
+        created,
+        consistency: consistency.to_string(),
+        members: c.members.clone(),
+        vms: c
+            .vms
+            .iter()
+            .map(|v| archive::VmEntry {
+                resource: v.resource.clone(),
+                domain_file: domain_file(&v.resource),
+            })
+            .collect(),
+        placement,
+        disks: Vec::new(),
+        files: BTreeMap::new(),
+    }
+}
+
+/// Writes the metadata entries of a capture: resources, constraints, tag and each VM's domain XML
+/// (`domains` maps VM resource ids to their XML; every VM needs one).
+pub fn add_metadata<W: Write>(
+    w: &mut ArchiveWriter<W>,
+    c: &Captured,
+    domains: &BTreeMap<String, String>,
+) -> Result<(), VclusterError> {
+    w.add_file(archive::RESOURCES, c.resources_xml.as_bytes())?;
+    w.add_file(archive::CONSTRAINTS, c.constraints_xml.as_bytes())?;
+    w.add_file(archive::TAG, c.tag_xml.as_bytes())?;
+    for vm in &c.vms {
+        let xml = domains
+            .get(&vm.resource)
+            .ok_or_else(|| VclusterError::NotFound(format!("no domain definition for VM {}", vm.resource)))?;
+        roxmltree::Document::parse(xml)
+            .map_err(|e| VclusterError::Archive(format!("domain definition of {}: {e}", vm.resource)))?;
+        w.add_file(&domain_file(&vm.resource), xml.as_bytes())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,629 @@
+//! Translation of a captured virtual cluster for another cluster: host, address, network and storage maps
+//! and a new name, into a [`Plan`]: what will be created where, every remapped value, and the one CIB
+//! fragment that creates it all. Pure: the caller gathers the [`Target`] and applies the plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::ops::Range;
+
+use roxmltree::{Document, Node};
+use serde::Serialize;
+use vmha_model::change::{escape, validate_name};
+
+use crate::archive::{Verified, CONSTRAINTS, RESOURCES};
+use crate::capture::{constraint_hosts, tag_xml};
+use crate::VclusterError;
+
+/// One address map: addresses in `old/prefix` move to the same host part in `new/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AddressMap {
+    pub old: Ipv4Addr,
+    pub new: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl AddressMap {
+    fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        }
+    }
+
+    fn apply(&self, a: Ipv4Addr) -> Option<Ipv4Addr> {
+        let m = self.mask();
+        (u32::from(a) & m == u32::from(self.old) & m)
+            .then(|| Ipv4Addr::from((u32::from(self.new) & m) | (u32::from(a) & !m)))
+    }
+}
+
+/// The maps given with `--map` and `--name`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Maps {
+    pub hosts: BTreeMap<String, String>,
+    pub addresses: Vec<AddressMap>,
+    pub networks: BTreeMap<String, String>,
+    /// Path prefixes, longest first when applied.
+    pub storage: Vec<(String, String)>,
+    pub name: Option<String>,
+}
+
+fn pairs(kind: &str, list: &str) -> Result<Vec<(String, String)>, VclusterError> {
+    let mut out = Vec::new();
+    for item in list.split(',').filter(|s| !s.is_empty()) {
+        let (a, b) = item
+            .split_once(':')
+            .ok_or_else(|| VclusterError::Usage(format!("--map {kind}=...: {item:?} is not OLD:NEW")))?;
+        if a.is_empty() || b.is_empty() {
+            return Err(VclusterError::Usage(format!(
+                "--map {kind}=...: {item:?} has an empty side"
+            )));
+        }
+        out.push((a.to_string(), b.to_string()));
+    }
+    if out.is_empty() {
+        return Err(VclusterError::Usage(format!(
+            "--map {kind}= needs at least one OLD:NEW"
+        )));
+    }
+    Ok(out)
+}
+
+fn cidr(s: &str) -> Result<(Ipv4Addr, u8), VclusterError> {
+    let bad = || {
+        VclusterError::Usage(format!(
+            "--map address=...: {s:?} is not an IPv4 network like 10.0.0.0/24"
+        ))
+    };
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let p: u8 = p.parse().map_err(|_| bad())?;
+    if p > 32 {
+        return Err(bad());
+    }
+    Ok((a.parse().map_err(|_| bad())?, p))
+}
+
+impl Maps {
+    /// Parses `--map` values (`hosts=a:b,c:d`, `address=10.0.0.0/24:10.1.0.0/24`, `network=a:b`,
+    /// `storage=/old:/new`) and `--name`.
+    pub fn parse(specs: &[String], name: Option<String>) -> Result<Maps, VclusterError> {
+        let mut maps = Maps::default();
+        if let Some(n) = &name {
+            validate_name("virtual cluster name", n).map_err(|e| VclusterError::Usage(e.to_string()))?;
+        }
+        maps.name = name;
+        for spec in specs {
+            let (kind, list) = spec.split_once('=').ok_or_else(|| {
+                VclusterError::Usage(format!(
+                    "--map {spec:?}: expected hosts=, address=, network= or storage="
+                ))
+            })?;
+            match kind {
+                "hosts" | "host" => {
+                    for (a, b) in pairs(kind, list)? {
+                        if maps.hosts.insert(a.clone(), b).is_some() {
+                            return Err(VclusterError::Usage(format!("host {a} is mapped twice")));
+                        }
+                    }
+                }
+                "address" | "addresses" => {
+                    for item in list.split(',') {
+                        // 10.0.0.0/24:10.1.0.0/24
+                        let (a, b) = item.split_once(':').ok_or_else(|| {
+                            VclusterError::Usage(format!("--map address=...: {item:?} is not OLD/NN:NEW/NN"))
+                        })?;
+                        let (old, p1) = cidr(a)?;
+                        let (new, p2) = cidr(b)?;
+                        if p1 != p2 {
+                            return Err(VclusterError::Usage(format!(
+                                "--map address={item}: both networks need the same prefix length (/{p1} vs /{p2})"
+                            )));
+                        }
+                        maps.addresses.push(AddressMap { old, new, prefix: p1 });
+                    }
+                }
+                "network" | "networks" => maps.networks.extend(pairs(kind, list)?),
+                "storage" => {
+                    for (a, b) in pairs(kind, list)? {
+                        if !a.starts_with('/') || !b.starts_with('/') {
+                            return Err(VclusterError::Usage(format!(
+                                "--map storage={a}:{b}: both sides must be absolute paths"
+                            )));
+                        }
+                        maps.storage
+                            .push((a.trim_end_matches('/').to_string(), b.trim_end_matches('/').to_string()));
+                    }
+                    maps.storage.sort_by_key(|m| std::cmp::Reverse(m.0.len()));
+                }
+                other => {
+                    return Err(VclusterError::Usage(format!(
+                        "--map {other}=...: unknown map (hosts, address, network, storage)"
+                    )))
+                }
+            }
+        }
+        Ok(maps)
+    }
+
+    /// A path with its storage prefix replaced, if a map covers it.
+    pub fn path(&self, value: &str) -> Option<String> {
+        self.storage.iter().find_map(|(old, new)| {
+            let rest = value.strip_prefix(old.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then(|| format!("{new}{rest}"))
+        })
+    }
+
+    /// Every IPv4 address in `value` that an address map covers replaced; also the addresses no map covers.
+    fn addresses_in(&self, value: &str) -> (Option<String>, Vec<String>) {
+        let mut out = String::new();
+        let mut changed = false;
+        let mut unmapped = Vec::new();
+        let bytes = value.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let is_tok = |b: u8| b.is_ascii_digit() || b == b'.';
+            if is_tok(bytes[i]) && (i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'.')) {
+                let mut j = i;
+                while j < bytes.len() && is_tok(bytes[j]) {
+                    j += 1;
+                }
+                let tok = value[i..j].trim_end_matches('.');
+                let end = i + tok.len();
+                let standalone = end >= bytes.len() || !bytes[end].is_ascii_alphanumeric();
+                if let (true, Ok(addr)) = (standalone, tok.parse::<Ipv4Addr>()) {
+                    match self.addresses.iter().find_map(|m| m.apply(addr)) {
+                        Some(new) => {
+                            out.push_str(&new.to_string());
+                            changed |= new != addr;
+                        }
+                        None => {
+                            unmapped.push(tok.to_string());
+                            out.push_str(tok);
+                        }
+                    }
+                    i = end;
+                    continue;
+                }
+                out.push_str(&value[i..j]);
+                i = j;
+                continue;
+            }
+            let c = value[i..].chars().next().unwrap_or(' ');
+            out.push(c);
+            i += c.len_utf8();
+        }
+        (changed.then_some(out), unmapped)
+    }
+}
+
+/// What the target cluster has, as far as the plan needs it.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    pub hosts: Vec<String>,
+    /// Every id in the target's CIB configuration.
+    pub ids: BTreeSet<String>,
+}
+
+/// One value the plan changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Remap {
+    /// Where: `resource web param config`, `domain web <source file>`, `constraint x node`, ...
+    pub place: String,
+    pub old: String,
+    pub new: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedResource {
+    pub id: String,
+    pub kind: String,
+    /// `class:provider:type` for primitives.
+    pub agent: String,
+    /// Host it ran on in the source cluster, and that host's counterpart here.
+    pub ran_on: Option<String>,
+    pub expected_on: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedDomain {
+    pub vm: String,
+    /// The translated domain XML is written here (the resource's `config`).
+    pub path: String,
+    #[serde(skip)]
+    pub xml: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedDisk {
+    pub id: u32,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    pub size: u64,
+}
+
+/// Everything instantiate will do, before it does it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub source_name: String,
+    pub source_cluster: Option<String>,
+    pub created: String,
+    pub resources: Vec<PlannedResource>,
+    pub constraints: Vec<String>,
+    pub domains: Vec<PlannedDomain>,
+    pub disks: Vec<PlannedDisk>,
+    pub remaps: Vec<Remap>,
+    pub warnings: Vec<String>,
+    /// Host map used (source host -> target host), for every host the archive names.
+    pub hosts: BTreeMap<String, String>,
+    /// The `<configuration>` fragment: resources, constraints and the tag, created in one CIB change.
+    pub cib_fragment: String,
+}
+
+fn splice(text: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = text.to_string();
+    for (r, new) in edits {
+        out.replace_range(r, &new);
+    }
+    out
+}
+
+fn element_path(n: Node) -> String {
+    let id_owner = n.ancestors().find(|a| {
+        matches!(
+            a.tag_name().name(),
+            "primitive" | "group" | "clone" | "rsc_location" | "rsc_colocation" | "rsc_order" | "rsc_ticket"
+        )
+    });
+    id_owner.and_then(|o| o.attribute("id")).unwrap_or("?").to_string()
+}
+
+/// Domain XML with storage paths and network names mapped.
+pub fn translate_domain(vm: &str, xml: &str, maps: &Maps, remaps: &mut Vec<Remap>) -> Result<String, VclusterError> {
+    let doc = Document::parse(xml).map_err(|e| VclusterError::Archive(format!("domain of {vm}: {e}")))?;
+    if !doc.root_element().has_tag_name("domain") {
+        return Err(VclusterError::Archive(format!("domain of {vm}: not a <domain>")));
+    }
+    let mut edits = Vec::new();
+    for n in doc.descendants() {
+        if n.is_element() {
+            for a in n.attributes() {
+                let network = n.has_tag_name("source")
+                    && n.parent().is_some_and(|p| p.has_tag_name("interface"))
+                    && matches!(a.name(), "network" | "bridge");
+                let new = if network {
+                    maps.networks.get(a.value()).cloned()
+                } else {
+                    maps.path(a.value())
+                };
+                if let Some(new) = new {
+                    remaps.push(Remap {
+                        place: format!("domain {vm} <{} {}>", n.tag_name().name(), a.name()),
+                        old: a.value().to_string(),
+                        new: new.clone(),
+                    });
+                    edits.push((a.range_value(), escape(&new)));
+                }
+            }
+        } else if n.is_text() {
+            let text = n.text().unwrap_or("");
+            if let Some(new) = maps.path(text.trim()) {
+                let parent = n.parent().map(|p| p.tag_name().name().to_string()).unwrap_or_default();
+                remaps.push(Remap {
+                    place: format!("domain {vm} <{parent}>"),
+                    old: text.trim().to_string(),
+                    new: new.clone(),
+                });
+                edits.push((n.range(), escape(&new)));
+            }
+        }
+    }
+    Ok(splice(xml, edits))
+}
+
+/// File-backed disks of a domain: `<disk type='file' device='disk'>` sources.
+pub fn domain_disks(xml: &str) -> Result<Vec<String>, VclusterError> {
+    let doc = Document::parse(xml).map_err(|e| VclusterError::Archive(format!("domain XML: {e}")))?;
+    Ok(doc
+        .descendants()
+        .filter(|n| {
+            n.has_tag_name("disk")
+                && n.attribute("type") == Some("file")
+                && n.attribute("device").unwrap_or("disk") == "disk"
+        })
+        .filter_map(|d| d.children().find(|c| c.has_tag_name("source")))
+        .filter_map(|s| s.attribute("file").map(str::to_string))
+        .collect())
+}
+
+/// Builds the plan for instantiating the verified archive on `target` with `maps`. Every problem found is
+/// reported at once.
+pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, VclusterError> {
+    let m = &archive.manifest;
+    let mut problems = Vec::new();
+    let mut remaps = Vec::new();
+    let mut warnings = Vec::new();
+    let name = maps.name.clone().unwrap_or_else(|| m.name.clone());
+    validate_name("virtual cluster name", &name).map_err(|e| VclusterError::Archive(e.to_string()))?;
+
+    // Hosts: every host the archive names must map to a host of the target.
+    let resources_text = archive.text(RESOURCES)?;
+    let constraints_text = archive.text(CONSTRAINTS)?;
+    let rdoc = Document::parse(resources_text).map_err(|e| VclusterError::Archive(format!("{RESOURCES}: {e}")))?;
+    let cdoc = Document::parse(constraints_text).map_err(|e| VclusterError::Archive(format!("{CONSTRAINTS}: {e}")))?;
+    let mut named_hosts: BTreeSet<String> = m.placement.values().cloned().collect();
+    for c in cdoc.root_element().children().filter(|n| n.is_element()) {
+        named_hosts.extend(constraint_hosts(c));
+    }
+    let mut host_map = BTreeMap::new();
+    let mut unmapped = Vec::new();
+    for h in &named_hosts {
+        match maps.hosts.get(h) {
+            Some(new) if target.hosts.contains(new) => {
+                host_map.insert(h.clone(), new.clone());
+            }
+            Some(new) => problems.push(format!(
+                "host map {h}:{new}: {new} is not a host of this cluster (hosts: {})",
+                target.hosts.join(", ")
+            )),
+            None if target.hosts.contains(h) => {
+                host_map.insert(h.clone(), h.clone());
+            }
+            None => unmapped.push(h.clone()),
+        }
+    }
+    if !unmapped.is_empty() {
+        problems.push(format!(
+            "hosts without a mapping: {} (add --map hosts={}; this cluster's hosts: {})",
+            unmapped.join(", "),
+            unmapped
+                .iter()
+                .map(|h| format!("{h}:NEW"))
+                .collect::<Vec<_>>()
+                .join(","),
+            target.hosts.join(", ")
+        ));
+    }
+    for old in maps.hosts.keys() {
+        if !named_hosts.contains(old) {
+            warnings.push(format!("host map for {old}: the archive does not name that host"));
+        }
+    }
+
+    // Ids must be free on the target.
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    for doc in [&rdoc, &cdoc] {
+        for n in doc
+            .descendants()
+            .filter(|n| n.is_element() && !n.has_tag_name("resource_ref"))
+        {
+            if let Some(id) = n.attribute("id") {
+                ids.insert(id.to_string());
+            }
+        }
+    }
+    ids.insert(name.clone());
+    let taken: Vec<&String> = ids.iter().filter(|i| target.ids.contains(*i)).collect();
+    if !taken.is_empty() {
+        problems.push(format!(
+            "ids already in use on this cluster: {}",
+            taken.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+
+    // Resources: params get address, storage and network maps.
+    let mut redits = Vec::new();
+    let mut resources = Vec::new();
+    let mut configs: BTreeMap<String, String> = BTreeMap::new();
+    for el in rdoc.root_element().children().filter(|n| n.is_element()) {
+        for r in el
+            .descendants()
+            .filter(|n| matches!(n.tag_name().name(), "primitive" | "group" | "clone" | "bundle"))
+        {
+            let id = r.attribute("id").unwrap_or("").to_string();
+            let ran_on = m.placement.get(&id).cloned();
+            resources.push(PlannedResource {
+                expected_on: ran_on.as_ref().and_then(|h| host_map.get(h).cloned()),
+                ran_on,
+                kind: r.tag_name().name().to_string(),
+                agent: [r.attribute("class"), r.attribute("provider"), r.attribute("type")]
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(":"),
+                id,
+            });
+        }
+    }
+    for nv in rdoc
+        .descendants()
+        .filter(|n| n.has_tag_name("nvpair") && n.parent().is_some_and(|p| p.has_tag_name("instance_attributes")))
+    {
+        let (Some(pname), Some(value)) = (nv.attribute("name"), nv.attribute("value")) else {
+            continue;
+        };
+        let owner = element_path(nv);
+        let place = format!("resource {owner} param {pname}");
+        let mut new = None;
+        if pname == "start_networks" {
+            let mapped: Vec<String> = value
+                .split([' ', ','])
+                .filter(|s| !s.is_empty())
+                .map(|n| maps.networks.get(n).cloned().unwrap_or_else(|| n.to_string()))
+                .collect();
+            let joined = mapped.join(" ");
+            if joined != value {
+                new = Some(joined);
+            }
+        } else if let Some(p) = maps.path(value) {
+            new = Some(p);
+        } else {
+            let (mapped, left) = maps.addresses_in(value);
+            for a in left {
+                warnings.push(format!("{place}: address {a} left as is (no address map covers it)"));
+            }
+            new = mapped;
+        }
+        if pname == "config" {
+            configs.insert(owner.clone(), new.clone().unwrap_or_else(|| value.to_string()));
+        }
+        if let Some(new) = new {
+            let attr = nv.attributes().find(|a| a.name() == "value").map(|a| a.range_value());
+            if let Some(range) = attr {
+                redits.push((range, escape(&new)));
+            }
+            remaps.push(Remap {
+                place,
+                old: value.to_string(),
+                new,
+            });
+        }
+    }
+    let resources_xml = splice(resources_text, redits);
+
+    // Constraints: host names.
+    let mut cedits = Vec::new();
+    let mut constraints = Vec::new();
+    for c in cdoc.root_element().children().filter(|n| n.is_element()) {
+        constraints.push(c.attribute("id").unwrap_or("").to_string());
+        for n in c.descendants() {
+            let attr = if n == c {
+                n.attributes().find(|a| a.name() == "node")
+            } else if n.has_tag_name("expression") && n.attribute("attribute") == Some("#uname") {
+                n.attributes().find(|a| a.name() == "value")
+            } else {
+                None
+            };
+            if let Some(a) = attr {
+                if let Some(new) = host_map.get(a.value()).filter(|new| *new != a.value()) {
+                    remaps.push(Remap {
+                        place: format!("constraint {} {}", element_path(n), a.name()),
+                        old: a.value().to_string(),
+                        new: new.clone(),
+                    });
+                    cedits.push((a.range_value(), escape(new)));
+                }
+            }
+        }
+    }
+    let constraints_xml = splice(constraints_text, cedits);
+
+    // Domains and disks.
+    let mut domains = Vec::new();
+    for vm in &m.vms {
+        let xml = archive.text(&vm.domain_file)?;
+        let translated = translate_domain(&vm.resource, xml, maps, &mut remaps)?;
+        let Some(path) = configs.get(&vm.resource) else {
+            problems.push(format!(
+                "VM {} has no config parameter to write its domain to",
+                vm.resource
+            ));
+            continue;
+        };
+        domains.push(PlannedDomain {
+            vm: vm.resource.clone(),
+            path: path.clone(),
+            xml: translated,
+        });
+    }
+    let disks = m
+        .disks
+        .iter()
+        .map(|d| PlannedDisk {
+            id: d.id,
+            vm: d.vm.clone(),
+            from: d.path.clone(),
+            to: maps.path(&d.path).unwrap_or_else(|| d.path.clone()),
+            size: d.size,
+        })
+        .collect();
+
+    if !problems.is_empty() {
+        return Err(VclusterError::Plan(problems));
+    }
+    let members: Vec<String> = rdoc
+        .root_element()
+        .children()
+        .filter(|n| n.is_element())
+        .filter_map(|n| n.attribute("id").map(str::to_string))
+        .collect();
+    let tag = tag_xml(&name, &members);
+    if name != m.name {
+        remaps.push(Remap {
+            place: "tag".into(),
+            old: m.name.clone(),
+            new: name.clone(),
+        });
+    }
+    let cib_fragment =
+        format!("<configuration>\n{resources_xml}{constraints_xml}<tags>{tag}</tags>\n</configuration>\n");
+    Document::parse(&cib_fragment).map_err(|e| VclusterError::Archive(format!("translated configuration: {e}")))?;
+    Ok(Plan {
+        name,
+        source_name: m.name.clone(),
+        source_cluster: m.source_cluster.clone(),
+        created: m.created.clone(),
+        resources,
+        constraints,
+        domains,
+        disks,
+        remaps,
+        warnings,
+        hosts: host_map,
+        cib_fragment,
+    })
+}
+
+impl Plan {
+    /// The plan as text for people.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "virtual cluster {} (captured as {} on {} at {})",
+            self.name,
+            self.source_name,
+            self.source_cluster.as_deref().unwrap_or("?"),
+            self.created
+        );
+        let _ = writeln!(s, "hosts:");
+        for (a, b) in &self.hosts {
+            let _ = writeln!(s, "  {a} -> {b}");
+        }
+        let _ = writeln!(s, "resources:");
+        for r in &self.resources {
+            let _ = write!(s, "  {} {} {}", r.kind, r.id, r.agent);
+            if let (Some(a), Some(b)) = (&r.ran_on, &r.expected_on) {
+                let _ = write!(s, " (ran on {a}, its counterpart here is {b})");
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(s, "constraints: {}", self.constraints.join(", "));
+        let _ = writeln!(s, "domain definitions:");
+        for d in &self.domains {
+            let _ = writeln!(s, "  {} -> {}", d.vm, d.path);
+        }
+        if !self.disks.is_empty() {
+            let _ = writeln!(s, "disks:");
+            for d in &self.disks {
+                let _ = writeln!(s, "  {} {} -> {} ({} bytes)", d.vm, d.from, d.to, d.size);
+            }
+        }
+        let _ = writeln!(s, "remapped values:");
+        for r in &self.remaps {
+            let _ = writeln!(s, "  {}: {} -> {}", r.place, r.old, r.new);
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;
