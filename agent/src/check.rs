@@ -540,8 +540,21 @@ fn silent<'a>(reports: &[ReceivedReport], members: &'a [String]) -> Vec<&'a str>
         .collect()
 }
 
+/// The finding when no host has reported (yet): vmhad just started, or cannot reach Corosync.
+fn no_reports(item: &'static str) -> Finding {
+    finding(
+        item,
+        Level::Yellow,
+        "no host has reported yet (vmhad just started, or it cannot reach Corosync)",
+        "run vmha check again in a few seconds; if this stays, check vmhad's log (journalctl -u vmhad)",
+    )
+}
+
 fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
     const ITEM: &str = "shared-storage";
+    if !reports.iter().any(fresh) {
+        return no_reports(ITEM);
+    }
     let mut missing = Vec::new();
     let mut unknown = Vec::new();
     let mut paths = BTreeSet::new();
@@ -597,6 +610,9 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
 fn clocks(reports: &[ReceivedReport], members: &[String]) -> Finding {
     const ITEM: &str = "time-sync";
     let fresh_reports: Vec<&ReceivedReport> = reports.iter().filter(|r| fresh(r)).collect();
+    if fresh_reports.is_empty() {
+        return no_reports(ITEM);
+    }
     let off: Vec<String> = fresh_reports
         .iter()
         .filter(|r| r.offset_ms.abs() > MAX_CLOCK_OFFSET_MS)

@@ -371,3 +371,15 @@ fn render_prints_a_fix_under_each_problem() {
     assert!(text.contains("fix: start libvirtd"), "{text}");
     assert_eq!(text.matches("fix:").count(), 1);
 }
+
+#[test]
+fn no_reports_at_all_is_yellow_not_green() {
+    let mut i = healthy();
+    i.reports = Ok(vec![]);
+    let f = evaluate(&i);
+    for name in ["shared-storage", "time-sync"] {
+        let x = item(&f, name);
+        assert_eq!(x.level, Level::Yellow, "{x:?}");
+        assert!(x.summary.contains("no host has reported yet"));
+    }
+}
