@@ -146,7 +146,13 @@ fn vmha_check_reports_host_readiness() {
     let vm_host = vmha_e2e::wait_running(&lab, "vm1", Duration::from_secs(120));
 
     // Healthy: all green, exit 0, and the items say what they saw.
-    let (rc, report) = until(&lab, 1, "all green on the healthy cluster", all_green);
+    // vmhads report every 5 s: wait until the reports cover vm1 (its domain XML, kernel and initrd).
+    let (rc, report) = until(&lab, 1, "all green on the healthy cluster, vm1's files seen", |r| {
+        all_green(r)
+            && item(r, "shared-storage")["summary"]
+                .as_str()
+                .is_some_and(|s| s.contains("the 3 files"))
+    });
     assert_eq!(rc, 0);
     assert_eq!(report["ok"], true);
     for name in ITEMS {
