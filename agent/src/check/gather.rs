@@ -101,8 +101,7 @@ async fn libvirt_version(uri: &str, limit: Duration) -> Result<String, String> {
     let uri = uri.to_string();
     let probe = tokio::task::spawn_blocking(move || {
         let conn = virt::connect::Connect::open_read_only(Some(&uri)).map_err(|e| e.to_string())?;
-        let v = conn.lib_version().map_err(|e| e.to_string());
-        v
+        conn.lib_version().map_err(|e| e.to_string())
     });
     match tokio::time::timeout(limit, probe).await {
         Ok(Ok(Ok(v))) => Ok(format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000)),

@@ -42,6 +42,9 @@ enum Cmd {
         /// vmha's .deb (default: the newest target/packages/vmha_*.deb, made by ci/build-packages).
         #[arg(long)]
         package: Option<PathBuf>,
+        /// The lab's subnet (first three octets).
+        #[arg(long, default_value = "10.213.0")]
+        subnet: String,
         /// Resource agent for the VMs.
         #[arg(long, value_enum, default_value_t = AgentArg::Vmha)]
         agent: AgentArg,
@@ -127,7 +130,7 @@ fn run(cli: Cli) -> Result<u8> {
             let lab = Lab::ensure_up(cfg)?;
             print!("{}", lab.status_from_any()?.render(&lab.cfg.name));
         }
-        Cmd::Demo { package, agent } => demo(&cli.lab, package, agent)?,
+        Cmd::Demo { package, subnet, agent } => demo(&cli.lab, &subnet, package, agent)?,
         Cmd::Status => {
             let lab = Lab::attach_named(&cli.lab)?;
             print!("{}", lab.status_from_any()?.render(&lab.cfg.name));
@@ -170,8 +173,8 @@ fn run(cli: Cli) -> Result<u8> {
     Ok(0)
 }
 
-fn demo(name: &str, package: Option<PathBuf>, agent: AgentArg) -> Result<()> {
-    let lab = Lab::ensure_up(LabConfig::new(name, 3, "10.213.0"))?;
+fn demo(name: &str, subnet: &str, package: Option<PathBuf>, agent: AgentArg) -> Result<()> {
+    let lab = Lab::ensure_up(LabConfig::new(name, 3, subnet))?;
     let agent = match agent {
         AgentArg::Vmha => {
             let deb = match package {
