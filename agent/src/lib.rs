@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod check;
 pub mod daemon;
 pub mod failures;
 pub mod guest;
@@ -15,5 +16,6 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
+pub mod readiness;
 pub mod state;
 pub mod vcluster;

@@ -22,7 +22,13 @@ use crate::channel::{send, serve, Config};
 #[command(
     name = "vmha-guest",
     version,
-    about = "Runs hooks for vmha cluster events and requests inside a VM"
+    about = "Runs hooks for vmha cluster events and requests inside a VM",
+    long_about = "Runs hooks for vmha cluster events and requests inside a VM. Opens the virtio-serial port \
+                  org.vmha.guest.0 (which vmha adds to the domains it starts), and for every cluster event or \
+                  request from the host runs the executables in <hooks>/<name>/ in name order, with the message \
+                  as JSON on stdin and within the deadline. A request is done when all its hooks exit 0, refused \
+                  when one exits 3 (the first line of its output is the reason), failed otherwise. Reopens the \
+                  port whenever the host side goes away. Normally started by systemd (vmha-guest.service)."
 )]
 struct Args {
     /// The channel's virtio-serial port.
@@ -34,10 +40,29 @@ struct Args {
     /// How long an event's hooks may run (requests bring their own deadline).
     #[arg(long, default_value_t = 10_000)]
     event_timeout_ms: u64,
+    /// Write the manual page vmha-guest.8 into DIR and exit (for packaging).
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
+}
+
+/// Writes vmha-guest.8, generated from this command line's definition, into `dir`.
+fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Args::command()).section("8").render(&mut page)?;
+    std::fs::write(dir.join("vmha-guest.8"), page)
 }
 
 fn main() {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        if let Err(e) = generate_man(dir) {
+            eprintln!("vmha-guest: writing the manual page into {}: {e}", dir.display());
+            std::process::exit(1);
+        }
+        return;
+    }
     let config = Config {
         hooks: args.hooks,
         event_timeout: Duration::from_millis(args.event_timeout_ms),

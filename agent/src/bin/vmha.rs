@@ -80,6 +80,14 @@ enum Cmd {
         #[command(subcommand)]
         command: vmha_agent::vcluster::VclusterCmd,
     },
+    /// Host readiness report: fencing, quorum policy, votequorum, Corosync token, libvirt, shared
+    /// storage and clocks of every host, vmhad on every host. Each item is green, yellow or red with a
+    /// fix for each problem; exit status 1 when anything is red. Run it as root on a cluster host.
+    Check {
+        /// libvirt URI of this host's hypervisor.
+        #[arg(long, default_value = "qemu:///system")]
+        hypervisor: String,
+    },
     /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
     #[command(hide = true)]
     Generate {
@@ -295,12 +303,36 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Cmd::Watch { count } => client.watch(count).await,
+        Cmd::Check { hypervisor } => check(&client, &hypervisor).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
         Cmd::Policy { .. } | Cmd::WhatIf(_) | Cmd::ScheduleCopy(_) => {
             unreachable!("policy and what-if run before the bus is reached")
         }
         Cmd::Vcluster { .. } => unreachable!("vmha vcluster runs before the bus is reached"),
     }
+}
+
+/// `vmha check`: gathers (each call bounded by `--timeout`, at most 10 s), evaluates and prints.
+async fn check(client: &Client, hypervisor: &str) -> Result<ExitCode> {
+    use vmha_agent::check;
+    let limit = client.limit.min(check::CALL_DEADLINE);
+    let findings = check::evaluate(&check::gather(&client.conn, hypervisor, limit).await);
+    let worst = check::worst(&findings);
+    if client.output == Output::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({ "ok": worst != check::Level::Red, "worst": worst, "findings": findings })
+            )?
+        );
+    } else {
+        print!("{}", check::render(&findings));
+    }
+    Ok(if worst == check::Level::Red {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Manual pages and completion scripts, generated from the same clap definitions vmha and vmhad parse.

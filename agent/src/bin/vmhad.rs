@@ -17,6 +17,7 @@ use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
 use vmha_agent::options::VmhadArgs;
 use vmha_agent::pacemaker::PacemakerCib;
+use vmha_agent::readiness::{follow_readiness, ReadinessObject, Reports, READINESS_PATH};
 use vmha_agent::state::Shared;
 
 fn main() -> ExitCode {
@@ -53,6 +54,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         None => system_hostname()?,
     };
     let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
+    let reports = Reports::new();
     let conn = zbus::connection::Builder::system()?
         .name(BUS_NAME)?
         .serve_at(
@@ -62,6 +64,12 @@ async fn run(args: VmhadArgs) -> Result<()> {
             },
         )?
         .serve_at(ROOT_PATH, zbus::fdo::ObjectManager)?
+        .serve_at(
+            READINESS_PATH,
+            ReadinessObject {
+                reports: Arc::clone(&reports),
+            },
+        )?
         .method_timeout(Duration::from_secs(30))
         .build()
         .await
@@ -75,6 +83,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
     let guests = tokio::spawn(follow_guests(conn.clone(), Arc::clone(&shared)));
+    let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -85,6 +94,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         r = corosync => match r { Ok(()) => "the corosync follower ended", Err(_) => "the corosync follower panicked" },
         r = failures => match r { Ok(()) => "the libvirt watcher ended", Err(_) => "the libvirt watcher panicked" },
         r = guests => match r { Ok(()) => "the guest channels ended", Err(_) => "the guest channels panicked" },
+        r = readiness => match r { Ok(()) => "the readiness reports ended", Err(_) => "the readiness reports panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

@@ -279,6 +279,12 @@ impl Lab {
             "var-log-vmha",
             "usr-upper/sbin",
             "usr-work",
+            "etc-upper",
+            "etc-work",
+            "dpkg-upper",
+            "dpkg-work",
+            "systemd-upper",
+            "systemd-work",
         ] {
             fs::create_dir_all(d.join(name))?;
         }

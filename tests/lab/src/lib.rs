@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod guest;
 pub mod lab;
+pub mod package;
 pub mod power;
 pub mod process;
 pub mod wait;

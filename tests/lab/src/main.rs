@@ -36,12 +36,15 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         token: u32,
     },
-    /// The main job: a 3-host lab with the workspace's build installed in every host and two VMs running
-    /// as cluster resources; prints the cluster status. Running it again is harmless.
+    /// The main job: a 3-host lab with vmha's Debian package installed in every host (dpkg -i) and two VMs
+    /// running as cluster resources; prints the cluster status. Running it again is harmless.
     Demo {
-        /// Directory holding the workspace's build (default: next to this binary).
+        /// vmha's .deb (default: the newest target/packages/vmha_*.deb, made by ci/build-packages).
         #[arg(long)]
-        build: Option<PathBuf>,
+        package: Option<PathBuf>,
+        /// The lab's subnet (first three octets).
+        #[arg(long, default_value = "10.213.0")]
+        subnet: String,
         /// Resource agent for the VMs.
         #[arg(long, value_enum, default_value_t = AgentArg::Vmha)]
         agent: AgentArg,
@@ -127,7 +130,7 @@ fn run(cli: Cli) -> Result<u8> {
             let lab = Lab::ensure_up(cfg)?;
             print!("{}", lab.status_from_any()?.render(&lab.cfg.name));
         }
-        Cmd::Demo { build, agent } => demo(&cli.lab, build, agent)?,
+        Cmd::Demo { package, subnet, agent } => demo(&cli.lab, &subnet, package, agent)?,
         Cmd::Status => {
             let lab = Lab::attach_named(&cli.lab)?;
             print!("{}", lab.status_from_any()?.render(&lab.cfg.name));
@@ -170,29 +173,27 @@ fn run(cli: Cli) -> Result<u8> {
     Ok(0)
 }
 
-fn demo(name: &str, build: Option<PathBuf>, agent: AgentArg) -> Result<()> {
-    let lab = Lab::ensure_up(LabConfig::new(name, 3, "10.213.0"))?;
+fn demo(name: &str, subnet: &str, package: Option<PathBuf>, agent: AgentArg) -> Result<()> {
+    let lab = Lab::ensure_up(LabConfig::new(name, 3, subnet))?;
     let agent = match agent {
         AgentArg::Vmha => {
-            let build = match build {
-                Some(b) => b,
-                None => target_binary("vmha-ocf-virtualmachine")?
-                    .parent()
-                    .map(PathBuf::from)
-                    .ok_or_else(|| anyhow!("no build directory"))?,
-            };
-            let hosts = lab.install_build(&build)?;
-            println!(
-                "installed vmha's build from {} into {}",
-                build.display(),
-                hosts.join(", ")
-            );
-            if build.join("vmhad").is_file() {
-                for n in lab.cfg.host_numbers() {
-                    lab.start_vmhad(n)?;
+            let deb = match package {
+                Some(p) => p,
+                None => {
+                    let release = target_binary("vmha-ocf-virtualmachine")?;
+                    let target = release
+                        .parent()
+                        .and_then(|r| r.parent())
+                        .ok_or_else(|| anyhow!("no target directory"))?;
+                    vmha_lab::package::newest_package(&target.join("packages"), "vmha")?
                 }
-                println!("vmhad runs on every host");
+            };
+            let hosts = lab.install_package(&[&deb])?;
+            println!("installed {} into {} (dpkg -i)", deb.display(), hosts.join(", "));
+            for n in lab.cfg.host_numbers() {
+                lab.start_vmhad(n)?;
             }
+            println!("vmhad runs on every host");
             VmAgent::Vmha
         }
         AgentArg::VirtualDomain => VmAgent::VirtualDomain,

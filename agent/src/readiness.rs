@@ -1,0 +1,377 @@
+//! What every vmhad tells the others about its own host, for `vmha check`: whether the storage of the
+//! managed VMs (their domain XML and disk images) is visible there, and its clock (the time it sent the
+//! report, whether an NTP daemon runs and whether the clock is synchronized).
+//!
+//! Every vmhad joins the Corosync process group [`READINESS_GROUP`] on its own CPG connection and
+//! multicasts its [`HostReport`] every [`REPORT_INTERVAL`]. Each vmhad keeps the last report of every
+//! host with the offset between the sender's clock and its own at delivery (CPG delivers within
+//! milliseconds on a healthy ring, far below the 1 s `vmha check` tolerates), and serves them on D-Bus:
+//! `org.vmha.Vmha1.Readiness.Reports()` at [`READINESS_PATH`] returns them as JSON. Nothing is written
+//! into the CIB, so the reports cost the cluster no CIB traffic.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use vmha_corosync::{Cmap, Cpg, CpgEvent, DEFAULT_DEADLINE};
+
+use crate::state::Shared;
+
+/// CPG group of the readiness reports (separate from the `vmhad` group, whose membership is the list of
+/// hosts where vmhad runs).
+pub const READINESS_GROUP: &str = "vmhad-readiness";
+/// D-Bus object that serves the reports.
+pub const READINESS_PATH: &str = "/org/vmha/Vmha1/readiness";
+pub const READINESS_INTERFACE: &str = "org.vmha.Vmha1.Readiness";
+/// How often each vmhad sends its report.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// Deadline for looking at one file on (possibly hung) shared storage.
+const STAT_DEADLINE: Duration = Duration::from_secs(3);
+/// At most this many paths are reported (a CPG message stays small).
+const MAX_PATHS: usize = 256;
+
+/// One path a managed VM needs, and whether this host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathState {
+    pub vm: String,
+    pub path: String,
+    /// `true`: exists; `false`: missing; `None`: could not be looked at in time (hung storage?).
+    pub exists: Option<bool>,
+}
+
+/// What the kernel and the process table say about this host's clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockFacts {
+    /// The NTP daemon found running (chronyd, ntpd, systemd-timesyncd, ...), if any.
+    pub ntp_daemon: Option<String>,
+    /// The kernel's word (adjtimex): `None` when it could not be read.
+    pub synchronized: Option<bool>,
+}
+
+/// One host's report as sent on the group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub host: String,
+    /// The sender's wall clock when it sent the report (ms since the Unix epoch).
+    pub time_ms: i64,
+    pub clock: ClockFacts,
+    pub storage: Vec<PathState>,
+}
+
+/// A report as one vmhad received it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceivedReport {
+    #[serde(flatten)]
+    pub report: HostReport,
+    /// The sender's clock minus the receiver's at delivery, in ms.
+    pub offset_ms: i64,
+    /// How long ago it arrived, in ms.
+    pub age_ms: u64,
+}
+
+/// The last report of every host, by host name.
+#[derive(Debug, Default)]
+pub struct Reports {
+    by_host: Mutex<BTreeMap<String, (HostReport, i64, Instant, u32)>>,
+}
+
+impl Reports {
+    pub fn new() -> Arc<Reports> {
+        Arc::new(Reports::default())
+    }
+
+    fn record(&self, report: HostReport, offset_ms: i64, nodeid: u32) {
+        if let Ok(mut m) = self.by_host.lock() {
+            m.insert(report.host.clone(), (report, offset_ms, Instant::now(), nodeid));
+        }
+    }
+
+    /// Forgets the reports of processes that left the group (their vmhad stopped or their host left).
+    fn forget_nodes(&self, nodeids: &[u32]) {
+        if let Ok(mut m) = self.by_host.lock() {
+            m.retain(|_, (_, _, _, id)| !nodeids.contains(id));
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.by_host.lock() {
+            m.clear();
+        }
+    }
+
+    pub fn list(&self) -> Vec<ReceivedReport> {
+        let Ok(m) = self.by_host.lock() else {
+            return Vec::new();
+        };
+        m.values()
+            .map(|(report, offset_ms, at, _)| ReceivedReport {
+                report: report.clone(),
+                offset_ms: *offset_ms,
+                age_ms: u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The NTP daemon running on this host, from the process table (`/proc/*/comm`).
+pub fn running_ntp_daemon() -> Option<String> {
+    const DAEMONS: [&str; 5] = ["chronyd", "ntpd", "systemd-timesyn", "openntpd", "ntpsec"];
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
+        let comm = comm.trim();
+        if DAEMONS.contains(&comm) {
+            return Some(if comm == "systemd-timesyn" {
+                "systemd-timesyncd".to_string()
+            } else {
+                comm.to_string()
+            });
+        }
+    }
+    None
+}
+
+/// This host's clock facts. Whether the clock is synchronized comes from systemd-timedated
+/// (`org.freedesktop.timedate1.NTPSynchronized`, the kernel's own flag as `timedatectl` shows it), asked
+/// within 3 s; vmhad's unit forbids vmhad the clock system calls itself (`ProtectClock=yes`).
+pub async fn clock_facts(bus: Option<&zbus::Connection>) -> ClockFacts {
+    let ntp_daemon = tokio::task::spawn_blocking(running_ntp_daemon)
+        .await
+        .unwrap_or_default();
+    let synchronized = match bus {
+        Some(bus) => tokio::time::timeout(Duration::from_secs(3), ntp_synchronized(bus))
+            .await
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    ClockFacts {
+        ntp_daemon,
+        synchronized,
+    }
+}
+
+async fn ntp_synchronized(bus: &zbus::Connection) -> Option<bool> {
+    let props = zbus::fdo::PropertiesProxy::builder(bus)
+        .destination("org.freedesktop.timedate1")
+        .ok()?
+        .path("/org/freedesktop/timedate1")
+        .ok()?
+        .build()
+        .await
+        .ok()?;
+    let iface = zbus::names::InterfaceName::try_from("org.freedesktop.timedate1").ok()?;
+    let value = props.get(iface, "NTPSynchronized").await.ok()?;
+    bool::try_from(value).ok()
+}
+
+/// Whether `path` exists, looked at within [`STAT_DEADLINE`] (`None`: no answer in time).
+async fn exists(path: String) -> Option<bool> {
+    let look = tokio::task::spawn_blocking(move || Path::new(&path).exists());
+    match tokio::time::timeout(STAT_DEADLINE, look).await {
+        Ok(Ok(found)) => Some(found),
+        _ => None,
+    }
+}
+
+/// The paths every managed VM needs: its domain XML and the disk images it names.
+async fn needed_paths(shared: &Shared) -> Vec<(String, String)> {
+    let snap = shared.snapshot();
+    let Some(view) = snap.view.as_ref() else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for vm in &view.vms {
+        let Some(config) = &vm.config else { continue };
+        paths.push((vm.name.clone(), config.clone()));
+        let read = tokio::time::timeout(STAT_DEADLINE, tokio::fs::read_to_string(config.clone())).await;
+        if let Ok(Ok(xml)) = read {
+            if xml.len() <= 1 << 20 {
+                for disk in disk_sources(&xml) {
+                    paths.push((vm.name.clone(), disk));
+                }
+            }
+        }
+    }
+    paths.truncate(MAX_PATHS);
+    paths
+}
+
+/// The files a domain definition needs on the host that starts it: its disks' images (`<disk
+/// type='file'>` and `type='block'` sources; network disks are no files to look for) and a direct-boot
+/// kernel and initrd (`<os><kernel>`, `<os><initrd>`). Unreadable XML yields none.
+pub fn disk_sources(xml: &str) -> Vec<String> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return Vec::new();
+    };
+    let disks = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("disk") && matches!(n.attribute("type"), Some("file") | Some("block")))
+        .filter_map(|disk| disk.children().find(|c| c.has_tag_name("source")))
+        .filter_map(|source| source.attribute("file").or_else(|| source.attribute("dev")));
+    let boot = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("os"))
+        .flat_map(|os| os.children())
+        .filter(|n| n.has_tag_name("kernel") || n.has_tag_name("initrd"))
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    disks.chain(boot).map(str::to_string).collect()
+}
+
+/// This host's report now.
+pub async fn own_report(shared: &Shared, bus: Option<&zbus::Connection>) -> HostReport {
+    let mut storage = Vec::new();
+    for (vm, path) in needed_paths(shared).await {
+        let found = exists(path.clone()).await;
+        storage.push(PathState {
+            vm,
+            path,
+            exists: found,
+        });
+    }
+    let clock = clock_facts(bus).await;
+    HostReport {
+        host: shared.local_host.clone(),
+        time_ms: now_ms(),
+        clock,
+        storage,
+    }
+}
+
+/// Sends this host's report every [`REPORT_INTERVAL`] and keeps everyone's; reconnects with a growing
+/// delay when Corosync goes away (the reports are then forgotten: they would go stale).
+pub async fn follow_readiness(bus: zbus::Connection, shared: Arc<Shared>, reports: Arc<Reports>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        if let Err(e) = session(&bus, &shared, &reports, &mut delay).await {
+            tracing::warn!("readiness reports: {e}");
+        }
+        reports.clear();
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn session(
+    bus: &zbus::Connection,
+    shared: &Arc<Shared>,
+    reports: &Arc<Reports>,
+    delay: &mut Duration,
+) -> Result<(), String> {
+    let cmap = Cmap::connect(DEFAULT_DEADLINE).await.map_err(|e| e.to_string())?;
+    let names = cmap.node_names().await.map_err(|e| e.to_string())?;
+    drop(cmap);
+    let (cpg, mut events) = Cpg::connect(DEFAULT_DEADLINE).await.map_err(|e| e.to_string())?;
+    cpg.join(READINESS_GROUP).await.map_err(|e| e.to_string())?;
+    *delay = Duration::from_millis(500);
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let report = own_report(shared, Some(bus)).await;
+                let data = serde_json::to_vec(&report).map_err(|e| e.to_string())?;
+                cpg.mcast(&data).await.map_err(|e| e.to_string())?;
+            }
+            event = events.next() => match event.map_err(|e| e.to_string())? {
+                CpgEvent::Message { group, nodeid, data, .. } if group == READINESS_GROUP => {
+                    let received = now_ms();
+                    match serde_json::from_slice::<HostReport>(&data) {
+                        // A host speaks only for itself: the name must be the sender node's.
+                        Ok(r) if names.get(&nodeid).is_none_or(|n| *n == r.host) => {
+                            let offset = r.time_ms.saturating_sub(received);
+                            reports.record(r, offset, nodeid);
+                        }
+                        Ok(r) => tracing::warn!(nodeid, host = %r.host, "ignoring a readiness report sent for another host"),
+                        Err(e) => tracing::warn!(nodeid, "ignoring an unreadable readiness report: {e}"),
+                    }
+                }
+                CpgEvent::Membership { group, left, .. } if group == READINESS_GROUP => {
+                    let gone: Vec<u32> = left.iter().map(|m| m.nodeid).collect();
+                    reports.forget_nodes(&gone);
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+/// The D-Bus object serving the reports.
+#[derive(Debug)]
+pub struct ReadinessObject {
+    pub reports: Arc<Reports>,
+}
+
+#[zbus::interface(name = "org.vmha.Vmha1.Readiness")]
+impl ReadinessObject {
+    /// The last report of every host whose vmhad is in the readiness group, as a JSON array of objects
+    /// `{host, time_ms, clock: {ntp_daemon, synchronized}, storage: [{vm, path, exists}], offset_ms,
+    /// age_ms}`.
+    async fn reports(&self) -> String {
+        serde_json::to_string(&self.reports.list()).unwrap_or_else(|_| "[]".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_sources_are_file_and_block_disks() {
+        let xml = r#"<domain><devices>
+            <disk type='file' device='disk'><source file='/shared/a.qcow2'/></disk>
+            <disk type='block' device='disk'><source dev='/dev/vg/b'/></disk>
+            <disk type='network' device='disk'><source protocol='rbd' name='pool/c'/></disk>
+            <disk type='file' device='cdrom'/>
+            </devices><os><type>hvm</type><kernel>/img/vmlinuz</kernel><initrd> /img/initrd </initrd></os></domain>"#;
+        assert_eq!(
+            disk_sources(xml),
+            vec!["/shared/a.qcow2", "/dev/vg/b", "/img/vmlinuz", "/img/initrd"]
+        );
+        assert!(disk_sources("not xml").is_empty());
+    }
+
+    #[test]
+    fn reports_round_trip_and_carry_offset_and_age() {
+        let reports = Reports::new();
+        let r = HostReport {
+            host: "node1".into(),
+            time_ms: 1000,
+            clock: ClockFacts {
+                ntp_daemon: Some("chronyd".into()),
+                synchronized: Some(true),
+            },
+            storage: vec![PathState {
+                vm: "vm1".into(),
+                path: "/shared/vm1.qcow2".into(),
+                exists: Some(true),
+            }],
+        };
+        reports.record(r.clone(), -40, 1);
+        let json = serde_json::to_string(&reports.list()).unwrap();
+        let back: Vec<ReceivedReport> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].report, r);
+        assert_eq!(back[0].offset_ms, -40);
+        reports.forget_nodes(&[2]);
+        assert_eq!(reports.list().len(), 1);
+        reports.forget_nodes(&[1]);
+        assert!(reports.list().is_empty());
+    }
+}
