@@ -278,7 +278,8 @@ impl Migrations {
                 self.last_hosts.insert(vm.name.clone(), vm.hosts.clone());
             }
         }
-        self.migrating.retain(|_, (_, at)| now.duration_since(*at) < ARRIVAL_WINDOW);
+        self.migrating
+            .retain(|_, (_, at)| now.duration_since(*at) < ARRIVAL_WINDOW);
     }
 
     /// Forgets migrations that ended elsewhere or failed (after new channel tasks took theirs).
@@ -659,7 +660,10 @@ mod tests {
         let HostMessage::Event { name, data, .. } = m.arrival("vm1", "n2").expect("migrated event") else {
             panic!()
         };
-        assert_eq!((name.as_str(), &data["source"], &data["target"]), ("migrated", &json!("n1"), &json!("n2")));
+        assert_eq!(
+            (name.as_str(), &data["source"], &data["target"]),
+            ("migrated", &json!("n1"), &json!("n2"))
+        );
         assert!(m.arrival("vm1", "n2").is_none(), "told once");
 
         // Started after a stop, or a migration that failed back to its source: no event.

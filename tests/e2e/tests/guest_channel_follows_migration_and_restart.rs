@@ -15,8 +15,9 @@ use vmha_lab::{wait_for, Lab};
 
 const VM: &str = "gmig1";
 
-/// What the guest's test hooks recorded: (guest uptime, hook directory, message).
-fn seen(lab: &Lab, n: u8) -> Vec<(f64, String, serde_json::Value)> {
+/// What the guest's test hooks recorded: (guest uptime, hook directory, message); `None` when
+/// qemu-guest-agent could not run the reading.
+fn seen(lab: &Lab, n: u8) -> Option<Vec<(f64, String, serde_json::Value)>> {
     let text = guest_exec(
         lab,
         n,
@@ -25,20 +26,24 @@ fn seen(lab: &Lab, n: u8) -> Vec<(f64, String, serde_json::Value)> {
         &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
         Duration::from_secs(20),
     )
-    .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            let up = parts.next()?.parse().ok()?;
-            let hook = parts.next()?.to_string();
-            let msg = serde_json::from_str(parts.next()?).ok()?;
-            Some((up, hook, msg))
-        })
-        .collect()
+    .ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let mut parts = l.splitn(3, ' ');
+                let up = parts.next()?.parse().ok()?;
+                let hook = parts.next()?.to_string();
+                let msg = serde_json::from_str(parts.next()?).ok()?;
+                Some((up, hook, msg))
+            })
+            .collect(),
+    )
 }
 
+/// The messages hook `hook` recorded (retrying the reading until qemu-guest-agent answers).
 fn seen_of(lab: &Lab, n: u8, hook: &str) -> Vec<serde_json::Value> {
-    seen(lab, n)
+    wait_for("the guest's seen.log", Duration::from_secs(60), POLL, || seen(lab, n))
+        .unwrap()
         .into_iter()
         .filter(|(_, h, _)| h == hook)
         .map(|(_, _, m)| m)
@@ -51,7 +56,17 @@ fn request(lab: &Lab, n: u8, name: &str, timeout_ms: u32) -> (i32, serde_json::V
     let out = lab
         .exec(
             n,
-            &["vmha", "--output", "json", "vm", "request", VM, name, "--timeout-ms", &t],
+            &[
+                "vmha",
+                "--output",
+                "json",
+                "vm",
+                "request",
+                VM,
+                name,
+                "--timeout-ms",
+                &t,
+            ],
         )
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -60,6 +75,14 @@ fn request(lab: &Lab, n: u8, name: &str, timeout_ms: u32) -> (i32, serde_json::V
         serde_json::from_str(stdout.trim()).unwrap_or(serde_json::Value::Null),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The guest's uptime, retrying while qemu-guest-agent is not ready (it starts after vmha-guest).
+fn uptime(lab: &Lab, n: u8) -> f64 {
+    wait_for("the guest's uptime", Duration::from_secs(60), POLL, || {
+        guest_uptime(lab, n, VM).ok()
+    })
+    .unwrap()
 }
 
 fn answered_done(lab: &Lab, n: u8) -> bool {
@@ -103,13 +126,16 @@ fn guest_channel_follows_migration_and_restart() {
     let lab = vmha_e2e::lab_with_vmhad();
     lab.add_vm(&GuestSpec::new(VM), VmAgent::Vmha).unwrap();
     let a = wait_running(&lab, VM, Duration::from_secs(180));
-    let (a_name, _) = (lab.cfg.host_name(a), ());
+    let a_name = lab.cfg.host_name(a);
     let t_start = Instant::now();
     wait_for("the guest to answer a request", Duration::from_secs(180), POLL, || {
         answered_done(&lab, a).then_some(())
     })
     .unwrap();
-    println!("{VM} on {a_name}: the guest answers ({:.1} s after Pacemaker showed it running)", t_start.elapsed().as_secs_f64());
+    println!(
+        "{VM} on {a_name}: the guest answers ({:.1} s after Pacemaker showed it running)",
+        t_start.elapsed().as_secs_f64()
+    );
 
     // 1. One start, one connection: vmhad did not drop the channel while the CIB showed the first monitor
     //    pending (the VM on no host).
@@ -131,17 +157,26 @@ fn guest_channel_follows_migration_and_restart() {
         ],
     )
     .unwrap();
-    let signal = wait_for("a GuestMessage signal for a result", Duration::from_secs(30), POLL, || {
-        assert!(answered_done(&lab, a));
-        guest_signals(&signals_file)
-            .into_iter()
-            .find(|(_, json)| json.contains("\"type\":\"result\""))
-    })
+    let signal = wait_for(
+        "a GuestMessage signal for a result",
+        Duration::from_secs(30),
+        POLL,
+        || {
+            assert!(answered_done(&lab, a));
+            guest_signals(&signals_file)
+                .into_iter()
+                .find(|(_, json)| json.contains("\"type\":\"result\""))
+        },
+    )
     .unwrap();
     println!("GuestMessage signal: vm={} json={}", signal.0, signal.1);
     assert_eq!(signal.0, VM);
     let msg: serde_json::Value = serde_json::from_str(&signal.1).expect("the signal carries JSON");
-    assert_eq!((msg["v"].as_u64(), msg["result"].as_str()), (Some(1), Some("done")), "{msg}");
+    assert_eq!(
+        (msg["v"].as_u64(), msg["result"].as_str()),
+        (Some(1), Some("done")),
+        "{msg}"
+    );
     assert!(msg["id"].as_str().is_some_and(|id| !id.is_empty()), "{msg}");
 
     // 3. An unprivileged caller is refused and nothing reaches the guest: the next (root) request is the only
@@ -153,7 +188,13 @@ fn guest_channel_follows_migration_and_restart() {
     assert!(err.contains("not root") && err.contains("polkit"), "{err}");
     assert!(answered_done(&lab, a));
     let after = seen_of(&lab, a, "test-ok").len();
-    assert_eq!(after, before + 1, "the guest saw {} test-ok requests, expected 1 (root's)", after - before);
+    println!("the guest's test-ok hook ran {before} times before nobody's request, {after} times after root's");
+    assert_eq!(
+        after,
+        before + 1,
+        "the guest saw {} test-ok requests, expected 1 (root's)",
+        after - before
+    );
 
     // 4. Live migration: the guest is asked first (and refuses), the VM migrates anyway.
     guest_exec(
@@ -165,7 +206,7 @@ fn guest_channel_follows_migration_and_restart() {
         Duration::from_secs(20),
     )
     .unwrap();
-    let up_before = guest_uptime(&lab, a, VM).unwrap();
+    let up_before = uptime(&lab, a);
     let b = lab.other_host(a).unwrap();
     let b_name = lab.cfg.host_name(b);
     let mut t = Timeline::start();
@@ -179,23 +220,29 @@ fn guest_channel_follows_migration_and_restart() {
     })
     .unwrap();
     t.mark(&format!("running on {b_name}, one QEMU"));
-    let up_after = guest_uptime(&lab, b, VM).unwrap();
-    assert!(up_after > up_before, "{VM} rebooted instead of migrating: {up_before} s -> {up_after} s");
+    let up_after = uptime(&lab, b);
+    assert!(
+        up_after > up_before,
+        "{VM} rebooted instead of migrating: {up_before} s -> {up_after} s"
+    );
     let asked = seen_of(&lab, b, "migrate");
     println!("the guest's migrate hook saw: {asked:?}");
     assert!(
-        asked
-            .iter()
-            .any(|m| m["type"] == "request" && m["data"]["source"] == a_name.as_str() && m["data"]["target"] == b_name.as_str()),
+        asked.iter().any(|m| m["type"] == "request"
+            && m["data"]["source"] == a_name.as_str()
+            && m["data"]["target"] == b_name.as_str()),
         "the guest was asked before the migration: {asked:?}"
     );
     // The agent's log on the source (stderr of migrate_to, in order): asked, refused, migrated anyway.
     let log = pacemaker_log(&lab, a);
     let op = format!("{VM}_migrate_to_0");
-    let ours: Vec<&str> = log.lines().filter(|l| l.contains(&op) && l.contains("error output")).collect();
-    let refused = ours
-        .iter()
-        .position(|l| l.contains("the guest refused the migration (migrate refused by the lab guest); migrating anyway"));
+    let ours: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&op) && l.contains("error output"))
+        .collect();
+    let refused = ours.iter().position(|l| {
+        l.contains("the guest refused the migration (migrate refused by the lab guest); migrating anyway")
+    });
     let started = ours.iter().position(|l| l.contains("starting live migration"));
     println!("migrate_to on {a_name}:\n  {}", ours.join("\n  "));
     assert!(
@@ -212,22 +259,35 @@ fn guest_channel_follows_migration_and_restart() {
     println!("migrated event: {arrived}");
     assert_eq!(arrived["data"]["source"], a_name.as_str(), "{arrived}");
     assert_eq!(arrived["data"]["target"], b_name.as_str(), "{arrived}");
-    wait_for(&format!("the guest to answer through {b_name}'s vmhad"), Duration::from_secs(30), POLL, || {
-        answered_done(&lab, b).then_some(())
-    })
+    wait_for(
+        &format!("the guest to answer through {b_name}'s vmhad"),
+        Duration::from_secs(30),
+        POLL,
+        || answered_done(&lab, b).then_some(()),
+    )
     .unwrap();
     t.mark(&format!("request through {b_name}'s vmhad: done"));
     let (code, _, err) = request(&lab, a, "test-ok", 5000);
     assert_ne!(code, 0);
     assert!(err.contains(&format!("runs on {b_name}")), "{err}");
-    assert_eq!(channel_log(&lab, b, "connected"), 1, "one arrival, one connection on {b_name}");
-    t.print(&format!("{VM} {a_name} -> {b_name} (guest uptime {up_before:.1} s -> {up_after:.1} s):"));
+    assert_eq!(
+        channel_log(&lab, b, "connected"),
+        1,
+        "one arrival, one connection on {b_name}"
+    );
+    t.print(&format!(
+        "{VM} {a_name} -> {b_name} (guest uptime {up_before:.1} s -> {up_after:.1} s):"
+    ));
 
     // 6. QEMU killed: Pacemaker recovers the VM, the channel connects again (once) and the guest answers.
     let qemus = lab.qemu_processes(VM);
     assert_eq!(qemus.len(), 1, "{qemus:?}");
     let killed = qemus[0].1;
-    let connects_before: Vec<usize> = lab.cfg.host_numbers().map(|n| channel_log(&lab, n, "connected")).collect();
+    let connects_before: Vec<usize> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| channel_log(&lab, n, "connected"))
+        .collect();
     let mut t = Timeline::start();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(killed), nix::sys::signal::Signal::SIGKILL).unwrap();
     let c = wait_for(&format!("{VM} recovered"), Duration::from_secs(180), POLL, || {
@@ -245,13 +305,24 @@ fn guest_channel_follows_migration_and_restart() {
     })
     .unwrap();
     t.mark("the restarted guest answers a request");
-    let up_restarted = guest_uptime(&lab, c, VM).unwrap();
-    assert!(up_restarted < up_after, "the guest restarted: uptime {up_after} s -> {up_restarted} s");
-    let connects_after: Vec<usize> = lab.cfg.host_numbers().map(|n| channel_log(&lab, n, "connected")).collect();
+    let up_restarted = uptime(&lab, c);
+    assert!(
+        up_restarted < up_after,
+        "the guest restarted: uptime {up_after} s -> {up_restarted} s"
+    );
+    let connects_after: Vec<usize> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| channel_log(&lab, n, "connected"))
+        .collect();
     let new: usize = connects_after.iter().zip(&connects_before).map(|(a, b)| a - b).sum();
     println!("channel connections per host before the kill {connects_before:?}, after recovery {connects_after:?}");
     assert_eq!(new, 1, "one restart, one new connection");
     let idx = lab.cfg.host_numbers().position(|n| n == c).unwrap();
-    assert_eq!(connects_after[idx] - connects_before[idx], 1, "the new connection is {c_name}'s");
+    assert_eq!(
+        connects_after[idx] - connects_before[idx],
+        1,
+        "the new connection is {c_name}'s"
+    );
     t.print(&format!("{VM}'s QEMU killed on {b_name}; recovered on {c_name}:"));
 }
