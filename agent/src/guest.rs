@@ -127,7 +127,7 @@ impl Guests {
         // While an operation on the VM is pending (a migration from here, a first monitor) the CIB shows it
         // on no host; a connected channel proves its QEMU runs here.
         let connected_here = || self.channel(vm).is_some_and(|c| c.connected.load(Ordering::Relaxed));
-        if !hosts.contains(&shared.local_host) && !(hosts.is_empty() && connected_here()) {
+        if !(hosts.contains(&shared.local_host) || hosts.is_empty() && connected_here()) {
             let where_ = if hosts.is_empty() {
                 ": it runs nowhere".to_string()
             } else {
@@ -406,18 +406,28 @@ async fn run_channel(
                 tracing::info!(vm = %channel.vm, "guest channel of VM {} connected", channel.vm);
                 let (read, mut write) = stream.into_split();
                 // Part of this task (not spawned): aborting the task ends the reading too.
-                let reader = read_guest(conn.clone(), Arc::clone(&channel), BufReader::new(read));
+                // Told when vmha-guest says hello on this connection.
+                let hello = tokio::sync::Notify::new();
+                let reader = read_guest(conn.clone(), Arc::clone(&channel), BufReader::new(read), &hello);
                 tokio::pin!(reader);
                 while queue.try_recv().is_ok() {}
                 channel.connected.store(true, Ordering::Relaxed);
-                let snap = shared.snapshot();
-                let _ = channel.send(&membership_event(&snap, &snap.members()));
-                if let Some(event) = arrival.take() {
-                    let _ = channel.send(&event);
-                }
+                // The greeting (the membership, and `migrated` after an arrival) goes out when vmha-guest
+                // says hello: what is written before it opened its side of the port is lost. Without a hello
+                // (an older vmha-guest, or its side was open already) it goes out after GREET_WAIT.
+                let greet_by = Instant::now() + GREET_WAIT;
+                let mut greeted = false;
                 loop {
                     tokio::select! {
                         _ = &mut reader => break,
+                        _ = hello.notified(), if !greeted => {
+                            greet(&shared, &channel, &mut arrival);
+                            greeted = true;
+                        }
+                        _ = tokio::time::sleep_until(greet_by), if !greeted => {
+                            greet(&shared, &channel, &mut arrival);
+                            greeted = true;
+                        }
                         line = queue.recv() => {
                             let Some(mut line) = line else { return };
                             line.push('\n');
@@ -443,6 +453,18 @@ async fn run_channel(
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How long after connecting vmhad waits for vmha-guest's hello before greeting the guest anyway.
+const GREET_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends the guest the current membership and, once, the pending `migrated` event.
+fn greet(shared: &Shared, channel: &Channel, arrival: &mut Option<HostMessage>) {
+    let snap = shared.snapshot();
+    let _ = channel.send(&membership_event(&snap, &snap.members()));
+    if let Some(event) = arrival.take() {
+        let _ = channel.send(&event);
     }
 }
 
@@ -512,7 +534,12 @@ async fn read_line(reader: &mut (impl AsyncBufRead + Unpin), max: usize) -> std:
 }
 
 /// Reads a guest's lines until it disconnects.
-async fn read_guest(conn: Connection, channel: Arc<Channel>, mut reader: BufReader<tokio::net::unix::OwnedReadHalf>) {
+async fn read_guest(
+    conn: Connection,
+    channel: Arc<Channel>,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    hello: &tokio::sync::Notify,
+) {
     let mut lines = Bucket::new(LINES_PER_SECOND, 2.0 * LINES_PER_SECOND, Instant::now());
     let mut bytes = Bucket::new(BYTES_PER_SECOND, BYTES_PER_SECOND, Instant::now());
     let mut greeted = false;
@@ -555,6 +582,9 @@ async fn read_guest(conn: Connection, channel: Arc<Channel>, mut reader: BufRead
                 continue;
             }
         };
+        if matches!(msg, GuestMessage::Hello { .. }) {
+            hello.notify_one();
+        }
         match &msg {
             GuestMessage::Hello { version, .. } if !greeted => {
                 greeted = true;
