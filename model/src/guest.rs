@@ -17,7 +17,7 @@
 //! cannot veto an operator's or Pacemaker's move (a failed `migrate_to` would only make Pacemaker stop
 //! and restart the VM instead). After the VM arrived, the target's vmhad sends the event
 //! [`EVENT_MIGRATED`] with `data = {"vm": ..., "source": <host or null>, "target": <host>, "time": ...}`
-//! as soon as its channel to the guest connects.
+//! when vmha-guest says hello on its new channel (what vmhad writes before the guest opened its port is lost).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
