@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use vmha_model::guest::{
     channel_socket, parse_guest_line, valid_name, BoundedLine, GuestMessage, HostMessage, Line, Outcome, EVENT_DC,
-    EVENT_MEMBERSHIP, MAX_LINE,
+    EVENT_MEMBERSHIP, EVENT_MIGRATED, MAX_LINE,
 };
+use vmha_model::VmState;
 use zbus::Connection;
 
 use crate::objects::ClusterObject;
@@ -123,7 +124,10 @@ impl Guests {
             .and_then(|v| v.vm(vm))
             .map(|v| v.hosts.clone())
             .unwrap_or_default();
-        if !hosts.contains(&shared.local_host) {
+        // While an operation on the VM is pending (a migration from here, a first monitor) the CIB shows it
+        // on no host; a connected channel proves its QEMU runs here.
+        let connected_here = || self.channel(vm).is_some_and(|c| c.connected.load(Ordering::Relaxed));
+        if !(hosts.contains(&shared.local_host) || hosts.is_empty() && connected_here()) {
             let where_ = if hosts.is_empty() {
                 ": it runs nowhere".to_string()
             } else {
@@ -165,6 +169,14 @@ impl Guests {
         };
         channel.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         Ok(answer)
+    }
+
+    /// Drops `vm`'s channel from the table if it is still `channel` (and not a newer one).
+    fn forget(&self, vm: &str, channel: &Arc<Channel>) {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if channels.get(vm).is_some_and(|c| Arc::ptr_eq(c, channel)) {
+            channels.remove(vm);
+        }
     }
 
     fn broadcast(&self, msg: &HostMessage) -> usize {
@@ -227,27 +239,100 @@ fn now() -> f64 {
         .unwrap_or_default()
 }
 
+/// How long a VM may be missing from this host in the CIB, with its channel not connected, before its
+/// channel task stops. The CIB briefly shows a VM on no host while an operation on it is pending (the
+/// first monitor after a start, a migration): a connected channel proves QEMU still runs here, and the
+/// grace covers the moments before it connects, so that one start is one connection.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long after the CIB last showed a VM migrating its arrival here counts as a live migration.
+const ARRIVAL_WINDOW: Duration = Duration::from_secs(300);
+
+/// A running channel task.
+#[derive(Debug)]
+struct Task {
+    abort: tokio::task::AbortHandle,
+    channel: Arc<Channel>,
+    /// Since when the CIB no longer shows the VM on this host.
+    missing_since: Option<Instant>,
+}
+
+/// Remembers VMs the CIB showed migrating, and from where, to tell a guest it arrived by migration.
+#[derive(Debug, Default)]
+struct Migrations {
+    /// The last hosts each VM was active on.
+    last_hosts: HashMap<String, Vec<String>>,
+    /// VMs seen migrating: the source (the host it was active on before) and when.
+    migrating: HashMap<String, (Option<String>, Instant)>,
+}
+
+impl Migrations {
+    /// Takes note of a snapshot (before any new channel tasks start).
+    fn observe(&mut self, snap: &Snapshot, now: Instant) {
+        let Some(view) = snap.view.as_ref() else { return };
+        for vm in &view.vms {
+            if vm.state == VmState::Migrating {
+                let source = self.last_hosts.get(&vm.name).and_then(|h| h.first().cloned());
+                self.migrating.entry(vm.name.clone()).or_insert((source, now));
+            }
+            if !vm.hosts.is_empty() {
+                self.last_hosts.insert(vm.name.clone(), vm.hosts.clone());
+            }
+        }
+        self.migrating
+            .retain(|_, (_, at)| now.duration_since(*at) < ARRIVAL_WINDOW);
+    }
+
+    /// Forgets migrations that ended elsewhere or failed (after new channel tasks took theirs).
+    fn settle(&mut self, snap: &Snapshot) {
+        let Some(view) = snap.view.as_ref() else { return };
+        for vm in &view.vms {
+            if vm.state != VmState::Migrating && !vm.hosts.is_empty() {
+                self.migrating.remove(&vm.name);
+            }
+        }
+    }
+
+    /// The `migrated` event for `vm`, which starts running on `local`, if it came by migration.
+    fn arrival(&mut self, vm: &str, local: &str) -> Option<HostMessage> {
+        let (source, _) = self.migrating.remove(vm)?;
+        let source = source.filter(|s| s != local);
+        Some(HostMessage::event(
+            EVENT_MIGRATED,
+            json!({ "vm": vm, "source": source, "target": local, "time": now() }),
+        ))
+    }
+}
+
 /// Follows the snapshots forever: starts and stops the VMs' channel tasks and forwards cluster events.
 pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
     let mut rx = shared.subscribe();
-    let mut tasks: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut tasks: HashMap<String, Task> = HashMap::new();
+    let mut migrations = Migrations::default();
     let mut old = rx.borrow_and_update().clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let new = rx.borrow_and_update().clone();
+        let now = Instant::now();
+        migrations.observe(&new, now);
         let local = local_vms(&new, &shared.local_host);
         tasks.retain(|vm, task| {
-            let keep = local.contains(vm) && !task.is_finished();
-            if !keep {
-                task.abort();
-                shared
-                    .guests
-                    .channels
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(vm);
-                tracing::info!(%vm, "guest channel stopped: the VM does not run here (any more)");
+            if task.abort.is_finished() {
+                shared.guests.forget(vm, &task.channel);
+                return false;
             }
-            keep
+            if local.contains(vm) {
+                task.missing_since = None;
+                return true;
+            }
+            let since = *task.missing_since.get_or_insert(now);
+            if task.channel.connected.load(Ordering::Relaxed) || now.duration_since(since) < STOP_GRACE {
+                return true;
+            }
+            task.abort.abort();
+            shared.guests.forget(vm, &task.channel);
+            tracing::info!(%vm, "guest channel of VM {vm} stopped: the VM does not run here (any more)");
+            false
         });
         for vm in local {
             if tasks.contains_key(&vm) {
@@ -267,40 +352,82 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(vm.clone(), Arc::clone(&channel));
-            let task = tokio::spawn(run_channel(conn.clone(), Arc::clone(&shared), channel, queue));
-            tasks.insert(vm, task.abort_handle());
+            let arrival = migrations.arrival(&vm, &shared.local_host);
+            if arrival.is_some() {
+                tracing::info!(%vm, "VM {vm} arrived here by live migration; its guest will be told");
+            }
+            let task = tokio::spawn(run_channel(
+                conn.clone(),
+                Arc::clone(&shared),
+                Arc::clone(&channel),
+                queue,
+                arrival,
+            ));
+            tasks.insert(
+                vm,
+                Task {
+                    abort: task.abort_handle(),
+                    channel,
+                    missing_since: None,
+                },
+            );
         }
+        migrations.settle(&new);
         for event in cluster_events(&old, &new) {
             let sent = shared.guests.broadcast(&event);
             tracing::debug!(event = event.name(), sent, "cluster event sent to guests");
         }
         old = new;
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
         }
     }
 }
 
 /// One VM's channel, forever (aborted when the VM leaves this host).
-async fn run_channel(conn: Connection, shared: Arc<Shared>, channel: Arc<Channel>, mut queue: mpsc::Receiver<String>) {
+async fn run_channel(
+    conn: Connection,
+    shared: Arc<Shared>,
+    channel: Arc<Channel>,
+    mut queue: mpsc::Receiver<String>,
+    mut arrival: Option<HostMessage>,
+) {
     let path = channel_socket(&channel.vm);
     let mut delay = Duration::from_millis(200);
     loop {
         match UnixStream::connect(&path).await {
             Ok(stream) => {
                 delay = Duration::from_millis(200);
-                tracing::info!(vm = %channel.vm, "guest channel connected");
+                tracing::info!(vm = %channel.vm, "guest channel of VM {} connected", channel.vm);
                 let (read, mut write) = stream.into_split();
                 // Part of this task (not spawned): aborting the task ends the reading too.
-                let reader = read_guest(conn.clone(), Arc::clone(&channel), BufReader::new(read));
+                // Told when vmha-guest says hello on this connection.
+                let hello = tokio::sync::Notify::new();
+                let reader = read_guest(conn.clone(), Arc::clone(&channel), BufReader::new(read), &hello);
                 tokio::pin!(reader);
                 while queue.try_recv().is_ok() {}
                 channel.connected.store(true, Ordering::Relaxed);
-                let snap = shared.snapshot();
-                let _ = channel.send(&membership_event(&snap, &snap.members()));
+                // The greeting (the membership, and `migrated` after an arrival) goes out when vmha-guest
+                // says hello: what is written before it opened its side of the port is lost. Without a hello
+                // (an older vmha-guest, or its side was open already) it goes out after GREET_WAIT.
+                let greet_by = Instant::now() + GREET_WAIT;
+                let mut greeted = false;
                 loop {
                     tokio::select! {
                         _ = &mut reader => break,
+                        _ = hello.notified(), if !greeted => {
+                            greet(&shared, &channel, &mut arrival);
+                            greeted = true;
+                        }
+                        _ = tokio::time::sleep_until(greet_by), if !greeted => {
+                            greet(&shared, &channel, &mut arrival);
+                            greeted = true;
+                        }
                         line = queue.recv() => {
                             let Some(mut line) = line else { return };
                             line.push('\n');
@@ -320,12 +447,24 @@ async fn run_channel(conn: Connection, shared: Arc<Shared>, channel: Arc<Channel
                 }
                 channel.connected.store(false, Ordering::Relaxed);
                 channel.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                tracing::info!(vm = %channel.vm, "guest channel disconnected");
+                tracing::info!(vm = %channel.vm, "guest channel of VM {} disconnected", channel.vm);
             }
             Err(e) => tracing::trace!(vm = %channel.vm, "connecting to {path}: {e}"),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// How long after connecting vmhad waits for vmha-guest's hello before greeting the guest anyway.
+const GREET_WAIT: Duration = Duration::from_secs(2);
+
+/// Sends the guest the current membership and, once, the pending `migrated` event.
+fn greet(shared: &Shared, channel: &Channel, arrival: &mut Option<HostMessage>) {
+    let snap = shared.snapshot();
+    let _ = channel.send(&membership_event(&snap, &snap.members()));
+    if let Some(event) = arrival.take() {
+        let _ = channel.send(&event);
     }
 }
 
@@ -395,7 +534,12 @@ async fn read_line(reader: &mut (impl AsyncBufRead + Unpin), max: usize) -> std:
 }
 
 /// Reads a guest's lines until it disconnects.
-async fn read_guest(conn: Connection, channel: Arc<Channel>, mut reader: BufReader<tokio::net::unix::OwnedReadHalf>) {
+async fn read_guest(
+    conn: Connection,
+    channel: Arc<Channel>,
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    hello: &tokio::sync::Notify,
+) {
     let mut lines = Bucket::new(LINES_PER_SECOND, 2.0 * LINES_PER_SECOND, Instant::now());
     let mut bytes = Bucket::new(BYTES_PER_SECOND, BYTES_PER_SECOND, Instant::now());
     let mut greeted = false;
@@ -438,6 +582,9 @@ async fn read_guest(conn: Connection, channel: Arc<Channel>, mut reader: BufRead
                 continue;
             }
         };
+        if matches!(msg, GuestMessage::Hello { .. }) {
+            hello.notify_one();
+        }
         match &msg {
             GuestMessage::Hello { version, .. } if !greeted => {
                 greeted = true;
@@ -495,6 +642,75 @@ mod tests {
         assert_eq!(data["joined"], json!([]));
         assert_eq!(data["quorate"], json!(true));
         assert!(cluster_events(&snap(&["n1"]), &snap(&["n1"])).is_empty());
+    }
+
+    fn vm_snap(state: VmState, hosts: &[&str]) -> Snapshot {
+        Snapshot {
+            view: Some(vmha_model::ClusterView {
+                cluster_name: None,
+                version: "0.0.0".into(),
+                dc: None,
+                quorate: true,
+                stonith_enabled: true,
+                hosts: vec![],
+                vms: vec![vmha_model::VmView {
+                    name: "vm1".into(),
+                    agent: "ocf:vmha:VirtualMachine".into(),
+                    config: None,
+                    state,
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    failed_on: vec![],
+                    fail_counts: Default::default(),
+                    target_role: None,
+                    managed: true,
+                    params: Default::default(),
+                    meta: Default::default(),
+                    utilization: Default::default(),
+                    constraints: vec![],
+                }],
+            }),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn an_arrival_after_a_migration_is_told_and_a_plain_start_is_not() {
+        let t0 = Instant::now();
+        let mut m = Migrations::default();
+        for (state, hosts) in [
+            (VmState::Running, &["n1"][..]),
+            (VmState::Migrating, &[]),
+            (VmState::Stopped, &[]),
+            (VmState::Migrating, &[]),
+        ] {
+            m.observe(&vm_snap(state, hosts), t0);
+            m.settle(&vm_snap(state, hosts));
+        }
+        m.observe(&vm_snap(VmState::Running, &["n2"]), t0);
+        let HostMessage::Event { name, data, .. } = m.arrival("vm1", "n2").expect("migrated event") else {
+            panic!()
+        };
+        assert_eq!(
+            (name.as_str(), &data["source"], &data["target"]),
+            ("migrated", &json!("n1"), &json!("n2"))
+        );
+        assert!(m.arrival("vm1", "n2").is_none(), "told once");
+
+        // Started after a stop, or a migration that failed back to its source: no event.
+        let mut m = Migrations::default();
+        m.observe(&vm_snap(VmState::Starting, &[]), t0);
+        m.observe(&vm_snap(VmState::Running, &["n2"]), t0);
+        assert!(m.arrival("vm1", "n2").is_none());
+        m.observe(&vm_snap(VmState::Migrating, &[]), t0);
+        m.settle(&vm_snap(VmState::Migrating, &[]));
+        m.observe(&vm_snap(VmState::Running, &["n2"]), t0);
+        m.settle(&vm_snap(VmState::Running, &["n2"]));
+        assert!(m.arrival("vm1", "n3").is_none(), "a failed migration is forgotten");
+        // Too long ago.
+        let mut m = Migrations::default();
+        m.observe(&vm_snap(VmState::Migrating, &[]), t0);
+        m.observe(&vm_snap(VmState::Running, &["n2"]), t0 + ARRIVAL_WINDOW);
+        assert!(m.arrival("vm1", "n2").is_none());
     }
 
     #[tokio::test]

@@ -9,6 +9,15 @@
 //! Guest to host:
 //! `{"v":1,"type":"hello","version":"0.1.0"}`,
 //! `{"v":1,"type":"result","id":"r1","result":"refused","reason":"database busy"}`.
+//!
+//! Live migration: before `ocf:vmha:VirtualMachine` live-migrates a VM (`migrate_to`, on the source) it
+//! sends the request [`REQUEST_MIGRATE`] through the source's vmhad, with
+//! `data = {"vm": ..., "source": <host>, "target": <host>}`, and waits for the result at most its
+//! `guest_migrate_timeout`; whatever the answer (done, refused, failed, none), it then migrates: a guest
+//! cannot veto an operator's or Pacemaker's move (a failed `migrate_to` would only make Pacemaker stop
+//! and restart the VM instead). After the VM arrived, the target's vmhad sends the event
+//! [`EVENT_MIGRATED`] with `data = {"vm": ..., "source": <host or null>, "target": <host>, "time": ...}`
+//! when vmha-guest says hello on its new channel (what vmhad writes before the guest opened its port is lost).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -29,11 +38,15 @@ pub const MAX_NAME: usize = 32;
 /// Well-known events.
 pub const EVENT_MEMBERSHIP: &str = "membership";
 pub const EVENT_DC: &str = "dc";
+/// The VM arrived on this host by live migration (sent by the target's vmhad).
+pub const EVENT_MIGRATED: &str = "migrated";
 /// Well-known requests.
 pub const REQUEST_PREPARE_CLONE: &str = "prepare-clone";
 pub const REQUEST_POST_CLONE: &str = "post-clone";
 pub const REQUEST_RESUME: &str = "resume";
 pub const REQUEST_DRAIN: &str = "drain";
+/// The VM is about to be live-migrated (sent before the migration starts; answered or not, it migrates).
+pub const REQUEST_MIGRATE: &str = "migrate";
 
 /// The host side of a VM's channel: the UNIX socket QEMU listens on, one per VM and host, in libvirt's
 /// QEMU state directory (local to every host, writable by the QEMU user). Not under its `channel/target/`

@@ -11,6 +11,7 @@ use crate::deadline::{self, poll_until, Deadline, Progress};
 use crate::domain_config::{ConfigError, DomainConfig};
 use crate::domain_state::{Condition, PauseKind};
 use crate::error::AgentError;
+use crate::guest_notice;
 use crate::hypervisor::{Access, Hypervisor, ShutdownRequest};
 use crate::migration;
 use crate::name_cache::{self, NameCache};
@@ -454,6 +455,12 @@ pub fn migrate_to(hv: &Hypervisor, ctx: &Context, name: &str) -> Result<Outcome,
         if let Err(e) = vm.set_max_downtime(ms) {
             tracing::warn!(vm = name, error = %e, "cannot set the maximum downtime");
         }
+    }
+    let wait = guest_notice::wait_for_guest(ctx.params.guest_migrate_timeout, ctx.deadline.remaining());
+    if !wait.is_zero() {
+        let resource = guest_notice::resource_name(ctx.env.resource_instance.as_deref(), name);
+        let answer = guest_notice::ask_before_migration(&resource, ctx.env.migrate_source.as_deref(), &target, wait);
+        guest_notice::log_answer(name, &target, &answer);
     }
     tracing::info!(vm = name, target, uri = plan.target_uri, data_uri = ?plan.data_uri,
         "starting live migration");

@@ -9,6 +9,7 @@ pub mod deadline;
 pub mod domain_config;
 pub mod domain_state;
 pub mod error;
+pub mod guest_notice;
 pub mod hypervisor;
 pub mod metadata;
 pub mod migration;

@@ -33,6 +33,9 @@ pub struct ParamSpec {
 pub const DEFAULT_HYPERVISOR: &str = "qemu:///system";
 /// The guest-agent deadline used by a depth-10 monitor when `monitor_guest_agent_timeout` is unset.
 pub const DEFAULT_GUEST_AGENT_TIMEOUT: Duration = Duration::from_millis(2000);
+/// How long migrate_to waits for the guest's answer to the `migrate` request when
+/// `guest_migrate_timeout` is unset.
+pub const DEFAULT_GUEST_MIGRATE_TIMEOUT: Duration = Duration::from_millis(10_000);
 
 const SHUTDOWN_MODES: &[&str] = &["acpi", "agent", "both"];
 
@@ -246,6 +249,21 @@ cause, in milliseconds; 0 leaves the hypervisor's default.",
         longdesc: "Milliseconds a monitor with OCF_CHECK_LEVEL=10 waits for the QEMU guest \
 agent to answer guest-ping (rounded up to whole seconds for libvirt). Between 1 and 60000.",
     },
+    ParamSpec {
+        name: "guest_migrate_timeout",
+        kind: ParamKind::Integer,
+        default: "10000",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "Wait for the guest before a live migration (ms)",
+        longdesc: "Before migrate_to live-migrates the VM, it asks the guest to prepare: the request \
+'migrate' (with the source and target hosts) goes through the local vmhad over the vmha guest channel to \
+vmha-guest, which runs the VM's migrate hooks. migrate_to waits for the answer at most this many \
+milliseconds (and never more than a quarter of the operation's timeout), then migrates whatever the answer \
+was: a guest that refuses, fails or does not answer is logged but cannot stop the move (a failed migrate_to \
+would make Pacemaker stop and restart the VM instead). When vmhad does not run, the guest is not told. \
+0 does not ask the guest. Between 0 and 600000.",
+    },
 ];
 
 /// How stop asks the guest to power off.
@@ -301,6 +319,8 @@ pub struct Params {
     pub guest_channel: bool,
     pub migration: MigrationParams,
     pub guest_agent_timeout: Duration,
+    /// How long migrate_to waits for the guest's answer to `migrate`; zero: the guest is not asked.
+    pub guest_migrate_timeout: Duration,
 }
 
 /// An invalid parameter value or combination.
@@ -446,6 +466,15 @@ impl Params {
             }),
             None,
         )?;
+        let guest_migrate_ms = soft.apply(
+            optional(raw("guest_migrate_timeout"), |v| {
+                parse_u64("guest_migrate_timeout", v.clone(), "0 to 600000 (ms)").and_then(|ms| match ms {
+                    0..=600_000 => Ok(ms),
+                    _ => Err(invalid("guest_migrate_timeout", v, "0 to 600000 (ms)")),
+                })
+            }),
+            None,
+        )?;
 
         if force_stop == Some(true) && save_on_stop.is_some() {
             soft.apply(Err(ParamError::ForceStopWithSave), ())?;
@@ -476,6 +505,9 @@ impl Params {
             guest_agent_timeout: guest_agent_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_GUEST_AGENT_TIMEOUT),
+            guest_migrate_timeout: guest_migrate_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_GUEST_MIGRATE_TIMEOUT),
         };
         Ok(Parsed {
             params,
@@ -655,6 +687,7 @@ mod tests {
         assert_eq!(p.save_on_stop, None);
         assert_eq!(p.migration, MigrationParams::default());
         assert_eq!(p.guest_agent_timeout, Duration::from_secs(2));
+        assert_eq!(p.guest_migrate_timeout, Duration::from_secs(10));
         assert!(p.start_networks.is_empty() && p.start_pools.is_empty());
     }
 
@@ -678,6 +711,7 @@ mod tests {
             ("migration_speed", "500"),
             ("migration_downtime", "300"),
             ("monitor_guest_agent_timeout", "1500"),
+            ("guest_migrate_timeout", "0"),
         ])
         .expect("valid");
         assert_eq!(p.domain.as_deref(), Some("vm1"));
@@ -696,6 +730,7 @@ mod tests {
         assert_eq!(p.migration.speed_mib_s, 500);
         assert_eq!(p.migration.downtime_ms, 300);
         assert_eq!(p.guest_agent_timeout, Duration::from_millis(1500));
+        assert_eq!(p.guest_migrate_timeout, Duration::ZERO);
     }
 
     #[test]
@@ -727,6 +762,10 @@ mod tests {
             (
                 &[("domain", "a"), ("monitor_guest_agent_timeout", "0")],
                 "monitor_guest_agent_timeout=",
+            ),
+            (
+                &[("domain", "a"), ("guest_migrate_timeout", "600001")],
+                "guest_migrate_timeout=",
             ),
             (&[("domain", "a"), ("start_pools", "a/b")], "start_pools="),
             (
@@ -865,6 +904,7 @@ mod tests {
             ("migration_speed", "9"),
             ("migration_downtime", "9"),
             ("monitor_guest_agent_timeout", "9"),
+            ("guest_migrate_timeout", "9"),
         ];
         assert_eq!(samples.len(), PARAMETERS.len());
         let base = strict(&[("domain", "a"), ("config", "/a.xml")]).expect("base");

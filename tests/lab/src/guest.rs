@@ -11,19 +11,30 @@ use crate::config::LAB_ROOT;
 use crate::process::run_ok;
 
 /// The vmha-guest binary the image includes: `$VMHA_GUEST_BIN`, else the workspace's release build when
-/// there is one.
+/// there is one: the static one of `guest/build-static` when it is newer than the plain one.
 pub fn guest_binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("VMHA_GUEST_BIN") {
         return Some(PathBuf::from(p));
     }
-    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/vmha-guest");
-    release.is_file().then_some(release)
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    [
+        target.join("x86_64-unknown-linux-musl/release/vmha-guest"),
+        target.join("release/vmha-guest"),
+    ]
+    .into_iter()
+    .filter(|p| p.is_file())
+    .max_by_key(|p| modified(p))
 }
 
 /// Where the guest image is built (shared by all labs on this machine; rebuilt when the build script or
 /// the vmha-guest binary changes): `guest`, or `guest-vmha` for the image with vmha-guest, so that labs
-/// with and without it do not rebuild each other's image.
+/// with and without it do not rebuild each other's image. `$VMHA_GUEST_IMAGE_DIR` overrides it (a branch
+/// that changes the image builds its own instead of rebuilding the shared one under other labs).
 pub fn image_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMHA_GUEST_IMAGE_DIR") {
+        return PathBuf::from(dir);
+    }
     let name = if guest_binary().is_some() {
         "guest-vmha"
     } else {
