@@ -3,6 +3,7 @@
 //! ([`guest`]). Pure logic, no I/O.
 
 pub mod change;
+pub mod clone;
 pub mod cib;
 pub mod domain;
 pub mod guest;
