@@ -6,6 +6,7 @@
 pub mod api;
 pub mod auth;
 pub mod backend;
+pub mod clone;
 pub mod daemon;
 pub mod failures;
 pub mod guest;
@@ -14,4 +15,5 @@ pub mod membership;
 pub mod objects;
 pub mod options;
 pub mod pacemaker;
+pub mod relay;
 pub mod state;

@@ -169,6 +169,17 @@ pub fn write_save_header(image: &SaveImage, xml: &str) -> Vec<u8> {
     out
 }
 
+/// XML namespace of the `<vmha:clone template=.../>` mark vmha puts in a clone's domain metadata.
+pub const CLONE_NS: &str = "https://vmha.dev/xmlns/clone/1";
+
+/// The template a domain was cloned from, when its XML carries vmha's clone mark.
+pub fn clone_of(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.descendants()
+        .find(|n| n.tag_name().namespace() == Some(CLONE_NS) && n.tag_name().name() == "clone")
+        .and_then(|n| n.attribute("template").map(str::to_string))
+}
+
 /// Who the clone is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloneIdentity {
@@ -280,6 +291,24 @@ pub fn clone_domain_xml(xml: &str, id: &CloneIdentity) -> Result<String, CloneEr
         Some(u) => edits.replace(u.range(), format!("<uuid>{}</uuid>", id.uuid)),
         None => edits.replace(name.range().end..name.range().end, format!("<uuid>{}</uuid>", id.uuid)),
     }
+    let mark = format!(
+        "<vmha:clone xmlns:vmha='{CLONE_NS}' template='{}'/>",
+        escape(&id.template)
+    );
+    match child(root, "metadata") {
+        Some(m) => {
+            let at = m.last_child().map_or(m.range().end, |c| c.range().end);
+            if m.first_child().is_none() {
+                edits.replace(m.range(), format!("<metadata>{mark}</metadata>"));
+            } else {
+                edits.replace(at..at, mark);
+            }
+        }
+        None => {
+            let at = name.range().end;
+            edits.replace(at..at, format!("<metadata>{mark}</metadata>"));
+        }
+    }
     if let Some(g) = child(root, "genid") {
         edits.replace(g.range(), format!("<genid>{}</genid>", id.genid));
     }
@@ -382,12 +411,13 @@ pub fn clone_resource(cib: &str, template: &str, clone: &str, config: &str) -> R
         if let Some(a) = node.attribute_node("id") {
             edits.replace(shift(a.range_value()), escape(&rename(a.value())));
         }
-        if node.has_tag_name("nvpair") && node.parent().is_some_and(|p| p.has_tag_name("instance_attributes")) {
-            if node.attribute("name") == Some("config") {
-                if let Some(v) = node.attribute_node("value") {
-                    edits.replace(shift(v.range_value()), escape(config));
-                    has_config = true;
-                }
+        if node.has_tag_name("nvpair")
+            && node.parent().is_some_and(|p| p.has_tag_name("instance_attributes"))
+            && node.attribute("name") == Some("config")
+        {
+            if let Some(v) = node.attribute_node("value") {
+                edits.replace(shift(v.range_value()), escape(config));
+                has_config = true;
             }
         }
         if node.has_tag_name("nvpair")
@@ -524,7 +554,9 @@ mod tests {
         assert!(out.contains("file='/iso/tools.iso'"), "read-only media stay");
         assert!(out.contains("/var/lib/libvirt/qemu/vmha.web2.guest.0"));
         assert!(out.contains("/var/log/libvirt/qemu/web2-console.log"));
-        for gone in ["vnet3", "alias", "backingStore", "52:54:00:aa:00:01", "df162f03", "tpl"] {
+        assert_eq!(clone_of(&out).as_deref(), Some("tpl"));
+        assert_eq!(clone_of(RUNTIME), None);
+        for gone in ["vnet3", "alias", "backingStore", "52:54:00:aa:00:01", "df162f03", "tpl.", "tpl-", ">tpl<"] {
             assert!(!out.contains(gone), "{gone} left in {out}");
         }
     }

@@ -56,6 +56,25 @@ enum Cmd {
         #[command(subcommand)]
         command: HostCmd,
     },
+    /// Live-clone a running VM: its guest prepares (unless --force), its memory and disks are captured
+    /// while it runs, the clones start on the target host with their own name, UUID, MAC addresses and
+    /// disk overlays, become cluster resources with the template's settings and are told they are clones.
+    /// Any failure rolls everything back and resumes the template.
+    Clone {
+        template: String,
+        /// Name of the clone (with --count N: NAME-1 ... NAME-N). Default: TEMPLATE-clone.
+        #[arg(long)]
+        name: Option<String>,
+        /// Host to start the clones on. Default: the host with the most free memory.
+        #[arg(long)]
+        host: Option<String>,
+        /// How many clones to make from one capture.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Clone without asking the template's guest to prepare.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print cluster events and state changes as they happen.
     Watch {
         /// Stop after this many events.
@@ -95,7 +114,12 @@ enum VmCmd {
         stopped: bool,
     },
     /// Stop a VM and remove its resource and constraints.
-    Remove { name: String },
+    Remove {
+        name: String,
+        /// Also delete the domain XML file and disk overlays (clones made by `vmha clone` only).
+        #[arg(long)]
+        destroy: bool,
+    },
     /// Start a VM (target-role Started) and wait until it runs.
     Start { name: String },
     /// Stop a VM (target-role Stopped) and wait until it is stopped everywhere.
@@ -218,7 +242,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     )
                     .await
             }
-            VmCmd::Remove { name } => client.job(vm_path(&name), VM_INTERFACE, "Remove", ()).await,
+            VmCmd::Remove { name, destroy } => {
+                let method = if destroy { "Destroy" } else { "Remove" };
+                client.job(vm_path(&name), VM_INTERFACE, method, ()).await
+            }
             VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
             VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
             VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
@@ -252,6 +279,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .await
             }
         },
+        Cmd::Clone {
+            template,
+            name,
+            host,
+            count,
+            force,
+        } => {
+            client
+                .job(
+                    ROOT_PATH.to_string(),
+                    CLUSTER_INTERFACE,
+                    "CloneVm",
+                    (template, name.unwrap_or_default(), host.unwrap_or_default(), count, force),
+                )
+                .await
+        }
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
     }
@@ -589,7 +632,10 @@ impl Client {
                         msg.body().deserialize()?;
                     if let Some(m) = changed.get("Message") {
                         if let Value::String(text) = to_json(m) {
-                            eprintln!("  ... {text}");
+                            match changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64()) {
+                                Some(p) => eprintln!("  [{:>3.0}%] {text}", p * 100.0),
+                                None => eprintln!("  ... {text}"),
+                            }
                         }
                     }
                 }
