@@ -97,6 +97,10 @@ pub struct Journal {
     pub resources: Vec<String>,
     /// Constraints created: (tag, id).
     pub constraints: Vec<(String, String)>,
+    /// The template's domain XML file and its disks' (frozen, new overlay) paths of the live capture:
+    /// once the capture switched the template to its new overlays, its definition must name them.
+    pub config: String,
+    pub overlays: Vec<(String, String)>,
 }
 
 /// Checks a clone request against the cluster (nothing changes).
@@ -424,6 +428,8 @@ async fn steps(
         })
         .collect();
     journal.files.push(mem.clone());
+    journal.config = plan.config.clone();
+    journal.overlays = renames.iter().map(|(_, f, n)| (f.clone(), n.clone())).collect();
     write_journal(shared, key, journal).await;
     let snapshot_xml = {
         let mut x = format!(
@@ -460,12 +466,7 @@ async fn steps(
     t.stall_ms = stall;
     // The template now writes to its new overlays: its definition must say so before anything else, or a
     // restart would boot it from the frozen layer the clones share.
-    let mut new_config = plan.config_xml.clone();
-    for (_, frozen, new) in &renames {
-        new_config = new_config.replace(&format!("'{frozen}'"), &format!("'{new}'"));
-        new_config = new_config.replace(&format!("\"{frozen}\""), &format!("\"{new}\""));
-    }
-    write_atomic(&plan.config, &new_config).await?;
+    follow_overlays(&plan.config, &journal.overlays).await?;
     t.capture_ms = at.elapsed().as_millis();
 
     // 4. Create the clones from the capture on the target host.
@@ -507,9 +508,10 @@ async fn steps(
         .flat_map(|(_, id, _, _)| id.disks.iter().cloned())
         .collect();
     blocking("creating the clone overlays", move || create_overlays(&uri, &overlays)).await??;
+    journal.domains.extend(made.iter().map(|(c, _, _, _)| c.clone()));
+    write_journal(shared, key, journal).await;
     let mut restores = Vec::new();
     for (clone, _, _, mem_path) in &made {
-        journal.domains.push(clone.clone());
         let uri = uri_of(shared, &plan.target);
         let path = mem_path.clone();
         let c = clone.clone();
@@ -520,7 +522,6 @@ async fn steps(
             r
         })));
     }
-    write_journal(shared, key, journal).await;
     let mut failures = Vec::new();
     for r in restores {
         match r.await {
@@ -610,6 +611,25 @@ async fn steps(
         plan.names.join(", "),
         plan.target
     ))
+}
+
+/// Points the template's definition at its new overlays (those that exist: the capture made them).
+async fn follow_overlays(config: &str, overlays: &[(String, String)]) -> Result<(), String> {
+    if config.is_empty() || overlays.is_empty() {
+        return Ok(());
+    }
+    let mut xml = read_small(config).await?;
+    let before = xml.clone();
+    for (frozen, new) in overlays {
+        if tokio::fs::try_exists(new).await.unwrap_or(false) {
+            xml = xml.replace(&format!("'{frozen}'"), &format!("'{new}'"));
+            xml = xml.replace(&format!("\"{frozen}\""), &format!("\"{new}\""));
+        }
+    }
+    if xml != before {
+        write_atomic(config, &xml).await?;
+    }
+    Ok(())
 }
 
 fn interfaces(xml: &str) -> usize {
@@ -746,6 +766,9 @@ fn create_overlays(uri: &str, overlays: &[(String, String)]) -> Result<(), Strin
 /// template's guest when it was left prepared.
 pub async fn rollback(shared: &Arc<Shared>, journal: &Journal) -> Result<(), String> {
     let mut errors = Vec::new();
+    if let Err(e) = follow_overlays(&journal.config, &journal.overlays).await {
+        errors.push(e);
+    }
     for (tag, id) in &journal.constraints {
         let xml = format!(r#"<{tag} id="{}"/>"#, change::escape(id));
         let _ = apply(shared, CibChange::Delete { section: "constraints", xml }).await;
@@ -764,10 +787,19 @@ pub async fn rollback(shared: &Arc<Shared>, journal: &Journal) -> Result<(), Str
         let domains = journal.domains.clone();
         let r = blocking("destroying clone domains", move || -> Result<(), String> {
             let conn = Connect::open(Some(&uri)).map_err(|e| format!("libvirt on {uri}: {e}"))?;
-            for d in &domains {
-                if let Ok(dom) = conn.lookup_domain_by_name(d) {
-                    let _ = dom.destroy();
+            // A restore the dead job started may still be under way in libvirtd: destroy until none of
+            // the clones has shown up for two seconds.
+            let quiet_for = Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut quiet_since = Instant::now();
+            while Instant::now() < deadline && quiet_since.elapsed() < quiet_for {
+                for d in &domains {
+                    if let Ok(dom) = conn.lookup_domain_by_name(d) {
+                        let _ = dom.destroy();
+                        quiet_since = Instant::now();
+                    }
                 }
+                std::thread::sleep(Duration::from_millis(100));
             }
             Ok(())
         })
