@@ -231,13 +231,25 @@ fn now() -> f64 {
 pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
     let mut rx = shared.subscribe();
     let mut tasks: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    // Since when each VM with a channel task has been missing from this host in the CIB: the CIB shows a
+    // VM on no host for a moment while Pacemaker records a start, which must not cost a reconnect.
+    let mut absent: HashMap<String, std::time::Instant> = HashMap::new();
     let mut old = rx.borrow_and_update().clone();
     loop {
         let new = rx.borrow_and_update().clone();
         let local = local_vms(&new, &shared.local_host);
+        let now = std::time::Instant::now();
+        absent.retain(|vm, _| !local.contains(vm) && tasks.contains_key(vm));
+        for vm in tasks.keys() {
+            if !local.contains(vm) {
+                absent.entry(vm.clone()).or_insert(now);
+            }
+        }
         tasks.retain(|vm, task| {
-            let keep = local.contains(vm) && !task.is_finished();
+            let gone = absent.get(vm).is_some_and(|since| now.duration_since(*since) >= CHANNEL_LINGER);
+            let keep = !gone && !task.is_finished();
             if !keep {
+                absent.remove(vm);
                 task.abort();
                 shared
                     .guests
@@ -275,11 +287,18 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
             tracing::debug!(event = event.name(), sent, "cluster event sent to guests");
         }
         old = new;
-        if rx.changed().await.is_err() {
+        if absent.is_empty() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        } else if let Ok(Err(_)) = tokio::time::timeout(CHANNEL_LINGER / 4, rx.changed()).await {
             return;
         }
     }
 }
+
+/// How long a VM's channel task outlives the VM's absence from this host in the CIB.
+const CHANNEL_LINGER: Duration = Duration::from_secs(2);
 
 /// One VM's channel, forever (aborted when the VM leaves this host).
 async fn run_channel(conn: Connection, shared: Arc<Shared>, channel: Arc<Channel>, mut queue: mpsc::Receiver<String>) {
