@@ -596,8 +596,31 @@ impl Client {
             .await?;
         let job: OwnedObjectPath = reply.body().deserialize()?;
         let deadline = tokio::time::Instant::now() + self.limit;
+        let mut progress: Option<f64> = None;
+        let owner = reply.header().sender().map(|s| s.to_string());
+        let mut liveness = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let msg = match tokio::time::timeout_at(deadline, signals.next()).await {
+            let next = tokio::select! {
+                m = tokio::time::timeout_at(deadline, signals.next()) => m,
+                _ = liveness.tick() => {
+                    // A job lives in the vmhad that runs it: if that process is gone, so is the job.
+                    let now = zbus::fdo::DBusProxy::new(&self.conn)
+                        .await?
+                        .get_name_owner(BUS_NAME.try_into()?)
+                        .await
+                        .ok()
+                        .map(|o| o.to_string());
+                    if now.is_none() || (owner.is_some() && now != owner) {
+                        bail!(
+                            "vmhad stopped while running {}; the job did not finish (vmhad rolls back what a \
+                             clone left half done when it starts again)",
+                            job.as_str()
+                        );
+                    }
+                    continue;
+                }
+            };
+            let msg = match next {
                 Err(_) => bail!(
                     "the job {} did not finish within {} s",
                     job.as_str(),
@@ -630,9 +653,12 @@ impl Client {
                 {
                     let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                         msg.body().deserialize()?;
+                    if let Some(p) = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64()) {
+                        progress = Some(p);
+                    }
                     if let Some(m) = changed.get("Message") {
                         if let Value::String(text) = to_json(m) {
-                            match changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64()) {
+                            match progress {
                                 Some(p) => eprintln!("  [{:>3.0}%] {text}", p * 100.0),
                                 None => eprintln!("  ... {text}"),
                             }
