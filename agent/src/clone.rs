@@ -871,10 +871,12 @@ pub async fn recover(shared: &Arc<Shared>) {
 }
 
 /// Follows the cluster and rolls back interrupted clones: once at start (after the first CIB view), then
-/// whenever the set of hosts running vmhad shrinks.
+/// whenever the set of hosts running vmhad shrinks or the DC changes (a host that dies with its vmhad
+/// midway is usually the DC itself, and the new DC is elected after its vmhad left).
 pub async fn follow_journals(shared: Arc<Shared>) {
     let mut rx = shared.subscribe();
     let mut last_agents: Option<Vec<String>> = None;
+    let mut last_dc: Option<String> = None;
     let mut first = true;
     loop {
         let snap = rx.borrow_and_update().clone();
@@ -884,12 +886,17 @@ pub async fn follow_journals(shared: Arc<Shared>) {
                 (Some(a), Some(b)) => a.iter().any(|h| !b.contains(h)),
                 _ => false,
             };
-            if first || shrank {
+            let dc = snap.dc().map(str::to_string);
+            let dc_changed = dc.is_some() && dc != last_dc;
+            if first || shrank || dc_changed {
                 first = false;
                 recover(&shared).await;
             }
             if agents.is_some() {
                 last_agents = agents;
+            }
+            if dc.is_some() {
+                last_dc = dc;
             }
         }
         if rx.changed().await.is_err() {

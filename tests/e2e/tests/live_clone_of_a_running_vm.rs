@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, lab_with_vmhad, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_exec, vmha_json, lab_with_vmhad, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -136,9 +136,13 @@ fn clone_in_background<'a>(
         vmha(lab, n, &a)
     });
     wait_for("the clone job midway", Duration::from_secs(60), Duration::from_millis(20), || {
-        journal_shows(lab, n, needle).then_some(())
+        (journal_shows(lab, n, needle) || handle.is_finished()).then_some(())
     })
     .unwrap();
+    if handle.is_finished() {
+        let (code, out, err) = handle.join().unwrap();
+        panic!("the clone ended before it could be cut short: exit {code}: {out} {err}");
+    }
     handle
 }
 
@@ -281,6 +285,15 @@ fn live_clone_of_a_running_vm() {
     })
     .unwrap();
     lab.start_vmhad(b).unwrap();
+    wait_for("vmhad on the DC to see the host back", Duration::from_secs(60), POLL, || {
+        let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
+        hosts
+            .as_array()?
+            .iter()
+            .any(|h| h["Name"] == b_name.as_str() && h["State"] == "online")
+            .then_some(())
+    })
+    .unwrap();
 
     // 7. The DC host, running the job, dies midway: the new DC's vmhad rolls the clone back.
     let a = wait_running(&lab, TPL, Duration::from_secs(60));
