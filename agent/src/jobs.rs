@@ -35,11 +35,21 @@ pub struct PreparedVm {
 /// What a job does.
 #[derive(Debug, Clone)]
 pub enum Operation {
-    Add { prepared: PreparedVm, start: bool },
+    Add {
+        prepared: PreparedVm,
+        start: bool,
+    },
     Start(String),
     Stop(String),
-    Move { vm: String, host: String },
+    Move {
+        vm: String,
+        host: String,
+    },
     Remove(String),
+    /// Removes a clone and deletes its domain XML file and disk overlays.
+    Destroy(String),
+    /// Live clone (see [`crate::clone`]).
+    Clone(Box<crate::clone::Plan>),
 }
 
 impl Operation {
@@ -50,6 +60,8 @@ impl Operation {
             Operation::Stop(_) => "stop",
             Operation::Move { .. } => "move",
             Operation::Remove(_) => "remove",
+            Operation::Destroy(_) => "destroy",
+            Operation::Clone(_) => "clone",
         }
     }
 
@@ -58,6 +70,8 @@ impl Operation {
             Operation::Add { prepared, .. } => prepared.name.clone(),
             Operation::Start(vm) | Operation::Stop(vm) | Operation::Remove(vm) => vm.clone(),
             Operation::Move { vm, host } => format!("{vm} -> {host}"),
+            Operation::Destroy(vm) => vm.clone(),
+            Operation::Clone(plan) => format!("{} -> {}", plan.template, plan.names.join(",")),
         }
     }
 }
@@ -76,6 +90,20 @@ pub fn check(shared: &Shared, op: &Operation) -> Result<(), String> {
         Operation::Start(vm) | Operation::Stop(vm) | Operation::Remove(vm) => {
             vm_of(vm)?;
         }
+        Operation::Destroy(vm) => {
+            let v = vm_of(vm)?;
+            let config = v
+                .config
+                .as_deref()
+                .ok_or_else(|| format!("VM {vm} has no config parameter"))?;
+            let xml = std::fs::read_to_string(config).map_err(|e| format!("cannot read {config}: {e}"))?;
+            if vmha_model::clone::clone_of(&xml).is_none() {
+                return Err(format!(
+                    "VM {vm} is not a vmha clone; --destroy deletes only clones (use remove)"
+                ));
+            }
+        }
+        Operation::Clone(_) => {}
         Operation::Move { vm, host } => {
             let v = vm_of(vm)?;
             let h = view.host(host).ok_or_else(|| format!("unknown host {host}"))?;
@@ -272,6 +300,11 @@ impl Job {
         }
     }
 
+    /// The job's number (the last segment of its path).
+    pub fn id(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or("0")
+    }
+
     /// Reports a step.
     pub async fn progress(&self, fraction: f64, message: &str) {
         tracing::info!(job = %self.path, fraction, message, "job progress");
@@ -369,6 +402,16 @@ async fn wait_stopped(shared: &Shared, vm: &str) -> Result<(), String> {
         .await
 }
 
+fn vm_of_config(shared: &Shared, vm: &str) -> Result<String, String> {
+    shared
+        .snapshot()
+        .view
+        .as_ref()
+        .and_then(|v| v.vm(vm))
+        .and_then(|v| v.config.clone())
+        .ok_or_else(|| format!("VM {vm} has no config parameter"))
+}
+
 async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> Result<String, String> {
     match op {
         Operation::Add { prepared, start } => {
@@ -450,6 +493,15 @@ async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> Result<String, 
             moved?;
             cleared?;
             Ok(format!("VM {vm} migrated to {host}"))
+        }
+        Operation::Clone(plan) => crate::clone::run(shared, job, plan, job.id()).await,
+        Operation::Destroy(vm) => {
+            let config = vm_of_config(shared, vm)?;
+            let removed = Box::pin(run(shared, job, &Operation::Remove(vm.clone()))).await?;
+            job.progress(0.95, "deleting its domain XML file and disk overlays")
+                .await;
+            let files = crate::clone::destroy_files(&config).await?;
+            Ok(format!("{removed}; deleted {}", files.join(", ")))
         }
         Operation::Remove(vm) => {
             job.progress(0.1, "stopping it").await;

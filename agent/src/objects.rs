@@ -113,6 +113,35 @@ impl ClusterObject {
         Job::start(conn, &self.shared, Operation::Add { prepared, start }).await
     }
 
+    /// Live-clones the running VM `template` (see `vmha clone`): `name` (empty: `<template>-clone`; with
+    /// `count` > 1 the clones are `<name>-1` ... `<name>-N`) on `host` (empty: the host with the most free
+    /// memory). Without `force` the template's guest is asked to prepare first and a refusal aborts.
+    /// Checked before anything changes; returns the job.
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
+    async fn clone_vm(
+        &self,
+        template: String,
+        name: String,
+        host: String,
+        count: u32,
+        force: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        authorize_change(conn, &header, &format!("clone VM {template}")).await?;
+        let spec = crate::clone::CloneSpec {
+            template,
+            name: (!name.is_empty()).then_some(name),
+            host: (!host.is_empty()).then_some(host),
+            count,
+            force,
+        };
+        let plan = crate::clone::check(&self.shared, &spec)
+            .await
+            .map_err(zbus::fdo::Error::InvalidArgs)?;
+        Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await
+    }
+
     /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).
     #[zbus(signal)]
     pub async fn event(emitter: &SignalEmitter<'_>, kind: &str, subject: &str, message: &str) -> zbus::Result<()>;
@@ -376,6 +405,17 @@ impl VmObject {
                 other => fail(other),
             })?;
         Ok((outcome.as_str().to_string(), reason))
+    }
+
+    /// Removes a clone (as Remove) and deletes its domain XML file and disk overlays; refuses VMs that are
+    /// not vmha clones.
+    async fn destroy(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        self.operation(conn, &header, "destroy", Operation::Destroy(self.name.clone()))
+            .await
     }
 
     /// Stops the VM and removes its resource and the constraints naming it.

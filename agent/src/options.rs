@@ -22,4 +22,7 @@ pub struct VmhadArgs {
     /// libvirt URI of this host's hypervisor.
     #[arg(long, default_value = "qemu:///system")]
     pub hypervisor: String,
+    /// libvirt URI of another host's hypervisor (`{host}` is replaced by its name), for live clones.
+    #[arg(long, default_value = "qemu+tcp://{host}/system")]
+    pub peer_uri: String,
 }

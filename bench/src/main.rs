@@ -1,6 +1,7 @@
 //! `vmha-bench`: measures vmha against the tools it replaces, on real daemons in the lab, and prints the
 //! figures beside the baselines of `shared/docs/baselines.md`.
 
+mod clone;
 mod measure;
 mod vcluster;
 
@@ -57,6 +58,16 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Live clone (`vmha clone`) of a running 128 MiB guest: template stall and time to clone ready, per
+    /// step, for 1 clone and for --count 8, beside the goals. Brings up its own lab (torn down at the end).
+    Clone {
+        /// Rounds per case.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Also write the report (markdown) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// (internal, runs inside a lab host) Runs each agent's actions in turn and prints the samples as JSON.
     #[command(hide = true)]
     Measure {
@@ -75,6 +86,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Agents { runs, rounds, out } => agents(runs, rounds, out),
+        Cmd::Clone { rounds, out } => clone::run(rounds, out),
         Cmd::Measure { runs, actions, agents } => measure_cmd(runs, &actions, &agents),
         Cmd::Vcluster {
             vms,

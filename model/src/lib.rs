@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod cib;
+pub mod clone;
 pub mod domain;
 pub mod guest;
 pub mod policy;

@@ -56,6 +56,25 @@ enum Cmd {
         #[command(subcommand)]
         command: HostCmd,
     },
+    /// Live-clone a running VM: its guest prepares (unless --force), its memory and disks are captured
+    /// while it runs, the clones start on the target host with their own name, UUID, MAC addresses and
+    /// disk overlays, become cluster resources with the template's settings and are told they are clones.
+    /// Any failure rolls everything back and resumes the template.
+    Clone {
+        template: String,
+        /// Name of the clone (with --count N: NAME-1 ... NAME-N). Default: TEMPLATE-clone.
+        #[arg(long)]
+        name: Option<String>,
+        /// Host to start the clones on. Default: the host with the most free memory.
+        #[arg(long)]
+        host: Option<String>,
+        /// How many clones to make from one capture.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Clone without asking the template's guest to prepare.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print cluster events and state changes as they happen.
     Watch {
         /// Stop after this many events.
@@ -121,7 +140,12 @@ enum VmCmd {
         stopped: bool,
     },
     /// Stop a VM and remove its resource and constraints.
-    Remove { name: String },
+    Remove {
+        name: String,
+        /// Also delete the domain XML file and disk overlays (clones made by `vmha clone` only).
+        #[arg(long)]
+        destroy: bool,
+    },
     /// Start a VM (target-role Started) and wait until it runs.
     Start { name: String },
     /// Stop a VM (target-role Stopped) and wait until it is stopped everywhere.
@@ -268,7 +292,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     )
                     .await
             }
-            VmCmd::Remove { name } => client.job(vm_path(&name), VM_INTERFACE, "Remove", ()).await,
+            VmCmd::Remove { name, destroy } => {
+                let method = if destroy { "Destroy" } else { "Remove" };
+                client.job(vm_path(&name), VM_INTERFACE, method, ()).await
+            }
             VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
             VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
             VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
@@ -302,6 +329,28 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .await
             }
         },
+        Cmd::Clone {
+            template,
+            name,
+            host,
+            count,
+            force,
+        } => {
+            client
+                .job(
+                    ROOT_PATH.to_string(),
+                    CLUSTER_INTERFACE,
+                    "CloneVm",
+                    (
+                        template,
+                        name.unwrap_or_default(),
+                        host.unwrap_or_default(),
+                        count,
+                        force,
+                    ),
+                )
+                .await
+        }
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Check { hypervisor } => check(&client, &hypervisor).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
@@ -631,8 +680,31 @@ impl Client {
             .await?;
         let job: OwnedObjectPath = reply.body().deserialize()?;
         let deadline = tokio::time::Instant::now() + self.limit;
+        let mut progress: Option<f64> = None;
+        let owner = reply.header().sender().map(|s| s.to_string());
+        let mut liveness = tokio::time::interval(Duration::from_secs(1));
         loop {
-            let msg = match tokio::time::timeout_at(deadline, signals.next()).await {
+            let next = tokio::select! {
+                m = tokio::time::timeout_at(deadline, signals.next()) => m,
+                _ = liveness.tick() => {
+                    // A job lives in the vmhad that runs it: if that process is gone, so is the job.
+                    let now = zbus::fdo::DBusProxy::new(&self.conn)
+                        .await?
+                        .get_name_owner(BUS_NAME.try_into()?)
+                        .await
+                        .ok()
+                        .map(|o| o.to_string());
+                    if now.is_none() || (owner.is_some() && now != owner) {
+                        bail!(
+                            "vmhad stopped while running {}; the job did not finish (vmhad rolls back what a \
+                             clone left half done when it starts again)",
+                            job.as_str()
+                        );
+                    }
+                    continue;
+                }
+            };
+            let msg = match next {
                 Err(_) => bail!(
                     "the job {} did not finish within {} s",
                     job.as_str(),
@@ -665,9 +737,15 @@ impl Client {
                 {
                     let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                         msg.body().deserialize()?;
+                    if let Some(p) = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64()) {
+                        progress = Some(p);
+                    }
                     if let Some(m) = changed.get("Message") {
                         if let Value::String(text) = to_json(m) {
-                            eprintln!("  ... {text}");
+                            match progress {
+                                Some(p) => eprintln!("  [{:>3.0}%] {text}", p * 100.0),
+                                None => eprintln!("  ... {text}"),
+                            }
                         }
                     }
                 }

@@ -84,6 +84,12 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
     let guests = tokio::spawn(follow_guests(conn.clone(), Arc::clone(&shared)));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
+    vmha_agent::clone::configure(vmha_agent::clone::Uris {
+        local: args.hypervisor.clone(),
+        peer: args.peer_uri.clone(),
+    });
+    let relay = tokio::spawn(vmha_agent::relay::follow_relay(Arc::clone(&shared)));
+    let journals = tokio::spawn(vmha_agent::clone::follow_journals(Arc::clone(&shared)));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -95,6 +101,8 @@ async fn run(args: VmhadArgs) -> Result<()> {
         r = failures => match r { Ok(()) => "the libvirt watcher ended", Err(_) => "the libvirt watcher panicked" },
         r = guests => match r { Ok(()) => "the guest channels ended", Err(_) => "the guest channels panicked" },
         r = readiness => match r { Ok(()) => "the readiness reports ended", Err(_) => "the readiness reports panicked" },
+        r = relay => match r { Ok(()) => "the guest relay ended", Err(_) => "the guest relay panicked" },
+        r = journals => match r { Ok(()) => "the clone journal follower ended", Err(_) => "the clone journal follower panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

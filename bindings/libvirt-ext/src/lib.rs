@@ -103,6 +103,55 @@ pub fn save_domain(domain: &Domain, path: &str, flags: u32) -> Result<(), Error>
     Ok(())
 }
 
+/// `virDomainRestoreFlags`: start a domain from the save image at `path` (its XML is the one in the
+/// image). `flags` is a bit set of `virDomainSaveRestoreFlags` (e.g. `VIR_DOMAIN_SAVE_RUNNING`).
+pub fn restore_domain(conn: &virt::connect::Connect, path: &str, flags: u32) -> Result<(), Error> {
+    let call = "virDomainRestoreFlags";
+    let from = CString::new(path).map_err(|source| Error::Nul { call, source })?;
+    // SAFETY: `conn.as_ptr()` is a live virConnectPtr owned by `conn`, which outlives the call; `from` is
+    // a NUL-terminated string alive until the call returns; a null `dxml` means "use the image's XML",
+    // as the API documents. libvirt keeps no pointer to either.
+    let rc = unsafe { sys::virDomainRestoreFlags(conn.as_ptr(), from.as_ptr(), ptr::null(), flags) };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    Ok(())
+}
+
+/// The storage pool whose target is the directory `dir`: an existing one (`virStoragePoolLookupByTargetPath`)
+/// or a new transient `dir` pool named `name` (`virStoragePoolCreateXML`), which disappears when libvirtd
+/// restarts. Volumes in it are created with [`virt::storage_vol::StorageVol::create_xml`].
+pub fn dir_pool(
+    conn: &virt::connect::Connect,
+    dir: &str,
+    name: &str,
+) -> Result<virt::storage_pool::StoragePool, Error> {
+    let call = "virStoragePoolLookupByTargetPath";
+    let path = CString::new(dir).map_err(|source| Error::Nul { call, source })?;
+    // SAFETY: `conn.as_ptr()` is a live virConnectPtr owned by `conn`; `path` is a NUL-terminated string
+    // alive for the call. A non-null result is a new reference that StoragePool takes over and frees.
+    let found = unsafe { sys::virStoragePoolLookupByTargetPath(conn.as_ptr(), path.as_ptr()) };
+    if !found.is_null() {
+        // SAFETY: `found` is a valid, owned virStoragePoolPtr (checked non-null above).
+        return Ok(unsafe { virt::storage_pool::StoragePool::from_ptr(found) });
+    }
+    let call = "virStoragePoolCreateXML";
+    let escape = |v: &str| v.replace('&', "&amp;").replace('<', "&lt;").replace('\'', "&apos;");
+    let xml = format!(
+        "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+        escape(name),
+        escape(dir)
+    );
+    let xml = CString::new(xml).map_err(|source| Error::Nul { call, source })?;
+    // SAFETY: as above; `xml` is a NUL-terminated pool definition alive for the call; flags 0.
+    let created = unsafe { sys::virStoragePoolCreateXML(conn.as_ptr(), xml.as_ptr(), 0) };
+    if created.is_null() {
+        return Err(last_error(call));
+    }
+    // SAFETY: `created` is a valid, owned virStoragePoolPtr (checked non-null above).
+    Ok(unsafe { virt::storage_pool::StoragePool::from_ptr(created) })
+}
+
 /// `virDomainAbortJob`: abort the domain's current background job (for example a live migration
 /// started by another thread or connection). Fails when no job is running.
 pub fn abort_job(domain: &Domain) -> Result<(), Error> {

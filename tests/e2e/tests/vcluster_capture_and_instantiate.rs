@@ -66,9 +66,8 @@ fn vmha_ok(lab: &Lab, n: u8, args: &[&str]) -> String {
 fn domain_xml(lab: &Lab, vm: &str) -> String {
     let disk = lab.cfg.shared_dir().join(format!("{vm}.img"));
     GuestSpec {
-        name: vm.into(),
         memory_mib: 96,
-        vcpus: 1,
+        ..GuestSpec::new(vm)
     }
     .domain_xml(&image_dir())
     .replace(

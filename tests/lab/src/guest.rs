@@ -72,6 +72,10 @@ pub struct GuestSpec {
     pub name: String,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// A virtio disk (qcow2 file on storage every host sees), when the VM has one.
+    pub disk: Option<PathBuf>,
+    /// A virtio NIC (type ethernet: a tap device on the host, connected to nothing) with this MAC.
+    pub mac: Option<String>,
 }
 
 impl GuestSpec {
@@ -80,7 +84,16 @@ impl GuestSpec {
             name: name.to_string(),
             memory_mib: 128,
             vcpus: 1,
+            disk: None,
+            mac: None,
         }
+    }
+
+    /// The same VM with a virtio disk (`path`, a qcow2 file) and a virtio NIC.
+    pub fn with_disk_and_nic(mut self, path: &Path, mac: &str) -> Self {
+        self.disk = Some(path.to_path_buf());
+        self.mac = Some(mac.to_string());
+        self
     }
 
     /// A stable UUID derived from the name (FNV-1a), formatted as a version-4 UUID.
@@ -102,6 +115,23 @@ impl GuestSpec {
             b >> 48,
             b & 0xffff_ffff_ffff
         )
+    }
+
+    fn extra_devices(&self) -> String {
+        let mut x = String::new();
+        if let Some(d) = &self.disk {
+            x.push_str(&format!(
+                "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+                 <target dev='vda' bus='virtio'/></disk>\n",
+                d.display()
+            ));
+        }
+        if let Some(m) = &self.mac {
+            x.push_str(&format!(
+                "    <interface type='ethernet'><mac address='{m}'/><model type='virtio'/></interface>\n"
+            ));
+        }
+        x
     }
 
     /// The libvirt domain XML: TCG (`type='qemu'`), direct kernel boot from `image_dir`, serial console
@@ -136,10 +166,11 @@ impl GuestSpec {
     <channel type='unix'>
       <target type='virtio' name='org.qemu.guest_agent.0'/>
     </channel>
-    <memballoon model='none'/>
+{extra}    <memballoon model='none'/>
   </devices>
 </domain>
 "#,
+            extra = self.extra_devices(),
             name = self.name,
             uuid = self.uuid(),
             mem = self.memory_mib,

@@ -1,0 +1,385 @@
+//! Live clone (`vmha clone`), against real guests whose hooks record what they are told: a refusal creates
+//! nothing and leaves the template resumed; a clone runs on another host with its own UUID and MAC, its
+//! guest saw post-clone, the template's guest saw prepare then resume, both are cluster resources and the
+//! clone survives a host failure; `--force` clones without asking; `vmha vm remove --destroy` deletes a
+//! clone's resource, domain and overlay; killing the job's vmhad, and separately its whole host (the DC),
+//! in the middle of a clone leaves no orphan domain, file or resource and the template resumed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmha_e2e::{guest_agent, guest_exec, lab_with_vmhad, vmha_json, wait_running, POLL};
+use vmha_lab::guest::GuestSpec;
+use vmha_lab::lab::VmAgent;
+use vmha_lab::{wait_for, Lab};
+
+const TPL: &str = "ctpl";
+
+/// What the guest's hooks recorded: (hook, message JSON), oldest first.
+fn seen(lab: &Lab, n: u8, vm: &str) -> Vec<(String, serde_json::Value)> {
+    let text = guest_exec(
+        lab,
+        n,
+        vm,
+        "/bin/sh",
+        &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
+        Duration::from_secs(20),
+    )
+    .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            parts.next()?;
+            let hook = parts.next()?.to_string();
+            Some((hook, serde_json::from_str(parts.next()?).ok()?))
+        })
+        .collect()
+}
+
+/// The clone-related hooks a guest saw, in order.
+fn clone_hooks(lab: &Lab, n: u8, vm: &str) -> Vec<String> {
+    seen(lab, n, vm)
+        .into_iter()
+        .map(|(h, _)| h)
+        .filter(|h| matches!(h.as_str(), "prepare-clone" | "resume" | "post-clone"))
+        .collect()
+}
+
+fn vmha(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["vmha", "--timeout", "180"];
+    all.extend_from_slice(args);
+    match lab.exec(n, &all) {
+        Ok(out) => (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+        Err(e) => (-1, String::new(), e.to_string()),
+    }
+}
+
+fn shared_files(lab: &Lab, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(lab.cfg.shared_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.starts_with(prefix) || f.starts_with(&format!(".{prefix}")) || f.ends_with(".mem"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn in_cib(lab: &Lab, n: u8, what: &str) -> bool {
+    lab.exec_ok(n, &["cibadmin", "--query"])
+        .map(|x| x.contains(what))
+        .unwrap_or(true)
+}
+
+/// Nothing of clone `name` is left: no QEMU anywhere, no resource or constraint, no file, no journal.
+fn assert_no_trace(lab: &Lab, n: u8, name: &str) {
+    wait_for(&format!("no trace of {name}"), Duration::from_secs(60), POLL, || {
+        let clean = lab.qemu_processes(name).is_empty()
+            && !in_cib(lab, n, &format!("\"{name}\""))
+            && !in_cib(lab, n, "vmha-clone-journal-")
+            && shared_files(lab, name).is_empty();
+        clean.then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: qemu {:?}, files {:?}, resource {}, journal {}",
+            lab.qemu_processes(name),
+            shared_files(lab, name),
+            in_cib(lab, n, &format!("\"{name}\"")),
+            in_cib(lab, n, "vmha-clone-journal-")
+        )
+    });
+}
+
+/// The template runs, on one host, and its guest's last clone hook is `resume`.
+fn assert_template_resumed(lab: &Lab) -> u8 {
+    let at = wait_running(lab, TPL, Duration::from_secs(60));
+    let hooks = clone_hooks(lab, at, TPL);
+    assert_eq!(
+        hooks.last().map(String::as_str),
+        Some("resume"),
+        "template hooks: {hooks:?}"
+    );
+    at
+}
+
+fn domain_field(lab: &Lab, n: u8, vm: &str, args: &[&str]) -> String {
+    let mut all = vec!["virsh", "-c", "qemu:///system"];
+    all.extend_from_slice(args);
+    all.push(vm);
+    lab.exec_ok(n, &all).unwrap()
+}
+
+fn macs(lab: &Lab, n: u8, vm: &str) -> Vec<String> {
+    domain_field(lab, n, vm, &["domiflist"])
+        .split_whitespace()
+        .filter(|w| w.len() == 17 && w.matches(':').count() == 5)
+        .map(str::to_string)
+        .collect()
+}
+
+fn journal_shows(lab: &Lab, n: u8, needle: &str) -> bool {
+    lab.exec_ok(n, &["cibadmin", "--query", "--scope", "nodes"])
+        .is_ok_and(|x| x.contains("vmha-clone-journal-") && x.contains(needle))
+}
+
+/// Starts `vmha clone` on host `n` in a thread and waits until its journal shows `needle` (the job is
+/// midway); returns the thread.
+fn clone_in_background<'a>(
+    scope: &'a std::thread::Scope<'a, '_>,
+    lab: &'a Lab,
+    n: u8,
+    args: Vec<String>,
+    needle: &str,
+) -> std::thread::ScopedJoinHandle<'a, (i32, String, String)> {
+    let handle = scope.spawn(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        vmha(lab, n, &a)
+    });
+    wait_for(
+        "the clone job midway",
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        || (journal_shows(lab, n, needle) || handle.is_finished()).then_some(()),
+    )
+    .unwrap();
+    if handle.is_finished() {
+        let (code, out, err) = handle.join().unwrap();
+        panic!("the clone ended before it could be cut short: exit {code}: {out} {err}");
+    }
+    handle
+}
+
+#[test]
+#[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
+fn live_clone_of_a_running_vm() {
+    let lab = lab_with_vmhad();
+    let shared = lab.cfg.shared_dir();
+    let base = shared.join("base.qcow2");
+    let disk = shared.join(format!("{TPL}.vda.qcow2"));
+    for args in [
+        vec!["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"],
+        vec![
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            disk.to_str().unwrap(),
+        ],
+    ] {
+        let st = std::process::Command::new("qemu-img").args(&args).status().unwrap();
+        assert!(st.success(), "qemu-img {args:?}");
+    }
+    // The template runs off the DC (whose death is tested below): the DC stands by while it starts. (The
+    // lab's shared directory is local storage to libvirt, which refuses to live-migrate disks on it.)
+    let dc_name = lab.status_from_any().unwrap().dc.unwrap();
+    let d = lab.cfg.host_number(&dc_name).unwrap();
+    lab.exec_ok(d, &["pcs", "node", "standby", &dc_name]).unwrap();
+    let spec = GuestSpec::new(TPL).with_disk_and_nic(Path::new(&disk), "52:54:00:c0:00:01");
+    lab.add_vm(&spec, VmAgent::Vmha).unwrap();
+    let a = wait_running(&lab, TPL, Duration::from_secs(120));
+    lab.exec_ok(d, &["pcs", "node", "unstandby", &dc_name]).unwrap();
+    assert_ne!(a, d);
+    let b = lab.cfg.host_numbers().find(|&n| n != a && n != d).unwrap();
+    let b_name = lab.cfg.host_name(b);
+    println!(
+        "template {TPL} on {}, DC {dc_name}, clones to {b_name}",
+        lab.cfg.host_name(a)
+    );
+    // The template's guest channel is up when a request comes back done.
+    wait_for("the template's guest channel", Duration::from_secs(90), POLL, || {
+        let (code, _, _) = vmha(&lab, a, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
+        (code == 0).then_some(())
+    })
+    .unwrap();
+    wait_for("the template's guest agent", Duration::from_secs(90), POLL, || {
+        guest_agent(&lab, a, TPL, &serde_json::json!({"execute": "guest-ping"})).ok()
+    })
+    .unwrap();
+
+    // 1. The guest refuses: nothing is created, the template is resumed.
+    guest_exec(
+        &lab,
+        a,
+        TPL,
+        "/bin/touch",
+        &["/run/vmha-guest/refuse-clone"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let (code, _, err) = vmha(&lab, d, &["clone", TPL, "--name", "cl-no", "--host", &b_name]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("application busy: not now"),
+        "the guest's reason reaches the caller: {err}"
+    );
+    assert_no_trace(&lab, d, "cl-no");
+    assert_eq!(clone_hooks(&lab, a, TPL), ["prepare-clone", "resume"]);
+    println!("refused: {}", err.trim());
+
+    // 2. A clone on another host.
+    guest_exec(
+        &lab,
+        a,
+        TPL,
+        "/bin/rm",
+        &["-f", "/run/vmha-guest/refuse-clone"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let (code, out, err) = vmha(&lab, d, &["clone", TPL, "--name", "cl1", "--host", &b_name]);
+    assert_eq!(code, 0, "clone failed: {err}");
+    println!("cloned in {:.2} s: {}", t0.elapsed().as_secs_f64(), out.trim());
+    assert!(err.contains('%'), "the CLI shows the job's progress: {err}");
+    assert_eq!(wait_running(&lab, "cl1", Duration::from_secs(60)), b);
+    assert_eq!(
+        clone_hooks(&lab, a, TPL),
+        ["prepare-clone", "resume", "prepare-clone", "resume"]
+    );
+    let clone_seen = seen(&lab, b, "cl1");
+    let post = clone_seen
+        .iter()
+        .find(|(h, _)| h == "post-clone")
+        .unwrap_or_else(|| panic!("the clone's guest saw no post-clone: {clone_seen:?}"));
+    assert_eq!(post.1["data"]["name"], "cl1");
+    assert_eq!(post.1["data"]["template"], TPL);
+    // The clone carries the template's memory: its guest's log holds what the template had seen up to the
+    // capture (the refused round, then this prepare), then its own post-clone.
+    assert_eq!(
+        clone_hooks(&lab, b, "cl1"),
+        ["prepare-clone", "resume", "prepare-clone", "post-clone"]
+    );
+    let (tpl_uuid, cl_uuid) = (
+        domain_field(&lab, a, TPL, &["domuuid"]),
+        domain_field(&lab, b, "cl1", &["domuuid"]),
+    );
+    assert_ne!(tpl_uuid.trim(), cl_uuid.trim());
+    let (tpl_macs, cl_macs) = (macs(&lab, a, TPL), macs(&lab, b, "cl1"));
+    assert_eq!(tpl_macs.len(), 1);
+    assert_eq!(cl_macs.len(), 1);
+    assert_ne!(tpl_macs, cl_macs);
+    let blk = domain_field(&lab, b, "cl1", &["domblklist"]);
+    assert!(
+        blk.contains("cl1.vda.qcow2"),
+        "the clone writes to its own overlay: {blk}"
+    );
+    let tpl_blk = domain_field(&lab, a, TPL, &["domblklist"]);
+    assert!(
+        !tpl_blk.contains(&format!("{TPL}.vda.qcow2")),
+        "the template moved to a new overlay: {tpl_blk}"
+    );
+    let conf = std::fs::read_to_string(shared.join(format!("{TPL}.xml"))).unwrap();
+    assert!(
+        !conf.contains(&format!("{TPL}.vda.qcow2")),
+        "the template's definition follows its overlay"
+    );
+    let status = lab.status_from_any().unwrap();
+    assert!(status.resource("cl1").is_some(), "the clone is a cluster resource");
+
+    // 3. --force clones without asking the guest (which would refuse).
+    guest_exec(
+        &lab,
+        a,
+        TPL,
+        "/bin/touch",
+        &["/run/vmha-guest/refuse-clone"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let (code, _, err) = vmha(
+        &lab,
+        d,
+        &["clone", TPL, "--name", "cl-forced", "--host", &b_name, "--force"],
+    );
+    assert_eq!(code, 0, "forced clone failed: {err}");
+    assert_eq!(
+        clone_hooks(&lab, a, TPL).len(),
+        4,
+        "--force does not ask the template's guest"
+    );
+    guest_exec(
+        &lab,
+        a,
+        TPL,
+        "/bin/rm",
+        &["-f", "/run/vmha-guest/refuse-clone"],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+
+    // 4. remove --destroy deletes the clone's resource, domain and overlay; a non-clone is refused.
+    let (code, _, err) = vmha(&lab, d, &["vm", "remove", "--destroy", TPL]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not a vmha clone"), "{err}");
+    let (code, _, err) = vmha(&lab, d, &["vm", "remove", "--destroy", "cl-forced"]);
+    assert_eq!(code, 0, "{err}");
+    assert_no_trace(&lab, d, "cl-forced");
+
+    // 5. vmhad of the job killed midway: the restarted vmhad rolls the clone back.
+    let args: Vec<String> = ["clone", TPL, "--name", "cl-v", "--host", &b_name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    std::thread::scope(|scope| {
+        let h = clone_in_background(scope, &lab, d, args, "mem&quot;");
+        lab.stop_vmhad(d).unwrap();
+        let (code, _, _) = h.join().unwrap();
+        assert_ne!(code, 0, "the CLI reports the lost job");
+    });
+    lab.start_vmhad(d).unwrap();
+    assert_no_trace(&lab, d, "cl-v");
+    assert_template_resumed(&lab);
+    println!("vmhad killed midway: rolled back");
+
+    // 6. The clone is a cluster resource like any other: its host fails, it restarts elsewhere.
+    lab.power_off(b).unwrap();
+    let moved = wait_running(&lab, "cl1", Duration::from_secs(120));
+    assert_ne!(moved, b);
+    lab.power_on(b).unwrap();
+    wait_for("the failed host back", Duration::from_secs(120), POLL, || {
+        let s = lab.status(d).ok()?;
+        s.online_nodes().contains(&b_name.as_str()).then_some(())
+    })
+    .unwrap();
+    lab.start_vmhad(b).unwrap();
+    wait_for(
+        "vmhad on the DC to see the host back",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
+            hosts
+                .as_array()?
+                .iter()
+                .any(|h| h["Name"] == b_name.as_str() && h["State"] == "online")
+                .then_some(())
+        },
+    )
+    .unwrap();
+
+    // 7. The DC host, running the job, dies midway: the new DC's vmhad rolls the clone back.
+    let a = wait_running(&lab, TPL, Duration::from_secs(60));
+    let target = lab.cfg.host_numbers().find(|&n| n != a && n != d).unwrap();
+    let args: Vec<String> = ["clone", TPL, "--name", "cl-dc", "--host", &lab.cfg.host_name(target)]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    std::thread::scope(|scope| {
+        let h = clone_in_background(scope, &lab, d, args, "mem&quot;");
+        lab.power_off(d).unwrap();
+        let _ = h.join();
+    });
+    let observer = lab.other_host(d).unwrap();
+    assert_no_trace(&lab, observer, "cl-dc");
+    assert_template_resumed(&lab);
+    wait_running(&lab, "cl1", Duration::from_secs(120));
+    println!("DC host killed midway: rolled back by the new DC");
+}
