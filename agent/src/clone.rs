@@ -627,6 +627,21 @@ async fn steps(
     }
     t.post_clone_ms = at.elapsed().as_millis();
     t.total_ms = started.elapsed().as_millis();
+
+    // 8. Keep the template's disk chain short: pull the frozen layer into its active overlay, so that every
+    // clone adds a layer only under the clones, never under the template.
+    job.progress(0.9, &format!("compacting {tpl}'s disk chain")).await;
+    let uri = uri_of(shared, &plan.source);
+    let name = tpl.clone();
+    let devs: Vec<String> = renames.iter().map(|(dev, _, _)| dev.clone()).collect();
+    match blocking("compacting the template's disk chain", move || {
+        compact(&uri, &name, &devs)
+    })
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => tracing::warn!(%tpl, "compacting the template's disk chain: {e}"),
+    }
     let timings = serde_json::to_string(&t).unwrap_or_default();
     Ok(format!(
         "cloned {tpl} to {} on {}; timings {timings}",
@@ -650,6 +665,35 @@ async fn follow_overlays(config: &str, overlays: &[(String, String)]) -> Result<
     }
     if xml != before {
         write_atomic(config, &xml).await?;
+    }
+    Ok(())
+}
+
+/// Pulls each disk's frozen layer (the active layer's backing file) into the active layer, onto the frozen
+/// layer's own backing file, and waits for the block jobs to end.
+fn compact(uri: &str, vm: &str, devs: &[String]) -> Result<(), String> {
+    let conn = Connect::open(Some(uri)).map_err(|e| format!("libvirt on {uri}: {e}"))?;
+    let dom = conn
+        .lookup_domain_by_name(vm)
+        .map_err(|e| format!("domain {vm}: {e}"))?;
+    let xml = dom.xml_desc(0).map_err(|e| format!("domain {vm}: {e}"))?;
+    let chains = model::disk_chains(&xml).map_err(|e| e.to_string())?;
+    let mut pulled = Vec::new();
+    for (dev, chain) in chains.iter().filter(|(d, _)| devs.contains(d)) {
+        if chain.len() < 3 {
+            continue;
+        }
+        libvirt_ext::block_pull(&dom, dev, Some(&chain[2])).map_err(|e| format!("{dev}: {e}"))?;
+        pulled.push(dev.clone());
+    }
+    let deadline = Instant::now() + Duration::from_secs(50);
+    for dev in &pulled {
+        while libvirt_ext::block_job_active(&dom, dev).map_err(|e| format!("{dev}: {e}"))? {
+            if Instant::now() > deadline {
+                return Err(format!("the block pull of {dev} did not end within 50 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     Ok(())
 }

@@ -496,6 +496,30 @@ pub fn clone_resource(cib: &str, template: &str, clone: &str, config: &str) -> R
     })
 }
 
+/// The backing chain of each file disk in a running domain's XML: (target dev, [active, backing, ...]).
+pub fn disk_chains(xml: &str) -> Result<Vec<(String, Vec<String>)>, CloneError> {
+    let doc = roxmltree::Document::parse(xml)?;
+    let mut out = Vec::new();
+    for disk in doc.descendants().filter(|n| n.has_tag_name("disk")) {
+        let Some(dev) = child(disk, "target").and_then(|t| t.attribute("dev")) else {
+            continue;
+        };
+        let mut chain = Vec::new();
+        let mut node = Some(disk);
+        while let Some(n) = node {
+            match child(n, "source").and_then(|s| s.attribute("file")) {
+                Some(f) => chain.push(f.to_string()),
+                None => break,
+            }
+            node = child(n, "backingStore");
+        }
+        if !chain.is_empty() {
+            out.push((dev.to_string(), chain));
+        }
+    }
+    Ok(out)
+}
+
 /// The path of a new file beside `path` (same directory), named `<stem>.<suffix>.qcow2`.
 pub fn sibling_path(path: &str, name: &str) -> String {
     match path.rsplit_once('/') {
@@ -722,6 +746,19 @@ mod tests {
         assert_eq!(r.tags, ["web"]);
         assert!(clone_resource(CIB, "nope", "x", "/x").is_err());
         assert!(clone_resource(CIB, "other", "x", "/x").is_err(), "no config parameter");
+    }
+
+    #[test]
+    fn disk_chains_follow_backing_stores() {
+        let chains = disk_chains(RUNTIME).unwrap();
+        assert_eq!(
+            chains[0],
+            (
+                "vda".to_string(),
+                vec!["/shared/tpl.qcow2".to_string(), "/shared/base.qcow2".to_string()]
+            )
+        );
+        assert_eq!(chains[1].1, ["/iso/tools.iso"]);
     }
 
     #[test]

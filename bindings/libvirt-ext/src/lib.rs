@@ -152,6 +152,52 @@ pub fn dir_pool(
     Ok(unsafe { virt::storage_pool::StoragePool::from_ptr(created) })
 }
 
+/// `virDomainBlockRebase` without flags: starts a block pull into `disk`'s active layer of everything
+/// above `base` in its backing chain (`None`: the whole chain); when the job ends, `base` is the active
+/// layer's backing file. Poll [`block_job_active`] for the end.
+pub fn block_pull(domain: &Domain, disk: &str, base: Option<&str>) -> Result<(), Error> {
+    let call = "virDomainBlockRebase";
+    let disk = CString::new(disk).map_err(|source| Error::Nul { call, source })?;
+    let base = base
+        .map(|b| CString::new(b).map_err(|source| Error::Nul { call, source }))
+        .transpose()?;
+    // SAFETY: `domain.as_ptr()` is a live virDomainPtr owned by `domain`; `disk` and `base` (or null, which
+    // the API documents as "the whole chain") are NUL-terminated strings alive for the call; bandwidth 0
+    // means unlimited; flags 0. libvirt keeps no pointer.
+    let rc = unsafe {
+        sys::virDomainBlockRebase(
+            domain.as_ptr(),
+            disk.as_ptr(),
+            base.as_ref().map_or(ptr::null(), |b| b.as_ptr()),
+            0,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    Ok(())
+}
+
+/// `virDomainGetBlockJobInfo`: whether a block job runs on `disk`.
+pub fn block_job_active(domain: &Domain, disk: &str) -> Result<bool, Error> {
+    let call = "virDomainGetBlockJobInfo";
+    let disk = CString::new(disk).map_err(|source| Error::Nul { call, source })?;
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: `domain.as_ptr()` is a live virDomainPtr owned by `domain`; `disk` is NUL-terminated and alive
+    // for the call; `info` is a valid, writable struct on this frame; flags 0.
+    let rc = unsafe { sys::virDomainGetBlockJobInfo(domain.as_ptr(), disk.as_ptr(), &mut info, 0) };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    Ok(rc == 1)
+}
+
 /// `virDomainAbortJob`: abort the domain's current background job (for example a live migration
 /// started by another thread or connection). Fails when no job is running.
 pub fn abort_job(domain: &Domain) -> Result<(), Error> {

@@ -305,6 +305,12 @@ fn live_clone_of_a_running_vm() {
         4,
         "--force does not ask the template's guest"
     );
+    // Two captures later the template's disk chain is still its overlay on the base image: every clone
+    // adds a layer under the clones only.
+    let xml = domain_field(&lab, a, TPL, &["dumpxml"]);
+    let layers = xml.matches("<backingStore type='file'").count();
+    assert_eq!(layers, 1, "the template's chain stays short: {xml}");
+    assert!(xml.contains("base.qcow2"));
     guest_exec(
         &lab,
         a,
