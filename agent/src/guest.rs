@@ -414,7 +414,9 @@ async fn run_channel(
                 channel.connected.store(true, Ordering::Relaxed);
                 // The greeting (the membership, and `migrated` after an arrival) goes out when vmha-guest
                 // says hello: what is written before it opened its side of the port is lost. Without a hello
-                // (an older vmha-guest, or its side was open already) it goes out after GREET_WAIT.
+                // (an older vmha-guest, or its side was open already) it goes out after GREET_WAIT. Nothing
+                // else is written before then either: a request sent to a guest whose side is still closed
+                // (a VM just restored or started) would be lost.
                 let greet_by = Instant::now() + GREET_WAIT;
                 let mut greeted = false;
                 loop {
@@ -428,7 +430,7 @@ async fn run_channel(
                             greet(&shared, &channel, &mut arrival);
                             greeted = true;
                         }
-                        line = queue.recv() => {
+                        line = queue.recv(), if greeted => {
                             let Some(mut line) = line else { return };
                             line.push('\n');
                             match tokio::time::timeout(WRITE_LIMIT, write.write_all(line.as_bytes())).await {
