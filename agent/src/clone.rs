@@ -81,8 +81,10 @@ pub struct Plan {
     pub config_xml: String,
 }
 
-/// What a clone job made, so far: enough to undo it (also after a crash, from the journal).
+/// What a clone job made, so far: enough to undo it (also after a crash, from the journal). Fields missing
+/// from a stored journal (an older vmhad's) read as empty.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Journal {
     pub template: String,
     pub source: String,
