@@ -6,7 +6,6 @@
 //! journal (a node attribute of the host running the job), so that a restarted vmhad, or the DC's vmhad
 //! when this one's host is gone, rolls back a clone that was cut short.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -142,7 +141,7 @@ pub async fn check(shared: &Shared, spec: &CloneSpec) -> Result<Plan, String> {
     }
     let target = match &spec.host {
         Some(h) => h.clone(),
-        None => best_host(view, &snap, &tpl.utilization).unwrap_or_else(|| source.clone()),
+        None => best_host(view, &snap).unwrap_or_else(|| source.clone()),
     };
     let host = view.host(&target).ok_or_else(|| format!("unknown host {target}"))?;
     if !snap.host_online(&target) || host.standby || host.maintenance {
@@ -210,11 +209,7 @@ fn free_memory(view: &vmha_model::ClusterView, host: &str) -> Option<u64> {
 }
 
 /// The online host with the most free memory, for clones without `--host`.
-fn best_host(
-    view: &vmha_model::ClusterView,
-    snap: &crate::state::Snapshot,
-    _need: &BTreeMap<String, String>,
-) -> Option<String> {
+fn best_host(view: &vmha_model::ClusterView, snap: &crate::state::Snapshot) -> Option<String> {
     view.hosts
         .iter()
         .filter(|h| snap.host_online(&h.name) && !h.standby && !h.maintenance)
@@ -344,14 +339,15 @@ async fn write_journal(shared: &Shared, key: &str, journal: &Journal) {
 async fn clear_journal(shared: &Shared, key: &str) {
     let Ok(cib) = shared.backend.query().await else { return };
     for id in journal_nvpair_ids(&cib, Some(&shared.local_host), key) {
-        let _ = shared
-            .backend
-            .apply(CibChange::Delete {
-                section: "nodes",
-                xml: format!(r#"<nvpair id="{}"/>"#, change::escape(&id)),
-            })
-            .await;
+        drop_journal(shared, &id).await;
     }
+}
+
+/// Deletes the journal node attribute whose nvpair id is `id` (best effort: a journal left behind is
+/// rolled back again, which is harmless).
+async fn drop_journal(shared: &Shared, id: &str) {
+    let xml = format!(r#"<nvpair id="{}"/>"#, change::escape(id));
+    let _ = apply(shared, CibChange::Delete { section: "nodes", xml }).await;
 }
 
 /// Ids of the node-attribute nvpairs named `key` (of `host`, or any host).
@@ -926,14 +922,7 @@ pub async fn recover(shared: &Arc<Shared>) {
         }
         let Ok(journal) = serde_json::from_str::<Journal>(&value) else {
             tracing::warn!(%host, %key, "dropping an unreadable clone journal");
-            let _ = apply(
-                shared,
-                CibChange::Delete {
-                    section: "nodes",
-                    xml: format!(r#"<nvpair id="{}"/>"#, change::escape(&id)),
-                },
-            )
-            .await;
+            drop_journal(shared, &id).await;
             continue;
         };
         tracing::warn!(%host, %key, template = %journal.template, "rolling back an interrupted clone");
@@ -941,14 +930,7 @@ pub async fn recover(shared: &Arc<Shared>) {
             Ok(()) => tracing::info!(%key, "interrupted clone rolled back"),
             Err(e) => tracing::warn!(%key, "rolling back an interrupted clone: {e}"),
         }
-        let _ = apply(
-            shared,
-            CibChange::Delete {
-                section: "nodes",
-                xml: format!(r#"<nvpair id="{}"/>"#, change::escape(&id)),
-            },
-        )
-        .await;
+        drop_journal(shared, &id).await;
     }
 }
 

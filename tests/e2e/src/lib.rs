@@ -101,6 +101,29 @@ pub fn guest_exec(lab: &Lab, n: u8, vm: &str, path: &str, args: &[&str], limit: 
     )?)
 }
 
+/// What the lab guest's test hooks recorded in `/run/vmha-guest/seen.log` (see `tests/lab/guest/build-guest`),
+/// oldest first: (guest uptime, hook directory, message JSON). Lines that do not parse are skipped.
+pub fn hook_log(lab: &Lab, n: u8, vm: &str) -> Result<Vec<(f64, String, serde_json::Value)>> {
+    let text = guest_exec(
+        lab,
+        n,
+        vm,
+        "/bin/sh",
+        &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
+        Duration::from_secs(20),
+    )?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ' ');
+            let up = parts.next()?.parse().ok()?;
+            let hook = parts.next()?.to_string();
+            let msg = serde_json::from_str(parts.next()?).ok()?;
+            Some((up, hook, msg))
+        })
+        .collect())
+}
+
 /// Seconds since the guest's kernel booted, read inside the guest through qemu-guest-agent.
 pub fn guest_uptime(lab: &Lab, n: u8, vm: &str) -> Result<f64> {
     let text = guest_exec(lab, n, vm, "/bin/cat", &["/proc/uptime"], Duration::from_secs(10))?;

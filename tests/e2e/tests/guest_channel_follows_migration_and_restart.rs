@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_exec, guest_uptime, vmha_as_nobody, wait_running, Timeline, POLL};
+use vmha_e2e::{guest_exec, guest_uptime, hook_log, vmha_as_nobody, wait_running, Timeline, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -18,26 +18,7 @@ const VM: &str = "gmig1";
 /// What the guest's test hooks recorded: (guest uptime, hook directory, message); `None` when
 /// qemu-guest-agent could not run the reading.
 fn seen(lab: &Lab, n: u8) -> Option<Vec<(f64, String, serde_json::Value)>> {
-    let text = guest_exec(
-        lab,
-        n,
-        VM,
-        "/bin/sh",
-        &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
-        Duration::from_secs(20),
-    )
-    .ok()?;
-    Some(
-        text.lines()
-            .filter_map(|l| {
-                let mut parts = l.splitn(3, ' ');
-                let up = parts.next()?.parse().ok()?;
-                let hook = parts.next()?.to_string();
-                let msg = serde_json::from_str(parts.next()?).ok()?;
-                Some((up, hook, msg))
-            })
-            .collect(),
-    )
+    hook_log(lab, n, VM).ok()
 }
 
 /// The messages hook `hook` recorded (retrying the reading until qemu-guest-agent answers).

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, guest_uptime, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_uptime, hook_log, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{power, wait_for, Lab};
@@ -15,24 +15,7 @@ const VMS: [&str; 2] = ["gvm1", "gvm2"];
 
 /// What the guest's test hooks recorded: (guest uptime, hook directory, message).
 fn seen(lab: &Lab, n: u8, vm: &str) -> Vec<(f64, String, serde_json::Value)> {
-    let text = guest_exec(
-        lab,
-        n,
-        vm,
-        "/bin/sh",
-        &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
-        Duration::from_secs(20),
-    )
-    .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            let up = parts.next()?.parse().ok()?;
-            let hook = parts.next()?.to_string();
-            let msg = serde_json::from_str(parts.next()?).ok()?;
-            Some((up, hook, msg))
-        })
-        .collect()
+    hook_log(lab, n, vm).unwrap_or_default()
 }
 
 /// The guest's clock against ours: host time (seconds since the epoch) minus guest uptime, and the

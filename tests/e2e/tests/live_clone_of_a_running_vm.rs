@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, lab_with_vmhad, vmha_json, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_json, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -17,22 +17,10 @@ const TPL: &str = "ctpl";
 
 /// What the guest's hooks recorded: (hook, message JSON), oldest first.
 fn seen(lab: &Lab, n: u8, vm: &str) -> Vec<(String, serde_json::Value)> {
-    let text = guest_exec(
-        lab,
-        n,
-        vm,
-        "/bin/sh",
-        &["-c", "cat /run/vmha-guest/seen.log 2>/dev/null; true"],
-        Duration::from_secs(20),
-    )
-    .unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ' ');
-            parts.next()?;
-            let hook = parts.next()?.to_string();
-            Some((hook, serde_json::from_str(parts.next()?).ok()?))
-        })
+    hook_log(lab, n, vm)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, hook, msg)| (hook, msg))
         .collect()
 }
 
