@@ -406,12 +406,30 @@ fn shut_down_gracefully(
             return Ok(false);
         }
     }
-    let gone = wait_until_gone(hv, name, by)?;
-    if !gone {
-        tracing::warn!(vm = name, "guest did not power off in time; destroying");
+    // A guest that was still booting (or in its boot loader) drops an ACPI power-button press; the
+    // request is repeated while the budget lasts, so such a guest still gets to shut down cleanly.
+    loop {
+        let slice = Deadline::after(SHUTDOWN_REPEAT).min(by);
+        if wait_until_gone(hv, name, slice)? {
+            return Ok(true);
+        }
+        if by.has_passed() {
+            tracing::warn!(vm = name, "guest did not power off in time; destroying");
+            return Ok(false);
+        }
+        match vm.request_shutdown(ctx.params.shutdown_mode.flags()) {
+            Ok(_) => tracing::info!(
+                vm = name,
+                budget_s = by.remaining().as_secs(),
+                "guest still running; shutdown requested again"
+            ),
+            Err(e) => tracing::debug!(vm = name, error = %e, "repeated shutdown request failed"),
+        }
     }
-    Ok(gone)
 }
+
+/// How often a graceful stop repeats its shutdown request while the guest keeps running.
+const SHUTDOWN_REPEAT: Duration = Duration::from_secs(8);
 
 /// Waits until the domain is shut off or gone; `Ok(false)` if still active at `by`.
 fn wait_until_gone(hv: &Hypervisor, name: &str, by: Deadline) -> Result<bool, AgentError> {

@@ -61,7 +61,11 @@ fn corosync_bindings_follow_membership_order_and_quorum() {
         );
         assert_eq!(start["nodeid"], u64::from(n), "CPG's local node id on node{n}");
         assert_eq!(start["cfg_nodeid"], u64::from(n), "cfg's local node id on node{n}");
-        assert_eq!(start["runtime_token_ms"], 1000, "runtime.config.totem.token on node{n}");
+        assert_eq!(
+            start["runtime_token_ms"],
+            vmha_e2e::token_ms(),
+            "runtime.config.totem.token on node{n}"
+        );
         assert_eq!(start["quorate"], true, "quorum_getquorate on node{n}");
         let vq = &start["votequorum"];
         assert_eq!(

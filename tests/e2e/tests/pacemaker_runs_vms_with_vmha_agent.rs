@@ -33,7 +33,7 @@ fn pacemaker_starts_monitors_stops_and_recovers_vms_through_the_vmha_agent() {
 
     // Stop: the domain is gone from every host; start again.
     lab.exec_ok(1, &["pcs", "resource", "disable", "vm1"]).unwrap();
-    wait_for("vm1 stopped everywhere", Duration::from_secs(120), POLL, || {
+    wait_for("vm1 stopped everywhere", Duration::from_secs(180), POLL, || {
         let s = lab.status(1).ok()?;
         let r = s.resource("vm1")?;
         (!r.active && lab.qemu_processes("vm1").is_empty()).then_some(())

@@ -27,13 +27,13 @@ const ARCHIVES: &str = "/var/tmp/vmha-lab/h7-archives";
 const DISK_MIB: u64 = 48;
 
 fn config_a() -> LabConfig {
-    LabConfig::new("h7a", 3, "10.213.7")
+    vmha_e2e::with_test_timing(LabConfig::new("h7a", 3, "10.213.7"))
 }
 
 fn config_b() -> LabConfig {
     let mut cfg = LabConfig::new("h7b", 2, "10.213.17");
     cfg.host_prefix = "kvm-b".into();
-    cfg
+    vmha_e2e::with_test_timing(cfg)
 }
 
 fn up(cfg: LabConfig) -> Lab {

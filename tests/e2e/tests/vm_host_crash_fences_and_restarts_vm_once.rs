@@ -11,5 +11,8 @@ fn vm_host_crash_is_fenced_and_the_vm_restarts_elsewhere_exactly_once() {
     let lab = vmha_e2e::lab();
     lab.add_vm(&GuestSpec::new("vm1"), VmAgent::Vmha).unwrap();
     let t = fail_vm_host_and_check_recovery(&lab, "vm1", HostFailure::Crash);
-    t.print("vm1's host crashed (fencing on, token 1000 ms):");
+    t.print(&format!(
+        "vm1's host crashed (fencing on, token {} ms):",
+        vmha_e2e::token_ms()
+    ));
 }

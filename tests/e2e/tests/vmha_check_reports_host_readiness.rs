@@ -172,7 +172,7 @@ fn vmha_check_reports_host_readiness() {
     assert!(item(&report, "corosync-token")["summary"]
         .as_str()
         .unwrap()
-        .starts_with("token timeout 1000 ms"));
+        .starts_with(&format!("token timeout {} ms", vmha_e2e::token_ms())));
     let mut times = Vec::new();
     for n in lab.cfg.host_numbers() {
         let (rc, r, took) = check(&lab, n);

@@ -49,6 +49,9 @@ impl Drop for Lab {
                 }
                 Err(e) => eprintln!("lab {}: collecting logs failed: {e:#}", self.cfg.name),
             }
+            if let Some(failure) = crate::last_panic() {
+                eprintln!("lab {}: the scenario failed at {failure}", self.cfg.name);
+            }
         }
         if let Err(e) = self.down() {
             eprintln!("lab {}: tear-down failed: {e:#}", self.cfg.name);
