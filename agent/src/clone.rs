@@ -198,14 +198,7 @@ pub async fn check(shared: &Shared, spec: &CloneSpec) -> Result<Plan, String> {
 }
 
 fn free_memory(view: &vmha_model::ClusterView, host: &str) -> Option<u64> {
-    let cap: u64 = view.host(host)?.utilization.get("hv_memory")?.parse().ok()?;
-    let used: u64 = view
-        .vms
-        .iter()
-        .filter(|v| v.hosts.iter().any(|h| h == host))
-        .filter_map(|v| v.utilization.get("hv_memory")?.parse::<u64>().ok())
-        .sum();
-    Some(cap.saturating_sub(used))
+    vmha_model::group::free_memory(view, host)
 }
 
 /// The online host with the most free memory, for clones without `--host`.

@@ -384,8 +384,8 @@ impl VmObject {
 
     /// Sends request `name` (with `data_json`, a JSON object, possibly empty) to the VM's guest over the
     /// vmha guest channel and waits for its result, at most `timeout_ms` (the guest's deadline) plus one
-    /// second: `done`, `refused` (with the guest's reason) or `failed` (with why). Only the vmhad of the
-    /// host running the VM can do this.
+    /// second: `done`, `refused` (with the guest's reason) or `failed` (with why). Any host's vmhad takes
+    /// it: a VM running on another host is reached through that host's vmhad (Corosync CPG relay).
     async fn guest_request(
         &self,
         name: String,
@@ -395,16 +395,13 @@ impl VmObject {
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<(String, String)> {
         authorize_change(conn, &header, &format!("guest request {name} to VM {}", self.name)).await?;
-        let (outcome, reason) = self
-            .shared
-            .guests
-            .request(&self.shared, &self.name, &name, &data_json, timeout_ms)
+        // Wherever the VM runs: through the relay when that is another host.
+        crate::relay::guest_request(&self.shared, &self.name, &name, &data_json, timeout_ms)
             .await
             .map_err(|e| match e {
                 GuestError::Invalid(m) => zbus::fdo::Error::InvalidArgs(m),
                 other => fail(other),
-            })?;
-        Ok((outcome.as_str().to_string(), reason))
+            })
     }
 
     /// Removes a clone (as Remove) and deletes its domain XML file and disk overlays; refuses VMs that are

@@ -159,43 +159,53 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
 
 async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
     let cib = connect(if dry_run { Access::ReadOnly } else { Access::ReadWrite }).await?;
+    let (plan, applied) = if dry_run {
+        let xml = query(&cib).await?;
+        (policy::plan(&stored(&xml)?, &xml)?, false)
+    } else {
+        let plan = apply_stored(&cib).await?;
+        let applied = !plan.is_empty();
+        (plan, applied)
+    };
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"applied": applied, "dry_run": dry_run, "plan": plan}))?
+        );
+    } else {
+        for w in &plan.warnings {
+            eprintln!("vmha: warning: {w}");
+        }
+        if plan.is_empty() {
+            println!("nothing to change: the CIB carries the policy");
+        } else {
+            print!("{}", plan.diff_text());
+            println!(
+                "{} change(s) {}",
+                plan.changes.len(),
+                if applied {
+                    "applied in one CIB change"
+                } else {
+                    "(dry run: nothing changed)"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Compiles the stored policy and replaces the configuration section with the result (one CIB change;
+/// nothing when the CIB carries the policy already). Returns the plan it applied.
+pub async fn apply_stored(cib: &Cib) -> Result<policy::Plan> {
     // A configuration change between our read and our replace would be lost: read again just before
     // replacing and start over when the configuration moved on.
-    for _ in 0..3 {
-        let xml = query(&cib).await?;
-        let p = stored(&xml)?;
-        let plan = policy::plan(&p, &xml)?;
-        let report = |applied: bool| -> Result<()> {
-            if json_out {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({"applied": applied, "dry_run": dry_run, "plan": plan}))?
-                );
-            } else {
-                for w in &plan.warnings {
-                    eprintln!("vmha: warning: {w}");
-                }
-                if plan.is_empty() {
-                    println!("nothing to change: the CIB carries the policy");
-                } else {
-                    print!("{}", plan.diff_text());
-                    println!(
-                        "{} change(s) {}",
-                        plan.changes.len(),
-                        if applied {
-                            "applied in one CIB change"
-                        } else {
-                            "(dry run: nothing changed)"
-                        }
-                    );
-                }
-            }
-            Ok(())
-        };
-        if dry_run || plan.is_empty() {
-            return report(false);
+    for _ in 0..5 {
+        let xml = query(cib).await?;
+        let plan = policy::plan(&stored(&xml)?, &xml)?;
+        if plan.is_empty() {
+            return Ok(plan);
         }
-        let now = query(&cib).await?;
+        let now = query(cib).await?;
         if config_version(&now)? != config_version(&xml)? {
             continue;
         }
@@ -207,9 +217,37 @@ async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
         )
         .await
         .context("replacing the configuration section")?;
-        return report(true);
+        return Ok(plan);
     }
     bail!("the CIB configuration kept changing while applying; try again")
+}
+
+/// Checks `p` against the cluster, stores it and applies it (see [`apply_stored`]).
+pub async fn store_and_apply(cib: &Cib, p: &Policy) -> Result<policy::Plan> {
+    let xml = query(cib).await?;
+    policy::plan(p, &xml)?;
+    cib.modify(
+        &Scope::section("crm_config"),
+        &policy::store_xml(p),
+        CallOptions::CAN_CREATE,
+        CIB_CALL,
+    )
+    .await
+    .context("storing the policy in the CIB")?;
+    apply_stored(cib).await
+}
+
+/// The CIB of this host (read-write) and the policy stored in it.
+pub async fn load(access: Access) -> Result<(Cib, String, Policy)> {
+    let cib = connect(access).await?;
+    let xml = query(&cib).await?;
+    let p = stored(&xml)?;
+    Ok((cib, xml, p))
+}
+
+/// Reads the whole CIB again.
+pub async fn reread(cib: &Cib) -> Result<String> {
+    query(cib).await
 }
 
 /// The hidden child: runs Pacemaker's scheduler on the CIB file and writes the transition graph.

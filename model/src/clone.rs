@@ -413,7 +413,17 @@ pub fn clone_resource(cib: &str, template: &str, clone: &str, config: &str) -> R
     let mut edits = Edits::default();
     let shift = |r: Range<usize>| r.start - base..r.end - base;
     let mut has_config = false;
-    for node in prim.descendants().filter(|n| n.is_element()) {
+    // What the placement policy generated for the template (ids `vmha-policy-...`) is not copied: the
+    // policy owns it and generates the clone's own when the clone is in the policy.
+    let owned = |n: &roxmltree::Node| {
+        n.ancestors()
+            .take_while(|a| a.id() != prim.id())
+            .any(|a| a.attribute("id").is_some_and(crate::policy::is_owned))
+    };
+    for node in prim.children().filter(|n| n.is_element() && owned(n)) {
+        edits.replace(shift(node.range()), "");
+    }
+    for node in prim.descendants().filter(|n| n.is_element() && !owned(n)) {
         if let Some(a) = node.attribute_node("id") {
             edits.replace(shift(a.range_value()), escape(&rename(a.value())));
         }
@@ -444,7 +454,7 @@ pub fn clone_resource(cib: &str, template: &str, clone: &str, config: &str) -> R
     if let Some(section) = doc.descendants().find(|n| n.has_tag_name("constraints")) {
         for c in section.children().filter(|n| n.is_element()) {
             let id = c.attribute("id").unwrap_or("");
-            if id.starts_with("vmha-move-") || id.starts_with("cli-") {
+            if id.starts_with("vmha-move-") || id.starts_with("cli-") || crate::policy::is_owned(id) {
                 continue;
             }
             let names_template = c.descendants().any(|n| {
@@ -712,12 +722,14 @@ mod tests {
   </meta_attributes>
   <operations><op id="tpl-monitor-interval-10s" name="monitor" interval="10s"/></operations>
   <utilization id="tpl-utilization"><nvpair id="u1" name="hv_memory" value="128"/></utilization>
+  <meta_attributes id="vmha-policy-meta-tpl" score="1000"><nvpair id="vmha-policy-meta-tpl-priority" name="priority" value="9"/></meta_attributes>
 </primitive>
 <primitive id="other" class="ocf" provider="vmha" type="VirtualMachine"/>
 </resources><constraints>
 <rsc_location id="loc-tpl" rsc="tpl" node="node1" score="50"/>
 <rsc_location id="vmha-move-tpl" rsc="tpl" node="node2" score="INFINITY"/>
 <rsc_colocation id="col" rsc="tpl" with-rsc="other" score="-INFINITY"/>
+<rsc_colocation id="vmha-policy-apart-g-tpl-other" rsc="tpl" with-rsc="other" score="-INFINITY"/>
 <rsc_order id="ord-other" first="other" then="x"/>
 <rsc_order id="set"><resource_set id="s1"><resource_ref id="tpl"/><resource_ref id="other"/></resource_set></rsc_order>
 </constraints><tags><tag id="web"><obj_ref id="tpl"/></tag><tag id="db"><obj_ref id="other"/></tag></tags>
@@ -736,6 +748,11 @@ mod tests {
             .primitive
             .contains(r#"<nvpair id="web2-u1" name="hv_memory" value="128"/>"#));
         assert!(!r.primitive.contains("tpl"), "{}", r.primitive);
+        assert!(
+            !r.primitive.contains("vmha-policy"),
+            "the policy's own sets are not copied: {}",
+            r.primitive
+        );
         let ids: Vec<&str> = r.constraints.iter().map(|c| c.1.as_str()).collect();
         assert_eq!(ids, ["loc-tpl-web2", "col-web2", "set-web2"]);
         assert!(r.constraints[1].2.contains(r#"rsc="web2" with-rsc="other""#));

@@ -19,7 +19,8 @@
 //!   "hosts": {"node1": {"zone": "eu/b1/r1"},
 //!             "node3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
 //!   "vms":   {"db": {"priority": 100, "zone": "eu"}, "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
-//!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"}}   // or "site", "rack", ...
+//!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
+//!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4}}  // elastic (crate::group)
 //! }
 //! ```
 //!
@@ -169,6 +170,15 @@ pub struct GroupSpec {
     /// makes it a preference).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<String>,
+    /// Elastic group (see [`crate::group`]): the running member new members are live-cloned from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Elastic group: fewest members `vmha group scale` leaves (default 1, the template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    /// Elastic group: most members `vmha group scale` makes (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
 }
 
 fn default_strategy() -> String {
@@ -323,11 +333,19 @@ impl Policy {
         let mut grouped: BTreeMap<&str, &str> = BTreeMap::new();
         for (group, spec) in &self.groups {
             validate_name("group name", group).map_err(|e| PolicyError::Invalid(e.to_string()))?;
-            if spec.members.len() < 2 {
-                return invalid(format!("group {group}: needs at least 2 members"));
-            }
-            if spec.anti_affinity.is_some() == spec.affinity.is_some() {
-                return invalid(format!("group {group}: set exactly one of anti_affinity and affinity"));
+            spec.validate_elastic(group)?;
+            if spec.is_elastic() {
+                // An elastic group may be the template alone, and need not constrain placement.
+                if spec.anti_affinity.is_some() && spec.affinity.is_some() {
+                    return invalid(format!("group {group}: set at most one of anti_affinity and affinity"));
+                }
+            } else {
+                if spec.members.len() < 2 {
+                    return invalid(format!("group {group}: needs at least 2 members"));
+                }
+                if spec.anti_affinity.is_some() == spec.affinity.is_some() {
+                    return invalid(format!("group {group}: set exactly one of anti_affinity and affinity"));
+                }
             }
             if let Some(score) = &spec.score {
                 if !is_score(score) {

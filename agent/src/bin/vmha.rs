@@ -15,6 +15,7 @@ use vmha_agent::api::{
     host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, JOB_INTERFACE, ROOT_PATH, VM_INTERFACE,
 };
 use vmha_agent::options::VmhadArgs;
+use vmha_model::group;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, DBusError, MatchRule, MessageStream};
@@ -75,6 +76,12 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Elastic VM groups: groups of the placement policy with a template, min and max
+    /// ("groups": {"web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, ...}}).
+    Group {
+        #[command(subcommand)]
+        command: GroupCmd,
+    },
     /// Print cluster events and state changes as they happen.
     Watch {
         /// Stop after this many events.
@@ -112,6 +119,26 @@ enum Cmd {
     Generate {
         #[command(subcommand)]
         what: GenerateCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCmd {
+    /// Every elastic group: size, bounds, template and where its members run.
+    List,
+    /// Bring a group to SIZE members (within its min and max): it grows by live clones of its template,
+    /// one at a time, each on a host that keeps the group's anti-affinity; it shrinks by asking the
+    /// newest members' guests to drain (a refusal stops the shrink there) and destroying them. The
+    /// policy follows every step (new members join with the template's settings).
+    Scale {
+        name: String,
+        size: u32,
+        /// Clone without asking the template's guest to prepare.
+        #[arg(long)]
+        force: bool,
+        /// How long a leaving member's guest has to drain, in ms.
+        #[arg(long, default_value_t = 30_000)]
+        drain_timeout_ms: u32,
     },
 }
 
@@ -351,6 +378,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 )
                 .await
         }
+        Cmd::Group { command } => match command {
+            GroupCmd::List => group_list(&client).await,
+            GroupCmd::Scale {
+                name,
+                size,
+                force,
+                drain_timeout_ms,
+            } => group_scale(&client, &name, size, force, drain_timeout_ms).await,
+        },
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Check { hypervisor } => check(&client, &hypervisor).await,
         Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
@@ -358,6 +394,141 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             unreachable!("policy and what-if run before the bus is reached")
         }
         Cmd::Vcluster { .. } => unreachable!("vmha vcluster runs before the bus is reached"),
+    }
+}
+
+/// The elastic groups of the stored policy, with where their members run.
+async fn group_list(client: &Client) -> Result<ExitCode> {
+    let (_, xml, policy) = vmha_agent::placement::load(vmha_pacemaker::Access::ReadOnly).await?;
+    let view = vmha_model::ClusterView::from_cib(&xml)?;
+    let running = group::running(&view);
+    let mut rows = Vec::new();
+    for name in policy.groups.iter().filter(|(_, g)| g.is_elastic()).map(|(n, _)| n) {
+        let g = group::elastic(&policy, name)?;
+        let members: Vec<Value> = g
+            .members
+            .iter()
+            .map(|m| json!({"vm": m, "host": running.get(m)}))
+            .collect();
+        rows.push(
+            json!({"group": g.name, "size": g.members.len(), "min": g.min, "max": g.max,
+            "template": g.template, "members": members}),
+        );
+    }
+    if client.output == Output::Json {
+        return client.print_json(&json!({ "groups": rows }));
+    }
+    println!(
+        "{:<16} {:>4} {:>4} {:>4}  {:<16} MEMBERS",
+        "GROUP", "SIZE", "MIN", "MAX", "TEMPLATE"
+    );
+    for r in &rows {
+        let members: Vec<String> = r["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{}@{}", s(m, "vm"), m["host"].as_str().unwrap_or("-")))
+            .collect();
+        println!(
+            "{:<16} {:>4} {:>4} {:>4}  {:<16} {}",
+            s(r, "group"),
+            s(r, "size"),
+            s(r, "min"),
+            s(r, "max"),
+            s(r, "template"),
+            members.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vmha group scale`: see [`GroupCmd::Scale`]. Each step is one vmhad job (a live clone, a destroy) or
+/// one guest request, and the policy is stored and applied after each, so an interruption leaves a
+/// consistent group of the size reached so far.
+async fn group_scale(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<ExitCode> {
+    use vmha_agent::placement::{load, reread, store_and_apply};
+    let (cib, xml, policy) = load(vmha_pacemaker::Access::ReadWrite).await?;
+    let g = group::elastic(&policy, name)?;
+    let view = vmha_model::ClusterView::from_cib(&xml)?;
+    let plan = group::scale_plan(&g, size, |n| {
+        view.vm(n).is_some() || xml.contains(&format!("id=\"{n}\""))
+    })?;
+    let from = g.members.len();
+    let mut done: Vec<Value> = Vec::new();
+    let outcome: Result<()> = async {
+        for member in &plan.add {
+            let xml = reread(&cib).await?;
+            let view = vmha_model::ClusterView::from_cib(&xml)?;
+            let policy = vmha_model::policy::Policy::from_cib(&xml)?.ok_or_else(|| anyhow!("the policy vanished"))?;
+            let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &group::running(&view))?;
+            eprintln!("group {name}: cloning {} as {member} on {host}", g.template);
+            let (_, ok, message) = client
+                .job_result(
+                    ROOT_PATH.to_string(),
+                    CLUSTER_INTERFACE,
+                    "CloneVm",
+                    (g.template.as_str(), member.as_str(), host.as_str(), 1u32, force),
+                )
+                .await?;
+            if !ok {
+                bail!("adding {member}: {message}");
+            }
+            store_and_apply(&cib, &group::with_member(&policy, name, member))
+                .await
+                .with_context(|| format!("{member} was cloned but could not join group {name} in the policy"))?;
+            done.push(json!({"added": member, "host": host}));
+        }
+        for member in &plan.remove {
+            eprintln!("group {name}: asking {member}'s guest to drain");
+            let data = json!({"group": name, "size": size}).to_string();
+            let (result, reason) = client.guest_result(member, "drain", &data, drain_ms).await?;
+            if result != "done" {
+                bail!("{member}'s guest answered drain with {result}: {reason}; it stays in the group");
+            }
+            let xml = reread(&cib).await?;
+            let policy = vmha_model::policy::Policy::from_cib(&xml)?.ok_or_else(|| anyhow!("the policy vanished"))?;
+            store_and_apply(&cib, &group::without_member(&policy, name, member))
+                .await
+                .with_context(|| format!("taking {member} out of group {name}"))?;
+            eprintln!("group {name}: destroying {member}");
+            let (_, ok, message) = client.job_result(vm_path(member), VM_INTERFACE, "Destroy", ()).await?;
+            if !ok {
+                bail!(
+                    "{member} drained and left group {name} but was not destroyed: {message} \
+                     (vmha vm remove --destroy {member})"
+                );
+            }
+            done.push(json!({"removed": member}));
+        }
+        Ok(())
+    }
+    .await;
+    let xml = reread(&cib).await?;
+    let now = vmha_model::policy::Policy::from_cib(&xml)?
+        .and_then(|p| group::elastic(&p, name).ok())
+        .map_or(0, |g| g.members.len());
+    if client.output == Output::Json {
+        println!(
+            "{}",
+            json!({"group": name, "from": from, "asked": size, "size": now, "steps": done,
+                "error": outcome.as_ref().err().map(|e| format!("{e:#}"))})
+        );
+    }
+    match outcome {
+        Ok(()) => {
+            if client.output == Output::Human {
+                if plan.is_empty() {
+                    println!("group {name} has {now} members already");
+                } else {
+                    println!("group {name}: {from} -> {now} members");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if client.output == Output::Human => {
+            bail!("group {name}: {e:#} (the group has {now} members; asked for {size})")
+        }
+        Err(_) => Ok(ExitCode::FAILURE),
     }
 }
 
@@ -619,13 +790,7 @@ impl Client {
 
     /// A request to a VM's guest: waits for the guest's result (the guest's deadline plus a little).
     async fn guest_request(&self, vm: &str, request: &str, data: &str, timeout_ms: u32) -> Result<ExitCode> {
-        let path = vm_path(vm);
-        let body = (request, data, timeout_ms);
-        let call = self
-            .conn
-            .call_method(Some(BUS_NAME), path.as_str(), Some(VM_INTERFACE), "GuestRequest", &body);
-        let reply = self.bounded("GuestRequest", call).await?;
-        let (result, reason): (String, String) = reply.body().deserialize()?;
+        let (result, reason) = self.guest_result(vm, request, data, timeout_ms).await?;
         if self.output == Output::Json {
             println!(
                 "{}",
@@ -641,6 +806,17 @@ impl Client {
         } else {
             ExitCode::FAILURE
         })
+    }
+
+    /// A request to a VM's guest: (result, reason).
+    async fn guest_result(&self, vm: &str, request: &str, data: &str, timeout_ms: u32) -> Result<(String, String)> {
+        let path = vm_path(vm);
+        let body = (request, data, timeout_ms);
+        let call = self
+            .conn
+            .call_method(Some(BUS_NAME), path.as_str(), Some(VM_INTERFACE), "GuestRequest", &body);
+        let reply = self.bounded("GuestRequest", call).await?;
+        Ok(reply.body().deserialize()?)
     }
 
     /// A method that answers at once.
@@ -659,8 +835,25 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// A method that returns a job: follows its progress until it finishes.
+    /// A method that returns a job: follows its progress until it finishes and prints its result.
     async fn job<B>(&self, path: String, iface: &str, method: &str, body: B) -> Result<ExitCode>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        let (job, ok, message) = self.job_result(path, iface, method, body).await?;
+        if self.output == Output::Json {
+            println!("{}", json!({ "job": job, "success": ok, "message": message }));
+        } else if ok {
+            println!("{message}");
+        } else {
+            eprintln!("vmha: {message}");
+        }
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    }
+
+    /// A method that returns a job: follows its progress (shown on stderr) until it finishes; returns the
+    /// job's path, whether it succeeded and its final message.
+    async fn job_result<B>(&self, path: String, iface: &str, method: &str, body: B) -> Result<(String, bool, String)>
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
@@ -723,14 +916,7 @@ impl Client {
             ) {
                 (Some(JOB_INTERFACE), Some("Finished")) => {
                     let (ok, message): (bool, String) = msg.body().deserialize()?;
-                    if self.output == Output::Json {
-                        println!("{}", json!({ "job": job.as_str(), "success": ok, "message": message }));
-                    } else if ok {
-                        println!("{message}");
-                    } else {
-                        eprintln!("vmha: {message}");
-                    }
-                    return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+                    return Ok((job.as_str().to_string(), ok, message));
                 }
                 (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged"))
                     if self.output == Output::Human =>

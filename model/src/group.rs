@@ -1,0 +1,373 @@
+//! Elastic VM groups: a group of the placement policy ([`crate::policy::GroupSpec`]) with a `template`
+//! (a running VM its new members are live-cloned from) and a `min`/`max` size. `vmha group scale NAME N`
+//! grows it by live clones and shrinks it by draining and destroying its newest clones; this module
+//! decides what that means (names, order, where each new member goes), without any I/O.
+//!
+//! ```text
+//! "groups": {"web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, "anti_affinity": "host"}}
+//! ```
+//!
+//! The template is always a member and is never removed (`min` is at least 1). New members are named
+//! `<group>-<n>` with the lowest free `n`, and appended to `members`, so the newest are last; a shrink
+//! removes from the end. A new member goes to a host that keeps the group's anti-affinity (or affinity),
+//! with the most free memory among those.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::cib::{ClusterView, HostState};
+use crate::policy::{zone_at, GroupSpec, Level, Policy, PolicyError};
+
+/// Largest `max` of an elastic group.
+pub const MAX_SIZE: u32 = 64;
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
+    Err(PolicyError::Invalid(msg.into()))
+}
+
+/// An elastic group, read from the policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elastic {
+    pub name: String,
+    pub template: String,
+    pub min: u32,
+    pub max: u32,
+    pub members: Vec<String>,
+}
+
+impl GroupSpec {
+    /// A group is elastic when it names a template.
+    pub fn is_elastic(&self) -> bool {
+        self.template.is_some() || self.min.is_some() || self.max.is_some()
+    }
+
+    /// Checks the elastic settings (called by [`Policy::validate`]).
+    pub fn validate_elastic(&self, group: &str) -> Result<(), PolicyError> {
+        if !self.is_elastic() {
+            return Ok(());
+        }
+        let Some(template) = &self.template else {
+            return invalid(format!("group {group}: min and max need a template"));
+        };
+        if !self.members.contains(template) {
+            return invalid(format!(
+                "group {group}: the template {template} must be one of its members"
+            ));
+        }
+        let (min, max) = (self.min.unwrap_or(1), self.max.unwrap_or(MAX_SIZE));
+        if min < 1 || min > max || max > MAX_SIZE {
+            return invalid(format!(
+                "group {group}: needs 1 <= min <= max <= {MAX_SIZE} (min {min}, max {max})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The elastic group `name` of `policy`.
+pub fn elastic(policy: &Policy, name: &str) -> Result<Elastic, PolicyError> {
+    let Some(spec) = policy.groups.get(name) else {
+        let known: Vec<&String> = policy.groups.keys().collect();
+        return invalid(format!("no group {name} in the policy (groups: {known:?})"));
+    };
+    if !spec.is_elastic() {
+        return invalid(format!(
+            "group {name} is not elastic: give it a template, min and max in the policy"
+        ));
+    }
+    spec.validate_elastic(name)?;
+    Ok(Elastic {
+        name: name.to_string(),
+        template: spec.template.clone().unwrap_or_default(),
+        min: spec.min.unwrap_or(1),
+        max: spec.max.unwrap_or(MAX_SIZE),
+        members: spec.members.clone(),
+    })
+}
+
+/// What a scale to a size does: members to add (in order) or to remove (newest first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScalePlan {
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+}
+
+impl ScalePlan {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// The plan to bring group `g` to `size` members; `taken(name)` says whether a name is used in the
+/// cluster (a resource or any CIB id) already.
+pub fn scale_plan(g: &Elastic, size: u32, taken: impl Fn(&str) -> bool) -> Result<ScalePlan, PolicyError> {
+    if size < g.min || size > g.max {
+        return invalid(format!(
+            "group {}: size {size} is outside its bounds (min {}, max {}); nothing changed",
+            g.name, g.min, g.max
+        ));
+    }
+    let now = g.members.len();
+    let size = size as usize;
+    let mut plan = ScalePlan::default();
+    if size > now {
+        let mut n = 1u32;
+        while plan.add.len() < size - now {
+            let name = format!("{}-{n}", g.name);
+            if !taken(&name) && !g.members.contains(&name) {
+                plan.add.push(name);
+            }
+            n += 1;
+        }
+    } else if size < now {
+        let removable: Vec<&String> = g.members.iter().rev().filter(|m| **m != g.template).collect();
+        if removable.len() < now - size {
+            return invalid(format!(
+                "group {}: only {} member(s) besides the template {} can be removed",
+                g.name,
+                removable.len(),
+                g.template
+            ));
+        }
+        plan.remove = removable.into_iter().take(now - size).cloned().collect();
+    }
+    Ok(plan)
+}
+
+/// `policy` with `vm` appended to `group`'s members, with the template's VM settings (priority, zone).
+pub fn with_member(policy: &Policy, group: &str, vm: &str) -> Policy {
+    let mut p = policy.clone();
+    if let Some(spec) = p.groups.get_mut(group) {
+        if !spec.members.iter().any(|m| m == vm) {
+            spec.members.push(vm.to_string());
+        }
+        if let Some(settings) = spec.template.as_ref().and_then(|t| policy.vms.get(t)) {
+            p.vms.insert(vm.to_string(), settings.clone());
+        }
+    }
+    p
+}
+
+/// `policy` without `vm` in `group` (and without its own VM settings).
+pub fn without_member(policy: &Policy, group: &str, vm: &str) -> Policy {
+    let mut p = policy.clone();
+    if let Some(spec) = p.groups.get_mut(group) {
+        spec.members.retain(|m| m != vm);
+    }
+    p.vms.remove(vm);
+    p
+}
+
+/// Where a host is, for keeping members apart or together at `level`: its zone at that level, or the
+/// host itself (also for hosts without a zone, or not that deep a zone).
+fn place_key(policy: &Policy, host: &str, level: Level) -> String {
+    if level == Level::Host {
+        return format!("host:{host}");
+    }
+    policy
+        .hosts
+        .get(host)
+        .and_then(|h| zone_at(&h.zone, level))
+        .map_or_else(|| format!("host:{host}"), |z| format!("zone:{z}"))
+}
+
+/// The host for a new member of `group`: among `candidates` (online hosts able to run VMs, with their
+/// free memory in MiB), those that keep the group's anti-affinity or affinity given where its members
+/// run (`running`: member -> host), the one with the most free memory. A hard rule (score -INFINITY or
+/// INFINITY, the default) that no candidate keeps is an error; a soft one falls back to all candidates.
+pub fn choose_host(
+    policy: &Policy,
+    group: &str,
+    candidates: &BTreeMap<String, u64>,
+    running: &BTreeMap<String, String>,
+) -> Result<String, PolicyError> {
+    if candidates.is_empty() {
+        return invalid("no online host can take a new member");
+    }
+    let spec = policy.groups.get(group);
+    let members: BTreeSet<&str> = spec
+        .map(|s| s.members.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    let used = |level: Level| -> BTreeSet<String> {
+        running
+            .iter()
+            .filter(|(vm, _)| members.contains(vm.as_str()))
+            .map(|(_, host)| place_key(policy, host, level))
+            .collect()
+    };
+    let (allowed, hard, why): (Vec<&String>, bool, String) = match spec.map(|s| (s.anti_affinity, s.affinity, s)) {
+        Some((Some(level), _, s)) => {
+            let used = used(level);
+            (
+                candidates
+                    .keys()
+                    .filter(|h| !used.contains(&place_key(policy, h, level)))
+                    .collect(),
+                s.score.as_deref().is_none_or(|x| x == "-INFINITY"),
+                format!("keeps group {group}'s members apart by {}", level.name()),
+            )
+        }
+        Some((None, Some(level), s)) => {
+            let used = used(level);
+            (
+                candidates
+                    .keys()
+                    .filter(|h| used.is_empty() || used.contains(&place_key(policy, h, level)))
+                    .collect(),
+                s.score.as_deref().is_none_or(|x| x == "INFINITY" || x == "+INFINITY"),
+                format!("keeps group {group}'s members together by {}", level.name()),
+            )
+        }
+        _ => (candidates.keys().collect(), false, String::new()),
+    };
+    let pool: Vec<&String> = if allowed.is_empty() && !hard {
+        candidates.keys().collect()
+    } else {
+        allowed
+    };
+    pool.into_iter()
+        .max_by(|a, b| candidates[*a].cmp(&candidates[*b]).then(b.cmp(a)))
+        .cloned()
+        .ok_or_else(|| PolicyError::Invalid(format!("no online host {why}; the group cannot grow")))
+}
+
+/// A host's `hv_memory` capacity minus what the VMs active on it need (MiB), when the host declares one.
+pub fn free_memory(view: &ClusterView, host: &str) -> Option<u64> {
+    let cap: u64 = view.host(host)?.utilization.get("hv_memory")?.parse().ok()?;
+    let used: u64 = view
+        .vms
+        .iter()
+        .filter(|v| v.hosts.iter().any(|h| h == host))
+        .filter_map(|v| v.utilization.get("hv_memory")?.parse::<u64>().ok())
+        .sum();
+    Some(cap.saturating_sub(used))
+}
+
+/// Hosts that can take a new VM now (online, not in standby or maintenance) with their free memory
+/// (0 when they declare no capacity).
+pub fn candidate_hosts(view: &ClusterView) -> BTreeMap<String, u64> {
+    view.hosts
+        .iter()
+        .filter(|h| h.state == HostState::Online && !h.standby && !h.maintenance)
+        .map(|h| (h.name.clone(), free_memory(view, &h.name).unwrap_or(0)))
+        .collect()
+}
+
+/// Where each VM active on exactly one host runs.
+pub fn running(view: &ClusterView) -> BTreeMap<String, String> {
+    view.vms
+        .iter()
+        .filter(|v| v.hosts.len() == 1)
+        .map(|v| (v.name.clone(), v.hosts[0].clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(json: &str) -> Policy {
+        Policy::from_json(json).unwrap()
+    }
+
+    const WEB: &str = r#"{
+        "hosts": {"n1": {"zone": "a"}, "n2": {"zone": "a"}, "n3": {"zone": "b"}},
+        "vms": {"web1": {"priority": 7, "zone": "a"}},
+        "groups": {"web": {"members": ["web1", "web-1"], "template": "web1", "min": 1, "max": 3,
+                           "anti_affinity": "host"}}
+    }"#;
+
+    #[test]
+    fn elastic_groups_are_read_and_checked() {
+        let p = policy(WEB);
+        let g = elastic(&p, "web").unwrap();
+        assert_eq!((g.template.as_str(), g.min, g.max, g.members.len()), ("web1", 1, 3, 2));
+        assert!(elastic(&p, "nope").unwrap_err().to_string().contains("no group nope"));
+        let plain = policy(r#"{"groups": {"g": {"members": ["a", "b"], "anti_affinity": "host"}}}"#);
+        assert!(elastic(&plain, "g").unwrap_err().to_string().contains("not elastic"));
+        for (json, why) in [
+            (r#"{"members": ["a"], "min": 1, "max": 2}"#, "need a template"),
+            (
+                r#"{"members": ["a"], "template": "b", "max": 2}"#,
+                "must be one of its members",
+            ),
+            (
+                r#"{"members": ["a"], "template": "a", "min": 3, "max": 2}"#,
+                "min <= max",
+            ),
+            (r#"{"members": ["a"], "template": "a", "min": 0, "max": 2}"#, "1 <= min"),
+            (r#"{"members": ["a"], "template": "a", "max": 65}"#, "<= 64"),
+        ] {
+            let p = policy(&format!(r#"{{"groups": {{"g": {json}}}}}"#));
+            let e = elastic(&p, "g").unwrap_err().to_string();
+            assert!(e.contains(why), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn scaling_names_new_members_and_removes_the_newest_first() {
+        let g = elastic(&policy(WEB), "web").unwrap();
+        let taken = |n: &str| n == "web-2";
+        let up = scale_plan(&g, 3, taken).unwrap();
+        assert_eq!(up.add, ["web-3"], "web-1 is a member, web-2 is taken");
+        assert!(up.remove.is_empty());
+        assert_eq!(scale_plan(&g, 1, taken).unwrap().remove, ["web-1"]);
+        assert!(scale_plan(&g, 2, taken).unwrap().is_empty());
+        let e = scale_plan(&g, 4, taken).unwrap_err().to_string();
+        assert!(e.contains("outside its bounds (min 1, max 3)"), "{e}");
+        assert!(scale_plan(&g, 0, taken).is_err());
+        let mut odd = g.clone();
+        odd.members = vec!["web-1".into(), "web1".into()];
+        assert_eq!(
+            scale_plan(&odd, 1, taken).unwrap().remove,
+            ["web-1"],
+            "never the template"
+        );
+    }
+
+    #[test]
+    fn members_join_with_the_templates_settings_and_leave_without_them() {
+        let p = policy(WEB);
+        let grown = with_member(&p, "web", "web-3");
+        assert_eq!(grown.groups["web"].members, ["web1", "web-1", "web-3"]);
+        assert_eq!(grown.vms["web-3"], p.vms["web1"]);
+        let shrunk = without_member(&grown, "web", "web-3");
+        assert_eq!(shrunk, p);
+    }
+
+    #[test]
+    fn new_members_go_where_the_group_rule_allows() {
+        let p = policy(WEB);
+        let free: BTreeMap<String, u64> = [("n1", 900), ("n2", 500), ("n3", 100)]
+            .iter()
+            .map(|(h, f)| (h.to_string(), *f))
+            .collect();
+        let running: BTreeMap<String, String> = [("web1", "n1"), ("web-1", "n2"), ("other", "n3")]
+            .iter()
+            .map(|(v, h)| (v.to_string(), h.to_string()))
+            .collect();
+        assert_eq!(choose_host(&p, "web", &free, &running).unwrap(), "n3");
+        // Apart by site: n1 and n2 are both in site a, taken; n3 in b.
+        let mut by_site = p.clone();
+        by_site.groups.get_mut("web").unwrap().anti_affinity = Some(Level::Site);
+        assert_eq!(choose_host(&by_site, "web", &free, &running).unwrap(), "n3");
+        let mut all_taken = running.clone();
+        all_taken.insert("web-1".into(), "n3".into());
+        all_taken.insert("web1".into(), "n1".into());
+        all_taken.insert("web-9".into(), "n2".into());
+        let mut full = p.clone();
+        full.groups.get_mut("web").unwrap().members.push("web-9".into());
+        let e = choose_host(&full, "web", &free, &all_taken).unwrap_err().to_string();
+        assert!(e.contains("apart by host"), "{e}");
+        // A soft rule falls back to the host with the most free memory.
+        full.groups.get_mut("web").unwrap().score = Some("-100".into());
+        assert_eq!(choose_host(&full, "web", &free, &all_taken).unwrap(), "n1");
+        // Together: the template's host.
+        let mut together = p.clone();
+        let spec = together.groups.get_mut("web").unwrap();
+        spec.anti_affinity = None;
+        spec.affinity = Some(Level::Host);
+        let only_tpl: BTreeMap<String, String> = [("web1".to_string(), "n2".to_string())].into();
+        assert_eq!(choose_host(&together, "web", &free, &only_tpl).unwrap(), "n2");
+        assert!(choose_host(&p, "web", &BTreeMap::new(), &running).is_err());
+    }
+}
