@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod backend;
 pub mod check;
 pub mod clone;

@@ -14,6 +14,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use serde::{Deserialize, Serialize};
+
 use crate::cib::{ClusterView, HostState};
 use crate::policy::{zone_at, GroupSpec, Level, Policy, PolicyError};
 
@@ -32,6 +34,7 @@ pub struct Elastic {
     pub min: u32,
     pub max: u32,
     pub members: Vec<String>,
+    pub autoscale: Option<Autoscale>,
 }
 
 impl GroupSpec {
@@ -59,8 +62,54 @@ impl GroupSpec {
                 "group {group}: needs 1 <= min <= max <= {MAX_SIZE} (min {min}, max {max})"
             ));
         }
+        if let Some(rule) = &self.autoscale {
+            rule.validate(group)?;
+        }
         Ok(())
     }
+}
+
+/// An elastic group's scaling rule: the members' CPU load (busy share of their vCPUs, in percent,
+/// averaged over the members, measured by the hosts through libvirt) above `cpu_above` adds a member,
+/// below `cpu_below` removes one; always within min and max, one step per evaluation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Autoscale {
+    pub cpu_above: u32,
+    pub cpu_below: u32,
+}
+
+impl Autoscale {
+    fn validate(&self, group: &str) -> Result<(), PolicyError> {
+        if self.cpu_above > 100 || self.cpu_below >= self.cpu_above {
+            return invalid(format!(
+                "group {group}: autoscale needs 0 <= cpu_below < cpu_above <= 100 (percent), not {} and {}",
+                self.cpu_below, self.cpu_above
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The size the rule asks for at `load` percent (None: stay).
+pub fn autoscale_size(g: &Elastic, rule: &Autoscale, load: f64) -> Option<u32> {
+    let size = g.members.len() as u32;
+    if load > f64::from(rule.cpu_above) && size < g.max {
+        Some(size + 1)
+    } else if load < f64::from(rule.cpu_below) && size > g.min {
+        Some(size - 1)
+    } else {
+        None
+    }
+}
+
+/// A VM's CPU load between two samples of its CPU time (ns) `dt` apart, over `vcpus` vCPUs, in percent.
+pub fn cpu_percent(cpu_ns_before: u64, cpu_ns_after: u64, dt: std::time::Duration, vcpus: u32) -> f64 {
+    let wall = dt.as_nanos() as f64 * f64::from(vcpus.max(1));
+    if wall <= 0.0 {
+        return 0.0;
+    }
+    (cpu_ns_after.saturating_sub(cpu_ns_before) as f64 / wall * 100.0).clamp(0.0, 100.0)
 }
 
 /// The elastic group `name` of `policy`.
@@ -81,6 +130,7 @@ pub fn elastic(policy: &Policy, name: &str) -> Result<Elastic, PolicyError> {
         min: spec.min.unwrap_or(1),
         max: spec.max.unwrap_or(MAX_SIZE),
         members: spec.members.clone(),
+        autoscale: spec.autoscale.clone(),
     })
 }
 
@@ -316,12 +366,50 @@ mod tests {
         assert!(e.contains("outside its bounds (min 1, max 3)"), "{e}");
         assert!(scale_plan(&g, 0, taken).is_err());
         let mut odd = g.clone();
+        odd.autoscale = None;
         odd.members = vec!["web-1".into(), "web1".into()];
         assert_eq!(
             scale_plan(&odd, 1, taken).unwrap().remove,
             ["web-1"],
             "never the template"
         );
+    }
+
+    #[test]
+    fn the_rule_steps_one_member_within_the_bounds() {
+        let rule = Autoscale {
+            cpu_above: 70,
+            cpu_below: 20,
+        };
+        let g = elastic(&policy(WEB), "web").unwrap();
+        assert_eq!(autoscale_size(&g, &rule, 90.0), Some(3));
+        assert_eq!(autoscale_size(&g, &rule, 50.0), None);
+        assert_eq!(autoscale_size(&g, &rule, 5.0), Some(1));
+        let mut full = g.clone();
+        full.members.push("web-2".into());
+        assert_eq!(autoscale_size(&full, &rule, 99.0), None, "never above max");
+        let mut alone = g.clone();
+        alone.members.truncate(1);
+        assert_eq!(autoscale_size(&alone, &rule, 0.0), None, "never below min");
+        let secs = std::time::Duration::from_secs(2);
+        assert_eq!(cpu_percent(0, 1_000_000_000, secs, 1), 50.0);
+        assert_eq!(cpu_percent(0, 1_000_000_000, secs, 2), 25.0);
+        assert_eq!(cpu_percent(5, 1, secs, 1), 0.0, "a restarted VM's counter goes back");
+        for bad in [
+            r#"{"cpu_above": 20, "cpu_below": 20}"#,
+            r#"{"cpu_above": 120, "cpu_below": 20}"#,
+        ] {
+            let p = policy(&format!(
+                r#"{{"groups": {{"g": {{"members": ["a"], "template": "a", "autoscale": {bad}}}}}}}"#
+            ));
+            assert!(
+                elastic(&p, "g")
+                    .unwrap_err()
+                    .to_string()
+                    .contains("cpu_below < cpu_above"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //!             "node3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
 //!   "vms":   {"db": {"priority": 100, "zone": "eu"}, "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
 //!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
-//!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4}}  // elastic (crate::group)
+//!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4,  // elastic (crate::group)
+//!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
 //! }
 //! ```
 //!
@@ -179,6 +180,9 @@ pub struct GroupSpec {
     /// Elastic group: most members `vmha group scale` makes (default 64).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<u32>,
+    /// Elastic group: scale on the members' measured CPU load (see [`crate::group::autoscale_size`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<crate::group::Autoscale>,
 }
 
 fn default_strategy() -> String {

@@ -216,6 +216,9 @@ impl<W: Write> ArchiveWriter<W> {
     pub fn new(out: W, level: i32) -> Result<Self, ArchiveError> {
         let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
         encoder.include_checksum(true)?;
+        // Compression runs on zstd's worker threads while this one reads, checks for zeros and hashes.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u32;
+        encoder.multithread(workers)?;
         Ok(ArchiveWriter {
             tar: tar::Builder::new(encoder),
             files: BTreeMap::new(),

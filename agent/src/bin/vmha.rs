@@ -140,6 +140,32 @@ enum GroupCmd {
         #[arg(long, default_value_t = 30_000)]
         drain_timeout_ms: u32,
     },
+    /// Apply the groups' autoscale rules once: measure each member's CPU load through libvirt on its
+    /// host, average it per group, and scale one member up or down when the load is above cpu_above or
+    /// below cpu_below (within min and max). vmha-group-autoscale.timer runs it every minute on every
+    /// host with --only-on-dc, so that only the DC's host acts.
+    Autoscale {
+        /// Groups to evaluate (default: every group with an autoscale rule).
+        names: Vec<String>,
+        /// How long each measurement samples the members' CPU time, in seconds.
+        #[arg(long, default_value_t = 5)]
+        sample_secs: u64,
+        /// Do nothing unless this host is the cluster's DC.
+        #[arg(long)]
+        only_on_dc: bool,
+        /// Measure and decide, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// libvirt URI of this host.
+        #[arg(long, default_value = "qemu:///system")]
+        hypervisor: String,
+        /// libvirt URI of the other hosts ({host} is the host name).
+        #[arg(long, default_value = "qemu+tcp://{host}/system")]
+        peer_uri: String,
+        /// How long a leaving member's guest has to drain, in ms.
+        #[arg(long, default_value_t = 30_000)]
+        drain_timeout_ms: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -386,6 +412,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 force,
                 drain_timeout_ms,
             } => group_scale(&client, &name, size, force, drain_timeout_ms).await,
+            GroupCmd::Autoscale {
+                names,
+                sample_secs,
+                only_on_dc,
+                dry_run,
+                hypervisor,
+                peer_uri,
+                drain_timeout_ms,
+            } => {
+                let how = AutoscaleHow {
+                    sample: Duration::from_secs(sample_secs.clamp(1, 300)),
+                    only_on_dc,
+                    dry_run,
+                    hypervisor,
+                    peer_uri,
+                    drain_ms: drain_timeout_ms,
+                };
+                group_autoscale(&client, &names, &how).await
+            }
         },
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Check { hypervisor } => check(&client, &hypervisor).await,
@@ -446,6 +491,37 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
 /// one guest request, and the policy is stored and applied after each, so an interruption leaves a
 /// consistent group of the size reached so far.
 async fn group_scale(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<ExitCode> {
+    let (summary, outcome) = scale_group(client, name, size, force, drain_ms).await?;
+    if client.output == Output::Json {
+        println!("{summary}");
+    }
+    let now = &summary["size"];
+    match outcome {
+        Ok(()) => {
+            if client.output == Output::Human {
+                if summary["steps"].as_array().is_none_or(|s| s.is_empty()) {
+                    println!("group {name} has {now} members already");
+                } else {
+                    println!("group {name}: {} -> {now} members", summary["from"]);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if client.output == Output::Human => {
+            bail!("group {name}: {e:#} (the group has {now} members; asked for {size})")
+        }
+        Err(_) => Ok(ExitCode::FAILURE),
+    }
+}
+
+/// Scales group `name` to `size`: a JSON summary (from, asked, size, steps, error) and the outcome.
+async fn scale_group(
+    client: &Client,
+    name: &str,
+    size: u32,
+    force: bool,
+    drain_ms: u32,
+) -> Result<(Value, Result<()>)> {
     use vmha_agent::placement::{load, reread, store_and_apply};
     let (cib, xml, policy) = load(vmha_pacemaker::Access::ReadWrite).await?;
     let g = group::elastic(&policy, name)?;
@@ -507,29 +583,103 @@ async fn group_scale(client: &Client, name: &str, size: u32, force: bool, drain_
     let now = vmha_model::policy::Policy::from_cib(&xml)?
         .and_then(|p| group::elastic(&p, name).ok())
         .map_or(0, |g| g.members.len());
-    if client.output == Output::Json {
+    let summary = json!({"group": name, "from": from, "asked": size, "size": now, "steps": done,
+        "error": outcome.as_ref().err().map(|e| format!("{e:#}"))});
+    Ok((summary, outcome))
+}
+
+struct AutoscaleHow {
+    sample: Duration,
+    only_on_dc: bool,
+    dry_run: bool,
+    hypervisor: String,
+    peer_uri: String,
+    drain_ms: u32,
+}
+
+/// `vmha group autoscale`: see [`GroupCmd::Autoscale`].
+async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) -> Result<ExitCode> {
+    let (_, xml, policy) = vmha_agent::placement::load(vmha_pacemaker::Access::ReadOnly).await?;
+    let view = vmha_model::ClusterView::from_cib(&xml)?;
+    let local = vmha_agent::autoscale::local_host()?;
+    if how.only_on_dc && view.dc.as_deref() != Some(local.as_str()) {
+        if client.output == Output::Json {
+            return client.print_json(&json!({ "acted": false, "why": "not the DC" }));
+        }
         println!(
-            "{}",
-            json!({"group": name, "from": from, "asked": size, "size": now, "steps": done,
-                "error": outcome.as_ref().err().map(|e| format!("{e:#}"))})
+            "{local} is not the DC ({}): nothing to do",
+            view.dc.as_deref().unwrap_or("none")
         );
+        return Ok(ExitCode::SUCCESS);
     }
-    match outcome {
-        Ok(()) => {
+    let chosen: Vec<String> = if names.is_empty() {
+        policy
+            .groups
+            .iter()
+            .filter(|(_, g)| g.autoscale.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    } else {
+        names.to_vec()
+    };
+    let running = group::running(&view);
+    let mut report = Vec::new();
+    let mut failed = false;
+    for name in &chosen {
+        let g = group::elastic(&policy, name)?;
+        let rule = g
+            .autoscale
+            .clone()
+            .ok_or_else(|| anyhow!("group {name} has no autoscale rule in the policy"))?;
+        let members: BTreeMap<String, String> = g
+            .members
+            .iter()
+            .filter_map(|m| {
+                let host = running.get(m)?;
+                Some((
+                    m.clone(),
+                    vmha_agent::autoscale::uri_for(host, &local, &how.hypervisor, &how.peer_uri),
+                ))
+            })
+            .collect();
+        if members.is_empty() {
+            report.push(json!({"group": name, "decision": "none", "why": "no member runs"}));
+            continue;
+        }
+        let loads = vmha_agent::autoscale::measure(members, how.sample).await?;
+        let average = loads.values().sum::<f64>() / loads.len() as f64;
+        let target = group::autoscale_size(&g, &rule, average);
+        let size = g.members.len() as u32;
+        if client.output == Output::Human {
+            println!(
+                "group {name}: {size} member(s), CPU load {average:.1}% (add above {}%, remove below {}%): {}",
+                rule.cpu_above,
+                rule.cpu_below,
+                match target {
+                    Some(t) if t > size => format!("scale up to {t}"),
+                    Some(t) => format!("scale down to {t}"),
+                    None => "stay".to_string(),
+                }
+            );
+        }
+        let mut entry = json!({"group": name, "size": size, "load": average, "loads": loads, "target": target});
+        if let (Some(t), false) = (target, how.dry_run) {
+            let (summary, outcome) = scale_group(client, name, t, false, how.drain_ms).await?;
             if client.output == Output::Human {
-                if plan.is_empty() {
-                    println!("group {name} has {now} members already");
-                } else {
-                    println!("group {name}: {from} -> {now} members");
+                match &outcome {
+                    Ok(()) => println!("group {name}: {size} -> {} members", summary["size"]),
+                    Err(e) => eprintln!("vmha: group {name}: {e:#} (the group has {} members)", summary["size"]),
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            failed |= outcome.is_err();
+            entry["scale"] = summary;
         }
-        Err(e) if client.output == Output::Human => {
-            bail!("group {name}: {e:#} (the group has {now} members; asked for {size})")
-        }
-        Err(_) => Ok(ExitCode::FAILURE),
+        report.push(entry);
     }
+    if client.output == Output::Json {
+        client.print_json(&json!({ "acted": true, "groups": report }))?;
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
 /// `vmha check`: gathers (each call bounded by `--timeout`, at most 10 s), evaluates and prints.

@@ -211,4 +211,49 @@ fn elastic_group_scales_by_live_clones() {
     let (code, out, _) = vmha(&lab, 1, &["group", "scale", "web", "2"]);
     assert_eq!(code, 0);
     assert!(out.contains("has 2 members already"), "{out}");
+
+    // The autoscale rule: busy members -> one more; idle -> one fewer; only the DC's host acts.
+    let mut p = policy.clone();
+    p["groups"]["web"]["members"] = serde_json::json!([TPL, "web-1"]);
+    p["vms"]["web-1"] = serde_json::json!({"priority": 10});
+    p["groups"]["web"]["autoscale"] = serde_json::json!({"cpu_above": 50, "cpu_below": 15});
+    std::fs::write(&file, p.to_string()).unwrap();
+    lab.exec_ok(1, &["vmha", "policy", "set", file.to_str().unwrap()])
+        .unwrap();
+    let busy = ["-c", "while :; do :; done > /dev/null 2>&1 & echo $! > /run/busy.pid"];
+    for (vm, n) in [(TPL, a), ("web-1", hosts[1])] {
+        guest_exec(&lab, n, vm, "/bin/sh", &busy, Duration::from_secs(10)).unwrap();
+    }
+    let dc = lab.status_from_any().unwrap().dc.unwrap();
+    let d = lab.cfg.host_number(&dc).unwrap();
+    let other = lab.cfg.host_numbers().find(|&n| n != d).unwrap();
+    let (code, out, err) = vmha(&lab, other, &["group", "autoscale", "--only-on-dc"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("is not the DC"), "{out}");
+    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--sample-secs", "3", "--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("scale up to 3"), "busy members: {out}");
+    assert_eq!(names(&members(&lab)), [TPL, "web-1"], "a dry run changes nothing");
+    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
+    assert_eq!(code, 0, "autoscale up failed: {err}");
+    println!("{}", out.trim());
+    assert!(out.contains("2 -> 3 members"), "{out}");
+    let grown = members(&lab);
+    assert_eq!(names(&grown).len(), 3, "{grown:?}");
+    let newest = grown[2].0.clone();
+    let newest_host = wait_running(&lab, &newest, Duration::from_secs(60));
+    // The clone carries the template's busy loop (and its pid file): stop it everywhere.
+    let calm = ["-c", "kill $(cat /run/busy.pid)"];
+    for (vm, n) in [(TPL, a), ("web-1", hosts[1]), (newest.as_str(), newest_host)] {
+        guest_exec(&lab, n, vm, "/bin/sh", &calm, Duration::from_secs(10)).unwrap();
+    }
+    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
+    assert_eq!(code, 0, "autoscale down failed: {err}");
+    println!("{}", out.trim());
+    assert!(out.contains("3 -> 2 members"), "{out}");
+    assert_eq!(names(&members(&lab)), [TPL, "web-1"]);
+    wait_for("the newest member gone", Duration::from_secs(60), POLL, || {
+        (lab.qemu_processes(&newest).is_empty() && !cib(&lab).contains(&format!("\"{newest}\""))).then_some(())
+    })
+    .unwrap();
 }

@@ -1,9 +1,10 @@
 //! Live clone (`vmha clone`), against real guests whose hooks record what they are told: a refusal creates
 //! nothing and leaves the template resumed; a clone runs on another host with its own UUID and MAC, its
-//! guest saw post-clone, the template's guest saw prepare then resume, both are cluster resources and the
-//! clone survives a host failure; `--force` clones without asking; `vmha vm remove --destroy` deletes a
-//! clone's resource, domain and overlay; killing the job's vmhad, and separately its whole host (the DC),
-//! in the middle of a clone leaves no orphan domain, file or resource and the template resumed.
+//! guest saw post-clone, the template's guest saw prepare then resume, both are cluster resources;
+//! `--force` clones without asking; `vmha vm remove --destroy` deletes a clone's resource, domain and
+//! overlay; the clone and the template each survive a failure of their host; killing the job's vmhad, and
+//! separately its whole host (the DC), in the middle of a clone leaves no orphan domain, file or resource
+//! and the template resumed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -333,31 +334,61 @@ fn live_clone_of_a_running_vm() {
     assert_template_resumed(&lab);
     println!("vmhad killed midway: rolled back");
 
-    // 6. The clone is a cluster resource like any other: its host fails, it restarts elsewhere.
-    lab.power_off(b).unwrap();
-    let moved = wait_running(&lab, "cl1", Duration::from_secs(120));
-    assert_ne!(moved, b);
-    lab.power_on(b).unwrap();
-    wait_for("the failed host back", Duration::from_secs(120), POLL, || {
-        let s = lab.status(d).ok()?;
-        s.online_nodes().contains(&b_name.as_str()).then_some(())
-    })
-    .unwrap();
-    lab.start_vmhad(b).unwrap();
-    wait_for(
-        "vmhad on the DC to see the host back",
-        Duration::from_secs(60),
-        POLL,
-        || {
-            let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
-            hosts
-                .as_array()?
-                .iter()
-                .any(|h| h["Name"] == b_name.as_str() && h["State"] == "online")
-                .then_some(())
-        },
-    )
-    .unwrap();
+    // 6. The clone and the template are cluster resources like any other: the host of each fails in
+    // turn, it restarts elsewhere (the template from its overlay on the base image) and its guest answers.
+    for vm in ["cl1", TPL] {
+        let from = wait_running(&lab, vm, Duration::from_secs(60));
+        assert_ne!(from, d, "the DC's host stays up here");
+        let from_name = lab.cfg.host_name(from);
+        lab.power_off(from).unwrap();
+        let moved = wait_running(&lab, vm, Duration::from_secs(120));
+        assert_ne!(moved, from);
+        wait_for(
+            &format!("{vm}'s guest after the failover"),
+            Duration::from_secs(90),
+            POLL,
+            || {
+                let (code, _, _) = vmha(&lab, d, &["vm", "request", vm, "test-ok", "--timeout-ms", "5000"]);
+                (code == 0).then_some(())
+            },
+        )
+        .unwrap();
+        println!(
+            "{vm}: host {from_name} failed, restarted on {}",
+            lab.cfg.host_name(moved)
+        );
+        lab.power_on(from).unwrap();
+        wait_for("the failed host back", Duration::from_secs(120), POLL, || {
+            let s = lab.status(d).ok()?;
+            s.online_nodes().contains(&from_name.as_str()).then_some(())
+        })
+        .unwrap();
+        lab.start_vmhad(from).unwrap();
+        wait_for(
+            "vmhad on the DC to see the host back",
+            Duration::from_secs(60),
+            POLL,
+            || {
+                let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
+                hosts
+                    .as_array()?
+                    .iter()
+                    .any(|h| h["Name"] == from_name.as_str() && h["State"] == "online")
+                    .then_some(())
+            },
+        )
+        .unwrap();
+    }
+    let tpl_blk = domain_field(
+        &lab,
+        wait_running(&lab, TPL, Duration::from_secs(10)),
+        TPL,
+        &["domblklist"],
+    );
+    assert!(
+        !tpl_blk.contains(&format!("{TPL}.vda.qcow2")),
+        "the restarted template runs on its overlay, not the clones' frozen layer: {tpl_blk}"
+    );
 
     // 7. The DC host, running the job, dies midway: the new DC's vmhad rolls the clone back.
     let a = wait_running(&lab, TPL, Duration::from_secs(60));
