@@ -227,6 +227,12 @@ impl<W: Write> ArchiveWriter<W> {
     }
 
     fn append(&mut self, path: &str, data: &[u8]) -> Result<(), ArchiveError> {
+        let sum = sha256_hex(data);
+        self.append_hashed(path, data, sum)
+    }
+
+    /// [`Self::append`] with the data's sha256 computed already.
+    fn append_hashed(&mut self, path: &str, data: &[u8], sha256: String) -> Result<(), ArchiveError> {
         check_path(path)?;
         if self.files.contains_key(path) {
             return Err(ArchiveError::Unsupported(format!("entry {path} added twice")));
@@ -237,7 +243,7 @@ impl<W: Write> ArchiveWriter<W> {
             path.to_string(),
             FileSum {
                 size: data.len() as u64,
-                sha256: sha256_hex(data),
+                sha256,
             },
         );
         Ok(())
@@ -265,26 +271,51 @@ impl<W: Write> ArchiveWriter<W> {
     ) -> Result<DiskEntry, ArchiveError> {
         let id = self.disks.len() as u32;
         let size = file.metadata()?.len();
-        let mut buf = vec![0u8; CHUNK as usize];
-        let mut chunks = 0;
-        let mut stored = 0;
-        let mut done_chunks = BTreeSet::new();
+        let mut offsets = Vec::new();
+        let mut seen = BTreeSet::new();
         for (start, end) in data_regions(file, size) {
             let mut offset = start - start % CHUNK;
             while offset < end {
-                if done_chunks.insert(offset) {
-                    let len = CHUNK.min(size - offset) as usize;
-                    file.read_exact_at(&mut buf[..len], offset)?;
-                    if !is_zero(&buf[..len]) {
-                        self.append(&format!("disks/{id}/{offset:016x}"), &buf[..len])?;
-                        chunks += 1;
-                        stored += len as u64;
-                    }
+                if seen.insert(offset) {
+                    offsets.push(offset);
                 }
                 offset += CHUNK;
-                progress(offset.min(size));
             }
         }
+        let mut chunks = 0;
+        let mut stored = 0;
+        // A reader thread reads ahead, skips all-zero chunks and hashes the rest, while this one writes
+        // into the tar stream and zstd's workers compress: disk, hashing and compression overlap.
+        std::thread::scope(|scope| -> Result<(), ArchiveError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<(u64, Option<(Vec<u8>, String)>)>>(4);
+            scope.spawn(move || {
+                for offset in offsets {
+                    let len = CHUNK.min(size - offset) as usize;
+                    let mut buf = vec![0u8; len];
+                    let item = file.read_exact_at(&mut buf, offset).map(|()| {
+                        let data = (!is_zero(&buf)).then(|| {
+                            let sum = sha256_hex(&buf);
+                            (buf, sum)
+                        });
+                        (offset, data)
+                    });
+                    let failed = item.is_err();
+                    if tx.send(item).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            for item in rx {
+                let (offset, data) = item?;
+                if let Some((buf, sum)) = data {
+                    self.append_hashed(&format!("disks/{id}/{offset:016x}"), &buf, sum)?;
+                    chunks += 1;
+                    stored += buf.len() as u64;
+                }
+                progress((offset + CHUNK).min(size));
+            }
+            Ok(())
+        })?;
         progress(size);
         let entry = DiskEntry {
             id,
@@ -464,16 +495,24 @@ pub fn verify<R: Read>(input: R) -> Result<Verified, ArchiveError> {
     let mut sums: BTreeMap<String, FileSum> = BTreeMap::new();
     let mut metadata = BTreeMap::new();
     let mut manifest_data = None;
-    walk(input, |path, reader, size| {
+    // Disk chunks are hashed on a second thread while this one decompresses the next.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Vec<u8>)>(4);
+    let hasher = std::thread::spawn(move || {
+        rx.into_iter()
+            .map(|(path, data)| {
+                let sum = FileSum {
+                    size: data.len() as u64,
+                    sha256: sha256_hex(&data),
+                };
+                (path, sum)
+            })
+            .collect::<Vec<_>>()
+    });
+    let walked = walk(input, |path, reader, size| {
         if path.starts_with("disks/") {
             let data = read_all(reader, size, path)?;
-            sums.insert(
-                path.to_string(),
-                FileSum {
-                    size,
-                    sha256: sha256_hex(&data),
-                },
-            );
+            tx.send((path.to_string(), data))
+                .map_err(|_| ArchiveError::Unsupported("the hashing thread stopped".into()))?;
         } else {
             let data = read_all(reader, size, path)?;
             if path == MANIFEST {
@@ -490,7 +529,13 @@ pub fn verify<R: Read>(input: R) -> Result<Verified, ArchiveError> {
             }
         }
         Ok(())
-    })?;
+    });
+    drop(tx);
+    let hashed = hasher
+        .join()
+        .map_err(|_| ArchiveError::Unsupported("the hashing thread panicked".into()))?;
+    walked?;
+    sums.extend(hashed);
     let manifest_data = manifest_data
         .ok_or_else(|| ArchiveError::Truncated(format!("no {MANIFEST} (the archive ends before its last entry)")))?;
     let manifest = parse_manifest(&manifest_data)?;
@@ -594,7 +639,30 @@ pub fn extract_disks<R: Read>(
         files.insert(disk.id, file);
     }
     let mut written = 0u64;
-    walk(input, |path, reader, size| {
+    // Checking and writing a chunk happen on a second thread while this one decompresses the next.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, u32, u64, Vec<u8>)>(4);
+    let writer = {
+        let files: BTreeMap<u32, File> = files
+            .iter()
+            .map(|(id, f)| f.try_clone().map(|f| (*id, f)))
+            .collect::<io::Result<_>>()?;
+        let listed: BTreeMap<String, FileSum> = manifest.files.clone();
+        std::thread::spawn(move || -> Result<(), ArchiveError> {
+            for (path, id, offset, data) in rx {
+                let ok = listed
+                    .get(&path)
+                    .is_some_and(|l| l.size == data.len() as u64 && l.sha256 == sha256_hex(&data));
+                if !ok {
+                    return Err(ArchiveError::Tampered(format!(
+                        "checksum mismatch for {path} (the file changed since it was verified)"
+                    )));
+                }
+                files[&id].write_all_at(&data, offset)?;
+            }
+            Ok(())
+        })
+    };
+    let walked = walk(input, |path, reader, size| {
         let Some(rest) = path.strip_prefix("disks/") else {
             io::copy(&mut reader.take(size), &mut io::sink()).map_err(read_error)?;
             return Ok(());
@@ -604,24 +672,28 @@ pub fn extract_disks<R: Read>(
             .parse()
             .map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
         let offset = u64::from_str_radix(offset, 16).map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
-        let file = files
-            .get(&id)
-            .ok_or_else(|| ArchiveError::Tampered(format!("{path} belongs to no listed disk")))?;
-        let data = read_all(reader, size, path)?;
-        let listed = manifest
-            .files
-            .get(path)
-            .ok_or_else(|| ArchiveError::Tampered(format!("entry {path} is not listed in the manifest")))?;
-        if listed.size != size || listed.sha256 != sha256_hex(&data) {
+        if !files.contains_key(&id) {
+            return Err(ArchiveError::Tampered(format!("{path} belongs to no listed disk")));
+        }
+        if !manifest.files.contains_key(path) {
             return Err(ArchiveError::Tampered(format!(
-                "checksum mismatch for {path} (the file changed since it was verified)"
+                "entry {path} is not listed in the manifest"
             )));
         }
-        file.write_all_at(&data, offset)?;
+        let data = read_all(reader, size, path)?;
+        if tx.send((path.to_string(), id, offset, data)).is_err() {
+            // The writer stopped on an error: it is reported below.
+            return Ok(());
+        }
         written += size;
         progress(written);
         Ok(())
-    })?;
+    });
+    drop(tx);
+    writer
+        .join()
+        .map_err(|_| ArchiveError::Unsupported("the writing thread panicked".into()))??;
+    walked?;
     for file in files.values() {
         file.sync_data()?;
     }
