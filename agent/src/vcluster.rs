@@ -55,7 +55,7 @@ pub enum VclusterCmd {
     Capture {
         name: String,
         /// The archive to write.
-        #[arg(long = "out", short = 'f', value_name = "FILE")]
+        #[arg(long = "out", short = 'o', value_name = "FILE")]
         out: PathBuf,
         /// Also the VMs' file-backed disk images (sparse-aware, compressed, streamed).
         #[arg(long)]

@@ -28,7 +28,7 @@ use zbus::{Connection, DBusError, MatchRule, MessageStream};
 )]
 struct Cli {
     /// Output format.
-    #[arg(long, short, value_enum, global = true, default_value_t = Output::Human)]
+    #[arg(long, value_enum, global = true, default_value_t = Output::Human)]
     output: Output,
     /// Give up on vmhad after this many seconds (jobs: on the whole job).
     #[arg(long, global = true, default_value_t = 300)]
@@ -76,7 +76,9 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Elastic VM groups: groups of the placement policy with a template, min and max
+    /// Elastic VM groups: grow by live clones, shrink by drain and destroy.
+    ///
+    /// A group of the placement policy with a template, min and max
     /// ("groups": {"web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, ...}}).
     Group {
         #[command(subcommand)]
@@ -126,7 +128,9 @@ enum Cmd {
 enum GroupCmd {
     /// Every elastic group: size, bounds, template and where its members run.
     List,
-    /// Bring a group to SIZE members (within its min and max): it grows by live clones of its template,
+    /// Bring a group to SIZE members, within its min and max.
+    ///
+    /// It grows by live clones of its template,
     /// one at a time, each on a host that keeps the group's anti-affinity; it shrinks by asking the
     /// newest members' guests to drain (a refusal stops the shrink there) and destroying them. The
     /// policy follows every step (new members join with the template's settings).
@@ -140,7 +144,9 @@ enum GroupCmd {
         #[arg(long, default_value_t = 30_000)]
         drain_timeout_ms: u32,
     },
-    /// Apply the groups' autoscale rules once: measure each member's CPU load through libvirt on its
+    /// Apply the groups' autoscale rules once.
+    ///
+    /// Measures each member's CPU load through libvirt on its
     /// host, average it per group, and scale one member up or down when the load is above cpu_above or
     /// below cpu_below (within min and max). vmha-group-autoscale.timer runs it every minute on every
     /// host with --only-on-dc, so that only the DC's host acts.
