@@ -1,8 +1,8 @@
 //! Live clone of a running VM (`vmha clone`): check, ask the template's guest to prepare, capture its
 //! memory and disks live (external snapshot: the template goes on running on a new overlay), restore the
-//! capture as new domains with their own identity on the target host, resume the template's guest,
-//! register the clones as cluster resources with the template's settings, tell each clone's guest that it
-//! is a clone. Any failure rolls back what was made and resumes the template. Every step is written to a
+//! capture as new domains with their own identity on the target host, resume the template's guest, tell
+//! each clone's guest that it is a clone and wait for its acknowledgement, register the clones as cluster
+//! resources with the template's settings. Any failure rolls back what was made and resumes the template. Every step is written to a
 //! journal (a node attribute of the host running the job), so that a restarted vmhad, or the DC's vmhad
 //! when this one's host is gone, rolls back a clone that was cut short.
 
@@ -281,6 +281,8 @@ pub struct Timings {
     pub resume_ms: u128,
     pub register_ms: u128,
     pub post_clone_ms: u128,
+    /// From the request to the clones' post-clone acknowledgement: the clones are ready (registering them
+    /// as cluster resources follows, in `register_ms`).
     pub total_ms: u128,
 }
 
@@ -553,9 +555,40 @@ async fn steps(
     }
     t.resume_ms = at.elapsed().as_millis();
 
-    // 6. Register the clones as cluster resources with the template's settings.
+    // 6. Tell each clone's guest who it is now and wait for its acknowledgement (through the target host's
+    // vmhad, which opens the channel on this request: the clone is not a cluster resource yet).
     let at = Instant::now();
-    job.progress(0.65, "registering the clones as cluster resources").await;
+    job.progress(0.65, "telling the clones' guests who they are").await;
+    for (clone, identity, _, _) in &made {
+        let data = json!({
+            "template": tpl,
+            "name": clone,
+            "hostname": clone,
+            "uuid": identity.uuid,
+            "macs": identity.macs,
+            "host": plan.target,
+        })
+        .to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match relay::guest_request_on(shared, &plan.target, clone, "post-clone", &data, GUEST_DEADLINE_MS).await {
+                Ok((o, _)) if o == "done" => break,
+                Ok((o, reason)) => return Err(format!("{clone}'s guest answered post-clone with {o}: {reason}")),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(%clone, "post-clone not deliverable yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(format!("telling {clone}'s guest it is a clone: {e}")),
+            }
+        }
+    }
+    t.post_clone_ms = at.elapsed().as_millis();
+    // The clones are ready: their guests took their new identity.
+    t.total_ms = started.elapsed().as_millis();
+
+    // 7. Register the clones as cluster resources with the template's settings.
+    let at = Instant::now();
+    job.progress(0.8, "registering the clones as cluster resources").await;
     for (clone, _, xml_path, _) in &made {
         let cib = shared.backend.query().await.map_err(|e| e.to_string())?;
         let r = model::clone_resource(&cib, &tpl, clone, xml_path).map_err(|e| e.to_string())?;
@@ -589,35 +622,6 @@ async fn steps(
         wait_running_on(shared, clone, &plan.target).await?;
     }
     t.register_ms = at.elapsed().as_millis();
-
-    // 7. Tell each clone's guest who it is now.
-    let at = Instant::now();
-    job.progress(0.8, "telling the clones' guests who they are").await;
-    for (clone, identity, _, _) in &made {
-        let data = json!({
-            "template": tpl,
-            "name": clone,
-            "hostname": clone,
-            "uuid": identity.uuid,
-            "macs": identity.macs,
-            "host": plan.target,
-        })
-        .to_string();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match relay::guest_request(shared, clone, "post-clone", &data, GUEST_DEADLINE_MS).await {
-                Ok((o, _)) if o == "done" => break,
-                Ok((o, reason)) => return Err(format!("{clone}'s guest answered post-clone with {o}: {reason}")),
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(%clone, "post-clone not deliverable yet: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(format!("telling {clone}'s guest it is a clone: {e}")),
-            }
-        }
-    }
-    t.post_clone_ms = at.elapsed().as_millis();
-    t.total_ms = started.elapsed().as_millis();
 
     // 8. Keep the template's disk chain short: pull the frozen layer into its active overlay, so that every
     // clone adds a layer only under the clones, never under the template.

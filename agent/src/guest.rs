@@ -52,7 +52,15 @@ pub enum GuestError {
 pub struct Guests {
     channels: Mutex<HashMap<String, Arc<Channel>>>,
     next_id: AtomicU64,
+    /// VMs expected to run here although the CIB does not show them yet (a clone just restored on this
+    /// host, before it is a cluster resource), until when.
+    expected: Mutex<HashMap<String, Instant>>,
+    /// Wakes the channel follower when an expectation is added.
+    wake: tokio::sync::Notify,
 }
+
+/// How long an expected VM gets a channel without the CIB showing it here.
+const EXPECT_FOR: Duration = Duration::from_secs(60);
 
 /// One VM's channel, shared by its task and the callers.
 #[derive(Debug)]
@@ -93,6 +101,27 @@ impl Guests {
     }
 
     /// Sends a request to `vm`'s guest and waits for its result, at most `timeout_ms` plus a grace second.
+    /// Opens the channel of `vm` on this host now, although the CIB does not show it here (yet), for
+    /// [`EXPECT_FOR`]; once the CIB shows it, it is followed as any other.
+    pub fn expect(&self, vm: &str) {
+        if !valid_vm_name(vm) {
+            return;
+        }
+        self.expected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.to_string(), Instant::now() + EXPECT_FOR);
+        self.wake.notify_one();
+    }
+
+    /// The VMs expected here now (expired expectations are dropped).
+    fn expected_now(&self) -> Vec<String> {
+        let mut e = self.expected.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        e.retain(|_, until| *until > now);
+        e.keys().cloned().collect()
+    }
+
     pub async fn request(
         &self,
         shared: &Shared,
@@ -315,7 +344,12 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
         let new = rx.borrow_and_update().clone();
         let now = Instant::now();
         migrations.observe(&new, now);
-        let local = local_vms(&new, &shared.local_host);
+        let mut local = local_vms(&new, &shared.local_host);
+        for vm in shared.guests.expected_now() {
+            if !local.contains(&vm) {
+                local.push(vm);
+            }
+        }
         tasks.retain(|vm, task| {
             if task.abort.is_finished() {
                 shared.guests.forget(vm, &task.channel);
@@ -385,6 +419,7 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
                 }
             }
             _ = tick.tick() => {}
+            _ = shared.guests.wake.notified() => {}
         }
     }
 }
@@ -615,6 +650,16 @@ async fn read_guest(
     }
 }
 
+/// A VM name usable in a channel socket path: what the CIB allows as a resource id, no path characters.
+fn valid_vm_name(vm: &str) -> bool {
+    !vm.is_empty()
+        && vm.len() <= 64
+        && vm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !vm.starts_with('.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -754,5 +799,20 @@ mod tests {
         assert!(err(guests.request(&shared, "vm", "ok", "", 0).await).contains("timeout"));
         let e = err(guests.request(&shared, "vm", "ok", "", 10).await);
         assert!(e.contains("does not run on this host (n1): it runs nowhere"), "{e}");
+    }
+
+    #[test]
+    fn expected_vms_are_followed_until_their_expectation_expires() {
+        let guests = Guests::default();
+        guests.expect("web-1");
+        guests.expect("../etc");
+        guests.expect("");
+        assert_eq!(guests.expected_now(), ["web-1"], "only plain VM names");
+        guests
+            .expected
+            .lock()
+            .unwrap()
+            .insert("old".into(), Instant::now() - Duration::from_secs(1));
+        assert_eq!(guests.expected_now(), ["web-1"], "expired expectations are dropped");
     }
 }

@@ -32,6 +32,9 @@ enum Msg {
         name: String,
         data: String,
         timeout_ms: u32,
+        /// The VM may not be a cluster resource yet: open its channel on the target host first.
+        #[serde(default)]
+        expect: bool,
     },
     Result {
         id: u64,
@@ -69,7 +72,7 @@ pub async fn guest_request(
         .and_then(|v| v.vm(vm))
         .and_then(|v| (v.hosts.len() == 1).then(|| v.hosts[0].clone()));
     match host {
-        Some(h) if h != shared.local_host => remote(&h, vm, name, data_json, timeout_ms).await,
+        Some(h) if h != shared.local_host => remote(&h, vm, name, data_json, timeout_ms, false).await,
         _ => shared
             .guests
             .request(shared, vm, name, data_json, timeout_ms)
@@ -78,7 +81,36 @@ pub async fn guest_request(
     }
 }
 
-async fn remote(host: &str, vm: &str, name: &str, data: &str, timeout_ms: u32) -> Result<(String, String), GuestError> {
+/// Sends a guest request to `vm` on `host`, whatever the CIB says: for a VM that is not a cluster resource
+/// yet (a clone just restored there), whose channel that host's vmhad opens on this request.
+pub async fn guest_request_on(
+    shared: &Shared,
+    host: &str,
+    vm: &str,
+    name: &str,
+    data_json: &str,
+    timeout_ms: u32,
+) -> Result<(String, String), GuestError> {
+    if host == shared.local_host {
+        shared.guests.expect(vm);
+        shared
+            .guests
+            .request(shared, vm, name, data_json, timeout_ms)
+            .await
+            .map(|(o, r)| (o.as_str().to_string(), r))
+    } else {
+        remote(host, vm, name, data_json, timeout_ms, true).await
+    }
+}
+
+async fn remote(
+    host: &str,
+    vm: &str,
+    name: &str,
+    data: &str,
+    timeout_ms: u32,
+    expect: bool,
+) -> Result<(String, String), GuestError> {
     let r = relay();
     let link = r.link.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let Some((cpg, me)) = link else {
@@ -97,6 +129,7 @@ async fn remote(host: &str, vm: &str, name: &str, data: &str, timeout_ms: u32) -
         name: name.to_string(),
         data: data.to_string(),
         timeout_ms,
+        expect,
     };
     let body = serde_json::to_vec(&msg).map_err(|e| GuestError::Invalid(e.to_string()))?;
     let answer = match cpg.mcast(&body).await {
@@ -150,8 +183,12 @@ async fn session(shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_
                 name,
                 data,
                 timeout_ms,
+                expect,
             }) if host == shared.local_host => {
                 let (shared, cpg) = (Arc::clone(shared), cpg.clone());
+                if expect {
+                    shared.guests.expect(&vm);
+                }
                 tokio::spawn(async move {
                     let (outcome, reason) = match shared.guests.request(&shared, &vm, &name, &data, timeout_ms).await {
                         Ok((o, r)) => (o.as_str().to_string(), r),

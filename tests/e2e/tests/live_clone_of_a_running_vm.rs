@@ -390,8 +390,29 @@ fn live_clone_of_a_running_vm() {
         "the restarted template runs on its overlay, not the clones' frozen layer: {tpl_blk}"
     );
 
-    // 7. The DC host, running the job, dies midway: the new DC's vmhad rolls the clone back.
+    // 7. The DC host, running the job, dies midway: the new DC's vmhad rolls the clone back. The template
+    // must not die with it: if its failover put it on the DC's host, it is banned from there first.
+    if wait_running(&lab, TPL, Duration::from_secs(60)) == d {
+        lab.exec_ok(d, &["pcs", "resource", "ban", TPL, &dc_name]).unwrap();
+        wait_for("the template off the DC's host", Duration::from_secs(120), POLL, || {
+            let s = lab.status(d).ok()?;
+            let on = s.running_on(TPL)?;
+            (on != dc_name.as_str() && lab.qemu_processes(TPL).len() == 1).then_some(())
+        })
+        .unwrap();
+        wait_for(
+            "the template's guest after the move",
+            Duration::from_secs(90),
+            POLL,
+            || {
+                let (code, _, _) = vmha(&lab, d, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
+                (code == 0).then_some(())
+            },
+        )
+        .unwrap();
+    }
     let a = wait_running(&lab, TPL, Duration::from_secs(60));
+    assert_ne!(a, d);
     let target = lab.cfg.host_numbers().find(|&n| n != a && n != d).unwrap();
     let args: Vec<String> = ["clone", TPL, "--name", "cl-dc", "--host", &lab.cfg.host_name(target)]
         .iter()
