@@ -66,25 +66,7 @@ pub fn run(rounds: usize, out: Option<PathBuf>) -> Result<()> {
     let shared = lab.cfg.shared_dir();
     let base = shared.join("base.qcow2");
     let disk = shared.join(format!("{TPL}.vda.qcow2"));
-    for args in [
-        vec!["create", "-q", "-f", "qcow2", base.to_str().unwrap_or(""), "64M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap_or(""),
-            "-F",
-            "qcow2",
-            disk.to_str().unwrap_or(""),
-        ],
-    ] {
-        let st = std::process::Command::new("qemu-img").args(&args).status()?;
-        if !st.success() {
-            bail!("qemu-img {args:?} failed");
-        }
-    }
+    vmha_lab::guest::disk_on_base(&base, &disk, "64M")?;
     lab.add_vm(
         &GuestSpec::new(TPL).with_disk_and_nic(&disk, "52:54:00:be:00:01"),
         VmAgent::Vmha,

@@ -54,6 +54,9 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::write(dir.join("vmha-guest.8"), page)
 }
 
+/// Pause between two attempts to read the channel while no host side is connected.
+const REOPEN_PAUSE: Duration = Duration::from_millis(100);
+
 fn main() {
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
@@ -92,7 +95,9 @@ fn main() {
             }
             Err(_) => {}
         }
-        // End of file: no host side connected. Reopen after a pause.
-        std::thread::sleep(Duration::from_millis(500));
+        // End of file: no host side connected. Reopen after a short pause: when vmhad connects (after a
+        // restart, a migration or a clone's restore) the hello should follow at once, since vmhad sends
+        // nothing before it (or 2 s).
+        std::thread::sleep(REOPEN_PAUSE);
     }
 }

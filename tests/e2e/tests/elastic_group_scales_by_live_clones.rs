@@ -74,23 +74,7 @@ fn elastic_group_scales_by_live_clones() {
     let shared = lab.cfg.shared_dir();
     let base = shared.join("gbase.qcow2");
     let disk = shared.join(format!("{TPL}.vda.qcow2"));
-    for args in [
-        vec!["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            disk.to_str().unwrap(),
-        ],
-    ] {
-        let st = std::process::Command::new("qemu-img").args(&args).status().unwrap();
-        assert!(st.success(), "qemu-img {args:?}");
-    }
+    vmha_lab::guest::disk_on_base(&base, &disk, "64M").unwrap();
     let spec = GuestSpec::new(TPL).with_disk_and_nic(Path::new(&disk), "52:54:00:c1:00:01");
     lab.add_vm(&spec, VmAgent::Vmha).unwrap();
     let a = wait_running(&lab, TPL, Duration::from_secs(120));

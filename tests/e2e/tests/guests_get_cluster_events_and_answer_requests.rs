@@ -106,10 +106,10 @@ fn guests_get_cluster_events_and_answer_requests() {
     assert!(slow["reason"].as_str().unwrap_or("").contains("timed out"), "{slow}");
     assert!(took < Duration::from_secs(5), "test-slow took {took:?}");
     let elsewhere = lab.cfg.host_numbers().find(|&h| h != n).unwrap();
-    let (code, _, err) = request(&lab, elsewhere, vm, "test-ok", 5000);
-    println!("from {}: {}", lab.cfg.host_name(elsewhere), err.trim());
-    assert_ne!(code, 0);
-    assert!(err.contains(&format!("runs on {}", lab.cfg.host_name(n))), "{err}");
+    // Any host's vmhad takes the request: the one where the VM runs answers through the relay.
+    let (code, relayed, err) = request(&lab, elsewhere, vm, "test-ok", 5000);
+    println!("from {}: {relayed}", lab.cfg.host_name(elsewhere));
+    assert_eq!((code, relayed["result"].as_str()), (0, Some("done")), "{err}");
 
     // (c) A guest floods the channel: vmhad stays responsive and logs each problem once.
     let vmhad_pid = lab.exec_ok(n, &["cat", "/run/vmhad.pid"]).unwrap();

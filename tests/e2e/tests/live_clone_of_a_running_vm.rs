@@ -149,23 +149,7 @@ fn live_clone_of_a_running_vm() {
     let shared = lab.cfg.shared_dir();
     let base = shared.join("base.qcow2");
     let disk = shared.join(format!("{TPL}.vda.qcow2"));
-    for args in [
-        vec!["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"],
-        vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.to_str().unwrap(),
-            "-F",
-            "qcow2",
-            disk.to_str().unwrap(),
-        ],
-    ] {
-        let st = std::process::Command::new("qemu-img").args(&args).status().unwrap();
-        assert!(st.success(), "qemu-img {args:?}");
-    }
+    vmha_lab::guest::disk_on_base(&base, &disk, "64M").unwrap();
     // The template runs off the DC (whose death is tested below): the DC stands by while it starts. (The
     // lab's shared directory is local storage to libvirt, which refuses to live-migrate disks on it.)
     let dc_name = lab.status_from_any().unwrap().dc.unwrap();

@@ -179,6 +179,23 @@ impl GuestSpec {
     }
 }
 
+/// A qcow2 disk for a lab VM: an empty base image of `size` (e.g. `64M`) and `disk`, an overlay on it (the
+/// shape live clone works with: a template's writable overlay on a shared base).
+pub fn disk_on_base(base: &Path, disk: &Path, size: &str) -> Result<()> {
+    let (b, d) = (base.to_string_lossy(), disk.to_string_lossy());
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &b, size],
+        Duration::from_secs(30),
+    )?;
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", &b, "-F", "qcow2", &d],
+        Duration::from_secs(30),
+    )?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
