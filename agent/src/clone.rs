@@ -148,7 +148,7 @@ pub async fn check(shared: &Shared, spec: &CloneSpec) -> Result<Plan, String> {
         return Err(format!("host {target} is not online, or in standby or maintenance"));
     }
     if let (Some(free), Some(need)) = (
-        free_memory(view, &target),
+        vmha_model::group::free_memory(view, &target),
         tpl.utilization.get("hv_memory").and_then(|v| v.parse::<u64>().ok()),
     ) {
         let want = need * u64::from(spec.count);
@@ -197,16 +197,12 @@ pub async fn check(shared: &Shared, spec: &CloneSpec) -> Result<Plan, String> {
     })
 }
 
-fn free_memory(view: &vmha_model::ClusterView, host: &str) -> Option<u64> {
-    vmha_model::group::free_memory(view, host)
-}
-
 /// The online host with the most free memory, for clones without `--host`.
 fn best_host(view: &vmha_model::ClusterView, snap: &crate::state::Snapshot) -> Option<String> {
     view.hosts
         .iter()
         .filter(|h| snap.host_online(&h.name) && !h.standby && !h.maintenance)
-        .max_by_key(|h| free_memory(view, &h.name).unwrap_or(0))
+        .max_by_key(|h| vmha_model::group::free_memory(view, &h.name).unwrap_or(0))
         .map(|h| h.name.clone())
 }
 

@@ -96,7 +96,8 @@ async fn query(cib: &Cib) -> Result<String> {
     cib.query_all(CIB_CALL).await.context("reading the CIB")
 }
 
-fn stored(xml: &str) -> Result<Policy> {
+/// The policy stored in a CIB (an error naming the fix when there is none).
+pub fn stored(xml: &str) -> Result<Policy> {
     Policy::from_cib(xml)
         .context("reading the stored policy")?
         .ok_or_else(|| anyhow!("no policy is stored (vmha policy set FILE)"))

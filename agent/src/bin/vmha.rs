@@ -541,7 +541,7 @@ async fn scale_group(
         for member in &plan.add {
             let xml = reread(&cib).await?;
             let view = vmha_model::ClusterView::from_cib(&xml)?;
-            let policy = vmha_model::policy::Policy::from_cib(&xml)?.ok_or_else(|| anyhow!("the policy vanished"))?;
+            let policy = vmha_agent::placement::stored(&xml)?;
             let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &group::running(&view))?;
             eprintln!("group {name}: cloning {} as {member} on {host}", g.template);
             let (_, ok, message) = client
@@ -568,7 +568,7 @@ async fn scale_group(
                 bail!("{member}'s guest answered drain with {result}: {reason}; it stays in the group");
             }
             let xml = reread(&cib).await?;
-            let policy = vmha_model::policy::Policy::from_cib(&xml)?.ok_or_else(|| anyhow!("the policy vanished"))?;
+            let policy = vmha_agent::placement::stored(&xml)?;
             store_and_apply(&cib, &group::without_member(&policy, name, member))
                 .await
                 .with_context(|| format!("taking {member} out of group {name}"))?;

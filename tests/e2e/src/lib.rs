@@ -382,6 +382,21 @@ pub fn lab_with_vmhad() -> Lab {
     lab
 }
 
+/// `vmha --timeout 180 ARGS` on host `n`: (exit code, stdout, stderr); an exec failure is exit code -1 with
+/// the error as stderr.
+pub fn vmha_run(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["vmha", "--timeout", "180"];
+    all.extend_from_slice(args);
+    match lab.exec(n, &all) {
+        Ok(out) => (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ),
+        Err(e) => (-1, String::new(), e.to_string()),
+    }
+}
+
 /// Runs the `vmha` CLI on host `n` with `--output json` and parses its output.
 pub fn vmha_json(lab: &Lab, n: u8, args: &[&str]) -> Result<serde_json::Value> {
     let mut all = vec!["vmha", "--output", "json"];

@@ -6,25 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use vmha_e2e::{guest_exec, hook_log, lab_with_vmhad, vmha_json, wait_running, POLL};
+use vmha_e2e::{guest_exec, hook_log, lab_with_vmhad, vmha_json, vmha_run, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
 
 const TPL: &str = "gweb";
-
-fn vmha(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["vmha", "--timeout", "180"];
-    all.extend_from_slice(args);
-    match lab.exec(n, &all) {
-        Ok(out) => (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ),
-        Err(e) => (-1, String::new(), e.to_string()),
-    }
-}
 
 /// The hooks a guest ran, in order, among `wanted`.
 fn hooks(lab: &Lab, n: u8, vm: &str, wanted: &[&str]) -> Vec<String> {
@@ -79,7 +66,7 @@ fn elastic_group_scales_by_live_clones() {
     lab.add_vm(&spec, VmAgent::Vmha).unwrap();
     let a = wait_running(&lab, TPL, Duration::from_secs(120));
     wait_for("the template's guest channel", Duration::from_secs(90), POLL, || {
-        let (code, _, _) = vmha(&lab, 1, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
+        let (code, _, _) = vmha_run(&lab, 1, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
         (code == 0).then_some(())
     })
     .unwrap();
@@ -99,7 +86,7 @@ fn elastic_group_scales_by_live_clones() {
     // Out of bounds: refused, nothing changes.
     let before = cib(&lab);
     for size in ["4", "0"] {
-        let (code, _, err) = vmha(&lab, 1, &["group", "scale", "web", size]);
+        let (code, _, err) = vmha_run(&lab, 1, &["group", "scale", "web", size]);
         assert_ne!(code, 0, "scale to {size} must fail");
         assert!(err.contains("outside its bounds (min 1, max 3)"), "{err}");
     }
@@ -108,7 +95,7 @@ fn elastic_group_scales_by_live_clones() {
     assert_eq!(config(&before), config(&after), "a refused scale changes nothing");
 
     // Grow by 2: two live clones, each on a host of its own.
-    let (code, out, err) = vmha(&lab, 1, &["group", "scale", "web", "3"]);
+    let (code, out, err) = vmha_run(&lab, 1, &["group", "scale", "web", "3"]);
     assert_eq!(code, 0, "scale up failed: {err}");
     println!("{}{}", err.trim(), out.trim());
     assert!(out.contains("1 -> 3 members"), "{out}");
@@ -158,7 +145,7 @@ fn elastic_group_scales_by_live_clones() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let (code, _, err) = vmha(&lab, 1, &["group", "scale", "web", "2"]);
+    let (code, _, err) = vmha_run(&lab, 1, &["group", "scale", "web", "2"]);
     assert_ne!(code, 0);
     assert!(
         err.contains("sessions still open"),
@@ -177,7 +164,7 @@ fn elastic_group_scales_by_live_clones() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let (code, out, err) = vmha(&lab, 1, &["group", "scale", "web", "2"]);
+    let (code, out, err) = vmha_run(&lab, 1, &["group", "scale", "web", "2"]);
     assert_eq!(code, 0, "scale down failed: {err}");
     assert!(out.contains("3 -> 2 members"), "{out}");
     assert_eq!(names(&members(&lab)), [TPL, "web-1"]);
@@ -192,7 +179,7 @@ fn elastic_group_scales_by_live_clones() {
     // The others run on.
     assert_eq!(wait_running(&lab, TPL, Duration::from_secs(10)), a);
     assert_eq!(wait_running(&lab, "web-1", Duration::from_secs(10)), hosts[1]);
-    let (code, out, _) = vmha(&lab, 1, &["group", "scale", "web", "2"]);
+    let (code, out, _) = vmha_run(&lab, 1, &["group", "scale", "web", "2"]);
     assert_eq!(code, 0);
     assert!(out.contains("has 2 members already"), "{out}");
 
@@ -211,14 +198,14 @@ fn elastic_group_scales_by_live_clones() {
     let dc = lab.status_from_any().unwrap().dc.unwrap();
     let d = lab.cfg.host_number(&dc).unwrap();
     let other = lab.cfg.host_numbers().find(|&n| n != d).unwrap();
-    let (code, out, err) = vmha(&lab, other, &["group", "autoscale", "--only-on-dc"]);
+    let (code, out, err) = vmha_run(&lab, other, &["group", "autoscale", "--only-on-dc"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("is not the DC"), "{out}");
-    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--sample-secs", "3", "--dry-run"]);
+    let (code, out, err) = vmha_run(&lab, d, &["group", "autoscale", "--sample-secs", "3", "--dry-run"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("scale up to 3"), "busy members: {out}");
     assert_eq!(names(&members(&lab)), [TPL, "web-1"], "a dry run changes nothing");
-    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
+    let (code, out, err) = vmha_run(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
     assert_eq!(code, 0, "autoscale up failed: {err}");
     println!("{}", out.trim());
     assert!(out.contains("2 -> 3 members"), "{out}");
@@ -231,7 +218,7 @@ fn elastic_group_scales_by_live_clones() {
     for (vm, n) in [(TPL, a), ("web-1", hosts[1]), (newest.as_str(), newest_host)] {
         guest_exec(&lab, n, vm, "/bin/sh", &calm, Duration::from_secs(10)).unwrap();
     }
-    let (code, out, err) = vmha(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
+    let (code, out, err) = vmha_run(&lab, d, &["group", "autoscale", "--only-on-dc", "--sample-secs", "3"]);
     assert_eq!(code, 0, "autoscale down failed: {err}");
     println!("{}", out.trim());
     assert!(out.contains("3 -> 2 members"), "{out}");

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_json, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_json, vmha_run, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -32,19 +32,6 @@ fn clone_hooks(lab: &Lab, n: u8, vm: &str) -> Vec<String> {
         .map(|(h, _)| h)
         .filter(|h| matches!(h.as_str(), "prepare-clone" | "resume" | "post-clone"))
         .collect()
-}
-
-fn vmha(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["vmha", "--timeout", "180"];
-    all.extend_from_slice(args);
-    match lab.exec(n, &all) {
-        Ok(out) => (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        ),
-        Err(e) => (-1, String::new(), e.to_string()),
-    }
 }
 
 fn shared_files(lab: &Lab, prefix: &str) -> Vec<String> {
@@ -126,7 +113,7 @@ fn clone_in_background<'a>(
 ) -> std::thread::ScopedJoinHandle<'a, (i32, String, String)> {
     let handle = scope.spawn(move || {
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        vmha(lab, n, &a)
+        vmha_run(lab, n, &a)
     });
     wait_for(
         "the clone job midway",
@@ -168,7 +155,7 @@ fn live_clone_of_a_running_vm() {
     );
     // The template's guest channel is up when a request comes back done.
     wait_for("the template's guest channel", Duration::from_secs(90), POLL, || {
-        let (code, _, _) = vmha(&lab, a, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
+        let (code, _, _) = vmha_run(&lab, a, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
         (code == 0).then_some(())
     })
     .unwrap();
@@ -187,7 +174,7 @@ fn live_clone_of_a_running_vm() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let (code, _, err) = vmha(&lab, d, &["clone", TPL, "--name", "cl-no", "--host", &b_name]);
+    let (code, _, err) = vmha_run(&lab, d, &["clone", TPL, "--name", "cl-no", "--host", &b_name]);
     assert_ne!(code, 0);
     assert!(
         err.contains("application busy: not now"),
@@ -208,7 +195,7 @@ fn live_clone_of_a_running_vm() {
     )
     .unwrap();
     let t0 = Instant::now();
-    let (code, out, err) = vmha(&lab, d, &["clone", TPL, "--name", "cl1", "--host", &b_name]);
+    let (code, out, err) = vmha_run(&lab, d, &["clone", TPL, "--name", "cl1", "--host", &b_name]);
     assert_eq!(code, 0, "clone failed: {err}");
     println!("cloned in {:.2} s: {}", t0.elapsed().as_secs_f64(), out.trim());
     assert!(err.contains('%'), "the CLI shows the job's progress: {err}");
@@ -267,7 +254,7 @@ fn live_clone_of_a_running_vm() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let (code, _, err) = vmha(
+    let (code, _, err) = vmha_run(
         &lab,
         d,
         &["clone", TPL, "--name", "cl-forced", "--host", &b_name, "--force"],
@@ -295,10 +282,10 @@ fn live_clone_of_a_running_vm() {
     .unwrap();
 
     // 4. remove --destroy deletes the clone's resource, domain and overlay; a non-clone is refused.
-    let (code, _, err) = vmha(&lab, d, &["vm", "remove", "--destroy", TPL]);
+    let (code, _, err) = vmha_run(&lab, d, &["vm", "remove", "--destroy", TPL]);
     assert_ne!(code, 0);
     assert!(err.contains("not a vmha clone"), "{err}");
-    let (code, _, err) = vmha(&lab, d, &["vm", "remove", "--destroy", "cl-forced"]);
+    let (code, _, err) = vmha_run(&lab, d, &["vm", "remove", "--destroy", "cl-forced"]);
     assert_eq!(code, 0, "{err}");
     assert_no_trace(&lab, d, "cl-forced");
 
@@ -332,7 +319,7 @@ fn live_clone_of_a_running_vm() {
             Duration::from_secs(90),
             POLL,
             || {
-                let (code, _, _) = vmha(&lab, d, &["vm", "request", vm, "test-ok", "--timeout-ms", "5000"]);
+                let (code, _, _) = vmha_run(&lab, d, &["vm", "request", vm, "test-ok", "--timeout-ms", "5000"]);
                 (code == 0).then_some(())
             },
         )
@@ -389,7 +376,7 @@ fn live_clone_of_a_running_vm() {
             Duration::from_secs(90),
             POLL,
             || {
-                let (code, _, _) = vmha(&lab, d, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
+                let (code, _, _) = vmha_run(&lab, d, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
                 (code == 0).then_some(())
             },
         )
