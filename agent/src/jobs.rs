@@ -182,6 +182,8 @@ struct JobInfo {
     state: String,
     progress: f64,
     message: String,
+    /// JSON the job leaves for its caller (empty: none).
+    details: String,
 }
 
 /// A long operation: `/org/vmha/Vmha1/job/<n>`, interface `org.vmha.Vmha1.Job`.
@@ -228,12 +230,19 @@ impl JobObject {
         self.read(|i| i.message.clone())
     }
 
+    /// What the job leaves for its caller once it finished, as JSON (empty for most jobs; a virtual
+    /// cluster capture's summary, an instantiate's plan).
+    #[zbus(property)]
+    async fn details(&self) -> String {
+        self.read(|i| i.details.clone())
+    }
+
     #[zbus(signal)]
     async fn finished(emitter: &SignalEmitter<'_>, success: bool, message: &str) -> zbus::Result<()>;
 }
 
 /// The running side of a job.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Job {
     conn: Connection,
     path: String,
@@ -243,13 +252,64 @@ pub struct Job {
 impl Job {
     /// Puts a job object on the bus and runs `op` in the background; returns the job's path.
     pub async fn start(conn: &Connection, shared: &Arc<Shared>, op: Operation) -> zbus::fdo::Result<OwnedObjectPath> {
+        let job = Job::create(conn, shared, op.kind(), op.target()).await?;
+        let path = job.path.clone();
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            let result = run(&shared, &job, &op).await;
+            job.finish(result).await;
+        });
+        OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    /// Puts a job object on the bus and runs `work` on a thread of its own (with its own runtime: it
+    /// may block, on files and libvirt, without stalling vmhad); `work` reports through the job and
+    /// returns its result and details (JSON). Returns the job's path.
+    pub async fn start_on_thread<F>(
+        conn: &Connection,
+        shared: &Arc<Shared>,
+        kind: &str,
+        target: String,
+        work: F,
+    ) -> zbus::fdo::Result<OwnedObjectPath>
+    where
+        F: FnOnce(&JobReport) -> (Result<String, String>, String) + Send + 'static,
+    {
+        let job = Job::create(conn, shared, kind, target).await?;
+        let path = job.path.clone();
+        let report = JobReport {
+            job: job.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("vmha-job-{}", job.id()))
+            .spawn(move || {
+                let _ = tx.send(work(&report));
+            });
+        if let Err(e) = spawned {
+            job.finish(Err(format!("cannot start the job's thread: {e}"))).await;
+        } else {
+            tokio::spawn(async move {
+                let (result, details) = rx
+                    .await
+                    .unwrap_or_else(|_| (Err("the job's thread ended without a result".into()), String::new()));
+                job.info.lock().unwrap_or_else(|p| p.into_inner()).details = details;
+                job.finish(result).await;
+            });
+        }
+        OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    async fn create(conn: &Connection, shared: &Arc<Shared>, kind: &str, target: String) -> zbus::fdo::Result<Job> {
         let path = job_path(shared.next_job_id());
         let info = Arc::new(Mutex::new(JobInfo {
-            kind: op.kind().into(),
-            target: op.target(),
+            kind: kind.into(),
+            target,
             state: "running".into(),
             progress: 0.0,
             message: "queued".into(),
+            details: String::new(),
         }));
         conn.object_server()
             .at(
@@ -259,17 +319,11 @@ impl Job {
                 },
             )
             .await?;
-        let job = Job {
+        Ok(Job {
             conn: conn.clone(),
-            path: path.clone(),
+            path,
             info,
-        };
-        let shared = Arc::clone(shared);
-        tokio::spawn(async move {
-            let result = run(&shared, &job, &op).await;
-            job.finish(result).await;
-        });
-        OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+        })
     }
 
     async fn update(&self, progress: Option<f64>, state: Option<&str>, message: &str) {
@@ -354,6 +408,23 @@ impl Job {
             tokio::time::sleep(JOB_LINGER).await;
             let _ = conn.object_server().remove::<JobObject, _>(path.as_str()).await;
         });
+    }
+}
+
+/// A job's progress reported from the job's own thread (see [`Job::start_on_thread`]).
+#[derive(Debug)]
+pub struct JobReport {
+    job: Job,
+    runtime: tokio::runtime::Handle,
+}
+
+impl crate::vcluster::Report for JobReport {
+    fn step(&self, fraction: Option<f64>, message: &str) {
+        let job = self.job.clone();
+        let message = message.to_string();
+        tracing::info!(job = %job.path, ?fraction, %message, "job progress");
+        self.runtime
+            .spawn(async move { job.update(fraction, None, &message).await });
     }
 }
 

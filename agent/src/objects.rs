@@ -20,6 +20,32 @@ fn fail(e: impl std::fmt::Display) -> zbus::fdo::Error {
     zbus::fdo::Error::Failed(e.to_string())
 }
 
+/// An archive passed as a file descriptor: open for writing (`write`) or reading, and not a directory.
+fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> zbus::fdo::Result<std::fs::File> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let bad = |why: String| zbus::fdo::Error::InvalidArgs(format!("the archive file descriptor {why}"));
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| bad(format!("cannot be inspected: {e}")))?;
+    let mode = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
+    let ok = if write {
+        mode == OFlag::O_WRONLY || mode == OFlag::O_RDWR
+    } else {
+        mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR
+    };
+    if !ok {
+        return Err(bad(format!(
+            "is not open for {}",
+            if write { "writing" } else { "reading" }
+        )));
+    }
+    let meta = file.metadata().map_err(|e| bad(format!("cannot be inspected: {e}")))?;
+    if meta.is_dir() {
+        return Err(bad("is a directory".into()));
+    }
+    Ok(file)
+}
+
 /// The cluster as a whole: `/org/vmha/Vmha1`, interface `org.vmha.Vmha1.Cluster`.
 #[derive(Debug)]
 pub struct ClusterObject {
@@ -140,6 +166,93 @@ impl ClusterObject {
             .await
             .map_err(zbus::fdo::Error::InvalidArgs)?;
         Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await
+    }
+
+    /// Captures the virtual cluster `name` (see `vmha vcluster capture`) into `archive`, a file the
+    /// caller opened for writing (written from its start, synced; naming and removing the file is the
+    /// caller's). `with_disks` adds the disk images, `halt` stops the members around the disk copy
+    /// (otherwise their file systems are frozen through qemu-guest-agent), `level` is zstd's (1..19).
+    /// Checked before anything changes; returns the job, whose Details are the capture's summary (JSON).
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
+    async fn capture_vcluster(
+        &self,
+        name: String,
+        archive: zbus::zvariant::OwnedFd,
+        with_disks: bool,
+        halt: bool,
+        level: i32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        authorize_change(conn, &header, &format!("capture virtual cluster {name}")).await?;
+        let file = archive_file(archive, true)?;
+        if !(1..=19).contains(&level) {
+            return Err(zbus::fdo::Error::InvalidArgs(format!(
+                "zstd level {level} is outside 1..19"
+            )));
+        }
+        let cib = self.shared.backend.query().await.map_err(fail)?;
+        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+        let opts = crate::vcluster::CaptureOptions {
+            name: name.clone(),
+            with_disks,
+            halt,
+            level,
+        };
+        Job::start_on_thread(conn, &self.shared, "capture", name, move |report| {
+            let r = crate::vcluster::block_on(crate::vcluster::capture_to(&opts, file, report));
+            match r.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok(summary) => {
+                    let message = crate::vcluster::capture_text(&summary, std::path::Path::new("the archive"));
+                    (Ok(message), summary.to_string())
+                }
+                Err(e) => (Err(format!("{e:#}")), String::new()),
+            }
+        })
+        .await
+    }
+
+    /// Instantiates the virtual cluster in `archive`, a file the caller opened for reading (see `vmha
+    /// vcluster instantiate`): `maps` are `KIND=OLD:NEW` specifications, `name` (empty: the archive's)
+    /// renames it, `dry_run` only checks and plans, `wait_seconds` (0: do not wait) bounds the wait for
+    /// its VMs to run. Everything it created is removed again on failure. Returns the job, whose
+    /// Details hold the plan and the problems of the target (JSON).
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
+    async fn instantiate_vcluster(
+        &self,
+        archive: zbus::zvariant::OwnedFd,
+        maps: Vec<String>,
+        name: String,
+        dry_run: bool,
+        wait_seconds: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        authorize_change(conn, &header, "instantiate a virtual cluster").await?;
+        let file = archive_file(archive, false)?;
+        let name = (!name.is_empty()).then_some(name);
+        vmha_vcluster::Maps::parse(&maps, name.clone()).map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+        let opts = crate::vcluster::InstantiateOptions {
+            maps,
+            name: name.clone(),
+            dry_run,
+            wait: std::time::Duration::from_secs(wait_seconds.into()),
+        };
+        let target = name.unwrap_or_else(|| "(archive)".into());
+        Job::start_on_thread(
+            conn,
+            &self.shared,
+            "instantiate",
+            target,
+            move |report| match crate::vcluster::block_on(crate::vcluster::instantiate_from(file, &opts, report)) {
+                Ok(done) => {
+                    let details = done.details().to_string();
+                    (done.result.map_err(|e| format!("{e:#}")), details)
+                }
+                Err(e) => (Err(format!("cannot run the job: {e}")), String::new()),
+            },
+        )
+        .await
     }
 
     /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).

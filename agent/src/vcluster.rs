@@ -5,21 +5,21 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use serde_json::json;
+use serde_json::{json, Value};
 use vmha_model::change::{escape, set_resource_meta, validate_name};
 use vmha_model::{ClusterView, VmState};
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
-use vmha_vcluster::archive::{self, extract_disks, verify, ArchiveWriter};
+use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest};
 use vmha_vcluster::capture::{self, capture, configuration_ids};
 use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
-use vmha_vcluster::{add_metadata, manifest_for};
+use vmha_vcluster::{manifest_for, metadata_entries};
 
 /// Deadline of one CIB call.
 const CIB_DEADLINE: Duration = Duration::from_secs(30);
@@ -87,6 +87,13 @@ pub enum VclusterCmd {
     },
 }
 
+impl VclusterCmd {
+    /// Whether the CLI does it itself (tags in the CIB) rather than through vmhad (capture, instantiate).
+    pub fn runs_locally(&self) -> bool {
+        !matches!(self, VclusterCmd::Capture { .. } | VclusterCmd::Instantiate { .. })
+    }
+}
+
 async fn connect() -> Result<Cib> {
     Cib::connect("vmha", Access::ReadWrite, CIB_DEADLINE)
         .await
@@ -105,20 +112,9 @@ pub async fn run(cmd: VclusterCmd, json_out: bool) -> Result<ExitCode> {
         VclusterCmd::Remove { name, members } => remove(&name, &members).await,
         VclusterCmd::List => list(json_out).await,
         VclusterCmd::Show { name } => show(&name, json_out).await,
-        VclusterCmd::Capture {
-            name,
-            out,
-            with_disks,
-            halt,
-            level,
-        } => capture_cmd(&name, &out, with_disks, halt, level, json_out).await,
-        VclusterCmd::Instantiate {
-            file,
-            maps,
-            name,
-            dry_run,
-            wait,
-        } => instantiate(&file, &maps, name, dry_run, Duration::from_secs(wait), json_out).await,
+        VclusterCmd::Capture { .. } | VclusterCmd::Instantiate { .. } => {
+            bail!("vmha vcluster capture and instantiate run in vmhad (the CLI calls its D-Bus methods)")
+        }
     }?;
     Ok(ExitCode::SUCCESS)
 }
@@ -349,47 +345,71 @@ fn agent_command(uri: &str, domain: &str, command: &str) -> Result<String> {
     )
 }
 
-/// Progress of a long transfer on stderr (when it is a terminal, else one line at the end).
-struct Progress {
-    label: String,
-    total: u64,
-    start: Instant,
-    last: Instant,
-    tty: bool,
+/// Where a capture or an instantiate reports what it does: a D-Bus job (vmhad) or a test.
+pub trait Report: Send + Sync {
+    /// A step, or a transfer's progress; `fraction` of the whole operation when it is known.
+    fn step(&self, fraction: Option<f64>, message: &str);
 }
 
-impl Progress {
-    fn new(label: String, total: u64) -> Progress {
-        let now = Instant::now();
+/// A report that goes nowhere.
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Report for Quiet {
+    fn step(&self, _: Option<f64>, _: &str) {}
+}
+
+/// Progress of a long transfer, reported at most every half second and once at the end.
+struct Progress<'a> {
+    report: &'a dyn Report,
+    label: String,
+    total: u64,
+    /// The share of the whole operation this transfer's start and end stand for.
+    span: (f64, f64),
+    start: Instant,
+    last: Option<Instant>,
+}
+
+impl<'a> Progress<'a> {
+    fn new(report: &'a dyn Report, label: String, total: u64, span: (f64, f64)) -> Progress<'a> {
         Progress {
+            report,
             label,
             total,
-            start: now,
-            last: now,
-            tty: std::io::stderr().is_terminal(),
+            span,
+            start: Instant::now(),
+            last: None,
         }
     }
 
     fn update(&mut self, done: u64) {
-        if self.tty && self.last.elapsed() > Duration::from_millis(300) {
-            self.last = Instant::now();
-            eprint!("\r{}", self.line(done));
+        if self.last.is_none_or(|l| l.elapsed() > Duration::from_millis(500)) {
+            self.last = Some(Instant::now());
+            self.send(done);
         }
     }
 
-    fn line(&self, done: u64) -> String {
+    fn send(&self, done: u64) {
         let secs = self.start.elapsed().as_secs_f64().max(1e-3);
-        format!(
-            "{}: {:.1}/{:.1} MiB, {:.1} MiB/s   ",
-            self.label,
-            done as f64 / 1048576.0,
-            self.total as f64 / 1048576.0,
-            done as f64 / 1048576.0 / secs
-        )
+        let share = if self.total == 0 {
+            1.0
+        } else {
+            (done as f64 / self.total as f64).min(1.0)
+        };
+        self.report.step(
+            Some(self.span.0 + (self.span.1 - self.span.0) * share),
+            &format!(
+                "{}: {:.1}/{:.1} MiB, {:.1} MiB/s",
+                self.label,
+                done as f64 / 1048576.0,
+                self.total as f64 / 1048576.0,
+                done as f64 / 1048576.0 / secs
+            ),
+        );
     }
 
     fn finish(&self, done: u64) {
-        eprintln!("{}{}", if self.tty { "\r" } else { "" }, self.line(done));
+        self.send(done);
     }
 }
 
@@ -484,10 +504,26 @@ async fn restore_roles(cib: &Cib, before: &BTreeMap<String, Option<(String, Stri
     }
 }
 
-async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level: i32, json_out: bool) -> Result<()> {
+/// What a capture is asked to do.
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    pub name: String,
+    pub with_disks: bool,
+    pub halt: bool,
+    /// zstd level.
+    pub level: i32,
+}
+
+/// Captures a virtual cluster into `out` (written from its start, synced; the caller names and removes
+/// the file). Returns a summary (JSON) of what the archive holds.
+pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -> Result<Value> {
+    if !(1..=19).contains(&opts.level) {
+        bail!("zstd level {} is outside 1..19", opts.level);
+    }
+    report.step(Some(0.0), "reading the CIB");
     let cib = connect().await?;
     let xml = query(&cib).await?;
-    let c = capture(&xml, name)?;
+    let c = capture(&xml, &opts.name)?;
     let view = ClusterView::from_cib(&xml)?;
     let mut domains = BTreeMap::new();
     for vm in &c.vms {
@@ -501,42 +537,66 @@ async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level
             std::fs::read_to_string(path).with_context(|| format!("reading {}'s domain XML {path}", vm.resource))?;
         domains.insert(vm.resource.clone(), text);
     }
+    let metadata = metadata_entries(&c, &domains)?;
     let placement: BTreeMap<String, String> = c
         .vms
         .iter()
         .filter_map(|v| Some((v.resource.clone(), view.vm(&v.resource)?.hosts.first()?.clone())))
         .collect();
     let mut disks = Vec::new();
-    if with_disks {
+    if opts.with_disks {
         for vm in &c.vms {
             for path in domain_disks(&domains[&vm.resource])? {
-                disks.push((vm.resource.clone(), path));
+                // Opened now: a missing disk fails the capture before any VM is stopped or frozen.
+                let file = File::open(&path).with_context(|| format!("opening {}'s disk {path}", vm.resource))?;
+                disks.push((vm.resource.clone(), path, file));
             }
         }
     }
-    // Refuse to overwrite, and write to a temporary name renamed at the end: no half archive under FILE.
-    if out.exists() {
-        bail!("{} exists; not overwriting it", out.display());
-    }
-    let partial = out.with_extension("partial");
-    let file = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&partial)
-        .with_context(|| format!("creating {}", partial.display()))?;
-    let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, file), level)?;
-    add_metadata(&mut writer, &c, &domains)?;
+    let mut out = Some(out);
+    // The manifest lists the disks with their sizes: it is written once the VMs are stopped or frozen.
+    let mut write = |consistency: &str| -> Result<(Manifest, Vec<DiskStats>)> {
+        let out = out.take().ok_or_else(|| anyhow!("the archive is written once"))?;
+        let sized = disks
+            .iter()
+            .map(|(vm, path, f)| Ok((vm.clone(), path.clone(), f.metadata()?.len())))
+            .collect::<Result<Vec<_>>>()?;
+        let manifest = manifest_for(&c, placement.clone(), now_rfc3339(), consistency, &sized);
+        let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), opts.level, manifest, &metadata)?;
+        let total: u64 = sized.iter().map(|d| d.2).sum::<u64>().max(1);
+        let mut done = 0;
+        for (vm, path, file) in &disks {
+            let size = file.metadata()?.len();
+            let span = (
+                0.1 + 0.85 * done as f64 / total as f64,
+                0.1 + 0.85 * (done + size) as f64 / total as f64,
+            );
+            let mut p = Progress::new(report, format!("{vm} {path}"), size, span);
+            writer
+                .add_disk(file, &mut |n| p.update(n))
+                .with_context(|| format!("reading {vm}'s disk {path}"))?;
+            p.finish(size);
+            done += size;
+        }
+        let (w, manifest, stats) = writer.finish()?;
+        w.into_inner()
+            .map_err(|e| anyhow!("writing the archive: {}", e.error()))?
+            .sync_all()
+            .context("writing the archive")?;
+        Ok((manifest, stats))
+    };
 
     let consistency;
-    let result: Result<()> = if disks.is_empty() {
+    let written = if disks.is_empty() {
         consistency = "metadata only";
-        Ok(())
-    } else if halt {
+        write(consistency)
+    } else if opts.halt {
         consistency = "halted";
         let mut before = BTreeMap::new();
         for vm in &c.vms {
             before.insert(vm.resource.clone(), target_role(&xml, &vm.resource)?);
         }
+        report.step(Some(0.05), "stopping the members (--halt)");
         let r = async {
             for vm in &c.vms {
                 set_target_role(&cib, &vm.resource, "Stopped").await?;
@@ -548,13 +608,15 @@ async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level
                     .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Stopped))
             })
             .await?;
-            copy_disks(&mut writer, &disks)
+            write(consistency)
         }
         .await;
+        report.step(Some(0.97), "restarting the members");
         let restored = restore_roles(&cib, &before).await;
-        r.and(restored)
+        r.and_then(|w| restored.map(|()| w))
     } else {
         consistency = "frozen";
+        report.step(Some(0.05), "freezing the guests' file systems");
         // Freeze every running member, copy, thaw every one that was frozen, whatever happened.
         let mut frozen = Vec::new();
         let mut r = Ok(());
@@ -576,72 +638,55 @@ async fn capture_cmd(name: &str, out: &Path, with_disks: bool, halt: bool, level
                 }
             }
         }
-        if r.is_ok() {
-            r = copy_disks(&mut writer, &disks);
-        }
+        let mut w = r.and_then(|()| write(consistency));
+        report.step(Some(0.97), "thawing the guests' file systems");
         for (uri, domain) in &frozen {
             if let Err(e) = agent_command(uri, domain, "guest-fsfreeze-thaw") {
-                eprintln!("vmha: thawing {domain}: {e:#}");
-                if r.is_ok() {
-                    r = Err(e);
+                tracing::warn!(%domain, "thawing failed: {e:#}");
+                if w.is_ok() {
+                    w = Err(e);
                 }
             }
         }
-        r
+        w
     };
-    let finished = result.and_then(|()| {
-        let manifest = manifest_for(&c, placement, now_rfc3339(), consistency);
-        let (w, manifest) = writer.finish(manifest)?;
-        w.into_inner()
-            .map_err(|e| anyhow!("writing {}: {}", partial.display(), e.error()))?
-            .sync_all()?;
-        Ok(manifest)
-    });
-    let manifest = match finished {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&partial, out).with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
-    let summary = json!({
-        "archive": out,
+    let (manifest, stats) = written?;
+    let disks: Vec<Value> = manifest
+        .disks
+        .iter()
+        .zip(&stats)
+        .map(|(d, s)| json!({"id": d.id, "vm": d.vm, "path": d.path, "size": d.size, "chunks": s.chunks, "stored": s.stored}))
+        .collect();
+    Ok(json!({
         "name": manifest.name,
         "members": manifest.members,
         "constraints": c.constraints,
-        "left_out": c.left_out.iter().map(|(c, _)| c).collect::<Vec<_>>(),
-        "disks": manifest.disks,
+        "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "names": o})).collect::<Vec<_>>(),
+        "disks": disks,
         "consistency": consistency,
-    });
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    } else {
-        println!(
-            "captured {} ({} members, {} constraints, {} disks, {}) into {}",
-            manifest.name,
-            manifest.members.len(),
-            c.constraints.len(),
-            manifest.disks.len(),
-            consistency,
-            out.display()
-        );
-        for (id, outsider) in &c.left_out {
-            println!("  left out: constraint {id} (names {outsider}, not a member)");
-        }
-    }
-    Ok(())
+    }))
 }
 
-fn copy_disks<W: Write>(writer: &mut ArchiveWriter<W>, disks: &[(String, String)]) -> Result<()> {
-    for (vm, path) in disks {
-        let file = File::open(path).with_context(|| format!("opening {vm}'s disk {path}"))?;
-        let size = file.metadata()?.len();
-        let mut p = Progress::new(format!("{vm} {path}"), size);
-        writer.add_disk(vm, path, &file, &mut |n| p.update(n))?;
-        p.finish(size);
+/// One line for a capture summary.
+pub fn capture_text(summary: &Value, archive: &Path) -> String {
+    let count = |k: &str| summary[k].as_array().map_or(0, Vec::len);
+    let mut text = format!(
+        "captured {} ({} members, {} constraints, {} disks, {}) into {}",
+        summary["name"].as_str().unwrap_or(""),
+        count("members"),
+        count("constraints"),
+        count("disks"),
+        summary["consistency"].as_str().unwrap_or(""),
+        archive.display()
+    );
+    for l in summary["left_out"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n  left out: constraint {} (names {}, not a member)",
+            l["constraint"].as_str().unwrap_or(""),
+            l["names"].as_str().unwrap_or("")
+        ));
     }
-    Ok(())
+    text
 }
 
 /// Checks on this host what the plan needs: storage directories, free file names, libvirt networks and
@@ -707,13 +752,17 @@ struct Created {
 }
 
 impl Created {
+    fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.cib.is_empty()
+    }
+
     async fn undo(&mut self, cib: &Cib, vms: &[String]) {
         for (section, xml) in self.cib.drain(..) {
             if let Err(e) = cib
                 .delete(&Scope::section(section), &xml, CallOptions::NONE, CIB_DEADLINE)
                 .await
             {
-                eprintln!("vmha: rollback: deleting {xml} from {section}: {e}");
+                tracing::warn!("rollback: deleting {xml} from {section}: {e}");
             }
         }
         // The domains must be gone before their files are.
@@ -722,11 +771,15 @@ impl Created {
         })
         .await
         {
-            eprintln!("vmha: rollback: {e:#}");
+            tracing::warn!("rollback: {e:#}");
         }
+        self.undo_files();
+    }
+
+    fn undo_files(&mut self) {
         for f in self.files.drain(..).rev() {
             if let Err(e) = std::fs::remove_file(&f) {
-                eprintln!("vmha: rollback: removing {}: {e}", f.display());
+                tracing::warn!("rollback: removing {}: {e}", f.display());
             }
         }
     }
@@ -756,70 +809,164 @@ fn created_elements(fragment: &str) -> Result<Vec<(&'static str, String)>> {
     Ok(out)
 }
 
-async fn instantiate(
-    file: &Path,
-    map_specs: &[String],
-    name: Option<String>,
-    dry_run: bool,
-    wait: Duration,
-    json_out: bool,
-) -> Result<()> {
-    let maps = Maps::parse(map_specs, name)?;
-    let open = || -> Result<BufReader<File>> {
-        Ok(BufReader::with_capacity(
-            1 << 20,
-            File::open(file).with_context(|| format!("opening {}", file.display()))?,
-        ))
+/// What an instantiate is asked to do.
+#[derive(Debug, Clone)]
+pub struct InstantiateOptions {
+    /// `KIND=OLD:NEW` specifications (see [`Maps::parse`]).
+    pub maps: Vec<String>,
+    pub name: Option<String>,
+    pub dry_run: bool,
+    /// How long to wait for the VMs to run (zero: do not wait).
+    pub wait: Duration,
+}
+
+/// How an instantiate went: the plan (once the archive's head was read) and the problems the target
+/// has, then the outcome (the final message, or why it failed after removing what it had created).
+#[derive(Debug)]
+pub struct Instantiated {
+    pub plan: Option<Plan>,
+    pub problems: Vec<String>,
+    pub result: Result<String>,
+}
+
+impl Instantiated {
+    /// The plan and problems as JSON (the job's details).
+    pub fn details(&self) -> Value {
+        json!({
+            "plan": self.plan,
+            "plan_text": self.plan.as_ref().map(Plan::text),
+            "problems": self.problems,
+        })
+    }
+}
+
+/// The hidden name a disk is written under until the whole archive checked out: next to its
+/// destination (same file system, so that a rename puts it in place).
+fn staging_path(to: &Path) -> PathBuf {
+    let name = to
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    to.with_file_name(format!(".{name}.vmha-partial"))
+}
+
+/// Instantiates the archive read from `input` on this cluster: one pass over the archive (its head is
+/// checked and planned against this cluster before any disk data is read; the disks are written under
+/// hidden names and put in place only once the whole archive checked out), then the domain definitions,
+/// one CIB change and the wait for the VMs. On any failure what was created is removed again.
+pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &dyn Report) -> Instantiated {
+    let mut outcome = Instantiated {
+        plan: None,
+        problems: Vec::new(),
+        result: Ok(String::new()),
     };
-    let verified = verify(open()?).with_context(|| format!("{} rejected", file.display()))?;
-    let cib = connect().await?;
-    let xml = query(&cib).await?;
-    let view = ClusterView::from_cib(&xml)?;
-    let target = Target {
-        hosts: view.hosts.iter().map(|h| h.name.clone()).collect(),
-        ids: configuration_ids(&xml)?,
-    };
-    let p = plan(&verified, &maps, &target)?;
-    let problems = check_target(&p);
-    if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({"plan": p, "problems": problems}))?
-        );
-    } else {
-        print!("{}", p.text());
-    }
-    if !problems.is_empty() {
-        bail!("the target is not ready: {}", problems.join("; "));
-    }
-    if dry_run {
-        if !json_out {
-            println!("dry run: nothing changed");
-        }
-        return Ok(());
-    }
-    let vms: Vec<String> = p.domains.iter().map(|d| d.vm.clone()).collect();
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut created = Created::default();
-    let result = apply(&cib, &p, &verified, open, &mut created, wait, &vms).await;
-    if let Err(e) = result {
-        eprintln!("vmha: instantiate failed, removing what it created: {e:#}");
-        created.undo(&cib, &vms).await;
-        return Err(e);
+    let mut vms = Vec::new();
+    let result = async {
+        let maps = Maps::parse(&opts.maps, opts.name.clone())?;
+        report.step(Some(0.0), "reading the CIB");
+        let cib = connect().await?;
+        let xml = query(&cib).await?;
+        let view = ClusterView::from_cib(&xml)?;
+        let target = Target {
+            hosts: view.hosts.iter().map(|h| h.name.clone()).collect(),
+            ids: configuration_ids(&xml)?,
+        };
+        let total = input.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut progress = Progress::new(report, "archive".into(), total, (0.05, 0.8));
+        report.step(Some(0.02), "reading and checking the archive");
+        let read = archive::read(
+            BufReader::with_capacity(1 << 20, input),
+            |head| -> Result<Option<DiskFiles>> {
+                let p = plan(head, &maps, &target)?;
+                let problems = check_target(&p);
+                report.step(
+                    Some(0.05),
+                    &format!(
+                        "planned: {} resources, {} domains, {} disks",
+                        p.resources.len(),
+                        p.domains.len(),
+                        p.disks.len()
+                    ),
+                );
+                outcome.problems = problems.clone();
+                let disks = p.disks.clone();
+                outcome.plan = Some(p);
+                if !problems.is_empty() {
+                    bail!("the target is not ready: {}", problems.join("; "));
+                }
+                if opts.dry_run {
+                    return Ok(None);
+                }
+                let mut files = DiskFiles::new();
+                for d in &disks {
+                    let to = PathBuf::from(&d.to);
+                    let stage = staging_path(&to);
+                    let f = File::options()
+                        .write(true)
+                        .create_new(true)
+                        .open(&stage)
+                        .with_context(|| format!("creating {}", stage.display()))?;
+                    staged.push((stage, to));
+                    files.insert(d.id, f);
+                }
+                Ok(Some(files))
+            },
+            &mut |n| progress.update(n),
+        );
+        progress.finish(total);
+        read.context("the archive was rejected")?;
+        let p = outcome.plan.as_ref().ok_or_else(|| anyhow!("no plan"))?;
+        if opts.dry_run {
+            return Ok("dry run: nothing changed".to_string());
+        }
+        vms = p.domains.iter().map(|d| d.vm.clone()).collect();
+        report.step(Some(0.82), "placing the disks and domain definitions");
+        for (stage, to) in staged.drain(..) {
+            // A hard link does not replace a file that appeared meanwhile; then the hidden name goes.
+            std::fs::hard_link(&stage, &to).with_context(|| format!("placing {}", to.display()))?;
+            created.files.push(to);
+            std::fs::remove_file(&stage).with_context(|| format!("removing {}", stage.display()))?;
+        }
+        apply(&cib, p, &mut created, opts.wait, &vms, report).await?;
+        Ok(format!("virtual cluster {} instantiated", p.name))
     }
-    if !json_out {
-        println!("virtual cluster {} instantiated", p.name);
+    .await;
+    for (stage, _) in staged.drain(..) {
+        let _ = std::fs::remove_file(stage);
     }
-    Ok(())
+    let mut rolled_back = false;
+    if let Err(e) = &result {
+        if !created.is_empty() {
+            report.step(None, &format!("instantiate failed, removing what it created: {e:#}"));
+            match connect().await {
+                Ok(cib) => created.undo(&cib, &vms).await,
+                Err(ce) => {
+                    tracing::warn!("rollback: {ce:#}");
+                    created.undo_files();
+                }
+            }
+            rolled_back = true;
+        }
+    }
+    outcome.result = result.map_err(|e| {
+        if rolled_back {
+            anyhow!("{e:#} (instantiate failed, removing what it created: done)")
+        } else {
+            e
+        }
+    });
+    outcome
 }
 
 async fn apply(
     cib: &Cib,
     p: &Plan,
-    verified: &vmha_vcluster::Verified,
-    open: impl Fn() -> Result<BufReader<File>>,
     created: &mut Created,
     wait: Duration,
     vms: &[String],
+    report: &dyn Report,
 ) -> Result<()> {
     for d in &p.domains {
         let mut f = File::options()
@@ -831,26 +978,10 @@ async fn apply(
         f.write_all(d.xml.as_bytes())?;
         f.sync_all()?;
     }
-    if !p.disks.is_empty() {
-        let targets: BTreeMap<u32, String> = p.disks.iter().map(|d| (d.id, d.to.clone())).collect();
-        let total: u64 = verified.manifest.disks.iter().map(|d| d.stored).sum();
-        let mut progress = Progress::new("disks".into(), total);
-        let mut new_files = Vec::new();
-        let r = extract_disks(
-            open()?,
-            &verified.manifest,
-            &mut |disk| {
-                let path = &targets[&disk.id];
-                let f = File::options().write(true).create_new(true).open(path)?;
-                new_files.push(PathBuf::from(path));
-                Ok(f)
-            },
-            &mut |n| progress.update(n),
-        );
-        created.files.extend(new_files);
-        r?;
-        progress.finish(total);
-    }
+    report.step(
+        Some(0.85),
+        "creating the resources, constraints and tag (one CIB change)",
+    );
     let elements = created_elements(&p.cib_fragment)?;
     cib.modify(
         &Scope::section("configuration"),
@@ -864,6 +995,7 @@ async fn apply(
     if wait.is_zero() {
         return Ok(());
     }
+    report.step(Some(0.9), "waiting for the virtual cluster to run");
     // Activation: every VM whose captured target-role is not Stopped runs.
     let xml = query(cib).await?;
     let expect: Vec<String> = vms
@@ -877,4 +1009,12 @@ async fn apply(
             .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Running))
     })
     .await
+}
+
+/// Runs a capture or an instantiate to its end on the calling thread (a job's own thread in vmhad).
+pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
 }

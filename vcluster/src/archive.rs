@@ -1,36 +1,43 @@
-//! The virtual-cluster archive: a zstd-compressed tar stream of regular files, with `MANIFEST.json` as
-//! its last entry.
+//! The virtual-cluster archive: a zstd-compressed tar stream of regular files, in this order:
 //!
 //! ```text
+//! MANIFEST.json            first: format and vmha version, source cluster, hosts, creation time, members,
+//!                          VM-to-host mapping, the disks (source path, size) and the size and sha256 of
+//!                          every metadata entry
 //! cluster/resources.xml    <resources> holding the members' definitions (primitives, groups) as captured
 //! cluster/constraints.xml  <constraints> holding the constraints among the members and to hosts
 //! cluster/tag.xml          the Pacemaker <tag> naming the members
 //! domains/<vm>.xml         each VM's libvirt domain definition
 //! disks/<n>/<offset>       with --with-disks: the non-zero chunks of disk image n (offset: 16 hex digits)
-//! MANIFEST.json            format and vmha version, source cluster, hosts, creation time, VM-to-host
-//!                          mapping, the disks, and the size and sha256 of every other entry
+//! CHUNKS.json              last: the size and sha256 of every disk chunk
 //! ```
 //!
-//! The manifest comes last so that a capture streams: every checksum is known once its entry is written.
-//! [`verify`] reads the whole stream before anything is created and rejects, naming the problem, a
-//! truncated or tampered archive, paths that are absolute or hold `..`, links, device files and other
-//! non-regular entries, oversized entries, a wrong format version and entries the manifest does not list
-//! (or lists but the archive lacks). Disk images are written back by a second pass, [`extract_disks`], that
-//! checks every chunk again while it writes.
+//! The plan comes first and the disk checksums last, so both ends stream in one pass: a capture learns a
+//! chunk's checksum as it writes the chunk, and an instantiate knows, once it has read the manifest and
+//! the (checked) metadata, where every disk goes, and writes the disks while it reads them. [`read`]
+//! rejects, naming the problem, a truncated or tampered archive, paths that are absolute or hold `..`,
+//! links, device files and other non-regular entries, oversized entries, a wrong format version, entries
+//! out of order and entries the manifest or the chunk list does not list (or lists but the archive
+//! lacks). Metadata is checked before the caller sees it; disk data is checked by the end of the stream,
+//! so a caller writing disks writes them to files it removes unless [`read`] succeeds. [`verify`] checks
+//! a whole archive and writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// The archive format this version writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// The manifest's entry name (the last entry).
+pub const FORMAT_VERSION: u32 = 2;
+/// The manifest's entry name (the first entry).
 pub const MANIFEST: &str = "MANIFEST.json";
+/// The chunk list's entry name (the last entry).
+pub const CHUNK_LIST: &str = "CHUNKS.json";
 pub const RESOURCES: &str = "cluster/resources.xml";
 pub const CONSTRAINTS: &str = "cluster/constraints.xml";
 pub const TAG: &str = "cluster/tag.xml";
@@ -40,6 +47,8 @@ pub const CHUNK: u64 = 4 << 20;
 pub const MAX_METADATA: u64 = 16 << 20;
 /// Most entries an archive may hold.
 pub const MAX_ENTRIES: usize = 4 << 20;
+/// Largest chunk list accepted (about 128 bytes per chunk).
+pub const MAX_CHUNK_LIST: u64 = 128 * MAX_ENTRIES as u64;
 
 /// Why an archive was rejected or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +87,7 @@ pub struct VmEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskEntry {
-    /// Its directory in the archive is `disks/<id>/`.
+    /// Its directory in the archive is `disks/<id>/`; disks are numbered from 0 in archive order.
     pub id: u32,
     /// The VM (resource id) whose domain uses it.
     pub vm: String,
@@ -86,13 +95,9 @@ pub struct DiskEntry {
     pub path: String,
     /// Its logical size in bytes.
     pub size: u64,
-    /// How many chunks the archive holds (the rest are holes).
-    pub chunks: u64,
-    /// Bytes of data (non-hole) stored.
-    pub stored: u64,
 }
 
-/// The archive's table of contents.
+/// The archive's table of contents (its first entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -113,8 +118,25 @@ pub struct Manifest {
     /// VM resource -> the host it ran on at capture time.
     pub placement: BTreeMap<String, String>,
     pub disks: Vec<DiskEntry>,
-    /// Every entry but the manifest.
+    /// Every metadata entry (all entries but the manifest, the disk chunks and the chunk list).
     pub files: BTreeMap<String, FileSum>,
+}
+
+/// The chunk list (the archive's last entry).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkList {
+    /// Every disk chunk entry.
+    pub chunks: BTreeMap<String, FileSum>,
+}
+
+/// What a disk contributed to an archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiskStats {
+    /// Chunks stored (the rest of the image is holes).
+    pub chunks: u64,
+    /// Bytes of data stored.
+    pub stored: u64,
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -147,18 +169,21 @@ pub fn rfc3339(secs: u64) -> String {
     )
 }
 
-/// Writes an archive: metadata with [`ArchiveWriter::add_file`], disks with [`ArchiveWriter::add_disk`],
-/// then [`ArchiveWriter::finish`] with the manifest (its `files` and `disks` are filled in here).
+/// Writes an archive: [`ArchiveWriter::new`] writes the manifest and the metadata, [`ArchiveWriter::add_disk`]
+/// each disk the manifest lists (in order), [`ArchiveWriter::finish`] the chunk list.
 pub struct ArchiveWriter<W: Write> {
     tar: tar::Builder<zstd::stream::write::Encoder<'static, W>>,
-    files: BTreeMap<String, FileSum>,
-    disks: Vec<DiskEntry>,
+    manifest: Manifest,
+    chunks: ChunkList,
+    /// Disks added so far.
+    added: Vec<DiskStats>,
 }
 
 impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ArchiveWriter")
-            .field("files", &self.files.len())
+            .field("name", &self.manifest.name)
+            .field("disks_added", &self.added.len())
             .finish()
     }
 }
@@ -212,65 +237,75 @@ fn data_regions(file: &File, size: u64) -> Vec<(u64, u64)> {
 }
 
 impl<W: Write> ArchiveWriter<W> {
-    /// Starts an archive on `out`, zstd at `level` (1 is fast, 3 is zstd's default).
-    pub fn new(out: W, level: i32) -> Result<Self, ArchiveError> {
+    /// Starts an archive on `out`, zstd at `level` (1 is fast, 3 is zstd's default): writes `manifest`
+    /// (its format version and `files` are set here from `metadata`) and the metadata entries.
+    /// `manifest.disks` lists the disks [`Self::add_disk`] will add, numbered from 0.
+    pub fn new(
+        out: W,
+        level: i32,
+        mut manifest: Manifest,
+        metadata: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Self, ArchiveError> {
+        manifest.format_version = FORMAT_VERSION;
+        manifest.files.clear();
+        for (path, data) in metadata {
+            check_path(path)?;
+            if entry_limit(path).is_none() || path.starts_with("disks/") || path == MANIFEST || path == CHUNK_LIST {
+                return Err(ArchiveError::Unsupported(format!("{path} is not a metadata entry")));
+            }
+            if data.len() as u64 > MAX_METADATA {
+                return Err(ArchiveError::Unsupported(format!(
+                    "{path} is {} bytes, more than the {MAX_METADATA} a metadata entry may hold",
+                    data.len()
+                )));
+            }
+            manifest.files.insert(
+                path.clone(),
+                FileSum {
+                    size: data.len() as u64,
+                    sha256: sha256_hex(data),
+                },
+            );
+        }
+        check_manifest(&manifest)?;
         let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
         encoder.include_checksum(true)?;
-        // Compression runs on zstd's worker threads while this one reads, checks for zeros and hashes.
+        // Compression runs on zstd's worker threads while the caller's thread reads, checks for zeros
+        // and hashes.
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4)) as u32;
         encoder.multithread(workers)?;
+        let mut tar = tar::Builder::new(encoder);
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
+        tar.append_data(&mut header(json.len() as u64), MANIFEST, json.as_slice())?;
+        for (path, data) in metadata {
+            tar.append_data(&mut header(data.len() as u64), path, data.as_slice())?;
+        }
         Ok(ArchiveWriter {
-            tar: tar::Builder::new(encoder),
-            files: BTreeMap::new(),
-            disks: Vec::new(),
+            tar,
+            manifest,
+            chunks: ChunkList::default(),
+            added: Vec::new(),
         })
     }
 
-    fn append(&mut self, path: &str, data: &[u8]) -> Result<(), ArchiveError> {
-        let sum = sha256_hex(data);
-        self.append_hashed(path, data, sum)
-    }
-
-    /// [`Self::append`] with the data's sha256 computed already.
-    fn append_hashed(&mut self, path: &str, data: &[u8], sha256: String) -> Result<(), ArchiveError> {
-        check_path(path)?;
-        if self.files.contains_key(path) {
-            return Err(ArchiveError::Unsupported(format!("entry {path} added twice")));
-        }
-        let mut h = header(data.len() as u64);
-        self.tar.append_data(&mut h, path, data)?;
-        self.files.insert(
-            path.to_string(),
-            FileSum {
-                size: data.len() as u64,
-                sha256,
-            },
-        );
-        Ok(())
-    }
-
-    /// Adds a metadata file.
-    pub fn add_file(&mut self, path: &str, data: &[u8]) -> Result<(), ArchiveError> {
-        if data.len() as u64 > MAX_METADATA {
+    /// Adds the next disk the manifest lists, read from `file` (sparse-aware: holes and all-zero chunks
+    /// are not stored). Its size must still be the one in the manifest. `progress` is called with the
+    /// bytes of the image gone through so far.
+    pub fn add_disk(&mut self, file: &File, progress: &mut dyn FnMut(u64)) -> Result<DiskStats, ArchiveError> {
+        let id = self.added.len();
+        let disk = self
+            .manifest
+            .disks
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ArchiveError::Unsupported(format!("the manifest lists {id} disks", id = id)))?;
+        let size = file.metadata()?.len();
+        if size != disk.size {
             return Err(ArchiveError::Unsupported(format!(
-                "{path} is {} bytes, more than the {MAX_METADATA} a metadata entry may hold",
-                data.len()
+                "disk {} changed size since the capture began ({} -> {size} bytes)",
+                disk.path, disk.size
             )));
         }
-        self.append(path, data)
-    }
-
-    /// Adds a disk image read from `file` (sparse-aware: holes and all-zero chunks are not stored).
-    /// `progress` is called with the bytes of the image gone through so far.
-    pub fn add_disk(
-        &mut self,
-        vm: &str,
-        path: &str,
-        file: &File,
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<DiskEntry, ArchiveError> {
-        let id = self.disks.len() as u32;
-        let size = file.metadata()?.len();
         let mut offsets = Vec::new();
         let mut seen = BTreeSet::new();
         for (start, end) in data_regions(file, size) {
@@ -282,8 +317,7 @@ impl<W: Write> ArchiveWriter<W> {
                 offset += CHUNK;
             }
         }
-        let mut chunks = 0;
-        let mut stored = 0;
+        let mut stats = DiskStats::default();
         // A reader thread reads ahead, skips all-zero chunks and hashes the rest, while this one writes
         // into the tar stream and zstd's workers compress: disk, hashing and compression overlap.
         std::thread::scope(|scope| -> Result<(), ArchiveError> {
@@ -307,39 +341,45 @@ impl<W: Write> ArchiveWriter<W> {
             });
             for item in rx {
                 let (offset, data) = item?;
-                if let Some((buf, sum)) = data {
-                    self.append_hashed(&format!("disks/{id}/{offset:016x}"), &buf, sum)?;
-                    chunks += 1;
-                    stored += buf.len() as u64;
+                if let Some((buf, sha256)) = data {
+                    let path = format!("disks/{id}/{offset:016x}");
+                    self.tar
+                        .append_data(&mut header(buf.len() as u64), &path, buf.as_slice())?;
+                    self.chunks.chunks.insert(
+                        path,
+                        FileSum {
+                            size: buf.len() as u64,
+                            sha256,
+                        },
+                    );
+                    stats.chunks += 1;
+                    stats.stored += buf.len() as u64;
                 }
                 progress((offset + CHUNK).min(size));
             }
             Ok(())
         })?;
         progress(size);
-        let entry = DiskEntry {
-            id,
-            vm: vm.to_string(),
-            path: path.to_string(),
-            size,
-            chunks,
-            stored,
-        };
-        self.disks.push(entry.clone());
-        Ok(entry)
+        self.added.push(stats);
+        Ok(stats)
     }
 
-    /// Writes the manifest (with the checksums and disks gathered here) and ends the stream.
-    pub fn finish(mut self, mut manifest: Manifest) -> Result<(W, Manifest), ArchiveError> {
-        manifest.format_version = FORMAT_VERSION;
-        manifest.files = std::mem::take(&mut self.files);
-        manifest.disks = std::mem::take(&mut self.disks);
-        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
-        let mut h = header(json.len() as u64);
-        self.tar.append_data(&mut h, MANIFEST, json.as_slice())?;
+    /// Writes the chunk list and ends the stream; returns the output, the manifest and what each disk
+    /// stored.
+    pub fn finish(mut self) -> Result<(W, Manifest, Vec<DiskStats>), ArchiveError> {
+        if self.added.len() != self.manifest.disks.len() {
+            return Err(ArchiveError::Unsupported(format!(
+                "the manifest lists {} disks, {} were added",
+                self.manifest.disks.len(),
+                self.added.len()
+            )));
+        }
+        let json = serde_json::to_vec(&self.chunks).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
+        self.tar
+            .append_data(&mut header(json.len() as u64), CHUNK_LIST, json.as_slice())?;
         let encoder = self.tar.into_inner()?;
         let out = encoder.finish()?;
-        Ok((out, manifest))
+        Ok((out, self.manifest, self.added))
     }
 }
 
@@ -369,6 +409,9 @@ fn entry_limit(path: &str) -> Option<u64> {
     if path == MANIFEST || path == RESOURCES || path == CONSTRAINTS || path == TAG {
         return Some(MAX_METADATA);
     }
+    if path == CHUNK_LIST {
+        return Some(MAX_CHUNK_LIST);
+    }
     if let Some(name) = path.strip_prefix("domains/") {
         return (name.ends_with(".xml") && !name.contains('/')).then_some(MAX_METADATA);
     }
@@ -382,11 +425,14 @@ fn entry_limit(path: &str) -> Option<u64> {
     None
 }
 
-/// What [`verify`] found: the manifest and the metadata entries (disk chunks are checked, not kept).
+/// What [`read`] found: the manifest, the metadata entries and (once the whole archive is read) the
+/// chunk list.
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub manifest: Manifest,
     pub metadata: BTreeMap<String, Vec<u8>>,
+    /// Empty while only the head of the archive is read.
+    pub chunks: ChunkList,
 }
 
 impl Verified {
@@ -398,22 +444,52 @@ impl Verified {
             .ok_or_else(|| ArchiveError::Tampered(format!("{path} is missing")))?;
         std::str::from_utf8(data).map_err(|_| ArchiveError::Tampered(format!("{path} is not UTF-8")))
     }
+
+    /// What the archive stores of disk `id`.
+    pub fn stats(&self, id: u32) -> DiskStats {
+        let prefix = format!("disks/{id}/");
+        let mut stats = DiskStats::default();
+        for sum in self
+            .chunks
+            .chunks
+            .range(prefix.clone()..)
+            .take_while(|(p, _)| p.starts_with(&prefix))
+            .map(|(_, s)| s)
+        {
+            stats.chunks += 1;
+            stats.stored += sum.size;
+        }
+        stats
+    }
 }
 
 fn read_error(e: io::Error) -> ArchiveError {
     ArchiveError::Truncated(e.to_string())
 }
 
-/// Walks every entry of the archive in `input`, checking its type, path and size, and calls `each` with
-/// the path and a reader limited to the entry.
+/// Counts the bytes read through it.
+struct Counting<'a, R> {
+    inner: R,
+    count: &'a AtomicU64,
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Walks every entry of the archive in `input`, checking its type, path, place in the layout and size,
+/// and calls `each` with the path and the entry's data.
 fn walk<R: Read>(
     input: R,
-    mut each: impl FnMut(&str, &mut dyn Read, u64) -> Result<(), ArchiveError>,
+    mut each: impl FnMut(String, Vec<u8>) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
     let decoder = zstd::stream::read::Decoder::new(input).map_err(read_error)?;
     let mut archive = tar::Archive::new(decoder);
     let mut seen = BTreeSet::new();
-    let mut manifest_seen = false;
     let entries = archive.entries().map_err(read_error)?;
     for entry in entries {
         let mut entry = entry.map_err(read_error)?;
@@ -432,9 +508,6 @@ fn walk<R: Read>(
             return Err(ArchiveError::Hostile(format!("entry {raw:?} is {what}")));
         }
         check_path(&raw)?;
-        if manifest_seen {
-            return Err(ArchiveError::Hostile(format!("entry {raw:?} follows the manifest")));
-        }
         let size = entry.header().size().map_err(read_error)?;
         let limit = entry_limit(&raw)
             .ok_or_else(|| ArchiveError::Hostile(format!("entry {raw:?} is not part of the archive layout")))?;
@@ -449,8 +522,12 @@ fn walk<R: Read>(
         if seen.len() > MAX_ENTRIES {
             return Err(ArchiveError::Hostile(format!("more than {MAX_ENTRIES} entries")));
         }
-        manifest_seen = raw == MANIFEST;
-        each(&raw, &mut entry, size)?;
+        let mut data = Vec::with_capacity(size as usize);
+        (&mut entry).take(size).read_to_end(&mut data).map_err(read_error)?;
+        if data.len() as u64 != size {
+            return Err(ArchiveError::Truncated(format!("entry {raw} ends early")));
+        }
+        each(raw, data)?;
     }
     // Read the compressed stream to its end: the zstd frame's own checksum and a cut-off end are only
     // seen there (tar stops reading at its end-of-archive blocks).
@@ -462,16 +539,6 @@ fn walk<R: Read>(
         )));
     }
     Ok(())
-}
-
-/// Reads an entry whole (its size is already checked), failing if it is shorter than its header says.
-fn read_all(reader: &mut dyn Read, size: u64, path: &str) -> Result<Vec<u8>, ArchiveError> {
-    let mut data = Vec::with_capacity(size as usize);
-    reader.take(size).read_to_end(&mut data).map_err(read_error)?;
-    if data.len() as u64 != size {
-        return Err(ArchiveError::Truncated(format!("entry {path} ends early")));
-    }
-    Ok(data)
 }
 
 /// Parses a manifest, checking its format version first.
@@ -487,89 +554,241 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest, ArchiveError> {
         }
         None => return Err(ArchiveError::Tampered(format!("{MANIFEST} has no format_version"))),
     }
-    serde_json::from_value(value).map_err(|e| ArchiveError::Tampered(format!("{MANIFEST}: {e}")))
+    let m: Manifest = serde_json::from_value(value).map_err(|e| ArchiveError::Tampered(format!("{MANIFEST}: {e}")))?;
+    check_manifest(&m)?;
+    Ok(m)
 }
 
-/// Reads and checks a whole archive (see the module documentation); creates nothing.
-pub fn verify<R: Read>(input: R) -> Result<Verified, ArchiveError> {
-    let mut sums: BTreeMap<String, FileSum> = BTreeMap::new();
-    let mut metadata = BTreeMap::new();
-    let mut manifest_data = None;
-    // Disk chunks are hashed on a second thread while this one decompresses the next.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, Vec<u8>)>(4);
-    let hasher = std::thread::spawn(move || {
-        rx.into_iter()
-            .map(|(path, data)| {
-                let sum = FileSum {
-                    size: data.len() as u64,
-                    sha256: sha256_hex(&data),
-                };
-                (path, sum)
-            })
-            .collect::<Vec<_>>()
-    });
-    let walked = walk(input, |path, reader, size| {
-        if path.starts_with("disks/") {
-            let data = read_all(reader, size, path)?;
-            tx.send((path.to_string(), data))
-                .map_err(|_| ArchiveError::Unsupported("the hashing thread stopped".into()))?;
-        } else {
-            let data = read_all(reader, size, path)?;
-            if path == MANIFEST {
-                manifest_data = Some(data);
-            } else {
-                sums.insert(
-                    path.to_string(),
-                    FileSum {
-                        size,
-                        sha256: sha256_hex(&data),
-                    },
-                );
-                metadata.insert(path.to_string(), data);
+/// Where the disks go: one file per disk id, created by the caller (its size is set here; holes stay
+/// holes).
+pub type DiskFiles = BTreeMap<u32, File>;
+
+/// Reads and checks an archive in one pass (see the module documentation). Once the manifest and the
+/// metadata are read and checked, `on_head` gets them and says where the disks go (`None`: nowhere, only
+/// check them). Disk data is checked against the chunk list at the end of the stream: on an error the
+/// files `on_head` returned hold data that failed, or was not yet, checked, and the caller removes them.
+/// `progress` gets the bytes of `input` read so far.
+pub fn read<R: Read + Send, E: From<ArchiveError>>(
+    input: R,
+    on_head: impl FnOnce(&Verified) -> Result<Option<DiskFiles>, E>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verified, E> {
+    let count = AtomicU64::new(0);
+    std::thread::scope(|scope| {
+        // Decompressing and parsing on one thread, checking and writing on this one.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<(String, Vec<u8>), ArchiveError>>(4);
+        let counting = Counting {
+            inner: input,
+            count: &count,
+        };
+        scope.spawn(move || {
+            let walked = walk(counting, |path, data| {
+                tx.send(Ok((path, data)))
+                    .map_err(|_| ArchiveError::Unsupported("reading stopped".into()))
+            });
+            if let Err(e) = walked {
+                // Fails only when the reader stopped first (and reports its own error).
+                let _ = tx.send(Err(e));
             }
+        });
+        let mut reader = Reader {
+            rx,
+            head: None,
+            files: None,
+        };
+        let result = reader.run(on_head, &mut || progress(count.load(Ordering::Relaxed)));
+        // Dropping the receiver stops the walker at its next entry.
+        drop(reader);
+        result
+    })
+}
+
+/// [`read`] without writing anything: checks a whole archive.
+pub fn verify<R: Read + Send>(input: R) -> Result<Verified, ArchiveError> {
+    read(input, |_| Ok::<_, ArchiveError>(None), &mut |_| {})
+}
+
+struct Reader {
+    rx: std::sync::mpsc::Receiver<Result<(String, Vec<u8>), ArchiveError>>,
+    head: Option<Verified>,
+    files: Option<DiskFiles>,
+}
+
+impl Reader {
+    fn next(&self) -> Result<Option<(String, Vec<u8>)>, ArchiveError> {
+        match self.rx.recv() {
+            Ok(Ok(entry)) => Ok(Some(entry)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Ok(None),
         }
-        Ok(())
-    });
-    drop(tx);
-    let hashed = hasher
-        .join()
-        .map_err(|_| ArchiveError::Unsupported("the hashing thread panicked".into()))?;
-    walked?;
-    sums.extend(hashed);
-    let manifest_data = manifest_data
-        .ok_or_else(|| ArchiveError::Truncated(format!("no {MANIFEST} (the archive ends before its last entry)")))?;
-    let manifest = parse_manifest(&manifest_data)?;
-    for (path, sum) in &sums {
-        match manifest.files.get(path) {
-            None => {
-                return Err(ArchiveError::Tampered(format!(
-                    "entry {path} is not listed in the manifest"
-                )))
+    }
+
+    fn run<E: From<ArchiveError>>(
+        &mut self,
+        on_head: impl FnOnce(&Verified) -> Result<Option<DiskFiles>, E>,
+        progress: &mut dyn FnMut(),
+    ) -> Result<Verified, E> {
+        // The manifest, first.
+        let manifest = match self.next()? {
+            Some((path, data)) if path == MANIFEST => parse_manifest(&data)?,
+            Some((path, _)) => {
+                return Err(
+                    ArchiveError::Tampered(format!("the archive starts with {path}, not with {MANIFEST}")).into(),
+                )
             }
-            Some(listed) if listed != sum => {
+            None => return Err(ArchiveError::Truncated(format!("no {MANIFEST} (the archive is empty)")).into()),
+        };
+        // The metadata it lists, each checked.
+        let mut metadata = BTreeMap::new();
+        let mut pending = None;
+        while let Some((path, data)) = self.next()? {
+            if path.starts_with("disks/") || path == CHUNK_LIST || path == MANIFEST {
+                pending = Some((path, data));
+                break;
+            }
+            let Some(listed) = manifest.files.get(&path) else {
+                return Err(ArchiveError::Tampered(format!("entry {path} is not listed in the manifest")).into());
+            };
+            let sum = FileSum {
+                size: data.len() as u64,
+                sha256: sha256_hex(&data),
+            };
+            if *listed != sum {
                 return Err(ArchiveError::Tampered(format!(
                     "checksum mismatch for {path}: manifest says {} bytes sha256 {}, archive holds {} bytes sha256 {}",
                     listed.size, listed.sha256, sum.size, sum.sha256
-                )))
+                ))
+                .into());
             }
-            Some(_) => {}
+            metadata.insert(path, data);
+            progress();
         }
+        if let Some(missing) = manifest.files.keys().find(|p| !metadata.contains_key(*p)) {
+            return Err(match pending {
+                Some(_) => ArchiveError::Tampered(format!(
+                    "the manifest lists {missing}, which the archive lacks before its disk data"
+                )),
+                None => ArchiveError::Truncated(format!("the archive ends before {missing}")),
+            }
+            .into());
+        }
+        let head = self.head.insert(Verified {
+            manifest,
+            metadata,
+            chunks: ChunkList::default(),
+        });
+        // Where the disks go.
+        if let Some(files) = on_head(head)? {
+            for disk in &head.manifest.disks {
+                let file = files.get(&disk.id).ok_or_else(|| {
+                    ArchiveError::Unsupported(format!("no destination for disk {} ({})", disk.id, disk.path))
+                })?;
+                file.set_len(disk.size).map_err(ArchiveError::Io)?;
+            }
+            self.files = Some(files);
+        }
+        Ok(self.chunks(pending, progress)?)
     }
-    if let Some(missing) = manifest.files.keys().find(|p| !sums.contains_key(*p)) {
-        return Err(ArchiveError::Tampered(format!(
-            "the manifest lists {missing}, which the archive lacks"
-        )));
+
+    /// The disk chunks and the chunk list.
+    fn chunks(
+        &mut self,
+        mut pending: Option<(String, Vec<u8>)>,
+        progress: &mut dyn FnMut(),
+    ) -> Result<Verified, ArchiveError> {
+        let mut head = self.head.take().expect("the head is read first");
+        let disks: BTreeMap<u32, u64> = head.manifest.disks.iter().map(|d| (d.id, d.size)).collect();
+        let mut sums = BTreeMap::new();
+        let mut list = None;
+        while let Some((path, data)) = pending.take().map_or_else(|| self.next(), |e| Ok(Some(e)))? {
+            if list.is_some() {
+                return Err(ArchiveError::Hostile(format!("entry {path:?} follows {CHUNK_LIST}")));
+            }
+            if path == CHUNK_LIST {
+                let l: ChunkList = serde_json::from_slice(&data)
+                    .map_err(|e| ArchiveError::Tampered(format!("{CHUNK_LIST} is not valid: {e}")))?;
+                list = Some(l);
+                continue;
+            }
+            let Some(rest) = path.strip_prefix("disks/") else {
+                return Err(ArchiveError::Hostile(format!(
+                    "entry {path:?} comes after the disk data (the layout puts it before)"
+                )));
+            };
+            // entry_limit checked the form: disks/<u32>/<16 hex digits, a multiple of CHUNK>.
+            let (id, offset) = rest.split_once('/').unwrap_or_default();
+            let id: u32 = id
+                .parse()
+                .map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
+            let offset =
+                u64::from_str_radix(offset, 16).map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
+            let Some(&size) = disks.get(&id) else {
+                return Err(ArchiveError::Tampered(format!("{path} belongs to no listed disk")));
+            };
+            if offset + data.len() as u64 > size {
+                return Err(ArchiveError::Tampered(format!(
+                    "{path} ends beyond its disk's size {size}"
+                )));
+            }
+            if let Some(files) = &self.files {
+                files[&id].write_all_at(&data, offset)?;
+            }
+            sums.insert(
+                path,
+                FileSum {
+                    size: data.len() as u64,
+                    sha256: sha256_hex(&data),
+                },
+            );
+            progress();
+        }
+        let list = list.ok_or_else(|| {
+            ArchiveError::Truncated(format!("no {CHUNK_LIST} (the archive ends before its last entry)"))
+        })?;
+        for (path, sum) in &sums {
+            match list.chunks.get(path) {
+                None => return Err(ArchiveError::Tampered(format!("entry {path} is not listed in {CHUNK_LIST}"))),
+                Some(listed) if listed != sum => {
+                    return Err(ArchiveError::Tampered(format!(
+                        "checksum mismatch for {path}: {CHUNK_LIST} says {} bytes sha256 {}, archive holds {} bytes sha256 {}",
+                        listed.size, listed.sha256, sum.size, sum.sha256
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(missing) = list.chunks.keys().find(|p| !sums.contains_key(*p)) {
+            return Err(ArchiveError::Tampered(format!(
+                "{CHUNK_LIST} lists {missing}, which the archive lacks"
+            )));
+        }
+        if let Some(files) = &self.files {
+            for file in files.values() {
+                file.sync_data()?;
+            }
+        }
+        head.chunks = list;
+        Ok(head)
     }
-    check_manifest(&manifest)?;
-    Ok(Verified { manifest, metadata })
 }
 
-/// Consistency of the manifest with its own file list.
+/// Consistency of a manifest with itself.
 fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
     let bad = |why: String| Err(ArchiveError::Tampered(format!("{MANIFEST}: {why}")));
     for required in [RESOURCES, CONSTRAINTS, TAG] {
         if !m.files.contains_key(required) {
             return bad(format!("{required} is not listed"));
+        }
+    }
+    for p in m.files.keys() {
+        check_path(p)?;
+        if entry_limit(p).is_none() {
+            return Err(ArchiveError::Hostile(format!(
+                "entry {p:?} is not part of the archive layout"
+            )));
+        }
+        if p.starts_with("disks/") || p == MANIFEST || p == CHUNK_LIST {
+            return bad(format!("lists {p} as a metadata entry"));
         }
     }
     for vm in &m.vms {
@@ -583,119 +802,13 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
             return bad(format!("VM {} is not a member", vm.resource));
         }
     }
-    let mut ids = BTreeSet::new();
-    for disk in &m.disks {
-        if !ids.insert(disk.id) {
-            return bad(format!("disk {} appears twice", disk.id));
-        }
-        let prefix = format!("disks/{}/", disk.id);
-        let chunks: Vec<u64> = m
-            .files
-            .keys()
-            .filter_map(|p| p.strip_prefix(&prefix))
-            .filter_map(|o| u64::from_str_radix(o, 16).ok())
-            .collect();
-        if chunks.len() as u64 != disk.chunks {
-            return bad(format!(
-                "disk {} lists {} chunks, the archive holds {}",
-                disk.id,
-                disk.chunks,
-                chunks.len()
-            ));
-        }
-        if let Some(o) = chunks.iter().find(|&&o| o >= disk.size) {
-            return bad(format!(
-                "disk {} has a chunk at {o}, beyond its size {}",
-                disk.id, disk.size
-            ));
+    for (i, disk) in m.disks.iter().enumerate() {
+        if disk.id as usize != i {
+            return bad(format!("disk {} is listed as disk number {i}", disk.id));
         }
         if !disk.path.starts_with('/') {
             return bad(format!("disk {} has a relative source path {:?}", disk.id, disk.path));
         }
-    }
-    if let Some(orphan) = m.files.keys().filter_map(|p| p.strip_prefix("disks/")).find(|rest| {
-        rest.split_once('/')
-            .and_then(|(id, _)| id.parse::<u32>().ok())
-            .is_none_or(|id| !ids.contains(&id))
-    }) {
-        return bad(format!("disks/{orphan} belongs to no listed disk"));
-    }
-    Ok(())
-}
-
-/// Second pass: writes every disk image into the file `open` returns for it (created empty by the caller;
-/// its size is set here, holes stay holes), checking each chunk against the manifest again.
-/// `progress` gets the bytes written so far.
-pub fn extract_disks<R: Read>(
-    input: R,
-    manifest: &Manifest,
-    open: &mut dyn FnMut(&DiskEntry) -> Result<File, ArchiveError>,
-    progress: &mut dyn FnMut(u64),
-) -> Result<(), ArchiveError> {
-    let mut files = BTreeMap::new();
-    for disk in &manifest.disks {
-        let file = open(disk)?;
-        file.set_len(disk.size)?;
-        files.insert(disk.id, file);
-    }
-    let mut written = 0u64;
-    // Checking and writing a chunk happen on a second thread while this one decompresses the next.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(String, u32, u64, Vec<u8>)>(4);
-    let writer = {
-        let files: BTreeMap<u32, File> = files
-            .iter()
-            .map(|(id, f)| f.try_clone().map(|f| (*id, f)))
-            .collect::<io::Result<_>>()?;
-        let listed: BTreeMap<String, FileSum> = manifest.files.clone();
-        std::thread::spawn(move || -> Result<(), ArchiveError> {
-            for (path, id, offset, data) in rx {
-                let ok = listed
-                    .get(&path)
-                    .is_some_and(|l| l.size == data.len() as u64 && l.sha256 == sha256_hex(&data));
-                if !ok {
-                    return Err(ArchiveError::Tampered(format!(
-                        "checksum mismatch for {path} (the file changed since it was verified)"
-                    )));
-                }
-                files[&id].write_all_at(&data, offset)?;
-            }
-            Ok(())
-        })
-    };
-    let walked = walk(input, |path, reader, size| {
-        let Some(rest) = path.strip_prefix("disks/") else {
-            io::copy(&mut reader.take(size), &mut io::sink()).map_err(read_error)?;
-            return Ok(());
-        };
-        let (id, offset) = rest.split_once('/').unwrap_or_default();
-        let id: u32 = id
-            .parse()
-            .map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
-        let offset = u64::from_str_radix(offset, 16).map_err(|_| ArchiveError::Hostile(format!("bad entry {path}")))?;
-        if !files.contains_key(&id) {
-            return Err(ArchiveError::Tampered(format!("{path} belongs to no listed disk")));
-        }
-        if !manifest.files.contains_key(path) {
-            return Err(ArchiveError::Tampered(format!(
-                "entry {path} is not listed in the manifest"
-            )));
-        }
-        let data = read_all(reader, size, path)?;
-        if tx.send((path.to_string(), id, offset, data)).is_err() {
-            // The writer stopped on an error: it is reported below.
-            return Ok(());
-        }
-        written += size;
-        progress(written);
-        Ok(())
-    });
-    drop(tx);
-    writer
-        .join()
-        .map_err(|_| ArchiveError::Unsupported("the writing thread panicked".into()))??;
-    walked?;
-    for file in files.values() {
-        file.sync_data()?;
     }
     Ok(())
 }

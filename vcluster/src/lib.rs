@@ -8,9 +8,8 @@ pub mod capture;
 pub mod translate;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
-pub use archive::{ArchiveError, ArchiveWriter, Manifest, Verified};
+pub use archive::{ArchiveError, ArchiveWriter, ChunkList, DiskStats, Manifest, Verified};
 pub use capture::Captured;
 pub use translate::{Maps, Plan, Target};
 
@@ -38,8 +37,15 @@ pub fn domain_file(vm: &str) -> String {
     format!("domains/{vm}.xml")
 }
 
-/// The manifest of a capture (files and disks are filled in by [`ArchiveWriter::finish`]).
-pub fn manifest_for(c: &Captured, placement: BTreeMap<String, String>, created: String, consistency: &str) -> Manifest {
+/// The manifest of a capture. `disks` lists each disk to capture as (VM resource id, source path, size),
+/// numbered in that order; `files` is filled in by [`ArchiveWriter::new`].
+pub fn manifest_for(
+    c: &Captured,
+    placement: BTreeMap<String, String>,
+    created: String,
+    consistency: &str,
+    disks: &[(String, String, u64)],
+) -> Manifest {
     Manifest {
         format_version: archive::FORMAT_VERSION,
         vmha_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -58,28 +64,37 @@ pub fn manifest_for(c: &Captured, placement: BTreeMap<String, String>, created: 
             })
             .collect(),
         placement,
-        disks: Vec::new(),
+        disks: disks
+            .iter()
+            .enumerate()
+            .map(|(id, (vm, path, size))| archive::DiskEntry {
+                id: id as u32,
+                vm: vm.clone(),
+                path: path.clone(),
+                size: *size,
+            })
+            .collect(),
         files: BTreeMap::new(),
     }
 }
 
-/// Writes the metadata entries of a capture: resources, constraints, tag and each VM's domain XML
-/// (`domains` maps VM resource ids to their XML; every VM needs one).
-pub fn add_metadata<W: Write>(
-    w: &mut ArchiveWriter<W>,
+/// The metadata entries of a capture: resources, constraints, tag and each VM's domain XML (`domains`
+/// maps VM resource ids to their XML; every VM needs one).
+pub fn metadata_entries(
     c: &Captured,
     domains: &BTreeMap<String, String>,
-) -> Result<(), VclusterError> {
-    w.add_file(archive::RESOURCES, c.resources_xml.as_bytes())?;
-    w.add_file(archive::CONSTRAINTS, c.constraints_xml.as_bytes())?;
-    w.add_file(archive::TAG, c.tag_xml.as_bytes())?;
+) -> Result<BTreeMap<String, Vec<u8>>, VclusterError> {
+    let mut m = BTreeMap::new();
+    m.insert(archive::RESOURCES.to_string(), c.resources_xml.clone().into_bytes());
+    m.insert(archive::CONSTRAINTS.to_string(), c.constraints_xml.clone().into_bytes());
+    m.insert(archive::TAG.to_string(), c.tag_xml.clone().into_bytes());
     for vm in &c.vms {
         let xml = domains
             .get(&vm.resource)
             .ok_or_else(|| VclusterError::NotFound(format!("no domain definition for VM {}", vm.resource)))?;
         roxmltree::Document::parse(xml)
             .map_err(|e| VclusterError::Archive(format!("domain definition of {}: {e}", vm.resource)))?;
-        w.add_file(&domain_file(&vm.resource), xml.as_bytes())?;
+        m.insert(domain_file(&vm.resource), xml.clone().into_bytes());
     }
-    Ok(())
+    Ok(m)
 }

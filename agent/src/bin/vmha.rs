@@ -15,6 +15,7 @@ use vmha_agent::api::{
     host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, JOB_INTERFACE, ROOT_PATH, VM_INTERFACE,
 };
 use vmha_agent::options::VmhadArgs;
+use vmha_agent::vcluster::VclusterCmd;
 use vmha_model::group;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
@@ -323,9 +324,13 @@ fn hint(name: &str, msg: String) -> String {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    if let Cmd::Vcluster { command } = cli.command {
-        return vmha_agent::vcluster::run(command, cli.output == Output::Json).await;
-    }
+    // Virtual clusters are CIB tags the CLI edits itself; capture and instantiate run in vmhad.
+    let cli = match cli.command {
+        Cmd::Vcluster { command } if command.runs_locally() => {
+            return vmha_agent::vcluster::run(command, cli.output == Output::Json).await
+        }
+        _ => cli,
+    };
     let limit = Duration::from_secs(cli.timeout);
     let conn = tokio::time::timeout(limit, Connection::system())
         .await
@@ -444,7 +449,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Policy { .. } | Cmd::WhatIf(_) | Cmd::ScheduleCopy(_) => {
             unreachable!("policy and what-if run before the bus is reached")
         }
-        Cmd::Vcluster { .. } => unreachable!("vmha vcluster runs before the bus is reached"),
+        Cmd::Vcluster { command } => match command {
+            VclusterCmd::Capture {
+                name,
+                out,
+                with_disks,
+                halt,
+                level,
+            } => client.vcluster_capture(&name, &out, with_disks, halt, level).await,
+            VclusterCmd::Instantiate {
+                file,
+                maps,
+                name,
+                dry_run,
+                wait,
+            } => client.vcluster_instantiate(&file, maps, name, dry_run, wait).await,
+            other => vmha_agent::vcluster::run(other, client.output == Output::Json).await,
+        },
     }
 }
 
@@ -1094,6 +1115,134 @@ impl Client {
                 _ => {}
             }
         }
+    }
+
+    /// A finished job's details (JSON; `Null` when it left none).
+    async fn job_details(&self, job: &str) -> Result<Value> {
+        let reply = self
+            .bounded(
+                "reading the job's details",
+                self.conn.call_method(
+                    Some(BUS_NAME),
+                    job,
+                    Some("org.freedesktop.DBus.Properties"),
+                    "Get",
+                    &(JOB_INTERFACE, "Details"),
+                ),
+            )
+            .await?;
+        let value: OwnedValue = reply.body().deserialize()?;
+        let text = String::try_from(value).unwrap_or_default();
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// This client with room for a job of `secs` seconds beyond the usual limit.
+    fn with_room(&self, secs: u64) -> Client {
+        Client {
+            conn: self.conn.clone(),
+            limit: self.limit + Duration::from_secs(secs),
+            output: self.output,
+        }
+    }
+
+    /// `vmha vcluster capture`: the archive is written by vmhad into a file opened here (under a
+    /// temporary name renamed at the end: no half archive under FILE).
+    async fn vcluster_capture(
+        &self,
+        name: &str,
+        out: &std::path::Path,
+        with_disks: bool,
+        halt: bool,
+        level: i32,
+    ) -> Result<ExitCode> {
+        use std::os::fd::AsFd;
+        if out.exists() {
+            bail!("{} exists; not overwriting it", out.display());
+        }
+        let partial = PathBuf::from(format!("{}.partial", out.display()));
+        let file = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        let body = (name, zbus::zvariant::Fd::from(file.as_fd()), with_disks, halt, level);
+        let client = self.with_room(if with_disks { 3600 } else { 0 });
+        let result = client
+            .job_result(ROOT_PATH.to_string(), CLUSTER_INTERFACE, "CaptureVcluster", body)
+            .await;
+        drop(file);
+        let (job, ok, message) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
+            }
+        };
+        if !ok {
+            let _ = std::fs::remove_file(&partial);
+            return self.job_failed(&job, &message);
+        }
+        std::fs::rename(&partial, out)
+            .with_context(|| format!("renaming {} to {}", partial.display(), out.display()))?;
+        let mut summary = self.job_details(&job).await?;
+        summary["archive"] = json!(out);
+        if self.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else {
+            println!("{}", vmha_agent::vcluster::capture_text(&summary, out));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `vmha vcluster instantiate`: vmhad reads the archive from a file opened here.
+    async fn vcluster_instantiate(
+        &self,
+        file: &std::path::Path,
+        maps: Vec<String>,
+        name: Option<String>,
+        dry_run: bool,
+        wait: u64,
+    ) -> Result<ExitCode> {
+        use std::os::fd::AsFd;
+        let archive = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        let wait = u32::try_from(wait).map_err(|_| anyhow!("--wait {wait} is too long"))?;
+        let body = (
+            zbus::zvariant::Fd::from(archive.as_fd()),
+            maps,
+            name.unwrap_or_default(),
+            dry_run,
+            wait,
+        );
+        let client = self.with_room(u64::from(wait) + 3600);
+        let (job, ok, message) = client
+            .job_result(ROOT_PATH.to_string(), CLUSTER_INTERFACE, "InstantiateVcluster", body)
+            .await?;
+        let details = self.job_details(&job).await?;
+        if self.output == Output::Json {
+            let mut out = details.clone();
+            out["success"] = json!(ok);
+            out["message"] = json!(message);
+            out["job"] = json!(job);
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else if let Some(plan) = details["plan_text"].as_str() {
+            print!("{plan}");
+        }
+        if !ok {
+            eprintln!("vmha: {}", one_line(&anyhow!("{}", message)));
+            return Ok(ExitCode::FAILURE);
+        }
+        if self.output == Output::Human {
+            println!("{message}");
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn job_failed(&self, job: &str, message: &str) -> Result<ExitCode> {
+        if self.output == Output::Json {
+            println!("{}", json!({ "job": job, "success": false, "message": message }));
+        }
+        eprintln!("vmha: {message}");
+        Ok(ExitCode::FAILURE)
     }
 
     async fn watch(&self, count: Option<usize>) -> Result<ExitCode> {

@@ -40,6 +40,10 @@ fn up(cfg: LabConfig) -> Lab {
     let t0 = Instant::now();
     let lab = Lab::up(cfg).expect("lab bring-up");
     lab.install_build(&release_build()).expect("installing the build");
+    // Capture and instantiate run in vmhad (the CLI passes it the archive's file descriptor).
+    for n in lab.cfg.host_numbers() {
+        lab.start_vmhad(n).expect("starting vmhad");
+    }
     println!("lab {} up in {:.1} s", lab.cfg.name, t0.elapsed().as_secs_f64());
     lab
 }
@@ -204,7 +208,8 @@ fn sum(data: &[u8]) -> FileSum {
     }
 }
 
-/// Adds an entry (listed in the manifest, so only its nature is wrong) before the manifest.
+/// Adds an entry (listed in the manifest, the first entry, so only its nature is wrong) before the
+/// chunk list (the last entry), after the disk data.
 fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
     repack(original, |entries| {
         let mut h = tar::Header::new_gnu();
@@ -213,10 +218,11 @@ fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) ->
         if kind == tar::EntryType::Symlink {
             h.set_link_name("/etc/shadow").unwrap();
         }
-        let last = entries.len() - 1;
-        let mut manifest: serde_json::Value = serde_json::from_slice(&entries[last].2).unwrap();
+        assert_eq!(entries[0].0, archive::MANIFEST);
+        let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].2).unwrap();
         manifest["files"][name] = serde_json::to_value(sum(data)).unwrap();
-        entries[last].2 = serde_json::to_vec(&manifest).unwrap();
+        entries[0].2 = serde_json::to_vec(&manifest).unwrap();
+        let last = entries.len() - 1;
         entries.insert(last, (name.to_string(), h, data.to_vec()));
     })
 }
@@ -394,15 +400,25 @@ fn vcluster_capture_and_instantiate() {
         e.2 = text.into_bytes();
     });
     let wrong_version = repack(&bytes, |entries| {
-        let last = entries.len() - 1;
-        let mut m: serde_json::Value = serde_json::from_slice(&entries[last].2).unwrap();
+        let mut m: serde_json::Value = serde_json::from_slice(&entries[0].2).unwrap();
         m["format_version"] = 99.into();
-        entries[last].2 = serde_json::to_vec(&m).unwrap();
+        entries[0].2 = serde_json::to_vec(&m).unwrap();
+    });
+    // A disk chunk changed after capture: found only at the end of the single pass, when the disks are
+    // already written under their hidden names (which go again).
+    let tampered_disk = repack(&bytes, |entries| {
+        let e = entries
+            .iter_mut()
+            .rev()
+            .find(|(n, ..)| n.starts_with("disks/"))
+            .unwrap();
+        e.2[100] ^= 0xff;
     });
     let big = vec![b'x'; (archive::MAX_METADATA + 1) as usize];
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated", bytes[..bytes.len() * 2 / 3].to_vec(), "truncated"),
         ("tampered", tampered, "checksum mismatch for domains/h7web.xml"),
+        ("tampered-disk", tampered_disk, "checksum mismatch for disks/"),
         (
             "absolute",
             with_entry(&bytes, "/etc/cron.d/evil", tar::EntryType::Regular, b"x"),
@@ -459,22 +475,16 @@ fn vcluster_capture_and_instantiate() {
     // A CIB change that fails (an archive whose resource Pacemaker's schema refuses, checksums valid):
     // the domain file written before it is removed again.
     let broken = {
-        let mut w = ArchiveWriter::new(Vec::new(), 1).unwrap();
         let res = original.text(archive::RESOURCES).unwrap().replace(
             "<primitive id=\"h7app\"",
             "<primitive id=\"h7app\" bogus-attribute=\"1\"",
         );
-        w.add_file(archive::RESOURCES, res.as_bytes()).unwrap();
-        for f in [archive::CONSTRAINTS, archive::TAG] {
-            w.add_file(f, original.text(f).unwrap().as_bytes()).unwrap();
-        }
-        for vm in &original.manifest.vms {
-            w.add_file(&vm.domain_file, original.text(&vm.domain_file).unwrap().as_bytes())
-                .unwrap();
-        }
+        let mut metadata = original.metadata.clone();
+        metadata.insert(archive::RESOURCES.to_string(), res.into_bytes());
         let mut m = original.manifest.clone();
         m.disks.clear();
-        w.finish(m).unwrap().0
+        let w = ArchiveWriter::new(Vec::new(), 1, m, &metadata).unwrap();
+        w.finish().unwrap().0
     };
     let broken_path = PathBuf::from(ARCHIVES).join("schema-invalid.vca");
     std::fs::write(&broken_path, &broken).unwrap();

@@ -20,56 +20,108 @@ fn manifest(name: &str) -> Manifest {
     }
 }
 
-/// A valid archive (optionally with a disk made of `disk` bytes).
-fn good(disk: Option<&[u8]>) -> Vec<u8> {
-    let mut w = ArchiveWriter::new(Vec::new(), 1).unwrap();
-    w.add_file(RESOURCES, b"<resources/>").unwrap();
-    w.add_file(CONSTRAINTS, b"<constraints/>").unwrap();
-    w.add_file(TAG, b"<tag id='t'><obj_ref id='web'/></tag>").unwrap();
-    w.add_file("domains/web.xml", b"<domain><name>web</name></domain>")
-        .unwrap();
-    if let Some(data) = disk {
-        let dir = std::env::temp_dir().join(format!("vmha-vc-test-{}-{}", std::process::id(), data.len()));
-        std::fs::write(&dir, data).unwrap();
-        let f = File::open(&dir).unwrap();
-        w.add_disk("web", "/shared/web.img", &f, &mut |_| {}).unwrap();
-        std::fs::remove_file(&dir).unwrap();
-    }
-    w.finish(manifest("t")).unwrap().0
+fn metadata() -> BTreeMap<String, Vec<u8>> {
+    BTreeMap::from([
+        (RESOURCES.to_string(), b"<resources/>".to_vec()),
+        (CONSTRAINTS.to_string(), b"<constraints/>".to_vec()),
+        (TAG.to_string(), b"<tag id='t'><obj_ref id='web'/></tag>".to_vec()),
+        (
+            "domains/web.xml".to_string(),
+            b"<domain><name>web</name></domain>".to_vec(),
+        ),
+    ])
 }
 
-/// Raw tar entries (no path checks), each (name, type, data), then the manifest listing `listed`
-/// (`None`: list every entry with its real checksum), compressed.
+fn temp(what: &str) -> std::path::PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::env::temp_dir().join(format!(
+        "vmha-vc-{what}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A valid archive (optionally with a disk made of `disk` bytes).
+fn good(disk: Option<&[u8]>) -> Vec<u8> {
+    let mut m = manifest("t");
+    let path = temp("disk");
+    if let Some(data) = disk {
+        std::fs::write(&path, data).unwrap();
+        m.disks.push(DiskEntry {
+            id: 0,
+            vm: "web".into(),
+            path: "/shared/web.img".into(),
+            size: data.len() as u64,
+        });
+    }
+    let mut w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
+    if disk.is_some() {
+        let f = File::open(&path).unwrap();
+        w.add_disk(&f, &mut |_| {}).unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+    w.finish().unwrap().0
+}
+
+fn sum(data: &[u8]) -> FileSum {
+    FileSum {
+        size: data.len() as u64,
+        sha256: sha256_hex(data),
+    }
+}
+
+fn entry(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    let bytes = name.as_bytes();
+    h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    if matches!(kind, tar::EntryType::Symlink | tar::EntryType::Link) {
+        h.set_link_name("/etc/shadow").unwrap();
+    }
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+/// Raw tar entries (no path checks), each (name, type, data), between a manifest (`None`: one listing
+/// every metadata entry with its real checksum) and a chunk list listing every `disks/` entry,
+/// compressed.
 fn raw(entries: &[(&str, tar::EntryType, &[u8])], manifest_override: Option<Manifest>) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     let mut m = manifest("t");
-    for (name, kind, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        let bytes = name.as_bytes();
-        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
-        h.set_entry_type(*kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        if matches!(kind, tar::EntryType::Symlink | tar::EntryType::Link) {
-            h.set_link_name("/etc/shadow").unwrap();
+    let mut chunks = ChunkList::default();
+    for (name, _, data) in entries {
+        if name.starts_with("disks/") {
+            chunks.chunks.insert(name.to_string(), sum(data));
+        } else {
+            m.files.insert(name.to_string(), sum(data));
         }
-        h.set_cksum();
-        b.append(&h, *data).unwrap();
-        m.files.insert(
-            name.to_string(),
-            FileSum {
-                size: data.len() as u64,
-                sha256: sha256_hex(data),
-            },
-        );
+    }
+    if chunks.chunks.keys().any(|c| c.starts_with("disks/0/")) {
+        m.disks.push(DiskEntry {
+            id: 0,
+            vm: "web".into(),
+            path: "/shared/web.img".into(),
+            size: 4 * CHUNK,
+        });
     }
     let m = manifest_override.unwrap_or(m);
-    let json = serde_json::to_vec(&m).unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_path(MANIFEST).unwrap();
-    h.set_size(json.len() as u64);
-    h.set_cksum();
-    b.append(&h, json.as_slice()).unwrap();
+    entry(
+        &mut b,
+        MANIFEST,
+        tar::EntryType::Regular,
+        &serde_json::to_vec(&m).unwrap(),
+    );
+    for (name, kind, data) in entries {
+        entry(&mut b, name, *kind, data);
+    }
+    entry(
+        &mut b,
+        CHUNK_LIST,
+        tar::EntryType::Regular,
+        &serde_json::to_vec(&chunks).unwrap(),
+    );
     zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap()
 }
 
@@ -93,45 +145,110 @@ fn rejected(archive: &[u8]) -> String {
     }
 }
 
+fn base_manifest() -> Manifest {
+    let mut m = manifest("t");
+    for (name, _, data) in &BASE {
+        m.files.insert(name.to_string(), sum(data));
+    }
+    m
+}
+
 #[test]
 fn a_written_archive_verifies_with_its_metadata() {
     let v = verify(good(None).as_slice()).unwrap();
     assert_eq!(v.manifest.name, "t");
+    assert_eq!(v.manifest.format_version, FORMAT_VERSION);
     assert_eq!(v.text("domains/web.xml").unwrap(), "<domain><name>web</name></domain>");
     assert_eq!(v.manifest.files.len(), 4);
     assert!(v.manifest.files[TAG].sha256.len() == 64);
+    assert!(v.chunks.chunks.is_empty());
 }
 
 #[test]
 fn raw_builder_makes_valid_archives() {
     // The hostile cases below differ from this one in one point only.
     verify(raw(&BASE, None).as_slice()).unwrap();
+    let mut e = BASE.to_vec();
+    e.push(("disks/0/0000000000000000", tar::EntryType::Regular, b"data"));
+    verify(raw(&e, None).as_slice()).unwrap();
 }
 
 #[test]
-fn disks_are_sparse_and_come_back_identical() {
+fn disks_are_sparse_and_come_back_identical_in_one_pass() {
     let mut data = vec![0u8; (CHUNK * 3 + 1000) as usize];
     data[10] = 1;
     data[(CHUNK * 2 + 5) as usize] = 7;
     let last = data.len() - 1;
     data[last] = 9;
     let archive = good(Some(&data));
-    let v = verify(archive.as_slice()).unwrap();
-    let disk = &v.manifest.disks[0];
-    assert_eq!(disk.size, data.len() as u64);
-    assert_eq!(disk.chunks, 3, "the all-zero second chunk is a hole");
-    let out = std::env::temp_dir().join(format!("vmha-vc-out-{}", std::process::id()));
+    let out = temp("out");
+    let mut heads = 0;
     let mut progress = 0;
-    extract_disks(
+    let v = read(
         archive.as_slice(),
-        &v.manifest,
-        &mut |_| Ok(File::options().create(true).truncate(true).write(true).open(&out)?),
+        |head: &Verified| -> Result<_, ArchiveError> {
+            heads += 1;
+            // The metadata is checked and the disk data not yet read when the destination is asked for.
+            assert_eq!(head.text(TAG).unwrap(), "<tag id='t'><obj_ref id='web'/></tag>");
+            assert!(head.chunks.chunks.is_empty());
+            assert_eq!(head.manifest.disks[0].size, data.len() as u64);
+            let f = File::options().create_new(true).write(true).open(&out)?;
+            Ok(Some(BTreeMap::from([(0, f)])))
+        },
         &mut |n| progress = n,
     )
     .unwrap();
+    assert_eq!(heads, 1);
     assert_eq!(std::fs::read(&out).unwrap(), data);
-    assert_eq!(progress, disk.stored);
+    let stats = v.stats(0);
+    assert_eq!(stats.chunks, 3, "the all-zero second chunk is a hole");
+    assert_eq!(stats.stored, data.len() as u64 - CHUNK);
+    assert_eq!(progress, archive.len() as u64, "progress counts the archive's bytes");
     std::fs::remove_file(&out).unwrap();
+}
+
+#[test]
+fn a_disk_that_changes_size_while_captured_is_refused() {
+    let path = temp("grow");
+    std::fs::write(&path, [1u8; 1000]).unwrap();
+    let mut m = manifest("t");
+    m.disks.push(DiskEntry {
+        id: 0,
+        vm: "web".into(),
+        path: "/shared/web.img".into(),
+        size: 500,
+    });
+    let mut w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
+    let e = w.add_disk(&File::open(&path).unwrap(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("changed size"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    // And a writer cannot finish without every listed disk.
+    let mut m = manifest("t");
+    m.disks.push(DiskEntry {
+        id: 0,
+        vm: "web".into(),
+        path: "/shared/web.img".into(),
+        size: 500,
+    });
+    let w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
+    assert!(w.finish().unwrap_err().to_string().contains("1 disks, 0 were added"));
+}
+
+#[test]
+fn a_refusal_at_the_head_stops_the_read_without_writing() {
+    let archive = good(Some(&[3u8; 100_000]));
+    let r = read(
+        archive.as_slice(),
+        |_| -> Result<Option<DiskFiles>, String> { Err("target not ready".into()) },
+        &mut |_| {},
+    );
+    assert_eq!(r.unwrap_err(), "target not ready");
+}
+
+impl From<ArchiveError> for String {
+    fn from(e: ArchiveError) -> String {
+        e.to_string()
+    }
 }
 
 #[test]
@@ -142,26 +259,56 @@ fn truncated_archives_are_rejected() {
         assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
     }
     assert!(rejected(&[]).contains("truncated"));
+    // A stream that ends cleanly before its chunk list.
+    let mut b = tar::Builder::new(Vec::new());
+    entry(
+        &mut b,
+        MANIFEST,
+        tar::EntryType::Regular,
+        &serde_json::to_vec(&base_manifest()).unwrap(),
+    );
+    for (name, kind, data) in &BASE {
+        entry(&mut b, name, *kind, data);
+    }
+    let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+    assert!(rejected(&a).contains("no CHUNKS.json"));
 }
 
 #[test]
 fn tampered_entries_fail_their_checksum() {
-    let mut m = manifest("t");
-    for (name, _, data) in &BASE {
-        m.files.insert(
-            name.to_string(),
-            FileSum {
-                size: data.len() as u64,
-                sha256: sha256_hex(data),
-            },
-        );
-    }
+    let mut m = base_manifest();
     m.files.get_mut(TAG).unwrap().sha256 = sha256_hex(b"something else");
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(
         msg.contains("tampered") && msg.contains("checksum mismatch for cluster/tag.xml"),
         "{msg}"
     );
+    // A disk chunk changed after capture: found against the chunk list, and a reader that wrote it learns
+    // of it from the error.
+    let mut a = tar::Archive::new(
+        zstd::decode_all(good(Some(&[5u8; 100_000])).as_slice())
+            .unwrap()
+            .as_slice(),
+    )
+    .entries()
+    .unwrap()
+    .map(|e| {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        (name, data)
+    })
+    .collect::<Vec<_>>();
+    let chunk = a.iter_mut().find(|(n, _)| n.starts_with("disks/")).unwrap();
+    chunk.1[7] ^= 1;
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in &a {
+        entry(&mut b, name, tar::EntryType::Regular, data);
+    }
+    let bytes = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+    let msg = rejected(&bytes);
+    assert!(msg.contains("checksum mismatch for disks/0/0000000000000000"), "{msg}");
 }
 
 #[test]
@@ -208,60 +355,79 @@ fn oversized_entries_are_rejected_before_being_read() {
 
 #[test]
 fn wrong_format_version_is_named() {
-    let mut m = manifest("t");
-    m.format_version = 2;
+    let mut m = base_manifest();
+    m.format_version = 1;
     let msg = rejected(&raw(&BASE, Some(m)));
-    assert!(msg.contains("format version 2"), "{msg}");
+    assert!(
+        msg.contains("format version 1; this vmha reads format version 2"),
+        "{msg}"
+    );
 }
 
 #[test]
-fn unknown_and_missing_entries_are_rejected() {
+fn unknown_missing_and_misplaced_entries_are_rejected() {
     // In the layout but not listed in the manifest.
-    let mut m = manifest("t");
-    for (name, _, data) in &BASE[..3] {
-        m.files.insert(
-            name.to_string(),
-            FileSum {
-                size: data.len() as u64,
-                sha256: sha256_hex(data),
-            },
-        );
-    }
+    let mut m = base_manifest();
+    m.files.remove("domains/web.xml");
+    m.vms.clear();
+    m.members.clear();
     let msg = rejected(&raw(&BASE, Some(m.clone())));
     assert!(msg.contains("domains/web.xml is not listed"), "{msg}");
     // Listed but absent.
-    m.files.insert(
-        "domains/web.xml".into(),
-        FileSum {
-            size: 9,
-            sha256: sha256_hex(b"<domain/>"),
-        },
-    );
-    m.files.insert(
-        "domains/db.xml".into(),
-        FileSum {
-            size: 1,
-            sha256: sha256_hex(b"x"),
-        },
-    );
+    m.files.insert("domains/web.xml".into(), sum(b"<domain/>"));
+    m.files.insert("domains/db.xml".into(), sum(b"x"));
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(msg.contains("lists domains/db.xml, which the archive lacks"), "{msg}");
     // Outside the layout.
     let msg = rejected(&with(("etc/cron.d/x", tar::EntryType::Regular, b"x")));
     assert!(msg.contains("not part of the archive layout"), "{msg}");
-    // No manifest at all.
+    // A chunk of a disk the manifest does not list.
+    let msg = rejected(&with(("disks/7/0000000000000000", tar::EntryType::Regular, b"x")));
+    assert!(msg.contains("belongs to no listed disk"), "{msg}");
+    // No manifest first.
     let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_path(TAG).unwrap();
-    h.set_size(1);
-    h.set_cksum();
-    b.append(&h, &b"x"[..]).unwrap();
+    entry(&mut b, TAG, tar::EntryType::Regular, b"x");
     let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
-    assert!(rejected(&a).contains("no MANIFEST.json"));
+    assert!(rejected(&a).contains("starts with cluster/tag.xml, not with MANIFEST.json"));
+    // Metadata after the disk data, and anything after the chunk list.
+    let mut e = BASE[..3].to_vec();
+    e.push(("disks/0/0000000000000000", tar::EntryType::Regular, b"data"));
+    e.push(BASE[3]);
+    let msg = rejected(&raw(&e, None));
+    assert!(
+        msg.contains("lists domains/web.xml, which the archive lacks before its disk data"),
+        "{msg}"
+    );
+    let mut e = BASE.to_vec();
+    e.push(("disks/0/0000000000000000", tar::EntryType::Regular, b"data"));
+    e.push(("domains/db.xml", tar::EntryType::Regular, b"x"));
+    let mut m = base_manifest();
+    m.disks.push(DiskEntry {
+        id: 0,
+        vm: "web".into(),
+        path: "/shared/web.img".into(),
+        size: CHUNK,
+    });
+    let msg = rejected(&raw(&e, Some(m)));
+    assert!(msg.contains("\"domains/db.xml\" comes after the disk data"), "{msg}");
+    let mut b = tar::Builder::new(Vec::new());
+    entry(
+        &mut b,
+        MANIFEST,
+        tar::EntryType::Regular,
+        &serde_json::to_vec(&base_manifest()).unwrap(),
+    );
+    for (name, kind, data) in &BASE {
+        entry(&mut b, name, *kind, data);
+    }
+    entry(&mut b, CHUNK_LIST, tar::EntryType::Regular, b"{\"chunks\":{}}");
+    entry(&mut b, "domains/late.xml", tar::EntryType::Regular, b"x");
+    let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+    assert!(rejected(&a).contains("follows CHUNKS.json"));
 }
 
 #[test]
-fn duplicate_entries_and_entries_after_the_manifest_are_rejected() {
+fn duplicate_entries_are_rejected() {
     let mut e = BASE.to_vec();
     e.push(BASE[0]);
     assert!(rejected(&raw(&e, None)).contains("appears twice"));

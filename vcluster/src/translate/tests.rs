@@ -1,7 +1,7 @@
 use super::*;
 use crate::archive::{verify, ArchiveWriter};
 use crate::capture::capture;
-use crate::{add_metadata, manifest_for};
+use crate::{manifest_for, metadata_entries};
 
 const CIB: &str = include_str!("../testdata/cib.xml");
 
@@ -23,11 +23,10 @@ fn archived(cib: &str, name: &str, dir: &str, net: &str) -> Verified {
         .iter()
         .map(|v| (v.resource.clone(), domain(&v.resource, dir, net)))
         .collect();
-    let mut w = ArchiveWriter::new(Vec::new(), 1).unwrap();
-    add_metadata(&mut w, &c, &domains).unwrap();
     let placement = BTreeMap::from([("web".to_string(), "node1".to_string()), ("vip".into(), "node2".into())]);
-    let m = manifest_for(&c, placement, "2026-11-22T00:00:00Z".into(), "frozen");
-    let (bytes, _) = w.finish(m).unwrap();
+    let m = manifest_for(&c, placement, "2026-11-22T00:00:00Z".into(), "frozen", &[]);
+    let w = ArchiveWriter::new(Vec::new(), 1, m, &metadata_entries(&c, &domains).unwrap()).unwrap();
+    let (bytes, ..) = w.finish().unwrap();
     verify(bytes.as_slice()).unwrap()
 }
 
