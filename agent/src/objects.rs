@@ -661,3 +661,29 @@ pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, ne
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::archive_file;
+
+    fn fd(f: std::fs::File) -> zbus::zvariant::OwnedFd {
+        zbus::zvariant::OwnedFd::from(std::os::fd::OwnedFd::from(f))
+    }
+
+    #[test]
+    fn archive_descriptors_must_be_open_the_right_way() {
+        let path = std::env::temp_dir().join(format!("vmha-objects-test-{}", std::process::id()));
+        std::fs::write(&path, b"x").unwrap();
+        let read_only = std::fs::File::open(&path).unwrap();
+        let e = archive_file(fd(read_only), true).unwrap_err().to_string();
+        assert!(e.contains("is not open for writing"), "{e}");
+        let write_only = std::fs::File::options().write(true).open(&path).unwrap();
+        let e = archive_file(fd(write_only), false).unwrap_err().to_string();
+        assert!(e.contains("is not open for reading"), "{e}");
+        assert!(archive_file(fd(std::fs::File::open(&path).unwrap()), false).is_ok());
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let e = archive_file(fd(dir), false).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use vmha_model::change::{escape, set_resource_meta, validate_name};
 use vmha_model::{ClusterView, VmState};
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
-use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest};
+use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest, WriteBehind};
 use vmha_vcluster::capture::{self, capture, configuration_ids};
 use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
 use vmha_vcluster::{manifest_for, metadata_entries};
@@ -562,7 +562,8 @@ pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -
             .map(|(vm, path, f)| Ok((vm.clone(), path.clone(), f.metadata()?.len())))
             .collect::<Result<Vec<_>>>()?;
         let manifest = manifest_for(&c, placement.clone(), now_rfc3339(), consistency, &sized);
-        let mut writer = ArchiveWriter::new(BufWriter::with_capacity(1 << 20, out), opts.level, manifest, &metadata)?;
+        let out = BufWriter::with_capacity(1 << 20, WriteBehind::new(out)?);
+        let mut writer = ArchiveWriter::new(out, opts.level, manifest, &metadata)?;
         let total: u64 = sized.iter().map(|d| d.2).sum::<u64>().max(1);
         let mut done = 0;
         for (vm, path, file) in &disks {
@@ -581,7 +582,7 @@ pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -
         let (w, manifest, stats) = writer.finish()?;
         w.into_inner()
             .map_err(|e| anyhow!("writing the archive: {}", e.error()))?
-            .sync_all()
+            .finish()
             .context("writing the archive")?;
         Ok((manifest, stats))
     };
@@ -874,6 +875,13 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
             ids: configuration_ids(&xml)?,
         };
         let total = input.metadata().map(|m| m.len()).unwrap_or(0);
+        // Read front to back: a larger read-ahead.
+        let _ = nix::fcntl::posix_fadvise(
+            std::os::fd::AsRawFd::as_raw_fd(&input),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
         let mut progress = Progress::new(report, "archive".into(), total, (0.05, 0.8));
         report.step(Some(0.02), "reading and checking the archive");
         let read = archive::read(

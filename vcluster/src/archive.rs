@@ -300,6 +300,13 @@ impl<W: Write> ArchiveWriter<W> {
             .cloned()
             .ok_or_else(|| ArchiveError::Unsupported(format!("the manifest lists {id} disks", id = id)))?;
         let size = file.metadata()?.len();
+        // Read front to back: a larger read-ahead.
+        let _ = nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+        );
         if size != disk.size {
             return Err(ArchiveError::Unsupported(format!(
                 "disk {} changed size since the capture began ({} -> {size} bytes)",
@@ -380,6 +387,77 @@ impl<W: Write> ArchiveWriter<W> {
         let encoder = self.tar.into_inner()?;
         let out = encoder.finish()?;
         Ok((out, self.manifest, self.added))
+    }
+}
+
+/// Written data is flushed to disk on a second thread while writing goes on, after every this many
+/// bytes (unless a flush still runs): otherwise all of it waits for the final sync.
+const FLUSH_EVERY: u64 = 64 << 20;
+
+/// A file written front to back (an archive being captured) whose data goes to disk behind the writer,
+/// so that [`WriteBehind::finish`]'s sync has little left to wait for.
+#[derive(Debug)]
+pub struct WriteBehind {
+    file: File,
+    unflushed: u64,
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriteBehind {
+    pub fn new(file: File) -> io::Result<WriteBehind> {
+        let clone = file.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let flusher = std::thread::Builder::new().name("vmha-flush".into()).spawn(move || {
+            for () in rx {
+                // An error shows again in the final sync, which is checked.
+                let _ = clone.sync_data();
+            }
+        })?;
+        Ok(WriteBehind {
+            file,
+            unflushed: 0,
+            tx: Some(tx),
+            flusher: Some(flusher),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(f) = self.flusher.take() {
+            let _ = f.join();
+        }
+    }
+
+    /// Waits for the flushing thread and syncs the whole file.
+    pub fn finish(mut self) -> io::Result<File> {
+        self.stop();
+        self.file.sync_all()?;
+        self.file.try_clone()
+    }
+}
+
+impl Write for WriteBehind {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unflushed += n as u64;
+        if self.unflushed >= FLUSH_EVERY {
+            if let Some(tx) = &self.tx {
+                let _ = tx.try_send(());
+            }
+            self.unflushed = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -591,11 +669,7 @@ pub fn read<R: Read + Send, E: From<ArchiveError>>(
                 let _ = tx.send(Err(e));
             }
         });
-        let mut reader = Reader {
-            rx,
-            head: None,
-            files: None,
-        };
+        let mut reader = Reader { rx, files: None };
         let result = reader.run(on_head, &mut || progress(count.load(Ordering::Relaxed)));
         // Dropping the receiver stops the walker at its next entry.
         drop(reader);
@@ -610,7 +684,6 @@ pub fn verify<R: Read + Send>(input: R) -> Result<Verified, ArchiveError> {
 
 struct Reader {
     rx: std::sync::mpsc::Receiver<Result<(String, Vec<u8>), ArchiveError>>,
-    head: Option<Verified>,
     files: Option<DiskFiles>,
 }
 
@@ -672,13 +745,13 @@ impl Reader {
             }
             .into());
         }
-        let head = self.head.insert(Verified {
+        let head = Verified {
             manifest,
             metadata,
             chunks: ChunkList::default(),
-        });
+        };
         // Where the disks go.
-        if let Some(files) = on_head(head)? {
+        if let Some(files) = on_head(&head)? {
             for disk in &head.manifest.disks {
                 let file = files.get(&disk.id).ok_or_else(|| {
                     ArchiveError::Unsupported(format!("no destination for disk {} ({})", disk.id, disk.path))
@@ -687,16 +760,63 @@ impl Reader {
             }
             self.files = Some(files);
         }
-        Ok(self.chunks(pending, progress)?)
+        Ok(self.chunks(head, pending, progress)?)
     }
 
     /// The disk chunks and the chunk list.
     fn chunks(
-        &mut self,
-        mut pending: Option<(String, Vec<u8>)>,
+        &self,
+        mut head: Verified,
+        pending: Option<(String, Vec<u8>)>,
         progress: &mut dyn FnMut(),
     ) -> Result<Verified, ArchiveError> {
-        let mut head = self.head.take().expect("the head is read first");
+        // Written data is flushed to disk on a second thread while the stream goes on (see FLUSH_EVERY).
+        let flushed: Vec<File> = match &self.files {
+            Some(files) => files.values().map(File::try_clone).collect::<io::Result<_>>()?,
+            None => Vec::new(),
+        };
+        let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let list = std::thread::scope(|scope| {
+            if !flushed.is_empty() {
+                scope.spawn(move || {
+                    for () in flush_rx {
+                        for f in &flushed {
+                            // An error shows again in the final sync, which is checked.
+                            let _ = f.sync_data();
+                        }
+                    }
+                });
+            }
+            let r = self.chunk_entries(&head, pending, progress, &mut |n| {
+                if n >= FLUSH_EVERY {
+                    let _ = flush_tx.try_send(());
+                    true
+                } else {
+                    false
+                }
+            });
+            drop(flush_tx);
+            r
+        })?;
+        if let Some(files) = &self.files {
+            for file in files.values() {
+                file.sync_data()?;
+            }
+        }
+        head.chunks = list;
+        Ok(head)
+    }
+
+    /// The disk chunk entries, checked against the chunk list (returned); `written` is told the bytes
+    /// written since it last returned true.
+    fn chunk_entries(
+        &self,
+        head: &Verified,
+        mut pending: Option<(String, Vec<u8>)>,
+        progress: &mut dyn FnMut(),
+        written: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<ChunkList, ArchiveError> {
+        let mut unflushed = 0u64;
         let disks: BTreeMap<u32, u64> = head.manifest.disks.iter().map(|d| (d.id, d.size)).collect();
         let mut sums = BTreeMap::new();
         let mut list = None;
@@ -732,6 +852,10 @@ impl Reader {
             }
             if let Some(files) = &self.files {
                 files[&id].write_all_at(&data, offset)?;
+                unflushed += data.len() as u64;
+                if written(unflushed) {
+                    unflushed = 0;
+                }
             }
             sums.insert(
                 path,
@@ -762,13 +886,7 @@ impl Reader {
                 "{CHUNK_LIST} lists {missing}, which the archive lacks"
             )));
         }
-        if let Some(files) = &self.files {
-            for file in files.values() {
-                file.sync_data()?;
-            }
-        }
-        head.chunks = list;
-        Ok(head)
+        Ok(list)
     }
 }
 

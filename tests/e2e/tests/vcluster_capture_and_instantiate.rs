@@ -208,8 +208,8 @@ fn sum(data: &[u8]) -> FileSum {
     }
 }
 
-/// Adds an entry (listed in the manifest, the first entry, so only its nature is wrong) before the
-/// chunk list (the last entry), after the disk data.
+/// Adds an entry (listed in the manifest, the first entry, so only its nature is wrong) right after the
+/// manifest, among the metadata.
 fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
     repack(original, |entries| {
         let mut h = tar::Header::new_gnu();
@@ -222,8 +222,7 @@ fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) ->
         let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].2).unwrap();
         manifest["files"][name] = serde_json::to_value(sum(data)).unwrap();
         entries[0].2 = serde_json::to_vec(&manifest).unwrap();
-        let last = entries.len() - 1;
-        entries.insert(last, (name.to_string(), h, data.to_vec()));
+        entries.insert(1, (name.to_string(), h, data.to_vec()));
     })
 }
 
