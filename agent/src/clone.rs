@@ -2,9 +2,11 @@
 //! memory and disks live (external snapshot: the template goes on running on a new overlay), restore the
 //! capture as new domains with their own identity on the target host, resume the template's guest, tell
 //! each clone's guest that it is a clone and wait for its acknowledgement, register the clones as cluster
-//! resources with the template's settings. Any failure rolls back what was made and resumes the template. Every step is written to a
-//! journal (a node attribute of the host running the job), so that a restarted vmhad, or the DC's vmhad
-//! when this one's host is gone, rolls back a clone that was cut short.
+//! resources with the template's settings. Any failure rolls back what was made and resumes the template.
+//! The job runs in the vmhad on the DC's host (a request made elsewhere is relayed there, see
+//! [`crate::relay::clone_via_dc`]). Every step is written to a journal (a node attribute of the host
+//! running the job), so that a restarted vmhad, or the next DC's vmhad when this one's host is gone,
+//! rolls back a clone that was cut short.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::{Arc, OnceLock};
@@ -32,7 +34,7 @@ pub const MAX_COUNT: u32 = 16;
 pub const JOURNAL_PREFIX: &str = "vmha-clone-journal-";
 
 /// What `Clone` was asked to do.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CloneSpec {
     pub template: String,
     pub name: Option<String>,

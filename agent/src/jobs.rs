@@ -247,12 +247,26 @@ pub struct Job {
     conn: Connection,
     path: String,
     info: Arc<Mutex<JobInfo>>,
+    /// Where the job's progress and end are also sent.
+    mirror: Option<crate::relay::Mirror>,
 }
 
 impl Job {
     /// Puts a job object on the bus and runs `op` in the background; returns the job's path.
     pub async fn start(conn: &Connection, shared: &Arc<Shared>, op: Operation) -> zbus::fdo::Result<OwnedObjectPath> {
-        let job = Job::create(conn, shared, op.kind(), op.target()).await?;
+        Job::start_mirrored(conn, shared, op, None).await
+    }
+
+    /// [`Job::start`], with the job's progress and end also sent to `mirror` (a vmhad that relayed the
+    /// request here, see [`crate::relay::clone_via_dc`]).
+    pub async fn start_mirrored(
+        conn: &Connection,
+        shared: &Arc<Shared>,
+        op: Operation,
+        mirror: Option<crate::relay::Mirror>,
+    ) -> zbus::fdo::Result<OwnedObjectPath> {
+        let mut job = Job::create(conn, shared, op.kind(), op.target()).await?;
+        job.mirror = mirror;
         let path = job.path.clone();
         let shared = Arc::clone(shared);
         tokio::spawn(async move {
@@ -301,7 +315,13 @@ impl Job {
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 
-    async fn create(conn: &Connection, shared: &Arc<Shared>, kind: &str, target: String) -> zbus::fdo::Result<Job> {
+    /// Puts a job object on the bus; the caller runs it and reports through it.
+    pub(crate) async fn create(
+        conn: &Connection,
+        shared: &Arc<Shared>,
+        kind: &str,
+        target: String,
+    ) -> zbus::fdo::Result<Job> {
         let path = job_path(shared.next_job_id());
         let info = Arc::new(Mutex::new(JobInfo {
             kind: kind.into(),
@@ -323,10 +343,24 @@ impl Job {
             conn: conn.clone(),
             path,
             info,
+            mirror: None,
         })
     }
 
+    /// The job's object path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Reports progress (`fraction` when known).
+    pub(crate) async fn report(&self, fraction: Option<f64>, message: &str) {
+        self.update(fraction, None, message).await;
+    }
+
     async fn update(&self, progress: Option<f64>, state: Option<&str>, message: &str) {
+        if let (Some(m), None) = (self.mirror, state) {
+            crate::relay::mirror_update(m, progress, message).await;
+        }
         {
             let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(p) = progress {
@@ -365,11 +399,14 @@ impl Job {
         self.update(Some(fraction), None, message).await;
     }
 
-    async fn finish(self, result: Result<String, String>) {
+    pub(crate) async fn finish(self, result: Result<String, String>) {
         let (ok, message) = match result {
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };
+        if let Some(m) = self.mirror {
+            crate::relay::mirror_done(m, ok, &message).await;
+        }
         tracing::info!(job = %self.path, ok, %message, "job finished");
         self.update(
             ok.then_some(1.0),

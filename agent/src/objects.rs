@@ -162,6 +162,17 @@ impl ClusterObject {
             count,
             force,
         };
+        // Clone jobs are driven by the DC's vmhad (which checks the request itself), so that the next DC
+        // takes over a clone whose host died; this one runs it only when the DC has no vmhad to reach.
+        if let Some(dc) = crate::relay::job_host(&self.shared) {
+            if spec.count == 0 || spec.count > crate::clone::MAX_COUNT {
+                return Err(zbus::fdo::Error::InvalidArgs(format!(
+                    "count must be 1..={}",
+                    crate::clone::MAX_COUNT
+                )));
+            }
+            return crate::relay::clone_via_dc(conn, &self.shared, &dc, spec).await;
+        }
         let plan = crate::clone::check(&self.shared, &spec)
             .await
             .map_err(zbus::fdo::Error::InvalidArgs)?;

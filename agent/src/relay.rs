@@ -3,6 +3,11 @@
 //! its new identity) multicasts the request in the CPG group [`RELAY_GROUP`], the vmhad of the VM's host
 //! asks the guest and multicasts the result back. Every call has a deadline; a request nobody answers
 //! fails when its deadline passes.
+//!
+//! Clone jobs are driven by the vmhad on the DC's host: a vmhad asked for a clone elsewhere relays the
+//! request there ([`clone_via_dc`]), the DC's vmhad checks and runs it as its own job (journaled on its
+//! host, taken over by the next DC if that host dies) and mirrors the job's progress and result back to a
+//! local job the caller follows.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,16 +15,23 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use vmha_corosync::{Cpg, CpgEvent, DEFAULT_DEADLINE};
+use zbus::zvariant::OwnedObjectPath;
+use zbus::Connection;
 
+use crate::clone::CloneSpec;
 use crate::guest::GuestError;
+use crate::jobs::{Job, Operation};
 use crate::state::Shared;
 
 /// CPG group of the relay (separate from vmhad's membership group so neither disturbs the other).
 pub const RELAY_GROUP: &str = "vmhad-relay";
 /// Extra time a relayed request waits beyond the guest's own deadline (CPG round trips).
 const RELAY_GRACE: Duration = Duration::from_secs(3);
+/// How long a relayed clone request waits for the DC's vmhad to check and take it (the check looks the
+/// template's storage up through the target host's libvirt).
+const ACCEPT_DEADLINE: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
@@ -42,13 +54,227 @@ enum Msg {
         outcome: String,
         reason: String,
     },
+    /// Run this clone (a [`CloneSpec`]) as a job on `host` (the DC's).
+    CloneStart {
+        id: u64,
+        from: u32,
+        host: String,
+        spec: CloneSpec,
+    },
+    /// The DC's vmhad took the clone job (`error`: it refused it, with why).
+    JobAccepted { id: u64, to: u32, error: Option<String> },
+    /// Progress of a mirrored job.
+    JobUpdate {
+        id: u64,
+        to: u32,
+        fraction: Option<f64>,
+        message: String,
+    },
+    /// A mirrored job ended.
+    JobDone {
+        id: u64,
+        to: u32,
+        ok: bool,
+        message: String,
+    },
+}
+
+/// What the vmhad that relayed a job hears of it.
+#[derive(Debug)]
+enum JobEvent {
+    Accepted(Option<String>),
+    Update(Option<f64>, String),
+    Done(bool, String),
+}
+
+/// Where a job's progress is mirrored to: the relayed request `id` of the vmhad with node id `to`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mirror {
+    id: u64,
+    to: u32,
 }
 
 #[derive(Default)]
 struct Relay {
     link: Mutex<Option<(Cpg, u32)>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<(String, String)>>>,
+    jobs: Mutex<HashMap<u64, mpsc::UnboundedSender<JobEvent>>>,
     next: AtomicU64,
+}
+
+fn link() -> Option<(Cpg, u32)> {
+    relay().link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+async fn send(cpg: &Cpg, msg: &Msg) {
+    match serde_json::to_vec(msg) {
+        Ok(body) => {
+            if let Err(e) = cpg.mcast(&body).await {
+                tracing::warn!("relay: sending {msg:?}: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("relay: encoding {msg:?}: {e}"),
+    }
+}
+
+/// The host whose vmhad drives clone jobs: the DC's, when it is not this host and runs vmhad and the
+/// relay is up (otherwise this vmhad runs the job itself).
+pub fn job_host(shared: &Shared) -> Option<String> {
+    let snap = shared.snapshot();
+    let dc = snap.dc()?.to_string();
+    let runs_vmhad = snap.membership.as_ref().is_some_and(|m| m.agents.contains(&dc));
+    (dc != shared.local_host && runs_vmhad && link().is_some()).then_some(dc)
+}
+
+/// Relays a clone request to the vmhad on `dc`, which checks it and runs it as its own job; returns a
+/// local job mirroring that one (progress, result). The DC's refusal is the call's error.
+pub async fn clone_via_dc(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    dc: &str,
+    spec: CloneSpec,
+) -> zbus::fdo::Result<OwnedObjectPath> {
+    let Some((cpg, me)) = link() else {
+        return Err(zbus::fdo::Error::Failed(
+            "the relay to the DC is down (Corosync unreachable)".into(),
+        ));
+    };
+    let r = relay();
+    let id = r.next.fetch_add(1, Ordering::Relaxed) + 1;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    r.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+    let forget = move || {
+        relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    };
+    let target = format!(
+        "{} -> {}",
+        spec.template,
+        spec.name.clone().unwrap_or_else(|| format!("{}-clone", spec.template))
+    );
+    send(
+        &cpg,
+        &Msg::CloneStart {
+            id,
+            from: me,
+            host: dc.to_string(),
+            spec,
+        },
+    )
+    .await;
+    match tokio::time::timeout(ACCEPT_DEADLINE, rx.recv()).await {
+        Ok(Some(JobEvent::Accepted(None))) => {}
+        Ok(Some(JobEvent::Accepted(Some(error)))) => {
+            forget();
+            return Err(zbus::fdo::Error::InvalidArgs(error));
+        }
+        _ => {
+            forget();
+            return Err(zbus::fdo::Error::Failed(format!(
+                "vmhad on {dc} (the DC, which runs clone jobs) did not take the job within {} s",
+                ACCEPT_DEADLINE.as_secs()
+            )));
+        }
+    }
+    let job = Job::create(conn, shared, "clone", target)
+        .await
+        .inspect_err(|_| forget())?;
+    let path = job.path().to_string();
+    let (shared, dc) = (Arc::clone(shared), dc.to_string());
+    tokio::spawn(async move {
+        job.report(Some(0.0), &format!("running in vmhad on {dc}, the DC"))
+            .await;
+        let mut watch = shared.subscribe();
+        let gone = |shared: &Shared| {
+            shared
+                .snapshot()
+                .membership
+                .as_ref()
+                .is_some_and(|m| !m.agents.contains(&dc))
+        };
+        let result = loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(JobEvent::Update(fraction, message)) => job.report(fraction, &message).await,
+                    Some(JobEvent::Done(true, message)) => break Ok(format!("run by vmhad on {dc}, the DC: {message}")),
+                    Some(JobEvent::Done(false, message)) => break Err(format!("run by vmhad on {dc}, the DC: {message}")),
+                    Some(JobEvent::Accepted(_)) => {}
+                    None => break Err("the relay stopped".to_string()),
+                },
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        break Err("vmhad is stopping".to_string());
+                    }
+                    if gone(&shared) {
+                        break Err(format!(
+                            "vmhad on {dc}, which ran the clone, went away midway; its restart or the next DC's \
+                             vmhad rolls the clone back"
+                        ));
+                    }
+                }
+            }
+        };
+        forget();
+        job.finish(result).await;
+    });
+    OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+}
+
+/// Mirrors a job's progress to the vmhad that relayed it.
+pub async fn mirror_update(m: Mirror, fraction: Option<f64>, message: &str) {
+    if let Some((cpg, _)) = link() {
+        let msg = Msg::JobUpdate {
+            id: m.id,
+            to: m.to,
+            fraction,
+            message: message.to_string(),
+        };
+        send(&cpg, &msg).await;
+    }
+}
+
+/// Mirrors a job's end to the vmhad that relayed it.
+pub async fn mirror_done(m: Mirror, ok: bool, message: &str) {
+    if let Some((cpg, _)) = link() {
+        let msg = Msg::JobDone {
+            id: m.id,
+            to: m.to,
+            ok,
+            message: message.to_string(),
+        };
+        send(&cpg, &msg).await;
+    }
+}
+
+/// On the DC: checks and starts a relayed clone job, telling the requester whether it took it.
+async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, cpg: Cpg, id: u64, from: u32, spec: CloneSpec) {
+    let plan = match crate::clone::check(&shared, &spec).await {
+        Ok(plan) => plan,
+        Err(e) => {
+            send(
+                &cpg,
+                &Msg::JobAccepted {
+                    id,
+                    to: from,
+                    error: Some(e),
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    send(
+        &cpg,
+        &Msg::JobAccepted {
+            id,
+            to: from,
+            error: None,
+        },
+    )
+    .await;
+    let mirror = Mirror { id, to: from };
+    if let Err(e) = Job::start_mirrored(&conn, &shared, Operation::Clone(Box::new(plan)), Some(mirror)).await {
+        mirror_done(mirror, false, &format!("cannot start the job: {e}")).await;
+    }
 }
 
 fn relay() -> &'static Relay {
@@ -152,10 +378,10 @@ async fn remote(
 
 /// Runs the relay forever: joins [`RELAY_GROUP`], answers requests for VMs on this host and hands results
 /// to the waiting callers. Reconnects with a growing delay when Corosync goes away.
-pub async fn follow_relay(shared: Arc<Shared>) {
+pub async fn follow_relay(conn: Connection, shared: Arc<Shared>) {
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Err(e) = session(&shared, &mut delay).await {
+        if let Err(e) = session(&conn, &shared, &mut delay).await {
             tracing::warn!("relay: {e}");
         }
         *relay().link.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -164,7 +390,7 @@ pub async fn follow_relay(shared: Arc<Shared>) {
     }
 }
 
-async fn session(shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_corosync::Error> {
+async fn session(conn: &Connection, shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_corosync::Error> {
     let (cpg, mut events) = Cpg::connect(DEFAULT_DEADLINE).await?;
     cpg.join(RELAY_GROUP).await?;
     let me = cpg.local_nodeid().await?;
@@ -217,8 +443,33 @@ async fn session(shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_
                     let _ = tx.send((outcome, reason));
                 }
             }
+            Ok(Msg::CloneStart { id, from, host, spec }) if host == shared.local_host => {
+                tracing::info!(template = %spec.template, "relay: running a clone job asked for by node {from}");
+                tokio::spawn(start_relayed_clone(
+                    conn.clone(),
+                    Arc::clone(shared),
+                    cpg.clone(),
+                    id,
+                    from,
+                    spec,
+                ));
+            }
+            Ok(Msg::JobAccepted { id, to, error }) if to == me => job_event(id, JobEvent::Accepted(error)),
+            Ok(Msg::JobUpdate {
+                id,
+                to,
+                fraction,
+                message,
+            }) if to == me => job_event(id, JobEvent::Update(fraction, message)),
+            Ok(Msg::JobDone { id, to, ok, message }) if to == me => job_event(id, JobEvent::Done(ok, message)),
             Ok(_) => {}
             Err(e) => tracing::warn!("relay: ignoring a malformed message: {e}"),
         }
+    }
+}
+
+fn job_event(id: u64, event: JobEvent) {
+    if let Some(tx) = relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
+        let _ = tx.send(event);
     }
 }

@@ -88,7 +88,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         local: args.hypervisor.clone(),
         peer: args.peer_uri.clone(),
     });
-    let relay = tokio::spawn(vmha_agent::relay::follow_relay(Arc::clone(&shared)));
+    let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));
     let journals = tokio::spawn(vmha_agent::clone::follow_journals(Arc::clone(&shared)));
 
     let mut term = signal(SignalKind::terminate())?;

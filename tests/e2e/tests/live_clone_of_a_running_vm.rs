@@ -2,9 +2,9 @@
 //! nothing and leaves the template resumed; a clone runs on another host with its own UUID and MAC, its
 //! guest saw post-clone, the template's guest saw prepare then resume, both are cluster resources;
 //! `--force` clones without asking; `vmha vm remove --destroy` deletes a clone's resource, domain and
-//! overlay; the clone and the template each survive a failure of their host; killing the job's vmhad, and
-//! separately its whole host (the DC), in the middle of a clone leaves no orphan domain, file or resource
-//! and the template resumed.
+//! overlay; the clone and the template each survive a failure of their host; a clone asked for on any
+//! host runs in the DC's vmhad; killing that vmhad, and separately its whole host (the DC), in the
+//! middle of a clone leaves no orphan domain, file or resource and the template resumed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -184,7 +184,8 @@ fn live_clone_of_a_running_vm() {
     assert_eq!(clone_hooks(&lab, a, TPL), ["prepare-clone", "resume"]);
     println!("refused: {}", err.trim());
 
-    // 2. A clone on another host.
+    // 2. A clone on another host, asked for on a host that is not the DC: the DC's vmhad runs the job
+    // (its journal is the DC's node attribute) and the CLI follows it through its own vmhad.
     guest_exec(
         &lab,
         a,
@@ -195,10 +196,18 @@ fn live_clone_of_a_running_vm() {
     )
     .unwrap();
     let t0 = Instant::now();
-    let (code, out, err) = vmha_run(&lab, d, &["clone", TPL, "--name", "cl1", "--host", &b_name]);
+    let (code, out, err) = vmha_run(&lab, b, &["clone", TPL, "--name", "cl1", "--host", &b_name]);
     assert_eq!(code, 0, "clone failed: {err}");
     println!("cloned in {:.2} s: {}", t0.elapsed().as_secs_f64(), out.trim());
     assert!(err.contains('%'), "the CLI shows the job's progress: {err}");
+    assert!(
+        out.contains(&format!("run by vmhad on {dc_name}, the DC")),
+        "the DC's vmhad ran the job: {out}"
+    );
+    let dc_log = lab
+        .exec_ok(d, &["grep", "-c", "running a clone job asked for by node", "/var/log/vmha/vmhad.log"])
+        .unwrap_or_default();
+    assert!(dc_log.trim().parse::<u32>().unwrap_or(0) >= 1, "the DC's vmhad took the relayed job");
     assert_eq!(wait_running(&lab, "cl1", Duration::from_secs(60)), b);
     assert_eq!(
         clone_hooks(&lab, a, TPL),
@@ -289,16 +298,24 @@ fn live_clone_of_a_running_vm() {
     assert_eq!(code, 0, "{err}");
     assert_no_trace(&lab, d, "cl-forced");
 
-    // 5. vmhad of the job killed midway: the restarted vmhad rolls the clone back.
+    // 5. vmhad on the DC, running the job, killed midway (the request came from another host): that
+    // host's CLI learns the job was lost; the restarted vmhad rolls the clone back.
     let args: Vec<String> = ["clone", TPL, "--name", "cl-v", "--host", &b_name]
         .iter()
         .map(|s| s.to_string())
         .collect();
     std::thread::scope(|scope| {
-        let h = clone_in_background(scope, &lab, d, args, "mem&quot;");
+        let h = clone_in_background(scope, &lab, b, args, "mem&quot;");
+        let nodes = lab.exec_ok(b, &["cibadmin", "--query", "--scope", "nodes"]).unwrap();
+        let dc_node = nodes
+            .split("<node ")
+            .find(|n| n.contains(&format!("uname=\"{dc_name}\"")))
+            .unwrap_or("");
+        assert!(dc_node.contains("vmha-clone-journal-"), "the journal is the DC's: {nodes}");
         lab.stop_vmhad(d).unwrap();
-        let (code, _, _) = h.join().unwrap();
+        let (code, _, err) = h.join().unwrap();
         assert_ne!(code, 0, "the CLI reports the lost job");
+        assert!(err.contains("went away midway"), "{err}");
     });
     lab.start_vmhad(d).unwrap();
     assert_no_trace(&lab, d, "cl-v");
@@ -390,7 +407,7 @@ fn live_clone_of_a_running_vm() {
         .map(|s| s.to_string())
         .collect();
     std::thread::scope(|scope| {
-        let h = clone_in_background(scope, &lab, d, args, "mem&quot;");
+        let h = clone_in_background(scope, &lab, a, args, "mem&quot;");
         lab.power_off(d).unwrap();
         let _ = h.join();
     });
