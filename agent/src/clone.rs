@@ -965,14 +965,20 @@ pub async fn follow_journals(shared: Arc<Shared>) {
 }
 
 /// `vmha vm remove --destroy`: after the resource is gone, deletes a clone's domain XML file and disk
-/// overlays. Refuses VMs that are not clones (their disks are not vmha's to delete).
+/// overlays, and the frozen template layers they were on once no other image uses them (so that cloning
+/// a template again and again leaves no layers behind). Refuses VMs that are not clones (their disks are
+/// not vmha's to delete).
 pub async fn destroy_files(config: &str) -> Result<Vec<String>, String> {
     let xml = read_small(config).await?;
-    if model::clone_of(&xml).is_none() {
+    let Some(template) = model::clone_of(&xml) else {
         return Err(format!("{config} is not a vmha clone; --destroy deletes only clones"));
-    }
+    };
     let mut removed = Vec::new();
+    let mut layers = Vec::new();
     for (_, disk) in model::writable_disks(&xml).map_err(|e| e.to_string())? {
+        if let Some(backing) = backing_of(&disk).await {
+            layers.push(backing);
+        }
         match tokio::fs::remove_file(&disk).await {
             Ok(()) => removed.push(disk),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -983,7 +989,57 @@ pub async fn destroy_files(config: &str) -> Result<Vec<String>, String> {
         .await
         .map_err(|e| format!("{config}: {e}"))?;
     removed.push(config.to_string());
+    for layer in layers {
+        if !model::is_clone_layer(&template, &base_of(&layer)) {
+            continue;
+        }
+        match layer_users(&layer).await {
+            Ok(users) if users.is_empty() => match tokio::fs::remove_file(&layer).await {
+                Ok(()) => removed.push(layer),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(%layer, "removing an unused clone layer: {e}"),
+            },
+            Ok(users) => tracing::debug!(%layer, ?users, "clone layer still in use"),
+            Err(e) => tracing::warn!(%layer, "cannot tell whether the clone layer is in use: {e}"),
+        }
+    }
     Ok(removed)
+}
+
+/// The backing file of a qcow2 image, as an absolute path.
+async fn backing_of(image: &str) -> Option<String> {
+    let mut head = vec![0u8; 64 << 10];
+    let mut f = tokio::fs::File::open(image).await.ok()?;
+    let mut n = 0;
+    while n < head.len() {
+        match tokio::io::AsyncReadExt::read(&mut f, &mut head[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(m) => n += m,
+        }
+    }
+    let backing = model::qcow2_backing(&head[..n])?;
+    Some(if backing.starts_with('/') {
+        backing
+    } else {
+        format!("{}/{backing}", dir_of(image))
+    })
+}
+
+/// The qcow2 images in `layer`'s directory whose backing file it is.
+async fn layer_users(layer: &str) -> Result<Vec<String>, String> {
+    let dir = dir_of(layer);
+    let mut entries = tokio::fs::read_dir(&dir).await.map_err(|e| format!("{dir}: {e}"))?;
+    let mut users = Vec::new();
+    while let Some(e) = entries.next_entry().await.map_err(|e| format!("{dir}: {e}"))? {
+        let path = e.path().to_string_lossy().into_owned();
+        if path == layer || !e.file_type().await.is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if backing_of(&path).await.as_deref() == Some(layer) {
+            users.push(path);
+        }
+    }
+    Ok(users)
 }
 
 #[cfg(test)]

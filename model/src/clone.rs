@@ -173,6 +173,39 @@ pub fn write_save_header(image: &SaveImage, xml: &str) -> Vec<u8> {
     out
 }
 
+/// The backing file named in a qcow2 image's header (`head`: the image's first bytes, enough to hold the
+/// name; 64 KiB always is), or `None` for an image without one or data that is not qcow2.
+pub fn qcow2_backing(head: &[u8]) -> Option<String> {
+    if head.len() < 20 || &head[..4] != b"QFI\xfb" {
+        return None;
+    }
+    let offset = u64::from_be_bytes(head[8..16].try_into().ok()?);
+    let size = u32::from_be_bytes(head[16..20].try_into().ok()?);
+    if offset == 0 || size == 0 || size > 1023 {
+        return None;
+    }
+    let start = usize::try_from(offset).ok()?;
+    let name = head.get(start..start.checked_add(size as usize)?)?;
+    String::from_utf8(name.to_vec()).ok()
+}
+
+/// Whether `file` (a base name) is a disk layer vmha made for `template` in a live clone:
+/// `<template>.<stamp>.<dev>.qcow2`, the overlay the template moved to, which a later clone froze.
+pub fn is_clone_layer(template: &str, file: &str) -> bool {
+    let Some(rest) = file.strip_prefix(&format!("{template}.")) else {
+        return false;
+    };
+    let Some(rest) = rest.strip_suffix(".qcow2") else {
+        return false;
+    };
+    match rest.split_once('.') {
+        Some((stamp, dev)) => {
+            !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit()) && !dev.is_empty() && !dev.contains('/')
+        }
+        None => false,
+    }
+}
+
 /// XML namespace of the `<vmha:clone template=.../>` mark vmha puts in a clone's domain metadata.
 pub const CLONE_NS: &str = "https://vmha.dev/xmlns/clone/1";
 
@@ -540,6 +573,34 @@ pub fn sibling_path(path: &str, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn qcow2_headers_name_their_backing_file() {
+        let mut head = vec![0u8; 4096];
+        head[..4].copy_from_slice(b"QFI\xfb");
+        head[4..8].copy_from_slice(&3u32.to_be_bytes());
+        assert_eq!(qcow2_backing(&head), None, "no backing file");
+        let name = b"/srv/vm/tpl.vda.qcow2";
+        head[8..16].copy_from_slice(&512u64.to_be_bytes());
+        head[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+        head[512..512 + name.len()].copy_from_slice(name);
+        assert_eq!(qcow2_backing(&head).as_deref(), Some("/srv/vm/tpl.vda.qcow2"));
+        assert_eq!(qcow2_backing(&head[..520]), None, "cut short");
+        assert_eq!(qcow2_backing(b"not a qcow2 image at all"), None);
+    }
+
+    #[test]
+    fn clone_layers_are_recognised_by_name() {
+        assert!(is_clone_layer("web", "web.1795315621000.vda.qcow2"));
+        assert!(
+            !is_clone_layer("web", "web.vda.qcow2"),
+            "the template's own disk is not vmha's"
+        );
+        assert!(!is_clone_layer("web", "web.data.vda.qcow2"));
+        assert!(!is_clone_layer("web", "webx.123.vda.qcow2"));
+        assert!(!is_clone_layer("web", "web.123.vda.raw"));
+    }
+
     use super::*;
 
     const RUNTIME: &str = r#"<domain type='qemu' id='3'>

@@ -205,9 +205,20 @@ fn live_clone_of_a_running_vm() {
         "the DC's vmhad ran the job: {out}"
     );
     let dc_log = lab
-        .exec_ok(d, &["grep", "-c", "running a clone job asked for by node", "/var/log/vmha/vmhad.log"])
+        .exec_ok(
+            d,
+            &[
+                "grep",
+                "-c",
+                "running a clone job asked for by node",
+                "/var/log/vmha/vmhad.log",
+            ],
+        )
         .unwrap_or_default();
-    assert!(dc_log.trim().parse::<u32>().unwrap_or(0) >= 1, "the DC's vmhad took the relayed job");
+    assert!(
+        dc_log.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "the DC's vmhad took the relayed job"
+    );
     assert_eq!(wait_running(&lab, "cl1", Duration::from_secs(60)), b);
     assert_eq!(
         clone_hooks(&lab, a, TPL),
@@ -290,13 +301,43 @@ fn live_clone_of_a_running_vm() {
     )
     .unwrap();
 
-    // 4. remove --destroy deletes the clone's resource, domain and overlay; a non-clone is refused.
+    // 4. remove --destroy deletes the clone's resource, domain and overlay, and the frozen template layer
+    // it was on (made by vmha in the clone before, used by no other image); a non-clone is refused.
     let (code, _, err) = vmha_run(&lab, d, &["vm", "remove", "--destroy", TPL]);
     assert_ne!(code, 0);
     assert!(err.contains("not a vmha clone"), "{err}");
+    let forced_on = wait_running(&lab, "cl-forced", Duration::from_secs(30));
+    let forced_disk = shared.join("cl-forced.vda.qcow2");
+    let info = lab
+        .exec_ok(
+            forced_on,
+            &[
+                "qemu-img",
+                "info",
+                "-U",
+                "--output",
+                "json",
+                forced_disk.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let layer = info["full-backing-filename"]
+        .as_str()
+        .or(info["backing-filename"].as_str())
+        .unwrap_or_else(|| panic!("cl-forced's overlay has no backing file: {info}"))
+        .to_string();
+    assert!(Path::new(&layer).exists(), "{layer}");
     let (code, _, err) = vmha_run(&lab, d, &["vm", "remove", "--destroy", "cl-forced"]);
     assert_eq!(code, 0, "{err}");
     assert_no_trace(&lab, d, "cl-forced");
+    assert!(
+        !Path::new(&layer).exists(),
+        "the frozen layer {layer} of cl-forced is gone"
+    );
+    let tpl_blk = domain_field(&lab, a, TPL, &["domblklist"]);
+    let cl1_blk = domain_field(&lab, b, "cl1", &["domblklist"]);
+    println!("after destroy: template on {tpl_blk}, cl1 on {cl1_blk}, layer {layer} removed");
 
     // 5. vmhad on the DC, running the job, killed midway (the request came from another host): that
     // host's CLI learns the job was lost; the restarted vmhad rolls the clone back.
@@ -311,7 +352,10 @@ fn live_clone_of_a_running_vm() {
             .split("<node ")
             .find(|n| n.contains(&format!("uname=\"{dc_name}\"")))
             .unwrap_or("");
-        assert!(dc_node.contains("vmha-clone-journal-"), "the journal is the DC's: {nodes}");
+        assert!(
+            dc_node.contains("vmha-clone-journal-"),
+            "the journal is the DC's: {nodes}"
+        );
         lab.stop_vmhad(d).unwrap();
         let (code, _, err) = h.join().unwrap();
         assert_ne!(code, 0, "the CLI reports the lost job");
