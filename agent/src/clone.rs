@@ -621,20 +621,11 @@ async fn steps(
     }
     t.register_ms = at.elapsed().as_millis();
 
-    // 8. Keep the template's disk chain short: pull the frozen layer into its active overlay, so that every
-    // clone adds a layer only under the clones, never under the template.
+    // 8. Keep the template's disk chain short: pull the layers vmha made (the frozen one of this clone,
+    // and any a rolled-back clone left) into its active overlay, so that every clone adds a layer only
+    // under the clones, never under the template; layers no clone uses go.
     job.progress(0.9, &format!("compacting {tpl}'s disk chain")).await;
-    let uri = uri_of(shared, &plan.source);
-    let name = tpl.clone();
-    let devs: Vec<String> = renames.iter().map(|(dev, _, _)| dev.clone()).collect();
-    match blocking("compacting the template's disk chain", move || {
-        compact(&uri, &name, &devs)
-    })
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) | Err(e) => tracing::warn!(%tpl, "compacting the template's disk chain: {e}"),
-    }
+    compact_template(shared, &tpl, &plan.source).await;
     let timings = serde_json::to_string(&t).unwrap_or_default();
     Ok(format!(
         "cloned {tpl} to {} on {}; timings {timings}",
@@ -662,9 +653,35 @@ async fn follow_overlays(config: &str, overlays: &[(String, String)]) -> Result<
     Ok(())
 }
 
-/// Pulls each disk's frozen layer (the active layer's backing file) into the active layer, onto the frozen
-/// layer's own backing file, and waits for the block jobs to end.
-fn compact(uri: &str, vm: &str, devs: &[String]) -> Result<(), String> {
+/// Shortens the disk chains of `template` (running on `host`, see [`model::compaction`]) and deletes the
+/// layers that left them when no other image uses them. Best effort: a failure leaves a longer chain,
+/// which the next clone shortens, and is logged.
+async fn compact_template(shared: &Shared, template: &str, host: &str) {
+    let uri = uri_of(shared, host);
+    let name = template.to_string();
+    let dropped = match blocking("compacting the template's disk chain", move || compact(&uri, &name)).await {
+        Ok(Ok(dropped)) => dropped,
+        Ok(Err(e)) | Err(e) => {
+            tracing::warn!(%template, "compacting the template's disk chain: {e}");
+            return;
+        }
+    };
+    for layer in dropped {
+        match layer_users(&layer).await {
+            Ok(users) if users.is_empty() => {
+                if let Err(e) = tokio::fs::remove_file(&layer).await {
+                    tracing::warn!(%layer, "removing an unused clone layer: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%layer, "cannot tell whether the clone layer is in use: {e}"),
+        }
+    }
+}
+
+/// Pulls the layers vmha made below each disk's active layer into it and waits for the block jobs to end;
+/// returns the layers that left the chains.
+fn compact(uri: &str, vm: &str) -> Result<Vec<String>, String> {
     let conn = Connect::open(Some(uri)).map_err(|e| format!("libvirt on {uri}: {e}"))?;
     let dom = conn
         .lookup_domain_by_name(vm)
@@ -672,12 +689,14 @@ fn compact(uri: &str, vm: &str, devs: &[String]) -> Result<(), String> {
     let xml = dom.xml_desc(0).map_err(|e| format!("domain {vm}: {e}"))?;
     let chains = model::disk_chains(&xml).map_err(|e| e.to_string())?;
     let mut pulled = Vec::new();
-    for (dev, chain) in chains.iter().filter(|(d, _)| devs.contains(d)) {
-        if chain.len() < 3 {
+    let mut dropped = Vec::new();
+    for (dev, chain) in &chains {
+        let Some(c) = model::compaction(vm, chain) else {
             continue;
-        }
-        libvirt_ext::block_pull(&dom, dev, Some(&chain[2])).map_err(|e| format!("{dev}: {e}"))?;
+        };
+        libvirt_ext::block_pull(&dom, dev, c.base.as_deref()).map_err(|e| format!("{dev}: {e}"))?;
         pulled.push(dev.clone());
+        dropped.extend(c.dropped);
     }
     let deadline = Instant::now() + Duration::from_secs(50);
     for dev in &pulled {
@@ -688,7 +707,7 @@ fn compact(uri: &str, vm: &str, devs: &[String]) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    Ok(())
+    Ok(dropped)
 }
 
 fn interfaces(xml: &str) -> usize {
@@ -887,6 +906,19 @@ pub async fn rollback(shared: &Arc<Shared>, journal: &Journal) -> Result<(), Str
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => errors.push(format!("{f}: {e}")),
+        }
+    }
+    // The template moved to new overlays in the capture: its frozen layer, which no clone uses now,
+    // goes back into them (wherever the template runs now).
+    if !journal.overlays.is_empty() {
+        let host = shared
+            .snapshot()
+            .view
+            .as_ref()
+            .and_then(|v| v.vm(&journal.template))
+            .and_then(|v| (v.hosts.len() == 1).then(|| v.hosts[0].clone()));
+        if let Some(host) = host {
+            compact_template(shared, &journal.template, &host).await;
         }
     }
     if journal.prepared {

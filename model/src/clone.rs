@@ -206,6 +206,38 @@ pub fn is_clone_layer(template: &str, file: &str) -> bool {
     }
 }
 
+/// How to shorten a template's disk chain (`chain[0]` its active layer): pull every layer vmha made in
+/// earlier clones ([`is_clone_layer`]) that lies right below the active one into it, onto the first layer
+/// vmha did not make (`base`; `None`: onto nothing, the whole chain). `dropped` are the layers that leave
+/// the chain. `None` when the active layer already sits on a layer vmha did not make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compaction {
+    pub base: Option<String>,
+    pub dropped: Vec<String>,
+}
+
+pub fn compaction(template: &str, chain: &[String]) -> Option<Compaction> {
+    let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let keep = chain
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, layer)| !is_clone_layer(template, &name(layer)))
+        .map(|(i, _)| i);
+    match keep {
+        Some(1) => None,
+        Some(i) => Some(Compaction {
+            base: Some(chain[i].clone()),
+            dropped: chain[1..i].to_vec(),
+        }),
+        None if chain.len() > 1 => Some(Compaction {
+            base: None,
+            dropped: chain[1..].to_vec(),
+        }),
+        None => None,
+    }
+}
+
 /// XML namespace of the `<vmha:clone template=.../>` mark vmha puts in a clone's domain metadata.
 pub const CLONE_NS: &str = "https://vmha.dev/xmlns/clone/1";
 
@@ -587,6 +619,41 @@ mod tests {
         assert_eq!(qcow2_backing(&head).as_deref(), Some("/srv/vm/tpl.vda.qcow2"));
         assert_eq!(qcow2_backing(&head[..520]), None, "cut short");
         assert_eq!(qcow2_backing(b"not a qcow2 image at all"), None);
+    }
+
+    #[test]
+    fn compaction_pulls_the_layers_vmha_made_onto_the_first_it_did_not() {
+        let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // After one clone: the template's original disk is kept under its new overlay.
+        assert_eq!(
+            compaction("t", &c(&["/d/t.2.vda.qcow2", "/d/t.vda.qcow2", "/d/base.qcow2"])),
+            None
+        );
+        // After more (and after a rolled-back clone left a layer): every vmha layer goes.
+        assert_eq!(
+            compaction(
+                "t",
+                &c(&[
+                    "/d/t.4.vda.qcow2",
+                    "/d/t.3.vda.qcow2",
+                    "/d/t.2.vda.qcow2",
+                    "/d/t.vda.qcow2"
+                ])
+            ),
+            Some(Compaction {
+                base: Some("/d/t.vda.qcow2".into()),
+                dropped: c(&["/d/t.3.vda.qcow2", "/d/t.2.vda.qcow2"]),
+            })
+        );
+        // Only vmha's layers below: the whole chain is pulled.
+        assert_eq!(
+            compaction("t", &c(&["/d/t.4.vda.qcow2", "/d/t.3.vda.qcow2"])),
+            Some(Compaction {
+                base: None,
+                dropped: c(&["/d/t.3.vda.qcow2"]),
+            })
+        );
+        assert_eq!(compaction("t", &c(&["/d/t.vda.qcow2"])), None);
     }
 
     #[test]

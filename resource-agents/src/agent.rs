@@ -492,7 +492,7 @@ pub fn migrate_to(hv: &Hypervisor, ctx: &Context, name: &str) -> Result<Outcome,
         name.to_owned(),
         plan.clone(),
     );
-    thread::Builder::new()
+    let migration = thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
             let result = Hypervisor::open(&uri, Access::ReadWrite, &progress).and_then(|h| match h.find(&vm_name)? {
@@ -522,6 +522,10 @@ pub fn migrate_to(hv: &Hypervisor, ctx: &Context, name: &str) -> Result<Outcome,
         }
         Err(mpsc::RecvTimeoutError::Disconnected) => Err("the migration thread ended without a result".into()),
     };
+    // A thread that answered is ending: let it end before the process does (see run_bounded).
+    if migration.is_finished() || !matches!(&result, Err(w) if w.starts_with("still running")) {
+        let _ = migration.join();
+    }
 
     let here = hv.condition(name)?;
     match result {

@@ -132,11 +132,19 @@ where
         // The receiver may be gone if the deadline passed; nothing to do then.
         let _ = tx.send(work());
     });
-    if let Err(e) = spawned {
-        return Bounded::WorkerFailed(format!("cannot start a worker thread: {e}"));
-    }
+    let worker = match spawned {
+        Ok(worker) => worker,
+        Err(e) => return Bounded::WorkerFailed(format!("cannot start a worker thread: {e}")),
+    };
     match rx.recv_timeout(deadline.remaining()) {
-        Ok(value) => Bounded::Done(value),
+        Ok(value) => {
+            // Let the worker end before the process does: its thread-exit work (libvirt's thread-local
+            // error freed by a key destructor) racing the libraries' exit-time destructors corrupted the
+            // heap once in a lab run ("double free or corruption" in a probe). It has sent its result,
+            // so this is its last instructions.
+            let _ = worker.join();
+            Bounded::Done(value)
+        }
         Err(mpsc::RecvTimeoutError::Timeout) => Bounded::Expired { call: progress.call() },
         Err(mpsc::RecvTimeoutError::Disconnected) => Bounded::WorkerFailed("the worker thread panicked".into()),
     }
