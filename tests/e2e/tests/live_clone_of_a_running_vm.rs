@@ -290,7 +290,10 @@ fn live_clone_of_a_running_vm() {
     let xml = domain_field(&lab, a, TPL, &["dumpxml"]);
     let layers = xml.matches("<backingStore type='file'").count();
     assert_eq!(layers, 2, "the template's chain stays short: {xml}");
-    assert!(xml.contains(&format!("/{TPL}.vda.qcow2'")) && xml.contains("base.qcow2"), "{xml}");
+    assert!(
+        xml.contains(&format!("/{TPL}.vda.qcow2'")) && xml.contains("base.qcow2"),
+        "{xml}"
+    );
     guest_exec(
         &lab,
         a,

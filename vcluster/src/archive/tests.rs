@@ -145,6 +145,17 @@ fn rejected(archive: &[u8]) -> String {
     }
 }
 
+/// A tar stream holding the manifest of [`BASE`] and its entries (no chunk list yet).
+fn head_only() -> tar::Builder<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let m = serde_json::to_vec(&base_manifest()).unwrap();
+    entry(&mut b, MANIFEST, tar::EntryType::Regular, &m);
+    for (name, kind, data) in &BASE {
+        entry(&mut b, name, *kind, data);
+    }
+    b
+}
+
 fn base_manifest() -> Manifest {
     let mut m = manifest("t");
     for (name, _, data) in &BASE {
@@ -260,16 +271,7 @@ fn truncated_archives_are_rejected() {
     }
     assert!(rejected(&[]).contains("truncated"));
     // A stream that ends cleanly before its chunk list.
-    let mut b = tar::Builder::new(Vec::new());
-    entry(
-        &mut b,
-        MANIFEST,
-        tar::EntryType::Regular,
-        &serde_json::to_vec(&base_manifest()).unwrap(),
-    );
-    for (name, kind, data) in &BASE {
-        entry(&mut b, name, *kind, data);
-    }
+    let b = head_only();
     let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
     assert!(rejected(&a).contains("no CHUNKS.json"));
 }
@@ -410,16 +412,7 @@ fn unknown_missing_and_misplaced_entries_are_rejected() {
     });
     let msg = rejected(&raw(&e, Some(m)));
     assert!(msg.contains("\"domains/db.xml\" comes after the disk data"), "{msg}");
-    let mut b = tar::Builder::new(Vec::new());
-    entry(
-        &mut b,
-        MANIFEST,
-        tar::EntryType::Regular,
-        &serde_json::to_vec(&base_manifest()).unwrap(),
-    );
-    for (name, kind, data) in &BASE {
-        entry(&mut b, name, *kind, data);
-    }
+    let mut b = head_only();
     entry(&mut b, CHUNK_LIST, tar::EntryType::Regular, b"{\"chunks\":{}}");
     entry(&mut b, "domains/late.xml", tar::EntryType::Regular, b"x");
     let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
