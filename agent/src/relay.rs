@@ -32,6 +32,9 @@ const RELAY_GRACE: Duration = Duration::from_secs(3);
 /// How long a relayed clone request waits for the DC's vmhad to check and take it (the check looks the
 /// template's storage up through the target host's libvirt).
 const ACCEPT_DEADLINE: Duration = Duration::from_secs(90);
+/// A mirrored job that reports nothing for this long is given up (a clone job reports every step; its
+/// longest, creating the clones, is bounded by libvirt's deadline).
+const MIRROR_SILENCE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
@@ -193,7 +196,12 @@ pub async fn clone_via_dc(
         };
         let result = loop {
             tokio::select! {
-                event = rx.recv() => match event {
+                event = tokio::time::timeout(MIRROR_SILENCE, rx.recv()) => match event.unwrap_or_else(|_| {
+                    Some(JobEvent::Done(
+                        false,
+                        format!("no word of the job for {} s", MIRROR_SILENCE.as_secs()),
+                    ))
+                }) {
                     Some(JobEvent::Update(fraction, message)) => job.report(fraction, &message).await,
                     Some(JobEvent::Done(true, message)) => break Ok(format!("run by vmhad on {dc}, the DC: {message}")),
                     Some(JobEvent::Done(false, message)) => break Err(format!("run by vmhad on {dc}, the DC: {message}")),
