@@ -173,6 +173,13 @@ impl ClusterObject {
             }
             return crate::relay::clone_via_dc(conn, &self.shared, &dc, spec).await;
         }
+        let dc = self.shared.snapshot().dc().map(str::to_string);
+        if dc.as_deref() != Some(self.shared.local_host.as_str()) {
+            tracing::warn!(
+                ?dc,
+                "running a clone job here: the DC's vmhad cannot be reached (no DC, no vmhad there, or the relay is down)"
+            );
+        }
         let plan = crate::clone::check(&self.shared, &spec)
             .await
             .map_err(zbus::fdo::Error::InvalidArgs)?;
