@@ -136,8 +136,39 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
     .unwrap();
     let (rss1, cpu1) = process_usage(&lab, 1, pid);
     let cpu_ms = (cpu1 - cpu0) * 10;
-    println!("idle vmhad: RSS {} KiB, CPU {cpu_ms} ms over 10 s", rss1.max(rss0));
-    assert!(rss1 < 30 * 1024, "vmhad RSS {rss1} KiB (goal under 30 MiB)");
+    let split = lab
+        .exec_ok(
+            1,
+            &[
+                "grep",
+                "-E",
+                "^(RssAnon|RssFile|Threads)",
+                &format!("/proc/{pid}/status"),
+            ],
+        )
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    println!(
+        "idle vmhad: RSS {} KiB ({split}), CPU {cpu_ms} ms over 10 s",
+        rss1.max(rss0)
+    );
+    // Most of it is file-backed, shared and clean: the pages of vmhad's own binary and of the libraries
+    // (libvirt, glib, gnutls, Pacemaker's and Corosync's). vmhad's own memory is the anonymous part.
+    // (The total's goal was 30 MiB until vmhad took in the virtual-cluster jobs, whose code made it
+    // 30.1-30.5 MiB, all of it file-backed.)
+    let anon: u64 = split
+        .split("RssAnon: ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no RssAnon in {split:?}"));
+    assert!(
+        anon < 8 * 1024,
+        "vmhad's anonymous memory {anon} KiB (goal under 8 MiB)"
+    );
+    assert!(rss1 < 32 * 1024, "vmhad RSS {rss1} KiB (goal under 32 MiB)");
     assert!(cpu_ms < 500, "vmhad used {cpu_ms} ms CPU in 10 s idle: polling?");
 
     // Remove it.
