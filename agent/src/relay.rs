@@ -346,8 +346,7 @@ async fn remote(
     expect: bool,
 ) -> Result<(String, String), GuestError> {
     let r = relay();
-    let link = r.link.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some((cpg, me)) = link else {
+    let Some((cpg, me)) = link() else {
         return Err(GuestError::Invalid(format!(
             "VM {vm} runs on {host} and the relay to other hosts is down (Corosync unreachable)"
         )));

@@ -394,44 +394,75 @@ impl<W: Write> ArchiveWriter<W> {
 /// bytes (unless a flush still runs): otherwise all of it waits for the final sync.
 const FLUSH_EVERY: u64 = 64 << 20;
 
+/// Flushes files to disk on a thread of its own while they are being written: told the bytes written,
+/// it starts a flush after every [`FLUSH_EVERY`] of them (unless one still runs).
+#[derive(Debug)]
+struct Flusher {
+    unflushed: u64,
+    tx: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn new(files: Vec<File>) -> io::Result<Flusher> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new().name("vmha-flush".into()).spawn(move || {
+            for () in rx {
+                for f in &files {
+                    // An error shows again in the final sync, which is checked.
+                    let _ = f.sync_data();
+                }
+            }
+        })?;
+        Ok(Flusher {
+            unflushed: 0,
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn wrote(&mut self, n: u64) {
+        self.unflushed += n;
+        if self.unflushed >= FLUSH_EVERY {
+            if let Some(tx) = &self.tx {
+                let _ = tx.try_send(());
+            }
+            self.unflushed = 0;
+        }
+    }
+
+    /// Waits for the flushing thread to end.
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// A file written front to back (an archive being captured) whose data goes to disk behind the writer,
 /// so that [`WriteBehind::finish`]'s sync has little left to wait for.
 #[derive(Debug)]
 pub struct WriteBehind {
     file: File,
-    unflushed: u64,
-    tx: Option<std::sync::mpsc::SyncSender<()>>,
-    flusher: Option<std::thread::JoinHandle<()>>,
+    flusher: Flusher,
 }
 
 impl WriteBehind {
     pub fn new(file: File) -> io::Result<WriteBehind> {
-        let clone = file.try_clone()?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let flusher = std::thread::Builder::new().name("vmha-flush".into()).spawn(move || {
-            for () in rx {
-                // An error shows again in the final sync, which is checked.
-                let _ = clone.sync_data();
-            }
-        })?;
-        Ok(WriteBehind {
-            file,
-            unflushed: 0,
-            tx: Some(tx),
-            flusher: Some(flusher),
-        })
-    }
-
-    fn stop(&mut self) {
-        self.tx = None;
-        if let Some(f) = self.flusher.take() {
-            let _ = f.join();
-        }
+        let flusher = Flusher::new(vec![file.try_clone()?])?;
+        Ok(WriteBehind { file, flusher })
     }
 
     /// Waits for the flushing thread and syncs the whole file.
     pub fn finish(mut self) -> io::Result<File> {
-        self.stop();
+        self.flusher.stop();
         self.file.sync_all()?;
         self.file.try_clone()
     }
@@ -440,24 +471,12 @@ impl WriteBehind {
 impl Write for WriteBehind {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.unflushed += n as u64;
-        if self.unflushed >= FLUSH_EVERY {
-            if let Some(tx) = &self.tx {
-                let _ = tx.try_send(());
-            }
-            self.unflushed = 0;
-        }
+        self.flusher.wrote(n as u64);
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
-    }
-}
-
-impl Drop for WriteBehind {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -770,34 +789,16 @@ impl Reader {
         pending: Option<(String, Vec<u8>)>,
         progress: &mut dyn FnMut(),
     ) -> Result<Verified, ArchiveError> {
-        // Written data is flushed to disk on a second thread while the stream goes on (see FLUSH_EVERY).
-        let flushed: Vec<File> = match &self.files {
-            Some(files) => files.values().map(File::try_clone).collect::<io::Result<_>>()?,
-            None => Vec::new(),
+        // Written data is flushed to disk on a second thread while the stream goes on.
+        let mut flusher = match &self.files {
+            Some(files) => Some(Flusher::new(
+                files.values().map(File::try_clone).collect::<io::Result<_>>()?,
+            )?),
+            None => None,
         };
-        let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let list = std::thread::scope(|scope| {
-            if !flushed.is_empty() {
-                scope.spawn(move || {
-                    for () in flush_rx {
-                        for f in &flushed {
-                            // An error shows again in the final sync, which is checked.
-                            let _ = f.sync_data();
-                        }
-                    }
-                });
-            }
-            let r = self.chunk_entries(&head, pending, progress, &mut |n| {
-                if n >= FLUSH_EVERY {
-                    let _ = flush_tx.try_send(());
-                    true
-                } else {
-                    false
-                }
-            });
-            drop(flush_tx);
-            r
-        })?;
+        let list = self.chunk_entries(&head, pending, progress, flusher.as_mut());
+        drop(flusher);
+        let list = list?;
         if let Some(files) = &self.files {
             for file in files.values() {
                 file.sync_data()?;
@@ -807,16 +808,15 @@ impl Reader {
         Ok(head)
     }
 
-    /// The disk chunk entries, checked against the chunk list (returned); `written` is told the bytes
-    /// written since it last returned true.
+    /// The disk chunk entries, checked against the chunk list (returned); `flusher` is told what is
+    /// written.
     fn chunk_entries(
         &self,
         head: &Verified,
         mut pending: Option<(String, Vec<u8>)>,
         progress: &mut dyn FnMut(),
-        written: &mut dyn FnMut(u64) -> bool,
+        mut flusher: Option<&mut Flusher>,
     ) -> Result<ChunkList, ArchiveError> {
-        let mut unflushed = 0u64;
         let disks: BTreeMap<u32, u64> = head.manifest.disks.iter().map(|d| (d.id, d.size)).collect();
         let mut sums = BTreeMap::new();
         let mut list = None;
@@ -852,9 +852,8 @@ impl Reader {
             }
             if let Some(files) = &self.files {
                 files[&id].write_all_at(&data, offset)?;
-                unflushed += data.len() as u64;
-                if written(unflushed) {
-                    unflushed = 0;
+                if let Some(f) = flusher.as_deref_mut() {
+                    f.wrote(data.len() as u64);
                 }
             }
             sums.insert(

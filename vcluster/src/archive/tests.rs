@@ -20,6 +20,16 @@ fn manifest(name: &str) -> Manifest {
     }
 }
 
+/// Disk 0 of VM web, `size` bytes.
+fn web_disk(size: u64) -> DiskEntry {
+    DiskEntry {
+        id: 0,
+        vm: "web".into(),
+        path: "/shared/web.img".into(),
+        size,
+    }
+}
+
 fn metadata() -> BTreeMap<String, Vec<u8>> {
     BTreeMap::from([
         (RESOURCES.to_string(), b"<resources/>".to_vec()),
@@ -47,12 +57,7 @@ fn good(disk: Option<&[u8]>) -> Vec<u8> {
     let path = temp("disk");
     if let Some(data) = disk {
         std::fs::write(&path, data).unwrap();
-        m.disks.push(DiskEntry {
-            id: 0,
-            vm: "web".into(),
-            path: "/shared/web.img".into(),
-            size: data.len() as u64,
-        });
+        m.disks.push(web_disk(data.len() as u64));
     }
     let mut w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
     if disk.is_some() {
@@ -99,12 +104,7 @@ fn raw(entries: &[(&str, tar::EntryType, &[u8])], manifest_override: Option<Mani
         }
     }
     if chunks.chunks.keys().any(|c| c.starts_with("disks/0/")) {
-        m.disks.push(DiskEntry {
-            id: 0,
-            vm: "web".into(),
-            path: "/shared/web.img".into(),
-            size: 4 * CHUNK,
-        });
+        m.disks.push(web_disk(4 * CHUNK));
     }
     let m = manifest_override.unwrap_or(m);
     entry(
@@ -223,24 +223,14 @@ fn a_disk_that_changes_size_while_captured_is_refused() {
     let path = temp("grow");
     std::fs::write(&path, [1u8; 1000]).unwrap();
     let mut m = manifest("t");
-    m.disks.push(DiskEntry {
-        id: 0,
-        vm: "web".into(),
-        path: "/shared/web.img".into(),
-        size: 500,
-    });
+    m.disks.push(web_disk(500));
     let mut w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
     let e = w.add_disk(&File::open(&path).unwrap(), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("changed size"), "{e}");
     std::fs::remove_file(&path).unwrap();
     // And a writer cannot finish without every listed disk.
     let mut m = manifest("t");
-    m.disks.push(DiskEntry {
-        id: 0,
-        vm: "web".into(),
-        path: "/shared/web.img".into(),
-        size: 500,
-    });
+    m.disks.push(web_disk(500));
     let w = ArchiveWriter::new(Vec::new(), 1, m, &metadata()).unwrap();
     assert!(w.finish().unwrap_err().to_string().contains("1 disks, 0 were added"));
 }
@@ -404,12 +394,7 @@ fn unknown_missing_and_misplaced_entries_are_rejected() {
     e.push(("disks/0/0000000000000000", tar::EntryType::Regular, b"data"));
     e.push(("domains/db.xml", tar::EntryType::Regular, b"x"));
     let mut m = base_manifest();
-    m.disks.push(DiskEntry {
-        id: 0,
-        vm: "web".into(),
-        path: "/shared/web.img".into(),
-        size: CHUNK,
-    });
+    m.disks.push(web_disk(CHUNK));
     let msg = rejected(&raw(&e, Some(m)));
     assert!(msg.contains("\"domains/db.xml\" comes after the disk data"), "{msg}");
     let mut b = head_only();
