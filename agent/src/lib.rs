@@ -18,6 +18,7 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
+pub mod progress;
 pub mod readiness;
 pub mod relay;
 pub mod state;

@@ -1050,7 +1050,7 @@ impl Client {
             .await?;
         let job: OwnedObjectPath = reply.body().deserialize()?;
         let deadline = tokio::time::Instant::now() + self.limit;
-        let mut progress: Option<f64> = None;
+        let mut display = (self.output == Output::Human).then(vmha_agent::progress::JobProgress::stderr);
         let owner = reply.header().sender().map(|s| s.to_string());
         let mut liveness = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -1093,23 +1093,21 @@ impl Client {
             ) {
                 (Some(JOB_INTERFACE), Some("Finished")) => {
                     let (ok, message): (bool, String) = msg.body().deserialize()?;
+                    if let Some(d) = display.as_mut() {
+                        d.finish(ok);
+                    }
                     return Ok((job.as_str().to_string(), ok, message));
                 }
-                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged"))
-                    if self.output == Output::Human =>
-                {
+                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged")) if display.is_some() => {
                     let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                         msg.body().deserialize()?;
-                    if let Some(p) = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64()) {
-                        progress = Some(p);
-                    }
-                    if let Some(m) = changed.get("Message") {
-                        if let Value::String(text) = to_json(m) {
-                            match progress {
-                                Some(p) => eprintln!("  [{:>3.0}%] {text}", p * 100.0),
-                                None => eprintln!("  ... {text}"),
-                            }
-                        }
+                    let fraction = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64());
+                    let message = match changed.get("Message").map(|m| to_json(m)) {
+                        Some(Value::String(text)) => Some(text),
+                        _ => None,
+                    };
+                    if let Some(d) = display.as_mut() {
+                        d.update(fraction, message.as_deref());
                     }
                 }
                 _ => {}
