@@ -657,6 +657,27 @@ mod tests {
     }
 
     #[test]
+    fn twenty_clones_of_one_template_leave_its_chain_three_layers_deep() {
+        // Each live clone puts the template on a new overlay over its active layer (the clone's frozen
+        // backing); compaction then pulls what lies between onto the first layer vmha did not make.
+        let mut chain: Vec<String> = vec!["/d/t.vda.qcow2".into(), "/d/base.qcow2".into()];
+        for stamp in 1..=20u64 {
+            chain.insert(0, format!("/d/t.{stamp}.vda.qcow2"));
+            if let Some(c) = compaction("t", &chain) {
+                let rest = match &c.base {
+                    Some(base) => chain.iter().skip_while(|l| *l != base).cloned().collect(),
+                    None => Vec::new(),
+                };
+                assert_eq!(chain[1..chain.len() - rest.len()], c.dropped[..]);
+                chain.truncate(1);
+                chain.extend(rest);
+            }
+            assert!(chain.len() <= 3, "after clone {stamp}: {chain:?}");
+        }
+        assert_eq!(chain, ["/d/t.20.vda.qcow2", "/d/t.vda.qcow2", "/d/base.qcow2"]);
+    }
+
+    #[test]
     fn clone_layers_are_recognised_by_name() {
         assert!(is_clone_layer("web", "web.1795315621000.vda.qcow2"));
         assert!(
