@@ -10,12 +10,6 @@ use virt::connect::Connect;
 /// How long the libvirt calls of one measurement may take beyond the sample itself.
 const LIBVIRT_SLACK: Duration = Duration::from_secs(30);
 
-/// The host name of this machine (Pacemaker's node name of it by default).
-pub fn local_host() -> Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
-    Ok(name.trim().to_string())
-}
-
 /// The libvirt URI of `host`: `local` for this host, `peer` with `{host}` replaced otherwise.
 pub fn uri_for(host: &str, local_host: &str, local: &str, peer: &str) -> String {
     if host == local_host {

@@ -26,3 +26,11 @@ pub struct VmhadArgs {
     #[arg(long, default_value = "qemu+tcp://{host}/system")]
     pub peer_uri: String,
 }
+
+/// This machine's host name (of its UTS namespace), Pacemaker's node name for it by default.
+pub fn system_hostname() -> anyhow::Result<String> {
+    use anyhow::Context;
+    let name = nix::unistd::gethostname().context("reading the host name")?;
+    name.into_string()
+        .map_err(|n| anyhow::anyhow!("the host name {n:?} is not UTF-8"))
+}

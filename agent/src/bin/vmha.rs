@@ -628,7 +628,7 @@ struct AutoscaleHow {
 async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) -> Result<ExitCode> {
     let (_, xml, policy) = vmha_agent::placement::load(vmha_pacemaker::Access::ReadOnly).await?;
     let view = vmha_model::ClusterView::from_cib(&xml)?;
-    let local = vmha_agent::autoscale::local_host()?;
+    let local = vmha_agent::options::system_hostname()?;
     if how.only_on_dc && view.dc.as_deref() != Some(local.as_str()) {
         if client.output == Output::Json {
             return client.print_json(&json!({ "acted": false, "why": "not the DC" }));

@@ -51,7 +51,7 @@ fn main() -> ExitCode {
 async fn run(args: VmhadArgs) -> Result<()> {
     let host = match args.host {
         Some(h) => h,
-        None => system_hostname()?,
+        None => vmha_agent::options::system_hostname()?,
     };
     let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
     let reports = Reports::new();
@@ -106,9 +106,4 @@ async fn run(args: VmhadArgs) -> Result<()> {
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())
-}
-
-fn system_hostname() -> Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the host name")?;
-    Ok(name.trim().to_string())
 }
