@@ -558,12 +558,19 @@ async fn scale_group(
     })?;
     let from = g.members.len();
     let mut done: Vec<Value> = Vec::new();
+    // Where this run put its clones: Pacemaker's status may not show a clone just registered yet, and the
+    // next clone's host must keep the group apart from it all the same.
+    let mut placed: BTreeMap<String, String> = BTreeMap::new();
     let outcome: Result<()> = async {
         for member in &plan.add {
             let xml = reread(&cib).await?;
             let view = vmha_model::ClusterView::from_cib(&xml)?;
             let policy = vmha_agent::placement::stored(&xml)?;
-            let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &group::running(&view))?;
+            let mut running = group::running(&view);
+            for (vm, host) in &placed {
+                running.entry(vm.clone()).or_insert_with(|| host.clone());
+            }
+            let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &running)?;
             eprintln!("group {name}: cloning {} as {member} on {host}", g.template);
             let (_, ok, message) = client
                 .job_result(
@@ -579,6 +586,7 @@ async fn scale_group(
             store_and_apply(&cib, &group::with_member(&policy, name, member))
                 .await
                 .with_context(|| format!("{member} was cloned but could not join group {name} in the policy"))?;
+            placed.insert(member.clone(), host.clone());
             done.push(json!({"added": member, "host": host}));
         }
         for member in &plan.remove {
