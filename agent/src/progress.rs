@@ -114,13 +114,14 @@ impl JobProgress {
         }
     }
 
-    /// The job finished (`ok`: it succeeded): the bar goes, the last step is closed with the outcome.
-    pub fn finish(&mut self, ok: bool) {
+    /// The job finished (`ok`: it succeeded) with `result` (which the caller prints): the bar goes, the
+    /// last step is closed with the outcome (unless it is the result itself).
+    pub fn finish(&mut self, ok: bool, result: &str) {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
         if let Mode::Bar(bar) = &self.mode {
-            if let Some((_, latest, began)) = self.step.take() {
+            if let Some((_, latest, began)) = self.step.take().filter(|(_, latest, _)| latest != result) {
                 bar.println(finished_line(ok, &latest, began.elapsed()));
             }
             bar.finish_and_clear();
@@ -140,7 +141,7 @@ impl Drop for JobProgress {
 fn finished_line(ok: bool, message: &str, took: Duration) -> String {
     format!(
         "  {} {message} ({:.1} s)",
-        if ok { "done" } else { "FAILED" },
+        if ok { '✓' } else { '✗' },
         took.as_secs_f64()
     )
 }
@@ -163,6 +164,68 @@ mod tests {
         }
     }
 
+    /// A terminal that keeps what was written on it.
+    #[derive(Debug, Default, Clone)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            120
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn on_a_terminal_each_finished_step_stays_as_a_line_and_the_result_is_not_repeated() {
+        let screen = Screen::default();
+        let mut p = JobProgress::bar(ProgressDrawTarget::term_like(Box::new(screen.clone())));
+        p.update(Some(0.05), Some("asking tpl's guest to prepare"));
+        p.update(Some(0.2), Some("disk a: 1.0/4.0 MiB"));
+        p.update(Some(0.3), Some("disk a: 4.0/4.0 MiB"));
+        p.update(Some(1.0), Some("cloned tpl to c1"));
+        p.finish(true, "cloned tpl to c1");
+        let text = screen.0.lock().unwrap().clone();
+        // The bar is redrawn in place (cursor moves, no new lines): the closed steps are the marked texts.
+        assert_eq!(text.matches('✓').count(), 2, "{text}");
+        assert!(text.contains("  ✓ asking tpl's guest to prepare ("), "{text}");
+        assert!(text.contains("  ✓ disk a: 4.0/4.0 MiB ("), "{text}");
+        assert!(
+            !text.contains("disk a: 1.0/4.0 MiB ("),
+            "a transfer's figures are one step"
+        );
+
+        let screen = Screen::default();
+        let mut p = JobProgress::bar(ProgressDrawTarget::term_like(Box::new(screen.clone())));
+        p.update(Some(0.4), Some("creating c1 on node2"));
+        p.finish(false, "creating c1: no room");
+        let text = screen.0.lock().unwrap().clone();
+        assert!(text.contains("  ✗ creating c1 on node2 ("), "{text}");
+    }
+
     #[test]
     fn a_step_is_what_the_message_names_before_its_first_colon() {
         assert_eq!(step_of("disk web.qcow2: 1.0/2.0 MiB, 3.0 MiB/s"), "disk web.qcow2");
@@ -180,7 +243,7 @@ mod tests {
         p.update(None, Some("creating web-2 on node2"));
         p.update(Some(7.0), Some("archive: 3.0/3.0 MiB"));
         p.update(Some(f64::NAN), Some("still"));
-        p.finish(true);
+        p.finish(true, "done");
         let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
         assert_eq!(
             text,
@@ -202,7 +265,7 @@ mod tests {
         let Mode::Bar(bar) = &p.mode else { unreachable!() };
         assert_eq!(bar.position(), 0);
         assert_eq!(p.step.as_ref().map(|s| s.0.as_str()), Some("resuming tpl's guest"));
-        p.finish(false);
+        p.finish(false, "failed: no room");
         assert!(p.step.is_none());
         let Mode::Bar(bar) = &p.mode else { unreachable!() };
         assert!(bar.is_finished());

@@ -1102,7 +1102,7 @@ impl Client {
                 (Some(JOB_INTERFACE), Some("Finished")) => {
                     let (ok, message): (bool, String) = msg.body().deserialize()?;
                     if let Some(d) = display.as_mut() {
-                        d.finish(ok);
+                        d.finish(ok, &message);
                     }
                     return Ok((job.as_str().to_string(), ok, message));
                 }
