@@ -200,14 +200,6 @@ fn repack(original: &[u8], edit: impl Fn(&mut Vec<(String, tar::Header, Vec<u8>)
     zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap()
 }
 
-fn sum(data: &[u8]) -> FileSum {
-    use sha2::Digest;
-    FileSum {
-        size: data.len() as u64,
-        sha256: sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect(),
-    }
-}
-
 /// Adds an entry (listed in the manifest, the first entry, so only its nature is wrong) right after the
 /// manifest, among the metadata.
 fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) -> Vec<u8> {
@@ -220,7 +212,7 @@ fn with_entry(original: &[u8], name: &str, kind: tar::EntryType, data: &[u8]) ->
         }
         assert_eq!(entries[0].0, archive::MANIFEST);
         let mut manifest: serde_json::Value = serde_json::from_slice(&entries[0].2).unwrap();
-        manifest["files"][name] = serde_json::to_value(sum(data)).unwrap();
+        manifest["files"][name] = serde_json::to_value(FileSum::of(data)).unwrap();
         entries[0].2 = serde_json::to_vec(&manifest).unwrap();
         entries.insert(1, (name.to_string(), h, data.to_vec()));
     })

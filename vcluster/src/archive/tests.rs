@@ -68,13 +68,6 @@ fn good(disk: Option<&[u8]>) -> Vec<u8> {
     w.finish().unwrap().0
 }
 
-fn sum(data: &[u8]) -> FileSum {
-    FileSum {
-        size: data.len() as u64,
-        sha256: sha256_hex(data),
-    }
-}
-
 fn entry(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: tar::EntryType, data: &[u8]) {
     let mut h = tar::Header::new_gnu();
     let bytes = name.as_bytes();
@@ -98,9 +91,9 @@ fn raw(entries: &[(&str, tar::EntryType, &[u8])], manifest_override: Option<Mani
     let mut chunks = ChunkList::default();
     for (name, _, data) in entries {
         if name.starts_with("disks/") {
-            chunks.chunks.insert(name.to_string(), sum(data));
+            chunks.chunks.insert(name.to_string(), FileSum::of(data));
         } else {
-            m.files.insert(name.to_string(), sum(data));
+            m.files.insert(name.to_string(), FileSum::of(data));
         }
     }
     if chunks.chunks.keys().any(|c| c.starts_with("disks/0/")) {
@@ -159,7 +152,7 @@ fn head_only() -> tar::Builder<Vec<u8>> {
 fn base_manifest() -> Manifest {
     let mut m = manifest("t");
     for (name, _, data) in &BASE {
-        m.files.insert(name.to_string(), sum(data));
+        m.files.insert(name.to_string(), FileSum::of(data));
     }
     m
 }
@@ -171,7 +164,7 @@ fn a_written_archive_verifies_with_its_metadata() {
     assert_eq!(v.manifest.format_version, FORMAT_VERSION);
     assert_eq!(v.text("domains/web.xml").unwrap(), "<domain><name>web</name></domain>");
     assert_eq!(v.manifest.files.len(), 4);
-    assert!(v.manifest.files[TAG].sha256.len() == 64);
+    assert!(v.manifest.files[TAG].blake3.len() == 64);
     assert!(v.chunks.chunks.is_empty());
 }
 
@@ -269,7 +262,7 @@ fn truncated_archives_are_rejected() {
 #[test]
 fn tampered_entries_fail_their_checksum() {
     let mut m = base_manifest();
-    m.files.get_mut(TAG).unwrap().sha256 = sha256_hex(b"something else");
+    m.files.get_mut(TAG).unwrap().blake3 = hash_hex(b"something else");
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(
         msg.contains("tampered") && msg.contains("checksum mismatch for cluster/tag.xml"),
@@ -348,10 +341,11 @@ fn oversized_entries_are_rejected_before_being_read() {
 #[test]
 fn wrong_format_version_is_named() {
     let mut m = base_manifest();
-    m.format_version = 1;
+    // Format 2 (SHA-256 sums) is as foreign as any other.
+    m.format_version = 2;
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(
-        msg.contains("format version 1; this vmha reads format version 2"),
+        msg.contains("format version 2; this vmha reads format version 3"),
         "{msg}"
     );
 }
@@ -366,8 +360,8 @@ fn unknown_missing_and_misplaced_entries_are_rejected() {
     let msg = rejected(&raw(&BASE, Some(m.clone())));
     assert!(msg.contains("domains/web.xml is not listed"), "{msg}");
     // Listed but absent.
-    m.files.insert("domains/web.xml".into(), sum(b"<domain/>"));
-    m.files.insert("domains/db.xml".into(), sum(b"x"));
+    m.files.insert("domains/web.xml".into(), FileSum::of(b"<domain/>"));
+    m.files.insert("domains/db.xml".into(), FileSum::of(b"x"));
     let msg = rejected(&raw(&BASE, Some(m)));
     assert!(msg.contains("lists domains/db.xml, which the archive lacks"), "{msg}");
     // Outside the layout.
