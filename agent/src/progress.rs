@@ -29,7 +29,6 @@ pub struct JobProgress {
     fraction: Option<f64>,
     /// The current step: its name, its latest message and when it began.
     step: Option<(String, String, Instant)>,
-    done: bool,
 }
 
 impl std::fmt::Debug for JobProgress {
@@ -65,7 +64,6 @@ impl JobProgress {
             mode: Mode::Bar(bar),
             fraction: None,
             step: None,
-            done: false,
         }
     }
 
@@ -75,7 +73,6 @@ impl JobProgress {
             mode: Mode::Lines(out),
             fraction: None,
             step: None,
-            done: false,
         }
     }
 
@@ -117,9 +114,6 @@ impl JobProgress {
     /// The job finished (`ok`: it succeeded) with `result` (which the caller prints): the bar goes, the
     /// last step is closed with the outcome (unless it is the result itself).
     pub fn finish(&mut self, ok: bool, result: &str) {
-        if std::mem::replace(&mut self.done, true) {
-            return;
-        }
         if let Mode::Bar(bar) = &self.mode {
             if let Some((_, latest, began)) = self.step.take().filter(|(_, latest, _)| latest != result) {
                 bar.println(finished_line(ok, &latest, began.elapsed()));

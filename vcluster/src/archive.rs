@@ -266,13 +266,7 @@ impl<W: Write> ArchiveWriter<W> {
                     data.len()
                 )));
             }
-            manifest.files.insert(
-                path.clone(),
-                FileSum {
-                    size: data.len() as u64,
-                    blake3: hash_hex(data),
-                },
-            );
+            manifest.files.insert(path.clone(), FileSum::of(data));
         }
         check_manifest(&manifest)?;
         let mut encoder = zstd::stream::write::Encoder::new(out, level)?;
@@ -335,14 +329,14 @@ impl<W: Write> ArchiveWriter<W> {
         // A reader thread reads ahead, skips all-zero chunks and hashes the rest, while this one writes
         // into the tar stream and zstd's workers compress: disk, hashing and compression overlap.
         std::thread::scope(|scope| -> Result<(), ArchiveError> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<(u64, Option<(Vec<u8>, String)>)>>(4);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<(u64, Option<(Vec<u8>, FileSum)>)>>(4);
             scope.spawn(move || {
                 for offset in offsets {
                     let len = CHUNK.min(size - offset) as usize;
                     let mut buf = vec![0u8; len];
                     let item = file.read_exact_at(&mut buf, offset).map(|()| {
                         let data = (!is_zero(&buf)).then(|| {
-                            let sum = hash_hex(&buf);
+                            let sum = FileSum::of(&buf);
                             (buf, sum)
                         });
                         (offset, data)
@@ -355,17 +349,11 @@ impl<W: Write> ArchiveWriter<W> {
             });
             for item in rx {
                 let (offset, data) = item?;
-                if let Some((buf, blake3)) = data {
+                if let Some((buf, sum)) = data {
                     let path = format!("disks/{id}/{offset:016x}");
                     self.tar
                         .append_data(&mut header(buf.len() as u64), &path, buf.as_slice())?;
-                    self.chunks.chunks.insert(
-                        path,
-                        FileSum {
-                            size: buf.len() as u64,
-                            blake3,
-                        },
-                    );
+                    self.chunks.chunks.insert(path, sum);
                     stats.chunks += 1;
                     stats.stored += buf.len() as u64;
                 }
@@ -688,8 +676,8 @@ pub fn read<R: Read + Send, E: From<ArchiveError>>(
         };
         scope.spawn(move || {
             let walked = walk(counting, |path, data| {
-                let blake3 = hash_hex(&data);
-                tx.send(Ok(Entry { path, data, blake3 }))
+                let sum = FileSum::of(&data);
+                tx.send(Ok(Entry { path, data, sum }))
                     .map_err(|_| ArchiveError::Unsupported("reading stopped".into()))
             });
             if let Err(e) = walked {
@@ -710,20 +698,11 @@ pub fn verify<R: Read + Send>(input: R) -> Result<Verified, ArchiveError> {
     read(input, |_| Ok::<_, ArchiveError>(None), &mut |_| {})
 }
 
-/// An archive entry as read: its path, its data and the SHA-256 of the data.
+/// An archive entry as read: its path, its data and their size and hash.
 struct Entry {
     path: String,
     data: Vec<u8>,
-    blake3: String,
-}
-
-impl Entry {
-    fn sum(&self) -> FileSum {
-        FileSum {
-            size: self.data.len() as u64,
-            blake3: self.blake3.clone(),
-        }
-    }
+    sum: FileSum,
 }
 
 struct Reader {
@@ -767,8 +746,8 @@ impl Reader {
             let Some(listed) = manifest.files.get(path) else {
                 return Err(ArchiveError::Tampered(format!("entry {path} is not listed in the manifest")).into());
             };
-            let sum = entry.sum();
-            if *listed != sum {
+            let sum = &entry.sum;
+            if listed != sum {
                 return Err(ArchiveError::Tampered(format!(
                     "checksum mismatch for {path}: manifest says {} bytes blake3 {}, archive holds {} bytes blake3 {}",
                     listed.size, listed.blake3, sum.size, sum.blake3
@@ -844,8 +823,7 @@ impl Reader {
         let mut sums = BTreeMap::new();
         let mut list = None;
         while let Some(entry) = pending.take().map_or_else(|| self.next(), |e| Ok(Some(e)))? {
-            let sum = entry.sum();
-            let Entry { path, data, .. } = entry;
+            let Entry { path, data, sum } = entry;
             if list.is_some() {
                 return Err(ArchiveError::Hostile(format!("entry {path:?} follows {CHUNK_LIST}")));
             }

@@ -1106,7 +1106,8 @@ impl Client {
                     }
                     return Ok((job.as_str().to_string(), ok, message));
                 }
-                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged")) if display.is_some() => {
+                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged")) => {
+                    let Some(d) = display.as_mut() else { continue };
                     let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                         msg.body().deserialize()?;
                     let fraction = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64());
@@ -1114,9 +1115,7 @@ impl Client {
                         Some(Value::String(text)) => Some(text),
                         _ => None,
                     };
-                    if let Some(d) = display.as_mut() {
-                        d.update(fraction, message.as_deref());
-                    }
+                    d.update(fraction, message.as_deref());
                 }
                 _ => {}
             }
