@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod authkey;
 pub mod autoscale;
 pub mod backend;
 pub mod check;

@@ -8,18 +8,31 @@
 //! request there ([`clone_via_dc`]), the DC's vmhad checks and runs it as its own job (journaled on its
 //! host, taken over by the next DC if that host dies) and mirrors the job's progress and result back to a
 //! local job the caller follows.
+//!
+//! Every message is sealed in an authenticated [`envelope`] with the cluster's key
+//! ([`crate::authkey::AUTHKEY_PATH`]); without a usable key the relay stays off (and says so in the log),
+//! it never runs unauthenticated. A message is acted on only when its envelope verifies against the CPG
+//! sender, is fresh and not a replay; an answer only when it is for an id this vmhad waits for and comes
+//! from the host the request went to. Requests are authorized on the host where they were asked for
+//! (the D-Bus methods call [`crate::auth::authorize_change`] before relaying); the receiving vmhad trusts
+//! a key holder's request as it trusts its own callers' authorized ones. Every dropped message is logged
+//! with its reason, rate-limited per reason.
 
-use std::collections::HashMap;
+pub mod envelope;
+
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
-use vmha_corosync::{Cpg, CpgEvent, DEFAULT_DEADLINE};
+use vmha_corosync::{Cmap, Cpg, CpgEvent, DEFAULT_DEADLINE};
 use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
+use self::envelope::{CpgSender, DropLog, Gate, Key, Pending, Refusal, Sealer, SESSION_LEN};
 use crate::clone::CloneSpec;
 use crate::guest::GuestError;
 use crate::jobs::{Job, Operation};
@@ -35,13 +48,15 @@ const ACCEPT_DEADLINE: Duration = Duration::from_secs(90);
 /// A mirrored job that reports nothing for this long is given up (a clone job reports every step; its
 /// longest, creating the clones, is bounded by libvirt's deadline).
 const MIRROR_SILENCE: Duration = Duration::from_secs(600);
+/// How often vmhad looks for the authkey again while it is missing or unusable.
+const KEY_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "kebab-case")]
 enum Msg {
+    /// Ask VM `vm` on `host` (answered to the sender's node).
     Request {
         id: u64,
-        from: u32,
         host: String,
         vm: String,
         name: String,
@@ -60,7 +75,6 @@ enum Msg {
     /// Run this clone (a [`CloneSpec`]) as a job on `host` (the DC's).
     CloneStart {
         id: u64,
-        from: u32,
         host: String,
         spec: CloneSpec,
     },
@@ -97,26 +111,80 @@ pub struct Mirror {
     to: u32,
 }
 
-#[derive(Default)]
-struct Relay {
-    link: Mutex<Option<(Cpg, u32)>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<(String, String)>>>,
-    jobs: Mutex<HashMap<u64, mpsc::UnboundedSender<JobEvent>>>,
-    next: AtomicU64,
+/// The relay's connection: the CPG handle, the key and this process's sealer.
+#[derive(Clone)]
+struct Link {
+    cpg: Cpg,
+    key: Key,
+    sealer: Arc<Sealer>,
 }
 
-fn link() -> Option<(Cpg, u32)> {
+#[derive(Default)]
+struct Relay {
+    link: Mutex<Option<Link>>,
+    /// Guest requests waiting for their result, with the host each went to.
+    pending: Mutex<Pending<oneshot::Sender<(String, String)>>>,
+    /// Relayed jobs whose progress this vmhad mirrors, with the host each went to.
+    jobs: Mutex<Pending<mpsc::UnboundedSender<JobEvent>>>,
+    next: AtomicU64,
+    /// The authkey's fingerprint, or why there is no usable key.
+    key_status: Mutex<Option<Result<String, String>>>,
+    drops: Mutex<DropLog>,
+}
+
+fn link() -> Option<Link> {
     relay().link.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-async fn send(cpg: &Cpg, msg: &Msg) {
-    match serde_json::to_vec(msg) {
-        Ok(body) => {
-            if let Err(e) = cpg.mcast(&body).await {
-                tracing::warn!("relay: sending {msg:?}: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("relay: encoding {msg:?}: {e}"),
+/// The fingerprint of the authkey the relay uses (`Ok`), or why the relay is off for want of a usable key
+/// (`Err`); `None` before vmhad looked.
+pub fn authkey_status() -> Option<Result<String, String>> {
+    relay().key_status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// Seals and multicasts `msg`.
+async fn send_on(link: &Link, msg: &Msg) -> Result<(), String> {
+    let body = serde_json::to_vec(msg).map_err(|e| format!("encoding: {e}"))?;
+    let sealed = link
+        .sealer
+        .seal(&link.key, body, now_ms())
+        .map_err(|e| format!("sealing: {e}"))?;
+    link.cpg.mcast(&sealed).await.map_err(|e| e.to_string())
+}
+
+async fn send(link: &Link, msg: &Msg) {
+    if let Err(e) = send_on(link, msg).await {
+        tracing::warn!("relay: sending {msg:?}: {e}");
+    }
+}
+
+/// Logs a dropped message, at most [`DropLog::BURST`] lines per reason per minute.
+fn dropped(sender: CpgSender, refusal: &Refusal) {
+    let allowed = relay()
+        .drops
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .allow(refusal.kind(), Instant::now());
+    match allowed {
+        Some(0) => tracing::warn!(
+            "relay: dropped a message from node {} pid {}: {refusal}",
+            sender.nodeid,
+            sender.pid
+        ),
+        Some(n) => tracing::warn!(
+            "relay: dropped a message from node {} pid {}: {refusal} ({n} more dropped for {} not logged)",
+            sender.nodeid,
+            sender.pid,
+            refusal.kind()
+        ),
+        None => {}
     }
 }
 
@@ -137,17 +205,17 @@ pub async fn clone_via_dc(
     dc: &str,
     spec: CloneSpec,
 ) -> zbus::fdo::Result<OwnedObjectPath> {
-    let Some((cpg, me)) = link() else {
+    let Some(link) = link() else {
         return Err(zbus::fdo::Error::Failed(
-            "the relay to the DC is down (Corosync unreachable)".into(),
+            "the relay to the DC is down (Corosync unreachable, or no usable /etc/vmha/authkey)".into(),
         ));
     };
     let r = relay();
     let id = r.next.fetch_add(1, Ordering::Relaxed) + 1;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    r.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+    r.jobs.lock().unwrap_or_else(|e| e.into_inner()).insert(id, dc, tx);
     let forget = move || {
-        relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     };
     let target = format!(
         "{} -> {}",
@@ -155,10 +223,9 @@ pub async fn clone_via_dc(
         spec.name.clone().unwrap_or_else(|| format!("{}-clone", spec.template))
     );
     send(
-        &cpg,
+        &link,
         &Msg::CloneStart {
             id,
-            from: me,
             host: dc.to_string(),
             spec,
         },
@@ -229,37 +296,37 @@ pub async fn clone_via_dc(
 
 /// Mirrors a job's progress to the vmhad that relayed it.
 pub async fn mirror_update(m: Mirror, fraction: Option<f64>, message: &str) {
-    if let Some((cpg, _)) = link() {
+    if let Some(link) = link() {
         let msg = Msg::JobUpdate {
             id: m.id,
             to: m.to,
             fraction,
             message: message.to_string(),
         };
-        send(&cpg, &msg).await;
+        send(&link, &msg).await;
     }
 }
 
 /// Mirrors a job's end to the vmhad that relayed it.
 pub async fn mirror_done(m: Mirror, ok: bool, message: &str) {
-    if let Some((cpg, _)) = link() {
+    if let Some(link) = link() {
         let msg = Msg::JobDone {
             id: m.id,
             to: m.to,
             ok,
             message: message.to_string(),
         };
-        send(&cpg, &msg).await;
+        send(&link, &msg).await;
     }
 }
 
 /// On the DC: checks and starts a relayed clone job, telling the requester whether it took it.
-async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, cpg: Cpg, id: u64, from: u32, spec: CloneSpec) {
+async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, link: Link, id: u64, from: u32, spec: CloneSpec) {
     let plan = match crate::clone::check(&shared, &spec).await {
         Ok(plan) => plan,
         Err(e) => {
             send(
-                &cpg,
+                &link,
                 &Msg::JobAccepted {
                     id,
                     to: from,
@@ -271,7 +338,7 @@ async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, cpg: Cpg, id
         }
     };
     send(
-        &cpg,
+        &link,
         &Msg::JobAccepted {
             id,
             to: from,
@@ -346,17 +413,17 @@ async fn remote(
     expect: bool,
 ) -> Result<(String, String), GuestError> {
     let r = relay();
-    let Some((cpg, me)) = link() else {
+    let Some(link) = link() else {
         return Err(GuestError::Invalid(format!(
-            "VM {vm} runs on {host} and the relay to other hosts is down (Corosync unreachable)"
+            "VM {vm} runs on {host} and the relay to other hosts is down (Corosync unreachable, or no usable \
+             /etc/vmha/authkey)"
         )));
     };
     let id = r.next.fetch_add(1, Ordering::Relaxed) + 1;
     let (tx, rx) = oneshot::channel();
-    r.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+    r.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, host, tx);
     let msg = Msg::Request {
         id,
-        from: me,
         host: host.to_string(),
         vm: vm.to_string(),
         name: name.to_string(),
@@ -364,8 +431,7 @@ async fn remote(
         timeout_ms,
         expect,
     };
-    let body = serde_json::to_vec(&msg).map_err(|e| GuestError::Invalid(e.to_string()))?;
-    let answer = match cpg.mcast(&body).await {
+    let answer = match send_on(&link, &msg).await {
         Err(e) => Err(GuestError::Invalid(format!("relaying to {host}: {e}"))),
         Ok(()) => {
             let limit = Duration::from_millis(u64::from(timeout_ms)) + RELAY_GRACE;
@@ -379,16 +445,43 @@ async fn remote(
             }
         }
     };
-    r.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    r.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     answer
 }
 
-/// Runs the relay forever: joins [`RELAY_GROUP`], answers requests for VMs on this host and hands results
-/// to the waiting callers. Reconnects with a growing delay when Corosync goes away.
+/// Runs the relay forever: loads the authkey (the relay stays off, saying why, until there is a usable
+/// one), joins [`RELAY_GROUP`], answers requests for VMs on this host and hands results to the waiting
+/// callers. Reconnects with a growing delay when Corosync goes away.
 pub async fn follow_relay(conn: Connection, shared: Arc<Shared>) {
+    let path = Path::new(crate::authkey::AUTHKEY_PATH);
+    let mut said = String::new();
+    let key = loop {
+        match crate::authkey::load(path) {
+            Ok(key) => break key,
+            Err(e) => {
+                let e = e.to_string();
+                if e != said {
+                    tracing::error!(
+                        "relay off: {e}. Guest requests to VMs on other hosts and clone jobs run by the DC's \
+                         vmhad fail until it is in place (looked for again every {} s)",
+                        KEY_RETRY.as_secs()
+                    );
+                    said = e.clone();
+                }
+                *relay().key_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Err(e));
+                tokio::time::sleep(KEY_RETRY).await;
+            }
+        }
+    };
+    tracing::info!(
+        "relay: authkey {} loaded (fingerprint {})",
+        path.display(),
+        key.fingerprint()
+    );
+    *relay().key_status.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(key.fingerprint().to_string()));
     let mut delay = Duration::from_millis(200);
     loop {
-        if let Err(e) = session(&conn, &shared, &mut delay).await {
+        if let Err(e) = session(&conn, &shared, &key, &mut delay).await {
             tracing::warn!("relay: {e}");
         }
         *relay().link.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -397,28 +490,69 @@ pub async fn follow_relay(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
-async fn session(conn: &Connection, shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_corosync::Error> {
-    let (cpg, mut events) = Cpg::connect(DEFAULT_DEADLINE).await?;
-    cpg.join(RELAY_GROUP).await?;
-    let me = cpg.local_nodeid().await?;
-    *relay().link.lock().unwrap_or_else(|e| e.into_inner()) = Some((cpg.clone(), me));
+fn new_session() -> Result<[u8; SESSION_LEN], String> {
+    let mut session = [0u8; SESSION_LEN];
+    getrandom::fill(&mut session).map_err(|e| format!("no random session id from the kernel: {e}"))?;
+    Ok(session)
+}
+
+async fn session(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    key: &Key,
+    delay: &mut Duration,
+) -> Result<(), String> {
+    let names: BTreeMap<u32, String> = {
+        let cmap = Cmap::connect(DEFAULT_DEADLINE).await.map_err(|e| e.to_string())?;
+        cmap.node_names().await.map_err(|e| e.to_string())?
+    };
+    let (cpg, mut events) = Cpg::connect(DEFAULT_DEADLINE).await.map_err(|e| e.to_string())?;
+    cpg.join(RELAY_GROUP).await.map_err(|e| e.to_string())?;
+    let me = cpg.local_nodeid().await.map_err(|e| e.to_string())?;
+    // A new session id per connection: the receivers' replay windows start afresh with it.
+    let sealer = Arc::new(Sealer::new(me, std::process::id(), &shared.local_host, new_session()?));
+    let link = Link {
+        cpg: cpg.clone(),
+        key: key.clone(),
+        sealer,
+    };
+    *relay().link.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
     *delay = Duration::from_millis(200);
+    let mut gate = Gate::default();
     loop {
-        let CpgEvent::Message { data, .. } = events.next().await? else {
+        let CpgEvent::Message {
+            nodeid, pid, data, ..
+        } = events.next().await.map_err(|e| e.to_string())?
+        else {
             continue;
         };
-        match serde_json::from_slice::<Msg>(&data) {
-            Ok(Msg::Request {
+        let sender = CpgSender { nodeid, pid };
+        let envelope = match gate.admit(key, &data, sender, names.get(&nodeid).map(String::as_str), now_ms()) {
+            Ok(e) => e,
+            Err(refusal) => {
+                dropped(sender, &refusal);
+                continue;
+            }
+        };
+        let from_host = envelope.host;
+        let msg = match serde_json::from_slice::<Msg>(&envelope.body) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!("relay: ignoring a malformed message from {from_host} (node {nodeid}): {e}");
+                continue;
+            }
+        };
+        match msg {
+            Msg::Request {
                 id,
-                from,
                 host,
                 vm,
                 name,
                 data,
                 timeout_ms,
                 expect,
-            }) if host == shared.local_host => {
-                let (shared, cpg) = (Arc::clone(shared), cpg.clone());
+            } if host == shared.local_host => {
+                let (shared, link) = (Arc::clone(shared), link.clone());
                 if expect {
                     shared.guests.expect(&vm);
                 }
@@ -429,54 +563,72 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, delay: &mut Duration) 
                     };
                     let reply = Msg::Result {
                         id,
-                        to: from,
+                        to: nodeid,
                         outcome,
                         reason,
                     };
-                    if let Ok(body) = serde_json::to_vec(&reply) {
-                        if let Err(e) = cpg.mcast(&body).await {
-                            tracing::warn!(%vm, "relay: answering request {id}: {e}");
-                        }
+                    if let Err(e) = send_on(&link, &reply).await {
+                        tracing::warn!(%vm, "relay: answering request {id}: {e}");
                     }
                 });
             }
-            Ok(Msg::Result {
+            Msg::Result {
                 id,
                 to,
                 outcome,
                 reason,
-            }) if to == me => {
-                if let Some(tx) = relay().pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
-                    let _ = tx.send((outcome, reason));
+            } if to == me => {
+                let waiter = relay()
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(id, &from_host);
+                match waiter {
+                    Ok(tx) => {
+                        let _ = tx.send((outcome, reason));
+                    }
+                    Err(refusal) => dropped(sender, &refusal),
                 }
             }
-            Ok(Msg::CloneStart { id, from, host, spec }) if host == shared.local_host => {
-                tracing::info!(template = %spec.template, "relay: running a clone job asked for by node {from}");
+            Msg::CloneStart { id, host, spec } if host == shared.local_host => {
+                tracing::info!(
+                    template = %spec.template,
+                    "relay: running a clone job asked for by vmhad on {from_host} (node {nodeid})"
+                );
                 tokio::spawn(start_relayed_clone(
                     conn.clone(),
                     Arc::clone(shared),
-                    cpg.clone(),
+                    link.clone(),
                     id,
-                    from,
+                    nodeid,
                     spec,
                 ));
             }
-            Ok(Msg::JobAccepted { id, to, error }) if to == me => job_event(id, JobEvent::Accepted(error)),
-            Ok(Msg::JobUpdate {
+            Msg::JobAccepted { id, to, error } if to == me => job_event(sender, &from_host, id, JobEvent::Accepted(error)),
+            Msg::JobUpdate {
                 id,
                 to,
                 fraction,
                 message,
-            }) if to == me => job_event(id, JobEvent::Update(fraction, message)),
-            Ok(Msg::JobDone { id, to, ok, message }) if to == me => job_event(id, JobEvent::Done(ok, message)),
-            Ok(_) => {}
-            Err(e) => tracing::warn!("relay: ignoring a malformed message: {e}"),
+            } if to == me => job_event(sender, &from_host, id, JobEvent::Update(fraction, message)),
+            Msg::JobDone { id, to, ok, message } if to == me => {
+                job_event(sender, &from_host, id, JobEvent::Done(ok, message))
+            }
+            _ => {}
         }
     }
 }
 
-fn job_event(id: u64, event: JobEvent) {
-    if let Some(tx) = relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).get(&id) {
-        let _ = tx.send(event);
+/// Hands a job event to the mirror waiting for `id`, when it comes from the host the job went to.
+fn job_event(sender: CpgSender, from_host: &str, id: u64, event: JobEvent) {
+    let jobs = relay().jobs.lock().unwrap_or_else(|e| e.into_inner());
+    match jobs.get(id, from_host) {
+        Ok(tx) => {
+            let _ = tx.send(event);
+        }
+        Err(refusal) => {
+            drop(jobs);
+            dropped(sender, &refusal);
+        }
     }
 }
