@@ -281,12 +281,15 @@ pub fn evaluate(inputs: &Inputs) -> Vec<Finding> {
         Ok(reports) => {
             out.push(storage(reports, &members));
             out.push(clocks(reports, &members));
+            let local = inputs.vmhad.as_ref().map(|v| v.local_host.as_str()).unwrap_or_default();
+            out.push(authkeys(reports, &members, local));
         }
         Err(e) => {
             let summary = format!("no host reports: vmhad on this host does not answer ({e})");
             let fix = "start vmhad on this host (systemctl start vmhad)";
             out.push(finding("shared-storage", Level::Yellow, summary.clone(), fix));
-            out.push(finding("time-sync", Level::Yellow, summary, fix));
+            out.push(finding("time-sync", Level::Yellow, summary.clone(), fix));
+            out.push(finding("relay-authkey", Level::Yellow, summary, fix));
         }
     }
     out
@@ -683,6 +686,97 @@ fn clocks(reports: &[ReceivedReport], members: &[String]) -> Finding {
                     without_ntp.join(", ")
                 )
             }
+        ),
+    )
+}
+
+/// The relay's key (`/etc/vmha/authkey`) on every host, compared by fingerprint: red when a host has
+/// none (or an unusable one) or when the hosts' keys differ, with where to copy it from.
+fn authkeys(reports: &[ReceivedReport], members: &[String], local: &str) -> Finding {
+    const ITEM: &str = "relay-authkey";
+    const PATH: &str = crate::authkey::AUTHKEY_PATH;
+    let fresh_reports: Vec<&ReceivedReport> = reports.iter().filter(|r| fresh(r)).collect();
+    if fresh_reports.is_empty() {
+        return no_reports(ITEM);
+    }
+    // Hosts by fingerprint; the reference key is the one most hosts have (a tie: this host's).
+    let mut by_key: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    let mut without = Vec::new();
+    for r in &fresh_reports {
+        match &r.report.authkey {
+            Some(fp) => by_key.entry(fp.as_str()).or_default().push(r.report.host.as_str()),
+            None => without.push(format!(
+                "{} ({})",
+                r.report.host,
+                r.report
+                    .authkey_problem
+                    .as_deref()
+                    .unwrap_or("no key reported: vmhad there predates the authenticated relay?")
+            )),
+        }
+    }
+    let reference = by_key
+        .iter()
+        .max_by_key(|(_, hosts)| (hosts.len(), hosts.contains(&local)))
+        .map(|(fp, hosts)| (*fp, hosts.clone()));
+    let Some((fingerprint, holders)) = reference else {
+        return finding(
+            ITEM,
+            Level::Red,
+            format!("no host has a usable {PATH}: {}", without.join("; ")),
+            format!(
+                "on one host run `vmha keygen`, copy {PATH} to every host (root, mode 0600) and restart vmhad there"
+            ),
+        );
+    };
+    let source = holders.first().copied().unwrap_or_default();
+    let mut problems = Vec::new();
+    let mut targets: Vec<&str> = Vec::new();
+    if !without.is_empty() {
+        problems.push(format!("no usable key on {}", without.join("; ")));
+        targets.extend(
+            fresh_reports
+                .iter()
+                .filter(|r| r.report.authkey.is_none())
+                .map(|r| r.report.host.as_str()),
+        );
+    }
+    for (fp, hosts) in by_key.iter().filter(|(fp, _)| **fp != fingerprint) {
+        problems.push(format!(
+            "{} {} a different key (fingerprint {fp}, not {fingerprint})",
+            hosts.join(", "),
+            if hosts.len() == 1 { "has" } else { "have" }
+        ));
+        targets.extend(hosts.iter().copied());
+    }
+    if !problems.is_empty() {
+        return finding(
+            ITEM,
+            Level::Red,
+            format!(
+                "{}: the relay between vmhads drops their messages (guest requests and clones across hosts fail)",
+                problems.join("; ")
+            ),
+            format!(
+                "copy {PATH} from {source} to {} (root, mode 0600) and restart vmhad there",
+                targets.join(", ")
+            ),
+        );
+    }
+    let silent = silent(reports, members);
+    if !silent.is_empty() {
+        return finding(
+            ITEM,
+            Level::Yellow,
+            format!("no report from {} (vmhad not running there?)", silent.join(", ")),
+            format!("start vmhad on {}: systemctl start vmhad", silent.join(", ")),
+        );
+    }
+    green(
+        ITEM,
+        format!(
+            "the same {PATH} (fingerprint {fingerprint}) on every host ({})",
+            holders.join(", ")
         ),
     )
 }

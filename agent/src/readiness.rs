@@ -58,6 +58,13 @@ pub struct HostReport {
     pub time_ms: i64,
     pub clock: ClockFacts,
     pub storage: Vec<PathState>,
+    /// The fingerprint of the relay's authkey on that host (never the key); `None`: no usable key (or a
+    /// vmhad older than the authenticated relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authkey: Option<String>,
+    /// Why that host has no usable authkey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authkey_problem: Option<String>,
 }
 
 /// A report as one vmhad received it.
@@ -247,11 +254,18 @@ pub async fn own_report(shared: &Shared, bus: Option<&zbus::Connection>) -> Host
         });
     }
     let clock = clock_facts(bus).await;
+    let (authkey, authkey_problem) = match crate::relay::authkey_status() {
+        Some(Ok(fingerprint)) => (Some(fingerprint), None),
+        Some(Err(problem)) => (None, Some(problem)),
+        None => (None, None),
+    };
     HostReport {
         host: shared.local_host.clone(),
         time_ms: now_ms(),
         clock,
         storage,
+        authkey,
+        authkey_problem,
     }
 }
 
@@ -362,6 +376,8 @@ mod tests {
                 path: "/shared/vm1.qcow2".into(),
                 exists: Some(true),
             }],
+            authkey: Some("0123456789abcdef".into()),
+            authkey_problem: None,
         };
         reports.record(r.clone(), -40, 1);
         let json = serde_json::to_string(&reports.list()).unwrap();

@@ -117,6 +117,17 @@ enum Cmd {
         #[arg(long, default_value = "qemu:///system")]
         hypervisor: String,
     },
+    /// Generate the cluster's relay key (vmhad's authentication of each other's messages), like
+    /// corosync-keygen: run once on one host, then copy the file (root, mode 0600) to the same path on
+    /// every host and restart vmhad there. Refuses to replace an existing key without --force.
+    Keygen {
+        /// Replace an existing key (every host then needs the new one).
+        #[arg(long)]
+        force: bool,
+        /// Where to write it.
+        #[arg(default_value = vmha_agent::authkey::AUTHKEY_PATH)]
+        file: std::path::PathBuf,
+    },
     /// Write vmha's and vmhad's manual pages or a shell completion script (for packaging).
     #[command(hide = true)]
     Generate {
@@ -259,6 +270,22 @@ fn main() -> ExitCode {
     }
     if let Cmd::ScheduleCopy(args) = &cli.command {
         return report(vmha_agent::placement::schedule(args));
+    }
+    if let Cmd::Keygen { force, file } = &cli.command {
+        return match vmha_agent::authkey::generate(file, *force) {
+            Ok(fingerprint) => {
+                println!(
+                    "wrote {} (fingerprint {fingerprint}); copy it to every host (same path, root, mode 0600) \
+                     and restart vmhad there",
+                    file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmha: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -445,7 +472,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         },
         Cmd::Watch { count } => client.watch(count).await,
         Cmd::Check { hypervisor } => check(&client, &hypervisor).await,
-        Cmd::Generate { .. } => unreachable!("vmha generate runs before the bus is reached"),
+        Cmd::Generate { .. } | Cmd::Keygen { .. } => {
+            unreachable!("vmha generate and keygen run before the bus is reached")
+        }
         Cmd::Policy { .. } | Cmd::WhatIf(_) | Cmd::ScheduleCopy(_) => {
             unreachable!("policy and what-if run before the bus is reached")
         }

@@ -26,6 +26,8 @@ fn report(host: &str, offset_ms: i64, storage: Vec<PathState>) -> ReceivedReport
                 synchronized: Some(true),
             },
             storage,
+            authkey: Some("0123456789abcdef".into()),
+            authkey_problem: None,
         },
         offset_ms,
         age_ms: 1000,
@@ -91,7 +93,7 @@ fn item<'a>(findings: &'a [Finding], name: &str) -> &'a Finding {
 #[test]
 fn a_healthy_cluster_is_all_green() {
     let f = evaluate(&healthy());
-    assert_eq!(f.len(), 8);
+    assert_eq!(f.len(), 9);
     for x in &f {
         assert_eq!(x.level, Level::Green, "{x:?}");
         assert!(x.fix.is_empty());
@@ -377,9 +379,61 @@ fn no_reports_at_all_is_yellow_not_green() {
     let mut i = healthy();
     i.reports = Ok(vec![]);
     let f = evaluate(&i);
-    for name in ["shared-storage", "time-sync"] {
+    for name in ["shared-storage", "time-sync", "relay-authkey"] {
         let x = item(&f, name);
         assert_eq!(x.level, Level::Yellow, "{x:?}");
         assert!(x.summary.contains("no host has reported yet"));
     }
+}
+
+fn set_reports(i: &mut Inputs, f: impl Fn(&mut ReceivedReport)) {
+    if let Ok(reports) = &mut i.reports {
+        reports.iter_mut().for_each(f);
+    }
+}
+
+#[test]
+fn authkeys_missing_or_different_are_red_with_where_to_copy_from() {
+    let i = healthy();
+    let f = evaluate(&i);
+    let x = item(&f, "relay-authkey");
+    assert_eq!(x.level, Level::Green, "{x:?}");
+    assert!(x.summary.contains("fingerprint 0123456789abcdef"), "{}", x.summary);
+
+    let mut i = healthy();
+    set_reports(&mut i, |r| {
+        if r.report.host == "node3" {
+            r.report.authkey = Some("fedcba9876543210".into());
+        }
+    });
+    let f = evaluate(&i);
+    let x = item(&f, "relay-authkey");
+    assert_eq!(x.level, Level::Red, "{x:?}");
+    assert!(x.summary.contains("node3 has a different key (fingerprint fedcba9876543210"), "{}", x.summary);
+    assert_eq!(
+        x.fix,
+        "copy /etc/vmha/authkey from node1 to node3 (root, mode 0600) and restart vmhad there"
+    );
+
+    let mut i = healthy();
+    set_reports(&mut i, |r| {
+        if r.report.host == "node2" {
+            r.report.authkey = None;
+            r.report.authkey_problem = Some("/etc/vmha/authkey: mode 0644 lets others read it".into());
+        }
+    });
+    let f = evaluate(&i);
+    let x = item(&f, "relay-authkey");
+    assert_eq!(x.level, Level::Red, "{x:?}");
+    assert!(x.summary.contains("no usable key on node2 (/etc/vmha/authkey: mode 0644"), "{}", x.summary);
+    assert!(x.fix.contains("from node1 to node2"), "{}", x.fix);
+
+    let mut i = healthy();
+    set_reports(&mut i, |r| r.report.authkey = None);
+    let x = item(&evaluate(&i), "relay-authkey").clone();
+    assert_eq!(x.level, Level::Red, "{x:?}");
+    assert!(x.fix.contains("vmha keygen"), "{}", x.fix);
+    // The key itself is never part of a report: only its fingerprint.
+    let json = serde_json::to_string(&healthy().reports.unwrap()).unwrap();
+    assert!(json.contains("\"authkey\":\"0123456789abcdef\""), "{json}");
 }
