@@ -62,9 +62,9 @@ pub enum Refusal {
     BadHost,
     #[error("bad MAC (forged, or sealed with another /etc/vmha/authkey)")]
     BadMac,
-    #[error("it claims node id {claimed}, Corosync says node id {cpg} sent it")]
+    #[error("it claims node id {claimed}, Corosync says node id {cpg} sent it (forged, or a copy resent)")]
     WrongNode { claimed: u32, cpg: u32 },
-    #[error("it claims PID {claimed}, Corosync says PID {cpg} on node {nodeid} sent it")]
+    #[error("it claims PID {claimed}, Corosync says PID {cpg} on node {nodeid} sent it (forged, or a copy resent)")]
     WrongPid { claimed: u32, cpg: u32, nodeid: u32 },
     #[error("it claims host {claimed:?}, node id {nodeid} is {expected:?}")]
     WrongHost {

@@ -164,6 +164,9 @@ impl LabConfig {
         if self.hosts == 2 {
             s.push_str("  two_node: 1\n");
         }
+        // Like Debian's pacemaker (/etc/corosync/uidgid.d/pacemaker): processes of group haclient may use
+        // Corosync's IPC (CPG included), not only root.
+        s.push_str("}\n\nuidgid {\n  gid: haclient\n");
         s.push_str("}\n\nlogging {\n  to_stderr: no\n  to_logfile: yes\n");
         s.push_str("  logfile: /var/log/corosync/corosync.log\n  to_syslog: no\n  timestamp: hires\n}\n");
         s
@@ -228,6 +231,7 @@ mod tests {
         assert!(conf.contains("ring0_addr: 10.213.5.13\n    name: node3\n    nodeid: 3"));
         assert!(!conf.contains("two_node"));
         assert!(LabConfig::new("t", 2, "10.1.1").corosync_conf().contains("two_node: 1"));
+        assert!(conf.contains("uidgid {\n  gid: haclient\n}"), "{conf}");
     }
 
     #[test]

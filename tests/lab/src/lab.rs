@@ -635,6 +635,7 @@ impl Lab {
         for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
             self.install(n, &agent, "/usr/lib/ocf/resource.d/vmha/VirtualMachine", "0755")?;
             if daemon.is_file() && cli.is_file() {
+                self.install_authkey(n)?;
                 self.install(n, &daemon, "/usr/sbin/vmhad", "0755")?;
                 self.install(n, &cli, "/usr/bin/vmha", "0755")?;
                 self.install(n, &policy, "/usr/share/dbus-1/system.d/org.vmha.Vmha1.conf", "0644")?;
@@ -645,10 +646,51 @@ impl Lab {
         Ok(installed)
     }
 
+    /// The lab's relay key (what `vmha keygen` makes on a real cluster): one per lab, made once in the
+    /// lab's directory (root, 0600), the same in every host.
+    pub fn authkey(&self) -> Result<PathBuf> {
+        use std::io::{Read, Write};
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.cfg.dir().join("authkey");
+        if !path.exists() {
+            let mut key = [0u8; 64];
+            fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+            let tmp = self.cfg.dir().join(format!(".authkey.{}", std::process::id()));
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&key)?;
+            f.sync_all()?;
+            // Another process of the same lab may have made it meanwhile: the first one stays.
+            if fs::hard_link(&tmp, &path).is_err() && !path.exists() {
+                bail!("cannot create {}", path.display());
+            }
+            fs::remove_file(&tmp)?;
+        }
+        Ok(path)
+    }
+
+    /// Installs the lab's relay key as host N's /etc/vmha/authkey (root, 0600), as an operator copies
+    /// the key made by `vmha keygen` to every host.
+    pub fn install_authkey(&self, n: u8) -> Result<()> {
+        let key = self.authkey()?;
+        self.exec_ok(
+            n,
+            &["install", "-D", "-m", "0600", "-o", "root", "-g", "root", path_str(&key)?, "/etc/vmha/authkey"],
+        )?;
+        Ok(())
+    }
+
     /// Starts vmhad on host N (installed by [`Lab::install_build`]) unless it runs; returns its PID inside
     /// the host.
     /// Its log is the host's /var/log/vmha/vmhad.log.
+    /// A host without /etc/vmha/authkey gets the lab's first (the relay between vmhads needs it).
     pub fn start_vmhad(&self, n: u8) -> Result<u32> {
+        if !self.exec(n, &["test", "-e", "/etc/vmha/authkey"])?.status.success() {
+            self.install_authkey(n)?;
+        }
         let out = self.exec_ok(
             n,
             &[
