@@ -103,12 +103,18 @@ pub fn generate(path: &Path, force: bool) -> Result<String, AuthKeyError> {
             path: path.to_path_buf(),
         });
     }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut bytes = [0u8; KEYGEN_BYTES];
     getrandom::fill(&mut bytes).map_err(|e| AuthKeyError::Random(e.to_string()))?;
     let fingerprint = crate::relay::envelope::fingerprint(&bytes);
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.new-{}", std::process::id()));
     let written = (|| -> std::io::Result<()> {
         let mut f: File = OpenOptions::new()
@@ -199,7 +205,10 @@ mod tests {
         generate(&p, false).unwrap();
         let link = d.join("link");
         std::os::unix::fs::symlink(&p, &link).unwrap();
-        assert!(matches!(load(&link), Err(AuthKeyError::Io { .. })), "a link is not followed");
+        assert!(
+            matches!(load(&link), Err(AuthKeyError::Io { .. })),
+            "a link is not followed"
+        );
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = load(&p).unwrap_err();
         assert!(

@@ -73,11 +73,7 @@ enum Msg {
         reason: String,
     },
     /// Run this clone (a [`CloneSpec`]) as a job on `host` (the DC's).
-    CloneStart {
-        id: u64,
-        host: String,
-        spec: CloneSpec,
-    },
+    CloneStart { id: u64, host: String, spec: CloneSpec },
     /// The DC's vmhad took the clone job (`error`: it refused it, with why).
     JobAccepted { id: u64, to: u32, error: Option<String> },
     /// Progress of a mirrored job.
@@ -496,12 +492,7 @@ fn new_session() -> Result<[u8; SESSION_LEN], String> {
     Ok(session)
 }
 
-async fn session(
-    conn: &Connection,
-    shared: &Arc<Shared>,
-    key: &Key,
-    delay: &mut Duration,
-) -> Result<(), String> {
+async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut Duration) -> Result<(), String> {
     let names: BTreeMap<u32, String> = {
         let cmap = Cmap::connect(DEFAULT_DEADLINE).await.map_err(|e| e.to_string())?;
         cmap.node_names().await.map_err(|e| e.to_string())?
@@ -520,10 +511,7 @@ async fn session(
     *delay = Duration::from_millis(200);
     let mut gate = Gate::default();
     loop {
-        let CpgEvent::Message {
-            nodeid, pid, data, ..
-        } = events.next().await.map_err(|e| e.to_string())?
-        else {
+        let CpgEvent::Message { nodeid, pid, data, .. } = events.next().await.map_err(|e| e.to_string())? else {
             continue;
         };
         let sender = CpgSender { nodeid, pid };
@@ -604,7 +592,9 @@ async fn session(
                     spec,
                 ));
             }
-            Msg::JobAccepted { id, to, error } if to == me => job_event(sender, &from_host, id, JobEvent::Accepted(error)),
+            Msg::JobAccepted { id, to, error } if to == me => {
+                job_event(sender, &from_host, id, JobEvent::Accepted(error))
+            }
             Msg::JobUpdate {
                 id,
                 to,

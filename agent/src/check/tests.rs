@@ -409,7 +409,12 @@ fn authkeys_missing_or_different_are_red_with_where_to_copy_from() {
     let f = evaluate(&i);
     let x = item(&f, "relay-authkey");
     assert_eq!(x.level, Level::Red, "{x:?}");
-    assert!(x.summary.contains("node3 has a different key (fingerprint fedcba9876543210"), "{}", x.summary);
+    assert!(
+        x.summary
+            .contains("node3 has a different key (fingerprint fedcba9876543210"),
+        "{}",
+        x.summary
+    );
     assert_eq!(
         x.fix,
         "copy /etc/vmha/authkey from node1 to node3 (root, mode 0600) and restart vmhad there"
@@ -425,7 +430,12 @@ fn authkeys_missing_or_different_are_red_with_where_to_copy_from() {
     let f = evaluate(&i);
     let x = item(&f, "relay-authkey");
     assert_eq!(x.level, Level::Red, "{x:?}");
-    assert!(x.summary.contains("no usable key on node2 (/etc/vmha/authkey: mode 0644"), "{}", x.summary);
+    assert!(
+        x.summary
+            .contains("no usable key on node2 (/etc/vmha/authkey: mode 0644"),
+        "{}",
+        x.summary
+    );
     assert!(x.fix.contains("from node1 to node2"), "{}", x.fix);
 
     let mut i = healthy();

@@ -203,10 +203,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], Refusal> {
-        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or(Refusal::Truncated {
-            len: self.bytes.len(),
-            need: self.at.saturating_add(n),
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or(Refusal::Truncated {
+                len: self.bytes.len(),
+                need: self.at.saturating_add(n),
+            })?;
         let s = &self.bytes[self.at..end];
         self.at = end;
         Ok(s)
@@ -351,8 +355,7 @@ impl Gate {
         }
         if self.seen.len() >= MAX_SESSIONS && !self.seen.contains_key(&slot) {
             // An envelope older than the window is refused as stale anyway: its session may go.
-            self.seen
-                .retain(|_, (_, t)| now_ms.saturating_sub(*t) <= 2 * WINDOW_MS);
+            self.seen.retain(|_, (_, t)| now_ms.saturating_sub(*t) <= 2 * WINDOW_MS);
         }
         self.seen.insert(slot, (e.seq, e.time_ms));
         Ok(e)
@@ -590,7 +593,10 @@ mod tests {
         );
         let mut future = envelope(2);
         future.time_ms = NOW + WINDOW_MS + 1;
-        assert_eq!(admit(&mut gate, &seal(&key(1), &future).unwrap()).unwrap_err().kind(), "stale");
+        assert_eq!(
+            admit(&mut gate, &seal(&key(1), &future).unwrap()).unwrap_err().kind(),
+            "stale"
+        );
         let mut edge = envelope(3);
         edge.time_ms = NOW - WINDOW_MS;
         assert!(admit(&mut gate, &seal(&key(1), &edge).unwrap()).is_ok());

@@ -45,7 +45,17 @@ fn request(lab: &Lab, n: u8, name: &str, timeout_ms: u32) -> (i32, Value) {
     let out = lab
         .exec(
             n,
-            &["vmha", "--output", "json", "vm", "request", VM, name, "--timeout-ms", &t],
+            &[
+                "vmha",
+                "--output",
+                "json",
+                "vm",
+                "request",
+                VM,
+                name,
+                "--timeout-ms",
+                &t,
+            ],
         )
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -71,7 +81,8 @@ fn inject(lab: &Lab, n: u8, payloads: &[Vec<u8>]) -> Value {
 
 /// What the intruder's listener captured: (CPG node id, pid, bytes).
 fn captured(lab: &Lab, n: u8) -> Vec<(u32, u32, Vec<u8>)> {
-    let text = std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/intruder-capture.jsonl")).unwrap_or_default();
+    let text =
+        std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/intruder-capture.jsonl")).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter_map(|v| {
@@ -95,7 +106,10 @@ fn opened(key: &Key, raw: &[u8]) -> Option<(Envelope, Value)> {
 /// An envelope sealed with a made-up key, claiming to come from `nodeid`/`host`.
 fn made_up_mac(nodeid: u32, host: &str, body: &Value) -> Vec<u8> {
     let mut bytes = [0u8; 32];
-    bytes.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8).wrapping_mul(37) ^ 0x5a);
+    bytes
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i as u8).wrapping_mul(37) ^ 0x5a);
     let key = Key::from_file_bytes(&bytes).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,10 +168,15 @@ fn relay_rejects_forged_messages() {
         key.fingerprint()
     );
     // The guest channel is up and the relay works: a request from another host is answered.
-    wait_for("a relayed guest request to work", Duration::from_secs(120), POLL, || {
-        let (code, r) = request(&lab, asker, "test-ok", 5000);
-        (code == 0 && r["result"] == "done").then_some(())
-    })
+    wait_for(
+        "a relayed guest request to work",
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let (code, r) = request(&lab, asker, "test-ok", 5000);
+            (code == 0 && r["result"] == "done").then_some(())
+        },
+    )
     .unwrap();
 
     // The intruder: a non-root user of group haclient on the VM's host, with the CPG tool.
@@ -184,13 +203,21 @@ fn relay_rejects_forged_messages() {
         ],
     )
     .unwrap();
-    wait_for("the intruder's listener to join", Duration::from_secs(30), POLL, || {
-        std::fs::read_to_string(lab.cfg.host_dir(vm_host).join("var-log-vmha/intruder-capture.jsonl"))
+    let capture = lab.cfg.host_dir(vm_host).join("var-log-vmha/intruder-capture.jsonl");
+    if let Err(e) = wait_for("the intruder's listener to join", Duration::from_secs(60), POLL, || {
+        std::fs::read_to_string(&capture)
             .ok()?
             .contains("\"joined\"")
             .then_some(())
-    })
-    .unwrap();
+    }) {
+        let ps = lab
+            .exec(vm_host, &["ps", "-ef"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        panic!(
+            "{e}: its output: {:?}; processes: {ps:?}",
+            std::fs::read_to_string(&capture)
+        );
+    }
     let hook_runs = |name: &str| {
         hook_log(&lab, vm_host, VM)
             .unwrap()
@@ -201,16 +228,21 @@ fn relay_rejects_forged_messages() {
     // A genuine exchange for the intruder to capture.
     let (code, r) = request(&lab, asker, "test-ok", 5000);
     assert_eq!((code, r["result"].as_str()), (0, Some("done")), "{r}");
-    let genuine = wait_for("the intruder to capture a request and its result", Duration::from_secs(30), POLL, || {
-        let c = captured(&lab, vm_host);
-        let of = |t: &str| {
-            c.iter()
-                .rev()
-                .find(|(_, _, raw)| opened(&key, raw).is_some_and(|(_, b)| b["t"] == t))
-                .cloned()
-        };
-        Some((of("request")?, of("result")?))
-    })
+    let genuine = wait_for(
+        "the intruder to capture a request and its result",
+        Duration::from_secs(30),
+        POLL,
+        || {
+            let c = captured(&lab, vm_host);
+            let of = |t: &str| {
+                c.iter()
+                    .rev()
+                    .find(|(_, _, raw)| opened(&key, raw).is_some_and(|(_, b)| b["t"] == t))
+                    .cloned()
+            };
+            Some((of("request")?, of("result")?))
+        },
+    )
     .unwrap();
     let test_ok_runs = hook_runs("test-ok");
     let logs: Vec<usize> = lab.cfg.host_numbers().map(|n| vmhad_log(&lab, n).len()).collect();
@@ -259,12 +291,17 @@ fn relay_rejects_forged_messages() {
         ],
     )
     .unwrap();
-    let (pending_id, requester) = wait_for("the intruder to see the test-slow request", Duration::from_secs(30), POLL, || {
-        captured(&lab, vm_host).iter().find_map(|(nodeid, _, raw)| {
-            let (_, body) = opened(&key, raw)?;
-            (body["t"] == "request" && body["name"] == "test-slow").then(|| (body["id"].as_u64().unwrap(), *nodeid))
-        })
-    })
+    let (pending_id, requester) = wait_for(
+        "the intruder to see the test-slow request",
+        Duration::from_secs(30),
+        POLL,
+        || {
+            captured(&lab, vm_host).iter().find_map(|(nodeid, _, raw)| {
+                let (_, body) = opened(&key, raw)?;
+                (body["t"] == "request" && body["name"] == "test-slow").then(|| (body["id"].as_u64().unwrap(), *nodeid))
+            })
+        },
+    )
     .unwrap();
     let forged_result = json!({"t": "result", "id": pending_id, "to": requester, "outcome": "done",
         "reason": "forged by the intruder"});
@@ -315,8 +352,18 @@ fn relay_rejects_forged_messages() {
     assert!(slow["reason"].as_str().unwrap_or("").contains("timed out"), "{slow}");
 
     // Nothing was created or run: no clone domain or resource, the test-ok hook did not run again.
-    assert_eq!(hook_runs("test-ok"), test_ok_runs, "a forged or replayed request ran the guest's hook");
-    let resources_after: Vec<String> = lab.status(vm_host).unwrap().resources.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(
+        hook_runs("test-ok"),
+        test_ok_runs,
+        "a forged or replayed request ran the guest's hook"
+    );
+    let resources_after: Vec<String> = lab
+        .status(vm_host)
+        .unwrap()
+        .resources
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
     assert_eq!(resources_after, resources_before);
     let domains_after: Vec<Vec<String>> = lab.cfg.host_numbers().map(|n| domains(&lab, n)).collect();
     assert_eq!(domains_after, domains_before);

@@ -678,7 +678,18 @@ impl Lab {
         let key = self.authkey()?;
         self.exec_ok(
             n,
-            &["install", "-D", "-m", "0600", "-o", "root", "-g", "root", path_str(&key)?, "/etc/vmha/authkey"],
+            &[
+                "install",
+                "-D",
+                "-m",
+                "0600",
+                "-o",
+                "root",
+                "-g",
+                "root",
+                path_str(&key)?,
+                "/etc/vmha/authkey",
+            ],
         )?;
         Ok(())
     }
