@@ -2,7 +2,8 @@
 //! green on a healthy cluster (fencing on, a VM running); then, one problem at a time, each restored
 //! before the next, it names the problem and the fix and exits non-zero: fencing disabled
 //! (stonith-enabled=false), the only fence device disabled, the shared storage not mounted on one host,
-//! vmhad stopped on one host (which a vmha call on that host then restarts through D-Bus activation).
+//! one host with a relay key of its own (`vmha keygen --force` there: the fix says where to copy the key
+//! from), vmhad stopped on one host (which a vmha call on that host then restarts through D-Bus activation).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
 
-const ITEMS: [&str; 8] = [
+const ITEMS: [&str; 9] = [
     "fencing",
     "quorum-policy",
     "votequorum",
@@ -21,6 +22,7 @@ const ITEMS: [&str; 8] = [
     "vmhad",
     "shared-storage",
     "time-sync",
+    "relay-authkey",
 ];
 
 /// `vmha --output json check` on host `n`: (exit code, report, seconds it took).
@@ -269,6 +271,25 @@ fn vmha_check_reports_host_readiness() {
         &["mount the shared storage"],
     );
     lab.exec_ok(blind, &["umount", shared]).unwrap();
+    restored(&lab);
+
+    // node3 with a relay key of its own (`vmha keygen --force` there): red, saying where to copy it from.
+    lab.exec_ok(3, &["vmha", "keygen", "--force"]).unwrap();
+    lab.stop_vmhad(3).unwrap();
+    lab.start_vmhad(3).unwrap();
+    let (rc, report) = until(&lab, 1, "relay-authkey red (node3's key differs)", |r| {
+        red(r, "relay-authkey")
+    });
+    assert_red(
+        rc,
+        &report,
+        "relay-authkey",
+        &["node3 has a different key (fingerprint"],
+        &["copy /etc/vmha/authkey from node1 to node3 (root, mode 0600) and restart vmhad there"],
+    );
+    lab.install_authkey(3).unwrap();
+    lab.stop_vmhad(3).unwrap();
+    lab.start_vmhad(3).unwrap();
     restored(&lab);
 
     // vmhad stopped on node3: named, from any host that still runs it.
