@@ -581,7 +581,7 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut
             Msg::CloneStart { id, host, spec } if host == shared.local_host => {
                 tracing::info!(
                     template = %spec.template,
-                    "relay: running a clone job asked for by vmhad on {from_host} (node {nodeid})"
+                    "relay: running a clone job asked for by node {nodeid} (vmhad on {from_host})"
                 );
                 tokio::spawn(start_relayed_clone(
                     conn.clone(),
