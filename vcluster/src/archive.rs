@@ -946,10 +946,17 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
             return bad(format!("disk {} has a relative source path {:?}", disk.id, disk.path));
         }
         if disk.size > i64::MAX as u64 {
-            return bad(format!("disk {} claims {} bytes, more than a file can hold", disk.id, disk.size));
+            return bad(format!(
+                "disk {} claims {} bytes, more than a file can hold",
+                disk.id, disk.size
+            ));
         }
     }
-    if m.disks.iter().try_fold(0u64, |total, d| total.checked_add(d.size)).is_none() {
+    if m.disks
+        .iter()
+        .try_fold(0u64, |total, d| total.checked_add(d.size))
+        .is_none()
+    {
         return bad("the disks' sizes add up to more than 2^64 bytes".into());
     }
     Ok(())

@@ -21,7 +21,11 @@ use crate::printable;
 pub const QEMU_NS: &str = "http://libvirt.org/schemas/domain/qemu/1.0";
 
 /// Resource agents a capture of VMs and their addresses produces: allowed without an option.
-pub const DEFAULT_AGENTS: [&str; 3] = ["ocf:vmha:VirtualMachine", "ocf:heartbeat:VirtualDomain", "ocf:heartbeat:IPaddr2"];
+pub const DEFAULT_AGENTS: [&str; 3] = [
+    "ocf:vmha:VirtualMachine",
+    "ocf:heartbeat:VirtualDomain",
+    "ocf:heartbeat:IPaddr2",
+];
 
 /// Directories whose firmware a `<loader>` or an `<nvram template>` may name (read-only, shipped by the
 /// distribution's firmware packages).
@@ -256,7 +260,10 @@ fn describe(n: Node) -> String {
     if s.chars().count() > 160 {
         s = s.chars().take(157).collect::<String>() + "...";
     }
-    match n.parent_element().filter(|p| !p.has_tag_name("devices") && !p.has_tag_name("domain")) {
+    match n
+        .parent_element()
+        .filter(|p| !p.has_tag_name("devices") && !p.has_tag_name("domain"))
+    {
         Some(p) => format!("{s} in <{}>", printable(p.tag_name().name())),
         None => s,
     }
@@ -296,7 +303,8 @@ impl Checker<'_> {
 }
 
 fn in_metadata(n: Node) -> bool {
-    n.ancestors().any(|a| a.has_tag_name("metadata") && a.tag_name().namespace().is_none())
+    n.ancestors()
+        .any(|a| a.has_tag_name("metadata") && a.tag_name().namespace().is_none())
 }
 
 /// Whether `path` is one of the host's QEMU binaries by name.
@@ -325,7 +333,17 @@ fn device_line(n: Node) -> String {
         for a in d.attributes() {
             if matches!(
                 a.name(),
-                "file" | "path" | "dir" | "dev" | "network" | "bridge" | "socket" | "name" | "protocol" | "mode" | "address"
+                "file"
+                    | "path"
+                    | "dir"
+                    | "dev"
+                    | "network"
+                    | "bridge"
+                    | "socket"
+                    | "name"
+                    | "protocol"
+                    | "mode"
+                    | "address"
             ) && !(d.has_tag_name("driver") && a.name() == "name")
             {
                 let _ = write!(s, " {}.{}={}", d.tag_name().name(), a.name(), a.value());
@@ -399,7 +417,9 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
                 let default = n.parent_element() == Some(root)
                     && n.attribute("type").is_none_or(|t| t == "dynamic")
                     && n.attribute("relabel").is_none_or(|r| r == "yes")
-                    && !n.children().any(|k| k.has_tag_name("baselabel") || k.has_tag_name("label"));
+                    && !n
+                        .children()
+                        .any(|k| k.has_tag_name("baselabel") || k.has_tag_name("label"));
                 if !default {
                     c.flag(Category::Seclabel, n, "security label override");
                 }
@@ -442,16 +462,12 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
                     c.devices.push(format!("loader {}", printable(text)));
                 }
             }
-            "disk" => {
-                // libvirt's default disk type is file.
-                if !matches!(kind, "" | "file") {
-                    c.flag(
-                        Category::HostDevices,
-                        n,
-                        format!("a {} disk reaches host storage directly", printable(kind)),
-                    );
-                }
-            }
+            // libvirt's default disk type is file.
+            "disk" if !matches!(kind, "" | "file") => c.flag(
+                Category::HostDevices,
+                n,
+                format!("a {} disk reaches host storage directly", printable(kind)),
+            ),
             "interface" => match kind {
                 "network" | "bridge" | "user" => {}
                 "hostdev" => c.flag(Category::Hostdev, n, "host network device passthrough"),
@@ -461,14 +477,14 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
                     format!("a {} interface works on host devices or sockets", printable(kind)),
                 ),
             },
-            "serial" | "console" | "channel" | "parallel" if parent == "devices" => {
-                if !SAFE_CHAR_TYPES.contains(&kind) {
-                    c.flag(
-                        Category::HostDevices,
-                        n,
-                        format!("a {} character device reaches the host", printable(kind)),
-                    );
-                }
+            "serial" | "console" | "channel" | "parallel"
+                if parent == "devices" && !SAFE_CHAR_TYPES.contains(&kind) =>
+            {
+                c.flag(
+                    Category::HostDevices,
+                    n,
+                    format!("a {} character device reaches the host", printable(kind)),
+                )
             }
             "smartcard" if n.attribute("mode") != Some("emulated") => {
                 c.flag(Category::HostDevices, n, "a smartcard on the host's reader")
@@ -478,9 +494,7 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
             }
             "redirdev" if kind != "spicevmc" => c.flag(Category::HostDevices, n, "USB redirection from a host socket"),
             "shmem" => c.flag(Category::HostDevices, n, "host shared memory"),
-            "backend" if parent == "tpm" && kind == "passthrough" => {
-                c.flag(Category::HostDevices, n, "the host's TPM")
-            }
+            "backend" if parent == "tpm" && kind == "passthrough" => c.flag(Category::HostDevices, n, "the host's TPM"),
             "backend" if parent == "rng" => {
                 let dev = n.text().unwrap_or("").trim();
                 let ok = n.attribute("model").is_none_or(|m| m == "random")
@@ -511,17 +525,12 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
                 if !n.parent_element().is_some_and(|p| {
                     (p.has_tag_name("disk") && p.attribute("type") == Some("block")) || p.has_tag_name("interface")
                 }) {
-                    c.flag(
-                        Category::HostDevices,
-                        n,
-                        format!("host device {}", printable(dev)),
-                    );
+                    c.flag(Category::HostDevices, n, format!("host device {}", printable(dev)));
                 }
             }
         }
     }
-    let (allowed, refused): (Vec<Finding>, Vec<Finding>) =
-        c.found.into_iter().partition(|f| allow.has(f.category));
+    let (allowed, refused): (Vec<Finding>, Vec<Finding>) = c.found.into_iter().partition(|f| allow.has(f.category));
     if !refused.is_empty() {
         return Err(DomainCheckError::Refused(refused));
     }

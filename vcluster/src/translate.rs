@@ -362,7 +362,9 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 255
         && id.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Checks that the archive's cluster part is a virtual cluster and nothing else: `<resources>` holding
@@ -381,7 +383,11 @@ fn check_cluster(
 ) {
     let m = &archive.manifest;
     let mut refuse = |what: String| problems.push(what);
-    for (doc, file, want) in [(rdoc, RESOURCES, "resources"), (cdoc, CONSTRAINTS, "constraints"), (tag, TAG, "tag")] {
+    for (doc, file, want) in [
+        (rdoc, RESOURCES, "resources"),
+        (cdoc, CONSTRAINTS, "constraints"),
+        (tag, TAG, "tag"),
+    ] {
         let root = doc.root_element();
         if !root.has_tag_name(want) || root.tag_name().namespace().is_some() {
             refuse(format!(
@@ -393,7 +399,10 @@ fn check_cluster(
     // Ids: valid, each defined once; id-refs only to them.
     let mut defined = BTreeSet::new();
     for doc in [rdoc, cdoc] {
-        for n in doc.descendants().filter(|n| n.is_element() && !n.has_tag_name("resource_ref")) {
+        for n in doc
+            .descendants()
+            .filter(|n| n.is_element() && !n.has_tag_name("resource_ref"))
+        {
             if let Some(id) = n.attribute("id") {
                 if !valid_id(id) {
                     refuse(format!("{}: not a valid id", named(n)));
@@ -416,7 +425,10 @@ fn check_cluster(
             }
             for a in ["template", "rsc-pattern"] {
                 if n.attribute(a).is_some() {
-                    refuse(format!("{}: {a}= reaches beyond the virtual cluster's resources", named(n)));
+                    refuse(format!(
+                        "{}: {a}= reaches beyond the virtual cluster's resources",
+                        named(n)
+                    ));
                 }
             }
         }
@@ -448,7 +460,10 @@ fn check_cluster(
         let name = n.tag_name().name();
         if !RESOURCE_ELEMENTS.contains(&name) || n.tag_name().namespace().is_some() {
             if n.parent_element() != Some(rroot) {
-                refuse(format!("{RESOURCES}: {} is not part of a virtual cluster's resources", named(n)));
+                refuse(format!(
+                    "{RESOURCES}: {} is not part of a virtual cluster's resources",
+                    named(n)
+                ));
             }
             continue;
         }
@@ -520,14 +535,23 @@ fn check_cluster(
         }
     }
     let troot = tag.root_element();
-    if let Some(n) = troot.descendants().find(|n| n.is_element() && *n != troot && !n.has_tag_name("obj_ref")) {
+    if let Some(n) = troot
+        .descendants()
+        .find(|n| n.is_element() && *n != troot && !n.has_tag_name("obj_ref"))
+    {
         refuse(format!("{TAG}: {} is not part of a tag", named(n)));
     }
 }
 
 /// Parameters and meta attributes of VM resources (as translated): paths under a storage root, no
 /// monitor scripts (the agent runs them as root).
-fn check_vm_params(doc: &Document, roots: &Roots, allow: &Allow, problems: &mut Vec<String>, allowed: &mut Vec<String>) {
+fn check_vm_params(
+    doc: &Document,
+    roots: &Roots,
+    allow: &Allow,
+    problems: &mut Vec<String>,
+    allowed: &mut Vec<String>,
+) {
     for p in doc.descendants().filter(|n| n.has_tag_name("primitive")) {
         let agent = (
             p.attribute("class").unwrap_or(""),
@@ -547,13 +571,23 @@ fn check_vm_params(doc: &Document, roots: &Roots, allow: &Allow, problems: &mut 
             let name = printable(nv.attribute("name").unwrap_or(""));
             let value = nv.attribute("value").unwrap_or("");
             let finding = if name == "monitor_scripts" && !value.trim().is_empty() {
-                Some((Category::Scripts, format!("resource {id} param {name}={}: scripts run as root on the hosts", printable(value))))
+                Some((
+                    Category::Scripts,
+                    format!(
+                        "resource {id} param {name}={}: scripts run as root on the hosts",
+                        printable(value)
+                    ),
+                ))
             } else if value.starts_with('/') && roots.contains(value).is_none() {
                 Some((
                     Category::HostPaths,
                     format!(
                         "resource {id} {} {name}={}: outside every storage root",
-                        if nv.parent().is_some_and(|s| s.has_tag_name("meta_attributes")) { "meta" } else { "param" },
+                        if nv.parent().is_some_and(|s| s.has_tag_name("meta_attributes")) {
+                            "meta"
+                        } else {
+                            "param"
+                        },
                         printable(value)
                     ),
                 ))
@@ -575,10 +609,11 @@ fn check_vm_params(doc: &Document, roots: &Roots, allow: &Allow, problems: &mut 
 fn attributes(doc: &Document, id: &str) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut params = BTreeMap::new();
     let mut meta = BTreeMap::new();
-    if let Some(r) = doc
-        .descendants()
-        .find(|n| n.is_element() && matches!(n.tag_name().name(), "primitive" | "group" | "clone") && n.attribute("id") == Some(id))
-    {
+    if let Some(r) = doc.descendants().find(|n| {
+        n.is_element()
+            && matches!(n.tag_name().name(), "primitive" | "group" | "clone")
+            && n.attribute("id") == Some(id)
+    }) {
         for set in r.children().filter(|s| s.is_element()) {
             let into = match set.tag_name().name() {
                 "instance_attributes" => &mut params,
@@ -859,9 +894,11 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     let mut destinations = BTreeSet::new();
     for d in &disks {
         match roots.contains(&d.to) {
-            Some(to) if !destinations.insert(to.clone()) => {
-                problems.push(format!("disk {}: {} is the destination of another file too", d.id, printable(&d.to)))
-            }
+            Some(to) if !destinations.insert(to.clone()) => problems.push(format!(
+                "disk {}: {} is the destination of another file too",
+                d.id,
+                printable(&d.to)
+            )),
             Some(_) => {}
             None => problems.push(format!(
                 "disk {} of VM {}: its destination {} is outside every storage root (--map storage=OLD:NEW)",
@@ -899,7 +936,11 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
         }
         let vm_roots = Roots {
             dirs: roots.dirs.clone(),
-            files: disks.iter().filter(|d| d.vm == vm.resource).map(|d| d.to.clone()).collect(),
+            files: disks
+                .iter()
+                .filter(|d| d.vm == vm.resource)
+                .map(|d| d.to.clone())
+                .collect(),
         };
         let devices = match domain_check::check(&translated, &vm_roots, &maps.allow) {
             Ok(summary) => {

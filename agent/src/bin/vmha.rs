@@ -461,9 +461,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 file,
                 maps,
                 name,
+                allow,
+                allow_agents,
                 dry_run,
                 wait,
-            } => client.vcluster_instantiate(&file, maps, name, dry_run, wait).await,
+            } => {
+                // Categories as given, agents as agent=...: the D-Bus call's allow list.
+                let mut allow = allow;
+                allow.extend(allow_agents.into_iter().map(|a| format!("agent={a}")));
+                vmha_vcluster::domain_check::Allow::parse(&allow).map_err(|e| anyhow!(e))?;
+                client
+                    .vcluster_instantiate(&file, maps, name, dry_run, wait, allow)
+                    .await
+            }
             other => vmha_agent::vcluster::run(other, client.output == Output::Json).await,
         },
     }
@@ -1207,6 +1217,7 @@ impl Client {
         name: Option<String>,
         dry_run: bool,
         wait: u64,
+        allow: Vec<String>,
     ) -> Result<ExitCode> {
         use std::os::fd::AsFd;
         let archive = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -1217,6 +1228,7 @@ impl Client {
             name.unwrap_or_default(),
             dry_run,
             wait,
+            allow,
         );
         let client = self.with_room(u64::from(wait) + 3600);
         let (job, ok, message) = client

@@ -48,7 +48,9 @@ fn refused(xml: &str) -> (Vec<Category>, String) {
     match check(xml, &roots(), &Allow::default()) {
         Ok(s) => panic!("accepted: {s:?}\n{xml}"),
         Err(e @ DomainCheckError::Refused(_)) => {
-            let DomainCheckError::Refused(f) = &e else { unreachable!() };
+            let DomainCheckError::Refused(f) = &e else {
+                unreachable!()
+            };
             (f.iter().map(|f| f.category).collect(), e.to_string())
         }
         Err(e) => panic!("not a refusal: {e}"),
@@ -69,10 +71,22 @@ fn the_genuine_domain_passes_and_lists_its_devices() {
     let d = s.devices.join("\n");
     assert!(d.contains("kernel /srv/guest/vmlinuz"), "{d}");
     assert!(d.contains("emulator /usr/bin/qemu-system-x86_64"), "{d}");
-    assert!(d.contains("disk type=file device=disk source.file=/srv/b/h7web.img target.dev=vda"), "{d}");
-    assert!(d.contains("interface type=network") && d.contains("source.network=lan-b"), "{d}");
-    assert!(d.contains("serial type=pty log.file=/var/log/libvirt/qemu/h7web-console.log"), "{d}");
-    assert!(d.contains("channel type=unix target.name=org.qemu.guest_agent.0"), "{d}");
+    assert!(
+        d.contains("disk type=file device=disk source.file=/srv/b/h7web.img target.dev=vda"),
+        "{d}"
+    );
+    assert!(
+        d.contains("interface type=network") && d.contains("source.network=lan-b"),
+        "{d}"
+    );
+    assert!(
+        d.contains("serial type=pty log.file=/var/log/libvirt/qemu/h7web-console.log"),
+        "{d}"
+    );
+    assert!(
+        d.contains("channel type=unix target.name=org.qemu.guest_agent.0"),
+        "{d}"
+    );
 }
 
 #[test]
@@ -88,21 +102,38 @@ fn raw_qemu_arguments_are_refused_whatever_the_prefix() {
         );
         let (cats, msg) = refused(&xml);
         assert!(cats.contains(&Category::QemuArgs), "{msg}");
-        assert!(msg.contains(&format!("<{prefix}:commandline>")) && msg.contains("--allow qemu-args"), "{msg}");
+        assert!(
+            msg.contains(&format!("<{prefix}:commandline>")) && msg.contains("--allow qemu-args"),
+            "{msg}"
+        );
     }
     // The namespace as a default namespace on the element itself.
-    let xml = hostile("</devices>", &format!("</devices><capabilities xmlns='{QEMU_NS}'><add capability='x'/></capabilities>"));
+    let xml = hostile(
+        "</devices>",
+        &format!("</devices><capabilities xmlns='{QEMU_NS}'><add capability='x'/></capabilities>"),
+    );
     assert!(refused(&xml).0.contains(&Category::QemuArgs));
     // A namespaced attribute.
-    let xml = hostile("<memballoon model='none'/>", &format!("<memballoon xmlns:x='{QEMU_NS}' x:opt='1' model='none'/>"));
+    let xml = hostile(
+        "<memballoon model='none'/>",
+        &format!("<memballoon xmlns:x='{QEMU_NS}' x:opt='1' model='none'/>"),
+    );
     assert!(refused(&xml).0.contains(&Category::QemuArgs));
     // Other namespaces are fine inside <metadata> only.
     let meta = "<metadata><libosinfo:libosinfo xmlns:libosinfo='http://libosinfo.org/xmlns/libvirt/domain/1.0'><libosinfo:os id='x'/></libosinfo:libosinfo></metadata>";
     check(&hostile("<vcpu", &format!("{meta}<vcpu")), &roots(), &Allow::default()).unwrap();
-    let xml = hostile("<vcpu", "<lxc:namespace xmlns:lxc='http://libvirt.org/schemas/domain/lxc/1.0'/><vcpu");
-    assert!(refused(&xml).1.contains("namespace http://libvirt.org/schemas/domain/lxc/1.0"));
+    let xml = hostile(
+        "<vcpu",
+        "<lxc:namespace xmlns:lxc='http://libvirt.org/schemas/domain/lxc/1.0'/><vcpu",
+    );
+    assert!(refused(&xml)
+        .1
+        .contains("namespace http://libvirt.org/schemas/domain/lxc/1.0"));
     // Allowed: listed.
-    let xml = hostile("</devices>", &format!("</devices><qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/></qemu:commandline>"));
+    let xml = hostile(
+        "</devices>",
+        &format!("</devices><qemu:commandline xmlns:qemu='{QEMU_NS}'><qemu:arg value='-x'/></qemu:commandline>"),
+    );
     let s = check(&xml, &roots(), &allow(&[Category::QemuArgs])).unwrap();
     assert_eq!(s.allowed.len(), 2, "{:?}", s.allowed);
     assert!(s.allowed[0].element.contains("<qemu:commandline>"));
@@ -110,19 +141,39 @@ fn raw_qemu_arguments_are_refused_whatever_the_prefix() {
 
 #[test]
 fn a_host_file_as_a_disk_is_refused() {
-    for path in ["/etc/shadow", "/srv/b/../../etc/shadow", "srv/b/x.img", "/srv/bx/x.img", "/srv/b/./../x"] {
+    for path in [
+        "/etc/shadow",
+        "/srv/b/../../etc/shadow",
+        "srv/b/x.img",
+        "/srv/bx/x.img",
+        "/srv/b/./../x",
+    ] {
         let (cats, msg) = refused(&hostile("/srv/b/h7web.img", path));
         assert_eq!(cats, [Category::HostPaths], "{path}: {msg}");
         assert!(msg.contains("<source file="), "{msg}");
     }
     // A path that normalises under a root is fine; a carried disk elsewhere too.
-    check(&hostile("/srv/b/h7web.img", "/srv/b//./h7web.img"), &roots(), &Allow::default()).unwrap();
+    check(
+        &hostile("/srv/b/h7web.img", "/srv/b//./h7web.img"),
+        &roots(),
+        &Allow::default(),
+    )
+    .unwrap();
     let mut r = roots();
     r.files.push("/data/h7web.img".into());
     check(&hostile("/srv/b/h7web.img", "/data/h7web.img"), &r, &Allow::default()).unwrap();
     // Allowed: shown.
-    let s = check(&hostile("/srv/b/h7web.img", "/etc/shadow"), &roots(), &allow(&[Category::HostPaths])).unwrap();
-    assert!(s.allowed[0].why.contains("/etc/shadow is outside every storage root"), "{:?}", s.allowed);
+    let s = check(
+        &hostile("/srv/b/h7web.img", "/etc/shadow"),
+        &roots(),
+        &allow(&[Category::HostPaths]),
+    )
+    .unwrap();
+    assert!(
+        s.allowed[0].why.contains("/etc/shadow is outside every storage root"),
+        "{:?}",
+        s.allowed
+    );
 }
 
 #[test]
@@ -130,11 +181,23 @@ fn boot_files_logs_and_sockets_must_be_in_storage() {
     for (from, to, what) in [
         ("/srv/guest/vmlinuz", "/boot/vmlinuz", "kernel"),
         ("/srv/guest/initrd.gz", "/etc/shadow", "initrd"),
-        ("<cmdline>", "<loader readonly='yes'>/etc/shadow</loader><cmdline>", "loader"),
+        (
+            "<cmdline>",
+            "<loader readonly='yes'>/etc/shadow</loader><cmdline>",
+            "loader",
+        ),
         ("<cmdline>", "<nvram>/etc/passwd</nvram><cmdline>", "nvram"),
         ("/var/log/libvirt/qemu/h7web-console.log", "/etc/cron.d/evil", "log"),
-        ("/var/log/libvirt/qemu/h7web-console.log", "/var/log/libvirt/qemu/../../../etc/x", "log"),
-        ("<channel type='unix'>", "<channel type='unix'><source mode='bind' path='/run/evil.sock'/>", "source"),
+        (
+            "/var/log/libvirt/qemu/h7web-console.log",
+            "/var/log/libvirt/qemu/../../../etc/x",
+            "log",
+        ),
+        (
+            "<channel type='unix'>",
+            "<channel type='unix'><source mode='bind' path='/run/evil.sock'/>",
+            "source",
+        ),
         ("<features><acpi/></features>", "<features><acpi/></features>", "none"),
     ] {
         let xml = hostile(from, to);
@@ -168,13 +231,29 @@ fn seclabel_overrides_are_refused() {
         assert!(msg.contains("<seclabel"), "{msg}");
     }
     // Device level.
-    let xml = hostile("<source file='/srv/b/h7web.img'/>", "<source file='/srv/b/h7web.img'><seclabel model='dac' relabel='no'/></source>");
+    let xml = hostile(
+        "<source file='/srv/b/h7web.img'/>",
+        "<source file='/srv/b/h7web.img'><seclabel model='dac' relabel='no'/></source>",
+    );
     let (cats, msg) = refused(&xml);
     assert_eq!(cats, [Category::Seclabel], "{msg}");
     assert!(msg.contains("in <source>"), "{msg}");
     // The default is fine.
-    check(&hostile("</devices>", "</devices><seclabel type='dynamic' model='dac' relabel='yes'/>"), &roots(), &Allow::default()).unwrap();
-    check(&hostile("</devices>", "</devices><seclabel type='none'/>"), &roots(), &allow(&[Category::Seclabel])).unwrap();
+    check(
+        &hostile(
+            "</devices>",
+            "</devices><seclabel type='dynamic' model='dac' relabel='yes'/>",
+        ),
+        &roots(),
+        &Allow::default(),
+    )
+    .unwrap();
+    check(
+        &hostile("</devices>", "</devices><seclabel type='none'/>"),
+        &roots(),
+        &allow(&[Category::Seclabel]),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -203,7 +282,13 @@ fn host_devices_are_refused() {
 
 #[test]
 fn the_emulator_is_one_of_the_hosts() {
-    for e in ["/tmp/qemu-system-x86_64", "/usr/bin/sh", "/usr/bin/qemu-system-", "/usr/bin/../../tmp/qemu-kvm", "qemu-kvm"] {
+    for e in [
+        "/tmp/qemu-system-x86_64",
+        "/usr/bin/sh",
+        "/usr/bin/qemu-system-",
+        "/usr/bin/../../tmp/qemu-kvm",
+        "qemu-kvm",
+    ] {
         let (cats, msg) = refused(&hostile("/usr/bin/qemu-system-x86_64", e));
         assert_eq!(cats, [Category::Emulator], "{e}: {msg}");
         assert!(msg.contains("<emulator>"), "{msg}");
@@ -212,12 +297,18 @@ fn the_emulator_is_one_of_the_hosts() {
         check(&hostile("/usr/bin/qemu-system-x86_64", e), &roots(), &Allow::default()).unwrap();
     }
     // Without an emulator libvirt picks the host's.
-    check(&hostile("<emulator>/usr/bin/qemu-system-x86_64</emulator>", ""), &roots(), &Allow::default()).unwrap();
+    check(
+        &hostile("<emulator>/usr/bin/qemu-system-x86_64</emulator>", ""),
+        &roots(),
+        &Allow::default(),
+    )
+    .unwrap();
 }
 
 #[test]
 fn every_refusal_is_reported_at_once_and_control_characters_are_escaped() {
-    let xml = hostile("/srv/b/h7web.img", "/etc/shadow\u{9b}2J\u{202e}").replace("</devices>", "</devices><seclabel type='none'/>");
+    let xml = hostile("/srv/b/h7web.img", "/etc/shadow\u{9b}2J\u{202e}")
+        .replace("</devices>", "</devices><seclabel type='none'/>");
     let (cats, msg) = refused(&xml);
     assert_eq!(cats, [Category::HostPaths, Category::Seclabel]);
     assert!(!msg.chars().any(|c| c.is_control()), "{msg:?}");
@@ -226,10 +317,19 @@ fn every_refusal_is_reported_at_once_and_control_characters_are_escaped() {
 
 #[test]
 fn not_a_domain_or_a_dtd_is_an_error() {
-    assert!(matches!(check("<network/>", &roots(), &Allow::default()), Err(DomainCheckError::Xml(_))));
+    assert!(matches!(
+        check("<network/>", &roots(), &Allow::default()),
+        Err(DomainCheckError::Xml(_))
+    ));
     let dtd = "<!DOCTYPE domain [<!ENTITY x SYSTEM '/etc/shadow'>]><domain>&x;</domain>";
-    assert!(matches!(check(dtd, &roots(), &Allow::default()), Err(DomainCheckError::Xml(_))));
-    assert!(matches!(check("<domain", &roots(), &Allow::default()), Err(DomainCheckError::Xml(_))));
+    assert!(matches!(
+        check(dtd, &roots(), &Allow::default()),
+        Err(DomainCheckError::Xml(_))
+    ));
+    assert!(matches!(
+        check("<domain", &roots(), &Allow::default()),
+        Err(DomainCheckError::Xml(_))
+    ));
 }
 
 #[test]
@@ -238,7 +338,9 @@ fn allow_parses_categories_and_agents() {
     assert!(a.has(Category::QemuArgs) && a.has(Category::Seclabel) && !a.has(Category::Hostdev));
     assert!(a.agent("ocf:heartbeat:anything") && a.agent("ocf:vmha:VirtualMachine") && !a.agent("ocf:heartbeat:Dummy"));
     assert_eq!(Allow::parse(&a.to_items()).unwrap(), a);
-    assert!(Allow::parse(&["everything".into()]).unwrap_err().contains("unknown category"));
+    assert!(Allow::parse(&["everything".into()])
+        .unwrap_err()
+        .contains("unknown category"));
     assert!(Allow::parse(&["agent=ocf:x:a b".into()]).is_err());
 }
 

@@ -326,16 +326,25 @@ fn agents_outside_the_allowlist_need_an_option_and_show_in_the_plan() {
     let mut m = maps(&TO_B);
     m.allow = Allow::parse(&["agent=ocf:heartbeat:anything".into()]).unwrap();
     let p = plan(&v, &m, &target_b()).unwrap();
-    assert!(p.allowed.iter().any(|a| a.contains("resource vip with agent ocf:heartbeat:anything")));
+    assert!(p
+        .allowed
+        .iter()
+        .any(|a| a.contains("resource vip with agent ocf:heartbeat:anything")));
     let text = p.text();
     assert!(text.contains("ALLOWED beyond the safe subset"), "{text}");
-    assert!(text.contains("param binfile=/bin/sh -c id"), "every parameter is shown: {text}");
+    assert!(
+        text.contains("param binfile=/bin/sh -c id"),
+        "every parameter is shown: {text}"
+    );
 }
 
 #[test]
 fn vm_parameters_pointing_outside_storage_are_refused() {
     for (value, want) in [
-        ("/etc/libvirt/qemu/x.xml", "resource web param config=/etc/libvirt/qemu/x.xml: outside every storage root"),
+        (
+            "/etc/libvirt/qemu/x.xml",
+            "resource web param config=/etc/libvirt/qemu/x.xml: outside every storage root",
+        ),
         ("/srv/a/shared/../../../etc/x.xml", "outside every storage root"),
     ] {
         let v = edited(RESOURCES, |t| t.replacen("/srv/a/shared/web.xml", value, 1));
@@ -350,7 +359,11 @@ fn vm_parameters_pointing_outside_storage_are_refused() {
         )
     });
     let err = refused_plan(&v, &maps(&TO_B));
-    assert!(err.contains("param monitor_scripts=/srv/b/shared/x.sh: scripts run as root") && err.contains("--allow scripts"), "{err}");
+    assert!(
+        err.contains("param monitor_scripts=/srv/b/shared/x.sh: scripts run as root")
+            && err.contains("--allow scripts"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -370,7 +383,9 @@ fn hostile_domains_are_refused_on_their_translated_paths() {
         assert!(err.contains("domain of VM web: domain XML refused") && err.contains(want), "{want}: {err}");
     }
     // Mapped into storage, a path is fine: the check runs on the translated XML.
-    let v = edited("domains/web.xml", |t| t.replacen("/srv/a/shared/web.img", "/srv/a/shared/other/web.img", 1));
+    let v = edited("domains/web.xml", |t| {
+        t.replacen("/srv/a/shared/web.img", "/srv/a/shared/other/web.img", 1)
+    });
     plan(&v, &maps(&TO_B), &target_b()).unwrap();
     // Without a storage map nothing may be written anywhere.
     let v = archived(CIB, "shop", "/srv/a/shared", "lan-a");
@@ -387,7 +402,10 @@ fn the_plan_lists_devices_and_parameters_and_escapes_control_characters() {
     assert!(text.contains("\\u{9b}31m"), "{text}");
     assert!(text.contains("    param config=/srv/b/shared/web.xml"), "{text}");
     assert!(text.contains("    meta allow-migrate=true"), "{text}");
-    assert!(text.contains("disk type=file device=disk source.file=/srv/b/shared/web.img"), "{text}");
+    assert!(
+        text.contains("disk type=file device=disk source.file=/srv/b/shared/web.img"),
+        "{text}"
+    );
     assert!(text.contains("interface type=network source.network=lan-b"), "{text}");
     let json = serde_json::to_value(&p).unwrap();
     assert_eq!(json["resources"][2]["params"]["ip"], "10.213.17.100", "{json}");
