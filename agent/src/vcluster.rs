@@ -19,6 +19,7 @@ use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
 use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest, WriteBehind};
 use vmha_vcluster::capture::{self, capture, configuration_ids};
 use vmha_vcluster::domain_check::Allow;
+use vmha_vcluster::printable;
 use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
 use vmha_vcluster::{manifest_for, metadata_entries};
 
@@ -713,11 +714,11 @@ fn check_target(p: &Plan) -> Vec<String> {
     for path in paths {
         let path = Path::new(path);
         if exists_no_follow(path) {
-            problems.push(format!("{} exists already", path.display()));
+            problems.push(format!("{} exists already", printable(&path.to_string_lossy())));
         } else if !path.parent().is_some_and(Path::is_dir) {
             problems.push(format!(
                 "storage directory {} is missing (map it with --map storage=OLD:NEW)",
-                path.parent().unwrap_or(Path::new("/")).display()
+                printable(&path.parent().unwrap_or(Path::new("/")).to_string_lossy())
             ));
         }
     }
@@ -725,15 +726,46 @@ fn check_target(p: &Plan) -> Vec<String> {
         let Ok(doc) = roxmltree::Document::parse(&d.xml) else {
             continue;
         };
+        // A domain that takes the name or UUID of one libvirt has here would replace its definition.
+        let child = |tag: &str| {
+            doc.root_element()
+                .children()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(|t| t.trim().to_string())
+        };
+        let (name, uuid) = (child("name"), child("uuid"));
+        let found = with_deadline(
+            format!("looking up domain {}", printable(name.as_deref().unwrap_or(""))),
+            LIBVIRT_DEADLINE,
+            move || {
+                let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
+                let by_name = name.as_deref().is_some_and(|n| conn.lookup_domain_by_name(n).is_ok());
+                let by_uuid = uuid
+                    .as_deref()
+                    .is_some_and(|u| conn.lookup_domain_by_uuid_string(u).is_ok());
+                Ok(by_name || by_uuid)
+            },
+        );
+        match found {
+            Ok(false) => {}
+            Ok(true) => problems.push(format!(
+                "VM {}: libvirt has a domain with its name or UUID on this host already",
+                printable(&d.vm)
+            )),
+            Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
+        }
         for s in doc
             .descendants()
             .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
         {
             if let Some(br) = s.attribute("bridge") {
-                if !Path::new("/sys/class/net").join(br).exists() {
+                let name_ok = !br.is_empty() && br != "." && br != ".." && !br.contains('/');
+                if !name_ok || !Path::new("/sys/class/net").join(br).exists() {
                     problems.push(format!(
-                        "VM {}: bridge {br} does not exist here (--map network=...)",
-                        d.vm
+                        "VM {}: bridge {} does not exist here (--map network=...)",
+                        printable(&d.vm),
+                        printable(br)
                     ));
                 }
             }
@@ -747,10 +779,10 @@ fn check_target(p: &Plan) -> Vec<String> {
                     Ok(true) => {}
                     Ok(false) => problems.push(format!(
                         "VM {}: libvirt network {} does not exist here (--map network=...)",
-                        d.vm,
-                        s.attribute("network").unwrap_or("")
+                        printable(&d.vm),
+                        printable(s.attribute("network").unwrap_or(""))
                     )),
-                    Err(e) => problems.push(format!("VM {}: {e:#}", d.vm)),
+                    Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
                 }
             }
         }

@@ -730,7 +730,8 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
                 host_map.insert(h.clone(), new.clone());
             }
             Some(new) => problems.push(format!(
-                "host map {h}:{new}: {new} is not a host of this cluster (hosts: {})",
+                "host map {}:{new}: {new} is not a host of this cluster (hosts: {})",
+                printable(h),
                 target.hosts.join(", ")
             )),
             None if target.hosts.contains(h) => {
@@ -742,10 +743,10 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     if !unmapped.is_empty() {
         problems.push(format!(
             "hosts without a mapping: {} (add --map hosts={}; this cluster's hosts: {})",
-            unmapped.join(", "),
+            unmapped.iter().map(|h| printable(h)).collect::<Vec<_>>().join(", "),
             unmapped
                 .iter()
-                .map(|h| format!("{h}:NEW"))
+                .map(|h| format!("{}:NEW", printable(h)))
                 .collect::<Vec<_>>()
                 .join(","),
             target.hosts.join(", ")
@@ -774,7 +775,7 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     if !taken.is_empty() {
         problems.push(format!(
             "ids already in use on this cluster: {}",
-            taken.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            taken.iter().map(|s| printable(s)).collect::<Vec<_>>().join(", ")
         ));
     }
 
