@@ -273,6 +273,9 @@ struct Checker<'r> {
     roots: &'r Roots,
     found: Vec<Finding>,
     devices: Vec<String>,
+    /// vmha's guest channel socket of this domain (the one path outside storage a `<source path>` may
+    /// name: vmhad connects to it).
+    guest_socket: Option<String>,
 }
 
 impl Checker<'_> {
@@ -384,10 +387,17 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
             printable(root.tag_name().name())
         )));
     }
+    let name = root
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text())
+        .map(str::trim)
+        .filter(|n| vmha_model::guest::valid_name(n));
     let mut c = Checker {
         roots,
         found: Vec::new(),
         devices: Vec::new(),
+        guest_socket: name.map(vmha_model::guest::channel_socket),
     };
     for n in root.descendants().filter(|n| n.is_element()) {
         if in_metadata(n) {
@@ -516,7 +526,18 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
             let libvirt_log = n.has_tag_name("log")
                 && a.name() == "file"
                 && normalise(a.value()).is_some_and(|p| p.rsplit_once('/').is_some_and(|(d, _)| d == LIBVIRT_LOG_DIR));
-            if !libvirt_log {
+            // vmha's own guest channel (a unix channel to org.vmha.guest.0 on this domain's socket).
+            let guest_channel = n.has_tag_name("source")
+                && a.name() == "path"
+                && c.guest_socket.as_deref() == Some(a.value())
+                && n.parent_element().is_some_and(|ch| {
+                    ch.has_tag_name("channel")
+                        && ch.attribute("type") == Some("unix")
+                        && ch.children().any(|t| {
+                            t.has_tag_name("target") && t.attribute("name") == Some(vmha_model::guest::PORT_NAME)
+                        })
+                });
+            if !libvirt_log && !guest_channel {
                 c.path(n, a.name(), a.value(), &[]);
             }
         }

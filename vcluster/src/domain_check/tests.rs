@@ -2,7 +2,7 @@ use super::*;
 
 /// A domain as the lab's VMs have it (tests/lab GuestSpec plus a disk), after a storage map to /srv/b.
 const GENUINE: &str = "<domain type='qemu'>
-  <name>h7web</name>
+  <name>h1web</name>
   <uuid>6f1c2d8e-0000-4000-8000-000000000001</uuid>
   <memory unit='MiB'>96</memory>
   <vcpu placement='static'>1</vcpu>
@@ -16,10 +16,10 @@ const GENUINE: &str = "<domain type='qemu'>
   <clock offset='utc'/>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/srv/b/h7web.img'/><target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/srv/b/h1web.img'/><target dev='vda' bus='virtio'/></disk>
     <interface type='network'><mac address='52:54:00:00:00:01'/><source network='lan-b'/><model type='virtio'/></interface>
     <serial type='pty'>
-      <log file='/var/log/libvirt/qemu/h7web-console.log' append='on'/>
+      <log file='/var/log/libvirt/qemu/h1web-console.log' append='on'/>
     </serial>
     <console type='pty'/>
     <channel type='unix'>
@@ -72,7 +72,7 @@ fn the_genuine_domain_passes_and_lists_its_devices() {
     assert!(d.contains("kernel /srv/guest/vmlinuz"), "{d}");
     assert!(d.contains("emulator /usr/bin/qemu-system-x86_64"), "{d}");
     assert!(
-        d.contains("disk type=file device=disk source.file=/srv/b/h7web.img target.dev=vda"),
+        d.contains("disk type=file device=disk source.file=/srv/b/h1web.img target.dev=vda"),
         "{d}"
     );
     assert!(
@@ -80,7 +80,7 @@ fn the_genuine_domain_passes_and_lists_its_devices() {
         "{d}"
     );
     assert!(
-        d.contains("serial type=pty log.file=/var/log/libvirt/qemu/h7web-console.log"),
+        d.contains("serial type=pty log.file=/var/log/libvirt/qemu/h1web-console.log"),
         "{d}"
     );
     assert!(
@@ -148,23 +148,23 @@ fn a_host_file_as_a_disk_is_refused() {
         "/srv/bx/x.img",
         "/srv/b/./../x",
     ] {
-        let (cats, msg) = refused(&hostile("/srv/b/h7web.img", path));
+        let (cats, msg) = refused(&hostile("/srv/b/h1web.img", path));
         assert_eq!(cats, [Category::HostPaths], "{path}: {msg}");
         assert!(msg.contains("<source file="), "{msg}");
     }
     // A path that normalises under a root is fine; a carried disk elsewhere too.
     check(
-        &hostile("/srv/b/h7web.img", "/srv/b//./h7web.img"),
+        &hostile("/srv/b/h1web.img", "/srv/b//./h7web.img"),
         &roots(),
         &Allow::default(),
     )
     .unwrap();
     let mut r = roots();
     r.files.push("/data/h7web.img".into());
-    check(&hostile("/srv/b/h7web.img", "/data/h7web.img"), &r, &Allow::default()).unwrap();
+    check(&hostile("/srv/b/h1web.img", "/data/h7web.img"), &r, &Allow::default()).unwrap();
     // Allowed: shown.
     let s = check(
-        &hostile("/srv/b/h7web.img", "/etc/shadow"),
+        &hostile("/srv/b/h1web.img", "/etc/shadow"),
         &roots(),
         &allow(&[Category::HostPaths]),
     )
@@ -187,9 +187,9 @@ fn boot_files_logs_and_sockets_must_be_in_storage() {
             "loader",
         ),
         ("<cmdline>", "<nvram>/etc/passwd</nvram><cmdline>", "nvram"),
-        ("/var/log/libvirt/qemu/h7web-console.log", "/etc/cron.d/evil", "log"),
+        ("/var/log/libvirt/qemu/h1web-console.log", "/etc/cron.d/evil", "log"),
         (
-            "/var/log/libvirt/qemu/h7web-console.log",
+            "/var/log/libvirt/qemu/h1web-console.log",
             "/var/log/libvirt/qemu/../../../etc/x",
             "log",
         ),
@@ -232,8 +232,8 @@ fn seclabel_overrides_are_refused() {
     }
     // Device level.
     let xml = hostile(
-        "<source file='/srv/b/h7web.img'/>",
-        "<source file='/srv/b/h7web.img'><seclabel model='dac' relabel='no'/></source>",
+        "<source file='/srv/b/h1web.img'/>",
+        "<source file='/srv/b/h1web.img'><seclabel model='dac' relabel='no'/></source>",
     );
     let (cats, msg) = refused(&xml);
     assert_eq!(cats, [Category::Seclabel], "{msg}");
@@ -307,7 +307,7 @@ fn the_emulator_is_one_of_the_hosts() {
 
 #[test]
 fn every_refusal_is_reported_at_once_and_control_characters_are_escaped() {
-    let xml = hostile("/srv/b/h7web.img", "/etc/shadow\u{9b}2J\u{202e}")
+    let xml = hostile("/srv/b/h1web.img", "/etc/shadow\u{9b}2J\u{202e}")
         .replace("</devices>", "</devices><seclabel type='none'/>");
     let (cats, msg) = refused(&xml);
     assert_eq!(cats, [Category::HostPaths, Category::Seclabel]);
@@ -351,4 +351,24 @@ fn paths_normalise_without_resolving_dotdot() {
     assert_eq!(normalise("/srv/b/../x"), None);
     assert_eq!(normalise("srv"), None);
     assert!(under("/srv/b/x", "/srv/b") && !under("/srv/bx", "/srv/b") && under("/x", "/"));
+}
+
+#[test]
+fn vmhas_own_guest_channel_passes_and_only_for_this_domain() {
+    let own = vmha_model::domain::guest_channel_xml("h1web");
+    check(
+        &hostile("<memballoon", &format!("{own}<memballoon")),
+        &roots(),
+        &Allow::default(),
+    )
+    .unwrap();
+    // Another domain's socket, or the socket on another port: a host path.
+    let other = vmha_model::domain::guest_channel_xml("prod");
+    let (cats, msg) = refused(&hostile("<memballoon", &format!("{other}<memballoon")));
+    assert_eq!(cats, [Category::HostPaths], "{msg}");
+    let wrong_port = own.replace("org.vmha.guest.0", "org.example.0");
+    assert_eq!(
+        refused(&hostile("<memballoon", &format!("{wrong_port}<memballoon"))).0,
+        [Category::HostPaths]
+    );
 }
