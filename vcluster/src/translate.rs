@@ -367,16 +367,18 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
-/// Checks that the archive's cluster part is a virtual cluster and nothing else: `<resources>` holding
+/// Checks that the archive's cluster part (to be created as virtual cluster `name`) is a virtual cluster and nothing else: `<resources>` holding
 /// exactly the members the manifest lists (primitives, groups, clones of allowed agents),
 /// `<constraints>` holding location, colocation and order constraints among them (or to hosts), a
 /// `<tag>`; every id valid and defined once. Refusals go to `problems`, items `allow` let through to
 /// `allowed`.
+#[allow(clippy::too_many_arguments)] // the three documents, the archive, the name and the two outputs
 fn check_cluster(
     rdoc: &Document,
     cdoc: &Document,
     tag: &Document,
     archive: &Verified,
+    name: &str,
     allow: &Allow,
     problems: &mut Vec<String>,
     allowed: &mut Vec<String>,
@@ -520,7 +522,8 @@ fn check_cluster(
             continue;
         }
         for r in constraint_resources(c) {
-            if !resource_ids.contains(&r) && r != m.name {
+            // The tag itself counts, under the name it is created with (not a tag of the target's).
+            if !resource_ids.contains(&r) && r != name {
                 refuse(format!(
                     "{CONSTRAINTS}: {} names {}, which is not one of the virtual cluster's resources",
                     named(c),
@@ -706,7 +709,16 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
     let cdoc = Document::parse(constraints_text).map_err(|e| VclusterError::Archive(format!("{CONSTRAINTS}: {e}")))?;
     let tdoc = Document::parse(archive.text(TAG)?).map_err(|e| VclusterError::Archive(format!("{TAG}: {e}")))?;
     let mut allowed = Vec::new();
-    check_cluster(&rdoc, &cdoc, &tdoc, archive, &maps.allow, &mut problems, &mut allowed);
+    check_cluster(
+        &rdoc,
+        &cdoc,
+        &tdoc,
+        archive,
+        &name,
+        &maps.allow,
+        &mut problems,
+        &mut allowed,
+    );
     let roots = Roots {
         dirs: maps.roots(),
         files: Vec::new(),

@@ -305,6 +305,20 @@ fn foreign_cib_sections_and_elements_are_refused() {
         let err = refused_plan(&v, &m);
         assert!(err.contains(want), "{path} {to}: expected {want:?} in {err}");
     }
+    // A constraint on the archive's tag name, created under another name: it would reach a tag of the
+    // target's.
+    let v = edited(CONSTRAINTS, |t| {
+        t.replacen(
+            "</constraints>",
+            "<rsc_location id='on-tag' rsc='shop' node='node1' score='-INFINITY'/></constraints>",
+            1,
+        )
+    });
+    plan(&v, &m, &target_b()).unwrap();
+    let mut renamed = m.clone();
+    renamed.name = Some("shop2".into());
+    let err = plan(&v, &renamed, &target_b()).unwrap_err().to_string();
+    assert!(err.contains("names shop, which is not one of"), "{err}");
 }
 
 #[test]
