@@ -480,6 +480,12 @@ pub fn check(xml: &str, roots: &Roots, allow: &Allow) -> Result<DomainSummary, D
             ),
             "interface" => match kind {
                 "network" | "bridge" | "user" => {}
+                // A tap device libvirt creates for this guest (what the lab's VMs and their clones have);
+                // an existing host device (`<target managed='no'>`) reaches beyond the guest.
+                "ethernet"
+                    if !n
+                        .children()
+                        .any(|t| t.has_tag_name("target") && t.attribute("managed") == Some("no")) => {}
                 "hostdev" => c.flag(Category::Hostdev, n, "host network device passthrough"),
                 _ => c.flag(
                     Category::HostDevices,

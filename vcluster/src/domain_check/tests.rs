@@ -272,6 +272,11 @@ fn host_devices_are_refused() {
         ("<rng model='virtio'><backend model='random'>/dev/sda</backend></rng>", Category::HostDevices, "<backend model='random'"),
         ("<input type='evdev'><source dev='/dev/input/event0'/></input>", Category::HostDevices, "<input type='evdev'"),
         ("<interface type='ethernet'><script path='/srv/b/up.sh'/></interface>", Category::Scripts, "<script"),
+        (
+            "<interface type='ethernet'><target dev='vnet7' managed='no'/></interface>",
+            Category::HostDevices,
+            "<interface",
+        ),
     ] {
         let (cats, msg) = refused(&hostile("<memballoon", &format!("{device}<memballoon")));
         assert!(cats.contains(&cat), "{device}: {cats:?} {msg}");
@@ -371,4 +376,13 @@ fn vmhas_own_guest_channel_passes_and_only_for_this_domain() {
         refused(&hostile("<memballoon", &format!("{wrong_port}<memballoon"))).0,
         [Category::HostPaths]
     );
+}
+
+#[test]
+fn a_tap_interface_libvirt_creates_passes() {
+    let xml = hostile(
+        "<interface type='network'><mac address='52:54:00:00:00:01'/><source network='lan-b'/>",
+        "<interface type='ethernet'><mac address='52:54:00:00:00:01'/><target dev='vnet3'/>",
+    );
+    check(&xml, &roots(), &Allow::default()).expect("a tap libvirt creates for the guest is no host device");
 }
