@@ -64,10 +64,14 @@ pub enum Category {
     Emulator,
     /// Host scripts run as root: `<script>` of an interface, a VM agent's `monitor_scripts`.
     Scripts,
+    /// A VM agent's libvirt or migration URIs (`hypervisor`, `remote_uri`, `migrate_uri`) other than
+    /// QEMU's system driver over the plain, TLS or SSH transports and a `tcp://` migration address: other
+    /// transports run programs (`qemu+ext`, `?command=`) or reach sockets of the host's choosing.
+    Connections,
 }
 
 impl Category {
-    pub const ALL: [Category; 8] = [
+    pub const ALL: [Category; 9] = [
         Category::QemuArgs,
         Category::Seclabel,
         Category::Hostdev,
@@ -76,6 +80,7 @@ impl Category {
         Category::HostPaths,
         Category::Emulator,
         Category::Scripts,
+        Category::Connections,
     ];
 
     /// The name `--allow` takes.
@@ -89,6 +94,7 @@ impl Category {
             Category::HostPaths => "host-paths",
             Category::Emulator => "emulator",
             Category::Scripts => "scripts",
+            Category::Connections => "connections",
         }
     }
 

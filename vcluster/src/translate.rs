@@ -581,6 +581,11 @@ fn check_vm_params(
                         printable(value)
                     ),
                 ))
+            } else if let Some(why) = unsafe_connection(&name, value) {
+                Some((
+                    Category::Connections,
+                    format!("resource {id} param {name}={}: {why}", printable(value)),
+                ))
             } else if value.starts_with('/') && roots.contains(value).is_none() {
                 Some((
                     Category::HostPaths,
@@ -605,6 +610,64 @@ fn check_vm_params(
                 }
             }
         }
+    }
+}
+
+/// Why a VM agent's connection parameter (`hypervisor`, `remote_uri`, `migrate_uri`) is not a plain
+/// connection to QEMU's system driver (or, for `migrate_uri`, a `tcp://` address), if it is not. The agent
+/// hands these to libvirt as root: `qemu+ext` runs a program, `?command=`/`?socket=`/`?netcat=`/`?keyfile=`
+/// name host programs and files.
+pub fn unsafe_connection(name: &str, value: &str) -> Option<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    let (scheme, rest) = match value.split_once("://") {
+        Some(parts) => parts,
+        None if matches!(name, "hypervisor" | "remote_uri" | "migrate_uri") => {
+            return Some("not a URI".into());
+        }
+        None => return None,
+    };
+    let authority_and_path = rest;
+    let has_query = authority_and_path.contains(['?', '#']);
+    match name {
+        "hypervisor" | "remote_uri" => {
+            let transports = [
+                "qemu",
+                "qemu+tcp",
+                "qemu+tls",
+                "qemu+ssh",
+                "qemu+libssh",
+                "qemu+libssh2",
+            ];
+            if !transports.contains(&scheme) {
+                return Some(format!(
+                    "libvirt transport {} (allowed: {})",
+                    printable(scheme),
+                    transports.join(", ")
+                ));
+            }
+            if has_query {
+                return Some("a libvirt URI with parameters (they may name host programs or sockets)".into());
+            }
+            // `%n` stands for the target host in remote_uri.
+            let path = authority_and_path
+                .find('/')
+                .map(|i| &authority_and_path[i..])
+                .unwrap_or("");
+            if path != "/system" {
+                return Some(format!("libvirt driver path {} (only /system)", printable(path)));
+            }
+            None
+        }
+        "migrate_uri" => {
+            if scheme != "tcp" || has_query || authority_and_path.contains('/') {
+                return Some("a migration address other than tcp://HOST[:PORT]".into());
+            }
+            None
+        }
+        _ => None,
     }
 }
 

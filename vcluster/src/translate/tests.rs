@@ -381,6 +381,54 @@ fn vm_parameters_pointing_outside_storage_are_refused() {
 }
 
 #[test]
+fn vm_connections_that_run_programs_or_reach_host_sockets_are_refused() {
+    for (name, value, want) in [
+        (
+            "hypervisor",
+            "qemu+ext:///system?command=/tmp/x",
+            "libvirt transport qemu+ext",
+        ),
+        (
+            "hypervisor",
+            "qemu+unix:///system?socket=/tmp/s",
+            "libvirt transport qemu+unix",
+        ),
+        ("hypervisor", "qemu+ssh://h/system?command=/tmp/x", "with parameters"),
+        ("hypervisor", "qemu:///session", "driver path /session"),
+        ("hypervisor", "lxc:///", "libvirt transport lxc"),
+        (
+            "remote_uri",
+            "qemu+ssh://%n/system?keyfile=/root/.ssh/id",
+            "with parameters",
+        ),
+        ("migrate_uri", "unix:///tmp/sock", "other than tcp://"),
+        ("migrate_uri", "tcp://h:49152/x", "other than tcp://"),
+    ] {
+        let v = edited(RESOURCES, |t| {
+            t.replacen(
+                r#"name="hypervisor" value="qemu:///system""#,
+                &format!(r#"name="{name}" value="{value}""#),
+                1,
+            )
+        });
+        let err = refused_plan(&v, &maps(&TO_B));
+        assert!(
+            err.contains(&format!("param {name}=")) && err.contains(want) && err.contains("--allow connections"),
+            "{name}={value}: {err}"
+        );
+    }
+    for (name, value) in [
+        ("hypervisor", "qemu:///system"),
+        ("hypervisor", "qemu+tls://h/system"),
+        ("remote_uri", "qemu+ssh://%n/system"),
+        ("migrate_uri", "tcp://%n-mig:49152"),
+        ("migration_transport", "ssh"),
+    ] {
+        assert_eq!(unsafe_connection(name, value), None, "{name}={value}");
+    }
+}
+
+#[test]
 fn hostile_domains_are_refused_on_their_translated_paths() {
     // A host file as a disk, raw QEMU arguments, a DAC override: refused, naming the element.
     for (edit, want) in [
