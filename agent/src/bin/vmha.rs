@@ -319,7 +319,10 @@ fn one_line(e: &anyhow::Error) -> String {
 fn hint(name: &str, msg: String) -> String {
     match name {
         "org.freedesktop.DBus.Error.AccessDenied" => {
-            format!("{msg} (hint: run as root, or get the polkit action org.vmha.Vmha1.manage)")
+            format!(
+                "{msg} (hint: run as root, or as a member of group haclient, whom the shipped polkit rule grants \
+                 org.vmha.Vmha1.manage)"
+            )
         }
         "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
             "vmhad is not running on this host (hint: systemctl start vmhad)".to_string()
