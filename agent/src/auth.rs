@@ -106,11 +106,7 @@ async fn polkit_check(conn: &Connection, sender: &str, interactive: bool) -> zbu
     subject_details.insert("name", Value::from(sender));
     let subject = ("system-bus-name", subject_details);
     let details: HashMap<&str, &str> = HashMap::new();
-    let flags = if interactive {
-        POLKIT_ALLOW_USER_INTERACTION
-    } else {
-        0
-    };
+    let flags = if interactive { POLKIT_ALLOW_USER_INTERACTION } else { 0 };
     let reply = conn
         .call_method(
             Some("org.freedesktop.PolicyKit1"),
@@ -153,7 +149,10 @@ mod tests {
     #[test]
     fn polkit_reply_is_bba_ss() {
         let mut details = HashMap::new();
-        details.insert("polkit.retains_authorization_after_challenge".to_string(), "1".to_string());
+        details.insert(
+            "polkit.retains_authorization_after_challenge".to_string(),
+            "1".to_string(),
+        );
         let reply = reply_with(&(false, true, details.clone()));
         assert_eq!(reply.body().signature().to_string(), "(bba{ss})");
         let a = Authorization::from_reply(&reply).unwrap();

@@ -233,10 +233,7 @@ impl Probes {
             Ok(Ok(found)) => Some(found),
             Ok(Err(_)) => {
                 // The look panicked: its thread is gone, so is the path's slot.
-                self.outstanding
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(path);
+                self.outstanding.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
                 None
             }
             Err(_) => None,
@@ -459,11 +456,18 @@ mod tests {
                 .await;
             assert_eq!(r, None, "a hung look answers unknown");
         }
-        assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1, "one thread for the hung path");
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one thread for the hung path"
+        );
         assert_eq!(probes.outstanding(), 1);
 
         // Other paths still get looked at, up to the cap of outstanding looks.
-        assert_eq!(probes.look("/shared/ok", Duration::from_secs(5), || true).await, Some(true));
+        assert_eq!(
+            probes.look("/shared/ok", Duration::from_secs(5), || true).await,
+            Some(true)
+        );
         let (_keep1, block1) = std::sync::mpsc::channel::<()>();
         let (_keep2, block2) = std::sync::mpsc::channel::<()>();
         assert_eq!(
@@ -483,12 +487,16 @@ mod tests {
         let ran2 = Arc::clone(&ran);
         assert_eq!(
             probes
-                .look("/shared/d", Duration::from_secs(5), move || ran2.store(true, std::sync::atomic::Ordering::SeqCst))
+                .look("/shared/d", Duration::from_secs(5), move || ran2
+                    .store(true, std::sync::atomic::Ordering::SeqCst))
                 .await,
             None,
             "the cap is reached"
         );
-        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst), "no thread was started past the cap");
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "no thread was started past the cap"
+        );
 
         // Once the hung look returns, the path is looked at again.
         release.send(()).unwrap();

@@ -12,7 +12,11 @@ pub(crate) fn guarded<T>(callback: &'static str, fallback: T, body: impl FnOnce(
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(value) => value,
         Err(payload) => {
-            tracing::error!(callback, "panic in a Pacemaker callback, caught: {}", message(&*payload));
+            tracing::error!(
+                callback,
+                "panic in a Pacemaker callback, caught: {}",
+                message(&*payload)
+            );
             fallback
         }
     }

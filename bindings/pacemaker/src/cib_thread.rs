@@ -502,8 +502,7 @@ unsafe fn free_connection(cib: *mut sys::cib_t) {
 unsafe extern "C" fn on_connection_lost(user_data: *mut c_void) {
     crate::callback::guarded("cib connection-destroyed", (), || {
         let cib = user_data.cast::<sys::cib_t>();
-        let id =
-            with_connections(|c| c.by_id.iter().find(|(_, conn)| conn.cib == cib).map(|(id, _)| *id)).flatten();
+        let id = with_connections(|c| c.by_id.iter().find(|(_, conn)| conn.cib == cib).map(|(id, _)| *id)).flatten();
         if let Some(id) = id {
             lost(id);
         }

@@ -39,10 +39,7 @@ fn vmha_as(lab: &Lab, user: &str, args: &[&str]) -> (i32, String, String) {
 fn cib_config(lab: &Lab) -> String {
     ["resources", "constraints"]
         .iter()
-        .map(|scope| {
-            lab.exec_ok(1, &["cibadmin", "--query", "--scope", scope])
-                .unwrap()
-        })
+        .map(|scope| lab.exec_ok(1, &["cibadmin", "--query", "--scope", scope]).unwrap())
         .collect()
 }
 
@@ -68,7 +65,14 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
     }
     lab.exec_ok(
         N,
-        &["useradd", "--no-create-home", "--user-group", "--groups", "haclient", "alice"],
+        &[
+            "useradd",
+            "--no-create-home",
+            "--user-group",
+            "--groups",
+            "haclient",
+            "alice",
+        ],
     )
     .unwrap();
     lab.exec_ok(N, &["useradd", "--no-create-home", "--user-group", "bob"])
@@ -155,7 +159,11 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
         t0.elapsed().as_secs_f64(),
         err.trim()
     );
-    assert!(t0.elapsed() < Duration::from_secs(60), "bob --interactive took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "bob --interactive took {:?}",
+        t0.elapsed()
+    );
     // The D-Bus error itself, without the CLI.
     let (rc, _, err) = as_user(
         &lab,
@@ -174,8 +182,16 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
         err.contains("org.freedesktop.DBus.Error.AccessDenied") && err.contains("org.vmha.Vmha1.manage"),
         "bob's Stop over D-Bus: {err}"
     );
-    assert_eq!(cib_config(&lab), before, "bob changed the CIB's resources or constraints");
-    assert_eq!(wait_running(&lab, "vm1", Duration::from_secs(5)), from, "vm1 stays where it ran");
+    assert_eq!(
+        cib_config(&lab),
+        before,
+        "bob changed the CIB's resources or constraints"
+    );
+    assert_eq!(
+        wait_running(&lab, "vm1", Duration::from_secs(5)),
+        from,
+        "vm1 stays where it ran"
+    );
 
     // alice moves, stops and starts vm1: Pacemaker does it.
     let t0 = Instant::now();
@@ -192,6 +208,9 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
 
     // alice's grants leave bob where he was.
     let (rc, _, err) = vmha_as(&lab, "bob", &["vm", "stop", "vm1"]);
-    assert!(rc != 0 && err.contains("org.vmha.Vmha1.manage"), "bob still refused: {err}");
+    assert!(
+        rc != 0 && err.contains("org.vmha.Vmha1.manage"),
+        "bob still refused: {err}"
+    );
     wait_running(&lab, "vm1", Duration::from_secs(5));
 }
