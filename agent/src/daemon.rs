@@ -123,15 +123,10 @@ enum Target {
     Vm(String),
 }
 
-/// Reads a VM's domain definition (bounded in size and time); `None` when it cannot be read.
+/// Reads a VM's domain definition (bounded in size and time, at most one read of it outstanding: a hung
+/// shared storage does not pile up threads); `None` when it cannot be read.
 async fn read_summary(path: &str) -> Option<DomainSummary> {
-    let read = tokio::time::timeout(Duration::from_secs(5), tokio::fs::read_to_string(path))
-        .await
-        .ok()?
-        .ok()?;
-    if read.len() > 1 << 20 {
-        return None;
-    }
+    let read = crate::readiness::read_shared_file(path, 1 << 20, Duration::from_secs(5)).await?;
     DomainSummary::parse(&read).ok()
 }
 

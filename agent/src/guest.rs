@@ -552,20 +552,33 @@ impl Bucket {
     }
 }
 
-/// Reads one line of at most `max` bytes, never buffering more; also returns the bytes consumed.
-async fn read_line(reader: &mut (impl AsyncBufRead + Unpin), max: usize) -> std::io::Result<(Line, usize)> {
+/// Reads one line of at most `max` bytes, never buffering more; also returns the bytes consumed and
+/// whether reading had to slow down. Every chunk is paid for in `bytes` as it is consumed, waiting while
+/// the bucket is in debt: one endless line (no newline ever) is read no faster than many short ones, and
+/// costs no more memory than `max`.
+async fn read_line(
+    reader: &mut (impl AsyncBufRead + Unpin),
+    max: usize,
+    bytes: &mut Bucket,
+) -> std::io::Result<(Line, usize, bool)> {
     let mut bounded = BoundedLine::new(max);
     let mut consumed = 0usize;
+    let mut slowed = false;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            return Ok((bounded.end(), consumed));
+            return Ok((bounded.end(), consumed, slowed));
         }
         let (used, line) = bounded.feed(buf);
         reader.consume(used);
-        consumed += used;
+        consumed = consumed.saturating_add(used);
+        let pause = bytes.spend(used as f64, Instant::now());
+        if !pause.is_zero() {
+            slowed = true;
+            tokio::time::sleep(pause).await;
+        }
         if let Some(line) = line {
-            return Ok((line, consumed));
+            return Ok((line, consumed, slowed));
         }
     }
 }
@@ -581,18 +594,24 @@ async fn read_guest(
     let mut bytes = Bucket::new(BYTES_PER_SECOND, BYTES_PER_SECOND, Instant::now());
     let mut greeted = false;
     loop {
-        let (line, consumed) = match read_line(&mut reader, MAX_LINE).await {
-            Ok((Line::Eof, _)) => return,
-            Ok(l) => l,
+        let (line, slowed) = match read_line(&mut reader, MAX_LINE, &mut bytes).await {
+            Ok((Line::Eof, _, _)) => return,
+            Ok((line, _, slowed)) => (line, slowed),
             Err(e) => {
                 tracing::debug!(vm = %channel.vm, "reading the guest channel: {e}");
                 return;
             }
         };
-        let pause = bytes.spend(consumed as f64, Instant::now());
-        if !pause.is_zero() {
+        if slowed {
             channel.log_once("flood", "the guest sends more than 256 KiB/s; reading slowed down");
-            tokio::time::sleep(pause).await;
+        }
+        // An oversized line counts against the line rate like any other.
+        if !lines.take(1.0, Instant::now()) {
+            channel.log_once(
+                "rate limit",
+                &format!("more than {LINES_PER_SECOND} lines/s; excess lines dropped"),
+            );
+            continue;
         }
         let line = match line {
             Line::Complete(l) => l,
@@ -605,13 +624,6 @@ async fn read_guest(
             }
             Line::Eof => return,
         };
-        if !lines.take(1.0, Instant::now()) {
-            channel.log_once(
-                "rate limit",
-                &format!("more than {LINES_PER_SECOND} lines/s; excess lines dropped"),
-            );
-            continue;
-        }
         let msg = match parse_guest_line(&line) {
             Ok(m) => m,
             Err(e) => {
@@ -764,16 +776,81 @@ mod tests {
     async fn lines_are_bounded() {
         let input = format!("ok\n{}\nend", "x".repeat(100));
         let mut r = BufReader::with_capacity(8, input.as_bytes());
+        let mut bytes = Bucket::new(1e9, 1e9, Instant::now());
         assert_eq!(
-            read_line(&mut r, 10).await.unwrap(),
-            (Line::Complete(b"ok".to_vec()), 3)
+            read_line(&mut r, 10, &mut bytes).await.unwrap(),
+            (Line::Complete(b"ok".to_vec()), 3, false)
         );
-        assert_eq!(read_line(&mut r, 10).await.unwrap(), (Line::TooLong(100), 101));
         assert_eq!(
-            read_line(&mut r, 10).await.unwrap(),
-            (Line::Complete(b"end".to_vec()), 3)
+            read_line(&mut r, 10, &mut bytes).await.unwrap(),
+            (Line::TooLong(100), 101, false)
         );
-        assert_eq!(read_line(&mut r, 10).await.unwrap().0, Line::Eof);
+        assert_eq!(
+            read_line(&mut r, 10, &mut bytes).await.unwrap(),
+            (Line::Complete(b"end".to_vec()), 3, false)
+        );
+        assert_eq!(read_line(&mut r, 10, &mut bytes).await.unwrap().0, Line::Eof);
+    }
+
+    /// A fake guest: `total` bytes of `x` and never a newline, counting what was read of it.
+    struct EndlessLine {
+        left: usize,
+        read: Arc<AtomicU64>,
+    }
+
+    impl tokio::io::AsyncRead for EndlessLine {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = buf.remaining().min(self.left);
+            buf.put_slice(&vec![b'x'; n]);
+            self.left -= n;
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_line_is_paced_by_the_byte_bucket_and_kept_small() {
+        const RATE: f64 = 64.0 * 1024.0;
+        let read = Arc::new(AtomicU64::new(0));
+        let mut r = BufReader::with_capacity(
+            4096,
+            EndlessLine {
+                left: 1 << 20,
+                read: Arc::clone(&read),
+            },
+        );
+        let mut bytes = Bucket::new(RATE, RATE, Instant::now());
+        // After 5 s (tokio's paused clock: the pacing sleeps advance it) the line is still being read, and
+        // no more of it than the bucket allowed: its burst plus 5 s of its rate (plus one buffer).
+        let t0 = Instant::now();
+        let early = tokio::time::timeout(Duration::from_secs(5), read_line(&mut r, 100, &mut bytes)).await;
+        assert!(early.is_err(), "1 MiB at 64 KiB/s is not read in 5 s: {early:?}");
+        let so_far = read.load(Ordering::Relaxed) as f64;
+        assert!(so_far <= RATE + 5.0 * RATE + 4096.0, "read {so_far} bytes in 5 s");
+        assert!(so_far >= 5.0 * RATE, "read only {so_far} bytes in 5 s");
+
+        // The whole of it: about (1 MiB - burst) / rate = 15 s, an oversized line of 1 MiB.
+        let mut r = BufReader::with_capacity(
+            4096,
+            EndlessLine {
+                left: 1 << 20,
+                read: Arc::new(AtomicU64::new(0)),
+            },
+        );
+        let mut bytes = Bucket::new(RATE, RATE, Instant::now());
+        let t0b = Instant::now();
+        let (line, consumed, slowed) = read_line(&mut r, 100, &mut bytes).await.unwrap();
+        let took = t0b.elapsed();
+        assert_eq!((line, consumed, slowed), (Line::TooLong(1 << 20), 1 << 20, true));
+        assert!(
+            took >= Duration::from_secs(14) && took <= Duration::from_secs(16),
+            "1 MiB took {took:?} at 64 KiB/s"
+        );
+        assert!(t0.elapsed() >= took);
     }
 
     #[test]

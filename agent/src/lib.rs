@@ -10,6 +10,7 @@ pub mod autoscale;
 pub mod backend;
 pub mod check;
 pub mod clone;
+pub mod confined;
 pub mod daemon;
 pub mod failures;
 pub mod guest;

@@ -233,8 +233,10 @@ impl ClusterObject {
     /// Instantiates the virtual cluster in `archive`, a file the caller opened for reading (see `vmha
     /// vcluster instantiate`): `maps` are `KIND=OLD:NEW` specifications, `name` (empty: the archive's)
     /// renames it, `dry_run` only checks and plans, `wait_seconds` (0: do not wait) bounds the wait for
-    /// its VMs to run. Everything it created is removed again on failure. Returns the job, whose
-    /// Details hold the plan and the problems of the target (JSON).
+    /// its VMs to run, `allow` lets through what the safe subset refuses (categories such as
+    /// `qemu-args`, agents as `agent=CLASS:PROVIDER:TYPE`; each item let through is listed in the plan).
+    /// Everything it created is removed again on failure. Returns the job, whose Details hold the plan
+    /// and the problems of the target (JSON).
     #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
     async fn instantiate_vcluster(
         &self,
@@ -243,6 +245,7 @@ impl ClusterObject {
         name: String,
         dry_run: bool,
         wait_seconds: u32,
+        allow: Vec<String>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
@@ -250,9 +253,11 @@ impl ClusterObject {
         let file = archive_file(archive, false)?;
         let name = (!name.is_empty()).then_some(name);
         vmha_vcluster::Maps::parse(&maps, name.clone()).map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+        vmha_vcluster::domain_check::Allow::parse(&allow).map_err(zbus::fdo::Error::InvalidArgs)?;
         let opts = crate::vcluster::InstantiateOptions {
             maps,
             name: name.clone(),
+            allow,
             dry_run,
             wait: std::time::Duration::from_secs(wait_seconds.into()),
         };

@@ -9,9 +9,9 @@
 //! `org.vmha.Vmha1.Readiness.Reports()` at [`READINESS_PATH`] returns them as JSON. Nothing is written
 //! into the CIB, so the reports cost the cluster no CIB traffic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,8 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 const STAT_DEADLINE: Duration = Duration::from_secs(3);
 /// At most this many paths are reported (a CPG message stays small).
 const MAX_PATHS: usize = 256;
+/// At most this many looks at shared storage may be outstanding at once (each holds a blocking thread).
+const MAX_OUTSTANDING: usize = 64;
 
 /// One path a managed VM needs, and whether this host sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,13 +189,77 @@ async fn ntp_synchronized(bus: &zbus::Connection) -> Option<bool> {
     bool::try_from(value).ok()
 }
 
-/// Whether `path` exists, looked at within [`STAT_DEADLINE`] (`None`: no answer in time).
-async fn exists(path: String) -> Option<bool> {
-    let look = tokio::task::spawn_blocking(move || Path::new(&path).exists());
-    match tokio::time::timeout(STAT_DEADLINE, look).await {
-        Ok(Ok(found)) => Some(found),
-        _ => None,
+/// Looks at files on (possibly hung) shared storage from blocking threads, at most one outstanding look
+/// per path and [`MAX_OUTSTANDING`] in all. A look that hangs (a hung NFS mount, a dead multipath device:
+/// the thread sleeps in the kernel and cannot be cancelled) keeps its thread; until it returns, its path
+/// is reported unknown at once, without starting another thread. So storage that stays hung costs vmhad
+/// one thread per path, not one per path per report, and never more than [`MAX_OUTSTANDING`].
+#[derive(Debug)]
+pub struct Probes {
+    outstanding: Arc<Mutex<HashSet<String>>>,
+    max: usize,
+}
+
+impl Probes {
+    pub fn new(max: usize) -> Probes {
+        Probes {
+            outstanding: Arc::default(),
+            max,
+        }
     }
+
+    /// The probes vmhad uses for its shared-storage reads (readiness reports, VM definitions).
+    pub fn shared() -> &'static Probes {
+        static PROBES: OnceLock<Probes> = OnceLock::new();
+        PROBES.get_or_init(|| Probes::new(MAX_OUTSTANDING))
+    }
+
+    /// Runs `look` on a blocking thread for `path` and waits at most `limit` for it; `None` when it did
+    /// not answer in time, or was not started because a look at `path` is still outstanding or too many
+    /// are.
+    pub async fn look<T: Send + 'static>(
+        &self,
+        path: &str,
+        limit: Duration,
+        look: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        {
+            let mut outstanding = self.outstanding.lock().unwrap_or_else(|e| e.into_inner());
+            if outstanding.len() >= self.max || !outstanding.insert(path.to_string()) {
+                return None;
+            }
+        }
+        let outstanding = Arc::clone(&self.outstanding);
+        let key = path.to_string();
+        let work = tokio::task::spawn_blocking(move || {
+            let result = look();
+            outstanding.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            result
+        });
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(found)) => Some(found),
+            Ok(Err(_)) => {
+                // The look panicked: its thread is gone, so is the path's slot.
+                self.outstanding.lock().unwrap_or_else(|e| e.into_inner()).remove(path);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// How many looks are outstanding.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Whether `path` exists, looked at within [`STAT_DEADLINE`] (`None`: no answer in time, or the last look
+/// at it has not returned yet).
+async fn exists(path: String) -> Option<bool> {
+    let look = path.clone();
+    Probes::shared()
+        .look(&path, STAT_DEADLINE, move || Path::new(&look).exists())
+        .await
 }
 
 /// The paths every managed VM needs: its domain XML and the disk images it names.
@@ -206,17 +272,36 @@ async fn needed_paths(shared: &Shared) -> Vec<(String, String)> {
     for vm in &view.vms {
         let Some(config) = &vm.config else { continue };
         paths.push((vm.name.clone(), config.clone()));
-        let read = tokio::time::timeout(STAT_DEADLINE, tokio::fs::read_to_string(config.clone())).await;
-        if let Ok(Ok(xml)) = read {
-            if xml.len() <= 1 << 20 {
-                for disk in disk_sources(&xml) {
-                    paths.push((vm.name.clone(), disk));
-                }
+        if let Some(xml) = read_shared_file(config, 1 << 20, STAT_DEADLINE).await {
+            for disk in disk_sources(&xml) {
+                paths.push((vm.name.clone(), disk));
             }
         }
     }
     paths.truncate(MAX_PATHS);
     paths
+}
+
+/// The text of file `path` on shared storage if it is at most `max` bytes, read within `limit` through
+/// [`Probes::shared`] (`None`: unreadable, too big, no answer in time or a read of it still outstanding).
+pub async fn read_shared_file(path: &str, max: u64, limit: Duration) -> Option<String> {
+    let file = path.to_string();
+    Probes::shared()
+        .look(path, limit, move || read_small(Path::new(&file), max))
+        .await
+        .flatten()
+}
+
+/// The text of `path` if it is at most `max` bytes (never reads more than `max + 1`).
+fn read_small(path: &Path, max: u64) -> Option<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(max + 1)
+        .read_to_string(&mut text)
+        .ok()?;
+    (text.len() as u64 <= max).then_some(text)
 }
 
 /// The files a domain definition needs on the host that starts it: its disks' images (`<disk
@@ -359,6 +444,103 @@ mod tests {
             vec!["/shared/a.qcow2", "/dev/vg/b", "/img/vmlinuz", "/img/initrd"]
         );
         assert!(disk_sources("not xml").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_hung_path_holds_one_thread_however_often_it_is_looked_at() {
+        let probes = Probes::new(3);
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        // A look that hangs until released, like a stat on a hung NFS mount.
+        let (release, hung) = std::sync::mpsc::channel::<()>();
+        let hung = Arc::new(Mutex::new(hung));
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let mut done_tx = Some(done_tx);
+        for _ in 0..10 {
+            let (started, hung) = (Arc::clone(&started), Arc::clone(&hung));
+            let done_tx = done_tx.take();
+            let r = probes
+                .look("/shared/hung.qcow2", Duration::from_millis(20), move || {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = hung.lock().unwrap().recv();
+                    if let Some(tx) = done_tx {
+                        let _ = tx.send(());
+                    }
+                    true
+                })
+                .await;
+            assert_eq!(r, None, "a hung look answers unknown");
+        }
+        assert_eq!(
+            started.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one thread for the hung path"
+        );
+        assert_eq!(probes.outstanding(), 1);
+
+        // Other paths still get looked at, up to the cap of outstanding looks.
+        assert_eq!(
+            probes.look("/shared/ok", Duration::from_secs(5), || true).await,
+            Some(true)
+        );
+        let (_keep1, block1) = std::sync::mpsc::channel::<()>();
+        let (_keep2, block2) = std::sync::mpsc::channel::<()>();
+        assert_eq!(
+            probes
+                .look("/shared/b", Duration::from_millis(20), move || block1.recv().is_ok())
+                .await,
+            None
+        );
+        assert_eq!(
+            probes
+                .look("/shared/c", Duration::from_millis(20), move || block2.recv().is_ok())
+                .await,
+            None
+        );
+        assert_eq!(probes.outstanding(), 3);
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ran2 = Arc::clone(&ran);
+        assert_eq!(
+            probes
+                .look("/shared/d", Duration::from_secs(5), move || ran2
+                    .store(true, std::sync::atomic::Ordering::SeqCst))
+                .await,
+            None,
+            "the cap is reached"
+        );
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "no thread was started past the cap"
+        );
+
+        // Once the hung look returns, the path is looked at again.
+        release.send(()).unwrap();
+        done.await.unwrap();
+        // The slot is freed right after the look returns, on its own thread: wait for that.
+        let freed = tokio::time::timeout(Duration::from_secs(5), async {
+            while probes.outstanding() != 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(freed.is_ok(), "the released look freed its path");
+        assert_eq!(
+            probes
+                .look("/shared/hung.qcow2", Duration::from_secs(5), || false)
+                .await,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn small_files_only() {
+        let dir = std::env::temp_dir().join(format!("vmha-readiness-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("d.xml");
+        std::fs::write(&f, "<domain/>").unwrap();
+        assert_eq!(read_small(&f, 9).as_deref(), Some("<domain/>"));
+        assert_eq!(read_small(&f, 8), None);
+        assert_eq!(read_small(&dir.join("missing"), 100), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -18,8 +18,12 @@ use vmha_model::{ClusterView, VmState};
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
 use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest, WriteBehind};
 use vmha_vcluster::capture::{self, capture, configuration_ids};
+use vmha_vcluster::domain_check::Allow;
+use vmha_vcluster::printable;
 use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
 use vmha_vcluster::{manifest_for, metadata_entries};
+
+use crate::confined::{check_free_space, exists_no_follow, ConfinedPath};
 
 /// Deadline of one CIB call.
 const CIB_DEADLINE: Duration = Duration::from_secs(30);
@@ -78,6 +82,17 @@ pub enum VclusterCmd {
         /// Name the virtual cluster (tag) differently here.
         #[arg(long)]
         name: Option<String>,
+        /// Let through what the safe subset refuses, by category (comma-separated): qemu-args (QEMU
+        /// namespace), seclabel (security label overrides), hostdev (host device passthrough),
+        /// host-devices (host block/char/network devices), filesystem (host directory passthrough),
+        /// host-paths (files outside the storage directories), emulator (another emulator), scripts
+        /// (host scripts). Every item let through is listed in the plan.
+        #[arg(long = "allow", value_name = "CATEGORY[,...]")]
+        allow: Vec<String>,
+        /// Also create resources of this agent (CLASS:PROVIDER:TYPE), besides ocf:vmha:VirtualMachine,
+        /// ocf:heartbeat:VirtualDomain and ocf:heartbeat:IPaddr2. Listed in the plan.
+        #[arg(long = "allow-agent", value_name = "AGENT")]
+        allow_agents: Vec<String>,
         /// Verify and print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -698,12 +713,12 @@ fn check_target(p: &Plan) -> Vec<String> {
     paths.extend(p.disks.iter().map(|d| d.to.as_str()));
     for path in paths {
         let path = Path::new(path);
-        if path.exists() {
-            problems.push(format!("{} exists already", path.display()));
+        if exists_no_follow(path) {
+            problems.push(format!("{} exists already", printable(&path.to_string_lossy())));
         } else if !path.parent().is_some_and(Path::is_dir) {
             problems.push(format!(
                 "storage directory {} is missing (map it with --map storage=OLD:NEW)",
-                path.parent().unwrap_or(Path::new("/")).display()
+                printable(&path.parent().unwrap_or(Path::new("/")).to_string_lossy())
             ));
         }
     }
@@ -711,15 +726,46 @@ fn check_target(p: &Plan) -> Vec<String> {
         let Ok(doc) = roxmltree::Document::parse(&d.xml) else {
             continue;
         };
+        // A domain that takes the name or UUID of one libvirt has here would replace its definition.
+        let child = |tag: &str| {
+            doc.root_element()
+                .children()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(|t| t.trim().to_string())
+        };
+        let (name, uuid) = (child("name"), child("uuid"));
+        let found = with_deadline(
+            format!("looking up domain {}", printable(name.as_deref().unwrap_or(""))),
+            LIBVIRT_DEADLINE,
+            move || {
+                let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
+                let by_name = name.as_deref().is_some_and(|n| conn.lookup_domain_by_name(n).is_ok());
+                let by_uuid = uuid
+                    .as_deref()
+                    .is_some_and(|u| conn.lookup_domain_by_uuid_string(u).is_ok());
+                Ok(by_name || by_uuid)
+            },
+        );
+        match found {
+            Ok(false) => {}
+            Ok(true) => problems.push(format!(
+                "VM {}: libvirt has a domain with its name or UUID on this host already",
+                printable(&d.vm)
+            )),
+            Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
+        }
         for s in doc
             .descendants()
             .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
         {
             if let Some(br) = s.attribute("bridge") {
-                if !Path::new("/sys/class/net").join(br).exists() {
+                let name_ok = !br.is_empty() && br != "." && br != ".." && !br.contains('/');
+                if !name_ok || !Path::new("/sys/class/net").join(br).exists() {
                     problems.push(format!(
-                        "VM {}: bridge {br} does not exist here (--map network=...)",
-                        d.vm
+                        "VM {}: bridge {} does not exist here (--map network=...)",
+                        printable(&d.vm),
+                        printable(br)
                     ));
                 }
             }
@@ -733,10 +779,10 @@ fn check_target(p: &Plan) -> Vec<String> {
                     Ok(true) => {}
                     Ok(false) => problems.push(format!(
                         "VM {}: libvirt network {} does not exist here (--map network=...)",
-                        d.vm,
-                        s.attribute("network").unwrap_or("")
+                        printable(&d.vm),
+                        printable(s.attribute("network").unwrap_or(""))
                     )),
-                    Err(e) => problems.push(format!("VM {}: {e:#}", d.vm)),
+                    Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
                 }
             }
         }
@@ -747,7 +793,7 @@ fn check_target(p: &Plan) -> Vec<String> {
 /// What an instantiate has created so far, removed again on failure.
 #[derive(Default)]
 struct Created {
-    files: Vec<PathBuf>,
+    files: Vec<ConfinedPath>,
     /// (section, element xml) for CIB deletes.
     cib: Vec<(&'static str, String)>,
 }
@@ -779,8 +825,8 @@ impl Created {
 
     fn undo_files(&mut self) {
         for f in self.files.drain(..).rev() {
-            if let Err(e) = std::fs::remove_file(&f) {
-                tracing::warn!("rollback: removing {}: {e}", f.display());
+            if let Err(e) = f.remove() {
+                tracing::warn!("rollback: {e:#}");
             }
         }
     }
@@ -816,6 +862,8 @@ pub struct InstantiateOptions {
     /// `KIND=OLD:NEW` specifications (see [`Maps::parse`]).
     pub maps: Vec<String>,
     pub name: Option<String>,
+    /// `--allow` categories and `agent=CLASS:PROVIDER:TYPE` items (see [`Allow::parse`]).
+    pub allow: Vec<String>,
     pub dry_run: bool,
     /// How long to wait for the VMs to run (zero: do not wait).
     pub wait: Duration,
@@ -842,13 +890,9 @@ impl Instantiated {
 }
 
 /// The hidden name a disk is written under until the whole archive checked out: next to its
-/// destination (same file system, so that a rename puts it in place).
-fn staging_path(to: &Path) -> PathBuf {
-    let name = to
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    to.with_file_name(format!(".{name}.vmha-partial"))
+/// destination (same directory, so that a link puts it in place).
+fn staging_path(to: &ConfinedPath) -> ConfinedPath {
+    to.sibling(format!(".{}.vmha-partial", to.name))
 }
 
 /// Instantiates the archive read from `input` on this cluster: one pass over the archive (its head is
@@ -861,11 +905,13 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
         problems: Vec::new(),
         result: Ok(String::new()),
     };
-    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut staged: Vec<(ConfinedPath, ConfinedPath)> = Vec::new();
     let mut created = Created::default();
     let mut vms = Vec::new();
     let result = async {
-        let maps = Maps::parse(&opts.maps, opts.name.clone())?;
+        let mut maps = Maps::parse(&opts.maps, opts.name.clone())?;
+        maps.allow = Allow::parse(&opts.allow).map_err(|e| anyhow!(e))?;
+        let roots = maps.roots();
         report.step(Some(0.0), "reading the CIB");
         let cib = connect().await?;
         let xml = query(&cib).await?;
@@ -907,15 +953,17 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
                 if opts.dry_run {
                     return Ok(None);
                 }
-                let mut files = DiskFiles::new();
+                // Every destination under a storage root, its directory opened without following links;
+                // room for every disk's full size (the most the archive can write) before any is written.
+                let mut destinations = Vec::new();
                 for d in &disks {
-                    let to = PathBuf::from(&d.to);
+                    destinations.push((ConfinedPath::locate(&d.to, &roots)?, d));
+                }
+                check_free_space(destinations.iter().map(|(to, d)| (to, d.size)))?;
+                let mut files = DiskFiles::new();
+                for (to, d) in destinations {
                     let stage = staging_path(&to);
-                    let f = File::options()
-                        .write(true)
-                        .create_new(true)
-                        .open(&stage)
-                        .with_context(|| format!("creating {}", stage.display()))?;
+                    let f = stage.create_new()?;
                     staged.push((stage, to));
                     files.insert(d.id, f);
                 }
@@ -933,16 +981,16 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
         report.step(Some(0.82), "placing the disks and domain definitions");
         for (stage, to) in staged.drain(..) {
             // A hard link does not replace a file that appeared meanwhile; then the hidden name goes.
-            std::fs::hard_link(&stage, &to).with_context(|| format!("placing {}", to.display()))?;
+            stage.link_to(&to)?;
             created.files.push(to);
-            std::fs::remove_file(&stage).with_context(|| format!("removing {}", stage.display()))?;
+            stage.remove()?;
         }
-        apply(&cib, p, &mut created, opts.wait, &vms, report).await?;
+        apply(&cib, p, &roots, &mut created, opts.wait, &vms, report).await?;
         Ok(format!("virtual cluster {} instantiated", p.name))
     }
     .await;
     for (stage, _) in staged.drain(..) {
-        let _ = std::fs::remove_file(stage);
+        let _ = stage.remove();
     }
     let mut rolled_back = false;
     if let Err(e) = &result {
@@ -968,21 +1016,20 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     cib: &Cib,
     p: &Plan,
+    roots: &[String],
     created: &mut Created,
     wait: Duration,
     vms: &[String],
     report: &dyn Report,
 ) -> Result<()> {
     for d in &p.domains {
-        let mut f = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&d.path)
-            .with_context(|| format!("creating {}", d.path))?;
-        created.files.push(PathBuf::from(&d.path));
+        let to = ConfinedPath::locate(&d.path, roots)?;
+        let mut f = to.create_new()?;
+        created.files.push(to);
         f.write_all(d.xml.as_bytes())?;
         f.sync_all()?;
     }

@@ -48,6 +48,8 @@ pub const MAX_METADATA: u64 = 16 << 20;
 pub const MAX_ENTRIES: usize = 4 << 20;
 /// Largest chunk list accepted (about 128 bytes per chunk).
 pub const MAX_CHUNK_LIST: u64 = 128 * MAX_ENTRIES as u64;
+/// Most bytes all metadata entries together (manifest, XML) may hold: they are kept in memory.
+pub const MAX_METADATA_TOTAL: u64 = 64 << 20;
 
 /// Why an archive was rejected or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -582,13 +584,24 @@ fn walk<R: Read>(
     let decoder = zstd::stream::read::Decoder::new(input).map_err(read_error)?;
     let mut archive = tar::Archive::new(decoder);
     let mut seen = BTreeSet::new();
-    let entries = archive.entries().map_err(read_error)?;
+    // Raw entries: the tar crate would read a GNU long-name or PAX extension entry whole into memory
+    // (whatever size its header claims) before returning the entry it describes; raw, each is an entry
+    // of its own, refused here by its header before a byte of it is read.
+    let entries = archive.entries().map_err(read_error)?.raw(true);
+    let mut metadata_total: u64 = 0;
     for entry in entries {
         let mut entry = entry.map_err(read_error)?;
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
         if !kind.is_file() {
             let what = match kind {
+                tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                    "a GNU long-name extension header (refused unread; vmha's names fit the header)"
+                }
+                tar::EntryType::XHeader | tar::EntryType::XGlobalHeader => {
+                    "a PAX extension header (refused unread; vmha writes none)"
+                }
+                tar::EntryType::GNUSparse => "a GNU sparse file",
                 tar::EntryType::Symlink => "a symbolic link",
                 tar::EntryType::Link => "a hard link",
                 tar::EntryType::Char => "a character device file",
@@ -607,6 +620,14 @@ fn walk<R: Read>(
             return Err(ArchiveError::Hostile(format!(
                 "entry {raw:?} is oversized: {size} bytes, at most {limit} allowed"
             )));
+        }
+        if !raw.starts_with("disks/") {
+            metadata_total = metadata_total.saturating_add(size);
+            if metadata_total > MAX_METADATA_TOTAL {
+                return Err(ArchiveError::Hostile(format!(
+                    "entry {raw:?}: the metadata entries hold more than {MAX_METADATA_TOTAL} bytes together"
+                )));
+            }
         }
         if !seen.insert(raw.clone()) {
             return Err(ArchiveError::Hostile(format!("entry {raw:?} appears twice")));
@@ -848,7 +869,7 @@ impl Reader {
             let Some(&size) = disks.get(&id) else {
                 return Err(ArchiveError::Tampered(format!("{path} belongs to no listed disk")));
             };
-            if offset + data.len() as u64 > size {
+            if offset.checked_add(data.len() as u64).is_none_or(|end| end > size) {
                 return Err(ArchiveError::Tampered(format!(
                     "{path} ends beyond its disk's size {size}"
                 )));
@@ -909,11 +930,12 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
         if !m.files.contains_key(&vm.domain_file) || !vm.domain_file.starts_with("domains/") {
             return bad(format!(
                 "VM {} names {} as its domain, which is not in the archive",
-                vm.resource, vm.domain_file
+                crate::printable(&vm.resource),
+                crate::printable(&vm.domain_file)
             ));
         }
         if !m.members.contains(&vm.resource) {
-            return bad(format!("VM {} is not a member", vm.resource));
+            return bad(format!("VM {} is not a member", crate::printable(&vm.resource)));
         }
     }
     for (i, disk) in m.disks.iter().enumerate() {
@@ -923,6 +945,19 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
         if !disk.path.starts_with('/') {
             return bad(format!("disk {} has a relative source path {:?}", disk.id, disk.path));
         }
+        if disk.size > i64::MAX as u64 {
+            return bad(format!(
+                "disk {} claims {} bytes, more than a file can hold",
+                disk.id, disk.size
+            ));
+        }
+    }
+    if m.disks
+        .iter()
+        .try_fold(0u64, |total, d| total.checked_add(d.size))
+        .is_none()
+    {
+        return bad("the disks' sizes add up to more than 2^64 bytes".into());
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod capture;
+pub mod domain_check;
 pub mod translate;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,25 @@ pub enum VclusterError {
     Plan(Vec<String>),
     #[error(transparent)]
     Format(#[from] ArchiveError),
+}
+
+/// `text` fit to print on a terminal or in a log: control characters (and the DEL and C1 controls,
+/// which terminals act on) are escaped as `\u{..}`, a backslash is doubled. Everything that came from
+/// an archive (or a guest) goes through this before it is printed, in the plan and in errors.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)))
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The archive name of a VM's domain definition.

@@ -2,6 +2,7 @@
 //! scripts; every error is one line on stderr and a non-zero exit.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -34,6 +35,13 @@ struct Cli {
     /// Give up on vmhad after this many seconds (jobs: on the whole job).
     #[arg(long, global = true, default_value_t = 300)]
     timeout: u64,
+    /// Let polkit ask for authentication (through your polkit authentication agent) when a change needs
+    /// it. The default when standard input is a terminal.
+    #[arg(long, global = true, conflicts_with = "no_interactive")]
+    interactive: bool,
+    /// Never let polkit ask for authentication (the default when standard input is not a terminal).
+    #[arg(long, global = true)]
+    no_interactive: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -338,7 +346,10 @@ fn one_line(e: &anyhow::Error) -> String {
 fn hint(name: &str, msg: String) -> String {
     match name {
         "org.freedesktop.DBus.Error.AccessDenied" => {
-            format!("{msg} (hint: run as root, or get the polkit action org.vmha.Vmha1.manage)")
+            format!(
+                "{msg} (hint: run as root, or as a member of group haclient, whom the shipped polkit rule grants \
+                 org.vmha.Vmha1.manage)"
+            )
         }
         "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
             "vmhad is not running on this host (hint: systemctl start vmhad)".to_string()
@@ -367,6 +378,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         conn,
         limit,
         output: cli.output,
+        interactive: cli.interactive || (!cli.no_interactive && std::io::stdin().is_terminal()),
     };
     match cli.command {
         Cmd::Status => client.status().await,
@@ -490,9 +502,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 file,
                 maps,
                 name,
+                allow,
+                allow_agents,
                 dry_run,
                 wait,
-            } => client.vcluster_instantiate(&file, maps, name, dry_run, wait).await,
+            } => {
+                // Categories as given, agents as agent=...: the D-Bus call's allow list.
+                let mut allow = allow;
+                allow.extend(allow_agents.into_iter().map(|a| format!("agent={a}")));
+                vmha_vcluster::domain_check::Allow::parse(&allow).map_err(|e| anyhow!(e))?;
+                client
+                    .vcluster_instantiate(&file, maps, name, dry_run, wait, allow)
+                    .await
+            }
             other => vmha_agent::vcluster::run(other, client.output == Output::Json).await,
         },
     }
@@ -843,6 +865,9 @@ struct Client {
     conn: Connection,
     limit: Duration,
     output: Output,
+    /// Calls that change something carry ALLOW_INTERACTIVE_AUTHORIZATION: vmhad lets polkit ask the user
+    /// to authenticate.
+    interactive: bool,
 }
 
 impl Client {
@@ -853,6 +878,53 @@ impl Client {
         match tokio::time::timeout(self.limit, f).await {
             Ok(r) => Ok(r?),
             Err(_) => bail!("vmhad did not answer {what} within {} s", self.limit.as_secs()),
+        }
+    }
+
+    /// Calls `method` of vmhad's object `path`, a method that changes something (vmhad checks the caller
+    /// is root or allowed by polkit): with the flag ALLOW_INTERACTIVE_AUTHORIZATION when this client is
+    /// interactive, and then room for polkit's interactive deadline.
+    async fn change<B>(&self, method: &str, path: &str, iface: &str, body: &B) -> Result<zbus::Message>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+    {
+        let mut call = zbus::Message::method_call(path, method)?
+            .destination(BUS_NAME)?
+            .interface(iface)?;
+        if self.interactive {
+            call = call.with_flags(zbus::message::Flags::AllowInteractiveAuth)?;
+        }
+        let call = call.build(body)?;
+        let serial = call.primary_header().serial_num();
+        // Listen before sending: the reply cannot come before the stream exists.
+        let mut incoming = MessageStream::from(&self.conn);
+        let conn = self.conn.clone();
+        let reply = async move {
+            conn.send(&call).await?;
+            while let Some(m) = incoming.next().await {
+                let m = m?;
+                if m.header().reply_serial() != Some(serial) {
+                    continue;
+                }
+                return match m.message_type() {
+                    MessageType::Error => Err(zbus::Error::from(m)),
+                    _ => Ok(m),
+                };
+            }
+            Err(zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the bus connection closed before vmhad answered",
+            ))))
+        };
+        let limit = if self.interactive {
+            self.limit
+                .max(vmha_agent::auth::POLKIT_INTERACTIVE_DEADLINE + Duration::from_secs(30))
+        } else {
+            self.limit
+        };
+        match tokio::time::timeout(limit, reply).await {
+            Ok(r) => Ok(r?),
+            Err(_) => bail!("vmhad did not answer {method} within {} s", limit.as_secs()),
         }
     }
 
@@ -1026,10 +1098,7 @@ impl Client {
     async fn guest_result(&self, vm: &str, request: &str, data: &str, timeout_ms: u32) -> Result<(String, String)> {
         let path = vm_path(vm);
         let body = (request, data, timeout_ms);
-        let call = self
-            .conn
-            .call_method(Some(BUS_NAME), path.as_str(), Some(VM_INTERFACE), "GuestRequest", &body);
-        let reply = self.bounded("GuestRequest", call).await?;
+        let reply = self.change("GuestRequest", path.as_str(), VM_INTERFACE, &body).await?;
         Ok(reply.body().deserialize()?)
     }
 
@@ -1038,11 +1107,7 @@ impl Client {
     where
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
-        self.bounded(
-            method,
-            self.conn.call_method(Some(BUS_NAME), path, Some(iface), method, &body),
-        )
-        .await?;
+        self.change(method, path, iface, &body).await?;
         if self.output == Output::Json {
             return self.print_json(&json!({ "ok": true }));
         }
@@ -1078,13 +1143,7 @@ impl Client {
             .path_namespace(ROOT_PATH)?
             .build();
         let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(64)).await?;
-        let reply = self
-            .bounded(
-                method,
-                self.conn
-                    .call_method(Some(BUS_NAME), path.as_str(), Some(iface), method, &body),
-            )
-            .await?;
+        let reply = self.change(method, path.as_str(), iface, &body).await?;
         let job: OwnedObjectPath = reply.body().deserialize()?;
         let deadline = tokio::time::Instant::now() + self.limit;
         let mut display = (self.output == Output::Human).then(vmha_agent::progress::JobProgress::stderr);
@@ -1176,6 +1235,7 @@ impl Client {
             conn: self.conn.clone(),
             limit: self.limit + Duration::from_secs(secs),
             output: self.output,
+            interactive: self.interactive,
         }
     }
 
@@ -1236,6 +1296,7 @@ impl Client {
         name: Option<String>,
         dry_run: bool,
         wait: u64,
+        allow: Vec<String>,
     ) -> Result<ExitCode> {
         use std::os::fd::AsFd;
         let archive = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -1246,6 +1307,7 @@ impl Client {
             name.unwrap_or_default(),
             dry_run,
             wait,
+            allow,
         );
         let client = self.with_room(u64::from(wait) + 3600);
         let (job, ok, message) = client

@@ -589,9 +589,16 @@ unsafe extern "C" fn on_close(_conn: sys::virConnectPtr, reason: c_int, opaque: 
 
 /// The `virFreeCallback` for an opaque pointer made by `Box::into_raw(Box::<T>::new(..))`.
 unsafe extern "C" fn free_boxed<T>(opaque: *mut c_void) {
-    // SAFETY: libvirt calls this exactly once, with the pointer it was given at registration, which came from
-    // `Box::<T>::into_raw`. Dropping a sender cannot panic.
-    drop(unsafe { Box::from_raw(opaque.cast::<T>()) });
+    // A panic must not unwind into libvirt (dropping the senders this frees does not panic; a T whose drop
+    // did would be logged, not abort the process).
+    let freed = panic::catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: libvirt calls this exactly once, with the pointer it was given at registration, which came
+        // from `Box::<T>::into_raw`.
+        drop(unsafe { Box::from_raw(opaque.cast::<T>()) });
+    }));
+    if freed.is_err() {
+        tracing::error!("panic while freeing a libvirt callback's data");
+    }
 }
 
 /// The domain's name and UUID string ("" for what libvirt cannot tell).

@@ -500,11 +500,13 @@ unsafe fn free_connection(cib: *mut sys::cib_t) {
 
 /// libcib's connection-destroyed callback (`set_connection_dnotify`); `user_data` is the `cib_t`.
 unsafe extern "C" fn on_connection_lost(user_data: *mut c_void) {
-    let cib = user_data.cast::<sys::cib_t>();
-    let id = with_connections(|c| c.by_id.iter().find(|(_, conn)| conn.cib == cib).map(|(id, _)| *id)).flatten();
-    if let Some(id) = id {
-        lost(id);
-    }
+    crate::callback::guarded("cib connection-destroyed", (), || {
+        let cib = user_data.cast::<sys::cib_t>();
+        let id = with_connections(|c| c.by_id.iter().find(|(_, conn)| conn.cib == cib).map(|(id, _)| *id)).flatten();
+        if let Some(id) = id {
+            lost(id);
+        }
+    });
 }
 
 /// libcib's notification callbacks, one per subscription slot.
@@ -519,7 +521,18 @@ static ON_DIFF: [unsafe extern "C" fn(*const c_char, *mut sys::xmlNode); SLOTS] 
     on_diff::<7>,
 ];
 
-unsafe extern "C" fn on_diff<const SLOT: usize>(_event: *const c_char, msg: *mut sys::xmlNode) {
+unsafe extern "C" fn on_diff<const SLOT: usize>(event: *const c_char, msg: *mut sys::xmlNode) {
+    crate::callback::guarded("cib_diff_notify", (), || {
+        // SAFETY: as this function's: libcib's arguments, valid for the duration of the callback.
+        unsafe { diff_notified::<SLOT>(event, msg) }
+    });
+}
+
+/// The body of [`on_diff`].
+///
+/// # Safety
+/// `msg` is the notification libcib passed to the callback, valid for the duration of the call.
+unsafe fn diff_notified<const SLOT: usize>(_event: *const c_char, msg: *mut sys::xmlNode) {
     // SAFETY: libcib passes the notification message, valid for the duration of the callback.
     let text = unsafe { xml::dump(msg) };
     let mut change = match parse_notification(&text) {

@@ -437,6 +437,24 @@ fn parse_acknowledgement(node_state: &str) -> Option<Acknowledgement> {
 
 /// The IPC API's event callback: copies replies into the [`Inbox`] behind `user_data`.
 unsafe extern "C" fn on_event(
+    api: *mut sys::pcmk_ipc_api_t,
+    event_type: sys::pcmk_ipc_event,
+    status: sys::crm_exit_t,
+    event_data: *mut c_void,
+    user_data: *mut c_void,
+) {
+    crate::callback::guarded("controller IPC event", (), || {
+        // SAFETY: as this function's: the IPC API's arguments, valid for the duration of the callback.
+        unsafe { event_received(api, event_type, status, event_data, user_data) }
+    });
+}
+
+/// The body of [`on_event`].
+///
+/// # Safety
+/// The arguments are those the IPC API passed to the callback: `user_data` the [`Inbox`] registered in
+/// open(), `event_data` valid for the duration of the call.
+unsafe fn event_received(
     _api: *mut sys::pcmk_ipc_api_t,
     event_type: sys::pcmk_ipc_event,
     status: sys::crm_exit_t,

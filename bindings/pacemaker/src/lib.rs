@@ -28,6 +28,7 @@
 //! the thread of that connection stays blocked until the daemon answers or dies.
 #![allow(unsafe_code)]
 
+mod callback;
 mod cib;
 mod cib_thread;
 mod controller;

@@ -366,6 +366,9 @@ fn vcluster_capture_and_instantiate() {
     let b = up(config_b());
     let shared_b = b.cfg.shared_dir();
     let storage = format!("storage={}:{}", shared_a.display(), shared_b.display());
+    // The guest kernel and initrd: storage both clusters have (an instantiate lets domains use files
+    // under mapped storage directories only).
+    let images = format!("storage={}:{}", image_dir().display(), image_dir().display());
     let maps = [
         "--map",
         "hosts=node1:kvm-b1,node2:kvm-b2,node3:kvm-b2",
@@ -373,6 +376,8 @@ fn vcluster_capture_and_instantiate() {
         "address=10.213.7.0/24:10.213.17.0/24",
         "--map",
         &storage,
+        "--map",
+        &images,
     ];
     let before = configuration(&b);
     let files_before = shared_files(&b);
@@ -458,6 +463,8 @@ fn vcluster_capture_and_instantiate() {
             archive_a.to_str().unwrap(),
             "--map",
             &storage,
+            "--map",
+            &images,
         ],
     );
     assert_ne!(code, 0);
@@ -579,6 +586,7 @@ fn vcluster_capture_and_instantiate() {
             "hosts=kvm-b1:node1,kvm-b2:node2".to_string(),
             "address=10.213.17.0/24:10.213.7.0/24".to_string(),
             format!("storage={}:{}", shared_b.display(), shared_a.display()),
+            images.clone(),
         ],
         None,
     )

@@ -630,7 +630,10 @@ impl Lab {
         }
         let daemon = build_dir.join("vmhad");
         let cli = build_dir.join("vmha");
-        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/dbus/org.vmha.Vmha1.conf");
+        let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging");
+        let policy = packaging.join("dbus/org.vmha.Vmha1.conf");
+        let action = packaging.join("polkit/org.vmha.Vmha1.policy");
+        let rule = packaging.join("polkit/60-vmha.rules");
         let mut installed = Vec::new();
         for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
             self.install(n, &agent, "/usr/lib/ocf/resource.d/vmha/VirtualMachine", "0755")?;
@@ -639,7 +642,10 @@ impl Lab {
                 self.install(n, &daemon, "/usr/sbin/vmhad", "0755")?;
                 self.install(n, &cli, "/usr/bin/vmha", "0755")?;
                 self.install(n, &policy, "/usr/share/dbus-1/system.d/org.vmha.Vmha1.conf", "0644")?;
+                self.install(n, &action, "/usr/share/polkit-1/actions/org.vmha.Vmha1.policy", "0644")?;
+                self.install(n, &rule, "/usr/share/polkit-1/rules.d/60-vmha.rules", "0644")?;
                 self.exec_ok(n, &["sh", "-c", "kill -HUP $(cat /run/dbus/pid)"])?;
+                self.restart_polkitd(n)?;
             }
             installed.push(self.cfg.host_name(n));
         }
@@ -737,6 +743,65 @@ impl Lab {
             },
         )?;
         Ok(pid)
+    }
+
+    /// Whether bus name `name` has an owner on host N's system bus.
+    pub fn bus_name_has_owner(&self, n: u8, name: &str) -> Result<bool> {
+        let out = self.exec_ok(
+            n,
+            &[
+                "dbus-send",
+                "--system",
+                "--print-reply",
+                "--dest=org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus.NameHasOwner",
+                &format!("string:{name}"),
+            ],
+        )?;
+        Ok(out.contains("boolean true"))
+    }
+
+    /// Restarts polkit's daemon on host N (host-init starts it and records its PID in /run/polkitd.pid), so
+    /// that it reads the actions and rules installed since, and waits until it owns its bus name again.
+    /// Nothing to do on a machine without polkitd.
+    pub fn restart_polkitd(&self, n: u8) -> Result<()> {
+        const POLKIT: &str = "org.freedesktop.PolicyKit1";
+        let host = self.cfg.host_name(n);
+        let present = self.exec(n, &["test", "-x", "/usr/lib/polkit-1/polkitd"])?;
+        if !present.status.success() {
+            tracing::warn!(%host, "no /usr/lib/polkit-1/polkitd (ci/install-deps installs polkitd): no polkit");
+            return Ok(());
+        }
+        self.exec_ok(
+            n,
+            &[
+                "sh",
+                "-c",
+                "if [ -f /run/polkitd.pid ]; then kill $(cat /run/polkitd.pid) 2>/dev/null; rm -f /run/polkitd.pid; fi",
+            ],
+        )?;
+        wait_for(
+            &format!("the old polkitd on {host} to leave the bus"),
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            || (!self.bus_name_has_owner(n, POLKIT).ok()?).then_some(()),
+        )?;
+        self.exec_ok(
+            n,
+            &[
+                "sh",
+                "-c",
+                "setsid /usr/lib/polkit-1/polkitd --no-debug >> /var/log/vmha/polkitd.log 2>&1 < /dev/null & \
+                 echo $! > /run/polkitd.pid",
+            ],
+        )?;
+        wait_for(
+            &format!("polkitd on {host} to own {POLKIT}"),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || self.bus_name_has_owner(n, POLKIT).ok()?.then_some(()),
+        )
     }
 
     /// Stops vmhad on host N by the PID recorded when it was started.

@@ -89,6 +89,8 @@ impl Lab {
             }
             // What dbus's trigger would do: the host's bus reads vmhad's policy.
             self.exec_ok(n, &["sh", "-c", "kill -HUP $(cat /run/dbus/pid)"])?;
+            // polkitd reads the package's action and rule (60-vmha.rules).
+            self.restart_polkitd(n)?;
             installed.push(host);
         }
         Ok(installed)

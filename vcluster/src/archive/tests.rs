@@ -417,3 +417,91 @@ fn rfc3339_formats_known_dates() {
     assert_eq!(rfc3339(1_795_315_621), "2026-11-22T02:47:01Z");
     assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
 }
+
+/// A raw tar header block of `kind` claiming `size` bytes, named `name`.
+fn raw_header(name: &str, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    h
+}
+
+#[test]
+fn long_name_and_pax_headers_are_refused_before_being_read() {
+    // A long-name header claiming a terabyte, with nothing behind it: the tar crate would read (and
+    // allocate) it whole before returning an entry; it is refused by its header.
+    for (kind, want) in [
+        (tar::EntryType::GNULongName, "GNU long-name extension header"),
+        (tar::EntryType::GNULongLink, "GNU long-name extension header"),
+        (tar::EntryType::XHeader, "PAX extension header"),
+        (tar::EntryType::XGlobalHeader, "PAX extension header"),
+        (tar::EntryType::GNUSparse, "GNU sparse file"),
+    ] {
+        let mut b = head_only();
+        b.get_mut()
+            .extend_from_slice(raw_header("././@LongLink", kind, 1 << 40).as_bytes());
+        let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+        let msg = rejected(&a);
+        assert!(msg.contains("hostile") && msg.contains(want), "{kind:?}: {msg}");
+    }
+    // A genuine long name as the tar crate writes it (a GNU long-name entry first) is refused too.
+    let mut b = head_only();
+    let long = format!("domains/{}.xml", "a".repeat(120));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, &long, b"x".as_slice()).unwrap();
+    let a = zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap();
+    assert!(rejected(&a).contains("GNU long-name extension header"));
+}
+
+#[test]
+fn metadata_is_capped_in_total() {
+    let big = vec![b'x'; (MAX_METADATA - 1) as usize];
+    let names: Vec<String> = (0..5).map(|i| format!("domains/d{i}.xml")).collect();
+    let mut e = BASE.to_vec();
+    for n in &names {
+        e.push((n.as_str(), tar::EntryType::Regular, big.as_slice()));
+    }
+    let msg = rejected(&raw(&e, None));
+    assert!(msg.contains("metadata entries hold more than"), "{msg}");
+}
+
+#[test]
+fn chunk_offsets_and_disk_sizes_cannot_overflow() {
+    // A chunk at the last possible offset of a disk claiming the largest size.
+    let mut m = base_manifest();
+    m.disks.push(DiskEntry {
+        id: 0,
+        vm: "web".into(),
+        path: "/shared/web.img".into(),
+        size: i64::MAX as u64,
+    });
+    let last = (u64::MAX / CHUNK) * CHUNK;
+    let name = format!("disks/0/{last:016x}");
+    let mut e = BASE.to_vec();
+    e.push((name.as_str(), tar::EntryType::Regular, b"data"));
+    let msg = rejected(&raw(&e, Some(m.clone())));
+    assert!(msg.contains("ends beyond its disk's size"), "{msg}");
+    // Sizes that add up past 2^64.
+    m.disks.push(DiskEntry {
+        id: 1,
+        vm: "web".into(),
+        path: "/shared/web2.img".into(),
+        size: i64::MAX as u64,
+    });
+    m.disks.push(DiskEntry {
+        id: 2,
+        vm: "web".into(),
+        path: "/shared/web3.img".into(),
+        size: i64::MAX as u64,
+    });
+    let msg = rejected(&raw(&BASE, Some(m.clone())));
+    assert!(msg.contains("add up to more than"), "{msg}");
+    m.disks.truncate(1);
+    m.disks[0].size = u64::MAX;
+    assert!(rejected(&raw(&BASE, Some(m))).contains("more than a file can hold"));
+}

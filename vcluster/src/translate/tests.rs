@@ -41,11 +41,13 @@ fn target_b() -> Target {
     }
 }
 
-const TO_B: [&str; 4] = [
+const TO_B: [&str; 5] = [
     "hosts=node1:kvm-b1,node2:kvm-b2,node3:kvm-b2",
     "address=10.213.7.0/24:10.213.17.0/24",
     "storage=/srv/a/shared:/srv/b/shared",
     "network=lan-a:lan-b",
+    // The ISO library is storage both clusters have.
+    "storage=/iso:/iso",
 ];
 
 #[test]
@@ -192,6 +194,7 @@ fn instantiate_then_capture_and_map_back_gives_the_original() {
         "address=10.213.17.0/24:10.213.7.0/24",
         "storage=/srv/b/shared:/srv/a/shared",
         "network=lan-b:lan-a",
+        "storage=/iso:/iso",
     ]);
     let target_a = Target {
         hosts: vec!["node1".into(), "node2".into(), "node3".into()],
@@ -204,4 +207,269 @@ fn instantiate_then_capture_and_map_back_gives_the_original() {
     assert_eq!(config_canon(&cib_a2), config_canon(&expected));
     let web = p2.domains.iter().find(|d| d.vm == "web").unwrap();
     assert_eq!(web.xml, domain("web", "/srv/a/shared", "lan-a"));
+}
+
+/// An archive like [`archived`]'s with entry `path` edited by `edit` (the manifest re-summed, as an
+/// attacker would), verified.
+fn edited(path: &str, edit: impl Fn(&str) -> String) -> Verified {
+    let v = archived(CIB, "shop", "/srv/a/shared", "lan-a");
+    let mut metadata = v.metadata.clone();
+    let text = String::from_utf8(metadata[path].clone()).unwrap();
+    let new = edit(&text);
+    assert_ne!(new, text, "the edit of {path} changed nothing");
+    metadata.insert(path.to_string(), new.into_bytes());
+    let w = ArchiveWriter::new(Vec::new(), 1, v.manifest.clone(), &metadata).unwrap();
+    let (bytes, ..) = w.finish().unwrap();
+    verify(bytes.as_slice()).unwrap()
+}
+
+fn refused_plan(v: &Verified, m: &Maps) -> String {
+    match plan(v, m, &target_b()) {
+        Ok(p) => panic!("planned a hostile archive:\n{}", p.text()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn foreign_cib_sections_and_elements_are_refused() {
+    let m = maps(&TO_B);
+    for (path, from, to, want) in [
+        (
+            RESOURCES,
+            "*",
+            "<crm_config><cluster_property_set id='evil'><nvpair id='evil-s' name='stonith-enabled' value='false'/></cluster_property_set></crm_config>",
+            "root element is <crm_config>",
+        ),
+        (
+            RESOURCES,
+            "</resources>",
+            "<primitive id='fence' class='stonith' type='fence_xvm'/></resources>",
+            "<primitive id=\"fence\">: a stonith",
+        ),
+        (
+            RESOURCES,
+            "</resources>",
+            "<primitive id='extra' class='ocf' provider='heartbeat' type='IPaddr2'/></resources>",
+            "<primitive id=\"extra\"> is not a member the manifest lists",
+        ),
+        (
+            RESOURCES,
+            "</resources>",
+            "<rsc_defaults><meta_attributes id='rd'/></rsc_defaults></resources>",
+            "<rsc_defaults> is not a resource a virtual cluster holds",
+        ),
+        (
+            RESOURCES,
+            "<utilization id=\"web-utilization\">",
+            "<bundle id='b'/><utilization id=\"web-utilization\">",
+            "<bundle id=\"b\"> is not part of",
+        ),
+        (
+            RESOURCES,
+            "<meta_attributes id=\"db-meta\">",
+            "<meta_attributes id=\"db-meta2\" id-ref=\"cib-bootstrap-options\"/><meta_attributes id=\"db-meta\">",
+            "id-ref \"cib-bootstrap-options\" refers to something outside",
+        ),
+        (
+            CONSTRAINTS,
+            "</constraints>",
+            "<rsc_ticket id='t' rsc='web' ticket='x'/></constraints>",
+            "<rsc_ticket id=\"t\">: tickets are cluster-wide",
+        ),
+        (
+            CONSTRAINTS,
+            "</constraints>",
+            "<rsc_colocation id='c2' rsc='web' with-rsc='outsider' score='INFINITY'/></constraints>",
+            "names outsider, which is not one of",
+        ),
+        (
+            CONSTRAINTS,
+            "</constraints>",
+            "<rsc_location id='l2' rsc-pattern='.*' node='node1' score='-INFINITY'/></constraints>",
+            "rsc-pattern= reaches beyond",
+        ),
+        (
+            CONSTRAINTS,
+            "<constraints>",
+            "<constraints><nodes/>",
+            "<nodes>: only location, colocation and order constraints",
+        ),
+        (
+            RESOURCES,
+            "id=\"vip-instance_attributes-ip\"",
+            "id=\"web-instance_attributes-config\"",
+            "the id is defined twice",
+        ),
+    ] {
+        let v = edited(path, |t| if from == "*" { to.to_string() } else { t.replacen(from, to, 1) });
+        let err = refused_plan(&v, &m);
+        assert!(err.contains(want), "{path} {to}: expected {want:?} in {err}");
+    }
+    // A constraint on the archive's tag name, created under another name: it would reach a tag of the
+    // target's.
+    let v = edited(CONSTRAINTS, |t| {
+        t.replacen(
+            "</constraints>",
+            "<rsc_location id='on-tag' rsc='shop' node='node1' score='-INFINITY'/></constraints>",
+            1,
+        )
+    });
+    plan(&v, &m, &target_b()).unwrap();
+    let mut renamed = m.clone();
+    renamed.name = Some("shop2".into());
+    let err = plan(&v, &renamed, &target_b()).unwrap_err().to_string();
+    assert!(err.contains("names shop, which is not one of"), "{err}");
+}
+
+#[test]
+fn agents_outside_the_allowlist_need_an_option_and_show_in_the_plan() {
+    let hostile = |t: &str| {
+        t.replacen(
+            r#"<primitive id="vip" class="ocf" provider="heartbeat" type="IPaddr2">"#,
+            r#"<primitive id="vip" class="ocf" provider="heartbeat" type="anything"><instance_attributes id="vip-run"><nvpair id="vip-run-binfile" name="binfile" value="/bin/sh -c id"/></instance_attributes>"#,
+            1,
+        )
+    };
+    let v = edited(RESOURCES, hostile);
+    let err = refused_plan(&v, &maps(&TO_B));
+    assert!(
+        err.contains("<primitive id=\"vip\">: agent ocf:heartbeat:anything is not allowed")
+            && err.contains("--allow-agent ocf:heartbeat:anything"),
+        "{err}"
+    );
+    let mut m = maps(&TO_B);
+    m.allow = Allow::parse(&["agent=ocf:heartbeat:anything".into()]).unwrap();
+    let p = plan(&v, &m, &target_b()).unwrap();
+    assert!(p
+        .allowed
+        .iter()
+        .any(|a| a.contains("resource vip with agent ocf:heartbeat:anything")));
+    let text = p.text();
+    assert!(text.contains("ALLOWED beyond the safe subset"), "{text}");
+    assert!(
+        text.contains("param binfile=/bin/sh -c id"),
+        "every parameter is shown: {text}"
+    );
+}
+
+#[test]
+fn vm_parameters_pointing_outside_storage_are_refused() {
+    for (value, want) in [
+        (
+            "/etc/libvirt/qemu/x.xml",
+            "resource web param config=/etc/libvirt/qemu/x.xml: outside every storage root",
+        ),
+        ("/srv/a/shared/../../../etc/x.xml", "outside every storage root"),
+    ] {
+        let v = edited(RESOURCES, |t| t.replacen("/srv/a/shared/web.xml", value, 1));
+        let err = refused_plan(&v, &maps(&TO_B));
+        assert!(err.contains(want), "{value}: {err}");
+    }
+    let v = edited(RESOURCES, |t| {
+        t.replacen(
+            r#"<nvpair id="web-instance_attributes-hypervisor""#,
+            r#"<nvpair id="web-ms" name="monitor_scripts" value="/srv/a/shared/x.sh"/><nvpair id="web-instance_attributes-hypervisor""#,
+            1,
+        )
+    });
+    let err = refused_plan(&v, &maps(&TO_B));
+    assert!(
+        err.contains("param monitor_scripts=/srv/b/shared/x.sh: scripts run as root")
+            && err.contains("--allow scripts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn vm_connections_that_run_programs_or_reach_host_sockets_are_refused() {
+    for (name, value, want) in [
+        (
+            "hypervisor",
+            "qemu+ext:///system?command=/tmp/x",
+            "libvirt transport qemu+ext",
+        ),
+        (
+            "hypervisor",
+            "qemu+unix:///system?socket=/tmp/s",
+            "libvirt transport qemu+unix",
+        ),
+        ("hypervisor", "qemu+ssh://h/system?command=/tmp/x", "with parameters"),
+        ("hypervisor", "qemu:///session", "driver path /session"),
+        ("hypervisor", "lxc:///", "libvirt transport lxc"),
+        (
+            "remote_uri",
+            "qemu+ssh://%n/system?keyfile=/root/.ssh/id",
+            "with parameters",
+        ),
+        ("migrate_uri", "unix:///tmp/sock", "other than tcp://"),
+        ("migrate_uri", "tcp://h:49152/x", "other than tcp://"),
+    ] {
+        let v = edited(RESOURCES, |t| {
+            t.replacen(
+                r#"name="hypervisor" value="qemu:///system""#,
+                &format!(r#"name="{name}" value="{value}""#),
+                1,
+            )
+        });
+        let err = refused_plan(&v, &maps(&TO_B));
+        assert!(
+            err.contains(&format!("param {name}=")) && err.contains(want) && err.contains("--allow connections"),
+            "{name}={value}: {err}"
+        );
+    }
+    for (name, value) in [
+        ("hypervisor", "qemu:///system"),
+        ("hypervisor", "qemu+tls://h/system"),
+        ("remote_uri", "qemu+ssh://%n/system"),
+        ("migrate_uri", "tcp://%n-mig:49152"),
+        ("migration_transport", "ssh"),
+    ] {
+        assert_eq!(unsafe_connection(name, value), None, "{name}={value}");
+    }
+}
+
+#[test]
+fn hostile_domains_are_refused_on_their_translated_paths() {
+    // A host file as a disk, raw QEMU arguments, a DAC override: refused, naming the element.
+    for (edit, want) in [
+        (("/srv/a/shared/web.img", "/etc/shadow"), "<source file='/etc/shadow'> in <disk>: file /etc/shadow is outside every storage root"),
+        (
+            ("</devices>", "</devices><qemu:commandline xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><qemu:arg value='-x'/></qemu:commandline>"),
+            "<qemu:commandline>",
+        ),
+        (("</devices>", "</devices><seclabel type='static' model='dac' relabel='no'><label>0:0</label></seclabel>"), "<seclabel"),
+        (("<devices>", "<devices><disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdz'/></disk>"), "<disk type='block'"),
+    ] {
+        let v = edited("domains/web.xml", |t| t.replacen(edit.0, edit.1, 1));
+        let err = refused_plan(&v, &maps(&TO_B));
+        assert!(err.contains("domain of VM web: domain XML refused") && err.contains(want), "{want}: {err}");
+    }
+    // Mapped into storage, a path is fine: the check runs on the translated XML.
+    let v = edited("domains/web.xml", |t| {
+        t.replacen("/srv/a/shared/web.img", "/srv/a/shared/other/web.img", 1)
+    });
+    plan(&v, &maps(&TO_B), &target_b()).unwrap();
+    // Without a storage map nothing may be written anywhere.
+    let v = archived(CIB, "shop", "/srv/a/shared", "lan-a");
+    let err = refused_plan(&v, &maps(&TO_B[..2]));
+    assert!(err.contains("no storage directory is mapped"), "{err}");
+}
+
+#[test]
+fn the_plan_lists_devices_and_parameters_and_escapes_control_characters() {
+    let v = edited(RESOURCES, |t| t.replacen("lan-a mgmt", "lan-a mgmt\u{9b}31m", 1));
+    let p = plan(&v, &maps(&TO_B), &target_b()).unwrap();
+    let text = p.text();
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    assert!(text.contains("\\u{9b}31m"), "{text}");
+    assert!(text.contains("    param config=/srv/b/shared/web.xml"), "{text}");
+    assert!(text.contains("    meta allow-migrate=true"), "{text}");
+    assert!(
+        text.contains("disk type=file device=disk source.file=/srv/b/shared/web.img"),
+        "{text}"
+    );
+    assert!(text.contains("interface type=network source.network=lan-b"), "{text}");
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["resources"][2]["params"]["ip"], "10.213.17.100", "{json}");
+    assert!(json["domains"][0]["devices"].as_array().unwrap().len() >= 3, "{json}");
 }
