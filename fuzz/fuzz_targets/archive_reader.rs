@@ -4,9 +4,13 @@
 //!
 //! An input that starts with zstd's frame magic is the archive as stored. Anything else is taken as the
 //! tar stream inside and compressed here first, so that mutations reach the tar and manifest checks
-//! instead of dying in the decompressor (the BLAKE3 sums still have to match, as in a hand-edited archive
-//! whose sums were recomputed: the seeds carry valid ones).
+//! instead of dying in the decompressor; and then once more with the manifest's and the chunk list's
+//! BLAKE3 sums recomputed for the entries it holds (what issue 15's attacker did to hand-edited archives:
+//! the sums detect damage, they are no signature), so that mutated metadata reaches the checks and the
+//! plan behind the sums.
 #![no_main]
+
+use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
 use vmha_vcluster::archive::{parse_manifest, verify};
@@ -22,14 +26,66 @@ const MAPS: [&str; 4] = [
     "network=lan-a:lan-b",
 ];
 
-fuzz_target!(|data: &[u8]| {
-    let compressed;
-    let stream = if data.starts_with(&ZSTD_MAGIC) {
-        data
-    } else {
-        compressed = zstd::bulk::compress(data, 1).expect("zstd compresses any input");
-        compressed.as_slice()
+/// The tar stream `tar` rebuilt with every sum its manifest and chunk list give for an entry it holds
+/// recomputed; `None` when it does not read as tar or nothing changed.
+fn resummed(tar_bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut entries = Vec::new();
+    let mut archive = tar::Archive::new(tar_bytes);
+    for entry in archive.entries().ok()? {
+        let mut entry = entry.ok()?;
+        let path = String::from_utf8(entry.path_bytes().into_owned()).ok()?;
+        let header = entry.header().clone();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).ok()?;
+        entries.push((path, header, data));
+    }
+    let sum = |data: &[u8]| serde_json::json!({"size": data.len(), "blake3": blake3::hash(data).to_hex().as_str()});
+    // Sums of the entries a JSON list (`files` of the manifest, `chunks` of the chunk list) names.
+    let fix = |json: &[u8], key: &str| -> Option<Vec<u8>> {
+        let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+        let listed = value.get_mut(key)?.as_object_mut()?;
+        for (path, _, data) in &entries {
+            if let Some(slot) = listed.get_mut(path) {
+                *slot = sum(data);
+            }
+        }
+        serde_json::to_vec(&value).ok()
     };
+    let mut changed = false;
+    let mut out = tar::Builder::new(Vec::new());
+    for (path, header, data) in &entries {
+        let key = match path.as_str() {
+            "MANIFEST.json" => "files",
+            "CHUNKS.json" => "chunks",
+            _ => "",
+        };
+        let data = match fix(data, key).filter(|_| !key.is_empty()) {
+            Some(fixed) if fixed != *data => {
+                changed = true;
+                fixed
+            }
+            _ => data.clone(),
+        };
+        let mut header = header.clone();
+        out.append_data(&mut header, path, data.as_slice()).ok()?;
+    }
+    let out = out.into_inner().ok()?;
+    changed.then_some(out)
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.starts_with(&ZSTD_MAGIC) {
+        check(data);
+        return;
+    }
+    check(&zstd::bulk::compress(data, 1).expect("zstd compresses any input"));
+    if let Some(tar) = resummed(data) {
+        check(&zstd::bulk::compress(&tar, 1).expect("zstd compresses any input"));
+    }
+});
+
+/// Verifies the archive `stream` and, when it is accepted, plans its instantiation.
+fn check(stream: &[u8]) {
     let Ok(verified) = verify(stream) else {
         return;
     };
@@ -54,4 +110,4 @@ fuzz_target!(|data: &[u8]| {
         let _ = p.text();
         serde_json::to_string(&p).expect("a plan serializes");
     }
-});
+}
