@@ -103,7 +103,9 @@ fn archive(disk: Option<&[u8]>) -> Vec<u8> {
     let mut w = ArchiveWriter::new(Vec::new(), 19, m, &entries).expect("writer");
     if let Some(data) = disk {
         let path = std::env::temp_dir().join(format!("vmha-fuzz-seed-disk-{}", std::process::id()));
-        fs::File::create(&path).and_then(|mut f| f.write_all(data)).expect("disk file");
+        fs::File::create(&path)
+            .and_then(|mut f| f.write_all(data))
+            .expect("disk file");
         let f = fs::File::open(&path).expect("disk file");
         w.add_disk(&f, &mut |_| {}).expect("add disk");
         fs::remove_file(&path).expect("remove disk file");
@@ -126,7 +128,11 @@ fn main() {
     }
 
     let dir = root.join("domain_translate");
-    write(&dir, "translate-test.xml", domain("web", "/srv/a/shared", "lan-a").as_bytes());
+    write(
+        &dir,
+        "translate-test.xml",
+        domain("web", "/srv/a/shared", "lan-a").as_bytes(),
+    );
     write(&dir, "lab-guest.xml", LAB_DOMAIN.as_bytes());
     write(&dir, "hostile.xml", HOSTILE_DOMAIN.as_bytes());
 
@@ -162,13 +168,18 @@ fn main() {
 
     let dir = root.join("policy_doc");
     let policies = [
-        ("tests", r#"{
+        (
+            "tests",
+            r#"{
   "zones": {"a": {"overcommit": 1.5}},
   "hosts": {"n1": {"zone": "a/r1"}, "n2": {"zone": "a/r2"}, "n3": {"zone": "b", "capacity": {"hv_memory": 256}}},
   "vms": {"vm1": {"priority": 10, "zone": "a"}, "vm2": {"priority": 5, "zone": "b", "strict_zone": true}, "vm3": {}},
   "groups": {"app": {"members": ["vm1", "vm2", "vm3"], "anti_affinity": "host"}}
-}"#),
-        ("elastic", r#"{
+}"#,
+        ),
+        (
+            "elastic",
+            r#"{
   "placement_strategy": "balanced",
   "home_score": 100,
   "hosts": {"n1": {"zone": "eu/b1/r1/k1"}, "n2": {"zone": "eu/b1/r2"}, "n3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
@@ -176,7 +187,8 @@ fn main() {
   "groups": {"web": {"members": ["vm1", "vm2"], "affinity": "site", "score": "500"},
              "app": {"members": ["vm3"], "template": "vm3", "min": 1, "max": 4, "anti_affinity": "rack",
                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
-}"#),
+}"#,
+        ),
         ("empty", "{}"),
     ];
     for (name, doc) in policies {

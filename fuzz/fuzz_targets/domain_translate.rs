@@ -29,7 +29,8 @@ fuzz_target!(|data: &[u8]| {
     };
     // The translation is well-formed XML whenever its input was, and lists the same number of disks.
     let before = domain_disks(xml).expect("translate_domain accepted it, so it parses");
-    let after = domain_disks(&translated).unwrap_or_else(|e| panic!("translated XML does not parse: {e}\n{translated}"));
+    let after =
+        domain_disks(&translated).unwrap_or_else(|e| panic!("translated XML does not parse: {e}\n{translated}"));
     assert_eq!(before.len(), after.len(), "{translated}");
     for r in &remaps {
         assert!(!r.new.is_empty(), "{r:?}");

@@ -33,7 +33,11 @@ fuzz_target!(|data: &[u8]| {
         .lines()
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| {
-            let key = if k.starts_with("OCF_") { k.to_string() } else { format!("OCF_RESKEY_{k}") };
+            let key = if k.starts_with("OCF_") {
+                k.to_string()
+            } else {
+                format!("OCF_RESKEY_{k}")
+            };
             (key, v.to_string())
         })
         .collect();

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use vmha_model::group::{autoscale_size, candidate_hosts, choose_host, elastic, scale_plan, with_member, without_member};
+use vmha_model::group::{
+    autoscale_size, candidate_hosts, choose_host, elastic, scale_plan, with_member, without_member,
+};
 use vmha_model::policy::{plan, store_xml, Policy};
 use vmha_model::ClusterView;
 
@@ -46,7 +48,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // Stored in the CIB and read back, as every vmhad reads it.
-    let stored = format!("<cib><configuration><crm_config>{}</crm_config></configuration></cib>", store_xml(&policy));
+    let stored = format!(
+        "<cib><configuration><crm_config>{}</crm_config></configuration></cib>",
+        store_xml(&policy)
+    );
     let back = Policy::from_cib(&stored)
         .unwrap_or_else(|e| panic!("the stored policy does not read back: {e}\n{stored}"))
         .expect("the stored policy is found");
@@ -76,8 +81,7 @@ fuzz_target!(|data: &[u8]| {
         for size in [0, g.min, g.max, g.members.len() as u32 + 1, u32::MAX] {
             let _ = scale_plan(&g, size, |n| n == "vm1");
         }
-        let running: BTreeMap<String, String> =
-            g.members.iter().map(|m| (m.clone(), "n1".to_string())).collect();
+        let running: BTreeMap<String, String> = g.members.iter().map(|m| (m.clone(), "n1".to_string())).collect();
         let _ = choose_host(&policy, name, &candidates, &running);
         let grown = with_member(&policy, name, "vm9");
         let _ = without_member(&grown, name, &g.template);

@@ -1120,7 +1120,10 @@ mod tests {
             ..Policy::default()
         };
         let set = store_xml(&p);
-        assert!(!set.contains('\u{ffff}') && !set.contains('\u{fffe}') && !set.contains('\u{1}'), "{set}");
+        assert!(
+            !set.contains('\u{ffff}') && !set.contains('\u{fffe}') && !set.contains('\u{1}'),
+            "{set}"
+        );
         let cib = CIB.replace(
             "</cluster_property_set></crm_config>",
             &format!("</cluster_property_set>{set}</crm_config>"),
