@@ -1,9 +1,13 @@
 //! Domain XML from an archive (untrusted): translation for the target cluster
 //! (`vcluster::translate::translate_domain`, with the maps of vcluster's tests) and the disk list
-//! (`domain_disks`).
+//! (`domain_disks`). And what reads a domain file as root elsewhere: the resource agent's `config` file
+//! (`DomainConfig::parse`, `model::domain::with_guest_channel`, which splices vmha's guest channel in) and
+//! vmhad's `DomainSummary::parse`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vmha_model::domain::{with_guest_channel, DomainSummary};
+use vmha_resource_agents::domain_config::DomainConfig;
 use vmha_vcluster::translate::{domain_disks, translate_domain, Maps};
 
 /// The maps of vcluster's translate tests (`TO_B`).
@@ -21,6 +25,16 @@ fuzz_target!(|data: &[u8]| {
     // TODO(coordinator): the domain safe-subset check goes here once `vcluster::domain_check` lands,
     // on the same `xml` (and on the translated one below): it must never panic either, and whatever
     // it accepts must still translate.
+    let _ = DomainConfig::parse(xml);
+    let _ = DomainSummary::parse(xml);
+    if let Ok(Some(with)) = with_guest_channel(xml) {
+        // The channel is spliced into well-formed XML, and is then found there.
+        roxmltree::Document::parse(&with).unwrap_or_else(|e| panic!("with the guest channel: {e}\n{with}"));
+        assert!(
+            matches!(with_guest_channel(&with), Ok(None)),
+            "channel not found in\n{with}"
+        );
+    }
     let maps = Maps::parse(&MAPS.map(String::from), None).expect("the fixed maps parse");
     let mut remaps = Vec::new();
     let Ok(translated) = translate_domain("web", xml, &maps, &mut remaps) else {
