@@ -388,8 +388,23 @@ pub fn store_xml(policy: &Policy) -> String {
     let json = serde_json::to_string(policy).unwrap_or_default();
     format!(
         r#"<cluster_property_set id="{STORE_SET_ID}"><nvpair id="{STORE_SET_ID}.document" name="{STORE_NAME}" value="{}"/></cluster_property_set>"#,
-        escape(&json)
+        escape(&xml_safe_json(&json))
     )
+}
+
+/// `json` with the characters XML 1.0 cannot carry, not even as character references (U+FFFE, U+FFFF,
+/// control characters), written as JSON `\u` escapes. In JSON text they can only stand inside strings, where
+/// the escape means the same character: the document reads back the same, and the CIB stays well-formed.
+fn xml_safe_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c < ' ' || matches!(c, '\u{fffe}' | '\u{ffff}') {
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Sets of nvpairs of one tag under `node`, by Pacemaker's precedence: sorted by `score` (highest first,
@@ -1094,6 +1109,26 @@ mod tests {
         assert!(planned
             .configuration
             .contains(r#"<cluster_property_set id="vmha-policy">"#));
+    }
+
+    #[test]
+    fn characters_xml_cannot_carry_are_stored_as_json_escapes() {
+        // Found by the policy_doc fuzz target: U+FFFF in any string of the document made the stored
+        // CIB element ill-formed.
+        let p = Policy {
+            placement_strategy: "a\u{ffff}b\u{fffe}c\u{1}d\te\u{7f}".into(),
+            ..Policy::default()
+        };
+        let set = store_xml(&p);
+        assert!(
+            !set.contains('\u{ffff}') && !set.contains('\u{fffe}') && !set.contains('\u{1}'),
+            "{set}"
+        );
+        let cib = CIB.replace(
+            "</cluster_property_set></crm_config>",
+            &format!("</cluster_property_set>{set}</crm_config>"),
+        );
+        assert_eq!(Policy::from_cib(&cib).unwrap(), Some(p));
     }
 
     #[test]

@@ -1,0 +1,52 @@
+//! Domain XML from an archive (untrusted): translation for the target cluster
+//! (`vcluster::translate::translate_domain`, with the maps of vcluster's tests) and the disk list
+//! (`domain_disks`). And what reads a domain file as root elsewhere: the resource agent's `config` file
+//! (`DomainConfig::parse`, `model::domain::with_guest_channel`, which splices vmha's guest channel in) and
+//! vmhad's `DomainSummary::parse`.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmha_model::domain::{with_guest_channel, DomainSummary};
+use vmha_resource_agents::domain_config::DomainConfig;
+use vmha_vcluster::translate::{domain_disks, translate_domain, Maps};
+
+/// The maps of vcluster's translate tests (`TO_B`).
+const MAPS: [&str; 4] = [
+    "hosts=node1:kvm-b1,node2:kvm-b2,node3:kvm-b2",
+    "address=10.213.7.0/24:10.213.17.0/24",
+    "storage=/srv/a/shared:/srv/b/shared",
+    "network=lan-a:lan-b",
+];
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(xml) = std::str::from_utf8(data) else {
+        return;
+    };
+    // TODO(coordinator): the domain safe-subset check goes here once `vcluster::domain_check` lands,
+    // on the same `xml` (and on the translated one below): it must never panic either, and whatever
+    // it accepts must still translate.
+    let _ = DomainConfig::parse(xml);
+    let _ = DomainSummary::parse(xml);
+    if let Ok(Some(with)) = with_guest_channel(xml) {
+        // The channel is spliced into well-formed XML, and is then found there.
+        roxmltree::Document::parse(&with).unwrap_or_else(|e| panic!("with the guest channel: {e}\n{with}"));
+        assert!(
+            matches!(with_guest_channel(&with), Ok(None)),
+            "channel not found in\n{with}"
+        );
+    }
+    let maps = Maps::parse(&MAPS.map(String::from), None).expect("the fixed maps parse");
+    let mut remaps = Vec::new();
+    let Ok(translated) = translate_domain("web", xml, &maps, &mut remaps) else {
+        let _ = domain_disks(xml);
+        return;
+    };
+    // The translation is well-formed XML whenever its input was, and lists the same number of disks.
+    let before = domain_disks(xml).expect("translate_domain accepted it, so it parses");
+    let after =
+        domain_disks(&translated).unwrap_or_else(|e| panic!("translated XML does not parse: {e}\n{translated}"));
+    assert_eq!(before.len(), after.len(), "{translated}");
+    for r in &remaps {
+        assert!(!r.new.is_empty(), "{r:?}");
+    }
+});

@@ -1,0 +1,89 @@
+//! The placement policy document (`vmha policy set FILE`; stored in the CIB, read back by every vmhad):
+//! parsing (`Policy::from_json`), validation and compilation against a CIB (`policy::plan`, as in model's
+//! policy tests), the stored form (`store_xml` / `Policy::from_cib`) and the elastic-group logic that reads
+//! the same document (`group::elastic`, `autoscale_size`, `scale_plan`, `choose_host`).
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use libfuzzer_sys::fuzz_target;
+use vmha_model::group::{
+    autoscale_size, candidate_hosts, choose_host, elastic, scale_plan, with_member, without_member,
+};
+use vmha_model::policy::{plan, store_xml, Policy};
+use vmha_model::ClusterView;
+
+/// The CIB of model's policy tests.
+const CIB: &str = r#"<cib admin_epoch="0" epoch="5" num_updates="2">
+  <configuration>
+    <crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="true"/></cluster_property_set></crm_config>
+    <nodes>
+      <node id="1" uname="n1"><utilization id="nodes-1-utilization"><nvpair id="u1c" name="cpu" value="4"/><nvpair id="u1m" name="hv_memory" value="1000"/></utilization></node>
+      <node id="2" uname="n2"><utilization id="nodes-2-utilization"><nvpair id="u2c" name="cpu" value="4"/><nvpair id="u2m" name="hv_memory" value="1000"/></utilization></node>
+      <node id="3" uname="n3"/>
+    </nodes>
+    <resources>
+      <primitive id="vm1" class="ocf" provider="vmha" type="VirtualMachine"><utilization id="vm1-u"><nvpair id="vm1-u-m" name="hv_memory" value="128"/></utilization></primitive>
+      <primitive id="vm2" class="ocf" provider="vmha" type="VirtualMachine"/>
+      <primitive id="vm3" class="ocf" provider="vmha" type="VirtualMachine"/>
+      <primitive id="ip" class="ocf" provider="heartbeat" type="IPaddr2"/>
+    </resources>
+    <constraints><rsc_location id="user-loc" rsc="vm1" node="n1" score="50"/></constraints>
+  </configuration>
+  <status/>
+</cib>"#;
+
+/// The CIB with `configuration` in place of its configuration section.
+fn with_configuration(configuration: &str) -> String {
+    let start = CIB.find("<configuration>").expect("the CIB has a configuration");
+    let end = CIB.find("</configuration>").expect("the CIB has a configuration") + "</configuration>".len();
+    format!("{}{}{}", &CIB[..start], configuration, &CIB[end..])
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(policy) = Policy::from_json(text) else {
+        return;
+    };
+    // Stored in the CIB and read back, as every vmhad reads it.
+    let stored = format!(
+        "<cib><configuration><crm_config>{}</crm_config></configuration></cib>",
+        store_xml(&policy)
+    );
+    let back = Policy::from_cib(&stored)
+        .unwrap_or_else(|e| panic!("the stored policy does not read back: {e}\n{stored}"))
+        .expect("the stored policy is found");
+    let _ = back.to_json();
+
+    if let Ok(p) = plan(&policy, CIB) {
+        // The compiled configuration is well-formed, and applying it then planning again changes nothing.
+        let applied = with_configuration(&p.configuration);
+        roxmltree::Document::parse(&applied)
+            .unwrap_or_else(|e| panic!("the compiled configuration is not XML: {e}\n{}", p.configuration));
+        let _ = p.diff_text();
+        let again = plan(&policy, &applied).unwrap_or_else(|e| panic!("re-planning an applied policy fails: {e}"));
+        assert!(again.is_empty(), "re-applying changes:\n{}", again.diff_text());
+    }
+
+    let view = ClusterView::from_cib(CIB).expect("the fixed CIB reads");
+    let candidates = candidate_hosts(&view);
+    for name in policy.groups.keys() {
+        let Ok(g) = elastic(&policy, name) else {
+            continue;
+        };
+        if let Some(rule) = &g.autoscale {
+            for load in [0.0, 50.0, 100.0, f64::NAN] {
+                let _ = autoscale_size(&g, rule, load);
+            }
+        }
+        for size in [0, g.min, g.max, g.members.len() as u32 + 1, u32::MAX] {
+            let _ = scale_plan(&g, size, |n| n == "vm1");
+        }
+        let running: BTreeMap<String, String> = g.members.iter().map(|m| (m.clone(), "n1".to_string())).collect();
+        let _ = choose_host(&policy, name, &candidates, &running);
+        let grown = with_member(&policy, name, "vm9");
+        let _ = without_member(&grown, name, &g.template);
+    }
+});
