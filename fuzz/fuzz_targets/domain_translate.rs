@@ -8,6 +8,7 @@
 use libfuzzer_sys::fuzz_target;
 use vmha_model::domain::{with_guest_channel, DomainSummary};
 use vmha_resource_agents::domain_config::DomainConfig;
+use vmha_vcluster::domain_check::{self, Allow, Roots};
 use vmha_vcluster::translate::{domain_disks, translate_domain, Maps};
 
 /// The maps of vcluster's translate tests (`TO_B`).
@@ -22,9 +23,20 @@ fuzz_target!(|data: &[u8]| {
     let Ok(xml) = std::str::from_utf8(data) else {
         return;
     };
-    // TODO(coordinator): the domain safe-subset check goes here once `vcluster::domain_check` lands,
-    // on the same `xml` (and on the translated one below): it must never panic either, and whatever
-    // it accepts must still translate.
+    // The safe-subset check instantiate runs on every domain of an archive: never a panic, and a domain
+    // it accepts without any opt-in names no file outside the storage roots.
+    let roots = Roots {
+        dirs: vec!["/srv/b/shared".into()],
+        files: vec![],
+    };
+    if let Ok(summary) = domain_check::check(xml, &roots, &Allow::default()) {
+        for path in domain_disks(xml).unwrap_or_default() {
+            assert!(
+                roots.contains(&path).is_some(),
+                "accepted a disk outside storage: {path}\n{summary:?}"
+            );
+        }
+    }
     let _ = DomainConfig::parse(xml);
     let _ = DomainSummary::parse(xml);
     if let Ok(Some(with)) = with_guest_channel(xml) {
