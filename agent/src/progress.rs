@@ -78,6 +78,9 @@ impl JobProgress {
 
     /// The job's `Progress` (a fraction of the whole; kept within 0..=1) and/or `Message` changed.
     pub fn update(&mut self, fraction: Option<f64>, message: Option<&str>) {
+        // A job's messages may carry a guest's or an archive's words: control characters are escaped.
+        let shown = message.map(vmha_vcluster::printable);
+        let message = shown.as_deref();
         if let Some(f) = fraction.filter(|f| f.is_finite()) {
             self.fraction = Some(f.clamp(0.0, 1.0));
         }

@@ -18,6 +18,7 @@ use vmha_agent::api::{
 use vmha_agent::options::VmhadArgs;
 use vmha_agent::vcluster::VclusterCmd;
 use vmha_model::group;
+use vmha_vcluster::printable;
 use zbus::message::Type as MessageType;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, DBusError, MatchRule, MessageStream};
@@ -339,7 +340,7 @@ fn one_line(e: &anyhow::Error) -> String {
         let name = e.name();
         return hint(name.as_str(), e.description().unwrap_or_default().to_string());
     }
-    format!("{e:#}").replace('\n', " ")
+    printable(&format!("{e:#}").replace('\n', " "))
 }
 
 /// A D-Bus error as a line a person can act on.
@@ -645,7 +646,10 @@ async fn scale_group(
             let data = json!({"group": name, "size": size}).to_string();
             let (result, reason) = client.guest_result(member, "drain", &data, drain_ms).await?;
             if result != "done" {
-                bail!("{member}'s guest answered drain with {result}: {reason}; it stays in the group");
+                bail!(
+                    "{member}'s guest answered drain with {result}: {}; it stays in the group",
+                    printable(&reason)
+                );
             }
             let xml = reread(&cib).await?;
             let policy = vmha_agent::placement::stored(&xml)?;
@@ -1085,7 +1089,7 @@ impl Client {
         } else if reason.is_empty() {
             println!("{result}");
         } else {
-            println!("{result}: {reason}");
+            println!("{result}: {}", printable(&reason));
         }
         Ok(if result == "done" {
             ExitCode::SUCCESS
@@ -1123,9 +1127,9 @@ impl Client {
         if self.output == Output::Json {
             println!("{}", json!({ "job": job, "success": ok, "message": message }));
         } else if ok {
-            println!("{message}");
+            println!("{}", printable(&message));
         } else {
-            eprintln!("vmha: {message}");
+            eprintln!("vmha: {}", printable(&message));
         }
         Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     }
@@ -1337,7 +1341,7 @@ impl Client {
         if self.output == Output::Json {
             println!("{}", json!({ "job": job, "success": false, "message": message }));
         }
-        eprintln!("vmha: {message}");
+        eprintln!("vmha: {}", printable(message));
         Ok(ExitCode::FAILURE)
     }
 
@@ -1378,8 +1382,8 @@ impl Client {
                     "{:.3} {} {} {}",
                     event["time"].as_f64().unwrap_or(0.0),
                     s(&event, "event"),
-                    s(&event, "subject"),
-                    s(&event, "message")
+                    printable(&s(&event, "subject")),
+                    printable(&s(&event, "message"))
                 );
             } else {
                 println!(
