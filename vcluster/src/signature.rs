@@ -101,7 +101,9 @@ pub fn read_key_text(mut r: impl Read, what: &str) -> Result<String, KeyError> {
     String::from_utf8(buf).map_err(|_| malformed(what, "not text: not a key file"))
 }
 
-/// An operator's secret (signing) key. Its Debug output does not show it.
+/// An operator's secret (signing) key (wiped from memory when dropped). Its Debug output does not show
+/// it.
+#[derive(Clone)]
 pub struct SecretKey(SigningKey);
 
 impl std::fmt::Debug for SecretKey {
