@@ -22,7 +22,6 @@ use vmha_lab::{wait_for, Lab};
 use vmha_vcluster::archive::{self, FileSum};
 
 const VMS: [&str; 2] = ["h1web", "h1db"];
-const ARCHIVES: &str = "/var/tmp/vmha-lab/h1-archives";
 const DISK_MIB: u64 = 16;
 
 /// `vmha ARGS` on host `n`: (exit code, stdout, stderr).
@@ -216,8 +215,10 @@ fn long_name_bomb(genuine: &[u8]) -> Vec<u8> {
 #[test]
 #[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
 fn hostile_archives_are_refused() {
-    std::fs::create_dir_all(ARCHIVES).unwrap();
     let lab = vmha_e2e::lab();
+    // The lab's own directory (labs of other names may run this scenario at the same time).
+    let archives = PathBuf::from(format!("/var/tmp/vmha-lab/{}-archives", lab.cfg.name));
+    std::fs::create_dir_all(&archives).unwrap();
     for n in lab.cfg.host_numbers() {
         lab.start_vmhad(n).expect("starting vmhad");
     }
@@ -292,8 +293,8 @@ fn hostile_archives_are_refused() {
     }
 
     // An operator key.
-    let key = PathBuf::from(ARCHIVES).join("h1-operator.key");
-    let public = PathBuf::from(ARCHIVES).join("h1-operator.key.pub");
+    let key = archives.join("h1-operator.key");
+    let public = archives.join("h1-operator.key.pub");
     let _ = std::fs::remove_file(&key);
     let _ = std::fs::remove_file(&public);
     let out = vmha_ok(&lab, 1, &["vcluster", "keygen", "-o", key.to_str().unwrap()]);
@@ -310,7 +311,7 @@ fn hostile_archives_are_refused() {
     );
 
     // The genuine archive (cold: the VMs stop while their disks are copied), signed.
-    let genuine_path = PathBuf::from(ARCHIVES).join("genuine.vca");
+    let genuine_path = archives.join("genuine.vca");
     let _ = std::fs::remove_file(&genuine_path);
     vmha_ok(
         &lab,
@@ -337,7 +338,7 @@ fn hostile_archives_are_refused() {
         .filter(|(n, _)| n != archive::MANIFEST_SIG && n != archive::CHUNKS_SIG)
         .collect();
     let genuine = pack(&unsigned);
-    let unsigned_path = PathBuf::from(ARCHIVES).join("genuine-unsigned.vca");
+    let unsigned_path = archives.join("genuine-unsigned.vca");
     std::fs::write(&unsigned_path, &genuine).unwrap();
 
     // Remove the virtual cluster, so that the genuine archive can come back at the end.
@@ -427,7 +428,7 @@ fn hostile_archives_are_refused() {
         ),
     ];
     for (what, data, expect) in &cases {
-        let path = PathBuf::from(ARCHIVES).join(format!("hostile-{what}.vca"));
+        let path = archives.join(format!("hostile-{what}.vca"));
         std::fs::write(&path, data).unwrap();
         for dry in [true, false] {
             let mut args = vec!["vcluster", "instantiate", path.to_str().unwrap()];
@@ -449,7 +450,7 @@ fn hostile_archives_are_refused() {
     }
 
     // An opt-in is shown in the plan (dry run).
-    let path = PathBuf::from(ARCHIVES).join("hostile-agent.vca");
+    let path = archives.join("hostile-agent.vca");
     let mut args = vec![
         "vcluster",
         "instantiate",
@@ -474,7 +475,7 @@ fn hostile_archives_are_refused() {
     // edited and re-summed is refused by its signature (required or not); a signature by a key that is
     // not trusted is refused with --require-signature; a secret key given as a trusted key is refused
     // without showing it. Each before anything is created.
-    let tampered_path = PathBuf::from(ARCHIVES).join("hostile-signed-tampered.vca");
+    let tampered_path = archives.join("hostile-signed-tampered.vca");
     std::fs::write(
         &tampered_path,
         rewrite(&signed, web, |x| x.replace(&web_img, "/etc/shadow")),
