@@ -241,10 +241,15 @@ pub fn load_dir(dir: &Path) -> Result<Vec<TrustedKey>, KeyError> {
         .iter()
         .map(|p| {
             let what = p.display().to_string();
-            let f = std::fs::File::open(p).map_err(|source| KeyError::Io {
+            let io = |source| KeyError::Io {
                 what: what.clone(),
                 source,
-            })?;
+            };
+            // Not a FIFO or device, which could block or never end.
+            if !std::fs::metadata(p).map_err(io)?.is_file() {
+                return Err(malformed(&what, "not a regular file"));
+            }
+            let f = std::fs::File::open(p).map_err(io)?;
             Ok(TrustedKey {
                 key: PublicKey::read(f, &what)?,
                 source: what,
@@ -351,6 +356,10 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys[0].key, k.public());
         assert!(keys[0].source.ends_with("a.pub"));
+        std::fs::create_dir(dir.join("c.pub")).unwrap();
+        let e = load_dir(&dir).unwrap_err().to_string();
+        assert!(e.contains("c.pub: not a regular file"), "{e}");
+        std::fs::remove_dir(dir.join("c.pub")).unwrap();
         std::fs::write(dir.join("b.pub"), "garbage").unwrap();
         let e = load_dir(&dir).unwrap_err().to_string();
         assert!(e.contains("b.pub"), "{e}");
