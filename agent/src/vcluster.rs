@@ -743,6 +743,7 @@ pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -
         "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "names": o})).collect::<Vec<_>>(),
         "disks": disks,
         "consistency": consistency,
+        "signed_by": opts.sign.as_ref().map(|k| k.public().fingerprint()),
     }))
 }
 
@@ -758,6 +759,9 @@ pub fn capture_text(summary: &Value, archive: &Path) -> String {
         summary["consistency"].as_str().unwrap_or(""),
         archive.display()
     );
+    if let Some(fp) = summary["signed_by"].as_str() {
+        text.push_str(&format!(", signed by {fp}"));
+    }
     for l in summary["left_out"].as_array().into_iter().flatten() {
         text.push_str(&format!(
             "\n  left out: constraint {} (names {}, not a member)",

@@ -313,7 +313,7 @@ fn hostile_archives_are_refused() {
     // The genuine archive (cold: the VMs stop while their disks are copied), signed.
     let genuine_path = archives.join("genuine.vca");
     let _ = std::fs::remove_file(&genuine_path);
-    vmha_ok(
+    let out = vmha_ok(
         &lab,
         1,
         &[
@@ -328,6 +328,7 @@ fn hostile_archives_are_refused() {
             key.to_str().unwrap(),
         ],
     );
+    assert!(out.contains(&format!("signed by {fingerprint}")), "{out}");
     let signed = std::fs::read(&genuine_path).unwrap();
     let names: Vec<String> = entries(&signed).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names[1], archive::MANIFEST_SIG, "{names:?}");
