@@ -46,6 +46,27 @@ fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> zbus::fdo::Result<s
     Ok(file)
 }
 
+/// The signing key of a capture: none, or read from the one regular file the caller passed (a pipe or
+/// socket could block the bus handler). Its content never appears in an error.
+fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> zbus::fdo::Result<Option<vmha_vcluster::signature::SecretKey>> {
+    let bad = |why: String| zbus::fdo::Error::InvalidArgs(format!("the signing key: {why}"));
+    let mut fds = fds.into_iter();
+    let Some(fd) = fds.next() else {
+        return Ok(None);
+    };
+    if fds.next().is_some() {
+        return Err(bad("more than one key file descriptor".into()));
+    }
+    let file = archive_file(fd, false).map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(format!("cannot be inspected: {e}")))?;
+    if !meta.is_file() {
+        return Err(bad("the file descriptor is not a regular file".into()));
+    }
+    let key = vmha_vcluster::signature::SecretKey::read(&file, "the signing key file")
+        .map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+    Ok(Some(key))
+}
+
 /// The cluster as a whole: `/org/vmha/Vmha1`, interface `org.vmha.Vmha1.Cluster`.
 #[derive(Debug)]
 pub struct ClusterObject {
@@ -190,6 +211,8 @@ impl ClusterObject {
     /// caller opened for writing (written from its start, synced; naming and removing the file is the
     /// caller's). `with_disks` adds the disk images, `halt` stops the members around the disk copy
     /// (otherwise their file systems are frozen through qemu-guest-agent), `level` is zstd's (1..19).
+    /// `sign_key` is empty or one secret key file (`vmha vcluster keygen`) the caller opened for reading:
+    /// the archive is signed with it (the key is read from the file here, never sent as bytes on the bus).
     /// Checked before anything changes; returns the job, whose Details are the capture's summary (JSON).
     #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
     async fn capture_vcluster(
@@ -199,11 +222,13 @@ impl ClusterObject {
         with_disks: bool,
         halt: bool,
         level: i32,
+        sign_key: Vec<zbus::zvariant::OwnedFd>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("capture virtual cluster {name}")).await?;
         let file = archive_file(archive, true)?;
+        let sign = signing_key(sign_key)?;
         if !(1..=19).contains(&level) {
             return Err(zbus::fdo::Error::InvalidArgs(format!(
                 "zstd level {level} is outside 1..19"
@@ -216,6 +241,7 @@ impl ClusterObject {
             with_disks,
             halt,
             level,
+            sign,
         };
         Job::start_on_thread(conn, &self.shared, "capture", name, move |report| {
             let r = crate::vcluster::block_on(crate::vcluster::capture_to(&opts, file, report));
@@ -235,8 +261,10 @@ impl ClusterObject {
     /// renames it, `dry_run` only checks and plans, `wait_seconds` (0: do not wait) bounds the wait for
     /// its VMs to run, `allow` lets through what the safe subset refuses (categories such as
     /// `qemu-args`, agents as `agent=CLASS:PROVIDER:TYPE`; each item let through is listed in the plan).
-    /// Everything it created is removed again on failure. Returns the job, whose Details hold the plan
-    /// and the problems of the target (JSON).
+    /// `require_signature` refuses, before anything is created, an archive not signed by a trusted key;
+    /// `trusted_keys` are the trusted public keys as (where from, key file text), empty: those in
+    /// /etc/vmha/trusted-keys/*.pub. Everything it created is removed again on failure. Returns the job,
+    /// whose Details hold the plan (with the archive's signer) and the problems of the target (JSON).
     #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
     async fn instantiate_vcluster(
         &self,
@@ -246,6 +274,8 @@ impl ClusterObject {
         dry_run: bool,
         wait_seconds: u32,
         allow: Vec<String>,
+        require_signature: bool,
+        trusted_keys: Vec<(String, String)>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
@@ -260,7 +290,11 @@ impl ClusterObject {
             allow,
             dry_run,
             wait: std::time::Duration::from_secs(wait_seconds.into()),
+            require_signature,
+            trusted_keys,
         };
+        opts.trust()
+            .map_err(|e| zbus::fdo::Error::InvalidArgs(format!("{e:#}")))?;
         let target = name.unwrap_or_else(|| "(archive)".into());
         Job::start_on_thread(
             conn,

@@ -20,6 +20,7 @@ use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest
 use vmha_vcluster::capture::{self, capture, configuration_ids};
 use vmha_vcluster::domain_check::Allow;
 use vmha_vcluster::printable;
+use vmha_vcluster::signature::{self, SecretKey, Trust, TrustedKey};
 use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
 use vmha_vcluster::{manifest_for, metadata_entries};
 
@@ -71,6 +72,17 @@ pub enum VclusterCmd {
         /// zstd level (1 fast .. 19 small).
         #[arg(long, default_value_t = 1)]
         level: i32,
+        /// Sign the archive with this secret key (made by `vmha vcluster keygen`; passed to vmhad as an
+        /// open file, never as bytes on the bus).
+        #[arg(long, value_name = "KEYFILE")]
+        sign: Option<PathBuf>,
+    },
+    /// Make an operator key pair for signing archives: the secret key in KEYFILE (mode 0600), the public
+    /// key in KEYFILE.pub (copy it to /etc/vmha/trusted-keys/ on the clusters that should trust it).
+    Keygen {
+        /// The secret key file to create (not overwritten).
+        #[arg(long = "out", short = 'o', value_name = "KEYFILE")]
+        out: PathBuf,
     },
     /// Create a captured virtual cluster on this cluster: verify the archive and the target, print the
     /// plan, write the domain definitions and disks, create everything in one CIB change, wait until it runs.
@@ -99,6 +111,12 @@ pub enum VclusterCmd {
         /// Seconds to wait for the VMs to run (0: do not wait); past it everything created is removed.
         #[arg(long, default_value_t = 300)]
         wait: u64,
+        /// Refuse the archive, before anything is created, unless it is signed by a trusted key.
+        #[arg(long)]
+        require_signature: bool,
+        /// Trust this public key file (repeatable) instead of /etc/vmha/trusted-keys/*.pub.
+        #[arg(long = "trusted-key", value_name = "PUBFILE")]
+        trusted_keys: Vec<PathBuf>,
     },
 }
 
@@ -127,11 +145,54 @@ pub async fn run(cmd: VclusterCmd, json_out: bool) -> Result<ExitCode> {
         VclusterCmd::Remove { name, members } => remove(&name, &members).await,
         VclusterCmd::List => list(json_out).await,
         VclusterCmd::Show { name } => show(&name, json_out).await,
+        VclusterCmd::Keygen { out } => keygen(&out, json_out),
         VclusterCmd::Capture { .. } | VclusterCmd::Instantiate { .. } => {
             bail!("vmha vcluster capture and instantiate run in vmhad (the CLI calls its D-Bus methods)")
         }
     }?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `vmha vcluster keygen`: a new key pair, neither file overwritten.
+fn keygen(out: &Path, json_out: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let key = SecretKey::generate()?;
+    let public = key.public();
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    if pub_path.exists() {
+        bail!("{} exists; not overwriting it", pub_path.display());
+    }
+    let create = |path: &Path, mode: u32, text: &str| -> Result<()> {
+        let mut f = std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    create(out, 0o600, &key.to_text())?;
+    if let Err(e) = create(&pub_path, 0o644, &format!("{}\n", public.to_text())) {
+        let _ = std::fs::remove_file(out);
+        return Err(e);
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({"secret_key_file": out, "public_key_file": pub_path, "public_key": public.to_text(), "fingerprint": public.fingerprint()})
+        );
+    } else {
+        println!("{}", public.to_text());
+        println!(
+            "secret key {} (keep it private), public key {} (fingerprint {})",
+            out.display(),
+            pub_path.display(),
+            public.fingerprint()
+        );
+    }
+    Ok(())
 }
 
 fn top_level_resources(cib: &str) -> Result<Vec<String>> {
@@ -527,6 +588,8 @@ pub struct CaptureOptions {
     pub halt: bool,
     /// zstd level.
     pub level: i32,
+    /// Sign the archive with this key.
+    pub sign: Option<SecretKey>,
 }
 
 /// Captures a virtual cluster into `out` (written from its start, synced; the caller names and removes
@@ -578,7 +641,7 @@ pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -
             .collect::<Result<Vec<_>>>()?;
         let manifest = manifest_for(&c, placement.clone(), now_rfc3339(), consistency, &sized);
         let out = BufWriter::with_capacity(1 << 20, WriteBehind::new(out)?);
-        let mut writer = ArchiveWriter::new(out, opts.level, manifest, &metadata)?;
+        let mut writer = ArchiveWriter::new_signed(out, opts.level, manifest, &metadata, opts.sign.clone())?;
         let total: u64 = sized.iter().map(|d| d.2).sum::<u64>().max(1);
         let mut done = 0;
         for (vm, path, file) in &disks {
@@ -680,6 +743,7 @@ pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -
         "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "names": o})).collect::<Vec<_>>(),
         "disks": disks,
         "consistency": consistency,
+        "signed_by": opts.sign.as_ref().map(|k| k.public().fingerprint()),
     }))
 }
 
@@ -695,6 +759,9 @@ pub fn capture_text(summary: &Value, archive: &Path) -> String {
         summary["consistency"].as_str().unwrap_or(""),
         archive.display()
     );
+    if let Some(fp) = summary["signed_by"].as_str() {
+        text.push_str(&format!(", signed by {fp}"));
+    }
     for l in summary["left_out"].as_array().into_iter().flatten() {
         text.push_str(&format!(
             "\n  left out: constraint {} (names {}, not a member)",
@@ -867,6 +934,35 @@ pub struct InstantiateOptions {
     pub dry_run: bool,
     /// How long to wait for the VMs to run (zero: do not wait).
     pub wait: Duration,
+    /// Refuse an archive not signed by a trusted key.
+    pub require_signature: bool,
+    /// The trusted public keys as (source, key file text); empty: those in
+    /// [`signature::TRUSTED_KEYS_DIR`].
+    pub trusted_keys: Vec<(String, String)>,
+}
+
+impl InstantiateOptions {
+    /// The keys to trust (read from [`signature::TRUSTED_KEYS_DIR`] unless given) and whether a
+    /// signature is required.
+    pub fn trust(&self) -> Result<Trust> {
+        let keys = if self.trusted_keys.is_empty() {
+            signature::load_dir(Path::new(signature::TRUSTED_KEYS_DIR))?
+        } else {
+            self.trusted_keys
+                .iter()
+                .map(|(source, text)| {
+                    Ok(TrustedKey {
+                        key: signature::PublicKey::parse(text, source)?,
+                        source: source.clone(),
+                    })
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(Trust {
+            keys,
+            require: self.require_signature,
+        })
+    }
 }
 
 /// How an instantiate went: the plan (once the archive's head was read) and the problems the target
@@ -909,6 +1005,7 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
     let mut created = Created::default();
     let mut vms = Vec::new();
     let result = async {
+        let trust = opts.trust()?;
         let mut maps = Maps::parse(&opts.maps, opts.name.clone())?;
         maps.allow = Allow::parse(&opts.allow).map_err(|e| anyhow!(e))?;
         let roots = maps.roots();
@@ -930,8 +1027,9 @@ pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &d
         );
         let mut progress = Progress::new(report, "archive".into(), total, (0.05, 0.8));
         report.step(Some(0.02), "reading and checking the archive");
-        let read = archive::read(
+        let read = archive::read_trusting(
             BufReader::with_capacity(1 << 20, input),
+            &trust,
             |head| -> Result<Option<DiskFiles>> {
                 let p = plan(head, &maps, &target)?;
                 let problems = check_target(&p);

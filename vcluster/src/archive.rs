@@ -4,13 +4,22 @@
 //! MANIFEST.json            first: format and vmha version, source cluster, hosts, creation time, members,
 //!                          VM-to-host mapping, the disks (source path, size) and the size and BLAKE3
 //!                          hash of every metadata entry
+//! MANIFEST.sig             signed archives only: the signer's public key and its ed25519 signature
+//!                          over the manifest
 //! cluster/resources.xml    <resources> holding the members' definitions (primitives, groups) as captured
 //! cluster/constraints.xml  <constraints> holding the constraints among the members and to hosts
 //! cluster/tag.xml          the Pacemaker <tag> naming the members
 //! domains/<vm>.xml         each VM's libvirt domain definition
 //! disks/<n>/<offset>       with --with-disks: the non-zero chunks of disk image n (offset: 16 hex digits)
-//! CHUNKS.json              last: the size and BLAKE3 hash of every disk chunk
+//! CHUNKS.json              the size and BLAKE3 hash of every disk chunk
+//! CHUNKS.sig               signed archives only, last: the signature over the manifest's hash and the
+//!                          chunk list
 //! ```
+//!
+//! A signature (see [`crate::signature`]) is checked where it is read: the manifest's right after the
+//! manifest, before the metadata is read or the caller sees anything (an unsigned or untrusted archive
+//! is refused there when [`Trust::require`] says so), the chunk list's at the end, before [`read`]
+//! succeeds. A bad signature is refused whatever the trust.
 //!
 //! The plan comes first and the disk checksums last, so both ends stream in one pass: a capture learns a
 //! chunk's checksum as it writes the chunk, and an instantiate knows, once it has read the manifest and
@@ -31,12 +40,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::signature::{PublicKey, SecretKey, Signer, Trust};
+
 /// The archive format this version writes and reads.
 pub const FORMAT_VERSION: u32 = 3;
 /// The manifest's entry name (the first entry).
 pub const MANIFEST: &str = "MANIFEST.json";
 /// The chunk list's entry name (the last entry).
 pub const CHUNK_LIST: &str = "CHUNKS.json";
+/// The manifest's signature (right after the manifest, signed archives only).
+pub const MANIFEST_SIG: &str = "MANIFEST.sig";
+/// The chunk list's signature (right after the chunk list, signed archives only).
+pub const CHUNKS_SIG: &str = "CHUNKS.sig";
+/// Largest signature entry accepted.
+pub const MAX_SIGNATURE: u64 = 4096;
+/// What the manifest's signature signs: this, then the manifest's bytes.
+const MANIFEST_CONTEXT: &[u8] = b"vmha archive format 3: manifest\0";
+/// What the chunk list's signature signs: this, the manifest's BLAKE3 hash, then the chunk list's bytes.
+const CHUNKS_CONTEXT: &[u8] = b"vmha archive format 3: chunk list\0";
 pub const RESOURCES: &str = "cluster/resources.xml";
 pub const CONSTRAINTS: &str = "cluster/constraints.xml";
 pub const TAG: &str = "cluster/tag.xml";
@@ -62,6 +83,8 @@ pub enum ArchiveError {
     Hostile(String),
     #[error("unsupported archive: {0}")]
     Unsupported(String),
+    #[error("signature: {0}")]
+    Signature(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -150,6 +173,32 @@ pub struct DiskStats {
     pub stored: u64,
 }
 
+/// `MANIFEST.sig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestSignature {
+    /// The signer's public key, `vmha-ed25519 <base64>`.
+    key: String,
+    /// ed25519 over [`MANIFEST_CONTEXT`] and the manifest, base64.
+    signature: String,
+}
+
+/// `CHUNKS.sig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChunksSignature {
+    /// ed25519 over [`CHUNKS_CONTEXT`], the manifest's BLAKE3 hash and the chunk list, base64.
+    signature: String,
+}
+
+fn manifest_message(manifest: &[u8]) -> Vec<u8> {
+    [MANIFEST_CONTEXT, manifest].concat()
+}
+
+fn chunks_message(manifest: &[u8], chunks: &[u8]) -> Vec<u8> {
+    [CHUNKS_CONTEXT, blake3::hash(manifest).as_bytes(), chunks].concat()
+}
+
 /// BLAKE3 of `data`, in hex: a cryptographic hash like SHA-256 at about three times its speed here,
 /// which keeps hashing from being what limits capture and instantiate.
 fn hash_hex(data: &[u8]) -> String {
@@ -186,6 +235,8 @@ pub struct ArchiveWriter<W: Write> {
     chunks: ChunkList,
     /// Disks added so far.
     added: Vec<DiskStats>,
+    /// The signing key and the manifest as written (signed archives).
+    signing: Option<(SecretKey, Vec<u8>)>,
 }
 
 impl<W: Write> std::fmt::Debug for ArchiveWriter<W> {
@@ -252,14 +303,26 @@ impl<W: Write> ArchiveWriter<W> {
     pub fn new(
         out: W,
         level: i32,
+        manifest: Manifest,
+        metadata: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<Self, ArchiveError> {
+        Self::new_signed(out, level, manifest, metadata, None)
+    }
+
+    /// [`Self::new`], signed with `key` if given: the manifest's signature follows the manifest, the
+    /// chunk list's is the last entry.
+    pub fn new_signed(
+        out: W,
+        level: i32,
         mut manifest: Manifest,
         metadata: &BTreeMap<String, Vec<u8>>,
+        key: Option<SecretKey>,
     ) -> Result<Self, ArchiveError> {
         manifest.format_version = FORMAT_VERSION;
         manifest.files.clear();
         for (path, data) in metadata {
             check_path(path)?;
-            if entry_limit(path).is_none() || path.starts_with("disks/") || path == MANIFEST || path == CHUNK_LIST {
+            if entry_limit(path).is_none() || !is_metadata(path) {
                 return Err(ArchiveError::Unsupported(format!("{path} is not a metadata entry")));
             }
             if data.len() as u64 > MAX_METADATA {
@@ -280,6 +343,14 @@ impl<W: Write> ArchiveWriter<W> {
         let mut tar = tar::Builder::new(encoder);
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
         tar.append_data(&mut header(json.len() as u64), MANIFEST, json.as_slice())?;
+        if let Some(key) = &key {
+            let sig = ManifestSignature {
+                key: key.public().to_text(),
+                signature: key.sign(&manifest_message(&json)),
+            };
+            let sig = serde_json::to_vec(&sig).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
+            tar.append_data(&mut header(sig.len() as u64), MANIFEST_SIG, sig.as_slice())?;
+        }
         for (path, data) in metadata {
             tar.append_data(&mut header(data.len() as u64), path, data.as_slice())?;
         }
@@ -288,6 +359,7 @@ impl<W: Write> ArchiveWriter<W> {
             manifest,
             chunks: ChunkList::default(),
             added: Vec::new(),
+            signing: key.map(|k| (k, json)),
         })
     }
 
@@ -381,6 +453,14 @@ impl<W: Write> ArchiveWriter<W> {
         let json = serde_json::to_vec(&self.chunks).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
         self.tar
             .append_data(&mut header(json.len() as u64), CHUNK_LIST, json.as_slice())?;
+        if let Some((key, manifest)) = &self.signing {
+            let sig = ChunksSignature {
+                signature: key.sign(&chunks_message(manifest, &json)),
+            };
+            let sig = serde_json::to_vec(&sig).map_err(|e| ArchiveError::Unsupported(e.to_string()))?;
+            self.tar
+                .append_data(&mut header(sig.len() as u64), CHUNKS_SIG, sig.as_slice())?;
+        }
         let encoder = self.tar.into_inner()?;
         let out = encoder.finish()?;
         Ok((out, self.manifest, self.added))
@@ -498,6 +578,19 @@ fn check_path(path: &str) -> Result<(), ArchiveError> {
     Ok(())
 }
 
+fn misplaced(path: &str) -> String {
+    format!(
+        "entry {path:?} is out of place (the layout puts {MANIFEST_SIG} right after {MANIFEST} and {CHUNKS_SIG} \
+         right after {CHUNK_LIST})"
+    )
+}
+
+/// Whether `path` may be a metadata entry (one the manifest lists): not the manifest, the chunk list, a
+/// signature or a disk chunk.
+fn is_metadata(path: &str) -> bool {
+    !(path.starts_with("disks/") || [MANIFEST, CHUNK_LIST, MANIFEST_SIG, CHUNKS_SIG].contains(&path))
+}
+
 /// Where an entry may be and how large it may be: `None` if the layout has no such entry.
 fn entry_limit(path: &str) -> Option<u64> {
     if path == MANIFEST || path == RESOURCES || path == CONSTRAINTS || path == TAG {
@@ -505,6 +598,9 @@ fn entry_limit(path: &str) -> Option<u64> {
     }
     if path == CHUNK_LIST {
         return Some(MAX_CHUNK_LIST);
+    }
+    if path == MANIFEST_SIG || path == CHUNKS_SIG {
+        return Some(MAX_SIGNATURE);
     }
     if let Some(name) = path.strip_prefix("domains/") {
         return (name.ends_with(".xml") && !name.contains('/')).then_some(MAX_METADATA);
@@ -527,6 +623,8 @@ pub struct Verified {
     pub metadata: BTreeMap<String, Vec<u8>>,
     /// Empty while only the head of the archive is read.
     pub chunks: ChunkList,
+    /// Who signed the archive (checked), `None` if unsigned.
+    pub signer: Option<Signer>,
 }
 
 impl Verified {
@@ -686,6 +784,18 @@ pub fn read<R: Read + Send, E: From<ArchiveError>>(
     on_head: impl FnOnce(&Verified) -> Result<Option<DiskFiles>, E>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Verified, E> {
+    read_trusting(input, &Trust::default(), on_head, progress)
+}
+
+/// [`read`], checking the archive's signature against `trust`: a signed archive's signatures must be
+/// good (or it is refused), and with [`Trust::require`] an unsigned archive, or one signed by a key
+/// `trust` does not hold, is refused right after its manifest, before `on_head` is called.
+pub fn read_trusting<R: Read + Send, E: From<ArchiveError>>(
+    input: R,
+    trust: &Trust,
+    on_head: impl FnOnce(&Verified) -> Result<Option<DiskFiles>, E>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Verified, E> {
     let count = AtomicU64::new(0);
     std::thread::scope(|scope| {
         // Decompressing, parsing and hashing on one thread, checking and writing on this one (the two
@@ -706,7 +816,12 @@ pub fn read<R: Read + Send, E: From<ArchiveError>>(
                 let _ = tx.send(Err(e));
             }
         });
-        let mut reader = Reader { rx, files: None };
+        let mut reader = Reader {
+            rx,
+            files: None,
+            trust,
+            signed: None,
+        };
         let result = reader.run(on_head, &mut || progress(count.load(Ordering::Relaxed)));
         // Dropping the receiver stops the walker at its next entry.
         drop(reader);
@@ -719,6 +834,11 @@ pub fn verify<R: Read + Send>(input: R) -> Result<Verified, ArchiveError> {
     read(input, |_| Ok::<_, ArchiveError>(None), &mut |_| {})
 }
 
+/// [`verify`] with a signature check (see [`read_trusting`]).
+pub fn verify_trusting<R: Read + Send>(input: R, trust: &Trust) -> Result<Verified, ArchiveError> {
+    read_trusting(input, trust, |_| Ok::<_, ArchiveError>(None), &mut |_| {})
+}
+
 /// An archive entry as read: its path, its data and their size and hash.
 struct Entry {
     path: String,
@@ -726,12 +846,15 @@ struct Entry {
     sum: FileSum,
 }
 
-struct Reader {
+struct Reader<'t> {
     rx: std::sync::mpsc::Receiver<Result<Entry, ArchiveError>>,
     files: Option<DiskFiles>,
+    trust: &'t Trust,
+    /// The signer's key and the manifest's bytes, once a good manifest signature was read.
+    signed: Option<(PublicKey, Vec<u8>)>,
 }
 
-impl Reader {
+impl Reader<'_> {
     fn next(&self) -> Result<Option<Entry>, ArchiveError> {
         match self.rx.recv() {
             Ok(Ok(entry)) => Ok(Some(entry)),
@@ -746,8 +869,8 @@ impl Reader {
         progress: &mut dyn FnMut(),
     ) -> Result<Verified, E> {
         // The manifest, first.
-        let manifest = match self.next()? {
-            Some(e) if e.path == MANIFEST => parse_manifest(&e.data)?,
+        let (manifest, manifest_bytes) = match self.next()? {
+            Some(e) if e.path == MANIFEST => (parse_manifest(&e.data)?, e.data),
             Some(Entry { path, .. }) => {
                 return Err(
                     ArchiveError::Tampered(format!("the archive starts with {path}, not with {MANIFEST}")).into(),
@@ -755,12 +878,30 @@ impl Reader {
             }
             None => return Err(ArchiveError::Truncated(format!("no {MANIFEST} (the archive is empty)")).into()),
         };
+        // Its signature, if any, checked before anything else is read.
+        let mut next = self.next()?;
+        let signer = match next.take() {
+            Some(e) if e.path == MANIFEST_SIG => Some(self.manifest_signature(&e.data, manifest_bytes)?),
+            other => {
+                next = other;
+                None
+            }
+        };
+        if signer.is_none() && self.trust.require {
+            return Err(ArchiveError::Signature(
+                "the archive is unsigned, and a signature by a trusted key is required".into(),
+            )
+            .into());
+        }
         // The metadata it lists, each checked.
         let mut metadata = BTreeMap::new();
         let mut pending = None;
-        while let Some(entry) = self.next()? {
+        while let Some(entry) = next.take().map_or_else(|| self.next(), |e| Ok(Some(e)))? {
             let path = &entry.path;
-            if path.starts_with("disks/") || path == CHUNK_LIST || path == MANIFEST {
+            if path == MANIFEST_SIG || path == CHUNKS_SIG {
+                return Err(ArchiveError::Hostile(misplaced(path)).into());
+            }
+            if !is_metadata(path) {
                 pending = Some(entry);
                 break;
             }
@@ -791,6 +932,7 @@ impl Reader {
             manifest,
             metadata,
             chunks: ChunkList::default(),
+            signer,
         };
         // Where the disks go.
         if let Some(files) = on_head(&head)? {
@@ -803,6 +945,53 @@ impl Reader {
             self.files = Some(files);
         }
         Ok(self.chunks(head, pending, progress)?)
+    }
+
+    /// Checks `MANIFEST.sig` (`data`) over the manifest (`manifest`) and the signer against the trust.
+    fn manifest_signature(&mut self, data: &[u8], manifest: Vec<u8>) -> Result<Signer, ArchiveError> {
+        let sig: ManifestSignature = serde_json::from_slice(data)
+            .map_err(|e| ArchiveError::Signature(format!("{MANIFEST_SIG} is not valid: {e}")))?;
+        let key = PublicKey::parse(&sig.key, MANIFEST_SIG).map_err(|e| ArchiveError::Signature(e.to_string()))?;
+        let fingerprint = key.fingerprint();
+        if !key.verifies(&manifest_message(&manifest), &sig.signature) {
+            return Err(ArchiveError::Signature(format!(
+                "{MANIFEST_SIG}: the signature by {fingerprint} does not match {MANIFEST}: the archive was \
+                 altered after it was signed"
+            )));
+        }
+        let trusted = self.trust.source(&key).map(str::to_string);
+        if trusted.is_none() && self.trust.require {
+            return Err(ArchiveError::Signature(format!(
+                "the archive is signed by {fingerprint}, which is not a trusted key ({} trusted)",
+                self.trust.keys.len()
+            )));
+        }
+        let signer = Signer {
+            fingerprint,
+            key: key.to_text(),
+            trusted,
+        };
+        self.signed = Some((key, manifest));
+        Ok(signer)
+    }
+
+    /// Checks `CHUNKS.sig` (`data`) over the chunk list (`list`).
+    fn chunks_signature(&self, data: &[u8], list: &[u8]) -> Result<(), ArchiveError> {
+        let Some((key, manifest)) = &self.signed else {
+            return Err(ArchiveError::Signature(format!(
+                "{CHUNKS_SIG} in an archive without {MANIFEST_SIG}"
+            )));
+        };
+        let sig: ChunksSignature = serde_json::from_slice(data)
+            .map_err(|e| ArchiveError::Signature(format!("{CHUNKS_SIG} is not valid: {e}")))?;
+        if !key.verifies(&chunks_message(manifest, list), &sig.signature) {
+            return Err(ArchiveError::Signature(format!(
+                "{CHUNKS_SIG}: the signature by {} does not match {CHUNK_LIST}: the archive was altered after \
+                 it was signed",
+                key.fingerprint()
+            )));
+        }
+        Ok(())
     }
 
     /// The disk chunks and the chunk list.
@@ -843,16 +1032,28 @@ impl Reader {
         let disks: BTreeMap<u32, u64> = head.manifest.disks.iter().map(|d| (d.id, d.size)).collect();
         let mut sums = BTreeMap::new();
         let mut list = None;
+        let mut list_bytes = Vec::new();
+        let mut list_signed = false;
         while let Some(entry) = pending.take().map_or_else(|| self.next(), |e| Ok(Some(e)))? {
             let Entry { path, data, sum } = entry;
+            if path == CHUNKS_SIG && list.is_some() && !list_signed {
+                self.chunks_signature(&data, &list_bytes)?;
+                list_signed = true;
+                continue;
+            }
             if list.is_some() {
-                return Err(ArchiveError::Hostile(format!("entry {path:?} follows {CHUNK_LIST}")));
+                let last = if list_signed { CHUNKS_SIG } else { CHUNK_LIST };
+                return Err(ArchiveError::Hostile(format!("entry {path:?} follows {last}")));
             }
             if path == CHUNK_LIST {
                 let l: ChunkList = serde_json::from_slice(&data)
                     .map_err(|e| ArchiveError::Tampered(format!("{CHUNK_LIST} is not valid: {e}")))?;
                 list = Some(l);
+                list_bytes = data;
                 continue;
+            }
+            if path == MANIFEST_SIG || path == CHUNKS_SIG {
+                return Err(ArchiveError::Hostile(misplaced(&path)));
             }
             let Some(rest) = path.strip_prefix("disks/") else {
                 return Err(ArchiveError::Hostile(format!(
@@ -886,6 +1087,12 @@ impl Reader {
         let list = list.ok_or_else(|| {
             ArchiveError::Truncated(format!("no {CHUNK_LIST} (the archive ends before its last entry)"))
         })?;
+        if self.signed.is_some() && !list_signed {
+            return Err(ArchiveError::Signature(format!(
+                "the archive's manifest is signed but it ends without {CHUNKS_SIG}: its disk data is unsigned \
+                 (truncated or altered)"
+            )));
+        }
         for (path, sum) in &sums {
             match list.chunks.get(path) {
                 None => return Err(ArchiveError::Tampered(format!("entry {path} is not listed in {CHUNK_LIST}"))),
@@ -922,7 +1129,7 @@ fn check_manifest(m: &Manifest) -> Result<(), ArchiveError> {
                 "entry {p:?} is not part of the archive layout"
             )));
         }
-        if p.starts_with("disks/") || p == MANIFEST || p == CHUNK_LIST {
+        if !is_metadata(p) {
             return bad(format!("lists {p} as a metadata entry"));
         }
     }

@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod capture;
 pub mod domain_check;
+pub mod signature;
 pub mod translate;
 
 use std::collections::BTreeMap;

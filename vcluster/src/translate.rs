@@ -269,6 +269,8 @@ pub struct Plan {
     pub source_name: String,
     pub source_cluster: Option<String>,
     pub created: String,
+    /// Who signed the archive (its signature checked), `None`: unsigned.
+    pub signature: Option<crate::signature::Signer>,
     pub resources: Vec<PlannedResource>,
     pub constraints: Vec<String>,
     pub domains: Vec<PlannedDomain>,
@@ -1066,6 +1068,7 @@ pub fn plan(archive: &Verified, maps: &Maps, target: &Target) -> Result<Plan, Vc
         source_name: m.name.clone(),
         source_cluster: m.source_cluster.clone(),
         created: m.created.clone(),
+        signature: archive.signer.clone(),
         resources,
         constraints,
         domains,
@@ -1091,6 +1094,11 @@ impl Plan {
             p(&self.source_name),
             p(self.source_cluster.as_deref().unwrap_or("?")),
             p(&self.created)
+        );
+        let _ = writeln!(
+            s,
+            "archive: {}",
+            crate::signature::Signer::text(self.signature.as_ref())
         );
         let _ = writeln!(s, "hosts:");
         for (a, b) in &self.hosts {

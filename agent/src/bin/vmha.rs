@@ -498,7 +498,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 with_disks,
                 halt,
                 level,
-            } => client.vcluster_capture(&name, &out, with_disks, halt, level).await,
+                sign,
+            } => {
+                client
+                    .vcluster_capture(&name, &out, with_disks, halt, level, sign.as_deref())
+                    .await
+            }
             VclusterCmd::Instantiate {
                 file,
                 maps,
@@ -507,13 +512,25 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 allow_agents,
                 dry_run,
                 wait,
+                require_signature,
+                trusted_keys,
             } => {
                 // Categories as given, agents as agent=...: the D-Bus call's allow list.
                 let mut allow = allow;
                 allow.extend(allow_agents.into_iter().map(|a| format!("agent={a}")));
                 vmha_vcluster::domain_check::Allow::parse(&allow).map_err(|e| anyhow!(e))?;
+                // Public keys read here (the caller's files), checked, and sent as text.
+                let trusted_keys = trusted_keys
+                    .iter()
+                    .map(|path| {
+                        let what = path.display().to_string();
+                        let f = std::fs::File::open(path).with_context(|| format!("opening {what}"))?;
+                        let key = vmha_vcluster::signature::PublicKey::read(f, &what)?;
+                        Ok((what, key.to_text()))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 client
-                    .vcluster_instantiate(&file, maps, name, dry_run, wait, allow)
+                    .vcluster_instantiate(&file, maps, name, dry_run, wait, allow, require_signature, trusted_keys)
                     .await
             }
             other => vmha_agent::vcluster::run(other, client.output == Output::Json).await,
@@ -1252,18 +1269,38 @@ impl Client {
         with_disks: bool,
         halt: bool,
         level: i32,
+        sign: Option<&std::path::Path>,
     ) -> Result<ExitCode> {
         use std::os::fd::AsFd;
         if out.exists() {
             bail!("{} exists; not overwriting it", out.display());
         }
+        // The key file is checked here and passed to vmhad as an open file (its bytes never go on the bus).
+        let key_file = match sign {
+            None => None,
+            Some(path) => {
+                let what = path.display().to_string();
+                let mut f = std::fs::File::open(path).with_context(|| format!("opening {what}"))?;
+                vmha_vcluster::signature::SecretKey::read(&f, &what)?;
+                std::io::Seek::rewind(&mut f).with_context(|| format!("reading {what}"))?;
+                Some(f)
+            }
+        };
         let partial = PathBuf::from(format!("{}.partial", out.display()));
         let file = std::fs::File::options()
             .write(true)
             .create_new(true)
             .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
-        let body = (name, zbus::zvariant::Fd::from(file.as_fd()), with_disks, halt, level);
+        let sign_fds: Vec<zbus::zvariant::Fd> = key_file.iter().map(|f| zbus::zvariant::Fd::from(f.as_fd())).collect();
+        let body = (
+            name,
+            zbus::zvariant::Fd::from(file.as_fd()),
+            with_disks,
+            halt,
+            level,
+            sign_fds,
+        );
         let client = self.with_room(if with_disks { 3600 } else { 0 });
         let result = client
             .job_result(ROOT_PATH.to_string(), CLUSTER_INTERFACE, "CaptureVcluster", body)
@@ -1293,6 +1330,7 @@ impl Client {
     }
 
     /// `vmha vcluster instantiate`: vmhad reads the archive from a file opened here.
+    #[allow(clippy::too_many_arguments)] // the D-Bus call's arguments
     async fn vcluster_instantiate(
         &self,
         file: &std::path::Path,
@@ -1301,6 +1339,8 @@ impl Client {
         dry_run: bool,
         wait: u64,
         allow: Vec<String>,
+        require_signature: bool,
+        trusted_keys: Vec<(String, String)>,
     ) -> Result<ExitCode> {
         use std::os::fd::AsFd;
         let archive = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
@@ -1312,6 +1352,8 @@ impl Client {
             dry_run,
             wait,
             allow,
+            require_signature,
+            trusted_keys,
         );
         let client = self.with_room(u64::from(wait) + 3600);
         let (job, ok, message) = client

@@ -5,8 +5,12 @@
 //! block device, an agent outside the allowlist, a foreign CIB section, a path climbing out of storage and
 //! a long-name header bomb. Each is refused by `--dry-run` and by a real instantiate, naming what it
 //! refused, and the CIB's configuration, libvirt's domains on every host and the storage directory (names
-//! and hashes) are exactly as before. An opt-in (`--allow-agent`) shows in the plan. The genuine archive
-//! still instantiates: its VMs run from their copied disks.
+//! and hashes) are exactly as before. An opt-in (`--allow-agent`) shows in the plan. Signatures: the
+//! capture is signed with an operator key (`vmha vcluster keygen`, `capture --sign`); the hostile archives
+//! are made from it stripped of its signature. With `--require-signature` the unsigned archive is refused,
+//! and a signed archive with an entry edited and re-summed is refused by its signature, both before
+//! anything is created. The genuine signed archive still instantiates with `--require-signature
+//! --trusted-key`, its plan naming the signer: its VMs run from their copied disks.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +22,6 @@ use vmha_lab::{wait_for, Lab};
 use vmha_vcluster::archive::{self, FileSum};
 
 const VMS: [&str; 2] = ["h1web", "h1db"];
-const ARCHIVES: &str = "/var/tmp/vmha-lab/h1-archives";
 const DISK_MIB: u64 = 16;
 
 /// `vmha ARGS` on host `n`: (exit code, stdout, stderr).
@@ -212,8 +215,10 @@ fn long_name_bomb(genuine: &[u8]) -> Vec<u8> {
 #[test]
 #[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
 fn hostile_archives_are_refused() {
-    std::fs::create_dir_all(ARCHIVES).unwrap();
     let lab = vmha_e2e::lab();
+    // The lab's own directory (labs of other names may run this scenario at the same time).
+    let archives = PathBuf::from(format!("/var/tmp/vmha-lab/{}-archives", lab.cfg.name));
+    std::fs::create_dir_all(&archives).unwrap();
     for n in lab.cfg.host_numbers() {
         lab.start_vmhad(n).expect("starting vmhad");
     }
@@ -287,10 +292,28 @@ fn hostile_archives_are_refused() {
         wait_running(&lab, vm, Duration::from_secs(300));
     }
 
-    // The genuine archive (cold: the VMs stop while their disks are copied).
-    let genuine_path = PathBuf::from(ARCHIVES).join("genuine.vca");
+    // An operator key.
+    let key = archives.join("h1-operator.key");
+    let public = archives.join("h1-operator.key.pub");
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(&public);
+    let out = vmha_ok(&lab, 1, &["vcluster", "keygen", "-o", key.to_str().unwrap()]);
+    let fingerprint = out
+        .split_whitespace()
+        .find(|w| w.starts_with("ed25519:"))
+        .map(|w| w.trim_end_matches(')').to_string())
+        .unwrap_or_else(|| panic!("no fingerprint in {out}"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the secret key file's mode"
+    );
+
+    // The genuine archive (cold: the VMs stop while their disks are copied), signed.
+    let genuine_path = archives.join("genuine.vca");
     let _ = std::fs::remove_file(&genuine_path);
-    vmha_ok(
+    let out = vmha_ok(
         &lab,
         1,
         &[
@@ -301,9 +324,23 @@ fn hostile_archives_are_refused() {
             genuine_path.to_str().unwrap(),
             "--with-disks",
             "--halt",
+            "--sign",
+            key.to_str().unwrap(),
         ],
     );
-    let genuine = std::fs::read(&genuine_path).unwrap();
+    assert!(out.contains(&format!("signed by {fingerprint}")), "{out}");
+    let signed = std::fs::read(&genuine_path).unwrap();
+    let names: Vec<String> = entries(&signed).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names[1], archive::MANIFEST_SIG, "{names:?}");
+    assert_eq!(names.last().unwrap(), archive::CHUNKS_SIG, "{names:?}");
+    // The same archive unsigned: what the hostile archives are made from.
+    let unsigned: Vec<(String, Vec<u8>)> = entries(&signed)
+        .into_iter()
+        .filter(|(n, _)| n != archive::MANIFEST_SIG && n != archive::CHUNKS_SIG)
+        .collect();
+    let genuine = pack(&unsigned);
+    let unsigned_path = archives.join("genuine-unsigned.vca");
+    std::fs::write(&unsigned_path, &genuine).unwrap();
 
     // Remove the virtual cluster, so that the genuine archive can come back at the end.
     vmha_ok(&lab, 1, &["vcluster", "remove", "h1shop"]);
@@ -392,7 +429,7 @@ fn hostile_archives_are_refused() {
         ),
     ];
     for (what, data, expect) in &cases {
-        let path = PathBuf::from(ARCHIVES).join(format!("hostile-{what}.vca"));
+        let path = archives.join(format!("hostile-{what}.vca"));
         std::fs::write(&path, data).unwrap();
         for dry in [true, false] {
             let mut args = vec!["vcluster", "instantiate", path.to_str().unwrap()];
@@ -414,7 +451,7 @@ fn hostile_archives_are_refused() {
     }
 
     // An opt-in is shown in the plan (dry run).
-    let path = PathBuf::from(ARCHIVES).join("hostile-agent.vca");
+    let path = archives.join("hostile-agent.vca");
     let mut args = vec![
         "vcluster",
         "instantiate",
@@ -432,13 +469,96 @@ fn hostile_archives_are_refused() {
         "{out}"
     );
     assert!(out.contains("param binfile=/usr/bin/touch /tmp/h1-pwned"), "{out}");
+    assert!(out.contains("archive: unsigned"), "{out}");
     assert_eq!(state(&lab), before, "a dry run changed something");
 
-    // The genuine archive instantiates: its VMs run from their copied disks.
+    // Signatures: an unsigned archive is refused with --require-signature; a signed one with an entry
+    // edited and re-summed is refused by its signature (required or not); a signature by a key that is
+    // not trusted is refused with --require-signature; a secret key given as a trusted key is refused
+    // without showing it. Each before anything is created.
+    let tampered_path = archives.join("hostile-signed-tampered.vca");
+    std::fs::write(
+        &tampered_path,
+        rewrite(&signed, web, |x| x.replace(&web_img, "/etc/shadow")),
+    )
+    .unwrap();
+    let trusted = public.to_str().unwrap();
+    let signature_cases: Vec<(&Path, Vec<&str>, &str)> = vec![
+        (
+            &unsigned_path,
+            vec!["--require-signature", "--trusted-key", trusted],
+            "signature: the archive is unsigned, and a signature by a trusted key is required",
+        ),
+        (
+            &tampered_path,
+            vec!["--require-signature", "--trusted-key", trusted],
+            "does not match MANIFEST.json: the archive was altered after it was signed",
+        ),
+        (
+            &tampered_path,
+            vec![],
+            "does not match MANIFEST.json: the archive was altered after it was signed",
+        ),
+        (
+            &genuine_path,
+            vec!["--require-signature", "--trusted-key", key.to_str().unwrap()],
+            "this is a secret key file, not a public one",
+        ),
+    ];
+    let secret = std::fs::read_to_string(&key).unwrap();
+    let seed = secret.split_whitespace().nth(1).unwrap().to_string();
+    for (path, extra, expect) in &signature_cases {
+        for dry in [true, false] {
+            let mut args = vec!["vcluster", "instantiate", path.to_str().unwrap()];
+            args.extend(maps);
+            args.extend(extra.iter().copied());
+            if dry {
+                args.push("--dry-run");
+            }
+            let (code, out, err) = vmha(&lab, 2, &args);
+            println!(
+                "{} {extra:?} (dry run: {dry}): exit {code}: {}",
+                path.display(),
+                err.trim()
+            );
+            assert_ne!(code, 0, "{} {extra:?} accepted: {out}", path.display());
+            assert!(err.contains(expect), "{}: expected {expect:?} in {err}", path.display());
+            assert!(!err.contains(&seed) && !out.contains(&seed), "the secret key was shown");
+            assert_eq!(
+                state(&lab),
+                before,
+                "{} {extra:?} (dry run: {dry}) changed something",
+                path.display()
+            );
+        }
+    }
+    // A key the target does not trust (none in /etc/vmha/trusted-keys here).
+    let mut args = vec![
+        "vcluster",
+        "instantiate",
+        genuine_path.to_str().unwrap(),
+        "--dry-run",
+        "--require-signature",
+    ];
+    args.extend(maps);
+    let (code, out, err) = vmha(&lab, 2, &args);
+    assert_ne!(code, 0, "an untrusted signer accepted: {out}");
+    assert!(
+        err.contains(&format!("signed by {fingerprint}, which is not a trusted key")),
+        "{err}"
+    );
+    assert_eq!(state(&lab), before, "a refused dry run changed something");
+
+    // The genuine archive instantiates, its signature required: its VMs run from their copied disks.
     let mut args = vec!["vcluster", "instantiate", genuine_path.to_str().unwrap()];
     args.extend(maps);
+    args.extend(["--require-signature", "--trusted-key", trusted]);
     let out = vmha_ok(&lab, 2, &args);
     println!("genuine instantiate:\n{out}");
+    assert!(
+        out.contains(&format!("archive: signed by {fingerprint} (trusted: {trusted})")),
+        "the plan names the signer: {out}"
+    );
     assert!(
         out.contains("disk type=file device=disk"),
         "the plan lists the disks: {out}"

@@ -505,3 +505,252 @@ fn chunk_offsets_and_disk_sizes_cannot_overflow() {
     m.disks[0].size = u64::MAX;
     assert!(rejected(&raw(&BASE, Some(m))).contains("more than a file can hold"));
 }
+
+mod signed {
+    use super::*;
+    use crate::signature::{SecretKey, TrustedKey};
+
+    /// Every entry of an archive, in order (the archive must be well-formed tar).
+    fn unpack(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let tar = zstd::decode_all(archive).unwrap();
+        let mut a = tar::Archive::new(tar.as_slice());
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().to_string_lossy().into_owned();
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                (path, data)
+            })
+            .collect()
+    }
+
+    fn repack(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            entry(&mut b, name, tar::EntryType::Regular, data);
+        }
+        zstd::encode_all(b.into_inner().unwrap().as_slice(), 1).unwrap()
+    }
+
+    /// An archive with a 2-chunk disk signed by `key`.
+    fn signed_by(key: &SecretKey) -> Vec<u8> {
+        let key = SecretKey::parse(&key.to_text(), "k").unwrap();
+        let mut m = manifest("t");
+        let data: Vec<u8> = (0..CHUNK as usize + 100).map(|i| (i % 251) as u8 + 1).collect();
+        let path = temp("signed-disk");
+        std::fs::write(&path, &data).unwrap();
+        m.disks.push(web_disk(data.len() as u64));
+        let mut w = ArchiveWriter::new_signed(Vec::new(), 1, m, &metadata(), Some(key)).unwrap();
+        w.add_disk(&File::open(&path).unwrap(), &mut |_| {}).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        w.finish().unwrap().0
+    }
+
+    fn trusting(key: &SecretKey, require: bool) -> Trust {
+        Trust {
+            keys: vec![TrustedKey {
+                key: key.public(),
+                source: "/etc/vmha/trusted-keys/op.pub".into(),
+            }],
+            require,
+        }
+    }
+
+    fn refused(archive: &[u8], trust: &Trust) -> String {
+        let mut head_seen = false;
+        let r = read_trusting(
+            archive,
+            trust,
+            |_| {
+                head_seen = true;
+                Ok::<_, ArchiveError>(None)
+            },
+            &mut |_| {},
+        );
+        match r {
+            Ok(_) => panic!("accepted a badly signed archive"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.starts_with("signature: "), "{e}");
+                if trust.require && e.contains("trusted") {
+                    assert!(!head_seen, "refused only after the head was handed on: {e}");
+                }
+                e
+            }
+        }
+    }
+
+    /// `archive` with its manifest edited by `edit`, re-summed as an attacker would.
+    fn edit_metadata(archive: &[u8], path: &str, new: &[u8]) -> Vec<u8> {
+        let mut entries = unpack(archive);
+        let mut m: Manifest = serde_json::from_slice(&entries[0].1).unwrap();
+        m.files.insert(path.into(), FileSum::of(new));
+        entries[0].1 = serde_json::to_vec_pretty(&m).unwrap();
+        for (p, d) in entries.iter_mut() {
+            if p == path {
+                *d = new.to_vec();
+            }
+        }
+        repack(&entries)
+    }
+
+    #[test]
+    fn a_signed_archive_verifies_and_names_its_signer() {
+        let key = SecretKey::generate().unwrap();
+        let a = signed_by(&key);
+        let names: Vec<String> = unpack(&a).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(names[1], MANIFEST_SIG, "{names:?}");
+        assert_eq!(names.last().unwrap(), CHUNKS_SIG, "{names:?}");
+        let v = verify_trusting(a.as_slice(), &trusting(&key, true)).unwrap();
+        let s = v.signer.unwrap();
+        assert_eq!(s.fingerprint, key.public().fingerprint());
+        assert_eq!(s.trusted.as_deref(), Some("/etc/vmha/trusted-keys/op.pub"));
+        assert_eq!(v.chunks.chunks.len(), 2);
+        // Without trusted keys: still checked, shown as not trusted.
+        let v = verify(a.as_slice()).unwrap();
+        assert_eq!(v.signer.unwrap().trusted, None);
+        assert!(crate::signature::Signer::text(None).contains("unsigned"));
+    }
+
+    #[test]
+    fn a_key_that_is_not_trusted_is_refused_when_a_signature_is_required() {
+        let key = SecretKey::generate().unwrap();
+        let other = SecretKey::generate().unwrap();
+        let a = signed_by(&other);
+        let e = refused(&a, &trusting(&key, true));
+        assert!(
+            e.contains(&other.public().fingerprint()) && e.contains("not a trusted key"),
+            "{e}"
+        );
+        let e = refused(
+            &a,
+            &Trust {
+                keys: vec![],
+                require: true,
+            },
+        );
+        assert!(e.contains("not a trusted key (0 trusted)"), "{e}");
+        // Not required: accepted, not trusted.
+        let v = verify_trusting(a.as_slice(), &trusting(&key, false)).unwrap();
+        assert_eq!(v.signer.unwrap().trusted, None);
+    }
+
+    #[test]
+    fn unsigned_archives_are_refused_only_when_a_signature_is_required() {
+        let key = SecretKey::generate().unwrap();
+        let a = good(Some(&[7u8; 1000]));
+        let e = refused(&a, &trusting(&key, true));
+        assert!(e.contains("unsigned"), "{e}");
+        let v = verify_trusting(a.as_slice(), &trusting(&key, false)).unwrap();
+        assert_eq!(v.signer, None);
+        // A signed archive stripped of its signatures is unsigned.
+        let stripped: Vec<_> = unpack(&signed_by(&key))
+            .into_iter()
+            .filter(|(p, _)| p != MANIFEST_SIG && p != CHUNKS_SIG)
+            .collect();
+        let stripped = repack(&stripped);
+        assert!(refused(&stripped, &trusting(&key, true)).contains("unsigned"));
+        assert_eq!(verify(stripped.as_slice()).unwrap().signer, None);
+    }
+
+    #[test]
+    fn a_tampered_metadata_entry_fails_the_signature_even_re_summed() {
+        let key = SecretKey::generate().unwrap();
+        let a = edit_metadata(
+            &signed_by(&key),
+            "domains/web.xml",
+            b"<domain><name>web</name><qemu:commandline/></domain>",
+        );
+        for trust in [trusting(&key, true), Trust::default()] {
+            let e = refused(&a, &trust);
+            assert!(
+                e.contains("does not match MANIFEST.json") && e.contains("altered"),
+                "{e}"
+            );
+        }
+        // Re-signing with another key makes it another signer's archive, not the trusted one's.
+        let mut entries = unpack(&a);
+        let attacker = SecretKey::generate().unwrap();
+        let manifest = entries[0].1.clone();
+        entries[1].1 = serde_json::to_vec(&ManifestSignature {
+            key: key.public().to_text(),
+            signature: attacker.sign(&manifest_message(&manifest)),
+        })
+        .unwrap();
+        assert!(refused(&repack(&entries), &trusting(&key, true)).contains("does not match"));
+    }
+
+    #[test]
+    fn a_tampered_disk_chunk_fails_the_signature_even_re_summed() {
+        let key = SecretKey::generate().unwrap();
+        let mut entries = unpack(&signed_by(&key));
+        let list_at = entries.iter().position(|(p, _)| p == CHUNK_LIST).unwrap();
+        let mut list: ChunkList = serde_json::from_slice(&entries[list_at].1).unwrap();
+        let chunk_at = entries.iter().position(|(p, _)| p.starts_with("disks/")).unwrap();
+        entries[chunk_at].1[0] ^= 0xff;
+        list.chunks
+            .insert(entries[chunk_at].0.clone(), FileSum::of(&entries[chunk_at].1));
+        entries[list_at].1 = serde_json::to_vec(&list).unwrap();
+        let e = refused(&repack(&entries), &trusting(&key, true));
+        assert!(e.contains("does not match CHUNKS.json"), "{e}");
+        // The disk data, chunk list and its signature of another archive signed by the same key (with
+        // another manifest): the chunk list's signature binds the manifest.
+        let mut m = manifest("other");
+        m.disks.push(web_disk(10));
+        let path = temp("other-disk");
+        std::fs::write(&path, [9u8; 10]).unwrap();
+        let mut w = ArchiveWriter::new_signed(
+            Vec::new(),
+            1,
+            m,
+            &metadata(),
+            Some(SecretKey::parse(&key.to_text(), "k").unwrap()),
+        )
+        .unwrap();
+        w.add_disk(&File::open(&path).unwrap(), &mut |_| {}).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let other = unpack(&w.finish().unwrap().0);
+        let mut mixed: Vec<_> = unpack(&signed_by(&key)).into_iter().take(6).collect();
+        assert_eq!(mixed[5].0, "domains/web.xml");
+        mixed.extend(other.into_iter().skip(6));
+        let e = refused(&repack(&mixed), &Trust::default());
+        assert!(e.contains("does not match CHUNKS.json"), "{e}");
+    }
+
+    #[test]
+    fn missing_or_misplaced_signatures_are_refused() {
+        let key = SecretKey::generate().unwrap();
+        let entries = unpack(&signed_by(&key));
+        let trust = trusting(&key, false);
+        // Without its chunk list signature (cut off, or removed).
+        let cut: Vec<_> = entries.iter().filter(|(p, _)| p != CHUNKS_SIG).cloned().collect();
+        let e = refused(&repack(&cut), &trust);
+        assert!(e.contains("ends without CHUNKS.sig"), "{e}");
+        // A chunk list signature in an unsigned archive.
+        let no_head: Vec<_> = entries.iter().filter(|(p, _)| p != MANIFEST_SIG).cloned().collect();
+        let e = refused(&repack(&no_head), &trust);
+        assert!(e.contains("without MANIFEST.sig"), "{e}");
+        // The manifest's signature moved after the metadata.
+        let mut moved = entries.clone();
+        let sig = moved.remove(1);
+        moved.insert(3, sig);
+        let e = verify(repack(&moved).as_slice()).unwrap_err().to_string();
+        assert!(e.contains("MANIFEST.sig"), "{e}");
+        // Two chunk list signatures.
+        let mut twice = entries.clone();
+        twice.push(entries.last().unwrap().clone());
+        let e = verify(repack(&twice).as_slice()).unwrap_err().to_string();
+        assert!(e.contains("CHUNKS.sig"), "{e}");
+        // Garbage in the signature entry.
+        let mut garbage = entries.clone();
+        garbage[1].1 = b"{\"key\":\"vmha-ed25519 AAAA\",\"signature\":\"\"}".to_vec();
+        let e = refused(&repack(&garbage), &trust);
+        assert!(e.contains("not 32"), "{e}");
+        // A metadata entry may not be named like a signature.
+        let mut meta = metadata();
+        meta.insert(MANIFEST_SIG.into(), b"x".to_vec());
+        assert!(ArchiveWriter::new(Vec::new(), 1, manifest("t"), &meta).is_err());
+    }
+}
