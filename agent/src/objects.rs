@@ -498,6 +498,28 @@ impl VmObject {
             .await
     }
 
+    /// Clears the VM's failures on `host` (empty: every host), as `pcs resource cleanup`: Pacemaker's
+    /// attribute manager drops its fail counts and last-failure times, and each host showing a failure of
+    /// it forgets that operation history and probes it again. Returns the hosts probed again. An unknown
+    /// host is refused (InvalidArgs) and changes nothing.
+    async fn cleanup(
+        &self,
+        host: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        authorize_change(conn, &header, &format!("clean up VM {}", self.name)).await?;
+        crate::failures::cleanup(&self.shared, &self.name, &host)
+            .await
+            .map_err(|e| {
+                if e.is_invalid() {
+                    zbus::fdo::Error::InvalidArgs(e.to_string())
+                } else {
+                    fail(e)
+                }
+            })
+    }
+
     /// Live-migrates the VM to `host` through Pacemaker; the temporary constraint is removed afterwards.
     #[zbus(name = "Move")]
     async fn move_to(
