@@ -104,13 +104,16 @@ impl ClusterObject {
         self.shared.snapshot().view.as_ref().is_some_and(|v| v.stonith_enabled)
     }
 
-    /// True while vmhad reads the CIB (false: the properties may be stale).
+    /// True while vmhad reads the CIB (false: the properties may be stale). False with an empty
+    /// CibVersion: vmhad has not read the cluster yet (still connecting), so Quorate,
+    /// DesignatedController and StonithEnabled are defaults, not the cluster's.
     #[zbus(property)]
     async fn connected(&self) -> bool {
         self.shared.snapshot().cib_connected
     }
 
-    /// CIB version `admin_epoch.epoch.num_updates` the properties reflect.
+    /// CIB version `admin_epoch.epoch.num_updates` the properties reflect; empty until vmhad first read the
+    /// CIB.
     #[zbus(property)]
     async fn cib_version(&self) -> String {
         self.shared
