@@ -90,7 +90,7 @@ mod tests {
             Err(Error::Invalid { .. })
         ));
         assert!(matches!(
-            clear_failures(None, "vm\01", Duration::from_secs(1)).await,
+            clear_failures(None, "vm\0x", Duration::from_secs(1)).await,
             Err(Error::Invalid { .. })
         ));
     }
