@@ -125,13 +125,16 @@ impl ClusterObject {
         self.shared.snapshot().view.as_ref().is_some_and(|v| v.stonith_enabled)
     }
 
-    /// True while vmhad reads the CIB (false: the properties may be stale).
+    /// True while vmhad reads the CIB (false: the properties may be stale). False with an empty
+    /// CibVersion: vmhad has not read the cluster yet (still connecting), so Quorate,
+    /// DesignatedController and StonithEnabled are defaults, not the cluster's.
     #[zbus(property)]
     async fn connected(&self) -> bool {
         self.shared.snapshot().cib_connected
     }
 
-    /// CIB version `admin_epoch.epoch.num_updates` the properties reflect.
+    /// CIB version `admin_epoch.epoch.num_updates` the properties reflect; empty until vmhad first read the
+    /// CIB.
     #[zbus(property)]
     async fn cib_version(&self) -> String {
         self.shared
@@ -530,6 +533,28 @@ impl VmObject {
     ) -> zbus::fdo::Result<OwnedObjectPath> {
         self.operation(conn, &header, "stop", Operation::Stop(self.name.clone()))
             .await
+    }
+
+    /// Clears the VM's failures on `host` (empty: every host), as `pcs resource cleanup`: Pacemaker's
+    /// attribute manager drops its fail counts and last-failure times, and each host showing a failure of
+    /// it forgets that operation history and probes it again. Returns the hosts probed again. An unknown
+    /// host is refused (InvalidArgs) and changes nothing.
+    async fn cleanup(
+        &self,
+        host: String,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<Vec<String>> {
+        authorize_change(conn, &header, &format!("clean up VM {}", self.name)).await?;
+        crate::failures::cleanup(&self.shared, &self.name, &host)
+            .await
+            .map_err(|e| {
+                if e.is_invalid() {
+                    zbus::fdo::Error::InvalidArgs(e.to_string())
+                } else {
+                    fail(e)
+                }
+            })
     }
 
     /// Live-migrates the VM to `host` through Pacemaker; the temporary constraint is removed afterwards.

@@ -362,12 +362,7 @@ async fn show(name: &str, json_out: bool) -> Result<()> {
     } else {
         println!("virtual cluster {}: {}", c.name, c.members.join(" "));
         for v in &vms {
-            println!(
-                "  vm {} {} on {}",
-                v["resource"].as_str().unwrap_or(""),
-                v["state"].as_str().unwrap_or("?"),
-                v["hosts"].as_array().map(|h| h.len()).unwrap_or(0)
-            );
+            println!("{}", show_vm_line(v));
         }
         println!("  constraints: {}", c.constraints.join(", "));
         for (id, outsider) in &c.left_out {
@@ -375,6 +370,25 @@ async fn show(name: &str, json_out: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One VM's line of `vmha vcluster show`: its resource, state and the hosts it runs on by name
+/// ("vm vm1 running on node2"; "on node1,node2" while it is active on two; "nowhere" when on none).
+fn show_vm_line(v: &Value) -> String {
+    let hosts: Vec<&str> = v["hosts"]
+        .as_array()
+        .map(|h| h.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let on = if hosts.is_empty() {
+        "nowhere".to_string()
+    } else {
+        format!("on {}", hosts.join(","))
+    };
+    format!(
+        "  vm {} {} {on}",
+        v["resource"].as_str().unwrap_or(""),
+        v["state"].as_str().unwrap_or("?")
+    )
 }
 
 /// Runs `f` on a thread and waits at most `limit` for it: a hung libvirtd cannot hang vmha.
@@ -1170,4 +1184,29 @@ pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T
         .enable_all()
         .build()?
         .block_on(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_names_the_host_a_vm_runs_on() {
+        let v = json!({"resource": "vm1", "state": "running", "hosts": ["node2"]});
+        assert_eq!(show_vm_line(&v), "  vm vm1 running on node2");
+    }
+
+    #[test]
+    fn show_names_every_host_of_a_vm_active_on_several() {
+        let v = json!({"resource": "vm1", "state": "running", "hosts": ["node1", "node3"]});
+        assert_eq!(show_vm_line(&v), "  vm vm1 running on node1,node3");
+    }
+
+    #[test]
+    fn show_says_nowhere_for_a_vm_on_no_host() {
+        let v = json!({"resource": "vm2", "state": "stopped", "hosts": []});
+        assert_eq!(show_vm_line(&v), "  vm vm2 stopped nowhere");
+        let unknown = json!({"resource": "vm3", "state": null, "hosts": []});
+        assert_eq!(show_vm_line(&unknown), "  vm vm3 ? nowhere");
+    }
 }

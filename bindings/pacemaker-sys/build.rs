@@ -66,6 +66,8 @@ fn main() {
         .allowlist_type("pcmk_controld_api_reply_t")
         .allowlist_function("pcmk_pacemakerd_api_.*")
         .allowlist_type("pcmk_pacemakerd_api_reply_t")
+        // libcrmcommon: the attribute manager (clear a resource's fail counts, as crm_resource --cleanup)
+        .allowlist_function("pcmk__attrd_api_clear_failures")
         // libpacemaker (declared in wrapper.h)
         .allowlist_function("pcmk_designated_controller")
         .allowlist_function("pcmk_controller_status")

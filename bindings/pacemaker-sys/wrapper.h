@@ -6,6 +6,9 @@
 #include <crm/common/ipc.h>
 #include <crm/common/ipc_controld.h>
 #include <crm/common/ipc_pacemakerd.h>
+/* The attribute manager (pacemaker-attrd) client calls crm_resource --cleanup uses (exported by
+ * libcrmcommon.so.34; the header is installed by pacemaker-dev). */
+#include <crm/common/ipc_attrd_internal.h>
 #include <crm/pengine/status.h>
 #include <glib.h>
 #include <libxml/globals.h>

@@ -232,6 +232,14 @@ enum VmCmd {
     Stop { name: String },
     /// Live-migrate a VM to another host.
     Move { name: String, host: String },
+    /// Clear a VM's fail counts and failed operations (as `pcs resource cleanup`): Pacemaker forgets
+    /// them and probes the VM again where it had failed.
+    Cleanup {
+        name: String,
+        /// Only on this host (default: every host).
+        #[arg(long)]
+        host: Option<String>,
+    },
     /// Send a request to a VM's guest (vmha-guest runs its hooks) and print the result: done, refused
     /// (with the guest's reason) or failed. Run it on the host where the VM runs. Exit status 0 only
     /// for done.
@@ -403,6 +411,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
             VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
             VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
+            VmCmd::Cleanup { name, host } => client.vm_cleanup(&name, host.unwrap_or_default()).await,
             VmCmd::Request {
                 name,
                 request,
@@ -869,6 +878,68 @@ fn props_json(props: &HashMap<String, OwnedValue>) -> Value {
     json!(sorted)
 }
 
+/// True while vmhad has not read the cluster yet: it is not connected to the CIB and has never read it
+/// (no CIB version). Until then its quorum, DC and fencing properties are defaults, not the cluster's.
+fn connecting(cluster: &Value) -> bool {
+    cluster["Connected"] != json!(true) && s(cluster, "CibVersion").is_empty()
+}
+
+/// The first lines of `vmha status`: the cluster's quorum, DC and members and, once vmhad has read the
+/// cluster, the fencing alarm. While vmhad is still connecting it says so and raises no alarm.
+fn status_header(c: &Value) -> Vec<String> {
+    if connecting(c) {
+        return vec![format!(
+            "cluster {}: vmhad is still connecting (it has not read the CIB yet): quorum, DC and fencing unknown",
+            if s(c, "Name").is_empty() {
+                "?".into()
+            } else {
+                s(c, "Name")
+            }
+        )];
+    }
+    let mut lines = vec![format!(
+        "cluster {}: {}, DC {}, members {}{}",
+        s(c, "Name"),
+        if c["Quorate"] == json!(true) {
+            "quorate"
+        } else {
+            "NOT QUORATE"
+        },
+        if s(c, "DesignatedController").is_empty() {
+            "(none)".into()
+        } else {
+            s(c, "DesignatedController")
+        },
+        s(c, "Members"),
+        if c["Connected"] == json!(true) {
+            String::new()
+        } else {
+            " (vmhad cannot read the CIB: state may be stale)".into()
+        }
+    )];
+    if c["StonithEnabled"] != json!(true) {
+        lines.push("WARNING: fencing is disabled: a failed host's VMs may run twice".into());
+    }
+    lines
+}
+
+/// `vmha status --output json`: the snapshot plus `"connecting"`; while vmhad is still connecting the
+/// cluster's Quorate, DesignatedController and StonithEnabled are null (unknown), not false/empty.
+fn status_json(mut snap: Value) -> Value {
+    let is_connecting = connecting(&snap["cluster"]);
+    if is_connecting {
+        if let Some(c) = snap["cluster"].as_object_mut() {
+            for key in ["Quorate", "DesignatedController", "StonithEnabled"] {
+                c.insert(key.into(), Value::Null);
+            }
+        }
+    }
+    if let Some(o) = snap.as_object_mut() {
+        o.insert("connecting".into(), json!(is_connecting));
+    }
+    snap
+}
+
 fn s(v: &Value, key: &str) -> String {
     match &v[key] {
         Value::String(s) => s.clone(),
@@ -989,31 +1060,10 @@ impl Client {
     async fn status(&self) -> Result<ExitCode> {
         let snap = self.snapshot().await?;
         if self.output == Output::Json {
-            return self.print_json(&snap);
+            return self.print_json(&status_json(snap));
         }
-        let c = &snap["cluster"];
-        println!(
-            "cluster {}: {}, DC {}, members {}{}",
-            s(c, "Name"),
-            if c["Quorate"] == json!(true) {
-                "quorate"
-            } else {
-                "NOT QUORATE"
-            },
-            if s(c, "DesignatedController").is_empty() {
-                "(none)".into()
-            } else {
-                s(c, "DesignatedController")
-            },
-            s(c, "Members"),
-            if c["Connected"] == json!(true) {
-                String::new()
-            } else {
-                " (vmhad cannot read the CIB: state may be stale)".into()
-            }
-        );
-        if c["StonithEnabled"] != json!(true) {
-            println!("WARNING: fencing is disabled: a failed host's VMs may run twice");
+        for line in status_header(&snap["cluster"]) {
+            println!("{line}");
         }
         println!();
         self.print_hosts(&snap);
@@ -1131,6 +1181,31 @@ impl Client {
         self.change(method, path, iface, &body).await?;
         if self.output == Output::Json {
             return self.print_json(&json!({ "ok": true }));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// `vmha vm cleanup`: clears the VM's failures and says where Pacemaker probes it again.
+    async fn vm_cleanup(&self, name: &str, host: String) -> Result<ExitCode> {
+        let reply = self
+            .change("Cleanup", vm_path(name).as_str(), VM_INTERFACE, &(host.clone(),))
+            .await?;
+        let probed: Vec<String> = reply.body().deserialize()?;
+        if self.output == Output::Json {
+            return self.print_json(&json!({ "ok": true, "probed": probed }));
+        }
+        let on = if host.is_empty() {
+            "every host".to_string()
+        } else {
+            host
+        };
+        if probed.is_empty() {
+            println!("VM {name}: fail counts cleared on {on}");
+        } else {
+            println!(
+                "VM {name}: fail counts cleared on {on}; probed again on {}",
+                probed.join(",")
+            );
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -1445,4 +1520,65 @@ fn now() -> f64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh_vmhad() -> Value {
+        // What a just-started vmhad publishes before it read the CIB: defaults.
+        json!({"Name": "", "Quorate": false, "DesignatedController": "", "Members": [],
+               "StonithEnabled": false, "Connected": false, "CibVersion": ""})
+    }
+
+    #[test]
+    fn a_connecting_vmhad_is_reported_as_connecting_without_alarms() {
+        let lines = status_header(&fresh_vmhad());
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("still connecting"), "{lines:?}");
+        let text = lines.join("\n");
+        assert!(!text.contains("NOT QUORATE"), "{text}");
+        assert!(!text.contains("fencing is disabled"), "{text}");
+        assert!(!text.contains("DC (none)"), "{text}");
+    }
+
+    #[test]
+    fn a_connected_cluster_without_quorum_or_fencing_raises_both_alarms() {
+        let c = json!({"Name": "lab", "Quorate": false, "DesignatedController": "", "Members": ["node1"],
+                       "StonithEnabled": false, "Connected": true, "CibVersion": "0.12.3"});
+        let lines = status_header(&c);
+        assert_eq!(lines[0], "cluster lab: NOT QUORATE, DC (none), members node1");
+        assert_eq!(
+            lines[1],
+            "WARNING: fencing is disabled: a failed host's VMs may run twice"
+        );
+    }
+
+    #[test]
+    fn a_lost_cib_after_a_read_is_stale_not_connecting() {
+        let c = json!({"Name": "lab", "Quorate": true, "DesignatedController": "node1",
+                       "Members": ["node1", "node2"], "StonithEnabled": true, "Connected": false,
+                       "CibVersion": "0.12.3"});
+        let lines = status_header(&c);
+        assert_eq!(
+            lines,
+            vec!["cluster lab: quorate, DC node1, members node1,node2 (vmhad cannot read the CIB: state may be stale)"]
+        );
+    }
+
+    #[test]
+    fn status_json_marks_connecting_and_unknown_quorum() {
+        let out = status_json(json!({"cluster": fresh_vmhad(), "hosts": [], "vms": []}));
+        assert_eq!(out["connecting"], json!(true));
+        assert_eq!(out["cluster"]["Quorate"], Value::Null);
+        assert_eq!(out["cluster"]["StonithEnabled"], Value::Null);
+        assert_eq!(out["cluster"]["DesignatedController"], Value::Null);
+        let mut c = fresh_vmhad();
+        c["Connected"] = json!(true);
+        c["CibVersion"] = json!("0.1.0");
+        let out = status_json(json!({"cluster": c, "hosts": [], "vms": []}));
+        assert_eq!(out["connecting"], json!(false));
+        assert_eq!(out["cluster"]["Quorate"], json!(false));
+    }
 }

@@ -1,6 +1,7 @@
 //! Safe, async access to Pacemaker for vmhad: the CIB ([`Cib`]: read, change in single operations, follow
-//! changes) and the controller ([`Controller`]: who the DC is, report a resource failure so recovery starts
-//! at once). Built on `pacemaker-sys` (Pacemaker 2.1.5's client libraries, as Debian 12 ships them).
+//! changes), the controller ([`Controller`]: who the DC is, report a resource failure so recovery starts
+//! at once, refresh a resource) and the attribute manager ([`clear_failures`]: clear a resource's fail
+//! counts). Built on `pacemaker-sys` (Pacemaker 2.1.5's client libraries, as Debian 12 ships them).
 //!
 //! # Threads
 //! Pacemaker's client libraries are not thread-safe, so no handle is ever used from two threads:
@@ -28,6 +29,7 @@
 //! the thread of that connection stays blocked until the daemon answers or dies.
 #![allow(unsafe_code)]
 
+mod attrd;
 mod callback;
 mod cib;
 mod cib_thread;
@@ -36,6 +38,7 @@ mod error;
 mod simulate;
 mod xml;
 
+pub use attrd::clear_failures;
 pub use cib::{Access, CallOptions, Cib, CibChange, CibChanges, CibVersion, Scope};
 pub use controller::{Controller, ControllerState, Resource};
 pub use error::{Error, Result};

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmha_e2e::{vmha_json, wait_running, Timeline, POLL};
+use vmha_e2e::{vmha_as_nobody, vmha_json, vmha_run, wait_running, Timeline, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{power, wait_for, Lab};
@@ -67,6 +67,65 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     assert!(
         reported < Duration::from_secs(1),
         "recovery started {reported:?} after the kill (goal under 1 s)"
+    );
+
+    // 1b. Cleanup (the counterpart of `pcs resource cleanup`): vmha shows the failure; a non-root caller
+    //     is refused and changes nothing; `vmha vm cleanup` clears the fail count in Pacemaker (attrd's
+    //     transient attributes in the CIB status section) and in vmha's view, without touching the VM.
+    let counts = wait_for("vmha to show vm1's fail count", Duration::from_secs(30), POLL, || {
+        let c = vmha_json(&lab, 1, &["vm", "show", "vm1"]).ok()?["FailCounts"].clone();
+        c.as_object()?
+            .values()
+            .any(|n| n.as_u64().unwrap_or(0) > 0)
+            .then_some(c)
+    })
+    .unwrap();
+    println!("vm1's fail counts before cleanup: {counts}");
+    let status_has = |what: &str| {
+        lab.exec_ok(1, &["cibadmin", "--query", "--scope", "status"])
+            .unwrap()
+            .contains(what)
+    };
+    let (rc, _, err) = vmha_as_nobody(&lab, 2, &["vm", "cleanup", "vm1"]);
+    assert_ne!(rc, 0, "cleanup by nobody must be refused");
+    assert!(err.contains("not root") && err.contains("polkit"), "{err}");
+    assert!(status_has("fail-count-vm1"), "the refused cleanup changed nothing");
+    let (rc, _, err) = vmha_run(&lab, 2, &["vm", "cleanup", "vm1", "--host", "node9"]);
+    assert_ne!(rc, 0, "an unknown host is refused");
+    assert!(err.contains("node9 is not a cluster host"), "{err}");
+    assert!(status_has("fail-count-vm1"), "the refused cleanup changed nothing");
+    let qemu_running = qemu_pid(&lab, "vm1");
+    let (rc, out, err) = vmha_run(&lab, 2, &["vm", "cleanup", "vm1"]);
+    assert_eq!(rc, 0, "vmha vm cleanup vm1: {out} {err}");
+    assert!(out.contains("fail counts cleared on every host"), "{out}");
+    wait_for(
+        "Pacemaker to drop vm1's fail count and failure history",
+        Duration::from_secs(30),
+        POLL,
+        || {
+            let cib = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "status"]).ok()?;
+            (!cib.contains("fail-count-vm1") && !cib.contains("last-failure-vm1") && !cib.contains("vm1_last_failure"))
+                .then_some(())
+        },
+    )
+    .unwrap();
+    wait_for(
+        "vmha's view without vm1's failures",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            let v = vmha_json(&lab, 1, &["vm", "show", "vm1"]).ok()?;
+            (v["FailCounts"].as_object()?.is_empty() && v["FailedOn"].as_array()?.is_empty()).then_some(())
+        },
+    )
+    .unwrap();
+    let crm_mon = lab.exec_ok(1, &["crm_mon", "-1"]).unwrap();
+    assert!(!crm_mon.contains("Failed Resource Actions"), "{crm_mon}");
+    wait_running(&lab, "vm1", Duration::from_secs(60));
+    assert_eq!(
+        qemu_pid(&lab, "vm1"),
+        qemu_running,
+        "the cleanup's probe left the VM alone"
     );
 
     // 2. vmhad restarts itself: running VMs are not disturbed.

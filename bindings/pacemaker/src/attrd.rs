@@ -1,0 +1,97 @@
+//! The attribute manager (pacemaker-attrd): clearing a resource's fail counts, the first half of
+//! `crm_resource --cleanup` (the second is the controller's refresh, [`crate::Controller::refresh_resource`]).
+//!
+//! `pcmk__attrd_api_clear_failures` with no API object opens a temporary connection (synchronous
+//! dispatch), sends the request and closes it; attrd does not answer clear requests. The call runs on a
+//! thread of its own so the caller's deadline holds even if attrd accepts the connection but never
+//! completes the IPC hand-shake (that thread then stays blocked until attrd answers or dies).
+
+use std::ffi::CString;
+use std::ptr;
+use std::time::Duration;
+
+use pacemaker_sys as sys;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::xml::{self, cstring};
+
+const CALL: &str = "pcmk__attrd_api_clear_failures";
+
+/// Asks pacemaker-attrd to clear `resource`'s fail counts and last-failure times (the transient
+/// attributes `fail-count-<resource>#<op>_<interval>` and `last-failure-...`) on `host`, or on every host
+/// when `host` is `None`. attrd removes them from every host's memory and from the CIB status section;
+/// returns once the request was sent (attrd sends no answer to it).
+pub async fn clear_failures(host: Option<&str>, resource: &str, limit: Duration) -> Result<()> {
+    let host: Option<CString> = host.map(|h| cstring(CALL, h)).transpose()?;
+    if resource.is_empty() {
+        return Err(Error::Invalid {
+            call: CALL,
+            reason: "no resource named (an empty name would clear every resource's failures)".into(),
+        });
+    }
+    let resource = cstring(CALL, resource)?;
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("pcmk-attrd".into())
+        .spawn(move || {
+            xml::init_thread();
+            // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own
+            // on this thread; every string is a valid C string that outlives the call, or NULL
+            // (operation and interval: every operation; user name: none, the caller's own rights).
+            let rc = unsafe {
+                sys::pcmk__attrd_api_clear_failures(
+                    ptr::null_mut(),
+                    host.as_ref().map_or(ptr::null(), |h| h.as_ptr()),
+                    resource.as_ptr(),
+                    ptr::null(),
+                    ptr::null(),
+                    ptr::null(),
+                    0, // pcmk__node_attr_none: a cluster node, not a Pacemaker Remote one
+                )
+            };
+            let _ = tx.send(rc);
+        })
+        .map_err(|e| Error::Invalid {
+            call: CALL,
+            reason: format!("starting the attrd thread: {e}"),
+        })?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(rc)) if rc == sys::pcmk_rc_ok => Ok(()),
+        Ok(Ok(rc)) => Err(Error::Rc {
+            call: CALL,
+            code: rc,
+            text: if rc == libc::ENOTCONN || rc == libc::ECONNREFUSED || rc == libc::ENOENT {
+                format!("{} (is Pacemaker running?)", xml::rc_text(rc))
+            } else {
+                xml::rc_text(rc)
+            },
+        }),
+        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call: CALL, limit }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_empty_resource_name_is_refused_before_anything_is_sent() {
+        match clear_failures(None, "", Duration::from_secs(1)).await {
+            Err(Error::Invalid { call, .. }) => assert_eq!(call, CALL),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_nul_byte_in_a_name_is_refused() {
+        assert!(matches!(
+            clear_failures(Some("node\0x"), "vm1", Duration::from_secs(1)).await,
+            Err(Error::Invalid { .. })
+        ));
+        assert!(matches!(
+            clear_failures(None, "vm\0x", Duration::from_secs(1)).await,
+            Err(Error::Invalid { .. })
+        ));
+    }
+}
