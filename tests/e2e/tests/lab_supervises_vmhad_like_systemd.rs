@@ -81,7 +81,6 @@ fn lab_supervises_vmhad_like_systemd() {
         (s.running_on("vm1")? == name && q.len() == 1 && q[0].0 == n).then_some(())
     })
     .unwrap();
-    lab.exec_ok(vm_host, &["pcs", "resource", "clear", "vm1"]).unwrap();
     // vmhad on the booted host watches vm1 before its QEMU is killed.
     wait_for("vmhad to follow vm1 on its host", Duration::from_secs(30), POLL, || {
         let v = vmha_e2e::vmha_json(&lab, n, &["vm", "show", "vm1"]).ok()?;
