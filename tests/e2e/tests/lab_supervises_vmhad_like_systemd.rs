@@ -71,17 +71,23 @@ fn lab_supervises_vmhad_like_systemd() {
     })
     .unwrap();
     lab.power_on(n).unwrap();
-    wait_for("the power-cycled host back in the cluster", Duration::from_secs(120), POLL, || {
-        let s = lab.status(vm_host).ok()?;
-        s.online_nodes().contains(&name.as_str()).then_some(())
-    })
+    wait_for(
+        "the power-cycled host back in the cluster",
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let s = lab.status(vm_host).ok()?;
+            s.online_nodes().contains(&name.as_str()).then_some(())
+        },
+    )
     .unwrap();
     let booted = lab.wait_vmhad(n, Duration::from_secs(60)).unwrap();
     println!("{name} power-cycled: vmhad {booted} runs there again");
 
     // Its fast path: vm1 moves to that host, its QEMU is killed there, and Pacemaker records the
     // failure (recovery starts) in under a second, as vmhad_follows_failures_and_restarts measures it.
-    lab.exec_ok(vm_host, &["pcs", "resource", "move", "vm1", &name]).unwrap();
+    lab.exec_ok(vm_host, &["pcs", "resource", "move", "vm1", &name])
+        .unwrap();
     wait_for(&format!("vm1 on {name}"), Duration::from_secs(120), POLL, || {
         let s = lab.status(vm_host).ok()?;
         let q = lab.qemu_processes("vm1");
@@ -102,7 +108,9 @@ fn lab_supervises_vmhad_like_systemd() {
         Duration::from_secs(30),
         Duration::from_millis(50),
         || {
-            let cib = lab.exec_ok(vm_host, &["cibadmin", "--query", "--scope", "status"]).ok()?;
+            let cib = lab
+                .exec_ok(vm_host, &["cibadmin", "--query", "--scope", "status"])
+                .ok()?;
             cib.contains("fail-count-vm1").then_some(())
         },
     )

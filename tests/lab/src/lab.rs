@@ -740,9 +740,7 @@ impl Lab {
             Duration::from_millis(100),
             || {
                 let pid = self.vmhad_pid(n).ok()??;
-                self.bus_name_has_owner(n, "org.vmha.Vmha1")
-                    .ok()?
-                    .then_some(())?;
+                self.bus_name_has_owner(n, "org.vmha.Vmha1").ok()?.then_some(())?;
                 // The owner is that process (not a previous vmhad leaving the bus).
                 (self.vmhad_pid(n).ok()?? == pid).then_some(pid)
             },
