@@ -154,7 +154,10 @@ impl Lab {
     pub fn ensure_up(cfg: LabConfig) -> Result<Lab> {
         if let Ok(existing) = LabConfig::load(&cfg.name) {
             let lab = Lab::attach(existing.clone())?;
-            if existing == cfg && lab.is_running() && lab.status_from_any().is_ok_and(|s| s.dc.is_some()) {
+            // A lab brought up by an older vmha-lab has no vmhad supervisor in its hosts: brought up anew.
+            let supervised = cfg.dir().join("bin/vmhad-supervisor").is_file();
+            if existing == cfg && supervised && lab.is_running() && lab.status_from_any().is_ok_and(|s| s.dc.is_some())
+            {
                 tracing::info!(lab = %cfg.name, "lab already up");
                 return Ok(lab);
             }
