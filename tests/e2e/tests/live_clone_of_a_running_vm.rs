@@ -3,8 +3,9 @@
 //! guest saw post-clone, the template's guest saw prepare then resume, both are cluster resources;
 //! `--force` clones without asking; `vmha vm remove --destroy` deletes a clone's resource, domain and
 //! overlay; the clone and the template each survive a failure of their host; a clone asked for on any
-//! host runs in the DC's vmhad; killing that vmhad, and separately its whole host (the DC), in the
-//! middle of a clone leaves no orphan domain, file or resource and the template resumed.
+//! host runs in the DC's vmhad; killing that vmhad (the host's supervisor restarts it, as systemd does),
+//! and separately its whole host (the DC), in the middle of a clone leaves no orphan domain, file or
+//! resource and the template resumed.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -342,8 +343,10 @@ fn live_clone_of_a_running_vm() {
     let cl1_blk = domain_field(&lab, b, "cl1", &["domblklist"]);
     println!("after destroy: template on {tpl_blk}, cl1 on {cl1_blk}, layer {layer} removed");
 
-    // 5. vmhad on the DC, running the job, killed midway (the request came from another host): that
-    // host's CLI learns the job was lost; the restarted vmhad rolls the clone back.
+    // 5. vmhad on the DC, running the job, crashes midway (SIGKILL; the request came from another host):
+    // that host's CLI learns the job was lost; the host's supervisor restarts vmhad after RestartSec, as
+    // systemd does (Restart=on-failure), and the restarted vmhad rolls the clone back: nobody starts it.
+    let crashed = lab.vmhad_pid(d).unwrap().expect("vmhad runs on the DC");
     let args: Vec<String> = ["clone", TPL, "--name", "cl-v", "--host", &b_name]
         .iter()
         .map(|s| s.to_string())
@@ -359,15 +362,16 @@ fn live_clone_of_a_running_vm() {
             dc_node.contains("vmha-clone-journal-"),
             "the journal is the DC's: {nodes}"
         );
-        lab.stop_vmhad(d).unwrap();
+        lab.exec_ok(d, &["kill", "-9", &crashed.to_string()]).unwrap();
         let (code, _, err) = h.join().unwrap();
         assert_ne!(code, 0, "the CLI reports the lost job");
         assert!(err.contains("went away midway"), "{err}");
     });
-    lab.start_vmhad(d).unwrap();
+    let restarted = lab.wait_vmhad(d, Duration::from_secs(30)).unwrap();
+    assert_ne!(restarted, crashed, "the supervisor started a new vmhad");
     assert_no_trace(&lab, d, "cl-v");
     assert_template_resumed(&lab);
-    println!("vmhad killed midway: rolled back");
+    println!("vmhad {crashed} killed midway: restarted by the supervisor as vmhad {restarted}, rolled back");
 
     // 6. The clone and the template are cluster resources like any other: the host of each fails in
     // turn, it restarts elsewhere (the template from its overlay on the base image) and its guest answers.
@@ -398,7 +402,8 @@ fn live_clone_of_a_running_vm() {
             s.online_nodes().contains(&from_name.as_str()).then_some(())
         })
         .unwrap();
-        lab.start_vmhad(from).unwrap();
+        // The host's boot starts vmhad (enabled), as systemd would: nobody starts it here.
+        lab.wait_vmhad(from, Duration::from_secs(60)).unwrap();
         wait_for(
             "vmhad on the DC to see the host back",
             Duration::from_secs(60),

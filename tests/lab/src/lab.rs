@@ -18,6 +18,10 @@ use crate::wait::wait_for;
 
 /// The host's PID 1 script, written into the lab directory at bring-up.
 const HOST_INIT: &str = include_str!("../scripts/host-init");
+/// The lab's stand-in for systemd supervising vmhad (host-init starts it in every host).
+const VMHAD_SUPERVISOR: &str = include_str!("../scripts/vmhad-supervisor");
+/// The shipped unit: the supervisor reads its Restart= and RestartSec=.
+const VMHAD_UNIT: &str = include_str!("../../../packaging/systemd/vmhad.service");
 
 /// Which resource agent runs a lab VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +154,10 @@ impl Lab {
     pub fn ensure_up(cfg: LabConfig) -> Result<Lab> {
         if let Ok(existing) = LabConfig::load(&cfg.name) {
             let lab = Lab::attach(existing.clone())?;
-            if existing == cfg && lab.is_running() && lab.status_from_any().is_ok_and(|s| s.dc.is_some()) {
+            // A lab brought up by an older vmha-lab has no vmhad supervisor in its hosts: brought up anew.
+            let supervised = cfg.dir().join("bin/vmhad-supervisor").is_file();
+            if existing == cfg && supervised && lab.is_running() && lab.status_from_any().is_ok_and(|s| s.dc.is_some())
+            {
                 tracing::info!(lab = %cfg.name, "lab already up");
                 return Ok(lab);
             }
@@ -178,6 +185,8 @@ impl Lab {
         let bin = dir.join("bin/vmha-lab");
         fs::copy(lab_binary()?, &bin).context("copying the vmha-lab binary into the lab")?;
         write_executable(&dir.join("bin/host-init"), HOST_INIT)?;
+        write_executable(&dir.join("bin/vmhad-supervisor"), VMHAD_SUPERVISOR)?;
+        fs::write(dir.join("bin/vmhad.service"), VMHAD_UNIT)?;
         guest::build_image()?;
         self.create_network()?;
         for n in cfg.host_numbers() {
@@ -700,49 +709,64 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts vmhad on host N (installed by [`Lab::install_build`]) unless it runs; returns its PID inside
-    /// the host.
-    /// Its log is the host's /var/log/vmha/vmhad.log.
+    /// `systemctl enable --now vmhad` on host N (vmhad installed by [`Lab::install_build`] or
+    /// [`Lab::install_package`]): marks vmhad enabled (/etc/vmha/lab-enabled, so the host's supervisor
+    /// starts it at every boot), asks the supervisor to start it unless it runs, waits until it owns its
+    /// bus name and returns its PID inside the host (also in the host's /run/vmhad.pid).
+    /// Its log is the host's /var/log/vmha/vmhad.log; the supervisor's is vmhad-supervisor.log.
     /// A host without /etc/vmha/authkey gets the lab's first (the relay between vmhads needs it).
     pub fn start_vmhad(&self, n: u8) -> Result<u32> {
         if !self.exec(n, &["test", "-e", "/etc/vmha/authkey"])?.status.success() {
             self.install_authkey(n)?;
         }
-        let out = self.exec_ok(
+        self.exec_ok(
             n,
             &[
                 "sh",
                 "-c",
-                "if [ -f /run/vmhad.pid ] && kill -0 $(cat /run/vmhad.pid) 2>/dev/null; then cat /run/vmhad.pid; \
-                 else setsid vmhad >> /var/log/vmha/vmhad.log 2>&1 < /dev/null & echo $! > /run/vmhad.pid; cat /run/vmhad.pid; fi",
+                "[ -x /usr/sbin/vmhad ] || { echo 'vmhad is not installed' >&2; exit 1; }; \
+                 [ -f /run/vmhad-supervisor.pid ] && kill -0 $(cat /run/vmhad-supervisor.pid) 2>/dev/null || \
+                 { echo 'no vmhad supervisor (a lab brought up by an older vmha-lab: bring it down and up again)' >&2; exit 1; }; \
+                 mkdir -p /etc/vmha && touch /etc/vmha/lab-enabled && echo start > /run/vmhad.want && \
+                 kill -USR1 $(cat /run/vmhad-supervisor.pid)",
             ],
         )?;
-        let pid: u32 = out.trim().parse().with_context(|| format!("vmhad pid {out:?}"))?;
+        self.wait_vmhad(n, Duration::from_secs(30))
+    }
+
+    /// Waits (at most `limit`) until a running vmhad on host N, started by the host's supervisor, owns
+    /// its bus name, without starting anything; returns its PID inside the host.
+    pub fn wait_vmhad(&self, n: u8, limit: Duration) -> Result<u32> {
         wait_for(
             &format!("vmhad on {} to own its bus name", self.cfg.host_name(n)),
-            Duration::from_secs(30),
+            limit,
             Duration::from_millis(100),
             || {
-                let o = self
-                    .exec(
-                        n,
-                        &[
-                            "dbus-send",
-                            "--system",
-                            "--print-reply",
-                            "--dest=org.freedesktop.DBus",
-                            "/org/freedesktop/DBus",
-                            "org.freedesktop.DBus.NameHasOwner",
-                            "string:org.vmha.Vmha1",
-                        ],
-                    )
-                    .ok()?;
-                String::from_utf8_lossy(&o.stdout)
-                    .contains("boolean true")
-                    .then_some(())
+                let pid = self.vmhad_pid(n).ok()??;
+                self.bus_name_has_owner(n, "org.vmha.Vmha1").ok()?.then_some(())?;
+                // The owner is that process (not a previous vmhad leaving the bus).
+                (self.vmhad_pid(n).ok()?? == pid).then_some(pid)
             },
+        )
+    }
+
+    /// The PID (inside host N) of its running vmhad, as its supervisor recorded it.
+    pub fn vmhad_pid(&self, n: u8) -> Result<Option<u32>> {
+        let out = self.exec(
+            n,
+            &[
+                "sh",
+                "-c",
+                "p=$(cat /run/vmhad.pid 2>/dev/null) && kill -0 \"$p\" 2>/dev/null && echo \"$p\"",
+            ],
         )?;
-        Ok(pid)
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || text.trim().is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(
+            text.trim().parse().with_context(|| format!("vmhad pid {text:?}"))?,
+        ))
     }
 
     /// Whether bus name `name` has an owner on host N's system bus.
@@ -804,10 +828,25 @@ impl Lab {
         )
     }
 
-    /// Stops vmhad on host N by the PID recorded when it was started.
+    /// `systemctl stop vmhad` on host N: the supervisor is told not to restart it, vmhad gets SIGTERM;
+    /// returns once it has exited. It stays enabled: the host's next boot starts it again.
     pub fn stop_vmhad(&self, n: u8) -> Result<()> {
-        self.exec_ok(n, &["sh", "-c", "kill $(cat /run/vmhad.pid) && rm -f /run/vmhad.pid"])?;
-        Ok(())
+        self.exec_ok(
+            n,
+            &[
+                "sh",
+                "-c",
+                "echo stop > /run/vmhad.want; \
+                 if [ -f /run/vmhad-supervisor.pid ]; then kill -USR1 $(cat /run/vmhad-supervisor.pid) 2>/dev/null; fi; \
+                 if [ -f /run/vmhad.pid ]; then kill $(cat /run/vmhad.pid) 2>/dev/null; fi; true",
+            ],
+        )?;
+        wait_for(
+            &format!("vmhad on {} to stop", self.cfg.host_name(n)),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || self.vmhad_pid(n).ok()?.is_none().then_some(()),
+        )
     }
 
     /// Writes a lab guest's domain XML to shared storage and returns its path.

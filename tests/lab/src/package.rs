@@ -14,7 +14,10 @@
 //!   the host's own database; the lab does the one that matters itself: it tells the host's dbus-daemon
 //!   to reload its configuration (vmhad's bus policy).
 //! - The lab has no systemd (see /work/shared/docs/lab.md), so the postinst only records the unit's
-//!   enablement (deb-systemd-helper) and starts nothing; the lab starts vmhad with [`Lab::start_vmhad`].
+//!   enablement (deb-systemd-helper) and starts nothing; the lab enables and starts vmhad with
+//!   [`Lab::start_vmhad`], and the host's vmhad supervisor (host-init starts it) starts it at boot and
+//!   restarts it on failure as systemd would. D-Bus activation is not routed through it: the host's
+//!   dbus-daemon runs the activation file's Exec= itself (on a real host systemd would start the unit).
 
 use std::path::Path;
 
