@@ -543,6 +543,19 @@ fn silent<'a>(reports: &[ReceivedReport], members: &'a [String]) -> Vec<&'a str>
         .collect()
 }
 
+/// Yellow for `item` when some members sent no report (vmhad not running there?).
+fn silent_hosts(item: &'static str, reports: &[ReceivedReport], members: &[String]) -> Option<Finding> {
+    let silent = silent(reports, members);
+    (!silent.is_empty()).then(|| {
+        finding(
+            item,
+            Level::Yellow,
+            format!("no report from {} (vmhad not running there?)", silent.join(", ")),
+            format!("start vmhad on {}: systemctl start vmhad", silent.join(", ")),
+        )
+    })
+}
+
 /// The finding when no host has reported (yet): vmhad just started, or cannot reach Corosync.
 fn no_reports(item: &'static str) -> Finding {
     finding(
@@ -587,14 +600,8 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
             "check the storage mount on those hosts (a hung NFS mount blocks VM start and migration)",
         );
     }
-    let silent = silent(reports, members);
-    if !silent.is_empty() {
-        return finding(
-            ITEM,
-            Level::Yellow,
-            format!("no report from {} (vmhad not running there?)", silent.join(", ")),
-            format!("start vmhad on {}: systemctl start vmhad", silent.join(", ")),
-        );
+    if let Some(f) = silent_hosts(ITEM, reports, members) {
+        return f;
     }
     let hosts: Vec<&str> = reports.iter().map(|r| r.report.host.as_str()).collect();
     if paths.is_empty() {
@@ -658,14 +665,8 @@ fn clocks(reports: &[ReceivedReport], members: &[String]) -> Finding {
             "check that the NTP servers are reachable (chronyc sources / timedatectl timesync-status)",
         );
     }
-    let silent = silent(reports, members);
-    if !silent.is_empty() {
-        return finding(
-            ITEM,
-            Level::Yellow,
-            format!("no report from {} (vmhad not running there?)", silent.join(", ")),
-            format!("start vmhad on {}: systemctl start vmhad", silent.join(", ")),
-        );
+    if let Some(f) = silent_hosts(ITEM, reports, members) {
+        return f;
     }
     let worst = fresh_reports.iter().map(|r| r.offset_ms.abs()).max().unwrap_or(0);
     let without_ntp: Vec<&str> = fresh_reports
@@ -763,14 +764,8 @@ fn authkeys(reports: &[ReceivedReport], members: &[String], local: &str) -> Find
             ),
         );
     }
-    let silent = silent(reports, members);
-    if !silent.is_empty() {
-        return finding(
-            ITEM,
-            Level::Yellow,
-            format!("no report from {} (vmhad not running there?)", silent.join(", ")),
-            format!("start vmhad on {}: systemctl start vmhad", silent.join(", ")),
-        );
+    if let Some(f) = silent_hosts(ITEM, reports, members) {
+        return f;
     }
     green(
         ITEM,
