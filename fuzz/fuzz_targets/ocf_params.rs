@@ -15,18 +15,6 @@ use vmha_resource_agents::migration;
 use vmha_resource_agents::ocf::{Action, OcfEnv};
 use vmha_resource_agents::params::{Params, Strictness};
 
-const ACTIONS: [Action; 9] = [
-    Action::Start,
-    Action::Stop,
-    Action::Monitor,
-    Action::MetaData,
-    Action::ValidateAll,
-    Action::MigrateTo,
-    Action::MigrateFrom,
-    Action::ReloadAgent,
-    Action::Usage,
-];
-
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let env: HashMap<String, String> = text
@@ -55,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let domain = params.domain.clone().unwrap_or_else(|| "vm".into());
         let _ = params.state_file(&domain);
-        for action in ACTIONS {
+        for action in Action::ALL {
             // As main.rs does for every action, then stop and migrate_to.
             let budget = working_budget(ocf.timeout_for(action));
             let deadline = Deadline::after(budget);

@@ -905,24 +905,8 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
 mod tests {
     use super::*;
 
-    pub(crate) const CIB: &str = r#"<cib admin_epoch="0" epoch="5" num_updates="2">
-  <configuration>
-    <crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="true"/></cluster_property_set></crm_config>
-    <nodes>
-      <node id="1" uname="n1"><utilization id="nodes-1-utilization"><nvpair id="u1c" name="cpu" value="4"/><nvpair id="u1m" name="hv_memory" value="1000"/></utilization></node>
-      <node id="2" uname="n2"><utilization id="nodes-2-utilization"><nvpair id="u2c" name="cpu" value="4"/><nvpair id="u2m" name="hv_memory" value="1000"/></utilization></node>
-      <node id="3" uname="n3"/>
-    </nodes>
-    <resources>
-      <primitive id="vm1" class="ocf" provider="vmha" type="VirtualMachine"><utilization id="vm1-u"><nvpair id="vm1-u-m" name="hv_memory" value="128"/></utilization></primitive>
-      <primitive id="vm2" class="ocf" provider="vmha" type="VirtualMachine"/>
-      <primitive id="vm3" class="ocf" provider="vmha" type="VirtualMachine"/>
-      <primitive id="ip" class="ocf" provider="heartbeat" type="IPaddr2"/>
-    </resources>
-    <constraints><rsc_location id="user-loc" rsc="vm1" node="n1" score="50"/></constraints>
-  </configuration>
-  <status/>
-</cib>"#;
+    /// The CIB of the policy tests (the policy fuzz target uses it too).
+    pub(crate) const CIB: &str = include_str!("testdata/policy-cib.xml");
 
     pub(crate) fn policy() -> Policy {
         Policy::from_json(

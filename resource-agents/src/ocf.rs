@@ -57,6 +57,19 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action the agent knows.
+    pub const ALL: [Action; 9] = [
+        Action::Start,
+        Action::Stop,
+        Action::Monitor,
+        Action::MetaData,
+        Action::ValidateAll,
+        Action::MigrateTo,
+        Action::MigrateFrom,
+        Action::ReloadAgent,
+        Action::Usage,
+    ];
+
     /// Parses an action argument; `None` for an action this agent does not implement.
     pub fn parse(arg: &str) -> Option<Action> {
         Some(match arg {
@@ -238,17 +251,7 @@ mod tests {
 
     #[test]
     fn action_names_round_trip() {
-        for action in [
-            Action::Start,
-            Action::Stop,
-            Action::Monitor,
-            Action::MetaData,
-            Action::ValidateAll,
-            Action::MigrateTo,
-            Action::MigrateFrom,
-            Action::ReloadAgent,
-            Action::Usage,
-        ] {
+        for action in Action::ALL {
             assert_eq!(Action::parse(action.name()), Some(action));
         }
     }
