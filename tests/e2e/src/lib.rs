@@ -454,3 +454,51 @@ pub fn of_kind(events: &[serde_json::Value], kind: &str) -> Vec<serde_json::Valu
 pub fn after(event: &serde_json::Value, t0: f64) -> bool {
     event["t"].as_f64().is_some_and(|t| t >= t0)
 }
+
+/// `vmha ARGS` on host `n` with a deadline long enough for a virtual cluster's disks (600 s): (exit code,
+/// stdout, stderr). Panics when the command cannot be run at all.
+pub fn vmha_long(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["vmha"];
+    all.extend_from_slice(args);
+    let out = lab.exec_with_deadline(n, &all, Duration::from_secs(600)).unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// [`vmha_long`] that must succeed; its stdout.
+pub fn vmha_long_ok(lab: &Lab, n: u8, args: &[&str]) -> String {
+    let (code, out, err) = vmha_long(lab, n, args);
+    assert_eq!(code, 0, "vmha {}: {out}{err}", args.join(" "));
+    out
+}
+
+/// A lab guest of 96 MiB with a raw disk image `<vm>.img` on the lab's shared storage.
+pub fn domain_with_raw_disk(lab: &Lab, vm: &str) -> String {
+    let disk = lab.cfg.shared_dir().join(format!("{vm}.img"));
+    vmha_lab::guest::GuestSpec {
+        memory_mib: 96,
+        ..vmha_lab::guest::GuestSpec::new(vm)
+    }
+    .domain_xml(&vmha_lab::guest::image_dir())
+    .replace(
+        "  <devices>\n",
+        &format!(
+            "  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\n",
+            disk.display()
+        ),
+    )
+}
+
+/// The SHA-256 of a file, by sha256sum (a tool independent of vmha).
+pub fn sha256(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}

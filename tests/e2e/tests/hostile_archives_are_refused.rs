@@ -16,47 +16,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmha_e2e::{wait_running, POLL};
-use vmha_lab::guest::{image_dir, GuestSpec};
+use vmha_e2e::{domain_with_raw_disk, sha256, vmha_long, vmha_long_ok, wait_running, POLL};
+use vmha_lab::guest::image_dir;
 use vmha_lab::{wait_for, Lab};
 use vmha_vcluster::archive::{self, FileSum};
 
 const VMS: [&str; 2] = ["h1web", "h1db"];
 const DISK_MIB: u64 = 16;
-
-/// `vmha ARGS` on host `n`: (exit code, stdout, stderr).
-fn vmha(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["vmha"];
-    all.extend_from_slice(args);
-    let out = lab.exec_with_deadline(n, &all, Duration::from_secs(600)).unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn vmha_ok(lab: &Lab, n: u8, args: &[&str]) -> String {
-    let (code, out, err) = vmha(lab, n, args);
-    assert_eq!(code, 0, "vmha {}: {out}{err}", args.join(" "));
-    out
-}
-
-fn domain_xml(lab: &Lab, vm: &str) -> String {
-    let disk = lab.cfg.shared_dir().join(format!("{vm}.img"));
-    GuestSpec {
-        memory_mib: 96,
-        ..GuestSpec::new(vm)
-    }
-    .domain_xml(&image_dir())
-    .replace(
-        "  <devices>\n",
-        &format!(
-            "  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\n",
-            disk.display()
-        ),
-    )
-}
 
 fn write_disk(path: &Path, vm: &str) {
     use std::os::unix::fs::FileExt;
@@ -68,16 +34,6 @@ fn write_disk(path: &Path, vm: &str) {
         f.write_all_at(&block, offset).unwrap();
     }
     f.sync_all().unwrap();
-}
-
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
 }
 
 /// Canonical form of an element: tag, sorted attributes, element children; whitespace ignored.
@@ -233,7 +189,7 @@ fn hostile_archives_are_refused() {
         write_disk(&disk, vm);
         disk_sums.insert(vm, sha256(&disk));
         let xml = shared.join(format!("{vm}.xml"));
-        std::fs::write(&xml, domain_xml(&lab, vm)).unwrap();
+        std::fs::write(&xml, domain_with_raw_disk(&lab, vm)).unwrap();
         let config = format!("config={}", xml.display());
         lab.exec_ok(
             1,
@@ -287,7 +243,7 @@ fn hostile_archives_are_refused() {
         ],
     )
     .unwrap();
-    vmha_ok(&lab, 1, &["vcluster", "create", "h1shop", "h1web", "h1db", "h1vip"]);
+    vmha_long_ok(&lab, 1, &["vcluster", "create", "h1shop", "h1web", "h1db", "h1vip"]);
     for vm in VMS {
         wait_running(&lab, vm, Duration::from_secs(300));
     }
@@ -297,7 +253,7 @@ fn hostile_archives_are_refused() {
     let public = archives.join("h1-operator.key.pub");
     let _ = std::fs::remove_file(&key);
     let _ = std::fs::remove_file(&public);
-    let out = vmha_ok(&lab, 1, &["vcluster", "keygen", "-o", key.to_str().unwrap()]);
+    let out = vmha_long_ok(&lab, 1, &["vcluster", "keygen", "-o", key.to_str().unwrap()]);
     let fingerprint = out
         .split_whitespace()
         .find(|w| w.starts_with("ed25519:"))
@@ -313,7 +269,7 @@ fn hostile_archives_are_refused() {
     // The genuine archive (cold: the VMs stop while their disks are copied), signed.
     let genuine_path = archives.join("genuine.vca");
     let _ = std::fs::remove_file(&genuine_path);
-    let out = vmha_ok(
+    let out = vmha_long_ok(
         &lab,
         1,
         &[
@@ -343,7 +299,7 @@ fn hostile_archives_are_refused() {
     std::fs::write(&unsigned_path, &genuine).unwrap();
 
     // Remove the virtual cluster, so that the genuine archive can come back at the end.
-    vmha_ok(&lab, 1, &["vcluster", "remove", "h1shop"]);
+    vmha_long_ok(&lab, 1, &["vcluster", "remove", "h1shop"]);
     for r in ["h1vip", "h1web", "h1db"] {
         lab.exec_ok(1, &["pcs", "resource", "delete", r]).unwrap();
     }
@@ -437,7 +393,7 @@ fn hostile_archives_are_refused() {
             if dry {
                 args.push("--dry-run");
             }
-            let (code, out, err) = vmha(&lab, 2, &args);
+            let (code, out, err) = vmha_long(&lab, 2, &args);
             println!("{what} (dry run: {dry}): exit {code}: {}", err.trim());
             assert_ne!(code, 0, "{what} accepted: {out}");
             assert!(err.contains(expect.as_str()), "{what}: expected {expect:?} in {err}");
@@ -461,7 +417,7 @@ fn hostile_archives_are_refused() {
         "ocf:heartbeat:anything",
     ];
     args.extend(maps);
-    let out = vmha_ok(&lab, 2, &args);
+    let out = vmha_long_ok(&lab, 2, &args);
     println!("dry run with --allow-agent:\n{out}");
     assert!(out.contains("ALLOWED beyond the safe subset"), "{out}");
     assert!(
@@ -515,7 +471,7 @@ fn hostile_archives_are_refused() {
             if dry {
                 args.push("--dry-run");
             }
-            let (code, out, err) = vmha(&lab, 2, &args);
+            let (code, out, err) = vmha_long(&lab, 2, &args);
             println!(
                 "{} {extra:?} (dry run: {dry}): exit {code}: {}",
                 path.display(),
@@ -541,7 +497,7 @@ fn hostile_archives_are_refused() {
         "--require-signature",
     ];
     args.extend(maps);
-    let (code, out, err) = vmha(&lab, 2, &args);
+    let (code, out, err) = vmha_long(&lab, 2, &args);
     assert_ne!(code, 0, "an untrusted signer accepted: {out}");
     assert!(
         err.contains(&format!("signed by {fingerprint}, which is not a trusted key")),
@@ -553,7 +509,7 @@ fn hostile_archives_are_refused() {
     let mut args = vec!["vcluster", "instantiate", genuine_path.to_str().unwrap()];
     args.extend(maps);
     args.extend(["--require-signature", "--trusted-key", trusted]);
-    let out = vmha_ok(&lab, 2, &args);
+    let out = vmha_long_ok(&lab, 2, &args);
     println!("genuine instantiate:\n{out}");
     assert!(
         out.contains(&format!("archive: signed by {fingerprint} (trusted: {trusted})")),

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{release_build, wait_running, POLL};
-use vmha_lab::guest::{image_dir, GuestSpec};
+use vmha_e2e::{domain_with_raw_disk, release_build, sha256, vmha_long, vmha_long_ok, wait_running, POLL};
+use vmha_lab::guest::image_dir;
 use vmha_lab::{wait_for, Lab, LabConfig};
 use vmha_vcluster::archive::{self, verify, ArchiveWriter, FileSum};
 use vmha_vcluster::translate::{plan, Maps, Target};
@@ -48,41 +48,6 @@ fn up(cfg: LabConfig) -> Lab {
     lab
 }
 
-/// `vmha ARGS` on host `n`: (exit code, stdout, stderr).
-fn vmha(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
-    let mut all = vec!["vmha"];
-    all.extend_from_slice(args);
-    let out = lab.exec_with_deadline(n, &all, Duration::from_secs(600)).unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn vmha_ok(lab: &Lab, n: u8, args: &[&str]) -> String {
-    let (code, out, err) = vmha(lab, n, args);
-    assert_eq!(code, 0, "vmha {}: {out}{err}", args.join(" "));
-    out
-}
-
-/// A lab guest with a raw disk image on shared storage.
-fn domain_xml(lab: &Lab, vm: &str) -> String {
-    let disk = lab.cfg.shared_dir().join(format!("{vm}.img"));
-    GuestSpec {
-        memory_mib: 96,
-        ..GuestSpec::new(vm)
-    }
-    .domain_xml(&image_dir())
-    .replace(
-        "  <devices>\n",
-        &format!(
-            "  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\n",
-            disk.display()
-        ),
-    )
-}
-
 /// A sparse disk image with data in a few places, marked with the VM's name and a nonce.
 fn write_disk(path: &Path, vm: &str, nonce: u128) {
     use std::os::unix::fs::FileExt;
@@ -107,19 +72,9 @@ fn write_disk(path: &Path, vm: &str, nonce: u128) {
     f.sync_all().unwrap();
 }
 
-fn sha256(path: &Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "sha256sum {}", path.display());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn create_vm(lab: &Lab, vm: &str) {
     let xml = lab.cfg.shared_dir().join(format!("{vm}.xml"));
-    std::fs::write(&xml, domain_xml(lab, vm)).unwrap();
+    std::fs::write(&xml, domain_with_raw_disk(lab, vm)).unwrap();
     let config = format!("config={}", xml.display());
     lab.exec_ok(
         1,
@@ -305,8 +260,8 @@ fn vcluster_capture_and_instantiate() {
     members.push("h7vip");
     let mut args = vec!["vcluster"];
     args.extend(&members);
-    vmha_ok(&a, 2, &args);
-    let listed = vmha_ok(&a, 3, &["vcluster", "list"]);
+    vmha_long_ok(&a, 2, &args);
+    let listed = vmha_long_ok(&a, 3, &["vcluster", "list"]);
     assert_eq!(listed.trim(), "shop: h7web h7app h7db h7vip");
     for vm in VMS {
         wait_running(&a, vm, Duration::from_secs(300));
@@ -324,12 +279,12 @@ fn vcluster_capture_and_instantiate() {
         .unwrap();
     }
     let shown: serde_json::Value =
-        serde_json::from_str(&vmha_ok(&a, 1, &["--output", "json", "vcluster", "show", "shop"])).unwrap();
+        serde_json::from_str(&vmha_long_ok(&a, 1, &["--output", "json", "vcluster", "show", "shop"])).unwrap();
     println!("vcluster show: {shown}");
     assert_eq!(shown["constraints"].as_array().map(Vec::len), Some(3), "{shown}");
 
     let t = Instant::now();
-    let out = vmha_ok(
+    let out = vmha_long_ok(
         &a,
         2,
         &[
@@ -447,14 +402,14 @@ fn vcluster_capture_and_instantiate() {
         std::fs::write(&path, data).unwrap();
         let mut args = vec!["vcluster", "instantiate", path.to_str().unwrap()];
         args.extend(maps);
-        let (code, out, err) = vmha(&b, 1, &args);
+        let (code, out, err) = vmha_long(&b, 1, &args);
         println!("{what}: exit {code}: {}", err.trim());
         assert_ne!(code, 0, "{what} accepted: {out}");
         assert!(err.contains(expect), "{what}: expected {expect:?} in {err}");
         nothing_changed(what);
     }
     // Unmapped hosts: the plan names them.
-    let (code, _, err) = vmha(
+    let (code, _, err) = vmha_long(
         &b,
         1,
         &[
@@ -488,7 +443,7 @@ fn vcluster_capture_and_instantiate() {
     std::fs::write(&broken_path, &broken).unwrap();
     let mut args = vec!["vcluster", "instantiate", broken_path.to_str().unwrap()];
     args.extend(maps);
-    let (code, _, err) = vmha(&b, 1, &args);
+    let (code, _, err) = vmha_long(&b, 1, &args);
     println!("schema-invalid: exit {code}: {}", err.trim());
     assert_ne!(code, 0);
     assert!(err.contains("removing what it created"), "{err}");
@@ -504,7 +459,7 @@ fn vcluster_capture_and_instantiate() {
         "--dry-run",
     ];
     args.extend(maps);
-    let dry: serde_json::Value = serde_json::from_str(&vmha_ok(&b, 2, &args)).unwrap();
+    let dry: serde_json::Value = serde_json::from_str(&vmha_long_ok(&b, 2, &args)).unwrap();
     assert_eq!(dry["plan"]["hosts"]["node1"], "kvm-b1", "{dry}");
     assert!(dry["plan"]["remaps"]
         .as_array()
@@ -517,7 +472,7 @@ fn vcluster_capture_and_instantiate() {
     let t = Instant::now();
     let mut args = vec!["vcluster", "instantiate", archive_a.to_str().unwrap()];
     args.extend(maps);
-    let out = vmha_ok(&b, 2, &args);
+    let out = vmha_long_ok(&b, 2, &args);
     let instantiate_secs = t.elapsed().as_secs_f64();
     println!("instantiate on B ({instantiate_secs:.1} s, until all run):\n{out}");
     let mut hosts = BTreeMap::new();
@@ -554,7 +509,7 @@ fn vcluster_capture_and_instantiate() {
     // A cold capture (--halt): the members stop, their disks are copied, their target-role comes back as it
     // was (none) and they run again.
     let t = Instant::now();
-    let out = vmha_ok(
+    let out = vmha_long_ok(
         &b,
         1,
         &[
