@@ -25,6 +25,8 @@ use crate::state::Snapshot;
 pub const GUEST_DEADLINE_MS: u32 = 10_000;
 /// How long a clone's guest may take to open its channel after the restore.
 const POST_CLONE_WINDOW: Duration = Duration::from_secs(30);
+/// How often the template's guest is asked to resume before the clone fails.
+const RESUME_ATTEMPTS: u32 = 3;
 /// Most clones one request makes.
 pub const MAX_COUNT: u32 = 16;
 /// Prefix of the node attributes holding clone journals.
@@ -130,6 +132,12 @@ pub async fn check(p: &Ports, spec: &CloneSpec) -> Result<Plan, OpError> {
         if view.vm(n).is_some() || cib.contains(&format!("id=\"{n}\"")) {
             return Err(OpError::Conflict(format!("the name {n} is taken in the CIB")));
         }
+    }
+    if let Some(other) = clone_under_way(&cib, &tpl.name, None) {
+        return Err(OpError::Conflict(format!(
+            "VM {} is being cloned already ({other}); try again when that job ended",
+            tpl.name
+        )));
     }
     let target = match &spec.host {
         Some(h) => h.clone(),
@@ -267,6 +275,15 @@ impl<'a> CloneRun<'a> {
 
     async fn steps(&mut self) -> Result<String, OpError> {
         self.save_journal().await?;
+        // Two jobs that passed their checks at once both see each other's journal now: the one with the
+        // smaller key goes on.
+        let cib = self.p.cluster.query().await?;
+        if let Some(other) = clone_under_way(&cib, &self.plan.template, Some(&self.key)) {
+            return Err(OpError::Conflict(format!(
+                "VM {} is being cloned already ({other})",
+                self.plan.template
+            )));
+        }
         self.prepare().await?;
         self.capture().await?;
         let at = Instant::now();
@@ -487,15 +504,19 @@ impl<'a> CloneRun<'a> {
             .iter()
             .map(|m| self.p.hypervisor.restore(target, m.mem_path.clone()));
         let results = futures_util::future::join_all(restores).await;
-        for m in &self.made {
-            let _ = self.p.storage.remove(&m.mem_path).await;
-        }
-        let _ = self.p.storage.remove(&self.mem).await;
-        let failures: Vec<String> = results
+        let mut failures: Vec<String> = results
             .into_iter()
             .filter_map(Result::err)
             .map(|e| e.to_string())
             .collect();
+        // The images hold the template's memory: none may stay behind, or the clone fails (and its
+        // rollback tries again).
+        let images = self.made.iter().map(|m| m.mem_path.as_str()).chain([self.mem.as_str()]);
+        for image in images.collect::<Vec<_>>() {
+            if let Err(e) = self.p.storage.remove(image).await {
+                failures.push(format!("removing the memory image {e}"));
+            }
+        }
         if failures.is_empty() {
             Ok(())
         } else {
@@ -503,7 +524,8 @@ impl<'a> CloneRun<'a> {
         }
     }
 
-    /// Resumes the template's guest (a failure is logged: the clones exist, the template runs).
+    /// Resumes the template's guest. Its application waits for this: a failed request is repeated, and
+    /// when the guest never confirms, the clone fails (and its rollback asks once more).
     async fn resume_template(&mut self) -> Result<(), OpError> {
         let at = Instant::now();
         if self.journal.prepared {
@@ -511,18 +533,25 @@ impl<'a> CloneRun<'a> {
             self.progress
                 .progress(0.55, &format!("resuming {tpl}'s guest"))
                 .await;
-            let r = self
-                .p
-                .guests
-                .request(tpl, "resume", "{}".into(), GUEST_DEADLINE_MS)
-                .await;
+            let mut last = Ok(());
+            for attempt in 0..RESUME_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let answer = self
+                    .p
+                    .guests
+                    .request(tpl, "resume", "{}".into(), GUEST_DEADLINE_MS)
+                    .await;
+                last = expect_done(tpl, "resume", answer);
+                match &last {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(%tpl, attempt, "resuming the template's guest: {e}"),
+                }
+            }
+            last?;
             self.journal.prepared = false;
             self.save_journal().await?;
-            match r {
-                Ok(a) if a.done() => {}
-                Ok(a) => tracing::warn!(%tpl, "the template's guest answered resume with {}: {}", a.outcome, a.reason),
-                Err(e) => tracing::warn!(%tpl, "resuming the template's guest: {e}"),
-            }
         }
         self.t.resume_ms = at.elapsed().as_millis();
         Ok(())
@@ -645,6 +674,19 @@ fn expect_done(vm: &str, request: &str, answer: Result<GuestAnswer, String>) -> 
             reason,
         }),
     }
+}
+
+/// Another unfinished clone job of `template` in the CIB (`host/key`): any, or with `mine`, one whose key
+/// sorts before `mine`.
+fn clone_under_way(cib: &str, template: &str, mine: Option<&str>) -> Option<String> {
+    journals(cib)
+        .into_iter()
+        .filter(|j| mine.is_none_or(|m| j.key.as_str() < m))
+        .filter(|j| {
+            serde_json::from_str::<Journal>(&j.value).is_ok_and(|x| x.template == template && !x.finished)
+        })
+        .map(|j| format!("job {} on {}", j.key.trim_start_matches(JOURNAL_PREFIX), j.host))
+        .next()
 }
 
 /// Drops this host's journal `key` (retried: a journal left behind of a finished job is only dropped by

@@ -1,0 +1,176 @@
+//! Scenario tables: a file of commands run against a [`World`], producing a log to compare with the
+//! expected one (as pve-ha-manager's simulator does). One command per line, `#` starts a comment:
+//!
+//! ```text
+//! hosts h1 h2 h3                         the cluster (the first host is the DC)
+//! vm vm1 on h2 [memory 512] [tag web]    a running VM resource with its files
+//! guest vm1 prepare-clone refused busy   how a guest answers a request (default: done)
+//! fault fail hv.restore [2]              the 2nd call of that name fails
+//! fault kill-vmhad cib.create [1]        the vmhad making that call dies there
+//! fault kill-host at 17                  the host of the vmhad making the 17th call dies there
+//! clone vm1 [count 2] [host h3] [name x] [force] [on h1] [&]
+//!                                        a clone job in the vmhad on `on` (default: the DC); `&` runs
+//!                                        it alongside the next ones until `wait`
+//! wait                                   waits for the jobs started with `&`
+//! restart-vmhad h1                       vmhad starts again on h1 (and recovers its journals)
+//! recover h2                             h2's vmhad recovers what dead vmhads left (as after a DC change)
+//! check vm1                              the invariants, with vm1 as the template
+//! ```
+
+use std::sync::Arc;
+
+use crate::clone::{self, CloneSpec};
+use crate::ports::LogProgress;
+use crate::sim::{Fault, FaultAction, Trigger, World};
+
+/// Runs a scenario; returns its log. `Err` for a scenario that cannot be read.
+pub async fn run(script: &str) -> Result<String, String> {
+    let mut world: Option<Arc<World>> = None;
+    let mut background = Vec::new();
+    let mut jobs = 0;
+    for (n, raw) in script.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let bad = |why: &str| format!("line {}: {why}: {line}", n + 1);
+        if words[0] == "hosts" {
+            world = Some(World::new(&words[1..]));
+            world.as_ref().map(|w| w.note(format!("> {line}")));
+            continue;
+        }
+        let w = world.clone().ok_or_else(|| bad("no `hosts` line first"))?;
+        w.note(format!("> {line}"));
+        match words[0] {
+            "vm" => {
+                let (name, host) = match words.get(1..4) {
+                    Some([name, "on", host]) => (*name, *host),
+                    _ => return Err(bad("vm NAME on HOST")),
+                };
+                let mut memory = 512;
+                let mut tags = Vec::new();
+                let mut rest = words[4..].iter();
+                while let Some(k) = rest.next() {
+                    let v = rest.next().ok_or_else(|| bad("a value is missing"))?;
+                    match *k {
+                        "memory" => memory = v.parse().map_err(|_| bad("memory is a number"))?,
+                        "tag" => tags.push(*v),
+                        _ => return Err(bad("unknown vm option")),
+                    }
+                }
+                w.add_vm(name, host, memory, &tags);
+            }
+            "guest" => {
+                if words.len() < 4 {
+                    return Err(bad("guest VM KIND OUTCOME [REASON]"));
+                }
+                w.guest_answers(words[1], words[2], words[3], &words[4..].join(" "));
+            }
+            "fault" => {
+                let action = match words.get(1) {
+                    Some(&"fail") => FaultAction::Fail,
+                    Some(&"kill-vmhad") => FaultAction::KillVmhad,
+                    Some(&"kill-host") => FaultAction::KillHost,
+                    _ => return Err(bad("fault fail|kill-vmhad|kill-host")),
+                };
+                let trigger = match words.get(2..) {
+                    Some(["at", k]) => Trigger::Call(k.parse().map_err(|_| bad("a call number"))?),
+                    Some([call]) => Trigger::Named(call.to_string(), 1),
+                    Some([call, k]) => Trigger::Named(call.to_string(), k.parse().map_err(|_| bad("a number"))?),
+                    _ => return Err(bad("fault ACTION CALL [NTH] | fault ACTION at N")),
+                };
+                w.inject(Fault { trigger, action });
+            }
+            "clone" => {
+                let (spec, on, bg) = clone_spec(&words).map_err(|e| bad(&e))?;
+                let on = on.or_else(|| w.dc()).ok_or_else(|| bad("no DC"))?;
+                jobs += 1;
+                let job = run_clone(Arc::clone(&w), on, spec, jobs);
+                if bg {
+                    background.push(Box::pin(job));
+                } else {
+                    job.await;
+                }
+            }
+            "wait" => {
+                futures_util::future::join_all(background.drain(..)).await;
+            }
+            "restart-vmhad" => {
+                let host = words.get(1).ok_or_else(|| bad("restart-vmhad HOST"))?;
+                w.restart_vmhad(host);
+                clone::recover(&w.vmhad(host)).await;
+            }
+            "recover" => {
+                let host = words.get(1).ok_or_else(|| bad("recover HOST"))?;
+                clone::recover(&w.vmhad(host)).await;
+            }
+            "check" => {
+                let template = words.get(1).ok_or_else(|| bad("check TEMPLATE"))?;
+                let v = w.violations(template);
+                if v.is_empty() {
+                    w.note("invariants hold");
+                }
+                for x in v {
+                    w.note(format!("VIOLATION: {x}"));
+                }
+            }
+            _ => return Err(bad("unknown command")),
+        }
+    }
+    futures_util::future::join_all(background.drain(..)).await;
+    Ok(world.map(|w| w.log().join("\n") + "\n").unwrap_or_default())
+}
+
+type Parsed = (CloneSpec, Option<String>, bool);
+
+fn clone_spec(words: &[&str]) -> Result<Parsed, String> {
+    let template = words.get(1).ok_or("clone TEMPLATE ...")?;
+    let mut spec = CloneSpec {
+        template: template.to_string(),
+        name: None,
+        host: None,
+        count: 1,
+        force: false,
+    };
+    let (mut on, mut bg) = (None, false);
+    let mut rest = words[2..].iter();
+    while let Some(k) = rest.next() {
+        match *k {
+            "force" => spec.force = true,
+            "&" => bg = true,
+            key => {
+                let v = rest.next().ok_or("a value is missing")?;
+                match key {
+                    "count" => spec.count = v.parse().map_err(|_| "count is a number")?,
+                    "host" => spec.host = Some(v.to_string()),
+                    "name" => spec.name = Some(v.to_string()),
+                    "on" => on = Some(v.to_string()),
+                    _ => return Err(format!("unknown clone option {key}")),
+                }
+            }
+        }
+    }
+    Ok((spec, on, bg))
+}
+
+/// Checks and runs a clone job in the vmhad on `on`, as vmhad would; logs how it ended (stopping it when
+/// that vmhad dies).
+async fn run_clone(w: Arc<World>, on: String, spec: CloneSpec, job: usize) {
+    let ports = w.vmhad(&on);
+    let template = spec.template.clone();
+    let work = async {
+        let plan = clone::check(&ports, &spec).await.map_err(|e| format!("refused: {e}"))?;
+        clone::run(&ports, &LogProgress, &plan, &job.to_string())
+            .await
+            .map_err(|e| format!("failed: {e}"))
+    };
+    let outcome = tokio::select! {
+        r = work => match r {
+            Ok(m) => format!("ok: {}", m.split("; timings").next().unwrap_or(&m)),
+            Err(e) => e,
+        },
+        () = w.vmhad_dies(&on) => "vmhad died".to_string(),
+    };
+    w.note(format!("clone of {template} (job {job} on {on}) -> {outcome}"));
+}

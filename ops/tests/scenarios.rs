@@ -1,0 +1,170 @@
+//! The operation engine against the simulated cluster: the scenario tables in tests/scenarios (commands
+//! in, expected log out), and sweeps that inject a failure, a vmhad's death and a host's death at every
+//! call a clone makes, checking after each that nothing is half-created, the template runs resumed from
+//! the layers its definition names, no journal is left and every VM runs once.
+//!
+//! `VMHA_SIM_BLESS=1 cargo test -p vmha-ops --features sim` rewrites the expected logs (review the diff).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use vmha_ops::clone::{self, CloneSpec};
+use vmha_ops::ports::LogProgress;
+use vmha_ops::sim::{scenario, Fault, FaultAction, Trigger, World};
+
+#[tokio::test(start_paused = true)]
+async fn scenario_tables_give_their_expected_logs() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
+    let bless = std::env::var_os("VMHA_SIM_BLESS").is_some();
+    let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    names.sort();
+    assert!(names.len() >= 8, "the scenario tables are missing");
+    let mut failed = Vec::new();
+    for path in names {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cmds = std::fs::read_to_string(path.join("cmds")).unwrap();
+        let log = scenario::run(&cmds).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!log.contains("VIOLATION"), "{name} breaks an invariant:\n{log}");
+        assert!(log.contains("invariants hold"), "{name} never checks the invariants");
+        let expected_path = path.join("expected.log");
+        if bless {
+            std::fs::write(&expected_path, &log).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if expected != log {
+            let actual = path.join("actual.log");
+            std::fs::write(&actual, &log).unwrap();
+            failed.push(format!("{name}: log differs (see {})", actual.display()));
+        } else {
+            let _ = std::fs::remove_file(path.join("actual.log"));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A three-host world with template vm1 on h2 (tagged `web`), the DC on h1.
+fn world() -> Arc<World> {
+    let w = World::new(&["h1", "h2", "h3"]);
+    w.add_vm("vm1", "h2", 512, &["web"]);
+    w
+}
+
+fn spec(count: u32, force: bool) -> CloneSpec {
+    CloneSpec {
+        template: "vm1".into(),
+        name: None,
+        host: Some("h3".into()),
+        count,
+        force,
+    }
+}
+
+/// Runs one clone on the DC's vmhad; `None` when that vmhad died midway.
+async fn clone_on_dc(w: &Arc<World>, spec: &CloneSpec) -> Option<Result<String, String>> {
+    let ports = w.vmhad("h1");
+    let work = async {
+        let plan = clone::check(&ports, spec).await.map_err(|e| e.to_string())?;
+        clone::run(&ports, &LogProgress, &plan, "1").await.map_err(|e| e.to_string())
+    };
+    tokio::select! {
+        r = work => Some(r),
+        () = w.vmhad_dies("h1") => None,
+    }
+}
+
+/// How many calls a successful clone makes (the sweeps inject at each).
+async fn calls_of_a_clean_run(spec: &CloneSpec) -> u64 {
+    let w = world();
+    let before = w.calls();
+    let r = clone_on_dc(&w, spec).await.expect("no fault, no death");
+    assert!(r.is_ok(), "{r:?}");
+    assert!(w.violations("vm1").is_empty(), "{:?}", w.violations("vm1"));
+    let view = w.view();
+    for n in 1..=spec.count {
+        let name = if spec.count == 1 { "vm1-clone".to_string() } else { format!("vm1-clone{n}") };
+        let _ = name;
+    }
+    let clones: Vec<_> = view.vms.iter().filter(|v| v.name != "vm1").collect();
+    assert_eq!(clones.len(), spec.count as usize);
+    for c in clones {
+        assert_eq!(c.hosts, ["h3"], "{} runs on h3", c.name);
+        assert_eq!(w.guest(&c.name).unwrap().identity.as_deref(), Some(c.name.as_str()));
+    }
+    w.calls() - before
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_at_every_call_rolls_back_cleanly() {
+    for (count, force) in [(1, false), (2, false), (1, true)] {
+        let spec = spec(count, force);
+        let total = calls_of_a_clean_run(&spec).await;
+        assert!(total > 20, "a clone makes {total} calls");
+        let mut failures = 0;
+        for k in 1..=total {
+            let w = world();
+            let base = w.calls();
+            w.inject(Fault {
+                trigger: Trigger::Call(base + k),
+                action: FaultAction::Fail,
+            });
+            let r = clone_on_dc(&w, &spec).await.expect("a failure kills nobody");
+            if r.is_err() {
+                failures += 1;
+                let e = r.unwrap_err();
+                assert!(
+                    e.contains("rolled back") || e.contains("injected failure"),
+                    "call {k}: {e}"
+                );
+            }
+            let v = w.violations("vm1");
+            assert!(
+                v.is_empty(),
+                "count {count} force {force}: failing call {k} of {total} leaves {v:?}\n{}",
+                w.log().join("\n")
+            );
+        }
+        assert!(failures > total / 2, "most calls are fatal: {failures} of {total}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vmhad_killed_at_every_call_is_rolled_back_by_its_restart() {
+    for (count, force) in [(1, false), (2, false)] {
+        let spec = spec(count, force);
+        let total = calls_of_a_clean_run(&spec).await;
+        for k in 1..=total {
+            let w = world();
+            let base = w.calls();
+            w.inject(Fault {
+                trigger: Trigger::Call(base + k),
+                action: FaultAction::KillVmhad,
+            });
+            assert!(clone_on_dc(&w, &spec).await.is_none(), "call {k}: the vmhad died");
+            w.restart_vmhad("h1");
+            clone::recover(&w.vmhad("h1")).await;
+            let v = w.violations("vm1");
+            assert!(v.is_empty(), "vmhad killed at call {k} of {total}: {v:?}\n{}", w.log().join("\n"));
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dc_host_killed_at_every_call_is_rolled_back_by_the_next_dc() {
+    let spec = spec(1, false);
+    let total = calls_of_a_clean_run(&spec).await;
+    for k in 1..=total {
+        let w = world();
+        let base = w.calls();
+        w.inject(Fault {
+            trigger: Trigger::Call(base + k),
+            action: FaultAction::KillHost,
+        });
+        assert!(clone_on_dc(&w, &spec).await.is_none(), "call {k}: the host died");
+        let dc = w.dc().expect("a new DC");
+        assert_ne!(dc, "h1");
+        clone::recover(&w.vmhad(&dc)).await;
+        let v = w.violations("vm1");
+        assert!(v.is_empty(), "DC host killed at call {k} of {total}: {v:?}\n{}", w.log().join("\n"));
+    }
+}
