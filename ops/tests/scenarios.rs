@@ -65,7 +65,9 @@ async fn clone_on_dc(w: &Arc<World>, spec: &CloneSpec) -> Option<Result<String, 
     let ports = w.vmhad("h1");
     let work = async {
         let plan = clone::check(&ports, spec).await.map_err(|e| e.to_string())?;
-        clone::run(&ports, &LogProgress, &plan, "1").await.map_err(|e| e.to_string())
+        clone::run(&ports, &LogProgress, &plan, "1")
+            .await
+            .map_err(|e| e.to_string())
     };
     tokio::select! {
         r = work => Some(r),
@@ -81,10 +83,6 @@ async fn calls_of_a_clean_run(spec: &CloneSpec) -> u64 {
     assert!(r.is_ok(), "{r:?}");
     assert!(w.violations("vm1").is_empty(), "{:?}", w.violations("vm1"));
     let view = w.view();
-    for n in 1..=spec.count {
-        let name = if spec.count == 1 { "vm1-clone".to_string() } else { format!("vm1-clone{n}") };
-        let _ = name;
-    }
     let clones: Vec<_> = view.vms.iter().filter(|v| v.name != "vm1").collect();
     assert_eq!(clones.len(), spec.count as usize);
     for c in clones {
@@ -109,9 +107,8 @@ async fn a_failure_at_every_call_rolls_back_cleanly() {
                 action: FaultAction::Fail,
             });
             let r = clone_on_dc(&w, &spec).await.expect("a failure kills nobody");
-            if r.is_err() {
+            if let Err(e) = r {
                 failures += 1;
-                let e = r.unwrap_err();
                 assert!(
                     e.contains("rolled back") || e.contains("injected failure"),
                     "call {k}: {e}"
@@ -144,7 +141,11 @@ async fn a_vmhad_killed_at_every_call_is_rolled_back_by_its_restart() {
             w.restart_vmhad("h1");
             clone::recover(&w.vmhad("h1")).await;
             let v = w.violations("vm1");
-            assert!(v.is_empty(), "vmhad killed at call {k} of {total}: {v:?}\n{}", w.log().join("\n"));
+            assert!(
+                v.is_empty(),
+                "vmhad killed at call {k} of {total}: {v:?}\n{}",
+                w.log().join("\n")
+            );
         }
     }
 }
@@ -165,6 +166,10 @@ async fn a_dc_host_killed_at_every_call_is_rolled_back_by_the_next_dc() {
         assert_ne!(dc, "h1");
         clone::recover(&w.vmhad(&dc)).await;
         let v = w.violations("vm1");
-        assert!(v.is_empty(), "DC host killed at call {k} of {total}: {v:?}\n{}", w.log().join("\n"));
+        assert!(
+            v.is_empty(),
+            "DC host killed at call {k} of {total}: {v:?}\n{}",
+            w.log().join("\n")
+        );
     }
 }

@@ -388,7 +388,8 @@ impl World {
                 Entry::Fail(format!("injected failure of {call}"))
             }
             FaultAction::KillVmhad => {
-                g.log.push(format!("FAULT vmhad on {host} killed at {call} {detail} (call {n})"));
+                g.log
+                    .push(format!("FAULT vmhad on {host} killed at {call} {detail} (call {n})"));
                 if let Some(h) = g.hosts.get_mut(host) {
                     h.vmhad = false;
                 }
@@ -398,7 +399,8 @@ impl World {
                 Entry::Stop
             }
             FaultAction::KillHost => {
-                g.log.push(format!("FAULT host {host} killed at {call} {detail} (call {n})"));
+                g.log
+                    .push(format!("FAULT host {host} killed at {call} {detail} (call {n})"));
                 if let Some(h) = g.hosts.get_mut(host) {
                     h.online = false;
                     h.vmhad = false;
@@ -410,7 +412,10 @@ impl World {
                     .map(|d| d.name.clone())
                     .collect();
                 g.domains.retain(|d| d.host != host);
-                g.log.push(format!("host {host} fenced; its domains are gone: [{}]", gone.join(", ")));
+                g.log.push(format!(
+                    "host {host} fenced; its domains are gone: [{}]",
+                    gone.join(", ")
+                ));
                 if g.dc.as_deref() == Some(host) {
                     g.dc = g.hosts.iter().find(|(_, h)| h.online).map(|(n, _)| n.clone());
                     let dc = g.dc.clone().unwrap_or_default();
@@ -523,7 +528,10 @@ impl World {
                 v.push(format!("{name} runs {} times: on {}", hosts.len(), hosts.join(", ")));
             }
             if !resources.contains(*name) {
-                v.push(format!("domain {name} runs on {} without a cluster resource", hosts.join(", ")));
+                v.push(format!(
+                    "domain {name} runs on {} without a cluster resource",
+                    hosts.join(", ")
+                ));
             }
         }
         // Every resource runs (nothing half-created: a resource whose domain is missing).
@@ -555,9 +563,7 @@ impl World {
                             .collect();
                         let active: Vec<String> = d.disks.iter().map(|(_, c)| c[0].clone()).collect();
                         if defined != active {
-                            v.push(format!(
-                                "{c} names {defined:?} but {template} runs on {active:?}"
-                            ));
+                            v.push(format!("{c} names {defined:?} but {template} runs on {active:?}"));
                         }
                     }
                 }
@@ -695,7 +701,11 @@ fn full_cib(g: &Inner) -> String {
         let mut lrm = Element::new("lrm");
         lrm.set_attr("id", &h.id);
         let mut rscs = Element::new("lrm_resources");
-        for d in g.domains.iter().filter(|d| &d.host == name && g.managed.contains(&d.name)) {
+        for d in g
+            .domains
+            .iter()
+            .filter(|d| &d.host == name && g.managed.contains(&d.name))
+        {
             let r = Element::parse(&format!(
                 r#"<lrm_resource id="{0}" class="ocf" provider="vmha" type="VirtualMachine"><lrm_rsc_op id="{0}_last_0" operation="start" call-id="1" rc-code="0" op-status="0" interval="0"/></lrm_resource>"#,
                 vmha_model::change::escape(&d.name)
@@ -763,13 +773,14 @@ fn st_err(path: &str, message: impl Into<String>) -> StorageError {
 /// returns.
 macro_rules! guarded {
     ($self:ident, $call:expr, $detail:expr, $fail:expr, $body:expr) => {{
-        let entry = $self.world.enter(&$self.host, $call, &$detail);
+        let entry = $self.world.enter(&$self.host, $call, $detail.as_ref());
         Box::pin(async move {
             // Let other jobs run between any two calls, as a real daemon's would.
             YieldOnce(false).await;
             match entry {
                 Entry::Go => $body,
-                Entry::Fail(m) => {
+                Entry::Fail(m) =>
+                {
                     #[allow(clippy::redundant_closure_call)]
                     Err(($fail)(m))
                 }
@@ -797,9 +808,16 @@ impl Cluster for At {
     }
 
     fn query(&self) -> BoxFuture<'_, Result<String, CibError>> {
-        guarded!(self, "cib.query", String::new(), |m| CibError { call: "query", message: m }, {
-            Ok(full_cib(&self.g()))
-        })
+        guarded!(
+            self,
+            "cib.query",
+            "",
+            |m| CibError {
+                call: "query",
+                message: m
+            },
+            { Ok(full_cib(&self.g())) }
+        )
     }
 
     fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {
@@ -947,7 +965,11 @@ impl Hypervisor for At {
                 }
                 if c.name == "disks" {
                     for d in &c.children {
-                        let src = d.children.iter().find(|s| s.name == "source").and_then(|s| s.attr("file"));
+                        let src = d
+                            .children
+                            .iter()
+                            .find(|s| s.name == "source")
+                            .and_then(|s| s.attr("file"));
                         if let (Some(dev), Some(src)) = (d.attr("name"), src) {
                             news.insert(dev.to_string(), src.to_string());
                         }
@@ -1093,7 +1115,11 @@ impl Hypervisor for At {
             let before = g.domains.len();
             g.domains.retain(|d| !(d.host == h && domains.contains(&d.name)));
             let n = before - g.domains.len();
-            g.log.push(format!("{} hv destroys {n} of [{}] on {h}", self.host, domains.join(", ")));
+            g.log.push(format!(
+                "{} hv destroys {n} of [{}] on {h}",
+                self.host,
+                domains.join(", ")
+            ));
             self.world.publish(&mut g);
             Ok(())
         })
@@ -1117,7 +1143,9 @@ impl Hypervisor for At {
             let mut dom = g.domains[i].clone();
             let mut dropped = Vec::new();
             for (_, chain) in &mut dom.disks {
-                let Some(c) = model::compaction(&vm, chain) else { continue };
+                let Some(c) = model::compaction(&vm, chain) else {
+                    continue;
+                };
                 let active = chain[0].clone();
                 let rest: Vec<String> = match &c.base {
                     Some(b) => chain.iter().skip_while(|l| *l != b).cloned().collect(),
@@ -1131,7 +1159,8 @@ impl Hypervisor for At {
             }
             g.domains[i] = dom;
             if !dropped.is_empty() {
-                g.log.push(format!("{} hv pulls [{}] into {vm}", self.host, dropped.join(", ")));
+                g.log
+                    .push(format!("{} hv pulls [{}] into {vm}", self.host, dropped.join(", ")));
             }
             Ok(dropped)
         })
@@ -1233,7 +1262,10 @@ impl Storage for At {
             if g.files.contains_key(&to) {
                 return Err(st_err(&to, "File exists"));
             }
-            let src = g.files.get(&from).ok_or_else(|| st_err(&from, "No such file or directory"))?;
+            let src = g
+                .files
+                .get(&from)
+                .ok_or_else(|| st_err(&from, "No such file or directory"))?;
             let offset = usize::try_from(image.stream_offset).unwrap_or(usize::MAX);
             let stream = src.data.get(offset..).unwrap_or_default().to_vec();
             let mut data = model::write_save_header(&image, &xml);
@@ -1317,7 +1349,13 @@ impl At {
 }
 
 impl Guests for At {
-    fn request(&self, vm: &str, kind: &str, _data: String, _timeout_ms: u32) -> BoxFuture<'_, Result<GuestAnswer, String>> {
+    fn request(
+        &self,
+        vm: &str,
+        kind: &str,
+        _data: String,
+        _timeout_ms: u32,
+    ) -> BoxFuture<'_, Result<GuestAnswer, String>> {
         let (vm, kind) = (vm.to_string(), kind.to_string());
         guarded!(self, "guest.request", format!("{kind} {vm}"), |m| m, {
             let host = self

@@ -36,8 +36,9 @@ pub async fn run(script: &str) -> Result<String, String> {
         let words: Vec<&str> = line.split_whitespace().collect();
         let bad = |why: &str| format!("line {}: {why}: {line}", n + 1);
         if words[0] == "hosts" {
-            world = Some(World::new(&words[1..]));
-            world.as_ref().map(|w| w.note(format!("> {line}")));
+            let w = World::new(&words[1..]);
+            w.note(format!("> {line}"));
+            world = Some(w);
             continue;
         }
         let w = world.clone().ok_or_else(|| bad("no `hosts` line first"))?;

@@ -32,7 +32,11 @@ impl Element {
                 .attributes()
                 .map(|a| (a.name().to_string(), a.value().to_string()))
                 .collect(),
-            children: node.children().filter(|c| c.is_element()).map(Self::from_node).collect(),
+            children: node
+                .children()
+                .filter(|c| c.is_element())
+                .map(Self::from_node)
+                .collect(),
         }
     }
 
