@@ -870,8 +870,39 @@ async fn wait_running_on(p: &Ports, vm: &str, host: &str) -> Result<(), OpError>
 /// undone.
 pub async fn rollback(p: &Ports, journal: &Journal) -> Result<(), String> {
     let mut errors = Vec::new();
-    if let Err(e) = follow_overlays(p, &journal.config, &journal.overlays).await {
+    // The template's definition follows the overlays the capture moved it to, unless it runs from the
+    // frozen layer again (its host died before the definition named the overlays, and Pacemaker started
+    // it elsewhere from the old one): then those overlays are stale, and go.
+    let template_host = p
+        .cluster
+        .snapshot()
+        .view
+        .as_ref()
+        .and_then(|v| v.vm(&journal.template))
+        .and_then(|v| (v.hosts.len() == 1).then(|| v.hosts[0].clone()));
+    let active: Option<Vec<String>> = match &template_host {
+        Some(h) => match p.hypervisor.disk_chains(h, &journal.template).await {
+            Ok(chains) => Some(chains.into_iter().filter_map(|(_, c)| c.into_iter().next()).collect()),
+            Err(e) => {
+                tracing::warn!(template = %journal.template, "reading the template's disks: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let (stale, follow): (Vec<_>, Vec<_>) = journal
+        .overlays
+        .iter()
+        .cloned()
+        .partition(|(frozen, new)| active.as_ref().is_some_and(|a| a.contains(frozen) && !a.contains(new)));
+    if let Err(e) = follow_overlays(p, &journal.config, &follow).await {
         errors.push(e.to_string());
+    }
+    for (_, new) in &stale {
+        tracing::warn!(template = %journal.template, overlay = %new, "the template runs from its frozen layer again; its stale overlay goes");
+        if let Err(e) = p.storage.remove(new).await {
+            errors.push(e.to_string());
+        }
     }
     for (tag, id) in &journal.constraints {
         let xml = format!(r#"<{tag} id="{}"/>"#, change::escape(id));

@@ -79,6 +79,8 @@ pub trait Hypervisor: Send + Sync {
     /// Destroys the named domains on `host`, until none of them has shown up for a while (a restore
     /// still under way in libvirtd may create one late).
     fn destroy_all(&self, host: &str, domains: Vec<String>) -> BoxFuture<'_, Result<(), HvError>>;
+    /// The disk chains of `vm` running on `host`: (target dev, [active layer, backing, ...]).
+    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<(String, Vec<String>)>, HvError>>;
     /// Pulls the layers vmha made below each disk's active layer into it ([`vmha_model::clone::compaction`])
     /// and waits for the block jobs; returns the layers that left the chains.
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>>;

@@ -1125,6 +1125,26 @@ impl Hypervisor for At {
         })
     }
 
+    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<(String, Vec<String>)>, HvError>> {
+        let (h, vm) = (host.to_string(), vm.to_string());
+        let fail = {
+            let h = h.clone();
+            move |m| HvError {
+                host: h,
+                call: "domain XML",
+                message: m,
+            }
+        };
+        guarded!(self, "hv.disk_chains", format!("{vm} on {h}"), fail, {
+            let g = self.g();
+            g.domains
+                .iter()
+                .find(|d| d.name == vm && d.host == h)
+                .map(|d| d.disks.clone())
+                .ok_or_else(|| self.hv_err(&h, "domain XML", format!("no domain {vm}")))
+        })
+    }
+
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
         let fail = {
