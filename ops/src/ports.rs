@@ -64,6 +64,9 @@ pub struct HvError {
     pub message: String,
 }
 
+/// A domain's disk chains: (target dev, [active layer, backing, ...]).
+pub type DiskChains = Vec<(String, Vec<String>)>;
+
 /// The hypervisor (libvirt) of every host.
 pub trait Hypervisor: Send + Sync {
     /// Whether `host` sees each file (directory, base name) through its storage API.
@@ -80,7 +83,7 @@ pub trait Hypervisor: Send + Sync {
     /// still under way in libvirtd may create one late).
     fn destroy_all(&self, host: &str, domains: Vec<String>) -> BoxFuture<'_, Result<(), HvError>>;
     /// The disk chains of `vm` running on `host`: (target dev, [active layer, backing, ...]).
-    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<(String, Vec<String>)>, HvError>>;
+    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<DiskChains, HvError>>;
     /// Pulls the layers vmha made below each disk's active layer into it ([`vmha_model::clone::compaction`])
     /// and waits for the block jobs; returns the layers that left the chains.
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>>;

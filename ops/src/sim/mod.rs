@@ -21,8 +21,8 @@ use vmha_model::clone::{self as model, SaveImage};
 use vmha_model::ClusterView;
 
 use crate::ports::{
-    BoxFuture, CibChange, CibError, Cluster, Environment, GuestAnswer, Guests, HvError, Hypervisor, Ports, Storage,
-    StorageError,
+    BoxFuture, CibChange, CibError, Cluster, DiskChains, Environment, GuestAnswer, Guests, HvError, Hypervisor, Ports,
+    Storage, StorageError,
 };
 use crate::state::{Membership, Snapshot};
 use xml::Element;
@@ -1125,7 +1125,7 @@ impl Hypervisor for At {
         })
     }
 
-    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<(String, Vec<String>)>, HvError>> {
+    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<DiskChains, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
         let fail = {
             let h = h.clone();
