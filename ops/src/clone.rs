@@ -831,19 +831,42 @@ async fn add_to_tag(p: &Ports, tag: &str, member: &str) -> Result<(), OpError> {
     Ok(())
 }
 
-/// Removes `member` from every tag that lists it (one `obj_ref` per tag).
-async fn remove_from_tags(p: &Ports, member: &str) -> Result<(), OpError> {
+/// Removes `member` from every tag that lists it, and the tags it was the last member of (as `pcs
+/// resource delete` does: a tag needs at least one member), in one replace of the `tags` section.
+pub(crate) async fn remove_from_tags(p: &Ports, member: &str) -> Result<(), OpError> {
     let cib = p.cluster.query().await?;
     let doc = roxmltree::Document::parse(&cib).map_err(|e| OpError::data("the CIB", e))?;
-    let listed = doc
+    let Some(section) = doc.descendants().find(|n| n.has_tag_name("tags")) else {
+        return Ok(());
+    };
+    let listed = section
         .descendants()
-        .filter(|n| n.has_tag_name("obj_ref") && n.attribute("id") == Some(member))
-        .filter(|n| n.parent().is_some_and(|t| t.has_tag_name("tag")))
-        .count();
-    for _ in 0..listed {
-        let xml = format!(r#"<obj_ref id="{}"/>"#, change::escape(member));
-        p.cluster.apply(CibChange::Delete { section: "tags", xml }).await?;
+        .any(|n| n.has_tag_name("obj_ref") && n.attribute("id") == Some(member));
+    if !listed {
+        return Ok(());
     }
+    let mut xml = String::from("<tags>");
+    for tag in section.children().filter(|n| n.has_tag_name("tag")) {
+        let refs: Vec<&str> = tag
+            .children()
+            .filter(|c| c.has_tag_name("obj_ref"))
+            .filter_map(|c| c.attribute("id"))
+            .filter(|id| *id != member)
+            .collect();
+        if refs.is_empty() {
+            continue;
+        }
+        xml.push_str(&format!(
+            r#"<tag id="{}">"#,
+            change::escape(tag.attribute("id").unwrap_or(""))
+        ));
+        for r in refs {
+            xml.push_str(&format!(r#"<obj_ref id="{}"/>"#, change::escape(r)));
+        }
+        xml.push_str("</tag>");
+    }
+    xml.push_str("</tags>");
+    p.cluster.apply(CibChange::Replace { section: "tags", xml }).await?;
     Ok(())
 }
 

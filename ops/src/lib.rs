@@ -11,6 +11,7 @@ pub mod ports;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod state;
+pub mod vm;
 
 pub use error::OpError;
 pub use ports::Ports;

@@ -29,6 +29,8 @@ pub enum CibChange {
     Create { section: &'static str, xml: String },
     /// Remove the element `xml` names (tag and id) from `section`.
     Delete { section: &'static str, xml: String },
+    /// Replace the whole `section` with `xml` (the section element itself, e.g. `<tags>...</tags>`).
+    Replace { section: &'static str, xml: String },
 }
 
 /// A failed CIB call.

@@ -220,7 +220,7 @@ impl World {
             },
         );
         let primitive = format!(
-            r#"<primitive id="{name}" class="ocf" provider="vmha" type="VirtualMachine"><instance_attributes id="{name}-instance_attributes"><nvpair id="{name}-instance_attributes-config" name="config" value="{config}"/></instance_attributes><utilization id="{name}-utilization"><nvpair id="{name}-utilization-hv_memory" name="hv_memory" value="{memory}"/></utilization><operations><op id="{name}-monitor-10s" name="monitor" interval="10s"/></operations></primitive>"#
+            r#"<primitive id="{name}" class="ocf" provider="vmha" type="VirtualMachine"><instance_attributes id="{name}-instance_attributes"><nvpair id="{name}-instance_attributes-config" name="config" value="{config}"/></instance_attributes><meta_attributes id="{name}-meta_attributes"><nvpair id="{name}-meta_attributes-allow-migrate" name="allow-migrate" value="true"/></meta_attributes><utilization id="{name}-utilization"><nvpair id="{name}-utilization-hv_memory" name="hv_memory" value="{memory}"/></utilization><operations><op id="{name}-monitor-10s" name="monitor" interval="10s"/></operations></primitive>"#
         );
         let p = Element::parse(&primitive).expect("primitive");
         g.cib.find_mut("resources").expect("resources").children.push(p);
@@ -444,12 +444,38 @@ impl World {
             g.log.push(format!("pacemaker stops orphan {} on {}", d.name, d.host));
         }
         g.managed.retain(|m| resources.contains(m));
+        let usable: Vec<String> = g
+            .hosts
+            .iter()
+            .filter(|(n, h)| h.online && !is_true(node_attr(&g.cib, n, "standby").as_deref()))
+            .map(|(n, _)| n.clone())
+            .collect();
         for r in &resources {
             g.managed.insert(r.clone());
-            if g.domains.iter().any(|d| &d.name == r) {
+            let stopped = meta(&g.cib, r, "target-role").is_some_and(|v| v.eq_ignore_ascii_case("stopped"));
+            let running = g.domains.iter().position(|d| &d.name == r);
+            if stopped {
+                if let Some(i) = running {
+                    let d = g.domains.remove(i);
+                    g.log.push(format!("pacemaker stops {r} on {}", d.host));
+                }
                 continue;
             }
-            let Some(host) = g.hosts.iter().find(|(_, h)| h.online).map(|(n, _)| n.clone()) else {
+            let preferred = preferred_host(&g.cib, r).filter(|h| usable.contains(h));
+            if let Some(i) = running {
+                let here = g.domains[i].host.clone();
+                let to = match &preferred {
+                    Some(h) if *h != here => Some(h.clone()),
+                    None if !usable.contains(&here) => usable.first().cloned(),
+                    _ => None,
+                };
+                if let Some(to) = to {
+                    g.domains[i].host = to.clone();
+                    g.log.push(format!("pacemaker migrates {r} from {here} to {to}"));
+                }
+                continue;
+            }
+            let Some(host) = preferred.or_else(|| usable.first().cloned()) else {
                 continue;
             };
             let config = config_of(&g.cib, r);
@@ -642,6 +668,65 @@ fn primitives(cib: &Element) -> BTreeSet<String> {
     out
 }
 
+fn is_true(v: Option<&str>) -> bool {
+    v.is_some_and(vmha_model::cib::is_true)
+}
+
+fn find_primitive<'a>(e: &'a Element, rsc: &str) -> Option<&'a Element> {
+    if e.name == "primitive" && e.id() == Some(rsc) {
+        return Some(e);
+    }
+    e.children.iter().find_map(|c| find_primitive(c, rsc))
+}
+
+/// A resource's meta attribute.
+fn meta(cib: &Element, rsc: &str, name: &str) -> Option<String> {
+    find_primitive(cib, rsc)?
+        .children
+        .iter()
+        .filter(|c| c.name == "meta_attributes")
+        .flat_map(|m| m.children.iter())
+        .find(|nv| nv.attr("name") == Some(name))
+        .and_then(|nv| nv.attr("value"))
+        .map(str::to_string)
+}
+
+/// A host's node attribute.
+fn node_attr(cib: &Element, host: &str, name: &str) -> Option<String> {
+    fn find<'a>(e: &'a Element, host: &str) -> Option<&'a Element> {
+        if e.name == "node" && e.attr("uname") == Some(host) {
+            return Some(e);
+        }
+        e.children.iter().find_map(|c| find(c, host))
+    }
+    find(cib, host)?
+        .children
+        .iter()
+        .filter(|c| c.name == "instance_attributes")
+        .flat_map(|m| m.children.iter())
+        .find(|nv| nv.attr("name") == Some(name))
+        .and_then(|nv| nv.attr("value"))
+        .map(str::to_string)
+}
+
+/// The host an INFINITY location constraint sends a resource to.
+fn preferred_host(cib: &Element, rsc: &str) -> Option<String> {
+    fn walk(e: &Element, rsc: &str) -> Option<String> {
+        for c in &e.children {
+            if c.name == "rsc_location" && c.attr("rsc") == Some(rsc) && c.attr("score") == Some("INFINITY") {
+                if let Some(n) = c.attr("node") {
+                    return Some(n.to_string());
+                }
+            }
+            if let Some(n) = walk(c, rsc) {
+                return Some(n);
+            }
+        }
+        None
+    }
+    walk(cib, rsc)
+}
+
 fn config_of(cib: &Element, rsc: &str) -> Option<String> {
     fn find<'a>(e: &'a Element, rsc: &str) -> Option<&'a Element> {
         if e.name == "primitive" && e.id() == Some(rsc) {
@@ -825,11 +910,13 @@ impl Cluster for At {
             CibChange::Create { section, xml } => format!("create {section} {}", describe(xml)),
             CibChange::Modify { section, xml } => format!("modify {section} {}", describe(xml)),
             CibChange::Delete { section, xml } => format!("delete {section} {}", describe(xml)),
+            CibChange::Replace { section, .. } => format!("replace {section}"),
         };
         let call = match &change {
             CibChange::Create { .. } => "cib.create",
             CibChange::Modify { .. } => "cib.modify",
             CibChange::Delete { .. } => "cib.delete",
+            CibChange::Replace { .. } => "cib.replace",
         };
         let fail = move |m| CibError { call, message: m };
         guarded!(self, call, detail, fail, {
@@ -871,6 +958,7 @@ impl At {
             CibChange::Create { section, xml } => (*section, xml, "create"),
             CibChange::Modify { section, xml } => (*section, xml, "modify"),
             CibChange::Delete { section, xml } => (*section, xml, "delete"),
+            CibChange::Replace { section, xml } => (*section, xml, "replace"),
         };
         let err = |m: &str| CibError {
             call,
@@ -899,11 +987,13 @@ impl At {
                 }
                 sec.children.push(update);
             }
-            CibChange::Modify { .. } => {
-                if !sec.contains(&update.name, update.id().unwrap_or("")) {
-                    return Err(err("No such device or address"));
+            // vmhad modifies with cib_can_create: what is missing is created.
+            CibChange::Modify { .. } => sec.merge(&update),
+            CibChange::Replace { .. } => {
+                if update.name != section {
+                    return Err(err("the replacement is not the section"));
                 }
-                sec.merge(&update);
+                *sec = update;
             }
             CibChange::Delete { .. } => {
                 if !sec.remove(&update.name, update.id()) {

@@ -12,6 +12,9 @@
 //!                                        a clone job in the vmhad on `on` (default: the DC); `&` runs
 //!                                        it alongside the next ones until `wait`
 //! wait                                   waits for the jobs started with `&`
+//! start vm1 | stop vm1 | remove vm1 | destroy vm1-clone | move vm1 h3
+//!                                        a one-VM job in the DC's vmhad
+//! standby h2 on|off                      host standby (Pacemaker moves its VMs away)
 //! restart-vmhad h1                       vmhad starts again on h1 (and recovers its journals)
 //! recover h2                             h2's vmhad recovers what dead vmhads left (as after a DC change)
 //! check vm1                              the invariants, with vm1 as the template
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use crate::clone::{self, CloneSpec};
 use crate::ports::LogProgress;
 use crate::sim::{Fault, FaultAction, Trigger, World};
+use crate::vm::{self, VmOp};
 
 /// Runs a scenario; returns its log. `Err` for a scenario that cannot be read.
 pub async fn run(script: &str) -> Result<String, String> {
@@ -93,6 +97,42 @@ pub async fn run(script: &str) -> Result<String, String> {
                 } else {
                     job.await;
                 }
+            }
+            "start" | "stop" | "remove" | "destroy" | "move" => {
+                let vm = words.get(1).ok_or_else(|| bad("VM"))?.to_string();
+                let op = match words[0] {
+                    "start" => VmOp::Start(vm),
+                    "stop" => VmOp::Stop(vm),
+                    "remove" => VmOp::Remove(vm),
+                    "destroy" => VmOp::Destroy(vm),
+                    _ => VmOp::Move {
+                        vm,
+                        host: words.get(2).ok_or_else(|| bad("move VM HOST"))?.to_string(),
+                    },
+                };
+                let on = w.dc().ok_or_else(|| bad("no DC"))?;
+                let ports = w.vmhad(&on);
+                let outcome = match vm::check(&ports, &op).await {
+                    Err(e) => format!("refused: {e}"),
+                    Ok(()) => match vm::run(&ports, &LogProgress, &op).await {
+                        Ok(m) => format!("ok: {m}"),
+                        Err(e) => format!("failed: {e}"),
+                    },
+                };
+                w.note(format!("{} {} -> {outcome}", op.kind(), op.target()));
+            }
+            "standby" => {
+                let (host, on) = match words.get(1..3) {
+                    Some([h, "on"]) => (*h, true),
+                    Some([h, "off"]) => (*h, false),
+                    _ => return Err(bad("standby HOST on|off")),
+                };
+                let dc = w.dc().ok_or_else(|| bad("no DC"))?;
+                let r = vm::set_host_attribute(&w.vmhad(&dc), host, "standby", on).await;
+                w.note(format!(
+                    "standby {host} -> {}",
+                    r.map_or_else(|e| format!("failed: {e}"), |()| "ok".into())
+                ));
             }
             "wait" => {
                 futures_util::future::join_all(background.drain(..)).await;
