@@ -731,6 +731,11 @@ pub struct StoredJournal {
 
 /// Every clone journal in the CIB.
 pub fn journals(cib: &str) -> Vec<StoredJournal> {
+    attributes(cib, JOURNAL_PREFIX)
+}
+
+/// Every node attribute whose name starts with `prefix` (the journals of vmha's jobs).
+pub fn attributes(cib: &str, prefix: &str) -> Vec<StoredJournal> {
     let Ok(doc) = roxmltree::Document::parse(cib) else {
         return Vec::new();
     };
@@ -741,7 +746,7 @@ pub fn journals(cib: &str) -> Vec<StoredJournal> {
             let (Some(name), Some(id)) = (nv.attribute("name"), nv.attribute("id")) else {
                 continue;
             };
-            if name.starts_with(JOURNAL_PREFIX) {
+            if name.starts_with(prefix) {
                 out.push(StoredJournal {
                     host: host.to_string(),
                     key: name.to_string(),
@@ -1054,6 +1059,7 @@ pub async fn follow_journals(p: Ports) {
             if first || shrank || dc_changed {
                 first = false;
                 recover(&p).await;
+                crate::group::recover(&p).await;
             }
             if agents.is_some() {
                 last_agents = agents;
@@ -1080,19 +1086,69 @@ pub async fn destroy_files(p: &Ports, config: &str) -> Result<Vec<String>, OpErr
         )));
     };
     let mut removed = Vec::new();
+    // Every layer is known before anything goes: an unreadable header must not leave an unused template
+    // layer behind.
+    let disks: Vec<String> = model::writable_disks(&xml)
+        .map_err(|e| OpError::data(config, e))?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect();
     let mut layers = Vec::new();
-    for (_, disk) in model::writable_disks(&xml).map_err(|e| OpError::data(config, e))? {
-        if let Some(backing) = p.storage.backing_of(&disk).await {
+    for disk in &disks {
+        if let Some(backing) = p.storage.backing_of(disk).await? {
             layers.push(backing);
         }
-        if p.storage.remove(&disk).await? {
-            removed.push(disk);
+    }
+    // What goes goes as far as it can, and the layers below are looked at whatever failed: a second try
+    // would no longer know them.
+    let mut errors = Vec::new();
+    for disk in disks {
+        match p.storage.remove(&disk).await {
+            Ok(true) => removed.push(disk),
+            Ok(false) => {}
+            Err(e) => errors.push(e),
         }
     }
-    p.storage.remove(config).await?;
-    removed.push(config.to_string());
-    for layer in layers {
-        if !model::is_clone_layer(&template, &base_of(&layer)) {
+    // The domain XML file goes last, and only once every disk went: a second try reads the disks from it.
+    if errors.is_empty() {
+        match p.storage.remove(config).await {
+            Ok(_) => removed.push(config.to_string()),
+            Err(e) => errors.push(e),
+        }
+    }
+    let dirs = model::writable_disks(&xml)
+        .unwrap_or_default()
+        .iter()
+        .map(|(_, d)| dir_of(d))
+        .collect();
+    removed.extend(remove_unused_layers(p, &template, layers, dirs).await);
+    match errors.into_iter().next() {
+        None => Ok(removed),
+        Some(e) => Err(e.into()),
+    }
+}
+
+/// Removes the template layers nothing uses any more: `known` (those a destroyed clone's disks named) and
+/// (a second try after a crash no longer knows those: the disks are gone) every layer vmha made for
+/// `template` in `dirs` that the template does not run on or name. Returns what went.
+pub async fn remove_unused_layers(
+    p: &Ports,
+    template: &str,
+    known: Vec<String>,
+    dirs: std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let mut candidates: std::collections::BTreeSet<String> = known.into_iter().collect();
+    if let Some(protected) = template_layers(p, template).await {
+        for dir in dirs {
+            match p.storage.list_dir(&dir).await {
+                Ok(files) => candidates.extend(files.into_iter().filter(|f| !protected.contains(f))),
+                Err(e) => tracing::warn!(%dir, "listing the clone layers: {e}"),
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for layer in candidates {
+        if !model::is_clone_layer(template, &base_of(&layer)) {
             continue;
         }
         match p.storage.layer_users(&layer).await {
@@ -1105,7 +1161,23 @@ pub async fn destroy_files(p: &Ports, config: &str) -> Result<Vec<String>, OpErr
             Err(e) => tracing::warn!(%layer, "cannot tell whether the clone layer is in use: {e}"),
         }
     }
-    Ok(removed)
+    removed
+}
+
+/// Every layer `template` runs on (its whole chain, where it runs) and names in its definition; `None`
+/// when that cannot be known (then no layer is taken for unused on its name alone).
+async fn template_layers(p: &Ports, template: &str) -> Option<std::collections::BTreeSet<String>> {
+    let snap = p.cluster.snapshot();
+    let vm = snap.view.as_ref()?.vm(template)?;
+    let mut out = std::collections::BTreeSet::new();
+    let config = vm.config.clone()?;
+    let xml = p.storage.read_small(&config).await.ok()?;
+    out.extend(model::writable_disks(&xml).ok()?.into_iter().map(|(_, d)| d));
+    for host in &vm.hosts {
+        let chains = p.hypervisor.disk_chains(host, template).await.ok()?;
+        out.extend(chains.into_iter().flat_map(|(_, c)| c));
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 
 pub mod clone;
 pub mod error;
+pub mod group;
 pub mod ports;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;

@@ -119,8 +119,10 @@ pub trait Storage: Send + Sync {
         xml: String,
         to: &str,
     ) -> BoxFuture<'_, Result<(), StorageError>>;
-    /// The backing file of a qcow2 image, as an absolute path.
-    fn backing_of(&self, image: &str) -> BoxFuture<'_, Option<String>>;
+    /// The backing file of a qcow2 image, as an absolute path (`None`: it has none, or it is not qcow2).
+    fn backing_of(&self, image: &str) -> BoxFuture<'_, Result<Option<String>, StorageError>>;
+    /// The regular files in `dir` (full paths).
+    fn list_dir(&self, dir: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
     /// The images in `layer`'s directory whose backing file it is.
     fn layer_users(&self, layer: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
 }

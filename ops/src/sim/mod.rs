@@ -567,8 +567,33 @@ impl World {
             }
         }
         // No journal left.
-        for j in crate::clone::journals(&full_cib(&g)) {
-            v.push(format!("journal {} left on {}", j.key, j.host));
+        let cib = full_cib(&g);
+        for prefix in [crate::clone::JOURNAL_PREFIX, crate::group::JOURNAL_PREFIX] {
+            for j in crate::clone::attributes(&cib, prefix) {
+                v.push(format!("journal {} left on {}", j.key, j.host));
+            }
+        }
+        // Elastic groups: every member is a resource, and every clone of a group's template is a member.
+        if let Ok(Some(policy)) = vmha_model::policy::Policy::from_cib(&cib) {
+            for (name, spec) in &policy.groups {
+                for m in &spec.members {
+                    if !resources.contains(m) {
+                        v.push(format!("group {name} lists {m}, which is no resource"));
+                    }
+                }
+                let Some(template) = &spec.template else { continue };
+                for r in &resources {
+                    let clone_of = config_of(&g.cib, r)
+                        .and_then(|c| g.files.get(&c))
+                        .and_then(|f| model::clone_of(&String::from_utf8_lossy(&f.data)));
+                    if clone_of.as_ref() == Some(template)
+                        && r.starts_with(&format!("{name}-"))
+                        && !spec.members.contains(r)
+                    {
+                        v.push(format!("{r}, a clone of group {name}'s template, is not a member"));
+                    }
+                }
+            }
         }
         // The template runs, resumed, from the layers its definition names.
         match g.domains.iter().find(|d| d.name == template) {
@@ -966,6 +991,19 @@ impl At {
         };
         let update = Element::parse(xml).map_err(|e| err(&format!("bad XML: {e}")))?;
         let mut g = self.g();
+        if section == "configuration" {
+            if !matches!(change, CibChange::Replace { .. }) || update.name != "configuration" {
+                return Err(err("only a replace of the whole configuration"));
+            }
+            let conf = g
+                .cib
+                .children
+                .iter_mut()
+                .find(|c| c.name == "configuration")
+                .ok_or_else(|| err("No such section"))?;
+            *conf = update;
+            return Ok(());
+        }
         let mut ids = Vec::new();
         g.cib.ids(&mut ids);
         let sec = g
@@ -1386,15 +1424,32 @@ impl Storage for At {
         })
     }
 
-    fn backing_of(&self, image: &str) -> BoxFuture<'_, Option<String>> {
+    fn backing_of(&self, image: &str) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
         let p = image.to_string();
-        let entry = self.world.enter(&self.host, "storage.backing_of", &p);
-        Box::pin(async move {
-            match entry {
-                Entry::Fail(_) => None,
-                Entry::Go => self.g().files.get(&p).and_then(|f| f.backing.clone()),
-                Entry::Stop => std::future::pending().await,
-            }
+        let fail = {
+            let p = p.clone();
+            move |m| st_err(&p, m)
+        };
+        guarded!(self, "storage.backing_of", p.clone(), fail, {
+            Ok(self.g().files.get(&p).and_then(|f| f.backing.clone()))
+        })
+    }
+
+    fn list_dir(&self, dir: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        let d = dir.trim_end_matches('/').to_string();
+        let fail = {
+            let d = d.clone();
+            move |m| st_err(&d, m)
+        };
+        guarded!(self, "storage.list_dir", d.clone(), fail, {
+            let prefix = format!("{d}/");
+            Ok(self
+                .g()
+                .files
+                .keys()
+                .filter(|n| n.strip_prefix(&prefix).is_some_and(|rest| !rest.contains('/')))
+                .cloned()
+                .collect())
         })
     }
 

@@ -15,6 +15,8 @@
 //! start vm1 | stop vm1 | remove vm1 | destroy vm1-clone | move vm1 h3
 //!                                        a one-VM job in the DC's vmhad
 //! standby h2 on|off                      host standby (Pacemaker moves its VMs away)
+//! policy {"groups": {...}}               stores and applies a placement policy (JSON on one line)
+//! scale web 3 [force] [on h1] [&]        a group scale job
 //! restart-vmhad h1                       vmhad starts again on h1 (and recovers its journals)
 //! recover h2                             h2's vmhad recovers what dead vmhads left (as after a DC change)
 //! check vm1                              the invariants, with vm1 as the template
@@ -23,6 +25,7 @@
 use std::sync::Arc;
 
 use crate::clone::{self, CloneSpec};
+use crate::group;
 use crate::ports::LogProgress;
 use crate::sim::{Fault, FaultAction, Trigger, World};
 use crate::vm::{self, VmOp};
@@ -30,7 +33,7 @@ use crate::vm::{self, VmOp};
 /// Runs a scenario; returns its log. `Err` for a scenario that cannot be read.
 pub async fn run(script: &str) -> Result<String, String> {
     let mut world: Option<Arc<World>> = None;
-    let mut background = Vec::new();
+    let mut background: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = Vec::new();
     let mut jobs = 0;
     for (n, raw) in script.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -134,6 +137,46 @@ pub async fn run(script: &str) -> Result<String, String> {
                     r.map_or_else(|e| format!("failed: {e}"), |()| "ok".into())
                 ));
             }
+            "policy" => {
+                let json = line.trim_start_matches("policy").trim();
+                let policy = vmha_model::policy::Policy::from_json(json).map_err(|e| bad(&e.to_string()))?;
+                let dc = w.dc().ok_or_else(|| bad("no DC"))?;
+                let r = group::store_policy(&w.vmhad(&dc), &policy).await;
+                w.note(format!(
+                    "policy -> {}",
+                    r.map_or_else(|e| format!("failed: {e}"), |()| "stored and applied".into())
+                ));
+            }
+            "scale" => {
+                let (name, size) = match words.get(1..3) {
+                    Some([n, s]) => (n.to_string(), s.parse().map_err(|_| bad("a size"))?),
+                    _ => return Err(bad("scale GROUP SIZE")),
+                };
+                let (mut force, mut on, mut bg) = (false, None, false);
+                let mut rest = words[3..].iter();
+                while let Some(k) = rest.next() {
+                    match *k {
+                        "force" => force = true,
+                        "&" => bg = true,
+                        "on" => on = rest.next().map(|h| h.to_string()),
+                        _ => return Err(bad("unknown scale option")),
+                    }
+                }
+                let on = on.or_else(|| w.dc()).ok_or_else(|| bad("no DC"))?;
+                jobs += 1;
+                let spec = group::ScaleSpec {
+                    group: name,
+                    size,
+                    force,
+                    drain_ms: 10_000,
+                };
+                let job = run_scale(Arc::clone(&w), on, spec, jobs);
+                if bg {
+                    background.push(Box::pin(job));
+                } else {
+                    job.await;
+                }
+            }
             "wait" => {
                 futures_util::future::join_all(background.drain(..)).await;
             }
@@ -141,10 +184,12 @@ pub async fn run(script: &str) -> Result<String, String> {
                 let host = words.get(1).ok_or_else(|| bad("restart-vmhad HOST"))?;
                 w.restart_vmhad(host);
                 clone::recover(&w.vmhad(host)).await;
+                group::recover(&w.vmhad(host)).await;
             }
             "recover" => {
                 let host = words.get(1).ok_or_else(|| bad("recover HOST"))?;
                 clone::recover(&w.vmhad(host)).await;
+                group::recover(&w.vmhad(host)).await;
             }
             "check" => {
                 let template = words.get(1).ok_or_else(|| bad("check TEMPLATE"))?;
@@ -214,4 +259,35 @@ async fn run_clone(w: Arc<World>, on: String, spec: CloneSpec, job: usize) {
         () = w.vmhad_dies(&on) => "vmhad died".to_string(),
     };
     w.note(format!("clone of {template} (job {job} on {on}) -> {outcome}"));
+}
+
+/// Checks and runs a scale job in the vmhad on `on`; logs how it ended and the group's size.
+async fn run_scale(w: Arc<World>, on: String, spec: group::ScaleSpec, job: usize) {
+    let ports = w.vmhad(&on);
+    let name = spec.group.clone();
+    let work = async {
+        let plan = match group::check(&ports, &spec).await {
+            Ok(plan) => plan,
+            Err(e) => return format!("refused: {e}"),
+        };
+        let (summary, outcome) = group::run(&ports, &LogProgress, &plan, &job.to_string()).await;
+        let steps: Vec<String> = summary.steps.iter().map(|s| s.to_string()).collect();
+        match outcome {
+            Ok(()) => format!(
+                "ok: {} -> {} members, steps [{}]",
+                summary.from,
+                summary.size,
+                steps.join(", ")
+            ),
+            Err(e) => format!("failed at {} members: {e}; steps [{}]", summary.size, steps.join(", ")),
+        }
+    };
+    let outcome = tokio::select! {
+        r = work => r,
+        () = w.vmhad_dies(&on) => "vmhad died".to_string(),
+    };
+    w.note(format!(
+        "scale of {name} to {} (job {job} on {on}) -> {outcome}",
+        spec.size
+    ));
 }

@@ -1,0 +1,461 @@
+//! Scaling an elastic VM group (`vmha group scale`, and autoscale): a journaled job in the DC's vmhad.
+//! Growing live-clones the group's template once per new member ([`crate::clone`], each clone with its own
+//! journal and rollback) onto a host that keeps the group's (anti-)affinity, then adds the member to the
+//! stored placement policy and applies it. Shrinking asks the newest member's guest to drain, takes it
+//! out of the policy, then destroys it. After each member the group is consistent at the size reached.
+//!
+//! The job's journal (a node attribute of its host) names the member between two of those changes: a
+//! member cloned and not yet in the policy, or out of the policy and not yet destroyed. A restarted vmhad
+//! or the next DC completes that member's step ([`recover`]): the clone is running, so it joins; the
+//! drained member leaves for good.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use vmha_model::change;
+use vmha_model::group::{self, Elastic};
+use vmha_model::policy::{self, Policy};
+use vmha_model::ClusterView;
+
+use crate::clone::{self, CloneSpec};
+use crate::error::OpError;
+use crate::ports::{BoxFuture, CibChange, Ports, Progress};
+use crate::vm::{self, VmOp};
+
+/// Prefix of the node attributes holding scale journals.
+pub const JOURNAL_PREFIX: &str = "vmha-scale-journal-";
+/// How often applying the policy starts over when the configuration changed under it.
+const APPLY_ATTEMPTS: u32 = 5;
+
+/// What a scale request asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleSpec {
+    pub group: String,
+    pub size: u32,
+    /// Clone without asking the template's guest to prepare.
+    pub force: bool,
+    /// How long a member's guest has to drain.
+    pub drain_ms: u32,
+}
+
+/// A checked scale request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalePlan {
+    pub spec: ScaleSpec,
+    pub template: String,
+    pub from: usize,
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+}
+
+/// The journal of a scale job: the member between two of its changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScaleJournal {
+    pub group: String,
+    /// Being cloned, or cloned and not yet in the policy: joins when it exists.
+    pub joining: Option<String>,
+    /// Drained and out of the policy (or about to be), not yet destroyed.
+    pub leaving: Option<String>,
+    /// The leaving member's domain XML file (its files go even when its resource went already).
+    pub leaving_config: Option<String>,
+}
+
+/// What a scale job did: JSON for its caller (`group`, `from`, `asked`, `size`, `steps`, `error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScaleSummary {
+    pub group: String,
+    pub from: usize,
+    pub asked: u32,
+    pub size: usize,
+    pub steps: Vec<serde_json::Value>,
+    pub error: Option<String>,
+}
+
+fn stored(cib: &str) -> Result<Policy, OpError> {
+    Policy::from_cib(cib)
+        .map_err(|e| OpError::data("the stored policy", e))?
+        .ok_or_else(|| OpError::Invalid("no policy is stored (vmha policy set FILE)".into()))
+}
+
+fn elastic(p: &Policy, name: &str) -> Result<Elastic, OpError> {
+    group::elastic(p, name).map_err(|e| OpError::Invalid(e.to_string()))
+}
+
+/// Checks a scale request (nothing changes).
+pub async fn check(p: &Ports, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
+    let cib = p.cluster.query().await?;
+    let policy = stored(&cib)?;
+    let g = elastic(&policy, &spec.group)?;
+    let view = ClusterView::from_cib(&cib).map_err(|e| OpError::data("the CIB", e))?;
+    let plan = group::scale_plan(&g, spec.size, |n| {
+        view.vm(n).is_some() || cib.contains(&format!("id=\"{n}\""))
+    })
+    .map_err(|e| OpError::Invalid(e.to_string()))?;
+    if let Some(j) = journals(&cib).into_iter().find(|j| j.1.group == spec.group) {
+        return Err(OpError::Conflict(format!(
+            "group {} is being scaled already (job {} on {})",
+            spec.group,
+            j.0.key.trim_start_matches(JOURNAL_PREFIX),
+            j.0.host
+        )));
+    }
+    Ok(ScalePlan {
+        spec: spec.clone(),
+        template: g.template.clone(),
+        from: g.members.len(),
+        add: plan.add,
+        remove: plan.remove,
+    })
+}
+
+/// Stores `policy` in the CIB and applies it (its compiled constraints replace vmha's own in the
+/// configuration, starting over when the configuration changed between the read and the replace).
+pub async fn store_policy(p: &Ports, policy: &Policy) -> Result<(), OpError> {
+    let cib = p.cluster.query().await?;
+    policy::plan(policy, &cib).map_err(|e| OpError::Invalid(e.to_string()))?;
+    p.cluster
+        .apply(CibChange::Modify {
+            section: "crm_config",
+            xml: policy::store_xml(policy),
+        })
+        .await?;
+    for _ in 0..APPLY_ATTEMPTS {
+        let xml = p.cluster.query().await?;
+        let plan = policy::plan(&stored(&xml)?, &xml).map_err(|e| OpError::Invalid(e.to_string()))?;
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let now = p.cluster.query().await?;
+        if config_version(&now) != config_version(&xml) {
+            continue;
+        }
+        p.cluster
+            .apply(CibChange::Replace {
+                section: "configuration",
+                xml: plan.configuration,
+            })
+            .await?;
+        return Ok(());
+    }
+    Err(OpError::Conflict(
+        "the CIB configuration kept changing while applying the policy; try again".into(),
+    ))
+}
+
+/// `admin_epoch.epoch` of a CIB: what changes when its configuration changes.
+fn config_version(xml: &str) -> Option<String> {
+    let v = ClusterView::from_cib(xml).ok()?.version;
+    Some(v.rsplit_once('.').map(|(a, _)| a.to_string()).unwrap_or(v))
+}
+
+/// A progress sink reporting into `[from, to]` of another's range.
+struct Part<'a> {
+    inner: &'a dyn Progress,
+    from: f64,
+    to: f64,
+    prefix: String,
+}
+
+impl Progress for Part<'_> {
+    fn progress(&self, fraction: f64, message: &str) -> BoxFuture<'_, ()> {
+        let f = self.from + (self.to - self.from) * fraction.clamp(0.0, 1.0);
+        let m = format!("{}{message}", self.prefix);
+        Box::pin(async move { self.inner.progress(f, &m).await })
+    }
+}
+
+/// One scale job under way.
+struct ScaleRun<'a> {
+    p: &'a Ports,
+    progress: &'a dyn Progress,
+    plan: &'a ScalePlan,
+    job_id: &'a str,
+    key: String,
+    journal: ScaleJournal,
+    steps: Vec<serde_json::Value>,
+    /// Where this job put its clones (Pacemaker's status may not show one just registered yet).
+    placed: BTreeMap<String, String>,
+}
+
+/// Runs a checked scale plan as job `job_id`; the summary says how far it got, also on failure.
+pub async fn run(
+    p: &Ports,
+    progress: &dyn Progress,
+    plan: &ScalePlan,
+    job_id: &str,
+) -> (ScaleSummary, Result<(), OpError>) {
+    let mut run = ScaleRun {
+        p,
+        progress,
+        plan,
+        job_id,
+        key: format!("{JOURNAL_PREFIX}{job_id}"),
+        journal: ScaleJournal {
+            group: plan.spec.group.clone(),
+            ..ScaleJournal::default()
+        },
+        steps: Vec::new(),
+        placed: BTreeMap::new(),
+    };
+    let outcome = run.steps().await;
+    // A member between two changes finishes its step whatever went wrong (its undo would be worse: a
+    // running clone destroyed, a drained member back in service).
+    if run.journal.joining.is_some() || run.journal.leaving.is_some() {
+        let journal = run.journal.clone();
+        if let Err(e) = complete(p, &journal).await {
+            tracing::warn!(group = %plan.spec.group, "completing the member's step: {e}");
+        }
+    }
+    drop_journals(p, Some(p.cluster.local_host()), &run.key).await;
+    let size = p
+        .cluster
+        .query()
+        .await
+        .ok()
+        .and_then(|cib| stored(&cib).ok())
+        .and_then(|pol| group::elastic(&pol, &plan.spec.group).ok())
+        .map_or(0, |g| g.members.len());
+    let summary = ScaleSummary {
+        group: plan.spec.group.clone(),
+        from: plan.from,
+        asked: plan.spec.size,
+        size,
+        steps: run.steps,
+        error: outcome.as_ref().err().map(ToString::to_string),
+    };
+    (summary, outcome)
+}
+
+impl ScaleRun<'_> {
+    async fn save(&self) -> Result<(), OpError> {
+        let value = serde_json::to_string(&self.journal).map_err(|e| OpError::data("the scale journal", e))?;
+        let cib = self.p.cluster.query().await?;
+        let xml = change::set_node_attribute(&cib, self.p.cluster.local_host(), &self.key, &value)
+            .map_err(|e| OpError::data("the scale journal", e))?;
+        self.p
+            .cluster
+            .apply(CibChange::Modify { section: "nodes", xml })
+            .await?;
+        Ok(())
+    }
+
+    async fn steps(&mut self) -> Result<(), OpError> {
+        self.save().await?;
+        let total = (self.plan.add.len() + self.plan.remove.len()).max(1) as f64;
+        let mut done = 0.0;
+        for member in &self.plan.add {
+            self.add(member, done / total, (done + 1.0) / total).await?;
+            done += 1.0;
+        }
+        for member in &self.plan.remove {
+            self.remove(member, done / total).await?;
+            done += 1.0;
+        }
+        Ok(())
+    }
+
+    /// Clones the template as `member` on a host that keeps the group's placement, then adds it to the
+    /// policy.
+    async fn add(&mut self, member: &str, from: f64, to: f64) -> Result<(), OpError> {
+        let group = &self.plan.spec.group;
+        let cib = self.p.cluster.query().await?;
+        let view = ClusterView::from_cib(&cib).map_err(|e| OpError::data("the CIB", e))?;
+        let policy = stored(&cib)?;
+        let mut running = group::running(&view);
+        for (vm, host) in &self.placed {
+            running.entry(vm.clone()).or_insert_with(|| host.clone());
+        }
+        let host = group::choose_host(&policy, group, &group::candidate_hosts(&view), &running)
+            .map_err(|e| OpError::Conflict(format!("adding {member}: {e}")))?;
+        let part = Part {
+            inner: self.progress,
+            from,
+            to: from + (to - from) * 0.9,
+            prefix: format!("{member}: "),
+        };
+        part.progress(0.0, &format!("cloning {} as {member} on {host}", self.plan.template))
+            .await;
+        let spec = CloneSpec {
+            template: self.plan.template.clone(),
+            name: Some(member.to_string()),
+            host: Some(host.clone()),
+            count: 1,
+            force: self.plan.spec.force,
+        };
+        let cplan = clone::check(self.p, &spec).await?;
+        // Written ahead: a clone that finished joins the group even when this vmhad dies right after it
+        // (one that did not finish is rolled back by its own journal, and does not exist to join).
+        self.journal.joining = Some(member.to_string());
+        self.save().await?;
+        clone::run(self.p, &part, &cplan, &format!("{}-{member}", self.job_id)).await?;
+        self.placed.insert(member.to_string(), host.clone());
+        self.progress
+            .progress(from + (to - from) * 0.95, &format!("{member} joins group {group}"))
+            .await;
+        let cib = self.p.cluster.query().await?;
+        store_policy(self.p, &group::with_member(&stored(&cib)?, group, member)).await?;
+        self.journal.joining = None;
+        self.save().await?;
+        self.steps.push(json!({"added": member, "host": host}));
+        Ok(())
+    }
+
+    /// Drains `member`'s guest, takes it out of the policy and destroys it.
+    async fn remove(&mut self, member: &str, at: f64) -> Result<(), OpError> {
+        let group = &self.plan.spec.group;
+        self.progress
+            .progress(at, &format!("asking {member}'s guest to drain"))
+            .await;
+        let data = json!({"group": group, "size": self.plan.spec.size}).to_string();
+        let answer = self
+            .p
+            .guests
+            .request(member, "drain", data, self.plan.spec.drain_ms)
+            .await;
+        match answer {
+            Ok(a) if a.done() => {}
+            Ok(a) => {
+                return Err(OpError::GuestRefused {
+                    vm: member.to_string(),
+                    request: "drain".into(),
+                    reason: format!("{}: {}; it stays in the group", a.outcome, a.reason),
+                })
+            }
+            Err(e) => {
+                return Err(OpError::GuestUnreachable {
+                    vm: member.to_string(),
+                    request: "drain".into(),
+                    reason: format!("{e}; it stays in the group"),
+                })
+            }
+        }
+        self.journal.leaving = Some(member.to_string());
+        self.journal.leaving_config = self
+            .p
+            .cluster
+            .snapshot()
+            .view
+            .as_ref()
+            .and_then(|v| v.vm(member))
+            .and_then(|v| v.config.clone());
+        self.save().await?;
+        leave(self.p, group, member, self.journal.leaving_config.as_deref()).await?;
+        self.journal.leaving = None;
+        self.journal.leaving_config = None;
+        self.save().await?;
+        self.steps.push(json!({"removed": member}));
+        Ok(())
+    }
+}
+
+/// Takes `member` out of `group`'s policy (when in it) and destroys it (when it exists; its files, from
+/// `config`, when only they are left).
+async fn leave(p: &Ports, group: &str, member: &str, config: Option<&str>) -> Result<(), OpError> {
+    let cib = p.cluster.query().await?;
+    let policy = stored(&cib)?;
+    if policy
+        .groups
+        .get(group)
+        .is_some_and(|g| g.members.iter().any(|m| m == member))
+    {
+        store_policy(p, &group::without_member(&policy, group, member)).await?;
+    }
+    let exists = p
+        .cluster
+        .snapshot()
+        .view
+        .as_ref()
+        .is_some_and(|v| v.vm(member).is_some());
+    if exists {
+        let op = VmOp::Destroy(member.to_string());
+        vm::check(p, &op).await?;
+        vm::run(p, &crate::ports::LogProgress, &op).await?;
+    } else if let Some(config) = config {
+        if p.storage.exists(config).await {
+            clone::destroy_files(p, config).await?;
+        } else if let Some(template) = policy.groups.get(group).and_then(|g| g.template.clone()) {
+            // Its files went, maybe not the template layer below them.
+            let dirs = std::iter::once(clone::dir_of(config)).collect();
+            clone::remove_unused_layers(p, &template, Vec::new(), dirs).await;
+        }
+    }
+    Ok(())
+}
+
+/// Finishes the step of the member a journal names: a joining member that runs joins the policy; a
+/// leaving one leaves and is destroyed.
+async fn complete(p: &Ports, journal: &ScaleJournal) -> Result<(), OpError> {
+    if let Some(member) = &journal.joining {
+        let cib = p.cluster.query().await?;
+        let view = ClusterView::from_cib(&cib).map_err(|e| OpError::data("the CIB", e))?;
+        let policy = stored(&cib)?;
+        let listed = policy
+            .groups
+            .get(&journal.group)
+            .is_some_and(|g| g.members.iter().any(|m| m == member));
+        if view.vm(member).is_some() && !listed {
+            store_policy(p, &group::with_member(&policy, &journal.group, member)).await?;
+        }
+    }
+    if let Some(member) = &journal.leaving {
+        leave(p, &journal.group, member, journal.leaving_config.as_deref()).await?;
+    }
+    Ok(())
+}
+
+/// Every scale journal in the CIB, with its stored form.
+fn journals(cib: &str) -> Vec<(clone::StoredJournal, ScaleJournal)> {
+    clone::attributes(cib, JOURNAL_PREFIX)
+        .into_iter()
+        .map(|j| {
+            let parsed = serde_json::from_str::<ScaleJournal>(&j.value).unwrap_or_default();
+            (j, parsed)
+        })
+        .collect()
+}
+
+/// Drops the journal `key` (of `host`, or any), tried three times: a journal left behind only makes the
+/// next recovery complete a step that is complete.
+async fn drop_journals(p: &Ports, host: Option<&str>, key: &str) {
+    for attempt in 0..3 {
+        let Ok(cib) = p.cluster.query().await else { continue };
+        let mut ok = true;
+        for (j, _) in journals(&cib) {
+            if j.key == key && host.is_none_or(|h| h == j.host) {
+                let xml = format!(r#"<nvpair id="{}"/>"#, change::escape(&j.id));
+                ok &= p
+                    .cluster
+                    .apply(CibChange::Delete { section: "nodes", xml })
+                    .await
+                    .is_ok();
+            }
+        }
+        if ok {
+            return;
+        }
+        tracing::warn!(%key, attempt, "dropping the scale journal failed");
+    }
+}
+
+/// Completes the scale steps left by a vmhad that stopped midway: this host's own (at start) and, on the
+/// DC, those of hosts whose vmhad is gone. Clone journals are recovered first ([`clone::recover`]).
+pub async fn recover(p: &Ports) {
+    let snap = p.cluster.snapshot();
+    let local = p.cluster.local_host();
+    let i_am_dc = snap.dc() == Some(local);
+    let agents = snap.membership.as_ref().map(|m| m.agents.clone());
+    let Ok(cib) = p.cluster.query().await else { return };
+    for (j, journal) in journals(&cib) {
+        let orphaned = j.host == local || (i_am_dc && agents.as_ref().is_some_and(|a| !a.contains(&j.host)));
+        if !orphaned {
+            continue;
+        }
+        tracing::warn!(host = %j.host, key = %j.key, group = %journal.group, "completing an interrupted group scale");
+        if let Err(e) = complete(p, &journal).await {
+            tracing::warn!(key = %j.key, "completing an interrupted group scale: {e}");
+        }
+        drop_journals(p, Some(&j.host), &j.key).await;
+    }
+}
