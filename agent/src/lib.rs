@@ -14,6 +14,8 @@ pub mod confined;
 pub mod daemon;
 pub mod failures;
 pub mod guest;
+#[cfg(test)]
+mod interface_xml;
 pub mod jobs;
 pub mod membership;
 pub mod objects;
