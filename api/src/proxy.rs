@@ -43,8 +43,14 @@ pub trait Cluster {
     #[zbus(name = "AddVm", allow_interactive_auth)]
     fn add_vm_interactive(&self, name: &str, config: &str, start: bool) -> Result<OwnedObjectPath, Error>;
 
-    fn clone_vm(&self, template: &str, name: &str, host: &str, count: u32, force: bool)
-        -> Result<OwnedObjectPath, Error>;
+    fn clone_vm(
+        &self,
+        template: &str,
+        name: &str,
+        host: &str,
+        count: u32,
+        force: bool,
+    ) -> Result<OwnedObjectPath, Error>;
     #[zbus(name = "CloneVm", allow_interactive_auth)]
     fn clone_vm_interactive(
         &self,
