@@ -22,7 +22,6 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
-pub mod progress;
 pub mod readiness;
 pub mod relay;
 pub mod state;
