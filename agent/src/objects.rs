@@ -575,7 +575,7 @@ impl VmObject {
     /// Clears the VM's failures on `host` (empty: every host), as `pcs resource cleanup`: Pacemaker's
     /// attribute manager drops its fail counts and last-failure times, and each host showing a failure of
     /// it forgets that operation history and probes it again. Returns the hosts probed again. An unknown
-    /// host is refused (InvalidArgs) and changes nothing.
+    /// host is refused (UnknownHost) and changes nothing.
     async fn cleanup(
         &self,
         host: String,

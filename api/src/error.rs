@@ -186,4 +186,20 @@ mod tests {
             Error::InvalidArgument(m) if m == "bad"
         ));
     }
+
+    #[test]
+    fn every_error_name_is_documented() {
+        let docs = include_str!("../../docs/dbus-api.md");
+        let xml = include_str!("../../packaging/dbus/interfaces/org.vmha.Vmha1.Cluster.xml");
+        for name in Error::NAMES {
+            assert!(
+                docs.contains(&format!("`{ERROR_PREFIX}.{name}`")),
+                "docs/dbus-api.md does not list {name}"
+            );
+            assert!(
+                xml.lines().any(|l| l.trim_start().starts_with(&format!("{name} "))),
+                "org.vmha.Vmha1.Cluster.xml does not list {name}"
+            );
+        }
+    }
 }
