@@ -198,13 +198,155 @@ async fn the_api_proxies_read_what_vmhad_serves_and_get_typed_errors() {
     let readiness = api::proxy::ReadinessProxy::new(&client).await.unwrap();
     assert_eq!(readiness.reports().await.unwrap(), "[]");
 
-    // A change needs an authorized caller; a peer-to-peer call has no sender to ask polkit about.
-    match vm.start().await {
-        Err(Error::AccessDenied(m)) => assert!(m.contains("start VM vm-1"), "{m}"),
-        other => panic!("expected AccessDenied, got {other:?}"),
+    // Every property of every proxy reads (its type matches what vmhad serves).
+    let (_, _, _, _, _, _, _, _, _) = (
+        cluster.name().await.unwrap(),
+        cluster.quorate().await.unwrap(),
+        cluster.designated_controller().await.unwrap(),
+        cluster.members().await.unwrap(),
+        cluster.agents().await.unwrap(),
+        cluster.local_host().await.unwrap(),
+        cluster.stonith_enabled().await.unwrap(),
+        cluster.connected().await.unwrap(),
+        cluster.cib_version().await.unwrap(),
+    );
+    let (_, _, _, _, _, _) = (
+        host.name().await.unwrap(),
+        host.state().await.unwrap(),
+        host.standby().await.unwrap(),
+        host.maintenance().await.unwrap(),
+        host.is_designated_controller().await.unwrap(),
+        host.utilization().await.unwrap(),
+    );
+    let (_, _, _, _, _, _, _, _, _, _, _) = (
+        vm.name().await.unwrap(),
+        vm.agent().await.unwrap(),
+        vm.state().await.unwrap(),
+        vm.hosts().await.unwrap(),
+        vm.failed_on().await.unwrap(),
+        vm.fail_counts().await.unwrap(),
+        vm.target_role().await.unwrap(),
+        vm.managed().await.unwrap(),
+        vm.config().await.unwrap(),
+        vm.constraints().await.unwrap(),
+        vm.utilization().await.unwrap(),
+    );
+    let (_, _, _, _) = (
+        j.target().await.unwrap(),
+        j.progress().await.unwrap(),
+        j.message().await.unwrap(),
+        j.details().await.unwrap(),
+    );
+
+    // Every method of every proxy, plain and interactive, reaches vmhad's method (a wrong name or
+    // signature would be UnknownMethod or InvalidArgs): a change needs an authorized caller, and a
+    // peer-to-peer call has no sender to ask polkit about, so each is AccessDenied.
+    fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, Error>) {
+        match r {
+            Err(Error::AccessDenied(m)) => assert!(m.contains("no sender"), "{what}: {m}"),
+            other => panic!("{what}: expected AccessDenied, got {other:?}"),
+        }
     }
-    match cluster.clone_vm_interactive("vm-1", "", "", 1, false).await {
-        Err(Error::AccessDenied(_)) => {}
-        other => panic!("expected AccessDenied, got {other:?}"),
+    use std::os::fd::AsFd;
+    let file = std::fs::File::open("/dev/null").unwrap();
+    let fd = || zbus::zvariant::Fd::from(file.as_fd());
+    let keys = [("k", "key")];
+    denied("AddVm", cluster.add_vm("vm-2", "/x.xml", true).await);
+    denied("AddVm!", cluster.add_vm_interactive("vm-2", "/x.xml", true).await);
+    denied("CloneVm", cluster.clone_vm("vm-1", "", "", 1, false).await);
+    denied("CloneVm!", cluster.clone_vm_interactive("vm-1", "", "", 1, false).await);
+    denied(
+        "Capture",
+        cluster.capture_vcluster("g", fd(), false, false, 3, &[fd()]).await,
+    );
+    denied(
+        "Capture!",
+        cluster
+            .capture_vcluster_interactive("g", fd(), false, false, 3, &[])
+            .await,
+    );
+    denied(
+        "Instantiate",
+        cluster
+            .instantiate_vcluster(fd(), &["hosts=a:b"], "", true, 0, &[], false, &keys)
+            .await,
+    );
+    denied(
+        "Instantiate!",
+        cluster
+            .instantiate_vcluster_interactive(fd(), &[], "n", false, 9, &["qemu-args"], true, &[])
+            .await,
+    );
+    denied("SetStandby", host.set_standby(true).await);
+    denied("SetStandby!", host.set_standby_interactive(false).await);
+    denied("SetMaintenance", host.set_maintenance(true).await);
+    denied("SetMaintenance!", host.set_maintenance_interactive(false).await);
+    denied("Start", vm.start().await);
+    denied("Start!", vm.start_interactive().await);
+    denied("Stop", vm.stop().await);
+    denied("Stop!", vm.stop_interactive().await);
+    denied("Cleanup", vm.cleanup("").await);
+    denied("Cleanup!", vm.cleanup_interactive("node-1").await);
+    denied("Move", vm.move_to("node-2").await);
+    denied("Move!", vm.move_to_interactive("node-2").await);
+    denied("GuestRequest", vm.guest_request("drain", "{}", 10).await);
+    denied("GuestRequest!", vm.guest_request_interactive("drain", "{}", 10).await);
+    denied("Destroy", vm.destroy().await);
+    denied("Destroy!", vm.destroy_interactive().await);
+    denied("Remove", vm.remove().await);
+    denied("Remove!", vm.remove_interactive().await);
+    // A missing object is the bus's error, not one of vmhad's.
+    let nothing = api::proxy::VirtualMachineProxy::builder(&client)
+        .path(api::vm_path("nosuch"))
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    match nothing.start().await {
+        Err(e @ Error::ZBus(_)) => assert_eq!(e.short_name(), "org.freedesktop.DBus.Error.UnknownObject"),
+        other => panic!("expected UnknownObject, got {other:?}"),
+    }
+}
+
+/// The `_interactive` proxy methods set ALLOW_INTERACTIVE_AUTHORIZATION, the plain ones do not: what
+/// vmhad reads to give polkit time for an authentication agent.
+#[tokio::test]
+async fn interactive_proxy_methods_allow_interactive_authorization() {
+    use futures_util::StreamExt;
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let guid = zbus::Guid::generate();
+    let server = Builder::unix_stream(a).server(guid).unwrap().p2p().build();
+    let client = Builder::unix_stream(b).p2p().build();
+    let (server, client) = tokio::join!(server, client);
+    let (server, client) = (server.unwrap(), client.unwrap());
+    let mut calls = zbus::MessageStream::from(&server);
+    let vm = api::proxy::VirtualMachineProxy::builder(&client)
+        .path(api::vm_path("vm-1"))
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    for interactive in [false, true] {
+        let call = async {
+            if interactive {
+                vm.stop_interactive().await
+            } else {
+                vm.stop().await
+            }
+        };
+        let seen = async {
+            loop {
+                let m = calls.next().await.unwrap().unwrap();
+                if m.header().member().is_some_and(|n| n.as_str() == "Stop") {
+                    let flag = crate::auth::allows_interaction(&m.header());
+                    let reply = zbus::fdo::Error::AccessDenied("test".into());
+                    server.reply_dbus_error(&m.header(), reply).await.unwrap();
+                    return flag;
+                }
+            }
+        };
+        let (r, flag) = tokio::join!(call, seen);
+        assert!(matches!(r, Err(Error::ZBus(_))), "{r:?}");
+        assert_eq!(flag, interactive);
     }
 }
