@@ -13,7 +13,7 @@ use zbus::message::{Flags, Header};
 use zbus::zvariant::Value;
 use zbus::{Connection, Message};
 
-use crate::api::MANAGE_ACTION;
+use crate::api::{Error, MANAGE_ACTION};
 
 /// How long the bus and polkit get to answer a call that does not allow interaction.
 const POLKIT_DEADLINE: Duration = Duration::from_secs(5);
@@ -53,17 +53,21 @@ pub fn allows_interaction(header: &Header<'_>) -> bool {
     header.primary().flags().contains(Flags::AllowInteractiveAuth)
 }
 
-/// Returns Ok when the sender of `header` may change the cluster, or an AccessDenied error naming why.
-pub async fn authorize_change(conn: &Connection, header: &Header<'_>, what: &str) -> zbus::fdo::Result<()> {
-    let denied = |why: String| zbus::fdo::Error::AccessDenied(format!("{what}: {why}"));
+/// Returns Ok when the sender of `header` may change the cluster, or an AccessDenied error naming why
+/// (Failed when the bus itself cannot be asked).
+pub async fn authorize_change(conn: &Connection, header: &Header<'_>, what: &str) -> Result<(), Error> {
+    let denied = |why: String| Error::AccessDenied(format!("{what}: {why}"));
     let sender = header
         .sender()
         .ok_or_else(|| denied("the call has no sender".into()))?
         .to_owned();
-    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let dbus = zbus::fdo::DBusProxy::new(conn)
+        .await
+        .map_err(|e| Error::Failed(format!("{what}: cannot ask the bus who the caller is: {e}")))?;
     let uid = tokio::time::timeout(POLKIT_DEADLINE, dbus.get_connection_unix_user(sender.clone().into()))
         .await
-        .map_err(|_| denied("the bus did not say who the caller is".into()))??;
+        .map_err(|_| denied("the bus did not say who the caller is".into()))?
+        .map_err(|e| denied(format!("the bus did not say who the caller is ({e})")))?;
     if uid == 0 {
         return Ok(());
     }

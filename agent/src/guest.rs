@@ -45,6 +45,9 @@ pub enum GuestError {
     NotHere { vm: String, local: String, where_: String },
     #[error("the guest channel of VM {0} is not connected (is vmha-guest running in it?)")]
     NotConnected(String),
+    /// The host the VM runs on cannot be reached (the relay is down, or sending failed).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// The guest channels of the VMs on this host.

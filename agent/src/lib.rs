@@ -1,7 +1,11 @@
-//! vmhad, vmha's per-host D-Bus service, and the pieces the `vmha` CLI shares with it: the D-Bus API
-//! ([`api`]), the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the
-//! operations it runs as jobs ([`jobs`]), caller authorization ([`auth`]), its CIB access ([`backend`]), the guest
-//! channels ([`guest`]) and its command line ([`options`]).
+//! vmhad, vmha's per-host D-Bus service: the D-Bus API ([`api`], re-exported from the `vmha-api` crate),
+//! the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the operations it runs as
+//! jobs ([`jobs`]), caller authorization ([`auth`]), its CIB access ([`backend`]), the guest channels
+//! ([`guest`]) and its command line ([`options`]).
+//!
+//! The library also still holds code only the `vmha` CLI (crate `vmha-cli`) runs: the placement policy
+//! and what-if commands ([`placement`]), the virtual-cluster tag commands ([`vcluster::run`]), `vmha check`
+//! ([`check`]), group autoscale measurements ([`autoscale`]) and `vmha keygen` ([`authkey::generate`]).
 
 pub mod api;
 pub mod auth;
@@ -14,13 +18,14 @@ pub mod confined;
 pub mod daemon;
 pub mod failures;
 pub mod guest;
+#[cfg(test)]
+mod interface_xml;
 pub mod jobs;
 pub mod membership;
 pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
-pub mod progress;
 pub mod readiness;
 pub mod relay;
 pub mod state;

@@ -10,21 +10,50 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::{interface, Connection};
 
-use crate::api::{host_path, vm_path};
+use crate::api::{host_path, vm_path, Error};
 use crate::auth::authorize_change;
 use crate::guest::GuestError;
 use crate::jobs::{self, Job, Operation};
 use crate::state::{Shared, Snapshot};
 
-fn fail(e: impl std::fmt::Display) -> zbus::fdo::Error {
-    zbus::fdo::Error::Failed(e.to_string())
+/// What vmhad's methods return: a typed error (`org.vmha.Vmha1.Error.*`) on failure.
+type Result<T> = std::result::Result<T, Error>;
+
+/// The current snapshot, when vmhad has read the cluster (NotReady otherwise). The checks of the
+/// operations refuse the same with a plain message; these come first so that the class is known.
+fn ready(shared: &Shared) -> Result<Arc<Snapshot>> {
+    let snap = shared.snapshot();
+    if snap.view.is_none() {
+        return Err(Error::NotReady(if snap.cib_connected {
+            "vmhad has not read the cluster yet".into()
+        } else {
+            "vmhad cannot read the CIB right now (still connecting, or Pacemaker is unreachable)".into()
+        }));
+    }
+    Ok(snap)
+}
+
+/// UnknownVm unless `name` is a cluster VM.
+fn known_vm(snap: &Snapshot, name: &str) -> Result<()> {
+    match snap.view.as_ref().and_then(|v| v.vm(name)) {
+        Some(_) => Ok(()),
+        None => Err(Error::UnknownVm(format!("unknown VM {name}"))),
+    }
+}
+
+/// UnknownHost unless `name` is a cluster host.
+fn known_host(snap: &Snapshot, name: &str) -> Result<()> {
+    match snap.view.as_ref().and_then(|v| v.host(name)) {
+        Some(_) => Ok(()),
+        None => Err(Error::UnknownHost(format!("unknown host {name}"))),
+    }
 }
 
 /// An archive passed as a file descriptor: open for writing (`write`) or reading, and not a directory.
-fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> zbus::fdo::Result<std::fs::File> {
+fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> Result<std::fs::File> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     use std::os::fd::AsRawFd;
-    let bad = |why: String| zbus::fdo::Error::InvalidArgs(format!("the archive file descriptor {why}"));
+    let bad = |why: String| Error::InvalidArgument(format!("the archive file descriptor {why}"));
     let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
     let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).map_err(|e| bad(format!("cannot be inspected: {e}")))?;
     let mode = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE;
@@ -48,8 +77,8 @@ fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> zbus::fdo::Result<s
 
 /// The signing key of a capture: none, or read from the one regular file the caller passed (a pipe or
 /// socket could block the bus handler). Its content never appears in an error.
-fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> zbus::fdo::Result<Option<vmha_vcluster::signature::SecretKey>> {
-    let bad = |why: String| zbus::fdo::Error::InvalidArgs(format!("the signing key: {why}"));
+fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> Result<Option<vmha_vcluster::signature::SecretKey>> {
+    let bad = |why: String| Error::InvalidArgument(format!("the signing key: {why}"));
     let mut fds = fds.into_iter();
     let Some(fd) = fds.next() else {
         return Ok(None);
@@ -57,13 +86,12 @@ fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> zbus::fdo::Result<Option<vm
     if fds.next().is_some() {
         return Err(bad("more than one key file descriptor".into()));
     }
-    let file = archive_file(fd, false).map_err(|e| bad(e.to_string()))?;
+    let file = archive_file(fd, false).map_err(|e| bad(e.message()))?;
     let meta = file.metadata().map_err(|e| bad(format!("cannot be inspected: {e}")))?;
     if !meta.is_file() {
         return Err(bad("the file descriptor is not a regular file".into()));
     }
-    let key = vmha_vcluster::signature::SecretKey::read(&file, "the signing key file")
-        .map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+    let key = vmha_vcluster::signature::SecretKey::read(&file, "the signing key file").map_err(Error::invalid)?;
     Ok(Some(key))
 }
 
@@ -155,12 +183,16 @@ impl ClusterObject {
         start: bool,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("add VM {name}")).await?;
+        let snap = ready(&self.shared)?;
+        if known_vm(&snap, &name).is_ok() {
+            return Err(Error::Conflict(format!("a VM named {name} exists already")));
+        }
         let prepared = jobs::prepare_add(&self.shared, &name, &config)
             .await
-            .map_err(zbus::fdo::Error::InvalidArgs)?;
-        Job::start(conn, &self.shared, Operation::Add { prepared, start }).await
+            .map_err(Error::InvalidArgument)?;
+        Ok(Job::start(conn, &self.shared, Operation::Add { prepared, start }).await?)
     }
 
     /// Live-clones the running VM `template` (see `vmha clone`): `name` (empty: `<template>-clone`; with
@@ -177,8 +209,19 @@ impl ClusterObject {
         force: bool,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("clone VM {template}")).await?;
+        if count == 0 || count > crate::clone::MAX_COUNT {
+            return Err(Error::InvalidArgument(format!(
+                "count must be 1..={}",
+                crate::clone::MAX_COUNT
+            )));
+        }
+        let snap = ready(&self.shared)?;
+        known_vm(&snap, &template)?;
+        if !host.is_empty() {
+            known_host(&snap, &host)?;
+        }
         let spec = crate::clone::CloneSpec {
             template,
             name: (!name.is_empty()).then_some(name),
@@ -189,12 +232,6 @@ impl ClusterObject {
         // Clone jobs are driven by the DC's vmhad (which checks the request itself), so that the next DC
         // takes over a clone whose host died; this one runs it only when the DC has no vmhad to reach.
         if let Some(dc) = crate::relay::job_host(&self.shared) {
-            if spec.count == 0 || spec.count > crate::clone::MAX_COUNT {
-                return Err(zbus::fdo::Error::InvalidArgs(format!(
-                    "count must be 1..={}",
-                    crate::clone::MAX_COUNT
-                )));
-            }
             return crate::relay::clone_via_dc(conn, &self.shared, &dc, spec).await;
         }
         let dc = self.shared.snapshot().dc().map(str::to_string);
@@ -206,8 +243,8 @@ impl ClusterObject {
         }
         let plan = crate::clone::check(&self.shared, &spec)
             .await
-            .map_err(zbus::fdo::Error::InvalidArgs)?;
-        Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await
+            .map_err(Error::InvalidArgument)?;
+        Ok(Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await?)
     }
 
     /// Captures the virtual cluster `name` (see `vmha vcluster capture`) into `archive`, a file the
@@ -228,17 +265,19 @@ impl ClusterObject {
         sign_key: Vec<zbus::zvariant::OwnedFd>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("capture virtual cluster {name}")).await?;
         let file = archive_file(archive, true)?;
         let sign = signing_key(sign_key)?;
         if !(1..=19).contains(&level) {
-            return Err(zbus::fdo::Error::InvalidArgs(format!(
-                "zstd level {level} is outside 1..19"
-            )));
+            return Err(Error::InvalidArgument(format!("zstd level {level} is outside 1..19")));
         }
-        let cib = self.shared.backend.query().await.map_err(fail)?;
-        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
+        let cib = self.shared.backend.query().await.map_err(Error::cib)?;
+        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| match e {
+            vmha_vcluster::VclusterError::NotFound(m) => Error::UnknownGroup(m),
+            vmha_vcluster::VclusterError::Cib(m) => Error::Cib(m),
+            other => Error::invalid(other),
+        })?;
         let opts = crate::vcluster::CaptureOptions {
             name: name.clone(),
             with_disks,
@@ -246,7 +285,7 @@ impl ClusterObject {
             level,
             sign,
         };
-        Job::start_on_thread(conn, &self.shared, "capture", name, move |report| {
+        let path = Job::start_on_thread(conn, &self.shared, "capture", name, move |report| {
             let r = crate::vcluster::block_on(crate::vcluster::capture_to(&opts, file, report));
             match r.map_err(anyhow::Error::from).and_then(|r| r) {
                 Ok(summary) => {
@@ -256,7 +295,8 @@ impl ClusterObject {
                 Err(e) => (Err(format!("{e:#}")), String::new()),
             }
         })
-        .await
+        .await?;
+        Ok(path)
     }
 
     /// Instantiates the virtual cluster in `archive`, a file the caller opened for reading (see `vmha
@@ -281,12 +321,12 @@ impl ClusterObject {
         trusted_keys: Vec<(String, String)>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         authorize_change(conn, &header, "instantiate a virtual cluster").await?;
         let file = archive_file(archive, false)?;
         let name = (!name.is_empty()).then_some(name);
-        vmha_vcluster::Maps::parse(&maps, name.clone()).map_err(|e| zbus::fdo::Error::InvalidArgs(e.to_string()))?;
-        vmha_vcluster::domain_check::Allow::parse(&allow).map_err(zbus::fdo::Error::InvalidArgs)?;
+        vmha_vcluster::Maps::parse(&maps, name.clone()).map_err(Error::invalid)?;
+        vmha_vcluster::domain_check::Allow::parse(&allow).map_err(Error::InvalidArgument)?;
         let opts = crate::vcluster::InstantiateOptions {
             maps,
             name: name.clone(),
@@ -296,23 +336,19 @@ impl ClusterObject {
             require_signature,
             trusted_keys,
         };
-        opts.trust()
-            .map_err(|e| zbus::fdo::Error::InvalidArgs(format!("{e:#}")))?;
+        opts.trust().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
         let target = name.unwrap_or_else(|| "(archive)".into());
-        Job::start_on_thread(
-            conn,
-            &self.shared,
-            "instantiate",
-            target,
-            move |report| match crate::vcluster::block_on(crate::vcluster::instantiate_from(file, &opts, report)) {
+        let path = Job::start_on_thread(conn, &self.shared, "instantiate", target, move |report| {
+            match crate::vcluster::block_on(crate::vcluster::instantiate_from(file, &opts, report)) {
                 Ok(done) => {
                     let details = done.details().to_string();
                     (done.result.map_err(|e| format!("{e:#}")), details)
                 }
                 Err(e) => (Err(format!("cannot run the job: {e}")), String::new()),
-            },
-        )
-        .await
+            }
+        })
+        .await?;
+        Ok(path)
     }
 
     /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).
@@ -337,17 +373,13 @@ impl HostObject {
         self.shared.snapshot().view.as_ref()?.host(&self.name).cloned()
     }
 
-    async fn set_attribute(
-        &self,
-        conn: &Connection,
-        header: &Header<'_>,
-        attribute: &str,
-        on: bool,
-    ) -> zbus::fdo::Result<()> {
+    async fn set_attribute(&self, conn: &Connection, header: &Header<'_>, attribute: &str, on: bool) -> Result<()> {
         authorize_change(conn, header, &format!("{attribute} of host {}", self.name)).await?;
+        known_host(&*ready(&self.shared)?, &self.name)?;
+        // Past the checks above, what fails is reading or changing the CIB.
         jobs::set_host_attribute(&self.shared, &self.name, attribute, on)
             .await
-            .map_err(fail)
+            .map_err(Error::Cib)
     }
 }
 
@@ -400,7 +432,7 @@ impl HostObject {
         on: bool,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<()> {
+    ) -> Result<()> {
         self.set_attribute(conn, &header, "standby", on).await
     }
 
@@ -410,7 +442,7 @@ impl HostObject {
         on: bool,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<()> {
+    ) -> Result<()> {
         self.set_attribute(conn, &header, "maintenance", on).await
     }
 }
@@ -433,10 +465,15 @@ impl VmObject {
         header: &Header<'_>,
         what: &str,
         op: Operation,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         authorize_change(conn, header, &format!("{what} VM {}", self.name)).await?;
-        jobs::check(&self.shared, &op).map_err(zbus::fdo::Error::InvalidArgs)?;
-        Job::start(conn, &self.shared, op).await
+        let snap = ready(&self.shared)?;
+        known_vm(&snap, &self.name)?;
+        if let Operation::Move { host, .. } = &op {
+            known_host(&snap, host)?;
+        }
+        jobs::check(&self.shared, &op).map_err(Error::InvalidArgument)?;
+        Ok(Job::start(conn, &self.shared, op).await?)
     }
 }
 
@@ -520,7 +557,7 @@ impl VmObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         self.operation(conn, &header, "start", Operation::Start(self.name.clone()))
             .await
     }
@@ -530,7 +567,7 @@ impl VmObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         self.operation(conn, &header, "stop", Operation::Stop(self.name.clone()))
             .await
     }
@@ -538,22 +575,22 @@ impl VmObject {
     /// Clears the VM's failures on `host` (empty: every host), as `pcs resource cleanup`: Pacemaker's
     /// attribute manager drops its fail counts and last-failure times, and each host showing a failure of
     /// it forgets that operation history and probes it again. Returns the hosts probed again. An unknown
-    /// host is refused (InvalidArgs) and changes nothing.
+    /// host is refused (UnknownHost) and changes nothing.
     async fn cleanup(
         &self,
         host: String,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<Vec<String>> {
+    ) -> Result<Vec<String>> {
         authorize_change(conn, &header, &format!("clean up VM {}", self.name)).await?;
+        use crate::failures::CleanupError as E;
         crate::failures::cleanup(&self.shared, &self.name, &host)
             .await
-            .map_err(|e| {
-                if e.is_invalid() {
-                    zbus::fdo::Error::InvalidArgs(e.to_string())
-                } else {
-                    fail(e)
-                }
+            .map_err(|e| match e {
+                E::UnknownVm(_) => Error::UnknownVm(e.to_string()),
+                E::UnknownHost { .. } => Error::UnknownHost(e.to_string()),
+                E::Agent { .. } => Error::InvalidArgument(e.to_string()),
+                E::Cib { .. } | E::Attrd { .. } | E::Refresh { .. } => Error::Cib(e.to_string()),
             })
     }
 
@@ -564,7 +601,7 @@ impl VmObject {
         host: String,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         self.operation(
             conn,
             &header,
@@ -588,14 +625,17 @@ impl VmObject {
         timeout_ms: u32,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<(String, String)> {
+    ) -> Result<(String, String)> {
         authorize_change(conn, &header, &format!("guest request {name} to VM {}", self.name)).await?;
         // Wherever the VM runs: through the relay when that is another host.
         crate::relay::guest_request(&self.shared, &self.name, &name, &data_json, timeout_ms)
             .await
             .map_err(|e| match e {
-                GuestError::Invalid(m) => zbus::fdo::Error::InvalidArgs(m),
-                other => fail(other),
+                GuestError::Invalid(m) => Error::InvalidArgument(m),
+                GuestError::Unreachable(m) => Error::GuestUnreachable(m),
+                other @ (GuestError::NotHere { .. } | GuestError::NotConnected(_)) => {
+                    Error::GuestUnreachable(other.to_string())
+                }
             })
     }
 
@@ -605,7 +645,7 @@ impl VmObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         self.operation(conn, &header, "destroy", Operation::Destroy(self.name.clone()))
             .await
     }
@@ -615,7 +655,7 @@ impl VmObject {
         &self,
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
-    ) -> zbus::fdo::Result<OwnedObjectPath> {
+    ) -> Result<OwnedObjectPath> {
         self.operation(conn, &header, "remove", Operation::Remove(self.name.clone()))
             .await
     }

@@ -23,8 +23,7 @@ use crate::state::Shared;
 /// hosts where vmhad runs).
 pub const READINESS_GROUP: &str = "vmhad-readiness";
 /// D-Bus object that serves the reports.
-pub const READINESS_PATH: &str = "/org/vmha/Vmha1/readiness";
-pub const READINESS_INTERFACE: &str = "org.vmha.Vmha1.Readiness";
+pub use vmha_api::{READINESS_INTERFACE, READINESS_PATH};
 /// How often each vmhad sends its report.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Deadline for looking at one file on (possibly hung) shared storage.

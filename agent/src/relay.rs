@@ -200,9 +200,9 @@ pub async fn clone_via_dc(
     shared: &Arc<Shared>,
     dc: &str,
     spec: CloneSpec,
-) -> zbus::fdo::Result<OwnedObjectPath> {
+) -> Result<OwnedObjectPath, vmha_api::Error> {
     let Some(link) = link() else {
-        return Err(zbus::fdo::Error::Failed(
+        return Err(vmha_api::Error::Failed(
             "the relay to the DC is down (Corosync unreachable, or no usable /etc/vmha/authkey)".into(),
         ));
     };
@@ -231,11 +231,11 @@ pub async fn clone_via_dc(
         Ok(Some(JobEvent::Accepted(None))) => {}
         Ok(Some(JobEvent::Accepted(Some(error)))) => {
             forget();
-            return Err(zbus::fdo::Error::InvalidArgs(error));
+            return Err(vmha_api::Error::InvalidArgument(error));
         }
         _ => {
             forget();
-            return Err(zbus::fdo::Error::Failed(format!(
+            return Err(vmha_api::Error::Failed(format!(
                 "vmhad on {dc} (the DC, which runs clone jobs) did not take the job within {} s",
                 ACCEPT_DEADLINE.as_secs()
             )));
@@ -287,7 +287,7 @@ pub async fn clone_via_dc(
         forget();
         job.finish(result).await;
     });
-    OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    OwnedObjectPath::try_from(path).map_err(vmha_api::Error::failed)
 }
 
 /// Mirrors a job's progress to the vmhad that relayed it.
@@ -410,7 +410,7 @@ async fn remote(
 ) -> Result<(String, String), GuestError> {
     let r = relay();
     let Some(link) = link() else {
-        return Err(GuestError::Invalid(format!(
+        return Err(GuestError::Unreachable(format!(
             "VM {vm} runs on {host} and the relay to other hosts is down (Corosync unreachable, or no usable \
              /etc/vmha/authkey)"
         )));
@@ -428,7 +428,7 @@ async fn remote(
         expect,
     };
     let answer = match send_on(&link, &msg).await {
-        Err(e) => Err(GuestError::Invalid(format!("relaying to {host}: {e}"))),
+        Err(e) => Err(GuestError::Unreachable(format!("relaying to {host}: {e}"))),
         Ok(()) => {
             let limit = Duration::from_millis(u64::from(timeout_ms)) + RELAY_GRACE;
             match tokio::time::timeout(limit, rx).await {

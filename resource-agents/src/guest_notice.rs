@@ -5,12 +5,12 @@
 use std::time::Duration;
 
 use serde_json::json;
+use vmha_api::proxy::VirtualMachineProxy;
+use vmha_api::Error;
 use vmha_model::guest::REQUEST_MIGRATE;
 
-/// vmhad's well-known bus name, object root and VM interface (see vmhad's `api` module).
-const BUS_NAME: &str = "org.vmha.Vmha1";
-const ROOT_PATH: &str = "/org/vmha/Vmha1";
-const VM_INTERFACE: &str = "org.vmha.Vmha1.VirtualMachine";
+pub use vmha_api::vm_path;
+
 /// Time on top of the guest's deadline for connecting to the bus, vmhad's own grace second and the reply.
 const DBUS_GRACE: Duration = Duration::from_secs(3);
 
@@ -25,22 +25,6 @@ pub enum Answer {
     Failed(String),
     /// The guest could not be asked (no system bus, vmhad not running, channel not connected, ...).
     NotAsked(String),
-}
-
-/// The object path of VM resource `vm` on vmhad's bus: `[A-Za-z0-9]` stay, every other byte is `_xx`.
-pub fn vm_path(vm: &str) -> String {
-    let mut s = format!("{ROOT_PATH}/vm/");
-    if vm.is_empty() {
-        s.push('_');
-    }
-    for b in vm.bytes() {
-        if b.is_ascii_alphanumeric() {
-            s.push(char::from(b));
-        } else {
-            s.push_str(&format!("_{b:02x}"));
-        }
-    }
-    s
 }
 
 /// The resource name vmhad knows the VM by: the OCF instance without a clone suffix (`vm1:0`), else the
@@ -69,17 +53,8 @@ pub fn ask_before_migration(vm: &str, source: Option<&str>, target: &str, wait: 
     };
     let call = async {
         let conn = zbus::Connection::system().await?;
-        let reply = conn
-            .call_method(
-                Some(BUS_NAME),
-                vm_path(vm).as_str(),
-                Some(VM_INTERFACE),
-                "GuestRequest",
-                &(REQUEST_MIGRATE, data.as_str(), wait_ms),
-            )
-            .await?;
-        let (result, reason): (String, String) = reply.body().deserialize()?;
-        Ok::<_, zbus::Error>((result, reason))
+        let proxy = VirtualMachineProxy::builder(&conn).path(vm_path(vm))?.build().await?;
+        proxy.guest_request(REQUEST_MIGRATE, &data, wait_ms).await
     };
     let limit = Duration::from_millis(u64::from(wait_ms)) + DBUS_GRACE;
     match runtime.block_on(async { tokio::time::timeout(limit, call).await }) {
@@ -93,9 +68,9 @@ pub fn ask_before_migration(vm: &str, source: Option<&str>, target: &str, wait: 
     }
 }
 
-fn describe(e: &zbus::Error) -> String {
+fn describe(e: &Error) -> String {
     match e {
-        zbus::Error::MethodError(name, detail, _) => {
+        Error::ZBus(zbus::Error::MethodError(name, detail, _)) => {
             let detail = detail.as_deref().unwrap_or("");
             match name.as_str() {
                 "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
@@ -107,7 +82,9 @@ fn describe(e: &zbus::Error) -> String {
                 _ => format!("{name}: {detail}"),
             }
         }
-        other => format!("cannot reach vmhad: {other}"),
+        Error::ZBus(other) => format!("cannot reach vmhad: {other}"),
+        // vmhad's own refusals (unknown VM, guest unreachable, access denied, ...): its message says why.
+        vmhad => format!("{}: {vmhad}", vmhad.short_name()),
     }
 }
 

@@ -9,8 +9,9 @@ use vmha_pacemaker::{Access, Cib};
 use zbus::Connection;
 
 use super::{CibFacts, Inputs, QuorumFacts, TotemFacts, VmhadFacts};
+use crate::api::proxy::ReadinessProxy;
 use crate::api::{BUS_NAME, CLUSTER_INTERFACE, ROOT_PATH};
-use crate::readiness::{ReceivedReport, READINESS_INTERFACE, READINESS_PATH};
+use crate::readiness::ReceivedReport;
 
 async fn bounded<T, E: std::fmt::Display>(
     what: &str,
@@ -137,18 +138,20 @@ async fn vmhad_facts(conn: &Connection, limit: Duration) -> Result<VmhadFacts, S
 }
 
 async fn reports(conn: &Connection, limit: Duration) -> Result<Vec<ReceivedReport>, String> {
-    let reply = bounded(
-        "vmhad's readiness reports",
-        limit,
-        conn.call_method(
-            Some(BUS_NAME),
-            READINESS_PATH,
-            Some(READINESS_INTERFACE),
-            "Reports",
-            &(),
-        ),
-    )
+    let call = async {
+        let proxy = ReadinessProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        proxy.reports().await
+    };
+    // A bus error reads as zbus writes it (name: message), as vmhad's own errors do by their message.
+    let json = bounded("vmhad's readiness reports", limit, async {
+        call.await.map_err(|e| match e {
+            crate::api::Error::ZBus(z) => z.to_string(),
+            vmhad => format!("{}: {vmhad}", vmhad.short_name()),
+        })
+    })
     .await?;
-    let json: String = reply.body().deserialize().map_err(|e| e.to_string())?;
     serde_json::from_str(&json).map_err(|e| format!("vmhad's readiness reports: {e}"))
 }

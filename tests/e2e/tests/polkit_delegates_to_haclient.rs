@@ -143,7 +143,8 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
         vec!["vm", "remove", "vm1"],
     ] {
         let (rc, _, err) = vmha_as(&lab, "bob", &args);
-        assert_ne!(rc, 0, "bob: {args:?} must be refused");
+        // vmha's exit status for AccessDenied (vmha --help lists them).
+        assert_eq!(rc, 4, "bob: {args:?} must be refused as AccessDenied: {err}");
         assert!(
             err.contains("not root") && err.contains("org.vmha.Vmha1.manage") && err.trim().lines().count() == 1,
             "bob: {args:?}: {err}"
@@ -179,7 +180,7 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
     );
     assert_ne!(rc, 0);
     assert!(
-        err.contains("org.freedesktop.DBus.Error.AccessDenied") && err.contains("org.vmha.Vmha1.manage"),
+        err.contains("org.vmha.Vmha1.Error.AccessDenied") && err.contains("org.vmha.Vmha1.manage"),
         "bob's Stop over D-Bus: {err}"
     );
     assert_eq!(

@@ -87,11 +87,17 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
             .contains(what)
     };
     let (rc, _, err) = vmha_as_nobody(&lab, 2, &["vm", "cleanup", "vm1"]);
-    assert_ne!(rc, 0, "cleanup by nobody must be refused");
+    assert_eq!(
+        rc, 4,
+        "cleanup by nobody must be refused as AccessDenied (exit status 4): {err}"
+    );
     assert!(err.contains("not root") && err.contains("polkit"), "{err}");
     assert!(status_has("fail-count-vm1"), "the refused cleanup changed nothing");
     let (rc, _, err) = vmha_run(&lab, 2, &["vm", "cleanup", "vm1", "--host", "node9"]);
-    assert_ne!(rc, 0, "an unknown host is refused");
+    assert_eq!(
+        rc, 6,
+        "an unknown host is refused as UnknownHost (vmha's exit status 6): {err}"
+    );
     assert!(err.contains("node9 is not a cluster host"), "{err}");
     assert!(status_has("fail-count-vm1"), "the refused cleanup changed nothing");
     let qemu_running = qemu_pid(&lab, "vm1");

@@ -99,22 +99,31 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
         vec!["vm", "remove", "vm1"],
     ] {
         let (rc, _, err) = vmha_as_nobody(&lab, 3, &args);
-        assert_ne!(rc, 0, "{args:?} must be refused");
+        assert_eq!(
+            rc, 4,
+            "{args:?} must be refused as AccessDenied (vmha's exit status 4): {err}"
+        );
         assert!(err.contains("not root") && err.contains("polkit"), "{args:?}: {err}");
     }
     assert_eq!(wait_running(&lab, "vm1", Duration::from_secs(5)), to, "nothing changed");
 
-    // Bad input: one clear line, nothing changes.
-    for (args, needle) in [
-        (vec!["vm", "start", "nosuch"], "no such VM"),
-        (vec!["vm", "move", "vm1", "node9"], "unknown host"),
-        (vec!["vm", "add", "vm2", "--config", "/nonexistent.xml"], "cannot read"),
+    // Bad input: one clear line, an exit status by class (UnknownVm 5, UnknownHost 6, InvalidArgument 3),
+    // nothing changes.
+    for (args, needle, code) in [
+        (vec!["vm", "start", "nosuch"], "no such VM", 5),
+        (vec!["vm", "move", "vm1", "node9"], "unknown host", 6),
+        (
+            vec!["vm", "add", "vm2", "--config", "/nonexistent.xml"],
+            "cannot read",
+            3,
+        ),
     ] {
         let out = lab.exec(1, &[&["vmha"][..], &args[..]].concat()).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            !out.status.success() && err.contains(needle) && err.lines().count() == 1,
-            "{args:?}: {err}"
+            out.status.code() == Some(code) && err.contains(needle) && err.lines().count() == 1,
+            "{args:?}: exit {:?}, expected {code}: {err}",
+            out.status.code()
         );
     }
 

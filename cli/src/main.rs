@@ -1,5 +1,8 @@
-//! `vmha`: the command-line tool on vmhad's D-Bus API. Human output by default, `--output json` for
-//! scripts; every error is one line on stderr and a non-zero exit.
+//! `vmha`: the command-line tool on vmhad's D-Bus API (through the `vmha-api` proxies). Human output by
+//! default, `--output json` for scripts; every error is one line on stderr and a non-zero exit, whose
+//! value tells the class of a refusal by vmhad (see [`EXIT_CODES`]).
+
+mod progress;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
@@ -12,22 +15,92 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use clap_complete::Shell;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use vmha_agent::api::{
-    host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, JOB_INTERFACE, ROOT_PATH, VM_INTERFACE,
-};
 use vmha_agent::options::VmhadArgs;
 use vmha_agent::vcluster::VclusterCmd;
+use vmha_api::proxy::{ClusterProxy, Event, Finished, HostProxy, JobProxy, VirtualMachineProxy};
+use vmha_api::{host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, ROOT_PATH, VM_INTERFACE};
 use vmha_model::group;
 use vmha_vcluster::printable;
 use zbus::message::Type as MessageType;
+use zbus::proxy::CacheProperties;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, DBusError, MatchRule, MessageStream};
+
+/// The exit status of `vmha` by what went wrong, as `--help` and the manual page list them.
+const EXIT_CODES: &str = "\
+Exit status:
+  0   success
+  1   failure: a job failed, vmha check found something red, a guest did not answer done, or
+      anything not listed below (vmhad's org.vmha.Vmha1.Error.Failed)
+  2   usage: the command line is wrong
+  3   InvalidArgument: vmhad refused the request as wrong (a bad name, value, file); nothing changed
+  4   AccessDenied: neither root nor allowed org.vmha.Vmha1.manage by polkit
+  5   UnknownVm: no such VM
+  6   UnknownHost: no such host
+  7   UnknownGroup: no such group or virtual cluster
+  8   Conflict: the name is taken, or the VM is busy with another job
+  9   NotReady: vmhad is not running, still connecting, or cannot read the CIB; try again later
+  10  NotQuorate: this host's partition has no quorum
+  11  GuestRefused: the guest declined
+  12  GuestUnreachable: the guest (or the host it runs on) cannot be reached
+  13  Libvirt: a libvirt call failed
+  14  Cib: reading or changing the CIB failed";
+
+/// The exit status for an error of vmhad (see [`EXIT_CODES`]).
+fn exit_code(e: &vmha_api::Error) -> u8 {
+    use vmha_api::Error as E;
+    match e {
+        E::InvalidArgument(_) => 3,
+        E::AccessDenied(_) => 4,
+        E::UnknownVm(_) => 5,
+        E::UnknownHost(_) => 6,
+        E::UnknownGroup(_) => 7,
+        E::Conflict(_) => 8,
+        E::NotReady(_) => 9,
+        E::NotQuorate(_) => 10,
+        E::GuestRefused(_) => 11,
+        E::GuestUnreachable(_) => 12,
+        E::Libvirt(_) => 13,
+        E::Cib(_) => 14,
+        E::Failed(_) => 1,
+        E::ZBus(_) => match e.short_name().as_str() {
+            "org.freedesktop.DBus.Error.AccessDenied" => 4,
+            "org.freedesktop.DBus.Error.ServiceUnknown" | "org.freedesktop.DBus.Error.NameHasNoOwner" => 9,
+            _ => 1,
+        },
+    }
+}
+
+/// The exit status for an error that ended a command: a class of vmhad's refusal, else 1.
+fn failure(e: &anyhow::Error) -> ExitCode {
+    let code = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<vmha_api::Error>())
+        .map_or(1, exit_code);
+    ExitCode::from(code)
+}
+
+/// Calls a method that changes something (`$method` of `$proxy`, or its `_interactive` twin that lets
+/// polkit ask the user to authenticate when the client is interactive), bounded; `$what` names it in a
+/// timeout.
+macro_rules! change {
+    ($client:expr, $what:expr, $proxy:expr, $method:ident / $interactive:ident ( $($arg:expr),* $(,)? )) => {
+        $client.changing($what, $proxy.inner().path().as_str(), async {
+            if $client.interactive {
+                $proxy.$interactive($($arg),*).await
+            } else {
+                $proxy.$method($($arg),*).await
+            }
+        })
+    };
+}
 
 #[derive(Parser, Debug)]
 #[command(
     name = "vmha",
     version,
-    about = "Manage a vmha cluster of KVM hosts (through vmhad on this host)"
+    about = "Manage a vmha cluster of KVM hosts (through vmhad on this host)",
+    after_long_help = EXIT_CODES
 )]
 struct Cli {
     /// Output format.
@@ -281,7 +354,7 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("vmha: {}", one_line(&e));
-                ExitCode::FAILURE
+                failure(&e)
             }
         };
     }
@@ -322,7 +395,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vmha: {}", one_line(&e));
-            ExitCode::FAILURE
+            failure(&e)
         }
     }
 }
@@ -333,13 +406,33 @@ fn report(result: Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vmha: {}", one_line(&e));
-            ExitCode::FAILURE
+            failure(&e)
         }
     }
 }
 
 /// An error as one line, with a hint for the common ones.
 fn one_line(e: &anyhow::Error) -> String {
+    if let Some(api) = e.downcast_ref::<vmha_api::Error>() {
+        // What this CLI was doing (the contexts around vmhad's error), then vmhad's error.
+        let doing: Vec<String> = e
+            .chain()
+            .take_while(|c| c.downcast_ref::<vmha_api::Error>().is_none())
+            .map(|c| printable(&c.to_string().replace('\n', " ")))
+            .collect();
+        let line = match api {
+            vmha_api::Error::ZBus(zbus::Error::MethodError(..) | zbus::Error::FDO(_)) => {
+                hint(&api.short_name(), api.message())
+            }
+            vmha_api::Error::ZBus(_) => printable(&api.message().replace('\n', " ")),
+            vmhad => hint(vmhad.name().as_str(), printable(&vmhad.message().replace('\n', " "))),
+        };
+        return if doing.is_empty() {
+            line
+        } else {
+            format!("{}: {line}", doing.join(": "))
+        };
+    }
     if let Some(zbus::Error::MethodError(name, message, _)) = e.downcast_ref::<zbus::Error>() {
         let msg = message.clone().unwrap_or_default();
         return hint(name.as_str(), msg);
@@ -354,7 +447,7 @@ fn one_line(e: &anyhow::Error) -> String {
 /// A D-Bus error as a line a person can act on.
 fn hint(name: &str, msg: String) -> String {
     match name {
-        "org.freedesktop.DBus.Error.AccessDenied" => {
+        "org.freedesktop.DBus.Error.AccessDenied" | "org.vmha.Vmha1.Error.AccessDenied" => {
             format!(
                 "{msg} (hint: run as root, or as a member of group haclient, whom the shipped polkit rule grants \
                  org.vmha.Vmha1.manage)"
@@ -395,22 +488,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             VmCmd::List => client.vm_list().await,
             VmCmd::Show { name } => client.vm_show(&name).await,
             VmCmd::Add { name, config, stopped } => {
+                let cluster = client.cluster().await?;
                 client
-                    .job(
-                        ROOT_PATH.to_string(),
-                        CLUSTER_INTERFACE,
+                    .job(change!(
+                        client,
                         "AddVm",
-                        (name, config, !stopped),
-                    )
+                        cluster,
+                        add_vm / add_vm_interactive(&name, &config, !stopped)
+                    ))
                     .await
             }
             VmCmd::Remove { name, destroy } => {
-                let method = if destroy { "Destroy" } else { "Remove" };
-                client.job(vm_path(&name), VM_INTERFACE, method, ()).await
+                let vm = client.vm(&name).await?;
+                if destroy {
+                    client
+                        .job(change!(client, "Destroy", vm, destroy / destroy_interactive()))
+                        .await
+                } else {
+                    client
+                        .job(change!(client, "Remove", vm, remove / remove_interactive()))
+                        .await
+                }
             }
-            VmCmd::Start { name } => client.job(vm_path(&name), VM_INTERFACE, "Start", ()).await,
-            VmCmd::Stop { name } => client.job(vm_path(&name), VM_INTERFACE, "Stop", ()).await,
-            VmCmd::Move { name, host } => client.job(vm_path(&name), VM_INTERFACE, "Move", (host,)).await,
+            VmCmd::Start { name } => {
+                let vm = client.vm(&name).await?;
+                client
+                    .job(change!(client, "Start", vm, start / start_interactive()))
+                    .await
+            }
+            VmCmd::Stop { name } => {
+                let vm = client.vm(&name).await?;
+                client.job(change!(client, "Stop", vm, stop / stop_interactive())).await
+            }
+            VmCmd::Move { name, host } => {
+                let vm = client.vm(&name).await?;
+                client
+                    .job(change!(client, "Move", vm, move_to / move_to_interactive(&host)))
+                    .await
+            }
             VmCmd::Cleanup { name, host } => client.vm_cleanup(&name, host.unwrap_or_default()).await,
             VmCmd::Request {
                 name,
@@ -422,24 +537,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Host { command } => match command {
             HostCmd::List => client.host_list().await,
             HostCmd::Standby { host } => {
-                client
-                    .call(&host_path(&host), HOST_INTERFACE, "SetStandby", (true,))
-                    .await
+                let h = client.host(&host).await?;
+                change!(client, "SetStandby", h, set_standby / set_standby_interactive(true)).await?;
+                client.done()
             }
             HostCmd::Unstandby { host } => {
-                client
-                    .call(&host_path(&host), HOST_INTERFACE, "SetStandby", (false,))
-                    .await
+                let h = client.host(&host).await?;
+                change!(client, "SetStandby", h, set_standby / set_standby_interactive(false)).await?;
+                client.done()
             }
             HostCmd::Maintenance { host, state } => {
-                client
-                    .call(
-                        &host_path(&host),
-                        HOST_INTERFACE,
-                        "SetMaintenance",
-                        (matches!(state, OnOff::On),),
-                    )
-                    .await
+                let h = client.host(&host).await?;
+                let on = matches!(state, OnOff::On);
+                change!(
+                    client,
+                    "SetMaintenance",
+                    h,
+                    set_maintenance / set_maintenance_interactive(on)
+                )
+                .await?;
+                client.done()
             }
         },
         Cmd::Clone {
@@ -449,19 +566,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             count,
             force,
         } => {
+            let cluster = client.cluster().await?;
+            let (name, host) = (name.unwrap_or_default(), host.unwrap_or_default());
             client
-                .job(
-                    ROOT_PATH.to_string(),
-                    CLUSTER_INTERFACE,
+                .job(change!(
+                    client,
                     "CloneVm",
-                    (
-                        template,
-                        name.unwrap_or_default(),
-                        host.unwrap_or_default(),
-                        count,
-                        force,
-                    ),
-                )
+                    cluster,
+                    clone_vm / clone_vm_interactive(&template, &name, &host, count, force)
+                ))
                 .await
         }
         Cmd::Group { command } => match command {
@@ -650,13 +763,14 @@ async fn scale_group(
             }
             let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &running)?;
             eprintln!("group {name}: cloning {} as {member} on {host}", g.template);
+            let cluster = client.cluster().await?;
             let (_, ok, message) = client
-                .job_result(
-                    ROOT_PATH.to_string(),
-                    CLUSTER_INTERFACE,
+                .job_result(change!(
+                    client,
                     "CloneVm",
-                    (g.template.as_str(), member.as_str(), host.as_str(), 1u32, force),
-                )
+                    cluster,
+                    clone_vm / clone_vm_interactive(&g.template, member, &host, 1, force)
+                ))
                 .await?;
             if !ok {
                 bail!("adding {member}: {message}");
@@ -683,7 +797,10 @@ async fn scale_group(
                 .await
                 .with_context(|| format!("taking {member} out of group {name}"))?;
             eprintln!("group {name}: destroying {member}");
-            let (_, ok, message) = client.job_result(vm_path(member), VM_INTERFACE, "Destroy", ()).await?;
+            let vm = client.vm(member).await?;
+            let (_, ok, message) = client
+                .job_result(change!(client, "Destroy", vm, destroy / destroy_interactive()))
+                .await?;
             if !ok {
                 bail!(
                     "{member} drained and left group {name} but was not destroyed: {message} \
@@ -973,51 +1090,71 @@ impl Client {
         }
     }
 
-    /// Calls `method` of vmhad's object `path`, a method that changes something (vmhad checks the caller
-    /// is root or allowed by polkit): with the flag ALLOW_INTERACTIVE_AUTHORIZATION when this client is
-    /// interactive, and then room for polkit's interactive deadline.
-    async fn change<B>(&self, method: &str, path: &str, iface: &str, body: &B) -> Result<zbus::Message>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-    {
-        let mut call = zbus::Message::method_call(path, method)?
-            .destination(BUS_NAME)?
-            .interface(iface)?;
-        if self.interactive {
-            call = call.with_flags(zbus::message::Flags::AllowInteractiveAuth)?;
-        }
-        let call = call.build(body)?;
-        let serial = call.primary_header().serial_num();
-        // Listen before sending: the reply cannot come before the stream exists.
-        let mut incoming = MessageStream::from(&self.conn);
-        let conn = self.conn.clone();
-        let reply = async move {
-            conn.send(&call).await?;
-            while let Some(m) = incoming.next().await {
-                let m = m?;
-                if m.header().reply_serial() != Some(serial) {
-                    continue;
-                }
-                return match m.message_type() {
-                    MessageType::Error => Err(zbus::Error::from(m)),
-                    _ => Ok(m),
-                };
-            }
-            Err(zbus::Error::InputOutput(std::sync::Arc::new(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "the bus connection closed before vmhad answered",
-            ))))
-        };
+    /// Awaits `call`, a method that changes something (vmhad checks the caller is root or allowed by
+    /// polkit; see [`change!`]): with room for polkit's interactive deadline when this client is
+    /// interactive. `what` names the method in a timeout; `path` is the object called (a VM or host that
+    /// has none is an unknown VM or host).
+    async fn changing<T>(
+        &self,
+        what: &str,
+        path: &str,
+        call: impl std::future::Future<Output = std::result::Result<T, vmha_api::Error>>,
+    ) -> Result<T> {
         let limit = if self.interactive {
             self.limit
                 .max(vmha_agent::auth::POLKIT_INTERACTIVE_DEADLINE + Duration::from_secs(30))
         } else {
             self.limit
         };
-        match tokio::time::timeout(limit, reply).await {
+        match tokio::time::timeout(limit, call).await {
+            Ok(Err(e)) if e.short_name() == "org.freedesktop.DBus.Error.UnknownObject" => {
+                let message = hint(&e.short_name(), e.message());
+                let under = |kind: &str| path.starts_with(&format!("{ROOT_PATH}/{kind}/"));
+                Err(if under("vm") {
+                    vmha_api::Error::UnknownVm(message).into()
+                } else if under("host") {
+                    vmha_api::Error::UnknownHost(message).into()
+                } else {
+                    e.into()
+                })
+            }
             Ok(r) => Ok(r?),
-            Err(_) => bail!("vmhad did not answer {method} within {} s", limit.as_secs()),
+            Err(_) => bail!("vmhad did not answer {what} within {} s", limit.as_secs()),
         }
+    }
+
+    /// vmhad's Cluster object.
+    async fn cluster(&self) -> Result<ClusterProxy<'static>> {
+        Ok(ClusterProxy::builder(&self.conn)
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?)
+    }
+
+    /// vmhad's object of VM `name`.
+    async fn vm(&self, name: &str) -> Result<VirtualMachineProxy<'static>> {
+        Ok(VirtualMachineProxy::builder(&self.conn)
+            .path(vm_path(name))?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?)
+    }
+
+    /// vmhad's object of host `name`.
+    async fn host(&self, name: &str) -> Result<HostProxy<'static>> {
+        Ok(HostProxy::builder(&self.conn)
+            .path(host_path(name))?
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await?)
+    }
+
+    /// The end of a method that answers at once.
+    fn done(&self) -> Result<ExitCode> {
+        if self.output == Output::Json {
+            return self.print_json(&json!({ "ok": true }));
+        }
+        Ok(ExitCode::SUCCESS)
     }
 
     /// Cluster properties plus every host and VM object, as JSON.
@@ -1167,30 +1304,20 @@ impl Client {
 
     /// A request to a VM's guest: (result, reason).
     async fn guest_result(&self, vm: &str, request: &str, data: &str, timeout_ms: u32) -> Result<(String, String)> {
-        let path = vm_path(vm);
-        let body = (request, data, timeout_ms);
-        let reply = self.change("GuestRequest", path.as_str(), VM_INTERFACE, &body).await?;
-        Ok(reply.body().deserialize()?)
-    }
-
-    /// A method that answers at once.
-    async fn call<B>(&self, path: &str, iface: &str, method: &str, body: B) -> Result<ExitCode>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-    {
-        self.change(method, path, iface, &body).await?;
-        if self.output == Output::Json {
-            return self.print_json(&json!({ "ok": true }));
-        }
-        Ok(ExitCode::SUCCESS)
+        let proxy = self.vm(vm).await?;
+        change!(
+            self,
+            "GuestRequest",
+            proxy,
+            guest_request / guest_request_interactive(request, data, timeout_ms)
+        )
+        .await
     }
 
     /// `vmha vm cleanup`: clears the VM's failures and says where Pacemaker probes it again.
     async fn vm_cleanup(&self, name: &str, host: String) -> Result<ExitCode> {
-        let reply = self
-            .change("Cleanup", vm_path(name).as_str(), VM_INTERFACE, &(host.clone(),))
-            .await?;
-        let probed: Vec<String> = reply.body().deserialize()?;
+        let vm = self.vm(name).await?;
+        let probed = change!(self, "Cleanup", vm, cleanup / cleanup_interactive(&host)).await?;
         if self.output == Output::Json {
             return self.print_json(&json!({ "ok": true, "probed": probed }));
         }
@@ -1210,12 +1337,10 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
-    /// A method that returns a job: follows its progress until it finishes and prints its result.
-    async fn job<B>(&self, path: String, iface: &str, method: &str, body: B) -> Result<ExitCode>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-    {
-        let (job, ok, message) = self.job_result(path, iface, method, body).await?;
+    /// A method that returns a job (`call`, see [`change!`]): follows its progress until it finishes and
+    /// prints its result.
+    async fn job(&self, call: impl std::future::Future<Output = Result<OwnedObjectPath>>) -> Result<ExitCode> {
+        let (job, ok, message) = self.job_result(call).await?;
         if self.output == Output::Json {
             println!("{}", json!({ "job": job, "success": ok, "message": message }));
         } else if ok {
@@ -1226,12 +1351,12 @@ impl Client {
         Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     }
 
-    /// A method that returns a job: follows its progress (shown on stderr) until it finishes; returns the
-    /// job's path, whether it succeeded and its final message.
-    async fn job_result<B>(&self, path: String, iface: &str, method: &str, body: B) -> Result<(String, bool, String)>
-    where
-        B: serde::Serialize + zbus::zvariant::DynamicType,
-    {
+    /// A method that returns a job (`call`, see [`change!`]): follows its progress (shown on stderr) until
+    /// it finishes; returns the job's path, whether it succeeded and its final message.
+    async fn job_result(
+        &self,
+        call: impl std::future::Future<Output = Result<OwnedObjectPath>>,
+    ) -> Result<(String, bool, String)> {
         // Subscribe before the call so no signal of the job can be missed.
         let rule = MatchRule::builder()
             .msg_type(MessageType::Signal)
@@ -1239,11 +1364,16 @@ impl Client {
             .path_namespace(ROOT_PATH)?
             .build();
         let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(64)).await?;
-        let reply = self.change(method, path.as_str(), iface, &body).await?;
-        let job: OwnedObjectPath = reply.body().deserialize()?;
+        let job = call.await?;
         let deadline = tokio::time::Instant::now() + self.limit;
-        let mut display = (self.output == Output::Human).then(vmha_agent::progress::JobProgress::stderr);
-        let owner = reply.header().sender().map(|s| s.to_string());
+        let mut display = (self.output == Output::Human).then(progress::JobProgress::stderr);
+        // The vmhad that answered (and runs the job).
+        let owner = zbus::fdo::DBusProxy::new(&self.conn)
+            .await?
+            .get_name_owner(BUS_NAME.try_into()?)
+            .await
+            .ok()
+            .map(|o| o.to_string());
         let mut liveness = tokio::time::interval(Duration::from_secs(1));
         loop {
             let next = tokio::select! {
@@ -1279,49 +1409,38 @@ impl Client {
             if header.path().map(|p| p.as_str()) != Some(job.as_str()) {
                 continue;
             }
-            match (
-                header.interface().map(|i| i.as_str()),
-                header.member().map(|m| m.as_str()),
+            if let Some(finished) = Finished::from_message(msg.clone()) {
+                let args = finished.args()?;
+                let (ok, message) = (args.success, args.message.to_string());
+                if let Some(d) = display.as_mut() {
+                    d.finish(ok, &message);
+                }
+                return Ok((job.as_str().to_string(), ok, message));
+            }
+            if let (Some(d), Some(changed)) = (
+                display.as_mut(),
+                zbus::fdo::PropertiesChanged::from_message(msg.clone()),
             ) {
-                (Some(JOB_INTERFACE), Some("Finished")) => {
-                    let (ok, message): (bool, String) = msg.body().deserialize()?;
-                    if let Some(d) = display.as_mut() {
-                        d.finish(ok, &message);
-                    }
-                    return Ok((job.as_str().to_string(), ok, message));
-                }
-                (Some("org.freedesktop.DBus.Properties"), Some("PropertiesChanged")) => {
-                    let Some(d) = display.as_mut() else { continue };
-                    let (_, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
-                        msg.body().deserialize()?;
-                    let fraction = changed.get("Progress").map(|v| to_json(v)).and_then(|p| p.as_f64());
-                    let message = match changed.get("Message").map(|m| to_json(m)) {
-                        Some(Value::String(text)) => Some(text),
-                        _ => None,
-                    };
-                    d.update(fraction, message.as_deref());
-                }
-                _ => {}
+                let args = changed.args()?;
+                let changed = args.changed_properties();
+                let fraction = changed.get("Progress").map(to_json).and_then(|p| p.as_f64());
+                let message = match changed.get("Message").map(to_json) {
+                    Some(Value::String(text)) => Some(text),
+                    _ => None,
+                };
+                d.update(fraction, message.as_deref());
             }
         }
     }
 
     /// A finished job's details (JSON; `Null` when it left none).
     async fn job_details(&self, job: &str) -> Result<Value> {
-        let reply = self
-            .bounded(
-                "reading the job's details",
-                self.conn.call_method(
-                    Some(BUS_NAME),
-                    job,
-                    Some("org.freedesktop.DBus.Properties"),
-                    "Get",
-                    &(JOB_INTERFACE, "Details"),
-                ),
-            )
+        let proxy = JobProxy::builder(&self.conn)
+            .path(job)?
+            .cache_properties(CacheProperties::No)
+            .build()
             .await?;
-        let value: OwnedValue = reply.body().deserialize()?;
-        let text = String::try_from(value).unwrap_or_default();
+        let text = self.bounded("reading the job's details", proxy.details()).await?;
         Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
@@ -1368,17 +1487,16 @@ impl Client {
             .open(&partial)
             .with_context(|| format!("creating {}", partial.display()))?;
         let sign_fds: Vec<zbus::zvariant::Fd> = key_file.iter().map(|f| zbus::zvariant::Fd::from(f.as_fd())).collect();
-        let body = (
-            name,
-            zbus::zvariant::Fd::from(file.as_fd()),
-            with_disks,
-            halt,
-            level,
-            sign_fds,
-        );
+        let archive = zbus::zvariant::Fd::from(file.as_fd());
         let client = self.with_room(if with_disks { 3600 } else { 0 });
+        let cluster = client.cluster().await?;
         let result = client
-            .job_result(ROOT_PATH.to_string(), CLUSTER_INTERFACE, "CaptureVcluster", body)
+            .job_result(change!(
+                client,
+                "CaptureVcluster",
+                cluster,
+                capture_vcluster / capture_vcluster_interactive(name, archive, with_disks, halt, level, &sign_fds)
+            ))
             .await;
         drop(file);
         let (job, ok, message) = match result {
@@ -1420,19 +1538,30 @@ impl Client {
         use std::os::fd::AsFd;
         let archive = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
         let wait = u32::try_from(wait).map_err(|_| anyhow!("--wait {wait} is too long"))?;
-        let body = (
-            zbus::zvariant::Fd::from(archive.as_fd()),
-            maps,
-            name.unwrap_or_default(),
-            dry_run,
-            wait,
-            allow,
-            require_signature,
-            trusted_keys,
-        );
+        let fd = zbus::zvariant::Fd::from(archive.as_fd());
+        let name = name.unwrap_or_default();
+        let maps: Vec<&str> = maps.iter().map(String::as_str).collect();
+        let allow: Vec<&str> = allow.iter().map(String::as_str).collect();
+        let trusted_keys: Vec<(&str, &str)> = trusted_keys.iter().map(|(w, k)| (w.as_str(), k.as_str())).collect();
         let client = self.with_room(u64::from(wait) + 3600);
+        let cluster = client.cluster().await?;
         let (job, ok, message) = client
-            .job_result(ROOT_PATH.to_string(), CLUSTER_INTERFACE, "InstantiateVcluster", body)
+            .job_result(change!(
+                client,
+                "InstantiateVcluster",
+                cluster,
+                instantiate_vcluster
+                    / instantiate_vcluster_interactive(
+                        fd,
+                        &maps,
+                        &name,
+                        dry_run,
+                        wait,
+                        &allow,
+                        require_signature,
+                        &trusted_keys
+                    )
+            ))
             .await?;
         let details = self.job_details(&job).await?;
         if self.output == Output::Json {
@@ -1482,9 +1611,9 @@ impl Client {
             let header = msg.header();
             let path = header.path().map(|p| p.to_string()).unwrap_or_default();
             let member = header.member().map(|m| m.to_string()).unwrap_or_default();
-            let event = if member == "Event" {
-                let (kind, subject, message): (String, String, String) = msg.body().deserialize()?;
-                json!({ "time": now(), "event": kind, "subject": subject, "message": message })
+            let event = if let Some(e) = Event::from_message(msg.clone()) {
+                let a = e.args()?;
+                json!({ "time": now(), "event": a.kind, "subject": a.subject, "message": a.message })
             } else if member == "PropertiesChanged" {
                 let (iface, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                     msg.body().deserialize()?;
@@ -1580,5 +1709,57 @@ mod tests {
         let out = status_json(json!({"cluster": c, "hosts": [], "vms": []}));
         assert_eq!(out["connecting"], json!(false));
         assert_eq!(out["cluster"]["Quorate"], json!(false));
+    }
+
+    #[test]
+    fn every_class_of_refusal_has_its_own_exit_status() {
+        use vmha_api::Error as E;
+        let all = [
+            E::UnknownVm(String::new()),
+            E::UnknownHost(String::new()),
+            E::UnknownGroup(String::new()),
+            E::NotQuorate(String::new()),
+            E::NotReady(String::new()),
+            E::AccessDenied(String::new()),
+            E::InvalidArgument(String::new()),
+            E::Conflict(String::new()),
+            E::GuestRefused(String::new()),
+            E::GuestUnreachable(String::new()),
+            E::Libvirt(String::new()),
+            E::Cib(String::new()),
+            E::Failed(String::new()),
+        ];
+        assert_eq!(all.len(), vmha_api::Error::NAMES.len());
+        let codes: std::collections::BTreeSet<u8> = all.iter().map(exit_code).collect();
+        assert_eq!(codes.len(), all.len(), "{codes:?}");
+        assert!(
+            !codes.contains(&0) && !codes.contains(&2),
+            "0 is success, 2 is clap's usage error"
+        );
+        for e in &all {
+            let code = exit_code(e);
+            let short = e.short_name();
+            assert!(
+                EXIT_CODES
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{code} ")) && (code == 1 || l.contains(&short))),
+                "exit status {code} ({short}) is not documented in EXIT_CODES"
+            );
+        }
+        assert_eq!(exit_code(&E::Failed("x".into())), 1);
+    }
+
+    #[test]
+    fn vmhads_refusals_are_one_line_with_their_message_and_a_hint() {
+        let denied = anyhow::Error::new(vmha_api::Error::AccessDenied(
+            "stop VM vm1: uid 1001 is not root and polkit does not allow org.vmha.Vmha1.manage".into(),
+        ));
+        let line = one_line(&denied);
+        assert!(line.starts_with("stop VM vm1: uid 1001 is not root"), "{line}");
+        assert!(line.contains("hint: run as root"), "{line}");
+        let unknown = anyhow::Error::new(vmha_api::Error::UnknownVm("unknown VM vm9".into())).context("while scaling");
+        assert_eq!(one_line(&unknown), "while scaling: unknown VM vm9");
+        assert_eq!(failure(&unknown), ExitCode::from(5));
+        assert_eq!(failure(&anyhow!("no vmhad error")), ExitCode::from(1));
     }
 }
