@@ -363,11 +363,7 @@ impl<'a> CloneRun<'a> {
             .collect();
         self.journal.files.push(self.mem.clone());
         self.journal.config = self.plan.config.clone();
-        self.journal.overlays = self
-            .renames
-            .iter()
-            .map(|(_, f, n)| (f.clone(), n.clone()))
-            .collect();
+        self.journal.overlays = self.renames.iter().map(|(_, f, n)| (f.clone(), n.clone())).collect();
         self.save_journal().await?;
         let mut x = format!(
             "<domainsnapshot><name>vmha-clone-{s}</name><memory snapshot='external' file='{}'/><disks>",
@@ -403,8 +399,8 @@ impl<'a> CloneRun<'a> {
         for clone in &self.plan.names {
             let identity = self.identity(clone, &image);
             let runtime = model::clone_domain_xml(&image.xml, &identity).map_err(|e| OpError::data(&self.mem, e))?;
-            let persistent =
-                model::clone_domain_xml(&self.plan.config_xml, &identity).map_err(|e| OpError::data(&self.plan.config, e))?;
+            let persistent = model::clone_domain_xml(&self.plan.config_xml, &identity)
+                .map_err(|e| OpError::data(&self.plan.config, e))?;
             let xml_path = format!("{dir}/{clone}.xml");
             let mem_path = format!("{dir}/.{clone}.{s}.mem");
             if self.p.storage.exists(&xml_path).await {
@@ -468,18 +464,13 @@ impl<'a> CloneRun<'a> {
             .iter()
             .flat_map(|m| m.identity.disks.iter().cloned())
             .collect();
-        self.p
-            .hypervisor
-            .create_overlays(&self.plan.target, overlays)
-            .await?;
+        self.p.hypervisor.create_overlays(&self.plan.target, overlays).await?;
         Ok(())
     }
 
     /// Restores every clone on the target host at once; the save images go afterwards, whatever happened.
     async fn restore_clones(&mut self) -> Result<(), OpError> {
-        self.journal
-            .domains
-            .extend(self.made.iter().map(|m| m.name.clone()));
+        self.journal.domains.extend(self.made.iter().map(|m| m.name.clone()));
         self.save_journal().await?;
         let target = &self.plan.target;
         let restores = self
@@ -508,9 +499,7 @@ impl<'a> CloneRun<'a> {
         let at = Instant::now();
         if self.journal.prepared {
             let tpl = &self.plan.template;
-            self.progress
-                .progress(0.55, &format!("resuming {tpl}'s guest"))
-                .await;
+            self.progress.progress(0.55, &format!("resuming {tpl}'s guest")).await;
             let r = self
                 .p
                 .guests
@@ -550,7 +539,13 @@ impl<'a> CloneRun<'a> {
                 let r = self
                     .p
                     .guests
-                    .request_on(&self.plan.target, &m.name, "post-clone", data.clone(), GUEST_DEADLINE_MS)
+                    .request_on(
+                        &self.plan.target,
+                        &m.name,
+                        "post-clone",
+                        data.clone(),
+                        GUEST_DEADLINE_MS,
+                    )
                     .await;
                 match r {
                     Ok(a) if a.done() => break,
@@ -868,11 +863,7 @@ pub async fn rollback(p: &Ports, journal: &Journal) -> Result<(), String> {
         }
     }
     if !journal.domains.is_empty() {
-        if let Err(e) = p
-            .hypervisor
-            .destroy_all(&journal.target, journal.domains.clone())
-            .await
-        {
+        if let Err(e) = p.hypervisor.destroy_all(&journal.target, journal.domains.clone()).await {
             errors.push(e.to_string());
         }
     }
@@ -1043,6 +1034,9 @@ mod tests {
         let j: Journal = serde_json::from_str(&found[0].value).unwrap();
         assert_eq!(j.template, "vm1");
         assert!(!j.finished);
-        assert_eq!(journal_nvpair_ids(cib, Some("b"), "vmha-clone-journal-7"), Vec::<String>::new());
+        assert_eq!(
+            journal_nvpair_ids(cib, Some("b"), "vmha-clone-journal-7"),
+            Vec::<String>::new()
+        );
     }
 }

@@ -22,12 +22,24 @@ pub enum OpError {
     #[error("{0}")]
     Conflict(String),
     #[error("{vm}'s guest refused to {request}: {reason}")]
-    GuestRefused { vm: String, request: String, reason: String },
+    GuestRefused {
+        vm: String,
+        request: String,
+        reason: String,
+    },
     #[error("{vm}'s guest failed to {request}: {reason}")]
-    GuestFailed { vm: String, request: String, reason: String },
+    GuestFailed {
+        vm: String,
+        request: String,
+        reason: String,
+    },
     /// The request could not reach the guest (no channel, relay down).
     #[error("asking {vm}'s guest to {request}: {reason}")]
-    GuestUnreachable { vm: String, request: String, reason: String },
+    GuestUnreachable {
+        vm: String,
+        request: String,
+        reason: String,
+    },
     #[error(transparent)]
     Hypervisor(#[from] HvError),
     #[error(transparent)]

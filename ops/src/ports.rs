@@ -134,7 +134,13 @@ impl GuestAnswer {
 /// The guests' vmha channels, on any host (through the relay to the vmhad of the guest's host).
 pub trait Guests: Send + Sync {
     /// A request to `vm` wherever the cluster says it runs. `Err`: it could not be delivered.
-    fn request(&self, vm: &str, kind: &str, data: String, timeout_ms: u32) -> BoxFuture<'_, Result<GuestAnswer, String>>;
+    fn request(
+        &self,
+        vm: &str,
+        kind: &str,
+        data: String,
+        timeout_ms: u32,
+    ) -> BoxFuture<'_, Result<GuestAnswer, String>>;
     /// A request to `vm` on `host`, whatever the CIB says (a VM that is no cluster resource yet).
     fn request_on(
         &self,
