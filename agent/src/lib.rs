@@ -1,7 +1,8 @@
 //! vmhad, vmha's per-host D-Bus service, and the pieces the `vmha` CLI shares with it: the D-Bus API
 //! ([`api`]), the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the
-//! operations it runs as jobs ([`jobs`]), caller authorization ([`auth`]), its CIB access ([`backend`]), the guest
-//! channels ([`guest`]) and its command line ([`options`]).
+//! operations it runs as jobs ([`jobs`]), the operations crate's ports over the real libraries
+//! ([`ports`]), caller authorization ([`auth`]), its CIB access ([`backend`]), the guest channels
+//! ([`guest`]) and its command line ([`options`]).
 
 pub mod api;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
+pub mod ports;
 pub mod progress;
 pub mod readiness;
 pub mod relay;

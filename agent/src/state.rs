@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::backend::CibBackend;
 use crate::guest::Guests;
+use vmha_ops::Ports;
 
 /// The cluster's state as this vmhad knows it: defined by the operations crate, which reads it too.
 pub use vmha_ops::state::{Membership, Snapshot};
@@ -26,6 +27,9 @@ pub struct Shared {
     capacity: OnceLock<(u32, u64)>,
     /// The guest channels of the VMs on this host.
     pub guests: Guests,
+    /// What operations run against (vmhad's implementations of the operations crate's ports), set once
+    /// at start ([`Shared::set_ports`]).
+    ports: OnceLock<Ports>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -47,6 +51,7 @@ impl Shared {
             job_deadline: Duration::from_secs(180),
             capacity: OnceLock::new(),
             guests: Guests::default(),
+            ports: OnceLock::new(),
         })
     }
 
@@ -73,6 +78,18 @@ impl Shared {
 
     pub fn set_host_capacity(&self, cpus: u32, memory_mib: u64) {
         let _ = self.capacity.set((cpus, memory_mib));
+    }
+
+    /// Sets the context operations run against (once, at vmhad's start; later calls are ignored).
+    pub fn set_ports(&self, ports: Ports) {
+        let _ = self.ports.set(ports);
+    }
+
+    /// The context operations run against; `Err` until [`Shared::set_ports`] was called.
+    pub fn ports(&self) -> Result<&Ports, String> {
+        self.ports
+            .get()
+            .ok_or_else(|| "vmhad is starting: its operations are not set up yet".to_string())
     }
 
     pub fn next_job_id(&self) -> u64 {
