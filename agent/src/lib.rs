@@ -10,7 +10,6 @@ pub mod authkey;
 pub mod autoscale;
 pub mod backend;
 pub mod check;
-pub mod clone;
 pub mod confined;
 pub mod daemon;
 pub mod failures;

@@ -20,6 +20,18 @@ fn fail(e: impl std::fmt::Display) -> zbus::fdo::Error {
     zbus::fdo::Error::Failed(e.to_string())
 }
 
+/// An operation's error as a D-Bus error, with its message: what is wrong with the request is
+/// `InvalidArgs`, the rest `Failed`.
+fn op_error(e: vmha_ops::OpError) -> zbus::fdo::Error {
+    use vmha_ops::OpError as E;
+    match e {
+        E::Invalid(_) | E::UnknownVm(_) | E::UnknownHost(_) | E::Conflict(_) => {
+            zbus::fdo::Error::InvalidArgs(e.to_string())
+        }
+        e => zbus::fdo::Error::Failed(e.to_string()),
+    }
+}
+
 /// An archive passed as a file descriptor: open for writing (`write`) or reading, and not a directory.
 fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> zbus::fdo::Result<std::fs::File> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -179,7 +191,7 @@ impl ClusterObject {
         #[zbus(connection)] conn: &Connection,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("clone VM {template}")).await?;
-        let spec = crate::clone::CloneSpec {
+        let spec = vmha_ops::clone::CloneSpec {
             template,
             name: (!name.is_empty()).then_some(name),
             host: (!host.is_empty()).then_some(host),
@@ -189,10 +201,10 @@ impl ClusterObject {
         // Clone jobs are driven by the DC's vmhad (which checks the request itself), so that the next DC
         // takes over a clone whose host died; this one runs it only when the DC has no vmhad to reach.
         if let Some(dc) = crate::relay::job_host(&self.shared) {
-            if spec.count == 0 || spec.count > crate::clone::MAX_COUNT {
+            if spec.count == 0 || spec.count > vmha_ops::clone::MAX_COUNT {
                 return Err(zbus::fdo::Error::InvalidArgs(format!(
                     "count must be 1..={}",
-                    crate::clone::MAX_COUNT
+                    vmha_ops::clone::MAX_COUNT
                 )));
             }
             return crate::relay::clone_via_dc(conn, &self.shared, &dc, spec).await;
@@ -204,9 +216,8 @@ impl ClusterObject {
                 "running a clone job here: the DC's vmhad cannot be reached (no DC, no vmhad there, or the relay is down)"
             );
         }
-        let plan = crate::clone::check(&self.shared, &spec)
-            .await
-            .map_err(zbus::fdo::Error::InvalidArgs)?;
+        let ports = self.shared.ports().map_err(fail)?;
+        let plan = vmha_ops::clone::check(ports, &spec).await.map_err(op_error)?;
         Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await
     }
 
