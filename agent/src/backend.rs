@@ -1,32 +1,12 @@
 //! How vmhad reads and changes the CIB. The daemon uses Pacemaker's CIB API (through the bindings in
 //! `bindings/`); unit tests use [`RecordingCib`], which serves a fixed document and records changes.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 
 use tokio::sync::mpsc;
 
-/// A boxed future, so the backend can be a trait object.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// One change to one CIB section, as the CIB API takes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CibChange {
-    /// Merge `xml` into `section` (elements matched by tag and id).
-    Modify { section: &'static str, xml: String },
-    /// Add `xml` to `section`.
-    Create { section: &'static str, xml: String },
-    /// Remove the element `xml` names (tag and id) from `section`.
-    Delete { section: &'static str, xml: String },
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("CIB {call}: {message}")]
-pub struct CibError {
-    pub call: &'static str,
-    pub message: String,
-}
+/// The CIB types are the operations crate's, so that vmhad's backend serves its `Cluster` port as is.
+pub use vmha_ops::ports::{BoxFuture, CibChange, CibError};
 
 /// Reading and changing the CIB. Every call has a deadline inside the implementation.
 pub trait CibBackend: Send + Sync + 'static {

@@ -48,8 +48,8 @@ pub enum Operation {
     Remove(String),
     /// Removes a clone and deletes its domain XML file and disk overlays.
     Destroy(String),
-    /// Live clone (see [`crate::clone`]).
-    Clone(Box<crate::clone::Plan>),
+    /// Live clone (see [`vmha_ops::clone`]).
+    Clone(Box<vmha_ops::clone::Plan>),
 }
 
 impl Operation {
@@ -602,13 +602,17 @@ async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> Result<String, 
             cleared?;
             Ok(format!("VM {vm} migrated to {host}"))
         }
-        Operation::Clone(plan) => crate::clone::run(shared, job, plan, job.id()).await,
+        Operation::Clone(plan) => vmha_ops::clone::run(shared.ports()?, job, plan, job.id())
+            .await
+            .map_err(|e| e.to_string()),
         Operation::Destroy(vm) => {
             let config = vm_of_config(shared, vm)?;
             let removed = Box::pin(run(shared, job, &Operation::Remove(vm.clone()))).await?;
             job.progress(0.95, "deleting its domain XML file and disk overlays")
                 .await;
-            let files = crate::clone::destroy_files(&config).await?;
+            let files = vmha_ops::clone::destroy_files(shared.ports()?, &config)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(format!("{removed}; deleted {}", files.join(", ")))
         }
         Operation::Remove(vm) => {

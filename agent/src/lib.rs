@@ -1,7 +1,8 @@
 //! vmhad, vmha's per-host D-Bus service: the D-Bus API ([`api`], re-exported from the `vmha-api` crate),
 //! the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the operations it runs as
-//! jobs ([`jobs`]), caller authorization ([`auth`]), its CIB access ([`backend`]), the guest channels
-//! ([`guest`]) and its command line ([`options`]).
+//! jobs ([`jobs`]), the operations crate's ports over the real libraries ([`ports`]), caller authorization
+//! ([`auth`]), its CIB access ([`backend`]), the guest channels ([`guest`]) and its command line
+//! ([`options`]).
 //!
 //! The library also still holds code only the `vmha` CLI (crate `vmha-cli`) runs: the placement policy
 //! and what-if commands ([`placement`]), the virtual-cluster tag commands ([`vcluster::run`]), `vmha check`
@@ -13,7 +14,6 @@ pub mod authkey;
 pub mod autoscale;
 pub mod backend;
 pub mod check;
-pub mod clone;
 pub mod confined;
 pub mod daemon;
 pub mod failures;
@@ -26,6 +26,7 @@ pub mod objects;
 pub mod options;
 pub mod pacemaker;
 pub mod placement;
+pub mod ports;
 pub mod readiness;
 pub mod relay;
 pub mod state;

@@ -49,6 +49,27 @@ fn known_host(snap: &Snapshot, name: &str) -> Result<()> {
     }
 }
 
+/// An operation's error as a D-Bus error, with its message: what is wrong with the request is
+/// `InvalidArgs`, the rest `Failed`.
+/// The D-Bus error class of an operation's error (the message stays the operation's).
+pub(crate) fn op_error(e: vmha_ops::OpError) -> Error {
+    use vmha_ops::OpError as E;
+    let m = e.to_string();
+    match e.cause() {
+        E::Invalid(_) => Error::InvalidArgument(m),
+        E::UnknownVm(_) => Error::UnknownVm(m),
+        E::UnknownHost(_) => Error::UnknownHost(m),
+        E::NotReady => Error::NotReady(m),
+        E::NotQuorate => Error::NotQuorate(m),
+        E::Conflict(_) => Error::Conflict(m),
+        E::GuestRefused { .. } => Error::GuestRefused(m),
+        E::GuestUnreachable { .. } => Error::GuestUnreachable(m),
+        E::Hypervisor(_) => Error::Libvirt(m),
+        E::Cib(_) => Error::Cib(m),
+        _ => Error::Failed(m),
+    }
+}
+
 /// An archive passed as a file descriptor: open for writing (`write`) or reading, and not a directory.
 fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> Result<std::fs::File> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
@@ -211,10 +232,10 @@ impl ClusterObject {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
         authorize_change(conn, &header, &format!("clone VM {template}")).await?;
-        if count == 0 || count > crate::clone::MAX_COUNT {
+        if count == 0 || count > vmha_ops::clone::MAX_COUNT {
             return Err(Error::InvalidArgument(format!(
                 "count must be 1..={}",
-                crate::clone::MAX_COUNT
+                vmha_ops::clone::MAX_COUNT
             )));
         }
         let snap = ready(&self.shared)?;
@@ -222,7 +243,7 @@ impl ClusterObject {
         if !host.is_empty() {
             known_host(&snap, &host)?;
         }
-        let spec = crate::clone::CloneSpec {
+        let spec = vmha_ops::clone::CloneSpec {
             template,
             name: (!name.is_empty()).then_some(name),
             host: (!host.is_empty()).then_some(host),
@@ -241,9 +262,8 @@ impl ClusterObject {
                 "running a clone job here: the DC's vmhad cannot be reached (no DC, no vmhad there, or the relay is down)"
             );
         }
-        let plan = crate::clone::check(&self.shared, &spec)
-            .await
-            .map_err(Error::InvalidArgument)?;
+        let ports = self.shared.ports().map_err(|e| Error::NotReady(e.to_string()))?;
+        let plan = vmha_ops::clone::check(ports, &spec).await.map_err(op_error)?;
         Ok(Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await?)
     }
 

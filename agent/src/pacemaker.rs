@@ -84,6 +84,10 @@ impl CibBackend for PacemakerCib {
                     cib.delete(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE)
                         .await
                 }
+                CibChange::Replace { section, xml } => {
+                    cib.replace(&Scope::section(section), xml, CallOptions::NONE, CALL_DEADLINE)
+                        .await
+                }
             };
             if let Err(e) = &result {
                 self.forget(e).await;

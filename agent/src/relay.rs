@@ -29,11 +29,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use vmha_corosync::{Cmap, Cpg, CpgEvent, DEFAULT_DEADLINE};
+use vmha_ops::clone::CloneSpec;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
 use self::envelope::{CpgSender, DropLog, Gate, Key, Pending, Refusal, Sealer, SESSION_LEN};
-use crate::clone::CloneSpec;
 use crate::guest::GuestError;
 use crate::jobs::{Job, Operation};
 use crate::state::Shared;
@@ -318,7 +318,11 @@ pub async fn mirror_done(m: Mirror, ok: bool, message: &str) {
 
 /// On the DC: checks and starts a relayed clone job, telling the requester whether it took it.
 async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, link: Link, id: u64, from: u32, spec: CloneSpec) {
-    let plan = match crate::clone::check(&shared, &spec).await {
+    let checked = match shared.ports() {
+        Ok(ports) => vmha_ops::clone::check(ports, &spec).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
+    let plan = match checked {
         Ok(plan) => plan,
         Err(e) => {
             send(

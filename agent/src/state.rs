@@ -7,76 +7,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use vmha_model::cib::HostState;
-use vmha_model::ClusterView;
 
 use crate::backend::CibBackend;
 use crate::guest::Guests;
+use vmha_ops::Ports;
 
-/// Corosync's word on membership and quorum (from the Corosync client libraries).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Membership {
-    pub members: Vec<String>,
-    pub quorate: bool,
-    /// Hosts where vmhad runs (members of the `vmhad` process group).
-    pub agents: Vec<String>,
-}
-
-/// One consistent state of the cluster as this vmhad knows it.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// The CIB's view; `None` until the CIB was read, or while it cannot be.
-    pub view: Option<ClusterView>,
-    /// Corosync's view; `None` while vmhad is not connected to Corosync.
-    pub membership: Option<Membership>,
-    /// True while vmhad is connected to the CIB (false: `view` is the last one read, possibly stale).
-    pub cib_connected: bool,
-}
-
-impl Snapshot {
-    /// Cluster members: Corosync's when known, else the hosts the CIB shows online.
-    pub fn members(&self) -> Vec<String> {
-        if let Some(m) = &self.membership {
-            return m.members.clone();
-        }
-        self.view
-            .as_ref()
-            .map(|v| v.online_hosts().into_iter().map(str::to_string).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn quorate(&self) -> bool {
-        match &self.membership {
-            Some(m) => m.quorate,
-            None => self.view.as_ref().is_some_and(|v| v.quorate),
-        }
-    }
-
-    pub fn dc(&self) -> Option<&str> {
-        self.view.as_ref()?.dc.as_deref()
-    }
-
-    pub fn host_names(&self) -> Vec<String> {
-        self.view
-            .as_ref()
-            .map(|v| v.hosts.iter().map(|h| h.name.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn vm_names(&self) -> Vec<String> {
-        self.view
-            .as_ref()
-            .map(|v| v.vms.iter().map(|h| h.name.clone()).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn host_online(&self, name: &str) -> bool {
-        self.view
-            .as_ref()
-            .and_then(|v| v.host(name))
-            .is_some_and(|h| h.state == HostState::Online)
-    }
-}
+/// The cluster's state as this vmhad knows it: defined by the operations crate, which reads it too.
+pub use vmha_ops::state::{Membership, Snapshot};
 
 /// State shared by vmhad's D-Bus objects and jobs.
 pub struct Shared {
@@ -90,6 +27,9 @@ pub struct Shared {
     capacity: OnceLock<(u32, u64)>,
     /// The guest channels of the VMs on this host.
     pub guests: Guests,
+    /// What operations run against (vmhad's implementations of the operations crate's ports), set once
+    /// at start ([`Shared::set_ports`]).
+    ports: OnceLock<Ports>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -111,6 +51,7 @@ impl Shared {
             job_deadline: Duration::from_secs(180),
             capacity: OnceLock::new(),
             guests: Guests::default(),
+            ports: OnceLock::new(),
         })
     }
 
@@ -137,6 +78,18 @@ impl Shared {
 
     pub fn set_host_capacity(&self, cpus: u32, memory_mib: u64) {
         let _ = self.capacity.set((cpus, memory_mib));
+    }
+
+    /// Sets the context operations run against (once, at vmhad's start; later calls are ignored).
+    pub fn set_ports(&self, ports: Ports) {
+        let _ = self.ports.set(ports);
+    }
+
+    /// The context operations run against; `Err` until [`Shared::set_ports`] was called.
+    pub fn ports(&self) -> Result<&Ports, String> {
+        self.ports
+            .get()
+            .ok_or_else(|| "vmhad is starting: its operations are not set up yet".to_string())
     }
 
     pub fn next_job_id(&self) -> u64 {

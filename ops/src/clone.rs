@@ -1204,5 +1204,18 @@ mod tests {
             journal_nvpair_ids(cib, Some("b"), "vmha-clone-journal-7"),
             Vec::<String>::new()
         );
+        assert_eq!(journal_nvpair_ids(cib, None, "vmha-clone-journal-7"), ["a-j"]);
+        assert_eq!(
+            journal_nvpair_ids(cib, Some("a"), "vmha-clone-journal-8"),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn paths_split_into_directory_and_name() {
+        assert_eq!(dir_of("/x/y/z.qcow2"), "/x/y");
+        assert_eq!(base_of("/x/y/z.qcow2"), "z.qcow2");
+        assert_eq!(dir_of("z.qcow2"), ".");
+        assert_eq!(base_of("z.qcow2"), "z.qcow2");
     }
 }

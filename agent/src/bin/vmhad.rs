@@ -17,6 +17,7 @@ use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
 use vmha_agent::options::VmhadArgs;
 use vmha_agent::pacemaker::PacemakerCib;
+use vmha_agent::ports::Uris;
 use vmha_agent::readiness::{follow_readiness, ReadinessObject, Reports, READINESS_PATH};
 use vmha_agent::state::Shared;
 
@@ -54,6 +55,16 @@ async fn run(args: VmhadArgs) -> Result<()> {
         None => vmha_agent::options::system_hostname()?,
     };
     let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
+    // What the operations (live clone) run against: the real libraries, reached through this host's
+    // libvirt URI for this host and the peer URI pattern for the others.
+    let ports = vmha_agent::ports::ports(
+        &shared,
+        Uris {
+            local: args.hypervisor.clone(),
+            peer: args.peer_uri.clone(),
+        },
+    );
+    shared.set_ports(ports.clone());
     let reports = Reports::new();
     let conn = zbus::connection::Builder::system()?
         .name(BUS_NAME)?
@@ -84,12 +95,8 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
     let guests = tokio::spawn(follow_guests(conn.clone(), Arc::clone(&shared)));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
-    vmha_agent::clone::configure(vmha_agent::clone::Uris {
-        local: args.hypervisor.clone(),
-        peer: args.peer_uri.clone(),
-    });
     let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));
-    let journals = tokio::spawn(vmha_agent::clone::follow_journals(Arc::clone(&shared)));
+    let journals = tokio::spawn(vmha_ops::clone::follow_journals(ports));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

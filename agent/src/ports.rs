@@ -1,0 +1,649 @@
+//! The operations crate's ports ([`vmha_ops::ports`]) over the real libraries: the cluster over
+//! [`Shared`] (Pacemaker's CIB, the followed state), the hypervisors over libvirt, the shared storage
+//! over the file system, the guests over their channels and the relay, the environment over the system
+//! clock and the kernel's randomness. [`ports`] builds the context vmhad's operations run against.
+//!
+//! Every libvirt call runs on a blocking thread with [`LIBVIRT_DEADLINE`]: a hung libvirtd fails the call,
+//! it does not hang the operation.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use virt::connect::Connect;
+use vmha_model::change;
+use vmha_model::clone::{self as model, SaveImage};
+use vmha_ops::ports::{
+    BoxFuture, CibChange, CibError, Cluster, DiskChains, Environment, GuestAnswer, Guests, HvError, Hypervisor,
+    Progress, Storage, StorageError,
+};
+use vmha_ops::Ports;
+
+use crate::backend::CibBackend;
+use crate::jobs::Job;
+use crate::state::{Shared, Snapshot};
+
+/// Deadline of one libvirt call (connect, snapshot, restore, volume creation, compaction).
+pub const LIBVIRT_DEADLINE: Duration = Duration::from_secs(60);
+/// Largest file [`Storage::read_small`] reads.
+const MAX_SMALL_FILE: u64 = 1 << 20;
+
+/// How vmhad reaches libvirt on this host and on the others (`{host}` is replaced by the host name).
+#[derive(Debug, Clone)]
+pub struct Uris {
+    pub local: String,
+    pub peer: String,
+}
+
+impl Default for Uris {
+    fn default() -> Self {
+        Uris {
+            local: "qemu:///system".into(),
+            peer: "qemu+tcp://{host}/system".into(),
+        }
+    }
+}
+
+/// The context vmhad's operations run against: every port over the real libraries.
+pub fn ports(shared: &Arc<Shared>, uris: Uris) -> Ports {
+    Ports {
+        cluster: Arc::new(SharedCluster::new(shared)),
+        hypervisor: Arc::new(Libvirt {
+            local_host: shared.local_host.clone(),
+            uris,
+        }),
+        storage: Arc::new(Files),
+        guests: Arc::new(GuestChannels {
+            shared: Arc::downgrade(shared),
+        }),
+        env: Arc::new(System),
+    }
+}
+
+/// The cluster as vmhad follows it ([`Shared`]'s state) and its CIB backend. It holds its own handles
+/// rather than the `Shared` (which holds the [`Ports`]), so that nothing refers to itself.
+pub struct SharedCluster {
+    local_host: String,
+    backend: Arc<dyn CibBackend>,
+    state: watch::Receiver<Arc<Snapshot>>,
+    job_deadline: Duration,
+}
+
+impl std::fmt::Debug for SharedCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedCluster")
+            .field("local_host", &self.local_host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedCluster {
+    pub fn new(shared: &Shared) -> Self {
+        SharedCluster {
+            local_host: shared.local_host.clone(),
+            backend: Arc::clone(&shared.backend),
+            state: shared.subscribe(),
+            job_deadline: shared.job_deadline,
+        }
+    }
+}
+
+impl Cluster for SharedCluster {
+    fn local_host(&self) -> &str {
+        &self.local_host
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.state.clone()
+    }
+
+    fn job_deadline(&self) -> Duration {
+        self.job_deadline
+    }
+
+    fn query(&self) -> BoxFuture<'_, Result<String, CibError>> {
+        self.backend.query()
+    }
+
+    fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {
+        self.backend.apply(change)
+    }
+}
+
+/// libvirt on every host: this host's URI for this host, the peer URI pattern for the others.
+#[derive(Debug, Clone)]
+pub struct Libvirt {
+    pub local_host: String,
+    pub uris: Uris,
+}
+
+impl Libvirt {
+    fn uri_of(&self, host: &str) -> String {
+        if host == self.local_host {
+            self.uris.local.clone()
+        } else {
+            self.uris.peer.replace("{host}", host)
+        }
+    }
+
+    /// Runs `f` with a connection to `host`'s libvirt on a blocking thread, with [`LIBVIRT_DEADLINE`].
+    /// `call` names what failed when connecting or the deadline passes.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        host: String,
+        call: &'static str,
+        f: impl FnOnce(&Connect) -> Result<T, HvError> + Send + 'static,
+    ) -> Result<T, HvError> {
+        let uri = self.uri_of(&host);
+        let on = host.clone();
+        let work = tokio::task::spawn_blocking(move || {
+            let conn = Connect::open(Some(&uri)).map_err(|e| HvError {
+                host: on,
+                call: "connect",
+                message: format!("{uri}: {e}"),
+            })?;
+            f(&conn)
+        });
+        let error = |message: String| HvError {
+            host: host.clone(),
+            call,
+            message,
+        };
+        match tokio::time::timeout(LIBVIRT_DEADLINE, work).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(error(e.to_string())),
+            Err(_) => Err(error(format!("no answer within {} s", LIBVIRT_DEADLINE.as_secs()))),
+        }
+    }
+}
+
+fn dir_of(path: &str) -> String {
+    path.rsplit_once('/').map_or(".".into(), |(d, _)| d.to_string())
+}
+
+fn base_of(path: &str) -> String {
+    path.rsplit_once('/').map_or(path.into(), |(_, b)| b.to_string())
+}
+
+/// The name of the transient pool vmhad makes for a directory no pool has.
+fn pool_name(dir: &str) -> String {
+    let h = dir.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("vmha-{h:016x}")
+}
+
+impl Hypervisor for Libvirt {
+    fn sees_files(&self, host: &str, files: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>> {
+        let on = host.to_string();
+        Box::pin(self.with_conn(host.to_string(), "checking storage", move |conn| {
+            for (dir, file) in &files {
+                let pool = libvirt_ext::dir_pool(conn, dir, &pool_name(dir)).map_err(|e| e.to_string());
+                let seen = pool.and_then(|p| {
+                    p.refresh(0).map_err(|e| e.to_string())?;
+                    p.lookup_storage_vol_by_name(file).map_err(|e| e.to_string())
+                });
+                if let Err(e) = seen {
+                    return Err(HvError {
+                        host: on,
+                        call: "storage lookup",
+                        message: format!("it does not see {dir}/{file}: {e}"),
+                    });
+                }
+            }
+            Ok(())
+        }))
+    }
+
+    fn live_snapshot(&self, host: &str, vm: &str, snapshot_xml: String) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
+        let (on, name) = (host.to_string(), vm.to_string());
+        Box::pin(self.with_conn(host.to_string(), "capturing the template", move |conn| {
+            let dom = conn.lookup_domain_by_name(&name).map_err(|e| HvError {
+                host: on.clone(),
+                call: "virDomainLookupByName",
+                message: format!("domain {name}: {e}"),
+            })?;
+            let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
+            dom.create_snapshot_xml(&snapshot_xml, flags).map_err(|e| HvError {
+                host: on,
+                call: "virDomainSnapshotCreateXML",
+                message: format!("live snapshot of {name}: {e}"),
+            })?;
+            let stats = dom.job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED).ok();
+            Ok(stats.and_then(|s| s.downtime))
+        }))
+    }
+
+    fn create_overlays(&self, host: &str, overlays: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>> {
+        let on = host.to_string();
+        Box::pin(
+            self.with_conn(host.to_string(), "creating the clone overlays", move |conn| {
+                let fail = |call: &'static str, message: String| HvError {
+                    host: on.clone(),
+                    call,
+                    message,
+                };
+                for (backing, overlay) in &overlays {
+                    let dir = dir_of(overlay);
+                    let pool = libvirt_ext::dir_pool(conn, &dir, &pool_name(&dir))
+                        .map_err(|e| fail("storage pool", format!("{dir}: {e}")))?;
+                    pool.refresh(0)
+                        .map_err(|e| fail("virStoragePoolRefresh", format!("refreshing {dir}: {e}")))?;
+                    let capacity = pool
+                        .lookup_storage_vol_by_name(&base_of(backing))
+                        .and_then(|v| v.info())
+                        .map_err(|e| fail("virStorageVolGetInfo", format!("{backing}: {e}")))?
+                        .capacity;
+                    let xml = format!(
+                        "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
+                     <target><format type='qcow2'/></target>\
+                     <backingStore><path>{}</path><format type='qcow2'/></backingStore></volume>",
+                        change::escape(&base_of(overlay)),
+                        change::escape(backing)
+                    );
+                    virt::storage_vol::StorageVol::create_xml(&pool, &xml, 0)
+                        .map_err(|e| fail("virStorageVolCreateXML", format!("creating {overlay}: {e}")))?;
+                }
+                Ok(())
+            }),
+        )
+    }
+
+    fn restore(&self, host: &str, image: String) -> BoxFuture<'_, Result<(), HvError>> {
+        let on = host.to_string();
+        Box::pin(self.with_conn(host.to_string(), "restoring a clone", move |conn| {
+            libvirt_ext::restore_domain(conn, &image, virt::sys::VIR_DOMAIN_SAVE_RUNNING).map_err(|e| HvError {
+                host: on,
+                call: "virDomainRestoreFlags",
+                message: format!("restoring {image}: {e}"),
+            })
+        }))
+    }
+
+    fn destroy_all(&self, host: &str, domains: Vec<String>) -> BoxFuture<'_, Result<(), HvError>> {
+        Box::pin(
+            self.with_conn(host.to_string(), "destroying clone domains", move |conn| {
+                // A restore the dead job started may still be under way in libvirtd: destroy until none of the
+                // domains has shown up for two seconds.
+                let quiet_for = Duration::from_secs(2);
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut quiet_since = Instant::now();
+                while Instant::now() < deadline && quiet_since.elapsed() < quiet_for {
+                    for d in &domains {
+                        if let Ok(dom) = conn.lookup_domain_by_name(d) {
+                            let _ = dom.destroy();
+                            quiet_since = Instant::now();
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(())
+            }),
+        )
+    }
+
+    fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<DiskChains, HvError>> {
+        let (on, vm) = (host.to_string(), vm.to_string());
+        Box::pin(
+            self.with_conn(host.to_string(), "reading the domain's disks", move |conn| {
+                let fail = |message: String| HvError {
+                    host: on.clone(),
+                    call: "virDomainGetXMLDesc",
+                    message,
+                };
+                let dom = conn
+                    .lookup_domain_by_name(&vm)
+                    .map_err(|e| fail(format!("domain {vm}: {e}")))?;
+                let xml = dom.xml_desc(0).map_err(|e| fail(format!("domain {vm}: {e}")))?;
+                model::disk_chains(&xml).map_err(|e| fail(format!("domain {vm}: {e}")))
+            }),
+        )
+    }
+
+    fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
+        let (on, vm) = (host.to_string(), vm.to_string());
+        Box::pin(
+            self.with_conn(host.to_string(), "compacting the template's disk chain", move |conn| {
+                let fail = |call: &'static str, message: String| HvError {
+                    host: on.clone(),
+                    call,
+                    message,
+                };
+                let dom = conn
+                    .lookup_domain_by_name(&vm)
+                    .map_err(|e| fail("virDomainLookupByName", format!("domain {vm}: {e}")))?;
+                let xml = dom
+                    .xml_desc(0)
+                    .map_err(|e| fail("virDomainGetXMLDesc", format!("domain {vm}: {e}")))?;
+                let chains =
+                    model::disk_chains(&xml).map_err(|e| fail("virDomainGetXMLDesc", format!("domain {vm}: {e}")))?;
+                let mut pulled = Vec::new();
+                let mut dropped = Vec::new();
+                for (dev, chain) in &chains {
+                    let Some(c) = model::compaction(&vm, chain) else {
+                        continue;
+                    };
+                    libvirt_ext::block_pull(&dom, dev, c.base.as_deref())
+                        .map_err(|e| fail("virDomainBlockRebase", format!("{vm} {dev}: {e}")))?;
+                    pulled.push(dev.clone());
+                    dropped.extend(c.dropped);
+                }
+                let deadline = Instant::now() + Duration::from_secs(50);
+                for dev in &pulled {
+                    while libvirt_ext::block_job_active(&dom, dev)
+                        .map_err(|e| fail("virDomainGetBlockJobInfo", format!("{vm} {dev}: {e}")))?
+                    {
+                        if Instant::now() > deadline {
+                            return Err(fail(
+                                "virDomainGetBlockJobInfo",
+                                format!("the block pull of {vm} {dev} did not end within 50 s"),
+                            ));
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                Ok(dropped)
+            }),
+        )
+    }
+}
+
+/// The shared storage through this host's file system.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Files;
+
+fn storage_error(path: &str, e: impl std::fmt::Display) -> StorageError {
+    StorageError {
+        path: path.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Runs blocking file work on a worker thread.
+async fn on_thread<T: Send + 'static>(
+    path: String,
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| storage_error(&path, e))?
+}
+
+/// The backing file of a qcow2 image, as an absolute path.
+/// The backing file of a qcow2 image, as an absolute path: `None` for an image without one, data that is
+/// not qcow2, or a file that does not exist.
+async fn backing_of(image: &str) -> Result<Option<String>, StorageError> {
+    let mut head = vec![0u8; 64 << 10];
+    let mut f = match tokio::fs::File::open(image).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(storage_error(image, e)),
+    };
+    let mut n = 0;
+    while n < head.len() {
+        match tokio::io::AsyncReadExt::read(&mut f, &mut head[n..]).await {
+            Ok(0) => break,
+            Ok(m) => n += m,
+            Err(e) => return Err(storage_error(image, e)),
+        }
+    }
+    Ok(model::qcow2_backing(&head[..n]).map(|backing| {
+        if backing.starts_with('/') {
+            backing
+        } else {
+            format!("{}/{backing}", dir_of(image))
+        }
+    }))
+}
+
+impl Storage for Files {
+    fn read_small(&self, path: &str) -> BoxFuture<'_, Result<String, StorageError>> {
+        let path = path.to_string();
+        Box::pin(async move {
+            let meta = tokio::fs::metadata(&path)
+                .await
+                .map_err(|e| storage_error(&path, format!("cannot read it: {e}")))?;
+            if meta.len() > MAX_SMALL_FILE {
+                return Err(storage_error(&path, "larger than 1 MiB"));
+            }
+            tokio::fs::read_to_string(&path)
+                .await
+                .map_err(|e| storage_error(&path, format!("cannot read it: {e}")))
+        })
+    }
+
+    fn write_atomic(&self, path: &str, content: String) -> BoxFuture<'_, Result<(), StorageError>> {
+        let path = path.to_string();
+        Box::pin(async move {
+            let tmp = format!("{path}.vmha-tmp");
+            tokio::fs::write(&tmp, content)
+                .await
+                .map_err(|e| storage_error(&tmp, format!("writing: {e}")))?;
+            tokio::fs::rename(&tmp, &path)
+                .await
+                .map_err(|e| storage_error(&path, format!("renaming {tmp} to it: {e}")))
+        })
+    }
+
+    fn exists(&self, path: &str) -> BoxFuture<'_, bool> {
+        let path = path.to_string();
+        Box::pin(async move { tokio::fs::try_exists(&path).await.unwrap_or(false) })
+    }
+
+    fn remove(&self, path: &str) -> BoxFuture<'_, Result<bool, StorageError>> {
+        let path = path.to_string();
+        Box::pin(async move {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(storage_error(&path, e)),
+            }
+        })
+    }
+
+    fn read_image_header(&self, path: &str) -> BoxFuture<'_, Result<SaveImage, StorageError>> {
+        let p = path.to_string();
+        Box::pin(on_thread(path.to_string(), move || {
+            let err = |e: &dyn std::fmt::Display| storage_error(&p, e);
+            let mut f = std::fs::File::open(&p).map_err(|e| err(&e))?;
+            let mut head = vec![0u8; model::HEADER_LEN];
+            f.read_exact(&mut head).map_err(|e| err(&e))?;
+            let len = model::save_image_len(&head).map_err(|e| err(&e))?;
+            head.resize(len, 0);
+            f.read_exact(&mut head[model::HEADER_LEN..]).map_err(|e| err(&e))?;
+            model::parse_save_image(&head).map_err(|e| err(&e))
+        }))
+    }
+
+    fn write_clone_image(
+        &self,
+        from: &str,
+        image: SaveImage,
+        xml: String,
+        to: &str,
+    ) -> BoxFuture<'_, Result<(), StorageError>> {
+        let header = model::write_save_header(&image, &xml);
+        let (from, to, offset) = (from.to_string(), to.to_string(), image.stream_offset);
+        // The QEMU stream is copied in the kernel where the file system allows (std::io::copy).
+        Box::pin(on_thread(to.clone(), move || {
+            let mut src = std::fs::File::open(&from).map_err(|e| storage_error(&from, e))?;
+            src.seek(SeekFrom::Start(offset)).map_err(|e| storage_error(&from, e))?;
+            let mut dst = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&to)
+                .map_err(|e| storage_error(&to, e))?;
+            dst.write_all(&header).map_err(|e| storage_error(&to, e))?;
+            std::io::copy(&mut src, &mut dst).map_err(|e| storage_error(&to, e))?;
+            Ok(())
+        }))
+    }
+
+    fn backing_of(&self, image: &str) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
+        let image = image.to_string();
+        Box::pin(async move { backing_of(&image).await })
+    }
+
+    fn list_dir(&self, dir: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        let dir = dir.to_string();
+        Box::pin(async move {
+            let mut entries = tokio::fs::read_dir(&dir).await.map_err(|e| storage_error(&dir, e))?;
+            let mut files = Vec::new();
+            while let Some(e) = entries.next_entry().await.map_err(|e| storage_error(&dir, e))? {
+                if e.file_type().await.is_ok_and(|t| t.is_file()) {
+                    files.push(e.path().to_string_lossy().into_owned());
+                }
+            }
+            Ok(files)
+        })
+    }
+
+    fn layer_users(&self, layer: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        let layer = layer.to_string();
+        Box::pin(async move {
+            let dir = dir_of(&layer);
+            let mut entries = tokio::fs::read_dir(&dir).await.map_err(|e| storage_error(&dir, e))?;
+            let mut users = Vec::new();
+            while let Some(e) = entries.next_entry().await.map_err(|e| storage_error(&dir, e))? {
+                let path = e.path().to_string_lossy().into_owned();
+                if path == layer || !e.file_type().await.is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                if backing_of(&path).await?.as_deref() == Some(layer.as_str()) {
+                    users.push(path);
+                }
+            }
+            Ok(users)
+        })
+    }
+}
+
+/// The guests' channels: this host's directly, the others' through the relay ([`crate::relay`]).
+#[derive(Debug, Clone)]
+pub struct GuestChannels {
+    shared: Weak<Shared>,
+}
+
+impl GuestChannels {
+    fn shared(&self) -> Result<Arc<Shared>, String> {
+        self.shared.upgrade().ok_or_else(|| "vmhad is stopping".to_string())
+    }
+}
+
+fn answer(r: Result<(String, String), crate::guest::GuestError>) -> Result<GuestAnswer, String> {
+    r.map(|(outcome, reason)| GuestAnswer { outcome, reason })
+        .map_err(|e| e.to_string())
+}
+
+impl Guests for GuestChannels {
+    fn request(
+        &self,
+        vm: &str,
+        kind: &str,
+        data: String,
+        timeout_ms: u32,
+    ) -> BoxFuture<'_, Result<GuestAnswer, String>> {
+        let (vm, kind) = (vm.to_string(), kind.to_string());
+        Box::pin(async move {
+            let shared = self.shared()?;
+            answer(crate::relay::guest_request(&shared, &vm, &kind, &data, timeout_ms).await)
+        })
+    }
+
+    fn request_on(
+        &self,
+        host: &str,
+        vm: &str,
+        kind: &str,
+        data: String,
+        timeout_ms: u32,
+    ) -> BoxFuture<'_, Result<GuestAnswer, String>> {
+        let (host, vm, kind) = (host.to_string(), vm.to_string(), kind.to_string());
+        Box::pin(async move {
+            let shared = self.shared()?;
+            answer(crate::relay::guest_request_on(&shared, &host, &vm, &kind, &data, timeout_ms).await)
+        })
+    }
+}
+
+/// A job reports an operation's steps on its D-Bus object (and to the vmhad it is mirrored to).
+impl Progress for Job {
+    fn progress(&self, fraction: f64, message: &str) -> BoxFuture<'_, ()> {
+        let message = message.to_string();
+        Box::pin(async move { Job::progress(self, fraction, &message).await })
+    }
+}
+
+/// The system clock and the kernel's randomness.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct System;
+
+impl Environment for System {
+    fn unix_ms(&self) -> u128 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+    }
+
+    fn random(&self, buf: &mut [u8]) {
+        if getrandom::fill(buf).is_err() {
+            // No kernel randomness (it never fails on Linux after boot): the clock, spread over the bytes,
+            // still gives distinct identities.
+            let t = self.unix_ms() ^ (u128::from(std::process::id()) << 64);
+            for (i, x) in buf.iter_mut().enumerate() {
+                *x = (t >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(151);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_and_pools() {
+        let hv = Libvirt {
+            local_host: "a".into(),
+            uris: Uris::default(),
+        };
+        assert_eq!(hv.uri_of("a"), "qemu:///system");
+        assert_eq!(hv.uri_of("b"), "qemu+tcp://b/system");
+        assert_eq!(pool_name("/a"), pool_name("/a"));
+        assert_ne!(pool_name("/a"), pool_name("/b"));
+        assert_eq!(dir_of("/x/y/z.qcow2"), "/x/y");
+        assert_eq!(base_of("/x/y/z.qcow2"), "z.qcow2");
+    }
+
+    #[tokio::test]
+    async fn files_remove_and_write_atomically() {
+        let dir = std::env::temp_dir().join(format!("vmha-ports-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.xml").to_string_lossy().into_owned();
+        let files = Files;
+        files.write_atomic(&path, "<x/>".into()).await.unwrap();
+        assert!(files.exists(&path).await);
+        assert_eq!(files.read_small(&path).await.unwrap(), "<x/>");
+        assert!(!std::path::Path::new(&format!("{path}.vmha-tmp")).exists());
+        assert!(files.remove(&path).await.unwrap());
+        assert!(!files.remove(&path).await.unwrap());
+        assert!(files.read_small(&path).await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn random_bytes_differ() {
+        let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+        System.random(&mut a);
+        System.random(&mut b);
+        assert_ne!(a, b);
+    }
+}
