@@ -13,7 +13,7 @@ use zbus::{interface, Connection};
 use crate::api::{host_path, vm_path, Error};
 use crate::auth::authorize_change;
 use crate::guest::GuestError;
-use crate::jobs::{self, Job, Operation};
+use crate::jobs::{self, Job, Operation, VmOp};
 use crate::state::{Shared, Snapshot};
 
 /// What vmhad's methods return: a typed error (`org.vmha.Vmha1.Error.*`) on failure.
@@ -212,8 +212,8 @@ impl ClusterObject {
         }
         let prepared = jobs::prepare_add(&self.shared, &name, &config)
             .await
-            .map_err(Error::InvalidArgument)?;
-        Ok(Job::start(conn, &self.shared, Operation::Add { prepared, start }).await?)
+            .map_err(op_error)?;
+        Ok(Job::start(conn, &self.shared, Operation::Vm(VmOp::Add { prepared, start })).await?)
     }
 
     /// Live-clones the running VM `template` (see `vmha clone`): `name` (empty: `<template>-clone`; with
@@ -399,7 +399,7 @@ impl HostObject {
         // Past the checks above, what fails is reading or changing the CIB.
         jobs::set_host_attribute(&self.shared, &self.name, attribute, on)
             .await
-            .map_err(Error::Cib)
+            .map_err(op_error)
     }
 }
 
@@ -479,20 +479,15 @@ impl VmObject {
         self.shared.snapshot().view.as_ref()?.vm(&self.name).cloned()
     }
 
-    async fn operation(
-        &self,
-        conn: &Connection,
-        header: &Header<'_>,
-        what: &str,
-        op: Operation,
-    ) -> Result<OwnedObjectPath> {
+    async fn operation(&self, conn: &Connection, header: &Header<'_>, what: &str, op: VmOp) -> Result<OwnedObjectPath> {
         authorize_change(conn, header, &format!("{what} VM {}", self.name)).await?;
         let snap = ready(&self.shared)?;
         known_vm(&snap, &self.name)?;
-        if let Operation::Move { host, .. } = &op {
+        if let VmOp::Move { host, .. } = &op {
             known_host(&snap, host)?;
         }
-        jobs::check(&self.shared, &op).map_err(Error::InvalidArgument)?;
+        let op = Operation::Vm(op);
+        jobs::check(&self.shared, &op).await.map_err(op_error)?;
         Ok(Job::start(conn, &self.shared, op).await?)
     }
 }
@@ -578,7 +573,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
-        self.operation(conn, &header, "start", Operation::Start(self.name.clone()))
+        self.operation(conn, &header, "start", VmOp::Start(self.name.clone()))
             .await
     }
 
@@ -588,7 +583,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
-        self.operation(conn, &header, "stop", Operation::Stop(self.name.clone()))
+        self.operation(conn, &header, "stop", VmOp::Stop(self.name.clone()))
             .await
     }
 
@@ -626,7 +621,7 @@ impl VmObject {
             conn,
             &header,
             "move",
-            Operation::Move {
+            VmOp::Move {
                 vm: self.name.clone(),
                 host,
             },
@@ -666,7 +661,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
-        self.operation(conn, &header, "destroy", Operation::Destroy(self.name.clone()))
+        self.operation(conn, &header, "destroy", VmOp::Destroy(self.name.clone()))
             .await
     }
 
@@ -676,7 +671,7 @@ impl VmObject {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<OwnedObjectPath> {
-        self.operation(conn, &header, "remove", Operation::Remove(self.name.clone()))
+        self.operation(conn, &header, "remove", VmOp::Remove(self.name.clone()))
             .await
     }
 }

@@ -67,7 +67,11 @@ pub async fn prepare_add(p: &Ports, name: &str, config: &str) -> Result<Prepared
     if !config.starts_with('/') {
         return Err(OpError::Invalid(format!("domain XML path {config:?} must be absolute")));
     }
-    let xml = p.storage.read_small(config).await?;
+    let xml = p
+        .storage
+        .read_small(config)
+        .await
+        .map_err(|e| OpError::Invalid(e.to_string()))?;
     if xml.len() > MAX_DOMAIN_XML {
         return Err(OpError::Invalid(format!(
             "{config} is larger than {MAX_DOMAIN_XML} bytes"
