@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::relay::envelope::{Key, KeyError, MAX_KEY_FILE};
+use crate::envelope::{Key, KeyError, MAX_KEY_FILE};
 
 /// Where the key lives.
 pub const AUTHKEY_PATH: &str = "/etc/vmha/authkey";
@@ -110,7 +110,7 @@ pub fn generate(path: &Path, force: bool) -> Result<String, AuthKeyError> {
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut bytes = [0u8; KEYGEN_BYTES];
     getrandom::fill(&mut bytes).map_err(|e| AuthKeyError::Random(e.to_string()))?;
-    let fingerprint = crate::relay::envelope::fingerprint(&bytes);
+    let fingerprint = crate::envelope::fingerprint(&bytes);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.len(), KEYGEN_BYTES as u64);
         let first = std::fs::read(&p).unwrap();
-        assert_eq!(crate::relay::envelope::fingerprint(&first), fp);
+        assert_eq!(crate::envelope::fingerprint(&first), fp);
         assert!(matches!(generate(&p, false), Err(AuthKeyError::Exists { .. })));
         assert_eq!(std::fs::read(&p).unwrap(), first, "a refused keygen changes nothing");
         let fp2 = generate(&p, true).unwrap();

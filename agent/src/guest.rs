@@ -22,8 +22,8 @@ use vmha_model::guest::{
 use vmha_model::VmState;
 use zbus::Connection;
 
-use crate::objects::ClusterObject;
-use crate::state::{Shared, Snapshot};
+use tokio::sync::watch;
+use vmha_ops::state::Snapshot;
 
 /// Lines per second a guest may send (token bucket, burst of twice as many); more are dropped.
 const LINES_PER_SECOND: f64 = 20.0;
@@ -63,6 +63,27 @@ pub struct Guests {
 }
 
 /// How long an expected VM gets a channel without the CIB showing it here.
+/// What the guest channels need of vmhad's state: this host's name, the channels, the cluster's state.
+#[derive(Debug, Clone)]
+pub struct GuestContext {
+    pub local_host: String,
+    pub guests: Arc<Guests>,
+    pub state: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl GuestContext {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        let mut rx = self.state.clone();
+        // As a new subscriber of the sender: the current state counts as seen.
+        rx.borrow_and_update();
+        rx
+    }
+}
+
 const EXPECT_FOR: Duration = Duration::from_secs(60);
 
 /// One VM's channel, shared by its task and the callers.
@@ -127,7 +148,8 @@ impl Guests {
 
     pub async fn request(
         &self,
-        shared: &Shared,
+        snap: &Snapshot,
+        local_host: &str,
         vm: &str,
         name: &str,
         data_json: &str,
@@ -149,7 +171,6 @@ impl Guests {
         if !(1..=MAX_REQUEST_MS).contains(&timeout_ms) {
             return Err(GuestError::Invalid(format!("timeout must be 1..={MAX_REQUEST_MS} ms")));
         }
-        let snap = shared.snapshot();
         let hosts = snap
             .view
             .as_ref()
@@ -159,7 +180,7 @@ impl Guests {
         // While an operation on the VM is pending (a migration from here, a first monitor) the CIB shows it
         // on no host; a connected channel proves its QEMU runs here.
         let connected_here = || self.channel(vm).is_some_and(|c| c.connected.load(Ordering::Relaxed));
-        if !(hosts.contains(&shared.local_host) || hosts.is_empty() && connected_here()) {
+        if !(hosts.iter().any(|h| h == local_host) || hosts.is_empty() && connected_here()) {
             let where_ = if hosts.is_empty() {
                 ": it runs nowhere".to_string()
             } else {
@@ -167,7 +188,7 @@ impl Guests {
             };
             return Err(GuestError::NotHere {
                 vm: vm.to_string(),
-                local: shared.local_host.clone(),
+                local: local_host.to_string(),
                 where_,
             });
         }
@@ -336,8 +357,8 @@ impl Migrations {
 }
 
 /// Follows the snapshots forever: starts and stops the VMs' channel tasks and forwards cluster events.
-pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
-    let mut rx = shared.subscribe();
+pub async fn follow_guests(conn: Connection, ctx: GuestContext) {
+    let mut rx = ctx.subscribe();
     let mut tasks: HashMap<String, Task> = HashMap::new();
     let mut migrations = Migrations::default();
     let mut old = rx.borrow_and_update().clone();
@@ -347,15 +368,15 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
         let new = rx.borrow_and_update().clone();
         let now = Instant::now();
         migrations.observe(&new, now);
-        let mut local = local_vms(&new, &shared.local_host);
-        for vm in shared.guests.expected_now() {
+        let mut local = local_vms(&new, &ctx.local_host);
+        for vm in ctx.guests.expected_now() {
             if !local.contains(&vm) {
                 local.push(vm);
             }
         }
         tasks.retain(|vm, task| {
             if task.abort.is_finished() {
-                shared.guests.forget(vm, &task.channel);
+                ctx.guests.forget(vm, &task.channel);
                 return false;
             }
             if local.contains(vm) {
@@ -367,7 +388,7 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
                 return true;
             }
             task.abort.abort();
-            shared.guests.forget(vm, &task.channel);
+            ctx.guests.forget(vm, &task.channel);
             tracing::info!(%vm, "guest channel of VM {vm} stopped: the VM does not run here (any more)");
             false
         });
@@ -383,19 +404,18 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
                 connected: AtomicBool::new(false),
                 logged: Mutex::new(HashSet::new()),
             });
-            shared
-                .guests
+            ctx.guests
                 .channels
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(vm.clone(), Arc::clone(&channel));
-            let arrival = migrations.arrival(&vm, &shared.local_host);
+            let arrival = migrations.arrival(&vm, &ctx.local_host);
             if arrival.is_some() {
                 tracing::info!(%vm, "VM {vm} arrived here by live migration; its guest will be told");
             }
             let task = tokio::spawn(run_channel(
                 conn.clone(),
-                Arc::clone(&shared),
+                ctx.clone(),
                 Arc::clone(&channel),
                 queue,
                 arrival,
@@ -411,7 +431,7 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
         }
         migrations.settle(&new);
         for event in cluster_events(&old, &new) {
-            let sent = shared.guests.broadcast(&event);
+            let sent = ctx.guests.broadcast(&event);
             tracing::debug!(event = event.name(), sent, "cluster event sent to guests");
         }
         old = new;
@@ -422,7 +442,7 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
                 }
             }
             _ = tick.tick() => {}
-            _ = shared.guests.wake.notified() => {}
+            _ = ctx.guests.wake.notified() => {}
         }
     }
 }
@@ -430,7 +450,7 @@ pub async fn follow_guests(conn: Connection, shared: Arc<Shared>) {
 /// One VM's channel, forever (aborted when the VM leaves this host).
 async fn run_channel(
     conn: Connection,
-    shared: Arc<Shared>,
+    ctx: GuestContext,
     channel: Arc<Channel>,
     mut queue: mpsc::Receiver<String>,
     mut arrival: Option<HostMessage>,
@@ -461,11 +481,11 @@ async fn run_channel(
                     tokio::select! {
                         _ = &mut reader => break,
                         _ = hello.notified(), if !greeted => {
-                            greet(&shared, &channel, &mut arrival);
+                            greet(&ctx, &channel, &mut arrival);
                             greeted = true;
                         }
                         _ = tokio::time::sleep_until(greet_by), if !greeted => {
-                            greet(&shared, &channel, &mut arrival);
+                            greet(&ctx, &channel, &mut arrival);
                             greeted = true;
                         }
                         line = queue.recv(), if greeted => {
@@ -500,8 +520,8 @@ async fn run_channel(
 const GREET_WAIT: Duration = Duration::from_secs(2);
 
 /// Sends the guest the current membership and, once, the pending `migrated` event.
-fn greet(shared: &Shared, channel: &Channel, arrival: &mut Option<HostMessage>) {
-    let snap = shared.snapshot();
+fn greet(ctx: &GuestContext, channel: &Channel, arrival: &mut Option<HostMessage>) {
+    let snap = ctx.snapshot();
     let _ = channel.send(&membership_event(&snap, &snap.members()));
     if let Some(event) = arrival.take() {
         let _ = channel.send(&event);
@@ -655,13 +675,7 @@ async fn read_guest(
                 }
             }
         }
-        if let Ok(root) = conn
-            .object_server()
-            .interface::<_, ClusterObject>(crate::api::ROOT_PATH)
-            .await
-        {
-            let _ = ClusterObject::guest_message(root.signal_emitter(), &channel.vm, &msg.to_line()).await;
-        }
+        crate::signals::guest_message(&conn, &channel.vm, &msg.to_line()).await;
     }
 }
 
@@ -870,14 +884,28 @@ mod tests {
 
     #[tokio::test]
     async fn requests_are_checked_before_anything_is_sent() {
-        let shared = Shared::new("n1".into(), Arc::new(crate::backend::RecordingCib::new("<cib/>")));
+        let shared = crate::state::Shared::new("n1".into(), Arc::new(crate::backend::RecordingCib::new("<cib/>")));
         let guests = Guests::default();
         let err = |r: Result<(Outcome, String), GuestError>| r.unwrap_err().to_string();
-        assert!(err(guests.request(&shared, "vm", "Bad", "{}", 10).await).contains("must match"));
-        assert!(err(guests.request(&shared, "vm", "ok", "[]", 10).await).contains("JSON object"));
-        assert!(err(guests.request(&shared, "vm", "ok", "{", 10).await).contains("request data"));
-        assert!(err(guests.request(&shared, "vm", "ok", "", 0).await).contains("timeout"));
-        let e = err(guests.request(&shared, "vm", "ok", "", 10).await);
+        assert!(err(guests
+            .request(&shared.snapshot(), &shared.local_host, "vm", "Bad", "{}", 10)
+            .await)
+        .contains("must match"));
+        assert!(err(guests
+            .request(&shared.snapshot(), &shared.local_host, "vm", "ok", "[]", 10)
+            .await)
+        .contains("JSON object"));
+        assert!(err(guests
+            .request(&shared.snapshot(), &shared.local_host, "vm", "ok", "{", 10)
+            .await)
+        .contains("request data"));
+        assert!(err(guests
+            .request(&shared.snapshot(), &shared.local_host, "vm", "ok", "", 0)
+            .await)
+        .contains("timeout"));
+        let e = err(guests
+            .request(&shared.snapshot(), &shared.local_host, "vm", "ok", "", 10)
+            .await);
         assert!(e.contains("does not run on this host (n1): it runs nowhere"), "{e}");
     }
 

@@ -12,7 +12,6 @@ use zbus::{interface, Connection};
 use vmha_ops::OpError;
 
 use crate::api::job_path;
-use crate::objects::ClusterObject;
 use crate::state::Shared;
 
 /// How long a finished job stays on the bus for late readers.
@@ -315,22 +314,9 @@ impl Job {
         {
             let _ = JobObject::finished(iface.signal_emitter(), ok, &message).await;
         }
-        if let Ok(root) = self
-            .conn
-            .object_server()
-            .interface::<_, ClusterObject>(crate::api::ROOT_PATH)
-            .await
-        {
-            let info = self.info.lock().map(|i| i.clone()).ok();
-            if let Some(i) = info {
-                let _ = ClusterObject::event(
-                    root.signal_emitter(),
-                    "job",
-                    &format!("{} {}", i.kind, i.target),
-                    &i.message,
-                )
-                .await;
-            }
+        let info = self.info.lock().map(|i| i.clone()).ok();
+        if let Some(i) = info {
+            crate::signals::event(&self.conn, "job", &format!("{} {}", i.kind, i.target), &i.message).await;
         }
         let conn = self.conn.clone();
         let path = self.path.clone();

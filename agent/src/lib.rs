@@ -16,6 +16,7 @@ pub mod backend;
 pub mod check;
 pub mod confined;
 pub mod daemon;
+pub mod envelope;
 pub mod failures;
 pub mod guest;
 #[cfg(test)]
@@ -29,5 +30,6 @@ pub mod placement;
 pub mod ports;
 pub mod readiness;
 pub mod relay;
+pub mod signals;
 pub mod state;
 pub mod vcluster;

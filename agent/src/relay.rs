@@ -18,8 +18,6 @@
 //! a key holder's request as it trusts its own callers' authorized ones. Every dropped message is logged
 //! with its reason, rate-limited per reason.
 
-pub mod envelope;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +31,7 @@ use vmha_ops::clone::CloneSpec;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
-use self::envelope::{CpgSender, DropLog, Gate, Key, Pending, Refusal, Sealer, SESSION_LEN};
+use crate::envelope::{CpgSender, DropLog, Gate, Key, Pending, Refusal, Sealer, SESSION_LEN};
 use crate::guest::GuestError;
 use crate::jobs::{Job, Operation};
 use crate::state::Shared;
@@ -376,7 +374,7 @@ pub async fn guest_request(
         Some(h) if h != shared.local_host => remote(&h, vm, name, data_json, timeout_ms, false).await,
         _ => shared
             .guests
-            .request(shared, vm, name, data_json, timeout_ms)
+            .request(&shared.snapshot(), &shared.local_host, vm, name, data_json, timeout_ms)
             .await
             .map(|(o, r)| (o.as_str().to_string(), r)),
     }
@@ -396,7 +394,7 @@ pub async fn guest_request_on(
         shared.guests.expect(vm);
         shared
             .guests
-            .request(shared, vm, name, data_json, timeout_ms)
+            .request(&shared.snapshot(), &shared.local_host, vm, name, data_json, timeout_ms)
             .await
             .map(|(o, r)| (o.as_str().to_string(), r))
     } else {
@@ -549,7 +547,11 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut
                     shared.guests.expect(&vm);
                 }
                 tokio::spawn(async move {
-                    let (outcome, reason) = match shared.guests.request(&shared, &vm, &name, &data, timeout_ms).await {
+                    let (outcome, reason) = match shared
+                        .guests
+                        .request(&shared.snapshot(), &shared.local_host, &vm, &name, &data, timeout_ms)
+                        .await
+                    {
                         Ok((o, r)) => (o.as_str().to_string(), r),
                         Err(e) => ("error".to_string(), e.to_string()),
                     };

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backend::CibBackend;
-use crate::guest::Guests;
+use crate::guest::{GuestContext, Guests};
 use vmha_ops::Ports;
 
 /// The cluster's state as this vmhad knows it: defined by the operations crate, which reads it too.
@@ -26,7 +26,7 @@ pub struct Shared {
     /// This host's (CPUs, memory MiB) as libvirt reports them, once known.
     capacity: OnceLock<(u32, u64)>,
     /// The guest channels of the VMs on this host.
-    pub guests: Guests,
+    pub guests: Arc<Guests>,
     /// What operations run against (vmhad's implementations of the operations crate's ports), set once
     /// at start ([`Shared::set_ports`]).
     ports: OnceLock<Ports>,
@@ -50,9 +50,18 @@ impl Shared {
             next_job: AtomicU64::new(1),
             job_deadline: Duration::from_secs(180),
             capacity: OnceLock::new(),
-            guests: Guests::default(),
+            guests: Arc::new(Guests::default()),
             ports: OnceLock::new(),
         })
+    }
+
+    /// What the guest channels need of this state.
+    pub fn guest_context(&self) -> GuestContext {
+        GuestContext {
+            local_host: self.local_host.clone(),
+            guests: Arc::clone(&self.guests),
+            state: self.subscribe(),
+        }
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

@@ -1,11 +1,11 @@
 //! Bytes from the relay's CPG group (untrusted: any process Corosync admits to the group can send them):
-//! the envelope parser and gate of `agent/src/relay/envelope.rs` (compiled here from its source file, which
+//! the envelope parser and gate of `agent/src/envelope.rs` (compiled here from its source file, which
 //! is pure). Raw input must give an envelope or a refusal, never a panic; input sealed with the key must be
 //! admitted once, its replay refused, and any single byte changed in it refused.
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../agent/src/relay/envelope.rs"]
+#[path = "../../agent/src/envelope.rs"]
 mod envelope;
 
 use envelope::{open, CpgSender, Gate, Key, Sealer, MAX_BODY};

@@ -93,7 +93,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let cib = tokio::spawn(follow_cib(conn.clone(), Arc::clone(&shared)));
     let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
-    let guests = tokio::spawn(follow_guests(conn.clone(), Arc::clone(&shared)));
+    let guests = tokio::spawn(follow_guests(conn.clone(), shared.guest_context()));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
     let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));
     let journals = tokio::spawn(vmha_ops::clone::follow_journals(ports));

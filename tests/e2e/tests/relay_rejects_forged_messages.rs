@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmha_agent::relay::envelope::{self, Envelope, Key};
+use vmha_agent::envelope::{self, Envelope, Key};
 use vmha_e2e::{domains, hook_log, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::{target_binary, VmAgent};
