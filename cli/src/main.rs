@@ -227,7 +227,9 @@ enum GroupCmd {
     /// It grows by live clones of its template,
     /// one at a time, each on a host that keeps the group's anti-affinity; it shrinks by asking the
     /// newest members' guests to drain (a refusal stops the shrink there) and destroying them. The
-    /// policy follows every step (new members join with the template's settings).
+    /// policy follows every step (new members join with the template's settings). The DC's vmhad runs it
+    /// as one journaled job (D-Bus ScaleGroup): if that vmhad or its host stops midway, its restart or
+    /// the next DC completes the member it was adding or removing.
     Scale {
         name: String,
         size: u32,
