@@ -255,6 +255,8 @@ async fn the_api_proxies_read_what_vmhad_serves_and_get_typed_errors() {
     denied("AddVm!", cluster.add_vm_interactive("vm-2", "/x.xml", true).await);
     denied("CloneVm", cluster.clone_vm("vm-1", "", "", 1, false).await);
     denied("CloneVm!", cluster.clone_vm_interactive("vm-1", "", "", 1, false).await);
+    denied("ScaleGroup", cluster.scale_group("web", 3, false, 30_000).await);
+    denied("ScaleGroup!", cluster.scale_group_interactive("web", 1, true, 1).await);
     denied(
         "Capture",
         cluster.capture_vcluster("g", fd(), false, false, 3, &[fd()]).await,

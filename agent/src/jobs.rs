@@ -26,6 +26,53 @@ pub enum Operation {
     Vm(VmOp),
     /// Live clone (see [`vmha_ops::clone`]).
     Clone(Box<vmha_ops::clone::Plan>),
+    /// Scaling an elastic group (see [`vmha_ops::group`]).
+    Scale(Box<vmha_ops::group::ScalePlan>),
+}
+
+/// A request for a job that the DC's vmhad runs (relayed there when asked on another host, see
+/// [`crate::relay::job_via_dc`]): journaled on the DC's host, completed or rolled back by the next DC.
+#[derive(Debug, Clone)]
+pub enum DcJob {
+    Clone(vmha_ops::clone::CloneSpec),
+    Scale(vmha_ops::group::ScaleSpec),
+}
+
+impl DcJob {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DcJob::Clone(_) => "clone",
+            DcJob::Scale(_) => "scale",
+        }
+    }
+
+    pub fn target(&self) -> String {
+        match self {
+            DcJob::Clone(spec) => format!(
+                "{} -> {}",
+                spec.template,
+                spec.name.clone().unwrap_or_else(|| format!("{}-clone", spec.template))
+            ),
+            DcJob::Scale(spec) => spec.group.clone(),
+        }
+    }
+
+    /// What becomes of the job when the vmhad running it goes away midway.
+    pub fn when_lost(&self) -> &'static str {
+        match self {
+            DcJob::Clone(_) => "its restart or the next DC's vmhad rolls the clone back",
+            DcJob::Scale(_) => "its restart or the next DC's vmhad completes the member it was adding or removing",
+        }
+    }
+
+    /// Checks the request (nothing changes) and makes the job's operation.
+    pub async fn check(&self, shared: &Shared) -> Result<Operation, OpError> {
+        let p = ports(shared)?;
+        Ok(match self {
+            DcJob::Clone(spec) => Operation::Clone(Box::new(vmha_ops::clone::check(p, spec).await?)),
+            DcJob::Scale(spec) => Operation::Scale(Box::new(vmha_ops::group::check(p, spec).await?)),
+        })
+    }
 }
 
 impl Operation {
@@ -33,6 +80,7 @@ impl Operation {
         match self {
             Operation::Vm(op) => op.kind(),
             Operation::Clone(_) => "clone",
+            Operation::Scale(_) => "scale",
         }
     }
 
@@ -40,6 +88,7 @@ impl Operation {
         match self {
             Operation::Vm(op) => op.target(),
             Operation::Clone(plan) => format!("{} -> {}", plan.template, plan.names.join(",")),
+            Operation::Scale(plan) => plan.spec.group.clone(),
         }
     }
 }
@@ -48,7 +97,7 @@ impl Operation {
 pub async fn check(shared: &Shared, op: &Operation) -> Result<(), OpError> {
     match op {
         Operation::Vm(op) => vmha_ops::vm::check(ports(shared)?, op).await,
-        Operation::Clone(_) => Ok(()),
+        Operation::Clone(_) | Operation::Scale(_) => Ok(()),
     }
 }
 
@@ -150,7 +199,7 @@ impl Job {
     }
 
     /// [`Job::start`], with the job's progress and end also sent to `mirror` (a vmhad that relayed the
-    /// request here, see [`crate::relay::clone_via_dc`]).
+    /// request here, see [`crate::relay::job_via_dc`]).
     pub async fn start_mirrored(
         conn: &Connection,
         shared: &Arc<Shared>,
@@ -162,7 +211,10 @@ impl Job {
         let path = job.path.clone();
         let shared = Arc::clone(shared);
         tokio::spawn(async move {
-            let result = run(&shared, &job, &op).await;
+            let (result, details) = run(&shared, &job, &op).await;
+            if let Some(details) = details {
+                job.set_details(details);
+            }
             job.finish(result).await;
         });
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
@@ -200,7 +252,7 @@ impl Job {
                 let (result, details) = rx
                     .await
                     .unwrap_or_else(|_| (Err("the job's thread ended without a result".into()), String::new()));
-                job.info.lock().unwrap_or_else(|p| p.into_inner()).details = details;
+                job.set_details(details);
                 job.finish(result).await;
             });
         }
@@ -242,6 +294,11 @@ impl Job {
     /// The job's object path.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Sets what the job leaves for its caller (JSON), before it finishes.
+    pub(crate) fn set_details(&self, details: String) {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).details = details;
     }
 
     /// Reports progress (`fraction` when known).
@@ -297,7 +354,8 @@ impl Job {
             Err(m) => (false, m),
         };
         if let Some(m) = self.mirror {
-            crate::relay::mirror_done(m, ok, &message).await;
+            let details = self.info.lock().map(|i| i.details.clone()).unwrap_or_default();
+            crate::relay::mirror_done(m, ok, &message, details).await;
         }
         tracing::info!(job = %self.path, ok, %message, "job finished");
         self.update(
@@ -344,12 +402,36 @@ impl crate::vcluster::Report for JobReport {
     }
 }
 
-async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> Result<String, String> {
-    let ports = shared.ports()?;
+/// Runs a job's operation: its result message and the details it leaves (JSON), if any.
+async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> (Result<String, String>, Option<String>) {
+    let ports = match shared.ports() {
+        Ok(p) => p,
+        Err(e) => return (Err(e), None),
+    };
     match op {
-        Operation::Vm(op) => vmha_ops::vm::run(ports, job, op).await.map_err(|e| e.to_string()),
-        Operation::Clone(plan) => vmha_ops::clone::run(ports, job, plan, job.id())
-            .await
-            .map_err(|e| e.to_string()),
+        Operation::Vm(op) => (vmha_ops::vm::run(ports, job, op).await.map_err(|e| e.to_string()), None),
+        Operation::Clone(plan) => (
+            vmha_ops::clone::run(ports, job, plan, job.id())
+                .await
+                .map_err(|e| e.to_string()),
+            None,
+        ),
+        Operation::Scale(plan) => {
+            let (summary, outcome) = vmha_ops::group::run(ports, job, plan, job.id()).await;
+            let class = outcome.err().map(|e| crate::objects::op_error(e).short_name());
+            let message = summary.message();
+            let details = scale_details(&summary, class.as_deref());
+            (if class.is_none() { Ok(message) } else { Err(message) }, Some(details))
+        }
     }
+}
+
+/// A scale job's Details: its summary (`group`, `from`, `asked`, `size`, `steps`, `error`) and, when it
+/// failed, the `org.vmha.Vmha1.Error` class of its error (`error_class`, e.g. `GuestRefused`).
+pub fn scale_details(summary: &vmha_ops::group::ScaleSummary, class: Option<&str>) -> String {
+    let mut v = serde_json::to_value(summary).unwrap_or_default();
+    if let (Some(class), Some(map)) = (class, v.as_object_mut()) {
+        map.insert("error_class".into(), class.into());
+    }
+    v.to_string()
 }

@@ -13,7 +13,7 @@ use zbus::{interface, Connection};
 use crate::api::{host_path, vm_path, Error};
 use crate::auth::authorize_change;
 use crate::guest::GuestError;
-use crate::jobs::{self, Job, Operation, VmOp};
+use crate::jobs::{self, DcJob, Job, Operation, VmOp};
 use crate::state::{Shared, Snapshot};
 
 /// What vmhad's methods return: a typed error (`org.vmha.Vmha1.Error.*`) on failure.
@@ -59,6 +59,7 @@ pub(crate) fn op_error(e: vmha_ops::OpError) -> Error {
         E::Invalid(_) => Error::InvalidArgument(m),
         E::UnknownVm(_) => Error::UnknownVm(m),
         E::UnknownHost(_) => Error::UnknownHost(m),
+        E::UnknownGroup(_) => Error::UnknownGroup(m),
         E::NotReady => Error::NotReady(m),
         E::NotQuorate => Error::NotQuorate(m),
         E::Conflict(_) => Error::Conflict(m),
@@ -120,6 +121,27 @@ fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> Result<Option<vmha_vcluster
 #[derive(Debug)]
 pub struct ClusterObject {
     pub shared: Arc<Shared>,
+}
+
+impl ClusterObject {
+    /// Runs a job that the DC's vmhad drives (which checks the request itself), so that the next DC
+    /// takes over a job whose host died: relayed there, or run here when this is the DC or the DC has no
+    /// vmhad to reach.
+    async fn on_dc(&self, conn: &Connection, spec: DcJob) -> Result<OwnedObjectPath> {
+        if let Some(dc) = crate::relay::job_host(&self.shared) {
+            return crate::relay::job_via_dc(conn, &self.shared, &dc, spec).await;
+        }
+        let dc = self.shared.snapshot().dc().map(str::to_string);
+        if dc.as_deref() != Some(self.shared.local_host.as_str()) {
+            tracing::warn!(
+                ?dc,
+                kind = spec.kind(),
+                "running a job here: the DC's vmhad cannot be reached (no DC, no vmhad there, or the relay is down)"
+            );
+        }
+        let op = spec.check(&self.shared).await.map_err(op_error)?;
+        Ok(Job::start(conn, &self.shared, op).await?)
+    }
 }
 
 #[interface(name = "org.vmha.Vmha1.Cluster")]
@@ -250,21 +272,41 @@ impl ClusterObject {
             count,
             force,
         };
-        // Clone jobs are driven by the DC's vmhad (which checks the request itself), so that the next DC
-        // takes over a clone whose host died; this one runs it only when the DC has no vmhad to reach.
-        if let Some(dc) = crate::relay::job_host(&self.shared) {
-            return crate::relay::clone_via_dc(conn, &self.shared, &dc, spec).await;
+        self.on_dc(conn, DcJob::Clone(spec)).await
+    }
+
+    /// Brings the elastic group `group` of the stored placement policy to `size` members (see `vmha group
+    /// scale`): grows by live clones of its template (without `force` its guest is asked to prepare
+    /// first), shrinks by asking the newest members' guests to drain (each has `drain_timeout_ms`; a
+    /// refusal stops the shrink there) and destroying them. Checked before anything changes (the size
+    /// within the group's min and max); run as a journaled job by the DC's vmhad. Returns the job; its
+    /// Details are the summary (JSON: group, from, asked, size, steps, error, and error_class when it
+    /// failed).
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
+    async fn scale_group(
+        &self,
+        group: String,
+        size: u32,
+        force: bool,
+        drain_timeout_ms: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath> {
+        authorize_change(conn, &header, &format!("scale group {group}")).await?;
+        let max = crate::guest::MAX_REQUEST_MS;
+        if !(1..=max).contains(&drain_timeout_ms) {
+            return Err(Error::InvalidArgument(format!(
+                "the drain timeout must be 1..={max} ms"
+            )));
         }
-        let dc = self.shared.snapshot().dc().map(str::to_string);
-        if dc.as_deref() != Some(self.shared.local_host.as_str()) {
-            tracing::warn!(
-                ?dc,
-                "running a clone job here: the DC's vmhad cannot be reached (no DC, no vmhad there, or the relay is down)"
-            );
-        }
-        let ports = self.shared.ports().map_err(|e| Error::NotReady(e.to_string()))?;
-        let plan = vmha_ops::clone::check(ports, &spec).await.map_err(op_error)?;
-        Ok(Job::start(conn, &self.shared, Operation::Clone(Box::new(plan))).await?)
+        ready(&self.shared)?;
+        let spec = vmha_ops::group::ScaleSpec {
+            group,
+            size,
+            force,
+            drain_ms: drain_timeout_ms,
+        };
+        self.on_dc(conn, DcJob::Scale(spec)).await
     }
 
     /// Captures the virtual cluster `name` (see `vmha vcluster capture`) into `archive`, a file the

@@ -4,8 +4,8 @@
 //! asks the guest and multicasts the result back. Every call has a deadline; a request nobody answers
 //! fails when its deadline passes.
 //!
-//! Clone jobs are driven by the vmhad on the DC's host: a vmhad asked for a clone elsewhere relays the
-//! request there ([`clone_via_dc`]), the DC's vmhad checks and runs it as its own job (journaled on its
+//! Clone and group scale jobs are driven by the vmhad on the DC's host: a vmhad asked for one elsewhere
+//! relays the request there ([`job_via_dc`]), the DC's vmhad checks and runs it as its own job (journaled on its
 //! host, taken over by the next DC if that host dies) and mirrors the job's progress and result back to a
 //! local job the caller follows.
 //!
@@ -28,12 +28,13 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use vmha_corosync::{Cmap, Cpg, CpgEvent, DEFAULT_DEADLINE};
 use vmha_ops::clone::CloneSpec;
+use vmha_ops::group::ScaleSpec;
 use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
 use crate::envelope::{CpgSender, DropLog, Gate, Key, Pending, Refusal, Sealer, SESSION_LEN};
 use crate::guest::GuestError;
-use crate::jobs::{Job, Operation};
+use crate::jobs::{DcJob, Job};
 use crate::state::Shared;
 
 /// CPG group of the relay (separate from vmhad's membership group so neither disturbs the other).
@@ -72,8 +73,17 @@ enum Msg {
     },
     /// Run this clone (a [`CloneSpec`]) as a job on `host` (the DC's).
     CloneStart { id: u64, host: String, spec: CloneSpec },
-    /// The DC's vmhad took the clone job (`error`: it refused it, with why).
-    JobAccepted { id: u64, to: u32, error: Option<String> },
+    /// Run this group scale (a [`ScaleSpec`]) as a job on `host` (the DC's).
+    ScaleStart { id: u64, host: String, spec: ScaleSpec },
+    /// The DC's vmhad took the job (`error`: it refused it, with why; `class`: the refusal's
+    /// `org.vmha.Vmha1.Error` class, absent from a vmhad that sends none).
+    JobAccepted {
+        id: u64,
+        to: u32,
+        error: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        class: Option<String>,
+    },
     /// Progress of a mirrored job.
     JobUpdate {
         id: u64,
@@ -81,21 +91,25 @@ enum Msg {
         fraction: Option<f64>,
         message: String,
     },
-    /// A mirrored job ended.
+    /// A mirrored job ended (`details`: what it left for its caller, JSON, when it left anything).
     JobDone {
         id: u64,
         to: u32,
         ok: bool,
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        details: Option<String>,
     },
 }
 
 /// What the vmhad that relayed a job hears of it.
 #[derive(Debug)]
 enum JobEvent {
-    Accepted(Option<String>),
+    /// Refused when `Some(error)`, with the refusal's class.
+    Accepted(Option<String>, Option<String>),
     Update(Option<f64>, String),
-    Done(bool, String),
+    /// Success, message, details.
+    Done(bool, String, Option<String>),
 }
 
 /// Where a job's progress is mirrored to: the relayed request `id` of the vmhad with node id `to`.
@@ -182,7 +196,7 @@ fn dropped(sender: CpgSender, refusal: &Refusal) {
     }
 }
 
-/// The host whose vmhad drives clone jobs: the DC's, when it is not this host and runs vmhad and the
+/// The host whose vmhad drives clone and scale jobs: the DC's, when it is not this host and runs vmhad and the
 /// relay is up (otherwise this vmhad runs the job itself).
 pub fn job_host(shared: &Shared) -> Option<String> {
     let snap = shared.snapshot();
@@ -191,13 +205,14 @@ pub fn job_host(shared: &Shared) -> Option<String> {
     (dc != shared.local_host && runs_vmhad && link().is_some()).then_some(dc)
 }
 
-/// Relays a clone request to the vmhad on `dc`, which checks it and runs it as its own job; returns a
-/// local job mirroring that one (progress, result). The DC's refusal is the call's error.
-pub async fn clone_via_dc(
+/// Relays a job request to the vmhad on `dc`, which checks it and runs it as its own job; returns a
+/// local job mirroring that one (progress, result, details). The DC's refusal is the call's error, with
+/// the class the DC gave it.
+pub async fn job_via_dc(
     conn: &Connection,
     shared: &Arc<Shared>,
     dc: &str,
-    spec: CloneSpec,
+    spec: DcJob,
 ) -> Result<OwnedObjectPath, vmha_api::Error> {
     let Some(link) = link() else {
         return Err(vmha_api::Error::Failed(
@@ -211,35 +226,28 @@ pub async fn clone_via_dc(
     let forget = move || {
         relay().jobs.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     };
-    let target = format!(
-        "{} -> {}",
-        spec.template,
-        spec.name.clone().unwrap_or_else(|| format!("{}-clone", spec.template))
-    );
-    send(
-        &link,
-        &Msg::CloneStart {
-            id,
-            host: dc.to_string(),
-            spec,
-        },
-    )
-    .await;
+    let (kind, target, when_lost) = (spec.kind(), spec.target(), spec.when_lost());
+    let host = dc.to_string();
+    let msg = match spec {
+        DcJob::Clone(spec) => Msg::CloneStart { id, host, spec },
+        DcJob::Scale(spec) => Msg::ScaleStart { id, host, spec },
+    };
+    send(&link, &msg).await;
     match tokio::time::timeout(ACCEPT_DEADLINE, rx.recv()).await {
-        Ok(Some(JobEvent::Accepted(None))) => {}
-        Ok(Some(JobEvent::Accepted(Some(error)))) => {
+        Ok(Some(JobEvent::Accepted(None, _))) => {}
+        Ok(Some(JobEvent::Accepted(Some(error), class))) => {
             forget();
-            return Err(vmha_api::Error::InvalidArgument(error));
+            return Err(api_error(class.as_deref(), error));
         }
         _ => {
             forget();
             return Err(vmha_api::Error::Failed(format!(
-                "vmhad on {dc} (the DC, which runs clone jobs) did not take the job within {} s",
+                "vmhad on {dc} (the DC, which runs {kind} jobs) did not take the job within {} s",
                 ACCEPT_DEADLINE.as_secs()
             )));
         }
     }
-    let job = Job::create(conn, shared, "clone", target)
+    let job = Job::create(conn, shared, kind, target)
         .await
         .inspect_err(|_| forget())?;
     let path = job.path().to_string();
@@ -261,12 +269,18 @@ pub async fn clone_via_dc(
                     Some(JobEvent::Done(
                         false,
                         format!("no word of the job for {} s", MIRROR_SILENCE.as_secs()),
+                        None,
                     ))
                 }) {
                     Some(JobEvent::Update(fraction, message)) => job.report(fraction, &message).await,
-                    Some(JobEvent::Done(true, message)) => break Ok(format!("run by vmhad on {dc}, the DC: {message}")),
-                    Some(JobEvent::Done(false, message)) => break Err(format!("run by vmhad on {dc}, the DC: {message}")),
-                    Some(JobEvent::Accepted(_)) => {}
+                    Some(JobEvent::Done(ok, message, details)) => {
+                        if let Some(details) = details {
+                            job.set_details(details);
+                        }
+                        let message = format!("run by vmhad on {dc}, the DC: {message}");
+                        break if ok { Ok(message) } else { Err(message) };
+                    }
+                    Some(JobEvent::Accepted(..)) => {}
                     None => break Err("the relay stopped".to_string()),
                 },
                 changed = watch.changed() => {
@@ -275,8 +289,7 @@ pub async fn clone_via_dc(
                     }
                     if gone(&shared) {
                         break Err(format!(
-                            "vmhad on {dc}, which ran the clone, went away midway; its restart or the next DC's \
-                             vmhad rolls the clone back"
+                            "vmhad on {dc}, which ran the {kind} job, went away midway; {when_lost}"
                         ));
                     }
                 }
@@ -286,6 +299,12 @@ pub async fn clone_via_dc(
         job.finish(result).await;
     });
     OwnedObjectPath::try_from(path).map_err(vmha_api::Error::failed)
+}
+
+/// The error a DC's refusal of class `class` (an `org.vmha.Vmha1.Error` name; none from a vmhad that
+/// sends none: InvalidArgument, as such a vmhad's refusals were) is to the caller.
+fn api_error(class: Option<&str>, message: String) -> vmha_api::Error {
+    vmha_api::Error::from_class(class.unwrap_or("InvalidArgument"), message)
 }
 
 /// Mirrors a job's progress to the vmhad that relayed it.
@@ -301,52 +320,47 @@ pub async fn mirror_update(m: Mirror, fraction: Option<f64>, message: &str) {
     }
 }
 
-/// Mirrors a job's end to the vmhad that relayed it.
-pub async fn mirror_done(m: Mirror, ok: bool, message: &str) {
+/// Mirrors a job's end (and its details, JSON, when it left any) to the vmhad that relayed it.
+pub async fn mirror_done(m: Mirror, ok: bool, message: &str, details: String) {
     if let Some(link) = link() {
         let msg = Msg::JobDone {
             id: m.id,
             to: m.to,
             ok,
             message: message.to_string(),
+            details: (!details.is_empty()).then_some(details),
         };
         send(&link, &msg).await;
     }
 }
 
-/// On the DC: checks and starts a relayed clone job, telling the requester whether it took it.
-async fn start_relayed_clone(conn: Connection, shared: Arc<Shared>, link: Link, id: u64, from: u32, spec: CloneSpec) {
-    let checked = match shared.ports() {
-        Ok(ports) => vmha_ops::clone::check(ports, &spec).await.map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
-    let plan = match checked {
-        Ok(plan) => plan,
+/// On the DC: checks and starts a relayed job, telling the requester whether it took it (and if not, why,
+/// with the error's class).
+async fn start_relayed(conn: Connection, shared: Arc<Shared>, link: Link, id: u64, from: u32, spec: DcJob) {
+    let op = match spec.check(&shared).await {
+        Ok(op) => op,
         Err(e) => {
-            send(
-                &link,
-                &Msg::JobAccepted {
-                    id,
-                    to: from,
-                    error: Some(e),
-                },
-            )
-            .await;
+            let e = crate::objects::op_error(e);
+            let refusal = Msg::JobAccepted {
+                id,
+                to: from,
+                error: Some(e.message()),
+                class: Some(e.short_name()),
+            };
+            send(&link, &refusal).await;
             return;
         }
     };
-    send(
-        &link,
-        &Msg::JobAccepted {
-            id,
-            to: from,
-            error: None,
-        },
-    )
-    .await;
+    let accepted = Msg::JobAccepted {
+        id,
+        to: from,
+        error: None,
+        class: None,
+    };
+    send(&link, &accepted).await;
     let mirror = Mirror { id, to: from };
-    if let Err(e) = Job::start_mirrored(&conn, &shared, Operation::Clone(Box::new(plan)), Some(mirror)).await {
-        mirror_done(mirror, false, &format!("cannot start the job: {e}")).await;
+    if let Err(e) = Job::start_mirrored(&conn, &shared, op, Some(mirror)).await {
+        mirror_done(mirror, false, &format!("cannot start the job: {e}"), String::new()).await;
     }
 }
 
@@ -585,21 +599,15 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut
                 }
             }
             Msg::CloneStart { id, host, spec } if host == shared.local_host => {
-                tracing::info!(
-                    template = %spec.template,
-                    "relay: running a clone job asked for by node {nodeid} (vmhad on {from_host})"
-                );
-                tokio::spawn(start_relayed_clone(
-                    conn.clone(),
-                    Arc::clone(shared),
-                    link.clone(),
-                    id,
-                    nodeid,
-                    spec,
-                ));
+                let spec = DcJob::Clone(spec);
+                relayed_job(conn, shared, &link, id, nodeid, &from_host, spec);
             }
-            Msg::JobAccepted { id, to, error } if to == me => {
-                job_event(sender, &from_host, id, JobEvent::Accepted(error))
+            Msg::ScaleStart { id, host, spec } if host == shared.local_host => {
+                let spec = DcJob::Scale(spec);
+                relayed_job(conn, shared, &link, id, nodeid, &from_host, spec);
+            }
+            Msg::JobAccepted { id, to, error, class } if to == me => {
+                job_event(sender, &from_host, id, JobEvent::Accepted(error, class))
             }
             Msg::JobUpdate {
                 id,
@@ -607,12 +615,35 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut
                 fraction,
                 message,
             } if to == me => job_event(sender, &from_host, id, JobEvent::Update(fraction, message)),
-            Msg::JobDone { id, to, ok, message } if to == me => {
-                job_event(sender, &from_host, id, JobEvent::Done(ok, message))
-            }
+            Msg::JobDone {
+                id,
+                to,
+                ok,
+                message,
+                details,
+            } if to == me => job_event(sender, &from_host, id, JobEvent::Done(ok, message, details)),
             _ => {}
         }
     }
+}
+
+/// Starts a job relayed here by node `nodeid` (vmhad on `from_host`).
+fn relayed_job(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    link: &Link,
+    id: u64,
+    nodeid: u32,
+    from_host: &str,
+    spec: DcJob,
+) {
+    tracing::info!(
+        target = %spec.target(),
+        "relay: running a {} job asked for by node {nodeid} (vmhad on {from_host})",
+        spec.kind()
+    );
+    let (conn, shared, link) = (conn.clone(), Arc::clone(shared), link.clone());
+    tokio::spawn(start_relayed(conn, shared, link, id, nodeid, spec));
 }
 
 /// Hands a job event to the mirror waiting for `id`, when it comes from the host the job went to.
@@ -626,5 +657,88 @@ fn job_event(sender: CpgSender, from_host: &str, id: u64, event: JobEvent) {
             drop(jobs);
             dropped(sender, &refusal);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_requests_travel_as_their_own_kind() {
+        let spec = ScaleSpec {
+            group: "web".into(),
+            size: 3,
+            force: false,
+            drain_ms: 30_000,
+        };
+        let msg = Msg::ScaleStart {
+            id: 7,
+            host: "node1".into(),
+            spec: spec.clone(),
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert!(
+            json.starts_with(r#"{"t":"scale-start","id":7,"host":"node1""#),
+            "{json}"
+        );
+        match serde_json::from_str::<Msg>(&json).unwrap() {
+            Msg::ScaleStart {
+                id: 7,
+                host,
+                spec: back,
+            } => {
+                assert_eq!(host, "node1");
+                assert_eq!(back, spec);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn job_ends_carry_details_and_refusals_their_class_and_older_messages_still_parse() {
+        let done = Msg::JobDone {
+            id: 1,
+            to: 2,
+            ok: false,
+            message: "m".into(),
+            details: Some(r#"{"group":"web"}"#.into()),
+        };
+        let json = serde_json::to_string(&done).unwrap();
+        assert!(matches!(
+            serde_json::from_str::<Msg>(&json).unwrap(),
+            Msg::JobDone { details: Some(d), .. } if d == r#"{"group":"web"}"#
+        ));
+        // As a vmhad without details or classes sends them.
+        let old = r#"{"t":"job-done","id":1,"to":2,"ok":true,"message":"m"}"#;
+        assert!(matches!(
+            serde_json::from_str::<Msg>(old).unwrap(),
+            Msg::JobDone {
+                details: None,
+                ok: true,
+                ..
+            }
+        ));
+        let old = r#"{"t":"job-accepted","id":1,"to":2,"error":"no"}"#;
+        let Msg::JobAccepted { error, class, .. } = serde_json::from_str::<Msg>(old).unwrap() else {
+            panic!("job-accepted")
+        };
+        assert_eq!(class, None);
+        assert_eq!(
+            api_error(class.as_deref(), error.unwrap()).short_name(),
+            "InvalidArgument"
+        );
+        assert_eq!(api_error(Some("UnknownGroup"), "m".into()).short_name(), "UnknownGroup");
+        // Without details and class, nothing extra goes on the wire.
+        let bare = Msg::JobAccepted {
+            id: 1,
+            to: 2,
+            error: None,
+            class: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap(),
+            r#"{"t":"job-accepted","id":1,"to":2,"error":null}"#
+        );
     }
 }

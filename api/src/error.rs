@@ -63,6 +63,27 @@ impl Error {
         "Failed",
     ];
 
+    /// The error of class `name` (one of [`Error::NAMES`], e.g. `UnknownGroup`) with `message`; an
+    /// unknown class is [`Error::Failed`]. For errors that travel by their class name (a relayed
+    /// refusal, a job's details).
+    pub fn from_class(name: &str, message: String) -> Error {
+        match name {
+            "UnknownVm" => Error::UnknownVm(message),
+            "UnknownHost" => Error::UnknownHost(message),
+            "UnknownGroup" => Error::UnknownGroup(message),
+            "NotQuorate" => Error::NotQuorate(message),
+            "NotReady" => Error::NotReady(message),
+            "AccessDenied" => Error::AccessDenied(message),
+            "InvalidArgument" => Error::InvalidArgument(message),
+            "Conflict" => Error::Conflict(message),
+            "GuestRefused" => Error::GuestRefused(message),
+            "GuestUnreachable" => Error::GuestUnreachable(message),
+            "Libvirt" => Error::Libvirt(message),
+            "Cib" => Error::Cib(message),
+            _ => Error::Failed(message),
+        }
+    }
+
     /// [`Error::Failed`] from anything printable.
     pub fn failed(e: impl std::fmt::Display) -> Error {
         Error::Failed(e.to_string())
@@ -185,6 +206,15 @@ mod tests {
             Error::from(zbus::fdo::Error::InvalidArgs("bad".into())),
             Error::InvalidArgument(m) if m == "bad"
         ));
+    }
+
+    #[test]
+    fn errors_travel_by_their_class_name() {
+        for name in Error::NAMES {
+            let e = Error::from_class(name, "m".into());
+            assert_eq!((e.short_name().as_str(), e.message().as_str()), (name, "m"));
+        }
+        assert!(matches!(Error::from_class("Nonsense", "m".into()), Error::Failed(_)));
     }
 
     #[test]

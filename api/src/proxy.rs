@@ -61,6 +61,17 @@ pub trait Cluster {
         force: bool,
     ) -> Result<OwnedObjectPath, Error>;
 
+    fn scale_group(&self, group: &str, size: u32, force: bool, drain_timeout_ms: u32)
+        -> Result<OwnedObjectPath, Error>;
+    #[zbus(name = "ScaleGroup", allow_interactive_auth)]
+    fn scale_group_interactive(
+        &self,
+        group: &str,
+        size: u32,
+        force: bool,
+        drain_timeout_ms: u32,
+    ) -> Result<OwnedObjectPath, Error>;
+
     #[allow(clippy::too_many_arguments)]
     fn capture_vcluster(
         &self,

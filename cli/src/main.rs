@@ -227,7 +227,9 @@ enum GroupCmd {
     /// It grows by live clones of its template,
     /// one at a time, each on a host that keeps the group's anti-affinity; it shrinks by asking the
     /// newest members' guests to drain (a refusal stops the shrink there) and destroying them. The
-    /// policy follows every step (new members join with the template's settings).
+    /// policy follows every step (new members join with the template's settings). The DC's vmhad runs it
+    /// as one journaled job (D-Bus ScaleGroup): if that vmhad or its host stops midway, its restart or
+    /// the next DC completes the member it was adding or removing.
     Scale {
         name: String,
         size: u32,
@@ -705,120 +707,85 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `vmha group scale`: see [`GroupCmd::Scale`]. Each step is one vmhad job (a live clone, a destroy) or
-/// one guest request, and the policy is stored and applied after each, so an interruption leaves a
-/// consistent group of the size reached so far.
+/// `vmha group scale`: see [`GroupCmd::Scale`]. The DC's vmhad runs it as one journaled job
+/// (Cluster.ScaleGroup); this follows the job and prints its summary.
 async fn group_scale(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<ExitCode> {
-    let (summary, outcome) = scale_group(client, name, size, force, drain_ms).await?;
+    let scaled = scale_group(client, name, size, force, drain_ms).await?;
     if client.output == Output::Json {
-        println!("{summary}");
+        println!("{}", scaled.summary);
     }
-    let now = &summary["size"];
-    match outcome {
-        Ok(()) => {
+    match scaled.failure() {
+        None => {
             if client.output == Output::Human {
-                if summary["steps"].as_array().is_none_or(|s| s.is_empty()) {
-                    println!("group {name} has {now} members already");
-                } else {
-                    println!("group {name}: {} -> {now} members", summary["from"]);
-                }
+                println!("{}", scaled.text());
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(e) if client.output == Output::Human => {
-            bail!("group {name}: {e:#} (the group has {now} members; asked for {size})")
-        }
-        Err(_) => Ok(ExitCode::FAILURE),
+        Some(class) if client.output == Output::Human => Err(anyhow::Error::new(class)),
+        Some(class) => Ok(ExitCode::from(exit_code(&class))),
     }
 }
 
-/// Scales group `name` to `size`: a JSON summary (from, asked, size, steps, error) and the outcome.
-async fn scale_group(
-    client: &Client,
-    name: &str,
-    size: u32,
-    force: bool,
-    drain_ms: u32,
-) -> Result<(Value, Result<()>)> {
-    use vmha_agent::placement::{load, reread, store_and_apply};
-    let (cib, xml, policy) = load(vmha_pacemaker::Access::ReadWrite).await?;
-    let g = group::elastic(&policy, name)?;
-    let view = vmha_model::ClusterView::from_cib(&xml)?;
-    let plan = group::scale_plan(&g, size, |n| {
-        view.vm(n).is_some() || xml.contains(&format!("id=\"{n}\""))
-    })?;
-    let from = g.members.len();
-    let mut done: Vec<Value> = Vec::new();
-    // Where this run put its clones: Pacemaker's status may not show a clone just registered yet, and the
-    // next clone's host must keep the group apart from it all the same.
-    let mut placed: BTreeMap<String, String> = BTreeMap::new();
-    let outcome: Result<()> = async {
-        for member in &plan.add {
-            let xml = reread(&cib).await?;
-            let view = vmha_model::ClusterView::from_cib(&xml)?;
-            let policy = vmha_agent::placement::stored(&xml)?;
-            let mut running = group::running(&view);
-            for (vm, host) in &placed {
-                running.entry(vm.clone()).or_insert_with(|| host.clone());
-            }
-            let host = group::choose_host(&policy, name, &group::candidate_hosts(&view), &running)?;
-            eprintln!("group {name}: cloning {} as {member} on {host}", g.template);
-            let cluster = client.cluster().await?;
-            let (_, ok, message) = client
-                .job_result(change!(
-                    client,
-                    "CloneVm",
-                    cluster,
-                    clone_vm / clone_vm_interactive(&g.template, member, &host, 1, force)
-                ))
-                .await?;
-            if !ok {
-                bail!("adding {member}: {message}");
-            }
-            store_and_apply(&cib, &group::with_member(&policy, name, member))
-                .await
-                .with_context(|| format!("{member} was cloned but could not join group {name} in the policy"))?;
-            placed.insert(member.clone(), host.clone());
-            done.push(json!({"added": member, "host": host}));
+/// A finished scale job: its summary (`group`, `from`, `asked`, `size`, `steps`, `error`), whether it
+/// succeeded, its message and the class of its error.
+struct Scaled {
+    summary: Value,
+    ok: bool,
+    message: String,
+    class: Option<String>,
+}
+
+impl Scaled {
+    /// What happened, for people: the summary's own words (the job's message when it left no summary).
+    fn text(&self) -> String {
+        match serde_json::from_value::<vmha_ops::group::ScaleSummary>(self.summary.clone()) {
+            Ok(summary) => summary.message(),
+            Err(_) => self.message.clone(),
         }
-        for member in &plan.remove {
-            eprintln!("group {name}: asking {member}'s guest to drain");
-            let data = json!({"group": name, "size": size}).to_string();
-            let (result, reason) = client.guest_result(member, "drain", &data, drain_ms).await?;
-            if result != "done" {
-                bail!(
-                    "{member}'s guest answered drain with {result}: {}; it stays in the group",
-                    printable(&reason)
-                );
-            }
-            let xml = reread(&cib).await?;
-            let policy = vmha_agent::placement::stored(&xml)?;
-            store_and_apply(&cib, &group::without_member(&policy, name, member))
-                .await
-                .with_context(|| format!("taking {member} out of group {name}"))?;
-            eprintln!("group {name}: destroying {member}");
-            let vm = client.vm(member).await?;
-            let (_, ok, message) = client
-                .job_result(change!(client, "Destroy", vm, destroy / destroy_interactive()))
-                .await?;
-            if !ok {
-                bail!(
-                    "{member} drained and left group {name} but was not destroyed: {message} \
-                     (vmha vm remove --destroy {member})"
-                );
-            }
-            done.push(json!({"removed": member}));
-        }
-        Ok(())
     }
-    .await;
-    let xml = reread(&cib).await?;
-    let now = vmha_model::policy::Policy::from_cib(&xml)?
-        .and_then(|p| group::elastic(&p, name).ok())
-        .map_or(0, |g| g.members.len());
-    let summary = json!({"group": name, "from": from, "asked": size, "size": now, "steps": done,
-        "error": outcome.as_ref().err().map(|e| format!("{e:#}"))});
-    Ok((summary, outcome))
+
+    /// The job's failure as vmhad's error of its class (message: [`Scaled::text`]), `None` when it
+    /// succeeded.
+    fn failure(&self) -> Option<vmha_api::Error> {
+        if self.ok {
+            return None;
+        }
+        let m = printable(&self.text());
+        Some(vmha_api::Error::from_class(
+            self.class.as_deref().unwrap_or("Failed"),
+            m,
+        ))
+    }
+}
+
+/// Scales group `name` to `size` through vmhad (Cluster.ScaleGroup) and follows the job (its progress on
+/// stderr). A refusal before anything changed is the error, with its class.
+async fn scale_group(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<Scaled> {
+    // Each new member is a live clone, each leaving one a drain: room beyond the usual limit.
+    let client = client.with_room(3600);
+    let cluster = client.cluster().await?;
+    let (job, ok, message) = client
+        .job_result(change!(
+            client,
+            "ScaleGroup",
+            cluster,
+            scale_group / scale_group_interactive(name, size, force, drain_ms)
+        ))
+        .await?;
+    let mut summary = client.job_details(&job).await.unwrap_or(Value::Null);
+    let class = summary
+        .as_object_mut()
+        .and_then(|m| m.remove("error_class"))
+        .and_then(|c| c.as_str().map(str::to_string));
+    if summary.is_null() {
+        summary = json!({"group": name, "asked": size, "error": (!ok).then_some(&message)});
+    }
+    Ok(Scaled {
+        summary,
+        ok,
+        message,
+        class,
+    })
 }
 
 struct AutoscaleHow {
@@ -897,15 +864,15 @@ async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) 
         }
         let mut entry = json!({"group": name, "size": size, "load": average, "loads": loads, "target": target});
         if let (Some(t), false) = (target, how.dry_run) {
-            let (summary, outcome) = scale_group(client, name, t, false, how.drain_ms).await?;
+            let scaled = scale_group(client, name, t, false, how.drain_ms).await?;
             if client.output == Output::Human {
-                match &outcome {
-                    Ok(()) => println!("group {name}: {size} -> {} members", summary["size"]),
-                    Err(e) => eprintln!("vmha: group {name}: {e:#} (the group has {} members)", summary["size"]),
+                match scaled.failure() {
+                    None => println!("{}", scaled.text()),
+                    Some(e) => eprintln!("vmha: {}", e.message()),
                 }
             }
-            failed |= outcome.is_err();
-            entry["scale"] = summary;
+            failed |= !scaled.ok;
+            entry["scale"] = scaled.summary;
         }
         report.push(entry);
     }
@@ -1747,6 +1714,45 @@ mod tests {
             );
         }
         assert_eq!(exit_code(&E::Failed("x".into())), 1);
+    }
+
+    #[test]
+    fn a_scale_job_reads_as_its_summary_and_fails_with_its_error_class() {
+        let summary = json!({"group": "web", "from": 3, "asked": 2, "size": 3, "steps": [],
+            "error": "web-2's guest refused to drain: sessions still open; it stays in the group"});
+        let refused = Scaled {
+            summary: summary.clone(),
+            ok: false,
+            message: "run by vmhad on node2, the DC: ...".into(),
+            class: Some("GuestRefused".into()),
+        };
+        let e = refused.failure().unwrap();
+        assert_eq!(exit_code(&e), 11);
+        assert_eq!(
+            one_line(&anyhow::Error::new(e)),
+            "group web: web-2's guest refused to drain: sessions still open; it stays in the group \
+             (the group has 3 members; asked for 2)"
+        );
+        // From a vmhad that gives no class: a plain failure.
+        let unclassed = Scaled { class: None, ..refused };
+        assert_eq!(exit_code(&unclassed.failure().unwrap()), 1);
+        let grown = Scaled {
+            summary: json!({"group": "web", "from": 1, "asked": 3, "size": 3, "error": null,
+                "steps": [{"added": "web-1", "host": "h2"}, {"added": "web-2", "host": "h3"}]}),
+            ok: true,
+            message: String::new(),
+            class: None,
+        };
+        assert!(grown.failure().is_none());
+        assert_eq!(grown.text(), "group web: 1 -> 3 members");
+        // No summary (the job's object went away): the job's message.
+        let bare = Scaled {
+            summary: json!({"group": "web", "asked": 3, "error": "lost"}),
+            ok: false,
+            message: "vmhad is stopping".into(),
+            class: None,
+        };
+        assert_eq!(bare.text(), "vmhad is stopping");
     }
 
     #[test]

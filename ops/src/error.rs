@@ -13,6 +13,9 @@ pub enum OpError {
     UnknownVm(String),
     #[error("unknown host {0}")]
     UnknownHost(String),
+    /// No group of that name in the stored policy (the message says which groups there are).
+    #[error("{0}")]
+    UnknownGroup(String),
     /// vmhad does not know the cluster's state yet (still connecting, or the CIB is unreachable).
     #[error("vmhad cannot read the CIB right now")]
     NotReady,

@@ -63,7 +63,7 @@ pub struct ScaleJournal {
 }
 
 /// What a scale job did: JSON for its caller (`group`, `from`, `asked`, `size`, `steps`, `error`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScaleSummary {
     pub group: String,
     pub from: usize,
@@ -73,6 +73,20 @@ pub struct ScaleSummary {
     pub error: Option<String>,
 }
 
+impl ScaleSummary {
+    /// The job's result for people: how the group changed, or why it stopped and where it stands.
+    pub fn message(&self) -> String {
+        match &self.error {
+            None if self.steps.is_empty() => format!("group {} has {} members already", self.group, self.size),
+            None => format!("group {}: {} -> {} members", self.group, self.from, self.size),
+            Some(e) => format!(
+                "group {}: {e} (the group has {} members; asked for {})",
+                self.group, self.size, self.asked
+            ),
+        }
+    }
+}
+
 fn stored(cib: &str) -> Result<Policy, OpError> {
     Policy::from_cib(cib)
         .map_err(|e| OpError::data("the stored policy", e))?
@@ -80,7 +94,14 @@ fn stored(cib: &str) -> Result<Policy, OpError> {
 }
 
 fn elastic(p: &Policy, name: &str) -> Result<Elastic, OpError> {
-    group::elastic(p, name).map_err(|e| OpError::Invalid(e.to_string()))
+    let known = p.groups.contains_key(name);
+    group::elastic(p, name).map_err(|e| {
+        if known {
+            OpError::Invalid(e.to_string())
+        } else {
+            OpError::UnknownGroup(e.to_string())
+        }
+    })
 }
 
 /// Checks a scale request (nothing changes).
@@ -457,5 +478,39 @@ pub async fn recover(p: &Ports) {
             tracing::warn!(key = %j.key, "completing an interrupted group scale: {e}");
         }
         drop_journals(p, Some(&j.host), &j.key).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(steps: usize, size: usize, error: Option<&str>) -> ScaleSummary {
+        ScaleSummary {
+            group: "web".into(),
+            from: 1,
+            asked: 3,
+            size,
+            steps: (0..steps).map(|i| json!({"added": format!("web-{i}")})).collect(),
+            error: error.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_summary_says_how_the_group_changed_or_why_it_stopped() {
+        assert_eq!(summary(2, 3, None).message(), "group web: 1 -> 3 members");
+        assert_eq!(summary(0, 1, None).message(), "group web has 1 members already");
+        assert_eq!(
+            summary(1, 2, Some("web-2's guest refused to drain: no")).message(),
+            "group web: web-2's guest refused to drain: no (the group has 2 members; asked for 3)"
+        );
+        let json = serde_json::to_value(summary(1, 2, None)).unwrap();
+        let mut keys: Vec<&String> = json.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["asked", "error", "from", "group", "size", "steps"]);
+        assert_eq!(
+            serde_json::from_value::<ScaleSummary>(json).unwrap(),
+            summary(1, 2, None)
+        );
     }
 }

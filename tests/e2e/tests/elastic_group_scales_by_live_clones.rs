@@ -1,7 +1,8 @@
 //! Elastic VM groups (`vmha group scale`): a group of the placement policy with a template and min/max
 //! grows by live clones of its running template, each on a host that keeps the group apart, and shrinks
 //! by asking its newest member's guest to drain and destroying it; a guest that refuses to drain keeps
-//! its member; sizes outside min/max are refused with nothing changed.
+//! its member; sizes outside min/max are refused with nothing changed. Scaling is a job of the DC's vmhad
+//! (D-Bus ScaleGroup): asked on another host, it is relayed there and followed from where it was asked.
 
 use std::path::Path;
 use std::time::Duration;
@@ -83,22 +84,56 @@ fn elastic_group_scales_by_live_clones() {
     lab.exec_ok(1, &["vmha", "policy", "apply"]).unwrap();
     assert_eq!(members(&lab), [(TPL.to_string(), Some(lab.cfg.host_name(a)))]);
 
-    // Out of bounds: refused, nothing changes.
+    // The DC's vmhad runs scale jobs; `other` is a host that is not the DC.
+    let dc = lab.status_from_any().unwrap().dc.unwrap();
+    let d = lab.cfg.host_number(&dc).unwrap();
+    let other = lab.cfg.host_numbers().find(|&n| n != d).unwrap();
+
+    // Out of bounds, or no such group: refused (by the DC's vmhad, with its class), nothing changes.
     let before = cib(&lab);
-    for size in ["4", "0"] {
-        let (code, _, err) = vmha_run(&lab, 1, &["group", "scale", "web", size]);
-        assert_ne!(code, 0, "scale to {size} must fail");
+    for (n, size) in [(other, "4"), (1, "0")] {
+        let (code, _, err) = vmha_run(&lab, n, &["group", "scale", "web", size]);
+        assert_eq!(code, 3, "scale to {size} must be refused as InvalidArgument: {err}");
         assert!(err.contains("outside its bounds (min 1, max 3)"), "{err}");
     }
+    let (code, _, err) = vmha_run(&lab, other, &["group", "scale", "nosuch", "2"]);
+    assert_eq!(code, 7, "an unknown group is UnknownGroup: {err}");
+    assert!(err.contains("no group nosuch"), "{err}");
     let after = cib(&lab);
     let config = |c: &str| c[c.find("<configuration>").unwrap()..c.find("</configuration>").unwrap()].to_string();
     assert_eq!(config(&before), config(&after), "a refused scale changes nothing");
 
-    // Grow by 2: two live clones, each on a host of its own.
-    let (code, out, err) = vmha_run(&lab, 1, &["group", "scale", "web", "3"]);
+    // Grow by 2: two live clones, each on a host of its own. Asked on a host that is not the DC: the DC's
+    // vmhad runs the job and the CLI follows it through its own vmhad.
+    let (code, out, err) = vmha_run(&lab, other, &["group", "scale", "web", "3"]);
     assert_eq!(code, 0, "scale up failed: {err}");
     println!("{}{}", err.trim(), out.trim());
     assert!(out.contains("1 -> 3 members"), "{out}");
+    assert!(
+        err.contains(&format!("running in vmhad on {dc}, the DC")),
+        "the CLI follows the DC's job: {err}"
+    );
+    let dc_log = lab
+        .exec_ok(
+            d,
+            &[
+                "grep",
+                "-c",
+                "running a scale job asked for by node",
+                "/var/log/vmha/vmhad.log",
+            ],
+        )
+        .unwrap_or_default();
+    assert!(
+        dc_log.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "the DC's vmhad took the relayed scale job"
+    );
+    let json = vmha_json(&lab, other, &["group", "scale", "web", "3"]).unwrap();
+    assert_eq!(
+        (json["group"].as_str(), json["from"].as_u64(), json["size"].as_u64()),
+        (Some("web"), Some(3), Some(3)),
+        "the job's summary reaches the host that asked: {json}"
+    );
     let m = members(&lab);
     assert_eq!(names(&m), [TPL, "web-1", "web-2"]);
     let mut hosts: Vec<u8> = Vec::new();
@@ -146,7 +181,7 @@ fn elastic_group_scales_by_live_clones() {
     )
     .unwrap();
     let (code, _, err) = vmha_run(&lab, 1, &["group", "scale", "web", "2"]);
-    assert_ne!(code, 0);
+    assert_eq!(code, 11, "a refused drain is GuestRefused: {err}");
     assert!(
         err.contains("sessions still open"),
         "the guest's reason reaches the caller: {err}"
@@ -195,9 +230,6 @@ fn elastic_group_scales_by_live_clones() {
     for (vm, n) in [(TPL, a), ("web-1", hosts[1])] {
         guest_exec(&lab, n, vm, "/bin/sh", &busy, Duration::from_secs(10)).unwrap();
     }
-    let dc = lab.status_from_any().unwrap().dc.unwrap();
-    let d = lab.cfg.host_number(&dc).unwrap();
-    let other = lab.cfg.host_numbers().find(|&n| n != d).unwrap();
     let (code, out, err) = vmha_run(&lab, other, &["group", "autoscale", "--only-on-dc"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("is not the DC"), "{out}");
