@@ -157,7 +157,9 @@ pub fn machine(storage: &Path) -> Vec<(String, String)> {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_string())
         .unwrap_or_else(|_| "unknown".into());
-    let path = storage.to_string_lossy();
+    // The storage may not exist yet (a lab makes its directory later): its closest existing ancestor.
+    let existing = storage.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let path = existing.to_string_lossy();
     let fs = run("findmnt", &["-n", "-T", &path, "-o", "SOURCE,FSTYPE,TARGET"])
         .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| "unknown".into());
