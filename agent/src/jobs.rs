@@ -189,7 +189,14 @@ pub struct Job {
     path: String,
     info: Arc<Mutex<JobInfo>>,
     /// Where the job's progress and end are also sent.
-    mirror: Option<crate::relay::Mirror>,
+    mirror: Option<Arc<dyn JobMirror>>,
+}
+
+/// Where a job's progress and end also go: the vmhad that relayed the request here (implemented by
+/// [`crate::relay`], so that jobs do not depend on the relay that starts them).
+pub trait JobMirror: Send + Sync + std::fmt::Debug {
+    fn update<'a>(&'a self, fraction: Option<f64>, message: &'a str) -> vmha_ops::ports::BoxFuture<'a, ()>;
+    fn done<'a>(&'a self, ok: bool, message: &'a str, details: String) -> vmha_ops::ports::BoxFuture<'a, ()>;
 }
 
 impl Job {
@@ -204,7 +211,7 @@ impl Job {
         conn: &Connection,
         shared: &Arc<Shared>,
         op: Operation,
-        mirror: Option<crate::relay::Mirror>,
+        mirror: Option<Arc<dyn JobMirror>>,
     ) -> zbus::fdo::Result<OwnedObjectPath> {
         let mut job = Job::create(conn, shared, op.kind(), op.target()).await?;
         job.mirror = mirror;
@@ -307,8 +314,8 @@ impl Job {
     }
 
     async fn update(&self, progress: Option<f64>, state: Option<&str>, message: &str) {
-        if let (Some(m), None) = (self.mirror, state) {
-            crate::relay::mirror_update(m, progress, message).await;
+        if let (Some(m), None) = (&self.mirror, state) {
+            m.update(progress, message).await;
         }
         {
             let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
@@ -353,9 +360,9 @@ impl Job {
             Ok(m) => (true, m),
             Err(m) => (false, m),
         };
-        if let Some(m) = self.mirror {
+        if let Some(m) = &self.mirror {
             let details = self.info.lock().map(|i| i.details.clone()).unwrap_or_default();
-            crate::relay::mirror_done(m, ok, &message, details).await;
+            m.done(ok, &message, details).await;
         }
         tracing::info!(job = %self.path, ok, %message, "job finished");
         self.update(
@@ -418,7 +425,7 @@ async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> (Result<String,
         ),
         Operation::Scale(plan) => {
             let (summary, outcome) = vmha_ops::group::run(ports, job, plan, job.id()).await;
-            let class = outcome.err().map(|e| crate::objects::op_error(e).short_name());
+            let class = outcome.err().map(|e| crate::errors::op_error(e).short_name());
             let message = summary.message();
             let details = scale_details(&summary, class.as_deref());
             (if class.is_none() { Ok(message) } else { Err(message) }, Some(details))

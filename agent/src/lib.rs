@@ -17,6 +17,7 @@ pub mod check;
 pub mod confined;
 pub mod daemon;
 pub mod envelope;
+pub mod errors;
 pub mod failures;
 pub mod guest;
 #[cfg(test)]

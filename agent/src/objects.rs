@@ -12,6 +12,7 @@ use zbus::{interface, Connection};
 
 use crate::api::{host_path, vm_path, Error};
 use crate::auth::authorize_change;
+use crate::errors::op_error;
 use crate::guest::GuestError;
 use crate::jobs::{self, DcJob, Job, Operation, VmOp};
 use crate::state::{Shared, Snapshot};
@@ -51,26 +52,6 @@ fn known_host(snap: &Snapshot, name: &str) -> Result<()> {
 
 /// An operation's error as a D-Bus error, with its message: what is wrong with the request is
 /// `InvalidArgs`, the rest `Failed`.
-/// The D-Bus error class of an operation's error (the message stays the operation's).
-pub(crate) fn op_error(e: vmha_ops::OpError) -> Error {
-    use vmha_ops::OpError as E;
-    let m = e.to_string();
-    match e.cause() {
-        E::Invalid(_) => Error::InvalidArgument(m),
-        E::UnknownVm(_) => Error::UnknownVm(m),
-        E::UnknownHost(_) => Error::UnknownHost(m),
-        E::UnknownGroup(_) => Error::UnknownGroup(m),
-        E::NotReady => Error::NotReady(m),
-        E::NotQuorate => Error::NotQuorate(m),
-        E::Conflict(_) => Error::Conflict(m),
-        E::GuestRefused { .. } => Error::GuestRefused(m),
-        E::GuestUnreachable { .. } => Error::GuestUnreachable(m),
-        E::Hypervisor(_) => Error::Libvirt(m),
-        E::Cib(_) => Error::Cib(m),
-        _ => Error::Failed(m),
-    }
-}
-
 /// An archive passed as a file descriptor: open for writing (`write`) or reading, and not a directory.
 fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> Result<std::fs::File> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};

@@ -334,13 +334,23 @@ pub async fn mirror_done(m: Mirror, ok: bool, message: &str, details: String) {
     }
 }
 
+impl crate::jobs::JobMirror for Mirror {
+    fn update<'a>(&'a self, fraction: Option<f64>, message: &'a str) -> vmha_ops::ports::BoxFuture<'a, ()> {
+        Box::pin(mirror_update(*self, fraction, message))
+    }
+
+    fn done<'a>(&'a self, ok: bool, message: &'a str, details: String) -> vmha_ops::ports::BoxFuture<'a, ()> {
+        Box::pin(mirror_done(*self, ok, message, details))
+    }
+}
+
 /// On the DC: checks and starts a relayed job, telling the requester whether it took it (and if not, why,
 /// with the error's class).
 async fn start_relayed(conn: Connection, shared: Arc<Shared>, link: Link, id: u64, from: u32, spec: DcJob) {
     let op = match spec.check(&shared).await {
         Ok(op) => op,
         Err(e) => {
-            let e = crate::objects::op_error(e);
+            let e = crate::errors::op_error(e);
             let refusal = Msg::JobAccepted {
                 id,
                 to: from,
@@ -359,7 +369,7 @@ async fn start_relayed(conn: Connection, shared: Arc<Shared>, link: Link, id: u6
     };
     send(&link, &accepted).await;
     let mirror = Mirror { id, to: from };
-    if let Err(e) = Job::start_mirrored(&conn, &shared, op, Some(mirror)).await {
+    if let Err(e) = Job::start_mirrored(&conn, &shared, op, Some(Arc::new(mirror))).await {
         mirror_done(mirror, false, &format!("cannot start the job: {e}"), String::new()).await;
     }
 }
