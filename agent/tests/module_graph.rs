@@ -5,35 +5,64 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-/// module -> modules it refers to (test modules left out).
-fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
-    let mut g = BTreeMap::new();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("rs") {
-            continue;
-        }
-        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
-        if name == "lib" {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        let code = text.split("#[cfg(test)]").next().unwrap_or("");
-        let mut deps = BTreeSet::new();
-        for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
-            let mut rest = line;
-            while let Some(i) = rest.find("crate::") {
-                rest = &rest[i + "crate::".len()..];
-                let m: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
-                if !m.is_empty() && m != name {
-                    deps.insert(m);
-                }
+/// The code of a source file outside its unit tests.
+fn code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split("#[cfg(test)]").next().unwrap_or("").to_string()
+}
+
+/// The `crate::<module>` references of `code`, other than to `own`.
+fn references(code: &str, own: &str, deps: &mut BTreeSet<String>) {
+    for line in code.lines().filter(|l| !l.trim_start().starts_with("//")) {
+        let mut rest = line;
+        while let Some(i) = rest.find("crate::") {
+            rest = &rest[i + "crate::".len()..];
+            let m: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            if !m.is_empty() && m != own {
+                deps.insert(m);
             }
         }
-        g.insert(name, deps);
+    }
+}
+
+/// The `.rs` files under `dir` (a module's own files), unit-test files left out.
+fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files(&path, out);
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs")
+            && path.file_stem().and_then(|s| s.to_str()) != Some("tests")
+        {
+            out.push(path);
+        }
+    }
+}
+
+/// module -> modules it refers to (test code left out); a directory module's files count as its own.
+fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+        if name == "lib" || name == "bin" {
+            continue;
+        }
+        let mut own = Vec::new();
+        if path.is_dir() {
+            files(&path, &mut own);
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+            own.push(path.clone());
+        } else {
+            continue;
+        }
+        let deps = g.entry(name.clone()).or_default();
+        for f in own {
+            references(&code(&f), &name, deps);
+        }
     }
     g
 }

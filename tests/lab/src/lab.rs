@@ -431,6 +431,7 @@ impl Lab {
     /// Hard power-off of host N: SIGKILL to its PID 1, which makes the kernel kill every process of the host.
     /// Returns once none of them is left.
     pub fn power_off(&self, n: u8) -> Result<()> {
+        let _lock = self.power_lock(n)?;
         let Some(init) = self.host_init(n).filter(|p| p.alive()) else {
             return Ok(());
         };
@@ -454,10 +455,26 @@ impl Lab {
 
     /// Powers host N on (a no-op when it runs). Its state directories are kept, as a real disk would be.
     pub fn power_on(&self, n: u8) -> Result<()> {
+        let _lock = self.power_lock(n)?;
         if self.host_alive(n) {
             return Ok(());
         }
         self.start_host(n)
+    }
+
+    /// Host N's power switch: held across a power action, by the scenario's process and by the lab's power
+    /// controller (fencing) alike, so that a fence reboot and a scenario's power-on never both start the
+    /// host (two instances of one host, one of them unknown to the lab and left behind at tear-down).
+    fn power_lock(&self, n: u8) -> Result<nix::fcntl::Flock<fs::File>> {
+        let path = self.cfg.host_dir(n).join("power.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow!("locking {}: {e}", path.display()))
     }
 
     /// Unplugs host N's network cable (its switch port goes down).
