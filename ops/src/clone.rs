@@ -205,13 +205,13 @@ pub async fn run(p: &Ports, progress: &dyn Progress, plan: &Plan, job_id: &str) 
     let mut run = CloneRun::new(p, progress, plan, job_id);
     match run.steps().await {
         Ok(message) => {
-            clear_journal(p, &run.key).await;
+            clear_journal(p, p.cluster.local_host(), &run.key).await;
             Ok(message)
         }
         Err(e) => {
             progress.progress(0.95, &format!("rolling back: {e}")).await;
             let undo = rollback(p, &run.journal).await;
-            clear_journal(p, &run.key).await;
+            clear_journal(p, p.cluster.local_host(), &run.key).await;
             match undo {
                 Ok(()) => Err(OpError::RolledBack(Box::new(e))),
                 Err(u) => Err(OpError::RollbackIncomplete {
@@ -321,14 +321,8 @@ impl<'a> CloneRun<'a> {
     /// is stored.
     async fn save_journal(&self) -> Result<(), OpError> {
         let value = serde_json::to_string(&self.journal).map_err(|e| OpError::data("the clone journal", e))?;
-        let cib = self.p.cluster.query().await?;
-        let xml = change::set_node_attribute(&cib, self.p.cluster.local_host(), &self.key, &value)
-            .map_err(|e| OpError::data("the clone journal", e))?;
-        self.p
-            .cluster
-            .apply(CibChange::Modify { section: "nodes", xml })
-            .await?;
-        Ok(())
+        let host = self.p.cluster.local_host();
+        crate::vm::set_node_attribute(self.p, host, &self.key, &value, "the clone journal").await
     }
 
     /// Asks the template's guest to prepare (unless `--force`).
@@ -682,12 +676,12 @@ fn clone_under_way(cib: &str, template: &str, mine: Option<&str>) -> Option<Stri
         .next()
 }
 
-/// Drops this host's journal `key` (retried: a journal left behind of a finished job is only dropped by
+/// Drops `host`'s journal `key` (retried: a journal left behind of a finished job is only dropped by
 /// the next recovery, but one of a rolled-back job would be rolled back again, which is harmless).
-async fn clear_journal(p: &Ports, key: &str) {
+pub(crate) async fn clear_journal(p: &Ports, host: &str, key: &str) {
     for attempt in 0..3 {
         let Ok(cib) = p.cluster.query().await else { continue };
-        let ids = journal_nvpair_ids(&cib, Some(p.cluster.local_host()), key);
+        let ids = journal_nvpair_ids(&cib, Some(host), key);
         let mut ok = true;
         for id in ids {
             ok &= drop_journal(p, &id).await;
@@ -695,7 +689,7 @@ async fn clear_journal(p: &Ports, key: &str) {
         if ok {
             return;
         }
-        tracing::warn!(%key, attempt, "dropping the clone journal failed");
+        tracing::warn!(%key, attempt, "dropping the journal failed");
     }
 }
 
@@ -710,7 +704,7 @@ async fn drop_journal(p: &Ports, id: &str) -> bool {
 
 /// Ids of the node-attribute nvpairs named `key` (of `host`, or any host).
 fn journal_nvpair_ids(cib: &str, host: Option<&str>, key: &str) -> Vec<String> {
-    journals(cib)
+    attributes(cib, key)
         .into_iter()
         .filter(|j| j.key == key && host.is_none_or(|x| x == j.host))
         .map(|j| j.id)
@@ -893,6 +887,13 @@ async fn wait_running_on(p: &Ports, vm: &str, host: &str) -> Result<(), OpError>
     .map_err(|e| OpError::cluster(what.clone(), e))?
 }
 
+/// The host `vm` runs on, when it runs on exactly one.
+fn running_host(p: &Ports, vm: &str) -> Option<String> {
+    let snap = p.cluster.snapshot();
+    let v = snap.view.as_ref()?.vm(vm)?;
+    (v.hosts.len() == 1).then(|| v.hosts[0].clone())
+}
+
 /// Undoes what `journal` records: clone resources and constraints, clone domains, files; resumes the
 /// template's guest when it was left prepared. Goes on after a failure; `Err` lists what could not be
 /// undone.
@@ -901,13 +902,7 @@ pub async fn rollback(p: &Ports, journal: &Journal) -> Result<(), String> {
     // The template's definition follows the overlays the capture moved it to, unless it runs from the
     // frozen layer again (its host died before the definition named the overlays, and Pacemaker started
     // it elsewhere from the old one): then those overlays are stale, and go.
-    let template_host = p
-        .cluster
-        .snapshot()
-        .view
-        .as_ref()
-        .and_then(|v| v.vm(&journal.template))
-        .and_then(|v| (v.hosts.len() == 1).then(|| v.hosts[0].clone()));
+    let template_host = running_host(p, &journal.template);
     let active: Option<Vec<String>> = match &template_host {
         Some(h) => match p.hypervisor.disk_chains(h, &journal.template).await {
             Ok(chains) => Some(chains.into_iter().filter_map(|(_, c)| c.into_iter().next()).collect()),
@@ -974,14 +969,8 @@ pub async fn rollback(p: &Ports, journal: &Journal) -> Result<(), String> {
     // The template moved to new overlays in the capture: its frozen layer, which no clone uses now,
     // goes back into them (wherever the template runs now).
     if !journal.overlays.is_empty() {
-        let host = p
-            .cluster
-            .snapshot()
-            .view
-            .as_ref()
-            .and_then(|v| v.vm(&journal.template))
-            .and_then(|v| (v.hosts.len() == 1).then(|| v.hosts[0].clone()));
-        if let Some(host) = host {
+        // Read again: wherever the template runs now.
+        if let Some(host) = running_host(p, &journal.template) {
             compact_template(p, &journal.template, &host).await;
         }
     }
@@ -1005,16 +994,7 @@ pub async fn rollback(p: &Ports, journal: &Journal) -> Result<(), String> {
 /// (at start) and, on the DC, those of hosts whose vmhad is gone. A finished job's journal is only
 /// dropped.
 pub async fn recover(p: &Ports) {
-    let snap = p.cluster.snapshot();
-    let local = p.cluster.local_host();
-    let i_am_dc = snap.dc() == Some(local);
-    let agents = snap.membership.as_ref().map(|m| m.agents.clone());
-    let Ok(cib) = p.cluster.query().await else { return };
-    for j in journals(&cib) {
-        let orphaned = j.host == local || (i_am_dc && agents.as_ref().is_some_and(|a| !a.contains(&j.host)));
-        if !orphaned {
-            continue;
-        }
+    for j in orphaned(p, JOURNAL_PREFIX).await {
         let (host, key) = (&j.host, &j.key);
         let journal = match serde_json::from_str::<Journal>(&j.value) {
             Ok(journal) => journal,
@@ -1036,6 +1016,22 @@ pub async fn recover(p: &Ports) {
         }
         drop_journal(p, &j.id).await;
     }
+}
+
+/// The journals (node attributes named `prefix...`) this vmhad must recover: its own host's (a vmhad that
+/// stopped midway) and, on the DC, those of hosts whose vmhad is gone.
+pub(crate) async fn orphaned(p: &Ports, prefix: &str) -> Vec<StoredJournal> {
+    let snap = p.cluster.snapshot();
+    let local = p.cluster.local_host();
+    let i_am_dc = snap.dc() == Some(local);
+    let agents = snap.membership.as_ref().map(|m| m.agents.clone());
+    let Ok(cib) = p.cluster.query().await else {
+        return Vec::new();
+    };
+    attributes(&cib, prefix)
+        .into_iter()
+        .filter(|j| j.host == local || (i_am_dc && agents.as_ref().is_some_and(|a| !a.contains(&j.host))))
+        .collect()
 }
 
 /// Follows the cluster and rolls back interrupted clones: once at start (after the first CIB view), then

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use vmha_model::change;
 use vmha_model::group::{self, Elastic};
 use vmha_model::policy::{self, Policy};
 use vmha_model::ClusterView;
@@ -229,7 +228,8 @@ pub async fn run(
             tracing::warn!(group = %plan.spec.group, "completing the member's step: {e}");
         }
     }
-    drop_journals(p, Some(p.cluster.local_host()), &run.key).await;
+    // A journal left behind only makes the next recovery complete a step that is complete.
+    clone::clear_journal(p, p.cluster.local_host(), &run.key).await;
     let size = p
         .cluster
         .query()
@@ -252,14 +252,8 @@ pub async fn run(
 impl ScaleRun<'_> {
     async fn save(&self) -> Result<(), OpError> {
         let value = serde_json::to_string(&self.journal).map_err(|e| OpError::data("the scale journal", e))?;
-        let cib = self.p.cluster.query().await?;
-        let xml = change::set_node_attribute(&cib, self.p.cluster.local_host(), &self.key, &value)
-            .map_err(|e| OpError::data("the scale journal", e))?;
-        self.p
-            .cluster
-            .apply(CibChange::Modify { section: "nodes", xml })
-            .await?;
-        Ok(())
+        let host = self.p.cluster.local_host();
+        crate::vm::set_node_attribute(self.p, host, &self.key, &value, "the scale journal").await
     }
 
     async fn steps(&mut self) -> Result<(), OpError> {
@@ -437,47 +431,16 @@ fn journals(cib: &str) -> Vec<(clone::StoredJournal, ScaleJournal)> {
         .collect()
 }
 
-/// Drops the journal `key` (of `host`, or any), tried three times: a journal left behind only makes the
-/// next recovery complete a step that is complete.
-async fn drop_journals(p: &Ports, host: Option<&str>, key: &str) {
-    for attempt in 0..3 {
-        let Ok(cib) = p.cluster.query().await else { continue };
-        let mut ok = true;
-        for (j, _) in journals(&cib) {
-            if j.key == key && host.is_none_or(|h| h == j.host) {
-                let xml = format!(r#"<nvpair id="{}"/>"#, change::escape(&j.id));
-                ok &= p
-                    .cluster
-                    .apply(CibChange::Delete { section: "nodes", xml })
-                    .await
-                    .is_ok();
-            }
-        }
-        if ok {
-            return;
-        }
-        tracing::warn!(%key, attempt, "dropping the scale journal failed");
-    }
-}
-
 /// Completes the scale steps left by a vmhad that stopped midway: this host's own (at start) and, on the
 /// DC, those of hosts whose vmhad is gone. Clone journals are recovered first ([`clone::recover`]).
 pub async fn recover(p: &Ports) {
-    let snap = p.cluster.snapshot();
-    let local = p.cluster.local_host();
-    let i_am_dc = snap.dc() == Some(local);
-    let agents = snap.membership.as_ref().map(|m| m.agents.clone());
-    let Ok(cib) = p.cluster.query().await else { return };
-    for (j, journal) in journals(&cib) {
-        let orphaned = j.host == local || (i_am_dc && agents.as_ref().is_some_and(|a| !a.contains(&j.host)));
-        if !orphaned {
-            continue;
-        }
+    for j in clone::orphaned(p, JOURNAL_PREFIX).await {
+        let journal = serde_json::from_str::<ScaleJournal>(&j.value).unwrap_or_default();
         tracing::warn!(host = %j.host, key = %j.key, group = %journal.group, "completing an interrupted group scale");
         if let Err(e) = complete(p, &journal).await {
             tracing::warn!(key = %j.key, "completing an interrupted group scale: {e}");
         }
-        drop_journals(p, Some(&j.host), &j.key).await;
+        clone::clear_journal(p, &j.host, &j.key).await;
     }
 }
 

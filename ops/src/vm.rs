@@ -183,9 +183,19 @@ pub async fn set_target_role(p: &Ports, vm: &str, role: &str) -> Result<(), OpEr
 
 /// Sets or clears a host's `standby` or `maintenance` attribute (one CIB change).
 pub async fn set_host_attribute(p: &Ports, host: &str, attribute: &str, on: bool) -> Result<(), OpError> {
+    set_node_attribute(p, host, attribute, if on { "on" } else { "off" }, "the CIB").await
+}
+
+/// Sets node attribute `name` of `host` to `value` (one CIB change); `what` names the value in an error.
+pub(crate) async fn set_node_attribute(
+    p: &Ports,
+    host: &str,
+    name: &str,
+    value: &str,
+    what: &str,
+) -> Result<(), OpError> {
     let cib = p.cluster.query().await?;
-    let xml = change::set_node_attribute(&cib, host, attribute, if on { "on" } else { "off" })
-        .map_err(|e| OpError::data("the CIB", e))?;
+    let xml = change::set_node_attribute(&cib, host, name, value).map_err(|e| OpError::data(what, e))?;
     p.cluster.apply(CibChange::Modify { section: "nodes", xml }).await?;
     Ok(())
 }
