@@ -872,6 +872,18 @@ impl At {
     }
 }
 
+/// The error an injected failure of a hypervisor call on `host` gives.
+fn hv_fail(host: &str, call: &'static str) -> impl FnOnce(String) -> HvError {
+    let host = host.to_string();
+    move |message| HvError { host, call, message }
+}
+
+/// The error an injected failure of a storage call on `path` gives.
+fn st_fail(path: &str) -> impl FnOnce(String) -> StorageError {
+    let path = path.to_string();
+    move |message| StorageError { path, message }
+}
+
 fn st_err(path: &str, message: impl Into<String>) -> StorageError {
     StorageError {
         path: path.to_string(),
@@ -1046,14 +1058,7 @@ impl At {
 impl Hypervisor for At {
     fn sees_files(&self, host: &str, files: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>> {
         let h = host.to_string();
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "storage lookup",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "storage lookup");
         guarded!(self, "hv.sees_files", h.clone(), fail, {
             let g = self.g();
             if !g.hosts.get(&h).is_some_and(|x| x.online) {
@@ -1071,14 +1076,7 @@ impl Hypervisor for At {
 
     fn live_snapshot(&self, host: &str, vm: &str, snapshot_xml: String) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "live snapshot",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "live snapshot");
         guarded!(self, "hv.live_snapshot", format!("{vm} on {h}"), fail, {
             let snap = Element::parse(&snapshot_xml).map_err(|e| self.hv_err(&h, "live snapshot", e))?;
             let mut g = self.g();
@@ -1143,14 +1141,7 @@ impl Hypervisor for At {
 
     fn create_overlays(&self, host: &str, overlays: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>> {
         let h = host.to_string();
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "create volume",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "create volume");
         let detail = overlays.iter().map(|(_, o)| o.as_str()).collect::<Vec<_>>().join(" ");
         guarded!(self, "hv.create_overlays", detail, fail, {
             let mut g = self.g();
@@ -1176,14 +1167,7 @@ impl Hypervisor for At {
 
     fn restore(&self, host: &str, image: String) -> BoxFuture<'_, Result<(), HvError>> {
         let h = host.to_string();
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "restore",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "restore");
         guarded!(self, "hv.restore", image.clone(), fail, {
             let mut g = self.g();
             if !g.hosts.get(&h).is_some_and(|x| x.online) {
@@ -1226,14 +1210,7 @@ impl Hypervisor for At {
 
     fn destroy_all(&self, host: &str, domains: Vec<String>) -> BoxFuture<'_, Result<(), HvError>> {
         let h = host.to_string();
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "destroy",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "destroy");
         guarded!(self, "hv.destroy_all", format!("{} on {h}", domains.join(",")), fail, {
             let mut g = self.g();
             if !g.hosts.get(&h).is_some_and(|x| x.online) {
@@ -1255,14 +1232,7 @@ impl Hypervisor for At {
 
     fn disk_chains(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<DiskChains, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "domain XML",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "domain XML");
         guarded!(self, "hv.disk_chains", format!("{vm} on {h}"), fail, {
             let g = self.g();
             g.domains
@@ -1275,14 +1245,7 @@ impl Hypervisor for At {
 
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
-        let fail = {
-            let h = h.clone();
-            move |m| HvError {
-                host: h,
-                call: "block pull",
-                message: m,
-            }
-        };
+        let fail = hv_fail(&h, "block pull");
         guarded!(self, "hv.compact", format!("{vm} on {h}"), fail, {
             let mut g = self.g();
             let Some(i) = g.domains.iter().position(|d| d.name == vm && d.host == h) else {
@@ -1318,10 +1281,7 @@ impl Hypervisor for At {
 impl Storage for At {
     fn read_small(&self, path: &str) -> BoxFuture<'_, Result<String, StorageError>> {
         let p = path.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.read", p.clone(), fail, {
             self.g()
                 .files
@@ -1333,10 +1293,7 @@ impl Storage for At {
 
     fn write_atomic(&self, path: &str, content: String) -> BoxFuture<'_, Result<(), StorageError>> {
         let p = path.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.write", p.clone(), fail, {
             let mut g = self.g();
             g.files.insert(
@@ -1366,10 +1323,7 @@ impl Storage for At {
 
     fn remove(&self, path: &str) -> BoxFuture<'_, Result<bool, StorageError>> {
         let p = path.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.remove", p.clone(), fail, {
             let mut g = self.g();
             let existed = g.files.remove(&p).is_some();
@@ -1382,10 +1336,7 @@ impl Storage for At {
 
     fn read_image_header(&self, path: &str) -> BoxFuture<'_, Result<SaveImage, StorageError>> {
         let p = path.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.read_image", p.clone(), fail, {
             let g = self.g();
             let f = g.files.get(&p).ok_or_else(|| st_err(&p, "No such file or directory"))?;
@@ -1401,10 +1352,7 @@ impl Storage for At {
         to: &str,
     ) -> BoxFuture<'_, Result<(), StorageError>> {
         let (from, to) = (from.to_string(), to.to_string());
-        let fail = {
-            let to = to.clone();
-            move |m| st_err(&to, m)
-        };
+        let fail = st_fail(&to);
         guarded!(self, "storage.write_image", to.clone(), fail, {
             let mut g = self.g();
             if g.files.contains_key(&to) {
@@ -1426,10 +1374,7 @@ impl Storage for At {
 
     fn backing_of(&self, image: &str) -> BoxFuture<'_, Result<Option<String>, StorageError>> {
         let p = image.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.backing_of", p.clone(), fail, {
             Ok(self.g().files.get(&p).and_then(|f| f.backing.clone()))
         })
@@ -1437,10 +1382,7 @@ impl Storage for At {
 
     fn list_dir(&self, dir: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
         let d = dir.trim_end_matches('/').to_string();
-        let fail = {
-            let d = d.clone();
-            move |m| st_err(&d, m)
-        };
+        let fail = st_fail(&d);
         guarded!(self, "storage.list_dir", d.clone(), fail, {
             let prefix = format!("{d}/");
             Ok(self
@@ -1455,10 +1397,7 @@ impl Storage for At {
 
     fn layer_users(&self, layer: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
         let p = layer.to_string();
-        let fail = {
-            let p = p.clone();
-            move |m| st_err(&p, m)
-        };
+        let fail = st_fail(&p);
         guarded!(self, "storage.layer_users", p.clone(), fail, {
             let g = self.g();
             Ok(g.files
