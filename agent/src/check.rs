@@ -5,7 +5,8 @@
 //! (fencing, no-quorum-policy) through Pacemaker's CIB API, votequorum and the totem settings through
 //! Corosync's libraries, libvirt through a read-only connection, the Corosync members and the hosts where
 //! vmhad runs from vmhad's `Members` and `Agents`, and what every host sees of the VMs' storage and of its
-//! clock from the reports vmhads exchange ([`crate::readiness`]). [`evaluate`] turns the facts into
+//! clock from the reports vmhads exchange ([`crate::readiness`]), and this host's systemd units (is Pacemaker
+//! stopped before libvirt on shutdown? [`shutdown`]). [`evaluate`] turns the facts into
 //! findings; it is pure, and unit-tested below.
 
 use std::collections::BTreeSet;
@@ -209,6 +210,8 @@ pub struct Inputs {
     pub hypervisor: String,
     pub vmhad: Result<VmhadFacts, String>,
     pub reports: Result<Vec<ReceivedReport>, String>,
+    /// This host's systemd units: is Pacemaker stopped before libvirt on shutdown?
+    pub shutdown: Result<ShutdownFacts, String>,
 }
 
 /// A token timeout above this makes failover slow (a dead host is noticed only after it).
@@ -262,6 +265,15 @@ pub fn evaluate(inputs: &Inputs) -> Vec<Finding> {
             Level::Red,
             format!("{} does not answer: {e}", inputs.hypervisor),
             "start libvirtd on this host (systemctl start libvirtd)",
+        ),
+    });
+    out.push(match &inputs.shutdown {
+        Ok(f) => shutdown::evaluate(f),
+        Err(e) => finding(
+            shutdown::ITEM,
+            Level::Yellow,
+            format!("cannot read this host's systemd units: {e}"),
+            "run vmha check as root",
         ),
     });
     let members: Vec<String> = match &inputs.vmhad {
@@ -803,6 +815,8 @@ pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
 mod gather;
 pub use gather::gather;
+mod shutdown;
+pub use shutdown::{ShutdownFacts, DROP_IN};
 
 #[cfg(test)]
 mod tests;

@@ -481,7 +481,7 @@ pub fn migrate_to(hv: &Hypervisor, ctx: &Context, name: &str) -> Result<Outcome,
         guest_notice::log_answer(name, &target, &answer);
     }
     tracing::info!(vm = name, target, uri = plan.target_uri, data_uri = ?plan.data_uri,
-        "starting live migration");
+        shared_storage = ctx.params.migration.shared_storage, "starting live migration");
 
     // The migration blocks its connection; it runs on its own thread and connection so that this
     // one stays free to abort it.

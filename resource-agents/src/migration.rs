@@ -35,10 +35,17 @@ pub enum PlanError {
 /// agent dies. A transient domain (from `config`) stays transient; a persistent one (`domain`
 /// only) gets its definition updated on the target (`PERSIST_DEST`) but kept on the source
 /// (no `UNDEFINE_SOURCE`), since every node must keep it to restart the VM after a failover.
-pub fn migration_flags(persistent: bool) -> u32 {
+///
+/// `shared_storage` (the operator's word that every disk is on storage all nodes share, which libvirt
+/// cannot tell for every kind) adds `UNSAFE`: libvirt then skips its storage checks instead of refusing
+/// ("Migration without shared storage is unsafe").
+pub fn migration_flags(persistent: bool, shared_storage: bool) -> u32 {
     let mut flags = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER | sys::VIR_MIGRATE_ABORT_ON_ERROR;
     if persistent {
         flags |= sys::VIR_MIGRATE_PERSIST_DEST;
+    }
+    if shared_storage {
+        flags |= sys::VIR_MIGRATE_UNSAFE;
     }
     flags
 }
@@ -79,7 +86,7 @@ pub fn plan(
     Ok(MigrationPlan {
         target_uri,
         data_uri,
-        flags: migration_flags(persistent),
+        flags: migration_flags(persistent, params.shared_storage),
         bandwidth_mib_s: Some(params.speed_mib_s).filter(|s| *s > 0),
         max_downtime_ms: Some(params.downtime_ms).filter(|d| *d > 0),
     })
@@ -260,15 +267,35 @@ mod tests {
     #[test]
     fn flags_keep_transient_domains_transient() {
         let live_p2p = sys::VIR_MIGRATE_LIVE | sys::VIR_MIGRATE_PEER2PEER;
-        let transient = migration_flags(false);
+        let transient = migration_flags(false, false);
         assert_eq!(transient & live_p2p, live_p2p);
         assert_ne!(transient & sys::VIR_MIGRATE_ABORT_ON_ERROR, 0);
         assert_eq!(transient & sys::VIR_MIGRATE_PERSIST_DEST, 0);
-        let persistent = migration_flags(true);
+        let persistent = migration_flags(true, false);
         assert_ne!(persistent & sys::VIR_MIGRATE_PERSIST_DEST, 0);
         for flags in [transient, persistent] {
             assert_eq!(flags & sys::VIR_MIGRATE_UNDEFINE_SOURCE, 0);
             assert_eq!(flags & sys::VIR_MIGRATE_OFFLINE, 0);
+            assert_eq!(
+                flags & sys::VIR_MIGRATE_UNSAFE,
+                0,
+                "libvirt's storage checks stay on by default"
+            );
+        }
+    }
+
+    #[test]
+    fn declared_shared_storage_skips_libvirts_storage_checks() {
+        let shared = MigrationParams {
+            shared_storage: true,
+            ..params()
+        };
+        for persistent in [false, true] {
+            let p = plan("qemu:///system", &shared, "node2", persistent).expect("plan");
+            assert_ne!(p.flags & sys::VIR_MIGRATE_UNSAFE, 0);
+            assert_eq!(p.flags & !sys::VIR_MIGRATE_UNSAFE, migration_flags(persistent, false));
+            let plain = plan("qemu:///system", &params(), "node2", persistent).expect("plan");
+            assert_eq!(plain.flags & sys::VIR_MIGRATE_UNSAFE, 0);
         }
     }
 

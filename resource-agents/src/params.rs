@@ -240,6 +240,22 @@ default.",
 cause, in milliseconds; 0 leaves the hypervisor's default.",
     },
     ParamSpec {
+        name: "shared_storage",
+        kind: ParamKind::Boolean,
+        default: "false",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "Disks are on storage every node shares (migrate even where libvirt cannot tell)",
+        longdesc: "Set to true when the operator knows that every disk of the VM is on storage all nodes \
+share coherently, but libvirt does not recognise it as shared (it recognises NFS, GFS2, OCFS2, CephFS, \
+SMB/CIFS, GPFS, GlusterFS and Quobyte mounts; a cluster file system or a shared directory of another kind \
+looks local to it, and it then refuses a live migration as unsafe, so that Pacemaker stops and restarts \
+the VM instead). migrate_to then adds VIR_MIGRATE_UNSAFE, which skips all of libvirt's storage safety \
+checks (the equivalent of VirtualDomain's migrate_options=--unsafe). Only safe with disks that every \
+node reads and writes the same bytes of, and whose host page cache cannot hold stale data: give each \
+disk cache='none' or cache='directsync' in the domain XML. Wrong, it corrupts the disks of migrated VMs.",
+    },
+    ParamSpec {
         name: "monitor_guest_agent_timeout",
         kind: ParamKind::Integer,
         default: "2000",
@@ -299,6 +315,8 @@ pub struct MigrationParams {
     pub speed_mib_s: u64,
     /// Milliseconds, 0 = hypervisor default.
     pub downtime_ms: u64,
+    /// The operator declares the disks shared: migrate with `VIR_MIGRATE_UNSAFE`.
+    pub shared_storage: bool,
 }
 
 /// The validated instance parameters.
@@ -457,6 +475,10 @@ impl Params {
             }),
             None,
         )?;
+        let shared_storage = soft.apply(
+            optional(raw("shared_storage"), |v| parse_bool("shared_storage", v)),
+            None,
+        )?;
         let guest_agent_ms = soft.apply(
             optional(raw("monitor_guest_agent_timeout"), |v| {
                 parse_u64("monitor_guest_agent_timeout", v.clone(), "1 to 60000 (ms)").and_then(|ms| match ms {
@@ -501,6 +523,7 @@ impl Params {
                 migrate_uri,
                 speed_mib_s: speed_mib_s.unwrap_or(0),
                 downtime_ms: downtime_ms.unwrap_or(0),
+                shared_storage: shared_storage.unwrap_or(false),
             },
             guest_agent_timeout: guest_agent_ms
                 .map(Duration::from_millis)
@@ -710,6 +733,7 @@ mod tests {
             ("migrate_uri", "tcp://%n:49152"),
             ("migration_speed", "500"),
             ("migration_downtime", "300"),
+            ("shared_storage", "yes"),
             ("monitor_guest_agent_timeout", "1500"),
             ("guest_migrate_timeout", "0"),
         ])
@@ -729,6 +753,7 @@ mod tests {
         assert_eq!(p.migration.migrate_uri.as_deref(), Some("tcp://%n:49152"));
         assert_eq!(p.migration.speed_mib_s, 500);
         assert_eq!(p.migration.downtime_ms, 300);
+        assert!(p.migration.shared_storage);
         assert_eq!(p.guest_agent_timeout, Duration::from_millis(1500));
         assert_eq!(p.guest_migrate_timeout, Duration::ZERO);
     }
@@ -759,6 +784,7 @@ mod tests {
             (&[("domain", "a"), ("migrate_uri", "node2")], "migrate_uri="),
             (&[("domain", "a"), ("migration_speed", "fast")], "migration_speed="),
             (&[("domain", "a"), ("migration_downtime", "1.5")], "migration_downtime="),
+            (&[("domain", "a"), ("shared_storage", "maybe")], "shared_storage="),
             (
                 &[("domain", "a"), ("monitor_guest_agent_timeout", "0")],
                 "monitor_guest_agent_timeout=",
@@ -903,6 +929,7 @@ mod tests {
             ("migrate_uri", "tcp://%n"),
             ("migration_speed", "9"),
             ("migration_downtime", "9"),
+            ("shared_storage", "true"),
             ("monitor_guest_agent_timeout", "9"),
             ("guest_migrate_timeout", "9"),
         ];

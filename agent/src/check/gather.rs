@@ -8,7 +8,7 @@ use vmha_corosync::{Cmap, CmapValue, Votequorum};
 use vmha_pacemaker::{Access, Cib};
 use zbus::Connection;
 
-use super::{CibFacts, Inputs, QuorumFacts, TotemFacts, VmhadFacts};
+use super::{CibFacts, Inputs, QuorumFacts, ShutdownFacts, TotemFacts, VmhadFacts};
 use crate::api::proxy::ReadinessProxy;
 use crate::api::{BUS_NAME, CLUSTER_INTERFACE, ROOT_PATH};
 use crate::readiness::ReceivedReport;
@@ -26,12 +26,13 @@ async fn bounded<T, E: std::fmt::Display>(
 
 /// Reads every fact; `limit` bounds each call.
 pub async fn gather(conn: &Connection, hypervisor: &str, limit: Duration) -> Inputs {
-    let (cib, corosync, libvirt, vmhad, reports) = tokio::join!(
+    let (cib, corosync, libvirt, vmhad, reports, shutdown) = tokio::join!(
         cib_facts(limit),
         corosync_facts(limit),
         libvirt_version(hypervisor, limit),
         vmhad_facts(conn, limit),
         reports(conn, limit),
+        shutdown_facts(limit),
     );
     let (quorum, totem) = match corosync {
         Ok((q, t)) => (Ok(q), Ok(t)),
@@ -45,6 +46,20 @@ pub async fn gather(conn: &Connection, hypervisor: &str, limit: Duration) -> Inp
         hypervisor: hypervisor.to_string(),
         vmhad,
         reports,
+        shutdown,
+    }
+}
+
+/// The unit files and libvirt-guests' settings, read from this host's disk.
+async fn shutdown_facts(limit: Duration) -> Result<ShutdownFacts, String> {
+    let read = tokio::task::spawn_blocking(|| ShutdownFacts::read(std::path::Path::new("/")));
+    match tokio::time::timeout(limit, read).await {
+        Ok(Ok(facts)) => Ok(facts),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "reading the systemd units: no answer within {} s",
+            limit.as_secs()
+        )),
     }
 }
 

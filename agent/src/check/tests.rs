@@ -80,6 +80,29 @@ fn healthy() -> Inputs {
             report("node2", 3, disk(Some(true))),
             report("node3", -2, disk(Some(true))),
         ]),
+        shutdown: Ok(ShutdownFacts {
+            pacemaker_unit: Some("/usr/lib/systemd/system/pacemaker.service".into()),
+            pacemaker_after: [
+                "corosync.service",
+                "libvirtd.service",
+                "libvirt-guests.service",
+                "virt-guest-shutdown.target",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            drop_ins: vec![DROP_IN.into()],
+            installed: [
+                "libvirtd.service",
+                "libvirt-guests.service",
+                "virt-guest-shutdown.target",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            guests_enabled: true,
+            guests_on_shutdown: "shutdown".into(),
+        }),
     }
 }
 
@@ -93,7 +116,7 @@ fn item<'a>(findings: &'a [Finding], name: &str) -> &'a Finding {
 #[test]
 fn a_healthy_cluster_is_all_green() {
     let f = evaluate(&healthy());
-    assert_eq!(f.len(), 9);
+    assert_eq!(f.len(), 10);
     for x in &f {
         assert_eq!(x.level, Level::Green, "{x:?}");
         assert!(x.fix.is_empty());
@@ -446,4 +469,23 @@ fn authkeys_missing_or_different_are_red_with_where_to_copy_from() {
     // The key itself is never part of a report: only its fingerprint.
     let json = serde_json::to_string(&healthy().reports.unwrap()).unwrap();
     assert!(json.contains("\"authkey\":\"0123456789abcdef\""), "{json}");
+}
+
+#[test]
+fn a_host_whose_shutdown_would_kill_its_vms_is_red_and_unreadable_units_yellow() {
+    let mut i = healthy();
+    if let Ok(f) = &mut i.shutdown {
+        f.pacemaker_after.remove("libvirt-guests.service");
+    }
+    let findings = evaluate(&i);
+    let f = item(&findings, "shutdown-order");
+    assert_eq!(f.level, Level::Red, "{f:?}");
+    assert!(f.summary.contains("libvirt-guests.service"), "{}", f.summary);
+    assert!(f.fix.contains(DROP_IN), "{}", f.fix);
+    assert_eq!(worst(&findings), Level::Red);
+
+    i.shutdown = Err("permission denied".into());
+    let f = item(&evaluate(&i), "shutdown-order").clone();
+    assert_eq!(f.level, Level::Yellow, "{f:?}");
+    assert!(f.summary.contains("permission denied"), "{}", f.summary);
 }

@@ -13,12 +13,13 @@ use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
 
-const ITEMS: [&str; 9] = [
+const ITEMS: [&str; 10] = [
     "fencing",
     "quorum-policy",
     "votequorum",
     "corosync-token",
     "libvirt",
+    "shutdown-order",
     "vmhad",
     "shared-storage",
     "time-sync",

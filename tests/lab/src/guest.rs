@@ -76,6 +76,8 @@ pub struct GuestSpec {
     pub disk: Option<PathBuf>,
     /// A virtio NIC (type ethernet: a tap device on the host, connected to nothing) with this MAC.
     pub mac: Option<String>,
+    /// The disk's cache mode (`cache='none'`...), when not QEMU's default (writeback).
+    pub disk_cache: Option<String>,
 }
 
 impl GuestSpec {
@@ -86,7 +88,16 @@ impl GuestSpec {
             vcpus: 1,
             disk: None,
             mac: None,
+            disk_cache: None,
         }
+    }
+
+    /// The same VM with a virtio disk (`path`, a qcow2 file) in cache mode `cache` (e.g. `none`: no host
+    /// page cache, what a disk on shared storage needs to live-migrate safely) and no NIC.
+    pub fn with_disk(mut self, path: &Path, cache: &str) -> Self {
+        self.disk = Some(path.to_path_buf());
+        self.disk_cache = Some(cache.to_string());
+        self
     }
 
     /// The same VM with a virtio disk (`path`, a qcow2 file) and a virtio NIC.
@@ -120,8 +131,13 @@ impl GuestSpec {
     fn extra_devices(&self) -> String {
         let mut x = String::new();
         if let Some(d) = &self.disk {
+            let cache = self
+                .disk_cache
+                .as_deref()
+                .map(|c| format!(" cache='{c}'"))
+                .unwrap_or_default();
             x.push_str(&format!(
-                "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+                "    <disk type='file' device='disk'><driver name='qemu' type='qcow2'{cache}/><source file='{}'/>\
                  <target dev='vda' bus='virtio'/></disk>\n",
                 d.display()
             ));
@@ -228,5 +244,21 @@ mod tests {
         };
         assert_eq!(attr(0, "target", "name").as_deref(), Some("org.qemu.guest_agent.0"));
         assert_eq!(channels.len(), 1, "vmha's guest channel is the agent's to add");
+        assert!(!xml.contains("<disk"), "no disk unless asked for");
+    }
+
+    #[test]
+    fn a_disk_gets_its_cache_mode() {
+        let xml = GuestSpec::new("d")
+            .with_disk(Path::new("/shared/d.qcow2"), "none")
+            .domain_xml(Path::new("/img"));
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let driver = doc.descendants().find(|n| n.has_tag_name("driver")).unwrap();
+        assert_eq!(driver.attribute("type"), Some("qcow2"));
+        assert_eq!(driver.attribute("cache"), Some("none"));
+        let plain = GuestSpec::new("d")
+            .with_disk_and_nic(Path::new("/shared/d.qcow2"), "52:54:00:00:00:01")
+            .domain_xml(Path::new("/img"));
+        assert!(!plain.contains("cache="), "{plain}");
     }
 }

@@ -20,6 +20,8 @@ use crate::wait::wait_for;
 const HOST_INIT: &str = include_str!("../scripts/host-init");
 /// The lab's stand-in for systemd supervising vmhad (host-init starts it in every host).
 const VMHAD_SUPERVISOR: &str = include_str!("../scripts/vmhad-supervisor");
+/// Where vmha's package installs its ordering of a host shutdown (packaging/systemd/pacemaker.service.d).
+pub const SHUTDOWN_ORDER_DROP_IN: &str = "/usr/lib/systemd/system/pacemaker.service.d/50-vmha-shutdown-order.conf";
 /// The shipped unit: the supervisor reads its Restart= and RestartSec=.
 const VMHAD_UNIT: &str = include_str!("../../../packaging/systemd/vmhad.service");
 
@@ -431,16 +433,21 @@ impl Lab {
     /// Hard power-off of host N: SIGKILL to its PID 1, which makes the kernel kill every process of the host.
     /// Returns once none of them is left.
     pub fn power_off(&self, n: u8) -> Result<()> {
+        self.kill_host(n, "powered-off-at")?;
+        tracing::info!(host = %self.cfg.host_name(n), "powered off");
+        Ok(())
+    }
+
+    /// SIGKILL to host N's PID 1 under its power switch; records the time in the host's file `stamp` and
+    /// returns once every process of the host has ended.
+    fn kill_host(&self, n: u8, stamp: &str) -> Result<()> {
         let _lock = self.power_lock(n)?;
         let Some(init) = self.host_init(n).filter(|p| p.alive()) else {
             return Ok(());
         };
         let ns = init.pid_namespace();
         init.signal(Signal::SIGKILL)?;
-        fs::write(
-            self.cfg.host_dir(n).join("powered-off-at"),
-            format!("{}\n", power::now()),
-        )?;
+        fs::write(self.cfg.host_dir(n).join(stamp), format!("{}\n", power::now()))?;
         if let Some(ns) = ns {
             wait_for(
                 &format!("every process of {} to end", self.cfg.host_name(n)),
@@ -449,7 +456,53 @@ impl Lab {
                 || process::pids_in_namespace(ns).is_empty().then_some(()),
             )?;
         }
-        tracing::info!(host = %self.cfg.host_name(n), "powered off");
+        Ok(())
+    }
+
+    /// Graceful shutdown of host N, as systemd does it with vmha's shipped ordering (pacemaker.service
+    /// `After=` libvirtd, libvirt-guests and the VMs' scopes; vmhad.service `Before=` pacemaker.service):
+    /// Pacemaker is stopped first and the host's pacemakerd exits only once its resources are gone from it
+    /// (live-migrated away when they allow it, stopped otherwise); then vmhad, libvirtd (and whatever QEMU is
+    /// left), virtlogd, Corosync (the host leaves the membership cleanly) and the rest: the host powers off.
+    /// `limit` bounds Pacemaker's stop. Returns once every process of the host has ended.
+    pub fn shutdown_host(&self, n: u8, limit: Duration) -> Result<()> {
+        let host = self.cfg.host_name(n);
+        if !self.host_alive(n) {
+            return Ok(());
+        }
+        // 1. Pacemaker: pacemakerd asks the DC to move the host's resources away and then stops its daemons.
+        self.exec_ok(n, &["sh", "-c", "p=$(pidof pacemakerd) && kill -TERM $p"])
+            .with_context(|| format!("stopping Pacemaker on {host}"))?;
+        wait_for(
+            &format!("Pacemaker on {host} to stop (its resources moved away)"),
+            limit,
+            Duration::from_millis(200),
+            || {
+                let out = self
+                    .exec(n, &["sh", "-c", "pidof pacemakerd pacemaker-controld pacemaker-execd"])
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout).trim().is_empty().then_some(())
+            },
+        )?;
+        tracing::info!(%host, "Pacemaker stopped");
+        // 2. vmhad (the supervisor, as systemd, is told it is a stop, not a failure).
+        self.stop_vmhad(n)?;
+        // 3. libvirtd (QEMU processes still running here are left for the power-off), virtlogd, Corosync.
+        self.exec_ok(
+            n,
+            &[
+                "sh",
+                "-c",
+                "[ -f /run/libvirtd.pid ] && kill -TERM $(cat /run/libvirtd.pid) 2>/dev/null; \
+                 for i in $(seq 1 100); do pidof libvirtd > /dev/null || break; sleep 0.1; done; \
+                 p=$(pidof virtlogd) && kill -TERM $p; \
+                 p=$(pidof corosync) && kill -TERM $p; \
+                 for i in $(seq 1 100); do pidof corosync > /dev/null || break; sleep 0.1; done; true",
+            ],
+        )?;
+        // 4. Power off.
+        self.kill_host(n, "shut-down-at")?;
+        tracing::info!(%host, "shut down");
         Ok(())
     }
 
@@ -660,9 +713,12 @@ impl Lab {
         let policy = packaging.join("dbus/org.vmha.Vmha1.conf");
         let action = packaging.join("polkit/org.vmha.Vmha1.policy");
         let rule = packaging.join("polkit/60-vmha.rules");
+        let shutdown_order = packaging.join("systemd/pacemaker.service.d/50-vmha-shutdown-order.conf");
         let mut installed = Vec::new();
         for n in self.cfg.host_numbers().filter(|&n| self.host_alive(n)) {
             self.install(n, &agent, "/usr/lib/ocf/resource.d/vmha/VirtualMachine", "0755")?;
+            // The package's ordering of a host shutdown (Pacemaker stops before libvirt), for vmha check.
+            self.install(n, &shutdown_order, SHUTDOWN_ORDER_DROP_IN, "0644")?;
             if daemon.is_file() && cli.is_file() {
                 self.install_authkey(n)?;
                 self.install(n, &daemon, "/usr/sbin/vmhad", "0755")?;
@@ -875,6 +931,12 @@ impl Lab {
 
     /// Creates a VM as a cluster resource (live-migratable, monitored every 10 s) unless it exists.
     pub fn add_vm(&self, spec: &GuestSpec, agent: VmAgent) -> Result<()> {
+        self.add_vm_with(spec, agent, &[])
+    }
+
+    /// [`Lab::add_vm`] with extra instance parameters of the agent (`name=value`, e.g.
+    /// `shared_storage=true`).
+    pub fn add_vm_with(&self, spec: &GuestSpec, agent: VmAgent, params: &[&str]) -> Result<()> {
         let n = self.other_host(0).ok_or_else(|| anyhow!("no host is running"))?;
         let existing = self.status(n)?;
         if existing.resource(&spec.name).is_some() {
@@ -898,6 +960,7 @@ impl Lab {
                 "migration_transport=tcp",
             ]),
         }
+        args.extend(params);
         args.extend([
             "meta",
             "allow-migrate=true",
