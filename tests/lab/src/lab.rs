@@ -441,6 +441,10 @@ impl Lab {
     /// SIGKILL to host N's PID 1 under its power switch; records the time in the host's file `stamp` and
     /// returns once every process of the host has ended.
     fn kill_host(&self, n: u8, stamp: &str) -> Result<()> {
+        // A host never brought up (a lab's first bring-up tears down nothing) has no power switch yet.
+        if !self.cfg.host_dir(n).is_dir() {
+            return Ok(());
+        }
         let _lock = self.power_lock(n)?;
         let Some(init) = self.host_init(n).filter(|p| p.alive()) else {
             return Ok(());
