@@ -4,12 +4,13 @@
 //! under `ocf:vmha:VirtualMachine` run on the host, one with a qcow2 disk on the shared directory
 //! (`shared_storage=true`, `cache='none'`); after the shutdown each runs on another host with its guest's
 //! uptime going on (live-migrated, never restarted), exactly once, and nothing was fenced: the host left
-//! the cluster cleanly. `vmha check` on the host before the shutdown reports the ordering green.
+//! the cluster cleanly. `vmha check` on the host before the shutdown reports the ordering green (the lab
+//! installs the drop-in with the build).
 
 use std::path::Path;
 use std::time::Duration;
 
-use vmha_e2e::{guest_uptime, lab_with_vmhad, vmha_json, wait_running, Timeline, POLL};
+use vmha_e2e::{guest_uptime, lab_with_vmhad, wait_running, Timeline, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::wait_for;
@@ -32,25 +33,23 @@ fn host_shutdown_moves_its_vms_away_alive() {
         ),
         (GuestSpec::new("sd2"), vec![]),
     ];
+    // The VMs start on the victim (the other hosts stand by meanwhile) and stay there (resource stickiness).
+    let others: Vec<String> = lab
+        .cfg
+        .host_numbers()
+        .filter(|&n| n != victim)
+        .map(|n| lab.cfg.host_name(n))
+        .collect();
+    for other in &others {
+        lab.exec_ok(victim, &["pcs", "node", "standby", other]).unwrap();
+    }
     for (spec, params) in &vms {
         lab.add_vm_with(spec, VmAgent::Vmha, params).unwrap();
-        // Placed on the victim by a preference weaker than the lab's resource stickiness (100): once moved
-        // away, a VM stays where it runs.
-        lab.exec_ok(
-            1,
-            &[
-                "pcs",
-                "constraint",
-                "location",
-                &spec.name,
-                "prefers",
-                &format!("{victim_name}=50"),
-            ],
-        )
-        .unwrap();
     }
 
-    let report = vmha_json(&lab, victim, &["check"]).unwrap();
+    // `vmha check` exits 1 when any item is red: only this item matters here.
+    let out = lab.exec(victim, &["vmha", "--output", "json", "check"]).unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let order = report["findings"]
         .as_array()
         .and_then(|f| f.iter().find(|x| x["item"] == "shutdown-order"))
@@ -67,6 +66,23 @@ fn host_shutdown_moves_its_vms_away_alive() {
         })
         .unwrap();
         before.push(up);
+    }
+    for other in &others {
+        lab.exec_ok(victim, &["pcs", "node", "unstandby", other]).unwrap();
+    }
+    wait_for(
+        "every host online, none standing by",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let s = lab.status_from_any().ok()?;
+            (s.online_nodes().len() == 3 && s.nodes.iter().all(|n| !n.standby)).then_some(())
+        },
+    )
+    .unwrap();
+    for (spec, _) in &vms {
+        let n = wait_running(&lab, &spec.name, Duration::from_secs(10));
+        assert_eq!(n, victim, "{} stays on {victim_name}", spec.name);
     }
     let fences_before = lab.power_events().len();
 
