@@ -1,7 +1,8 @@
 //! `vmha check` in a lab where vmha was installed from its Debian package (dpkg -i in every host): all
 //! green on a healthy cluster (fencing on, a VM running); then, one problem at a time, each restored
 //! before the next, it names the problem and the fix and exits non-zero: fencing disabled
-//! (stonith-enabled=false), the only fence device disabled, the shared storage not mounted on one host,
+//! (stonith-enabled=false), the only fence device disabled, the package's shutdown ordering of Pacemaker
+//! (pacemaker.service.d drop-in) removed from one host, the shared storage not mounted on one host,
 //! one host with a relay key of its own (`vmha keygen --force` there: the fix says where to copy the key
 //! from), vmhad stopped on one host (which a vmha call on that host then restarts through D-Bus activation).
 
@@ -272,6 +273,22 @@ fn vmha_check_reports_host_readiness() {
         &["mount the shared storage"],
     );
     lab.exec_ok(blind, &["umount", shared]).unwrap();
+    restored(&lab);
+
+    // The package's ordering of a host shutdown removed from node1 (its pacemaker.service is Debian's
+    // again): red there, naming the units Pacemaker would stop in parallel with and the drop-in to install.
+    let drop_in = vmha_lab::lab::SHUTDOWN_ORDER_DROP_IN;
+    lab.exec_ok(1, &["cp", drop_in, "/run/shutdown-order.conf"]).unwrap();
+    lab.exec_ok(1, &["rm", drop_in]).unwrap();
+    let (rc, report) = until(&lab, 1, "shutdown-order red (no drop-in)", |r| red(r, "shutdown-order"));
+    assert_red(
+        rc,
+        &report,
+        "shutdown-order",
+        &["is not ordered After=", "libvirtd.service", "libvirt-guests.service"],
+        &[drop_in, "systemctl edit pacemaker.service"],
+    );
+    lab.exec_ok(1, &["cp", "/run/shutdown-order.conf", drop_in]).unwrap();
     restored(&lab);
 
     // node3 with a relay key of its own (`vmha keygen --force` there): red, saying where to copy it from.
