@@ -111,6 +111,14 @@ pub fn load_config(params: &Params) -> Result<Option<LoadedConfig>, AgentError> 
             });
         }
     }
+    if params.migration.shared_storage && !facts.host_cached_disks.is_empty() {
+        tracing::warn!(
+            vm = facts.name,
+            disks = facts.host_cached_disks.join(" "),
+            "shared_storage=true, but these disks use the host page cache (their cache mode is not none or \
+             directsync): a live migration may leave the target reading stale blocks; set cache='none'"
+        );
+    }
     Ok(Some(LoadedConfig {
         path: path.clone(),
         xml,

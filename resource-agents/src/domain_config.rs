@@ -12,6 +12,10 @@ pub struct DomainConfig {
     pub networks: Vec<String>,
     /// Pools of `<disk type='volume'><source pool='...'/>`, in order, once each.
     pub pools: Vec<String>,
+    /// Writable disks (by target device, else source) whose cache mode lets the host page cache hold their
+    /// data (`writeback`, QEMU's default, `writethrough`, `unsafe`): not safe to live-migrate on storage
+    /// libvirt cannot check (`shared_storage=true`).
+    pub host_cached_disks: Vec<String>,
 }
 
 /// Why a file is not a usable domain definition.
@@ -46,12 +50,30 @@ impl DomainConfig {
 
         let mut networks = Vec::new();
         let mut pools = Vec::new();
+        let mut host_cached_disks = Vec::new();
         let devices = root
             .children()
             .filter(|n| n.is_element() && n.has_tag_name("devices"))
             .flat_map(|d| d.children().filter(|n| n.is_element()));
         for device in devices {
             let source = || device.children().find(|n| n.is_element() && n.has_tag_name("source"));
+            let child = |tag: &str| device.children().find(|n| n.is_element() && n.has_tag_name(tag));
+            if device.has_tag_name("disk")
+                && matches!(device.attribute("device"), None | Some("disk" | "lun"))
+                && child("readonly").is_none()
+                && child("shareable").is_none()
+                && source().is_some()
+                && !matches!(
+                    child("driver").and_then(|d| d.attribute("cache")),
+                    Some("none" | "directsync")
+                )
+            {
+                let target = child("target").and_then(|t| t.attribute("dev"));
+                let src = source().and_then(|s| s.attribute("file").or(s.attribute("dev")));
+                if let Some(name) = target.or(src) {
+                    host_cached_disks.push(name.to_owned());
+                }
+            }
             let (list, attr) = match (device.tag_name().name(), device.attribute("type")) {
                 ("interface", Some("network")) => (&mut networks, "network"),
                 ("disk", Some("volume")) => (&mut pools, "pool"),
@@ -68,6 +90,7 @@ impl DomainConfig {
             uuid,
             networks,
             pools,
+            host_cached_disks,
         })
     }
 }
@@ -99,6 +122,25 @@ mod tests {
         assert_eq!(c.uuid.as_deref(), Some("4dea22b3-1d52-d8f3-2516-782e98ab3fa0"));
         assert_eq!(c.networks, vec!["default", "migration"]);
         assert_eq!(c.pools, vec!["images"]);
+        assert_eq!(
+            c.host_cached_disks,
+            vec!["/var/lib/x.img"],
+            "no cache mode: QEMU's writeback"
+        );
+    }
+
+    #[test]
+    fn disks_that_bypass_the_host_page_cache_are_not_listed() {
+        let xml = r#"<domain><name>d</name><devices>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/s/a.qcow2'/><target dev='vda'/></disk>
+            <disk type='block' device='disk'><driver name='qemu' cache='directsync'/><source dev='/dev/sdb'/><target dev='vdb'/></disk>
+            <disk type='file' device='disk'><driver name='qemu' cache='writeback'/><source file='/s/c.img'/><target dev='vdc'/></disk>
+            <disk type='file' device='disk'><driver name='qemu' cache='writethrough'/><source file='/s/d.img'/><target dev='vdd'/><readonly/></disk>
+            <disk type='file' device='disk'><source file='/s/e.img'/><target dev='vde'/><shareable/></disk>
+            <disk type='file' device='cdrom'><source file='/s/x.iso'/><target dev='hdc'/></disk>
+            <disk type='file' device='cdrom'><target dev='hdd'/></disk>
+        </devices></domain>"#;
+        assert_eq!(DomainConfig::parse(xml).expect("valid").host_cached_disks, vec!["vdc"]);
     }
 
     #[test]
