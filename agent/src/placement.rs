@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use vmha_api::json::document;
 use vmha_model::change::{self, NewVm};
 use vmha_model::cib::HostState;
 use vmha_model::domain::DomainSummary;
@@ -126,7 +127,13 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             .await
             .context("storing the policy in the CIB")?;
             if json_out {
-                println!("{}", json!({"stored": true, "pending_changes": plan.changes.len()}));
+                println!(
+                    "{}",
+                    document(
+                        "policy_stored",
+                        json!({"stored": true, "pending_changes": plan.changes.len()})
+                    )
+                );
             } else {
                 println!(
                     "policy stored; {} change(s) pending (vmha policy apply [--dry-run])",
@@ -140,7 +147,10 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             let p = stored(&xml)?;
             let plan = policy::plan(&p, &xml)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&json!({"policy": p, "plan": plan}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&document("policy", json!({"policy": p, "plan": plan})))?
+                );
             } else {
                 println!("{}", p.to_json());
                 if plan.is_empty() {
@@ -171,7 +181,10 @@ async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"applied": applied, "dry_run": dry_run, "plan": plan}))?
+            serde_json::to_string_pretty(&document(
+                "policy_apply",
+                json!({"applied": applied, "dry_run": dry_run, "plan": plan})
+            ))?
         );
     } else {
         for w in &plan.warnings {
@@ -350,7 +363,10 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
         if json_out {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({"n_plus_one": ok, "failures": reports}))?
+                serde_json::to_string_pretty(&document(
+                    "what_if_n_plus_one",
+                    json!({"n_plus_one": ok, "failures": reports})
+                ))?
             );
         } else {
             for p in &reports {
@@ -403,7 +419,7 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
     )
     .await?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        println!("{}", serde_json::to_string_pretty(&document("what_if", &p))?);
     } else {
         print_prediction(&p);
     }

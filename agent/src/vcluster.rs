@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
+use vmha_api::json::document;
 use vmha_model::change::{escape, set_resource_meta, validate_name};
 use vmha_model::{ClusterView, VmState};
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
@@ -181,7 +182,10 @@ fn keygen(out: &Path, json_out: bool) -> Result<()> {
     if json_out {
         println!(
             "{}",
-            json!({"secret_key_file": out, "public_key_file": pub_path, "public_key": public.to_text(), "fingerprint": public.fingerprint()})
+            document(
+                "signing_key",
+                json!({"secret_key_file": out, "public_key_file": pub_path, "public_key": public.to_text(), "fingerprint": public.fingerprint()})
+            )
         );
     } else {
         println!("{}", public.to_text());
@@ -323,7 +327,10 @@ async fn list(json_out: bool) -> Result<()> {
     let cib = connect().await?;
     let tags = capture::list(&query(&cib).await?)?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&tags)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document("vcluster_list", json!({ "vclusters": tags })))?
+        );
     } else {
         for (name, members) in tags {
             println!("{name}: {}", members.join(" "));
@@ -358,7 +365,7 @@ async fn show(name: &str, json_out: bool) -> Result<()> {
         "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "outside": o})).collect::<Vec<_>>(),
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&document("vcluster", &out))?);
     } else {
         println!("virtual cluster {}: {}", c.name, c.members.join(" "));
         for v in &vms {

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_json, vmha_run, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_hosts, vmha_run, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -409,11 +409,10 @@ fn live_clone_of_a_running_vm() {
             Duration::from_secs(60),
             POLL,
             || {
-                let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
+                let hosts = vmha_hosts(&lab, d).ok()?;
                 hosts
-                    .as_array()?
                     .iter()
-                    .any(|h| h["Name"] == from_name.as_str() && h["State"] == "online")
+                    .any(|h| h.name == from_name && h.state == "online")
                     .then_some(())
             },
         )
