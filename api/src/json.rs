@@ -411,6 +411,8 @@ mod tests {
             ("SomethingNew", Value::from(7u32)),
         ]));
         assert_eq!(vm.fail_counts.get("NodeA"), Some(&2));
+        assert_eq!(vm.hosts, ["NodeA"]);
+        assert!(vm.managed);
         assert_eq!(vm.utilization.get("hv_memory").map(String::as_str), Some("512"));
         let shown = document("vm", serde_json::json!({ "vm": &vm }));
         let back: VmShow = serde_json::from_value(shown).unwrap();

@@ -47,9 +47,19 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
         .unwrap();
     assert!(added.contains("running on"), "{added}");
     let from = wait_running(&lab, "vm1", Duration::from_secs(60));
-    let vm = vmha_vm(&lab, 2, "vm1").unwrap();
+    // vmhad follows the CIB's notifications: host 2's view catches up with Pacemaker's within moments.
+    let vm = wait_for(
+        "node2's vmhad to show vm1 running",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            vmha_vm(&lab, 2, "vm1")
+                .ok()
+                .filter(|v| v.hosts == [format!("node{from}")])
+        },
+    )
+    .unwrap();
     assert_eq!(vm.agent, "ocf:vmha:VirtualMachine");
-    assert_eq!(vm.hosts, [format!("node{from}")]);
     assert_eq!(
         vm.utilization.get("hv_memory").map(String::as_str),
         Some("128"),

@@ -466,6 +466,9 @@ impl Lab {
     /// controller (fencing) alike, so that a fence reboot and a scenario's power-on never both start the
     /// host (two instances of one host, one of them unknown to the lab and left behind at tear-down).
     fn power_lock(&self, n: u8) -> Result<nix::fcntl::Flock<fs::File>> {
+        // A lab never brought up (or removed) has no host directory yet: its switch is made here.
+        fs::create_dir_all(self.cfg.host_dir(n))
+            .with_context(|| format!("creating {}", self.cfg.host_dir(n).display()))?;
         let path = self.cfg.host_dir(n).join("power.lock");
         let file = fs::OpenOptions::new()
             .create(true)
