@@ -926,6 +926,9 @@ fn generate(what: &GenerateCmd) -> Result<()> {
             let mut page = Vec::new();
             clap_mangen::Man::new(vmhad).section("8").render(&mut page)?;
             std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+            let path = dir.join(vmha_resource_agents::manpage::FILE_NAME);
+            std::fs::write(&path, vmha_resource_agents::manpage::render(env!("CARGO_PKG_VERSION")))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         GenerateCmd::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "vmha", &mut std::io::stdout());
