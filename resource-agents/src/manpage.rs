@@ -48,7 +48,13 @@ pub fn render(version: &str) -> String {
     let mut page = Roff::new();
     page.control(
         "TH",
-        ["OCF_VMHA_VIRTUALMACHINE", "7", "", &format!("vmha {version}"), "OCF resource agents"],
+        [
+            "OCF_VMHA_VIRTUALMACHINE",
+            "7",
+            "",
+            &format!("vmha {version}"),
+            "OCF resource agents",
+        ],
     );
     page.control("SH", ["NAME"]);
     page.text([roman(
@@ -149,8 +155,14 @@ pub fn render(version: &str) -> String {
     page.control("SH", ["ENVIRONMENT"]);
     for (name, meaning) in [
         ("OCF_RESKEY_name", "each instance parameter."),
-        ("OCF_RESKEY_CRM_meta_timeout", "the operation's timeout (ms): every call's deadline is derived from it."),
-        ("OCF_CHECK_LEVEL", "monitor depth: 0 asks libvirt, 10 also pings the guest agent."),
+        (
+            "OCF_RESKEY_CRM_meta_timeout",
+            "the operation's timeout (ms): every call's deadline is derived from it.",
+        ),
+        (
+            "OCF_CHECK_LEVEL",
+            "monitor depth: 0 asks libvirt, 10 also pings the guest agent.",
+        ),
         ("OCF_RESOURCE_INSTANCE", "the resource's name, in log lines."),
     ] {
         page.control("TP", [] as [&str; 0]);
@@ -159,7 +171,9 @@ pub fn render(version: &str) -> String {
     }
 
     page.control("SH", ["EXAMPLES"]);
-    page.text([roman("A VM defined by an XML file on shared storage, live-migrated when moved:")]);
+    page.text([roman(
+        "A VM defined by an XML file on shared storage, live-migrated when moved:",
+    )]);
     page.control("PP", [] as [&str; 0]);
     page.control("nf", [] as [&str; 0]);
     page.text([roman(
@@ -205,7 +219,14 @@ mod tests {
             let name = action.name.replace('-', "\\-");
             assert!(page.contains(&format!("\\fB{name}\\fR")), "{} missing", action.name);
         }
-        for section in ["NAME", "SYNOPSIS", "DESCRIPTION", "SUPPORTED PARAMETERS", "EXIT STATUS", "EXAMPLES"] {
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "SUPPORTED PARAMETERS",
+            "EXIT STATUS",
+            "EXAMPLES",
+        ] {
             assert!(page.contains(&format!(".SH \"{section}\"")) || page.contains(&format!(".SH {section}")));
         }
         assert!(page.contains("vmha 9.9.9"));
