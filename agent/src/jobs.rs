@@ -416,19 +416,31 @@ async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> (Result<String,
         Err(e) => return (Err(e), None),
     };
     match op {
-        Operation::Vm(op) => (vmha_ops::vm::run(ports, job, op).await.map_err(|e| e.to_string()), None),
-        Operation::Clone(plan) => (
-            vmha_ops::clone::run(ports, job, plan, job.id())
-                .await
-                .map_err(|e| e.to_string()),
-            None,
-        ),
+        Operation::Vm(op) => with_class(vmha_ops::vm::run(ports, job, op).await),
+        Operation::Clone(plan) => with_class(vmha_ops::clone::run(ports, job, plan, job.id()).await),
         Operation::Scale(plan) => {
             let (summary, outcome) = vmha_ops::group::run(ports, job, plan, job.id()).await;
             let class = outcome.err().map(|e| crate::errors::op_error(e).short_name());
             let message = summary.message();
             let details = scale_details(&summary, class.as_deref());
             (if class.is_none() { Ok(message) } else { Err(message) }, Some(details))
+        }
+    }
+}
+
+/// A job's result, and when it failed Details naming the `org.vmha.Vmha1.Error` class of its error
+/// (`{"error_class": "GuestRefused"}`): a client, also on another host through the relay, tells a guest's
+/// refusal from a libvirt failure by it.
+fn with_class(r: Result<String, vmha_ops::OpError>) -> (Result<String, String>, Option<String>) {
+    match r {
+        Ok(message) => (Ok(message), None),
+        Err(e) => {
+            let message = e.to_string();
+            let class = crate::errors::op_error(e).short_name();
+            (
+                Err(message),
+                Some(serde_json::json!({ "error_class": class }).to_string()),
+            )
         }
     }
 }

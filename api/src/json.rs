@@ -156,6 +156,11 @@ pub struct JobResult {
     pub job: String,
     pub success: bool,
     pub message: String,
+    /// When it failed: the class of its error (`GuestRefused`, `Libvirt`, `Conflict`...; the names of
+    /// `org.vmha.Vmha1.Error.*`, which also decide `vmha`'s exit status). Absent when it succeeded or
+    /// the vmhad that ran it gave no class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<String>,
 }
 
 /// A D-Bus value as JSON: numbers, strings, arrays and dictionaries (keys as strings).

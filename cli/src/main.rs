@@ -1282,17 +1282,36 @@ impl Client {
     /// prints its result.
     async fn job(&self, call: impl std::future::Future<Output = Result<OwnedObjectPath>>) -> Result<ExitCode> {
         let (job, ok, message) = self.job_result(call).await?;
+        // A failed job names its error's class in its details (vmhad of this version): the exit status
+        // follows it, as for a refusal.
+        let class = if ok {
+            None
+        } else {
+            self.job_details(&job)
+                .await
+                .ok()
+                .and_then(|d| d["error_class"].as_str().map(str::to_string))
+        };
         if self.output == Output::Json {
-            println!(
-                "{}",
-                document("job", json!({ "job": job, "success": ok, "message": message }))
-            );
+            let result = vmha_api::json::JobResult {
+                schema_version: vmha_api::json::SCHEMA_VERSION,
+                kind: "job".into(),
+                job,
+                success: ok,
+                message: message.clone(),
+                error_class: class.clone(),
+            };
+            println!("{}", serde_json::to_string(&result)?);
         } else if ok {
             println!("{}", printable(&message));
         } else {
             eprintln!("vmha: {}", printable(&message));
         }
-        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(match (ok, class) {
+            (true, _) => ExitCode::SUCCESS,
+            (false, Some(class)) => ExitCode::from(exit_code(&vmha_api::Error::from_class(&class, message))),
+            (false, None) => ExitCode::FAILURE,
+        })
     }
 
     /// A method that returns a job (`call`, see [`change!`]): follows its progress (shown on stderr) until
