@@ -122,6 +122,13 @@ pub fn printable(text: &str, max: usize) -> String {
     cut
 }
 
+/// The origin vmhad gives the failure record it relabels. The DC's controller treats every change of an
+/// operation record made outside a transition as a new failure and bumps the fail count again (Pacemaker
+/// 2.1.5; later versions skip a record they have seen), except a record whose origin says it is a
+/// restatement of the controller's history (`build_active_RAs`, what the controller writes when it re-sends
+/// its history on a join). The relabelled record is exactly that: the same result, restated with its reason.
+pub const RESTATED: &str = "build_active_RAs";
+
 /// The CIB change that gives the failure the controller recorded for `resource` on `host` its real
 /// `reason`: an XPath that selects the record only while it still carries [`SIMULATED_FAILURE`] (so a
 /// later, different failure is never relabelled) and the element to merge into it. `None` when a name
@@ -135,7 +142,7 @@ pub fn reason_change(host: &str, resource: &str, op_id: &str, reason: &str) -> O
          /lrm_rsc_op[@id='{op_id}'][@operation='asyncmon'][@exit-reason='{SIMULATED_FAILURE}']"
     );
     let xml = format!(
-        r#"<lrm_rsc_op id="{}" exit-reason="{}"/>"#,
+        r#"<lrm_rsc_op id="{}" exit-reason="{}" crm-debug-origin="{RESTATED}"/>"#,
         vmha_model::change::escape(op_id),
         vmha_model::change::escape(reason)
     );
@@ -466,7 +473,7 @@ mod tests {
         );
         assert_eq!(
             xml,
-            r#"<lrm_rsc_op id="vm1_last_failure_0" exit-reason="a &lt;b&gt; &amp; &quot;c&quot;"/>"#
+            r#"<lrm_rsc_op id="vm1_last_failure_0" exit-reason="a &lt;b&gt; &amp; &quot;c&quot;" crm-debug-origin="build_active_RAs"/>"#
         );
         assert_eq!(reason_change("n'1", "vm1", "vm1_last_0", "r"), None);
         // The XPath matches the record the controller writes for a fail request, and nothing else.

@@ -107,10 +107,15 @@ fn a_killed_qemu_shows_in_crm_mon_with_its_real_reason() {
         (q.len() == 1 && q[0].1 != killed && lab.status(1).ok()?.running_on("vm1").is_some()).then_some(())
     })
     .unwrap();
-    assert_eq!(
-        fail_counts(&lab),
-        vec![("fail-count-vm1#asyncmon_0".to_string(), "1".to_string())],
-        "one failure, counted once"
+    // Pacemaker 2.1.5 counts the fail request's own two records (vm1_last_0, vm1_last_failure_0) once or
+    // twice, depending on timing; the relabelled records must not count again (each did, making it 3 or 4,
+    // before vmhad marked them as a restatement of the controller's history).
+    let counts = fail_counts(&lab);
+    assert_eq!(counts.len(), 1, "{counts:?}");
+    assert_eq!(counts[0].0, "fail-count-vm1#asyncmon_0");
+    assert!(
+        matches!(counts[0].1.as_str(), "1" | "2"),
+        "the reason's change was counted as another failure: {counts:?}"
     );
     assert_eq!(
         crm_mon_failures(&lab).unwrap(),
