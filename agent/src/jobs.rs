@@ -349,9 +349,14 @@ impl Job {
         self.path.rsplit('/').next().unwrap_or("0")
     }
 
+    /// The job's kind ("migrate", "clone"...), for the log's `vmha_job_kind` field.
+    fn kind(&self) -> String {
+        self.info.lock().map(|i| i.kind.clone()).unwrap_or_default()
+    }
+
     /// Reports a step.
     pub async fn progress(&self, fraction: f64, message: &str) {
-        tracing::info!(job = %self.path, fraction, message, "job progress");
+        tracing::info!(vmha_job = self.id(), vmha_job_kind = %self.kind(), fraction, message, "job progress");
         self.update(Some(fraction), None, message).await;
     }
 
@@ -364,7 +369,7 @@ impl Job {
             let details = self.info.lock().map(|i| i.details.clone()).unwrap_or_default();
             m.done(ok, &message, details).await;
         }
-        tracing::info!(job = %self.path, ok, %message, "job finished");
+        tracing::info!(vmha_job = self.id(), vmha_job_kind = %self.kind(), ok, %message, "job finished");
         self.update(
             ok.then_some(1.0),
             Some(if ok { "succeeded" } else { "failed" }),
@@ -403,7 +408,7 @@ impl crate::vcluster::Report for JobReport {
     fn step(&self, fraction: Option<f64>, message: &str) {
         let job = self.job.clone();
         let message = message.to_string();
-        tracing::info!(job = %job.path, ?fraction, %message, "job progress");
+        tracing::info!(vmha_job = job.id(), vmha_job_kind = %job.kind(), ?fraction, %message, "job progress");
         self.runtime
             .spawn(async move { job.update(fraction, None, &message).await });
     }
