@@ -746,7 +746,14 @@ async fn halted(
     }
     .await;
     progress.progress(0.97, "restarting the members").await;
-    let restored = restore_roles(p, &journal.roles).await;
+    // Retried: a member left stopped until the next recovery is an outage.
+    let mut restored = restore_roles(p, &journal.roles).await;
+    for _ in 0..2 {
+        if restored.is_ok() {
+            break;
+        }
+        restored = restore_roles(p, &journal.roles).await;
+    }
     match restored {
         Ok(()) => {
             clear_journal(p, p.cluster.local_host(), &key).await;
