@@ -71,9 +71,9 @@ impl OpError {
     /// The error behind a rollback's wrapping.
     pub fn cause(&self) -> &OpError {
         match self {
-            OpError::RolledBack(e) | OpError::Undone { error: e, .. } | OpError::RollbackIncomplete { error: e, .. } => {
-                e.cause()
-            }
+            OpError::RolledBack(e)
+            | OpError::Undone { error: e, .. }
+            | OpError::RollbackIncomplete { error: e, .. } => e.cause(),
             e => e,
         }
     }

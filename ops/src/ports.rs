@@ -91,7 +91,11 @@ pub trait Hypervisor: Send + Sync {
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>>;
     /// What stands in the way of defining the domains `(vm, domain XML)` on `host` (a domain of the same
     /// name or UUID there, a missing bridge or libvirt network), one line each.
-    fn domain_problems(&self, host: &str, domains: Vec<(String, String)>) -> BoxFuture<'_, Result<Vec<String>, HvError>>;
+    fn domain_problems(
+        &self,
+        host: &str,
+        domains: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<String>, HvError>>;
     /// Freezes (`freeze`) or thaws the file systems of `domain`'s guest on `host` through
     /// qemu-guest-agent.
     fn guest_fsfreeze(&self, host: &str, domain: &str, freeze: bool) -> BoxFuture<'_, Result<(), HvError>>;

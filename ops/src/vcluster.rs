@@ -288,7 +288,9 @@ impl InstantiateRun<'_> {
         let mut paths: Vec<&str> = p.domains.iter().map(|d| d.path.as_str()).collect();
         paths.extend(p.disks.iter().map(|d| d.to.as_str()));
         for path in paths {
-            let dir = path.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+            let dir = path
+                .rsplit_once('/')
+                .map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
             if self.p.storage.lexists(path).await {
                 problems.push(format!("{} exists already", printable(path)));
             } else if !self.p.storage.is_dir(dir).await {
@@ -408,7 +410,9 @@ impl InstantiateRun<'_> {
         if self.spec.wait.is_zero() {
             return Ok(());
         }
-        self.progress.progress(0.9, "waiting for the virtual cluster to run").await;
+        self.progress
+            .progress(0.9, "waiting for the virtual cluster to run")
+            .await;
         let cib = self.p.cluster.query().await?;
         let expect: Vec<String> = self
             .journal
@@ -761,7 +765,10 @@ async fn halted(
         }
         // The journal stays: the next recovery tries again.
         Err(u) => Err(OpError::RollbackIncomplete {
-            error: Box::new(r.err().unwrap_or_else(|| OpError::cluster("restarting the members", &u))),
+            error: Box::new(
+                r.err()
+                    .unwrap_or_else(|| OpError::cluster("restarting the members", &u)),
+            ),
             undo: u,
         }),
     }

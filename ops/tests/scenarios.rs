@@ -276,7 +276,10 @@ async fn instantiate_world() -> (Arc<World>, Arc<Vec<u8>>) {
     let w = world();
     w.add_file("/srv/vmha/notes.txt");
     let hosts = w.host_names();
-    let vms = [("web1".to_string(), "h2".to_string()), ("db1".to_string(), "h3".to_string())];
+    let vms = [
+        ("web1".to_string(), "h2".to_string()),
+        ("db1".to_string(), "h3".to_string()),
+    ];
     let bytes = scenario::archive_of(&hosts, "shop", &vms).await.unwrap();
     (w, Arc::new(bytes))
 }
@@ -297,10 +300,7 @@ fn all_or_nothing(w: &World, what: &str) {
     let v = w.violations("vm1");
     assert!(v.is_empty(), "{what}: {v:?}\n{}", w.log().join("\n"));
     let view = w.view();
-    let made: Vec<&str> = ["web1", "db1"]
-        .into_iter()
-        .filter(|n| view.vm(n).is_some())
-        .collect();
+    let made: Vec<&str> = ["web1", "db1"].into_iter().filter(|n| view.vm(n).is_some()).collect();
     let files: Vec<String> = w
         .file_names()
         .into_iter()
@@ -313,7 +313,10 @@ fn all_or_nothing(w: &World, what: &str) {
         assert_eq!(made.len(), 2, "{what}: half a virtual cluster {made:?}");
         assert_eq!(files.len(), 4, "{what}: {files:?}");
     }
-    assert!(w.file("/srv/vmha/notes.txt").is_some(), "{what}: a file that was there is gone");
+    assert!(
+        w.file("/srv/vmha/notes.txt").is_some(),
+        "{what}: a file that was there is gone"
+    );
 }
 
 #[tokio::test(start_paused = true)]

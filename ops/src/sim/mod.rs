@@ -1335,7 +1335,11 @@ impl Hypervisor for At {
         })
     }
 
-    fn domain_problems(&self, host: &str, domains: Vec<(String, String)>) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
+    fn domain_problems(
+        &self,
+        host: &str,
+        domains: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
         let h = host.to_string();
         let fail = hv_fail(&h, "domain lookup");
         guarded!(self, "hv.domain_problems", h.clone(), fail, {
@@ -1636,9 +1640,14 @@ fn confined(g: &Inner, path: &str, roots: &[String]) -> Result<(), StorageError>
         .filter_map(|r| normalise(r))
         .any(|r| under(&n, &r) && n != r);
     if !inside {
-        return Err(st_err(path, format!("outside every storage root ({})", roots.join(", "))));
+        return Err(st_err(
+            path,
+            format!("outside every storage root ({})", roots.join(", ")),
+        ));
     }
-    let dir = n.rsplit_once('/').map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+    let dir = n
+        .rsplit_once('/')
+        .map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
     if !is_dir(g, dir) {
         return Err(st_err(path, "its directory is missing"));
     }
@@ -1796,10 +1805,7 @@ impl crate::vcluster::ArchiveSource for SimArchive {
         })
     }
 
-    fn rest(
-        &mut self,
-        files: Option<BTreeMap<u32, std::fs::File>>,
-    ) -> BoxFuture<'_, Result<(), String>> {
+    fn rest(&mut self, files: Option<BTreeMap<u32, std::fs::File>>) -> BoxFuture<'_, Result<(), String>> {
         drop(files);
         guarded!(self, "archive.rest", "", |m| m, {
             vmha_vcluster::archive::verify_trusting(self.bytes.as_slice(), &self.trust).map_err(|e| e.to_string())?;
@@ -1866,7 +1872,8 @@ impl crate::vcluster::ArchiveSink for SimSink {
         guarded!(self, "archive.write", consistency, capture_error, {
             let sized: Vec<(String, String, u64)> =
                 self.disks.iter().map(|(vm, p)| (vm.clone(), p.clone(), 0)).collect();
-            let manifest = vmha_vcluster::manifest_for(c, placement, "2026-12-06T00:00:00Z".into(), consistency, &sized);
+            let manifest =
+                vmha_vcluster::manifest_for(c, placement, "2026-12-06T00:00:00Z".into(), consistency, &sized);
             let e = |e: vmha_vcluster::archive::ArchiveError| capture_error(e.to_string());
             let mut w = vmha_vcluster::archive::ArchiveWriter::new(Vec::new(), 1, manifest, metadata).map_err(e)?;
             for _ in &sized {
@@ -1875,9 +1882,11 @@ impl crate::vcluster::ArchiveSink for SimSink {
                 w.add_disk(&empty, &mut |_| {}).map_err(e)?;
             }
             let (bytes, manifest, stats) = w.finish().map_err(e)?;
-            self.g()
-                .log
-                .push(format!("{} archive written ({consistency}, {} disks)", self.host, sized.len()));
+            self.g().log.push(format!(
+                "{} archive written ({consistency}, {} disks)",
+                self.host,
+                sized.len()
+            ));
             self.bytes = Some(bytes);
             Ok((manifest, stats))
         })

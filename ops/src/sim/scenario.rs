@@ -237,8 +237,7 @@ pub async fn run(script: &str) -> Result<String, String> {
                                 "name" => spec.name = Some(v.to_string()),
                                 "map" => spec.maps.push(v.to_string()),
                                 "wait" => {
-                                    spec.wait =
-                                        std::time::Duration::from_secs(v.parse().map_err(|_| bad("seconds"))?)
+                                    spec.wait = std::time::Duration::from_secs(v.parse().map_err(|_| bad("seconds"))?)
                                 }
                                 "on" => on = Some(v.to_string()),
                                 _ => return Err(bad("unknown instantiate option")),
@@ -274,7 +273,11 @@ pub async fn run(script: &str) -> Result<String, String> {
                 let on = on.or_else(|| w.dc()).ok_or_else(|| bad("no DC"))?;
                 jobs += 1;
                 let outcome = match run_capture(&w, &on, &spec, jobs).await {
-                    Some(Ok(summary)) => format!("ok: {} ({} disks)", summary["consistency"], summary["disks"].as_array().map_or(0, Vec::len)),
+                    Some(Ok(summary)) => format!(
+                        "ok: {} ({} disks)",
+                        summary["consistency"],
+                        summary["disks"].as_array().map_or(0, Vec::len)
+                    ),
                     Some(Err(e)) => format!("failed: {e}"),
                     None => "vmhad died".into(),
                 };
@@ -411,7 +414,13 @@ pub async fn archive_of(hosts: &[String], name: &str, vms: &[(String, String)]) 
 }
 
 /// Runs an instantiate in the vmhad on `on`: how it ended, in a line (stopping when that vmhad dies).
-pub async fn run_instantiate(w: &Arc<World>, on: &str, spec: &InstantiateSpec, bytes: Arc<Vec<u8>>, job: usize) -> String {
+pub async fn run_instantiate(
+    w: &Arc<World>,
+    on: &str,
+    spec: &InstantiateSpec,
+    bytes: Arc<Vec<u8>>,
+    job: usize,
+) -> String {
     let ports = w.vmhad(on);
     let mut archive = SimArchive::new(w, on, bytes);
     let id = job.to_string();
