@@ -121,6 +121,9 @@ pub struct InstantiateJournal {
     pub vms: Vec<String>,
     /// The job ended well; the journal is only dropped.
     pub finished: bool,
+    /// The host had no node attributes before the journal: the set the journal made goes with it.
+    #[serde(default)]
+    pub made_set: bool,
 }
 
 /// The hidden name a file is written under until it is complete: next to its destination (a link in
@@ -163,7 +166,7 @@ pub async fn instantiate(
                 // would roll back a finished instantiate, so the job fails then.
                 match run.save_journal().await {
                     Ok(()) => {
-                        clear_journal(p, p.cluster.local_host(), &run.key).await;
+                        drop_journal(p, p.cluster.local_host(), &run.key, run.journal.made_set).await;
                         Ok(m)
                     }
                     Err(e) => run.fail(e).await,
@@ -203,7 +206,7 @@ impl InstantiateRun<'_> {
             .progress(0.95, &format!("instantiate failed, removing what it created: {e}"))
             .await;
         let undo = rollback(self.p, &self.journal).await;
-        clear_journal(self.p, self.p.cluster.local_host(), &self.key).await;
+        drop_journal(self.p, self.p.cluster.local_host(), &self.key, self.journal.made_set).await;
         Err(match undo {
             Ok(()) => OpError::Undone {
                 error: Box::new(e),
@@ -328,6 +331,7 @@ impl InstantiateRun<'_> {
             cib: created_elements(&p.cib_fragment)?,
             vms: p.domains.iter().map(|d| d.vm.clone()).collect(),
             finished: false,
+            made_set: !has_node_attributes(&self.p.cluster.query().await?, self.p.cluster.local_host()),
         };
         // Journaled before the write: a write that fails after reaching the CIB still gets rolled back.
         self.journaled = true;
@@ -527,12 +531,56 @@ pub async fn rollback(p: &Ports, j: &InstantiateJournal) -> Result<(), String> {
     }
 }
 
+/// Whether `host`'s node has a set of node attributes (`instance_attributes`).
+fn has_node_attributes(cib: &str, host: &str) -> bool {
+    node_attribute_sets(cib, host).next().is_some()
+}
+
+/// The ids of `host`'s node attribute sets, and whether each is empty.
+fn node_attribute_sets<'a>(cib: &'a str, host: &'a str) -> impl Iterator<Item = (String, bool)> + 'a {
+    let doc = roxmltree::Document::parse(cib).ok();
+    let sets: Vec<(String, bool)> = doc
+        .iter()
+        .flat_map(|d| d.descendants())
+        .filter(|n| n.has_tag_name("node") && n.attribute("uname") == Some(host))
+        .filter(|n| n.ancestors().any(|a| a.has_tag_name("configuration")))
+        .flat_map(|n| n.children().filter(|c| c.has_tag_name("instance_attributes")))
+        .map(|s| {
+            (
+                s.attribute("id").unwrap_or("").to_string(),
+                !s.children().any(|c| c.is_element()),
+            )
+        })
+        .collect();
+    sets.into_iter()
+}
+
+/// Drops `host`'s journal `key`; with `made_set`, also the set of node attributes the journal made,
+/// once empty (so that the CIB's configuration is as before).
+async fn drop_journal(p: &Ports, host: &str, key: &str, made_set: bool) {
+    clear_journal(p, host, key).await;
+    if !made_set {
+        return;
+    }
+    let Ok(cib) = p.cluster.query().await else { return };
+    for (id, empty) in node_attribute_sets(&cib, host) {
+        if empty {
+            let xml = format!("<instance_attributes id=\"{}\"/>", escape(&id));
+            if let Err(e) = p.cluster.apply(CibChange::Delete { section: "nodes", xml }).await {
+                tracing::warn!(%host, "dropping the emptied node attribute set: {e}");
+            }
+        }
+    }
+}
+
 /// Rolls back the instantiates a vmhad left midway (this host's, and on the DC those of hosts whose
 /// vmhad is gone), and puts back the target-roles of interrupted captures. A finished instantiate's
 /// journal is only dropped.
 pub async fn recover(p: &Ports) {
     for j in orphaned(p, JOURNAL_PREFIX).await {
-        match serde_json::from_str::<InstantiateJournal>(&j.value) {
+        let parsed = serde_json::from_str::<InstantiateJournal>(&j.value);
+        let made_set = parsed.as_ref().is_ok_and(|x| x.made_set);
+        match parsed {
             Ok(journal) if journal.finished => {
                 tracing::info!(host = %j.host, key = %j.key, "dropping the journal of an instantiate that finished");
             }
@@ -544,10 +592,12 @@ pub async fn recover(p: &Ports) {
             }
             Err(e) => tracing::warn!(key = %j.key, "dropping an unreadable instantiate journal: {e}"),
         }
-        clear_journal(p, &j.host, &j.key).await;
+        drop_journal(p, &j.host, &j.key, made_set).await;
     }
     for j in orphaned(p, CAPTURE_JOURNAL_PREFIX).await {
-        match serde_json::from_str::<CaptureJournal>(&j.value) {
+        let parsed = serde_json::from_str::<CaptureJournal>(&j.value);
+        let made_set = parsed.as_ref().is_ok_and(|x| x.made_set);
+        match parsed {
             Ok(journal) => {
                 tracing::warn!(host = %j.host, key = %j.key, "restoring the target-roles of an interrupted capture");
                 if let Err(e) = restore_roles(p, &journal.roles).await {
@@ -556,7 +606,7 @@ pub async fn recover(p: &Ports) {
             }
             Err(e) => tracing::warn!(key = %j.key, "dropping an unreadable capture journal: {e}"),
         }
-        clear_journal(p, &j.host, &j.key).await;
+        drop_journal(p, &j.host, &j.key, made_set).await;
     }
 }
 
@@ -583,6 +633,9 @@ pub fn target_role(cib: &str, rsc: &str) -> Option<(String, String)> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaptureJournal {
     pub roles: BTreeMap<String, Option<String>>,
+    /// The host had no node attributes before the journal (see [`InstantiateJournal::made_set`]).
+    #[serde(default)]
+    pub made_set: bool,
 }
 
 /// What a capture is asked to do.
@@ -727,6 +780,7 @@ async fn halted(
             .iter()
             .map(|v| (v.resource.clone(), target_role(cib, &v.resource).map(|(_, r)| r)))
             .collect(),
+        made_set: !has_node_attributes(cib, p.cluster.local_host()),
     };
     let key = format!("{CAPTURE_JOURNAL_PREFIX}{job_id}");
     let value = serde_json::to_string(&journal).map_err(|e| OpError::data("the journal", e))?;
@@ -760,7 +814,7 @@ async fn halted(
     }
     match restored {
         Ok(()) => {
-            clear_journal(p, p.cluster.local_host(), &key).await;
+            drop_journal(p, p.cluster.local_host(), &key, journal.made_set).await;
             r
         }
         // The journal stays: the next recovery tries again.
