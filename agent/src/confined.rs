@@ -168,11 +168,6 @@ pub fn check_free_space<'a>(files: impl IntoIterator<Item = (&'a ConfinedPath, u
     Ok(())
 }
 
-/// Whether `path` exists, looked at without following a link at its end (for the target check).
-pub fn exists_no_follow(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
