@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -172,6 +172,7 @@ pub fn check_free_space<'a>(files: impl IntoIterator<Item = (&'a ConfinedPath, u
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
 
     fn temp_root(what: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmha-confined-{what}-{}", std::process::id()));
