@@ -227,10 +227,9 @@ impl Job {
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 
-    /// Puts a job object on the bus and runs `work` on a thread of its own (with its own runtime: it
-    /// may block, on files and libvirt, without stalling vmhad); `work` reports through the job and
-    /// returns its result and details (JSON). Returns the job's path.
-    pub async fn start_on_thread<F>(
+    /// Puts a job object on the bus and runs the future `work` makes of the job (reporting through
+    /// it) in the background; the future gives the result and the details (JSON). Returns the job's path.
+    pub async fn start_task<F, Fut>(
         conn: &Connection,
         shared: &Arc<Shared>,
         kind: &str,
@@ -238,32 +237,26 @@ impl Job {
         work: F,
     ) -> zbus::fdo::Result<OwnedObjectPath>
     where
-        F: FnOnce(&JobReport) -> (Result<String, String>, String) + Send + 'static,
+        F: FnOnce(Job) -> Fut,
+        Fut: std::future::Future<Output = (Result<String, String>, String)> + Send + 'static,
     {
         let job = Job::create(conn, shared, kind, target).await?;
         let path = job.path.clone();
-        let report = JobReport {
-            job: job.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vmha-job-{}", job.id()))
-            .spawn(move || {
-                let _ = tx.send(work(&report));
-            });
-        if let Err(e) = spawned {
-            job.finish(Err(format!("cannot start the job's thread: {e}"))).await;
-        } else {
-            tokio::spawn(async move {
-                let (result, details) = rx
-                    .await
-                    .unwrap_or_else(|_| (Err("the job's thread ended without a result".into()), String::new()));
-                job.set_details(details);
-                job.finish(result).await;
-            });
-        }
+        let work = work(job.clone());
+        tokio::spawn(async move {
+            let (result, details) = work.await;
+            job.set_details(details);
+            job.finish(result).await;
+        });
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    /// This job's progress as reported from any thread (a transfer's, from the thread doing it).
+    pub fn reporter(&self) -> JobReport {
+        JobReport {
+            job: self.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Puts a job object on the bus; the caller runs it and reports through it.
@@ -397,7 +390,7 @@ impl Job {
     }
 }
 
-/// A job's progress reported from the job's own thread (see [`Job::start_on_thread`]).
+/// A job's progress reported from another thread (see [`Job::reporter`]).
 #[derive(Debug)]
 pub struct JobReport {
     job: Job,
