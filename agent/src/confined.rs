@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -168,15 +168,11 @@ pub fn check_free_space<'a>(files: impl IntoIterator<Item = (&'a ConfinedPath, u
     Ok(())
 }
 
-/// Whether `path` exists, looked at without following a link at its end (for the target check).
-pub fn exists_no_follow(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::path::Path;
 
     fn temp_root(what: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("vmha-confined-{what}-{}", std::process::id()));

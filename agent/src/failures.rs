@@ -5,18 +5,36 @@
 //! Only `Stopped(Failed)` and `Stopped(Crashed)` are reported: a shutdown or destroy may be Pacemaker's
 //! own stop, and migration and save are normal. The CIB is read afresh before reporting, so a VM that
 //! Pacemaker no longer runs here is never reported.
+//!
+//! The controller's fail request (`pcmk_controld_api_fail`, what `crm_resource --fail` sends) carries no
+//! reason: the controller records an `asyncmon` failure whose exit reason is always "Simulated failure".
+//! Once that record is in the CIB's status section, vmhad replaces its exit reason with the real one
+//! ("QEMU exited unexpectedly", "guest crashed (kernel panic)"), so `crm_mon` and `pcs status` show why.
+//! The fail request goes out first and alone: recovery never waits for the reason.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use libvirt_ext::events::{Lifecycle, StoppedDetail, WatchItem};
+use libvirt_ext::events::{CrashedDetail, Lifecycle, StoppedDetail, WatchItem};
+use tracing::Instrument;
 use vmha_model::cib::HostState;
 use vmha_model::ClusterView;
-use vmha_pacemaker::{Controller, Resource};
+use vmha_pacemaker::{Access, CallOptions, Cib, Controller, Resource, Scope};
 
 use crate::state::Shared;
 
 const CONTROLLER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The exit reason the controller gives every failure reported through its fail request.
+pub const SIMULATED_FAILURE: &str = "Simulated failure";
+
+/// How long vmhad waits for the controller's failure record to reach the CIB before giving up on
+/// replacing its exit reason (the failure itself is reported either way).
+const REASON_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Longest exit reason vmhad writes (Pacemaker's own agents keep theirs to a line).
+const REASON_MAX_CHARS: usize = 128;
 
 /// Watches libvirt at `uri` forever (reconnecting with a growing delay) and reports VM failures.
 pub async fn report_vm_failures(shared: Arc<Shared>, uri: String) {
@@ -31,22 +49,31 @@ pub async fn report_vm_failures(shared: Arc<Shared>, uri: String) {
             Ok(Ok(mut watch)) => {
                 tracing::info!(%uri, "watching libvirt lifecycle events");
                 delay = Duration::from_millis(200);
+                // The last crash event of each domain (a panic comes before the stop it causes).
+                let mut crashes: HashMap<String, CrashedDetail> = HashMap::new();
                 while let Some(item) = watch.next().await {
                     match item {
-                        WatchItem::Event(event) => {
-                            if matches!(
-                                event.lifecycle,
-                                Lifecycle::Stopped(StoppedDetail::Failed | StoppedDetail::Crashed)
-                            ) {
-                                report(
-                                    &shared,
-                                    &mut controller,
-                                    &event.domain,
-                                    &format!("{:?}", event.lifecycle),
-                                )
-                                .await;
+                        WatchItem::Event(event) => match event.lifecycle {
+                            Lifecycle::Crashed(detail) => {
+                                crashes.insert(event.domain.clone(), detail);
                             }
-                        }
+                            Lifecycle::Started(_) => {
+                                crashes.remove(&event.domain);
+                            }
+                            Lifecycle::Stopped(stopped) => {
+                                let crash = crashes.remove(&event.domain);
+                                if let Some(reason) = failure_reason(stopped, crash) {
+                                    let span = tracing::info_span!(
+                                        "vm_failure",
+                                        vmha_vm = %event.domain,
+                                    );
+                                    report(&shared, &mut controller, &event.domain, &reason)
+                                        .instrument(span)
+                                        .await;
+                                }
+                            }
+                            _ => {}
+                        },
                         WatchItem::ConnectionLost(reason) => {
                             tracing::warn!(?reason, "lost the libvirt connection");
                             break;
@@ -59,6 +86,136 @@ pub async fn report_vm_failures(shared: Arc<Shared>, uri: String) {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Why a VM stopped, when that stop is a failure vmhad reports (`None`: a normal stop): short and printable,
+/// it becomes the failure's exit reason in Pacemaker. `crash` is the domain's last crash event, if any.
+///
+/// libvirt tells that QEMU died (its monitor closed without a shutdown), not how: a signal or exit status
+/// of QEMU, which is libvirtd's child, never reaches vmhad.
+pub fn failure_reason(stopped: StoppedDetail, crash: Option<CrashedDetail>) -> Option<String> {
+    let reason = match stopped {
+        StoppedDetail::Failed => "QEMU exited unexpectedly (killed, out of memory or emulator error)".to_string(),
+        StoppedDetail::Crashed => match crash {
+            Some(CrashedDetail::Panicked) => "guest crashed (guest kernel panic)".to_string(),
+            Some(CrashedDetail::CrashLoaded) => "guest crashed (crash kernel loaded)".to_string(),
+            Some(CrashedDetail::Other(code)) => format!("guest crashed (libvirt crash detail {code})"),
+            None => "guest crashed".to_string(),
+        },
+        _ => return None,
+    };
+    Some(printable(&reason, REASON_MAX_CHARS))
+}
+
+/// `text` on one printable line of at most `max` characters: control characters are escaped
+/// (`\n`, `\u{1b}`), a longer text is cut with "...".
+pub fn printable(text: &str, max: usize) -> String {
+    let escaped: String = text.chars().flat_map(char::escape_debug).collect();
+    // escape_debug also escapes quotes and backslashes; quotes are harmless in an exit reason.
+    let escaped = escaped.replace("\\'", "'").replace("\\\"", "\"");
+    if escaped.chars().count() <= max {
+        return escaped;
+    }
+    let mut cut: String = escaped.chars().take(max.saturating_sub(3)).collect();
+    cut.push_str("...");
+    cut
+}
+
+/// The origin vmhad gives the failure record it relabels. The DC's controller treats every change of an
+/// operation record made outside a transition as a new failure and bumps the fail count again (Pacemaker
+/// 2.1.5; later versions skip a record they have seen), except a record whose origin says it is a
+/// restatement of the controller's history (`build_active_RAs`, what the controller writes when it re-sends
+/// its history on a join). The relabelled record is exactly that: the same result, restated with its reason.
+pub const RESTATED: &str = "build_active_RAs";
+
+/// The CIB change that gives the failure the controller recorded for `resource` on `host` its real
+/// `reason`: an XPath that selects the record only while it still carries [`SIMULATED_FAILURE`] (so a
+/// later, different failure is never relabelled) and the element to merge into it. `None` when a name
+/// cannot be quoted in an XPath (Pacemaker's ids and node names never contain a quote).
+pub fn reason_change(host: &str, resource: &str, op_id: &str, reason: &str) -> Option<(String, String)> {
+    if [host, resource, op_id].iter().any(|s| s.contains(['\'', '"'])) {
+        return None;
+    }
+    let xpath = format!(
+        "/cib/status/node_state[@uname='{host}']/lrm/lrm_resources/lrm_resource[@id='{resource}']\
+         /lrm_rsc_op[@id='{op_id}'][@operation='asyncmon'][@exit-reason='{SIMULATED_FAILURE}']"
+    );
+    let xml = format!(
+        r#"<lrm_rsc_op id="{}" exit-reason="{}" crm-debug-origin="{RESTATED}"/>"#,
+        vmha_model::change::escape(op_id),
+        vmha_model::change::escape(reason)
+    );
+    Some((xpath, xml))
+}
+
+/// Waits (up to [`REASON_DEADLINE`]) for the controller to record the failure vmhad reported for
+/// `resource` on `host`, then replaces its "Simulated failure" with `reason`. The controller writes its
+/// record after answering the fail request, so each CIB change is a new chance; a record that is not there
+/// by the deadline keeps Pacemaker's text (logged).
+async fn record_reason(host: String, resource: String, reason: String) {
+    let deadline = tokio::time::Instant::now() + REASON_DEADLINE;
+    let failure_id = format!("{resource}_last_failure_0");
+    let Some((xpath, xml)) = reason_change(&host, &resource, &failure_id, &reason) else {
+        return;
+    };
+    let cib = match Cib::connect("vmhad-failure-reason", Access::ReadWrite, CONTROLLER_DEADLINE).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("cannot give the failure its reason ({reason}): {e}");
+            return;
+        }
+    };
+    // Subscribed before the first try, so the record's arrival between a try and the wait is not missed.
+    let mut changes = match cib.subscribe(CONTROLLER_DEADLINE).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!("no CIB notifications ({e}): trying once");
+            None
+        }
+    };
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match cib
+            .modify(
+                &Scope::xpath(&xpath),
+                &xml,
+                CallOptions::NONE,
+                left.min(CONTROLLER_DEADLINE),
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(exit_reason = %reason, "failure recorded in Pacemaker with its reason");
+                // The same failure is also the resource's last operation until the recovery's stop.
+                let last_id = format!("{resource}_last_0");
+                if let Some((xpath, xml)) = reason_change(&host, &resource, &last_id, &reason) {
+                    let _ = cib
+                        .modify(&Scope::xpath(&xpath), &xml, CallOptions::NONE, CONTROLLER_DEADLINE)
+                        .await;
+                }
+                return;
+            }
+            Err(vmha_pacemaker::Error::Legacy { code, .. }) if code == -(nix::errno::Errno::ENXIO as i32) => {}
+            Err(e) => {
+                tracing::warn!("giving the failure its reason ({reason}): {e}");
+                return;
+            }
+        }
+        let Some(stream) = changes.as_mut() else {
+            tracing::warn!("the failure record is not in the CIB yet: it keeps Pacemaker's reason");
+            return;
+        };
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(_) => changes = None,
+            Err(_) => {
+                tracing::warn!(
+                    "no failure record of {resource} on {host} in the CIB within {REASON_DEADLINE:?}: it keeps Pacemaker's reason"
+                );
+                return;
+            }
+        }
     }
 }
 
@@ -189,7 +346,7 @@ pub async fn cleanup(shared: &Shared, vm: &str, host: &str) -> Result<Vec<String
                 source,
             })?;
     }
-    tracing::info!(%vm, hosts = ?plan.refresh, "cleaned up: fail counts cleared, history refreshed");
+    tracing::info!(vmha_vm = %vm, hosts = ?plan.refresh, "cleaned up: fail counts cleared, history refreshed");
     Ok(plan.refresh)
 }
 
@@ -208,7 +365,7 @@ async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &s
     let fresh = match shared.backend.query().await.map(|xml| ClusterView::from_cib(&xml)) {
         Ok(Ok(view)) => view,
         _ => {
-            tracing::warn!(%domain, "VM stopped ({what}) but the CIB cannot be read: leaving it to the monitor");
+            tracing::warn!("VM stopped ({what}) but the CIB cannot be read: leaving it to the monitor");
             return;
         }
     };
@@ -219,7 +376,7 @@ async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &s
         match Controller::connect(CONTROLLER_DEADLINE).await {
             Ok(c) => *controller = Some(c),
             Err(e) => {
-                tracing::warn!(%domain, "VM failed ({what}) but the controller is unreachable: {e}");
+                tracing::warn!("VM failed ({what}) but the controller is unreachable: {e}");
                 return;
             }
         }
@@ -229,9 +386,14 @@ async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &s
         .fail_resource(&shared.local_host, &resource, CONTROLLER_DEADLINE)
         .await
     {
-        Ok(()) => tracing::info!(%domain, "VM failed ({what}): reported to Pacemaker"),
+        Ok(()) => {
+            tracing::info!("VM failed ({what}): reported to Pacemaker");
+            tokio::spawn(
+                record_reason(shared.local_host.clone(), resource.id.clone(), what.to_string()).in_current_span(),
+            );
+        }
         Err(e) => {
-            tracing::warn!(%domain, "reporting the failure ({what}) to Pacemaker: {e}");
+            tracing::warn!("reporting the failure ({what}) to Pacemaker: {e}");
             *controller = None;
         }
     }
@@ -262,6 +424,69 @@ mod tests {
         );
         assert!(running_here(&view, "vm1", "n2").is_none(), "not here");
         assert!(running_here(&view, "other", "n1").is_none(), "not a cluster VM");
+    }
+
+    #[test]
+    fn failures_get_a_reason_and_normal_stops_none() {
+        assert_eq!(
+            failure_reason(StoppedDetail::Failed, None).as_deref(),
+            Some("QEMU exited unexpectedly (killed, out of memory or emulator error)")
+        );
+        assert_eq!(
+            failure_reason(StoppedDetail::Crashed, Some(CrashedDetail::Panicked)).as_deref(),
+            Some("guest crashed (guest kernel panic)")
+        );
+        assert_eq!(
+            failure_reason(StoppedDetail::Crashed, None).as_deref(),
+            Some("guest crashed")
+        );
+        for normal in [
+            StoppedDetail::Shutdown,
+            StoppedDetail::Destroyed,
+            StoppedDetail::Migrated,
+            StoppedDetail::Saved,
+        ] {
+            assert_eq!(
+                failure_reason(normal, Some(CrashedDetail::Panicked)),
+                None,
+                "{normal:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reasons_are_one_short_printable_line() {
+        assert_eq!(printable("it's \"fine\"", 40), "it's \"fine\"");
+        assert_eq!(printable("two\nlines\x1b[31m", 40), "two\\nlines\\u{1b}[31m");
+        let long = printable(&"x".repeat(500), 20);
+        assert_eq!(long, format!("{}...", "x".repeat(17)));
+        assert!(printable("tab\there\u{7f}", 40).chars().all(|c| !c.is_control()));
+    }
+
+    #[test]
+    fn the_reason_change_selects_only_the_simulated_failure_of_that_resource_on_that_host() {
+        let (xpath, xml) = reason_change("n1", "vm1", "vm1_last_failure_0", "a <b> & \"c\"").unwrap();
+        assert_eq!(
+            xpath,
+            "/cib/status/node_state[@uname='n1']/lrm/lrm_resources/lrm_resource[@id='vm1']\
+             /lrm_rsc_op[@id='vm1_last_failure_0'][@operation='asyncmon'][@exit-reason='Simulated failure']"
+        );
+        assert_eq!(
+            xml,
+            r#"<lrm_rsc_op id="vm1_last_failure_0" exit-reason="a &lt;b&gt; &amp; &quot;c&quot;" crm-debug-origin="build_active_RAs"/>"#
+        );
+        assert_eq!(reason_change("n'1", "vm1", "vm1_last_0", "r"), None);
+        // The XPath matches the record the controller writes for a fail request, and nothing else.
+        let status = r#"<cib><status><node_state uname="n1"><lrm><lrm_resources><lrm_resource id="vm1">
+            <lrm_rsc_op id="vm1_last_failure_0" operation="asyncmon" exit-reason="Simulated failure"/>
+            </lrm_resource></lrm_resources></lrm></node_state></status></cib>"#;
+        let doc = roxmltree::Document::parse(status).unwrap();
+        let op = doc.descendants().find(|n| n.has_tag_name("lrm_rsc_op")).unwrap();
+        let steps: Vec<&str> = xpath.trim_start_matches("/cib/status/").split('/').collect();
+        assert_eq!(steps.len(), 5);
+        assert!(steps[4].contains(&format!("[@id='{}']", op.attribute("id").unwrap())));
+        assert!(steps[4].contains(&format!("[@operation='{}']", op.attribute("operation").unwrap())));
+        assert!(steps[4].contains(&format!("[@exit-reason='{}']", op.attribute("exit-reason").unwrap())));
     }
 
     const FAILED_CIB: &str = r#"<cib have-quorum="1" dc-uuid="1"><configuration><nodes><node id="1" uname="n1"/><node id="2" uname="n2"/><node id="3" uname="n3"/></nodes>

@@ -100,7 +100,7 @@ struct Channel {
 impl Channel {
     fn log_once(&self, kind: &'static str, detail: &str) {
         if self.logged.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
-            tracing::warn!(vm = %self.vm, "guest channel of VM {}: {kind}: {detail} (logged once)", self.vm);
+            tracing::warn!(vmha_vm = %self.vm, "guest channel of VM {}: {kind}: {detail} (logged once)", self.vm);
         }
     }
 
@@ -389,7 +389,7 @@ pub async fn follow_guests(conn: Connection, ctx: GuestContext) {
             }
             task.abort.abort();
             ctx.guests.forget(vm, &task.channel);
-            tracing::info!(%vm, "guest channel of VM {vm} stopped: the VM does not run here (any more)");
+            tracing::info!(vmha_vm = %vm, "guest channel of VM {vm} stopped: the VM does not run here (any more)");
             false
         });
         for vm in local {
@@ -411,7 +411,7 @@ pub async fn follow_guests(conn: Connection, ctx: GuestContext) {
                 .insert(vm.clone(), Arc::clone(&channel));
             let arrival = migrations.arrival(&vm, &ctx.local_host);
             if arrival.is_some() {
-                tracing::info!(%vm, "VM {vm} arrived here by live migration; its guest will be told");
+                tracing::info!(vmha_vm = %vm, "VM {vm} arrived here by live migration; its guest will be told");
             }
             let task = tokio::spawn(run_channel(
                 conn.clone(),
@@ -461,7 +461,7 @@ async fn run_channel(
         match UnixStream::connect(&path).await {
             Ok(stream) => {
                 delay = Duration::from_millis(200);
-                tracing::info!(vm = %channel.vm, "guest channel of VM {} connected", channel.vm);
+                tracing::info!(vmha_vm = %channel.vm, "guest channel of VM {} connected", channel.vm);
                 let (read, mut write) = stream.into_split();
                 // Part of this task (not spawned): aborting the task ends the reading too.
                 // Told when vmha-guest says hello on this connection.
@@ -494,7 +494,7 @@ async fn run_channel(
                             match tokio::time::timeout(WRITE_LIMIT, write.write_all(line.as_bytes())).await {
                                 Ok(Ok(())) => {}
                                 Ok(Err(e)) => {
-                                    tracing::debug!(vm = %channel.vm, "writing to the guest channel: {e}");
+                                    tracing::debug!(vmha_vm = %channel.vm, "writing to the guest channel: {e}");
                                     break;
                                 }
                                 Err(_) => {
@@ -507,9 +507,9 @@ async fn run_channel(
                 }
                 channel.connected.store(false, Ordering::Relaxed);
                 channel.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                tracing::info!(vm = %channel.vm, "guest channel of VM {} disconnected", channel.vm);
+                tracing::info!(vmha_vm = %channel.vm, "guest channel of VM {} disconnected", channel.vm);
             }
-            Err(e) => tracing::trace!(vm = %channel.vm, "connecting to {path}: {e}"),
+            Err(e) => tracing::trace!(vmha_vm = %channel.vm, "connecting to {path}: {e}"),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
@@ -621,7 +621,7 @@ async fn read_guest(
             Ok((Line::Eof, _, _)) => return,
             Ok((line, _, slowed)) => (line, slowed),
             Err(e) => {
-                tracing::debug!(vm = %channel.vm, "reading the guest channel: {e}");
+                tracing::debug!(vmha_vm = %channel.vm, "reading the guest channel: {e}");
                 return;
             }
         };
@@ -660,10 +660,10 @@ async fn read_guest(
         match &msg {
             GuestMessage::Hello { version, .. } if !greeted => {
                 greeted = true;
-                tracing::info!(vm = %channel.vm, %version, "vmha-guest said hello");
+                tracing::info!(vmha_vm = %channel.vm, %version, "vmha-guest said hello");
             }
             GuestMessage::Hello { version, .. } => {
-                tracing::debug!(vm = %channel.vm, %version, "vmha-guest said hello again");
+                tracing::debug!(vmha_vm = %channel.vm, %version, "vmha-guest said hello again");
             }
             GuestMessage::Result { id, result, reason, .. } => {
                 let waiter = channel.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);

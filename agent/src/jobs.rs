@@ -227,10 +227,9 @@ impl Job {
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
     }
 
-    /// Puts a job object on the bus and runs `work` on a thread of its own (with its own runtime: it
-    /// may block, on files and libvirt, without stalling vmhad); `work` reports through the job and
-    /// returns its result and details (JSON). Returns the job's path.
-    pub async fn start_on_thread<F>(
+    /// Puts a job object on the bus and runs the future `work` makes of the job (reporting through
+    /// it) in the background; the future gives the result and the details (JSON). Returns the job's path.
+    pub async fn start_task<F, Fut>(
         conn: &Connection,
         shared: &Arc<Shared>,
         kind: &str,
@@ -238,32 +237,26 @@ impl Job {
         work: F,
     ) -> zbus::fdo::Result<OwnedObjectPath>
     where
-        F: FnOnce(&JobReport) -> (Result<String, String>, String) + Send + 'static,
+        F: FnOnce(Job) -> Fut,
+        Fut: std::future::Future<Output = (Result<String, String>, String)> + Send + 'static,
     {
         let job = Job::create(conn, shared, kind, target).await?;
         let path = job.path.clone();
-        let report = JobReport {
-            job: job.clone(),
-            runtime: tokio::runtime::Handle::current(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("vmha-job-{}", job.id()))
-            .spawn(move || {
-                let _ = tx.send(work(&report));
-            });
-        if let Err(e) = spawned {
-            job.finish(Err(format!("cannot start the job's thread: {e}"))).await;
-        } else {
-            tokio::spawn(async move {
-                let (result, details) = rx
-                    .await
-                    .unwrap_or_else(|_| (Err("the job's thread ended without a result".into()), String::new()));
-                job.set_details(details);
-                job.finish(result).await;
-            });
-        }
+        let work = work(job.clone());
+        tokio::spawn(async move {
+            let (result, details) = work.await;
+            job.set_details(details);
+            job.finish(result).await;
+        });
         OwnedObjectPath::try_from(path).map_err(|e| zbus::fdo::Error::Failed(e.to_string()))
+    }
+
+    /// This job's progress as reported from any thread (a transfer's, from the thread doing it).
+    pub fn reporter(&self) -> JobReport {
+        JobReport {
+            job: self.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }
     }
 
     /// Puts a job object on the bus; the caller runs it and reports through it.
@@ -349,9 +342,14 @@ impl Job {
         self.path.rsplit('/').next().unwrap_or("0")
     }
 
+    /// The job's kind ("migrate", "clone"...), for the log's `vmha_job_kind` field.
+    fn kind(&self) -> String {
+        self.info.lock().map(|i| i.kind.clone()).unwrap_or_default()
+    }
+
     /// Reports a step.
     pub async fn progress(&self, fraction: f64, message: &str) {
-        tracing::info!(job = %self.path, fraction, message, "job progress");
+        tracing::info!(vmha_job = self.id(), vmha_job_kind = %self.kind(), fraction, message, "job progress");
         self.update(Some(fraction), None, message).await;
     }
 
@@ -364,7 +362,7 @@ impl Job {
             let details = self.info.lock().map(|i| i.details.clone()).unwrap_or_default();
             m.done(ok, &message, details).await;
         }
-        tracing::info!(job = %self.path, ok, %message, "job finished");
+        tracing::info!(vmha_job = self.id(), vmha_job_kind = %self.kind(), ok, %message, "job finished");
         self.update(
             ok.then_some(1.0),
             Some(if ok { "succeeded" } else { "failed" }),
@@ -392,7 +390,7 @@ impl Job {
     }
 }
 
-/// A job's progress reported from the job's own thread (see [`Job::start_on_thread`]).
+/// A job's progress reported from another thread (see [`Job::reporter`]).
 #[derive(Debug)]
 pub struct JobReport {
     job: Job,
@@ -403,7 +401,7 @@ impl crate::vcluster::Report for JobReport {
     fn step(&self, fraction: Option<f64>, message: &str) {
         let job = self.job.clone();
         let message = message.to_string();
-        tracing::info!(job = %job.path, ?fraction, %message, "job progress");
+        tracing::info!(vmha_job = job.id(), vmha_job_kind = %job.kind(), ?fraction, %message, "job progress");
         self.runtime
             .spawn(async move { job.update(fraction, None, &message).await });
     }
@@ -416,19 +414,31 @@ async fn run(shared: &Arc<Shared>, job: &Job, op: &Operation) -> (Result<String,
         Err(e) => return (Err(e), None),
     };
     match op {
-        Operation::Vm(op) => (vmha_ops::vm::run(ports, job, op).await.map_err(|e| e.to_string()), None),
-        Operation::Clone(plan) => (
-            vmha_ops::clone::run(ports, job, plan, job.id())
-                .await
-                .map_err(|e| e.to_string()),
-            None,
-        ),
+        Operation::Vm(op) => with_class(vmha_ops::vm::run(ports, job, op).await),
+        Operation::Clone(plan) => with_class(vmha_ops::clone::run(ports, job, plan, job.id()).await),
         Operation::Scale(plan) => {
             let (summary, outcome) = vmha_ops::group::run(ports, job, plan, job.id()).await;
             let class = outcome.err().map(|e| crate::errors::op_error(e).short_name());
             let message = summary.message();
             let details = scale_details(&summary, class.as_deref());
             (if class.is_none() { Ok(message) } else { Err(message) }, Some(details))
+        }
+    }
+}
+
+/// A job's result, and when it failed Details naming the `org.vmha.Vmha1.Error` class of its error
+/// (`{"error_class": "GuestRefused"}`): a client, also on another host through the relay, tells a guest's
+/// refusal from a libvirt failure by it.
+fn with_class(r: Result<String, vmha_ops::OpError>) -> (Result<String, String>, Option<String>) {
+    match r {
+        Ok(message) => (Ok(message), None),
+        Err(e) => {
+            let message = e.to_string();
+            let class = crate::errors::op_error(e).short_name();
+            (
+                Err(message),
+                Some(serde_json::json!({ "error_class": class }).to_string()),
+            )
         }
     }
 }

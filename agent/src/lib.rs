@@ -1,7 +1,7 @@
 //! vmhad, vmha's per-host D-Bus service: the D-Bus API ([`api`], re-exported from the `vmha-api` crate),
 //! the cluster state it publishes ([`state`]), its D-Bus objects ([`objects`]), the operations it runs as
 //! jobs ([`jobs`]), the operations crate's ports over the real libraries ([`ports`]), caller authorization
-//! ([`auth`]), its CIB access ([`backend`]), the guest channels ([`guest`]) and its command line
+//! ([`auth`]), where it logs ([`logging`]), its CIB access ([`backend`]), the guest channels ([`guest`]) and its command line
 //! ([`options`]).
 //!
 //! The library also still holds code only the `vmha` CLI (crate `vmha-cli`) runs: the placement policy
@@ -23,6 +23,7 @@ pub mod guest;
 #[cfg(test)]
 mod interface_xml;
 pub mod jobs;
+pub mod logging;
 pub mod membership;
 pub mod objects;
 pub mod options;

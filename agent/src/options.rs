@@ -13,7 +13,9 @@ use clap::Parser;
                   cluster (members, quorum, DC, hosts, VMs) as objects under /org/vmha/Vmha1; follows every \
                   change of the CIB and of the Corosync membership; runs VM and host operations as jobs; \
                   reports VMs whose QEMU dies to Pacemaker at once. Normally started by systemd (vmhad.service) \
-                  or by D-Bus activation. Log level: RUST_LOG (default info)."
+                  or by D-Bus activation. Log level: RUST_LOG (default info). Logs go to the journal with the fields \
+                  VMHA_HOST, VMHA_VM, VMHA_JOB and VMHA_JOB_KIND (journalctl VMHA_VM=vm1), syslog when the journal \
+                  does not answer, or stderr (see --log)."
 )]
 pub struct VmhadArgs {
     /// This host's name in the cluster (default: the system host name).
@@ -25,6 +27,10 @@ pub struct VmhadArgs {
     /// libvirt URI of another host's hypervisor (`{host}` is replaced by its name), for live clones.
     #[arg(long, default_value = "qemu+tcp://{host}/system")]
     pub peer_uri: String,
+    /// Where to log: auto is the journal when systemd connected stderr to it or stderr goes nowhere, and
+    /// stderr when it is a terminal, a file or a pipe; journal falls back to syslog.
+    #[arg(long, value_enum, default_value_t = crate::logging::LogTarget::Auto)]
+    pub log: crate::logging::LogTarget,
 }
 
 /// This machine's host name (of its UTS namespace), Pacemaker's node name for it by default.

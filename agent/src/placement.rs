@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
+use vmha_api::json::document;
 use vmha_model::change::{self, NewVm};
 use vmha_model::cib::HostState;
 use vmha_model::domain::DomainSummary;
-use vmha_model::policy::{self, Policy};
+use vmha_model::policy::{self, history, Policy};
 use vmha_model::whatif::{self, Prediction, VmOutcome};
 use vmha_model::ClusterView;
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
@@ -35,9 +36,29 @@ pub enum PolicyCmd {
     },
     /// Print the stored policy and what applying it would change.
     Show,
-    /// Compile the stored policy into Pacemaker's configuration and apply it in one CIB change.
+    /// Compile the stored policy into Pacemaker's configuration and apply it in one CIB change. Each
+    /// apply that changes the cluster is recorded in the policy history (who, when, what).
     Apply {
         /// Print the exact CIB difference and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The applied versions of the policy kept in the CIB (the newest 20): version, time, who, what.
+    History,
+    /// What changed between two applied versions (or between a version and the stored policy), member by
+    /// member (JSON pointers).
+    Diff {
+        /// The older version.
+        from: u32,
+        /// The newer version; default: the stored policy.
+        to: Option<u32>,
+    },
+    /// Go back to an applied version: shows what would change (as `apply --dry-run`), then stores and
+    /// applies it in one CIB change and records it.
+    Rollback {
+        /// The version to go back to (`vmha policy history`).
+        version: u32,
+        /// Show what would change and change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -126,7 +147,13 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             .await
             .context("storing the policy in the CIB")?;
             if json_out {
-                println!("{}", json!({"stored": true, "pending_changes": plan.changes.len()}));
+                println!(
+                    "{}",
+                    document(
+                        "policy_stored",
+                        json!({"stored": true, "pending_changes": plan.changes.len()})
+                    )
+                );
             } else {
                 println!(
                     "policy stored; {} change(s) pending (vmha policy apply [--dry-run])",
@@ -140,7 +167,10 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             let p = stored(&xml)?;
             let plan = policy::plan(&p, &xml)?;
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&json!({"policy": p, "plan": plan}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&document("policy", json!({"policy": p, "plan": plan})))?
+                );
             } else {
                 println!("{}", p.to_json());
                 if plan.is_empty() {
@@ -154,6 +184,177 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
             }
         }
         PolicyCmd::Apply { dry_run } => apply(dry_run, json_out).await?,
+        PolicyCmd::History => {
+            let cib = connect(Access::ReadOnly).await?;
+            let versions = history::versions(&query(&cib).await?)?;
+            if json_out {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&document("policy_history", json!({ "versions": versions })))?
+                );
+            } else if versions.is_empty() {
+                println!("no applied version recorded yet (vmha policy apply records one)");
+            } else {
+                println!("{:>7}  {:<20}  {:<24}  WHAT", "VERSION", "TIME", "WHO");
+                for v in &versions {
+                    println!(
+                        "{:>7}  {:<20}  {:<24}  {}",
+                        v.version,
+                        v.time,
+                        vmha_vcluster::printable(&v.who),
+                        vmha_vcluster::printable(&v.note)
+                    );
+                }
+            }
+        }
+        PolicyCmd::Diff { from, to } => {
+            let cib = connect(Access::ReadOnly).await?;
+            let xml = query(&cib).await?;
+            let versions = history::versions(&xml)?;
+            let find = |n: u32| -> Result<serde_json::Value> {
+                versions
+                    .iter()
+                    .find(|v| v.version == n)
+                    .map(|v| v.policy.clone())
+                    .ok_or_else(|| anyhow!("policy version {n} is not kept (vmha policy history)"))
+            };
+            let a = find(from)?;
+            let (b, to_name) = match to {
+                Some(n) => (find(n)?, format!("version {n}")),
+                None => (serde_json::to_value(stored(&xml)?)?, "the stored policy".to_string()),
+            };
+            let d = history::differences(&a, &b);
+            if json_out {
+                let changes: Vec<_> = d
+                    .iter()
+                    .map(|(path, old, new)| json!({"path": path, "from": old, "to": new}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&document(
+                        "policy_diff",
+                        json!({"from": from, "to": to, "changes": changes})
+                    ))?
+                );
+            } else if d.is_empty() {
+                println!("version {from} and {to_name} are the same policy");
+            } else {
+                let show = |v: &Option<serde_json::Value>| {
+                    v.as_ref()
+                        .map(|v| vmha_vcluster::printable(&v.to_string()))
+                        .unwrap_or_else(|| "(absent)".into())
+                };
+                println!("from version {from} to {to_name}:");
+                for (path, old, new) in &d {
+                    println!("  {}: {} -> {}", vmha_vcluster::printable(path), show(old), show(new));
+                }
+            }
+        }
+        PolicyCmd::Rollback { version, dry_run } => rollback(version, dry_run, json_out).await?,
+    }
+    Ok(())
+}
+
+/// Who runs this command: `user@host`, with the sudo caller when there is one.
+fn who() -> String {
+    let uid = nix::unistd::getuid();
+    let user = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| uid.to_string());
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "?".into());
+    match std::env::var("SUDO_USER") {
+        Ok(by) if !by.is_empty() && by != user => format!("{by} (sudo as {user})@{host}"),
+        _ => format!("{user}@{host}"),
+    }
+}
+
+/// Records `policy` as the newest applied version (and drops the oldest beyond the kept number). The
+/// policy is applied already: a failure here is a warning, never an error of the apply.
+async fn record(cib: &Cib, policy: &Policy, note: &str) {
+    let result = async {
+        let kept = history::versions(&query(cib).await?)?;
+        let v = history::Version {
+            version: history::next_version(&kept),
+            time: vmha_vcluster::archive::rfc3339(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
+            who: who(),
+            note: note.to_string(),
+            policy: serde_json::to_value(policy)?,
+        };
+        cib.modify(
+            &Scope::section("crm_config"),
+            &history::record_xml(&v),
+            CallOptions::CAN_CREATE,
+            CIB_CALL,
+        )
+        .await
+        .context("recording the applied policy")?;
+        for old in history::pruned(&kept, v.version) {
+            cib.delete(&Scope::section("crm_config"), &old, CallOptions::NONE, CIB_CALL)
+                .await
+                .context("dropping the oldest recorded policy")?;
+        }
+        anyhow::Ok(v.version)
+    }
+    .await;
+    match result {
+        Ok(n) => tracing::info!(version = n, "policy version recorded"),
+        Err(e) => eprintln!("vmha: warning: the policy is applied but not recorded in its history: {e:#}"),
+    }
+}
+
+/// `vmha policy rollback`: version `n`'s policy, checked and shown against the cluster, then stored and
+/// applied (unless `dry_run`) and recorded.
+async fn rollback(n: u32, dry_run: bool, json_out: bool) -> Result<()> {
+    let cib = connect(if dry_run { Access::ReadOnly } else { Access::ReadWrite }).await?;
+    let xml = query(&cib).await?;
+    let v = history::versions(&xml)?
+        .into_iter()
+        .find(|v| v.version == n)
+        .ok_or_else(|| anyhow!("policy version {n} is not kept (vmha policy history)"))?;
+    let p: Policy = serde_json::from_value(v.policy.clone())
+        .map_err(|e| anyhow!("policy version {n} no longer reads as a policy: {e}"))?;
+    // What-if first: the plan against today's cluster (refused when the old policy no longer fits it).
+    let preview = policy::plan(&p, &xml).with_context(|| format!("policy version {n} against today's cluster"))?;
+    let (plan, applied) = if dry_run {
+        (preview, false)
+    } else {
+        if !json_out {
+            print!("{}", preview.diff_text());
+        }
+        let plan = store_and_apply(&cib, &p).await?;
+        record(&cib, &p, &format!("rollback to {n}")).await;
+        let applied = !plan.is_empty();
+        (plan, applied)
+    };
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document(
+                "policy_rollback",
+                json!({"version": n, "applied": applied, "dry_run": dry_run, "plan": plan})
+            ))?
+        );
+    } else if dry_run {
+        print!("{}", plan.diff_text());
+        println!(
+            "rolling back to version {n}: {} change(s) (dry run: nothing changed)",
+            plan.changes.len()
+        );
+    } else {
+        println!(
+            "rolled back to version {n} ({} change(s) applied in one CIB change; stored and recorded)",
+            plan.changes.len()
+        );
     }
     Ok(())
 }
@@ -166,12 +367,19 @@ async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
     } else {
         let plan = apply_stored(&cib).await?;
         let applied = !plan.is_empty();
+        if applied {
+            let p = stored(&query(&cib).await?)?;
+            record(&cib, &p, "apply").await;
+        }
         (plan, applied)
     };
     if json_out {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"applied": applied, "dry_run": dry_run, "plan": plan}))?
+            serde_json::to_string_pretty(&document(
+                "policy_apply",
+                json!({"applied": applied, "dry_run": dry_run, "plan": plan})
+            ))?
         );
     } else {
         for w in &plan.warnings {
@@ -350,7 +558,10 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
         if json_out {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&json!({"n_plus_one": ok, "failures": reports}))?
+                serde_json::to_string_pretty(&document(
+                    "what_if_n_plus_one",
+                    json!({"n_plus_one": ok, "failures": reports})
+                ))?
             );
         } else {
             for p in &reports {
@@ -403,7 +614,7 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
     )
     .await?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&p)?);
+        println!("{}", serde_json::to_string_pretty(&document("what_if", &p))?);
     } else {
         print_prediction(&p);
     }

@@ -353,6 +353,92 @@ impl Hypervisor for Libvirt {
             }),
         )
     }
+
+    fn domain_problems(
+        &self,
+        host: &str,
+        domains: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
+        let local = host == self.local_host;
+        Box::pin(self.with_conn(host.to_string(), "checking domains", move |conn| {
+            Ok(domain_problems(conn, &domains, local))
+        }))
+    }
+
+    fn guest_fsfreeze(&self, host: &str, domain: &str, freeze: bool) -> BoxFuture<'_, Result<(), HvError>> {
+        let (on, domain) = (host.to_string(), domain.to_string());
+        let command = if freeze {
+            "guest-fsfreeze-freeze"
+        } else {
+            "guest-fsfreeze-thaw"
+        };
+        let call = if freeze { "fsfreeze" } else { "fsthaw" };
+        Box::pin(self.with_conn(host.to_string(), call, move |conn| {
+            conn.lookup_domain_by_name(&domain)
+                .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
+                .map(|_| ())
+                .map_err(|e| HvError {
+                    host: on,
+                    call,
+                    message: format!("{command} on {domain}: {e}"),
+                })
+        }))
+    }
+}
+
+/// The guest agent's own timeout for fsfreeze (seconds).
+const AGENT_TIMEOUT_S: i32 = 10;
+
+/// What stands in the way of defining `domains` (vm, XML) through `conn`: a domain with the same name or
+/// UUID, a libvirt network that does not exist, and (on this host, `local`) a bridge that does not.
+fn domain_problems(conn: &Connect, domains: &[(String, String)], local: bool) -> Vec<String> {
+    use vmha_vcluster::printable;
+    let mut problems = Vec::new();
+    for (vm, xml) in domains {
+        let Ok(doc) = roxmltree::Document::parse(xml) else {
+            continue;
+        };
+        let child = |tag: &str| {
+            doc.root_element()
+                .children()
+                .find(|n| n.has_tag_name(tag))
+                .and_then(|n| n.text())
+                .map(|t| t.trim().to_string())
+        };
+        let by_name = child("name").is_some_and(|n| conn.lookup_domain_by_name(&n).is_ok());
+        let by_uuid = child("uuid").is_some_and(|u| conn.lookup_domain_by_uuid_string(&u).is_ok());
+        if by_name || by_uuid {
+            problems.push(format!(
+                "VM {}: libvirt has a domain with its name or UUID on this host already",
+                printable(vm)
+            ));
+        }
+        for s in doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
+        {
+            if let (Some(br), true) = (s.attribute("bridge"), local) {
+                let name_ok = !br.is_empty() && br != "." && br != ".." && !br.contains('/');
+                if !name_ok || !std::path::Path::new("/sys/class/net").join(br).exists() {
+                    problems.push(format!(
+                        "VM {}: bridge {} does not exist here (--map network=...)",
+                        printable(vm),
+                        printable(br)
+                    ));
+                }
+            }
+            if let Some(net) = s.attribute("network") {
+                if conn.lookup_network_by_name(net).is_err() {
+                    problems.push(format!(
+                        "VM {}: libvirt network {} does not exist here (--map network=...)",
+                        printable(vm),
+                        printable(net)
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// The shared storage through this host's file system.
@@ -376,7 +462,11 @@ async fn on_thread<T: Send + 'static>(
         .map_err(|e| storage_error(&path, e))?
 }
 
-/// The backing file of a qcow2 image, as an absolute path.
+/// `path` under one of `roots`, its directory opened without following links.
+fn confined(path: &str, roots: &[String]) -> anyhow::Result<crate::confined::ConfinedPath> {
+    crate::confined::ConfinedPath::locate(path, roots)
+}
+
 /// The backing file of a qcow2 image, as an absolute path: `None` for an image without one, data that is
 /// not qcow2, or a file that does not exist.
 async fn backing_of(image: &str) -> Result<Option<String>, StorageError> {
@@ -522,6 +612,87 @@ impl Storage for Files {
             }
             Ok(users)
         })
+    }
+
+    fn lexists(&self, path: &str) -> BoxFuture<'_, bool> {
+        let path = path.to_string();
+        Box::pin(async move { tokio::fs::symlink_metadata(&path).await.is_ok() })
+    }
+
+    fn is_dir(&self, path: &str) -> BoxFuture<'_, bool> {
+        let path = path.to_string();
+        Box::pin(async move { tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) })
+    }
+
+    fn create_new(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<Option<std::fs::File>, StorageError>> {
+        let (path, roots) = (path.to_string(), roots.to_vec());
+        Box::pin(on_thread(path.clone(), move || {
+            confined(&path, &roots)
+                .and_then(|f| f.create_new())
+                .map(Some)
+                .map_err(|e| storage_error(&path, format!("{e:#}")))
+        }))
+    }
+
+    fn write_new(&self, path: &str, roots: &[String], content: String) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (path, roots) = (path.to_string(), roots.to_vec());
+        Box::pin(on_thread(path.clone(), move || {
+            let write = || -> anyhow::Result<()> {
+                let mut f = confined(&path, &roots)?.create_new()?;
+                f.write_all(content.as_bytes())?;
+                f.sync_all()?;
+                Ok(())
+            };
+            write().map_err(|e| storage_error(&path, format!("{e:#}")))
+        }))
+    }
+
+    fn link_new(&self, from: &str, to: &str, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (from, to, roots) = (from.to_string(), to.to_string(), roots.to_vec());
+        Box::pin(on_thread(to.clone(), move || {
+            let link = || -> anyhow::Result<()> { confined(&from, &roots)?.link_to(&confined(&to, &roots)?) };
+            link().map_err(|e| storage_error(&to, format!("{e:#}")))
+        }))
+    }
+
+    fn same_file(&self, a: &str, b: &str) -> BoxFuture<'_, bool> {
+        let (a, b) = (a.to_string(), b.to_string());
+        Box::pin(async move {
+            use std::os::unix::fs::MetadataExt;
+            match (
+                tokio::fs::symlink_metadata(&a).await,
+                tokio::fs::symlink_metadata(&b).await,
+            ) {
+                (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+                _ => false,
+            }
+        })
+    }
+
+    fn remove_confined(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<bool, StorageError>> {
+        let (path, roots) = (path.to_string(), roots.to_vec());
+        Box::pin(on_thread(path.clone(), move || {
+            let f = confined(&path, &roots).map_err(|e| storage_error(&path, format!("{e:#}")))?;
+            match f.remove() {
+                Ok(()) => Ok(true),
+                Err(e) if e.downcast_ref::<rustix::io::Errno>() == Some(&rustix::io::Errno::NOENT) => Ok(false),
+                Err(e) => Err(storage_error(&path, format!("{e:#}"))),
+            }
+        }))
+    }
+
+    fn check_free_space(&self, files: Vec<(String, u64)>, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>> {
+        let roots = roots.to_vec();
+        let first = files.first().map(|f| f.0.clone()).unwrap_or_default();
+        Box::pin(on_thread(first.clone(), move || {
+            let located = files
+                .iter()
+                .map(|(p, size)| Ok((confined(p, &roots)?, *size)))
+                .collect::<anyhow::Result<Vec<_>>>();
+            located
+                .and_then(|l| crate::confined::check_free_space(l.iter().map(|(f, s)| (f, *s))))
+                .map_err(|e| storage_error(&first, format!("{e:#}")))
+        }))
     }
 }
 

@@ -586,7 +586,7 @@ async fn session(conn: &Connection, shared: &Arc<Shared>, key: &Key, delay: &mut
                         reason,
                     };
                     if let Err(e) = send_on(&link, &reply).await {
-                        tracing::warn!(%vm, "relay: answering request {id}: {e}");
+                        tracing::warn!(vmha_vm = %vm, "relay: answering request {id}: {e}");
                     }
                 });
             }

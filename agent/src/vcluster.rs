@@ -1,37 +1,35 @@
 //! `vmha vcluster`: virtual clusters (a Pacemaker tag naming a set of resources), their capture into an
-//! archive and their instantiation on another cluster. The CLI works on this host's CIB through the
-//! Pacemaker CIB API (vmha-pacemaker) and on libvirt through the `virt` crate; every call has a deadline.
-//! The archive format, capture and translation are in the `vmha-vcluster` crate (pure logic).
+//! archive and their instantiation on another cluster. The tag commands work on this host's CIB through
+//! the Pacemaker CIB API (vmha-pacemaker); every call has a deadline. Capture and instantiate are
+//! operations of the `vmha-ops` crate (journaled, rolled back); vmhad runs them with the archive file
+//! read or written here ([`FileArchive`], [`FileSink`]). The archive format, capture and translation
+//! are in the `vmha-vcluster` crate (pure logic).
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
-use vmha_model::change::{escape, set_resource_meta, validate_name};
-use vmha_model::{ClusterView, VmState};
+use vmha_api::json::document;
+use vmha_model::change::{escape, validate_name};
+use vmha_model::ClusterView;
+use vmha_ops::ports::BoxFuture;
+use vmha_ops::vcluster::{ArchiveSink, ArchiveSource, CaptureSpec, InstantiateSpec, Instantiated};
+use vmha_ops::{OpError, Ports};
 use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
-use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest, WriteBehind};
-use vmha_vcluster::capture::{self, capture, configuration_ids};
-use vmha_vcluster::domain_check::Allow;
-use vmha_vcluster::printable;
+use vmha_vcluster::archive::{self, ArchiveWriter, DiskFiles, DiskStats, Manifest, Verified, WriteBehind};
+use vmha_vcluster::capture::{self, capture, configuration_ids, Captured};
+use vmha_vcluster::manifest_for;
 use vmha_vcluster::signature::{self, SecretKey, Trust, TrustedKey};
-use vmha_vcluster::translate::{domain_disks, plan, Maps, Plan, Target};
-use vmha_vcluster::{manifest_for, metadata_entries};
-
-use crate::confined::{check_free_space, exists_no_follow, ConfinedPath};
 
 /// Deadline of one CIB call.
 const CIB_DEADLINE: Duration = Duration::from_secs(30);
-/// Deadline of one libvirt call (connect, lookup, guest agent command).
-const LIBVIRT_DEADLINE: Duration = Duration::from_secs(20);
-/// The guest agent's own timeout for fsfreeze (seconds).
-const AGENT_TIMEOUT_S: i32 = 10;
 
 #[derive(Subcommand, Debug)]
 pub enum VclusterCmd {
@@ -181,7 +179,10 @@ fn keygen(out: &Path, json_out: bool) -> Result<()> {
     if json_out {
         println!(
             "{}",
-            json!({"secret_key_file": out, "public_key_file": pub_path, "public_key": public.to_text(), "fingerprint": public.fingerprint()})
+            document(
+                "signing_key",
+                json!({"secret_key_file": out, "public_key_file": pub_path, "public_key": public.to_text(), "fingerprint": public.fingerprint()})
+            )
         );
     } else {
         println!("{}", public.to_text());
@@ -323,7 +324,10 @@ async fn list(json_out: bool) -> Result<()> {
     let cib = connect().await?;
     let tags = capture::list(&query(&cib).await?)?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&tags)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&document("vcluster_list", json!({ "vclusters": tags })))?
+        );
     } else {
         for (name, members) in tags {
             println!("{name}: {}", members.join(" "));
@@ -358,7 +362,7 @@ async fn show(name: &str, json_out: bool) -> Result<()> {
         "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "outside": o})).collect::<Vec<_>>(),
     });
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&document("vcluster", &out))?);
     } else {
         println!("virtual cluster {}: {}", c.name, c.members.join(" "));
         for v in &vms {
@@ -388,50 +392,6 @@ fn show_vm_line(v: &Value) -> String {
         "  vm {} {} {on}",
         v["resource"].as_str().unwrap_or(""),
         v["state"].as_str().unwrap_or("?")
-    )
-}
-
-/// Runs `f` on a thread and waits at most `limit` for it: a hung libvirtd cannot hang vmha.
-fn with_deadline<T: Send + 'static>(
-    what: String,
-    limit: Duration,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .map_err(|_| anyhow!("{what}: no answer within {} s", limit.as_secs()))?
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-/// libvirt URI of the host running a VM.
-fn libvirt_uri(vm: &capture::CapturedVm, host: &str) -> String {
-    if host == hostname() {
-        return vm.hypervisor.clone().unwrap_or_else(|| "qemu:///system".into());
-    }
-    let transport = vm.migration_transport.clone().unwrap_or_else(|| "tcp".into());
-    format!("qemu+{transport}://{host}/system")
-}
-
-/// Sends a qemu-guest-agent command to a domain through libvirt, with a deadline.
-fn agent_command(uri: &str, domain: &str, command: &str) -> Result<String> {
-    let (uri, domain, command) = (uri.to_string(), domain.to_string(), command.to_string());
-    with_deadline(
-        format!("{command} on {domain} via {uri}"),
-        LIBVIRT_DEADLINE,
-        move || {
-            let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| anyhow!("{uri}: {e}"))?;
-            conn.lookup_domain_by_name(&domain)
-                .and_then(|d| d.qemu_agent_command(&format!("{{\"execute\":\"{command}\"}}"), AGENT_TIMEOUT_S, 0))
-                .map_err(|e| anyhow!("{command} on {domain}: {e}"))
-        },
     )
 }
 
@@ -512,88 +472,6 @@ fn now_rfc3339() -> String {
     )
 }
 
-/// Polls the CIB until `done` holds for the cluster view, or the deadline passes.
-async fn wait_view(cib: &Cib, limit: Duration, what: &str, done: impl Fn(&ClusterView) -> bool) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let view = ClusterView::from_cib(&query(cib).await?)?;
-        if done(&view) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not reached within {} s", limit.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn set_target_role(cib: &Cib, rsc: &str, role: &str) -> Result<()> {
-    let xml = query(cib).await?;
-    let change = set_resource_meta(&xml, rsc, "target-role", role)?;
-    cib.modify(
-        &Scope::section("resources"),
-        &change,
-        CallOptions::CAN_CREATE,
-        CIB_DEADLINE,
-    )
-    .await
-    .with_context(|| format!("setting target-role={role} on {rsc}"))
-}
-
-/// The `target-role` nvpair (id, value) of a resource.
-fn target_role(cib: &str, rsc: &str) -> Result<Option<(String, String)>> {
-    let doc = roxmltree::Document::parse(cib)?;
-    Ok(doc
-        .descendants()
-        .find(|n| n.is_element() && n.attribute("id") == Some(rsc) && !n.has_tag_name("obj_ref"))
-        .and_then(|r| {
-            r.children()
-                .filter(|n| n.has_tag_name("meta_attributes"))
-                .flat_map(|s| s.children())
-                .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some("target-role"))
-        })
-        .map(|n| {
-            (
-                n.attribute("id").unwrap_or("").to_string(),
-                n.attribute("value").unwrap_or("").to_string(),
-            )
-        }))
-}
-
-/// Puts back each resource's target-role as it was before a halt.
-async fn restore_roles(cib: &Cib, before: &BTreeMap<String, Option<(String, String)>>) -> Result<()> {
-    let mut errors = Vec::new();
-    for (rsc, role) in before {
-        let result = match role {
-            Some((_, value)) => set_target_role(cib, rsc, value).await,
-            None => {
-                async {
-                    let now = target_role(&query(cib).await?, rsc)?;
-                    if let Some((id, _)) = now {
-                        cib.delete(
-                            &Scope::section("resources"),
-                            &format!("<nvpair id=\"{}\"/>", escape(&id)),
-                            CallOptions::NONE,
-                            CIB_DEADLINE,
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                }
-                .await
-            }
-        };
-        if let Err(e) = result {
-            errors.push(format!("{rsc}: {e:#}"));
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        bail!("restoring target-role failed: {}", errors.join("; "))
-    }
-}
-
 /// What a capture is asked to do.
 #[derive(Debug, Clone)]
 pub struct CaptureOptions {
@@ -604,161 +482,6 @@ pub struct CaptureOptions {
     pub level: i32,
     /// Sign the archive with this key.
     pub sign: Option<SecretKey>,
-}
-
-/// Captures a virtual cluster into `out` (written from its start, synced; the caller names and removes
-/// the file). Returns a summary (JSON) of what the archive holds.
-pub async fn capture_to(opts: &CaptureOptions, out: File, report: &dyn Report) -> Result<Value> {
-    if !(1..=19).contains(&opts.level) {
-        bail!("zstd level {} is outside 1..19", opts.level);
-    }
-    report.step(Some(0.0), "reading the CIB");
-    let cib = connect().await?;
-    let xml = query(&cib).await?;
-    let c = capture(&xml, &opts.name)?;
-    let view = ClusterView::from_cib(&xml)?;
-    let mut domains = BTreeMap::new();
-    for vm in &c.vms {
-        let path = vm.config.as_ref().ok_or_else(|| {
-            anyhow!(
-                "VM {} has no config parameter: vmha captures VMs whose domain XML is a file",
-                vm.resource
-            )
-        })?;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}'s domain XML {path}", vm.resource))?;
-        domains.insert(vm.resource.clone(), text);
-    }
-    let metadata = metadata_entries(&c, &domains)?;
-    let placement: BTreeMap<String, String> = c
-        .vms
-        .iter()
-        .filter_map(|v| Some((v.resource.clone(), view.vm(&v.resource)?.hosts.first()?.clone())))
-        .collect();
-    let mut disks = Vec::new();
-    if opts.with_disks {
-        for vm in &c.vms {
-            for path in domain_disks(&domains[&vm.resource])? {
-                // Opened now: a missing disk fails the capture before any VM is stopped or frozen.
-                let file = File::open(&path).with_context(|| format!("opening {}'s disk {path}", vm.resource))?;
-                disks.push((vm.resource.clone(), path, file));
-            }
-        }
-    }
-    let mut out = Some(out);
-    // The manifest lists the disks with their sizes: it is written once the VMs are stopped or frozen.
-    let mut write = |consistency: &str| -> Result<(Manifest, Vec<DiskStats>)> {
-        let out = out.take().ok_or_else(|| anyhow!("the archive is written once"))?;
-        let sized = disks
-            .iter()
-            .map(|(vm, path, f)| Ok((vm.clone(), path.clone(), f.metadata()?.len())))
-            .collect::<Result<Vec<_>>>()?;
-        let manifest = manifest_for(&c, placement.clone(), now_rfc3339(), consistency, &sized);
-        let out = BufWriter::with_capacity(1 << 20, WriteBehind::new(out)?);
-        let mut writer = ArchiveWriter::new_signed(out, opts.level, manifest, &metadata, opts.sign.clone())?;
-        let total: u64 = sized.iter().map(|d| d.2).sum::<u64>().max(1);
-        let mut done = 0;
-        for (vm, path, file) in &disks {
-            let size = file.metadata()?.len();
-            let span = (
-                0.1 + 0.85 * done as f64 / total as f64,
-                0.1 + 0.85 * (done + size) as f64 / total as f64,
-            );
-            let mut p = Progress::new(report, format!("{vm} {path}"), size, span);
-            writer
-                .add_disk(file, &mut |n| p.update(n))
-                .with_context(|| format!("reading {vm}'s disk {path}"))?;
-            p.finish(size);
-            done += size;
-        }
-        let (w, manifest, stats) = writer.finish()?;
-        w.into_inner()
-            .map_err(|e| anyhow!("writing the archive: {}", e.error()))?
-            .finish()
-            .context("writing the archive")?;
-        Ok((manifest, stats))
-    };
-
-    let consistency;
-    let written = if disks.is_empty() {
-        consistency = "metadata only";
-        write(consistency)
-    } else if opts.halt {
-        consistency = "halted";
-        let mut before = BTreeMap::new();
-        for vm in &c.vms {
-            before.insert(vm.resource.clone(), target_role(&xml, &vm.resource)?);
-        }
-        report.step(Some(0.05), "stopping the members (--halt)");
-        let r = async {
-            for vm in &c.vms {
-                set_target_role(&cib, &vm.resource, "Stopped").await?;
-            }
-            let names: Vec<String> = c.vms.iter().map(|v| v.resource.clone()).collect();
-            wait_view(&cib, Duration::from_secs(300), "members stopped", |v| {
-                names
-                    .iter()
-                    .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Stopped))
-            })
-            .await?;
-            write(consistency)
-        }
-        .await;
-        report.step(Some(0.97), "restarting the members");
-        let restored = restore_roles(&cib, &before).await;
-        r.and_then(|w| restored.map(|()| w))
-    } else {
-        consistency = "frozen";
-        report.step(Some(0.05), "freezing the guests' file systems");
-        // Freeze every running member, copy, thaw every one that was frozen, whatever happened.
-        let mut frozen = Vec::new();
-        let mut r = Ok(());
-        for vm in &c.vms {
-            let Some(host) = placement.get(&vm.resource) else {
-                continue;
-            };
-            let domain = vm.domain.clone().unwrap_or_else(|| vm.resource.clone());
-            let uri = libvirt_uri(vm, host);
-            match agent_command(&uri, &domain, "guest-fsfreeze-freeze") {
-                Ok(_) => frozen.push((uri, domain)),
-                Err(e) => {
-                    r = Err(e.context(format!(
-                        "freezing {}'s file systems (a live capture needs qemu-guest-agent in every running VM; \
-                         --halt captures with the VMs stopped)",
-                        vm.resource
-                    )));
-                    break;
-                }
-            }
-        }
-        let mut w = r.and_then(|()| write(consistency));
-        report.step(Some(0.97), "thawing the guests' file systems");
-        for (uri, domain) in &frozen {
-            if let Err(e) = agent_command(uri, domain, "guest-fsfreeze-thaw") {
-                tracing::warn!(%domain, "thawing failed: {e:#}");
-                if w.is_ok() {
-                    w = Err(e);
-                }
-            }
-        }
-        w
-    };
-    let (manifest, stats) = written?;
-    let disks: Vec<Value> = manifest
-        .disks
-        .iter()
-        .zip(&stats)
-        .map(|(d, s)| json!({"id": d.id, "vm": d.vm, "path": d.path, "size": d.size, "chunks": s.chunks, "stored": s.stored}))
-        .collect();
-    Ok(json!({
-        "name": manifest.name,
-        "members": manifest.members,
-        "constraints": c.constraints,
-        "left_out": c.left_out.iter().map(|(c, o)| json!({"constraint": c, "names": o})).collect::<Vec<_>>(),
-        "disks": disks,
-        "consistency": consistency,
-        "signed_by": opts.sign.as_ref().map(|k| k.public().fingerprint()),
-    }))
 }
 
 /// One line for a capture summary.
@@ -784,157 +507,6 @@ pub fn capture_text(summary: &Value, archive: &Path) -> String {
         ));
     }
     text
-}
-
-/// Checks on this host what the plan needs: storage directories, free file names, libvirt networks and
-/// bridges.
-fn check_target(p: &Plan) -> Vec<String> {
-    let mut problems = Vec::new();
-    let mut paths: Vec<&str> = p.domains.iter().map(|d| d.path.as_str()).collect();
-    paths.extend(p.disks.iter().map(|d| d.to.as_str()));
-    for path in paths {
-        let path = Path::new(path);
-        if exists_no_follow(path) {
-            problems.push(format!("{} exists already", printable(&path.to_string_lossy())));
-        } else if !path.parent().is_some_and(Path::is_dir) {
-            problems.push(format!(
-                "storage directory {} is missing (map it with --map storage=OLD:NEW)",
-                printable(&path.parent().unwrap_or(Path::new("/")).to_string_lossy())
-            ));
-        }
-    }
-    for d in &p.domains {
-        let Ok(doc) = roxmltree::Document::parse(&d.xml) else {
-            continue;
-        };
-        // A domain that takes the name or UUID of one libvirt has here would replace its definition.
-        let child = |tag: &str| {
-            doc.root_element()
-                .children()
-                .find(|n| n.has_tag_name(tag))
-                .and_then(|n| n.text())
-                .map(|t| t.trim().to_string())
-        };
-        let (name, uuid) = (child("name"), child("uuid"));
-        let found = with_deadline(
-            format!("looking up domain {}", printable(name.as_deref().unwrap_or(""))),
-            LIBVIRT_DEADLINE,
-            move || {
-                let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
-                let by_name = name.as_deref().is_some_and(|n| conn.lookup_domain_by_name(n).is_ok());
-                let by_uuid = uuid
-                    .as_deref()
-                    .is_some_and(|u| conn.lookup_domain_by_uuid_string(u).is_ok());
-                Ok(by_name || by_uuid)
-            },
-        );
-        match found {
-            Ok(false) => {}
-            Ok(true) => problems.push(format!(
-                "VM {}: libvirt has a domain with its name or UUID on this host already",
-                printable(&d.vm)
-            )),
-            Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
-        }
-        for s in doc
-            .descendants()
-            .filter(|n| n.has_tag_name("source") && n.parent().is_some_and(|p| p.has_tag_name("interface")))
-        {
-            if let Some(br) = s.attribute("bridge") {
-                let name_ok = !br.is_empty() && br != "." && br != ".." && !br.contains('/');
-                if !name_ok || !Path::new("/sys/class/net").join(br).exists() {
-                    problems.push(format!(
-                        "VM {}: bridge {} does not exist here (--map network=...)",
-                        printable(&d.vm),
-                        printable(br)
-                    ));
-                }
-            }
-            if let Some(net) = s.attribute("network") {
-                let net = net.to_string();
-                let found = with_deadline(format!("looking up network {net}"), LIBVIRT_DEADLINE, move || {
-                    let conn = virt::connect::Connect::open(Some("qemu:///system"))?;
-                    Ok(conn.lookup_network_by_name(&net).is_ok())
-                });
-                match found {
-                    Ok(true) => {}
-                    Ok(false) => problems.push(format!(
-                        "VM {}: libvirt network {} does not exist here (--map network=...)",
-                        printable(&d.vm),
-                        printable(s.attribute("network").unwrap_or(""))
-                    )),
-                    Err(e) => problems.push(format!("VM {}: {}", printable(&d.vm), printable(&format!("{e:#}")))),
-                }
-            }
-        }
-    }
-    problems
-}
-
-/// What an instantiate has created so far, removed again on failure.
-#[derive(Default)]
-struct Created {
-    files: Vec<ConfinedPath>,
-    /// (section, element xml) for CIB deletes.
-    cib: Vec<(&'static str, String)>,
-}
-
-impl Created {
-    fn is_empty(&self) -> bool {
-        self.files.is_empty() && self.cib.is_empty()
-    }
-
-    async fn undo(&mut self, cib: &Cib, vms: &[String]) {
-        for (section, xml) in self.cib.drain(..) {
-            if let Err(e) = cib
-                .delete(&Scope::section(section), &xml, CallOptions::NONE, CIB_DEADLINE)
-                .await
-            {
-                tracing::warn!("rollback: deleting {xml} from {section}: {e}");
-            }
-        }
-        // The domains must be gone before their files are.
-        if let Err(e) = wait_view(cib, Duration::from_secs(120), "removed VMs stopped", |v| {
-            vms.iter().all(|n| v.vm(n).is_none_or(|vm| vm.hosts.is_empty()))
-        })
-        .await
-        {
-            tracing::warn!("rollback: {e:#}");
-        }
-        self.undo_files();
-    }
-
-    fn undo_files(&mut self) {
-        for f in self.files.drain(..).rev() {
-            if let Err(e) = f.remove() {
-                tracing::warn!("rollback: {e:#}");
-            }
-        }
-    }
-}
-
-fn created_elements(fragment: &str) -> Result<Vec<(&'static str, String)>> {
-    let doc = roxmltree::Document::parse(fragment)?;
-    let mut out = Vec::new();
-    for (section, tag) in [
-        ("tags", "tags"),
-        ("constraints", "constraints"),
-        ("resources", "resources"),
-    ] {
-        if let Some(s) = doc.root_element().children().find(|n| n.has_tag_name(tag)) {
-            for el in s.children().filter(|n| n.is_element()) {
-                out.push((
-                    section,
-                    format!(
-                        "<{} id=\"{}\"/>",
-                        el.tag_name().name(),
-                        escape(el.attribute("id").unwrap_or(""))
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// What an instantiate is asked to do.
@@ -979,211 +551,258 @@ impl InstantiateOptions {
     }
 }
 
-/// How an instantiate went: the plan (once the archive's head was read) and the problems the target
-/// has, then the outcome (the final message, or why it failed after removing what it had created).
-#[derive(Debug)]
-pub struct Instantiated {
-    pub plan: Option<Plan>,
-    pub problems: Vec<String>,
-    pub result: Result<String>,
-}
-
-impl Instantiated {
-    /// The plan and problems as JSON (the job's details).
-    pub fn details(&self) -> Value {
-        json!({
-            "plan": self.plan,
-            "plan_text": self.plan.as_ref().map(Plan::text),
-            "problems": self.problems,
+impl InstantiateOptions {
+    /// The operation's request: the maps, the opt-ins and the trust (keys read here).
+    pub fn spec(&self) -> Result<InstantiateSpec> {
+        Ok(InstantiateSpec {
+            maps: self.maps.clone(),
+            name: self.name.clone(),
+            allow: self.allow.clone(),
+            dry_run: self.dry_run,
+            wait: self.wait,
+            trust: self.trust()?,
         })
     }
 }
 
-/// The hidden name a disk is written under until the whole archive checked out: next to its
-/// destination (same directory, so that a link puts it in place).
-fn staging_path(to: &ConfinedPath) -> ConfinedPath {
-    to.sibling(format!(".{}.vmha-partial", to.name))
+/// What the archive reader thread sends.
+enum Read {
+    Head(Box<Verified>),
+    Done(Result<(), String>),
 }
 
-/// Instantiates the archive read from `input` on this cluster: one pass over the archive (its head is
-/// checked and planned against this cluster before any disk data is read; the disks are written under
-/// hidden names and put in place only once the whole archive checked out), then the domain definitions,
-/// one CIB change and the wait for the VMs. On any failure what was created is removed again.
-pub async fn instantiate_from(input: File, opts: &InstantiateOptions, report: &dyn Report) -> Instantiated {
-    let mut outcome = Instantiated {
-        plan: None,
-        problems: Vec::new(),
-        result: Ok(String::new()),
-    };
-    let mut staged: Vec<(ConfinedPath, ConfinedPath)> = Vec::new();
-    let mut created = Created::default();
-    let mut vms = Vec::new();
-    let result = async {
-        let trust = opts.trust()?;
-        let mut maps = Maps::parse(&opts.maps, opts.name.clone())?;
-        maps.allow = Allow::parse(&opts.allow).map_err(|e| anyhow!(e))?;
-        let roots = maps.roots();
-        report.step(Some(0.0), "reading the CIB");
-        let cib = connect().await?;
-        let xml = query(&cib).await?;
-        let view = ClusterView::from_cib(&xml)?;
-        let target = Target {
-            hosts: view.hosts.iter().map(|h| h.name.clone()).collect(),
-            ids: configuration_ids(&xml)?,
-        };
-        let total = input.metadata().map(|m| m.len()).unwrap_or(0);
-        // Read front to back: a larger read-ahead.
-        let _ = nix::fcntl::posix_fadvise(
-            std::os::fd::AsRawFd::as_raw_fd(&input),
-            0,
-            0,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
-        );
-        let mut progress = Progress::new(report, "archive".into(), total, (0.05, 0.8));
-        report.step(Some(0.02), "reading and checking the archive");
-        let read = archive::read_trusting(
-            BufReader::with_capacity(1 << 20, input),
-            &trust,
-            |head| -> Result<Option<DiskFiles>> {
-                let p = plan(head, &maps, &target)?;
-                let problems = check_target(&p);
-                report.step(
-                    Some(0.05),
-                    &format!(
-                        "planned: {} resources, {} domains, {} disks",
-                        p.resources.len(),
-                        p.domains.len(),
-                        p.disks.len()
-                    ),
+/// The archive file of an instantiate, read once on a thread of its own ([`archive::read_trusting`]):
+/// the head is sent to the operation, which answers with the files the disks go to; the thread then
+/// writes the disks and checks the rest. Dropped midway, the thread stops at its next entry.
+pub struct FileArchive {
+    input: Option<File>,
+    trust: Trust,
+    report: Arc<dyn Report>,
+    files: Option<std::sync::mpsc::Sender<Option<DiskFiles>>>,
+    read: Option<tokio::sync::mpsc::UnboundedReceiver<Read>>,
+}
+
+impl std::fmt::Debug for FileArchive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileArchive").finish_non_exhaustive()
+    }
+}
+
+impl FileArchive {
+    pub fn new(input: File, trust: Trust, report: Arc<dyn Report>) -> Self {
+        FileArchive {
+            input: Some(input),
+            trust,
+            report,
+            files: None,
+            read: None,
+        }
+    }
+
+    fn start(&mut self) -> Result<(), String> {
+        let input = self.input.take().ok_or("the archive is read once")?;
+        let trust = self.trust.clone();
+        let report = Arc::clone(&self.report);
+        let (files_tx, files_rx) = std::sync::mpsc::channel::<Option<DiskFiles>>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.files = Some(files_tx);
+        self.read = Some(rx);
+        std::thread::Builder::new()
+            .name("vmha-archive".into())
+            .spawn(move || {
+                let total = input.metadata().map(|m| m.len()).unwrap_or(0);
+                // Read front to back: a larger read-ahead.
+                let _ = nix::fcntl::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&input),
+                    0,
+                    0,
+                    nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
                 );
-                outcome.problems = problems.clone();
-                let disks = p.disks.clone();
-                outcome.plan = Some(p);
-                if !problems.is_empty() {
-                    bail!("the target is not ready: {}", problems.join("; "));
-                }
-                if opts.dry_run {
-                    return Ok(None);
-                }
-                // Every destination under a storage root, its directory opened without following links;
-                // room for every disk's full size (the most the archive can write) before any is written.
-                let mut destinations = Vec::new();
-                for d in &disks {
-                    destinations.push((ConfinedPath::locate(&d.to, &roots)?, d));
-                }
-                check_free_space(destinations.iter().map(|(to, d)| (to, d.size)))?;
-                let mut files = DiskFiles::new();
-                for (to, d) in destinations {
-                    let stage = staging_path(&to);
-                    let f = stage.create_new()?;
-                    staged.push((stage, to));
-                    files.insert(d.id, f);
-                }
-                Ok(Some(files))
-            },
-            &mut |n| progress.update(n),
-        );
-        progress.finish(total);
-        read.context("the archive was rejected")?;
-        let p = outcome.plan.as_ref().ok_or_else(|| anyhow!("no plan"))?;
-        if opts.dry_run {
-            return Ok("dry run: nothing changed".to_string());
-        }
-        vms = p.domains.iter().map(|d| d.vm.clone()).collect();
-        report.step(Some(0.82), "placing the disks and domain definitions");
-        for (stage, to) in staged.drain(..) {
-            // A hard link does not replace a file that appeared meanwhile; then the hidden name goes.
-            stage.link_to(&to)?;
-            created.files.push(to);
-            stage.remove()?;
-        }
-        apply(&cib, p, &roots, &mut created, opts.wait, &vms, report).await?;
-        Ok(format!("virtual cluster {} instantiated", p.name))
+                let mut progress = Progress::new(&*report, "archive".into(), total, (0.05, 0.8));
+                let head_tx = tx.clone();
+                let read = archive::read_trusting(
+                    BufReader::with_capacity(1 << 20, input),
+                    &trust,
+                    |head| -> std::result::Result<Option<DiskFiles>, archive::ArchiveError> {
+                        let _ = head_tx.send(Read::Head(Box::new(head.clone())));
+                        files_rx
+                            .recv()
+                            .map_err(|_| archive::ArchiveError::Unsupported("the instantiate stopped".into()))
+                    },
+                    &mut |n| progress.update(n),
+                );
+                progress.finish(total);
+                let _ = tx.send(Read::Done(read.map(|_| ()).map_err(|e| e.to_string())));
+            })
+            .map_err(|e| format!("cannot start the archive reader: {e}"))?;
+        Ok(())
     }
-    .await;
-    for (stage, _) in staged.drain(..) {
-        let _ = stage.remove();
+
+    async fn next(&mut self) -> Option<Read> {
+        self.read.as_mut()?.recv().await
     }
-    let mut rolled_back = false;
-    if let Err(e) = &result {
-        if !created.is_empty() {
-            report.step(None, &format!("instantiate failed, removing what it created: {e:#}"));
-            match connect().await {
-                Ok(cib) => created.undo(&cib, &vms).await,
-                Err(ce) => {
-                    tracing::warn!("rollback: {ce:#}");
-                    created.undo_files();
-                }
+}
+
+impl ArchiveSource for FileArchive {
+    fn head(&mut self) -> BoxFuture<'_, std::result::Result<Verified, String>> {
+        Box::pin(async move {
+            self.start()?;
+            match self.next().await {
+                Some(Read::Head(head)) => Ok(*head),
+                Some(Read::Done(Err(e))) => Err(e),
+                Some(Read::Done(Ok(()))) | None => Err("the archive reader stopped".into()),
             }
-            rolled_back = true;
-        }
+        })
     }
-    outcome.result = result.map_err(|e| {
-        if rolled_back {
-            anyhow!("{e:#} (instantiate failed, removing what it created: done)")
-        } else {
-            e
-        }
-    });
-    outcome
+
+    fn rest(&mut self, files: Option<BTreeMap<u32, File>>) -> BoxFuture<'_, std::result::Result<(), String>> {
+        Box::pin(async move {
+            let tx = self.files.take().ok_or("the archive's head was not read")?;
+            tx.send(files).map_err(|_| "the archive reader stopped".to_string())?;
+            match self.next().await {
+                Some(Read::Done(r)) => r,
+                _ => Err("the archive reader stopped".into()),
+            }
+        })
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn apply(
-    cib: &Cib,
-    p: &Plan,
-    roots: &[String],
-    created: &mut Created,
-    wait: Duration,
-    vms: &[String],
-    report: &dyn Report,
-) -> Result<()> {
-    for d in &p.domains {
-        let to = ConfinedPath::locate(&d.path, roots)?;
-        let mut f = to.create_new()?;
-        created.files.push(to);
-        f.write_all(d.xml.as_bytes())?;
-        f.sync_all()?;
-    }
-    report.step(
-        Some(0.85),
-        "creating the resources, constraints and tag (one CIB change)",
-    );
-    let elements = created_elements(&p.cib_fragment)?;
-    cib.modify(
-        &Scope::section("configuration"),
-        &p.cib_fragment,
-        CallOptions::CAN_CREATE,
-        CIB_DEADLINE,
-    )
-    .await
-    .context("creating the resources, constraints and tag (one CIB change)")?;
-    created.cib = elements;
-    if wait.is_zero() {
-        return Ok(());
-    }
-    report.step(Some(0.9), "waiting for the virtual cluster to run");
-    // Activation: every VM whose captured target-role is not Stopped runs.
-    let xml = query(cib).await?;
-    let expect: Vec<String> = vms
-        .iter()
-        .filter(|v| target_role(&xml, v).ok().flatten().is_none_or(|(_, r)| r != "Stopped"))
-        .cloned()
-        .collect();
-    wait_view(cib, wait, "virtual cluster running", |v| {
-        expect
-            .iter()
-            .all(|n| v.vm(n).is_some_and(|vm| vm.state == VmState::Running))
-    })
-    .await
+/// The archive file a capture writes (from its start, synced), signed with the key given, the disks'
+/// progress reported.
+pub struct FileSink {
+    out: Option<File>,
+    level: i32,
+    sign: Option<SecretKey>,
+    report: Arc<dyn Report>,
+    disks: Vec<(String, String, File)>,
 }
 
-/// Runs a capture or an instantiate to its end on the calling thread (a job's own thread in vmhad).
-pub fn block_on<T>(f: impl std::future::Future<Output = T>) -> std::io::Result<T> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(f))
+impl std::fmt::Debug for FileSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSink")
+            .field("level", &self.level)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileSink {
+    pub fn new(out: File, opts: &CaptureOptions, report: Arc<dyn Report>) -> Self {
+        FileSink {
+            out: Some(out),
+            level: opts.level,
+            sign: opts.sign.clone(),
+            report,
+            disks: Vec::new(),
+        }
+    }
+}
+
+fn sink_error(e: impl std::fmt::Display) -> OpError {
+    OpError::Data {
+        what: "writing the archive".into(),
+        reason: e.to_string(),
+    }
+}
+
+impl ArchiveSink for FileSink {
+    fn open_disks(&mut self, disks: Vec<(String, String)>) -> BoxFuture<'_, std::result::Result<(), OpError>> {
+        Box::pin(async move {
+            for (vm, path) in disks {
+                let file = File::open(&path).map_err(|e| {
+                    OpError::Storage(vmha_ops::ports::StorageError {
+                        path: path.clone(),
+                        message: format!("opening {vm}'s disk: {e}"),
+                    })
+                })?;
+                self.disks.push((vm, path, file));
+            }
+            Ok(())
+        })
+    }
+
+    fn write<'a>(
+        &'a mut self,
+        c: &'a Captured,
+        metadata: &'a BTreeMap<String, Vec<u8>>,
+        placement: BTreeMap<String, String>,
+        consistency: &'a str,
+    ) -> BoxFuture<'a, std::result::Result<(Manifest, Vec<DiskStats>), OpError>> {
+        let out = self.out.take();
+        let disks = std::mem::take(&mut self.disks);
+        let (c, metadata, consistency) = (c.clone(), metadata.clone(), consistency.to_string());
+        let (level, sign, report) = (self.level, self.sign.clone(), Arc::clone(&self.report));
+        Box::pin(async move {
+            let out = out.ok_or_else(|| sink_error("the archive is written once"))?;
+            let work = tokio::task::spawn_blocking(move || -> Result<(Manifest, Vec<DiskStats>)> {
+                // The manifest lists the disks with their sizes as they are now (stopped or frozen).
+                let sized = disks
+                    .iter()
+                    .map(|(vm, path, f)| Ok((vm.clone(), path.clone(), f.metadata()?.len())))
+                    .collect::<Result<Vec<_>>>()?;
+                let manifest = manifest_for(&c, placement, now_rfc3339(), &consistency, &sized);
+                let out = BufWriter::with_capacity(1 << 20, WriteBehind::new(out)?);
+                let mut writer = ArchiveWriter::new_signed(out, level, manifest, &metadata, sign)?;
+                let total: u64 = sized.iter().map(|d| d.2).sum::<u64>().max(1);
+                let mut done = 0;
+                for (vm, path, file) in &disks {
+                    let size = file.metadata()?.len();
+                    let span = (
+                        0.1 + 0.85 * done as f64 / total as f64,
+                        0.1 + 0.85 * (done + size) as f64 / total as f64,
+                    );
+                    let mut p = Progress::new(&*report, format!("{vm} {path}"), size, span);
+                    writer
+                        .add_disk(file, &mut |n| p.update(n))
+                        .with_context(|| format!("reading {vm}'s disk {path}"))?;
+                    p.finish(size);
+                    done += size;
+                }
+                let (w, manifest, stats) = writer.finish()?;
+                w.into_inner()
+                    .map_err(|e| anyhow!("writing the archive: {}", e.error()))?
+                    .finish()
+                    .context("writing the archive")?;
+                Ok((manifest, stats))
+            });
+            work.await
+                .map_err(sink_error)?
+                .map_err(|e| sink_error(format!("{e:#}")))
+        })
+    }
+}
+
+/// Instantiates the archive in `input` with vmhad's ports (see [`vmha_ops::vcluster::instantiate`]).
+pub async fn run_instantiate(
+    p: &Ports,
+    progress: &dyn vmha_ops::ports::Progress,
+    report: Arc<dyn Report>,
+    input: File,
+    spec: &InstantiateSpec,
+    job_id: &str,
+) -> Instantiated {
+    let mut archive = FileArchive::new(input, spec.trust.clone(), report);
+    vmha_ops::vcluster::instantiate(p, progress, spec, &mut archive, job_id).await
+}
+
+/// Captures a virtual cluster into `out` with vmhad's ports (see [`vmha_ops::vcluster::capture`]);
+/// the summary names the signer.
+pub async fn run_capture(
+    p: &Ports,
+    progress: &dyn vmha_ops::ports::Progress,
+    report: Arc<dyn Report>,
+    opts: &CaptureOptions,
+    out: File,
+    job_id: &str,
+) -> std::result::Result<Value, OpError> {
+    let mut sink = FileSink::new(out, opts, report);
+    let spec = CaptureSpec {
+        name: opts.name.clone(),
+        with_disks: opts.with_disks,
+        halt: opts.halt,
+    };
+    let mut summary = vmha_ops::vcluster::capture(p, progress, &spec, &mut sink, job_id).await?;
+    summary["signed_by"] = json!(opts.sign.as_ref().map(|k| k.public().fingerprint()));
+    Ok(summary)
 }
 
 #[cfg(test)]

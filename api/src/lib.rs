@@ -3,9 +3,12 @@
 //! ([`Error`]) and `#[zbus::proxy]` client traits for every interface ([`proxy`]). The interfaces are
 //! described in `packaging/dbus/interfaces/*.xml`; a test of vmhad compares what it serves with them.
 //!
-//! This crate depends on zbus only: the resource agent links it and is started for every monitor.
+//! [`json`] is the versioned schema of `vmha --output json`.
+//!
+//! This crate depends on zbus and serde only: the resource agent links it and is started for every monitor.
 
 mod error;
+pub mod json;
 pub mod proxy;
 
 pub use error::{Error, ERROR_PREFIX};

@@ -2,6 +2,7 @@
 //! figures beside the baselines of `shared/docs/baselines.md`.
 
 mod clone;
+mod failover;
 mod measure;
 mod report;
 mod vcluster;
@@ -109,6 +110,26 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Failover and VM-crash recovery, vmha (VirtualMachine + vmhad) against VirtualDomain: two labs side
+    /// by side, trials alternating, each time split into detection, fencing and start by this process's
+    /// clock. Brings up both labs.
+    Failover {
+        /// Rounds (each: every kind of failure once per side).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// One round of the VM crash only: proves the bench works, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        /// Names of the two labs (vmha's, VirtualDomain's).
+        #[arg(long, value_delimiter = ',', default_values_t = ["fva".to_string(), "fvb".to_string()])]
+        labs: Vec<String>,
+        /// Their subnets (first three octets).
+        #[arg(long, value_delimiter = ',', default_values_t = ["10.213.141".to_string(), "10.213.151".to_string()])]
+        subnets: Vec<String>,
+        /// Also write the report (markdown) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// (internal, runs inside a lab host) Runs each side's actions in turn and prints the samples as JSON.
     #[command(hide = true)]
     Measure {
@@ -154,6 +175,20 @@ fn main() -> ExitCode {
             &lab.config("bclone", "10.213.3"),
             out,
         ),
+        Cmd::Failover {
+            rounds,
+            quick,
+            labs,
+            subnets,
+            out,
+        } => {
+            if labs.len() != 2 || subnets.len() != 2 {
+                eprintln!("vmha-bench: --labs and --subnets take two values each");
+                return ExitCode::FAILURE;
+            }
+            let (a, b) = failover::configs((&labs[0], &subnets[0]), (&labs[1], &subnets[1]));
+            failover::run(if quick { 1 } else { rounds }, quick, &a, &b, out)
+        }
         Cmd::Measure { runs, actions, sides } => measure_cmd(runs, &actions, &sides),
         Cmd::PingLoop { domain } => clone::ping_loop(&domain),
         Cmd::Vcluster {

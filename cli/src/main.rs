@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use vmha_agent::options::VmhadArgs;
 use vmha_agent::vcluster::VclusterCmd;
+use vmha_api::json::{document, Cluster as JsonCluster, Host as JsonHost, Vm as JsonVm};
 use vmha_api::proxy::{ClusterProxy, Event, Finished, HostProxy, JobProxy, VirtualMachineProxy};
 use vmha_api::{host_path, vm_path, BUS_NAME, CLUSTER_INTERFACE, HOST_INTERFACE, ROOT_PATH, VM_INTERFACE};
 use vmha_model::group;
@@ -366,11 +367,18 @@ fn main() -> ExitCode {
     if let Cmd::Keygen { force, file } = &cli.command {
         return match vmha_agent::authkey::generate(file, *force) {
             Ok(fingerprint) => {
-                println!(
-                    "wrote {} (fingerprint {fingerprint}); copy it to every host (same path, root, mode 0600) \
-                     and restart vmhad there",
-                    file.display()
-                );
+                if cli.output == Output::Json {
+                    println!(
+                        "{}",
+                        document("authkey", json!({ "file": file, "fingerprint": fingerprint }))
+                    );
+                } else {
+                    println!(
+                        "wrote {} (fingerprint {fingerprint}); copy it to every host (same path, root, mode \
+                         0600) and restart vmhad there",
+                        file.display()
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -681,7 +689,7 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
         );
     }
     if client.output == Output::Json {
-        return client.print_json(&json!({ "groups": rows }));
+        return client.print_json("group_list", json!({ "groups": rows }));
     }
     println!(
         "{:<16} {:>4} {:>4} {:>4}  {:<16} MEMBERS",
@@ -712,7 +720,7 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
 async fn group_scale(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<ExitCode> {
     let scaled = scale_group(client, name, size, force, drain_ms).await?;
     if client.output == Output::Json {
-        println!("{}", scaled.summary);
+        println!("{}", document("scale", &scaled.summary));
     }
     match scaled.failure() {
         None => {
@@ -804,7 +812,7 @@ async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) 
     let local = vmha_agent::options::system_hostname()?;
     if how.only_on_dc && view.dc.as_deref() != Some(local.as_str()) {
         if client.output == Output::Json {
-            return client.print_json(&json!({ "acted": false, "why": "not the DC" }));
+            return client.print_json("autoscale", json!({ "acted": false, "why": "not the DC" }));
         }
         println!(
             "{local} is not the DC ({}): nothing to do",
@@ -877,7 +885,7 @@ async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) 
         report.push(entry);
     }
     if client.output == Output::Json {
-        client.print_json(&json!({ "acted": true, "groups": report }))?;
+        client.print_json("autoscale", json!({ "acted": true, "groups": report }))?;
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
@@ -891,9 +899,10 @@ async fn check(client: &Client, hypervisor: &str) -> Result<ExitCode> {
     if client.output == Output::Json {
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &json!({ "ok": worst != check::Level::Red, "worst": worst, "findings": findings })
-            )?
+            serde_json::to_string_pretty(&document(
+                "check",
+                json!({ "ok": worst != check::Level::Red, "worst": worst, "findings": findings })
+            ))?
         );
     } else {
         print!("{}", check::render(&findings));
@@ -917,6 +926,9 @@ fn generate(what: &GenerateCmd) -> Result<()> {
             let mut page = Vec::new();
             clap_mangen::Man::new(vmhad).section("8").render(&mut page)?;
             std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
+            let path = dir.join(vmha_resource_agents::manpage::FILE_NAME);
+            std::fs::write(&path, vmha_resource_agents::manpage::render(env!("CARGO_PKG_VERSION")))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         GenerateCmd::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "vmha", &mut std::io::stdout());
@@ -927,101 +939,59 @@ fn generate(what: &GenerateCmd) -> Result<()> {
 
 /// Converts a D-Bus value into JSON.
 fn to_json(v: &zbus::zvariant::Value) -> Value {
-    use zbus::zvariant::Value as V;
-    match v {
-        V::Bool(b) => json!(b),
-        V::U8(n) => json!(n),
-        V::U16(n) => json!(n),
-        V::U32(n) => json!(n),
-        V::U64(n) => json!(n),
-        V::I16(n) => json!(n),
-        V::I32(n) => json!(n),
-        V::I64(n) => json!(n),
-        V::F64(n) => json!(n),
-        V::Str(s) => json!(s.as_str()),
-        V::ObjectPath(p) => json!(p.as_str()),
-        V::Array(a) => Value::Array(a.iter().map(to_json).collect()),
-        V::Dict(d) => {
-            let mut m = serde_json::Map::new();
-            for (k, val) in d.iter() {
-                let key = match to_json(k) {
-                    Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                m.insert(key, to_json(val));
-            }
-            Value::Object(m)
-        }
-        V::Value(inner) => to_json(inner),
-        other => json!(format!("{other:?}")),
-    }
-}
-
-fn props_json(props: &HashMap<String, OwnedValue>) -> Value {
-    let sorted: BTreeMap<&String, Value> = props.iter().map(|(k, v)| (k, to_json(v))).collect();
-    json!(sorted)
-}
-
-/// True while vmhad has not read the cluster yet: it is not connected to the CIB and has never read it
-/// (no CIB version). Until then its quorum, DC and fencing properties are defaults, not the cluster's.
-fn connecting(cluster: &Value) -> bool {
-    cluster["Connected"] != json!(true) && s(cluster, "CibVersion").is_empty()
+    vmha_api::json::value_json(v)
 }
 
 /// The first lines of `vmha status`: the cluster's quorum, DC and members and, once vmhad has read the
 /// cluster, the fencing alarm. While vmhad is still connecting it says so and raises no alarm.
-fn status_header(c: &Value) -> Vec<String> {
-    if connecting(c) {
+fn status_header(c: &JsonCluster) -> Vec<String> {
+    if c.connecting() {
         return vec![format!(
             "cluster {}: vmhad is still connecting (it has not read the CIB yet): quorum, DC and fencing unknown",
-            if s(c, "Name").is_empty() {
-                "?".into()
-            } else {
-                s(c, "Name")
-            }
+            if c.name.is_empty() { "?" } else { &c.name }
         )];
     }
+    let dc = c.designated_controller.as_deref().unwrap_or_default();
     let mut lines = vec![format!(
         "cluster {}: {}, DC {}, members {}{}",
-        s(c, "Name"),
-        if c["Quorate"] == json!(true) {
+        c.name,
+        if c.quorate == Some(true) {
             "quorate"
         } else {
             "NOT QUORATE"
         },
-        if s(c, "DesignatedController").is_empty() {
-            "(none)".into()
+        if dc.is_empty() { "(none)" } else { dc },
+        c.members.join(","),
+        if c.connected {
+            ""
         } else {
-            s(c, "DesignatedController")
-        },
-        s(c, "Members"),
-        if c["Connected"] == json!(true) {
-            String::new()
-        } else {
-            " (vmhad cannot read the CIB: state may be stale)".into()
+            " (vmhad cannot read the CIB: state may be stale)"
         }
     )];
-    if c["StonithEnabled"] != json!(true) {
+    if c.stonith_enabled != Some(true) {
         lines.push("WARNING: fencing is disabled: a failed host's VMs may run twice".into());
     }
     lines
 }
 
-/// `vmha status --output json`: the snapshot plus `"connecting"`; while vmhad is still connecting the
-/// cluster's Quorate, DesignatedController and StonithEnabled are null (unknown), not false/empty.
-fn status_json(mut snap: Value) -> Value {
-    let is_connecting = connecting(&snap["cluster"]);
-    if is_connecting {
-        if let Some(c) = snap["cluster"].as_object_mut() {
-            for key in ["Quorate", "DesignatedController", "StonithEnabled"] {
-                c.insert(key.into(), Value::Null);
-            }
-        }
+/// `vmha status --output json` (kind `status`): the snapshot plus `connecting`; while vmhad is still
+/// connecting the cluster's quorum, DC and fencing are null (unknown), not false/empty.
+fn status_json(snap: &Snapshot) -> vmha_api::json::Status {
+    vmha_api::json::Status {
+        schema_version: vmha_api::json::SCHEMA_VERSION,
+        kind: "status".into(),
+        connecting: snap.cluster.connecting(),
+        cluster: snap.cluster.clone(),
+        hosts: snap.hosts.clone(),
+        vms: snap.vms.clone(),
     }
-    if let Some(o) = snap.as_object_mut() {
-        o.insert("connecting".into(), json!(is_connecting));
-    }
-    snap
+}
+
+/// Cluster, hosts and VMs as vmhad publishes them, in the schema of `--output json`.
+struct Snapshot {
+    cluster: JsonCluster,
+    hosts: Vec<JsonHost>,
+    vms: Vec<JsonVm>,
 }
 
 fn s(v: &Value, key: &str) -> String {
@@ -1119,13 +1089,13 @@ impl Client {
     /// The end of a method that answers at once.
     fn done(&self) -> Result<ExitCode> {
         if self.output == Output::Json {
-            return self.print_json(&json!({ "ok": true }));
+            return self.print_json("ok", ());
         }
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Cluster properties plus every host and VM object, as JSON.
-    async fn snapshot(&self) -> Result<Value> {
+    /// Cluster properties plus every host and VM object.
+    async fn snapshot(&self) -> Result<Snapshot> {
         let props = zbus::fdo::PropertiesProxy::builder(&self.conn)
             .destination(BUS_NAME)?
             .path(ROOT_PATH)?
@@ -1144,29 +1114,34 @@ impl Client {
         for (_, ifaces) in objects {
             for (name, props) in ifaces {
                 match name.as_str() {
-                    HOST_INTERFACE => hosts.push(props_json(&props)),
-                    VM_INTERFACE => vms.push(props_json(&props)),
+                    HOST_INTERFACE => hosts.push(JsonHost::from_properties(&props)),
+                    VM_INTERFACE => vms.push(JsonVm::from_properties(&props)),
                     _ => {}
                 }
             }
         }
-        let by_name = |a: &Value, b: &Value| s(a, "Name").cmp(&s(b, "Name"));
-        hosts.sort_by(by_name);
-        vms.sort_by(by_name);
-        Ok(json!({ "cluster": props_json(&cluster), "hosts": hosts, "vms": vms }))
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Snapshot {
+            cluster: JsonCluster::from_properties(&cluster),
+            hosts,
+            vms,
+        })
     }
 
-    fn print_json(&self, v: &Value) -> Result<ExitCode> {
-        println!("{}", serde_json::to_string_pretty(v)?);
+    /// Prints a document of `kind` (see [`vmha_api::json`]) made of `body`.
+    fn print_json(&self, kind: &str, body: impl serde::Serialize) -> Result<ExitCode> {
+        println!("{}", serde_json::to_string_pretty(&document(kind, body))?);
         Ok(ExitCode::SUCCESS)
     }
 
     async fn status(&self) -> Result<ExitCode> {
         let snap = self.snapshot().await?;
         if self.output == Output::Json {
-            return self.print_json(&status_json(snap));
+            println!("{}", serde_json::to_string_pretty(&status_json(&snap))?);
+            return Ok(ExitCode::SUCCESS);
         }
-        for line in status_header(&snap["cluster"]) {
+        for line in status_header(&snap.cluster) {
             println!("{line}");
         }
         println!();
@@ -1176,40 +1151,34 @@ impl Client {
         Ok(ExitCode::SUCCESS)
     }
 
-    fn print_hosts(&self, snap: &Value) {
+    fn print_hosts(&self, snap: &Snapshot) {
         println!("{:<16} {:<9} FLAGS", "HOST", "STATE");
-        for h in snap["hosts"].as_array().into_iter().flatten() {
+        for h in &snap.hosts {
             let mut flags = Vec::new();
-            for (key, word) in [
-                ("IsDesignatedController", "DC"),
-                ("Standby", "standby"),
-                ("Maintenance", "maintenance"),
+            for (on, word) in [
+                (h.is_designated_controller, "DC"),
+                (h.standby, "standby"),
+                (h.maintenance, "maintenance"),
             ] {
-                if h[key] == json!(true) {
+                if on {
                     flags.push(word);
                 }
             }
-            println!("{:<16} {:<9} {}", s(h, "Name"), s(h, "State"), flags.join(","));
+            println!("{:<16} {:<9} {}", h.name, h.state, flags.join(","));
         }
     }
 
-    fn print_vms(&self, snap: &Value) {
+    fn print_vms(&self, snap: &Snapshot) {
         println!("{:<16} {:<10} {:<16} AGENT", "VM", "STATE", "HOST");
-        for v in snap["vms"].as_array().into_iter().flatten() {
-            println!(
-                "{:<16} {:<10} {:<16} {}",
-                s(v, "Name"),
-                s(v, "State"),
-                s(v, "Hosts"),
-                s(v, "Agent")
-            );
+        for v in &snap.vms {
+            println!("{:<16} {:<10} {:<16} {}", v.name, v.state, v.hosts.join(","), v.agent);
         }
     }
 
     async fn vm_list(&self) -> Result<ExitCode> {
         let snap = self.snapshot().await?;
         if self.output == Output::Json {
-            return self.print_json(&snap["vms"]);
+            return self.print_json("vm_list", json!({ "vms": snap.vms }));
         }
         self.print_vms(&snap);
         Ok(ExitCode::SUCCESS)
@@ -1218,7 +1187,7 @@ impl Client {
     async fn host_list(&self) -> Result<ExitCode> {
         let snap = self.snapshot().await?;
         if self.output == Output::Json {
-            return self.print_json(&snap["hosts"]);
+            return self.print_json("host_list", json!({ "hosts": snap.hosts }));
         }
         self.print_hosts(&snap);
         Ok(ExitCode::SUCCESS)
@@ -1226,14 +1195,15 @@ impl Client {
 
     async fn vm_show(&self, name: &str) -> Result<ExitCode> {
         let snap = self.snapshot().await?;
-        let vm = snap["vms"]
-            .as_array()
-            .and_then(|a| a.iter().find(|v| s(v, "Name") == name))
+        let vm = snap
+            .vms
+            .iter()
+            .find(|v| v.name == name)
             .ok_or_else(|| anyhow!("unknown VM {name}"))?;
         if self.output == Output::Json {
-            return self.print_json(vm);
+            return self.print_json("vm", json!({ "vm": vm }));
         }
-        for (k, v) in vm.as_object().into_iter().flatten() {
+        for (k, v) in serde_json::to_value(vm)?.as_object().into_iter().flatten() {
             let text = match v {
                 Value::String(t) => t.clone(),
                 Value::Array(a) if a.is_empty() => "-".into(),
@@ -1242,6 +1212,7 @@ impl Client {
                     .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
                     .collect::<Vec<_>>()
                     .join("; "),
+                Value::Object(o) if o.is_empty() => "-".into(),
                 other => other.to_string(),
             };
             println!("{k:<12} {text}");
@@ -1255,7 +1226,10 @@ impl Client {
         if self.output == Output::Json {
             println!(
                 "{}",
-                json!({ "vm": vm, "request": request, "result": result, "reason": reason })
+                document(
+                    "guest_request",
+                    json!({ "vm": vm, "request": request, "result": result, "reason": reason })
+                )
             );
         } else if reason.is_empty() {
             println!("{result}");
@@ -1286,7 +1260,7 @@ impl Client {
         let vm = self.vm(name).await?;
         let probed = change!(self, "Cleanup", vm, cleanup / cleanup_interactive(&host)).await?;
         if self.output == Output::Json {
-            return self.print_json(&json!({ "ok": true, "probed": probed }));
+            return self.print_json("cleanup", json!({ "vm": name, "probed": probed }));
         }
         let on = if host.is_empty() {
             "every host".to_string()
@@ -1308,14 +1282,36 @@ impl Client {
     /// prints its result.
     async fn job(&self, call: impl std::future::Future<Output = Result<OwnedObjectPath>>) -> Result<ExitCode> {
         let (job, ok, message) = self.job_result(call).await?;
+        // A failed job names its error's class in its details (vmhad of this version): the exit status
+        // follows it, as for a refusal.
+        let class = if ok {
+            None
+        } else {
+            self.job_details(&job)
+                .await
+                .ok()
+                .and_then(|d| d["error_class"].as_str().map(str::to_string))
+        };
         if self.output == Output::Json {
-            println!("{}", json!({ "job": job, "success": ok, "message": message }));
+            let result = vmha_api::json::JobResult {
+                schema_version: vmha_api::json::SCHEMA_VERSION,
+                kind: "job".into(),
+                job,
+                success: ok,
+                message: message.clone(),
+                error_class: class.clone(),
+            };
+            println!("{}", serde_json::to_string(&result)?);
         } else if ok {
             println!("{}", printable(&message));
         } else {
             eprintln!("vmha: {}", printable(&message));
         }
-        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(match (ok, class) {
+            (true, _) => ExitCode::SUCCESS,
+            (false, Some(class)) => ExitCode::from(exit_code(&vmha_api::Error::from_class(&class, message))),
+            (false, None) => ExitCode::FAILURE,
+        })
     }
 
     /// A method that returns a job (`call`, see [`change!`]): follows its progress (shown on stderr) until
@@ -1482,7 +1478,7 @@ impl Client {
         let mut summary = self.job_details(&job).await?;
         summary["archive"] = json!(out);
         if self.output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&summary)?);
+            println!("{}", serde_json::to_string_pretty(&document("capture", &summary))?);
         } else {
             println!("{}", vmha_agent::vcluster::capture_text(&summary, out));
         }
@@ -1536,7 +1532,7 @@ impl Client {
             out["success"] = json!(ok);
             out["message"] = json!(message);
             out["job"] = json!(job);
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println!("{}", serde_json::to_string_pretty(&document("instantiate", &out))?);
         } else if let Some(plan) = details["plan_text"].as_str() {
             print!("{plan}");
         }
@@ -1552,7 +1548,10 @@ impl Client {
 
     fn job_failed(&self, job: &str, message: &str) -> Result<ExitCode> {
         if self.output == Output::Json {
-            println!("{}", json!({ "job": job, "success": false, "message": message }));
+            println!(
+                "{}",
+                document("job", json!({ "job": job, "success": false, "message": message }))
+            );
         }
         eprintln!("vmha: {}", printable(message));
         Ok(ExitCode::FAILURE)
@@ -1567,7 +1566,7 @@ impl Client {
         let mut signals = MessageStream::for_match_rule(rule, &self.conn, Some(256)).await?;
         match self.output {
             Output::Human => eprintln!("watching vmha events (Ctrl-C to stop)"),
-            Output::Json => println!("{}", json!({ "time": now(), "event": "watching" })),
+            Output::Json => println!("{}", document("event", json!({ "time": now(), "event": "watching" }))),
         }
         let mut seen = 0;
         while count.is_none_or(|c| seen < c) {
@@ -1584,12 +1583,13 @@ impl Client {
             } else if member == "PropertiesChanged" {
                 let (iface, changed, _): (String, HashMap<String, OwnedValue>, Vec<String>) =
                     msg.body().deserialize()?;
-                json!({ "time": now(), "event": "changed", "object": path, "interface": iface, "properties": props_json(&changed) })
+                json!({ "time": now(), "event": "changed", "object": path, "interface": iface,
+                        "properties": vmha_api::json::properties_json(&changed) })
             } else {
                 json!({ "time": now(), "event": member, "object": path })
             };
             if self.output == Output::Json {
-                println!("{event}");
+                println!("{}", document("event", &event));
             } else if member == "Event" {
                 println!(
                     "{:.3} {} {} {}",
@@ -1622,15 +1622,47 @@ fn now() -> f64 {
 mod tests {
     use super::*;
 
-    fn fresh_vmhad() -> Value {
+    /// The Cluster interface's properties as vmhad publishes them.
+    fn cluster_props(pairs: Vec<(&str, zbus::zvariant::Value<'static>)>) -> HashMap<String, OwnedValue> {
+        pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), OwnedValue::try_from(v).unwrap()))
+            .collect()
+    }
+
+    fn fresh_vmhad() -> HashMap<String, OwnedValue> {
         // What a just-started vmhad publishes before it read the CIB: defaults.
-        json!({"Name": "", "Quorate": false, "DesignatedController": "", "Members": [],
-               "StonithEnabled": false, "Connected": false, "CibVersion": ""})
+        use zbus::zvariant::Value as V;
+        cluster_props(vec![
+            ("Name", V::from("")),
+            ("Quorate", V::from(false)),
+            ("DesignatedController", V::from("")),
+            ("Members", V::from(Vec::<String>::new())),
+            ("StonithEnabled", V::from(false)),
+            ("Connected", V::from(false)),
+            ("CibVersion", V::from("")),
+        ])
+    }
+
+    fn lab(quorate: bool, dc: &str, members: Vec<&str>, stonith: bool, connected: bool) -> JsonCluster {
+        use zbus::zvariant::Value as V;
+        JsonCluster::from_properties(&cluster_props(vec![
+            ("Name", V::from("lab")),
+            ("Quorate", V::from(quorate)),
+            ("DesignatedController", V::from(dc.to_string())),
+            (
+                "Members",
+                V::from(members.into_iter().map(str::to_string).collect::<Vec<_>>()),
+            ),
+            ("StonithEnabled", V::from(stonith)),
+            ("Connected", V::from(connected)),
+            ("CibVersion", V::from("0.12.3")),
+        ]))
     }
 
     #[test]
     fn a_connecting_vmhad_is_reported_as_connecting_without_alarms() {
-        let lines = status_header(&fresh_vmhad());
+        let lines = status_header(&JsonCluster::from_properties(&fresh_vmhad()));
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].contains("still connecting"), "{lines:?}");
         let text = lines.join("\n");
@@ -1641,9 +1673,7 @@ mod tests {
 
     #[test]
     fn a_connected_cluster_without_quorum_or_fencing_raises_both_alarms() {
-        let c = json!({"Name": "lab", "Quorate": false, "DesignatedController": "", "Members": ["node1"],
-                       "StonithEnabled": false, "Connected": true, "CibVersion": "0.12.3"});
-        let lines = status_header(&c);
+        let lines = status_header(&lab(false, "", vec!["node1"], false, true));
         assert_eq!(lines[0], "cluster lab: NOT QUORATE, DC (none), members node1");
         assert_eq!(
             lines[1],
@@ -1653,10 +1683,7 @@ mod tests {
 
     #[test]
     fn a_lost_cib_after_a_read_is_stale_not_connecting() {
-        let c = json!({"Name": "lab", "Quorate": true, "DesignatedController": "node1",
-                       "Members": ["node1", "node2"], "StonithEnabled": true, "Connected": false,
-                       "CibVersion": "0.12.3"});
-        let lines = status_header(&c);
+        let lines = status_header(&lab(true, "node1", vec!["node1", "node2"], true, false));
         assert_eq!(
             lines,
             vec!["cluster lab: quorate, DC node1, members node1,node2 (vmhad cannot read the CIB: state may be stale)"]
@@ -1664,18 +1691,73 @@ mod tests {
     }
 
     #[test]
-    fn status_json_marks_connecting_and_unknown_quorum() {
-        let out = status_json(json!({"cluster": fresh_vmhad(), "hosts": [], "vms": []}));
+    fn status_json_marks_connecting_and_unknown_quorum_in_snake_case() {
+        let snap = Snapshot {
+            cluster: JsonCluster::from_properties(&fresh_vmhad()),
+            hosts: vec![],
+            vms: vec![],
+        };
+        let out = serde_json::to_value(status_json(&snap)).unwrap();
+        assert_eq!(out["schema_version"], json!(vmha_api::json::SCHEMA_VERSION));
+        assert_eq!(out["kind"], json!("status"));
         assert_eq!(out["connecting"], json!(true));
-        assert_eq!(out["cluster"]["Quorate"], Value::Null);
-        assert_eq!(out["cluster"]["StonithEnabled"], Value::Null);
-        assert_eq!(out["cluster"]["DesignatedController"], Value::Null);
-        let mut c = fresh_vmhad();
-        c["Connected"] = json!(true);
-        c["CibVersion"] = json!("0.1.0");
-        let out = status_json(json!({"cluster": c, "hosts": [], "vms": []}));
+        assert_eq!(out["cluster"]["quorate"], Value::Null);
+        assert_eq!(out["cluster"]["stonith_enabled"], Value::Null);
+        assert_eq!(out["cluster"]["designated_controller"], Value::Null);
+        let snap = Snapshot {
+            cluster: lab(false, "", vec![], false, true),
+            hosts: vec![],
+            vms: vec![],
+        };
+        let out = serde_json::to_value(status_json(&snap)).unwrap();
         assert_eq!(out["connecting"], json!(false));
-        assert_eq!(out["cluster"]["Quorate"], json!(false));
+        assert_eq!(out["cluster"]["quorate"], json!(false));
+        let back: vmha_api::json::Status = serde_json::from_value(out).unwrap();
+        assert_eq!(back.cluster.name, "lab");
+    }
+
+    /// Every property of the shipped Cluster, Host and VirtualMachine interfaces has its member in the
+    /// JSON schema (a property added to D-Bus without a member in `vmha_api::json` fails here), and every
+    /// member is made from a property that exists.
+    #[test]
+    fn the_json_schema_covers_every_dbus_property() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/dbus/interfaces");
+        for (file, listed, member_names) in [
+            (
+                "org.vmha.Vmha1.Cluster.xml",
+                vmha_api::json::CLUSTER_PROPERTIES,
+                serde_json::to_value(JsonCluster::default()).unwrap(),
+            ),
+            (
+                "org.vmha.Vmha1.Host.xml",
+                vmha_api::json::HOST_PROPERTIES,
+                serde_json::to_value(JsonHost::default()).unwrap(),
+            ),
+            (
+                "org.vmha.Vmha1.VirtualMachine.xml",
+                vmha_api::json::VM_PROPERTIES,
+                serde_json::to_value(JsonVm::default()).unwrap(),
+            ),
+        ] {
+            let xml = std::fs::read_to_string(dir.join(file)).unwrap();
+            let mut served: Vec<String> = xml
+                .split("<property name=\"")
+                .skip(1)
+                .map(|rest| rest.split('"').next().unwrap().to_string())
+                .collect();
+            served.sort();
+            let mut ours: Vec<String> = listed.iter().map(|p| p.to_string()).collect();
+            ours.sort();
+            assert_eq!(served, ours, "{file}: properties and the JSON schema's list differ");
+            let mut members: Vec<String> = member_names.as_object().unwrap().keys().cloned().collect();
+            members.sort();
+            let mut snake: Vec<String> = listed.iter().map(|p| vmha_api::json::snake_case(p)).collect();
+            snake.sort();
+            assert_eq!(
+                members, snake,
+                "{file}: the JSON members are not the snake_case properties"
+            );
+        }
     }
 
     #[test]

@@ -1123,3 +1123,182 @@ mod tests {
         assert_eq!(effective_nvpairs(doc.root_element(), "utilization", true)["cpu"], "4");
     }
 }
+
+/// The applied versions of the policy, kept in the CIB beside the stored one: each time `vmha policy
+/// apply` (or a rollback) changes the cluster, the policy it applied is recorded with who and when, so an
+/// operator can see what changed (`vmha policy history`, `diff`) and go back (`rollback`). The set's id
+/// does not start with [`PREFIX`]: compiling a policy never touches it.
+pub mod history {
+    use roxmltree::Document;
+    use serde::{Deserialize, Serialize};
+
+    use super::{escape, xml_safe_json, PolicyError};
+
+    /// The cluster property set of the history (in `crm_config`).
+    pub const SET_ID: &str = "vmha-history";
+    /// How many versions are kept (the oldest go first).
+    pub const KEEP: usize = 20;
+
+    /// One applied version.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Version {
+        /// 1, 2, 3...: one more than the newest kept.
+        pub version: u32,
+        /// When it was applied (RFC 3339, UTC).
+        pub time: String,
+        /// Who applied it (`user@host`; `user (sudo by root)@host` under sudo).
+        pub who: String,
+        /// What it was: `apply`, or `rollback to N`.
+        pub note: String,
+        /// The policy document.
+        pub policy: serde_json::Value,
+    }
+
+    fn nvpair_id(version: u32) -> String {
+        format!("{SET_ID}.v{version}")
+    }
+
+    /// Every version kept in the CIB, oldest first. An entry that does not parse is an error naming it
+    /// (the history is only ever written by vmha).
+    pub fn versions(cib: &str) -> Result<Vec<Version>, PolicyError> {
+        let doc = Document::parse(cib)?;
+        let mut out = Vec::new();
+        let Some(set) = doc
+            .descendants()
+            .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some(SET_ID))
+        else {
+            return Ok(out);
+        };
+        for nv in set.children().filter(|n| n.has_tag_name("nvpair")) {
+            let id = nv.attribute("id").unwrap_or("");
+            let v: Version = serde_json::from_str(nv.attribute("value").unwrap_or(""))
+                .map_err(|e| PolicyError::Invalid(format!("policy history entry {id}: {e}")))?;
+            out.push(v);
+        }
+        out.sort_by_key(|v| v.version);
+        Ok(out)
+    }
+
+    /// The next version after `kept`.
+    pub fn next_version(kept: &[Version]) -> u32 {
+        kept.iter().map(|v| v.version).max().unwrap_or(0) + 1
+    }
+
+    /// The set holding `v` (for a CIB modify of `crm_config` that creates what is missing).
+    pub fn record_xml(v: &Version) -> String {
+        let json = serde_json::to_string(v).unwrap_or_default();
+        format!(
+            r#"<cluster_property_set id="{SET_ID}"><nvpair id="{}" name="vmha-policy-v{}" value="{}"/></cluster_property_set>"#,
+            nvpair_id(v.version),
+            v.version,
+            escape(&xml_safe_json(&json))
+        )
+    }
+
+    /// The nvpairs to delete once `recorded` is added to `kept`: all but the newest [`KEEP`] versions.
+    pub fn pruned(kept: &[Version], recorded: u32) -> Vec<String> {
+        let mut all: Vec<u32> = kept.iter().map(|v| v.version).collect();
+        all.push(recorded);
+        all.sort_unstable();
+        all.dedup();
+        let drop = all.len().saturating_sub(KEEP);
+        all[..drop]
+            .iter()
+            .map(|&v| format!(r#"<nvpair id="{}"/>"#, nvpair_id(v)))
+            .collect()
+    }
+
+    /// RFC 6902-like differences between two policy documents, as readable lines (`path: old -> new`);
+    /// `path` is a JSON pointer (RFC 6901).
+    pub fn differences(
+        a: &serde_json::Value,
+        b: &serde_json::Value,
+    ) -> Vec<(String, Option<serde_json::Value>, Option<serde_json::Value>)> {
+        let mut out = Vec::new();
+        walk(String::new(), Some(a), Some(b), &mut out);
+        out
+    }
+
+    fn pointer_segment(key: &str) -> String {
+        key.replace('~', "~0").replace('/', "~1")
+    }
+
+    type Difference = (String, Option<serde_json::Value>, Option<serde_json::Value>);
+
+    fn walk(path: String, a: Option<&serde_json::Value>, b: Option<&serde_json::Value>, out: &mut Vec<Difference>) {
+        use serde_json::Value;
+        match (a, b) {
+            (Some(Value::Object(x)), Some(Value::Object(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    walk(format!("{path}/{}", pointer_segment(k)), x.get(k), y.get(k), out);
+                }
+            }
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => out.push((if path.is_empty() { "/".into() } else { path }, x.cloned(), y.cloned())),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn version(n: u32, policy: serde_json::Value) -> Version {
+            Version {
+                version: n,
+                time: "2026-12-05T23:00:00Z".into(),
+                who: "root@node1".into(),
+                note: "apply".into(),
+                policy,
+            }
+        }
+
+        fn cib_with(sets: &str) -> String {
+            format!("<cib><configuration><crm_config>{sets}</crm_config></configuration></cib>")
+        }
+
+        #[test]
+        fn versions_round_trip_through_the_cib_with_hostile_text() {
+            let v = version(3, serde_json::json!({"zones": {"a\"<&>\u{1}": {"x": 1}}}));
+            let xml = record_xml(&v);
+            let cib = cib_with(&xml);
+            assert_eq!(versions(&cib).unwrap(), vec![v]);
+            assert!(versions(&cib_with("")).unwrap().is_empty());
+        }
+
+        #[test]
+        fn a_broken_entry_is_an_error_naming_it() {
+            let cib = cib_with(
+                r#"<cluster_property_set id="vmha-history"><nvpair id="vmha-history.v2" name="vmha-policy-v2" value="{"/></cluster_property_set>"#,
+            );
+            let e = versions(&cib).unwrap_err().to_string();
+            assert!(e.contains("vmha-history.v2"), "{e}");
+        }
+
+        #[test]
+        fn only_the_newest_versions_are_kept() {
+            let kept: Vec<Version> = (1..=KEEP as u32).map(|n| version(n, serde_json::json!({}))).collect();
+            assert_eq!(next_version(&kept), KEEP as u32 + 1);
+            assert_eq!(
+                pruned(&kept, KEEP as u32 + 1),
+                vec![r#"<nvpair id="vmha-history.v1"/>"#.to_string()]
+            );
+            assert!(pruned(&kept[..3], 4).is_empty());
+            assert_eq!(next_version(&[]), 1);
+        }
+
+        #[test]
+        fn differences_name_each_changed_member_by_its_pointer() {
+            let a = serde_json::json!({"groups": {"web": {"max": 4, "min": 1}}, "home_score": 100, "x/y": 1});
+            let b = serde_json::json!({"groups": {"web": {"max": 8, "min": 1}}, "zones": {"a": {}}, "x/y": 2});
+            let d = differences(&a, &b);
+            let paths: Vec<&str> = d.iter().map(|(p, _, _)| p.as_str()).collect();
+            assert_eq!(paths, ["/groups/web/max", "/home_score", "/x~1y", "/zones"]);
+            assert_eq!(d[0].1, Some(serde_json::json!(4)));
+            assert_eq!(d[0].2, Some(serde_json::json!(8)));
+            assert_eq!(d[1].2, None);
+            assert_eq!(d[3].1, None);
+            assert!(differences(&a, &a).is_empty());
+        }
+    }
+}

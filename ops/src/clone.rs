@@ -1056,6 +1056,7 @@ pub async fn follow_journals(p: Ports) {
                 first = false;
                 recover(&p).await;
                 crate::group::recover(&p).await;
+                crate::vcluster::recover(&p).await;
             }
             if agents.is_some() {
                 last_agents = agents;

@@ -58,6 +58,10 @@ pub enum OpError {
     /// It failed and everything it had done was undone.
     #[error("{0} (rolled back: nothing was created, template resumed)")]
     RolledBack(Box<OpError>),
+    /// It failed and what it had done was undone (`what` says what, e.g. "instantiate failed, removing
+    /// what it created: done").
+    #[error("{error} ({what})")]
+    Undone { error: Box<OpError>, what: String },
     /// It failed and undoing it failed too: what is left is listed.
     #[error("{error}; rollback incomplete: {undo}")]
     RollbackIncomplete { error: Box<OpError>, undo: String },
@@ -67,7 +71,9 @@ impl OpError {
     /// The error behind a rollback's wrapping.
     pub fn cause(&self) -> &OpError {
         match self {
-            OpError::RolledBack(e) | OpError::RollbackIncomplete { error: e, .. } => e.cause(),
+            OpError::RolledBack(e)
+            | OpError::Undone { error: e, .. }
+            | OpError::RollbackIncomplete { error: e, .. } => e.cause(),
             e => e,
         }
     }

@@ -12,6 +12,7 @@ pub mod ports;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod state;
+pub mod vcluster;
 pub mod vm;
 
 pub use error::OpError;

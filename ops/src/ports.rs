@@ -89,6 +89,16 @@ pub trait Hypervisor: Send + Sync {
     /// Pulls the layers vmha made below each disk's active layer into it ([`vmha_model::clone::compaction`])
     /// and waits for the block jobs; returns the layers that left the chains.
     fn compact(&self, host: &str, vm: &str) -> BoxFuture<'_, Result<Vec<String>, HvError>>;
+    /// What stands in the way of defining the domains `(vm, domain XML)` on `host` (a domain of the same
+    /// name or UUID there, a missing bridge or libvirt network), one line each.
+    fn domain_problems(
+        &self,
+        host: &str,
+        domains: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<String>, HvError>>;
+    /// Freezes (`freeze`) or thaws the file systems of `domain`'s guest on `host` through
+    /// qemu-guest-agent.
+    fn guest_fsfreeze(&self, host: &str, domain: &str, freeze: bool) -> BoxFuture<'_, Result<(), HvError>>;
 }
 
 /// A failed storage call, naming the path.
@@ -125,6 +135,29 @@ pub trait Storage: Send + Sync {
     fn list_dir(&self, dir: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
     /// The images in `layer`'s directory whose backing file it is.
     fn layer_users(&self, layer: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+
+    // Files an instantiate creates, confined to the storage `roots` the operator mapped: under a root,
+    // no link and no `..` followed on the way, nothing existing replaced or followed.
+
+    /// Whether something (a file, a link, a directory) is at `path`, without following a link there.
+    fn lexists(&self, path: &str) -> BoxFuture<'_, bool>;
+    /// Whether `path` is a directory.
+    fn is_dir(&self, path: &str) -> BoxFuture<'_, bool>;
+    /// Creates `path`, which must not exist (not even as a link), under one of `roots`; returns it open
+    /// for writing (the simulator's files have no data: `None`).
+    fn create_new(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<Option<std::fs::File>, StorageError>>;
+    /// [`Storage::create_new`] with `content`, synced.
+    fn write_new(&self, path: &str, roots: &[String], content: String) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// Gives the file `from` the further name `to` (a hard link, both under `roots`); fails when `to`
+    /// exists: nothing is replaced.
+    fn link_new(&self, from: &str, to: &str, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>>;
+    /// Whether `a` and `b` are names of one file (a hard link of the other).
+    fn same_file(&self, a: &str, b: &str) -> BoxFuture<'_, bool>;
+    /// Removes the name `path` under `roots` (without following links); `Ok(false)` when it did not exist.
+    fn remove_confined(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<bool, StorageError>>;
+    /// Checks that the file systems of `files` (path under `roots`, the bytes it will hold at most) have
+    /// room for all of them.
+    fn check_free_space(&self, files: Vec<(String, u64)>, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>>;
 }
 
 /// What a guest answered a request: `done`, `refused` or `failed`, with its reason.

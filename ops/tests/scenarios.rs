@@ -12,6 +12,7 @@ use vmha_ops::clone::{self, CloneSpec};
 use vmha_ops::group;
 use vmha_ops::ports::LogProgress;
 use vmha_ops::sim::{scenario, Fault, FaultAction, Trigger, World};
+use vmha_ops::vcluster;
 
 #[tokio::test(start_paused = true)]
 async fn scenario_tables_give_their_expected_logs() {
@@ -264,6 +265,144 @@ async fn a_group_scale_survives_a_failure_or_a_dead_vmhad_at_every_call() {
                     "scale {from} -> {to}, {action:?} at call {k} of {total}: {v:?}\n{}",
                     w.log().join("\n")
                 );
+            }
+        }
+    }
+}
+
+/// A three-host world with template vm1 on h2, and an archive of virtual cluster `shop` (web1, db1 with
+/// their disks) captured on another cluster.
+async fn instantiate_world() -> (Arc<World>, Arc<Vec<u8>>) {
+    let w = world();
+    w.add_file("/srv/vmha/notes.txt");
+    let hosts = w.host_names();
+    let vms = [
+        ("web1".to_string(), "h2".to_string()),
+        ("db1".to_string(), "h3".to_string()),
+    ];
+    let bytes = scenario::archive_of(&hosts, "shop", &vms).await.unwrap();
+    (w, Arc::new(bytes))
+}
+
+fn instantiate_spec() -> vcluster::InstantiateSpec {
+    vcluster::InstantiateSpec {
+        maps: vec!["storage=/srv/vmha:/srv/vmha".into()],
+        name: None,
+        allow: Vec::new(),
+        dry_run: false,
+        wait: std::time::Duration::from_secs(60),
+        trust: Default::default(),
+    }
+}
+
+/// Either the whole virtual cluster is there and runs, or nothing of it (and the invariants hold).
+fn all_or_nothing(w: &World, what: &str) {
+    let v = w.violations("vm1");
+    assert!(v.is_empty(), "{what}: {v:?}\n{}", w.log().join("\n"));
+    let view = w.view();
+    let made: Vec<&str> = ["web1", "db1"].into_iter().filter(|n| view.vm(n).is_some()).collect();
+    let files: Vec<String> = w
+        .file_names()
+        .into_iter()
+        .filter(|f| f.contains("web1") || f.contains("db1"))
+        .collect();
+    if made.is_empty() {
+        assert!(files.is_empty(), "{what}: files left {files:?}\n{}", w.log().join("\n"));
+        assert!(!w.cib().contains("<tag id=\"shop\""), "{what}: the tag is left");
+    } else {
+        assert_eq!(made.len(), 2, "{what}: half a virtual cluster {made:?}");
+        assert_eq!(files.len(), 4, "{what}: {files:?}");
+    }
+    assert!(
+        w.file("/srv/vmha/notes.txt").is_some(),
+        "{what}: a file that was there is gone"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instantiate_failing_or_killed_at_every_call_leaves_all_or_nothing() {
+    let (w, bytes) = instantiate_world().await;
+    let base = w.calls();
+    let out = scenario::run_instantiate(&w, "h1", &instantiate_spec(), Arc::clone(&bytes), 1).await;
+    assert!(out.starts_with("ok:"), "{out}");
+    all_or_nothing(&w, "a clean run");
+    let total = w.calls() - base;
+    assert!(total > 15, "an instantiate makes {total} calls");
+    let mut failures = 0;
+    for k in 1..=total {
+        for action in [FaultAction::Fail, FaultAction::KillVmhad, FaultAction::KillHost] {
+            let (w, bytes) = instantiate_world().await;
+            let base = w.calls();
+            w.inject(Fault {
+                trigger: Trigger::Call(base + k),
+                action,
+            });
+            let out = scenario::run_instantiate(&w, "h1", &instantiate_spec(), bytes, 1).await;
+            let what = format!("{action:?} at call {k} of {total}: {out}");
+            match action {
+                FaultAction::Fail => {
+                    if !out.starts_with("ok:") {
+                        failures += 1;
+                        assert!(
+                            out.contains("removing what it created: done")
+                                || out.contains("injected failure")
+                                || out.starts_with("refused:"),
+                            "{what}"
+                        );
+                    }
+                }
+                FaultAction::KillVmhad => {
+                    assert_eq!(out, "vmhad died", "{what}");
+                    w.restart_vmhad("h1");
+                    scenario::recover_all(&w, "h1").await;
+                }
+                FaultAction::KillHost => {
+                    assert_eq!(out, "vmhad died", "{what}");
+                    let dc = w.dc().expect("a new DC");
+                    scenario::recover_all(&w, &dc).await;
+                }
+            }
+            all_or_nothing(&w, &what);
+        }
+    }
+    assert!(failures > total / 2, "most calls are fatal: {failures} of {total}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_halted_capture_failing_or_killed_at_every_call_puts_the_roles_back() {
+    let make = || {
+        let w = world();
+        w.add_vm("web1", "h2", 512, &["shop"]);
+        w.add_vm("db1", "h3", 512, &["shop"]);
+        w
+    };
+    let spec = vcluster::CaptureSpec {
+        name: "shop".into(),
+        with_disks: true,
+        halt: true,
+    };
+    let w = make();
+    let base = w.calls();
+    let r = scenario::run_capture(&w, "h1", &spec, 1).await.unwrap();
+    assert_eq!(r.unwrap()["consistency"], "halted");
+    let total = w.calls() - base;
+    for k in 1..=total {
+        for action in [FaultAction::Fail, FaultAction::KillVmhad] {
+            let w = make();
+            let base = w.calls();
+            w.inject(Fault {
+                trigger: Trigger::Call(base + k),
+                action,
+            });
+            if scenario::run_capture(&w, "h1", &spec, 1).await.is_none() {
+                w.restart_vmhad("h1");
+                scenario::recover_all(&w, "h1").await;
+            }
+            let v = w.violations("vm1");
+            let what = format!("{action:?} at call {k} of {total}");
+            assert!(v.is_empty(), "{what}: {v:?}\n{}", w.log().join("\n"));
+            for vm in ["web1", "db1"] {
+                assert_eq!(w.target_role(vm), None, "{what}: {vm}'s target-role");
             }
         }
     }

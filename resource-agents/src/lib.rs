@@ -11,6 +11,8 @@ pub mod domain_state;
 pub mod error;
 pub mod guest_notice;
 pub mod hypervisor;
+pub mod logging;
+pub mod manpage;
 pub mod metadata;
 pub mod migration;
 pub mod name_cache;

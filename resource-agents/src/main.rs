@@ -1,15 +1,16 @@
 //! `vmha-ocf-virtualmachine`: the executable Pacemaker runs as `ocf:vmha:VirtualMachine`.
 //!
 //! Startup is kept minimal because a monitor starts the binary every few seconds: no logging
-//! setup for monitor, no XML beyond the `config` file's name (skipped when `domain` is set), a
+//! setup for monitor unless `HA_debug` asks for debug lines, no XML beyond the `config` file's name (skipped when `domain` is set), a
 //! read-only connection. All libvirt work runs on a worker thread; if it misses the deadline,
 //! the process reports the pending call and exits (the stuck thread dies with it).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use vmha_resource_agents::agent;
 use vmha_resource_agents::deadline::{self, Bounded, Deadline, Progress};
+use vmha_resource_agents::logging::LogConfig;
 use vmha_resource_agents::metadata;
 use vmha_resource_agents::ocf::{self, Action, OcfEnv, OcfStatus};
 
@@ -26,12 +27,22 @@ fn main() -> ExitCode {
     match action {
         Action::MetaData => return print(&metadata::render(env!("CARGO_PKG_VERSION"))),
         Action::Usage => return print(&format!("{}\n", ocf::USAGE)),
-        Action::Monitor => {}
-        _ => init_logging(),
+        _ => {}
+    }
+    // Where log lines go: HA_LOGFACILITY, HA_LOGFILE, HA_DEBUGLOG, HA_debug, as ocf-shellfuncs reads them.
+    let log = LogConfig::from_lookup(|key| std::env::var(key).ok(), std::io::stderr().is_terminal());
+    if action != Action::Monitor || log.debug {
+        log.init();
     }
 
     let env = OcfEnv::from_lookup(|key| std::env::var(key).ok());
     let timeout = env.timeout_for(action);
+    tracing::debug!(
+        action = action.name(),
+        timeout_s = timeout.as_secs_f64(),
+        budget_s = deadline::working_budget(timeout).as_secs_f64(),
+        "starting"
+    );
     let deadline = Deadline::after(deadline::working_budget(timeout));
     let progress = Progress::new();
     let worker_progress = progress.clone();
@@ -66,6 +77,7 @@ fn main() -> ExitCode {
             reason: Some(format!("{}: {why}", action.name())),
         },
     };
+    tracing::debug!(action = action.name(), status = ?outcome.status, reason = ?outcome.reason, "done");
     if let Some(reason) = &outcome.reason {
         report(reason);
     }
@@ -86,15 +98,4 @@ fn print(text: &str) -> ExitCode {
 
 fn report(reason: &str) {
     eprintln!("{}", ocf::exit_reason_line(reason));
-}
-
-/// Log lines go to stderr, which Pacemaker's executor records; Pacemaker adds the time.
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .with_target(false)
-        .with_max_level(tracing::Level::INFO)
-        .init();
 }

@@ -45,7 +45,7 @@ pub const ACTIONS: &[ActionHint] = &[
     hint("meta-data", 5),
 ];
 
-const LONGDESC: &str = "Runs one libvirt domain (a virtual machine) as a cluster resource, \
+pub const LONGDESC: &str = "Runs one libvirt domain (a virtual machine) as a cluster resource, \
 talking to libvirt through its C API: no virsh, no helper processes, so a monitor costs little \
 more than loading libvirt. Every libvirt call is bounded by a deadline derived from the \
 operation's timeout, so a hung libvirtd produces an error with a reason instead of a hang. \

@@ -173,3 +173,74 @@ fn a_hung_libvirtd_gives_an_error_before_the_timeout() {
         );
     }
 }
+
+/// HA_debug, HA_LOGFILE, HA_DEBUGLOG and HA_LOGFACILITY send the agent's log lines where ocf-shellfuncs
+/// sends a shell agent's.
+#[test]
+fn ha_debug_and_the_log_settings_are_honoured() {
+    let test_driver = [
+        ("OCF_RESKEY_hypervisor", "test:///default"),
+        ("OCF_RESKEY_domain", "test"),
+        ("OCF_RESOURCE_INSTANCE", "vm1"),
+    ];
+    let with = |extra: &[(&'static str, &'static str)]| {
+        let mut env = test_driver.to_vec();
+        env.extend_from_slice(extra);
+        env
+    };
+
+    // HA_debug=1: the monitor, silent otherwise, writes its debug lines to stderr.
+    let quiet = agent(&["monitor"], &with(&[("HA_debug", "0")]));
+    assert_eq!(code(&quiet), 0, "{}", stderr(&quiet));
+    assert!(quiet.stderr.is_empty(), "HA_debug=0: {}", stderr(&quiet));
+    let debug = agent(&["monitor"], &with(&[("HA_debug", "1")]));
+    assert_eq!(code(&debug), 0, "{}", stderr(&debug));
+    let err = stderr(&debug);
+    assert!(
+        err.contains("DEBUG") && err.contains("starting") && err.contains("action=\"monitor\""),
+        "{err}"
+    );
+    assert!(err.contains("done") && err.contains("status=Success"), "{err}");
+
+    // HA_DEBUGLOG takes the debug lines (stderr then has none); HA_LOGFILE alone takes no debug lines.
+    let dir = scratch("ha-debug");
+    let debuglog = dir.join("debug.log");
+    let env: Vec<(&str, &str)> = test_driver
+        .iter()
+        .copied()
+        .chain([("HA_debug", "1"), ("HA_DEBUGLOG", debuglog.to_str().unwrap())])
+        .collect();
+    let out = agent(&["monitor"], &env);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        out.stderr.is_empty(),
+        "debug lines went to HA_DEBUGLOG: {}",
+        stderr(&out)
+    );
+    let written = std::fs::read_to_string(&debuglog).unwrap();
+    assert!(written.contains("DEBUG") && written.contains("starting"), "{written}");
+
+    // A facility takes every line from stderr (syslog(3) drops them here if no syslog daemon listens).
+    let out = agent(&["monitor"], &with(&[("HA_debug", "1"), ("HA_LOGFACILITY", "daemon")]));
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(out.stderr.is_empty(), "lines went to syslog: {}", stderr(&out));
+    let out = agent(&["monitor"], &with(&[("HA_debug", "1"), ("HA_LOGFACILITY", "none")]));
+    assert!(
+        stderr(&out).contains("starting"),
+        "none: no syslog, stderr: {}",
+        stderr(&out)
+    );
+
+    // The exit reason stays on stderr wherever the log lines go.
+    let absent = agent(
+        &["start"],
+        &[
+            ("OCF_RESKEY_hypervisor", "test:///default"),
+            ("OCF_RESKEY_domain", "absent"),
+            ("HA_LOGFACILITY", "daemon"),
+        ],
+    );
+    assert_ne!(code(&absent), 0);
+    assert!(stderr(&absent).contains("ocf-exit-reason:"), "{}", stderr(&absent));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,7 @@ use vmha_agent::api::{BUS_NAME, ROOT_PATH};
 use vmha_agent::daemon::{follow_cib, probe_capacity};
 use vmha_agent::failures::report_vm_failures;
 use vmha_agent::guest::follow_guests;
+use vmha_agent::logging;
 use vmha_agent::membership::follow_corosync;
 use vmha_agent::objects::ClusterObject;
 use vmha_agent::options::VmhadArgs;
@@ -23,13 +24,19 @@ use vmha_agent::state::Shared;
 
 fn main() -> ExitCode {
     let args = VmhadArgs::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    let host = args
+        .host
+        .clone()
+        .or_else(|| vmha_agent::options::system_hostname().ok())
+        .unwrap_or_default();
+    let target = logging::resolve(args.log, logging::stderr_kind());
+    let (subscriber, chosen) = logging::subscriber(target, &host, logging::env_filter());
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        eprintln!("vmhad: a log subscriber is already set");
+    }
+    if let Some(why) = &chosen.fallback {
+        tracing::warn!("logging to {:?} instead of {target:?}: {why}", chosen.target);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

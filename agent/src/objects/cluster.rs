@@ -291,14 +291,22 @@ impl ClusterObject {
             level,
             sign,
         };
-        let path = Job::start_on_thread(conn, &self.shared, "capture", name, move |report| {
-            let r = crate::vcluster::block_on(crate::vcluster::capture_to(&opts, file, report));
-            match r.map_err(anyhow::Error::from).and_then(|r| r) {
+        let shared = Arc::clone(&self.shared);
+        let path = Job::start_task(conn, &self.shared, "capture", name, move |job| async move {
+            let ports = match shared.ports() {
+                Ok(p) => p.clone(),
+                Err(e) => return (Err(e), String::new()),
+            };
+            let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
+            match crate::vcluster::run_capture(&ports, &job, report, &opts, file, job.id()).await {
                 Ok(summary) => {
                     let message = crate::vcluster::capture_text(&summary, std::path::Path::new("the archive"));
                     (Ok(message), summary.to_string())
                 }
-                Err(e) => (Err(format!("{e:#}")), String::new()),
+                Err(e) => {
+                    let details = serde_json::json!({"error_class": op_error(e.clone()).short_name()});
+                    (Err(e.to_string()), details.to_string())
+                }
             }
         })
         .await?;
@@ -342,16 +350,21 @@ impl ClusterObject {
             require_signature,
             trusted_keys,
         };
-        opts.trust().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
+        let spec = opts.spec().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
         let target = name.unwrap_or_else(|| "(archive)".into());
-        let path = Job::start_on_thread(conn, &self.shared, "instantiate", target, move |report| {
-            match crate::vcluster::block_on(crate::vcluster::instantiate_from(file, &opts, report)) {
-                Ok(done) => {
-                    let details = done.details().to_string();
-                    (done.result.map_err(|e| format!("{e:#}")), details)
-                }
-                Err(e) => (Err(format!("cannot run the job: {e}")), String::new()),
+        let shared = Arc::clone(&self.shared);
+        let path = Job::start_task(conn, &self.shared, "instantiate", target, move |job| async move {
+            let ports = match shared.ports() {
+                Ok(p) => p.clone(),
+                Err(e) => return (Err(e), String::new()),
+            };
+            let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
+            let done = crate::vcluster::run_instantiate(&ports, &job, report, file, &spec, job.id()).await;
+            let mut details = done.details();
+            if let Err(e) = &done.result {
+                details["error_class"] = serde_json::json!(op_error(e.clone()).short_name());
             }
+            (done.result.map_err(|e| e.to_string()), details.to_string())
         })
         .await?;
         Ok(path)

@@ -110,6 +110,9 @@ struct Inner {
     stamps: u64,
     /// Files at the start (the invariants allow them).
     initial_files: BTreeSet<String>,
+    /// The file (inode number) behind each name an instantiate made (hard links share one).
+    inodes: BTreeMap<String, u64>,
+    next_inode: u64,
 }
 
 /// The simulated cluster.
@@ -186,6 +189,8 @@ impl World {
             epoch: 1,
             stamps: 0,
             initial_files: BTreeSet::new(),
+            inodes: BTreeMap::new(),
+            next_inode: 1,
         };
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
         let (deaths, _) = watch::channel(0);
@@ -251,6 +256,24 @@ impl World {
         self.publish(&mut g);
     }
 
+    /// Puts a file at `path` on the storage (there before any operation: the invariants allow it).
+    pub fn add_file(&self, path: &str) {
+        let mut g = lock(&self.inner);
+        g.files.insert(
+            path.to_string(),
+            SimFile {
+                data: b"stray".to_vec(),
+                backing: None,
+            },
+        );
+        g.initial_files.insert(path.to_string());
+    }
+
+    /// A resource's `target-role`, if it has one.
+    pub fn target_role(&self, rsc: &str) -> Option<String> {
+        meta(&lock(&self.inner).cib, rsc, "target-role")
+    }
+
     /// Makes `vm`'s guest answer `kind` with `outcome` (`refused`, `failed`) and `reason`.
     pub fn guest_answers(&self, vm: &str, kind: &str, outcome: &str, reason: &str) {
         lock(&self.inner)
@@ -282,6 +305,11 @@ impl World {
     /// Adds a line to the log (scenario commands and results).
     pub fn note(&self, line: impl Into<String>) {
         lock(&self.inner).log.push(line.into());
+    }
+
+    /// Every host's name.
+    pub fn host_names(&self) -> Vec<String> {
+        lock(&self.inner).hosts.keys().cloned().collect()
     }
 
     pub fn dc(&self) -> Option<String> {
@@ -568,7 +596,12 @@ impl World {
         }
         // No journal left.
         let cib = full_cib(&g);
-        for prefix in [crate::clone::JOURNAL_PREFIX, crate::group::JOURNAL_PREFIX] {
+        for prefix in [
+            crate::clone::JOURNAL_PREFIX,
+            crate::group::JOURNAL_PREFIX,
+            crate::vcluster::JOURNAL_PREFIX,
+            crate::vcluster::CAPTURE_JOURNAL_PREFIX,
+        ] {
             for j in crate::clone::attributes(&cib, prefix) {
                 v.push(format!("journal {} left on {}", j.key, j.host));
             }
@@ -638,7 +671,9 @@ impl World {
             }
         }
         for f in g.files.keys() {
-            if !used.contains(f) && !g.initial_files.contains(f) {
+            if f.ends_with(crate::vcluster::STAGED_SUFFIX) {
+                v.push(format!("staged file {f} left behind"));
+            } else if !used.contains(f) && !g.initial_files.contains(f) {
                 v.push(format!("file {f} left behind"));
             }
         }
@@ -1003,6 +1038,29 @@ impl At {
         };
         let update = Element::parse(xml).map_err(|e| err(&format!("bad XML: {e}")))?;
         let mut g = self.g();
+        if section == "configuration" && matches!(change, CibChange::Modify { .. }) {
+            // One change of several sections (cib_can_create: what is missing is created).
+            if update.name != "configuration" {
+                return Err(err("the update is not a <configuration>"));
+            }
+            let conf = g
+                .cib
+                .children
+                .iter_mut()
+                .find(|c| c.name == "configuration")
+                .ok_or_else(|| err("No such section"))?;
+            for part in &update.children {
+                let sec = conf
+                    .children
+                    .iter_mut()
+                    .find(|s| s.name == part.name)
+                    .ok_or_else(|| err("No such section"))?;
+                for el in &part.children {
+                    sec.merge(el);
+                }
+            }
+            return Ok(());
+        }
         if section == "configuration" {
             if !matches!(change, CibChange::Replace { .. }) || update.name != "configuration" {
                 return Err(err("only a replace of the whole configuration"));
@@ -1276,6 +1334,37 @@ impl Hypervisor for At {
             Ok(dropped)
         })
     }
+
+    fn domain_problems(
+        &self,
+        host: &str,
+        domains: Vec<(String, String)>,
+    ) -> BoxFuture<'_, Result<Vec<String>, HvError>> {
+        let h = host.to_string();
+        let fail = hv_fail(&h, "domain lookup");
+        guarded!(self, "hv.domain_problems", h.clone(), fail, {
+            let g = self.g();
+            Ok(domains
+                .iter()
+                .filter(|(vm, _)| g.domains.iter().any(|d| &d.name == vm && d.host == h))
+                .map(|(vm, _)| format!("VM {vm}: libvirt has a domain with its name or UUID on this host already"))
+                .collect())
+        })
+    }
+
+    fn guest_fsfreeze(&self, host: &str, domain: &str, freeze: bool) -> BoxFuture<'_, Result<(), HvError>> {
+        let (h, dom) = (host.to_string(), domain.to_string());
+        let call = if freeze { "fsfreeze" } else { "fsthaw" };
+        let fail = hv_fail(&h, call);
+        guarded!(self, "hv.guest_fsfreeze", format!("{call} {dom} on {h}"), fail, {
+            let mut g = self.g();
+            if !g.domains.iter().any(|d| d.name == dom && d.host == h) {
+                return Err(self.hv_err(&h, call, format!("no domain {dom}")));
+            }
+            g.log.push(format!("{} hv {call} {dom} on {h}", self.host));
+            Ok(())
+        })
+    }
 }
 
 impl Storage for At {
@@ -1327,6 +1416,7 @@ impl Storage for At {
         guarded!(self, "storage.remove", p.clone(), fail, {
             let mut g = self.g();
             let existed = g.files.remove(&p).is_some();
+            g.inodes.remove(&p);
             if existed {
                 g.log.push(format!("{} storage removes {p}", self.host));
             }
@@ -1407,6 +1497,174 @@ impl Storage for At {
                 .collect())
         })
     }
+
+    fn lexists(&self, path: &str) -> BoxFuture<'_, bool> {
+        let p = path.to_string();
+        let entry = self.world.enter(&self.host, "storage.lexists", &p);
+        Box::pin(async move {
+            YieldOnce(false).await;
+            match entry {
+                // A failed check reads as "exists" (the cautious answer).
+                Entry::Fail(_) => true,
+                Entry::Go => {
+                    let g = self.g();
+                    g.files.contains_key(&p) || is_dir(&g, &p)
+                }
+                Entry::Stop => std::future::pending().await,
+            }
+        })
+    }
+
+    fn is_dir(&self, path: &str) -> BoxFuture<'_, bool> {
+        let p = path.to_string();
+        let entry = self.world.enter(&self.host, "storage.is_dir", &p);
+        Box::pin(async move {
+            YieldOnce(false).await;
+            match entry {
+                Entry::Fail(_) => false,
+                Entry::Go => is_dir(&self.g(), &p),
+                Entry::Stop => std::future::pending().await,
+            }
+        })
+    }
+
+    fn create_new(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<Option<std::fs::File>, StorageError>> {
+        let (p, roots) = (path.to_string(), roots.to_vec());
+        let fail = st_fail(&p);
+        guarded!(self, "storage.create_new", p.clone(), fail, {
+            let mut g = self.g();
+            make_new(&mut g, &p, &roots, Vec::new())?;
+            g.log.push(format!("{} storage creates {p}", self.host));
+            Ok(None)
+        })
+    }
+
+    fn write_new(&self, path: &str, roots: &[String], content: String) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (p, roots) = (path.to_string(), roots.to_vec());
+        let fail = st_fail(&p);
+        guarded!(self, "storage.write_new", p.clone(), fail, {
+            let mut g = self.g();
+            make_new(&mut g, &p, &roots, content.into_bytes())?;
+            g.log.push(format!("{} storage writes new {p}", self.host));
+            Ok(())
+        })
+    }
+
+    fn link_new(&self, from: &str, to: &str, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>> {
+        let (from, to, roots) = (from.to_string(), to.to_string(), roots.to_vec());
+        let fail = st_fail(&to);
+        guarded!(self, "storage.link_new", to.clone(), fail, {
+            let mut g = self.g();
+            confined(&g, &to, &roots)?;
+            confined(&g, &from, &roots)?;
+            if g.files.contains_key(&to) || is_dir(&g, &to) {
+                return Err(st_err(&to, "File exists"));
+            }
+            let file = g
+                .files
+                .get(&from)
+                .cloned()
+                .ok_or_else(|| st_err(&from, "No such file or directory"))?;
+            let ino = g.inodes.get(&from).copied();
+            g.files.insert(to.clone(), file);
+            if let Some(ino) = ino {
+                g.inodes.insert(to.clone(), ino);
+            }
+            g.log.push(format!("{} storage links {to}", self.host));
+            Ok(())
+        })
+    }
+
+    fn same_file(&self, a: &str, b: &str) -> BoxFuture<'_, bool> {
+        let (a, b) = (a.to_string(), b.to_string());
+        let entry = self.world.enter(&self.host, "storage.same_file", &b);
+        Box::pin(async move {
+            YieldOnce(false).await;
+            match entry {
+                Entry::Fail(_) => false,
+                Entry::Go => {
+                    let g = self.g();
+                    g.inodes.get(&a).is_some_and(|i| g.inodes.get(&b) == Some(i))
+                }
+                Entry::Stop => std::future::pending().await,
+            }
+        })
+    }
+
+    fn remove_confined(&self, path: &str, roots: &[String]) -> BoxFuture<'_, Result<bool, StorageError>> {
+        let (p, roots) = (path.to_string(), roots.to_vec());
+        let fail = st_fail(&p);
+        guarded!(self, "storage.remove", p.clone(), fail, {
+            let mut g = self.g();
+            confined(&g, &p, &roots)?;
+            let existed = g.files.remove(&p).is_some();
+            g.inodes.remove(&p);
+            if existed {
+                g.log.push(format!("{} storage removes {p}", self.host));
+            }
+            Ok(existed)
+        })
+    }
+
+    fn check_free_space(&self, files: Vec<(String, u64)>, roots: &[String]) -> BoxFuture<'_, Result<(), StorageError>> {
+        let roots = roots.to_vec();
+        let first = files.first().map(|(p, _)| p.clone()).unwrap_or_default();
+        let fail = st_fail(&first);
+        guarded!(self, "storage.free_space", first.clone(), fail, {
+            let g = self.g();
+            for (p, _) in &files {
+                confined(&g, p, &roots)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Whether the simulated storage has a directory at `path`: the storage directory, one above it, or
+/// one holding files.
+fn is_dir(g: &Inner, path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    let p = if p.is_empty() { "/" } else { p };
+    STORAGE == p
+        || STORAGE.starts_with(&format!("{}/", p.trim_end_matches('/')))
+        || g.files.keys().any(|f| f.starts_with(&format!("{p}/")))
+}
+
+/// Refuses `path` unless it is a file name in an existing directory under one of `roots` (the way
+/// vmhad's confined paths do).
+fn confined(g: &Inner, path: &str, roots: &[String]) -> Result<(), StorageError> {
+    use vmha_vcluster::domain_check::{normalise, under};
+    let n = normalise(path).ok_or_else(|| st_err(path, "not an absolute path without '..'"))?;
+    let inside = roots
+        .iter()
+        .filter_map(|r| normalise(r))
+        .any(|r| under(&n, &r) && n != r);
+    if !inside {
+        return Err(st_err(
+            path,
+            format!("outside every storage root ({})", roots.join(", ")),
+        ));
+    }
+    let dir = n
+        .rsplit_once('/')
+        .map_or("/", |(d, _)| if d.is_empty() { "/" } else { d });
+    if !is_dir(g, dir) {
+        return Err(st_err(path, "its directory is missing"));
+    }
+    Ok(())
+}
+
+/// Creates a new file (refusing one that exists: O_EXCL) under `roots`, with an inode of its own.
+fn make_new(g: &mut Inner, path: &str, roots: &[String], data: Vec<u8>) -> Result<(), StorageError> {
+    confined(g, path, roots)?;
+    if g.files.contains_key(path) || is_dir(g, path) {
+        return Err(st_err(path, "File exists"));
+    }
+    g.files.insert(path.to_string(), SimFile { data, backing: None });
+    let ino = g.next_inode;
+    g.next_inode += 1;
+    g.inodes.insert(path.to_string(), ino);
+    Ok(())
 }
 
 impl At {
@@ -1508,5 +1766,129 @@ impl Environment for At {
             let r = self.world.next_random().to_le_bytes();
             chunk.copy_from_slice(&r[..chunk.len()]);
         }
+    }
+}
+
+/// An archive in memory, read by an instantiate in the vmhad on `host` (its two reads are port calls:
+/// `archive.head`, `archive.rest`). The disk data is checked, not written: the simulated files hold none.
+#[derive(Debug)]
+pub struct SimArchive {
+    world: Arc<World>,
+    host: String,
+    bytes: Arc<Vec<u8>>,
+    trust: vmha_vcluster::signature::Trust,
+}
+
+impl SimArchive {
+    pub fn new(world: &Arc<World>, host: &str, bytes: Arc<Vec<u8>>) -> Self {
+        SimArchive {
+            world: Arc::clone(world),
+            host: host.to_string(),
+            bytes,
+            trust: Default::default(),
+        }
+    }
+
+    fn g(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.world.inner)
+    }
+}
+
+impl crate::vcluster::ArchiveSource for SimArchive {
+    fn head(&mut self) -> BoxFuture<'_, Result<vmha_vcluster::archive::Verified, String>> {
+        guarded!(self, "archive.head", "", |m| m, {
+            let mut v = vmha_vcluster::archive::verify_trusting(self.bytes.as_slice(), &self.trust)
+                .map_err(|e| e.to_string())?;
+            v.chunks = Default::default();
+            self.g().log.push(format!("{} archive head read", self.host));
+            Ok(v)
+        })
+    }
+
+    fn rest(&mut self, files: Option<BTreeMap<u32, std::fs::File>>) -> BoxFuture<'_, Result<(), String>> {
+        drop(files);
+        guarded!(self, "archive.rest", "", |m| m, {
+            vmha_vcluster::archive::verify_trusting(self.bytes.as_slice(), &self.trust).map_err(|e| e.to_string())?;
+            self.g().log.push(format!("{} archive disks read", self.host));
+            Ok(())
+        })
+    }
+}
+
+/// An archive a capture in the vmhad on `host` writes into memory (`archive.open_disks`,
+/// `archive.write` are port calls). The simulated disks hold no data: each is stored empty.
+#[derive(Debug)]
+pub struct SimSink {
+    world: Arc<World>,
+    host: String,
+    disks: Vec<(String, String)>,
+    /// The archive, once written.
+    pub bytes: Option<Vec<u8>>,
+}
+
+impl SimSink {
+    pub fn new(world: &Arc<World>, host: &str) -> Self {
+        SimSink {
+            world: Arc::clone(world),
+            host: host.to_string(),
+            disks: Vec::new(),
+            bytes: None,
+        }
+    }
+
+    fn g(&self) -> MutexGuard<'_, Inner> {
+        lock(&self.world.inner)
+    }
+}
+
+fn capture_error(m: String) -> crate::OpError {
+    crate::OpError::data("writing the archive", m)
+}
+
+impl crate::vcluster::ArchiveSink for SimSink {
+    fn open_disks(&mut self, disks: Vec<(String, String)>) -> BoxFuture<'_, Result<(), crate::OpError>> {
+        guarded!(self, "archive.open_disks", "", capture_error, {
+            let g = self.g();
+            if let Some((vm, path)) = disks.iter().find(|(_, p)| !g.files.contains_key(p)) {
+                return Err(crate::OpError::Storage(st_err(
+                    path,
+                    format!("opening {vm}'s disk: No such file or directory"),
+                )));
+            }
+            drop(g);
+            self.disks = disks;
+            Ok(())
+        })
+    }
+
+    fn write<'a>(
+        &'a mut self,
+        c: &'a vmha_vcluster::capture::Captured,
+        metadata: &'a BTreeMap<String, Vec<u8>>,
+        placement: BTreeMap<String, String>,
+        consistency: &'a str,
+    ) -> BoxFuture<'a, Result<(vmha_vcluster::archive::Manifest, Vec<vmha_vcluster::archive::DiskStats>), crate::OpError>>
+    {
+        guarded!(self, "archive.write", consistency, capture_error, {
+            let sized: Vec<(String, String, u64)> =
+                self.disks.iter().map(|(vm, p)| (vm.clone(), p.clone(), 0)).collect();
+            let manifest =
+                vmha_vcluster::manifest_for(c, placement, "2026-12-06T00:00:00Z".into(), consistency, &sized);
+            let e = |e: vmha_vcluster::archive::ArchiveError| capture_error(e.to_string());
+            let mut w = vmha_vcluster::archive::ArchiveWriter::new(Vec::new(), 1, manifest, metadata).map_err(e)?;
+            for _ in &sized {
+                // An empty disk: nothing of it is stored.
+                let empty = std::fs::File::open("/dev/null").map_err(|x| capture_error(x.to_string()))?;
+                w.add_disk(&empty, &mut |_| {}).map_err(e)?;
+            }
+            let (bytes, manifest, stats) = w.finish().map_err(e)?;
+            self.g().log.push(format!(
+                "{} archive written ({consistency}, {} disks)",
+                self.host,
+                sized.len()
+            ));
+            self.bytes = Some(bytes);
+            Ok((manifest, stats))
+        })
     }
 }

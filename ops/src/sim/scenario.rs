@@ -17,6 +17,14 @@
 //! standby h2 on|off                      host standby (Pacemaker moves its VMs away)
 //! policy {"groups": {...}}               stores and applies a placement policy (JSON on one line)
 //! scale web 3 [force] [on h1] [&]        a group scale job
+//! file /srv/vmha/x.img                   a file on the storage (there before: the invariants allow it)
+//! archive shop web1@h2 db1@h3            an archive of virtual cluster `shop` with VMs web1 (on h2) and
+//!                                        db1 (on h3) and their disks, captured on another cluster with
+//!                                        the same host names and storage
+//! instantiate shop [name x] [map KIND=OLD:NEW] [wait 0] [dry-run] [on h1]
+//!                                        an instantiate of that archive in the vmhad on `on` (default:
+//!                                        the DC); without a `map`, storage=/srv/vmha:/srv/vmha
+//! capture shop [disks] [halt] [on h1]    a capture of virtual cluster `shop` (into memory)
 //! restart-vmhad h1                       vmhad starts again on h1 (and recovers its journals)
 //! recover h2                             h2's vmhad recovers what dead vmhads left (as after a DC change)
 //! check vm1                              the invariants, with vm1 as the template
@@ -27,7 +35,8 @@ use std::sync::Arc;
 use crate::clone::{self, CloneSpec};
 use crate::group;
 use crate::ports::LogProgress;
-use crate::sim::{Fault, FaultAction, Trigger, World};
+use crate::sim::{Fault, FaultAction, SimArchive, SimSink, Trigger, World, STORAGE};
+use crate::vcluster::{self, CaptureSpec, InstantiateSpec};
 use crate::vm::{self, VmOp};
 
 /// Runs a scenario; returns its log. `Err` for a scenario that cannot be read.
@@ -35,6 +44,7 @@ pub async fn run(script: &str) -> Result<String, String> {
     let mut world: Option<Arc<World>> = None;
     let mut background: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>> = Vec::new();
     let mut jobs = 0;
+    let mut archives: std::collections::BTreeMap<String, Arc<Vec<u8>>> = Default::default();
     for (n, raw) in script.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
@@ -183,13 +193,95 @@ pub async fn run(script: &str) -> Result<String, String> {
             "restart-vmhad" => {
                 let host = words.get(1).ok_or_else(|| bad("restart-vmhad HOST"))?;
                 w.restart_vmhad(host);
-                clone::recover(&w.vmhad(host)).await;
-                group::recover(&w.vmhad(host)).await;
+                recover_all(&w, host).await;
             }
             "recover" => {
                 let host = words.get(1).ok_or_else(|| bad("recover HOST"))?;
-                clone::recover(&w.vmhad(host)).await;
-                group::recover(&w.vmhad(host)).await;
+                recover_all(&w, host).await;
+            }
+            "file" => {
+                let path = words.get(1).ok_or_else(|| bad("file PATH"))?;
+                w.add_file(path);
+            }
+            "archive" => {
+                let name = words.get(1).ok_or_else(|| bad("archive NAME VM@HOST..."))?;
+                let mut vms = Vec::new();
+                for v in &words[2..] {
+                    let (vm, host) = v.split_once('@').ok_or_else(|| bad("VM@HOST"))?;
+                    vms.push((vm.to_string(), host.to_string()));
+                }
+                let hosts = w.host_names();
+                let bytes = archive_of(&hosts, name, &vms).await.map_err(|e| bad(&e))?;
+                w.note(format!("archive {name}: {} VMs", vms.len()));
+                archives.insert(name.to_string(), Arc::new(bytes));
+            }
+            "instantiate" => {
+                let name = words.get(1).ok_or_else(|| bad("instantiate ARCHIVE ..."))?;
+                let bytes = archives.get(*name).cloned().ok_or_else(|| bad("no such archive"))?;
+                let mut spec = InstantiateSpec {
+                    maps: Vec::new(),
+                    name: None,
+                    allow: Vec::new(),
+                    dry_run: false,
+                    wait: std::time::Duration::from_secs(60),
+                    trust: Default::default(),
+                };
+                let mut on = None;
+                let mut rest = words[2..].iter();
+                while let Some(k) = rest.next() {
+                    match *k {
+                        "dry-run" => spec.dry_run = true,
+                        key => {
+                            let v = rest.next().ok_or_else(|| bad("a value is missing"))?;
+                            match key {
+                                "name" => spec.name = Some(v.to_string()),
+                                "map" => spec.maps.push(v.to_string()),
+                                "wait" => {
+                                    spec.wait = std::time::Duration::from_secs(v.parse().map_err(|_| bad("seconds"))?)
+                                }
+                                "on" => on = Some(v.to_string()),
+                                _ => return Err(bad("unknown instantiate option")),
+                            }
+                        }
+                    }
+                }
+                if spec.maps.is_empty() {
+                    spec.maps.push(format!("storage={STORAGE}:{STORAGE}"));
+                }
+                let on = on.or_else(|| w.dc()).ok_or_else(|| bad("no DC"))?;
+                jobs += 1;
+                let outcome = run_instantiate(&w, &on, &spec, bytes, jobs).await;
+                w.note(format!("instantiate of {name} (job {jobs} on {on}) -> {outcome}"));
+            }
+            "capture" => {
+                let name = words.get(1).ok_or_else(|| bad("capture NAME ..."))?;
+                let mut spec = CaptureSpec {
+                    name: name.to_string(),
+                    with_disks: false,
+                    halt: false,
+                };
+                let mut on = None;
+                let mut rest = words[2..].iter();
+                while let Some(k) = rest.next() {
+                    match *k {
+                        "disks" => spec.with_disks = true,
+                        "halt" => spec.halt = true,
+                        "on" => on = rest.next().map(|h| h.to_string()),
+                        _ => return Err(bad("unknown capture option")),
+                    }
+                }
+                let on = on.or_else(|| w.dc()).ok_or_else(|| bad("no DC"))?;
+                jobs += 1;
+                let outcome = match run_capture(&w, &on, &spec, jobs).await {
+                    Some(Ok(summary)) => format!(
+                        "ok: {} ({} disks)",
+                        summary["consistency"],
+                        summary["disks"].as_array().map_or(0, Vec::len)
+                    ),
+                    Some(Err(e)) => format!("failed: {e}"),
+                    None => "vmhad died".into(),
+                };
+                w.note(format!("capture of {name} (job {jobs} on {on}) -> {outcome}"));
             }
             "check" => {
                 let template = words.get(1).ok_or_else(|| bad("check TEMPLATE"))?;
@@ -290,4 +382,72 @@ async fn run_scale(w: Arc<World>, on: String, spec: group::ScaleSpec, job: usize
         "scale of {name} to {} (job {job} on {on}) -> {outcome}",
         spec.size
     ));
+}
+
+/// What a restarted vmhad, or a new DC, recovers: clones, group scales, instantiates and captures.
+pub async fn recover_all(w: &Arc<World>, host: &str) {
+    let p = w.vmhad(host);
+    clone::recover(&p).await;
+    group::recover(&p).await;
+    vcluster::recover(&p).await;
+}
+
+/// An archive of virtual cluster `name` made of `vms` (VM, host), captured (metadata and empty disks)
+/// on a cluster of `hosts` of its own.
+pub async fn archive_of(hosts: &[String], name: &str, vms: &[(String, String)]) -> Result<Vec<u8>, String> {
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let source = World::new(&hosts);
+    for (vm, host) in vms {
+        source.add_vm(vm, host, 512, &[name]);
+    }
+    let on = source.dc().ok_or("no DC")?;
+    let mut sink = SimSink::new(&source, &on);
+    let spec = CaptureSpec {
+        name: name.to_string(),
+        with_disks: true,
+        halt: false,
+    };
+    vcluster::capture(&source.vmhad(&on), &LogProgress, &spec, &mut sink, "0")
+        .await
+        .map_err(|e| e.to_string())?;
+    sink.bytes.ok_or_else(|| "no archive written".to_string())
+}
+
+/// Runs an instantiate in the vmhad on `on`: how it ended, in a line (stopping when that vmhad dies).
+pub async fn run_instantiate(
+    w: &Arc<World>,
+    on: &str,
+    spec: &InstantiateSpec,
+    bytes: Arc<Vec<u8>>,
+    job: usize,
+) -> String {
+    let ports = w.vmhad(on);
+    let mut archive = SimArchive::new(w, on, bytes);
+    let id = job.to_string();
+    let work = vcluster::instantiate(&ports, &LogProgress, spec, &mut archive, &id);
+    tokio::select! {
+        done = work => match done.result {
+            Ok(m) => format!("ok: {m}"),
+            Err(e) if done.plan.is_none() || !done.problems.is_empty() => format!("refused: {e}"),
+            Err(e) => format!("failed: {e}"),
+        },
+        () = w.vmhad_dies(on) => "vmhad died".to_string(),
+    }
+}
+
+/// Runs a capture in the vmhad on `on`; `None` when that vmhad died.
+pub async fn run_capture(
+    w: &Arc<World>,
+    on: &str,
+    spec: &CaptureSpec,
+    job: usize,
+) -> Option<Result<serde_json::Value, String>> {
+    let ports = w.vmhad(on);
+    let mut sink = SimSink::new(w, on);
+    let id = job.to_string();
+    let work = vcluster::capture(&ports, &LogProgress, spec, &mut sink, &id);
+    tokio::select! {
+        r = work => Some(r.map_err(|e| e.to_string())),
+        () = w.vmhad_dies(on) => None,
+    }
 }

@@ -405,6 +405,40 @@ pub fn vmha_json(lab: &Lab, n: u8, args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
+/// Reads one document of `vmha --output json` into its schema type (`vmha_api::json`: unknown members
+/// are refused), checking its version and kind: every read of the CLI's JSON in the scenarios is also a
+/// test of the documented schema against the real daemons.
+pub fn parse_document<T: serde::de::DeserializeOwned>(text: &str, kind: &str) -> Result<T> {
+    let v: serde_json::Value = serde_json::from_str(text)?;
+    anyhow::ensure!(
+        v["schema_version"] == vmha_api::json::SCHEMA_VERSION && v["kind"] == kind,
+        "not a vmha JSON document of kind {kind} (schema {}): {text}",
+        vmha_api::json::SCHEMA_VERSION
+    );
+    serde_json::from_value(v).map_err(|e| anyhow::anyhow!("{kind} does not follow the JSON schema: {e}: {text}"))
+}
+
+/// `vmha status --output json` on host `n`, typed.
+pub fn vmha_status(lab: &Lab, n: u8) -> Result<vmha_api::json::Status> {
+    parse_document(&lab.exec_ok(n, &["vmha", "--output", "json", "status"])?, "status")
+}
+
+/// `vmha vm show VM --output json` on host `n`, typed.
+pub fn vmha_vm(lab: &Lab, n: u8, vm: &str) -> Result<vmha_api::json::Vm> {
+    let shown: vmha_api::json::VmShow =
+        parse_document(&lab.exec_ok(n, &["vmha", "--output", "json", "vm", "show", vm])?, "vm")?;
+    Ok(shown.vm)
+}
+
+/// `vmha host list --output json` on host `n`, typed.
+pub fn vmha_hosts(lab: &Lab, n: u8) -> Result<Vec<vmha_api::json::Host>> {
+    let list: vmha_api::json::HostList = parse_document(
+        &lab.exec_ok(n, &["vmha", "--output", "json", "host", "list"])?,
+        "host_list",
+    )?;
+    Ok(list.hosts)
+}
+
 /// Runs the `vmha` CLI on host `n` as an unprivileged user (nobody), returning (exit code, stdout, stderr).
 pub fn vmha_as_nobody(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {
     let mut all = vec!["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "vmha"];

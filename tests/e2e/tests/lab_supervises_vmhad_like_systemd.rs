@@ -96,8 +96,8 @@ fn lab_supervises_vmhad_like_systemd() {
     .unwrap();
     // vmhad on the booted host watches vm1 before its QEMU is killed.
     wait_for("vmhad to follow vm1 on its host", Duration::from_secs(30), POLL, || {
-        let v = vmha_e2e::vmha_json(&lab, n, &["vm", "show", "vm1"]).ok()?;
-        (v["State"] == "running").then_some(())
+        let v = vmha_e2e::vmha_vm(&lab, n, "vm1").ok()?;
+        (v.state == "running").then_some(())
     })
     .unwrap();
     let killed = qemu_pid(&lab, "vm1");

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_json, vmha_run, wait_running, POLL};
+use vmha_e2e::{guest_agent, guest_exec, hook_log, lab_with_vmhad, vmha_hosts, vmha_run, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
@@ -165,7 +165,8 @@ fn live_clone_of_a_running_vm() {
     })
     .unwrap();
 
-    // 1. The guest refuses: nothing is created, the template is resumed.
+    // 1. The guest refuses: nothing is created, the template is resumed. Asked on a host that is not the
+    //    DC: the refusal's reason and class (GuestRefused, exit status 11) come back through the relay.
     guest_exec(
         &lab,
         a,
@@ -175,8 +176,8 @@ fn live_clone_of_a_running_vm() {
         Duration::from_secs(10),
     )
     .unwrap();
-    let (code, _, err) = vmha_run(&lab, d, &["clone", TPL, "--name", "cl-no", "--host", &b_name]);
-    assert_ne!(code, 0);
+    let (code, _, err) = vmha_run(&lab, b, &["clone", TPL, "--name", "cl-no", "--host", &b_name]);
+    assert_eq!(code, 11, "a guest's refusal is GuestRefused, also relayed: {err}");
     assert!(
         err.contains("application busy: not now"),
         "the guest's reason reaches the caller: {err}"
@@ -409,11 +410,10 @@ fn live_clone_of_a_running_vm() {
             Duration::from_secs(60),
             POLL,
             || {
-                let hosts = vmha_json(&lab, d, &["host", "list"]).ok()?;
+                let hosts = vmha_hosts(&lab, d).ok()?;
                 hosts
-                    .as_array()?
                     .iter()
-                    .any(|h| h["Name"] == from_name.as_str() && h["State"] == "online")
+                    .any(|h| h.name == from_name && h.state == "online")
                     .then_some(())
             },
         )

@@ -170,6 +170,46 @@ fn placement_policy_follows_zones_and_priorities() {
         epoch_applied,
         "re-applying an unchanged policy changed nothing"
     );
+
+    // The history: the apply that changed the cluster is recorded (who, where); a changed policy is a
+    // second version; diff names the changed member; rollback applies the first again and is recorded.
+    let history = |n: u8| vmha_json(&lab, n, &["policy", "history"]).unwrap()["versions"].clone();
+    let h = history(1);
+    assert_eq!(h.as_array().unwrap().len(), 1, "{h}");
+    assert_eq!(h[0]["version"], 1);
+    assert_eq!(h[0]["note"], "apply");
+    assert_eq!(h[0]["who"], format!("root@{}", lab.cfg.host_name(2)));
+    let first: serde_json::Value = serde_json::from_str(&policy_json(&lab)).unwrap();
+    let mut second = first.clone();
+    second["vms"]["amid"]["priority"] = serde_json::json!(60);
+    let file2 = shared.join("policy2.json");
+    std::fs::write(&file2, second.to_string()).unwrap();
+    lab.exec_ok(1, &["vmha", "policy", "set", file2.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(vmha_json(&lab, 1, &["policy", "apply"]).unwrap()["applied"], true);
+    let diff = vmha_json(&lab, 3, &["policy", "diff", "1", "2"]).unwrap();
+    assert_eq!(
+        diff["changes"],
+        serde_json::json!([{"path": "/vms/amid/priority", "from": 50, "to": 60}]),
+        "{diff}"
+    );
+    let rolled = vmha_json(&lab, 3, &["policy", "rollback", "1"]).unwrap();
+    assert_eq!(rolled["applied"], true, "{rolled}");
+    let h = history(2);
+    assert_eq!(h.as_array().unwrap().len(), 3, "{h}");
+    assert_eq!(h[2]["note"], "rollback to 1");
+    assert_eq!(h[2]["who"], format!("root@{}", lab.cfg.host_name(3)));
+    let same = vmha_json(&lab, 1, &["policy", "diff", "1"]).unwrap();
+    assert_eq!(
+        same["changes"],
+        serde_json::json!([]),
+        "the stored policy is version 1 again"
+    );
+    assert_eq!(
+        vmha_json(&lab, 2, &["policy", "apply"]).unwrap()["applied"],
+        false,
+        "the CIB carries version 1 again"
+    );
     let constraints = lab
         .exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"])
         .unwrap();

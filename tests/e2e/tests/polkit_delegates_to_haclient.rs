@@ -91,15 +91,16 @@ fn haclient_members_manage_vms_through_polkit_and_others_only_read() {
     for user in ["alice", "bob"] {
         let (rc, out, err) = vmha_as(&lab, user, &["--output", "json", "status"]);
         assert_eq!(rc, 0, "{user} reads the status: {err}");
-        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(status["cluster"]["Quorate"], true, "{user}: {out}");
+        let status: vmha_api::json::Status = vmha_e2e::parse_document(&out, "status").unwrap();
+        assert_eq!(status.cluster.quorate, Some(true), "{user}: {out}");
         let (rc, out, err) = vmha_as(&lab, user, &["--output", "json", "vm", "list"]);
         assert_eq!(rc, 0, "{user} lists the VMs: {err}");
-        assert!(out.contains("\"vm1\""), "{user}: {out}");
+        let list: vmha_api::json::VmList = vmha_e2e::parse_document(&out, "vm_list").unwrap();
+        assert!(list.vms.iter().any(|v| v.name == "vm1"), "{user}: {out}");
         let (rc, out, err) = vmha_as(&lab, user, &["--output", "json", "vm", "show", "vm1"]);
         assert_eq!(rc, 0, "{user} shows vm1: {err}");
-        let vm: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(vm["Hosts"], serde_json::json!([format!("node{from}")]), "{user}: {out}");
+        let vm: vmha_api::json::VmShow = vmha_e2e::parse_document(&out, "vm").unwrap();
+        assert_eq!(vm.vm.hosts, [format!("node{from}")], "{user}: {out}");
         let reports = wait_for(
             &format!("{user} to read every host's readiness report"),
             Duration::from_secs(60),

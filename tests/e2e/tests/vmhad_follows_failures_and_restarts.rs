@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use vmha_e2e::{vmha_as_nobody, vmha_json, vmha_run, wait_running, Timeline, POLL};
+use vmha_e2e::{vmha_as_nobody, vmha_run, vmha_status, vmha_vm, wait_running, Timeline, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::lab::VmAgent;
 use vmha_lab::{power, wait_for, Lab};
@@ -73,14 +73,11 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     //     is refused and changes nothing; `vmha vm cleanup` clears the fail count in Pacemaker (attrd's
     //     transient attributes in the CIB status section) and in vmha's view, without touching the VM.
     let counts = wait_for("vmha to show vm1's fail count", Duration::from_secs(30), POLL, || {
-        let c = vmha_json(&lab, 1, &["vm", "show", "vm1"]).ok()?["FailCounts"].clone();
-        c.as_object()?
-            .values()
-            .any(|n| n.as_u64().unwrap_or(0) > 0)
-            .then_some(c)
+        let c = vmha_vm(&lab, 1, "vm1").ok()?.fail_counts;
+        c.values().any(|&n| n > 0).then_some(c)
     })
     .unwrap();
-    println!("vm1's fail counts before cleanup: {counts}");
+    println!("vm1's fail counts before cleanup: {counts:?}");
     let status_has = |what: &str| {
         lab.exec_ok(1, &["cibadmin", "--query", "--scope", "status"])
             .unwrap()
@@ -120,8 +117,8 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         Duration::from_secs(10),
         POLL,
         || {
-            let v = vmha_json(&lab, 1, &["vm", "show", "vm1"]).ok()?;
-            (v["FailCounts"].as_object()?.is_empty() && v["FailedOn"].as_array()?.is_empty()).then_some(())
+            let v = vmha_vm(&lab, 1, "vm1").ok()?;
+            (v.fail_counts.is_empty() && v.failed_on.is_empty()).then_some(())
         },
     )
     .unwrap();
@@ -145,7 +142,7 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         lab.start_vmhad(n).unwrap();
     }
     wait_for("vmhad back with vm1", Duration::from_secs(30), POLL, || {
-        (vmha_json(&lab, vm_host, &["vm", "show", "vm1"]).ok()?["State"] == "running").then_some(())
+        (vmha_vm(&lab, vm_host, "vm1").ok()?.state == "running").then_some(())
     })
     .unwrap();
     assert_eq!(
@@ -177,14 +174,10 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     //    and catches up; every vmhad sees it leave and rejoin the vmhad process group.
     let quiet = lab.cfg.host_numbers().find(|&n| n != vm_host).unwrap();
     let quiet_name = lab.cfg.host_name(quiet);
-    let agents = |n: u8| {
-        vmha_json(&lab, n, &["status"])
-            .ok()
-            .map(|s| s["cluster"]["Agents"].clone())
-    };
+    let agents = |n: u8| vmha_status(&lab, n).ok().map(|s| s.cluster.agents);
     assert_eq!(
         agents(vm_host),
-        Some(serde_json::json!(["node1", "node2", "node3"])),
+        Some(vec!["node1".to_string(), "node2".into(), "node3".into()]),
         "vmhad runs on every host"
     );
     lab.exec_ok(
@@ -197,7 +190,7 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
     )
     .unwrap();
     wait_for("vmhad to report the CIB lost", Duration::from_secs(60), POLL, || {
-        (vmha_json(&lab, quiet, &["status"]).ok()?["cluster"]["Connected"] == false).then_some(())
+        (!vmha_status(&lab, quiet).ok()?.cluster.connected).then_some(())
     })
     .unwrap();
     lab.exec_ok(
@@ -215,7 +208,7 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         POLL,
         || {
             let a = agents(vm_host)?;
-            (!a.as_array()?.iter().any(|h| h == quiet_name.as_str())).then_some(())
+            (!a.iter().any(|h| h == quiet_name.as_str())).then_some(())
         },
     )
     .unwrap();
@@ -226,17 +219,10 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         Duration::from_secs(120),
         POLL,
         || {
-            let s = vmha_json(&lab, quiet, &["status"]).ok()?;
-            let me = s["hosts"]
-                .as_array()?
-                .iter()
-                .find(|h| h["Name"] == quiet_name.as_str())?
-                .clone();
-            let all = serde_json::json!(["node1", "node2", "node3"]);
-            (s["cluster"]["Connected"] == true
-                && me["State"] == "online"
-                && s["cluster"]["Agents"] == all
-                && s["cluster"]["Members"] == all)
+            let s = vmha_status(&lab, quiet).ok()?;
+            let me = s.hosts.iter().find(|h| h.name == quiet_name)?;
+            let all = ["node1", "node2", "node3"];
+            (s.cluster.connected && me.state == "online" && s.cluster.agents == all && s.cluster.members == all)
                 .then_some(())
         },
     )
@@ -281,7 +267,7 @@ fn vmhad_reports_dc_changes_and_vm_failures_fast_and_survives_restarts() {
         let lag = signal_time - pcmk_time;
         println!("node{n}: DC signal {lag:+.2} s after crm_mon first showed the new DC {new_dc}");
         assert!(lag < 2.0, "node{n}'s signal came {lag:.2} s after Pacemaker's new DC");
-        let prop = vmha_json(&lab, n, &["status"]).unwrap()["cluster"]["DesignatedController"].clone();
-        assert_eq!(prop, new_dc.as_str());
+        let prop = vmha_status(&lab, n).unwrap().cluster.designated_controller;
+        assert_eq!(prop.as_deref(), Some(new_dc.as_str()));
     }
 }

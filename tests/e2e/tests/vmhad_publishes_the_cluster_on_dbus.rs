@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{leftover_move_constraints, process_usage, vmha_as_nobody, vmha_json, wait_running, POLL};
+use vmha_e2e::{
+    leftover_move_constraints, process_usage, vmha_as_nobody, vmha_hosts, vmha_status, vmha_vm, wait_running, POLL,
+};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::wait_for;
 
@@ -18,28 +20,24 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
     let pcmk = lab.status(1).unwrap();
     let dc = pcmk.dc.clone().unwrap();
     let views = wait_for("every vmhad to know the cluster", Duration::from_secs(30), POLL, || {
-        let v: Vec<serde_json::Value> = lab
+        let v: Vec<vmha_api::json::Status> = lab
             .cfg
             .host_numbers()
-            .map(|n| vmha_json(&lab, n, &["status"]).ok())
+            .map(|n| vmha_status(&lab, n).ok())
             .collect::<Option<_>>()?;
         v.iter()
-            .all(|s| s["cluster"]["DesignatedController"] == dc.as_str())
+            .all(|s| s.cluster.designated_controller.as_deref() == Some(dc.as_str()))
             .then_some(v)
     })
     .unwrap();
     for (i, v) in views.iter().enumerate() {
-        let c = &v["cluster"];
-        assert_eq!(c["Quorate"], true, "host {} quorate", i + 1);
-        assert_eq!(
-            c["Members"],
-            serde_json::json!(["node1", "node2", "node3"]),
-            "host {} members",
-            i + 1
-        );
-        assert_eq!(c["Name"], lab.cfg.name.as_str());
-        assert_eq!(c["LocalHost"], format!("node{}", i + 1));
-        assert_eq!(v["hosts"].as_array().unwrap().len(), 3);
+        let c = &v.cluster;
+        assert!(!v.connecting, "host {} has read the cluster", i + 1);
+        assert_eq!(c.quorate, Some(true), "host {} quorate", i + 1);
+        assert_eq!(c.members, ["node1", "node2", "node3"], "host {} members", i + 1);
+        assert_eq!(c.name, lab.cfg.name);
+        assert_eq!(c.local_host, format!("node{}", i + 1));
+        assert_eq!(v.hosts.len(), 3);
     }
 
     // Add a VM from its XML file; it runs; move it; no constraint is left.
@@ -49,11 +47,22 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
         .unwrap();
     assert!(added.contains("running on"), "{added}");
     let from = wait_running(&lab, "vm1", Duration::from_secs(60));
-    let vm = vmha_json(&lab, 2, &["vm", "show", "vm1"]).unwrap();
-    assert_eq!(vm["Agent"], "ocf:vmha:VirtualMachine");
-    assert_eq!(vm["Hosts"], serde_json::json!([format!("node{from}")]));
+    // vmhad follows the CIB's notifications: host 2's view catches up with Pacemaker's within moments.
+    let vm = wait_for(
+        "node2's vmhad to show vm1 running",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            vmha_vm(&lab, 2, "vm1")
+                .ok()
+                .filter(|v| v.hosts == [format!("node{from}")])
+        },
+    )
+    .unwrap();
+    assert_eq!(vm.agent, "ocf:vmha:VirtualMachine");
     assert_eq!(
-        vm["Utilization"]["hv_memory"], "128",
+        vm.utilization.get("hv_memory").map(String::as_str),
+        Some("128"),
         "utilization from the domain definition"
     );
     let to = lab.other_host(from).unwrap();
@@ -72,19 +81,18 @@ fn vmhad_publishes_members_quorum_dc_and_vms_and_manages_vms() {
     );
 
     // Host capacity from libvirt.
-    let hosts = vmha_json(&lab, 1, &["host", "list"]).unwrap();
-    for h in hosts.as_array().unwrap() {
+    let hosts = vmha_hosts(&lab, 1).unwrap();
+    assert_eq!(hosts.len(), 3);
+    for h in &hosts {
         assert!(
-            h["Utilization"]["cpu"]
-                .as_str()
-                .is_some_and(|c| c.parse::<u32>().unwrap() >= 1),
-            "{h}"
+            h.utilization.get("cpu").is_some_and(|c| c.parse::<u32>().unwrap() >= 1),
+            "{h:?}"
         );
         assert!(
-            h["Utilization"]["hv_memory"]
-                .as_str()
+            h.utilization
+                .get("hv_memory")
                 .is_some_and(|m| m.parse::<u64>().unwrap() > 1000),
-            "{h}"
+            "{h:?}"
         );
     }
 

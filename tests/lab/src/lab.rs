@@ -441,10 +441,6 @@ impl Lab {
     /// SIGKILL to host N's PID 1 under its power switch; records the time in the host's file `stamp` and
     /// returns once every process of the host has ended.
     fn kill_host(&self, n: u8, stamp: &str) -> Result<()> {
-        // A host never brought up (a lab's first bring-up tears down nothing) has no power switch yet.
-        if !self.cfg.host_dir(n).is_dir() {
-            return Ok(());
-        }
         let _lock = self.power_lock(n)?;
         let Some(init) = self.host_init(n).filter(|p| p.alive()) else {
             return Ok(());
@@ -523,6 +519,9 @@ impl Lab {
     /// controller (fencing) alike, so that a fence reboot and a scenario's power-on never both start the
     /// host (two instances of one host, one of them unknown to the lab and left behind at tear-down).
     fn power_lock(&self, n: u8) -> Result<nix::fcntl::Flock<fs::File>> {
+        // A lab never brought up (or removed) has no host directory yet: its switch is made here.
+        fs::create_dir_all(self.cfg.host_dir(n))
+            .with_context(|| format!("creating {}", self.cfg.host_dir(n).display()))?;
         let path = self.cfg.host_dir(n).join("power.lock");
         let file = fs::OpenOptions::new()
             .create(true)
