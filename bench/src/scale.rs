@@ -127,8 +127,9 @@ fn grow(lab: &Lab, hosts: u8, vms: usize) -> Result<()> {
                 config: path.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?,
                 hypervisor: "qemu:///system",
                 migration_transport: "tcp",
-                cpu: 1 + (i % 4) as u32,
-                memory_mib: 512 * (1 + (i % 8) as u64),
+                // As the domain XML says (vmhad corrects a VM's utilization to its domain's).
+                cpu: 1,
+                memory_mib: 128,
                 start: false,
             })?);
         }
@@ -392,8 +393,8 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         r,
         "Lab: 3 real hosts (Corosync, Pacemaker, libvirtd, vmhad on each); the CIB grown to **{hosts} hosts** \
          ({} extra `<node>` entries, never started) and **{vms} VMs** (`ocf:vmha:VirtualMachine` primitives \
-         as `vmha vm add` writes them, target-role=Stopped so no QEMU runs, utilization cpu 1-4 and \
-         hv_memory 512-4096 MiB, each naming its own domain XML file), added in {} bulk `cibadmin --modify` \
+         as `vmha vm add` writes them, target-role=Stopped so no QEMU runs, utilization cpu 1 and \
+         hv_memory 128 MiB as their domain XML says, each naming its own domain XML file), added in {} bulk `cibadmin --modify` \
          calls in {grow_s:.1} s. Every vmhad showed them all at the CIB's version {seen_s:.1} s after that; \
          the CIB was then quiet ({settle_s:.0} s more, 10 s of it the check). **No probes**: a location \
          constraint per online host (`rsc-pattern=\"^sv[0-9]+$\"`, `resource-discovery=never`) keeps \
