@@ -503,12 +503,13 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         r,
         "\nvmhad's CPU over the whole run (utime + stime, ms; hosts 1, 2, 3): {} freshly started, {} at full size, \
          {} at the end.\n\nNotes: what-if with --n-plus-one fails each of the 3 online hosts in turn and runs \
-         Pacemaker's scheduler on a copy of the whole CIB each time (the 29 offline hosts are not failed again); \
+         Pacemaker's scheduler on a copy of the whole CIB each time (the {} offline hosts are not failed again); \
          the VMs are stopped, so the scheduler places none of them, but it reads and unpacks every resource, \
          node and status entry.",
         fresh.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
         big.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
         after.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
+        hosts.saturating_sub(3),
     );
     let report = run.finish(
         &format!("Scale: vmhad and the CLI with {hosts} hosts and {vms} VMs in the CIB"),
