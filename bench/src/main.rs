@@ -4,7 +4,9 @@
 mod clone;
 mod failover;
 mod measure;
+mod memory;
 mod report;
+mod scale;
 mod vcluster;
 
 use std::fmt::Write as _;
@@ -130,6 +132,57 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// vmhad and the CLI at scale: the lab's CIB grown to --hosts hosts (the extra ones offline) and --vms
+    /// stopped VMs; vmhad's latency and CPU per CIB change and its RSS, and the wall time of `vmha status`,
+    /// `vmha what-if --n-plus-one` and `vmha policy apply --dry-run`. Brings up its own lab.
+    Scale {
+        #[arg(long, default_value_t = 32)]
+        hosts: u8,
+        #[arg(long, default_value_t = 2000)]
+        vms: usize,
+        /// CIB changes timed.
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        /// Runs of each CLI command.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// 8 hosts, 200 VMs, 10 changes, 2 runs: proves the bench works, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Also write the report (markdown) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// vmhad's memory (RSS from /proc) freshly started and idle, after --jobs jobs of each kind (VM stop +
+    /// start, live move, guest request) and after settling. Brings up its own lab.
+    Memory {
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+        /// Seconds to wait after the soak before the last reading.
+        #[arg(long, default_value_t = 30)]
+        settle: u64,
+        /// 3 jobs of each kind, 5 s settling: proves the bench works, measures nothing.
+        #[arg(long)]
+        quick: bool,
+        #[command(flatten)]
+        lab: LabArgs,
+        /// Also write the report (markdown) to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// (internal, runs inside a lab host) Makes --count CIB changes and times each until vmhad publishes
+    /// it; prints the figures as JSON.
+    #[command(hide = true)]
+    CibChanges {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        vms: usize,
+    },
     /// (internal, runs inside a lab host) Runs each side's actions in turn and prints the samples as JSON.
     #[command(hide = true)]
     Measure {
@@ -189,6 +242,33 @@ fn main() -> ExitCode {
             let (a, b) = failover::configs((&labs[0], &subnets[0]), (&labs[1], &subnets[1]));
             failover::run(if quick { 1 } else { rounds }, quick, &a, &b, out)
         }
+        Cmd::Scale {
+            hosts,
+            vms,
+            changes,
+            runs,
+            quick,
+            lab,
+            out,
+        } => {
+            let (hosts, vms, changes, runs) = if quick {
+                (8, 200, 10, 2)
+            } else {
+                (hosts, vms, changes, runs)
+            };
+            scale::run(hosts, vms, changes, runs, &lab.config("bscale", "10.213.20"), out)
+        }
+        Cmd::Memory {
+            jobs,
+            settle,
+            quick,
+            lab,
+            out,
+        } => {
+            let (jobs, settle) = if quick { (3, 5) } else { (jobs, settle) };
+            memory::run(jobs, Duration::from_secs(settle), &lab.config("bmem", "10.213.21"), out)
+        }
+        Cmd::CibChanges { pid, count, vms } => scale::cib_changes(pid, count, vms),
         Cmd::Measure { runs, actions, sides } => measure_cmd(runs, &actions, &sides),
         Cmd::PingLoop { domain } => clone::ping_loop(&domain),
         Cmd::Vcluster {

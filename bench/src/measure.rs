@@ -59,7 +59,11 @@ pub fn libvirtd_pid() -> Option<i32> {
 
 /// utime + stime of process `pid` in ms.
 pub fn process_cpu_ms(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_ms_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime in ms of a /proc/<pid>/stat line.
+pub fn cpu_ms_of_stat(stat: &str) -> Option<f64> {
     // Fields after the command name (which may hold spaces) start at field 3 (state).
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();

@@ -1,0 +1,542 @@
+//! `vmha-bench scale`: vmhad and the CLI on a large cluster. A 3-host lab with vmhad on each; its CIB is
+//! grown to `hosts` nodes (the extra ones offline: never started, recorded in the CIB's status section as
+//! cleanly down, see [`grow`]) and `vms` VM primitives (`ocf:vmha:VirtualMachine`, target-role=Stopped so
+//! that no QEMU runs, with cpu and hv_memory utilization), in a few bulk `cibadmin --modify` calls. Then:
+//!
+//! - vmhad's latency and CPU per CIB change: `changes` small changes (a meta attribute on a different VM
+//!   each time, by `cibadmin --modify`), each waited for until host 1's vmhad publishes a CIB version with a
+//!   newer epoch (a PropertiesChanged signal of its `CibVersion`), timed by the bench's own monotonic clock
+//!   inside host 1; vmhad's CPU from /proc/<pid>/stat around all of them, less its idle CPU over as long.
+//! - vmhad's RSS (VmRSS of /proc/<pid>/status) freshly started on the 3-host CIB, and at the large size.
+//! - wall time of `vmha status`, `vmha what-if --n-plus-one` and `vmha policy apply --dry-run` (a small
+//!   stored policy), run in host 1, timed by `vmha-bench measure` around the process.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use vmha_lab::guest::GuestSpec;
+use vmha_lab::lab::target_binary;
+use vmha_lab::{wait_for, Lab, LabConfig};
+
+use crate::measure::{process_cpu_ms, Side};
+use crate::report::{cell, median, verdict, Run};
+
+/// First Corosync node id of the extra (offline) nodes.
+const EXTRA_ID: u32 = 101;
+
+pub fn vm_name(i: usize) -> String {
+    format!("sv{i:04}")
+}
+
+/// `admin_epoch.epoch.num_updates` as numbers.
+fn version(v: &str) -> Option<(u64, u64, u64)> {
+    let mut it = v.split('.').map(|x| x.parse::<u64>().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// The version attributes of the live CIB's root element, as vmhad publishes them.
+fn cib_version(lab: &Lab, n: u8) -> Result<String> {
+    let out = lab.exec_ok(n, &["sh", "-c", "cibadmin --query --local | head -c 1000"])?;
+    let attr = |name: &str| -> Option<String> {
+        let key = format!(" {name}=\"");
+        let at = out.find(&key)? + key.len();
+        Some(out[at..].split('"').next()?.to_string())
+    };
+    Ok(format!(
+        "{}.{}.{}",
+        attr("admin_epoch").ok_or_else(|| anyhow!("no admin_epoch in the CIB"))?,
+        attr("epoch").ok_or_else(|| anyhow!("no epoch in the CIB"))?,
+        attr("num_updates").ok_or_else(|| anyhow!("no num_updates in the CIB"))?
+    ))
+}
+
+/// VmRSS (KiB) and utime+stime (ms) of host N's vmhad, read from that host's /proc.
+pub fn vmhad_usage(lab: &Lab, n: u8) -> Result<(u32, f64, f64)> {
+    let pid = lab.vmhad_pid(n)?.ok_or_else(|| anyhow!("no vmhad runs on host {n}"))?;
+    let out = lab.exec_ok(
+        n,
+        &["cat", &format!("/proc/{pid}/status"), &format!("/proc/{pid}/stat")],
+    )?;
+    let rss = out
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for vmhad {pid}"))?;
+    let stat = out.lines().last().unwrap_or("");
+    let cpu = crate::measure::cpu_ms_of_stat(stat).ok_or_else(|| anyhow!("no CPU times for vmhad {pid}"))?;
+    Ok((pid, rss, cpu))
+}
+
+fn mib(kib: f64) -> f64 {
+    kib / 1024.0
+}
+
+/// The nodes and VMs added to the CIB: offline nodes (a `<node>` each, and a `<node_state>` saying it is
+/// cleanly down, as Pacemaker records a node that left the cluster in an orderly way) and stopped VMs.
+///
+/// Why the node_state: a configured node that the cluster has never seen is *unclean* to Pacemaker's
+/// scheduler while `startup-fencing` is true (the default, and what a production cluster wants), so 29
+/// never-seen nodes would each be fenced; the lab's fence device cannot reach them, so every transition
+/// would retry 29 failing fencing actions (a fencing storm). A real 32-host cluster with 29 hosts down
+/// has seen them and knows they left cleanly; the node_state entries record exactly that. Fencing stays on.
+fn grow(lab: &Lab, hosts: u8, vms: usize) -> Result<()> {
+    let shared = lab.cfg.shared_dir();
+    let mut nodes = String::from("<nodes>");
+    let mut status = String::from("<status>");
+    for n in 4..=u32::from(hosts) {
+        let id = EXTRA_ID + n - 4;
+        let _ = write!(nodes, r#"<node id="{id}" uname="node{n}"/>"#);
+        let _ = write!(
+            status,
+            r#"<node_state id="{id}" uname="node{n}" in_ccm="false" crmd="offline" crm-debug-origin="vmha-bench" join="down" expected="down"/>"#
+        );
+    }
+    nodes.push_str("</nodes>");
+    status.push_str("</status>");
+    if hosts > 3 {
+        cibadmin(lab, &shared, "nodes", &nodes)?;
+        cibadmin(lab, &shared, "status", &status)?;
+    }
+    // No probes: without this, Pacemaker probes every new resource on every online host (3 x vms agent
+    // calls, and as many status updates, each a CIB change every vmhad handles), which at 2000 VMs would
+    // not finish in the time this bench has. One location constraint per online host, by pattern.
+    let mut cons = String::from("<constraints>");
+    for n in lab.cfg.host_numbers() {
+        let _ = write!(
+            cons,
+            r#"<rsc_location id="bench-no-probe-{n}" rsc-pattern="^sv[0-9]+$" node="{}" score="0" resource-discovery="never"/>"#,
+            lab.cfg.host_name(n)
+        );
+    }
+    cons.push_str("</constraints>");
+    cibadmin(lab, &shared, "constraints", &cons)?;
+    // The domain XML every VM's config names (the agent's probe reads it): one small file per VM.
+    const BATCH: usize = 500;
+    for start in (0..vms).step_by(BATCH) {
+        let mut xml = String::from("<resources>");
+        for i in start..(start + BATCH).min(vms) {
+            let name = vm_name(i);
+            let path = lab.write_domain_xml(&GuestSpec::new(&name))?;
+            xml.push_str(&vmha_model::change::vm_primitive(&vmha_model::change::NewVm {
+                name: &name,
+                config: path.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?,
+                hypervisor: "qemu:///system",
+                migration_transport: "tcp",
+                // As the domain XML says (vmhad corrects a VM's utilization to its domain's).
+                cpu: 1,
+                memory_mib: 128,
+                start: false,
+            })?);
+        }
+        xml.push_str("</resources>");
+        cibadmin(lab, &shared, "resources", &xml)?;
+    }
+    Ok(())
+}
+
+/// `cibadmin --modify --scope SCOPE --xml-file` (a file on shared storage) on host 1.
+fn cibadmin(lab: &Lab, shared: &Path, scope: &str, xml: &str) -> Result<()> {
+    let file = shared.join(format!("bench-{scope}.xml"));
+    std::fs::write(&file, xml)?;
+    let f = file.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+    let out = lab.exec_with_deadline(
+        1,
+        &["cibadmin", "--modify", "--scope", scope, "--xml-file", f],
+        Duration::from_secs(300),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "cibadmin --modify --scope {scope}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// What `vmha-bench cib-changes` prints.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Changes {
+    /// From starting `cibadmin --modify` to vmhad's publication of a newer epoch (ms).
+    pub from_call_ms: Vec<f64>,
+    /// From cibadmin's exit (the CIB has the change) to vmhad's publication (ms; negative: published first).
+    pub from_commit_ms: Vec<f64>,
+    /// vmhad's CPU (ms) over all the changes.
+    pub cpu_ms: f64,
+    /// How long all the changes took (ms).
+    pub span_ms: f64,
+    /// vmhad's CPU (ms) over as long idle, right after.
+    pub idle_cpu_ms: f64,
+}
+
+/// `vmha-bench cib-changes` (runs inside a lab host): `count` changes, a meta attribute on VM `i` each.
+pub fn cib_changes(pid: i32, count: usize, vms: usize) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let out = rt.block_on(async move {
+        let bus = zbus::Connection::system().await?;
+        let proxy = vmha_api::proxy::ClusterProxy::new(&bus).await?;
+        let mut changed = proxy.receive_cib_version_changed().await;
+        let mut current = proxy.cib_version().await?;
+        let mut c = Changes {
+            from_call_ms: Vec::new(),
+            from_commit_ms: Vec::new(),
+            cpu_ms: 0.0,
+            span_ms: 0.0,
+            idle_cpu_ms: 0.0,
+        };
+        let cpu0 = process_cpu_ms(pid).context("vmhad's /proc/<pid>/stat")?;
+        let start = Instant::now();
+        for i in 0..count {
+            let name = vm_name((i * 7919) % vms.max(1));
+            let old = version(&current).ok_or_else(|| anyhow!("vmhad's CibVersion {current:?}"))?;
+            let xml = format!(
+                r#"<primitive id="{name}"><meta_attributes id="{name}-meta_attributes"><nvpair id="{name}-meta_attributes-bench-mark" name="bench-mark" value="{i}"/></meta_attributes></primitive>"#
+            );
+            let t0 = Instant::now();
+            let mut child = tokio::process::Command::new("cibadmin")
+                .args(["--modify", "--xml-text", &xml])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let mut commit: Option<Instant> = None;
+            let mut seen: Option<Instant> = None;
+            let deadline = tokio::time::sleep(Duration::from_secs(30));
+            tokio::pin!(deadline);
+            while commit.is_none() || seen.is_none() {
+                tokio::select! {
+                    st = child.wait(), if commit.is_none() => {
+                        if !st?.success() {
+                            bail!("cibadmin --modify of {name} failed");
+                        }
+                        commit = Some(Instant::now());
+                    }
+                    v = changed.next(), if seen.is_none() => {
+                        let v = v.ok_or_else(|| anyhow!("vmhad left the bus"))?.get().await?;
+                        if version(&v).is_some_and(|n| (n.0, n.1) > (old.0, old.1)) {
+                            seen = Some(Instant::now());
+                        }
+                        current = v;
+                    }
+                    _ = &mut deadline => bail!("vmhad did not publish change {i} within 30 s (still {current})"),
+                }
+            }
+            let (commit, seen) = (commit.unwrap_or(t0), seen.unwrap_or(t0));
+            c.from_call_ms.push(seen.duration_since(t0).as_secs_f64() * 1000.0);
+            c.from_commit_ms.push(if seen >= commit {
+                seen.duration_since(commit).as_secs_f64() * 1000.0
+            } else {
+                -(commit.duration_since(seen).as_secs_f64() * 1000.0)
+            });
+        }
+        let span = start.elapsed();
+        c.cpu_ms = process_cpu_ms(pid).context("vmhad's /proc/<pid>/stat")? - cpu0;
+        c.span_ms = span.as_secs_f64() * 1000.0;
+        let idle0 = process_cpu_ms(pid).context("vmhad's /proc/<pid>/stat")?;
+        tokio::time::sleep(span).await;
+        c.idle_cpu_ms = process_cpu_ms(pid).context("vmhad's /proc/<pid>/stat")? - idle0;
+        anyhow::Ok(c)
+    })?;
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
+}
+
+fn status(lab: &Lab, n: u8) -> Result<vmha_api::json::Status> {
+    let out = lab.exec_ok(n, &["vmha", "--output", "json", "status"])?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Waits until every host's vmhad shows `hosts` hosts and `vms` VMs at the live CIB's version.
+fn wait_seen(lab: &Lab, hosts: usize, vms: usize, limit: Duration) -> Result<f64> {
+    let t0 = Instant::now();
+    wait_for(
+        &format!("every vmhad to show {hosts} hosts and {vms} VMs at the CIB's version"),
+        limit,
+        Duration::from_millis(500),
+        || {
+            let cib = cib_version(lab, 1).ok()?;
+            lab.cfg
+                .host_numbers()
+                .all(|n| {
+                    status(lab, n)
+                        .is_ok_and(|s| s.hosts.len() == hosts && s.vms.len() >= vms && s.cluster.cib_version == cib)
+                })
+                .then_some(())
+        },
+    )?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Runs `vmha ARGS` (output discarded) `runs` times in host 1 by `vmha-bench measure`; wall ms each.
+fn time_cli(lab: &Lab, label: &str, script: &str, runs: usize) -> Result<(Vec<f64>, Vec<i32>)> {
+    let path = lab
+        .cfg
+        .shared_dir()
+        .join(format!("bench-{}.sh", label.replace(' ', "-")));
+    std::fs::write(&path, format!("exec {script} >/dev/null\n"))?;
+    let p = path.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+    let side = Side::new(label, "/bin/sh", &[]);
+    let s = crate::measure_in(lab, 1, &[], runs, p, std::slice::from_ref(&side))?;
+    Ok((s.iter().map(|x| x.wall_ms).collect(), s.iter().map(|x| x.rc).collect()))
+}
+
+/// The unhealthy nodes in crm_mon's view (unclean or pending) and the fencing actions in the history.
+fn fencing_facts(lab: &Lab) -> Result<(usize, usize, String)> {
+    let mon = lab.exec_ok(1, &["crm_mon", "--one-shot", "--output-as=xml"])?;
+    let unclean = mon.matches("unclean=\"true\"").count();
+    let pending = mon.matches("pending=\"true\"").count();
+    let hist = lab.exec(1, &["stonith_admin", "--history", "*"])?;
+    let h = String::from_utf8_lossy(&hist.stdout).trim().to_string();
+    Ok((unclean, pending, h))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, out: Option<PathBuf>) -> Result<()> {
+    vmha_lab::init_logging();
+    if hosts < 3 || changes == 0 || runs == 0 {
+        bail!("--hosts must be at least 3, --changes and --runs at least 1");
+    }
+    let run = Run::start(&cfg.shared_dir());
+    let lab = Lab::up(cfg.clone())?;
+    let build = target_binary("vmhad")?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| anyhow!("no build directory"))?;
+    lab.install_build(&build)?;
+    for n in lab.cfg.host_numbers() {
+        lab.start_vmhad(n)?;
+    }
+    wait_seen(&lab, 3, 0, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(5));
+    let fresh: Vec<(u32, f64, f64)> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| vmhad_usage(&lab, n))
+        .collect::<Result<_>>()?;
+
+    let t0 = Instant::now();
+    grow(&lab, hosts, vms)?;
+    let grow_s = t0.elapsed().as_secs_f64();
+    let seen_s = wait_seen(&lab, hosts as usize, vms, Duration::from_secs(900))?;
+    // Pacemaker probes every new resource on every online host; the CIB settles when the probes are done.
+    let t1 = Instant::now();
+    let mut last = String::new();
+    let settled = wait_for(
+        "the CIB to settle (no change for 10 s)",
+        Duration::from_secs(1800),
+        Duration::from_secs(10),
+        || {
+            let v = cib_version(&lab, 1).ok()?;
+            let same = v == last;
+            last = v;
+            same.then_some(())
+        },
+    );
+    let settle_s = t1.elapsed().as_secs_f64();
+    settled?;
+    wait_seen(&lab, hosts as usize, vms, Duration::from_secs(120))?;
+    let (unclean, pending, history) = fencing_facts(&lab)?;
+    let big: Vec<(u32, f64, f64)> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| vmhad_usage(&lab, n))
+        .collect::<Result<_>>()?;
+
+    // Changes, timed inside host 1.
+    let me = std::env::current_exe()?;
+    let me = me.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
+    let pid = big[0].0.to_string();
+    let (k, v) = (changes.to_string(), vms.to_string());
+    let o = lab.exec_with_deadline(
+        1,
+        &[me, "cib-changes", "--pid", &pid, "--count", &k, "--vms", &v],
+        Duration::from_secs(1800),
+    )?;
+    if !o.status.success() {
+        bail!("cib-changes: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let ch: Changes = serde_json::from_slice(&o.stdout)?;
+
+    // The CLI.
+    let policy = lab.cfg.shared_dir().join("bench-policy.json");
+    let mut pvms = serde_json::Map::new();
+    for i in 0..vms.min(20) {
+        pvms.insert(vm_name(i), serde_json::json!({"priority": 100 - i as i32, "zone": "a"}));
+    }
+    let doc = serde_json::json!({
+        "placement_strategy": "balanced",
+        "hosts": {
+            lab.cfg.host_name(1): {"zone": "a/r1"},
+            lab.cfg.host_name(2): {"zone": "a/r2"},
+            lab.cfg.host_name(3): {"zone": "b/r1"},
+        },
+        "vms": pvms,
+    });
+    std::fs::write(&policy, doc.to_string())?;
+    lab.exec_ok(1, &["vmha", "policy", "set", policy.to_str().unwrap_or("")])?;
+    let (st, st_rc) = time_cli(&lab, "vmha status", "vmha status", runs)?;
+    let (wi, wi_rc) = time_cli(&lab, "vmha what-if --n-plus-one", "vmha what-if --n-plus-one", runs)?;
+    let (pa, pa_rc) = time_cli(&lab, "vmha policy apply --dry-run", "vmha policy apply --dry-run", runs)?;
+    let after: Vec<(u32, f64, f64)> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| vmhad_usage(&lab, n))
+        .collect::<Result<_>>()?;
+
+    let mut r = String::new();
+    let _ = writeln!(
+        r,
+        "Lab: 3 real hosts (Corosync, Pacemaker, libvirtd, vmhad on each); the CIB grown to **{hosts} hosts** \
+         ({} extra `<node>` entries, never started) and **{vms} VMs** (`ocf:vmha:VirtualMachine` primitives \
+         as `vmha vm add` writes them, target-role=Stopped so no QEMU runs, utilization cpu 1 and \
+         hv_memory 128 MiB as their domain XML says, each naming its own domain XML file), added in {} bulk `cibadmin --modify` \
+         calls in {grow_s:.1} s. Every vmhad showed them all at the CIB's version {seen_s:.1} s after that; \
+         the CIB was then quiet ({settle_s:.0} s more, 10 s of it the check). **No probes**: a location \
+         constraint per online host (`rsc-pattern=\"^sv[0-9]+$\"`, `resource-discovery=never`) keeps \
+         Pacemaker from probing the new resources, so the status section holds no operation history for \
+         them; a real cluster's CIB would also hold a probe result per VM and host (3 x {vms} \
+         `lrm_resource` entries here), and while those probes run every one of them is a CIB change every \
+         vmhad handles.\n\n\
+         **The offline hosts and fencing.** A configured node the cluster has never seen is *unclean* to \
+         Pacemaker while `startup-fencing` is true (the default): it would fence each of them, and the lab's \
+         fence device cannot reach them, so every transition would retry failing fencing actions. A real \
+         32-host cluster whose other hosts are down has seen them leave; the bench records that in the status \
+         section (a `node_state` per extra node: in_ccm=false, crmd=offline, join=down, expected=down), with \
+         fencing left on. Afterwards crm_mon showed {unclean} unclean and {pending} pending nodes; fencing \
+         history: `{}`.\n",
+        hosts.saturating_sub(3),
+        vms.div_ceil(500) + usize::from(hosts > 3) * 2 + 1,
+        if history.is_empty() {
+            "(none)".into()
+        } else {
+            history.replace('\n', " / ")
+        },
+    );
+    let _ = writeln!(
+        r,
+        "How measured: latency by the bench's monotonic clock inside host 1, from starting `cibadmin --modify` \
+         (a meta attribute on a different VM each time) to the PropertiesChanged signal of host 1's vmhad's \
+         `CibVersion` with the newer epoch; *after commit* counts from cibadmin's exit (the CIB had the \
+         change). vmhad's CPU: utime + stime of /proc/<pid>/stat around all {changes} changes, less its CPU \
+         over as long idle right after, divided by {changes} (clock ticks of 10 ms: only the mean means \
+         anything). RSS: VmRSS of /proc/<pid>/status. CLI: `vmha-bench measure` around the process in host 1 \
+         ({runs} runs each, output discarded). No figure comes from vmhad itself.\n"
+    );
+    let per_change = (ch.cpu_ms - ch.idle_cpu_ms) / changes as f64;
+    let lat = median(&ch.from_call_ms);
+    let rss_big = big.iter().map(|x| x.1).fold(0.0, f64::max);
+    let wi_med = median(&wi);
+    let _ = writeln!(r, "| figure | value | goal |\n|---|---|---|");
+    let _ = writeln!(
+        r,
+        "| CIB change handled: cibadmin start to vmhad's publication, ms | {} | <= 10 ms: {} |",
+        cell(&ch.from_call_ms, 1, ""),
+        verdict(lat <= 10.0)
+    );
+    let _ = writeln!(
+        r,
+        "| same, from cibadmin's exit, ms | {} | |",
+        cell(&ch.from_commit_ms, 1, "")
+    );
+    let _ = writeln!(
+        r,
+        "| vmhad CPU per change (net of idle), ms | {per_change:.1} ({:.0} ms over {changes} changes in {:.1} s; {:.0} ms idle over as long) | <= 10 ms: {} |",
+        ch.cpu_ms,
+        ch.span_ms / 1000.0,
+        ch.idle_cpu_ms,
+        verdict(per_change <= 10.0)
+    );
+    let _ = writeln!(
+        r,
+        "| vmhad RSS at {hosts} hosts / {vms} VMs, MiB (hosts 1, 2, 3) | {} | <= 64 MiB: {} |",
+        big.iter()
+            .map(|x| format!("{:.1}", mib(x.1)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        verdict(mib(rss_big) <= 64.0)
+    );
+    let _ = writeln!(
+        r,
+        "| vmhad RSS after the changes and the CLI runs, MiB (hosts 1, 2, 3) | {} | |",
+        after
+            .iter()
+            .map(|x| format!("{:.1}", mib(x.1)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        r,
+        "| vmhad RSS freshly started, 3 hosts and no VM, MiB (hosts 1, 2, 3) | {} | |",
+        fresh
+            .iter()
+            .map(|x| format!("{:.1}", mib(x.1)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        r,
+        "| `vmha status`, ms | {} (exit codes {:?}) | |",
+        cell(&st, 0, ""),
+        codes(&st_rc)
+    );
+    let _ = writeln!(
+        r,
+        "| `vmha what-if --n-plus-one`, ms | {} (exit codes {:?}) | <= 2 s: {} |",
+        cell(&wi, 0, ""),
+        codes(&wi_rc),
+        verdict(wi_med <= 2000.0 && wi_rc.iter().all(|&c| c == 0))
+    );
+    let _ = writeln!(
+        r,
+        "| `vmha policy apply --dry-run` ({} VMs in the policy), ms | {} (exit codes {:?}) | |",
+        vms.min(20),
+        cell(&pa, 0, ""),
+        codes(&pa_rc)
+    );
+    let _ =
+        writeln!(
+        r,
+        "\nvmhad's CPU over the whole run (utime + stime, ms; hosts 1, 2, 3): {} freshly started, {} at full size, \
+         {} at the end.\n\nNotes: what-if with --n-plus-one fails each of the 3 online hosts in turn and runs \
+         Pacemaker's scheduler on a copy of the whole CIB each time (the {} offline hosts are not failed again); \
+         the VMs are stopped, so the scheduler places none of them, but it reads and unpacks every resource, \
+         node and status entry.",
+        fresh.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
+        big.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
+        after.iter().map(|x| format!("{:.0}", x.2)).collect::<Vec<_>>().join(", "),
+        hosts.saturating_sub(3),
+    );
+    let report = run.finish(
+        &format!("Scale: vmhad and the CLI with {hosts} hosts and {vms} VMs in the CIB"),
+        &r,
+    );
+    drop(lab);
+    crate::report::emit(&report, out.as_deref())
+}
+
+fn codes(rc: &[i32]) -> Vec<i32> {
+    let mut v = rc.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_number() {
+        assert_eq!(version("0.12.3"), Some((0, 12, 3)));
+        assert!(version("0.12.3") < version("0.13.0"));
+        assert!(version("0.9.100") < version("0.10.0"));
+        assert_eq!(version(""), None);
+        assert_eq!(version("1.2"), None);
+        assert_eq!(vm_name(7), "sv0007");
+    }
+}
