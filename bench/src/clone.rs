@@ -11,7 +11,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmha_lab::guest::GuestSpec;
-use vmha_lab::lab::{target_binary, VmAgent};
+use vmha_lab::lab::VmAgent;
 use vmha_lab::process::ProcId;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
@@ -204,15 +204,7 @@ pub fn run(rounds: usize, quick: bool, cfg: &LabConfig, out: Option<PathBuf>) ->
         bail!("--rounds must be at least 1");
     }
     let run = Run::start(&cfg.shared_dir());
-    let lab = Lab::up(cfg.clone())?;
-    let build = target_binary("vmhad")?
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("no build directory"))?;
-    lab.install_build(&build)?;
-    for n in lab.cfg.host_numbers() {
-        lab.start_vmhad(n)?;
-    }
+    let lab = crate::lab_with_vmhad(cfg)?;
     let shared = lab.cfg.shared_dir();
     let base = shared.join("base.qcow2");
     let disk = shared.join(format!("{}.vda.qcow2", TEMPLATES[0].0));

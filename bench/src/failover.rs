@@ -15,12 +15,12 @@
 //!   operation or a fail count in the CIB), started (a new QEMU runs the VM). vmha's vmhad reports the dead
 //!   QEMU at once; VirtualDomain's failure is found by its next monitor (interval 10 s here).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmha_lab::guest::GuestSpec;
-use vmha_lab::lab::{target_binary, VmAgent};
+use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 use crate::report::{cell, median, Run};
@@ -214,15 +214,7 @@ pub fn run(rounds: usize, quick: bool, a: &LabConfig, b: &LabConfig, out: Option
         bail!("--rounds must be at least 1");
     }
     let run = Run::start(&a.shared_dir());
-    let build = target_binary("vmhad")?
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("no build directory"))?;
-    let vmha_lab = Lab::up(a.clone())?;
-    vmha_lab.install_build(&build)?;
-    for n in vmha_lab.cfg.host_numbers() {
-        vmha_lab.start_vmhad(n)?;
-    }
+    let vmha_lab = crate::lab_with_vmhad(a)?;
     vmha_lab.add_vm(&GuestSpec::new("fva1"), VmAgent::Vmha)?;
     let vd_lab = Lab::up(b.clone())?;
     vd_lab.add_vm(&GuestSpec::new("fvb1"), VmAgent::VirtualDomain)?;

@@ -292,6 +292,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Brings up the lab of `cfg` with this build installed in every host and vmhad running on each (the
+/// benches that measure vmha through vmhad).
+pub(crate) fn lab_with_vmhad(cfg: &LabConfig) -> Result<Lab> {
+    let lab = Lab::up(cfg.clone())?;
+    let build = target_binary("vmhad")?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .ok_or_else(|| anyhow!("no build directory"))?;
+    lab.install_build(&build)?;
+    for n in lab.cfg.host_numbers() {
+        lab.start_vmhad(n)?;
+    }
+    Ok(lab)
+}
+
 fn measure_cmd(runs: usize, actions: &[String], sides: &str) -> Result<()> {
     let sides: Vec<Side> = serde_json::from_str(sides)?;
     let libvirtd = libvirtd_pid();

@@ -5,12 +5,12 @@
 //! `vmha vm request VM test-ok` (a guest request through the guest channel); then after a settle period.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use vmha_lab::guest::GuestSpec;
-use vmha_lab::lab::{target_binary, VmAgent};
+use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 use crate::report::{cell, verdict, Run};
@@ -65,15 +65,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
         bail!("--jobs must be at least 1");
     }
     let run = Run::start(&cfg.shared_dir());
-    let lab = Lab::up(cfg.clone())?;
-    let build = target_binary("vmhad")?
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("no build directory"))?;
-    lab.install_build(&build)?;
-    for n in lab.cfg.host_numbers() {
-        lab.start_vmhad(n)?;
-    }
+    let lab = crate::lab_with_vmhad(cfg)?;
     // Fresh and idle: every vmhad has read the cluster, then 10 s without anything happening.
     wait_for(
         "every vmhad to have read the cluster",

@@ -20,7 +20,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use vmha_lab::guest::GuestSpec;
-use vmha_lab::lab::target_binary;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 use crate::measure::{process_cpu_ms, Side};
@@ -302,15 +301,7 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         bail!("--hosts must be at least 3, --changes and --runs at least 1");
     }
     let run = Run::start(&cfg.shared_dir());
-    let lab = Lab::up(cfg.clone())?;
-    let build = target_binary("vmhad")?
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("no build directory"))?;
-    lab.install_build(&build)?;
-    for n in lab.cfg.host_numbers() {
-        lab.start_vmhad(n)?;
-    }
+    let lab = crate::lab_with_vmhad(cfg)?;
     wait_seen(&lab, 3, 0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(5));
     let fresh: Vec<(u32, f64, f64)> = lab
