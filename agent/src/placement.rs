@@ -280,12 +280,7 @@ async fn record(cib: &Cib, policy: &Policy, note: &str) {
         let kept = history::versions(&query(cib).await?)?;
         let v = history::Version {
             version: history::next_version(&kept),
-            time: vmha_vcluster::archive::rfc3339(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-            ),
+            time: crate::vcluster::now_rfc3339(),
             who: who(),
             note: note.to_string(),
             policy: serde_json::to_value(policy)?,

@@ -463,7 +463,8 @@ impl<'a> Progress<'a> {
     }
 }
 
-fn now_rfc3339() -> String {
+/// The time now, RFC 3339 in UTC (as the archives write it).
+pub(crate) fn now_rfc3339() -> String {
     archive::rfc3339(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
