@@ -60,6 +60,8 @@ pub struct Guests {
     expected: Mutex<HashMap<String, Instant>>,
     /// Wakes the channel follower when an expectation is added.
     wake: tokio::sync::Notify,
+    /// Wakes requests waiting for a channel to connect.
+    connected_wake: tokio::sync::Notify,
 }
 
 /// How long an expected VM gets a channel without the CIB showing it here.
@@ -124,7 +126,6 @@ impl Guests {
         self.channels.lock().unwrap_or_else(|e| e.into_inner()).get(vm).cloned()
     }
 
-    /// Sends a request to `vm`'s guest and waits for its result, at most `timeout_ms` plus a grace second.
     /// Opens the channel of `vm` on this host now, although the CIB does not show it here (yet), for
     /// [`EXPECT_FOR`]; once the CIB shows it, it is followed as any other.
     pub fn expect(&self, vm: &str) {
@@ -146,6 +147,8 @@ impl Guests {
         e.keys().cloned().collect()
     }
 
+    /// Sends a request to `vm`'s guest and waits for its result, at most `timeout_ms` plus a grace second
+    /// (a channel still connecting is waited for within `timeout_ms`).
     pub async fn request(
         &self,
         snap: &Snapshot,
@@ -192,10 +195,13 @@ impl Guests {
                 where_,
             });
         }
-        let channel = self
-            .channel(vm)
-            .filter(|c| c.connected.load(Ordering::Relaxed))
-            .ok_or_else(|| GuestError::NotConnected(vm.to_string()))?;
+        // A channel that is (re)connecting (the VM just arrived by migration, started or was restored) is
+        // waited for within the request's deadline; the guest gets what is left of it.
+        let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        let channel = self.connected_channel(vm, deadline).await?;
+        let timeout_ms = u32::try_from(deadline.saturating_duration_since(Instant::now()).as_millis())
+            .unwrap_or(timeout_ms)
+            .max(1);
         let id = format!("r{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = oneshot::channel();
         channel
@@ -222,6 +228,22 @@ impl Guests {
         };
         channel.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         Ok(answer)
+    }
+
+    /// `vm`'s channel once it is connected, waiting for that until `deadline`.
+    async fn connected_channel(&self, vm: &str, deadline: Instant) -> Result<Arc<Channel>, GuestError> {
+        loop {
+            let notified = self.connected_wake.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a connection made between the check and the wait wakes it.
+            notified.as_mut().enable();
+            if let Some(c) = self.channel(vm).filter(|c| c.connected.load(Ordering::Relaxed)) {
+                return Ok(c);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(GuestError::NotConnected(vm.to_string()));
+            }
+        }
     }
 
     /// Drops `vm`'s channel from the table if it is still `channel` (and not a newer one).
@@ -470,6 +492,7 @@ async fn run_channel(
                 tokio::pin!(reader);
                 while queue.try_recv().is_ok() {}
                 channel.connected.store(true, Ordering::Relaxed);
+                ctx.guests.connected_wake.notify_waiters();
                 // The greeting (the membership, and `migrated` after an arrival) goes out when vmha-guest
                 // says hello: what is written before it opened its side of the port is lost. Without a hello
                 // (an older vmha-guest, or its side was open already) it goes out after GREET_WAIT. Nothing
@@ -907,6 +930,54 @@ mod tests {
             .request(&shared.snapshot(), &shared.local_host, "vm", "ok", "", 10)
             .await);
         assert!(e.contains("does not run on this host (n1): it runs nowhere"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_a_connecting_channel_within_its_deadline() {
+        let guests = Arc::new(Guests::default());
+        let (outgoing, _queue) = mpsc::channel(QUEUE);
+        let channel = Arc::new(Channel {
+            vm: "web-1".into(),
+            outgoing,
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            logged: Mutex::new(HashSet::new()),
+        });
+        guests
+            .channels
+            .lock()
+            .unwrap()
+            .insert("web-1".into(), Arc::clone(&channel));
+        // Never connects: refused at the deadline, not before.
+        let t0 = Instant::now();
+        let e = guests
+            .connected_channel("web-1", t0 + Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GuestError::NotConnected(_)), "{e}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "gave up after {:?}",
+            t0.elapsed()
+        );
+        // Connects 200 ms into a 5 s deadline: taken then.
+        let (g, c) = (Arc::clone(&guests), Arc::clone(&channel));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            c.connected.store(true, Ordering::Relaxed);
+            g.connected_wake.notify_waiters();
+        });
+        let t0 = Instant::now();
+        let got = guests
+            .connected_channel("web-1", t0 + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(Arc::ptr_eq(&got, &channel));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(1),
+            "took {took:?}"
+        );
     }
 
     #[test]
