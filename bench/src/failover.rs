@@ -93,17 +93,6 @@ fn settle(lab: &Lab, vm: &str) -> Result<u8> {
     )
 }
 
-fn corosync_members(lab: &Lab, n: u8) -> Option<Vec<String>> {
-    let out = lab.exec_ok(n, &["corosync-quorumtool", "-l"]).ok()?;
-    let members: Vec<String> = out
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .filter(|name| lab.cfg.host_number(name).is_some())
-        .map(str::to_string)
-        .collect();
-    (!members.is_empty()).then_some(members)
-}
-
 /// True once Pacemaker recorded a failure of `vm` (a failed operation or a fail count) in the CIB.
 fn failure_recorded(lab: &Lab, n: u8, vm: &str) -> bool {
     let Ok(status) = lab.exec_ok(n, &["cibadmin", "--query", "--scope", "status"]) else {
@@ -130,7 +119,10 @@ fn host_crash(side: &Side) -> Result<Trial> {
         Duration::from_secs(180),
         POLL,
         || {
-            if detected.is_nan() && corosync_members(lab, observer).is_some_and(|m| !m.contains(&victim)) {
+            if detected.is_nan() && {
+                let m = lab.corosync_members(observer);
+                !m.is_empty() && !m.contains(&victim)
+            } {
                 detected = t0.elapsed().as_secs_f64();
             }
             let n = running(lab, side.vm)?;

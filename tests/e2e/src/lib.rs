@@ -210,18 +210,6 @@ impl Timeline {
     }
 }
 
-/// Host names in Corosync's current membership as seen from host `n` (empty when it cannot tell).
-pub fn corosync_members(lab: &Lab, n: u8) -> Vec<String> {
-    let Ok(out) = lab.exec_ok(n, &["corosync-quorumtool", "-l"]) else {
-        return Vec::new();
-    };
-    out.lines()
-        .filter_map(|l| l.split_whitespace().nth(2))
-        .filter(|name| lab.cfg.host_number(name).is_some())
-        .map(str::to_string)
-        .collect()
-}
-
 const DETECTED: &str = "detected: corosync membership lost the host";
 
 /// How a scenario takes a host out.
@@ -262,7 +250,7 @@ pub fn fail_vm_host_and_check_recovery(lab: &Lab, vm: &str, failure: HostFailure
             let qemus = lab.qemu_processes(vm);
             assert!(qemus.len() <= 1, "{vm} runs {} times at once: {qemus:?}", qemus.len());
             if t.get(DETECTED).is_none() {
-                let members = corosync_members(lab, observer);
+                let members = lab.corosync_members(observer);
                 if !members.is_empty() && !members.contains(&victim) {
                     t.mark(DETECTED);
                 }

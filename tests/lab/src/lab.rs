@@ -636,6 +636,19 @@ impl Lab {
         Err(last)
     }
 
+    /// The lab hosts in Corosync's membership as host `n` sees it (`corosync-quorumtool -l`); empty when
+    /// it cannot be asked.
+    pub fn corosync_members(&self, n: u8) -> Vec<String> {
+        let Ok(out) = self.exec_ok(n, &["corosync-quorumtool", "-l"]) else {
+            return Vec::new();
+        };
+        out.lines()
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .filter(|name| self.cfg.host_number(name).is_some())
+            .map(str::to_string)
+            .collect()
+    }
+
     /// The first running host other than `not`.
     pub fn other_host(&self, not: u8) -> Option<u8> {
         self.cfg.host_numbers().find(|&n| n != not && self.host_alive(n))
