@@ -1,6 +1,7 @@
 //! vmhad's main loop: follows the CIB (reconnecting when Pacemaker restarts), publishes every change on
 //! the bus, and owns utilization (host capacity from libvirt, VM needs from their definitions).
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,13 +49,14 @@ pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
             Ok(mut changes) => {
                 tracing::info!("following the CIB");
                 delay = Duration::from_millis(200);
+                let mut checked = Checked::default();
                 if refresh(&conn, &shared).await {
-                    reconcile_utilization(&shared).await;
+                    reconcile_utilization(&shared, &mut checked).await;
                 }
                 while changes.recv().await.is_some() {
                     while changes.try_recv().is_ok() {}
                     if refresh(&conn, &shared).await {
-                        reconcile_utilization(&shared).await;
+                        reconcile_utilization(&shared, &mut checked).await;
                     }
                 }
                 tracing::warn!("lost the CIB connection; reconnecting");
@@ -68,10 +70,23 @@ pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
     }
 }
 
+/// How often every VM's domain definition is read again although its CIB entry did not change (its file
+/// may have been edited in place).
+const RECHECK_ALL: Duration = Duration::from_secs(300);
+
+/// The VMs whose utilization was last found to match their domain definition, with the CIB entry it was
+/// checked against: a CIB change re-reads only the definitions of VMs whose entry changed, not all of them.
+#[derive(Debug, Default)]
+struct Checked {
+    vms: HashMap<String, (String, BTreeMap<String, String>)>,
+    /// When every VM was last checked; `None`: never (or not as the DC).
+    all_at: Option<std::time::Instant>,
+}
+
 /// The utilization vmhad owns, set only when it differs from the CIB (never on every monitor, as
 /// VirtualDomain does): this host's capacity, and — on the DC's vmhad only, so hosts do not race — each
 /// VM's needs from its domain definition.
-async fn reconcile_utilization(shared: &Arc<Shared>) {
+async fn reconcile_utilization(shared: &Arc<Shared>, checked: &mut Checked) {
     let snap = shared.snapshot();
     let Some(view) = snap.view.as_ref() else { return };
     let mut changes = Vec::new();
@@ -85,11 +100,29 @@ async fn reconcile_utilization(shared: &Arc<Shared>) {
         }
     }
     if view.dc.as_deref() == Some(shared.local_host.as_str()) {
+        if checked.all_at.is_none_or(|t| t.elapsed() >= RECHECK_ALL) {
+            checked.vms.clear();
+            checked.all_at = Some(std::time::Instant::now());
+        }
+        let names: HashSet<&str> = view.vms.iter().map(|vm| vm.name.as_str()).collect();
+        checked.vms.retain(|name, _| names.contains(name.as_str()));
         for vm in &view.vms {
             let Some(config) = &vm.config else { continue };
+            let unchanged = checked
+                .vms
+                .get(&vm.name)
+                .is_some_and(|(c, u)| c == config && *u == vm.utilization);
+            if unchanged {
+                continue;
+            }
+            // Unreadable now: tried again with the next full check, not on every CIB change.
             let Some(summary) = read_summary(config).await else {
+                checked
+                    .vms
+                    .insert(vm.name.clone(), (config.clone(), vm.utilization.clone()));
                 continue;
             };
+            let before = changes.len();
             for (name, value) in [
                 ("cpu", summary.vcpus.to_string()),
                 ("hv_memory", summary.memory_mib.to_string()),
@@ -98,7 +131,14 @@ async fn reconcile_utilization(shared: &Arc<Shared>) {
                     changes.push(("resources", Target::Vm(vm.name.clone()), name, value));
                 }
             }
+            if changes.len() == before {
+                checked
+                    .vms
+                    .insert(vm.name.clone(), (config.clone(), vm.utilization.clone()));
+            }
         }
+    } else {
+        *checked = Checked::default();
     }
     if changes.is_empty() {
         return;

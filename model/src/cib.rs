@@ -259,8 +259,9 @@ impl ClusterView {
         let dc = cib.attribute("dc-uuid").and_then(|id| names_by_id.get(id).cloned());
 
         // Per host and resource: what the operation history says, and fail counts.
-        let mut history: BTreeMap<(String, String), HistoryState> = BTreeMap::new();
-        let mut fail_counts: BTreeMap<(String, String), u32> = BTreeMap::new();
+        // Keyed by resource, then host: each VM reads its own entries (a CIB holds one per VM and host).
+        let mut history: BTreeMap<&str, BTreeMap<String, HistoryState>> = BTreeMap::new();
+        let mut fail_counts: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
         for (id, state_node) in &node_states {
             let Some(host) = names_by_id.get(*id) else { continue };
             let offline_clean = hosts.iter().any(|h| &h.name == host && h.state == HostState::Offline);
@@ -272,7 +273,7 @@ impl ClusterView {
                     if offline_clean {
                         continue;
                     }
-                    history.insert((rsc.to_string(), host.clone()), state);
+                    history.entry(rsc).or_default().insert(host.clone(), state);
                 }
             }
             if let Some(t) = child(*state_node, "transient_attributes") {
@@ -286,12 +287,14 @@ impl ClusterView {
                     } else {
                         value.parse().unwrap_or(0)
                     };
-                    *fail_counts.entry((rsc, host.clone())).or_default() += n;
+                    *fail_counts.entry(rsc).or_default().entry(host.clone()).or_default() += n;
                 }
             }
         }
 
-        let constraints = child(configuration, "constraints");
+        let mut constraints = child(configuration, "constraints")
+            .map(constraints_by_resource)
+            .unwrap_or_default();
         let mut vms = Vec::new();
         if let Some(resources) = child(configuration, "resources") {
             for p in resources.descendants().filter(|n| n.has_tag_name("primitive")) {
@@ -310,10 +313,7 @@ impl ClusterView {
                 let mut hosts_active = Vec::new();
                 let mut failed_on = Vec::new();
                 let mut pending = None;
-                for ((rsc, host), state) in &history {
-                    if rsc != name {
-                        continue;
-                    }
+                for (host, state) in history.get(name).into_iter().flatten() {
                     match state {
                         HistoryState::Active => hosts_active.push(host.clone()),
                         HistoryState::Failed => failed_on.push(host.clone()),
@@ -340,15 +340,11 @@ impl ClusterView {
                     state,
                     hosts: hosts_active,
                     failed_on,
-                    fail_counts: fail_counts
-                        .iter()
-                        .filter(|((rsc, _), _)| rsc == name)
-                        .map(|((_, host), n)| (host.clone(), *n))
-                        .collect(),
+                    fail_counts: fail_counts.remove(name).unwrap_or_default(),
                     target_role: meta.get("target-role").cloned(),
                     managed: meta.get("is-managed").is_none_or(|v| is_true(v)),
                     utilization: nvpairs(p, "utilization"),
-                    constraints: constraints.map(|c| constraints_of(c, name)).unwrap_or_default(),
+                    constraints: constraints.remove(name).unwrap_or_default(),
                     params,
                     meta,
                 });
@@ -385,58 +381,68 @@ impl ClusterView {
 }
 
 /// The constraints that name resource `rsc`, summarised.
-fn constraints_of(constraints: Node, rsc: &str) -> Vec<Constraint> {
-    let mut out = Vec::new();
+/// Every constraint, under each resource it names (in the CIB's order): one pass over the section.
+fn constraints_by_resource<'a>(constraints: Node<'a, '_>) -> BTreeMap<&'a str, Vec<Constraint>> {
+    let mut out: BTreeMap<&str, Vec<Constraint>> = BTreeMap::new();
     for c in constraints.children().filter(|n| n.is_element()) {
-        let id = c.attribute("id").unwrap_or("").to_string();
         let refs_in_sets: Vec<&str> = c
             .descendants()
             .filter(|n| n.has_tag_name("resource_ref"))
             .filter_map(|n| n.attribute("id"))
             .collect();
-        let (kind, summary) = match c.tag_name().name() {
-            "rsc_location" if c.attribute("rsc") == Some(rsc) || refs_in_sets.contains(&rsc) => {
-                let score = c.attribute("score").unwrap_or("(rule)");
-                match c.attribute("node") {
-                    Some(node) if score.starts_with('-') => ("location", format!("{rsc} avoids {node} ({score})")),
-                    Some(node) => ("location", format!("{rsc} prefers {node} ({score})")),
-                    None => ("location", format!("{rsc} placed by rule ({score})")),
-                }
+        let mut named: Vec<&str> = ["rsc", "with-rsc", "first", "then"]
+            .iter()
+            .filter_map(|a| c.attribute(*a))
+            .chain(refs_in_sets.iter().copied())
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let in_sets: std::collections::BTreeSet<&str> = refs_in_sets.iter().copied().collect();
+        for rsc in named {
+            if let Some(constraint) = constraint_of(c, rsc, in_sets.contains(rsc)) {
+                out.entry(rsc).or_default().push(constraint);
             }
-            "rsc_colocation"
-                if c.attribute("rsc") == Some(rsc)
-                    || c.attribute("with-rsc") == Some(rsc)
-                    || refs_in_sets.contains(&rsc) =>
-            {
-                let a = c.attribute("rsc").unwrap_or("(set)");
-                let b = c.attribute("with-rsc").unwrap_or("(set)");
-                (
-                    "colocation",
-                    format!("{a} with {b} ({})", c.attribute("score").unwrap_or("INFINITY")),
-                )
-            }
-            "rsc_order"
-                if c.attribute("first") == Some(rsc)
-                    || c.attribute("then") == Some(rsc)
-                    || refs_in_sets.contains(&rsc) =>
-            {
-                let a = c.attribute("first").unwrap_or("(set)");
-                let b = c.attribute("then").unwrap_or("(set)");
-                ("order", format!("{a} then {b}"))
-            }
-            "rsc_ticket" if c.attribute("rsc") == Some(rsc) || refs_in_sets.contains(&rsc) => (
-                "ticket",
-                format!("{rsc} needs ticket {}", c.attribute("ticket").unwrap_or("?")),
-            ),
-            _ => continue,
-        };
-        out.push(Constraint {
-            id,
-            kind: kind.to_string(),
-            summary,
-        });
+        }
     }
     out
+}
+
+/// What constraint `c` means for `rsc`, if it concerns it.
+fn constraint_of(c: Node, rsc: &str, in_set: bool) -> Option<Constraint> {
+    let id = c.attribute("id").unwrap_or("").to_string();
+    let (kind, summary) = match c.tag_name().name() {
+        "rsc_location" if c.attribute("rsc") == Some(rsc) || in_set => {
+            let score = c.attribute("score").unwrap_or("(rule)");
+            match c.attribute("node") {
+                Some(node) if score.starts_with('-') => ("location", format!("{rsc} avoids {node} ({score})")),
+                Some(node) => ("location", format!("{rsc} prefers {node} ({score})")),
+                None => ("location", format!("{rsc} placed by rule ({score})")),
+            }
+        }
+        "rsc_colocation" if c.attribute("rsc") == Some(rsc) || c.attribute("with-rsc") == Some(rsc) || in_set => {
+            let a = c.attribute("rsc").unwrap_or("(set)");
+            let b = c.attribute("with-rsc").unwrap_or("(set)");
+            (
+                "colocation",
+                format!("{a} with {b} ({})", c.attribute("score").unwrap_or("INFINITY")),
+            )
+        }
+        "rsc_order" if c.attribute("first") == Some(rsc) || c.attribute("then") == Some(rsc) || in_set => {
+            let a = c.attribute("first").unwrap_or("(set)");
+            let b = c.attribute("then").unwrap_or("(set)");
+            ("order", format!("{a} then {b}"))
+        }
+        "rsc_ticket" if c.attribute("rsc") == Some(rsc) || in_set => (
+            "ticket",
+            format!("{rsc} needs ticket {}", c.attribute("ticket").unwrap_or("?")),
+        ),
+        _ => return None,
+    };
+    Some(Constraint {
+        id,
+        kind: kind.to_string(),
+        summary,
+    })
 }
 
 #[cfg(test)]

@@ -102,75 +102,44 @@ pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, ne
     }
     drop(cluster);
 
-    let old_hosts = old.host_names();
-    let new_hosts = new.host_names();
-    for name in old_hosts.iter().filter(|h| !new_hosts.contains(h)) {
+    let changes = vmha_ops::state::Changes::between(old, new);
+    for name in &changes.hosts_removed {
         server.remove::<HostObject, _>(host_path(name)).await?;
     }
-    for name in &new_hosts {
-        let path = host_path(name);
-        if !old_hosts.contains(name) {
-            server
-                .at(
-                    path,
-                    HostObject {
-                        shared: Arc::clone(shared),
-                        name: name.clone(),
-                    },
-                )
-                .await?;
-            continue;
-        }
-        let before = old.view.as_ref().and_then(|v| v.host(name));
-        let after = new.view.as_ref().and_then(|v| v.host(name));
-        let dc_flip = (old.dc() == Some(name.as_str())) != (new.dc() == Some(name.as_str()));
-        if before != after || dc_flip {
-            let iface = server.interface::<_, HostObject>(path).await?;
-            let h = iface.get().await;
-            let e = iface.signal_emitter();
-            emit_all!(h, e; state_changed, standby_changed, maintenance_changed, is_designated_controller_changed, utilization_changed);
-        }
+    for name in &changes.hosts_added {
+        let host = HostObject {
+            shared: Arc::clone(shared),
+            name: name.clone(),
+        };
+        server.at(host_path(name), host).await?;
+    }
+    for name in &changes.hosts_changed {
+        let iface = server.interface::<_, HostObject>(host_path(name)).await?;
+        let h = iface.get().await;
+        let e = iface.signal_emitter();
+        emit_all!(h, e; state_changed, standby_changed, maintenance_changed, is_designated_controller_changed, utilization_changed);
     }
 
-    let old_vms = old.vm_names();
-    let new_vms = new.vm_names();
-    for name in old_vms.iter().filter(|v| !new_vms.contains(v)) {
+    for name in &changes.vms_removed {
         server.remove::<VmObject, _>(vm_path(name)).await?;
     }
-    for name in &new_vms {
-        let path = vm_path(name);
-        if !old_vms.contains(name) {
-            server
-                .at(
-                    path,
-                    VmObject {
-                        shared: Arc::clone(shared),
-                        name: name.clone(),
-                    },
-                )
-                .await?;
-            continue;
-        }
-        let before = old.view.as_ref().and_then(|v| v.vm(name));
-        let after = new.view.as_ref().and_then(|v| v.vm(name));
-        if before != after {
-            let iface = server.interface::<_, VmObject>(path).await?;
-            let vm = iface.get().await;
-            let e = iface.signal_emitter();
-            emit_all!(vm, e; agent_changed, state_changed, hosts_changed, failed_on_changed, fail_counts_changed,
-                target_role_changed, managed_changed, config_changed, constraints_changed, utilization_changed);
-            if let (Some(b), Some(a)) = (before, after) {
-                if a.state != b.state && a.state == vmha_model::VmState::Failed {
-                    ClusterObject::event(
-                        root.signal_emitter(),
-                        "vm-failed",
-                        name,
-                        &format!("failed on {}", a.failed_on.join(",")),
-                    )
-                    .await?;
-                }
-            }
-        }
+    for name in &changes.vms_added {
+        let vm = VmObject {
+            shared: Arc::clone(shared),
+            name: name.clone(),
+        };
+        server.at(vm_path(name), vm).await?;
+    }
+    for name in &changes.vms_changed {
+        let iface = server.interface::<_, VmObject>(vm_path(name)).await?;
+        let vm = iface.get().await;
+        let e = iface.signal_emitter();
+        emit_all!(vm, e; agent_changed, state_changed, hosts_changed, failed_on_changed, fail_counts_changed,
+            target_role_changed, managed_changed, config_changed, constraints_changed, utilization_changed);
+    }
+    for (name, failed_on) in &changes.vms_failed {
+        let detail = format!("failed on {}", failed_on.join(","));
+        ClusterObject::event(root.signal_emitter(), "vm-failed", name, &detail).await?;
     }
     Ok(())
 }
