@@ -17,6 +17,11 @@ pub trait CibBackend: Send + Sync + 'static {
     /// A channel that yields once per CIB change; it closes when the connection to the CIB is lost
     /// (the caller then reconnects with a new backend).
     fn changes(&self) -> BoxFuture<'_, Result<mpsc::Receiver<()>, CibError>>;
+    /// The whole CIB as the change notifications left it (for following changes; a backend that keeps
+    /// no copy of its own reads it whole). Not for reading one's own writes: use [`CibBackend::query`].
+    fn query_followed(&self) -> BoxFuture<'_, Result<String, CibError>> {
+        self.query()
+    }
 }
 
 /// A CIB for unit tests: `query` returns the document it holds, `apply` records the change.

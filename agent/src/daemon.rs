@@ -16,7 +16,8 @@ use crate::state::Shared;
 
 /// Re-reads the CIB and publishes what changed. Returns false when the CIB could not be read.
 pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> bool {
-    let view = match shared.backend.query().await {
+    // The copy the notifications' diffs keep current: no whole read of the CIB per change.
+    let view = match shared.backend.query_followed().await {
         Ok(xml) => ClusterView::from_cib(&xml).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };

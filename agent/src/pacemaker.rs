@@ -68,6 +68,19 @@ impl CibBackend for PacemakerCib {
         })
     }
 
+    fn query_followed(&self) -> BoxFuture<'_, Result<String, CibError>> {
+        Box::pin(async move {
+            let cib = self.cib().await?;
+            match cib.query_all_followed(CALL_DEADLINE).await {
+                Ok(xml) => Ok(xml),
+                Err(e) => {
+                    self.forget(&e).await;
+                    Err(error("query", e))
+                }
+            }
+        })
+    }
+
     fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {
         Box::pin(async move {
             let cib = self.cib().await?;

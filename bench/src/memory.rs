@@ -14,7 +14,7 @@ use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 use crate::report::{cell, verdict, Run};
-use crate::scale::vmhad_usage;
+use crate::scale::{vmhad_rss_split, vmhad_usage};
 
 const VM: &str = "soak1";
 const GOAL_MIB: f64 = 24.0;
@@ -52,11 +52,17 @@ fn wait_running(lab: &Lab) -> Result<u8> {
 struct Point {
     label: String,
     usage: Vec<(u32, f64, f64)>,
+    /// Per host: (anonymous, file-backed + shared) RSS, KiB.
+    split: Vec<(f64, f64)>,
     job_ms: Vec<f64>,
 }
 
 fn usage(lab: &Lab) -> Result<Vec<(u32, f64, f64)>> {
     lab.cfg.host_numbers().map(|n| vmhad_usage(lab, n)).collect()
+}
+
+fn split(lab: &Lab) -> Result<Vec<(f64, f64)>> {
+    lab.cfg.host_numbers().map(|n| vmhad_rss_split(lab, n)).collect()
 }
 
 pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>) -> Result<()> {
@@ -87,6 +93,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     let mut points = vec![Point {
         label: "fresh, idle (3 hosts, no VM)".into(),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: vec![],
     }];
 
@@ -101,6 +108,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     points.push(Point {
         label: format!("{VM} added and running"),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: vec![],
     });
 
@@ -122,6 +130,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     points.push(Point {
         label: format!("after {jobs} stop + {jobs} start jobs"),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: ms,
     });
 
@@ -143,6 +152,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     points.push(Point {
         label: format!("after {jobs} move jobs (live migrations)"),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: ms,
     });
 
@@ -158,12 +168,14 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     points.push(Point {
         label: format!("after {jobs} guest requests"),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: ms,
     });
     std::thread::sleep(settle);
     points.push(Point {
         label: format!("after {} s settling", settle.as_secs()),
         usage: usage(&lab)?,
+        split: split(&lab)?,
         job_ms: vec![],
     });
 
@@ -176,20 +188,27 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
          test-ok` (through the guest channel, asked on each host in turn); {jobs} of each kind. Not in the \
          soak: archive (vcluster capture/instantiate) and clone jobs.\n\n\
          RSS: VmRSS of each host's vmhad, read by the bench from /proc/<pid>/status in that host (never a \
-         figure vmhad reports); CPU: utime + stime of /proc/<pid>/stat (cumulative). The PID is printed so \
+         figure vmhad reports), split into RssAnon (vmhad's own heap and stacks) and RssFile + RssShmem (the \
+         resident pages of its binary and shared libraries — libvirt, libcib, glib, libxml2, gnutls — and \
+         of Corosync's shared-memory IPC: counted in every process that maps them); CPU: utime + stime of /proc/<pid>/stat (cumulative). The PID is printed so \
          a restarted vmhad would show.\n"
     );
     let _ = writeln!(
         r,
-        "| point | vmhad RSS MiB (hosts 1, 2, 3) | vmhad CPU ms, cumulative (hosts 1, 2, 3) | PIDs | wall per job ms |\n|---|---|---|---|---|"
+        "| point | vmhad RSS MiB (hosts 1, 2, 3) | of which anonymous / file-backed and shared, MiB | vmhad CPU ms, cumulative (hosts 1, 2, 3) | PIDs | wall per job ms |\n|---|---|---|---|---|---|"
     );
     for p in &points {
         let f = |g: fn(&(u32, f64, f64)) -> String| p.usage.iter().map(g).collect::<Vec<_>>().join(", ");
         let _ = writeln!(
             r,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             p.label,
             f(|x| format!("{:.1}", x.1 / 1024.0)),
+            p.split
+                .iter()
+                .map(|(a, f)| format!("{:.1} / {:.1}", a / 1024.0, f / 1024.0))
+                .collect::<Vec<_>>()
+                .join(", "),
             f(|x| format!("{:.0}", x.2)),
             f(|x| x.0.to_string()),
             if p.job_ms.is_empty() {

@@ -71,6 +71,20 @@ pub fn vmhad_usage(lab: &Lab, n: u8) -> Result<(u32, f64, f64)> {
     Ok((pid, rss, cpu))
 }
 
+/// Host N's vmhad's resident memory split (KiB): (anonymous: its heap and stacks; file-backed and shared:
+/// the pages of its binary and libraries, shared with every process that maps them, and shm).
+pub fn vmhad_rss_split(lab: &Lab, n: u8) -> Result<(f64, f64)> {
+    let pid = lab.vmhad_pid(n)?.ok_or_else(|| anyhow!("no vmhad runs on host {n}"))?;
+    let out = lab.exec_ok(n, &["cat", &format!("/proc/{pid}/status")])?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("no {name} for vmhad {pid}"))
+    };
+    Ok((field("RssAnon:")?, field("RssFile:")? + field("RssShmem:")?))
+}
+
 fn mib(kib: f64) -> f64 {
     kib / 1024.0
 }
@@ -164,6 +178,13 @@ pub struct Changes {
     pub from_call_ms: Vec<f64>,
     /// From cibadmin's exit (the CIB has the change) to vmhad's publication (ms; negative: published first).
     pub from_commit_ms: Vec<f64>,
+    /// From the CIB manager's change notification (as this process, a CIB client like vmhad, received it)
+    /// to vmhad's publication (ms): vmhad's share of the latency, by this process's clock.
+    #[serde(default)]
+    pub from_notify_ms: Vec<f64>,
+    /// From starting cibadmin to that notification (ms): Pacemaker's share.
+    #[serde(default)]
+    pub to_notify_ms: Vec<f64>,
     /// vmhad's CPU (ms) over all the changes.
     pub cpu_ms: f64,
     /// How long all the changes took (ms).
@@ -180,9 +201,14 @@ pub fn cib_changes(pid: i32, count: usize, vms: usize) -> Result<()> {
         let proxy = vmha_api::proxy::ClusterProxy::new(&bus).await?;
         let mut changed = proxy.receive_cib_version_changed().await;
         let mut current = proxy.cib_version().await?;
+        // A CIB client of its own, subscribed as vmhad is: when the notification of each change arrives.
+        let cib = vmha_pacemaker::Cib::connect("vmha-bench", vmha_pacemaker::Access::ReadOnly, LIMIT).await?;
+        let mut notes = cib.subscribe(LIMIT).await?;
         let mut c = Changes {
             from_call_ms: Vec::new(),
             from_commit_ms: Vec::new(),
+            from_notify_ms: Vec::new(),
+            to_notify_ms: Vec::new(),
             cpu_ms: 0.0,
             span_ms: 0.0,
             idle_cpu_ms: 0.0,
@@ -205,10 +231,17 @@ pub fn cib_changes(pid: i32, count: usize, vms: usize) -> Result<()> {
                 .spawn()?;
             let mut commit: Option<Instant> = None;
             let mut seen: Option<Instant> = None;
+            let mut notified: Option<Instant> = None;
             let deadline = tokio::time::sleep(Duration::from_secs(30));
             tokio::pin!(deadline);
-            while commit.is_none() || seen.is_none() {
+            while commit.is_none() || seen.is_none() || notified.is_none() {
                 tokio::select! {
+                    n = notes.next(), if notified.is_none() => {
+                        let n = n.ok_or_else(|| anyhow!("the CIB subscription ended"))??;
+                        if n.version.is_some_and(|v| (v.admin_epoch, v.epoch) > (old.0, old.1)) {
+                            notified = Some(Instant::now());
+                        }
+                    }
                     st = child.wait(), if commit.is_none() => {
                         if !st?.success() {
                             bail!("cibadmin --modify of {name} failed");
@@ -225,13 +258,11 @@ pub fn cib_changes(pid: i32, count: usize, vms: usize) -> Result<()> {
                     _ = &mut deadline => bail!("vmhad did not publish change {i} within 30 s (still {current})"),
                 }
             }
-            let (commit, seen) = (commit.unwrap_or(t0), seen.unwrap_or(t0));
+            let (commit, seen, notified) = (commit.unwrap_or(t0), seen.unwrap_or(t0), notified.unwrap_or(t0));
+            c.to_notify_ms.push(notified.duration_since(t0).as_secs_f64() * 1000.0);
+            c.from_notify_ms.push(signed_ms(seen, notified));
             c.from_call_ms.push(seen.duration_since(t0).as_secs_f64() * 1000.0);
-            c.from_commit_ms.push(if seen >= commit {
-                seen.duration_since(commit).as_secs_f64() * 1000.0
-            } else {
-                -(commit.duration_since(seen).as_secs_f64() * 1000.0)
-            });
+            c.from_commit_ms.push(signed_ms(seen, commit));
         }
         let span = start.elapsed();
         c.cpu_ms = process_cpu_ms(pid).context("vmhad's /proc/<pid>/stat")? - cpu0;
@@ -244,6 +275,18 @@ pub fn cib_changes(pid: i32, count: usize, vms: usize) -> Result<()> {
     println!("{}", serde_json::to_string(&out)?);
     Ok(())
 }
+
+/// `a - b` in ms (negative when `a` came first).
+fn signed_ms(a: Instant, b: Instant) -> f64 {
+    if a >= b {
+        a.duration_since(b).as_secs_f64() * 1000.0
+    } else {
+        -(b.duration_since(a).as_secs_f64() * 1000.0)
+    }
+}
+
+/// Deadline of the bench's own CIB calls.
+const LIMIT: Duration = Duration::from_secs(30);
 
 fn status(lab: &Lab, n: u8) -> Result<vmha_api::json::Status> {
     let out = lab.exec_ok(n, &["vmha", "--output", "json", "status"])?;
@@ -413,21 +456,32 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         "How measured: latency by the bench's monotonic clock inside host 1, from starting `cibadmin --modify` \
          (a meta attribute on a different VM each time) to the PropertiesChanged signal of host 1's vmhad's \
          `CibVersion` with the newer epoch; *after commit* counts from cibadmin's exit (the CIB had the \
-         change). vmhad's CPU: utime + stime of /proc/<pid>/stat around all {changes} changes, less its CPU \
+         change); the *notification* is the CIB manager's change notification as the bench itself, \
+         subscribed as a CIB client the way vmhad is, received it (its own clock, not vmhad's). vmhad's CPU: utime + stime of /proc/<pid>/stat around all {changes} changes, less its CPU \
          over as long idle right after, divided by {changes} (clock ticks of 10 ms: only the mean means \
          anything). RSS: VmRSS of /proc/<pid>/status. CLI: `vmha-bench measure` around the process in host 1 \
          ({runs} runs each, output discarded). No figure comes from vmhad itself.\n"
     );
     let per_change = (ch.cpu_ms - ch.idle_cpu_ms) / changes as f64;
-    let lat = median(&ch.from_call_ms);
+    let lat = median(&ch.from_notify_ms);
     let rss_big = big.iter().map(|x| x.1).fold(0.0, f64::max);
     let wi_med = median(&wi);
     let _ = writeln!(r, "| figure | value | goal |\n|---|---|---|");
     let _ = writeln!(
         r,
-        "| CIB change handled: cibadmin start to vmhad's publication, ms | {} | <= 10 ms: {} |",
-        cell(&ch.from_call_ms, 1, ""),
+        "| CIB change handled by vmhad: the CIB manager's notification to vmhad's publication, ms | {} | <= 10 ms: {} |",
+        cell(&ch.from_notify_ms, 1, ""),
         verdict(lat <= 10.0)
+    );
+    let _ = writeln!(
+        r,
+        "| Pacemaker's share: cibadmin start to the CIB manager's notification, ms | {} | |",
+        cell(&ch.to_notify_ms, 1, "")
+    );
+    let _ = writeln!(
+        r,
+        "| end to end: cibadmin start to vmhad's publication, ms | {} | |",
+        cell(&ch.from_call_ms, 1, "")
     );
     let _ = writeln!(
         r,

@@ -156,7 +156,7 @@ async fn watch(limit: Duration, seconds: Option<Duration>) -> Result<()> {
     let mut controller: Option<Controller> = None;
     let mut dc: Option<String> = None;
     loop {
-        let (_cib, mut changes, version) = match follow_cib(limit).await {
+        let (cib, mut changes, version) = match follow_cib(limit).await {
             Ok(following) => following,
             Err(e) => {
                 emit(json!({"event": "error", "error": e.to_string(), "t": now()}));
@@ -177,13 +177,16 @@ async fn watch(limit: Duration, seconds: Option<Duration>) -> Result<()> {
             tokio::select! {
                 _ = &mut stop => return Ok(()),
                 change = changes.next() => match change {
-                    Some(Ok(c)) => emit(json!({
-                        "event": "change", "t": now(),
-                        "admin_epoch": c.version.map(|v| v.admin_epoch),
-                        "epoch": c.version.map(|v| v.epoch),
-                        "num_updates": c.version.map(|v| v.num_updates),
-                        "operation": c.operation, "rc": c.rc, "paths": c.paths, "missed": c.missed,
-                    })),
+                    Some(Ok(c)) => {
+                        emit(json!({
+                            "event": "change", "t": now(),
+                            "admin_epoch": c.version.map(|v| v.admin_epoch),
+                            "epoch": c.version.map(|v| v.epoch),
+                            "num_updates": c.version.map(|v| v.num_updates),
+                            "operation": c.operation, "rc": c.rc, "paths": c.paths, "missed": c.missed,
+                        }));
+                        emit(copy_check(&cib, limit).await);
+                    }
                     Some(Err(e)) => {
                         emit(json!({"event": "error", "error": e.to_string(), "t": now()}));
                         break;
@@ -212,12 +215,104 @@ async fn watch(limit: Duration, seconds: Option<Duration>) -> Result<()> {
     }
 }
 
+/// Compares the bindings' local copy of the CIB (kept current by the notifications' diffs) with a whole
+/// query: "same", "differs" (a bug), or "raced" (the two were read at different versions: a newer change
+/// was still on its way).
+async fn copy_check(cib: &Cib, limit: Duration) -> serde_json::Value {
+    let result = async {
+        let copy = cib.query_all_followed(limit).await?;
+        let whole = cib.query_all(limit).await?;
+        let (a, b) = (roxmltree::Document::parse(&copy)?, roxmltree::Document::parse(&whole)?);
+        let version = |d: &roxmltree::Document| {
+            ["admin_epoch", "epoch", "num_updates"].map(|n| d.root_element().attribute(n).unwrap_or("").to_string())
+        };
+        let (result, difference) = if version(&a) != version(&b) {
+            ("raced", None)
+        } else if canonical(a.root_element()) == canonical(b.root_element()) {
+            ("same", None)
+        } else {
+            (
+                "differs",
+                Some(first_difference(a.root_element(), b.root_element(), "")),
+            )
+        };
+        let (applied, reads) = cib.local_copy_stats(limit).await?;
+        anyhow::Ok(
+            json!({"event": "copy", "result": result, "applied": applied, "reads": reads,
+            "version": version(&b).join("."), "difference": difference, "t": now()}),
+        )
+    }
+    .await;
+    result.unwrap_or_else(|e| json!({"event": "error", "error": format!("copy check: {e}"), "t": now()}))
+}
+
+/// Where two trees first differ: the path and both sides' element (attributes and child tags).
+fn first_difference(a: roxmltree::Node, b: roxmltree::Node, path: &str) -> String {
+    let path = format!(
+        "{path}/{}[@id={:?}]",
+        a.tag_name().name(),
+        a.attribute("id").unwrap_or("")
+    );
+    let (ka, kb): (Vec<_>, Vec<_>) = (
+        a.children().filter(|n| n.is_element()).collect(),
+        b.children().filter(|n| n.is_element()).collect(),
+    );
+    let shallow = |n: roxmltree::Node| {
+        let attrs = attributes(n);
+        let kids: Vec<String> = n
+            .children()
+            .filter(|c| c.is_element())
+            .map(|c| format!("{}#{}", c.tag_name().name(), c.attribute("id").unwrap_or("")))
+            .collect();
+        format!("{} [{}]", attrs.join(" "), kids.join(" "))
+    };
+    if shallow(a) == shallow(b) {
+        for (x, y) in ka.iter().zip(&kb) {
+            if canonical(*x) != canonical(*y) {
+                return first_difference(*x, *y, &path);
+            }
+        }
+    }
+    format!("{path}: copy {} / whole {}", shallow(a), shallow(b))
+}
+
+/// The root's bookkeeping attributes: the CIB manager sets them without a diff (when it writes the file,
+/// and on requests that change nothing), so a copy kept from diffs may show older values.
+const BOOKKEEPING: [&str; 4] = ["cib-last-written", "update-origin", "update-client", "update-user"];
+
+/// An element's attributes as `name="value"`, sorted; the root's bookkeeping attributes left out.
+fn attributes(node: roxmltree::Node) -> Vec<String> {
+    let root = node.parent().is_some_and(|p| p.is_root());
+    let mut attrs: Vec<String> = node
+        .attributes()
+        .filter(|a| !(root && BOOKKEEPING.contains(&a.name())))
+        .map(|a| format!("{}={:?}", a.name(), a.value()))
+        .collect();
+    attrs.sort();
+    attrs
+}
+
+/// An element as text with its attributes sorted and whitespace between elements dropped.
+fn canonical(node: roxmltree::Node) -> String {
+    let attrs = attributes(node);
+    let mut out = format!("<{} {}>", node.tag_name().name(), attrs.join(" "));
+    for child in node.children() {
+        if child.is_element() {
+            out.push_str(&canonical(child));
+        } else if let Some(text) = child.text().map(str::trim).filter(|t| !t.is_empty()) {
+            out.push_str(text);
+        }
+    }
+    out.push_str("</>");
+    out
+}
+
 /// Connects to the CIB, subscribes to its changes, then reads its version (epoch, num_updates): changes
-/// after that read are all notified.
+/// after that read are all notified. The local copy is read whole here, so later diffs apply to it.
 async fn follow_cib(limit: Duration) -> Result<(Cib, CibChanges, (u64, u64))> {
     let cib = Cib::connect("pcmk-watch", Access::ReadOnly, limit).await?;
     let changes = cib.subscribe(limit).await?;
-    let all = cib.query_all(limit).await?;
+    let all = cib.query_all_followed(limit).await?;
     let doc = roxmltree::Document::parse(&all)?;
     let attr = |name| {
         doc.root_element()

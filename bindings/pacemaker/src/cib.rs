@@ -146,6 +146,20 @@ impl Cib {
         self.query(&Scope::All, CallOptions::NONE, limit).await
     }
 
+    /// The whole CIB as XML from a local copy kept up to date with the diffs of this handle's notifications
+    /// (as crm_mon keeps its copy): read whole on the first call and again whenever a diff does not apply,
+    /// else no call to the CIB manager at all. Without a subscription, the same as [`Cib::query_all`]. A
+    /// change this process made itself shows once its notification arrived: use `query_all` to read one's
+    /// own writes.
+    pub async fn query_all_followed(&self, limit: Duration) -> Result<String> {
+        cib_thread::copy_text(self.id, limit).await
+    }
+
+    /// The local copy's counters: (diffs applied since it was last read whole, whole reads so far).
+    pub async fn local_copy_stats(&self, limit: Duration) -> Result<(u64, u64)> {
+        cib_thread::copy_stats(self.id, limit).await
+    }
+
     /// Merges `xml` into what `scope` selects (`cib_modify`).
     pub async fn modify(&self, scope: &Scope, xml: &str, options: CallOptions, limit: Duration) -> Result<()> {
         cib_thread::change(self.id, cib_thread::Change::Modify, scope.clone(), xml, options, limit).await

@@ -138,6 +138,18 @@ struct Connection {
     cib: *mut sys::cib_t,
     lost: bool,
     subscription: Option<Subscription>,
+    /// The local copy of the whole CIB a subscribed connection keeps once [`copy_text`] was called: the
+    /// diff of every notification is applied to it. `None` inside: to be read whole again.
+    copy: Option<LocalCopy>,
+}
+
+#[derive(Default)]
+struct LocalCopy {
+    doc: Option<Tree>,
+    /// Diffs applied since the last whole read.
+    applied: u64,
+    /// Whole reads (the first, and each after a diff did not apply).
+    reads: u64,
 }
 
 struct Subscription {
@@ -293,6 +305,7 @@ pub(crate) async fn connect(target: Target, client_name: &str, access: Access, l
                     cib,
                     lost: false,
                     subscription: None,
+                    copy: None,
                 },
             );
             c.next_id
@@ -329,25 +342,173 @@ pub(crate) async fn query(id: u64, scope: Scope, options: CallOptions, limit: Du
     const CALL: &str = "cib query";
     let (section, opts) = section_and_options(CALL, &scope, options)?;
     call(CALL, limit, move |deadline| {
-        let cib = cib_of(CALL, id)?;
-        let mut output: *mut sys::xmlNode = ptr::null_mut();
-        // SAFETY: cib is live on this thread; section is NULL or a valid C string; libcib stores a tree we
-        // own in output (or leaves it NULL), which Tree frees.
-        let (rc, tree) = unsafe {
-            set_call_timeout(cib, deadline);
-            let query = operations(cib).query.ok_or_else(|| missing(CALL))?;
-            let rc = query(
-                cib,
-                section.as_ref().map_or(ptr::null(), |s| s.as_ptr()),
-                &mut output,
-                opts,
-            );
-            (rc, Tree::from_owned(output))
-        };
-        check(CALL, id, rc)?;
+        let tree = query_tree(CALL, id, section.as_ref(), opts, deadline)?;
         Ok(tree.map(|t| t.to_text()).unwrap_or_default())
     })
     .await
+}
+
+/// A query on the CIB thread: the tree libcib returned (`None`: it returned none).
+fn query_tree(
+    call: &'static str,
+    id: u64,
+    section: Option<&CString>,
+    opts: i32,
+    deadline: Instant,
+) -> Result<Option<Tree>> {
+    let cib = cib_of(call, id)?;
+    let mut output: *mut sys::xmlNode = ptr::null_mut();
+    // SAFETY: cib is live on this thread; section is NULL or a valid C string; libcib stores a tree we own
+    // in output (or leaves it NULL), which Tree frees.
+    let (rc, tree) = unsafe {
+        set_call_timeout(cib, deadline);
+        let query = operations(cib).query.ok_or_else(|| missing(call))?;
+        let rc = query(cib, section.map_or(ptr::null(), |s| s.as_ptr()), &mut output, opts);
+        (rc, Tree::from_owned(output))
+    };
+    check(call, id, rc)?;
+    Ok(tree)
+}
+
+/// How a connection's local copy stands: (diffs applied since the last whole read, whole reads).
+pub(crate) async fn copy_stats(id: u64, limit: Duration) -> Result<(u64, u64)> {
+    const CALL: &str = "cib local copy";
+    call(CALL, limit, move |_| {
+        with_connections(|c| {
+            c.by_id
+                .get(&id)
+                .and_then(|conn| conn.copy.as_ref())
+                .map_or((0, 0), |copy| (copy.applied, copy.reads))
+        })
+        .ok_or_else(|| Error::Invalid {
+            call: CALL,
+            reason: "the CIB thread's registry is busy".into(),
+        })
+    })
+    .await
+}
+
+/// The whole CIB from connection `id`'s local copy: read whole when there is none yet (or the last diff
+/// did not apply), else the copy as the notifications' diffs left it. Without a subscription there are
+/// no diffs: a plain whole query.
+pub(crate) async fn copy_text(id: u64, limit: Duration) -> Result<String> {
+    const CALL: &str = "cib query (local copy)";
+    let (_, opts) = section_and_options(CALL, &Scope::All, CallOptions::NONE)?;
+    call(CALL, limit, move |deadline| {
+        let kept = with_connections(|c| {
+            let conn = c.by_id.get_mut(&id)?;
+            conn.subscription.as_ref()?;
+            let copy = conn.copy.get_or_insert_with(LocalCopy::default);
+            Some(copy.doc.as_ref().map(Tree::to_text))
+        })
+        .flatten();
+        match kept {
+            // Subscribed, with a copy: the copy.
+            Some(Some(text)) => Ok(text),
+            // Subscribed, no copy yet: read whole and keep it.
+            Some(None) => {
+                let tree = query_tree(CALL, id, None, opts, deadline)?;
+                let text = tree.as_ref().map(Tree::to_text).unwrap_or_default();
+                with_connections(|c| {
+                    if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
+                        copy.doc = tree;
+                        copy.applied = 0;
+                        copy.reads += 1;
+                    }
+                });
+                Ok(text)
+            }
+            None => Ok(query_tree(CALL, id, None, opts, deadline)?
+                .map(|t| t.to_text())
+                .unwrap_or_default()),
+        }
+    })
+    .await
+}
+
+/// Applies a notification's diff to the local copy of connection `id`, if it keeps one; a diff that does
+/// not apply drops the copy (the next [`copy_text`] reads the CIB whole). A diff older than the copy (made
+/// before the whole read that already holds it) is skipped.
+fn apply_to_copy(id: u64, notification: &str, rc: i32) {
+    let doc = with_connections(|c| c.by_id.get_mut(&id)?.copy.as_mut()?.doc.take()).flatten();
+    let Some(doc) = doc else { return };
+    let kept = if rc != 0 {
+        // A failed operation changed nothing.
+        Some(doc)
+    } else {
+        match apply_diff(&doc, notification) {
+            Applied::Yes => Some(doc),
+            Applied::Older => {
+                tracing::debug!("CIB diff older than the local copy; skipped");
+                return restore(id, doc, false);
+            }
+            Applied::No(why) => {
+                tracing::debug!("CIB diff did not apply to the local copy ({why}); it will be read whole");
+                None
+            }
+        }
+    };
+    match kept {
+        Some(doc) => restore(id, doc, true),
+        None => {
+            with_connections(|c| {
+                if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
+                    copy.doc = None;
+                }
+            });
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Applied {
+    Yes,
+    /// The diff's source is older than the document (which already holds it): nothing done.
+    Older,
+    /// Not applied (the document may be half changed: drop it).
+    No(String),
+}
+
+/// Applies the diff a notification carries to `doc` in place (Pacemaker's `xml_apply_patchset`, versions
+/// checked).
+fn apply_diff(doc: &Tree, notification: &str) -> Applied {
+    let diff = match diff_of(notification).map(|d| Tree::parse("cib_diff_notify", d)) {
+        Some(Ok(diff)) => diff,
+        Some(Err(e)) => return Applied::No(e.to_string()),
+        None => return Applied::No("the notification carries no diff".into()),
+    };
+    // SAFETY: both trees are valid and ours; xml_apply_patchset changes doc in place and keeps no pointer
+    // to either.
+    let rc = unsafe { sys::xml_apply_patchset(doc.as_ptr(), diff.as_ptr(), true) };
+    match -rc {
+        0 => Applied::Yes,
+        PCMK_ERR_OLD_DATA => Applied::Older,
+        _ => Applied::No(xml::legacy_text(rc)),
+    }
+}
+
+/// `pcmk_err_old_data` (Pacemaker's results.h): the diff's source is older than the document.
+const PCMK_ERR_OLD_DATA: i32 = 205;
+
+fn restore(id: u64, doc: Tree, applied: bool) {
+    with_connections(|c| {
+        if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
+            copy.doc = Some(doc);
+            copy.applied += u64::from(applied);
+        }
+    });
+}
+
+/// The `<diff>` element of a notification, as text.
+fn diff_of(notification: &str) -> Option<&str> {
+    let doc = roxmltree::Document::parse(notification).ok()?;
+    let diff = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("cib_update_result"))?
+        .children()
+        .find(|n| n.has_tag_name("diff"))?;
+    notification.get(diff.range())
 }
 
 /// The CIB operations that take an XML argument.
@@ -542,6 +703,9 @@ unsafe fn diff_notified<const SLOT: usize>(_event: *const c_char, msg: *mut sys:
             return;
         }
     };
+    if let Some(id) = with_connections(|c| c.slots[SLOT]).flatten() {
+        apply_to_copy(id, &text, change.rc);
+    }
     with_connections(|c| {
         let id = c.slots[SLOT]?;
         let s = c.by_id.get_mut(&id)?.subscription.as_mut()?;
@@ -553,4 +717,60 @@ unsafe fn diff_notified<const SLOT: usize>(_event: *const c_char, msg: *mut sys:
         }
         Some(())
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cib(epoch: u32, num_updates: u32) -> Tree {
+        xml::init_thread();
+        let text = format!(
+            r#"<cib admin_epoch="0" epoch="{epoch}" num_updates="{num_updates}"><configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="a" name="b" value="c"/></cluster_property_set></crm_config><nodes/><resources/><constraints/></configuration><status/></cib>"#
+        );
+        Tree::parse("test", &text).unwrap()
+    }
+
+    fn notification(source: (u32, u32), target: (u32, u32)) -> String {
+        format!(
+            r#"<notify t="cib_notify" subt="cib_diff_notify" cib_op="cib_modify" cib_rc="0"><cib_update_result><diff format="2"><version><source admin_epoch="0" epoch="{}" num_updates="{}"/><target admin_epoch="0" epoch="{}" num_updates="{}"/></version><change operation="modify" path="/cib"><change-list><change-attr name="epoch" operation="set" value="{}"/><change-attr name="num_updates" operation="set" value="{}"/></change-list><change-result><cib admin_epoch="0" epoch="{}" num_updates="{}"/></change-result></change><change operation="create" path="/cib/configuration/crm_config/cluster_property_set[@id='cib-bootstrap-options']" position="1"><nvpair id="x" name="y" value="z"/></change><change operation="modify" path="/cib/configuration/crm_config/cluster_property_set[@id='cib-bootstrap-options']/nvpair[@id='a']"><change-list><change-attr name="value" operation="set" value="d"/></change-list><change-result><nvpair id="a" name="b" value="d"/></change-result></change></diff></cib_update_result></notify>"#,
+            source.0, source.1, target.0, target.1, target.0, target.1, target.0, target.1
+        )
+    }
+
+    #[test]
+    fn a_diff_applies_to_the_copy_it_follows_and_only_to_it() {
+        let doc = cib(6, 3);
+        assert_eq!(apply_diff(&doc, &notification((6, 3), (7, 0))), Applied::Yes);
+        let text = doc.to_text();
+        let view = roxmltree::Document::parse(&text).unwrap();
+        let root = view.root_element();
+        assert_eq!(
+            (root.attribute("epoch"), root.attribute("num_updates")),
+            (Some("7"), Some("0"))
+        );
+        let nvpairs: Vec<(&str, &str)> = root
+            .descendants()
+            .filter(|n| n.has_tag_name("nvpair"))
+            .map(|n| (n.attribute("id").unwrap(), n.attribute("value").unwrap()))
+            .collect();
+        assert_eq!(nvpairs, [("a", "d"), ("x", "z")], "{text}");
+        // The same diff again: older than the copy, which already holds it.
+        assert_eq!(apply_diff(&doc, &notification((6, 3), (7, 0))), Applied::Older);
+        // A diff from a version the copy never had (one was missed): not applied.
+        assert!(matches!(
+            apply_diff(&doc, &notification((9, 0), (10, 0))),
+            Applied::No(_)
+        ));
+        // Hostile or broken notifications: not applied, nothing panics.
+        for bad in [
+            "",
+            "<notify/>",
+            "<notify><cib_update_result><diff format=\"2\">",
+            "not xml",
+        ] {
+            assert!(matches!(apply_diff(&doc, bad), Applied::No(_)), "{bad}");
+        }
+        assert_eq!(doc.to_text(), text, "a refused diff left the copy as it was");
+    }
 }

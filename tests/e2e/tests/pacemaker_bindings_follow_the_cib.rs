@@ -3,7 +3,8 @@
 //! reaches their notification stream within a second; a change they make is what `cibadmin --query` reads
 //! on every host; a resource failure they report makes Pacemaker recover the resource at once (fail count
 //! up, restarted) instead of at the next monitor; and after the DC host is powered off, the bindings on a
-//! survivor report the new DC, the one crm_mon reports.
+//! survivor report the new DC, the one crm_mon reports. Throughout, the local copy of the CIB they keep
+//! from the notifications' diffs equals the CIB at every version it is compared at.
 
 use std::path::Path;
 use std::time::Duration;
@@ -230,6 +231,22 @@ fn pacemaker_bindings_follow_the_cib_and_the_dc() {
         of_kind(&events(&log), "error")
     );
 
+    // The local copy the bindings keep from the notifications' diffs (what vmhad reads on every change)
+    // was the CIB itself at every version it was compared at, and the diffs did the work (few whole reads).
+    let copies = of_kind(&events(&log), "copy");
+    let differs: Vec<&Value> = copies.iter().filter(|c| c["result"] == "differs").collect();
+    assert!(differs.is_empty(), "the local copy differed from the CIB: {differs:?}");
+    let same = copies.iter().filter(|c| c["result"] == "same").count();
+    let applied = copies.iter().filter_map(|c| c["applied"].as_u64()).max().unwrap_or(0);
+    let reads = copies.iter().filter_map(|c| c["reads"].as_u64()).max().unwrap_or(0);
+    println!(
+        "local CIB copy: {} changes compared ({same} same, {} raced), {applied} diffs applied, {reads} whole reads",
+        copies.len(),
+        copies.len() - same
+    );
+    assert!(same >= 5, "the copy was compared at 5 versions or more: {copies:?}");
+    assert!(applied >= 5, "diffs were applied to the copy: {copies:?}");
+    assert!(reads <= 2, "the copy was read whole at most twice: {copies:?}");
     let _ = lab.exec(observer, &["kill", &pid]);
     t.print(&format!("DC {dc} -> {new_dc}; follower on node{observer}:"));
 }
