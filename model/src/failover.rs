@@ -142,6 +142,57 @@ pub fn with_free_capacity(cib: &str) -> Result<String, PolicyError> {
     Ok(out)
 }
 
+/// The free capacity the status section carries now (the `vmha-free-*` transient attributes), per host.
+pub fn free_in_status(cib: &str) -> Result<FreeCapacity, PolicyError> {
+    let doc = Document::parse(cib)?;
+    let mut out = FreeCapacity::new();
+    for state in doc.descendants().filter(|n| n.has_tag_name("node_state")) {
+        let Some(host) = state.attribute("uname") else { continue };
+        let entry = out.entry(host.to_string()).or_default();
+        for nv in state
+            .descendants()
+            .filter(|n| n.has_tag_name("nvpair"))
+            .filter(|n| n.ancestors().any(|a| a.has_tag_name("transient_attributes")))
+        {
+            let (Some(name), Some(value)) = (nv.attribute("name"), nv.attribute("value")) else {
+                continue;
+            };
+            if let (Some(k), Some(v)) = (name.strip_prefix(FREE_PREFIX), int(value)) {
+                entry.insert(k.to_string(), v);
+            }
+        }
+    }
+    out.retain(|_, f| !f.is_empty());
+    Ok(out)
+}
+
+/// The modifications of the status section that bring the `vmha-free-*` attributes up to date: one
+/// `<node_state>` per online host whose free capacity changed (for a CIB modify that creates what is
+/// missing). Empty when nothing changed.
+pub fn free_updates(cib: &str) -> Result<Vec<(String, String)>, PolicyError> {
+    let want = free_capacity(cib)?;
+    let have = free_in_status(cib)?;
+    let view = ClusterView::from_cib(cib)?;
+    let mut out = Vec::new();
+    for (host, free) in &want {
+        if free.is_empty() || have.get(host) == Some(free) {
+            continue;
+        }
+        let Some(id) = view.host(host).map(|h| h.id.clone()) else {
+            continue;
+        };
+        let id_x = crate::change::escape(&id);
+        out.push((
+            host.clone(),
+            format!(
+                r#"<node_state id="{id_x}"><transient_attributes id="{id_x}">{}</transient_attributes></node_state>"#,
+                free_set_xml(&id, free)
+            ),
+        ));
+    }
+    Ok(out)
+}
+
 /// Where a host sits for the policy: its zone and pool (node attributes the policy set).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostPlace {
@@ -314,6 +365,19 @@ mod tests {
         assert!(!x.contains("vmha-free-status-3"));
         // Applying twice gives the same CIB.
         assert_eq!(with_free_capacity(&x).unwrap(), x);
+    }
+
+    #[test]
+    fn updates_cover_only_hosts_whose_free_capacity_changed() {
+        let u = free_updates(CIB).unwrap();
+        let hosts: Vec<&str> = u.iter().map(|(h, _)| h.as_str()).collect();
+        assert_eq!(hosts, ["a1", "b1"]);
+        assert!(u[0].1.starts_with(
+            r#"<node_state id="1"><transient_attributes id="1"><instance_attributes id="vmha-free-status-1">"#
+        ));
+        let fresh = with_free_capacity(CIB).unwrap();
+        assert!(free_updates(&fresh).unwrap().is_empty());
+        assert_eq!(free_in_status(&fresh).unwrap(), free_capacity(CIB).unwrap());
     }
 
     #[test]
