@@ -18,11 +18,8 @@ pub async fn reconcile(shared: &Arc<Shared>) {
         return;
     }
     let Ok(cib) = shared.backend.query().await else { return };
-    if !Policy::from_cib(&cib)
-        .ok()
-        .flatten()
-        .is_some_and(|p| !p.hosts.is_empty())
-    {
+    let zoned = matches!(Policy::from_cib(&cib), Ok(Some(p)) if !p.hosts.is_empty());
+    if !zoned {
         return;
     }
     let updates = match failover::free_updates(&cib) {
