@@ -1269,6 +1269,73 @@ mod tests {
             "exactly one",
         );
         check(r#"{"typo": 1}"#, "unknown field");
+        check(
+            r#"{"hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "host n1: pool \"p\" is not in the policy's pools",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x"}}, "hosts": {"n1": {"zone": "a"}}}"#,
+            "pool p: no host is in it",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "a b"}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "hardware class",
+        );
+        check(
+            r#"{"pools": {"p<": {"class": "x"}}, "hosts": {"n1": {"zone": "a", "pool": "p<"}}}"#,
+            "pool name",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x", "units": 1000000000000}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "units must be at most",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x"}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}, "vms": {"vm1": {"units": 2}}}"#,
+            "VM vm1: units need a pool whose hosts offer units",
+        );
+        check(
+            r#"{"hosts": {"n1": {"zone": "a"}}, "vms": {"vm1": {"pool": "q"}}}"#,
+            "VM vm1: pool \"q\" is not in the policy's pools",
+        );
+        check(r#"{"home_score": 10001}"#, "home_score 10001");
+    }
+
+    #[test]
+    fn zones_grade_per_level_and_pools_rank_and_fence_classes() {
+        let p = Policy::from_json(
+            r#"{
+            "pools": {"std": {"class": "x86", "units": 10}, "gpu": {"class": "gpu"}},
+            "hosts": {"n1": {"zone": "eu/b1/r1/k1", "pool": "std"}, "n2": {"zone": "eu/b2", "pool": "gpu"}},
+            "vms": {"vm1": {"zone": "eu/b1/r1/k1", "pool": "std", "units": 3}}
+        }"#,
+        )
+        .unwrap();
+        let c = plan(&p, CIB).unwrap().configuration;
+        Document::parse(&c).unwrap();
+        for needle in [
+            // one rule per level of the home zone, each worth home_score: same rack 400 ... same site 100
+            r#"<rule id="vmha-policy-home-vm1-site" score="100"><expression id="vmha-policy-home-vm1-site-expr" attribute="vmha-zone-site" operation="eq" value="eu"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-building" score="100"><expression id="vmha-policy-home-vm1-building-expr" attribute="vmha-zone-building" operation="eq" value="eu/b1"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-rack" score="100"><expression id="vmha-policy-home-vm1-rack-expr" attribute="vmha-zone-rack" operation="eq" value="eu/b1/r1/k1"/></rule>"#,
+            // the own pool beats every zone difference; another class is forbidden
+            r#"<rule id="vmha-policy-home-vm1-pool" score="500"><expression id="vmha-policy-home-vm1-pool-expr" attribute="vmha-pool" operation="eq" value="std"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-class" score="-INFINITY" boolean-op="or"><expression id="vmha-policy-home-vm1-class-ne" attribute="vmha-class" operation="ne" value="x86"/>"#,
+            // free room for its needs (the units included) beats pool and zone together
+            r#"<rule id="vmha-policy-home-vm1-free" score="1000" boolean-op="and"><expression id="vmha-policy-home-vm1-free-hv_memory" attribute="vmha-free-hv_memory" operation="gte" type="number" value="128"/><expression id="vmha-policy-home-vm1-free-vmha-units" attribute="vmha-free-vmha-units" operation="gte" type="number" value="3"/></rule>"#,
+            // hosts carry pool and class; the pool's units are their capacity; the VM's units its need
+            r#"<nvpair id="vmha-policy-node-1-pool" name="vmha-pool" value="std"/><nvpair id="vmha-policy-node-1-class" name="vmha-class" value="x86"/>"#,
+            r#"<nvpair id="vmha-policy-node-1-utilization-vmha-units" name="vmha-units" value="10"/>"#,
+            r#"<utilization id="vmha-policy-util-vm1" score="1000"><nvpair id="vmha-policy-util-vm1-units" name="vmha-units" value="3"/></utilization>"#,
+            r#"<nvpair id="vmha-policy-meta-vm1-stickiness" name="resource-stickiness" value="2000"/>"#,
+        ] {
+            assert!(c.contains(needle), "{needle}\nin\n{c}");
+        }
+        assert!(
+            !c.contains("vmha-policy-node-2-utilization-vmha-units"),
+            "pool gpu offers no units"
+        );
+        let s = p.scores();
+        assert!(s.pool > 4 * s.level && s.free > s.pool + 4 * s.level && s.stickiness > s.free + s.pool + 4 * s.level);
     }
 
     #[test]
