@@ -12,6 +12,32 @@
 //! `vmha-free-<utilization>` ([`free_capacity`]), and the policy compiles for each VM a rule that adds a
 //! score larger than any zone or pool preference on the hosts whose free capacity covers the VM's needs.
 //! Displacement (steps 4-5) is then left to Pacemaker's priority, exactly where no host has room.
+//!
+//! # What Pacemaker's scores cannot express, and how close this gets
+//! Found with `crm_simulate` on Pacemaker 2.1.5 (the tables in `model/tests/scheduler_tables.rs`):
+//! - **Static scores alone cannot do steps 1-3 before 4-5.** With `priority` the higher VM is assigned
+//!   first and sees lower-priority VMs' hosts as empty (issue 19's case, at stickiness 0, 1 and 100 alike,
+//!   and at any stickiness: stickiness only scores the VM's own host). Without `priority` (equal
+//!   priorities, where Pacemaker assigns running VMs first) free room is used first but nothing is ever
+//!   displaced. Negative colocations of each VM with every higher-priority VM (with `influence=false` so
+//!   that only VMs being placed are steered) were tried and rejected: Pacemaker adds the dependent's full
+//!   score on the other side, so displaced lower-priority VMs avoided every host with a higher-priority VM;
+//!   the scores Pacemaker merges through chains of colocations cancel (a VM avoiding `mid` is pulled toward
+//!   `mid`'s own lower-priority neighbours); and it needs a constraint per pair of VMs. Hence the free
+//!   capacity as node attributes, kept by vmhad.
+//! - **Several VMs placed in one transition share one host's free room.** The attribute is read once per
+//!   transition and Pacemaker counts only the VMs it assigned: when a zone is lost, two of its VMs may both
+//!   take the one free slot of the nearest host; the lower-priority VM that ran there then moves on (live)
+//!   to the next free room, or stops when there is none. No VM stops while room exists anywhere, but a
+//!   running VM may move to make room for one of higher priority although another host had room for it.
+//! - **A displaced VM may displace one of its own priority.** Pacemaker orders equal priorities by their
+//!   score on their current host; a VM pushed off its host is still "running" there and may be placed before
+//!   an equal-priority VM on the next host and take its room.
+//! - **Freshness.** The attributes follow the CIB (vmhad updates them on each change, written only when they
+//!   change); between a VM starting and the update, Pacemaker's own capacity check still prevents
+//!   overcommit: only the preference may be stale. `vmha what-if` computes them afresh for its copy.
+//! - **Needs are compiled.** The free-room rule carries the VM's needs at `policy apply`; a VM whose
+//!   utilization changes afterwards shows as a pending change in `vmha policy show` until applied again.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -5,8 +5,12 @@
 //! - Zones form a hierarchy, site > building > room > rack, written as a path (`eu`, `eu/b1`, `eu/b1/r2`,
 //!   `eu/b1/r2/k7`); each host sits in one zone. A zone may set an overcommit ratio for the hosts under it
 //!   (the deepest zone that sets one wins).
-//! - Each VM may have a priority (Pacemaker's `priority`: higher is placed first, lower is stopped first when
-//!   capacity is short) and a home zone (restarts prefer it; `strict_zone` forbids leaving it).
+//! - Host pools group hosts of one hardware class (`pools`: name -> `class` and optional `units`, the
+//!   provider quota in normalised units each host of the pool offers); a host names its pool.
+//! - Each VM may have a priority (Pacemaker's `priority`: higher is placed first, lower gives way when no
+//!   host has room), a home zone (restarts prefer it, then the nearest zones; `strict_zone` forbids leaving
+//!   it), a home pool (preferred over other pools of its class; other classes are never used) and a consumer
+//!   quota `units`.
 //! - Hosts' capacity is their utilization (vmhad writes `cpu` and `hv_memory` from libvirt; VMs' needs come
 //!   from their definitions), scaled by the zone's overcommit ratio or replaced by an explicit capacity.
 //! - Groups of VMs may be kept apart (anti-affinity) or together (affinity) by host or by zone level.
@@ -14,16 +18,31 @@
 //! ```text
 //! {
 //!   "placement_strategy": "balanced",          // default | utilization | minimal | balanced
-//!   "home_score": 100,                         // preference for a VM's home zone (out of it: 0)
+//!   "home_score": 100,                         // h: worth of each zone level shared with the home zone
 //!   "zones": {"eu/b1": {"overcommit": 1.5}},   // capacity = utilization x 1.5 for hosts under eu/b1
-//!   "hosts": {"node1": {"zone": "eu/b1/r1"},
+//!   "pools": {"std": {"class": "x86", "units": 64}, "gpu": {"class": "a100"}},
+//!   "hosts": {"node1": {"zone": "eu/b1/r1", "pool": "std"},
 //!             "node3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
-//!   "vms":   {"db": {"priority": 100, "zone": "eu"}, "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
+//!   "vms":   {"db": {"priority": 100, "zone": "eu", "pool": "std", "units": 8},
+//!             "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
 //!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
 //!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4,  // elastic (crate::group)
 //!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
 //! }
 //! ```
+//!
+//! # Failover order
+//! After lost capacity a VM restarts (1) in its home zone and pool where a host has room, (2) else in its
+//! pool in other zones, nearest in the zone hierarchy first, (3) else in any pool of its class, (4) only
+//! then in place of lower-priority VMs near home, (5) then elsewhere in zone order. The scores that carry
+//! it ([`Scores`], h = `home_score`): each zone level a host shares with the VM's home zone adds h (same
+//! rack 4h > room 3h > building 2h > site h > elsewhere 0); the VM's own pool adds 5h; a host of another
+//! class is -INFINITY; a host whose free capacity (the `vmha-free-*` transient node attributes the DC's
+//! vmhad keeps: capacity less the VMs running there) covers the VM's needs adds 10h; every VM of the
+//! cluster sticks to its host with 20h. Steps 4-5 are Pacemaker's priority: where no host has the free-room
+//! score, the VM takes its best-scored host and Pacemaker, placing lower-priority VMs after it, moves them
+//! away or stops them. [`crate::failover`] explains why the free-room attributes are needed and where
+//! Pacemaker's scores still fall short.
 //!
 //! # Where it lives
 //! The policy is a JSON document stored in the CIB, in the nvpair `vmha-policy` of the cluster property set
@@ -31,10 +50,12 @@
 //!
 //! # What it compiles to
 //! Every element it generates has an id starting with [`PREFIX`] (`vmha-policy-`): node attributes
-//! `vmha-zone-<level>` (the zone path down to that level) in a set of their own per node, a higher-scored
-//! utilization set per node when capacity is scaled or given, a higher-scored meta set with `priority` per
-//! VM, one location constraint per VM with a home zone, colocation constraints for groups, and a cluster
-//! property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
+//! `vmha-zone-<level>` (the zone path down to that level), `vmha-pool` and `vmha-class` in a set of their
+//! own per node, a higher-scored utilization set per node when capacity is scaled or given (a pool's
+//! `units` as `vmha-units`), a higher-scored meta set per VM with `priority` and `resource-stickiness` (the
+//! latter for every VM once hosts are placed in zones), a utilization set with `vmha-units` per VM with a
+//! quota, one location constraint per VM with its zone, pool, class and free-room rules, colocation
+//! constraints for groups, and a cluster property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
 //! the policy owned before is dropped and generated afresh, everything else is copied as it is, so applying
 //! it (one `cib_replace` of the configuration section) changes exactly what the policy owns.
 
@@ -190,7 +211,7 @@ pub struct VmSpec {
     /// Pacemaker `priority`: higher is placed first and stopped last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
-    /// Home zone: hosts in it are preferred (the policy's `home_score`).
+    /// Home zone: hosts in it are preferred, then the nearest zones (`home_score` per shared level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     /// Never run outside the home zone (a -INFINITY rule); off by default.
@@ -249,7 +270,8 @@ pub struct Policy {
     /// Pacemaker `placement-strategy`: `default`, `utilization`, `minimal` or `balanced`.
     #[serde(default = "default_strategy")]
     pub placement_strategy: String,
-    /// Score of a VM's home zone (out of it: 0).
+    /// What each zone level a host shares with a VM's home zone is worth (see [`Scores`]); 0 to
+    /// [`MAX_HOME_SCORE`].
     #[serde(default = "default_home_score")]
     pub home_score: i32,
     #[serde(default)]
