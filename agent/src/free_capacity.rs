@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crate::backend::CibChange;
 use vmha_model::failover;
-use vmha_model::policy::Policy;
 
 use crate::state::Shared;
 
@@ -18,8 +17,9 @@ pub async fn reconcile(shared: &Arc<Shared>) {
         return;
     }
     let Ok(cib) = shared.backend.query().await else { return };
-    let zoned = matches!(Policy::from_cib(&cib), Ok(Some(p)) if !p.hosts.is_empty());
-    if !zoned {
+    // Only where a policy placed hosts in zones (its rules read the attributes); a cheap test first, as
+    // this runs on every CIB change.
+    if !cib.contains(r#"name="vmha-zone-site""#) {
         return;
     }
     let updates = match failover::free_updates(&cib) {

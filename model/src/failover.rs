@@ -60,8 +60,10 @@ fn int(v: &str) -> Option<i64> {
 /// utilization set wins, so the policy's overcommit counts) less the utilization of every VM resource
 /// active on it. Only the utilization names the host declares are counted.
 pub fn free_capacity(cib: &str) -> Result<FreeCapacity, PolicyError> {
-    let doc = Document::parse(cib)?;
-    let view = ClusterView::from_cib(cib)?;
+    Ok(free_capacity_of(&Document::parse(cib)?, &ClusterView::from_cib(cib)?))
+}
+
+fn free_capacity_of(doc: &Document, view: &ClusterView) -> FreeCapacity {
     let primitives: BTreeMap<&str, Node> = doc
         .descendants()
         .filter(|n| n.has_tag_name("primitive"))
@@ -92,7 +94,7 @@ pub fn free_capacity(cib: &str) -> Result<FreeCapacity, PolicyError> {
         }
         out.insert(name.to_string(), free);
     }
-    Ok(out)
+    out
 }
 
 /// Id of the transient attribute set that carries a host's free capacity (`node` is the node id).
@@ -170,7 +172,10 @@ pub fn with_free_capacity(cib: &str) -> Result<String, PolicyError> {
 
 /// The free capacity the status section carries now (the `vmha-free-*` transient attributes), per host.
 pub fn free_in_status(cib: &str) -> Result<FreeCapacity, PolicyError> {
-    let doc = Document::parse(cib)?;
+    Ok(free_in_status_of(&Document::parse(cib)?))
+}
+
+fn free_in_status_of(doc: &Document) -> FreeCapacity {
     let mut out = FreeCapacity::new();
     for state in doc.descendants().filter(|n| n.has_tag_name("node_state")) {
         let Some(host) = state.attribute("uname") else { continue };
@@ -189,16 +194,17 @@ pub fn free_in_status(cib: &str) -> Result<FreeCapacity, PolicyError> {
         }
     }
     out.retain(|_, f| !f.is_empty());
-    Ok(out)
+    out
 }
 
 /// The modifications of the status section that bring the `vmha-free-*` attributes up to date: one
 /// `<node_state>` per online host whose free capacity changed (for a CIB modify that creates what is
 /// missing). Empty when nothing changed.
 pub fn free_updates(cib: &str) -> Result<Vec<(String, String)>, PolicyError> {
-    let want = free_capacity(cib)?;
-    let have = free_in_status(cib)?;
+    let doc = Document::parse(cib)?;
     let view = ClusterView::from_cib(cib)?;
+    let want = free_capacity_of(&doc, &view);
+    let have = free_in_status_of(&doc);
     let mut out = Vec::new();
     for (host, free) in &want {
         if free.is_empty() || have.get(host) == Some(free) {
