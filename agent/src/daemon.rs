@@ -53,11 +53,13 @@ pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
                 let mut checked = Checked::default();
                 if refresh(&conn, &shared).await {
                     reconcile_utilization(&shared, &mut checked).await;
+                    crate::free_capacity::reconcile(&shared).await;
                 }
                 while changes.recv().await.is_some() {
                     while changes.try_recv().is_ok() {}
                     if refresh(&conn, &shared).await {
                         reconcile_utilization(&shared, &mut checked).await;
+                        crate::free_capacity::reconcile(&shared).await;
                     }
                 }
                 tracing::warn!("lost the CIB connection; reconnecting");

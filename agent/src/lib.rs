@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod envelope;
 pub mod errors;
 pub mod failures;
+pub mod free_capacity;
 pub mod guest;
 #[cfg(test)]
 mod interface_xml;

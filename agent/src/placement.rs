@@ -533,6 +533,8 @@ async fn predict(live: &str, failed: &[String], add: Option<(&str, &str)>, limit
     if let Some((_, primitive)) = add {
         copy = whatif::add_resource(&copy, primitive)?;
     }
+    // The free capacity the placement rules read, as vmhad keeps it, computed afresh for the copy.
+    let copy = vmha_model::failover::with_free_capacity(&copy)?;
     let graph = run_scheduler(&copy, limit).await?;
     Ok(whatif::predict(live, &copy, &graph, failed, add.map(|(n, _)| n))?)
 }
@@ -632,6 +634,9 @@ fn print_prediction(p: &Prediction) {
             VmOutcome::StaysStopped => "STAYS STOPPED: no host has room".to_string(),
         };
         println!("{:<16} {:>8}  {what}", v.vm, v.priority);
+        if !v.step_label.is_empty() && !matches!(v.outcome, VmOutcome::Stays { .. }) {
+            println!("{:<16} {:>8}  ({})", "", "", vmha_vcluster::printable(&v.step_label));
+        }
     }
     println!();
     println!("capacity left per zone (surviving hosts):");

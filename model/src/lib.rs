@@ -6,6 +6,7 @@ pub mod change;
 pub mod cib;
 pub mod clone;
 pub mod domain;
+pub mod failover;
 pub mod group;
 pub mod guest;
 pub mod policy;

@@ -5,8 +5,12 @@
 //! - Zones form a hierarchy, site > building > room > rack, written as a path (`eu`, `eu/b1`, `eu/b1/r2`,
 //!   `eu/b1/r2/k7`); each host sits in one zone. A zone may set an overcommit ratio for the hosts under it
 //!   (the deepest zone that sets one wins).
-//! - Each VM may have a priority (Pacemaker's `priority`: higher is placed first, lower is stopped first when
-//!   capacity is short) and a home zone (restarts prefer it; `strict_zone` forbids leaving it).
+//! - Host pools group hosts of one hardware class (`pools`: name -> `class` and optional `units`, the
+//!   provider quota in normalised units each host of the pool offers); a host names its pool.
+//! - Each VM may have a priority (Pacemaker's `priority`: higher is placed first, lower gives way when no
+//!   host has room), a home zone (restarts prefer it, then the nearest zones; `strict_zone` forbids leaving
+//!   it), a home pool (preferred over other pools of its class; other classes are never used) and a consumer
+//!   quota `units`.
 //! - Hosts' capacity is their utilization (vmhad writes `cpu` and `hv_memory` from libvirt; VMs' needs come
 //!   from their definitions), scaled by the zone's overcommit ratio or replaced by an explicit capacity.
 //! - Groups of VMs may be kept apart (anti-affinity) or together (affinity) by host or by zone level.
@@ -14,16 +18,31 @@
 //! ```text
 //! {
 //!   "placement_strategy": "balanced",          // default | utilization | minimal | balanced
-//!   "home_score": 100,                         // preference for a VM's home zone (out of it: 0)
+//!   "home_score": 100,                         // h: worth of each zone level shared with the home zone
 //!   "zones": {"eu/b1": {"overcommit": 1.5}},   // capacity = utilization x 1.5 for hosts under eu/b1
-//!   "hosts": {"node1": {"zone": "eu/b1/r1"},
+//!   "pools": {"std": {"class": "x86", "units": 64}, "gpu": {"class": "a100"}},
+//!   "hosts": {"node1": {"zone": "eu/b1/r1", "pool": "std"},
 //!             "node3": {"zone": "us/b1", "capacity": {"cpu": 8, "hv_memory": 16384}}},
-//!   "vms":   {"db": {"priority": 100, "zone": "eu"}, "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
+//!   "vms":   {"db": {"priority": 100, "zone": "eu", "pool": "std", "units": 8},
+//!             "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
 //!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
 //!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4,  // elastic (crate::group)
 //!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
 //! }
 //! ```
+//!
+//! # Failover order
+//! After lost capacity a VM restarts (1) in its home zone and pool where a host has room, (2) else in its
+//! pool in other zones, nearest in the zone hierarchy first, (3) else in any pool of its class, (4) only
+//! then in place of lower-priority VMs near home, (5) then elsewhere in zone order. The scores that carry
+//! it ([`Scores`], h = `home_score`): each zone level a host shares with the VM's home zone adds h (same
+//! rack 4h > room 3h > building 2h > site h > elsewhere 0); the VM's own pool adds 5h; a host of another
+//! class is -INFINITY; a host whose free capacity (the `vmha-free-*` transient node attributes the DC's
+//! vmhad keeps: capacity less the VMs running there) covers the VM's needs adds 10h; every VM of the
+//! cluster sticks to its host with 20h. Steps 4-5 are Pacemaker's priority: where no host has the free-room
+//! score, the VM takes its best-scored host and Pacemaker, placing lower-priority VMs after it, moves them
+//! away or stops them. [`crate::failover`] explains why the free-room attributes are needed and where
+//! Pacemaker's scores still fall short.
 //!
 //! # Where it lives
 //! The policy is a JSON document stored in the CIB, in the nvpair `vmha-policy` of the cluster property set
@@ -31,10 +50,12 @@
 //!
 //! # What it compiles to
 //! Every element it generates has an id starting with [`PREFIX`] (`vmha-policy-`): node attributes
-//! `vmha-zone-<level>` (the zone path down to that level) in a set of their own per node, a higher-scored
-//! utilization set per node when capacity is scaled or given, a higher-scored meta set with `priority` per
-//! VM, one location constraint per VM with a home zone, colocation constraints for groups, and a cluster
-//! property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
+//! `vmha-zone-<level>` (the zone path down to that level), `vmha-pool` and `vmha-class` in a set of their
+//! own per node, a higher-scored utilization set per node when capacity is scaled or given (a pool's
+//! `units` as `vmha-units`), a higher-scored meta set per VM with `priority` and `resource-stickiness` (the
+//! latter for every VM once hosts are placed in zones), a utilization set with `vmha-units` per VM with a
+//! quota, one location constraint per VM with its zone, pool, class and free-room rules, colocation
+//! constraints for groups, and a cluster property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
 //! the policy owned before is dropped and generated afresh, everything else is copied as it is, so applying
 //! it (one `cib_replace` of the configuration section) changes exactly what the policy owns.
 
@@ -57,6 +78,33 @@ pub const STORE_NAME: &str = "vmha-policy";
 pub const SET_SCORE: &str = "1000";
 /// Zone levels, outermost first.
 pub const LEVELS: [Level; 4] = [Level::Site, Level::Building, Level::Room, Level::Rack];
+/// Largest `home_score` (the other placement scores are multiples of it, see [`Scores`]).
+pub const MAX_HOME_SCORE: i32 = 10_000;
+/// Largest provider or consumer quota (normalised units).
+pub const MAX_UNITS: u64 = 1_000_000_000;
+/// Node attribute with a host's pool.
+pub const POOL_ATTRIBUTE: &str = "vmha-pool";
+/// Node attribute with a host's hardware class (its pool's).
+pub const CLASS_ATTRIBUTE: &str = "vmha-class";
+/// Utilization name of the normalised units of pools (provider) and VMs (consumer).
+pub const UNITS: &str = "vmha-units";
+/// Prefix of the transient node attributes that carry a host's free capacity (`vmha-free-cpu`,
+/// `vmha-free-hv_memory`, ...): its capacity less what the VMs running on it take, see
+/// [`crate::failover::free_capacity`].
+pub const FREE_PREFIX: &str = "vmha-free-";
+
+/// The scores the policy compiles to, all derived from `home_score` (h, at least 1 where it matters):
+/// each zone level shared with the VM's home zone adds h (same rack 4h > room 3h > building 2h > site h >
+/// elsewhere 0), the VM's own pool adds 5h (more than any zone difference), a host with free room for the
+/// VM adds 10h (more than pool and zone together), and a running VM keeps its host with a stickiness of
+/// 20h (more than everything else together, so nothing moves for a better score).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scores {
+    pub level: i32,
+    pub pool: i32,
+    pub free: i32,
+    pub stickiness: i32,
+}
 
 /// Errors of the policy.
 #[derive(Debug, thiserror::Error)]
@@ -130,12 +178,27 @@ pub struct ZoneSpec {
     pub overcommit: Option<f64>,
 }
 
+/// A host pool: hosts of one hardware class that VMs of the pool share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// Hardware class (e.g. `gpu-a100`): a VM of the pool may fail over to any pool of its class, never to
+    /// another class.
+    pub class: String,
+    /// Provider quota: normalised units each host of the pool offers (Pacemaker utilization `vmha-units`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<u64>,
+}
+
 /// Settings of a host.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostSpec {
     /// Zone path, e.g. `eu/b1/r2`.
     pub zone: String,
+    /// The host's pool (a name of the policy's `pools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     /// Explicit capacity (`cpu`, `hv_memory`, ...), instead of the utilization vmhad writes (times overcommit).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub capacity: BTreeMap<String, u64>,
@@ -148,12 +211,19 @@ pub struct VmSpec {
     /// Pacemaker `priority`: higher is placed first and stopped last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
-    /// Home zone: hosts in it are preferred (the policy's `home_score`).
+    /// Home zone: hosts in it are preferred, then the nearest zones (`home_score` per shared level).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     /// Never run outside the home zone (a -INFINITY rule); off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strict_zone: bool,
+    /// Home pool: preferred over other pools of its class; hosts of other classes are never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Consumer quota: normalised units the VM takes of a host's `units` (Pacemaker utilization
+    /// `vmha-units`; only hosts whose pool sets `units` can then run it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<u64>,
 }
 
 /// VMs kept apart or together.
@@ -200,11 +270,14 @@ pub struct Policy {
     /// Pacemaker `placement-strategy`: `default`, `utilization`, `minimal` or `balanced`.
     #[serde(default = "default_strategy")]
     pub placement_strategy: String,
-    /// Score of a VM's home zone (out of it: 0).
+    /// What each zone level a host shares with a VM's home zone is worth (see [`Scores`]); 0 to
+    /// [`MAX_HOME_SCORE`].
     #[serde(default = "default_home_score")]
     pub home_score: i32,
     #[serde(default)]
     pub zones: BTreeMap<String, ZoneSpec>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pools: BTreeMap<String, PoolSpec>,
     #[serde(default)]
     pub hosts: BTreeMap<String, HostSpec>,
     #[serde(default)]
@@ -219,6 +292,7 @@ impl Default for Policy {
             placement_strategy: default_strategy(),
             home_score: default_home_score(),
             zones: BTreeMap::new(),
+            pools: BTreeMap::new(),
             hosts: BTreeMap::new(),
             vms: BTreeMap::new(),
             groups: BTreeMap::new(),
@@ -277,12 +351,6 @@ impl Policy {
         stored.map(Policy::from_json).transpose()
     }
 
-    /// The home zone's level of a VM, and the zone.
-    fn home(&self, vm: &str) -> Option<(Level, &str)> {
-        let zone = self.vms.get(vm)?.zone.as_deref()?;
-        Some((Level::of_depth(zone.split('/').count())?, zone))
-    }
-
     /// Checks the policy against the cluster: every host, VM and zone it names exists. A policy that fails
     /// here is never stored or applied.
     pub fn validate(&self, view: &ClusterView) -> Result<(), PolicyError> {
@@ -292,8 +360,22 @@ impl Policy {
                 self.placement_strategy
             ));
         }
-        if !(0..=1_000_000).contains(&self.home_score) {
-            return invalid(format!("home_score {}: must be 0 to 1000000", self.home_score));
+        if !(0..=MAX_HOME_SCORE).contains(&self.home_score) {
+            return invalid(format!(
+                "home_score {}: must be 0 to {MAX_HOME_SCORE} (the free-room and stickiness scores are multiples of it)",
+                self.home_score
+            ));
+        }
+        for (pool, spec) in &self.pools {
+            validate_name("pool name", pool).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+            validate_name("hardware class", &spec.class)
+                .map_err(|e| PolicyError::Invalid(format!("pool {pool}: {e}")))?;
+            if spec.units.is_some_and(|u| u > MAX_UNITS) {
+                return invalid(format!("pool {pool}: units must be at most {MAX_UNITS}"));
+            }
+            if !self.hosts.values().any(|h| h.pool.as_deref() == Some(pool.as_str())) {
+                return invalid(format!("pool {pool}: no host is in it"));
+            }
         }
         for (zone, spec) in &self.zones {
             validate_zone(zone)?;
@@ -311,6 +393,11 @@ impl Policy {
                 return invalid(format!("host {host}: not a node of this cluster"));
             }
             validate_zone(&spec.zone).map_err(|e| PolicyError::Invalid(format!("host {host}: {e}")))?;
+            if let Some(pool) = &spec.pool {
+                if !self.pools.contains_key(pool) {
+                    return invalid(format!("host {host}: pool {pool:?} is not in the policy's pools"));
+                }
+            }
             for name in spec.capacity.keys() {
                 validate_name("utilization name", name)
                     .map_err(|e| PolicyError::Invalid(format!("host {host}: {e}")))?;
@@ -327,6 +414,24 @@ impl Policy {
                 }
             } else if spec.strict_zone {
                 return invalid(format!("VM {vm}: strict_zone needs a zone"));
+            }
+            if let Some(pool) = &spec.pool {
+                if !self.pools.contains_key(pool) {
+                    return invalid(format!("VM {vm}: pool {pool:?} is not in the policy's pools"));
+                }
+            }
+            if let Some(units) = spec.units {
+                if units > MAX_UNITS {
+                    return invalid(format!("VM {vm}: units must be at most {MAX_UNITS}"));
+                }
+                if !self.hosts.values().any(|h| {
+                    h.pool
+                        .as_ref()
+                        .and_then(|p| self.pools.get(p))
+                        .is_some_and(|p| p.units.is_some())
+                }) {
+                    return invalid(format!("VM {vm}: units need a pool whose hosts offer units"));
+                }
             }
             if let Some(p) = spec.priority {
                 if !(-1_000_000..=1_000_000).contains(&p) {
@@ -366,6 +471,27 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// The placement scores (see [`Scores`]).
+    pub fn scores(&self) -> Scores {
+        let u = self.home_score.max(1);
+        Scores {
+            level: self.home_score,
+            pool: 5 * u,
+            free: 10 * u,
+            stickiness: 20 * u,
+        }
+    }
+
+    /// The home zone of a VM, if it has one.
+    pub fn home_zone(&self, vm: &str) -> Option<&str> {
+        self.vms.get(vm)?.zone.as_deref()
+    }
+
+    /// The hardware class of a pool.
+    pub fn class_of(&self, pool: &str) -> Option<&str> {
+        self.pools.get(pool).map(|p| p.class.as_str())
     }
 
     fn priority(&self, vm: &str) -> i32 {
@@ -474,7 +600,7 @@ fn nvpair(id: &str, name: &str, value: &str) -> String {
     )
 }
 
-fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
+fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Generated, PolicyError> {
     let mut g = Generated::default();
     let nodes: BTreeMap<&str, Node> = doc
         .descendants()
@@ -493,6 +619,11 @@ fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
                 attrs.push_str(&nvpair(&format!("{base}-{}", level.name()), &level.attribute(), &z));
             }
         }
+        let pool = spec.pool.as_ref().and_then(|p| Some((p, policy.pools.get(p)?)));
+        if let Some((name, pool)) = pool {
+            attrs.push_str(&nvpair(&format!("{base}-pool"), POOL_ATTRIBUTE, name));
+            attrs.push_str(&nvpair(&format!("{base}-class"), CLASS_ATTRIBUTE, &pool.class));
+        }
         let mut sets = vec![format!(
             r#"<instance_attributes id="{base}" score="{SET_SCORE}">{attrs}</instance_attributes>"#
         )];
@@ -506,6 +637,9 @@ fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
                     capacity.insert(name.clone(), ((v as f64) * ratio).floor().to_string());
                 }
             }
+        }
+        if let Some(units) = pool.and_then(|(_, p)| p.units) {
+            capacity.insert(UNITS.to_string(), units.to_string());
         }
         for (name, value) in &spec.capacity {
             capacity.insert(name.clone(), value.to_string());
@@ -521,23 +655,62 @@ fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
         }
         g.nodes.insert(id.to_string(), sets);
     }
-    for (vm, spec) in &policy.vms {
+    let primitives: BTreeMap<&str, Node> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("primitive"))
+        .filter_map(|n| Some((n.attribute("id")?, n)))
+        .collect();
+    let scores = policy.scores();
+    let zoned = !policy.hosts.is_empty();
+    let none = VmSpec::default();
+    for vm in view.vms.iter().map(|v| v.name.as_str()) {
+        let spec = policy.vms.get(vm).unwrap_or(&none);
         let v = id_part(vm);
+        let mut meta = String::new();
         if let Some(p) = spec.priority {
-            g.primitives.entry(vm.clone()).or_default().push(format!(
-                r#"<meta_attributes id="{PREFIX}meta-{v}" score="{SET_SCORE}">{}</meta_attributes>"#,
-                nvpair(&format!("{PREFIX}meta-{v}-priority"), "priority", &p.to_string())
+            meta.push_str(&nvpair(
+                &format!("{PREFIX}meta-{v}-priority"),
+                "priority",
+                &p.to_string(),
             ));
         }
-        if let Some((level, zone)) = policy.home(vm) {
-            let attr = level.attribute();
-            let mut rules = format!(
-                r#"<rule id="{PREFIX}home-{v}-in" score="{}"><expression id="{PREFIX}home-{v}-in-expr" attribute="{}" operation="eq" value="{}"/></rule>"#,
-                policy.home_score,
-                escape(&attr),
-                escape(zone)
-            );
+        if zoned {
+            meta.push_str(&nvpair(
+                &format!("{PREFIX}meta-{v}-stickiness"),
+                "resource-stickiness",
+                &scores.stickiness.to_string(),
+            ));
+        }
+        if !meta.is_empty() {
+            g.primitives.entry(vm.to_string()).or_default().push(format!(
+                r#"<meta_attributes id="{PREFIX}meta-{v}" score="{SET_SCORE}">{meta}</meta_attributes>"#
+            ));
+        }
+        if let Some(units) = spec.units {
+            g.primitives.entry(vm.to_string()).or_default().push(format!(
+                r#"<utilization id="{PREFIX}util-{v}" score="{SET_SCORE}">{}</utilization>"#,
+                nvpair(&format!("{PREFIX}util-{v}-units"), UNITS, &units.to_string())
+            ));
+        }
+        let mut rules = String::new();
+        // Step 1-2: nearest zone first, one score per level of the home zone the host shares.
+        if let Some(zone) = spec.zone.as_deref() {
+            if scores.level > 0 {
+                for level in LEVELS {
+                    let Some(at) = zone_at(zone, level) else { break };
+                    rules.push_str(&format!(
+                        r#"<rule id="{PREFIX}home-{v}-{l}" score="{}"><expression id="{PREFIX}home-{v}-{l}-expr" attribute="{}" operation="eq" value="{}"/></rule>"#,
+                        scores.level,
+                        escape(&level.attribute()),
+                        escape(&at),
+                        l = level.name(),
+                    ));
+                }
+            }
             if spec.strict_zone {
+                let attr = Level::of_depth(zone.split('/').count())
+                    .map(Level::attribute)
+                    .unwrap_or_default();
                 rules.push_str(&format!(
                     concat!(
                         r#"<rule id="{p}home-{v}-out" score="-INFINITY" boolean-op="or">"#,
@@ -551,6 +724,58 @@ fn generate(policy: &Policy, doc: &Document) -> Result<Generated, PolicyError> {
                     z = escape(zone)
                 ));
             }
+        }
+        // Step 2-3: the own pool before other pools of the class; never another class.
+        if let Some((pool, class)) = spec.pool.as_deref().and_then(|p| Some((p, policy.class_of(p)?))) {
+            rules.push_str(&format!(
+                r#"<rule id="{PREFIX}home-{v}-pool" score="{}"><expression id="{PREFIX}home-{v}-pool-expr" attribute="{POOL_ATTRIBUTE}" operation="eq" value="{}"/></rule>"#,
+                scores.pool,
+                escape(pool)
+            ));
+            rules.push_str(&format!(
+                concat!(
+                    r#"<rule id="{p}home-{v}-class" score="-INFINITY" boolean-op="or">"#,
+                    r#"<expression id="{p}home-{v}-class-ne" attribute="{a}" operation="ne" value="{c}"/>"#,
+                    r#"<expression id="{p}home-{v}-class-undef" attribute="{a}" operation="not_defined"/>"#,
+                    r#"</rule>"#
+                ),
+                p = PREFIX,
+                v = v,
+                a = CLASS_ATTRIBUTE,
+                c = escape(class)
+            ));
+        }
+        // Steps 1-3 before 4-5: a host with free room for the VM (its transient `vmha-free-*` attributes,
+        // kept by vmhad) beats any host without, so a VM displaces another only where no host has room.
+        if zoned {
+            let mut needs: BTreeMap<String, u64> = primitives
+                .get(vm)
+                .map(|p| effective_nvpairs(*p, "utilization", true))
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(k, val)| Some((k, val.parse::<u64>().ok()?)))
+                .collect();
+            if let Some(units) = spec.units {
+                needs.insert(UNITS.to_string(), units);
+            }
+            if !needs.is_empty() {
+                let exprs: String = needs
+                    .iter()
+                    .map(|(name, need)| {
+                        format!(
+                            r#"<expression id="{PREFIX}home-{v}-free-{}" attribute="{}" operation="gte" type="number" value="{need}"/>"#,
+                            id_part(name),
+                            escape(&format!("{FREE_PREFIX}{name}"))
+                        )
+                    })
+                    .collect();
+                rules.push_str(&format!(
+                    r#"<rule id="{PREFIX}home-{v}-free" score="{}" boolean-op="and">{exprs}</rule>"#,
+                    scores.free
+                ));
+            }
+        }
+        if !rules.is_empty() {
             g.constraints.push(format!(
                 r#"<rsc_location id="{PREFIX}home-{v}" rsc="{}">{rules}</rsc_location>"#,
                 escape(vm)
@@ -808,7 +1033,7 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
         .children()
         .find(|n| n.has_tag_name("configuration"))
         .ok_or(ModelError::MissingSection("configuration"))?;
-    let generated = generate(policy, &doc)?;
+    let generated = generate(policy, &doc, &view)?;
     let skip = |n: Node| n.attribute("id").is_some_and(is_owned);
     let append = |n: Node| -> Vec<String> {
         let id = n.attribute("id").unwrap_or("");
@@ -940,9 +1165,11 @@ mod tests {
             r#"<utilization id="vmha-policy-node-1-utilization" score="1000"><nvpair id="vmha-policy-node-1-utilization-cpu" name="cpu" value="6"/><nvpair id="vmha-policy-node-1-utilization-hv_memory" name="hv_memory" value="1500"/></utilization>"#,
             r#"<nvpair id="vmha-policy-node-3-utilization-hv_memory" name="hv_memory" value="256"/>"#,
             // priority
-            r#"<meta_attributes id="vmha-policy-meta-vm1" score="1000"><nvpair id="vmha-policy-meta-vm1-priority" name="priority" value="10"/></meta_attributes>"#,
-            // home zone: preferred, not required...
-            r#"<rsc_location id="vmha-policy-home-vm1" rsc="vm1"><rule id="vmha-policy-home-vm1-in" score="100"><expression id="vmha-policy-home-vm1-in-expr" attribute="vmha-zone-site" operation="eq" value="a"/></rule></rsc_location>"#,
+            // priority, and a stickiness above every placement score (every VM of the cluster)
+            r#"<meta_attributes id="vmha-policy-meta-vm1" score="1000"><nvpair id="vmha-policy-meta-vm1-priority" name="priority" value="10"/><nvpair id="vmha-policy-meta-vm1-stickiness" name="resource-stickiness" value="2000"/></meta_attributes>"#,
+            r#"<meta_attributes id="vmha-policy-meta-vm3" score="1000"><nvpair id="vmha-policy-meta-vm3-stickiness" name="resource-stickiness" value="2000"/></meta_attributes>"#,
+            // home zone: preferred, not required; a host with free room for the VM beats any zone
+            r#"<rsc_location id="vmha-policy-home-vm1" rsc="vm1"><rule id="vmha-policy-home-vm1-site" score="100"><expression id="vmha-policy-home-vm1-site-expr" attribute="vmha-zone-site" operation="eq" value="a"/></rule><rule id="vmha-policy-home-vm1-free" score="1000" boolean-op="and"><expression id="vmha-policy-home-vm1-free-hv_memory" attribute="vmha-free-hv_memory" operation="gte" type="number" value="128"/></rule></rsc_location>"#,
             // ...unless strict
             r#"<rule id="vmha-policy-home-vm2-out" score="-INFINITY" boolean-op="or">"#,
             // anti-affinity: the lower priority VM is placed with (after) the higher one
@@ -957,7 +1184,8 @@ mod tests {
             assert!(c.contains(needle), "{needle}\nin\n{c}");
         }
         assert!(!c.contains("-INFINITY\" boolean-op=\"or\"><expression id=\"vmha-policy-home-vm1"));
-        assert!(!c.contains("vmha-policy-meta-vm3"), "no priority, no meta set");
+        assert!(!c.contains("vmha-policy-meta-vm3-priority"), "no priority set");
+        assert!(!c.contains("vmha-policy-home-vm3"), "no zone, no needs: no rules");
         assert!(p.changes.iter().all(|ch| matches!(ch, PlanChange::Add { .. })));
         assert!(p
             .diff_text()
@@ -1063,6 +1291,73 @@ mod tests {
             "exactly one",
         );
         check(r#"{"typo": 1}"#, "unknown field");
+        check(
+            r#"{"hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "host n1: pool \"p\" is not in the policy's pools",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x"}}, "hosts": {"n1": {"zone": "a"}}}"#,
+            "pool p: no host is in it",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "a b"}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "hardware class",
+        );
+        check(
+            r#"{"pools": {"p<": {"class": "x"}}, "hosts": {"n1": {"zone": "a", "pool": "p<"}}}"#,
+            "pool name",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x", "units": 1000000000000}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}}"#,
+            "units must be at most",
+        );
+        check(
+            r#"{"pools": {"p": {"class": "x"}}, "hosts": {"n1": {"zone": "a", "pool": "p"}}, "vms": {"vm1": {"units": 2}}}"#,
+            "VM vm1: units need a pool whose hosts offer units",
+        );
+        check(
+            r#"{"hosts": {"n1": {"zone": "a"}}, "vms": {"vm1": {"pool": "q"}}}"#,
+            "VM vm1: pool \"q\" is not in the policy's pools",
+        );
+        check(r#"{"home_score": 10001}"#, "home_score 10001");
+    }
+
+    #[test]
+    fn zones_grade_per_level_and_pools_rank_and_fence_classes() {
+        let p = Policy::from_json(
+            r#"{
+            "pools": {"std": {"class": "x86", "units": 10}, "gpu": {"class": "gpu"}},
+            "hosts": {"n1": {"zone": "eu/b1/r1/k1", "pool": "std"}, "n2": {"zone": "eu/b2", "pool": "gpu"}},
+            "vms": {"vm1": {"zone": "eu/b1/r1/k1", "pool": "std", "units": 3}}
+        }"#,
+        )
+        .unwrap();
+        let c = plan(&p, CIB).unwrap().configuration;
+        Document::parse(&c).unwrap();
+        for needle in [
+            // one rule per level of the home zone, each worth home_score: same rack 400 ... same site 100
+            r#"<rule id="vmha-policy-home-vm1-site" score="100"><expression id="vmha-policy-home-vm1-site-expr" attribute="vmha-zone-site" operation="eq" value="eu"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-building" score="100"><expression id="vmha-policy-home-vm1-building-expr" attribute="vmha-zone-building" operation="eq" value="eu/b1"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-rack" score="100"><expression id="vmha-policy-home-vm1-rack-expr" attribute="vmha-zone-rack" operation="eq" value="eu/b1/r1/k1"/></rule>"#,
+            // the own pool beats every zone difference; another class is forbidden
+            r#"<rule id="vmha-policy-home-vm1-pool" score="500"><expression id="vmha-policy-home-vm1-pool-expr" attribute="vmha-pool" operation="eq" value="std"/></rule>"#,
+            r#"<rule id="vmha-policy-home-vm1-class" score="-INFINITY" boolean-op="or"><expression id="vmha-policy-home-vm1-class-ne" attribute="vmha-class" operation="ne" value="x86"/>"#,
+            // free room for its needs (the units included) beats pool and zone together
+            r#"<rule id="vmha-policy-home-vm1-free" score="1000" boolean-op="and"><expression id="vmha-policy-home-vm1-free-hv_memory" attribute="vmha-free-hv_memory" operation="gte" type="number" value="128"/><expression id="vmha-policy-home-vm1-free-vmha-units" attribute="vmha-free-vmha-units" operation="gte" type="number" value="3"/></rule>"#,
+            // hosts carry pool and class; the pool's units are their capacity; the VM's units its need
+            r#"<nvpair id="vmha-policy-node-1-pool" name="vmha-pool" value="std"/><nvpair id="vmha-policy-node-1-class" name="vmha-class" value="x86"/>"#,
+            r#"<nvpair id="vmha-policy-node-1-utilization-vmha-units" name="vmha-units" value="10"/>"#,
+            r#"<utilization id="vmha-policy-util-vm1" score="1000"><nvpair id="vmha-policy-util-vm1-units" name="vmha-units" value="3"/></utilization>"#,
+            r#"<nvpair id="vmha-policy-meta-vm1-stickiness" name="resource-stickiness" value="2000"/>"#,
+        ] {
+            assert!(c.contains(needle), "{needle}\nin\n{c}");
+        }
+        assert!(
+            !c.contains("vmha-policy-node-2-utilization-vmha-units"),
+            "pool gpu offers no units"
+        );
+        let s = p.scores();
+        assert!(s.pool > 4 * s.level && s.free > s.pool + 4 * s.level && s.stickiness > s.free + s.pool + 4 * s.level);
     }
 
     #[test]

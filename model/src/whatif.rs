@@ -165,6 +165,13 @@ pub struct VmPrediction {
     pub priority: i64,
     #[serde(flatten)]
     pub outcome: VmOutcome,
+    /// The step of the failover order that placed it (1-5, see [`crate::failover`]); `None` when it keeps
+    /// its host or gets none.
+    pub step: Option<u8>,
+    /// Why it ends up where it does, for people (the step, or who displaced it).
+    pub step_label: String,
+    /// The VMs that took its place on its host (empty unless it was displaced).
+    pub displaced_by: Vec<String>,
 }
 
 /// Capacity left in one zone after the event (sum over its surviving hosts).
@@ -212,6 +219,78 @@ impl Prediction {
             })
             .collect()
     }
+}
+
+/// Names the failover step of each VM in `vms` (sorted highest priority first): a VM that lands on a host
+/// where the free capacity before the event (less what higher-priority VMs took there first) covered its
+/// needs took free room (steps 1-3), else it took the place of the VMs that leave that host (4-5).
+fn label_steps(live: &str, copy: &str, after: &ClusterView, vms: &mut [VmPrediction]) -> Result<(), PolicyError> {
+    use crate::failover::{displaced_from, fits, free_capacity, host_places, step_for};
+    let policy = crate::policy::Policy::from_cib(live).ok().flatten();
+    let mut free = free_capacity(copy)?;
+    let places = host_places(copy)?;
+    let before: BTreeMap<String, Option<String>> = ClusterView::from_cib(copy)?
+        .vms
+        .iter()
+        .map(|v| (v.name.clone(), v.hosts.first().cloned()))
+        .collect();
+    let after_hosts: BTreeMap<String, Option<String>> = vms
+        .iter()
+        .map(|v| {
+            let h = match &v.outcome {
+                VmOutcome::Stays { host } => Some(host.clone()),
+                VmOutcome::Moves { to, .. } | VmOutcome::Starts { to } => Some(to.clone()),
+                _ => None,
+            };
+            (v.vm.clone(), h)
+        })
+        .collect();
+    let newcomers = |host: &str| -> Vec<String> {
+        after_hosts
+            .iter()
+            .filter(|(vm, h)| h.as_deref() == Some(host) && before.get(*vm).cloned().flatten().as_deref() != Some(host))
+            .map(|(vm, _)| vm.clone())
+            .collect()
+    };
+    for v in vms.iter_mut() {
+        let needs = after.vm(&v.vm).map(|x| x.utilization.clone()).unwrap_or_default();
+        match v.outcome.clone() {
+            VmOutcome::Moves { to, .. } | VmOutcome::Starts { to } => {
+                let room = fits(free.get(&to), &needs);
+                if let Some(f) = free.get_mut(&to) {
+                    for (k, need) in &needs {
+                        if let Some(x) = f.get_mut(k) {
+                            *x -= int(need);
+                        }
+                    }
+                }
+                let displaced = displaced_from(&to, &before, &after_hosts);
+                let place = places.get(&to).cloned().unwrap_or_default();
+                let taken = step_for(policy.as_ref(), &v.vm, &to, &place, room, &displaced);
+                v.step = Some(taken.step);
+                v.step_label = taken.label;
+            }
+            VmOutcome::Stays { .. } => v.step_label = "keeps its host".into(),
+            VmOutcome::Stops { .. } | VmOutcome::StaysStopped => {
+                v.step_label = "no host of its class has room, and no lower-priority VM to take the place of".into()
+            }
+        }
+        // Displaced: it ran on a host that survives and others took its place there.
+        if let Some(Some(was)) = before.get(&v.vm) {
+            if after_hosts.get(&v.vm).cloned().flatten().as_deref() != Some(was.as_str()) {
+                let by = newcomers(was);
+                if !by.is_empty() {
+                    let how = match v.step {
+                        Some(_) => format!("; {}", v.step_label),
+                        None => "; no free room left for it".to_string(),
+                    };
+                    v.step_label = format!("displaced from {was} by {}{how}", by.join(", "));
+                    v.displaced_by = by;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn int(v: &str) -> i64 {
@@ -266,9 +345,13 @@ pub fn predict(
             vm: vm.name.clone(),
             priority: vm.meta.get("priority").map(|p| int(p)).unwrap_or(0),
             outcome,
+            step: None,
+            step_label: String::new(),
+            displaced_by: Vec::new(),
         });
     }
     vms.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.vm.cmp(&b.vm)));
+    label_steps(live, copy, &after_view, &mut vms)?;
 
     // Capacity per zone: the scheduler's view of each surviving host's capacity, minus the predicted VMs.
     let doc = Document::parse(copy)?;
@@ -391,32 +474,46 @@ mod tests {
         let failed = vec!["n1".to_string()];
         let copy = fail_hosts(LIVE, &failed).unwrap();
         let p = predict(LIVE, &copy, GRAPH, &failed, None).unwrap();
+        let got: Vec<(&str, i64, &VmOutcome)> = p.vms.iter().map(|v| (v.vm.as_str(), v.priority, &v.outcome)).collect();
         assert_eq!(
-            p.vms,
+            got,
             vec![
-                VmPrediction {
-                    vm: "hi".into(),
-                    priority: 100,
-                    outcome: VmOutcome::Moves {
+                (
+                    "hi",
+                    100,
+                    &VmOutcome::Moves {
                         from: "n1".into(),
                         to: "n2".into()
                     }
-                },
-                VmPrediction {
-                    vm: "mid".into(),
-                    priority: 50,
-                    outcome: VmOutcome::Moves {
+                ),
+                (
+                    "mid",
+                    50,
+                    &VmOutcome::Moves {
                         from: "n2".into(),
                         to: "n3".into()
                     }
-                },
-                VmPrediction {
-                    vm: "lo".into(),
-                    priority: 1,
-                    outcome: VmOutcome::Stops { from: "n1".into() }
-                },
+                ),
+                ("lo", 1, &VmOutcome::Stops { from: "n1".into() }),
             ]
         );
+        // n2 had no free room (mid filled it): hi took mid's place; mid found free room on n3.
+        assert_eq!(p.vms[0].step, Some(4), "{}", p.vms[0].step_label);
+        assert!(
+            p.vms[0].step_label.contains("in place of mid on n2"),
+            "{}",
+            p.vms[0].step_label
+        );
+        assert_eq!(p.vms[1].step, Some(1));
+        assert_eq!(p.vms[1].displaced_by, vec!["hi"]);
+        assert!(
+            p.vms[1]
+                .step_label
+                .starts_with("displaced from n2 by hi; step 1: free room on n3"),
+            "{}",
+            p.vms[1].step_label
+        );
+        assert_eq!((p.vms[2].step, p.vms[2].displaced_by.is_empty()), (None, true));
         assert_eq!(p.without_place(), vec!["lo"]);
         // n2's capacity is the policy's (128, not 512); n1 failed and counts no more.
         let a = p.zones.iter().find(|z| z.zone == "a").unwrap();

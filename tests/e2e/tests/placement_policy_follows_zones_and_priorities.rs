@@ -294,6 +294,23 @@ fn placement_policy_follows_zones_and_priorities() {
     assert_ne!(expected["ahi"], expected["bone"]);
     assert_eq!(zone_of(&lab, expected["ahi"].as_deref().unwrap()), "a");
     assert_eq!(zone_of(&lab, expected["amid"].as_deref().unwrap()), "b");
+    // What-if names the failover step: ahi took free room at home (step 1); amid found no free room
+    // anywhere (node2 is ahi's now, node3 full) and took btwo's place outside its zone (step 5).
+    let step = |vm: &str| -> (Value, String) {
+        let v = prediction["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vm"] == vm)
+            .unwrap();
+        (v["step"].clone(), v["step_label"].as_str().unwrap_or("").to_string())
+    };
+    let (ahi_step, ahi_label) = step("ahi");
+    assert_eq!(ahi_step, 1, "{ahi_label}");
+    let (amid_step, amid_label) = step("amid");
+    assert_eq!(amid_step, 5, "{amid_label}");
+    assert!(amid_label.contains("in place of btwo"), "{amid_label}");
+    assert!(human.contains("step 1: free room on"), "{human}");
 
     // Now the real thing.
     let fences_before = lab.power_events().len();

@@ -1,0 +1,38 @@
+//! The free capacity of each host in its transient node attributes `vmha-free-<utilization>`, which the
+//! placement policy's free-room rules read (see `vmha_model::failover`): kept by the DC's vmhad only, so
+//! hosts do not race, and written only when it changed.
+
+use std::sync::Arc;
+
+use crate::backend::CibChange;
+use vmha_model::failover;
+
+use crate::state::Shared;
+
+/// Brings the free-capacity attributes up to date (on the DC, when a policy places hosts in zones).
+pub async fn reconcile(shared: &Arc<Shared>) {
+    let snap = shared.snapshot();
+    let Some(view) = snap.view.as_ref() else { return };
+    if view.dc.as_deref() != Some(shared.local_host.as_str()) {
+        return;
+    }
+    let Ok(cib) = shared.backend.query().await else { return };
+    // Only where a policy placed hosts in zones (its rules read the attributes); a cheap test first, as
+    // this runs on every CIB change.
+    if !cib.contains(r#"name="vmha-zone-site""#) {
+        return;
+    }
+    let updates = match failover::free_updates(&cib) {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!("computing the hosts' free capacity: {e}");
+            return;
+        }
+    };
+    for (host, xml) in updates {
+        match shared.backend.apply(CibChange::Modify { section: "status", xml }).await {
+            Ok(()) => tracing::debug!(%host, "free capacity updated"),
+            Err(e) => tracing::warn!(%host, "updating the free capacity: {e}"),
+        }
+    }
+}

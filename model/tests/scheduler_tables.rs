@@ -1,0 +1,400 @@
+//! Scheduler scenario tables: the placement policy compiled into a file-backed CIB, hosts failed the way
+//! what-if fails them, the free capacity set the way vmhad keeps it, and Pacemaker's own scheduler
+//! (`crm_simulate`, no daemons, no root) deciding. One table per step of the failover order (see
+//! `vmha_model::failover`), plus the case of issue 19 where a priority-100 VM pushed a priority-1 VM out
+//! instead of taking free room.
+//!
+//! Needs `crm_simulate` (pacemaker-cli-utils, installed by ci/install-deps).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vmha_model::failover::with_free_capacity;
+use vmha_model::policy::{plan, Policy};
+use vmha_model::whatif::{fail_hosts, predict, Prediction};
+
+/// A host: name, zone, pool, capacity (in VM-sized slots of `hv_memory`).
+type Host = (&'static str, &'static str, &'static str, u32);
+/// A VM: name, priority, home zone, pool, host it runs on.
+type Vm = (&'static str, i32, &'static str, &'static str, Option<&'static str>);
+
+struct Case {
+    name: &'static str,
+    hosts: &'static [Host],
+    vms: &'static [Vm],
+    fail: &'static [&'static str],
+    /// Where each VM runs afterwards (`None`: stopped).
+    expect: &'static [(&'static str, Option<&'static str>)],
+    /// The failover step what-if names for the VMs placed anew.
+    steps: &'static [(&'static str, u8)],
+    /// Stickiness of the user's resource defaults (the issue checked 0, 1 and 100).
+    user_stickiness: Option<u32>,
+}
+
+/// Pools: two of hardware class x86, one of class gpu.
+const POOLS: &str = r#"{"std": {"class": "x86"}, "big": {"class": "x86"}, "gpu": {"class": "gpu"}}"#;
+
+fn op(vm: &str, host: &str) -> String {
+    format!(
+        r#"<lrm_resource id="{vm}" type="VirtualMachine" class="ocf" provider="vmha"><lrm_rsc_op id="{vm}_last_0" operation_key="{vm}_start_0" operation="start" crm-debug-origin="test" crm_feature_set="3.16.2" transition-key="1:1:0:aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa" transition-magic="0:0;1:1:0:aaaaaaaa-aaaa-aaaa-aaaa-aaaaaaaaaaaa" call-id="5" rc-code="0" op-status="0" interval="0" exec-time="1" queue-time="0" on_node="{host}"/></lrm_resource>"#
+    )
+}
+
+/// The cluster of a case, before its policy: hosts with capacity, VMs needing one slot each, running
+/// where the case says.
+fn cib(case: &Case) -> String {
+    let mut nodes = String::new();
+    let mut states = String::new();
+    for (i, (h, _, _, slots)) in case.hosts.iter().enumerate() {
+        let id = i + 1;
+        nodes.push_str(&format!(
+            r#"<node id="{id}" uname="{h}"><utilization id="n{id}-u"><nvpair id="n{id}-um" name="hv_memory" value="{slots}"/></utilization></node>"#
+        ));
+        let ops: String = case
+            .vms
+            .iter()
+            .filter(|v| v.4 == Some(*h))
+            .map(|v| op(v.0, h))
+            .collect();
+        states.push_str(&format!(
+            r#"<node_state id="{id}" uname="{h}" in_ccm="true" crmd="online" join="member" expected="member"><lrm id="{id}"><lrm_resources>{ops}</lrm_resources></lrm></node_state>"#
+        ));
+    }
+    let resources: String = case
+        .vms
+        .iter()
+        .map(|(v, ..)| {
+            format!(
+                r#"<primitive id="{v}" class="ocf" provider="vmha" type="VirtualMachine"><utilization id="{v}-u"><nvpair id="{v}-um" name="hv_memory" value="1"/></utilization></primitive>"#
+            )
+        })
+        .collect();
+    let defaults = case
+        .user_stickiness
+        .map(|s| {
+            format!(
+                r#"<rsc_defaults><meta_attributes id="rsc-options"><nvpair id="rsc-options-stickiness" name="resource-stickiness" value="{s}"/></meta_attributes></rsc_defaults>"#
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        r#"<cib admin_epoch="0" epoch="1" num_updates="0" validate-with="pacemaker-3.7" crm_feature_set="3.16.2" have-quorum="1" dc-uuid="1"><configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="false"/></cluster_property_set></crm_config><nodes>{nodes}</nodes><resources>{resources}</resources><constraints/>{defaults}</configuration><status>{states}</status></cib>"#
+    )
+}
+
+fn policy(case: &Case) -> Policy {
+    let hosts: BTreeMap<&str, serde_json::Value> = case
+        .hosts
+        .iter()
+        .map(|(h, z, p, _)| (*h, serde_json::json!({"zone": z, "pool": p})))
+        .collect();
+    let vms: BTreeMap<&str, serde_json::Value> = case
+        .vms
+        .iter()
+        .map(|(v, prio, zone, pool, _)| (*v, serde_json::json!({"priority": prio, "zone": zone, "pool": pool})))
+        .collect();
+    let all: BTreeMap<String, serde_json::Value> = serde_json::from_str(POOLS).unwrap();
+    let pools: BTreeMap<&String, &serde_json::Value> = all
+        .iter()
+        .filter(|(name, _)| case.hosts.iter().any(|h| h.2 == name.as_str()))
+        .collect();
+    let doc = serde_json::json!({
+        "pools": pools,
+        "hosts": hosts,
+        "vms": vms,
+    });
+    Policy::from_json(&doc.to_string()).unwrap()
+}
+
+fn with_configuration(cib: &str, configuration: &str) -> String {
+    let start = cib.find("<configuration>").unwrap();
+    let end = cib.find("</configuration>").unwrap() + "</configuration>".len();
+    format!("{}{}{}", &cib[..start], configuration, &cib[end..])
+}
+
+/// A private scratch directory for one run of the scheduler.
+fn scratch() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vmha-scheduler-tables-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs Pacemaker's scheduler on `copy` and reads its transition graph as what-if does.
+fn schedule(live: &str, copy: &str, failed: &[String]) -> (Prediction, String) {
+    let dir = scratch();
+    let cib_file = dir.join("cib.xml");
+    let graph_file = dir.join("graph.xml");
+    std::fs::write(&cib_file, copy).unwrap();
+    let out = Command::new("crm_simulate")
+        .arg("-x")
+        .arg(&cib_file)
+        .arg("-R")
+        .arg("-s")
+        .arg("-G")
+        .arg(&graph_file)
+        .env_remove("CIB_file")
+        .env_remove("CIB_shadow")
+        .output()
+        .expect("crm_simulate (pacemaker-cli-utils) must be installed for the scheduler tables");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "crm_simulate failed:\n{text}");
+    let graph = std::fs::read_to_string(&graph_file).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    (predict(live, copy, &graph, failed, None).unwrap(), text)
+}
+
+fn run(case: &Case) {
+    let base = cib(case);
+    let p = policy(case);
+    let planned = plan(&p, &base).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let stored = vmha_model::policy::store_xml(&p);
+    let configuration = planned
+        .configuration
+        .replacen("</crm_config>", &format!("{stored}</crm_config>"), 1);
+    let live = with_configuration(&base, &configuration);
+    let failed: Vec<String> = case.fail.iter().map(|s| s.to_string()).collect();
+    let copy = with_free_capacity(&fail_hosts(&live, &failed).unwrap()).unwrap();
+    let (prediction, scores) = schedule(&live, &copy, &failed);
+    let placement = prediction.placement();
+    for (vm, host) in case.expect {
+        assert_eq!(
+            placement.get(*vm).cloned().flatten().as_deref(),
+            *host,
+            "{}: {vm}\nprediction: {:#?}\n{scores}",
+            case.name,
+            prediction.vms
+        );
+    }
+    for (vm, step) in case.steps {
+        let v = prediction.vms.iter().find(|v| v.vm == *vm).unwrap();
+        assert_eq!(v.step, Some(*step), "{}: {vm}: {}", case.name, v.step_label);
+        assert!(
+            v.step_label.starts_with(&format!("step {step}:")) || v.step_label.contains(&format!("; step {step}:")),
+            "{}: {vm}: {}",
+            case.name,
+            v.step_label
+        );
+    }
+}
+
+// Zones: eu/b1/r1 (rack k1 and k2), eu/b1/r2, eu/b2, us.
+
+#[test]
+fn step_1_the_home_zone_takes_the_vm_where_it_has_room_nearest_first() {
+    run(&Case {
+        name: "step 1",
+        hosts: &[
+            ("h1", "eu/b1/r1/k1", "std", 1),
+            ("h2", "eu/b1/r1/k2", "std", 2),
+            ("h3", "eu/b1/r1/k1", "std", 2),
+            ("h4", "us", "std", 4),
+        ],
+        vms: &[
+            ("v", 10, "eu/b1/r1/k1", "std", Some("h1")),
+            ("w", 10, "eu/b1/r1/k2", "std", Some("h2")),
+        ],
+        fail: &["h1"],
+        // h3 shares v's rack: before h2 (same room) and h4 (another site, the most room).
+        expect: &[("v", Some("h3")), ("w", Some("h2"))],
+        steps: &[("v", 1)],
+        user_stickiness: None,
+    });
+}
+
+#[test]
+fn step_2_the_own_pool_in_the_nearest_zone_with_room() {
+    let hosts: &[Host] = &[
+        ("h1", "eu/b1/r1", "std", 1),
+        ("h2", "eu/b1/r1", "std", 1),
+        ("h3", "eu/b1/r2", "std", 1),
+        ("h4", "eu/b2", "std", 3),
+        ("h5", "us", "std", 3),
+        ("g1", "eu/b1/r1", "big", 3),
+    ];
+    // The home room is full (lo fills h2): the same building (h3) before the same site (h4).
+    run(&Case {
+        name: "step 2, same building",
+        hosts,
+        vms: &[
+            ("v", 10, "eu/b1/r1", "std", Some("h1")),
+            ("lo", 1, "eu/b1/r1", "std", Some("h2")),
+        ],
+        fail: &["h1"],
+        expect: &[("v", Some("h3")), ("lo", Some("h2"))],
+        steps: &[("v", 2)],
+        user_stickiness: None,
+    });
+    // The building is full too: the same site (h4) before another site (h5), and before the other pool
+    // (g1) in the home room.
+    run(&Case {
+        name: "step 2, same site",
+        hosts,
+        vms: &[
+            ("v", 10, "eu/b1/r1", "std", Some("h1")),
+            ("lo", 1, "eu/b1/r1", "std", Some("h2")),
+            ("x", 1, "eu/b1/r2", "std", Some("h3")),
+        ],
+        fail: &["h1"],
+        expect: &[("v", Some("h4")), ("lo", Some("h2")), ("x", Some("h3"))],
+        steps: &[("v", 2)],
+        user_stickiness: None,
+    });
+}
+
+#[test]
+fn step_3_another_pool_of_the_class_never_another_class() {
+    run(&Case {
+        name: "step 3",
+        hosts: &[
+            ("h1", "eu/b1/r1", "std", 1),
+            ("h2", "eu/b1/r1", "std", 1),
+            ("gp", "eu/b1/r1", "gpu", 4),
+            ("b1", "us", "big", 2),
+        ],
+        vms: &[
+            ("v", 10, "eu/b1/r1", "std", Some("h1")),
+            ("lo", 1, "eu/b1/r1", "std", Some("h2")),
+        ],
+        fail: &["h1"],
+        // Pool std is full; the gpu host in the home room is another class: v goes to pool big.
+        expect: &[("v", Some("b1")), ("lo", Some("h2"))],
+        steps: &[("v", 3)],
+        user_stickiness: None,
+    });
+}
+
+#[test]
+fn step_4_without_free_room_a_lower_priority_vm_near_home_gives_way() {
+    run(&Case {
+        name: "step 4",
+        hosts: &[
+            ("h1", "eu/b1/r1", "std", 1),
+            ("h2", "eu/b1/r1", "std", 1),
+            ("h3", "eu/b2", "std", 1),
+        ],
+        vms: &[
+            ("v", 10, "eu/b1/r1", "std", Some("h1")),
+            ("near", 1, "eu/b1/r1", "std", Some("h2")),
+            ("far", 5, "eu/b2", "std", Some("h3")),
+        ],
+        fail: &["h1"],
+        // near gives way (home zone first) and finds no room; far is above near: it stays.
+        expect: &[("v", Some("h2")), ("near", None), ("far", Some("h3"))],
+        steps: &[("v", 4)],
+        user_stickiness: None,
+    });
+}
+
+#[test]
+fn step_5_then_lower_priority_vms_elsewhere_in_zone_order() {
+    run(&Case {
+        name: "step 5",
+        hosts: &[
+            ("h1", "eu/b1/r1", "std", 1),
+            ("h2", "eu/b1/r1", "std", 1),
+            ("h3", "eu/b2", "std", 1),
+            ("h4", "us", "std", 1),
+        ],
+        vms: &[
+            ("v", 10, "eu/b1/r1", "std", Some("h1")),
+            // The home zone holds a VM of the same priority: it keeps its place.
+            ("peer", 10, "eu/b1/r1", "std", Some("h2")),
+            ("near", 1, "eu/b2", "std", Some("h3")),
+            ("far", 5, "us", "std", Some("h4")),
+        ],
+        fail: &["h1"],
+        expect: &[
+            ("v", Some("h3")),
+            ("peer", Some("h2")),
+            ("near", None),
+            ("far", Some("h4")),
+        ],
+        steps: &[("v", 5)],
+        user_stickiness: None,
+    });
+}
+
+/// Issue 19: the priority-100 VM's home zone is full (a priority-1 VM fills it), another zone has free
+/// room. Before, Pacemaker placed the priority-100 VM first on its best-scored host and pushed the
+/// priority-1 VM out to the free zone, at stickiness 0, 1 and 100. Now it takes the free room itself.
+#[test]
+fn the_issue_case_takes_the_free_room_instead_of_pushing_a_vm_out() {
+    for stickiness in [None, Some(0), Some(1), Some(100)] {
+        run(&Case {
+            name: "issue 19",
+            hosts: &[("a1", "A", "std", 1), ("a2", "A", "std", 1), ("b1", "B", "std", 1)],
+            vms: &[("hi", 100, "A", "std", Some("a1")), ("lo", 1, "A", "std", Some("a2"))],
+            fail: &["a1"],
+            expect: &[("hi", Some("b1")), ("lo", Some("a2"))],
+            steps: &[("hi", 2)],
+            user_stickiness: stickiness,
+        });
+    }
+    // Without the free capacity vmhad keeps (the attributes the rule reads), the same policy shows the
+    // bug: Pacemaker places hi first on its best-scored host and pushes lo out.
+    let case = Case {
+        name: "issue 19 without free attributes",
+        hosts: &[("a1", "A", "std", 1), ("a2", "A", "std", 1), ("b1", "B", "std", 1)],
+        vms: &[("hi", 100, "A", "std", Some("a1")), ("lo", 1, "A", "std", Some("a2"))],
+        fail: &["a1"],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let live = with_configuration(&cib(&case), &plan(&policy(&case), &cib(&case)).unwrap().configuration);
+    let failed = vec!["a1".to_string()];
+    let (p, _) = schedule(&live, &fail_hosts(&live, &failed).unwrap(), &failed);
+    let placement = p.placement();
+    assert_eq!(placement["hi"].as_deref(), Some("a2"));
+    assert_eq!(placement["lo"].as_deref(), Some("b1"));
+}
+
+/// A zone loses all its hosts and several of its VMs compete for the same free room: the limit of what
+/// Pacemaker's scores express. The free capacity is a node attribute read once per transition, so two
+/// VMs placed in the same transition both see the one free slot of r2a; Pacemaker counts only the VMs it
+/// has assigned, so both land there and the lower-priority VM that ran there moves on to the next free
+/// room (and so on). Every VM keeps running, the highest-priority VM takes the nearest free room, nothing
+/// is stopped while room existed, but VMs already running may move (live) to make the room.
+#[test]
+fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
+    let case = Case {
+        name: "zone lost",
+        hosts: &[
+            ("r1a", "eu/b1/r1", "std", 2),
+            ("r1b", "eu/b1/r1", "std", 2),
+            ("r2a", "eu/b1/r2", "std", 2),
+            ("b2a", "eu/b2", "std", 2),
+            ("usa", "us", "std", 4),
+        ],
+        vms: &[
+            ("p100", 100, "eu/b1/r1", "std", Some("r1a")),
+            ("p50", 50, "eu/b1/r1", "std", Some("r1a")),
+            ("p10", 10, "eu/b1/r1", "std", Some("r1b")),
+            ("p1", 1, "eu/b1/r1", "std", Some("r1b")),
+            ("r2low", 1, "eu/b1/r2", "std", Some("r2a")),
+            ("b2low", 1, "eu/b2", "std", Some("b2a")),
+        ],
+        fail: &["r1a", "r1b"],
+        expect: &[("p100", Some("r2a"))],
+        steps: &[("p100", 2)],
+        user_stickiness: None,
+    };
+    run(&case);
+    // Free room: r2a 1, b2a 1, usa 4, for the 4 VMs of the lost zone: all of them run somewhere.
+    let live = with_configuration(&cib(&case), &plan(&policy(&case), &cib(&case)).unwrap().configuration);
+    let failed: Vec<String> = case.fail.iter().map(|s| s.to_string()).collect();
+    let copy = with_free_capacity(&fail_hosts(&live, &failed).unwrap()).unwrap();
+    let (p, _) = schedule(&live, &copy, &failed);
+    assert!(p.without_place().is_empty(), "{:#?}", p.vms);
+}
