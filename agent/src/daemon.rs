@@ -15,30 +15,30 @@ use crate::objects::publish;
 use crate::state::Shared;
 
 /// Re-reads the CIB and publishes what changed. Returns false when the CIB could not be read.
-pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> bool {
+pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> Option<String> {
     // The copy the notifications' diffs keep current: no whole read of the CIB per change.
-    let view = match shared.backend.query_followed().await {
-        Ok(xml) => ClusterView::from_cib(&xml).map_err(|e| e.to_string()),
+    let read = match shared.backend.query_followed().await {
+        Ok(xml) => ClusterView::from_cib(&xml).map(|v| (v, xml)).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    let (old, connected) = match view {
-        Ok(view) => (
+    let (old, cib) = match read {
+        Ok((view, xml)) => (
             shared.update(|s| {
                 s.view = Some(view);
                 s.cib_connected = true;
             }),
-            true,
+            Some(xml),
         ),
         Err(e) => {
             tracing::warn!("reading the CIB: {e}");
-            (shared.update(|s| s.cib_connected = false), false)
+            (shared.update(|s| s.cib_connected = false), None)
         }
     };
     let new = shared.snapshot();
     if let Err(e) = publish(conn, shared, &old, &new).await {
         tracing::warn!("publishing on the bus: {e}");
     }
-    connected
+    cib
 }
 
 /// Follows the CIB forever: on every change notification (coalesced) re-reads it. When the connection
@@ -51,15 +51,15 @@ pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
                 tracing::info!("following the CIB");
                 delay = Duration::from_millis(200);
                 let mut checked = Checked::default();
-                if refresh(&conn, &shared).await {
+                if let Some(cib) = refresh(&conn, &shared).await {
                     reconcile_utilization(&shared, &mut checked).await;
-                    crate::free_capacity::reconcile(&shared).await;
+                    crate::free_capacity::reconcile(&shared, &cib).await;
                 }
                 while changes.recv().await.is_some() {
                     while changes.try_recv().is_ok() {}
-                    if refresh(&conn, &shared).await {
+                    if let Some(cib) = refresh(&conn, &shared).await {
                         reconcile_utilization(&shared, &mut checked).await;
-                        crate::free_capacity::reconcile(&shared).await;
+                        crate::free_capacity::reconcile(&shared, &cib).await;
                     }
                 }
                 tracing::warn!("lost the CIB connection; reconnecting");

@@ -9,20 +9,20 @@ use vmha_model::failover;
 
 use crate::state::Shared;
 
-/// Brings the free-capacity attributes up to date (on the DC, when a policy places hosts in zones).
-pub async fn reconcile(shared: &Arc<Shared>) {
+/// Brings the free-capacity attributes up to date (on the DC, when a policy places hosts in zones) from
+/// `cib`, the CIB the snapshot was just read from.
+pub async fn reconcile(shared: &Arc<Shared>, cib: &str) {
     let snap = shared.snapshot();
     let Some(view) = snap.view.as_ref() else { return };
     if view.dc.as_deref() != Some(shared.local_host.as_str()) {
         return;
     }
-    let Ok(cib) = shared.backend.query().await else { return };
     // Only where a policy placed hosts in zones (its rules read the attributes); a cheap test first, as
     // this runs on every CIB change.
     if !cib.contains(r#"name="vmha-zone-site""#) {
         return;
     }
-    let updates = match failover::free_updates(&cib) {
+    let updates = match failover::free_updates(cib) {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!("computing the hosts' free capacity: {e}");
