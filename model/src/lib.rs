@@ -8,6 +8,7 @@ pub mod clone;
 pub mod domain;
 pub mod group;
 pub mod guest;
+pub mod health;
 pub mod policy;
 pub mod whatif;
 
