@@ -20,6 +20,7 @@ pub mod envelope;
 pub mod errors;
 pub mod failures;
 pub mod guest;
+pub mod health;
 #[cfg(test)]
 mod interface_xml;
 pub mod jobs;

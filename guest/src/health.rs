@@ -67,7 +67,7 @@ pub fn heartbeats(beacon: Arc<Beacon>, interval: Duration) {
     let mut seq: u64 = 0;
     loop {
         beacon.send(&GuestMessage::heartbeat(seq));
-        if seq % REPEAT_VERDICT_EVERY == 0 {
+        if seq.is_multiple_of(REPEAT_VERDICT_EVERY) {
             if let Some(msg) = beacon.verdict_message() {
                 beacon.send(&msg);
             }

@@ -281,25 +281,27 @@ pub fn classify_domain_state(state: u32, reason: i32) -> DomainRun {
 }
 
 /// The reset history of one VM on this host: at most `max` resets per sliding window.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ResetLimit<T> {
     times: Vec<T>,
 }
 
-impl<T: Copy + Ord> ResetLimit<T> {
-    /// Records a reset at `now` if fewer than `max` happened since `window_start`; false (nothing
-    /// recorded) when the limit is reached.
-    pub fn try_reset(&mut self, now: T, window_start: T, max: usize) -> bool {
-        self.times.retain(|t| *t > window_start);
+impl<T> Default for ResetLimit<T> {
+    fn default() -> Self {
+        ResetLimit { times: Vec::new() }
+    }
+}
+
+impl<T: Copy> ResetLimit<T> {
+    /// Records a reset at `now` if fewer than `max` of the recorded ones are still `in_window`; false
+    /// (nothing recorded) when the limit is reached.
+    pub fn try_reset(&mut self, now: T, max: usize, in_window: impl Fn(&T) -> bool) -> bool {
+        self.times.retain(|t| in_window(t));
         if self.times.len() >= max {
             return false;
         }
         self.times.push(now);
         true
-    }
-
-    pub fn count_since(&self, window_start: T) -> usize {
-        self.times.iter().filter(|t| **t > window_start).count()
     }
 }
 
@@ -403,14 +405,14 @@ mod tests {
     #[test]
     fn the_reset_limit_slides_with_its_window() {
         let mut limit = ResetLimit::default();
-        // Three resets at 0, 10, 20 allowed, the fourth at 30 refused (window 100).
-        for t in [0u64, 10, 20] {
-            assert!(limit.try_reset(t + 1000, (t + 1000).saturating_sub(100), 3));
+        let window = |now: u64| move |t: &u64| now - *t < 100;
+        // Three resets at 1000, 1010, 1020 allowed, the fourth at 1030 refused (window 100).
+        for t in [1000u64, 1010, 1020] {
+            assert!(limit.try_reset(t, 3, window(t)));
         }
-        assert!(!limit.try_reset(1030, 930, 3));
-        assert_eq!(limit.count_since(930), 3);
+        assert!(!limit.try_reset(1030, 3, window(1030)));
         // Once the first one left the window, one more.
-        assert!(limit.try_reset(1101, 1001, 3));
-        assert!(!limit.try_reset(1102, 1002, 3));
+        assert!(limit.try_reset(1100, 3, window(1100)));
+        assert!(!limit.try_reset(1101, 3, window(1101)));
     }
 }
