@@ -199,12 +199,10 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
     // 3. The application fails: after three failed health checks the VM is restarted.
     n = wait_running(&lab, VM, Duration::from_secs(120));
     wait_heartbeats(&lab, n);
+    // (No cleanup of the hang's failure first: after a live migration's history, Pacemaker 2.1.5 restarts
+    // the VM on a cleanup — "can no longer migrate" —, which would undo the failing hook. The
+    // application's failure replaces the hang's as the last failure, with its own reason.)
     let qemu = lab.qemu_processes(VM)[0].1;
-    lab.exec_ok(1, &["pcs", "resource", "cleanup", VM]).unwrap();
-    wait_for("the failures cleared", Duration::from_secs(30), POLL, || {
-        failures(&lab).is_empty().then_some(())
-    })
-    .unwrap();
     let t0 = Instant::now();
     guest_exec(
         &lab,
