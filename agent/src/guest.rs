@@ -709,9 +709,14 @@ async fn read_guest(
                 }
             }
             // Heartbeats are vmhad's own business: no signal for each (one per VM and second).
-            GuestMessage::Heartbeat { .. } => {
-                health.heartbeat(&channel.vm);
-                continue;
+            GuestMessage::Heartbeat { stopping, .. } => {
+                if *stopping {
+                    tracing::info!(vmha_vm = %channel.vm, "vmha-guest stops: VM {} not monitored until its next heartbeat", channel.vm);
+                    health.stopping(&channel.vm);
+                } else {
+                    health.heartbeat(&channel.vm);
+                    continue;
+                }
             }
             GuestMessage::Health { healthy, reason, .. } => health.app_verdict(&channel.vm, *healthy, reason),
         }

@@ -102,6 +102,13 @@ impl Registry {
         }
     }
 
+    /// vmha-guest is being stopped: no heartbeats until it runs again, and that is no hang.
+    pub fn stopping(&self, vm: &str) {
+        if let Some(m) = lock(&self.vms).get_mut(vm) {
+            m.last_beat = None;
+        }
+    }
+
     /// The guest's application verdict; a change to unhealthy is acted on once.
     pub fn app_verdict(&self, vm: &str, healthy: bool, reason: &str) {
         if let Some(m) = lock(&self.vms).get_mut(vm) {
@@ -472,6 +479,20 @@ mod tests {
         r.finish("vm1", Outcome::Handled, Duration::from_secs(10));
         tokio::time::advance(Duration::from_secs(60)).await;
         assert!(due(&r, Instant::now(), |_| Some((high(), false))).is_empty());
+        r.heartbeat("vm1");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(due(&r, Instant::now(), |_| Some((high(), false))).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vmha_guest_that_says_it_stops_is_not_taken_for_a_hang() {
+        let r = registry_with("vm1");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        r.heartbeat("vm1");
+        r.stopping("vm1");
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(due(&r, Instant::now(), |_| Some((high(), false))).is_empty());
+        // Back: followed again.
         r.heartbeat("vm1");
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!(due(&r, Instant::now(), |_| Some((high(), false))).len(), 1);

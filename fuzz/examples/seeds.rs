@@ -151,6 +151,7 @@ fn main() {
         GuestMessage::heartbeat(u64::MAX).to_line(),
         GuestMessage::health(false, "hook 10-web exited with status 1").to_line(),
         GuestMessage::health(true, "").to_line(),
+        GuestMessage::stopping(3).to_line(),
     ];
     for (i, line) in lines.iter().enumerate() {
         write(&dir, &format!("line-{i}"), format!("{line}\n").as_bytes());

@@ -62,6 +62,20 @@ impl Beacon {
     }
 }
 
+impl Beacon {
+    /// Tells vmhad that vmha-guest stops (so the end of its heartbeats is no hang), waiting at most
+    /// `limit` for the write (it blocks while no host side is connected).
+    pub fn say_stopping(self: &Arc<Self>, limit: Duration) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            me.send(&GuestMessage::stopping(0));
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(limit);
+    }
+}
+
 /// Sends a heartbeat every `interval`, forever (and the verdict every [`REPEAT_VERDICT_EVERY`]th time).
 pub fn heartbeats(beacon: Arc<Beacon>, interval: Duration) {
     let mut seq: u64 = 0;
@@ -203,6 +217,24 @@ mod tests {
         let err = health_round(&config).unwrap().unwrap_err();
         assert!(err.contains("timed out"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_stopping_vmha_guest_says_so_and_does_not_wait_for_an_absent_host() {
+        use std::io::BufRead;
+        let beacon = Arc::new(Beacon::default());
+        // No port open: returns at once.
+        beacon.say_stopping(Duration::from_secs(5));
+        let (guest, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = File::from(std::os::fd::OwnedFd::from(guest));
+        beacon.set_writer(Some(Arc::new(Mutex::new(file))));
+        beacon.say_stopping(Duration::from_secs(5));
+        let mut line = String::new();
+        std::io::BufReader::new(host).read_line(&mut line).unwrap();
+        assert_eq!(
+            vmha_model::guest::parse_guest_line(line.trim_end().as_bytes()).unwrap(),
+            GuestMessage::stopping(0)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use vmha_model::guest::{GuestMessage, PORT_NAME};
 
 use crate::channel::{send, serve, Config};
@@ -91,7 +92,26 @@ fn main() {
         hooks: args.hooks,
         event_timeout: Duration::from_millis(args.event_timeout_ms),
     };
+    // SIGTERM and SIGINT are taken by a thread of their own (blocked here, before any thread starts, so
+    // that every thread inherits the mask): vmha-guest says it stops before it exits, so vmhad does not
+    // take the end of its heartbeats for a hung guest.
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals.add(Signal::SIGINT);
+    if let Err(e) = stop_signals.thread_block() {
+        eprintln!("vmha-guest: blocking SIGTERM: {e}");
+    }
     let beacon = Arc::new(Beacon::default());
+    {
+        let b = Arc::clone(&beacon);
+        std::thread::spawn(move || {
+            if let Ok(signal) = stop_signals.wait() {
+                eprintln!("vmha-guest: {signal:?}: stopping");
+                b.say_stopping(Duration::from_secs(1));
+                std::process::exit(0);
+            }
+        });
+    }
     if args.heartbeat_interval_ms > 0 {
         let (b, every) = (Arc::clone(&beacon), Duration::from_millis(args.heartbeat_interval_ms));
         std::thread::spawn(move || heartbeats(b, every));

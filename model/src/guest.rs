@@ -89,8 +89,14 @@ pub enum GuestMessage {
         reason: String,
     },
     /// The guest runs (vmha-guest's heartbeat thread got CPU time): sent at a steady interval. `seq`
-    /// counts up from 0 for each vmha-guest process.
-    Heartbeat { v: u64, seq: u64 },
+    /// counts up from 0 for each vmha-guest process. `stopping`: vmha-guest is being stopped (SIGTERM):
+    /// no more heartbeats will come, and that is no hang.
+    Heartbeat {
+        v: u64,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stopping: bool,
+    },
     /// The verdict of the guest's application health hooks: unhealthy after their threshold of consecutive
     /// failures (`reason` says which hook and how), healthy again once they pass.
     Health {
@@ -196,7 +202,20 @@ impl GuestMessage {
     }
 
     pub fn heartbeat(seq: u64) -> Self {
-        GuestMessage::Heartbeat { v: VERSION, seq }
+        GuestMessage::Heartbeat {
+            v: VERSION,
+            seq,
+            stopping: false,
+        }
+    }
+
+    /// The last heartbeat of a vmha-guest that is being stopped.
+    pub fn stopping(seq: u64) -> Self {
+        GuestMessage::Heartbeat {
+            v: VERSION,
+            seq,
+            stopping: true,
+        }
     }
 
     /// The application health verdict; `reason` is cut to [`MAX_TEXT`] bytes and its control characters
@@ -292,7 +311,18 @@ pub fn parse_guest_line(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
         }
         "heartbeat" => {
             let kind = "heartbeat";
-            only(kind, &obj, &["v", "type", "seq"])?;
+            only(kind, &obj, &["v", "type", "seq", "stopping"])?;
+            let stopping = match obj.get("stopping") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ProtocolError::Field {
+                        kind,
+                        field: "stopping",
+                        why: "must be true or false",
+                    })
+                }
+            };
             let seq = match obj.get("seq") {
                 Some(Value::Number(n)) => n.as_u64(),
                 _ => None,
@@ -302,7 +332,11 @@ pub fn parse_guest_line(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
                 field: "seq",
                 why: "must be an integer from 0 to 2^64-1",
             })?;
-            Ok(GuestMessage::heartbeat(seq))
+            Ok(if stopping {
+                GuestMessage::stopping(seq)
+            } else {
+                GuestMessage::heartbeat(seq)
+            })
         }
         "health" => {
             let kind = "health";
@@ -550,6 +584,7 @@ mod tests {
             GuestMessage::result("r3", Outcome::Failed, "hook timed out"),
             GuestMessage::heartbeat(0),
             GuestMessage::heartbeat(u64::MAX),
+            GuestMessage::stopping(7),
             GuestMessage::health(true, ""),
             GuestMessage::health(false, "hook 10-web exited with status 1"),
         ] {
@@ -607,6 +642,7 @@ mod tests {
             (r#"{"v":1,"type":"heartbeat","seq":"1"}"#, "\"seq\""),
             (r#"{"v":1,"type":"heartbeat","seq":18446744073709551616}"#, "\"seq\""),
             (r#"{"v":1,"type":"heartbeat","seq":1,"at":2}"#, "unknown field \"at\""),
+            (r#"{"v":1,"type":"heartbeat","seq":1,"stopping":1}"#, "\"stopping\""),
             (r#"{"v":1,"type":"health","reason":"x"}"#, "\"healthy\""),
             (r#"{"v":1,"type":"health","healthy":"false"}"#, "\"healthy\""),
             (r#"{"v":1,"type":"health","healthy":0}"#, "\"healthy\""),
