@@ -13,7 +13,10 @@ fn check_line(line: &[u8]) {
         assert_eq!(parse_guest_line(again.as_bytes()).as_ref(), Ok(&msg), "{again}");
         // A health verdict's reason, as accepted, is one printable line of bounded size.
         if let GuestMessage::Health { reason, .. } = &msg {
-            assert!(reason.len() <= MAX_TEXT && !reason.chars().any(char::is_control), "{again}");
+            assert!(
+                reason.len() <= MAX_TEXT && !reason.chars().any(char::is_control),
+                "{again}"
+            );
         }
     }
     if let Ok(msg) = parse_host_line(line) {
