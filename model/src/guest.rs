@@ -9,7 +9,8 @@
 //! Guest to host:
 //! `{"v":1,"type":"hello","version":"0.1.0"}`,
 //! `{"v":1,"type":"result","id":"r1","result":"refused","reason":"database busy"}`,
-//! `{"v":1,"type":"heartbeat","seq":42}` (every second or so: the guest runs; see [`crate::health`]),
+//! `{"v":1,"type":"heartbeat","seq":42}` (every second or so: the guest runs; see [`crate::health`];
+//! `"stopping":true` on the last one of a vmha-guest being stopped),
 //! `{"v":1,"type":"health","healthy":false,"reason":"hook 10-web exited with status 1"}` (the verdict of
 //! the guest's application health hooks, sent when it changes and repeated with the heartbeats' pace).
 //!
