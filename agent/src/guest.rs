@@ -62,8 +62,8 @@ pub struct Guests {
     wake: tokio::sync::Notify,
     /// Wakes requests waiting for a channel to connect.
     connected_wake: tokio::sync::Notify,
-    /// The heartbeats and application verdicts of the connected guests (see [`crate::health`]).
-    pub health: crate::health::Registry,
+    /// The heartbeats and application verdicts of the connected guests (see [`crate::heartbeats`]).
+    pub health: crate::heartbeats::Registry,
 }
 
 /// How long an expected VM gets a channel without the CIB showing it here.
@@ -642,7 +642,7 @@ async fn read_line(
 /// Reads a guest's lines until it disconnects.
 async fn read_guest(
     conn: Connection,
-    health: &crate::health::Registry,
+    health: &crate::heartbeats::Registry,
     channel: Arc<Channel>,
     mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     hello: &tokio::sync::Notify,
