@@ -67,7 +67,7 @@ pub async fn report_vm_failures(shared: Arc<Shared>, uri: String) {
                                         "vm_failure",
                                         vmha_vm = %event.domain,
                                     );
-                                    report(&shared, &mut controller, &event.domain, &reason)
+                                    let _ = report(&shared, &mut controller, &event.domain, &reason)
                                         .instrument(span)
                                         .await;
                                 }
@@ -361,27 +361,29 @@ fn resource_of(vm: &vmha_model::VmView) -> Option<Resource> {
     })
 }
 
-async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &str, what: &str) {
+/// Fails `domain` through Pacemaker's controller with the reason `what`, if Pacemaker runs it on this
+/// host (read afresh from the CIB); true when the failure was reported.
+pub(crate) async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &str, what: &str) -> bool {
     let fresh = match shared.backend.query().await.map(|xml| ClusterView::from_cib(&xml)) {
         Ok(Ok(view)) => view,
         _ => {
             tracing::warn!("VM stopped ({what}) but the CIB cannot be read: leaving it to the monitor");
-            return;
+            return false;
         }
     };
     let Some(resource) = running_here(&fresh, domain, &shared.local_host) else {
-        return;
+        return false;
     };
     if controller.is_none() {
         match Controller::connect(CONTROLLER_DEADLINE).await {
             Ok(c) => *controller = Some(c),
             Err(e) => {
                 tracing::warn!("VM failed ({what}) but the controller is unreachable: {e}");
-                return;
+                return false;
             }
         }
     }
-    let Some(c) = controller.as_ref() else { return };
+    let Some(c) = controller.as_ref() else { return false };
     match c
         .fail_resource(&shared.local_host, &resource, CONTROLLER_DEADLINE)
         .await
@@ -391,10 +393,12 @@ async fn report(shared: &Shared, controller: &mut Option<Controller>, domain: &s
             tokio::spawn(
                 record_reason(shared.local_host.clone(), resource.id.clone(), what.to_string()).in_current_span(),
             );
+            true
         }
         Err(e) => {
             tracing::warn!("reporting the failure ({what}) to Pacemaker: {e}");
             *controller = None;
+            false
         }
     }
 }

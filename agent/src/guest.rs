@@ -62,6 +62,8 @@ pub struct Guests {
     wake: tokio::sync::Notify,
     /// Wakes requests waiting for a channel to connect.
     connected_wake: tokio::sync::Notify,
+    /// The heartbeats and application verdicts of the connected guests (see [`crate::heartbeats`]).
+    pub health: crate::heartbeats::Registry,
 }
 
 /// How long an expected VM gets a channel without the CIB showing it here.
@@ -488,9 +490,16 @@ async fn run_channel(
                 // Part of this task (not spawned): aborting the task ends the reading too.
                 // Told when vmha-guest says hello on this connection.
                 let hello = tokio::sync::Notify::new();
-                let reader = read_guest(conn.clone(), Arc::clone(&channel), BufReader::new(read), &hello);
+                let reader = read_guest(
+                    conn.clone(),
+                    &ctx.guests.health,
+                    Arc::clone(&channel),
+                    BufReader::new(read),
+                    &hello,
+                );
                 tokio::pin!(reader);
                 while queue.try_recv().is_ok() {}
+                ctx.guests.health.connected(&channel.vm);
                 channel.connected.store(true, Ordering::Relaxed);
                 ctx.guests.connected_wake.notify_waiters();
                 // The greeting (the membership, and `migrated` after an arrival) goes out when vmha-guest
@@ -529,6 +538,7 @@ async fn run_channel(
                     }
                 }
                 channel.connected.store(false, Ordering::Relaxed);
+                ctx.guests.health.disconnected(&channel.vm);
                 channel.pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
                 tracing::info!(vmha_vm = %channel.vm, "guest channel of VM {} disconnected", channel.vm);
             }
@@ -632,6 +642,7 @@ async fn read_line(
 /// Reads a guest's lines until it disconnects.
 async fn read_guest(
     conn: Connection,
+    health: &crate::heartbeats::Registry,
     channel: Arc<Channel>,
     mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     hello: &tokio::sync::Notify,
@@ -697,6 +708,17 @@ async fn read_guest(
                     None => channel.log_once("unexpected result", &format!("no request {id} is waiting")),
                 }
             }
+            // Heartbeats are vmhad's own business: no signal for each (one per VM and second).
+            GuestMessage::Heartbeat { stopping, .. } => {
+                if *stopping {
+                    tracing::info!(vmha_vm = %channel.vm, "vmha-guest stops: VM {} not monitored until its next heartbeat", channel.vm);
+                    health.stopping(&channel.vm);
+                } else {
+                    health.heartbeat(&channel.vm);
+                    continue;
+                }
+            }
+            GuestMessage::Health { healthy, reason, .. } => health.app_verdict(&channel.vm, *healthy, reason),
         }
         crate::signals::guest_message(&conn, &channel.vm, &msg.to_line()).await;
     }

@@ -21,6 +21,8 @@ pub mod errors;
 pub mod failures;
 pub mod free_capacity;
 pub mod guest;
+pub mod health;
+pub mod heartbeats;
 #[cfg(test)]
 mod interface_xml;
 pub mod jobs;

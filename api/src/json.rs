@@ -104,6 +104,9 @@ pub struct Vm {
     /// The ids of the constraints that name it.
     pub constraints: Vec<String>,
     pub utilization: BTreeMap<String, String>,
+    /// Health monitoring: settings and, from the VM's host, what its vmhad sees (property `Health`).
+    #[serde(default)]
+    pub health: BTreeMap<String, String>,
 }
 
 /// `vmha status`.
@@ -274,6 +277,7 @@ pub const VM_PROPERTIES: &[&str] = &[
     "Config",
     "Constraints",
     "Utilization",
+    "Health",
 ];
 
 impl Cluster {
@@ -334,6 +338,7 @@ impl Vm {
             config: p.string("Config"),
             constraints: p.strings("Constraints"),
             utilization: p.map("Utilization"),
+            health: p.map("Health"),
         }
     }
 }

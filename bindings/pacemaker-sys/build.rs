@@ -69,6 +69,7 @@ fn main() {
         .allowlist_type("pcmk_pacemakerd_api_reply_t")
         // libcrmcommon: the attribute manager (clear a resource's fail counts, as crm_resource --cleanup)
         .allowlist_function("pcmk__attrd_api_clear_failures")
+        .allowlist_function("pcmk__attrd_api_update")
         // libpacemaker (declared in wrapper.h)
         .allowlist_function("pcmk_designated_controller")
         .allowlist_function("pcmk_controller_status")

@@ -1213,6 +1213,12 @@ impl Client {
                     .collect::<Vec<_>>()
                     .join("; "),
                 Value::Object(o) if o.is_empty() => "-".into(),
+                // Health settings and status: key=value pairs.
+                Value::Object(o) if k == "health" => o
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().map(printable).unwrap_or_else(|| v.to_string())))
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 other => other.to_string(),
             };
             println!("{k:<12} {text}");

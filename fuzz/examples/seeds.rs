@@ -147,6 +147,11 @@ fn main() {
         HostMessage::event("migrated", serde_json::json!({})).to_line(),
         HostMessage::request("r-3", "prepare-clone", 30_000, serde_json::json!({"clone": "web-2"})).to_line(),
         HostMessage::request("r-4", "drain", 1, data).to_line(),
+        GuestMessage::heartbeat(0).to_line(),
+        GuestMessage::heartbeat(u64::MAX).to_line(),
+        GuestMessage::health(false, "hook 10-web exited with status 1").to_line(),
+        GuestMessage::health(true, "").to_line(),
+        GuestMessage::stopping(3).to_line(),
     ];
     for (i, line) in lines.iter().enumerate() {
         write(&dir, &format!("line-{i}"), format!("{line}\n").as_bytes());

@@ -1,16 +1,23 @@
 //! The guest channel's line protocol, both directions: what vmhad (as root) reads from a guest
-//! (`parse_guest_line`, behind `BoundedLine`) and what vmha-guest reads from the host (`parse_host_line`).
+//! (`parse_guest_line`, behind `BoundedLine`: hello, results, heartbeats, health verdicts) and what vmha-guest reads from the host (`parse_host_line`).
 //! The input is the raw byte stream of a channel: it is cut into lines exactly as both ends do.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmha_model::guest::{parse_guest_line, parse_host_line, BoundedLine, Line, MAX_LINE};
+use vmha_model::guest::{parse_guest_line, parse_host_line, BoundedLine, GuestMessage, Line, MAX_LINE, MAX_TEXT};
 
 fn check_line(line: &[u8]) {
     if let Ok(msg) = parse_guest_line(line) {
         // What was accepted is written back the same way and reads back as the same message.
         let again = msg.to_line();
         assert_eq!(parse_guest_line(again.as_bytes()).as_ref(), Ok(&msg), "{again}");
+        // A health verdict's reason, as accepted, is one printable line of bounded size.
+        if let GuestMessage::Health { reason, .. } = &msg {
+            assert!(
+                reason.len() <= MAX_TEXT && !reason.chars().any(char::is_control),
+                "{again}"
+            );
+        }
     }
     if let Ok(msg) = parse_host_line(line) {
         // Its `data` may hold floats, which serde_json does not promise to read back to the last bit.

@@ -42,7 +42,12 @@ impl HooksResult {
 
 /// The executables in `dir/name/`, sorted by file name; none when the directory does not exist.
 pub fn hooks_for(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir.join(name)) else {
+    hooks_in(&dir.join(name))
+}
+
+/// The executables in `dir`, sorted by file name; none when the directory does not exist.
+pub fn hooks_in(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut hooks: Vec<PathBuf> = entries
@@ -69,7 +74,8 @@ pub fn run_hooks(dir: &Path, name: &str, input: &str, limit: Duration) -> HooksR
     HooksResult::new(Outcome::Done, "")
 }
 
-fn run_hook(hook: &Path, name: &str, input: &str, deadline: Instant, limit: Duration) -> HooksResult {
+/// Runs one hook with `input` on stdin until `deadline` (`limit` is what the deadline was, for the reason).
+pub fn run_hook(hook: &Path, name: &str, input: &str, deadline: Instant, limit: Duration) -> HooksResult {
     let shown = hook.display();
     let mut child = match Command::new(hook)
         .env("VMHA_MESSAGE", name)

@@ -8,7 +8,11 @@
 //! `{"v":1,"type":"request","id":"r1","name":"prepare-clone","deadline_ms":10000,"data":{...}}`.
 //! Guest to host:
 //! `{"v":1,"type":"hello","version":"0.1.0"}`,
-//! `{"v":1,"type":"result","id":"r1","result":"refused","reason":"database busy"}`.
+//! `{"v":1,"type":"result","id":"r1","result":"refused","reason":"database busy"}`,
+//! `{"v":1,"type":"heartbeat","seq":42}` (every second or so: the guest runs; see [`crate::health`];
+//! `"stopping":true` on the last one of a vmha-guest being stopped),
+//! `{"v":1,"type":"health","healthy":false,"reason":"hook 10-web exited with status 1"}` (the verdict of
+//! the guest's application health hooks, sent when it changes and repeated with the heartbeats' pace).
 //!
 //! Live migration: before `ocf:vmha:VirtualMachine` live-migrates a VM (`migrate_to`, on the source) it
 //! sends the request [`REQUEST_MIGRATE`] through the source's vmhad, with
@@ -85,7 +89,27 @@ pub enum GuestMessage {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
     },
+    /// The guest runs (vmha-guest's heartbeat thread got CPU time): sent at a steady interval. `seq`
+    /// counts up from 0 for each vmha-guest process. `stopping`: vmha-guest is being stopped (SIGTERM):
+    /// no more heartbeats will come, and that is no hang.
+    Heartbeat {
+        v: u64,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stopping: bool,
+    },
+    /// The verdict of the guest's application health hooks: unhealthy after their threshold of consecutive
+    /// failures (`reason` says which hook and how), healthy again once they pass.
+    Health {
+        v: u64,
+        healthy: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
 }
+
+/// The longest a guest may say its heartbeat interval is (ms); see [`GuestMessage::Heartbeat`].
+pub const MAX_HEARTBEAT_INTERVAL_MS: u64 = 60_000;
 
 /// A request's result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +202,37 @@ impl GuestMessage {
         }
     }
 
+    pub fn heartbeat(seq: u64) -> Self {
+        GuestMessage::Heartbeat {
+            v: VERSION,
+            seq,
+            stopping: false,
+        }
+    }
+
+    /// The last heartbeat of a vmha-guest that is being stopped.
+    pub fn stopping(seq: u64) -> Self {
+        GuestMessage::Heartbeat {
+            v: VERSION,
+            seq,
+            stopping: true,
+        }
+    }
+
+    /// The application health verdict; `reason` is cut to [`MAX_TEXT`] bytes and its control characters
+    /// become spaces (the host refuses them).
+    pub fn health(healthy: bool, reason: &str) -> Self {
+        let reason: String = truncate(reason, MAX_TEXT)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        GuestMessage::Health {
+            v: VERSION,
+            healthy,
+            reason,
+        }
+    }
+
     /// One line of JSON, without the newline.
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
@@ -254,6 +309,56 @@ pub fn parse_guest_line(line: &[u8]) -> Result<GuestMessage, ProtocolError> {
             };
             let reason = text(kind, &mut obj, "reason", MAX_TEXT, false)?;
             Ok(GuestMessage::result(&id, result, &reason))
+        }
+        "heartbeat" => {
+            let kind = "heartbeat";
+            only(kind, &obj, &["v", "type", "seq", "stopping"])?;
+            let stopping = match obj.get("stopping") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ProtocolError::Field {
+                        kind,
+                        field: "stopping",
+                        why: "must be true or false",
+                    })
+                }
+            };
+            let seq = match obj.get("seq") {
+                Some(Value::Number(n)) => n.as_u64(),
+                _ => None,
+            }
+            .ok_or(ProtocolError::Field {
+                kind,
+                field: "seq",
+                why: "must be an integer from 0 to 2^64-1",
+            })?;
+            Ok(if stopping {
+                GuestMessage::stopping(seq)
+            } else {
+                GuestMessage::heartbeat(seq)
+            })
+        }
+        "health" => {
+            let kind = "health";
+            only(kind, &obj, &["v", "type", "healthy", "reason"])?;
+            let Some(Value::Bool(healthy)) = obj.get("healthy") else {
+                return Err(ProtocolError::Field {
+                    kind,
+                    field: "healthy",
+                    why: "must be true or false",
+                });
+            };
+            let healthy = *healthy;
+            let reason = text(kind, &mut obj, "reason", MAX_TEXT, false)?;
+            if reason.chars().any(char::is_control) {
+                return Err(ProtocolError::Field {
+                    kind,
+                    field: "reason",
+                    why: "control characters",
+                });
+            }
+            Ok(GuestMessage::health(healthy, &reason))
         }
         other => Err(ProtocolError::UnknownType(truncate(other, 32).to_string())),
     }
@@ -478,6 +583,11 @@ mod tests {
             GuestMessage::result("r1", Outcome::Done, ""),
             GuestMessage::result("r2", Outcome::Refused, "database busy"),
             GuestMessage::result("r3", Outcome::Failed, "hook timed out"),
+            GuestMessage::heartbeat(0),
+            GuestMessage::heartbeat(u64::MAX),
+            GuestMessage::stopping(7),
+            GuestMessage::health(true, ""),
+            GuestMessage::health(false, "hook 10-web exited with status 1"),
         ] {
             assert_eq!(parse_guest_line(msg.to_line().as_bytes()).unwrap(), msg);
         }
@@ -527,6 +637,24 @@ mod tests {
                 "must be a string",
             ),
             (r#"{"v":1,"type":"result","result":"done"}"#, "\"id\": missing"),
+            (r#"{"v":1,"type":"heartbeat"}"#, "\"seq\""),
+            (r#"{"v":1,"type":"heartbeat","seq":-1}"#, "\"seq\""),
+            (r#"{"v":1,"type":"heartbeat","seq":1.5}"#, "\"seq\""),
+            (r#"{"v":1,"type":"heartbeat","seq":"1"}"#, "\"seq\""),
+            (r#"{"v":1,"type":"heartbeat","seq":18446744073709551616}"#, "\"seq\""),
+            (r#"{"v":1,"type":"heartbeat","seq":1,"at":2}"#, "unknown field \"at\""),
+            (r#"{"v":1,"type":"heartbeat","seq":1,"stopping":1}"#, "\"stopping\""),
+            (r#"{"v":1,"type":"health","reason":"x"}"#, "\"healthy\""),
+            (r#"{"v":1,"type":"health","healthy":"false"}"#, "\"healthy\""),
+            (r#"{"v":1,"type":"health","healthy":0}"#, "\"healthy\""),
+            (
+                r#"{"v":1,"type":"health","healthy":false,"reason":"a\nb"}"#,
+                "control characters",
+            ),
+            (
+                r#"{"v":1,"type":"health","healthy":false,"action":"restart"}"#,
+                "unknown field \"action\"",
+            ),
         ];
         for (line, expected) in cases {
             let err = parse_guest_line(line.as_bytes()).unwrap_err().to_string();
@@ -579,6 +707,14 @@ mod tests {
         assert!(valid_id("n1.42_x-Y") && !valid_id("") && !valid_id(&"a".repeat(65)) && !valid_id("a/b"));
         assert_eq!(truncate("héllo", 2), "h");
         assert_eq!(truncate("abc", 10), "abc");
+        // A verdict's reason is made one printable, bounded line before it is sent.
+        let GuestMessage::Health { reason, .. } =
+            GuestMessage::health(false, &format!("a\nb\u{1b}{}", "x".repeat(2000)))
+        else {
+            panic!()
+        };
+        assert!(reason.starts_with("a b ") && reason.len() <= MAX_TEXT && !reason.contains('\n'));
+        assert!(parse_guest_line(GuestMessage::health(false, &reason).to_line().as_bytes()).is_ok());
         assert_eq!(channel_socket("web"), "/var/lib/libvirt/qemu/vmha.web.guest.0");
     }
 }

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod failover;
 pub mod group;
 pub mod guest;
+pub mod health;
 pub mod policy;
 pub mod whatif;
 

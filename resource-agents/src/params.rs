@@ -280,6 +280,57 @@ was: a guest that refuses, fails or does not answer is logged but cannot stop th
 would make Pacemaker stop and restart the VM instead). When vmhad does not run, the guest is not told. \
 0 does not ask the guest. Between 0 and 600000.",
     },
+    ParamSpec {
+        name: "health_monitoring",
+        kind: ParamKind::Boolean,
+        default: "true",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "Reset the VM when its guest hangs (vmha-guest heartbeats)",
+        longdesc: "vmha-guest sends a heartbeat on the vmha guest channel every second; the vmhad of the \
+host the VM runs on follows them. When true, a VM whose heartbeats stop for longer than its sensitivity's \
+threshold while its QEMU runs, and that nothing paused on purpose (libvirt shows it paused for a \
+migration, save, snapshot, dump or by an operator, or the CIB shows it migrating), is hung: vmhad fails it \
+through Pacemaker with the reason (e.g. 'guest hung: no heartbeat for 5.2 s') and powers it off, and \
+Pacemaker's recovery restarts it (in place, or elsewhere after migration-threshold failures). A VM that \
+never sent a heartbeat (no vmha-guest, or an older one) is not monitored. Takes effect without a restart.",
+    },
+    ParamSpec {
+        name: "health_sensitivity",
+        kind: ParamKind::Select(vmha_model::health::Sensitivity::NAMES),
+        default: "medium",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "How quickly a silent guest is hung, and how often it may be reset",
+        longdesc: "high: hung after 5 s without a heartbeat, at most 3 resets per hour; medium: 20 s, 3 \
+per 24 hours; low: 60 s, 3 per 7 days. Beyond the resets allowed, a hang is only reported (log and D-Bus \
+Event vm-hung), so a broken guest cannot loop forever.",
+    },
+    ParamSpec {
+        name: "health_grace",
+        kind: ParamKind::Integer,
+        default: "30",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "Seconds of silence allowed after a start, an arrival or a pause (s)",
+        longdesc: "After the guest channel connects (the VM started, was restored or arrived by migration) \
+and after anything paused the VM on purpose, its heartbeats may be missing this many seconds before a \
+silence counts. Between 0 and 3600.",
+    },
+    ParamSpec {
+        name: "health_app_action",
+        kind: ParamKind::Select(vmha_model::health::AppAction::NAMES),
+        default: "report",
+        reloadable: true,
+        unique_group: None,
+        shortdesc: "What an unhealthy application does (health hooks in the guest)",
+        longdesc: "vmha-guest runs the executables in /etc/vmha/health.d inside the guest every 10 s \
+(exit 0: healthy); after 3 failed rounds in a row it reports the application unhealthy. ignore: nothing; \
+report: a log line and a D-Bus Event vm-app-unhealthy; restart: the VM is failed through Pacemaker with \
+the hook's reason and Pacemaker restarts it (in place, or elsewhere after migration-threshold failures); \
+restart-elsewhere: its fail count on this host is also set to INFINITY, so Pacemaker restarts it on \
+another host (vmha vm cleanup lets it back). Restarts count against health_sensitivity's reset limit.",
+    },
 ];
 
 /// How stop asks the guest to power off.
@@ -339,6 +390,8 @@ pub struct Params {
     pub guest_agent_timeout: Duration,
     /// How long migrate_to waits for the guest's answer to `migrate`; zero: the guest is not asked.
     pub guest_migrate_timeout: Duration,
+    /// Health monitoring (read by vmhad; validated here).
+    pub health: vmha_model::health::HealthSettings,
 }
 
 /// An invalid parameter value or combination.
@@ -498,6 +551,15 @@ impl Params {
             None,
         )?;
 
+        let health = soft.apply(
+            vmha_model::health::HealthSettings::parse(|name| raw(name)).map_err(|e| ParamError::Invalid {
+                name: e.name,
+                value: e.value,
+                expected: e.expected,
+            }),
+            vmha_model::health::HealthSettings::default(),
+        )?;
+
         if force_stop == Some(true) && save_on_stop.is_some() {
             soft.apply(Err(ParamError::ForceStopWithSave), ())?;
             save_on_stop = None;
@@ -531,6 +593,7 @@ impl Params {
             guest_migrate_timeout: guest_migrate_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_GUEST_MIGRATE_TIMEOUT),
+            health,
         };
         Ok(Parsed {
             params,
@@ -795,6 +858,19 @@ mod tests {
             ),
             (&[("domain", "a"), ("start_pools", "a/b")], "start_pools="),
             (
+                &[("domain", "a"), ("health_monitoring", "sometimes")],
+                "health_monitoring=",
+            ),
+            (
+                &[("domain", "a"), ("health_sensitivity", "paranoid")],
+                "health_sensitivity=",
+            ),
+            (&[("domain", "a"), ("health_grace", "86400")], "health_grace="),
+            (
+                &[("domain", "a"), ("health_app_action", "reboot")],
+                "health_app_action=",
+            ),
+            (
                 &[("domain", "a"), ("force_stop", "true"), ("save_on_stop", "/s")],
                 "force_stop and save_on_stop",
             ),
@@ -932,6 +1008,10 @@ mod tests {
             ("shared_storage", "true"),
             ("monitor_guest_agent_timeout", "9"),
             ("guest_migrate_timeout", "9"),
+            ("health_monitoring", "false"),
+            ("health_sensitivity", "high"),
+            ("health_grace", "9"),
+            ("health_app_action", "restart"),
         ];
         assert_eq!(samples.len(), PARAMETERS.len());
         let base = strict(&[("domain", "a"), ("config", "/a.xml")]).expect("base");

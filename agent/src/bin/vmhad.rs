@@ -101,6 +101,12 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let corosync = tokio::spawn(follow_corosync(conn.clone(), Arc::clone(&shared)));
     let failures = tokio::spawn(report_vm_failures(Arc::clone(&shared), args.hypervisor.clone()));
     let guests = tokio::spawn(follow_guests(conn.clone(), shared.guest_context()));
+    // Ends only with vmhad (a panic in one check is contained in its own task).
+    tokio::spawn(vmha_agent::health::follow_health(
+        Arc::clone(&shared),
+        conn.clone(),
+        args.hypervisor.clone(),
+    ));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
     let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));
     let journals = tokio::spawn(vmha_ops::clone::follow_journals(ports));

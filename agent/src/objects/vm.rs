@@ -116,6 +116,21 @@ impl VmObject {
             .unwrap_or_default()
     }
 
+    /// Its health monitoring (issue 22): the settings from its resource parameters (monitoring,
+    /// sensitivity, threshold_s, max_resets, reset_window_s, grace_s, app_action) and, on the host it runs
+    /// on, what this vmhad sees now (heartbeats, last_heartbeat_ms_ago, application, application_reason).
+    /// Read on demand: no PropertiesChanged.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn health(&self) -> HashMap<String, String> {
+        let Some(v) = self.view() else {
+            return HashMap::new();
+        };
+        let (settings, _) = vmha_model::health::HealthSettings::from_params(&v.params);
+        let mut out: HashMap<String, String> = settings.summary().into_iter().collect();
+        out.extend(self.shared.guests.health.status(&self.name));
+        out
+    }
+
     /// Starts the VM (target-role Started); the job ends when it runs.
     async fn start(
         &self,

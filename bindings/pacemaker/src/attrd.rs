@@ -71,6 +71,62 @@ pub async fn clear_failures(host: Option<&str>, resource: &str, limit: Duration)
     }
 }
 
+const UPDATE: &str = "pcmk__attrd_api_update";
+
+/// `pcmk__node_attr_value` (Pacemaker 2.1.5's `enum pcmk__node_attr_opts`, in a header Debian does not
+/// install): the update sets the attribute's value.
+const NODE_ATTR_VALUE: u32 = 1 << 3;
+
+/// Asks pacemaker-attrd to set the transient node attribute `name` of `host` to `value` (what the
+/// controller does to a fail count, and `crm_attribute -l reboot` to any attribute); attrd writes it to the
+/// CIB's status section and the scheduler sees it. Returns once the request was sent.
+pub async fn update_attribute(host: &str, name: &str, value: &str, limit: Duration) -> Result<()> {
+    if host.is_empty() || name.is_empty() {
+        return Err(Error::Invalid {
+            call: UPDATE,
+            reason: "no host or no attribute named".into(),
+        });
+    }
+    let host = cstring(UPDATE, host)?;
+    let name = cstring(UPDATE, name)?;
+    let value = cstring(UPDATE, value)?;
+    let (tx, rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("pcmk-attrd".into())
+        .spawn(move || {
+            xml::init_thread();
+            // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own
+            // on this thread; host, name and value are valid C strings that outlive the call; dampen, set
+            // and user name are NULL (unchanged, the first set, the caller's own rights).
+            let rc = unsafe {
+                sys::pcmk__attrd_api_update(
+                    ptr::null_mut(),
+                    host.as_ptr(),
+                    name.as_ptr(),
+                    value.as_ptr(),
+                    ptr::null(),
+                    ptr::null(),
+                    ptr::null(),
+                    NODE_ATTR_VALUE,
+                )
+            };
+            let _ = tx.send(rc);
+        })
+        .map_err(|e| Error::Invalid {
+            call: UPDATE,
+            reason: format!("starting the attrd thread: {e}"),
+        })?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(rc)) if rc == sys::pcmk_rc_ok => Ok(()),
+        Ok(Ok(rc)) => Err(Error::Rc {
+            call: UPDATE,
+            code: rc,
+            text: xml::rc_text(rc),
+        }),
+        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call: UPDATE, limit }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +136,19 @@ mod tests {
         match clear_failures(None, "", Duration::from_secs(1)).await {
             Err(Error::Invalid { call, .. }) => assert_eq!(call, CALL),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_update_without_host_or_name_or_with_a_nul_is_refused_before_anything_is_sent() {
+        for (host, name, value) in [("", "a", "1"), ("n1", "", "1"), ("n1", "a\0b", "1"), ("n1", "a", "1\0")] {
+            assert!(
+                matches!(
+                    update_attribute(host, name, value, Duration::from_secs(1)).await,
+                    Err(Error::Invalid { .. })
+                ),
+                "{host:?} {name:?} {value:?}"
+            );
         }
     }
 

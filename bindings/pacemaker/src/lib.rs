@@ -38,7 +38,7 @@ mod error;
 mod simulate;
 mod xml;
 
-pub use attrd::clear_failures;
+pub use attrd::{clear_failures, update_attribute};
 pub use cib::{Access, CallOptions, Cib, CibChange, CibChanges, CibVersion, Scope};
 pub use controller::{Controller, ControllerState, Resource};
 pub use error::{Error, Result};

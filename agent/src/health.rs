@@ -1,0 +1,251 @@
+//! VM and application health monitoring (issue 22; the rules are in [`vmha_model::health`]).
+//!
+//! The guest channel tasks ([`crate::guest`]) note what each local VM's vmha-guest sends in a
+//! [`Registry`] ([`crate::heartbeats`]): that its channel connected or went away, each heartbeat, each application verdict. One
+//! task ([`follow_health`]) checks the registry every [`TICK`]: a VM whose heartbeats stopped for longer
+//! than its threshold is confirmed hung against libvirt (its domain running, or paused for no purpose:
+//! nothing paused it for a migration, save, snapshot or an operator) and the CIB (not migrating), then
+//! failed through Pacemaker with the reason and powered off at once (a hung guest cannot shut down), so
+//! Pacemaker restarts it — in place, or elsewhere after `migration-threshold` failures. At most
+//! `max_resets` per window; beyond that the hang is only reported. Every decision is also a D-Bus
+//! `Event` (`vm-hung`, `vm-app-unhealthy`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use vmha_model::health::{classify_domain_state, AppAction, DomainRun, HealthSettings};
+use vmha_model::VmState;
+use zbus::Connection;
+
+pub use crate::heartbeats::{due, Check, Monitor, Outcome, Registry};
+use crate::state::Shared;
+
+/// How often the registry is checked: a hang is seen at most this late after its threshold.
+pub const TICK: Duration = Duration::from_millis(200);
+/// The deadline of each libvirt call.
+const LIBVIRT_DEADLINE: Duration = Duration::from_secs(5);
+/// The deadline of each Pacemaker call.
+const PACEMAKER_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a health action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("VM {vm} on {host}: {call}: {message}")]
+    Libvirt {
+        vm: String,
+        host: String,
+        call: &'static str,
+        message: String,
+    },
+}
+
+/// The domain's run state from libvirt, within [`LIBVIRT_DEADLINE`].
+async fn domain_run(uri: &str, host: &str, vm: &str) -> Result<DomainRun, HealthError> {
+    let err = |call: &'static str, message: String| HealthError::Libvirt {
+        vm: vm.to_string(),
+        host: host.to_string(),
+        call,
+        message,
+    };
+    let (uri, name) = (uri.to_string(), vm.to_string());
+    let work = tokio::task::spawn_blocking(move || -> Result<Option<(u32, i32)>, (&'static str, String)> {
+        let conn = virt::connect::Connect::open(Some(&uri)).map_err(|e| ("virConnectOpen", e.to_string()))?;
+        match conn.lookup_domain_by_name(&name) {
+            Ok(d) => libvirt_ext::domain_state(&d)
+                .map(|s| Some((s.state, s.reason)))
+                .map_err(|e| ("virDomainGetState", e.to_string())),
+            // No such domain: it does not run here (any more).
+            Err(e) if e.code().is(virt::error::ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(("virDomainLookupByName", e.to_string())),
+        }
+    });
+    match tokio::time::timeout(LIBVIRT_DEADLINE, work).await {
+        Ok(Ok(Ok(Some((state, reason))))) => Ok(classify_domain_state(state, reason)),
+        Ok(Ok(Ok(None))) => Ok(DomainRun::NotRunning),
+        Ok(Ok(Err((call, message)))) => Err(err(call, message)),
+        Ok(Err(e)) => Err(err("virDomainGetState", e.to_string())),
+        Err(_) => Err(err(
+            "virDomainGetState",
+            format!("no answer within {} s", LIBVIRT_DEADLINE.as_secs()),
+        )),
+    }
+}
+
+/// Powers the domain off (`virDomainDestroy`) within [`LIBVIRT_DEADLINE`].
+async fn destroy(uri: &str, host: &str, vm: &str) -> Result<(), HealthError> {
+    let (u, name) = (uri.to_string(), vm.to_string());
+    let work = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let conn = virt::connect::Connect::open(Some(&u)).map_err(|e| e.to_string())?;
+        let d = conn.lookup_domain_by_name(&name).map_err(|e| e.to_string())?;
+        d.destroy().map_err(|e| e.to_string())?;
+        Ok(())
+    });
+    let message = match tokio::time::timeout(LIBVIRT_DEADLINE, work).await {
+        Ok(Ok(Ok(()))) => return Ok(()),
+        Ok(Ok(Err(m))) => m,
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {} s", LIBVIRT_DEADLINE.as_secs()),
+    };
+    Err(HealthError::Libvirt {
+        vm: vm.to_string(),
+        host: host.to_string(),
+        call: "virDomainDestroy",
+        message,
+    })
+}
+
+/// The reason a hung VM is failed with (its Pacemaker exit reason).
+pub fn hung_reason(silent: Duration, s: &HealthSettings, paused: Option<&str>) -> String {
+    let mut r = format!(
+        "guest hung: no heartbeat for {:.1} s (threshold {} s, sensitivity {})",
+        silent.as_secs_f64(),
+        s.sensitivity.threshold().as_secs(),
+        s.sensitivity.as_str()
+    );
+    if let Some(why) = paused {
+        r.push_str(&format!("; its vCPUs are paused ({why})"));
+    }
+    r
+}
+
+/// Checks the registry every [`TICK`], forever, and acts on hung VMs and unhealthy applications.
+pub async fn follow_health(shared: Arc<Shared>, conn: Connection, uri: String) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snap = shared.snapshot();
+        let Some(view) = snap.view.as_ref() else { continue };
+        let registry = &shared.guests.health;
+        let todo = due(registry, Instant::now(), |vm| {
+            let v = view.vm(vm)?;
+            let (settings, _) = HealthSettings::from_params(&v.params);
+            Some((settings, v.state == VmState::Migrating))
+        });
+        for (vm, settings, check) in todo {
+            let (shared, conn, uri) = (Arc::clone(&shared), conn.clone(), uri.clone());
+            tokio::spawn(async move {
+                let outcome = act(&shared, &conn, &uri, &vm, &settings, check).await;
+                shared.guests.health.finish(&vm, outcome, settings.grace);
+            });
+        }
+    }
+}
+
+async fn act(shared: &Shared, conn: &Connection, uri: &str, vm: &str, s: &HealthSettings, check: Check) -> Outcome {
+    let host = &shared.local_host;
+    match check {
+        Check::Silent(silent) => {
+            let paused = match domain_run(uri, host, vm).await {
+                Ok(DomainRun::Running) => None,
+                Ok(DomainRun::PausedOtherwise(why)) => Some(why),
+                Ok(DomainRun::PausedOnPurpose(why)) => {
+                    tracing::debug!(vmha_vm = %vm, "VM {vm} sends no heartbeats while paused ({why}): not hung");
+                    return Outcome::Excused;
+                }
+                Ok(DomainRun::NotRunning) => return Outcome::Handled,
+                Err(e) => {
+                    tracing::warn!(vmha_vm = %vm, "VM {vm} sends no heartbeats, but its state is unknown: {e}");
+                    return Outcome::Retry;
+                }
+            };
+            let reason = hung_reason(silent, s, paused);
+            if !shared.guests.health.try_reset(vm, s) {
+                let message = format!(
+                    "{reason}; not reset: {} resets within {} s already (sensitivity {})",
+                    s.sensitivity.max_resets(),
+                    s.sensitivity.window().as_secs(),
+                    s.sensitivity.as_str()
+                );
+                tracing::error!(vmha_vm = %vm, "VM {vm}: {message}");
+                crate::signals::event(conn, "vm-hung", vm, &message).await;
+                return Outcome::Handled;
+            }
+            tracing::warn!(vmha_vm = %vm, "VM {vm}: {reason}: resetting it through Pacemaker");
+            crate::signals::event(conn, "vm-hung", vm, &format!("{reason}; reset")).await;
+            restart(shared, uri, vm, &reason, false, true).await;
+            Outcome::Handled
+        }
+        Check::App(why) => {
+            let reason = crate::failures::printable(&format!("application unhealthy: {why}"), 128);
+            match s.app_action {
+                AppAction::Ignore => {}
+                AppAction::Report => {
+                    tracing::warn!(vmha_vm = %vm, "VM {vm}: {reason} (health_app_action=report)");
+                    crate::signals::event(conn, "vm-app-unhealthy", vm, &reason).await;
+                }
+                AppAction::Restart | AppAction::RestartElsewhere => {
+                    let elsewhere = s.app_action == AppAction::RestartElsewhere;
+                    if !shared.guests.health.try_reset(vm, s) {
+                        let message = format!("{reason}; not restarted: reset limit reached");
+                        tracing::error!(vmha_vm = %vm, "VM {vm}: {message}");
+                        crate::signals::event(conn, "vm-app-unhealthy", vm, &message).await;
+                        return Outcome::Handled;
+                    }
+                    tracing::warn!(vmha_vm = %vm, "VM {vm}: {reason}: restarting it (health_app_action={})", s.app_action.as_str());
+                    crate::signals::event(
+                        conn,
+                        "vm-app-unhealthy",
+                        vm,
+                        &format!("{reason}; {}", s.app_action.as_str()),
+                    )
+                    .await;
+                    // The guest still runs: Pacemaker's stop shuts it down cleanly.
+                    restart(shared, uri, vm, &reason, elsewhere, false).await;
+                }
+            }
+            // Acted once per change to unhealthy; the heartbeats are still followed.
+            Outcome::Retry
+        }
+    }
+}
+
+/// Fails `vm` through Pacemaker with `reason`, and with `power_off` powers it off at once; with
+/// `elsewhere`, first sets its fail count here to INFINITY, so Pacemaker restarts it on another host.
+async fn restart(shared: &Shared, uri: &str, vm: &str, reason: &str, elsewhere: bool, power_off: bool) {
+    let host = &shared.local_host;
+    if elsewhere {
+        let attribute = format!("fail-count-{vm}#asyncmon_0");
+        if let Err(e) = vmha_pacemaker::update_attribute(host, &attribute, "INFINITY", PACEMAKER_DEADLINE).await {
+            tracing::warn!(vmha_vm = %vm, "VM {vm}: keeping it off {host} (fail count INFINITY): {e}");
+        }
+    }
+    let mut controller = None;
+    if !crate::failures::report(shared, &mut controller, vm, reason).await {
+        // Not a VM Pacemaker runs here (any more), or Pacemaker is unreachable: nothing is powered off.
+        return;
+    }
+    // A hung guest cannot shut down: power it off now, so Pacemaker's stop finds it stopped.
+    if !power_off {
+        return;
+    }
+    if let Err(e) = destroy(uri, host, vm).await {
+        tracing::warn!(vmha_vm = %vm, "powering off VM {vm} after failing it: {e} (Pacemaker's stop will)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmha_model::health::Sensitivity;
+
+    fn high() -> HealthSettings {
+        HealthSettings {
+            sensitivity: Sensitivity::High,
+            ..HealthSettings::default()
+        }
+    }
+
+    #[test]
+    fn the_reason_says_how_long_and_why() {
+        let s = high();
+        assert_eq!(
+            hung_reason(Duration::from_millis(5230), &s, None),
+            "guest hung: no heartbeat for 5.2 s (threshold 5 s, sensitivity high)"
+        );
+        assert!(hung_reason(Duration::from_secs(6), &s, Some("unknown reason"))
+            .ends_with("; its vCPUs are paused (unknown reason)"));
+        assert!(hung_reason(Duration::from_secs(6), &s, Some("unknown reason")).len() <= 128);
+    }
+}
