@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// `health_monitoring`: follow the VM's heartbeats (default true).
+/// `health_monitoring`: follow the VM's heartbeats and reset it when they stop (default false: a reset is
+/// destructive, so it is the operator's choice per VM, as VM monitoring is in vSphere HA).
 pub const PARAM_MONITORING: &str = "health_monitoring";
 /// `health_sensitivity`: low, medium (default) or high.
 pub const PARAM_SENSITIVITY: &str = "health_sensitivity";
@@ -137,7 +138,7 @@ pub struct HealthSettings {
 impl Default for HealthSettings {
     fn default() -> Self {
         HealthSettings {
-            monitoring: true,
+            monitoring: false,
             sensitivity: Sensitivity::Medium,
             grace: Duration::from_secs(DEFAULT_GRACE_S),
             app_action: AppAction::Report,
@@ -318,14 +319,14 @@ mod tests {
         let (s, errors) = HealthSettings::from_params(&BTreeMap::new());
         assert!(errors.is_empty());
         assert_eq!(s, HealthSettings::default());
-        assert!(s.monitoring);
+        assert!(!s.monitoring, "resetting hung guests is opt-in");
         assert_eq!(s.sensitivity, Sensitivity::Medium);
         assert_eq!(s.app_action, AppAction::Report);
         assert!(Sensitivity::High.threshold() < Sensitivity::Medium.threshold());
         assert!(Sensitivity::Medium.threshold() < Sensitivity::Low.threshold());
         assert!(Sensitivity::High.window() < Sensitivity::Low.window());
         let summary = s.summary();
-        assert_eq!(summary["monitoring"], "on");
+        assert_eq!(summary["monitoring"], "off");
         assert_eq!(summary["threshold_s"], "20");
         assert_eq!(summary["app_action"], "report");
     }

@@ -283,7 +283,7 @@ would make Pacemaker stop and restart the VM instead). When vmhad does not run, 
     ParamSpec {
         name: "health_monitoring",
         kind: ParamKind::Boolean,
-        default: "true",
+        default: "false",
         reloadable: true,
         unique_group: None,
         shortdesc: "Reset the VM when its guest hangs (vmha-guest heartbeats)",
@@ -293,7 +293,8 @@ threshold while its QEMU runs, and that nothing paused on purpose (libvirt shows
 migration, save, snapshot, dump or by an operator, or the CIB shows it migrating), is hung: vmhad fails it \
 through Pacemaker with the reason (e.g. 'guest hung: no heartbeat for 5.2 s') and powers it off, and \
 Pacemaker's recovery restarts it (in place, or elsewhere after migration-threshold failures). A VM that \
-never sent a heartbeat (no vmha-guest, or an older one) is not monitored. Takes effect without a restart.",
+never sent a heartbeat (no vmha-guest, or an older one) is not monitored. Off by default: a reset is \
+destructive, so it is chosen per VM. Takes effect without a restart.",
     },
     ParamSpec {
         name: "health_sensitivity",
@@ -1008,7 +1009,7 @@ mod tests {
             ("shared_storage", "true"),
             ("monitor_guest_agent_timeout", "9"),
             ("guest_migrate_timeout", "9"),
-            ("health_monitoring", "false"),
+            ("health_monitoring", "true"),
             ("health_sensitivity", "high"),
             ("health_grace", "9"),
             ("health_app_action", "restart"),

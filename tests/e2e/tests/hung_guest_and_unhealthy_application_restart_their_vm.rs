@@ -102,7 +102,12 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
     lab.add_vm_with(
         &GuestSpec::new(VM),
         VmAgent::Vmha,
-        &["health_sensitivity=high", "health_grace=5", "health_app_action=restart"],
+        &[
+            "health_monitoring=true",
+            "health_sensitivity=high",
+            "health_grace=5",
+            "health_app_action=restart",
+        ],
     )
     .unwrap();
     let mut n = wait_running(&lab, VM, Duration::from_secs(180));
