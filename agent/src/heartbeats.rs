@@ -220,6 +220,7 @@ mod tests {
 
     fn high() -> HealthSettings {
         HealthSettings {
+            monitoring: true,
             sensitivity: Sensitivity::High,
             grace: Duration::from_secs(10),
             ..HealthSettings::default()
