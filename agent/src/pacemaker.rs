@@ -46,6 +46,23 @@ impl PacemakerCib {
         Ok(cib)
     }
 
+    /// The whole CIB: from the local copy the notifications keep (`followed`), or queried.
+    async fn read_whole(&self, followed: bool) -> Result<String, CibError> {
+        let cib = self.cib().await?;
+        let read = if followed {
+            cib.query_all_followed(CALL_DEADLINE).await
+        } else {
+            cib.query_all(CALL_DEADLINE).await
+        };
+        match read {
+            Ok(xml) => Ok(xml),
+            Err(e) => {
+                self.forget(&e).await;
+                Err(error("query", e))
+            }
+        }
+    }
+
     /// Forgets a connection that failed, so the next call connects again.
     async fn forget(&self, e: &vmha_pacemaker::Error) {
         if e.is_disconnected() {
@@ -56,29 +73,11 @@ impl PacemakerCib {
 
 impl CibBackend for PacemakerCib {
     fn query(&self) -> BoxFuture<'_, Result<String, CibError>> {
-        Box::pin(async move {
-            let cib = self.cib().await?;
-            match cib.query_all(CALL_DEADLINE).await {
-                Ok(xml) => Ok(xml),
-                Err(e) => {
-                    self.forget(&e).await;
-                    Err(error("query", e))
-                }
-            }
-        })
+        Box::pin(self.read_whole(false))
     }
 
     fn query_followed(&self) -> BoxFuture<'_, Result<String, CibError>> {
-        Box::pin(async move {
-            let cib = self.cib().await?;
-            match cib.query_all_followed(CALL_DEADLINE).await {
-                Ok(xml) => Ok(xml),
-                Err(e) => {
-                    self.forget(&e).await;
-                    Err(error("query", e))
-                }
-            }
-        })
+        Box::pin(self.read_whole(true))
     }
 
     fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {
