@@ -370,6 +370,32 @@ pub fn lab_with_vmhad() -> Lab {
     lab
 }
 
+/// Placement scenarios' start: fencing stays on but a fenced host stays off (`stonith-action=off`), so an
+/// outcome can be compared before the host returns; then `vms` are added stopped through `vmha vm add`.
+pub fn add_stopped_vms_fenced_hosts_stay_off(lab: &Lab, vms: &[&str]) {
+    lab.exec_ok(
+        1,
+        &[
+            "crm_attribute",
+            "--type",
+            "crm_config",
+            "--name",
+            "stonith-action",
+            "--update",
+            "off",
+        ],
+    )
+    .unwrap();
+    for vm in vms {
+        let xml = lab.write_domain_xml(&vmha_lab::guest::GuestSpec::new(vm)).unwrap();
+        lab.exec_ok(
+            1,
+            &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap(), "--stopped"],
+        )
+        .unwrap();
+    }
+}
+
 /// `vmha --timeout 180 ARGS` on host `n`: (exit code, stdout, stderr); an exec failure is exit code -1 with
 /// the error as stderr.
 pub fn vmha_run(lab: &Lab, n: u8, args: &[&str]) -> (i32, String, String) {

@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use vmha_e2e::{vmha_json, POLL};
-use vmha_lab::guest::GuestSpec;
 use vmha_lab::{wait_for, Lab};
 
 const VMS: [&str; 2] = ["hi", "lo"];
@@ -51,27 +50,7 @@ fn dc_idle(lab: &Lab, observer: u8) -> bool {
 fn failover_takes_free_room_before_displacing() {
     let lab = vmha_e2e::lab_with_vmhad();
     let t0 = Instant::now();
-    lab.exec_ok(
-        1,
-        &[
-            "crm_attribute",
-            "--type",
-            "crm_config",
-            "--name",
-            "stonith-action",
-            "--update",
-            "off",
-        ],
-    )
-    .unwrap();
-    for vm in VMS {
-        let xml = lab.write_domain_xml(&GuestSpec::new(vm)).unwrap();
-        lab.exec_ok(
-            1,
-            &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap(), "--stopped"],
-        )
-        .unwrap();
-    }
+    vmha_e2e::add_stopped_vms_fenced_hosts_stay_off(&lab, &VMS);
     let h = |n| lab.cfg.host_name(n);
     let policy = serde_json::json!({
         "hosts": {

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmha_e2e::{vmha_json, POLL};
-use vmha_lab::guest::GuestSpec;
 use vmha_lab::{wait_for, Lab};
 
 const VMS: [&str; 4] = ["ahi", "amid", "bone", "btwo"];
@@ -100,29 +99,7 @@ fn predicted(p: &Value) -> BTreeMap<String, Option<String>> {
 fn placement_policy_follows_zones_and_priorities() {
     let lab = vmha_e2e::lab_with_vmhad();
     let t0 = Instant::now();
-    // The fenced host stays off (fencing stays on), so the outcome can be compared before it returns.
-    lab.exec_ok(
-        1,
-        &[
-            "crm_attribute",
-            "--type",
-            "crm_config",
-            "--name",
-            "stonith-action",
-            "--update",
-            "off",
-        ],
-    )
-    .unwrap();
-
-    for vm in VMS {
-        let xml = lab.write_domain_xml(&GuestSpec::new(vm)).unwrap();
-        lab.exec_ok(
-            1,
-            &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap(), "--stopped"],
-        )
-        .unwrap();
-    }
+    vmha_e2e::add_stopped_vms_fenced_hosts_stay_off(&lab, &VMS);
 
     // A bad policy is refused and changes nothing.
     let shared = lab.cfg.shared_dir();
