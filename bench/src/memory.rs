@@ -34,9 +34,25 @@ fn vmha(lab: &Lab, n: u8, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The VM's state and hosts as host 1's vmhad (where the jobs are asked) sees them.
+fn vm_state(lab: &Lab) -> Option<(String, Vec<String>)> {
+    let out = lab.exec_ok(1, &["vmha", "--output", "json", "vm", "show", VM]).ok()?;
+    let shown: vmha_api::json::VmShow = serde_json::from_str(&out).ok()?;
+    Some((shown.vm.state, shown.vm.hosts))
+}
+
+/// The host the VM runs on, once vmhad sees it running there (not while its start or migration is still
+/// pending: vmhad refuses to move a VM that is starting).
 fn host_of(lab: &Lab) -> Option<u8> {
-    let s = lab.status_from_any().ok()?;
-    lab.cfg.host_number(s.running_on(VM)?)
+    let (state, hosts) = vm_state(lab)?;
+    match hosts.as_slice() {
+        [host] if state == "running" => lab.cfg.host_number(host),
+        _ => None,
+    }
+}
+
+fn stopped(lab: &Lab) -> bool {
+    vm_state(lab).is_some_and(|(state, _)| state == "stopped")
 }
 
 fn wait_running(lab: &Lab) -> Result<u8> {
@@ -121,7 +137,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
             &format!("{VM} stopped"),
             Duration::from_secs(60),
             Duration::from_millis(200),
-            || host_of(&lab).is_none().then_some(()),
+            || stopped(&lab).then_some(()),
         )?;
         vmha(&lab, 1, &["vm", "start", VM])?;
         wait_running(&lab)?;
