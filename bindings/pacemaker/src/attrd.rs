@@ -31,43 +31,57 @@ pub async fn clear_failures(host: Option<&str>, resource: &str, limit: Duration)
         });
     }
     let resource = cstring(CALL, resource)?;
+    on_attrd_thread(CALL, limit, true, move || {
+        // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own on
+        // this thread; every string is a valid C string that outlives the call, or NULL (operation and
+        // interval: every operation; user name: none, the caller's own rights).
+        unsafe {
+            sys::pcmk__attrd_api_clear_failures(
+                ptr::null_mut(),
+                host.as_ref().map_or(ptr::null(), |h| h.as_ptr()),
+                resource.as_ptr(),
+                ptr::null(),
+                ptr::null(),
+                ptr::null(),
+                0, // pcmk__node_attr_none: a cluster node, not a Pacemaker Remote one
+            )
+        }
+    })
+    .await
+}
+
+/// Runs one attrd request (`request`, returning a standard Pacemaker return code) on a thread of its own,
+/// so that `limit` holds even if attrd never completes the IPC hand-shake. `hint_when_down` adds "is
+/// Pacemaker running?" to the errors that mean attrd could not be reached.
+async fn on_attrd_thread(
+    call: &'static str,
+    limit: Duration,
+    hint_when_down: bool,
+    request: impl FnOnce() -> i32 + Send + 'static,
+) -> Result<()> {
     let (tx, rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("pcmk-attrd".into())
         .spawn(move || {
             xml::init_thread();
-            // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own
-            // on this thread; every string is a valid C string that outlives the call, or NULL
-            // (operation and interval: every operation; user name: none, the caller's own rights).
-            let rc = unsafe {
-                sys::pcmk__attrd_api_clear_failures(
-                    ptr::null_mut(),
-                    host.as_ref().map_or(ptr::null(), |h| h.as_ptr()),
-                    resource.as_ptr(),
-                    ptr::null(),
-                    ptr::null(),
-                    ptr::null(),
-                    0, // pcmk__node_attr_none: a cluster node, not a Pacemaker Remote one
-                )
-            };
-            let _ = tx.send(rc);
+            let _ = tx.send(request());
         })
         .map_err(|e| Error::Invalid {
-            call: CALL,
+            call,
             reason: format!("starting the attrd thread: {e}"),
         })?;
     match tokio::time::timeout(limit, rx).await {
         Ok(Ok(rc)) if rc == sys::pcmk_rc_ok => Ok(()),
         Ok(Ok(rc)) => Err(Error::Rc {
-            call: CALL,
+            call,
             code: rc,
-            text: if rc == libc::ENOTCONN || rc == libc::ECONNREFUSED || rc == libc::ENOENT {
+            text: if hint_when_down && (rc == libc::ENOTCONN || rc == libc::ECONNREFUSED || rc == libc::ENOENT) {
                 format!("{} (is Pacemaker running?)", xml::rc_text(rc))
             } else {
                 xml::rc_text(rc)
             },
         }),
-        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call: CALL, limit }),
+        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call, limit }),
     }
 }
 
@@ -90,41 +104,24 @@ pub async fn update_attribute(host: &str, name: &str, value: &str, limit: Durati
     let host = cstring(UPDATE, host)?;
     let name = cstring(UPDATE, name)?;
     let value = cstring(UPDATE, value)?;
-    let (tx, rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("pcmk-attrd".into())
-        .spawn(move || {
-            xml::init_thread();
-            // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own
-            // on this thread; host, name and value are valid C strings that outlive the call; dampen, set
-            // and user name are NULL (unchanged, the first set, the caller's own rights).
-            let rc = unsafe {
-                sys::pcmk__attrd_api_update(
-                    ptr::null_mut(),
-                    host.as_ptr(),
-                    name.as_ptr(),
-                    value.as_ptr(),
-                    ptr::null(),
-                    ptr::null(),
-                    ptr::null(),
-                    NODE_ATTR_VALUE,
-                )
-            };
-            let _ = tx.send(rc);
-        })
-        .map_err(|e| Error::Invalid {
-            call: UPDATE,
-            reason: format!("starting the attrd thread: {e}"),
-        })?;
-    match tokio::time::timeout(limit, rx).await {
-        Ok(Ok(rc)) if rc == sys::pcmk_rc_ok => Ok(()),
-        Ok(Ok(rc)) => Err(Error::Rc {
-            call: UPDATE,
-            code: rc,
-            text: xml::rc_text(rc),
-        }),
-        Ok(Err(_)) | Err(_) => Err(Error::Timeout { call: UPDATE, limit }),
-    }
+    on_attrd_thread(UPDATE, limit, false, move || {
+        // SAFETY: a NULL api makes libcrmcommon create, connect, use and free a connection of its own on
+        // this thread; host, name and value are valid C strings that outlive the call; dampen, set and user
+        // name are NULL (unchanged, the first set, the caller's own rights).
+        unsafe {
+            sys::pcmk__attrd_api_update(
+                ptr::null_mut(),
+                host.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr(),
+                ptr::null(),
+                ptr::null(),
+                ptr::null(),
+                NODE_ATTR_VALUE,
+            )
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
