@@ -10,6 +10,7 @@
 //! `max_resets` per window; beyond that the hang is only reported. Every decision is also a D-Bus
 //! `Event` (`vm-hung`, `vm-app-unhealthy`).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,7 +111,7 @@ pub fn hung_reason(silent: Duration, s: &HealthSettings, paused: Option<&str>) -
 }
 
 /// Checks the registry every [`TICK`], forever, and acts on hung VMs and unhealthy applications.
-pub async fn follow_health(shared: Arc<Shared>, conn: Connection, uri: String) {
+pub async fn follow_health(shared: Arc<Shared>, conn: Connection, uri: String, postmortem_dir: PathBuf) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -124,16 +125,24 @@ pub async fn follow_health(shared: Arc<Shared>, conn: Connection, uri: String) {
             Some((settings, v.state == VmState::Migrating))
         });
         for (vm, settings, check) in todo {
-            let (shared, conn, uri) = (Arc::clone(&shared), conn.clone(), uri.clone());
+            let (shared, conn, uri, pm) = (Arc::clone(&shared), conn.clone(), uri.clone(), postmortem_dir.clone());
             tokio::spawn(async move {
-                let outcome = act(&shared, &conn, &uri, &vm, &settings, check).await;
+                let outcome = act(&shared, &conn, &uri, &pm, &vm, &settings, check).await;
                 shared.guests.health.finish(&vm, outcome, settings.grace);
             });
         }
     }
 }
 
-async fn act(shared: &Shared, conn: &Connection, uri: &str, vm: &str, s: &HealthSettings, check: Check) -> Outcome {
+async fn act(
+    shared: &Shared,
+    conn: &Connection,
+    uri: &str,
+    postmortem_dir: &Path,
+    vm: &str,
+    s: &HealthSettings,
+    check: Check,
+) -> Outcome {
     let host = &shared.local_host;
     match check {
         Check::Silent(silent) => {
@@ -162,8 +171,16 @@ async fn act(shared: &Shared, conn: &Connection, uri: &str, vm: &str, s: &Health
                 crate::signals::event(conn, "vm-hung", vm, &message).await;
                 return Outcome::Handled;
             }
-            tracing::warn!(vmha_vm = %vm, "VM {vm}: {reason}: resetting it through Pacemaker");
-            crate::signals::event(conn, "vm-hung", vm, &format!("{reason}; reset")).await;
+            // Before the reset: what its console showed last and a screenshot (within a few seconds).
+            let kept = match crate::postmortem::keep(postmortem_dir, uri, host, vm, &reason).await {
+                Ok(dir) => format!("; post-mortem in {}", dir.display()),
+                Err(e) => {
+                    tracing::warn!(vmha_vm = %vm, "{e}");
+                    String::new()
+                }
+            };
+            tracing::warn!(vmha_vm = %vm, "VM {vm}: {reason}: resetting it through Pacemaker{kept}");
+            crate::signals::event(conn, "vm-hung", vm, &format!("{reason}; reset{kept}")).await;
             restart(shared, uri, vm, &reason, false, true).await;
             Outcome::Handled
         }

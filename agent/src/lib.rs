@@ -33,6 +33,7 @@ pub mod options;
 pub mod pacemaker;
 pub mod placement;
 pub mod ports;
+pub mod postmortem;
 pub mod readiness;
 pub mod relay;
 pub mod signals;

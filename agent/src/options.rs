@@ -31,6 +31,10 @@ pub struct VmhadArgs {
     /// stderr when it is a terminal, a file or a pipe; journal falls back to syslog.
     #[arg(long, value_enum, default_value_t = crate::logging::LogTarget::Auto)]
     pub log: crate::logging::LogTarget,
+    /// Where the post-mortem of a hung guest (its console tail, a screenshot, the reason) is kept before
+    /// vmhad resets it: one directory per hang under <DIR>/<vm>/, the newest five per VM.
+    #[arg(long, value_name = "DIR", default_value = crate::postmortem::DEFAULT_DIR)]
+    pub postmortem_dir: std::path::PathBuf,
 }
 
 /// This machine's host name (of its UTS namespace), Pacemaker's node name for it by default.

@@ -106,6 +106,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         Arc::clone(&shared),
         conn.clone(),
         args.hypervisor.clone(),
+        args.postmortem_dir.clone(),
     ));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
     let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));

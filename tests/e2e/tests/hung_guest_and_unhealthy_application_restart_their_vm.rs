@@ -2,13 +2,18 @@
 //! and running the image's health hook (`/etc/vmha/health.d/50-lab`, failing while
 //! `/run/vmha-guest/app-down` exists) every second:
 //! - `vmha vm show` shows the VM's health settings (resource parameters) and that heartbeats arrive;
-//! - two live migrations with monitoring on (sensitivity high: 5 s) cause no reset;
+//! - ten live migrations with monitoring on (sensitivity high: 5 s) cause no reset;
 //! - a guest whose vCPUs are stopped behind libvirt's back (QMP `stop` through `virsh qemu-monitor-command`:
 //!   libvirt shows it paused for an unknown reason, which no operation of vmha or Pacemaker does) is failed
 //!   in Pacemaker with the reason "guest hung: ..." within its threshold plus one second of the stop (the
 //!   test's clock against the CIB), and runs again, rebooted;
 //! - a health hook failing three times in a row restarts the VM (`health_app_action=restart`), with the
-//!   hook's failure as the reason in Pacemaker.
+//!   hook's failure as the reason in Pacemaker;
+//! - before the hung guest was reset, vmhad kept its post-mortem on its host (/var/lib/vmha/postmortem/VM/):
+//!   the reason, the tail of its serial console (the guest's own boot line in it) and why there is no
+//!   screenshot (the lab's guests have no display);
+//! - the reset limit: sensitivity high allows three resets an hour on a host; a fourth failing hook is only
+//!   reported, and the VM runs on untouched.
 
 use std::time::{Duration, Instant};
 
@@ -129,7 +134,7 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
     assert!(text.contains("sensitivity=high"), "{text}");
 
     // 1. Live migrations with monitoring on: no reset.
-    for _ in 0..2 {
+    for _ in 0..10 {
         let qemu_before = lab.qemu_processes(VM);
         n = migrate(&lab, n);
         wait_heartbeats(&lab, n);
@@ -200,6 +205,7 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
         detected <= THRESHOLD + Duration::from_secs(1),
         "recorded {detected:?} after the stop, more than threshold + 1 s"
     );
+    check_postmortem(&lab, n);
 
     // 3. The application fails: after three failed health checks the VM is restarted.
     n = wait_running(&lab, VM, Duration::from_secs(120));
@@ -251,5 +257,90 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
     assert!(
         logs.contains("restarting it (health_app_action=restart)"),
         "vmhad's log"
+    );
+
+    // 4. The reset limit (3 an hour for sensitivity high, counted by the vmhad of the VM's host): the hook
+    // fails again after each restart until a host's vmhad refuses; it refuses exactly after its third reset.
+    let mut refused = false;
+    for _ in 0..4 {
+        n = wait_running(&lab, VM, Duration::from_secs(120));
+        wait_heartbeats(&lab, n);
+        let qemu = lab.qemu_processes(VM)[0].1;
+        let refusals_before = count(&host_log(&lab, n), REFUSED);
+        guest_exec(
+            &lab,
+            n,
+            VM,
+            "/bin/sh",
+            &["-c", "mkdir -p /run/vmha-guest && touch /run/vmha-guest/app-down"],
+            Duration::from_secs(20),
+        )
+        .unwrap();
+        let outcome = wait_for("a restart or a refusal", Duration::from_secs(120), POLL, || {
+            if count(&host_log(&lab, n), REFUSED) > refusals_before {
+                return Some("refused");
+            }
+            let q = lab.qemu_processes(VM);
+            (q.len() == 1 && q[0].1 != qemu && lab.status_from_any().ok()?.running_on(VM).is_some())
+                .then_some("restarted")
+        })
+        .unwrap();
+        let log = host_log(&lab, n);
+        let resets = count(&log, "resetting it through Pacemaker") + count(&log, "restarting it (health_app_action=");
+        println!(
+            "reset limit: {outcome} on {} after {resets} resets there",
+            lab.cfg.host_name(n)
+        );
+        if outcome == "refused" {
+            assert_eq!(resets, 3, "refused after {resets} resets on the host, not 3");
+            let q = lab.qemu_processes(VM);
+            assert!(
+                q.len() == 1 && q[0].1 == qemu,
+                "the VM was touched after the refusal: {q:?}"
+            );
+            refused = true;
+            break;
+        }
+        assert!(resets <= 3, "{resets} resets on one host within the hour");
+    }
+    assert!(refused, "the reset limit never stopped the restarts");
+}
+
+/// What vmhad logs when the reset limit keeps it from restarting a VM for its application.
+const REFUSED: &str = "not restarted: reset limit reached";
+
+fn host_log(lab: &Lab, n: u8) -> String {
+    std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/vmhad.log")).unwrap_or_default()
+}
+
+fn count(text: &str, what: &str) -> usize {
+    text.matches(what).count()
+}
+
+/// The post-mortem vmhad on host `n` kept before resetting the hung VM: the reason, the console tail
+/// (with the guest's boot line) and, lacking a display, why there is no screenshot.
+fn check_postmortem(lab: &Lab, n: u8) {
+    let dir = lab.cfg.host_dir(n).join("var-lib-vmha/postmortem").join(VM);
+    let kept: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let pm = &kept[0];
+    let reason = std::fs::read_to_string(pm.join("reason.txt")).unwrap();
+    assert!(reason.starts_with("guest hung: no heartbeat for"), "{reason}");
+    let console = String::from_utf8_lossy(&std::fs::read(pm.join("console.log")).unwrap()).into_owned();
+    assert!(console.contains(&format!("{VM}-console.log")), "{console}");
+    assert!(
+        console.contains("VMHA-GUEST-UP"),
+        "the console tail lacks the guest's boot line"
+    );
+    let missing = std::fs::read_to_string(pm.join("missing.txt")).unwrap();
+    assert!(missing.contains("screenshot: virDomainScreenshot"), "{missing}");
+    println!(
+        "post-mortem {}: console {} bytes; missing: {}",
+        pm.display(),
+        console.len(),
+        missing.trim()
     );
 }

@@ -291,6 +291,7 @@ impl Lab {
             "var-lib-corosync",
             "var-log-corosync",
             "var-log-vmha",
+            "var-lib-vmha",
             "usr-upper/sbin",
             "usr-work",
             "etc-upper",
@@ -1047,6 +1048,7 @@ impl Lab {
                 "var-log-pacemaker",
                 "var-log-libvirt",
                 "var-log-vmha",
+                "var-lib-vmha",
                 "console.log",
             ] {
                 let src = d.join(name);
