@@ -14,6 +14,13 @@
 //! - VM crash (SIGKILL to the VM's QEMU): detected (Pacemaker recorded a failure of the VM: a failed
 //!   operation or a fail count in the CIB), started (a new QEMU runs the VM). vmha's vmhad reports the dead
 //!   QEMU at once; VirtualDomain's failure is found by its next monitor (interval 10 s here).
+//! - Guest hang (the VM's vCPUs stopped behind libvirt's back, QMP `stop` through `virsh
+//!   qemu-monitor-command`: the guest runs no instruction, QEMU lives on): detected (Pacemaker recorded a
+//!   failure of the VM), started (a new QEMU runs the VM). vmha's side runs its hang VMs with
+//!   `health_monitoring=true health_sensitivity=high` (threshold 5 s): the figure to judge is detection
+//!   minus that threshold. VirtualDomain's monitor takes a paused domain for a running one: its side is
+//!   watched for [`HANG_WATCH`], then resumed. The reset limit (3 an hour per host for `high`) is kept
+//!   out of the way by one hang VM per 3 rounds.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,18 +36,29 @@ use crate::report::{cell, median, Run};
 const POLL: Duration = Duration::from_millis(50);
 /// Corosync token of both labs (token_coefficient 0), as the other benches.
 const TOKEN_MS: u32 = 1000;
+/// How long a hung guest is watched for its detection before the trial gives up (and resumes it).
+const HANG_WATCH: Duration = Duration::from_secs(60);
+/// vmha's hang threshold in these trials (sensitivity high).
+const HANG_THRESHOLD_S: f64 = 5.0;
+/// vmha's health settings of the hang VMs.
+const HANG_PARAMS: &[&str] = &["health_monitoring=true", "health_sensitivity=high", "health_grace=5"];
 
 /// One side: a lab and the VM it runs.
 struct Side {
     label: &'static str,
     lab: Lab,
     vm: &'static str,
+    /// The VMs hung in guest-hang trials (one per 3 rounds), and whether vmhad monitors them.
+    hang_vms: Vec<String>,
+    vmha: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+/// A kind of failure the bench causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
     HostCrash,
     VmCrash,
+    GuestHang,
 }
 
 impl Kind {
@@ -48,6 +66,7 @@ impl Kind {
         match self {
             Kind::HostCrash => "host crash (hard power-off of the VM's host)",
             Kind::VmCrash => "VM crash (SIGKILL to the VM's QEMU)",
+            Kind::GuestHang => "guest hang (vCPUs stopped behind libvirt's back; QEMU lives on)",
         }
     }
 }
@@ -191,6 +210,98 @@ fn vm_crash(side: &Side) -> Result<Trial> {
     })
 }
 
+/// Waits until vmhad on host `n` has received `vm`'s heartbeats for longer than the grace after a connect
+/// (so a hang now is judged by its threshold alone).
+fn wait_monitored(lab: &Lab, n: u8, vm: &str) -> Result<()> {
+    let first = wait_for(
+        &format!("{vm}'s heartbeats on {}", lab.cfg.host_name(n)),
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || {
+            let out = lab.exec_ok(n, &["vmha", "--output", "json", "vm", "show", vm]).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let h = v.pointer("/vm/health")?;
+            let fresh = h
+                .get("last_heartbeat_ms_ago")?
+                .as_str()?
+                .parse::<u64>()
+                .ok()
+                .is_some_and(|ms| ms < 2000);
+            (h.get("heartbeats")?.as_str()? == "yes" && fresh).then(Instant::now)
+        },
+    )?;
+    // The grace (5 s) runs from the channel's connection, which was before the first heartbeat seen.
+    let grace_over = first + Duration::from_secs(5);
+    let now = Instant::now();
+    if grace_over > now {
+        std::thread::sleep(grace_over - now);
+    }
+    Ok(())
+}
+
+fn virsh_hmp(lab: &Lab, n: u8, vm: &str, command: &str) -> Result<()> {
+    lab.exec_ok(
+        n,
+        &[
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "qemu-monitor-command",
+            vm,
+            "--hmp",
+            command,
+        ],
+    )?;
+    Ok(())
+}
+
+fn guest_hang(side: &Side, round: usize) -> Result<Trial> {
+    let lab = &side.lab;
+    let vm = side.hang_vms[round / 3].as_str();
+    let n = settle(lab, vm)?;
+    if side.vmha {
+        wait_monitored(lab, n, vm)?;
+    }
+    let observer = 1;
+    let pid = lab.qemu_processes(vm)[0].1;
+    let t0 = Instant::now();
+    virsh_hmp(lab, n, vm, "stop")?;
+    let mut detected = f64::NAN;
+    let started = wait_for(
+        &format!(
+            "{vm} hung, recovered or not within {} s, in lab {}",
+            HANG_WATCH.as_secs(),
+            lab.cfg.name
+        ),
+        HANG_WATCH + Duration::from_secs(60),
+        POLL,
+        || {
+            if detected.is_nan() && failure_recorded(lab, observer, vm) {
+                detected = t0.elapsed().as_secs_f64();
+            }
+            let q = lab.qemu_processes(vm);
+            if q.len() == 1 && q[0].1 != pid {
+                return Some(t0.elapsed().as_secs_f64());
+            }
+            (detected.is_nan() && t0.elapsed() >= HANG_WATCH).then_some(f64::NAN)
+        },
+    )?;
+    if started.is_nan() {
+        // Never noticed: the trial resumes the guest itself.
+        virsh_hmp(lab, n, vm, "cont")?;
+    } else {
+        settle_running(lab, vm)?;
+    }
+    lab.exec_ok(1, &["crm_resource", "--cleanup", "--resource", vm])?;
+    Ok(Trial {
+        side: side.label,
+        kind: Kind::GuestHang,
+        detected,
+        fenced: f64::NAN,
+        started,
+    })
+}
+
 fn settle_running(lab: &Lab, vm: &str) -> Result<u8> {
     wait_for(
         &format!("{vm} running in lab {}", lab.cfg.name),
@@ -200,36 +311,68 @@ fn settle_running(lab: &Lab, vm: &str) -> Result<u8> {
     )
 }
 
-pub fn run(rounds: usize, quick: bool, a: &LabConfig, b: &LabConfig, out: Option<PathBuf>) -> Result<()> {
+/// Runs the bench: `kinds` (default: every kind; `quick`: the VM crash once).
+pub fn run(
+    rounds: usize,
+    quick: bool,
+    kinds: &[Kind],
+    a: &LabConfig,
+    b: &LabConfig,
+    out: Option<PathBuf>,
+) -> Result<()> {
     vmha_lab::init_logging();
     if rounds == 0 {
         bail!("--rounds must be at least 1");
     }
+    let kinds: &[Kind] = if quick {
+        &[Kind::VmCrash]
+    } else if kinds.is_empty() {
+        &[Kind::VmCrash, Kind::HostCrash, Kind::GuestHang]
+    } else {
+        kinds
+    };
+    let hangs = if kinds.contains(&Kind::GuestHang) {
+        rounds.div_ceil(3)
+    } else {
+        0
+    };
     let run = Run::start(&a.shared_dir());
     let vmha_lab = crate::lab_with_vmhad(a)?;
     vmha_lab.add_vm(&GuestSpec::new("fva1"), VmAgent::Vmha)?;
     let vd_lab = Lab::up(b.clone())?;
     vd_lab.add_vm(&GuestSpec::new("fvb1"), VmAgent::VirtualDomain)?;
+    let hang_vms = |prefix: &str| (1..=hangs).map(|i| format!("{prefix}h{i}")).collect::<Vec<_>>();
     let sides = [
         Side {
             label: "vmha (VirtualMachine + vmhad)",
             lab: vmha_lab,
             vm: "fva1",
+            hang_vms: hang_vms("fva"),
+            vmha: true,
         },
         Side {
             label: "VirtualDomain",
             lab: vd_lab,
             vm: "fvb1",
+            hang_vms: hang_vms("fvb"),
+            vmha: false,
         },
     ];
     for s in &sides {
-        settle(&s.lab, s.vm)?;
+        for vm in &s.hang_vms {
+            if s.vmha {
+                s.lab.add_vm_with(&GuestSpec::new(vm), VmAgent::Vmha, HANG_PARAMS)?;
+            } else {
+                s.lab.add_vm(&GuestSpec::new(vm), VmAgent::VirtualDomain)?;
+            }
+        }
     }
-    let kinds: &[Kind] = if quick {
-        &[Kind::VmCrash]
-    } else {
-        &[Kind::VmCrash, Kind::HostCrash]
-    };
+    for s in &sides {
+        settle(&s.lab, s.vm)?;
+        for vm in &s.hang_vms {
+            settle(&s.lab, vm)?;
+        }
+    }
     let mut trials = Vec::new();
     for round in 0..rounds {
         for &kind in kinds {
@@ -239,6 +382,7 @@ pub fn run(rounds: usize, quick: bool, a: &LabConfig, b: &LabConfig, out: Option
                 let t = match kind {
                     Kind::HostCrash => host_crash(&sides[i])?,
                     Kind::VmCrash => vm_crash(&sides[i])?,
+                    Kind::GuestHang => guest_hang(&sides[i], round)?,
                 };
                 eprintln!("vmha-bench: trial {t:?}");
                 trials.push(t);
@@ -282,6 +426,13 @@ fn body(trials: &[Trial], rounds: usize, kinds: &[Kind], sides: &[&'static str])
             Kind::VmCrash => s.push_str(
                 "| side | detected (failure recorded in the CIB) | VM running again (new QEMU) |\n|---|---|---|\n",
             ),
+            Kind::GuestHang => s.push_str(&format!(
+                "vmha's threshold: {HANG_THRESHOLD_S} s (`{}`). A side that did not notice the hang within {} s \
+                 shows no figure (n counts the trials that did).\n\n\
+                 | side | detected (failure recorded in the CIB) | detected minus the threshold | VM running again (new QEMU) | trials not detected |\n|---|---|---|---|---|\n",
+                HANG_PARAMS.join(" "),
+                HANG_WATCH.as_secs()
+            )),
         }
         for side in sides {
             let of: Vec<&Trial> = trials.iter().filter(|t| t.side == *side && t.kind == kind).collect();
@@ -298,6 +449,18 @@ fn body(trials: &[Trial], rounds: usize, kinds: &[Kind], sides: &[&'static str])
                     col(|t| t.detected),
                     col(|t| t.started)
                 )),
+                Kind::GuestHang => {
+                    let seen: Vec<&&Trial> = of.iter().filter(|t| !t.detected.is_nan()).collect();
+                    let over: Vec<f64> = seen.iter().map(|t| t.detected - HANG_THRESHOLD_S).collect();
+                    s.push_str(&format!(
+                        "| {side} | {} | {} | {} | {} of {} |\n",
+                        cell(&seen.iter().map(|t| t.detected).collect::<Vec<_>>(), 2, " s"),
+                        cell(&over, 2, " s"),
+                        cell(&seen.iter().map(|t| t.started).collect::<Vec<_>>(), 2, " s"),
+                        of.len() - seen.len(),
+                        of.len()
+                    ))
+                }
             }
         }
         let started = |side: &str| {
@@ -311,6 +474,13 @@ fn body(trials: &[Trial], rounds: usize, kinds: &[Kind], sides: &[&'static str])
         };
         if sides.len() == 2 {
             let (a, b) = (started(sides[0]), started(sides[1]));
+            if b.is_nan() {
+                s.push_str(&format!(
+                    "\nMedian time to the VM running again: {} {a:.2} s; {} never recovered it.\n",
+                    sides[0], sides[1]
+                ));
+                continue;
+            }
             s.push_str(&format!(
                 "\nMedian time to the VM running again: {} {a:.2} s, {} {b:.2} s ({}).\n",
                 sides[0],

@@ -122,6 +122,9 @@ enum Cmd {
         /// One round of the VM crash only: proves the bench works, measures nothing.
         #[arg(long)]
         quick: bool,
+        /// The failures to cause (default: all three).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        failures: Vec<failover::Kind>,
         /// Names of the two labs (vmha's, VirtualDomain's).
         #[arg(long, value_delimiter = ',', default_values_t = ["fva".to_string(), "fvb".to_string()])]
         labs: Vec<String>,
@@ -231,6 +234,7 @@ fn main() -> ExitCode {
         Cmd::Failover {
             rounds,
             quick,
+            failures,
             labs,
             subnets,
             out,
@@ -240,7 +244,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let (a, b) = failover::configs((&labs[0], &subnets[0]), (&labs[1], &subnets[1]));
-            failover::run(if quick { 1 } else { rounds }, quick, &a, &b, out)
+            failover::run(if quick { 1 } else { rounds }, quick, &failures, &a, &b, out)
         }
         Cmd::Scale {
             hosts,
