@@ -15,8 +15,12 @@ pub struct Monitor {
     /// The last heartbeat; `None`: none since the channel connected (or since a hang was handled): not
     /// monitored.
     last_beat: Option<Instant>,
-    /// No silence counts before this (the grace after a connection or after a pause on purpose).
-    grace_until: Instant,
+    /// When the channel connected: no silence counts within the VM's grace after it (the grace is read from
+    /// the VM's settings at each check, so a VM whose channel connected before vmhad knew its settings gets
+    /// its own grace, not a default).
+    connected_at: Instant,
+    /// No silence counts before this either (the grace after a pause on purpose).
+    excused_until: Option<Instant>,
     /// The application verdict the guest sent last, and whether vmhad acted on it already.
     app: Option<(bool, String)>,
     app_handled: bool,
@@ -25,26 +29,30 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    fn new(now: Instant, grace: Duration) -> Self {
+    fn new(now: Instant) -> Self {
         Monitor {
             last_beat: None,
-            grace_until: now + grace,
+            connected_at: now,
+            excused_until: None,
             app: None,
             app_handled: true,
             busy: false,
         }
     }
 
-    /// How long the guest has been silent, when that is over `threshold` and the grace has passed.
-    pub fn overdue(&self, now: Instant, threshold: Duration) -> Option<Duration> {
+    /// How long the guest has been silent, when that is over `threshold` and the `grace` after the
+    /// connection (and any excuse) has passed.
+    pub fn overdue(&self, now: Instant, threshold: Duration, grace: Duration) -> Option<Duration> {
         let last = self.last_beat?;
         let silent = now.saturating_duration_since(last);
-        (silent > threshold && now >= self.grace_until).then_some(silent)
+        let in_grace = now < self.connected_at + grace || self.excused_until.is_some_and(|e| now < e);
+        (silent > threshold && !in_grace).then_some(silent)
     }
 
     /// Something paused the VM on purpose (seen at `now`): silence counts only after `grace` from now.
     pub fn excuse(&mut self, now: Instant, grace: Duration) {
-        self.grace_until = self.grace_until.max(now + grace);
+        let until = now + grace;
+        self.excused_until = Some(self.excused_until.map_or(until, |e| e.max(until)));
     }
 }
 
@@ -54,8 +62,6 @@ pub struct Registry {
     vms: Mutex<HashMap<String, Monitor>>,
     /// Resets per VM (kept across connections: a VM reset here comes back on a new connection).
     resets: Mutex<HashMap<String, ResetLimit<Instant>>>,
-    /// The grace each VM gets after connecting (from its settings, updated by [`follow_health`]).
-    graces: Mutex<HashMap<String, Duration>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -65,11 +71,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Registry {
     /// `vm`'s channel connected: a fresh monitor, not armed until its first heartbeat.
     pub fn connected(&self, vm: &str) {
-        let grace = lock(&self.graces)
-            .get(vm)
-            .copied()
-            .unwrap_or(Duration::from_secs(vmha_model::health::DEFAULT_GRACE_S));
-        lock(&self.vms).insert(vm.to_string(), Monitor::new(Instant::now(), grace));
+        lock(&self.vms).insert(vm.to_string(), Monitor::new(Instant::now()));
     }
 
     /// `vm`'s channel went away (its QEMU stopped or migrated away, or vmhad stops following it).
@@ -150,7 +152,6 @@ pub fn due(
     let mut vms = lock(&registry.vms);
     for (vm, m) in vms.iter_mut() {
         let Some((s, migrating)) = settings(vm) else { continue };
-        lock(&registry.graces).insert(vm.clone(), s.grace);
         if m.busy {
             continue;
         }
@@ -171,7 +172,7 @@ pub fn due(
         if !s.monitoring {
             continue;
         }
-        if let Some(silent) = m.overdue(now, s.sensitivity.threshold()) {
+        if let Some(silent) = m.overdue(now, s.sensitivity.threshold(), s.grace) {
             m.busy = true;
             out.push((vm.clone(), s, Check::Silent(silent)));
         }
@@ -229,9 +230,27 @@ mod tests {
 
     fn registry_with(vm: &str) -> Registry {
         let r = Registry::default();
-        lock(&r.graces).insert(vm.into(), Duration::from_secs(10));
         r.connected(vm);
         r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_after_connecting_is_the_vms_own_even_before_its_first_check() {
+        // The channel connected before vmhad ever checked the VM (a VM started on this host for the first
+        // time): its own grace (2 s), not the default (30 s).
+        let r = registry_with("vm1");
+        let short = HealthSettings {
+            grace: Duration::from_secs(2),
+            ..high()
+        };
+        r.heartbeat("vm1");
+        tokio::time::advance(Duration::from_millis(5100)).await;
+        assert_eq!(due(&r, Instant::now(), |_| Some((short, false))).len(), 1);
+        // A longer grace (10 s) still holds at 5.1 s.
+        let r = registry_with("vm2");
+        r.heartbeat("vm2");
+        tokio::time::advance(Duration::from_millis(5100)).await;
+        assert!(due(&r, Instant::now(), |_| Some((high(), false))).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,7 +5,8 @@
 //! overlay; the clone and the template each survive a failure of their host; a clone asked for on any
 //! host runs in the DC's vmhad; killing that vmhad (the host's supervisor restarts it, as systemd does),
 //! and separately its whole host (the DC), in the middle of a clone leaves no orphan domain, file or
-//! resource and the template resumed.
+//! resource and the template resumed. The template runs with health monitoring on (threshold 5 s): no
+//! clone's pause of it is taken for a hang.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,6 +17,8 @@ use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
 
 const TPL: &str = "ctpl";
+/// The template's health settings.
+const HEALTH: &[&str] = &["health_monitoring=true", "health_sensitivity=high", "health_grace=5"];
 
 /// What the guest's hooks recorded: (hook, message JSON), oldest first.
 fn seen(lab: &Lab, n: u8, vm: &str) -> Vec<(String, serde_json::Value)> {
@@ -144,7 +147,9 @@ fn live_clone_of_a_running_vm() {
     let d = lab.cfg.host_number(&dc_name).unwrap();
     lab.exec_ok(d, &["pcs", "node", "standby", &dc_name]).unwrap();
     let spec = GuestSpec::new(TPL).with_disk_and_nic(Path::new(&disk), "52:54:00:c0:00:01");
-    lab.add_vm(&spec, VmAgent::Vmha).unwrap();
+    // Health monitoring on (sensitivity high: 5 s without a heartbeat is a hang): no clone's pause of the
+    // template may be taken for a hang.
+    lab.add_vm_with(&spec, VmAgent::Vmha, HEALTH).unwrap();
     let a = wait_running(&lab, TPL, Duration::from_secs(120));
     lab.exec_ok(d, &["pcs", "node", "unstandby", &dc_name]).unwrap();
     assert_ne!(a, d);
@@ -158,6 +163,14 @@ fn live_clone_of_a_running_vm() {
     wait_for("the template's guest channel", Duration::from_secs(90), POLL, || {
         let (code, _, _) = vmha_run(&lab, a, &["vm", "request", TPL, "test-ok", "--timeout-ms", "5000"]);
         (code == 0).then_some(())
+    })
+    .unwrap();
+    // Its heartbeats are followed (so the no-hang check at the end is not vacuous).
+    wait_for("the template's heartbeats", Duration::from_secs(60), POLL, || {
+        let h = vmha_e2e::vmha_vm(&lab, a, TPL).ok()?.health;
+        (h.get("heartbeats").map(String::as_str) == Some("yes")
+            && h.get("monitoring").map(String::as_str) == Some("on"))
+        .then_some(())
     })
     .unwrap();
     wait_for("the template's guest agent", Duration::from_secs(90), POLL, || {
@@ -344,6 +357,18 @@ fn live_clone_of_a_running_vm() {
     let cl1_blk = domain_field(&lab, b, "cl1", &["domblklist"]);
     println!("after destroy: template on {tpl_blk}, cl1 on {cl1_blk}, layer {layer} removed");
 
+    // 4b. Five clones more in a row, each removed again: with the others, the monitored template is paused
+    // for nine captures in this scenario (two of them cut short by a crash).
+    for i in 1..=5 {
+        let name = format!("cl-r{i}");
+        let (code, _, err) = vmha_run(&lab, d, &["clone", TPL, "--name", &name, "--host", &b_name]);
+        assert_eq!(code, 0, "clone {name}: {err}");
+        wait_running(&lab, &name, Duration::from_secs(60));
+        let (code, _, err) = vmha_run(&lab, d, &["vm", "remove", "--destroy", &name]);
+        assert_eq!(code, 0, "remove {name}: {err}");
+        assert_no_trace(&lab, d, &name);
+    }
+
     // 5. vmhad on the DC, running the job, crashes midway (SIGKILL; the request came from another host):
     // that host's CLI learns the job was lost; the host's supervisor restarts vmhad after RestartSec, as
     // systemd does (Restart=on-failure), and the restarted vmhad rolls the clone back: nobody starts it.
@@ -468,4 +493,13 @@ fn live_clone_of_a_running_vm() {
     assert_template_resumed(&lab);
     wait_running(&lab, "cl1", Duration::from_secs(120));
     println!("DC host killed midway: rolled back by the new DC");
+    // Every clone paused the monitored template; none was taken for a hang.
+    for n in lab.cfg.host_numbers() {
+        let log = std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/vmhad.log")).unwrap_or_default();
+        assert!(
+            !log.contains("guest hung"),
+            "{}: a clone's pause taken for a hang",
+            lab.cfg.host_name(n)
+        );
+    }
 }
