@@ -148,7 +148,7 @@
             const max = number(offered[k]);
             const used = running.reduce((sum, v) => sum + number((v.Utilization || {})[k]), 0);
             const id = `cap-${host.Name}-${k}`;
-            const unit = k === "memory" ? " MiB" : "";
+            const unit = k.includes("memory") ? " MiB" : "";
             return el("div", { class: "bar" },
                       el("label", { for: id }, `${k}: ${used} of ${max}${unit}`),
                       el("meter", {
@@ -275,7 +275,7 @@
         const elsewhere = sortedValues(vms).filter(v => (v.Hosts || []).length === 0);
         $("unplaced").replaceChildren(...(elsewhere.length
             ? [el("section", { class: "host", "data-host": "", "aria-labelledby": "unplaced-title" },
-                  el("h3", { id: "unplaced-title" }, "Not running"),
+                  el("h3", { id: "unplaced-title" }, "On no host"),
                   el("div", { class: "vms" }, elsewhere.map(vmCard)))]
             : []));
     }
@@ -288,7 +288,9 @@
                 });
             }
         }
-        const entries = [...jobLog.entries()].slice(-20).reverse();
+        /* Newest first: vmhad numbers its jobs (/org/vmha/Vmha1/job/<n>). */
+        const number = path => parseInt(path.split("/").pop(), 10) || 0;
+        const entries = [...jobLog.entries()].sort((a, b) => number(b[0]) - number(a[0])).slice(0, 20);
         if (entries.length === 0) {
             $("jobs").replaceChildren(el("li", { class: "empty" }, "No jobs."));
             return;
@@ -475,12 +477,8 @@
                              guests.set(vm, { kind, at: new Date() });
                              queueRender();
                          });
-        client.subscribe({ interface: IFACE.job, member: "Finished" }, (path, iface, signal, args) => {
-            const [success, message] = args;
-            const j = jobLog.get(path);
-            addEvent(success ? "job done" : "job failed", j ? `${j.Kind} ${j.Target}` : path, message);
-            queueRender();
-        });
+        /* A job's end is in the feed already (Event "job"); Finished only brings its final state in. */
+        client.subscribe({ interface: IFACE.job, member: "Finished" }, queueRender);
         Promise.all([cluster.wait(), hosts.wait(), vms.wait(), jobs.wait()]).then(() => {
             addEvent("page", "", "showing the cluster as vmhad on this host sees it");
             render();
