@@ -85,6 +85,8 @@ def cmd_login(c):
     wait(60, "the page to load after sign-in",
          lambda: driver.current_url.startswith(PAGE) and css("#app[aria-busy='false']"))
     wait(60, "the page to show the cluster's hosts", lambda: css("#hosts section.host"))
+    # Gone if the page is ever reloaded: what it shows later came from vmhad's signals into this load.
+    driver.execute_script("window.vmhaSameLoad = true")
     return {"url": driver.current_url, "user": css("#cluster-user")[0].text}
 
 
@@ -104,7 +106,8 @@ def cmd_wait_vm(c):
         p = vm_placement().get(vm)
         return p and p[1] == state and (host is None or p[0] == host) and p
     placed = wait(c.get("timeout", 30), f"{vm} {state} on {host or 'any host'} on the page", shown)
-    return {"host": placed[0], "state": placed[1], "seconds": time.monotonic() - t0}
+    return {"host": placed[0], "state": placed[1], "seconds": time.monotonic() - t0,
+            "same_load": driver.execute_script("return window.vmhaSameLoad === true")}
 
 
 def cmd_placement(c):

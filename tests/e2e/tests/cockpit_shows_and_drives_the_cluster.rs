@@ -54,6 +54,7 @@ impl Browser {
                     "env",
                     "HOME=/tmp",
                     "/usr/bin/python3",
+                    "-B",
                     script.to_str().unwrap(),
                     url,
                     out.to_str().unwrap(),
@@ -252,6 +253,7 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(arrived["host"], host(to));
+    assert_eq!(arrived["same_load"], true, "no reload since sign-in: {arrived}");
 
     // The host vm1 now runs on loses power: Pacemaker fences it and restarts vm1 elsewhere, and the page
     // follows within seconds (from vmhad's signals, not a reload).
@@ -274,10 +276,15 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         long,
     );
     println!(
-        "{} powered off: Pacemaker ran vm1 on {} after {pacemaker_s:.1} s, the page showed it {:.1} s later",
+        "{} powered off: Pacemaker ran vm1 on {} after {pacemaker_s:.1} s; the page showed it {:.1} s after that \
+         was seen",
         host(to),
         host(back),
         shown["seconds"].as_f64().unwrap()
+    );
+    assert_eq!(
+        shown["same_load"], true,
+        "the page followed the failover without being reloaded: {shown}"
     );
     let now = b.ask(json!({"cmd": "placement"}), long);
     assert_ne!(
