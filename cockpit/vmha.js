@@ -30,6 +30,10 @@
     const jobLog = new Map();
     /* The guest channel as this page saw it: VM name -> {kind, at}. */
     const guests = new Map();
+    /* The hosts' readiness reports (what `vmha check` reads): host name -> report. Asked for when the page
+       loads and again on every cluster event; vmhad sends no signal for them. */
+    const readiness = new Map();
+    let readinessAsked = false;
     let renderQueued = false;
 
     function $(id) {
@@ -164,6 +168,49 @@
         }));
     }
 
+    function refreshReadiness() {
+        if (readinessAsked)
+            return;
+        readinessAsked = true;
+        client.call(ROOT + "/readiness", BUS + ".Readiness", "Reports", [], { type: "" })
+                .then(([json]) => {
+                    readiness.clear();
+                    let reports = [];
+                    try {
+                        reports = JSON.parse(json);
+                    } catch (e) {
+                        reports = [];
+                    }
+                    for (const r of Array.isArray(reports) ? reports : []) {
+                        if (r && typeof r.host === "string")
+                            readiness.set(r.host, r);
+                    }
+                    queueRender();
+                })
+                .catch(ex => console.warn("readiness reports:", describeError(ex)))
+                .finally(() => {
+                    readinessAsked = false;
+                });
+    }
+
+    /* One line on a host's readiness: its clock, and whether it sees the managed VMs' storage. */
+    function readinessLine(name) {
+        const r = readiness.get(name);
+        if (!r)
+            return el("p", { class: "readiness muted", "data-field": "readiness" }, "Readiness: no report");
+        const clock = r.clock || {};
+        const synced = clock.synchronized === true ? "synchronized" : clock.synchronized === false ? "not synchronized" : "unknown";
+        const offset = Number.isFinite(r.offset_ms) ? `, offset ${r.offset_ms} ms` : "";
+        const paths = Array.isArray(r.storage) ? r.storage : [];
+        const missing = paths.filter(p => p.exists !== true);
+        const ok = clock.synchronized === true && missing.length === 0;
+        return el("p", { class: "readiness", "data-field": "readiness", "data-state": ok ? "good" : "warn" },
+                  `Clock ${synced} (${clock.ntp_daemon || "no NTP daemon"}${offset}); storage: ` +
+                  (missing.length === 0
+                      ? `${paths.length} of ${paths.length} paths visible`
+                      : `missing ${missing.slice(0, 3).map(p => p.path).join(", ")}${missing.length > 3 ? ", …" : ""}`));
+    }
+
     function stateBadge(state) {
         return el("span", { class: "badge", "data-state": state || "unknown" }, state || "unknown");
     }
@@ -248,6 +295,7 @@
         },
                   el("h3", { id: `host-title-${name}` }, name, " ", stateBadge(host.State), " ", flags),
                   capacity(host),
+                  readinessLine(name),
                   el("div", { class: "actions", role: "group", "aria-label": `Actions for host ${name}` },
                      el("button", {
                          type: "button",
@@ -461,6 +509,7 @@
         client.subscribe({ path: ROOT, interface: IFACE.cluster, member: "Event" }, (path, iface, signal, args) => {
             const [kind, subject, message] = args;
             addEvent(kind, subject, message);
+            refreshReadiness();
         });
         client.subscribe({ path: ROOT, interface: IFACE.cluster, member: "GuestMessage" },
                          (path, iface, signal, args) => {
@@ -481,6 +530,7 @@
         client.subscribe({ interface: IFACE.job, member: "Finished" }, queueRender);
         Promise.all([cluster.wait(), hosts.wait(), vms.wait(), jobs.wait()]).then(() => {
             addEvent("page", "", "showing the cluster as vmhad on this host sees it");
+            refreshReadiness();
             render();
         });
         render();
