@@ -110,6 +110,17 @@ def cmd_wait_vm(c):
             "same_load": driver.execute_script("return window.vmhaSameLoad === true")}
 
 
+def cmd_wait_readiness(c):
+    """Every online host column shows its readiness report (clock and storage)."""
+    script = ("const o = {}; document.querySelectorAll('#hosts section.host[data-state=online]')"
+              ".forEach(c => { const r = c.querySelector('[data-field=readiness]');"
+              " o[c.dataset.host] = r ? r.textContent : null; }); return o;")
+    lines = wait(c.get("timeout", 20), "every online host's readiness report on the page",
+                 lambda: (lambda o: o if o and all(v and v.startswith("Clock") for v in o.values()) else None)(
+                     driver.execute_script(script)))
+    return {"readiness": lines}
+
+
 def cmd_placement(c):
     return {"vms": vm_placement(), "hosts": host_states()}
 
@@ -173,6 +184,7 @@ COMMANDS = {
     "wait_cluster": cmd_wait_cluster,
     "wait_vm": cmd_wait_vm,
     "placement": cmd_placement,
+    "wait_readiness": cmd_wait_readiness,
     "act": cmd_act,
     "events": cmd_events,
     "screenshot": cmd_screenshot,

@@ -254,6 +254,9 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
     );
     assert_eq!(arrived["host"], host(to));
     assert_eq!(arrived["same_load"], true, "no reload since sign-in: {arrived}");
+    // Each host's readiness report (what `vmha check` reads), asked for again after that move's event.
+    let ready = b.ask(json!({"cmd": "wait_readiness", "timeout": 20}), long);
+    assert_eq!(ready["readiness"].as_object().map(|o| o.len()), Some(3), "{ready}");
 
     // The host vm1 now runs on loses power: Pacemaker fences it and restarts vm1 elsewhere, and the page
     // follows within seconds (from vmhad's signals, not a reload).
