@@ -573,6 +573,15 @@ impl Lab {
         .collect())
     }
 
+    /// A command that runs `args` on host N (inside all its namespaces), for the caller to spawn and talk to
+    /// (stdin and stdout are the caller's to set). The host's power-off kills it with the host.
+    pub fn command(&self, n: u8, args: &[&str]) -> Result<Command> {
+        let pre = self.nsenter_args(n)?;
+        let mut cmd = Command::new(&pre[0]);
+        cmd.args(&pre[1..]).args(args);
+        Ok(cmd)
+    }
+
     /// Runs a command on host N (inside all its namespaces), killed after 60 s.
     pub fn exec(&self, n: u8, args: &[&str]) -> Result<Output> {
         self.exec_with_deadline(n, args, Duration::from_secs(60))

@@ -1,0 +1,540 @@
+/* cockpit-vmha: vmha's cluster in Cockpit.
+ *
+ * The whole back end is vmhad (org.vmha.Vmha1 on the system bus, see docs/dbus-api.md), reached through
+ * Cockpit's own D-Bus client (../base1/cockpit.js): proxies follow the Cluster, Host, VirtualMachine and Job
+ * objects (their PropertiesChanged and the ObjectManager's added/removed objects), and the Cluster's Event
+ * and GuestMessage signals feed the event list. Nothing is polled. vmhad decides who may act (root, or
+ * polkit's org.vmha.Vmha1.manage): this page only asks, and shows vmhad's refusal as it came.
+ *
+ * Plain JavaScript that runs as it is in the browser: no build step.
+ */
+"use strict";
+
+(function () {
+    const BUS = "org.vmha.Vmha1";
+    const ROOT = "/org/vmha/Vmha1";
+    const IFACE = {
+        cluster: BUS + ".Cluster",
+        host: BUS + ".Host",
+        vm: BUS + ".VirtualMachine",
+        job: BUS + ".Job",
+    };
+    const MAX_EVENTS = 100;
+
+    let client = null;
+    let cluster = null;
+    let hosts = {};
+    let vms = {};
+    let jobs = {};
+    /* Jobs seen on the bus, kept after vmhad drops their objects: path -> {Kind, Target, State, ...}. */
+    const jobLog = new Map();
+    /* The guest channel as this page saw it: VM name -> {kind, at}. */
+    const guests = new Map();
+    /* The hosts' readiness reports (what `vmha check` reads): host name -> report. Asked for when the page
+       loads and again on every cluster event; vmhad sends no signal for them. */
+    const readiness = new Map();
+    let readinessAsked = false;
+    let renderQueued = false;
+
+    function $(id) {
+        return document.getElementById(id);
+    }
+
+    /* An element with attributes (attrs) and children (strings become text nodes, never HTML). */
+    function el(tag, attrs, ...children) {
+        const e = document.createElement(tag);
+        for (const [k, v] of Object.entries(attrs || {})) {
+            if (v === undefined || v === null || v === false)
+                continue;
+            if (k === "class")
+                e.className = v;
+            else if (k.startsWith("on"))
+                e.addEventListener(k.substring(2), v);
+            else if (k in e && typeof v !== "string")
+                e[k] = v;
+            else
+                e.setAttribute(k, v === true ? "" : String(v));
+        }
+        for (const c of children.flat()) {
+            if (c === undefined || c === null || c === false)
+                continue;
+            e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+        }
+        return e;
+    }
+
+    function sortedValues(proxies) {
+        return Object.values(proxies || {}).filter(p => p.valid !== false && p.Name !== undefined)
+                .sort((a, b) => String(a.Name).localeCompare(String(b.Name)));
+    }
+
+    function hostNames() {
+        return sortedValues(hosts).map(h => h.Name);
+    }
+
+    /* A D-Bus error as people read it: vmhad's message and its class (org.vmha.Vmha1.Error.<Class>). */
+    function describeError(ex) {
+        const name = (ex && ex.name) ? String(ex.name) : "";
+        const message = (ex && ex.message) ? String(ex.message) : String(ex);
+        const cls = name.startsWith(BUS + ".Error.") ? name.substring(BUS.length + 7) : name;
+        return cls ? `${message} (${cls})` : message;
+    }
+
+    function notice(text, kind) {
+        const n = $("notice");
+        n.textContent = text;
+        n.dataset.kind = kind || "info";
+        n.hidden = !text;
+    }
+
+    /* --------------------------------------------------------------------------------- rendering */
+
+    function queueRender() {
+        if (renderQueued)
+            return;
+        renderQueued = true;
+        window.requestAnimationFrame(() => {
+            renderQueued = false;
+            render();
+        });
+    }
+
+    function render() {
+        renderCluster();
+        /* Keep keyboard focus where it was across the re-render (buttons carry a data-key). */
+        const focused = document.activeElement && document.activeElement.dataset
+            ? document.activeElement.dataset.key : null;
+        renderHosts();
+        renderJobs();
+        if (focused) {
+            const again = document.querySelector(`[data-key="${CSS.escape(focused)}"]`);
+            if (again)
+                again.focus();
+        }
+        $("app").setAttribute("aria-busy", "false");
+    }
+
+    function renderCluster() {
+        if (!cluster || !cluster.valid) {
+            $("cluster-connected").textContent = "vmhad does not answer on this host";
+            $("cluster-connected").dataset.state = "bad";
+            return;
+        }
+        $("cluster-name").textContent = cluster.Name || "(unnamed)";
+        const connected = cluster.Connected;
+        $("cluster-connected").textContent = connected ? "connected to the cluster" : "still connecting";
+        $("cluster-connected").dataset.state = connected ? "good" : "warn";
+        const q = $("cluster-quorum");
+        q.textContent = !connected ? "unknown" : (cluster.Quorate ? "quorate" : "no quorum");
+        q.dataset.state = !connected ? "unknown" : (cluster.Quorate ? "good" : "bad");
+        $("cluster-dc").textContent = cluster.DesignatedController || "none";
+        $("cluster-stonith").textContent = cluster.StonithEnabled ? "enabled" : "disabled";
+        $("cluster-stonith").dataset.state = cluster.StonithEnabled ? "good" : "warn";
+    }
+
+    function vmsOn(host) {
+        return sortedValues(vms).filter(v => (v.Hosts || []).includes(host));
+    }
+
+    function number(s) {
+        const n = parseFloat(s);
+        return Number.isFinite(n) ? n : 0;
+    }
+
+    /* Capacity bars: each utilization the host offers, and what its running VMs take of it. */
+    function capacity(host) {
+        const offered = host.Utilization || {};
+        const keys = Object.keys(offered).sort();
+        if (keys.length === 0)
+            return el("p", { class: "muted" }, "No capacity set for this host.");
+        const running = vmsOn(host.Name);
+        return el("div", { class: "capacity" }, keys.map(k => {
+            const max = number(offered[k]);
+            const used = running.reduce((sum, v) => sum + number((v.Utilization || {})[k]), 0);
+            const id = `cap-${host.Name}-${k}`;
+            const unit = k.includes("memory") ? " MiB" : "";
+            return el("div", { class: "bar" },
+                      el("label", { for: id }, `${k}: ${used} of ${max}${unit}`),
+                      el("meter", {
+                          id,
+                          min: "0",
+                          max: String(max || 1),
+                          value: String(used),
+                          high: String(max * 0.8),
+                          optimum: "0",
+                          "data-used": String(used),
+                          "data-max": String(max),
+                      }));
+        }));
+    }
+
+    function refreshReadiness() {
+        if (readinessAsked)
+            return;
+        readinessAsked = true;
+        client.call(ROOT + "/readiness", BUS + ".Readiness", "Reports", [], { type: "" })
+                .then(([json]) => {
+                    readiness.clear();
+                    let reports = [];
+                    try {
+                        reports = JSON.parse(json);
+                    } catch (e) {
+                        reports = [];
+                    }
+                    for (const r of Array.isArray(reports) ? reports : []) {
+                        if (r && typeof r.host === "string")
+                            readiness.set(r.host, r);
+                    }
+                    queueRender();
+                })
+                .catch(ex => console.warn("readiness reports:", describeError(ex)))
+                .finally(() => {
+                    readinessAsked = false;
+                });
+    }
+
+    /* One line on a host's readiness: its clock, and whether it sees the managed VMs' storage. */
+    function readinessLine(name) {
+        const r = readiness.get(name);
+        if (!r)
+            return el("p", { class: "readiness muted", "data-field": "readiness" }, "Readiness: no report");
+        const clock = r.clock || {};
+        const synced = clock.synchronized === true ? "synchronized" : clock.synchronized === false ? "not synchronized" : "unknown";
+        const offset = Number.isFinite(r.offset_ms) ? `, offset ${r.offset_ms} ms` : "";
+        const paths = Array.isArray(r.storage) ? r.storage : [];
+        const missing = paths.filter(p => p.exists !== true);
+        const ok = clock.synchronized === true && missing.length === 0;
+        return el("p", { class: "readiness", "data-field": "readiness", "data-state": ok ? "good" : "warn" },
+                  `Clock ${synced} (${clock.ntp_daemon || "no NTP daemon"}${offset}); storage: ` +
+                  (missing.length === 0
+                      ? `${paths.length} of ${paths.length} paths visible`
+                      : `missing ${missing.slice(0, 3).map(p => p.path).join(", ")}${missing.length > 3 ? ", …" : ""}`));
+    }
+
+    function stateBadge(state) {
+        return el("span", { class: "badge", "data-state": state || "unknown" }, state || "unknown");
+    }
+
+    function guestLine(vm) {
+        const seen = guests.get(vm.Name);
+        if (!seen)
+            return "no message seen";
+        return `${seen.kind} at ${seen.at.toLocaleTimeString()}`;
+    }
+
+    function vmCard(vm) {
+        const failedOn = vm.FailedOn || [];
+        const counts = Object.entries(vm.FailCounts || {}).filter(([, n]) => n > 0);
+        const failures = failedOn.length || counts.length
+            ? failedOn.join(", ") + (counts.length ? ` (${counts.map(([h, n]) => `${h}: ${n}`).join(", ")})` : "")
+            : "none";
+        const running = vm.State === "running";
+        const name = vm.Name;
+        return el("article", { class: "vm", "data-vm": name, "data-state": vm.State, "aria-label": `VM ${name}` },
+                  el("h4", {}, name, " ", stateBadge(vm.State)),
+                  el("dl", { class: "vm-facts" },
+                     el("div", {}, el("dt", {}, "Host"), el("dd", {}, (vm.Hosts || []).join(", ") || "none")),
+                     el("div", {}, el("dt", {}, "Failures"), el("dd", { "data-field": "failures" }, failures)),
+                     el("div", {}, el("dt", {}, "Guest channel"), el("dd", { "data-field": "guest" }, guestLine(vm))),
+                     el("div", {}, el("dt", {}, "Agent"), el("dd", {}, vm.Agent || "?"))),
+                  el("div", { class: "actions", role: "group", "aria-label": `Actions for VM ${name}` },
+                     el("button", {
+                         type: "button",
+                         "data-key": `vm-start-${name}`,
+                         "data-action": "start",
+                         "aria-label": `Start VM ${name}`,
+                         disabled: running,
+                         onclick: () => confirmVm(vm, "Start"),
+                     }, "Start"),
+                     el("button", {
+                         type: "button",
+                         "data-key": `vm-stop-${name}`,
+                         "data-action": "stop",
+                         "aria-label": `Stop VM ${name}`,
+                         disabled: vm.State === "stopped",
+                         onclick: () => confirmVm(vm, "Stop"),
+                     }, "Stop"),
+                     el("button", {
+                         type: "button",
+                         "data-key": `vm-move-${name}`,
+                         "data-action": "move",
+                         "aria-label": `Move VM ${name} to another host`,
+                         onclick: () => confirmMove(vm),
+                     }, "Move…"),
+                     el("button", {
+                         type: "button",
+                         "data-key": `vm-cleanup-${name}`,
+                         "data-action": "cleanup",
+                         "aria-label": `Clear the failures of VM ${name}`,
+                         onclick: () => confirmCleanup(vm),
+                     }, "Clear failures"),
+                     el("button", {
+                         type: "button",
+                         "data-key": `vm-clone-${name}`,
+                         "data-action": "clone",
+                         "aria-label": `Live clone VM ${name}`,
+                         onclick: () => confirmClone(vm),
+                     }, "Clone…")));
+    }
+
+    function hostColumn(host) {
+        const name = host.Name;
+        const flags = [];
+        if (host.IsDesignatedController)
+            flags.push(el("span", { class: "badge", "data-state": "dc", title: "designated controller" }, "DC"));
+        if (host.Standby)
+            flags.push(el("span", { class: "badge", "data-state": "standby" }, "standby"));
+        if (host.Maintenance)
+            flags.push(el("span", { class: "badge", "data-state": "maintenance" }, "maintenance"));
+        const here = vmsOn(name);
+        return el("section", {
+            class: "host",
+            "data-host": name,
+            "data-state": host.State,
+            "aria-labelledby": `host-title-${name}`,
+        },
+                  el("h3", { id: `host-title-${name}` }, name, " ", stateBadge(host.State), " ", flags),
+                  capacity(host),
+                  readinessLine(name),
+                  el("div", { class: "actions", role: "group", "aria-label": `Actions for host ${name}` },
+                     el("button", {
+                         type: "button",
+                         "data-key": `host-standby-${name}`,
+                         "data-action": "standby",
+                         "aria-pressed": host.Standby ? "true" : "false",
+                         onclick: () => confirmHost(host, "SetStandby", !host.Standby),
+                     }, host.Standby ? "Leave standby" : "Standby"),
+                     el("button", {
+                         type: "button",
+                         "data-key": `host-maintenance-${name}`,
+                         "data-action": "maintenance",
+                         "aria-pressed": host.Maintenance ? "true" : "false",
+                         onclick: () => confirmHost(host, "SetMaintenance", !host.Maintenance),
+                     }, host.Maintenance ? "Leave maintenance" : "Maintenance")),
+                  el("div", { class: "vms", "aria-label": `VMs on ${name}` },
+                     here.length ? here.map(vmCard) : el("p", { class: "muted" }, "No VMs run here.")));
+    }
+
+    function renderHosts() {
+        const list = sortedValues(hosts);
+        $("hosts").replaceChildren(...(list.length
+            ? list.map(hostColumn)
+            : [el("p", { class: "muted" }, "No hosts (yet).")]));
+        const elsewhere = sortedValues(vms).filter(v => (v.Hosts || []).length === 0);
+        $("unplaced").replaceChildren(...(elsewhere.length
+            ? [el("section", { class: "host", "data-host": "", "aria-labelledby": "unplaced-title" },
+                  el("h3", { id: "unplaced-title" }, "On no host"),
+                  el("div", { class: "vms" }, elsewhere.map(vmCard)))]
+            : []));
+    }
+
+    function renderJobs() {
+        for (const [path, p] of Object.entries(jobs)) {
+            if (p.valid !== false && p.Kind !== undefined) {
+                jobLog.set(path, {
+                    Kind: p.Kind, Target: p.Target, State: p.State, Progress: p.Progress, Message: p.Message,
+                });
+            }
+        }
+        /* Newest first: vmhad numbers its jobs (/org/vmha/Vmha1/job/<n>). */
+        const number = path => parseInt(path.split("/").pop(), 10) || 0;
+        const entries = [...jobLog.entries()].sort((a, b) => number(b[0]) - number(a[0])).slice(0, 20);
+        if (entries.length === 0) {
+            $("jobs").replaceChildren(el("li", { class: "empty" }, "No jobs."));
+            return;
+        }
+        $("jobs").replaceChildren(...entries.map(([path, j]) => {
+            const pct = Math.round(Math.max(0, Math.min(1, j.Progress || 0)) * 100);
+            const id = "job-" + path.split("/").pop();
+            return el("li", { class: "job", "data-job": path, "data-state": j.State },
+                      el("label", { for: id }, `${j.Kind} ${j.Target}: ${j.State} (${pct} %)`),
+                      el("progress", { id, max: "100", value: String(pct) }),
+                      el("span", { class: "job-message" }, j.Message || ""));
+        }));
+    }
+
+    function addEvent(kind, subject, message) {
+        const list = $("events");
+        const at = new Date();
+        list.prepend(el("li", { class: "event", "data-kind": kind },
+                        el("time", { datetime: at.toISOString() }, at.toLocaleTimeString()), " ",
+                        el("strong", {}, kind), " ", subject ? el("span", { class: "subject" }, subject) : null,
+                        subject ? ": " : " ", message));
+        while (list.children.length > MAX_EVENTS)
+            list.lastChild.remove();
+    }
+
+    /* --------------------------------------------------------------------------------- actions */
+
+    let dialogRun = null;
+
+    /* Asks before anything changes. run(form) returns a promise; its refusal stays in the dialog. */
+    function confirmAction(title, text, fields, okLabel, run) {
+        const d = $("confirm");
+        $("confirm-title").textContent = title;
+        $("confirm-text").textContent = text;
+        $("confirm-fields").replaceChildren(...(fields || []));
+        $("confirm-error").hidden = true;
+        $("confirm-error").textContent = "";
+        $("confirm-ok").textContent = okLabel;
+        $("confirm-ok").disabled = false;
+        dialogRun = run;
+        d.showModal();
+        const first = d.querySelector("#confirm-fields input, #confirm-fields select") || $("confirm-ok");
+        first.focus();
+    }
+
+    function onConfirm(ev) {
+        ev.preventDefault();
+        if (!dialogRun)
+            return;
+        const run = dialogRun;
+        $("confirm-ok").disabled = true;
+        $("confirm-error").hidden = true;
+        Promise.resolve()
+                .then(() => run($("confirm-form")))
+                .then(done => {
+                    dialogRun = null;
+                    $("confirm").close();
+                    notice(done || "", "info");
+                })
+                .catch(ex => {
+                    const text = "vmhad refused: " + describeError(ex);
+                    $("confirm-error").textContent = text;
+                    $("confirm-error").hidden = false;
+                    $("confirm-ok").disabled = false;
+                    notice(text, "error");
+                });
+    }
+
+    function call(path, iface, method, signature, args) {
+        return client.call(path, iface, method, args, { type: signature });
+    }
+
+    function confirmVm(vm, method) {
+        const verb = method === "Start" ? "Start" : "Stop";
+        confirmAction(`${verb} VM ${vm.Name}?`,
+                      method === "Start"
+                          ? `Pacemaker starts ${vm.Name} on a host it chooses.`
+                          : `Pacemaker shuts ${vm.Name} down; it stays stopped until started again.`,
+                      [], verb,
+                      () => call(vm.path, IFACE.vm, method, "", [])
+                              .then(([job]) => `${verb} of ${vm.Name} asked (job ${job}).`));
+    }
+
+    function confirmMove(vm) {
+        const current = vm.Hosts || [];
+        const candidates = sortedValues(hosts).filter(h => !current.includes(h.Name));
+        const select = el("select", { id: "move-host", name: "host", required: true },
+                          candidates.map(h => el("option", { value: h.Name },
+                                                 `${h.Name} (${h.State}${h.Standby ? ", standby" : ""})`)));
+        confirmAction(`Move VM ${vm.Name}?`,
+                      `${vm.Name} runs on ${current.join(", ") || "no host"}. Live migration to:`,
+                      [el("label", { for: "move-host" }, "Target host"), select], "Move",
+                      form => {
+                          const to = form.querySelector("#move-host").value;
+                          return call(vm.path, IFACE.vm, "Move", "s", [to])
+                                  .then(([job]) => `Move of ${vm.Name} to ${to} asked (job ${job}).`);
+                      });
+    }
+
+    function confirmCleanup(vm) {
+        const select = el("select", { id: "cleanup-host", name: "host" },
+                          el("option", { value: "" }, "every host"),
+                          hostNames().map(h => el("option", { value: h }, h)));
+        confirmAction(`Clear the failures of VM ${vm.Name}?`,
+                      "Pacemaker forgets the fail counts and probes the VM again.",
+                      [el("label", { for: "cleanup-host" }, "On"), select], "Clear failures",
+                      form => call(vm.path, IFACE.vm, "Cleanup", "s", [form.querySelector("#cleanup-host").value])
+                              .then(([probed]) => `Failures of ${vm.Name} cleared (probed again on ${
+                                  (probed || []).join(", ") || "no host"}).`));
+    }
+
+    function confirmClone(vm) {
+        const name = el("input", { id: "clone-name", name: "name", required: true, value: vm.Name + "-clone" });
+        const host = el("select", { id: "clone-host", name: "host" },
+                        el("option", { value: "" }, "the host with the most free memory"),
+                        hostNames().map(h => el("option", { value: h }, h)));
+        confirmAction(`Live clone VM ${vm.Name}?`,
+                      `A running copy of ${vm.Name} (its guest is asked to prepare first). ` +
+                      "The job's progress shows under Jobs.",
+                      [el("label", { for: "clone-name" }, "Name of the clone"), name,
+                          el("label", { for: "clone-host" }, "Host"), host], "Clone",
+                      form => call(ROOT, IFACE.cluster, "CloneVm", "sssub",
+                                   [vm.Name, form.querySelector("#clone-name").value,
+                                       form.querySelector("#clone-host").value, 1, false])
+                              .then(([job]) => `Clone of ${vm.Name} started (job ${job}).`));
+    }
+
+    function confirmHost(host, method, on) {
+        const what = method === "SetStandby" ? "standby" : "maintenance";
+        const text = method === "SetStandby"
+            ? (on ? `No VM may run on ${host.Name}: Pacemaker moves its VMs away (${
+                vmsOn(host.Name).map(v => v.Name).join(", ") || "none runs there now"}).`
+                : `VMs may run on ${host.Name} again.`)
+            : (on ? `Pacemaker neither starts, stops nor monitors anything on ${host.Name}.`
+                : `Pacemaker manages ${host.Name} again.`);
+        confirmAction(`${on ? "Put" : "Take"} host ${host.Name} ${on ? "in" : "out of"} ${what}?`, text, [],
+                      on ? `Put in ${what}` : `Leave ${what}`,
+                      () => call(host.path, IFACE.host, method, "b", [on])
+                              .then(() => `Host ${host.Name}: ${what} ${on ? "on" : "off"}.`));
+    }
+
+    /* --------------------------------------------------------------------------------- wiring */
+
+    function start() {
+        $("confirm-form").addEventListener("submit", onConfirm);
+        $("confirm-cancel").addEventListener("click", () => {
+            dialogRun = null;
+            $("confirm").close();
+        });
+        cockpit.user().then(u => {
+            $("cluster-user").textContent = u.name + (u.id === 0 ? " (root)" : "");
+        });
+
+        client = cockpit.dbus(BUS, { bus: "system" });
+        client.addEventListener("close", (ev, options) => {
+            notice("The connection to vmhad closed: " + (options.problem || "unknown problem"), "error");
+        });
+        cluster = client.proxy(IFACE.cluster, ROOT);
+        hosts = client.proxies(IFACE.host, ROOT);
+        vms = client.proxies(IFACE.vm, ROOT);
+        jobs = client.proxies(IFACE.job, ROOT);
+        for (const p of [cluster, hosts, vms, jobs])
+            p.addEventListener("changed", queueRender);
+        for (const p of [hosts, vms, jobs]) {
+            p.addEventListener("added", queueRender);
+            p.addEventListener("removed", queueRender);
+        }
+        client.subscribe({ path: ROOT, interface: IFACE.cluster, member: "Event" }, (path, iface, signal, args) => {
+            const [kind, subject, message] = args;
+            addEvent(kind, subject, message);
+            refreshReadiness();
+        });
+        client.subscribe({ path: ROOT, interface: IFACE.cluster, member: "GuestMessage" },
+                         (path, iface, signal, args) => {
+                             const [vm, json] = args;
+                             /* Untrusted: from inside the VM. Only its type is shown, as text. */
+                             let kind = "message";
+                             try {
+                                 const parsed = JSON.parse(json);
+                                 if (parsed && typeof parsed.type === "string")
+                                     kind = parsed.type.substring(0, 40);
+                             } catch (e) {
+                                 kind = "unreadable message";
+                             }
+                             guests.set(vm, { kind, at: new Date() });
+                             queueRender();
+                         });
+        /* A job's end is in the feed already (Event "job"); Finished only brings its final state in. */
+        client.subscribe({ interface: IFACE.job, member: "Finished" }, queueRender);
+        Promise.all([cluster.wait(), hosts.wait(), vms.wait(), jobs.wait()]).then(() => {
+            addEvent("page", "", "showing the cluster as vmhad on this host sees it");
+            refreshReadiness();
+            render();
+        });
+        render();
+    }
+
+    document.addEventListener("DOMContentLoaded", start);
+}());

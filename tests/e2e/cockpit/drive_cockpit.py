@@ -1,0 +1,220 @@
+#!/usr/bin/python3
+"""Drives Debian's headless Chromium (chromium-driver, python3-selenium) through the cockpit-vmha page for the
+lab scenario tests/e2e/tests/cockpit_shows_and_drives_the_cluster.rs.
+
+It runs inside a lab host's namespaces, beside that host's cockpit-ws, and takes one command a line on stdin
+(JSON), answering each with one JSON line on stdout: {"ok": true, ...} or {"ok": false, "error": "..."}. The
+scenario decides what happens in the cluster; this script only looks at and clicks on the page, and waits
+on page conditions with deadlines (WebDriverWait), never with sleeps.
+
+Usage: drive_cockpit.py BASE_URL ARTIFACT_DIR
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as EC
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+BASE, ARTIFACTS = sys.argv[1], sys.argv[2]
+PAGE = BASE + "/cockpit/@localhost/vmha/index.html"
+os.makedirs(ARTIFACTS, exist_ok=True)
+
+driver = None
+
+
+def log(*args):
+    print("drive_cockpit:", *args, file=sys.stderr, flush=True)
+
+
+def new_driver():
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=1400,1000", "--no-first-run", "--disable-extensions",
+              "--user-data-dir=" + tempfile.mkdtemp(prefix="vmha-cockpit-chromium-")):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(executable_path="/usr/bin/chromedriver"), options=opts)
+
+
+def css(sel):
+    return driver.find_elements(By.CSS_SELECTOR, sel)
+
+
+def wait(timeout, what, cond):
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: cond())
+    except TimeoutException:
+        raise RuntimeError(f"timed out after {timeout} s waiting for {what}") from None
+
+
+def host_states():
+    """Host name -> state, as the host columns show them now (read in one script: the page re-renders)."""
+    return driver.execute_script(
+        "const o = {}; document.querySelectorAll('#hosts section.host')"
+        ".forEach(e => { o[e.dataset.host] = e.dataset.state; }); return o;")
+
+
+def vm_placement():
+    """VM name -> [host column it shows in, its state] as the page shows it now (one script, so that a
+    re-render in between cannot leave a stale element)."""
+    return driver.execute_script(
+        "const o = {}; document.querySelectorAll('section.host').forEach(c => c.querySelectorAll('article.vm')"
+        ".forEach(v => { o[v.dataset.vm] = [c.dataset.host, v.dataset.state]; })); return o;")
+
+
+def cmd_login(c):
+    global driver
+    if driver is not None:
+        driver.quit()
+    driver = new_driver()
+    driver.get(PAGE)
+    user = wait(60, "Cockpit's login form", lambda: (css("#login-user-input") or [None])[0])
+    user.send_keys(c["user"])
+    css("#login-password-input")[0].send_keys(c["password"])
+    css("#login-button")[0].click()
+    wait(60, "the page to load after sign-in",
+         lambda: driver.current_url.startswith(PAGE) and css("#app[aria-busy='false']"))
+    wait(60, "the page to show the cluster's hosts", lambda: css("#hosts section.host"))
+    # Gone if the page is ever reloaded: what it shows later came from vmhad's signals into this load.
+    driver.execute_script("window.vmhaSameLoad = true")
+    return {"url": driver.current_url, "user": css("#cluster-user")[0].text}
+
+
+def cmd_wait_cluster(c):
+    want = c["hosts"]
+    wait(c.get("timeout", 30), f"{want} online hosts and a quorate cluster",
+         lambda: len([s for s in host_states().values() if s == "online"]) == want
+         and css("#cluster-quorum")[0].text == "quorate")
+    return {"hosts": host_states(), "dc": css("#cluster-dc")[0].text, "vms": vm_placement()}
+
+
+def cmd_wait_vm(c):
+    vm, host, state = c["vm"], c.get("host"), c.get("state", "running")
+    t0 = time.monotonic()
+
+    def shown():
+        p = vm_placement().get(vm)
+        return p and p[1] == state and (host is None or p[0] == host) and p
+    placed = wait(c.get("timeout", 30), f"{vm} {state} on {host or 'any host'} on the page", shown)
+    return {"host": placed[0], "state": placed[1], "seconds": time.monotonic() - t0,
+            "same_load": driver.execute_script("return window.vmhaSameLoad === true")}
+
+
+def cmd_wait_readiness(c):
+    """Every online host column shows its readiness report (clock and storage)."""
+    script = ("const o = {}; document.querySelectorAll('#hosts section.host[data-state=online]')"
+              ".forEach(c => { const r = c.querySelector('[data-field=readiness]');"
+              " o[c.dataset.host] = r ? r.textContent : null; }); return o;")
+    lines = wait(c.get("timeout", 20), "every online host's readiness report on the page",
+                 lambda: (lambda o: o if o and all(v and v.startswith("Clock") for v in o.values()) else None)(
+                     driver.execute_script(script)))
+    return {"readiness": lines}
+
+
+def cmd_placement(c):
+    return {"vms": vm_placement(), "hosts": host_states()}
+
+
+def cmd_act(c):
+    """Clicks the button with data-key KEY (by keyboard: focus and Enter), fills the dialog, confirms, and
+    reports what became of it: the notice, or vmhad's refusal shown in the dialog."""
+    button = wait(10, f"button {c['key']}", lambda: (css(f"button[data-key='{c['key']}']") or [None])[0])
+    driver.execute_script("arguments[0].focus()", button)
+    button.send_keys(Keys.ENTER)
+    wait(10, "the confirmation dialog", lambda: css("dialog#confirm[open]"))
+    focused = driver.switch_to.active_element
+    in_dialog = driver.execute_script("return document.getElementById('confirm').contains(arguments[0])", focused)
+    title = css("#confirm-title")[0].text
+    if "select" in c:
+        Select(css("#" + c["select"]["id"])[0]).select_by_value(c["select"]["value"])
+    css("#confirm-ok")[0].click()
+    outcome = wait(c.get("timeout", 60), "the dialog to close or show a refusal",
+                   lambda: ("refused" if css("#confirm-error:not([hidden])") else None)
+                   or ("done" if not css("dialog#confirm[open]") else None))
+    result = {"title": title, "focus_in_dialog": bool(in_dialog), "outcome": outcome,
+              "notice": css("#notice")[0].text}
+    if outcome == "refused":
+        result["error"] = css("#confirm-error")[0].text
+        if c.get("screenshot"):
+            driver.save_screenshot(os.path.join(ARTIFACTS, c["screenshot"] + ".png"))
+        css("#confirm-cancel")[0].click()
+        wait(10, "the dialog to close", lambda: not css("dialog#confirm[open]"))
+    return result
+
+
+def cmd_events(c):
+    return {"events": [e.text for e in css("#events li")][: c.get("limit", 20)]}
+
+
+def cmd_screenshot(c):
+    path = os.path.join(ARTIFACTS, c["name"] + ".png")
+    if "width" in c:
+        driver.set_window_size(c["width"], c.get("height", 1000))
+    driver.save_screenshot(path)
+    if "width" in c:
+        driver.set_window_size(1400, 1000)
+    return {"path": path}
+
+
+def cmd_narrow(c):
+    """In a narrow window the host columns stack: each column about as wide as the window."""
+    driver.set_window_size(c.get("width", 420), 900)
+    widths = wait(10, "the columns to stack", lambda: [e.rect["width"] for e in css("#hosts section.host")]
+                  if len({round(e.rect["x"]) for e in css("#hosts section.host")}) == 1 else None)
+    path = os.path.join(ARTIFACTS, "narrow.png")
+    driver.save_screenshot(path)
+    viewport = driver.execute_script("return document.documentElement.clientWidth")
+    scroll = driver.execute_script("return document.documentElement.scrollWidth")
+    driver.set_window_size(1400, 1000)
+    return {"widths": widths, "viewport": viewport, "scroll_width": scroll, "path": path}
+
+
+COMMANDS = {
+    "login": cmd_login,
+    "wait_cluster": cmd_wait_cluster,
+    "wait_vm": cmd_wait_vm,
+    "placement": cmd_placement,
+    "wait_readiness": cmd_wait_readiness,
+    "act": cmd_act,
+    "events": cmd_events,
+    "screenshot": cmd_screenshot,
+    "narrow": cmd_narrow,
+}
+
+
+def main():
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        c = json.loads(line)
+        if c["cmd"] == "quit":
+            break
+        try:
+            reply = {"ok": True, **COMMANDS[c["cmd"]](c)}
+        except Exception as e:  # the scenario gets the failure, with a screenshot of the page then
+            log(traceback.format_exc())
+            reply = {"ok": False, "error": f"{c['cmd']}: {e}"}
+            if driver is not None:
+                try:
+                    driver.save_screenshot(os.path.join(ARTIFACTS, f"failed-{c['cmd']}.png"))
+                    reply["page"] = driver.find_element(By.TAG_NAME, "body").text[:4000]
+                except Exception:
+                    pass
+        print(json.dumps(reply), flush=True)
+    if driver is not None:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+//! The cockpit-vmha page (`cockpit/`) in a real browser against a real cluster: Debian's cockpit-ws runs in
+//! lab host 1 (plain HTTP on the host's address, `AllowUnencrypted` in that host's own /etc), the page is
+//! installed where the cockpit-vmha package puts it, and headless Chromium, driven through chromium-driver by
+//! `tests/e2e/cockpit/drive_cockpit.py` (Selenium) in the same host, signs in with the host's own accounts.
+//! alice (group haclient, which the shipped polkit rule lets manage) sees three hosts and both VMs, moves a
+//! VM with the page's Move dialog and sees it arrive; the host it arrived on is powered off and the page
+//! shows it come back elsewhere within seconds of Pacemaker; bob (no such group) sees the same cluster and
+//! his Stop is refused with vmhad's reason on the page, and nothing changes. Screenshots go to
+//! target/e2e-artifacts/cockpit/.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmha_e2e::wait_running;
+use vmha_lab::guest::GuestSpec;
+use vmha_lab::{wait_for, Lab};
+
+/// The host that runs cockpit-ws and the browser (never powered off here).
+const N: u8 = 1;
+const PORT: u16 = 9090;
+const PAGE_FILES: [&str; 4] = ["manifest.json", "index.html", "vmha.js", "vmha.css"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn artifacts() -> PathBuf {
+    vmha_e2e::release_build()
+        .parent()
+        .expect("target directory")
+        .join("e2e-artifacts/cockpit")
+}
+
+/// The browser driver running in host N: one JSON command a line in, one JSON answer a line out.
+struct Browser {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+}
+
+impl Browser {
+    fn start(lab: &Lab, url: &str) -> Browser {
+        let script = repo().join("tests/e2e/cockpit/drive_cockpit.py");
+        let out = artifacts();
+        std::fs::create_dir_all(&out).unwrap();
+        let mut child = lab
+            .command(
+                N,
+                &[
+                    "env",
+                    "HOME=/tmp",
+                    "/usr/bin/python3",
+                    "-B",
+                    script.to_str().unwrap(),
+                    url,
+                    out.to_str().unwrap(),
+                ],
+            )
+            .unwrap()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the browser driver");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Browser { child, stdin, lines }
+    }
+
+    /// Sends `cmd` and returns its answer; panics with the driver's error (and the page's text) when it
+    /// failed, or when no answer came within `limit` (each command waits on the page with its own deadline,
+    /// shorter than this).
+    fn ask(&mut self, cmd: Value, limit: Duration) -> Value {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+        let line = self
+            .lines
+            .recv_timeout(limit)
+            .unwrap_or_else(|e| panic!("browser driver: no answer to {cmd} within {limit:?}: {e}"));
+        let answer: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert_eq!(answer["ok"], true, "browser: {cmd} failed: {answer:#}");
+        println!("browser: {} -> {}", cmd["cmd"], answer);
+        answer
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"cmd": "quit"}));
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn host(n: u8) -> String {
+    format!("node{n}")
+}
+
+/// The machine's own /etc/cockpit/cockpit.conf (None when absent): the lab must never touch it.
+fn machine_cockpit_conf() -> Option<String> {
+    std::fs::read_to_string("/etc/cockpit/cockpit.conf").ok()
+}
+
+#[test]
+#[ignore = "lab scenario: needs root, the lab's daemons, cockpit-ws and chromium-driver (run ci/test)"]
+fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
+    let machine_conf = machine_cockpit_conf();
+    let lab = vmha_e2e::lab_with_vmhad();
+    let addr = lab.cfg.host_address(N);
+
+    // The page where the cockpit-vmha package puts it; plain HTTP allowed in this host's /etc only.
+    for f in PAGE_FILES {
+        lab.install(
+            N,
+            &repo().join("cockpit").join(f),
+            &format!("/usr/share/cockpit/vmha/{f}"),
+            "0644",
+        )
+        .unwrap();
+    }
+    let packages = lab.exec_ok(N, &["cockpit-bridge", "--packages"]).unwrap();
+    assert!(
+        packages.lines().any(|l| l.starts_with("vmha ")),
+        "cockpit-bridge finds the page: {packages}"
+    );
+    lab.exec_ok(
+        N,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /etc/cockpit && printf '[WebService]\\nAllowUnencrypted = true\\n' > /etc/cockpit/cockpit.conf",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        machine_cockpit_conf(),
+        machine_conf,
+        "the machine's /etc/cockpit changed"
+    );
+
+    // The host's own accounts: alice may manage (haclient), bob may only look.
+    for (user, groups) in [("alice", Some("haclient")), ("bob", None)] {
+        let mut args = vec!["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh"];
+        if let Some(g) = groups {
+            args.extend(["--groups", g]);
+        }
+        args.push(user);
+        lab.exec_ok(N, &args).unwrap();
+        lab.exec_ok(
+            N,
+            &["sh", "-c", &format!("echo '{user}:{user}-lab-password' | chpasswd")],
+        )
+        .unwrap();
+    }
+
+    let ws = lab
+        .exec_ok(
+            N,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "/usr/lib/cockpit/cockpit-ws --no-tls --port {PORT} --address {addr} \
+                     > /var/log/vmha/cockpit-ws.log 2>&1 < /dev/null & echo $!"
+                ),
+            ],
+        )
+        .unwrap();
+    println!("cockpit-ws on {addr}:{PORT} (pid {} in host {N})", ws.trim());
+    wait_for(
+        "cockpit-ws to listen",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let probe = format!("exec 3<>/dev/tcp/{addr}/{PORT}");
+            lab.exec(N, &["bash", "-c", &probe]).ok().filter(|o| o.status.success())
+        },
+    )
+    .unwrap();
+
+    for vm in ["vm1", "vm2"] {
+        let xml = lab.write_domain_xml(&GuestSpec::new(vm)).unwrap();
+        lab.exec_ok(1, &["vmha", "vm", "add", vm, "--config", xml.to_str().unwrap()])
+            .unwrap();
+    }
+    let on1 = wait_running(&lab, "vm1", Duration::from_secs(90));
+    let on2 = wait_running(&lab, "vm2", Duration::from_secs(90));
+
+    // alice signs in and sees the cluster as Pacemaker has it.
+    let mut b = Browser::start(&lab, &format!("http://{addr}:{PORT}"));
+    let long = Duration::from_secs(150);
+    let login = b.ask(
+        json!({"cmd": "login", "user": "alice", "password": "alice-lab-password"}),
+        long,
+    );
+    assert_eq!(login["user"], "alice", "{login}");
+    let seen = b.ask(json!({"cmd": "wait_cluster", "hosts": 3, "timeout": 60}), long);
+    let hosts = seen["hosts"].as_object().unwrap();
+    assert_eq!(hosts.len(), 3, "three host columns: {seen}");
+    for n in lab.cfg.host_numbers() {
+        assert_eq!(hosts[&host(n)], "online", "{seen}");
+    }
+    assert!(
+        seen["dc"].as_str().is_some_and(|dc| hosts.contains_key(dc)),
+        "the DC is one of the hosts: {seen}"
+    );
+    for (vm, on) in [("vm1", on1), ("vm2", on2)] {
+        b.ask(
+            json!({"cmd": "wait_vm", "vm": vm, "host": host(on), "timeout": 30}),
+            long,
+        );
+    }
+    b.ask(json!({"cmd": "screenshot", "name": "cluster"}), long);
+
+    // alice moves vm1 (keyboard: the dialog takes the focus) to a host other than the browser's.
+    let to = lab.cfg.host_numbers().find(|&n| n != N && n != on1).unwrap();
+    let t0 = Instant::now();
+    let moved = b.ask(
+        json!({"cmd": "act", "key": "vm-move-vm1", "select": {"id": "move-host", "value": host(to)}}),
+        long,
+    );
+    assert_eq!(moved["outcome"], "done", "alice's move: {moved}");
+    assert_eq!(moved["focus_in_dialog"], true, "{moved}");
+    assert_eq!(wait_running(&lab, "vm1", Duration::from_secs(90)), to);
+    let arrived = b.ask(
+        json!({"cmd": "wait_vm", "vm": "vm1", "host": host(to), "timeout": 30}),
+        long,
+    );
+    println!(
+        "vm1 moved {} -> {} through the page: on the page {:.1} s after the click",
+        host(on1),
+        host(to),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(arrived["host"], host(to));
+    assert_eq!(arrived["same_load"], true, "no reload since sign-in: {arrived}");
+    // Each host's readiness report (what `vmha check` reads), asked for again after that move's event.
+    let ready = b.ask(json!({"cmd": "wait_readiness", "timeout": 20}), long);
+    assert_eq!(ready["readiness"].as_object().map(|o| o.len()), Some(3), "{ready}");
+
+    // The host vm1 now runs on loses power: Pacemaker fences it and restarts vm1 elsewhere, and the page
+    // follows within seconds (from vmhad's signals, not a reload).
+    let t0 = Instant::now();
+    lab.power_off(to).unwrap();
+    let back = wait_for(
+        "vm1 running on a surviving host",
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || {
+            let s = lab.status(N).ok()?;
+            let n = lab.cfg.host_number(s.running_on("vm1")?)?;
+            (n != to).then_some(n)
+        },
+    )
+    .unwrap();
+    let pacemaker_s = t0.elapsed().as_secs_f64();
+    let shown = b.ask(
+        json!({"cmd": "wait_vm", "vm": "vm1", "host": host(back), "timeout": 15}),
+        long,
+    );
+    println!(
+        "{} powered off: Pacemaker ran vm1 on {} after {pacemaker_s:.1} s; the page showed it {:.1} s after that \
+         was seen",
+        host(to),
+        host(back),
+        shown["seconds"].as_f64().unwrap()
+    );
+    assert_eq!(
+        shown["same_load"], true,
+        "the page followed the failover without being reloaded: {shown}"
+    );
+    let now = b.ask(json!({"cmd": "placement"}), long);
+    assert_ne!(
+        now["hosts"][&host(to)],
+        "online",
+        "the powered-off host is not shown online: {now}"
+    );
+    let events = b.ask(json!({"cmd": "events", "limit": 50}), long);
+    assert!(
+        events["events"].as_array().unwrap().iter().any(|e| e
+            .as_str()
+            .is_some_and(|e| e.contains("host-left") && e.contains(&host(to)))),
+        "the event feed shows {} leaving: {events}",
+        host(to)
+    );
+    b.ask(json!({"cmd": "screenshot", "name": "after-power-off"}), long);
+
+    // bob sees the same and is refused, with vmhad's reason on the page; nothing changes.
+    let login = b.ask(
+        json!({"cmd": "login", "user": "bob", "password": "bob-lab-password"}),
+        long,
+    );
+    assert_eq!(login["user"], "bob", "{login}");
+    b.ask(
+        json!({"cmd": "wait_vm", "vm": "vm1", "host": host(back), "timeout": 30}),
+        long,
+    );
+    let refused = b.ask(
+        json!({"cmd": "act", "key": "vm-stop-vm1", "screenshot": "refused"}),
+        long,
+    );
+    assert_eq!(refused["outcome"], "refused", "bob's stop: {refused}");
+    let reason = refused["error"].as_str().unwrap();
+    assert!(
+        reason.contains("org.vmha.Vmha1.manage") && reason.contains("AccessDenied"),
+        "bob sees vmhad's reason: {reason}"
+    );
+    assert_eq!(
+        wait_running(&lab, "vm1", Duration::from_secs(5)),
+        back,
+        "bob's refused stop changed nothing"
+    );
+
+    // Readable in a narrow window: the host columns stack and nothing scrolls sideways.
+    let narrow = b.ask(json!({"cmd": "narrow", "width": 420}), long);
+    assert!(
+        narrow["scroll_width"].as_f64().unwrap() <= narrow["viewport"].as_f64().unwrap() + 1.0,
+        "no sideways scrolling in a narrow window: {narrow}"
+    );
+    drop(b);
+    assert_eq!(
+        machine_cockpit_conf(),
+        machine_conf,
+        "the machine's /etc/cockpit changed"
+    );
+}
