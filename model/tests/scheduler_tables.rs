@@ -398,3 +398,90 @@ fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
     let (p, _) = schedule(&live, &copy, &failed);
     assert!(p.without_place().is_empty(), "{:#?}", p.vms);
 }
+
+/// The `<constraints>` section of a CIB, as written.
+fn constraints(cib: &str) -> String {
+    let start = cib.find("<constraints").unwrap();
+    let end = cib.find("</constraints>").map(|e| e + "</constraints>".len()).unwrap();
+    cib[start..end].to_string()
+}
+
+/// Applies `p` to `cib` as `vmha policy apply` / `rollback` do: compiled, stored and recorded as
+/// version `n` in one replace of the configuration section.
+fn apply_recorded(cib: &str, p: &Policy, n: u32, note: &str) -> String {
+    use vmha_model::policy::history::{record, Version};
+    let planned = plan(p, cib).unwrap();
+    let v = Version {
+        version: n,
+        time: "2026-12-06T06:00:00Z".into(),
+        who: "root@h1".into(),
+        note: note.into(),
+        policy: serde_json::to_value(p).unwrap(),
+    };
+    with_configuration(cib, &record(&planned.configuration, p, &v).unwrap())
+}
+
+#[test]
+fn rollback_restores_exactly_the_constraints_of_the_version_and_the_scheduler_follows_them() {
+    use vmha_model::policy::history::{find, policy_of, versions};
+    let hosts: &[Host] = &[("h1", "a", "std", 2), ("h2", "a", "std", 2), ("h3", "b", "std", 2)];
+    let case = Case {
+        name: "rollback",
+        hosts,
+        vms: &[("v", 10, "a", "std", Some("h1")), ("w", 5, "b", "std", Some("h3"))],
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let p1 = policy(&case);
+    // Version 2 swaps the home zones and the priorities.
+    let mut doc = serde_json::to_value(&p1).unwrap();
+    doc["vms"]["v"]["zone"] = "b".into();
+    doc["vms"]["v"]["priority"] = 1.into();
+    doc["vms"]["w"]["zone"] = "a".into();
+    let p2: Policy = serde_json::from_value(doc).unwrap();
+
+    let cib1 = apply_recorded(&base, &p1, 1, "apply");
+    let cib2 = apply_recorded(&cib1, &p2, 2, "apply");
+    assert_ne!(
+        constraints(&cib1),
+        constraints(&cib2),
+        "version 2 compiles to other constraints"
+    );
+
+    // Rollback: version 1 read back from the history, applied as version 3.
+    let back = policy_of(&find(&cib2, 1).unwrap()).unwrap();
+    assert_eq!(back, p1);
+    let cib3 = apply_recorded(&cib2, &back, 3, "rollback to 1");
+    assert_eq!(
+        constraints(&cib3),
+        constraints(&cib1),
+        "exactly version 1's constraints"
+    );
+    assert_eq!(
+        Policy::from_cib(&cib3).unwrap().unwrap(),
+        p1,
+        "version 1 is the stored policy again"
+    );
+    assert!(plan(&p1, &cib3).unwrap().is_empty(), "the CIB carries version 1");
+    let kept = versions(&cib3).unwrap();
+    assert_eq!(kept.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(kept[2].note, "rollback to 1");
+
+    // Pacemaker's scheduler, h1 failed: under version 2 v (home b) goes to h3; after the rollback it
+    // stays in its home zone a (h2), as under version 1.
+    let failed = vec!["h1".to_string()];
+    let placed = |live: &str| {
+        let copy = with_free_capacity(&fail_hosts(live, &failed).unwrap()).unwrap();
+        let (prediction, scores) = schedule(live, &copy, &failed);
+        (prediction.placement(), scores)
+    };
+    let (under2, s2) = placed(&cib2);
+    assert_eq!(under2.get("v").cloned().flatten().as_deref(), Some("h3"), "{s2}");
+    let (under1, s1) = placed(&cib1);
+    let (under3, s3) = placed(&cib3);
+    assert_eq!(under1.get("v").cloned().flatten().as_deref(), Some("h2"), "{s1}");
+    assert_eq!(under3, under1, "{s3}");
+}
