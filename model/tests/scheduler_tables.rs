@@ -485,3 +485,94 @@ fn rollback_restores_exactly_the_constraints_of_the_version_and_the_scheduler_fo
     assert_eq!(under1.get("v").cloned().flatten().as_deref(), Some("h2"), "{s1}");
     assert_eq!(under3, under1, "{s3}");
 }
+
+#[test]
+fn preemption_a_growing_group_shrinks_a_lower_one_down_to_its_min_and_no_further() {
+    use vmha_model::arbitration::{arbitrate, member_priorities, GroupState, Member};
+    // web (priority 50, min 1) runs w1 and wants five more (w2..w6, added stopped); batch (priority 1,
+    // min 2) runs b1..b5, b3 mid-transaction. 7 slots, 6 taken: one free.
+    let members = |names: &[&str], busy: &[&str]| -> Vec<Member> {
+        names
+            .iter()
+            .map(|n| Member {
+                vm: n.to_string(),
+                busy: busy.contains(n),
+            })
+            .collect()
+    };
+    let groups = [
+        GroupState {
+            name: "web".into(),
+            priority: 50,
+            min: 1,
+            members: members(&["w1", "w2", "w3", "w4", "w5", "w6"], &[]),
+        },
+        GroupState {
+            name: "batch".into(),
+            priority: 1,
+            min: 2,
+            members: members(&["b1", "b2", "b3", "b4", "b5"], &["b3"]),
+        },
+    ];
+    // The model: one free slot, then b5, b4, b2 (b3 busy), leaving b1 and b3: the min, no further.
+    let before = [GroupState {
+        members: members(&["w1"], &[]),
+        ..groups[0].clone()
+    }];
+    let a = arbitrate(&[before[0].clone(), groups[1].clone()], "web", 5, 1).unwrap();
+    let taken: Vec<&str> = a.preempt.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(taken, ["b5", "b4", "b2"]);
+    assert_eq!((a.granted, a.short), (4, 1));
+
+    // Pacemaker's scheduler with the compiled member priorities decides the same.
+    let run_with = |prio: &BTreeMap<String, i32>| {
+        let running = ["w1", "b1", "b2", "b3", "b4", "b5"];
+        let vms: Vec<Vm> = prio
+            .iter()
+            .map(|(vm, p)| {
+                let vm: &'static str = Box::leak(vm.clone().into_boxed_str());
+                let host = running
+                    .contains(&vm)
+                    .then(|| if vm.starts_with('w') || vm == "b1" { "h1" } else { "h2" });
+                (vm, *p, "a", "std", host)
+            })
+            .collect();
+        let case = Case {
+            name: "preemption",
+            hosts: &[("h1", "a", "std", 4), ("h2", "a", "std", 3)],
+            vms: Box::leak(vms.into_boxed_slice()),
+            fail: &[],
+            expect: &[],
+            steps: &[],
+            user_stickiness: None,
+        };
+        let base = cib(&case);
+        let live = with_configuration(&base, &plan(&policy(&case), &base).unwrap().configuration);
+        let copy = with_free_capacity(&live).unwrap();
+        let (prediction, scores) = schedule(&live, &copy, &[]);
+        let running: Vec<String> = prediction
+            .placement()
+            .into_iter()
+            .filter_map(|(vm, host)| host.map(|_| vm))
+            .collect();
+        (running, scores)
+    };
+    let (runs, scores) = run_with(&member_priorities(&groups).unwrap());
+    let batch: Vec<&str> = runs.iter().map(String::as_str).filter(|v| v.starts_with('b')).collect();
+    assert_eq!(batch, ["b1", "b3"], "batch down to its min, b3 (busy) kept\n{scores}");
+    let web = runs.iter().filter(|v| v.starts_with('w')).count();
+    assert_eq!(web, 5, "w1 and four new members (one short): {runs:?}\n{scores}");
+
+    // Control: with the groups' priorities alone (no entitlement), web's growth pushes batch below its
+    // min.
+    let plain: BTreeMap<String, i32> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(move |m| (m.vm.clone(), g.priority)))
+        .collect();
+    let (runs, scores) = run_with(&plain);
+    let batch = runs.iter().filter(|v| v.starts_with('b')).count();
+    assert!(
+        batch < 2,
+        "without the entitlement batch falls below its min: {runs:?}\n{scores}"
+    );
+}
