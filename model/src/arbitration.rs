@@ -142,6 +142,69 @@ pub fn member_priorities(groups: &[GroupState]) -> Result<BTreeMap<String, i32>,
     Ok(out)
 }
 
+/// A time-of-day bound on a group: at most `max` members from `from_hour`:00 to `to_hour`:00 (local time of
+/// the DC; the window may wrap midnight, e.g. 20 to 6), compiled into Pacemaker date rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeBound {
+    pub group: String,
+    pub max: u32,
+    pub from_hour: u8,
+    pub to_hour: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TimeBoundError {
+    #[error("group {group}: time bound hours {from}-{to}: each must be 0-23 and they must differ")]
+    Hours { group: String, from: u8, to: u8 },
+}
+
+/// The `date_spec` hour ranges of the window `[from, to)`.
+fn hour_ranges(from: u8, to: u8) -> Vec<String> {
+    let range = |a: u8, b: u8| if a == b { a.to_string() } else { format!("{a}-{b}") };
+    if from < to {
+        vec![range(from, to - 1)]
+    } else if to == 0 {
+        vec![range(from, 23)]
+    } else {
+        vec![range(from, 23), range(0, to - 1)]
+    }
+}
+
+/// For each member beyond the bound's `max` (members oldest first: the newest go), the meta attribute set
+/// (for its `<primitive>`) that stops it while the window lasts: `target-role=Stopped` under a rule of
+/// `date_spec` hours, scored above the policy's own meta set so it wins while the rule holds; outside the
+/// window the set does not apply and the member runs. Ids start with `vmha-policy-`.
+pub fn time_bound_meta(bound: &TimeBound, members: &[String]) -> Result<BTreeMap<String, String>, TimeBoundError> {
+    let (from, to) = (bound.from_hour, bound.to_hour);
+    if from > 23 || to > 23 || from == to {
+        return Err(TimeBoundError::Hours {
+            group: bound.group.clone(),
+            from,
+            to,
+        });
+    }
+    let mut out = BTreeMap::new();
+    for vm in members.iter().skip(bound.max as usize) {
+        let id = format!("vmha-policy-bound-{vm}");
+        let dates: String = hour_ranges(from, to)
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                format!(
+                    r#"<date_expression id="{id}-d{i}" operation="date_spec"><date_spec id="{id}-d{i}-s" hours="{h}"/></date_expression>"#
+                )
+            })
+            .collect();
+        out.insert(
+            vm.clone(),
+            format!(
+                r#"<meta_attributes id="{id}" score="2000"><rule id="{id}-rule" boolean-op="or" score="INFINITY">{dates}</rule><nvpair id="{id}-role" name="target-role" value="Stopped"/></meta_attributes>"#
+            ),
+        );
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +317,37 @@ mod tests {
         assert_eq!(p["b2"], 1, "the spare ones are the newest not busy: b3 and b2");
         assert_eq!(p["b3"], 1);
         assert_eq!(p["b4"], ENTITLED + 1, "busy");
+    }
+
+    #[test]
+    fn time_bounds_stop_the_newest_beyond_max_inside_the_window_only() {
+        let members: Vec<String> = (1..=10).map(|i| format!("b{i}")).collect();
+        let night = TimeBound {
+            group: "batch".into(),
+            max: 8,
+            from_hour: 20,
+            to_hour: 6,
+        };
+        let m = time_bound_meta(&night, &members).unwrap();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["b10", "b9"]);
+        assert!(
+            m["b9"].contains(r#"hours="20-23""#) && m["b9"].contains(r#"hours="0-5""#),
+            "{}",
+            m["b9"]
+        );
+        assert!(m["b9"].contains(r#"name="target-role" value="Stopped""#));
+        assert_eq!(hour_ranges(8, 18), ["8-17"]);
+        assert_eq!(hour_ranges(20, 0), ["20-23"]);
+        assert_eq!(hour_ranges(23, 1), ["23", "0"]);
+        for (from, to) in [(24, 1), (1, 24), (5, 5)] {
+            let b = TimeBound {
+                from_hour: from,
+                to_hour: to,
+                ..night.clone()
+            };
+            assert!(time_bound_meta(&b, &members).is_err(), "{from}-{to}");
+        }
+        let few = TimeBound { max: 20, ..night };
+        assert!(time_bound_meta(&few, &members).unwrap().is_empty());
     }
 }

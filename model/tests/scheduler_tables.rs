@@ -576,3 +576,87 @@ fn preemption_a_growing_group_shrinks_a_lower_one_down_to_its_min_and_no_further
         "without the entitlement batch falls below its min: {runs:?}\n{scores}"
     );
 }
+
+/// As [`schedule`], with Pacemaker's clock set to `datetime` (ISO 8601): the VMs that run afterwards.
+fn running_at(live: &str, datetime: &str) -> (Vec<String>, String) {
+    let dir = scratch();
+    let cib_file = dir.join("cib.xml");
+    let graph_file = dir.join("graph.xml");
+    std::fs::write(&cib_file, live).unwrap();
+    let out = Command::new("crm_simulate")
+        .arg("-x")
+        .arg(&cib_file)
+        .arg("-t")
+        .arg(datetime)
+        .arg("-R")
+        .arg("-s")
+        .arg("-G")
+        .arg(&graph_file)
+        .env_remove("CIB_file")
+        .env_remove("CIB_shadow")
+        .output()
+        .expect("crm_simulate (pacemaker-cli-utils) must be installed for the scheduler tables");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "crm_simulate failed:\n{text}");
+    let graph = std::fs::read_to_string(&graph_file).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let p = predict(live, live, &graph, &[], None).unwrap();
+    let running = p
+        .placement()
+        .into_iter()
+        .filter_map(|(vm, host)| host.map(|_| vm))
+        .collect();
+    (running, text)
+}
+
+#[test]
+fn time_bounds_batch_max_8_from_20_to_6_at_two_times_of_day() {
+    use vmha_model::arbitration::{time_bound_meta, TimeBound};
+    let names: Vec<String> = (1..=10).map(|i| format!("b{i:02}")).collect();
+    let vms: Vec<Vm> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let n: &'static str = Box::leak(n.clone().into_boxed_str());
+            (n, 1, "a", "std", Some(if i % 2 == 0 { "h1" } else { "h2" }))
+        })
+        .collect();
+    let case = Case {
+        name: "time bounds",
+        hosts: &[("h1", "a", "std", 8), ("h2", "a", "std", 8)],
+        vms: Box::leak(vms.into_boxed_slice()),
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let mut live = with_configuration(&base, &plan(&policy(&case), &base).unwrap().configuration);
+    let bound = TimeBound {
+        group: "batch".into(),
+        max: 8,
+        from_hour: 20,
+        to_hour: 6,
+    };
+    for (vm, meta) in time_bound_meta(&bound, &names).unwrap() {
+        let at = live.find(&format!(r#"<primitive id="{vm}" "#)).unwrap();
+        let end = at + live[at..].find("</primitive>").unwrap();
+        live.insert_str(end, &meta);
+    }
+    let all: Vec<String> = names.clone();
+    // 12:00: outside the window, all ten run.
+    let (noon, text) = running_at(&live, "2026-12-06T12:00:00Z");
+    assert_eq!(noon, all, "{text}");
+    // 22:00 and 03:00: inside the window (both sides of midnight), the newest two stop.
+    for t in ["2026-12-06T22:00:00Z", "2026-12-07T03:00:00Z"] {
+        let (night, text) = running_at(&live, t);
+        assert_eq!(night, all[..8].to_vec(), "{t}\n{text}");
+    }
+    // 06:00: the window is over.
+    let (morning, text) = running_at(&live, "2026-12-07T06:00:00Z");
+    assert_eq!(morning, all, "{text}");
+}
