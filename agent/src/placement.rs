@@ -465,7 +465,7 @@ async fn rollback(n: u32, dry_run: bool, yes: bool, json_out: bool, limit: Durat
     let moves: Vec<&vmha_model::whatif::VmPrediction> = prediction
         .vms
         .iter()
-        .filter(|v| !matches!(v.outcome, VmOutcome::Stays { .. }))
+        .filter(|v| !matches!(v.outcome, VmOutcome::Stays { .. } | VmOutcome::StaysStopped))
         .collect();
     if !json_out {
         print!("{}", terminal_safe(&policy_diff));
