@@ -36,31 +36,37 @@ pub enum PolicyCmd {
     },
     /// Print the stored policy and what applying it would change.
     Show,
-    /// Compile the stored policy into Pacemaker's configuration and apply it in one CIB change. Each
-    /// apply that changes the cluster is recorded in the policy history (who, when, what).
+    /// Compile the stored policy into Pacemaker's configuration and apply it in one CIB change, which also
+    /// records it in the policy history (version, who, when): constraints, stored policy and history
+    /// change together or not at all.
     Apply {
         /// Print the exact CIB difference and change nothing.
         #[arg(long)]
         dry_run: bool,
     },
-    /// The applied versions of the policy kept in the CIB (the newest 20): version, time, who, what.
+    /// The applied versions of the policy kept in the CIB (the newest 20): version, time (UTC), who, what.
     History,
-    /// What changed between two applied versions (or between a version and the stored policy), member by
-    /// member (JSON pointers).
+    /// What changed between two applied versions (or between a version and the stored policy): a unified
+    /// diff of the two policy documents (with --json: also member by member, as JSON pointers).
     Diff {
         /// The older version.
         from: u32,
         /// The newer version; default: the stored policy.
         to: Option<u32>,
     },
-    /// Go back to an applied version: shows what would change (as `apply --dry-run`), then stores and
-    /// applies it in one CIB change and records it.
+    /// Go back to an applied version: shows the what-if first (the policy's diff, the constraints'
+    /// diff, and where Pacemaker's scheduler would move VMs), asks, then stores and applies version N in
+    /// one CIB change, recorded as a new version "rollback to N". Refused, with nothing changed, when the
+    /// configuration moves between the what-if and the change.
     Rollback {
         /// The version to go back to (`vmha policy history`).
         version: u32,
         /// Show what would change and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Do not ask (needed when stdin is not a terminal).
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
 }
 
@@ -130,7 +136,7 @@ fn config_version(xml: &str) -> Result<String> {
     Ok(v.rsplit_once('.').map(|(a, _)| a.to_string()).unwrap_or(v))
 }
 
-pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
+pub async fn policy(cmd: PolicyCmd, json_out: bool, limit: Duration) -> Result<()> {
     match cmd {
         PolicyCmd::Set { file } => {
             let p = Policy::from_json(&read_bounded(&file)?)?;
@@ -186,46 +192,61 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
         PolicyCmd::Apply { dry_run } => apply(dry_run, json_out).await?,
         PolicyCmd::History => {
             let cib = connect(Access::ReadOnly).await?;
-            let versions = history::versions(&query(&cib).await?)?;
+            let entries = history::entries(&query(&cib).await?)?;
             if json_out {
+                let versions: Vec<_> = entries.iter().filter_map(|e| e.read.as_ref().ok()).collect();
+                let broken: Vec<_> = entries
+                    .iter()
+                    .filter_map(|e| {
+                        e.read
+                            .as_ref()
+                            .err()
+                            .map(|err| json!({"id": e.id, "version": e.number, "error": err.to_string()}))
+                    })
+                    .collect();
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&document("policy_history", json!({ "versions": versions })))?
+                    serde_json::to_string_pretty(&document(
+                        "policy_history",
+                        json!({ "versions": versions, "unreadable": broken })
+                    ))?
                 );
-            } else if versions.is_empty() {
+            } else if entries.is_empty() {
                 println!("no applied version recorded yet (vmha policy apply records one)");
             } else {
-                println!("{:>7}  {:<20}  {:<24}  WHAT", "VERSION", "TIME", "WHO");
-                for v in &versions {
-                    println!(
-                        "{:>7}  {:<20}  {:<24}  {}",
-                        v.version,
-                        v.time,
-                        vmha_vcluster::printable(&v.who),
-                        vmha_vcluster::printable(&v.note)
-                    );
+                println!("{:>7}  {:<20}  {:<24}  WHAT", "VERSION", "TIME (UTC)", "WHO");
+                for e in &entries {
+                    match &e.read {
+                        Ok(v) => println!(
+                            "{:>7}  {:<20}  {:<24}  {}",
+                            v.version,
+                            v.time,
+                            vmha_vcluster::printable(&v.who),
+                            vmha_vcluster::printable(&v.note)
+                        ),
+                        Err(err) => println!(
+                            "{:>7}  {:<20}  {:<24}  UNREADABLE: {}",
+                            e.number.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                            "-",
+                            "-",
+                            vmha_vcluster::printable(&err.to_string())
+                        ),
+                    }
                 }
             }
         }
         PolicyCmd::Diff { from, to } => {
             let cib = connect(Access::ReadOnly).await?;
             let xml = query(&cib).await?;
-            let versions = history::versions(&xml)?;
-            let find = |n: u32| -> Result<serde_json::Value> {
-                versions
-                    .iter()
-                    .find(|v| v.version == n)
-                    .map(|v| v.policy.clone())
-                    .ok_or_else(|| anyhow!("policy version {n} is not kept (vmha policy history)"))
-            };
-            let a = find(from)?;
+            let a = history::find(&xml, from)?.policy;
             let (b, to_name) = match to {
-                Some(n) => (find(n)?, format!("version {n}")),
+                Some(n) => (history::find(&xml, n)?.policy, format!("version {n}")),
                 None => (serde_json::to_value(stored(&xml)?)?, "the stored policy".to_string()),
             };
-            let d = history::differences(&a, &b);
+            let from_name = format!("version {from}");
+            let unified = history::unified_diff(&a, &b, &from_name, &to_name);
             if json_out {
-                let changes: Vec<_> = d
+                let changes: Vec<_> = history::differences(&a, &b)
                     .iter()
                     .map(|(path, old, new)| json!({"path": path, "from": old, "to": new}))
                     .collect();
@@ -233,26 +254,34 @@ pub async fn policy(cmd: PolicyCmd, json_out: bool) -> Result<()> {
                     "{}",
                     serde_json::to_string_pretty(&document(
                         "policy_diff",
-                        json!({"from": from, "to": to, "changes": changes})
+                        json!({"from": from, "to": to, "changes": changes, "unified": unified})
                     ))?
                 );
-            } else if d.is_empty() {
-                println!("version {from} and {to_name} are the same policy");
+            } else if unified.is_empty() {
+                println!("{from_name} and {to_name} are the same policy");
             } else {
-                let show = |v: &Option<serde_json::Value>| {
-                    v.as_ref()
-                        .map(|v| vmha_vcluster::printable(&v.to_string()))
-                        .unwrap_or_else(|| "(absent)".into())
-                };
-                println!("from version {from} to {to_name}:");
-                for (path, old, new) in &d {
-                    println!("  {}: {} -> {}", vmha_vcluster::printable(path), show(old), show(new));
-                }
+                print!("{}", terminal_safe(&unified));
             }
         }
-        PolicyCmd::Rollback { version, dry_run } => rollback(version, dry_run, json_out).await?,
+        PolicyCmd::Rollback { version, dry_run, yes } => rollback(version, dry_run, yes, json_out, limit).await?,
     }
     Ok(())
+}
+
+/// `text` for a terminal: control characters other than newlines and the bidirectional-text controls
+/// shown as `\u{..}` escapes (a policy document may carry any text in its names).
+fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if (c.is_control() && c != '\n')
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            {
+                format!("\\u{{{:x}}}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Who runs this command: `user@host`, with the sudo caller when there is one.
@@ -273,172 +302,278 @@ fn who() -> String {
     }
 }
 
-/// Records `policy` as the newest applied version (and drops the oldest beyond the kept number). The
-/// policy is applied already: a failure here is a warning, never an error of the apply.
-async fn record(cib: &Cib, policy: &Policy, note: &str) {
-    let result = async {
-        let kept = history::versions(&query(cib).await?)?;
+/// Errors of applying a policy or rolling one back, beyond the model's own.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "the CIB configuration changed since the what-if was shown (version {shown}, now {now}): nothing \
+         changed; run vmha policy rollback {version} again"
+    )]
+    MovedSinceShown { version: u32, shown: String, now: String },
+    #[error("the CIB configuration kept changing while applying (5 tries): nothing changed; try again")]
+    KeptChanging,
+    #[error(
+        "rollback to policy version {version} not confirmed: nothing changed (stdin is not a terminal; \
+         pass --yes to roll back without asking)"
+    )]
+    NotConfirmed { version: u32 },
+    #[error("rollback to policy version {version} declined: nothing changed")]
+    Declined { version: u32 },
+}
+
+/// Which policy [`apply_policy`] applies.
+enum Source<'a> {
+    /// The one stored in the CIB (`vmha policy apply`).
+    Stored,
+    /// This one, stored with it (`vmha policy rollback`).
+    Given(&'a Policy),
+}
+
+/// What [`apply_policy`] did.
+struct Applied {
+    plan: policy::Plan,
+    /// The version recorded, when it changed the CIB.
+    recorded: Option<u32>,
+}
+
+/// Applies a policy in one CIB change: the configuration section replaced by the compiled configuration,
+/// with the policy stored and recorded in the history (who, when, `note`), so constraints, stored policy
+/// and history change together or not at all. Nothing is written when the CIB carries the policy and
+/// stores it already.
+///
+/// Concurrency: the configuration version is read again just before the replace, and the replace is
+/// skipped (and everything recomputed, up to 5 times) when it moved; with `shown` (the version a what-if
+/// was computed on) a move is an error instead, so what is applied is what was shown. Pacemaker offers
+/// no conditional replace of a section, so a change landing between that last read and the replace is
+/// overwritten; the history read back afterwards reports it.
+async fn apply_policy(cib: &Cib, source: Source<'_>, note: &str, shown: Option<(u32, &str)>) -> Result<Applied> {
+    for _ in 0..5 {
+        let xml = query(cib).await?;
+        let p = match source {
+            Source::Stored => stored(&xml)?,
+            Source::Given(p) => p.clone(),
+        };
+        let plan = policy::plan(&p, &xml)?;
+        let already_stored = Policy::from_cib(&xml).ok().flatten().as_ref() == Some(&p);
+        if plan.is_empty() && already_stored {
+            return Ok(Applied { plan, recorded: None });
+        }
+        let before = config_version(&xml)?;
+        if let Some((version, shown)) = shown {
+            if before != shown {
+                return Err(ApplyError::MovedSinceShown {
+                    version,
+                    shown: shown.to_string(),
+                    now: before,
+                }
+                .into());
+            }
+        }
+        let entries = history::entries(&xml)?;
         let v = history::Version {
-            version: history::next_version(&kept),
+            version: history::next_version(&entries),
             time: crate::vcluster::now_rfc3339(),
             who: who(),
             note: note.to_string(),
-            policy: serde_json::to_value(policy)?,
+            policy: serde_json::to_value(&p)?,
         };
-        cib.modify(
-            &Scope::section("crm_config"),
-            &history::record_xml(&v),
-            CallOptions::CAN_CREATE,
+        let configuration = history::record(&plan.configuration, &p, &v)?;
+        let now = config_version(&query(cib).await?)?;
+        if now != before {
+            if let Some((version, shown)) = shown {
+                return Err(ApplyError::MovedSinceShown {
+                    version,
+                    shown: shown.to_string(),
+                    now,
+                }
+                .into());
+            }
+            continue;
+        }
+        cib.replace(
+            &Scope::section("configuration"),
+            &configuration,
+            CallOptions::NONE,
             CIB_CALL,
         )
         .await
-        .context("recording the applied policy")?;
-        for old in history::pruned(&kept, v.version) {
-            cib.delete(&Scope::section("crm_config"), &old, CallOptions::NONE, CIB_CALL)
-                .await
-                .context("dropping the oldest recorded policy")?;
+        .context("replacing the configuration section (policy, its history and the constraints)")?;
+        match history::find(&query(cib).await?, v.version) {
+            Ok(back) if back == v => tracing::info!(version = v.version, "policy applied and recorded"),
+            _ => eprintln!(
+                "vmha: warning: another change to the CIB configuration landed with this one; check vmha \
+                 policy history and vmha policy show"
+            ),
         }
-        anyhow::Ok(v.version)
+        return Ok(Applied {
+            plan,
+            recorded: Some(v.version),
+        });
     }
-    .await;
-    match result {
-        Ok(n) => tracing::info!(version = n, "policy version recorded"),
-        Err(e) => eprintln!("vmha: warning: the policy is applied but not recorded in its history: {e:#}"),
+    Err(ApplyError::KeptChanging.into())
+}
+
+/// The what-if of a configuration: Pacemaker's scheduler run on the live CIB with its configuration
+/// section replaced, read as `vmha what-if` reads it.
+async fn predict_configuration(live: &str, configuration: &str, limit: Duration) -> Result<Prediction> {
+    let copy = whatif::with_configuration(live, configuration)?;
+    let copy = vmha_model::failover::with_free_capacity(&copy)?;
+    let graph = run_scheduler(&copy, limit).await?;
+    Ok(whatif::predict(live, &copy, &graph, &[], None)?)
+}
+
+/// Asks on the terminal whether to roll back; refuses when stdin is not one.
+fn confirm(version: u32) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Read, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(ApplyError::NotConfirmed { version }.into());
+    }
+    eprint!("roll back to policy version {version}? [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut answer = String::new();
+    std::io::stdin().lock().take(64).read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+        Ok(())
+    } else {
+        Err(ApplyError::Declined { version }.into())
     }
 }
 
-/// `vmha policy rollback`: version `n`'s policy, checked and shown against the cluster, then stored and
-/// applied (unless `dry_run`) and recorded.
-async fn rollback(n: u32, dry_run: bool, json_out: bool) -> Result<()> {
+/// `vmha policy rollback`: version `n`'s policy, checked against today's cluster and shown (what changes
+/// in the policy, in the constraints, and where the scheduler would move VMs), then, confirmed, stored,
+/// applied and recorded as "rollback to N" in one CIB change.
+async fn rollback(n: u32, dry_run: bool, yes: bool, json_out: bool, limit: Duration) -> Result<()> {
     let cib = connect(if dry_run { Access::ReadOnly } else { Access::ReadWrite }).await?;
     let xml = query(&cib).await?;
-    let v = history::versions(&xml)?
-        .into_iter()
-        .find(|v| v.version == n)
-        .ok_or_else(|| anyhow!("policy version {n} is not kept (vmha policy history)"))?;
-    let p: Policy = serde_json::from_value(v.policy.clone())
-        .map_err(|e| anyhow!("policy version {n} no longer reads as a policy: {e}"))?;
+    let v = history::find(&xml, n)?;
+    let p = history::policy_of(&v)?;
+    let shown = config_version(&xml)?;
     // What-if first: the plan against today's cluster (refused when the old policy no longer fits it).
     let preview = policy::plan(&p, &xml).with_context(|| format!("policy version {n} against today's cluster"))?;
-    let (plan, applied) = if dry_run {
-        (preview, false)
-    } else {
-        if !json_out {
-            print!("{}", preview.diff_text());
+    let current = Policy::from_cib(&xml).ok().flatten();
+    let policy_diff = history::unified_diff(
+        &current
+            .as_ref()
+            .map(serde_json::to_value)
+            .transpose()?
+            .unwrap_or(serde_json::Value::Null),
+        &v.policy,
+        "the stored policy",
+        &format!("version {n}"),
+    );
+    let prediction = predict_configuration(&xml, &preview.configuration, limit).await?;
+    let moves: Vec<&vmha_model::whatif::VmPrediction> = prediction
+        .vms
+        .iter()
+        .filter(|v| !matches!(v.outcome, VmOutcome::Stays { .. } | VmOutcome::StaysStopped))
+        .collect();
+    if !json_out {
+        print!("{}", terminal_safe(&policy_diff));
+        print!("{}", preview.diff_text());
+        if moves.is_empty() {
+            println!("what-if: no VM would move, start or stop");
+        } else {
+            println!("what-if: the scheduler would then:");
+            for m in &moves {
+                println!("  {:<16} {}", m.vm, outcome_text(&m.outcome));
+            }
         }
-        let plan = store_and_apply(&cib, &p).await?;
-        record(&cib, &p, &format!("rollback to {n}")).await;
-        let applied = !plan.is_empty();
-        (plan, applied)
+    }
+    let applied = if dry_run {
+        None
+    } else {
+        if !yes {
+            confirm(n)?;
+        }
+        Some(apply_policy(&cib, Source::Given(&p), &format!("rollback to {n}"), Some((n, &shown))).await?)
     };
+    let recorded = applied.as_ref().and_then(|a| a.recorded);
     if json_out {
         println!(
             "{}",
             serde_json::to_string_pretty(&document(
                 "policy_rollback",
-                json!({"version": n, "applied": applied, "dry_run": dry_run, "plan": plan})
+                json!({
+                    "version": n,
+                    "applied": recorded.is_some(),
+                    "recorded_as": recorded,
+                    "dry_run": dry_run,
+                    "plan": applied.as_ref().map(|a| &a.plan).unwrap_or(&preview),
+                    "policy_diff": policy_diff,
+                    "what_if": moves,
+                })
             ))?
         );
     } else if dry_run {
-        print!("{}", plan.diff_text());
         println!(
             "rolling back to version {n}: {} change(s) (dry run: nothing changed)",
-            plan.changes.len()
+            preview.changes.len()
+        );
+    } else if let Some(r) = recorded {
+        println!(
+            "rolled back to version {n}: {} change(s) applied with the policy in one CIB change, recorded as \
+             version {r}",
+            applied.as_ref().map(|a| a.plan.changes.len()).unwrap_or(0)
         );
     } else {
-        println!(
-            "rolled back to version {n} ({} change(s) applied in one CIB change; stored and recorded)",
-            plan.changes.len()
-        );
+        println!("nothing to change: the CIB carries and stores version {n}'s policy already");
     }
     Ok(())
 }
 
+fn outcome_text(o: &VmOutcome) -> String {
+    match o {
+        VmOutcome::Stays { host } => format!("stays on {host}"),
+        VmOutcome::Moves { from, to } => format!("moves {from} -> {to}"),
+        VmOutcome::Stops { from } => format!("STOPS (was on {from}): no host has room"),
+        VmOutcome::Starts { to } => format!("starts on {to}"),
+        VmOutcome::StaysStopped => "STAYS STOPPED: no host has room".to_string(),
+    }
+}
+
 async fn apply(dry_run: bool, json_out: bool) -> Result<()> {
     let cib = connect(if dry_run { Access::ReadOnly } else { Access::ReadWrite }).await?;
-    let (plan, applied) = if dry_run {
+    let (plan, recorded) = if dry_run {
         let xml = query(&cib).await?;
-        (policy::plan(&stored(&xml)?, &xml)?, false)
+        (policy::plan(&stored(&xml)?, &xml)?, None)
     } else {
-        let plan = apply_stored(&cib).await?;
-        let applied = !plan.is_empty();
-        if applied {
-            let p = stored(&query(&cib).await?)?;
-            record(&cib, &p, "apply").await;
-        }
-        (plan, applied)
+        let a = apply_policy(&cib, Source::Stored, "apply", None).await?;
+        (a.plan, a.recorded)
     };
+    let applied = recorded.is_some();
     if json_out {
         println!(
             "{}",
             serde_json::to_string_pretty(&document(
                 "policy_apply",
-                json!({"applied": applied, "dry_run": dry_run, "plan": plan})
+                json!({"applied": applied, "recorded_as": recorded, "dry_run": dry_run, "plan": plan})
             ))?
         );
     } else {
         for w in &plan.warnings {
             eprintln!("vmha: warning: {w}");
         }
-        if plan.is_empty() {
+        if plan.is_empty() && !applied {
             println!("nothing to change: the CIB carries the policy");
         } else {
             print!("{}", plan.diff_text());
-            println!(
-                "{} change(s) {}",
-                plan.changes.len(),
-                if applied {
-                    "applied in one CIB change"
-                } else {
-                    "(dry run: nothing changed)"
-                }
-            );
+            match recorded {
+                Some(r) => println!(
+                    "{} change(s) applied in one CIB change, recorded as policy version {r}",
+                    plan.changes.len()
+                ),
+                None => println!("{} change(s) (dry run: nothing changed)", plan.changes.len()),
+            }
         }
     }
     Ok(())
 }
 
-/// Compiles the stored policy and replaces the configuration section with the result (one CIB change;
-/// nothing when the CIB carries the policy already). Returns the plan it applied.
+/// Compiles the stored policy and replaces the configuration section with the result, recording it in
+/// the policy history (one CIB change; nothing when the CIB carries the policy already). Returns the plan
+/// it applied.
 pub async fn apply_stored(cib: &Cib) -> Result<policy::Plan> {
-    // A configuration change between our read and our replace would be lost: read again just before
-    // replacing and start over when the configuration moved on.
-    for _ in 0..5 {
-        let xml = query(cib).await?;
-        let plan = policy::plan(&stored(&xml)?, &xml)?;
-        if plan.is_empty() {
-            return Ok(plan);
-        }
-        let now = query(cib).await?;
-        if config_version(&now)? != config_version(&xml)? {
-            continue;
-        }
-        cib.replace(
-            &Scope::section("configuration"),
-            &plan.configuration,
-            CallOptions::NONE,
-            CIB_CALL,
-        )
-        .await
-        .context("replacing the configuration section")?;
-        return Ok(plan);
-    }
-    bail!("the CIB configuration kept changing while applying; try again")
-}
-
-/// Checks `p` against the cluster, stores it and applies it (see [`apply_stored`]).
-pub async fn store_and_apply(cib: &Cib, p: &Policy) -> Result<policy::Plan> {
-    let xml = query(cib).await?;
-    policy::plan(p, &xml)?;
-    cib.modify(
-        &Scope::section("crm_config"),
-        &policy::store_xml(p),
-        CallOptions::CAN_CREATE,
-        CIB_CALL,
-    )
-    .await
-    .context("storing the policy in the CIB")?;
-    apply_stored(cib).await
+    Ok(apply_policy(cib, Source::Stored, "apply", None).await?.plan)
 }
 
 /// The CIB of this host (read-write) and the policy stored in it.
@@ -647,5 +782,153 @@ fn print_prediction(p: &Prediction) {
             .map(|(k, v)| format!("{k} {v}/{}", z.capacity.get(k).copied().unwrap_or(0)))
             .collect();
         println!("  {:<16} [{}] {}", z.zone, z.hosts.join(","), free.join("  "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-host cluster with two VMs. No crm_feature_set: libcib refuses to change a CIB whose feature
+    /// set is newer than its own (EPROTONOSUPPORT).
+    const CIB: &str = r#"<cib admin_epoch="0" epoch="1" num_updates="0" validate-with="pacemaker-3.7" have-quorum="1" dc-uuid="1"><configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="false"/></cluster_property_set></crm_config><nodes><node id="1" uname="h1"/><node id="2" uname="h2"/></nodes><resources><primitive id="v" class="ocf" provider="vmha" type="VirtualMachine"/><primitive id="w" class="ocf" provider="vmha" type="VirtualMachine"/></resources><constraints/></configuration><status/></cib>"#;
+
+    fn policy(v_zone: &str, v_priority: i32) -> Policy {
+        Policy::from_json(&format!(
+            r#"{{"hosts": {{"h1": {{"zone": "a"}}, "h2": {{"zone": "b"}}}},
+                "vms": {{"v": {{"zone": "{v_zone}", "priority": {v_priority}}}, "w": {{"zone": "b"}}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    async fn store(cib: &Cib, p: &Policy) {
+        cib.modify(
+            &Scope::section("crm_config"),
+            &policy::store_xml(p),
+            CallOptions::CAN_CREATE,
+            CIB_CALL,
+        )
+        .await
+        .unwrap();
+    }
+
+    fn epoch(xml: &str) -> u64 {
+        let v = config_version(xml).unwrap();
+        v.rsplit_once('.').unwrap().1.parse().unwrap()
+    }
+
+    /// One test on one file-backed CIB (libcib keeps one such file per process): apply, history,
+    /// rollback with its what-if version check, and broken entries.
+    #[tokio::test]
+    async fn apply_and_rollback_are_one_cib_change_each_recorded_and_checked() {
+        let dir = std::env::temp_dir().join(format!("vmha-policy-history-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("cib.xml");
+        std::fs::write(&path, CIB).unwrap();
+        let cib = Cib::open_file(&path, Access::ReadWrite, CIB_CALL).await.unwrap();
+
+        // Apply: one CIB change (epoch + 1) carrying constraints, the stored policy and version 1.
+        let p1 = policy("a", 10);
+        store(&cib, &p1).await;
+        let before = query(&cib).await.unwrap();
+        let a = apply_policy(&cib, Source::Stored, "apply", None).await.unwrap();
+        assert_eq!(a.recorded, Some(1));
+        assert!(!a.plan.is_empty());
+        let after1 = query(&cib).await.unwrap();
+        assert_eq!(epoch(&after1), epoch(&before) + 1, "one CIB change");
+        let v1 = history::find(&after1, 1).unwrap();
+        assert_eq!(v1.note, "apply");
+        assert_eq!(v1.who, who());
+        assert!(v1.time.ends_with('Z'), "UTC: {}", v1.time);
+        assert_eq!(history::policy_of(&v1).unwrap(), p1);
+        assert!(
+            after1.contains("vmha-policy-home-v"),
+            "the constraints are in: {after1}"
+        );
+
+        // Applying again changes nothing and records nothing.
+        let again = apply_policy(&cib, Source::Stored, "apply", None).await.unwrap();
+        assert_eq!(again.recorded, None);
+        assert_eq!(epoch(&query(&cib).await.unwrap()), epoch(&after1));
+
+        // Version 2.
+        let p2 = policy("b", 1);
+        store(&cib, &p2).await;
+        assert_eq!(
+            apply_policy(&cib, Source::Stored, "apply", None)
+                .await
+                .unwrap()
+                .recorded,
+            Some(2)
+        );
+        let after2 = query(&cib).await.unwrap();
+
+        // A rollback whose what-if was computed on another configuration version: refused, nothing
+        // changed.
+        let e = apply_policy(&cib, Source::Given(&p1), "rollback to 1", Some((1, "0.1")))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                e.downcast_ref::<ApplyError>(),
+                Some(ApplyError::MovedSinceShown { version: 1, .. })
+            ),
+            "{e:#}"
+        );
+        assert_eq!(query(&cib).await.unwrap(), after2, "nothing changed");
+
+        // The rollback as shown: version 1's constraints and policy, recorded as version 3, one change.
+        let shown = config_version(&after2).unwrap();
+        let r = apply_policy(&cib, Source::Given(&p1), "rollback to 1", Some((1, &shown)))
+            .await
+            .unwrap();
+        assert_eq!(r.recorded, Some(3));
+        let after3 = query(&cib).await.unwrap();
+        assert_eq!(epoch(&after3), epoch(&after2) + 1, "one CIB change");
+        assert_eq!(stored(&after3).unwrap(), p1);
+        assert!(policy::plan(&p1, &after3).unwrap().is_empty());
+        let section = |xml: &str| {
+            let doc = roxmltree::Document::parse(xml).unwrap();
+            let c = doc.descendants().find(|n| n.has_tag_name("constraints")).unwrap();
+            xml[c.range()].to_string()
+        };
+        assert_eq!(section(&after3), section(&after1), "exactly version 1's constraints");
+        assert_eq!(history::find(&after3, 3).unwrap().note, "rollback to 1");
+
+        // A corrupted entry (not vmha's writing): named when asked for, kept by the next apply, and its
+        // number is not reused; the readable versions stay usable.
+        cib.modify(
+            &Scope::section("crm_config"),
+            r#"<cluster_property_set id="vmha-history"><nvpair id="vmha-history.v4" name="vmha-policy-v4" value="{broken"/></cluster_property_set>"#,
+            CallOptions::CAN_CREATE,
+            CIB_CALL,
+        )
+        .await
+        .unwrap();
+        let broken = query(&cib).await.unwrap();
+        let e = history::find(&broken, 4).unwrap_err();
+        assert!(e.to_string().contains("vmha-history.v4"), "{e}");
+        assert!(matches!(
+            history::find(&broken, 9),
+            Err(history::HistoryError::NotKept { version: 9, .. })
+        ));
+        store(&cib, &p2).await;
+        assert_eq!(
+            apply_policy(&cib, Source::Stored, "apply", None)
+                .await
+                .unwrap()
+                .recorded,
+            Some(5)
+        );
+        let after5 = query(&cib).await.unwrap();
+        assert!(after5.contains(r#"value="{broken""#), "kept as it was");
+        assert_eq!(
+            history::find(&after5, 2).unwrap().policy,
+            history::find(&after5, 5).unwrap().policy
+        );
+
+        drop(cib);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -397,7 +397,9 @@ fn main() -> ExitCode {
     let json_out = cli.output == Output::Json;
     let limit = Duration::from_secs(cli.timeout);
     match cli.command {
-        Cmd::Policy { command } => return report(runtime.block_on(vmha_agent::placement::policy(command, json_out))),
+        Cmd::Policy { command } => {
+            return report(runtime.block_on(vmha_agent::placement::policy(command, json_out, limit)))
+        }
         Cmd::WhatIf(args) => return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit))),
         _ => {}
     }

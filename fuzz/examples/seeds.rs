@@ -199,5 +199,42 @@ fn main() {
     for (name, doc) in policies {
         write(&dir, name, doc.as_bytes());
     }
+
+    // The history set's contents: versions as vmha records them, a broken one, one with a mismatched
+    // number, one not named as vmha names them.
+    let dir = root.join("policy_history");
+    let version = |n: u32, policy: &str| {
+        let v = vmha_model::policy::history::Version {
+            version: n,
+            time: "2026-12-06T06:00:00Z".into(),
+            who: "root@node1".into(),
+            note: if n == 3 { "rollback to 1".into() } else { "apply".into() },
+            policy: serde_json::from_str(policy).expect("a seed policy is JSON"),
+        };
+        let set = vmha_model::policy::history::record_xml(&v);
+        set[set.find("<nvpair").expect("an nvpair")..set.find("</cluster").expect("the set's end")].to_string()
+    };
+    let three = format!(
+        "{}{}{}",
+        version(1, policies[0].1),
+        version(2, policies[1].1),
+        version(3, policies[0].1)
+    );
+    write(&dir, "three", three.as_bytes());
+    write(
+        &dir,
+        "broken",
+        format!(
+            r#"{}<nvpair id="vmha-history.v7" name="vmha-policy-v7" value="{{&quot;version&quot;:"/>"#,
+            version(1, "{}")
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "mismatch",
+        version(4, "{}").replace("vmha-policy-v4", "vmha-policy-v9").as_bytes(),
+    );
+    write(&dir, "unnamed", r#"<nvpair id="x" name="y" value="{}"/>"#.as_bytes());
     println!("seeds written under {}", root.display());
 }

@@ -2,6 +2,7 @@
 //! describes it ([`cib`]), the CIB changes vmha makes ([`change`]) and the guest channel protocol
 //! ([`guest`]). Pure logic, no I/O.
 
+pub mod arbitration;
 pub mod change;
 pub mod cib;
 pub mod clone;

@@ -1424,15 +1424,23 @@ mod tests {
 /// operator can see what changed (`vmha policy history`, `diff`) and go back (`rollback`). The set's id
 /// does not start with [`PREFIX`]: compiling a policy never touches it.
 pub mod history {
-    use roxmltree::Document;
+    use std::time::Duration;
+
+    use roxmltree::{Document, Node};
     use serde::{Deserialize, Serialize};
 
-    use super::{escape, xml_safe_json, PolicyError};
+    use super::{escape, store_xml, write_xml, xml_safe_json, Policy, PolicyError, STORE_SET_ID};
 
     /// The cluster property set of the history (in `crm_config`).
     pub const SET_ID: &str = "vmha-history";
     /// How many versions are kept (the oldest go first).
     pub const KEEP: usize = 20;
+    /// Largest history entry read back, in bytes of its stored text: a policy document is at most 1 MiB
+    /// (`vmha policy set`), with who, when and escapes well under this. A bigger entry was not written by
+    /// vmha and is refused unread.
+    pub const MAX_ENTRY: usize = 4 << 20;
+    /// How long the unified diff may search for the shortest difference before it settles for a longer one.
+    const DIFF_DEADLINE: Duration = Duration::from_secs(2);
 
     /// One applied version.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1441,7 +1449,7 @@ pub mod history {
         pub version: u32,
         /// When it was applied (RFC 3339, UTC).
         pub time: String,
-        /// Who applied it (`user@host`; `user (sudo by root)@host` under sudo).
+        /// Who applied it (`user@host`; `user (sudo as root)@host` under sudo).
         pub who: String,
         /// What it was: `apply`, or `rollback to N`.
         pub note: String,
@@ -1449,61 +1457,242 @@ pub mod history {
         pub policy: serde_json::Value,
     }
 
+    /// Errors of the policy history, each naming the version or the stored entry.
+    #[derive(Debug, thiserror::Error)]
+    pub enum HistoryError {
+        #[error("policy version {version} is not kept (kept: {kept}; vmha policy history)")]
+        NotKept { version: u32, kept: String },
+        #[error("policy history entry {id} is {bytes} bytes, more than the {max} vmha writes: refused unread")]
+        TooLarge { id: String, bytes: usize, max: usize },
+        #[error("policy history entry {id} does not read as a recorded version: {reason}")]
+        Unreadable { id: String, reason: String },
+        #[error("policy history entry {id} says it is version {inner}, its name says {outer}")]
+        Mismatch { id: String, inner: u32, outer: u32 },
+        #[error("policy version {version} no longer reads as a policy: {reason}")]
+        NotAPolicy { version: u32, reason: String },
+        #[error("the configuration to record policy version {version} in: {reason}")]
+        Configuration { version: u32, reason: String },
+    }
+
+    /// One stored entry: its nvpair id, the version its name gives, and what it reads as.
+    #[derive(Debug)]
+    pub struct Entry {
+        pub id: String,
+        /// From the nvpair's name (`vmha-policy-vN`); `None` when the name is not one vmha writes.
+        pub number: Option<u32>,
+        pub read: Result<Version, HistoryError>,
+    }
+
     fn nvpair_id(version: u32) -> String {
         format!("{SET_ID}.v{version}")
     }
 
-    /// Every version kept in the CIB, oldest first. An entry that does not parse is an error naming it
-    /// (the history is only ever written by vmha).
-    pub fn versions(cib: &str) -> Result<Vec<Version>, PolicyError> {
-        let doc = Document::parse(cib)?;
-        let mut out = Vec::new();
-        let Some(set) = doc
-            .descendants()
-            .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some(SET_ID))
-        else {
-            return Ok(out);
+    fn nvpair_name(version: u32) -> String {
+        format!("vmha-policy-v{version}")
+    }
+
+    fn history_set<'a, 'i>(doc: &'a Document<'i>) -> Option<Node<'a, 'i>> {
+        doc.descendants().find(|n| {
+            n.has_tag_name("cluster_property_set")
+                && n.attribute("id") == Some(SET_ID)
+                && n.parent().is_some_and(|p| p.has_tag_name("crm_config"))
+        })
+    }
+
+    fn read_entry(nv: Node) -> Entry {
+        let id = nv.attribute("id").unwrap_or("").to_string();
+        let number = nv
+            .attribute("name")
+            .and_then(|n| n.strip_prefix("vmha-policy-v"))
+            .and_then(|n| n.parse::<u32>().ok());
+        let value = nv.attribute("value").unwrap_or("");
+        let read = if value.len() > MAX_ENTRY {
+            Err(HistoryError::TooLarge {
+                id: id.clone(),
+                bytes: value.len(),
+                max: MAX_ENTRY,
+            })
+        } else {
+            serde_json::from_str::<Version>(value)
+                .map_err(|e| HistoryError::Unreadable {
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })
+                .and_then(|v| match number {
+                    Some(n) if n == v.version => Ok(v),
+                    Some(n) => Err(HistoryError::Mismatch {
+                        id: id.clone(),
+                        inner: v.version,
+                        outer: n,
+                    }),
+                    None => Err(HistoryError::Unreadable {
+                        id: id.clone(),
+                        reason: "its name is not vmha-policy-vN".into(),
+                    }),
+                })
         };
-        for nv in set.children().filter(|n| n.has_tag_name("nvpair")) {
-            let id = nv.attribute("id").unwrap_or("");
-            let v: Version = serde_json::from_str(nv.attribute("value").unwrap_or(""))
-                .map_err(|e| PolicyError::Invalid(format!("policy history entry {id}: {e}")))?;
-            out.push(v);
-        }
-        out.sort_by_key(|v| v.version);
+        Entry { id, number, read }
+    }
+
+    /// Every entry of the history kept in the CIB, oldest first (unnumbered ones first), each read on
+    /// its own: one broken entry does not hide the others.
+    pub fn entries(cib: &str) -> Result<Vec<Entry>, PolicyError> {
+        let doc = Document::parse(cib)?;
+        let mut out: Vec<Entry> = history_set(&doc)
+            .map(|set| {
+                set.children()
+                    .filter(|n| n.has_tag_name("nvpair"))
+                    .map(read_entry)
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|e| e.number);
         Ok(out)
     }
 
-    /// The next version after `kept`.
-    pub fn next_version(kept: &[Version]) -> u32 {
-        kept.iter().map(|v| v.version).max().unwrap_or(0) + 1
+    /// Every version kept in the CIB, oldest first. An entry that does not read is an error naming it
+    /// (the history is only ever written by vmha).
+    pub fn versions(cib: &str) -> Result<Vec<Version>, PolicyError> {
+        entries(cib)?
+            .into_iter()
+            .map(|e| e.read.map_err(|e| PolicyError::Invalid(e.to_string())))
+            .collect()
     }
 
-    /// The set holding `v` (for a CIB modify of `crm_config` that creates what is missing).
-    pub fn record_xml(v: &Version) -> String {
+    /// Version `n` of the history in `cib`: not kept, too large and unreadable are errors naming it.
+    pub fn find(cib: &str, n: u32) -> Result<Version, HistoryError> {
+        let all = entries(cib).map_err(|e| HistoryError::Unreadable {
+            id: SET_ID.into(),
+            reason: e.to_string(),
+        })?;
+        let kept = || {
+            let numbers: Vec<String> = all.iter().filter_map(|e| e.number).map(|n| n.to_string()).collect();
+            if numbers.is_empty() {
+                "none".to_string()
+            } else {
+                numbers.join(", ")
+            }
+        };
+        let kept = kept();
+        match all.into_iter().find(|e| e.number == Some(n)) {
+            Some(e) => e.read,
+            None => Err(HistoryError::NotKept { version: n, kept }),
+        }
+    }
+
+    /// The policy of version `v`, read as a policy document (a version written by an older vmha may no
+    /// longer read).
+    pub fn policy_of(v: &Version) -> Result<Policy, HistoryError> {
+        serde_json::from_value(v.policy.clone()).map_err(|e| HistoryError::NotAPolicy {
+            version: v.version,
+            reason: e.to_string(),
+        })
+    }
+
+    /// The next version after the entries of `cib` (broken ones count: their number is never reused).
+    pub fn next_version(entries: &[Entry]) -> u32 {
+        entries.iter().filter_map(|e| e.number).max().unwrap_or(0) + 1
+    }
+
+    fn nvpair_xml(v: &Version) -> String {
         let json = serde_json::to_string(v).unwrap_or_default();
         format!(
-            r#"<cluster_property_set id="{SET_ID}"><nvpair id="{}" name="vmha-policy-v{}" value="{}"/></cluster_property_set>"#,
+            r#"<nvpair id="{}" name="{}" value="{}"/>"#,
             nvpair_id(v.version),
-            v.version,
+            nvpair_name(v.version),
             escape(&xml_safe_json(&json))
         )
     }
 
-    /// The nvpairs to delete once `recorded` is added to `kept`: all but the newest [`KEEP`] versions.
-    pub fn pruned(kept: &[Version], recorded: u32) -> Vec<String> {
-        let mut all: Vec<u32> = kept.iter().map(|v| v.version).collect();
-        all.push(recorded);
-        all.sort_unstable();
-        all.dedup();
-        let drop = all.len().saturating_sub(KEEP);
-        all[..drop]
-            .iter()
-            .map(|&v| format!(r#"<nvpair id="{}"/>"#, nvpair_id(v)))
-            .collect()
+    /// The set holding `v` alone (for tests and for a CIB modify of `crm_config`).
+    pub fn record_xml(v: &Version) -> String {
+        format!(
+            r#"<cluster_property_set id="{SET_ID}">{}</cluster_property_set>"#,
+            nvpair_xml(v)
+        )
     }
 
-    /// RFC 6902-like differences between two policy documents, as readable lines (`path: old -> new`);
+    /// `configuration` (a `<configuration>` element, as [`super::plan`] writes it) with `policy` stored and
+    /// `v` recorded in its history, the oldest entries beyond [`KEEP`] dropped: what one replace of the
+    /// configuration section writes, so the constraints, the stored policy and the history change together
+    /// or not at all. Entries that do not read are kept as they are (and count towards [`KEEP`]).
+    pub fn record(configuration: &str, policy: &Policy, v: &Version) -> Result<String, HistoryError> {
+        let bad = |reason: String| HistoryError::Configuration {
+            version: v.version,
+            reason,
+        };
+        let doc = Document::parse(configuration).map_err(|e| bad(e.to_string()))?;
+        let root = doc.root_element();
+        if !root.has_tag_name("configuration") {
+            return Err(bad(format!("<{}> is not <configuration>", root.tag_name().name())));
+        }
+        if !root.children().any(|c| c.has_tag_name("crm_config")) {
+            return Err(bad("it has no <crm_config>".into()));
+        }
+        let new = nvpair_xml(v);
+        if new.len() > MAX_ENTRY {
+            return Err(HistoryError::TooLarge {
+                id: nvpair_id(v.version),
+                bytes: new.len(),
+                max: MAX_ENTRY,
+            });
+        }
+        // The kept entries, raw, by number (unnumbered first: they go first when pruning).
+        let mut kept: Vec<(Option<u32>, String)> = history_set(&doc)
+            .map(|set| {
+                set.children()
+                    .filter(|n| n.has_tag_name("nvpair"))
+                    .filter(|n| read_entry(*n).number != Some(v.version))
+                    .map(|n| {
+                        let mut s = String::new();
+                        write_xml(n, &mut s, &|_| false, &|_| Vec::new());
+                        (read_entry(n).number, s)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        kept.push((Some(v.version), new));
+        kept.sort_by_key(|k| k.0);
+        let drop = kept.len().saturating_sub(KEEP);
+        let set = format!(
+            r#"<cluster_property_set id="{SET_ID}">{}</cluster_property_set>"#,
+            kept[drop..].iter().map(|k| k.1.as_str()).collect::<String>()
+        );
+        let ours = |n: Node| {
+            n.has_tag_name("cluster_property_set")
+                && n.parent().is_some_and(|p| p.has_tag_name("crm_config"))
+                && matches!(n.attribute("id"), Some(id) if id == SET_ID || id == STORE_SET_ID)
+        };
+        let append = |n: Node| {
+            if n.has_tag_name("crm_config") && n.parent() == Some(root) {
+                vec![store_xml(policy), set.clone()]
+            } else {
+                Vec::new()
+            }
+        };
+        let mut out = String::new();
+        write_xml(root, &mut out, &ours, &append);
+        Ok(out)
+    }
+
+    /// A readable unified diff (`diff -u` style) of two policy documents, pretty-printed with sorted
+    /// members; empty when they are the same.
+    pub fn unified_diff(a: &serde_json::Value, b: &serde_json::Value, a_name: &str, b_name: &str) -> String {
+        let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+        let (x, y) = (pretty(a), pretty(b));
+        if x == y {
+            return String::new();
+        }
+        similar::TextDiff::configure()
+            .timeout(DIFF_DEADLINE)
+            .diff_lines(&x, &y)
+            .unified_diff()
+            .context_radius(3)
+            .header(a_name, b_name)
+            .to_string()
+    }
+
+    /// RFC 6902-like differences between two policy documents, member by member: `(path, old, new)`;
     /// `path` is a JSON pointer (RFC 6901).
     pub fn differences(
         a: &serde_json::Value,
@@ -1570,16 +1759,133 @@ pub mod history {
             assert!(e.contains("vmha-history.v2"), "{e}");
         }
 
+        /// A configuration as `plan` writes it, with `n` versions recorded (1..=n) and `extra` in the set.
+        fn configuration_with(n: u32, extra: &str) -> String {
+            let set: String = (1..=n)
+                .map(|i| {
+                    let x = record_xml(&version(i, serde_json::json!({"v": i})));
+                    x[x.find("<nvpair").unwrap()..x.find("</cluster").unwrap()].to_string()
+                })
+                .collect();
+            format!(
+                r#"<configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="o1" name="stonith-enabled" value="false"/></cluster_property_set><cluster_property_set id="vmha-policy"><nvpair id="vmha-policy.document" name="vmha-policy" value="{{}}"/></cluster_property_set><cluster_property_set id="vmha-history">{set}{extra}</cluster_property_set></crm_config><nodes/><resources/><constraints><rsc_location id="user-pref" rsc="vm1" node="n1" score="5"/></constraints></configuration>"#
+            )
+        }
+
+        fn in_cib(configuration: &str) -> String {
+            format!("<cib>{configuration}<status/></cib>")
+        }
+
+        #[test]
+        fn recording_stores_the_policy_and_the_version_in_the_same_configuration() {
+            let p = crate::policy::tests::policy();
+            let c = configuration_with(2, "");
+            let v = version(3, serde_json::to_value(&p).unwrap());
+            let out = record(&c, &p, &v).unwrap();
+            let cib = in_cib(&out);
+            // The stored policy is the recorded one, the history has all three, the rest is untouched.
+            assert_eq!(Policy::from_cib(&cib).unwrap().unwrap(), p);
+            let all = versions(&cib).unwrap();
+            assert_eq!(all.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+            assert_eq!(all[2], v);
+            assert!(out.contains(r#"<rsc_location id="user-pref" rsc="vm1" node="n1" score="5"/>"#));
+            assert!(out.contains(r#"id="cib-bootstrap-options""#));
+            assert_eq!(out.matches(r#"id="vmha-history""#).count(), 1);
+            assert_eq!(out.matches(r#"id="vmha-policy""#).count(), 1);
+            // Without a history yet: the set is created.
+            let fresh = c.replace(
+                &c[c.find(r#"<cluster_property_set id="vmha-history">"#).unwrap()..c.find("</crm_config>").unwrap()],
+                "",
+            );
+            assert!(!fresh.contains("vmha-history"));
+            let out = record(&fresh, &p, &version(1, serde_json::json!({}))).unwrap();
+            assert_eq!(versions(&in_cib(&out)).unwrap().len(), 1);
+        }
+
         #[test]
         fn only_the_newest_versions_are_kept() {
-            let kept: Vec<Version> = (1..=KEEP as u32).map(|n| version(n, serde_json::json!({}))).collect();
-            assert_eq!(next_version(&kept), KEEP as u32 + 1);
-            assert_eq!(
-                pruned(&kept, KEEP as u32 + 1),
-                vec![r#"<nvpair id="vmha-history.v1"/>"#.to_string()]
-            );
-            assert!(pruned(&kept[..3], 4).is_empty());
+            let c = configuration_with(KEEP as u32, "");
+            let all = entries(&in_cib(&c)).unwrap();
+            assert_eq!(next_version(&all), KEEP as u32 + 1);
+            let p = Policy::default();
+            let out = record(&c, &p, &version(KEEP as u32 + 1, serde_json::json!({}))).unwrap();
+            let kept: Vec<u32> = versions(&in_cib(&out)).unwrap().iter().map(|v| v.version).collect();
+            assert_eq!(kept, (2..=KEEP as u32 + 1).collect::<Vec<_>>());
             assert_eq!(next_version(&[]), 1);
+        }
+
+        #[test]
+        fn broken_entries_are_named_kept_as_they_are_and_never_reused() {
+            let broken = r#"<nvpair id="vmha-history.v7" name="vmha-policy-v7" value="{&quot;version&quot;:"/>"#;
+            let liar = format!(
+                r#"<nvpair id="vmha-history.v8" name="vmha-policy-v8" value="{}"/>"#,
+                escape(&serde_json::to_string(&version(3, serde_json::json!({}))).unwrap())
+            );
+            let huge = format!(
+                r#"<nvpair id="vmha-history.v9" name="vmha-policy-v9" value="{}"/>"#,
+                "x".repeat(MAX_ENTRY + 1)
+            );
+            let c = configuration_with(2, &format!("{broken}{liar}{huge}"));
+            let cib = in_cib(&c);
+            let all = entries(&cib).unwrap();
+            assert_eq!(all.len(), 5);
+            assert!(all[0].read.is_ok() && all[1].read.is_ok());
+            assert!(matches!(&all[2].read, Err(HistoryError::Unreadable { id, .. }) if id == "vmha-history.v7"));
+            assert!(matches!(
+                &all[3].read,
+                Err(HistoryError::Mismatch { inner: 3, outer: 8, .. })
+            ));
+            assert!(matches!(&all[4].read, Err(HistoryError::TooLarge { bytes, .. }) if *bytes == MAX_ENTRY + 1));
+            // Each is an error naming it when asked for; the good ones still read; unknown is its own error.
+            let e = find(&cib, 7).unwrap_err().to_string();
+            assert!(e.contains("vmha-history.v7"), "{e}");
+            assert!(find(&cib, 9).unwrap_err().to_string().contains("refused unread"));
+            assert_eq!(find(&cib, 2).unwrap().version, 2);
+            let e = find(&cib, 42).unwrap_err();
+            assert!(
+                matches!(&e, HistoryError::NotKept { version: 42, kept } if kept == "1, 2, 7, 8, 9"),
+                "{e}"
+            );
+            assert!(versions(&cib).is_err());
+            // A new record keeps them as they were and takes the number after them.
+            assert_eq!(next_version(&all), 10);
+            let out = record(&c, &Policy::default(), &version(10, serde_json::json!({}))).unwrap();
+            assert!(out.contains(broken), "the broken entry is kept byte for byte");
+            assert!(out.contains(&liar));
+            assert_eq!(entries(&in_cib(&out)).unwrap().len(), 6);
+            assert_eq!(find(&in_cib(&out), 10).unwrap().version, 10);
+        }
+
+        #[test]
+        fn a_version_that_no_longer_reads_as_a_policy_is_an_error_naming_it() {
+            let v = version(4, serde_json::json!({"vms": "not a map"}));
+            let e = policy_of(&v).unwrap_err();
+            assert!(matches!(e, HistoryError::NotAPolicy { version: 4, .. }), "{e}");
+            let ok = version(5, serde_json::to_value(crate::policy::tests::policy()).unwrap());
+            assert_eq!(policy_of(&ok).unwrap(), crate::policy::tests::policy());
+        }
+
+        #[test]
+        fn recording_into_something_else_is_refused() {
+            let p = Policy::default();
+            let v = version(1, serde_json::json!({}));
+            for bad in ["<cib/>", "<configuration><nodes/></configuration>", "<configuration>"] {
+                assert!(
+                    matches!(record(bad, &p, &v), Err(HistoryError::Configuration { version: 1, .. })),
+                    "{bad}"
+                );
+            }
+        }
+
+        #[test]
+        fn the_unified_diff_shows_the_changed_lines_with_context() {
+            let a = serde_json::json!({"groups": {"web": {"max": 4, "min": 1}}, "home_score": 100});
+            let b = serde_json::json!({"groups": {"web": {"max": 8, "min": 1}}, "home_score": 100});
+            let d = unified_diff(&a, &b, "version 1", "version 2");
+            assert!(d.starts_with("--- version 1\n+++ version 2\n@@ "), "{d}");
+            assert!(d.contains("\n-      \"max\": 4,\n+      \"max\": 8,\n"), "{d}");
+            assert!(d.contains("\n       \"min\": 1\n"), "context kept: {d}");
+            assert_eq!(unified_diff(&a, &a, "x", "y"), "");
         }
 
         #[test]

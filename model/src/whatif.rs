@@ -45,6 +45,23 @@ pub fn hosts_in_zone(cib: &str, zone: &str) -> Result<Vec<String>, PolicyError> 
     Ok(hosts)
 }
 
+/// The whole CIB `cib` with its configuration section replaced by `configuration` (a `<configuration>`
+/// element): the CIB a replace of that section would leave, for the scheduler to run on.
+pub fn with_configuration(cib: &str, configuration: &str) -> Result<String, PolicyError> {
+    let doc = Document::parse(cib)?;
+    let old = doc
+        .root_element()
+        .children()
+        .find(|n| n.has_tag_name("configuration"))
+        .ok_or_else(|| PolicyError::Invalid("the CIB has no <configuration> section".into()))?;
+    let new = Document::parse(configuration)?;
+    if !new.root_element().has_tag_name("configuration") {
+        return invalid("the replacement is not a <configuration> element");
+    }
+    let range = old.range();
+    Ok(format!("{}{}{}", &cib[..range.start], configuration, &cib[range.end..]))
+}
+
 /// The whole CIB with `hosts` failed and fenced: cleanly down (`in_ccm` false, `crmd` offline, join and
 /// expected down), their resource history and transient attributes gone — what the CIB says once the
 /// cluster fenced them.

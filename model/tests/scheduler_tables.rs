@@ -398,3 +398,265 @@ fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
     let (p, _) = schedule(&live, &copy, &failed);
     assert!(p.without_place().is_empty(), "{:#?}", p.vms);
 }
+
+/// The `<constraints>` section of a CIB, as written.
+fn constraints(cib: &str) -> String {
+    let start = cib.find("<constraints").unwrap();
+    let end = cib.find("</constraints>").map(|e| e + "</constraints>".len()).unwrap();
+    cib[start..end].to_string()
+}
+
+/// Applies `p` to `cib` as `vmha policy apply` / `rollback` do: compiled, stored and recorded as
+/// version `n` in one replace of the configuration section.
+fn apply_recorded(cib: &str, p: &Policy, n: u32, note: &str) -> String {
+    use vmha_model::policy::history::{record, Version};
+    let planned = plan(p, cib).unwrap();
+    let v = Version {
+        version: n,
+        time: "2026-12-06T06:00:00Z".into(),
+        who: "root@h1".into(),
+        note: note.into(),
+        policy: serde_json::to_value(p).unwrap(),
+    };
+    with_configuration(cib, &record(&planned.configuration, p, &v).unwrap())
+}
+
+#[test]
+fn rollback_restores_exactly_the_constraints_of_the_version_and_the_scheduler_follows_them() {
+    use vmha_model::policy::history::{find, policy_of, versions};
+    let hosts: &[Host] = &[("h1", "a", "std", 2), ("h2", "a", "std", 2), ("h3", "b", "std", 2)];
+    let case = Case {
+        name: "rollback",
+        hosts,
+        vms: &[("v", 10, "a", "std", Some("h1")), ("w", 5, "b", "std", Some("h3"))],
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let p1 = policy(&case);
+    // Version 2 swaps the home zones and the priorities.
+    let mut doc = serde_json::to_value(&p1).unwrap();
+    doc["vms"]["v"]["zone"] = "b".into();
+    doc["vms"]["v"]["priority"] = 1.into();
+    doc["vms"]["w"]["zone"] = "a".into();
+    let p2: Policy = serde_json::from_value(doc).unwrap();
+
+    let cib1 = apply_recorded(&base, &p1, 1, "apply");
+    let cib2 = apply_recorded(&cib1, &p2, 2, "apply");
+    assert_ne!(
+        constraints(&cib1),
+        constraints(&cib2),
+        "version 2 compiles to other constraints"
+    );
+
+    // Rollback: version 1 read back from the history, applied as version 3.
+    let back = policy_of(&find(&cib2, 1).unwrap()).unwrap();
+    assert_eq!(back, p1);
+    let cib3 = apply_recorded(&cib2, &back, 3, "rollback to 1");
+    assert_eq!(
+        constraints(&cib3),
+        constraints(&cib1),
+        "exactly version 1's constraints"
+    );
+    assert_eq!(
+        Policy::from_cib(&cib3).unwrap().unwrap(),
+        p1,
+        "version 1 is the stored policy again"
+    );
+    assert!(plan(&p1, &cib3).unwrap().is_empty(), "the CIB carries version 1");
+    let kept = versions(&cib3).unwrap();
+    assert_eq!(kept.iter().map(|v| v.version).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(kept[2].note, "rollback to 1");
+
+    // Pacemaker's scheduler, h1 failed: under version 2 v (home b) goes to h3; after the rollback it
+    // stays in its home zone a (h2), as under version 1.
+    let failed = vec!["h1".to_string()];
+    let placed = |live: &str| {
+        let copy = with_free_capacity(&fail_hosts(live, &failed).unwrap()).unwrap();
+        let (prediction, scores) = schedule(live, &copy, &failed);
+        (prediction.placement(), scores)
+    };
+    let (under2, s2) = placed(&cib2);
+    assert_eq!(under2.get("v").cloned().flatten().as_deref(), Some("h3"), "{s2}");
+    let (under1, s1) = placed(&cib1);
+    let (under3, s3) = placed(&cib3);
+    assert_eq!(under1.get("v").cloned().flatten().as_deref(), Some("h2"), "{s1}");
+    assert_eq!(under3, under1, "{s3}");
+}
+
+#[test]
+fn preemption_a_growing_group_shrinks_a_lower_one_down_to_its_min_and_no_further() {
+    use vmha_model::arbitration::{arbitrate, member_priorities, GroupState, Member};
+    // web (priority 50, min 1) runs w1 and wants five more (w2..w6, added stopped); batch (priority 1,
+    // min 2) runs b1..b5, b3 mid-transaction. 7 slots, 6 taken: one free.
+    let members = |names: &[&str], busy: &[&str]| -> Vec<Member> {
+        names
+            .iter()
+            .map(|n| Member {
+                vm: n.to_string(),
+                busy: busy.contains(n),
+            })
+            .collect()
+    };
+    let groups = [
+        GroupState {
+            name: "web".into(),
+            priority: 50,
+            min: 1,
+            members: members(&["w1", "w2", "w3", "w4", "w5", "w6"], &[]),
+        },
+        GroupState {
+            name: "batch".into(),
+            priority: 1,
+            min: 2,
+            members: members(&["b1", "b2", "b3", "b4", "b5"], &["b3"]),
+        },
+    ];
+    // The model: one free slot, then b5, b4, b2 (b3 busy), leaving b1 and b3: the min, no further.
+    let before = [GroupState {
+        members: members(&["w1"], &[]),
+        ..groups[0].clone()
+    }];
+    let a = arbitrate(&[before[0].clone(), groups[1].clone()], "web", 5, 1).unwrap();
+    let taken: Vec<&str> = a.preempt.iter().map(|(_, v)| v.as_str()).collect();
+    assert_eq!(taken, ["b5", "b4", "b2"]);
+    assert_eq!((a.granted, a.short), (4, 1));
+
+    // Pacemaker's scheduler with the compiled member priorities decides the same.
+    let run_with = |prio: &BTreeMap<String, i32>| {
+        let running = ["w1", "b1", "b2", "b3", "b4", "b5"];
+        let vms: Vec<Vm> = prio
+            .iter()
+            .map(|(vm, p)| {
+                let vm: &'static str = Box::leak(vm.clone().into_boxed_str());
+                let host = running
+                    .contains(&vm)
+                    .then(|| if vm.starts_with('w') || vm == "b1" { "h1" } else { "h2" });
+                (vm, *p, "a", "std", host)
+            })
+            .collect();
+        let case = Case {
+            name: "preemption",
+            hosts: &[("h1", "a", "std", 4), ("h2", "a", "std", 3)],
+            vms: Box::leak(vms.into_boxed_slice()),
+            fail: &[],
+            expect: &[],
+            steps: &[],
+            user_stickiness: None,
+        };
+        let base = cib(&case);
+        let live = with_configuration(&base, &plan(&policy(&case), &base).unwrap().configuration);
+        let copy = with_free_capacity(&live).unwrap();
+        let (prediction, scores) = schedule(&live, &copy, &[]);
+        let running: Vec<String> = prediction
+            .placement()
+            .into_iter()
+            .filter_map(|(vm, host)| host.map(|_| vm))
+            .collect();
+        (running, scores)
+    };
+    let (runs, scores) = run_with(&member_priorities(&groups).unwrap());
+    let batch: Vec<&str> = runs.iter().map(String::as_str).filter(|v| v.starts_with('b')).collect();
+    assert_eq!(batch, ["b1", "b3"], "batch down to its min, b3 (busy) kept\n{scores}");
+    let web = runs.iter().filter(|v| v.starts_with('w')).count();
+    assert_eq!(web, 5, "w1 and four new members (one short): {runs:?}\n{scores}");
+
+    // Control: with the groups' priorities alone (no entitlement), web's growth pushes batch below its
+    // min.
+    let plain: BTreeMap<String, i32> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(move |m| (m.vm.clone(), g.priority)))
+        .collect();
+    let (runs, scores) = run_with(&plain);
+    let batch = runs.iter().filter(|v| v.starts_with('b')).count();
+    assert!(
+        batch < 2,
+        "without the entitlement batch falls below its min: {runs:?}\n{scores}"
+    );
+}
+
+/// As [`schedule`], with Pacemaker's clock set to `datetime` (ISO 8601): the VMs that run afterwards.
+fn running_at(live: &str, datetime: &str) -> (Vec<String>, String) {
+    let dir = scratch();
+    let cib_file = dir.join("cib.xml");
+    let graph_file = dir.join("graph.xml");
+    std::fs::write(&cib_file, live).unwrap();
+    let out = Command::new("crm_simulate")
+        .arg("-x")
+        .arg(&cib_file)
+        .arg("-t")
+        .arg(datetime)
+        .arg("-R")
+        .arg("-s")
+        .arg("-G")
+        .arg(&graph_file)
+        .env_remove("CIB_file")
+        .env_remove("CIB_shadow")
+        .output()
+        .expect("crm_simulate (pacemaker-cli-utils) must be installed for the scheduler tables");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "crm_simulate failed:\n{text}");
+    let graph = std::fs::read_to_string(&graph_file).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let p = predict(live, live, &graph, &[], None).unwrap();
+    let running = p
+        .placement()
+        .into_iter()
+        .filter_map(|(vm, host)| host.map(|_| vm))
+        .collect();
+    (running, text)
+}
+
+#[test]
+fn time_bounds_batch_max_8_from_20_to_6_at_two_times_of_day() {
+    use vmha_model::arbitration::{time_bound_meta, TimeBound};
+    let names: Vec<String> = (1..=10).map(|i| format!("b{i:02}")).collect();
+    let vms: Vec<Vm> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let n: &'static str = Box::leak(n.clone().into_boxed_str());
+            (n, 1, "a", "std", Some(if i % 2 == 0 { "h1" } else { "h2" }))
+        })
+        .collect();
+    let case = Case {
+        name: "time bounds",
+        hosts: &[("h1", "a", "std", 8), ("h2", "a", "std", 8)],
+        vms: Box::leak(vms.into_boxed_slice()),
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let mut live = with_configuration(&base, &plan(&policy(&case), &base).unwrap().configuration);
+    let bound = TimeBound {
+        group: "batch".into(),
+        max: 8,
+        from_hour: 20,
+        to_hour: 6,
+    };
+    for (vm, meta) in time_bound_meta(&bound, &names).unwrap() {
+        let at = live.find(&format!(r#"<primitive id="{vm}" "#)).unwrap();
+        let end = at + live[at..].find("</primitive>").unwrap();
+        live.insert_str(end, &meta);
+    }
+    let all: Vec<String> = names.clone();
+    // 12:00: outside the window, all ten run.
+    let (noon, text) = running_at(&live, "2026-12-06T12:00:00Z");
+    assert_eq!(noon, all, "{text}");
+    // 22:00 and 03:00: inside the window (both sides of midnight), the newest two stop.
+    for t in ["2026-12-06T22:00:00Z", "2026-12-07T03:00:00Z"] {
+        let (night, text) = running_at(&live, t);
+        assert_eq!(night, all[..8].to_vec(), "{t}\n{text}");
+    }
+    // 06:00: the window is over.
+    let (morning, text) = running_at(&live, "2026-12-07T06:00:00Z");
+    assert_eq!(morning, all, "{text}");
+}

@@ -170,7 +170,7 @@ fn placement_policy_follows_zones_and_priorities() {
         serde_json::json!([{"path": "/vms/amid/priority", "from": 50, "to": 60}]),
         "{diff}"
     );
-    let rolled = vmha_json(&lab, 3, &["policy", "rollback", "1"]).unwrap();
+    let rolled = vmha_json(&lab, 3, &["policy", "rollback", "1", "--yes"]).unwrap();
     assert_eq!(rolled["applied"], true, "{rolled}");
     let h = history(2);
     assert_eq!(h.as_array().unwrap().len(), 3, "{h}");
