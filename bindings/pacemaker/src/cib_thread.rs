@@ -63,6 +63,9 @@ impl Worker {
     }
 }
 
+/// The name of the thread that owns every CIB connection.
+const THREAD_NAME: &str = "pcmk-cib";
+
 static WORKER: OnceLock<std::result::Result<Worker, String>> = OnceLock::new();
 
 fn worker(call: &'static str) -> Result<&'static Worker> {
@@ -76,7 +79,7 @@ fn start() -> std::result::Result<Worker, String> {
     let (jobs, rx) = std_mpsc::channel::<Job>();
     let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
     std::thread::Builder::new()
-        .name("pcmk-cib".into())
+        .name(THREAD_NAME.into())
         .spawn(move || run(rx, ready_tx))
         .map_err(|e| format!("starting the CIB thread: {e}"))?;
     let context = ready_rx
@@ -625,11 +628,17 @@ pub(crate) async fn subscribe(id: u64, limit: Duration) -> Result<CibChanges> {
 }
 
 /// Signs off and frees connection `id` (from [`crate::Cib`]'s drop; does not wait).
+/// How long dropping a [`crate::Cib`] waits for its signoff: with `CIB_file` the signoff is what writes the
+/// file, so a process that exits right after its last change must not exit before it.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) fn close(id: u64) {
     let Ok(worker) = worker("cib signoff") else {
         return;
     };
+    let (done, signed_off) = std::sync::mpsc::channel::<()>();
     worker.submit(Box::new(move || {
+        let _done = done;
         let conn = with_connections(|c| {
             let conn = c.by_id.remove(&id)?;
             if let Some(s) = &conn.subscription {
@@ -643,6 +652,11 @@ pub(crate) fn close(id: u64) {
             unsafe { free_connection(conn.cib) };
         }
     }));
+    // Done (or the job dropped) disconnects the channel; a hung signoff is waited for CLOSE_WAIT at most.
+    // (Never on the CIB thread itself: the job runs after the current one.)
+    if std::thread::current().name() != Some(THREAD_NAME) {
+        let _ = signed_off.recv_timeout(CLOSE_WAIT);
+    }
 }
 
 /// Signs off (which also drops the notification callbacks) and frees a connection.
