@@ -36,5 +36,6 @@ pub mod ports;
 pub mod readiness;
 pub mod relay;
 pub mod signals;
+pub mod site;
 pub mod state;
 pub mod vcluster;
