@@ -436,8 +436,10 @@ async fn query(cib: &Cib) -> Result<String> {
 /// stdout; a non-zero exit is an error naming the call.
 pub async fn booth(args: &[&str]) -> Result<String> {
     let call = format!("booth {}", args.join(" "));
+    // `-c FILE` last: Debian 12's booth client crashes (SIGSEGV) without -c, or with -c before -s.
     let child = tokio::process::Command::new("booth")
         .args(args)
+        .args(["-c", BOOTH_CONF])
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -454,6 +456,14 @@ pub async fn booth(args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// This site's booth address, for the client's `-s` (Debian 12's booth client crashes when it has to find
+/// its site itself, so vmha always names it).
+fn local_site(view: &SiteView) -> Result<String> {
+    view.local_site.map(|a| a.to_string()).ok_or_else(|| {
+        anyhow!("this cluster has no booth site group (an IPaddr2 grouped with ocf:pacemaker:booth-site)")
+    })
 }
 
 /// Everything `vmha site status` shows.
@@ -584,7 +594,11 @@ async fn read_all() -> Result<SiteContext> {
 pub async fn status(json_out: bool) -> Result<ExitCode> {
     let c = read_all().await?;
     // Booth's view of who holds what; without an answer the CIB's view is still shown.
-    let list = match booth(&["list"]).await {
+    let list = match local_site(&c.view) {
+        Ok(here) => booth(&["list", "-s", &here]).await,
+        Err(e) => Err(e),
+    };
+    let list = match list {
         Ok(text) => parse_booth_list(&text),
         Err(e) => {
             eprintln!("vmha: {e:#} (showing this site's CIB only)");
@@ -662,6 +676,55 @@ pub async fn protect_here(vc: &str, ticket: &str, peer: &str, loss: LossPolicy, 
         .with_context(|| format!("creating the rsc_ticket for {vc}"))?;
     println!("{vc} is held by ticket {ticket} here (loss-policy {})", loss.as_str());
     Ok(())
+}
+
+/// The peer's part of `vmha site protect` before the instantiate: checks, then Pacemaker's maintenance
+/// mode on (nothing is started or stopped at this site while the resources exist without their
+/// rsc_ticket: Pacemaker refuses a constraint naming a resource that does not exist yet).
+pub async fn protect_peer_begin(vc: &str, ticket: &str, peer: &str) -> Result<()> {
+    let c = read_all().await?;
+    check_protect(&c, vc, ticket, peer, true)?;
+    set_maintenance(&c.cib, true).await
+}
+
+/// The peer's part of `vmha site protect` after a successful instantiate: the rsc_ticket (the new
+/// resources are held stopped, the ticket being elsewhere), then maintenance mode off again.
+pub async fn protect_peer_end(vc: &str, ticket: &str, loss: LossPolicy) -> Result<()> {
+    let cib = connect().await?;
+    let created = cib
+        .create(
+            &Scope::section("constraints"),
+            &rsc_ticket_xml(vc, ticket, loss),
+            CallOptions::NONE,
+            CIB_DEADLINE,
+        )
+        .await
+        .with_context(|| format!("creating the rsc_ticket for {vc} (maintenance mode stays on: nothing starts)"));
+    created?;
+    set_maintenance(&cib, false).await?;
+    println!("{vc} is held by ticket {ticket} here (loss-policy {})", loss.as_str());
+    Ok(())
+}
+
+/// Pacemaker's maintenance mode (cluster property `maintenance-mode`) on or off.
+pub async fn set_maintenance(cib: &Cib, on: bool) -> Result<()> {
+    let fragment = format!(
+        r#"<crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="cib-bootstrap-options-maintenance-mode" name="maintenance-mode" value="{on}"/></cluster_property_set></crm_config>"#
+    );
+    cib.modify(
+        &Scope::section("crm_config"),
+        &fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .with_context(|| format!("setting maintenance-mode={on}"))
+}
+
+/// Maintenance mode off (a protect at the peer whose instantiate failed: it removed what it made).
+pub async fn maintenance_off() -> Result<()> {
+    let cib = connect().await?;
+    set_maintenance(&cib, false).await
 }
 
 /// Removes the rsc_ticket of `vc` again (a protect at the peer whose instantiate failed).
@@ -775,7 +838,8 @@ pub async fn switchover(vc: &str, to: &str, maps: &[String], wait: Duration) -> 
     }
     // 3. The ticket: revoked here (the members stay stopped: no ticket), then granted to the peer.
     let ticket = binding.ticket.as_str();
-    booth(&["revoke", "-w", ticket]).await?;
+    let here = local_site(&c.view)?;
+    booth(&["revoke", "-w", "-s", &here, ticket]).await?;
     for m in &members {
         let xml = query(&c.cib).await?;
         let fragment = set_resource_meta(&xml, m, "target-role", "Started")?;
@@ -787,7 +851,7 @@ pub async fn switchover(vc: &str, to: &str, maps: &[String], wait: Duration) -> 
     let peer_s = peer.to_string();
     if let Err(e) = booth(&["grant", "-w", "-s", &peer_s, ticket]).await {
         // Booth may have moved the ticket itself meanwhile: what counts is that the peer holds it.
-        let list = parse_booth_list(&booth(&["list"]).await.unwrap_or_default());
+        let list = parse_booth_list(&booth(&["list", "-s", &peer_s]).await.unwrap_or_default());
         if !list.iter().any(|t| t.name == ticket && t.leader == Some(peer)) {
             return Err(e.context(format!(
                 "granting ticket {ticket} to {peer} ({vc} is stopped here and the ticket revoked: grant it by hand)"
@@ -837,7 +901,8 @@ pub async fn failover(vc: &str, lost: &str, confirm_lost: bool) -> Result<ExitCo
             binding.ticket
         );
     }
-    booth(&["grant", "-F", &binding.ticket]).await?;
+    let here = local_site(&c.view)?;
+    booth(&["grant", "-F", "-s", &here, &binding.ticket]).await?;
     println!(
         "ticket {} granted here (override): this site starts {vc}",
         binding.ticket

@@ -1506,7 +1506,7 @@ impl Client {
     /// rsc_ticket here first, then vmhad's capture or instantiate. At the peer the instantiate does not
     /// wait for the VMs (the ticket holds them stopped); a failed one takes the rsc_ticket away again.
     async fn site_protect(&self, command: vmha_agent::site::SiteCmd) -> Result<ExitCode> {
-        use vmha_agent::site::{protect_here, unprotect_here, SiteCmd};
+        use vmha_agent::site::{maintenance_off, protect_here, protect_peer_begin, protect_peer_end, SiteCmd};
         let SiteCmd::Protect {
             vcluster,
             ticket,
@@ -1531,7 +1531,9 @@ impl Client {
         };
         vmha_vcluster::Maps::parse(&maps, None).map_err(|e| anyhow!(e))?;
         std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-        protect_here(&vcluster, &ticket, &peer, loss_policy, true).await?;
+        // Maintenance mode while the resources exist without their rsc_ticket (Pacemaker refuses a
+        // constraint on a resource that does not exist yet): nothing starts here in between.
+        protect_peer_begin(&vcluster, &ticket, &peer).await?;
         let done = self
             .vcluster_instantiate(
                 &file,
@@ -1545,10 +1547,12 @@ impl Client {
             )
             .await;
         if !matches!(done, Ok(ExitCode::SUCCESS)) {
-            if let Err(e) = unprotect_here(&vcluster).await {
+            if let Err(e) = maintenance_off().await {
                 eprintln!("vmha: {e:#}");
             }
+            return done;
         }
+        protect_peer_end(&vcluster, &ticket, loss_policy).await?;
         done
     }
 

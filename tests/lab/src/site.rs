@@ -129,10 +129,21 @@ impl SiteLab {
         let a = Lab::up(cfg.a.clone())?;
         let b = Lab::up(cfg.b.clone())?;
         let lab = SiteLab { cfg, a, b };
-        lab.create_router()?;
-        lab.start_arbitrator()?;
-        for site in [Site::A, Site::B] {
-            lab.start_booth_site(site)?;
+        let started = lab
+            .create_router()
+            .and_then(|()| lab.start_arbitrator())
+            .and_then(|()| {
+                [Site::A, Site::B]
+                    .into_iter()
+                    .try_for_each(|site| lab.start_booth_site(site))
+            });
+        if let Err(e) = started {
+            for l in [&lab.a, &lab.b] {
+                if let Ok(dir) = l.collect_logs(&crate::lab::default_log_dir(&l.cfg.name)) {
+                    eprintln!("site lab: logs of {} in {}", l.cfg.name, dir.display());
+                }
+            }
+            return Err(e);
         }
         Ok(lab)
     }
@@ -341,6 +352,9 @@ impl SiteLab {
                 "booth",
             ],
         )?;
+        let last = std::cell::RefCell::new(String::new());
+        // Debian 12's booth client crashes (SIGSEGV) unless it is given -s SITE and, after it, -c FILE.
+        let addr = SiteLabConfig::site_address(&lab.cfg);
         wait_for(
             &format!("booth at site {site:?}"),
             Duration::from_secs(90),
@@ -349,14 +363,45 @@ impl SiteLab {
                 let s = lab.status(1).ok()?;
                 s.running_on("booth-site")?;
                 // The booth client on a site host reaches its site's daemon.
-                lab.exec_ok(1, &["booth", "list"]).ok().map(|_| ())
+                match lab.exec_with_deadline(
+                    1,
+                    &["booth", "list", "-s", &addr, "-c", BOOTH_CONF],
+                    Duration::from_secs(15),
+                ) {
+                    Ok(out) if out.status.success() => Some(()),
+                    Ok(out) => {
+                        *last.borrow_mut() = format!(
+                            "booth list: {} {}{}",
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr),
+                            String::from_utf8_lossy(&out.stdout)
+                        );
+                        None
+                    }
+                    Err(e) => {
+                        *last.borrow_mut() = format!("booth list: {e:#}");
+                        None
+                    }
+                }
             },
         )
+        .with_context(|| format!("last: {}", last.borrow()))
     }
 
-    /// `booth list` on host `n` of `site`: one line per ticket.
+    /// `booth list -s SITE` on host `n` of `site`: one line per ticket.
     pub fn booth_list(&self, site: Site, n: u8) -> Result<String> {
-        self.site(site).exec_ok(n, &["booth", "list"])
+        let lab = self.site(site);
+        lab.exec_ok(
+            n,
+            &[
+                "booth",
+                "list",
+                "-s",
+                &SiteLabConfig::site_address(&lab.cfg),
+                "-c",
+                BOOTH_CONF,
+            ],
+        )
     }
 
     /// The site address holding ticket `t`, as booth at `site` (host `n`) sees it (`None`: nobody).
