@@ -37,5 +37,6 @@ pub mod postmortem;
 pub mod readiness;
 pub mod relay;
 pub mod signals;
+pub mod site;
 pub mod state;
 pub mod vcluster;

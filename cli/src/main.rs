@@ -192,6 +192,13 @@ enum Cmd {
         #[command(subcommand)]
         command: vmha_agent::vcluster::VclusterCmd,
     },
+    /// Sites (disaster recovery with booth): tickets granted where, which virtual cluster each holds;
+    /// protect a virtual cluster at the other site, switch it over, fail it over. Run it on a site host,
+    /// as root.
+    Site {
+        #[command(subcommand)]
+        command: vmha_agent::site::SiteCmd,
+    },
     /// Host readiness report: fencing, quorum policy, votequorum, Corosync token, libvirt, shared
     /// storage and clocks of every host, vmhad on every host. Each item is green, yellow or red with a
     /// fix for each problem; exit status 1 when anything is red. Run it as root on a cluster host.
@@ -481,6 +488,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Vcluster { command } if command.runs_locally() => {
             return vmha_agent::vcluster::run(command, cli.output == Output::Json).await
         }
+        Cmd::Site { command } if command.runs_locally() => {
+            return vmha_agent::site::run(command, cli.output == Output::Json).await
+        }
         _ => cli,
     };
     let limit = Duration::from_secs(cli.timeout);
@@ -669,6 +679,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             other => vmha_agent::vcluster::run(other, client.output == Output::Json).await,
         },
+        Cmd::Site { command } => client.site_protect(command).await,
     }
 }
 
@@ -1491,6 +1502,60 @@ impl Client {
             println!("{}", vmha_agent::vcluster::capture_text(&summary, out));
         }
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// `vmha site protect` with a capture (at the running site) or an instantiate (at the peer): the
+    /// rsc_ticket here first, then vmhad's capture or instantiate. At the peer the instantiate does not
+    /// wait for the VMs (the ticket holds them stopped); a failed one takes the rsc_ticket away again.
+    async fn site_protect(&self, command: vmha_agent::site::SiteCmd) -> Result<ExitCode> {
+        use vmha_agent::site::{maintenance_off, protect_here, protect_peer_begin, protect_peer_end, SiteCmd};
+        let SiteCmd::Protect {
+            vcluster,
+            ticket,
+            peer,
+            loss_policy,
+            archive,
+            from_archive,
+            maps,
+        } = command
+        else {
+            unreachable!("the other site commands run without vmhad")
+        };
+        if let Some(out) = archive {
+            if out.exists() {
+                bail!("{} exists; not overwriting it", out.display());
+            }
+            protect_here(&vcluster, &ticket, &peer, loss_policy, false).await?;
+            return self.vcluster_capture(&vcluster, &out, true, false, 1, None).await;
+        }
+        let Some(file) = from_archive else {
+            unreachable!("a protect without archive runs without vmhad")
+        };
+        vmha_vcluster::Maps::parse(&maps, None).map_err(|e| anyhow!(e))?;
+        std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+        // Maintenance mode while the resources exist without their rsc_ticket (Pacemaker refuses a
+        // constraint on a resource that does not exist yet): nothing starts here in between.
+        protect_peer_begin(&vcluster, &ticket, &peer).await?;
+        let done = self
+            .vcluster_instantiate(
+                &file,
+                maps,
+                Some(vcluster.clone()),
+                false,
+                0,
+                Vec::new(),
+                false,
+                Vec::new(),
+            )
+            .await;
+        if !matches!(done, Ok(ExitCode::SUCCESS)) {
+            if let Err(e) = maintenance_off().await {
+                eprintln!("vmha: {e:#}");
+            }
+            return done;
+        }
+        protect_peer_end(&vcluster, &ticket, loss_policy).await?;
+        done
     }
 
     /// `vmha vcluster instantiate`: vmhad reads the archive from a file opened here.

@@ -12,6 +12,7 @@ pub mod lab;
 pub mod package;
 pub mod power;
 pub mod process;
+pub mod site;
 pub mod wait;
 
 pub use cluster::{ClusterStatus, NodeStatus, ResourceStatus};

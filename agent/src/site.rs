@@ -1,0 +1,942 @@
+//! `vmha site`: disaster recovery between sites with booth. Each site is its own cluster; booth (site
+//! daemons as cluster resources, an arbitrator at a third place) decides with a ticket where a service may
+//! run, and Pacemaker's `rsc_ticket` keeps a virtual cluster (a tag, see `vmha vcluster`) stopped wherever
+//! its ticket is not granted.
+//!
+//! What is read: booth's configuration (`/etc/booth/booth.conf`: sites, arbitrators, tickets), the
+//! tickets' state as booth committed it to this site's CIB (`status/tickets/ticket_state`, through the
+//! Pacemaker CIB API), the `rsc_ticket` constraints (which virtual cluster holds which ticket), and which
+//! site this cluster is (the address of the `ocf:heartbeat:IPaddr2` grouped with `ocf:pacemaker:booth-site`).
+//! Where a ticket is granted across sites only booth knows: booth has no library or status socket other
+//! than its client protocol, so `booth list`, `booth grant` and `booth revoke` are run as bounded-time child
+//! processes ([`BOOTH_DEADLINE`], killed past it), with arguments checked here first (no name starts with
+//! `-`, see [`validate_ticket`]).
+//!
+//! Operator input (virtual cluster, ticket and site names, maps) is checked before anything is changed.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+use vmha_api::json::document;
+use vmha_model::change::{escape, set_resource_meta, validate_name};
+use vmha_model::ClusterView;
+use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
+use vmha_vcluster::capture;
+use vmha_vcluster::translate::{domain_disks, Maps};
+
+/// booth's configuration file (booth's default).
+pub const BOOTH_CONF: &str = "/etc/booth/booth.conf";
+/// Deadline of one booth client call (booth's own network timeout is 5 s by default; a grant waits for
+/// the other sites' answers).
+pub const BOOTH_DEADLINE: Duration = Duration::from_secs(30);
+/// Deadline of one CIB call.
+const CIB_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Errors of site input and booth's answers (names as the operator gave them, printable).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SiteError {
+    #[error("{what} {value:?} is not valid: {why}")]
+    Invalid {
+        what: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("booth.conf line {line}: {why}")]
+    Conf { line: usize, why: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Checks a booth ticket name: it goes into booth's command line, booth.conf and the CIB. Letters, digits,
+/// '_' and '-', starting with a letter, at most 63 characters (booth's name length).
+pub fn validate_ticket(name: &str) -> Result<(), SiteError> {
+    let invalid = |why| {
+        Err(SiteError::Invalid {
+            what: "ticket",
+            value: vmha_vcluster::printable(name),
+            why,
+        })
+    };
+    if name.is_empty() || name.len() > 63 {
+        return invalid("must be 1 to 63 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return invalid("must start with a letter");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+    {
+        return invalid("may hold only letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Checks a site given by the operator: an IPv4 address (booth names sites by address) that booth.conf
+/// lists as a site. Returns the address.
+pub fn validate_site(value: &str, conf: &BoothConf) -> Result<Ipv4Addr, SiteError> {
+    let addr: Ipv4Addr = value.parse().map_err(|_| SiteError::Invalid {
+        what: "site",
+        value: vmha_vcluster::printable(value),
+        why: "must be a site address of booth.conf (e.g. 192.168.201.100)",
+    })?;
+    if !conf.sites.contains(&addr) {
+        return Err(SiteError::Invalid {
+            what: "site",
+            value: value.to_string(),
+            why: "is not a site of booth.conf",
+        });
+    }
+    Ok(addr)
+}
+
+/// A booth ticket as booth.conf defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TicketConf {
+    pub name: String,
+    /// Lease time in seconds (booth's default 600).
+    pub expire: u32,
+    /// `manual` tickets are never moved by booth itself.
+    pub manual: bool,
+}
+
+/// What vmha reads of booth.conf.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BoothConf {
+    pub sites: Vec<Ipv4Addr>,
+    pub arbitrators: Vec<Ipv4Addr>,
+    pub tickets: Vec<TicketConf>,
+}
+
+impl BoothConf {
+    /// Parses booth.conf (`key = value`, values optionally in double quotes, `#` comments; ticket
+    /// settings follow their `ticket` line). Bad addresses or ticket names are errors.
+    pub fn parse(text: &str) -> Result<BoothConf, SiteError> {
+        let mut conf = BoothConf::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |why: String| SiteError::Conf { line: i + 1, why };
+            let (key, value) = line.split_once('=').ok_or_else(|| bad("expected key = value".into()))?;
+            let key = key.trim();
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            let addr = |v: &str| -> Result<Ipv4Addr, SiteError> {
+                // booth allows IPv4-mapped IPv6 notation for IPv4 sites.
+                v.trim_start_matches("::ffff:").parse().map_err(|_| {
+                    bad(format!(
+                        "{key}: {:?} is not an IPv4 address",
+                        vmha_vcluster::printable(v)
+                    ))
+                })
+            };
+            match key {
+                "site" => conf.sites.push(addr(value)?),
+                "arbitrator" => conf.arbitrators.push(addr(value)?),
+                "ticket" => {
+                    if value == "__defaults__" {
+                        continue;
+                    }
+                    validate_ticket(value).map_err(|e| bad(e.to_string()))?;
+                    conf.tickets.push(TicketConf {
+                        name: value.to_string(),
+                        expire: 600,
+                        manual: false,
+                    });
+                }
+                "expire" => {
+                    let secs = value
+                        .parse()
+                        .map_err(|_| bad(format!("expire {value:?} is not a number")))?;
+                    if let Some(t) = conf.tickets.last_mut() {
+                        t.expire = secs;
+                    }
+                }
+                "mode" => {
+                    if let Some(t) = conf.tickets.last_mut() {
+                        t.manual = value.eq_ignore_ascii_case("manual");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(conf)
+    }
+
+    pub fn read(path: &Path) -> Result<BoothConf> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading booth's configuration {} (is booth set up?)", path.display()))?;
+        Ok(BoothConf::parse(&text)?)
+    }
+
+    pub fn ticket(&self, name: &str) -> Option<&TicketConf> {
+        self.tickets.iter().find(|t| t.name == name)
+    }
+
+    /// The other site of a two-site configuration.
+    pub fn other_site(&self, site: Ipv4Addr) -> Option<Ipv4Addr> {
+        (self.sites.len() == 2).then(|| self.sites.iter().copied().find(|s| *s != site))?
+    }
+}
+
+/// One line of `booth list`: `ticket: T, leader: ADDR, expires: TIME, ...`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BoothTicket {
+    pub name: String,
+    /// The site that holds the ticket (`None`: nobody).
+    pub leader: Option<Ipv4Addr>,
+    pub expires: Option<String>,
+}
+
+/// Parses `booth list`. Lines that are not ticket lines, and fields it does not know, are skipped; a
+/// leader that is no address counts as none.
+pub fn parse_booth_list(text: &str) -> Vec<BoothTicket> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: BTreeMap<&str, &str> = line
+                .split(',')
+                .filter_map(|f| f.split_once(':').map(|(k, v)| (k.trim(), v.trim())))
+                .collect();
+            let name = *fields.get("ticket")?;
+            validate_ticket(name).ok()?;
+            Some(BoothTicket {
+                name: name.to_string(),
+                leader: fields.get("leader").and_then(|l| l.parse().ok()),
+                // "expires: 2026-12-06 06:40:00" holds ':' itself: take the rest of the line.
+                expires: line
+                    .split_once("expires:")
+                    .map(|(_, rest)| rest.split(',').next().unwrap_or("").trim().to_string())
+                    .filter(|s| !s.is_empty() && s != "INF"),
+            })
+        })
+        .collect()
+}
+
+/// A ticket's state as booth committed it to this site's CIB.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CibTicket {
+    pub name: String,
+    pub granted: bool,
+    pub standby: bool,
+    /// Unix time of the last grant here.
+    pub last_granted: Option<u64>,
+    /// booth's lease end (Unix time), when booth wrote one.
+    pub expires: Option<u64>,
+}
+
+/// An `rsc_ticket` constraint: resource (a virtual cluster's tag) held by a ticket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TicketBinding {
+    pub id: String,
+    pub rsc: String,
+    pub ticket: String,
+    pub loss_policy: String,
+}
+
+/// What a site's CIB says about sites: tickets, bindings, and the booth site address of this cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SiteView {
+    pub local_site: Option<Ipv4Addr>,
+    pub tickets: Vec<CibTicket>,
+    pub bindings: Vec<TicketBinding>,
+}
+
+impl SiteView {
+    pub fn from_cib(cib: &str) -> Result<SiteView, roxmltree::Error> {
+        let doc = roxmltree::Document::parse(cib)?;
+        let tickets = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("ticket_state"))
+            .filter_map(|t| {
+                Some(CibTicket {
+                    name: t.attribute("id")?.to_string(),
+                    granted: t.attribute("granted") == Some("true"),
+                    standby: t.attribute("standby") == Some("true"),
+                    last_granted: t.attribute("last-granted").and_then(|v| v.parse().ok()),
+                    expires: t.attribute("expires").and_then(|v| v.parse().ok()),
+                })
+            })
+            .collect();
+        let bindings = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("rsc_ticket"))
+            .filter_map(|c| {
+                Some(TicketBinding {
+                    id: c.attribute("id")?.to_string(),
+                    rsc: c.attribute("rsc")?.to_string(),
+                    ticket: c.attribute("ticket")?.to_string(),
+                    loss_policy: c.attribute("loss-policy").unwrap_or("stop").to_string(),
+                })
+            })
+            .collect();
+        // booth's documented setup: a group holding an IPaddr2 (the site address) and booth-site.
+        let local_site = doc
+            .descendants()
+            .filter(|g| g.has_tag_name("group"))
+            .find(|g| {
+                g.children()
+                    .any(|p| p.has_tag_name("primitive") && p.attribute("type") == Some("booth-site"))
+            })
+            .and_then(|g| {
+                g.children()
+                    .filter(|p| p.has_tag_name("primitive") && p.attribute("type") == Some("IPaddr2"))
+                    .flat_map(|p| p.descendants())
+                    .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some("ip"))
+                    .and_then(|n| n.attribute("value")?.parse().ok())
+            });
+        Ok(SiteView {
+            local_site,
+            tickets,
+            bindings,
+        })
+    }
+
+    pub fn ticket(&self, name: &str) -> Option<&CibTicket> {
+        self.tickets.iter().find(|t| t.name == name)
+    }
+
+    pub fn granted_here(&self, name: &str) -> bool {
+        self.ticket(name).is_some_and(|t| t.granted)
+    }
+
+    /// The ticket that holds virtual cluster `vc`.
+    pub fn binding_of(&self, vc: &str) -> Option<&TicketBinding> {
+        self.bindings.iter().find(|b| b.rsc == vc)
+    }
+}
+
+/// What a site does with a virtual cluster when its ticket is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossPolicy {
+    /// Stop the resources (they must stop cleanly before the other site may start them).
+    Stop,
+    /// Fence the hosts running them.
+    Fence,
+}
+
+impl LossPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossPolicy::Stop => "stop",
+            LossPolicy::Fence => "fence",
+        }
+    }
+}
+
+/// The id of the `rsc_ticket` vmha makes for virtual cluster `vc`.
+pub fn binding_id(vc: &str) -> String {
+    format!("vmha-site-{vc}")
+}
+
+/// The `rsc_ticket` constraint holding virtual cluster (tag) `vc` by `ticket`.
+pub fn rsc_ticket_xml(vc: &str, ticket: &str, loss: LossPolicy) -> String {
+    format!(
+        r#"<rsc_ticket id="{}" rsc="{}" ticket="{}" loss-policy="{}"/>"#,
+        escape(&binding_id(vc)),
+        escape(vc),
+        escape(ticket),
+        loss.as_str()
+    )
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SiteCmd {
+    /// Sites, tickets (granted where, until when) and which virtual cluster each ticket holds.
+    Status,
+    /// Protect a virtual cluster with a booth ticket. At the site that runs it (the ticket granted here):
+    /// an rsc_ticket for its tag, and with --archive FILE a capture with disks for the peer. At the peer
+    /// (--from-archive FILE): the rsc_ticket first, then the archive instantiated through the capture maps,
+    /// held stopped by the ticket.
+    Protect {
+        vcluster: String,
+        #[arg(long)]
+        ticket: String,
+        /// The other site (its booth site address).
+        #[arg(long)]
+        peer: String,
+        /// What this site does when it loses the ticket.
+        #[arg(long, value_enum, default_value_t = LossPolicy::Stop)]
+        loss_policy: LossPolicy,
+        /// At the running site: capture the virtual cluster with its disks into FILE for the peer.
+        #[arg(long, value_name = "FILE", conflicts_with = "from_archive")]
+        archive: Option<PathBuf>,
+        /// At the peer site: instantiate this archive (made by protect --archive), held by the ticket.
+        #[arg(long, value_name = "FILE")]
+        from_archive: Option<PathBuf>,
+        /// Maps for the instantiate at the peer (as `vmha vcluster instantiate --map`).
+        #[arg(long = "map", value_name = "KIND=OLD:NEW", requires = "from_archive")]
+        maps: Vec<String>,
+    },
+    /// Planned switchover (no data loss): stop the virtual cluster here, wait until it is stopped, copy
+    /// its disks to the peer's storage (a full copy while stopped; --map storage=/HERE:/PEER), revoke the
+    /// ticket here and grant it to the peer, which then starts it. Run it at the site that holds the ticket.
+    Switchover {
+        vcluster: String,
+        /// The site to move to (its booth site address).
+        #[arg(long)]
+        to: String,
+        /// storage=/HERE:/PEER: where the peer's copies of the disks are.
+        #[arg(long = "map", value_name = "KIND=OLD:NEW")]
+        maps: Vec<String>,
+        /// Seconds to wait for the virtual cluster to stop here.
+        #[arg(long, default_value_t = 120)]
+        wait: u64,
+    },
+    /// Failover by hand when the site holding the ticket is known to be lost: the ticket is granted here
+    /// with booth's override (`booth grant -F`), without waiting for the lost site to give it up. Booth
+    /// does this itself after the ticket's expiry; this is for when the operator knows sooner.
+    Failover {
+        vcluster: String,
+        /// The lost site (its booth site address).
+        #[arg(long)]
+        lost: String,
+        /// The operator confirms the lost site runs nothing (powered off or fenced): without it nothing is
+        /// done (two sites running one VM corrupts its disks).
+        #[arg(long)]
+        confirm_lost: bool,
+    },
+}
+
+impl SiteCmd {
+    /// Whether the CLI does it without vmhad (all but a protect that captures or instantiates).
+    pub fn runs_locally(&self) -> bool {
+        !matches!(
+            self,
+            SiteCmd::Protect { archive: Some(_), .. }
+                | SiteCmd::Protect {
+                    from_archive: Some(_),
+                    ..
+                }
+        )
+    }
+}
+
+async fn connect() -> Result<Cib> {
+    Cib::connect("vmha", Access::ReadWrite, CIB_DEADLINE)
+        .await
+        .context("connecting to this host's CIB (is Pacemaker running here?)")
+}
+
+async fn query(cib: &Cib) -> Result<String> {
+    cib.query_all(CIB_DEADLINE).await.context("reading the CIB")
+}
+
+/// Runs the booth client with `args` (checked by the caller), killed after [`BOOTH_DEADLINE`]. Returns
+/// stdout; a non-zero exit is an error naming the call.
+pub async fn booth(args: &[&str]) -> Result<String> {
+    let call = format!("booth {}", args.join(" "));
+    // `-c FILE` last: Debian 12's booth client crashes (SIGSEGV) without -c, or with -c before -s.
+    let child = tokio::process::Command::new("booth")
+        .args(args)
+        .args(["-c", BOOTH_CONF])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(BOOTH_DEADLINE, child)
+        .await
+        .map_err(|_| anyhow!("{call}: no answer within {} s", BOOTH_DEADLINE.as_secs()))?
+        .with_context(|| format!("running {call} (is booth installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{call} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// This site's booth address, for the client's `-s` (Debian 12's booth client crashes when it has to find
+/// its site itself, so vmha always names it).
+fn local_site(view: &SiteView) -> Result<String> {
+    view.local_site.map(|a| a.to_string()).ok_or_else(|| {
+        anyhow!("this cluster has no booth site group (an IPaddr2 grouped with ocf:pacemaker:booth-site)")
+    })
+}
+
+/// Everything `vmha site status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub local_site: Option<Ipv4Addr>,
+    pub sites: Vec<Ipv4Addr>,
+    pub arbitrators: Vec<Ipv4Addr>,
+    pub tickets: Vec<TicketStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TicketStatus {
+    pub name: String,
+    pub expire_seconds: u32,
+    pub manual: bool,
+    /// The site booth says holds it (`None`: nobody, or booth did not answer).
+    pub leader: Option<Ipv4Addr>,
+    pub expires: Option<String>,
+    pub granted_here: bool,
+    /// Virtual clusters (tags) this ticket holds here, with their loss policy.
+    pub vclusters: Vec<(String, String)>,
+    /// Members of those virtual clusters running here.
+    pub running_here: Vec<String>,
+}
+
+fn status_of(
+    conf: &BoothConf,
+    view: &SiteView,
+    booth_list: &[BoothTicket],
+    cluster: &ClusterView,
+    tags: &BTreeMap<String, Vec<String>>,
+) -> Status {
+    let tickets = conf
+        .tickets
+        .iter()
+        .map(|t| {
+            let b = booth_list.iter().find(|b| b.name == t.name);
+            let vclusters: Vec<(String, String)> = view
+                .bindings
+                .iter()
+                .filter(|x| x.ticket == t.name)
+                .map(|x| (x.rsc.clone(), x.loss_policy.clone()))
+                .collect();
+            let running_here = vclusters
+                .iter()
+                .flat_map(|(vc, _)| tags.get(vc).cloned().unwrap_or_default())
+                .filter(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
+                .collect();
+            TicketStatus {
+                name: t.name.clone(),
+                expire_seconds: t.expire,
+                manual: t.manual,
+                leader: b.and_then(|b| b.leader),
+                expires: b.and_then(|b| b.expires.clone()),
+                granted_here: view.granted_here(&t.name),
+                vclusters,
+                running_here,
+            }
+        })
+        .collect();
+    Status {
+        local_site: view.local_site,
+        sites: conf.sites.clone(),
+        arbitrators: conf.arbitrators.clone(),
+        tickets,
+    }
+}
+
+/// Human form of [`Status`].
+pub fn status_text(s: &Status) -> String {
+    let site = |a: &Ipv4Addr| {
+        if Some(*a) == s.local_site {
+            format!("{a} (this site)")
+        } else {
+            a.to_string()
+        }
+    };
+    let mut out = format!(
+        "sites: {}\narbitrators: {}\n\nTICKET           EXPIRE  HOLDER                 UNTIL                VIRTUAL CLUSTERS (running here)\n",
+        s.sites.iter().map(site).collect::<Vec<_>>().join(", "),
+        s.arbitrators.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+    );
+    for t in &s.tickets {
+        let holder = t.leader.map(|l| site(&l)).unwrap_or_else(|| "(nobody)".into());
+        let vcs = if t.vclusters.is_empty() {
+            "-".to_string()
+        } else {
+            t.vclusters
+                .iter()
+                .map(|(v, l)| format!("{v} (loss-policy {l})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "{:<16} {:>5}s  {:<22} {:<20} {}{}\n",
+            t.name,
+            t.expire_seconds,
+            holder,
+            t.expires.as_deref().unwrap_or("-"),
+            vcs,
+            if t.running_here.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", t.running_here.join(", "))
+            }
+        ));
+    }
+    out
+}
+
+struct SiteContext {
+    cib: Cib,
+    xml: String,
+    conf: BoothConf,
+    view: SiteView,
+}
+
+async fn read_all() -> Result<SiteContext> {
+    let conf = BoothConf::read(Path::new(BOOTH_CONF))?;
+    let cib = connect().await?;
+    let xml = query(&cib).await?;
+    let view = SiteView::from_cib(&xml).context("reading the CIB")?;
+    Ok(SiteContext { cib, xml, conf, view })
+}
+
+/// `vmha site status`.
+pub async fn status(json_out: bool) -> Result<ExitCode> {
+    let c = read_all().await?;
+    // Booth's view of who holds what; without an answer the CIB's view is still shown.
+    let list = match local_site(&c.view) {
+        Ok(here) => booth(&["list", "-s", &here]).await,
+        Err(e) => Err(e),
+    };
+    let list = match list {
+        Ok(text) => parse_booth_list(&text),
+        Err(e) => {
+            eprintln!("vmha: {e:#} (showing this site's CIB only)");
+            Vec::new()
+        }
+    };
+    let cluster = ClusterView::from_cib(&c.xml).context("reading the CIB")?;
+    let tags = capture::list(&c.xml)?;
+    let s = status_of(&c.conf, &c.view, &list, &cluster, &tags);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&document("site_status", &s))?);
+    } else {
+        print!("{}", status_text(&s));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks a protect's input against booth.conf and this site's CIB; returns the peer's address.
+fn check_protect(c: &SiteContext, vc: &str, ticket: &str, peer: &str, at_peer: bool) -> Result<Ipv4Addr> {
+    check_protect_parts(&c.xml, &c.conf, &c.view, vc, ticket, peer, at_peer)
+}
+
+fn check_protect_parts(
+    xml: &str,
+    conf: &BoothConf,
+    view: &SiteView,
+    vc: &str,
+    ticket: &str,
+    peer: &str,
+    at_peer: bool,
+) -> Result<Ipv4Addr> {
+    validate_name("virtual cluster name", vc)?;
+    validate_ticket(ticket)?;
+    let peer = validate_site(peer, conf)?;
+    if conf.ticket(ticket).is_none() {
+        bail!("booth.conf defines no ticket {ticket}");
+    }
+    if view.local_site == Some(peer) {
+        bail!("{peer} is this site; --peer names the other one");
+    }
+    if let Some(b) = view.binding_of(vc) {
+        bail!("{vc} is already held by ticket {} (constraint {})", b.ticket, b.id);
+    }
+    let granted = view.granted_here(ticket);
+    if at_peer && granted {
+        bail!("ticket {ticket} is granted at this site: instantiating {vc} here would start it at both sites");
+    }
+    if !at_peer {
+        if !granted {
+            bail!(
+                "ticket {ticket} is not granted at this site: the rsc_ticket would stop {vc} here (grant it first: booth grant {ticket})"
+            );
+        }
+        if !capture::list(xml)?.contains_key(vc) {
+            bail!("no virtual cluster named {vc}");
+        }
+    }
+    Ok(peer)
+}
+
+/// `vmha site protect` at either site, the CIB part: checks, then the rsc_ticket. At the peer the tag does
+/// not exist yet: the constraint is made first so that the instantiated resources are held from the start.
+pub async fn protect_here(vc: &str, ticket: &str, peer: &str, loss: LossPolicy, at_peer: bool) -> Result<()> {
+    let c = read_all().await?;
+    check_protect(&c, vc, ticket, peer, at_peer)?;
+    let fragment = rsc_ticket_xml(vc, ticket, loss);
+    c.cib
+        .create(
+            &Scope::section("constraints"),
+            &fragment,
+            CallOptions::NONE,
+            CIB_DEADLINE,
+        )
+        .await
+        .with_context(|| format!("creating the rsc_ticket for {vc}"))?;
+    println!("{vc} is held by ticket {ticket} here (loss-policy {})", loss.as_str());
+    Ok(())
+}
+
+/// The peer's part of `vmha site protect` before the instantiate: checks, then Pacemaker's maintenance
+/// mode on (nothing is started or stopped at this site while the resources exist without their
+/// rsc_ticket: Pacemaker refuses a constraint naming a resource that does not exist yet).
+pub async fn protect_peer_begin(vc: &str, ticket: &str, peer: &str) -> Result<()> {
+    let c = read_all().await?;
+    check_protect(&c, vc, ticket, peer, true)?;
+    set_maintenance(&c.cib, true).await
+}
+
+/// The peer's part of `vmha site protect` after a successful instantiate: the rsc_ticket (the new
+/// resources are held stopped, the ticket being elsewhere), then maintenance mode off again.
+pub async fn protect_peer_end(vc: &str, ticket: &str, loss: LossPolicy) -> Result<()> {
+    let cib = connect().await?;
+    let created = cib
+        .create(
+            &Scope::section("constraints"),
+            &rsc_ticket_xml(vc, ticket, loss),
+            CallOptions::NONE,
+            CIB_DEADLINE,
+        )
+        .await
+        .with_context(|| format!("creating the rsc_ticket for {vc} (maintenance mode stays on: nothing starts)"));
+    created?;
+    set_maintenance(&cib, false).await?;
+    println!("{vc} is held by ticket {ticket} here (loss-policy {})", loss.as_str());
+    Ok(())
+}
+
+/// Pacemaker's maintenance mode (cluster property `maintenance-mode`) on or off.
+pub async fn set_maintenance(cib: &Cib, on: bool) -> Result<()> {
+    let fragment = format!(
+        r#"<crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="cib-bootstrap-options-maintenance-mode" name="maintenance-mode" value="{on}"/></cluster_property_set></crm_config>"#
+    );
+    cib.modify(
+        &Scope::section("crm_config"),
+        &fragment,
+        CallOptions::CAN_CREATE,
+        CIB_DEADLINE,
+    )
+    .await
+    .with_context(|| format!("setting maintenance-mode={on}"))
+}
+
+/// Maintenance mode off (a protect at the peer whose instantiate failed: it removed what it made).
+pub async fn maintenance_off() -> Result<()> {
+    let cib = connect().await?;
+    set_maintenance(&cib, false).await
+}
+
+/// Removes the rsc_ticket of `vc` again (a protect at the peer whose instantiate failed).
+pub async fn unprotect_here(vc: &str) -> Result<()> {
+    validate_name("virtual cluster name", vc)?;
+    let cib = connect().await?;
+    cib.delete(
+        &Scope::section("constraints"),
+        &format!(r#"<rsc_ticket id="{}"/>"#, escape(&binding_id(vc))),
+        CallOptions::NONE,
+        CIB_DEADLINE,
+    )
+    .await
+    .with_context(|| format!("removing the rsc_ticket of {vc}"))
+}
+
+/// Members of `vc` that are active on some host of this site.
+fn running_members(xml: &str, members: &[String]) -> Result<Vec<String>> {
+    let cluster = ClusterView::from_cib(xml).context("reading the CIB")?;
+    Ok(members
+        .iter()
+        .filter(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
+        .cloned()
+        .collect())
+}
+
+/// Disk images of the VM members of `vc` (from their domain XML files) and where the peer's copies are.
+pub fn disk_copies(xml: &str, members: &[String], maps: &Maps) -> Result<Vec<(String, String)>> {
+    let cluster = ClusterView::from_cib(xml).context("reading the CIB")?;
+    let mut out = Vec::new();
+    for m in members {
+        let Some(vm) = cluster.vm(m) else { continue };
+        let Some(config) = &vm.config else { continue };
+        let domain = std::fs::read_to_string(config).with_context(|| format!("{m}: reading {config}"))?;
+        for disk in domain_disks(&domain)? {
+            let to = maps
+                .path(&disk)
+                .ok_or_else(|| anyhow!("{m}: no --map storage=... covers its disk {disk}"))?;
+            if to == disk {
+                bail!("{m}: the peer's copy of {disk} is the same file");
+            }
+            out.push((disk, to));
+        }
+    }
+    Ok(out)
+}
+
+/// `vmha site switchover VC --to PEER`.
+pub async fn switchover(vc: &str, to: &str, maps: &[String], wait: Duration) -> Result<ExitCode> {
+    validate_name("virtual cluster name", vc)?;
+    let maps = Maps::parse(maps, None)?;
+    let c = read_all().await?;
+    let peer = validate_site(to, &c.conf)?;
+    if c.view.local_site == Some(peer) {
+        bail!("{peer} is this site: run the switchover at the site that holds the ticket");
+    }
+    let binding = c
+        .view
+        .binding_of(vc)
+        .ok_or_else(|| anyhow!("{vc} is not protected by a ticket here (vmha site protect)"))?
+        .clone();
+    validate_ticket(&binding.ticket)?;
+    if !c.view.granted_here(&binding.ticket) {
+        bail!(
+            "ticket {} is not granted at this site: nothing to switch over from here",
+            binding.ticket
+        );
+    }
+    let tags = capture::list(&c.xml)?;
+    let members = tags
+        .get(vc)
+        .cloned()
+        .ok_or_else(|| anyhow!("no virtual cluster named {vc}"))?;
+    // Every check before the first change: the disks must be mapped.
+    let copies = disk_copies(&c.xml, &members, &maps)?;
+    let t0 = Instant::now();
+    // 1. Stop here (target-role Stopped, kept until the ticket is gone).
+    for m in &members {
+        let xml = set_resource_meta(&c.xml, m, "target-role", "Stopped")?;
+        c.cib
+            .modify(&Scope::section("resources"), &xml, CallOptions::NONE, CIB_DEADLINE)
+            .await
+            .with_context(|| format!("stopping {m}"))?;
+    }
+    println!("stopping {vc} here ({})", members.join(", "));
+    let deadline = Instant::now() + wait;
+    loop {
+        let xml = query(&c.cib).await?;
+        let running = running_members(&xml, &members)?;
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} still running after {} s; nothing else was changed (the ticket stays here, target-role Stopped is set)",
+                running.join(", "),
+                wait.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!("{vc} stopped here after {:.1} s", t0.elapsed().as_secs_f64());
+    // 2. Final disk sync: a full copy of each image while nothing runs it (first step; incremental
+    //    replication while running is not there yet).
+    for (from, to) in &copies {
+        let (from2, to2) = (from.clone(), to.clone());
+        let bytes = tokio::task::spawn_blocking(move || copy_image(Path::new(&from2), Path::new(&to2)))
+            .await
+            .context("the disk copy")??;
+        println!("copied {from} to {to} ({bytes} bytes)");
+    }
+    // 3. The ticket: revoked here (the members stay stopped: no ticket), then granted to the peer.
+    let ticket = binding.ticket.as_str();
+    let here = local_site(&c.view)?;
+    booth(&["revoke", "-w", "-s", &here, ticket]).await?;
+    for m in &members {
+        let xml = query(&c.cib).await?;
+        let fragment = set_resource_meta(&xml, m, "target-role", "Started")?;
+        c.cib
+            .modify(&Scope::section("resources"), &fragment, CallOptions::NONE, CIB_DEADLINE)
+            .await
+            .with_context(|| format!("restoring the target-role of {m}"))?;
+    }
+    let peer_s = peer.to_string();
+    if let Err(e) = booth(&["grant", "-w", "-s", &peer_s, ticket]).await {
+        // Booth may have moved the ticket itself meanwhile: what counts is that the peer holds it.
+        let list = parse_booth_list(&booth(&["list", "-s", &peer_s]).await.unwrap_or_default());
+        if !list.iter().any(|t| t.name == ticket && t.leader == Some(peer)) {
+            return Err(e.context(format!(
+                "granting ticket {ticket} to {peer} ({vc} is stopped here and the ticket revoked: grant it by hand)"
+            )));
+        }
+    }
+    println!(
+        "ticket {ticket} granted to {peer} after {:.1} s: the peer site starts {vc}",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies a disk image (the whole file, synced) under a temporary name renamed at the end.
+fn copy_image(from: &Path, to: &Path) -> Result<u64> {
+    let tmp = PathBuf::from(format!("{}.vmha-sync", to.display()));
+    let bytes =
+        std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))?;
+    Ok(bytes)
+}
+
+/// `vmha site failover VC --lost SITE --confirm-lost`, at the surviving site.
+pub async fn failover(vc: &str, lost: &str, confirm_lost: bool) -> Result<ExitCode> {
+    validate_name("virtual cluster name", vc)?;
+    let c = read_all().await?;
+    let lost = validate_site(lost, &c.conf)?;
+    if c.view.local_site == Some(lost) {
+        bail!("{lost} is this site: run the failover at the surviving site");
+    }
+    let binding = c
+        .view
+        .binding_of(vc)
+        .ok_or_else(|| anyhow!("{vc} is not protected by a ticket here (vmha site protect)"))?
+        .clone();
+    validate_ticket(&binding.ticket)?;
+    if c.view.granted_here(&binding.ticket) {
+        println!("ticket {} is already granted here", binding.ticket);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !confirm_lost {
+        bail!(
+            "refusing: grant ticket {} here only when {lost} runs nothing (powered off or fenced); say so with --confirm-lost",
+            binding.ticket
+        );
+    }
+    let here = local_site(&c.view)?;
+    booth(&["grant", "-F", "-s", &here, &binding.ticket]).await?;
+    println!(
+        "ticket {} granted here (override): this site starts {vc}",
+        binding.ticket
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the `vmha site` commands that need no vmhad.
+pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
+    match cmd {
+        SiteCmd::Status => status(json_out).await,
+        SiteCmd::Protect {
+            vcluster,
+            ticket,
+            peer,
+            loss_policy,
+            ..
+        } => {
+            protect_here(&vcluster, &ticket, &peer, loss_policy, false).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SiteCmd::Switchover {
+            vcluster,
+            to,
+            maps,
+            wait,
+        } => switchover(&vcluster, &to, &maps, Duration::from_secs(wait)).await,
+        SiteCmd::Failover {
+            vcluster,
+            lost,
+            confirm_lost,
+        } => failover(&vcluster, &lost, confirm_lost).await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+//! Disaster recovery between two sites with booth. Site A (2 hosts `sa1..2`) and site B (2 hosts
+//! `sb1..2`) are two clusters on their own subnets, routed to each other and to booth's arbitrator in a
+//! namespace of its own; booth's site daemon runs at each site as a cluster resource group (site address
+//! and booth-site). A virtual cluster `shop` of one VM with a raw disk runs at A, holding ticket `shop`
+//! (expire 20 s):
+//! - `vmha site protect` at A (rsc_ticket, capture with disks) and at B (rsc_ticket first, then the archive
+//!   instantiated through the maps, held stopped by the ticket);
+//! - `vmha site switchover` A -> B and back: what the guest wrote to its disk before each switchover is
+//!   there after it; a 50 ms poll over every QEMU of the machine never sees the VM run twice;
+//! - site A powered off while it runs the VM: booth grants the ticket to B after its expiry and B runs the
+//!   VM from its copy (what was synced at the last switchover); A powered on again does not start it.
+//!
+//! Disk replication here is the switchover's full copy while the VM is stopped (no incremental
+//! replication while running yet): the failover loses what A wrote after the last switchover.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmha_e2e::{domain_with_raw_disk, guest_exec, release_build, vmha_long, vmha_long_ok, POLL};
+use vmha_lab::guest::image_dir;
+use vmha_lab::site::{Site, SiteLab, SiteLabConfig};
+use vmha_lab::{wait_for, Lab, LabConfig};
+
+const VM: &str = "stvm";
+const VC: &str = "shop";
+const TICKET: &str = "shop";
+const EXPIRE: u32 = 20;
+const DISK_MIB: u64 = 16;
+
+/// Site A on `$VMHA_E2E_SUBNET` (default 10.213.191), B on the next subnet, the arbitrator on the one after.
+fn config() -> SiteLabConfig {
+    let name = std::env::var("VMHA_E2E_LAB").unwrap_or_else(|_| "st".into());
+    let subnet = std::env::var("VMHA_E2E_SUBNET").unwrap_or_else(|_| "10.213.191".into());
+    let (prefix, third) = subnet.rsplit_once('.').expect("subnet of three octets");
+    let third: u8 = third.parse().expect("subnet of three octets");
+    let next = |k: u8| format!("{prefix}.{}", third.checked_add(k).expect("room for two more subnets"));
+    let mut a = LabConfig::new(&name, 2, &subnet);
+    a.host_prefix = "sa".into();
+    // Lab names are at most 8 characters.
+    let short: String = name.chars().take(7).collect();
+    let mut b = LabConfig::new(&format!("{short}2"), 2, &next(1));
+    b.host_prefix = "sb".into();
+    SiteLabConfig {
+        a: vmha_e2e::with_test_timing(a),
+        b: vmha_e2e::with_test_timing(b),
+        arbitrator_subnet: next(2),
+        tickets: vec![(TICKET.into(), EXPIRE)],
+    }
+}
+
+fn site_address(lab: &Lab) -> String {
+    SiteLabConfig::site_address(&lab.cfg)
+}
+
+/// Whether the ticket is granted at a site, as `vmha site status` there says.
+fn granted_here(lab: &Lab) -> Option<bool> {
+    let n = lab.cfg.host_numbers().find(|&n| lab.host_alive(n))?;
+    let (code, out, _) = vmha_long(lab, n, &["--output", "json", "site", "status"]);
+    if code != 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["tickets"].as_array()?.iter().find(|t| t["name"] == TICKET)?["granted_here"].as_bool()
+}
+
+/// The host of `lab` where Pacemaker runs the VM and exactly one QEMU runs it.
+fn running_at(lab: &Lab) -> Option<u8> {
+    let s = lab.status_from_any().ok()?;
+    let n = lab.cfg.host_number(s.running_on(VM)?)?;
+    let q = lab.qemu_processes(VM);
+    (q.len() == 1 && q[0].0 == n).then_some(n)
+}
+
+fn wait_running_at(lab: &Lab, limit: Duration) -> u8 {
+    wait_for(&format!("{VM} running at {}", lab.cfg.name), limit, POLL, || {
+        running_at(lab)
+    })
+    .unwrap()
+}
+
+/// Writes `text` into sector `sector` of the guest's disk (synced), through qemu-guest-agent.
+fn write_sector(lab: &Lab, n: u8, sector: u32, text: &str) {
+    let script = format!(
+        "printf '%s' '{text}' > /tmp/sector && dd if=/tmp/sector of=/dev/vda bs=512 count=1 seek={sector} conv=sync,fsync 2>&1"
+    );
+    // The guest agent may not answer in the first seconds after boot (the write is idempotent).
+    let out = wait_for("the guest agent", Duration::from_secs(60), POLL, || {
+        guest_exec(lab, n, VM, "/bin/sh", &["-c", &script], Duration::from_secs(30)).ok()
+    })
+    .unwrap();
+    assert!(out.contains("1+0 records out"), "dd into /dev/vda: {out}");
+}
+
+fn read_sector(lab: &Lab, n: u8, sector: u32) -> String {
+    let script = format!(
+        "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=/dev/vda bs=512 count=1 skip={sector} 2>/dev/null | tr -d '\\000'"
+    );
+    // The guest agent may not answer in the first seconds after boot.
+    wait_for("the guest agent", Duration::from_secs(60), POLL, || {
+        guest_exec(lab, n, VM, "/bin/sh", &["-c", &script], Duration::from_secs(30)).ok()
+    })
+    .unwrap()
+}
+
+#[test]
+#[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
+fn site_switchover_and_failover_with_booth() {
+    vmha_lab::init_logging();
+    let t0 = Instant::now();
+    let cfg = config();
+    let site_lab = SiteLab::up(cfg.clone()).expect("two sites and the arbitrator");
+    println!(
+        "two sites, router and arbitrator up in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let (a, b) = (&site_lab.a, &site_lab.b);
+    for lab in [a, b] {
+        lab.install_build(&release_build()).expect("installing the build");
+        for n in lab.cfg.host_numbers() {
+            lab.start_vmhad(n).expect("starting vmhad");
+        }
+    }
+    let (addr_a, addr_b) = (site_address(a), site_address(b));
+
+    // Hostile operator input: refused with a clear error, nothing changed.
+    for (args, expect) in [
+        (vec!["site", "protect", VC, "--ticket=-F", "--peer", &addr_b], "ticket"),
+        (
+            vec!["site", "protect", VC, "--ticket", "a;reboot", "--peer", &addr_b],
+            "ticket",
+        ),
+        (
+            vec!["site", "protect", VC, "--ticket", TICKET, "--peer", "10.0.0.1"],
+            "not a site",
+        ),
+        (vec!["site", "switchover", VC, "--to=--help;x"], "site"),
+        (
+            vec!["site", "failover", "a/b", "--lost", &addr_a],
+            "virtual cluster name",
+        ),
+    ] {
+        let (code, out, err) = vmha_long(a, 1, &args);
+        assert_ne!(code, 0, "{args:?} was accepted: {out}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+
+    // The ticket to A; the VM at A with a disk on A's storage, in virtual cluster `shop`.
+    // Debian 12's booth client needs -s SITE and, after it, -c FILE (it crashes otherwise).
+    a.exec_ok(
+        1,
+        &[
+            "booth",
+            "grant",
+            "-w",
+            "-s",
+            &addr_a,
+            TICKET,
+            "-c",
+            "/etc/booth/booth.conf",
+        ],
+    )
+    .unwrap();
+    wait_for("the ticket granted at A", Duration::from_secs(30), POLL, || {
+        granted_here(a).filter(|g| *g)
+    })
+    .unwrap();
+    assert_eq!(granted_here(b), Some(false));
+    let disk = a.cfg.shared_dir().join(format!("{VM}.img"));
+    std::fs::File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
+    let xml = a.cfg.shared_dir().join(format!("{VM}.xml"));
+    std::fs::write(&xml, domain_with_raw_disk(a, VM)).unwrap();
+    vmha_long_ok(a, 1, &["vm", "add", VM, "--config", xml.to_str().unwrap()]);
+    let n = wait_running_at(a, Duration::from_secs(90));
+    vmha_long_ok(a, 1, &["vcluster", "create", VC, VM]);
+    write_sector(a, n, 100, "written-at-A-before-protect");
+
+    // Never two QEMUs of the VM on this machine (both sites together), polled every 50 ms from here on.
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let polls = Arc::new(AtomicUsize::new(0));
+    let poller = {
+        let (stop, most, polls) = (Arc::clone(&stop), Arc::clone(&most), Arc::clone(&polls));
+        let watcher = Lab::attach(a.cfg.clone()).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let count = watcher.qemu_processes(VM).len();
+                most.fetch_max(count, Ordering::Relaxed);
+                polls.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+
+    // Protect: A keeps running it and captures it; B gets it held stopped by the ticket.
+    let archive = cfg.dir().join("shop.vmha");
+    let _ = std::fs::remove_file(&archive);
+    vmha_long_ok(
+        a,
+        1,
+        &[
+            "site",
+            "protect",
+            VC,
+            "--ticket",
+            TICKET,
+            "--peer",
+            &addr_b,
+            "--archive",
+            archive.to_str().unwrap(),
+        ],
+    );
+    let storage_ab = format!(
+        "storage={}:{}",
+        a.cfg.shared_dir().display(),
+        b.cfg.shared_dir().display()
+    );
+    let storage_ba = format!(
+        "storage={}:{}",
+        b.cfg.shared_dir().display(),
+        a.cfg.shared_dir().display()
+    );
+    let images = format!("storage={}:{}", image_dir().display(), image_dir().display());
+    vmha_long_ok(
+        b,
+        1,
+        &[
+            "site",
+            "protect",
+            VC,
+            "--ticket",
+            TICKET,
+            "--peer",
+            &addr_a,
+            "--from-archive",
+            archive.to_str().unwrap(),
+            "--map",
+            "hosts=sa1:sb1,sa2:sb2",
+            "--map",
+            &storage_ab,
+            "--map",
+            &images,
+        ],
+    );
+    let status = vmha_long_ok(b, 1, &["site", "status"]);
+    println!("site B after protect:\n{status}");
+    assert!(status.contains("shop (loss-policy stop)"), "{status}");
+    // Held stopped at B while A runs it.
+    assert!(b.status(1).unwrap().resource(VM).is_some_and(|r| !r.active));
+    assert_eq!(running_at(a), Some(n));
+
+    // Switchover A -> B.
+    let t = Instant::now();
+    vmha_long_ok(a, 1, &["site", "switchover", VC, "--to", &addr_b, "--map", &storage_ab]);
+    let nb = wait_running_at(b, Duration::from_secs(90));
+    println!(
+        "switchover A -> B: VM running at B after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(read_sector(b, nb, 100), "written-at-A-before-protect");
+    assert_eq!(granted_here(a), Some(false));
+    assert!(a.status(1).unwrap().resource(VM).is_some_and(|r| !r.active));
+    write_sector(b, nb, 101, "written-at-B");
+
+    // Switchover B -> A.
+    let t = Instant::now();
+    vmha_long_ok(b, 1, &["site", "switchover", VC, "--to", &addr_a, "--map", &storage_ba]);
+    let na = wait_running_at(a, Duration::from_secs(90));
+    println!(
+        "switchover B -> A: VM running at A after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(read_sector(a, na, 101), "written-at-B");
+    assert_eq!(read_sector(a, na, 100), "written-at-A-before-protect");
+
+    // Site A lost: B runs the VM after the ticket's expiry, from its copy.
+    let t = Instant::now();
+    site_lab.power_off_site(Site::A).unwrap();
+    let nb = wait_running_at(b, Duration::from_secs(u64::from(EXPIRE) + 90));
+    let rto = t.elapsed().as_secs_f64();
+    println!("site A powered off: VM running at B after {rto:.1} s (ticket expire {EXPIRE} s)");
+    // Booth renews the lease every expire/2: at the power-off at least half of it was left, and B may
+    // take the ticket only once it has run out.
+    assert!(
+        rto >= f64::from(EXPIRE) / 2.0 - 0.5,
+        "B started it before A's lease can have run out ({rto:.1} s)"
+    );
+    assert_eq!(read_sector(b, nb, 101), "written-at-B");
+
+    // A comes back: its cluster forms, booth there learns B holds the ticket, the VM stays off at A.
+    site_lab.power_on_site(Site::A).unwrap();
+    wait_for("booth running at A again", Duration::from_secs(120), POLL, || {
+        a.status_from_any().ok()?.running_on("booth-site").map(|_| ())
+    })
+    .unwrap();
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(15) {
+        assert!(!granted_here(a).unwrap_or(false), "the ticket came back to A");
+        assert!(
+            a.status_from_any().unwrap().running_on(VM).is_none(),
+            "A started the VM again"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(running_at(b), Some(nb));
+
+    stop.store(true, Ordering::Relaxed);
+    poller.join().unwrap();
+    let (most, polls) = (most.load(Ordering::Relaxed), polls.load(Ordering::Relaxed));
+    println!("QEMU processes of {VM} on this machine: at most {most} in {polls} polls of 50 ms");
+    assert_eq!(most, 1, "the VM ran at both sites at once");
+    assert!(polls > 100);
+    println!("scenario took {:.1} s", t0.elapsed().as_secs_f64());
+}
