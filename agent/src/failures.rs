@@ -251,6 +251,8 @@ pub enum CleanupError {
         host: String,
         source: vmha_pacemaker::Error,
     },
+    #[error("removing the health ban of VM {vm} ({id}): {reason}")]
+    HealthBan { vm: String, id: String, reason: String },
 }
 
 impl CleanupError {
@@ -308,17 +310,29 @@ pub fn plan_cleanup(view: &ClusterView, vm: &str, host: &str) -> Result<CleanupP
 /// its fail counts and last-failure times, then each named host's controller forgets its failed operation
 /// history and probes it again. Returns the hosts refreshed. A wrong VM or host changes nothing.
 pub async fn cleanup(shared: &Shared, vm: &str, host: &str) -> Result<Vec<String>, CleanupError> {
-    let view = shared
-        .backend
-        .query()
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|xml| ClusterView::from_cib(&xml).map_err(|e| e.to_string()))
-        .map_err(|reason| CleanupError::Cib {
-            vm: vm.to_string(),
-            reason,
-        })?;
+    let cib_error = |reason: String| CleanupError::Cib {
+        vm: vm.to_string(),
+        reason,
+    };
+    let xml = shared.backend.query().await.map_err(|e| cib_error(e.to_string()))?;
+    let view = ClusterView::from_cib(&xml).map_err(|e| cib_error(e.to_string()))?;
     let plan = plan_cleanup(&view, vm, host)?;
+    // The constraints a restart-elsewhere left (health_app_action), on that host or every host.
+    let bans = vmha_model::change::health_bans(&xml, vm, host).map_err(|e| cib_error(e.to_string()))?;
+    for ban in bans {
+        shared
+            .backend
+            .apply(crate::backend::CibChange::Delete {
+                section: "constraints",
+                xml: ban.clone(),
+            })
+            .await
+            .map_err(|e| CleanupError::HealthBan {
+                vm: vm.to_string(),
+                id: ban,
+                reason: e.to_string(),
+            })?;
+    }
     vmha_pacemaker::clear_failures(plan.attrd_host.as_deref(), &plan.resource.id, CONTROLLER_DEADLINE)
         .await
         .map_err(|source| CleanupError::Attrd {

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backend::CibChange;
 use tokio::time::Instant;
 use vmha_model::health::{classify_domain_state, AppAction, DomainRun, HealthSettings};
 use vmha_model::VmState;
@@ -26,8 +27,6 @@ use crate::state::Shared;
 pub const TICK: Duration = Duration::from_millis(200);
 /// The deadline of each libvirt call.
 const LIBVIRT_DEADLINE: Duration = Duration::from_secs(5);
-/// The deadline of each Pacemaker call.
-const PACEMAKER_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why a health action failed.
 #[derive(Debug, thiserror::Error)]
@@ -219,19 +218,35 @@ async fn act(
 }
 
 /// Fails `vm` through Pacemaker with `reason`, and with `power_off` powers it off at once; with
-/// `elsewhere`, first sets its fail count here to INFINITY, so Pacemaker restarts it on another host.
+/// `elsewhere`, then keeps it off this host by a location constraint (score -INFINITY, removed by
+/// `vmha vm cleanup`), so Pacemaker starts it on another host.
+///
+/// The failure goes first: Pacemaker then recovers the VM (a stop here), and the constraint, added while
+/// that stop runs, sends the start elsewhere. The other order lets Pacemaker act on the constraint alone,
+/// and it moves a migratable VM by live migration: the guest, unhealthy application and all, would arrive
+/// elsewhere as it was. (A fail count of INFINITY instead of the constraint is overwritten by the DC's own
+/// fail-count update of the same failure, and Pacemaker clears fail counts when the VM's parameters
+/// change: both seen in the lab.)
 async fn restart(shared: &Shared, uri: &str, vm: &str, reason: &str, elsewhere: bool, power_off: bool) {
     let host = &shared.local_host;
-    if elsewhere {
-        let attribute = format!("fail-count-{vm}#asyncmon_0");
-        if let Err(e) = vmha_pacemaker::update_attribute(host, &attribute, "INFINITY", PACEMAKER_DEADLINE).await {
-            tracing::warn!(vmha_vm = %vm, "VM {vm}: keeping it off {host} (fail count INFINITY): {e}");
-        }
-    }
     let mut controller = None;
     if !crate::failures::report(shared, &mut controller, vm, reason).await {
         // Not a VM Pacemaker runs here (any more), or Pacemaker is unreachable: nothing is powered off.
         return;
+    }
+    if elsewhere {
+        let xml = vmha_model::change::health_ban(vm, host);
+        match shared
+            .backend
+            .apply(CibChange::Create {
+                section: "constraints",
+                xml,
+            })
+            .await
+        {
+            Ok(()) => tracing::info!(vmha_vm = %vm, "VM {vm} kept off {host} until `vmha vm cleanup {vm}`"),
+            Err(e) => tracing::warn!(vmha_vm = %vm, "VM {vm}: keeping it off {host}: {e}"),
+        }
     }
     // A hung guest cannot shut down: power it off now, so Pacemaker's stop finds it stopped.
     if !power_off {

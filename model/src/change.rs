@@ -168,6 +168,43 @@ pub fn move_constraint(rsc: &str, host: &str) -> String {
     )
 }
 
+/// Id of the constraint that keeps `rsc` off `host` after its application's health asked for a restart
+/// elsewhere (`health_app_action=restart-elsewhere`); `vmha vm cleanup` removes it.
+pub fn health_ban_id(rsc: &str, host: &str) -> String {
+    format!("vmha-health-ban-{rsc}-{host}")
+}
+
+/// The constraint that keeps `rsc` off `host` (score -INFINITY); for a create in `constraints`.
+pub fn health_ban(rsc: &str, host: &str) -> String {
+    format!(
+        r#"<rsc_location id="{}" rsc="{}" node="{}" score="-INFINITY"/>"#,
+        escape(&health_ban_id(rsc, host)),
+        escape(rsc),
+        escape(host)
+    )
+}
+
+/// The health bans of `rsc` in `cib` (on `host`, or on every host when `host` is empty), as fragments for
+/// a delete in `constraints`.
+pub fn health_bans(cib: &str, rsc: &str, host: &str) -> Result<Vec<String>, ModelError> {
+    let doc = Document::parse(cib)?;
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("rsc_location"))
+        .filter(|n| n.attribute("rsc") == Some(rsc))
+        .filter(|n| host.is_empty() || n.attribute("node") == Some(host))
+        .filter_map(|n| n.attribute("id"))
+        .filter(|id| is_health_ban(id, rsc))
+        .map(|id| format!(r#"<rsc_location id="{}"/>"#, escape(id)))
+        .collect())
+}
+
+fn is_health_ban(id: &str, rsc: &str) -> bool {
+    id.strip_prefix("vmha-health-ban-")
+        .and_then(|rest| rest.strip_prefix(rsc))
+        .is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// What a new VM resource needs.
 #[derive(Debug, Clone)]
 pub struct NewVm<'a> {
@@ -237,6 +274,28 @@ pub fn vm_primitive(vm: &NewVm) -> Result<String, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_bans_are_found_per_vm_and_host() {
+        let cib = format!(
+            r#"<cib><configuration><constraints>{}{}{}<rsc_location id="cli-ban-vm1-on-n3" rsc="vm1" node="n3" score="-INFINITY"/><rsc_location id="vmha-health-ban-vm1-x-n1" rsc="vm1-x" node="n1" score="-INFINITY"/></constraints></configuration></cib>"#,
+            health_ban("vm1", "n1"),
+            health_ban("vm1", "n2"),
+            health_ban("vm2", "n1")
+        );
+        assert_eq!(
+            health_bans(&cib, "vm1", "").unwrap(),
+            vec![
+                r#"<rsc_location id="vmha-health-ban-vm1-n1"/>"#.to_string(),
+                r#"<rsc_location id="vmha-health-ban-vm1-n2"/>"#.to_string()
+            ],
+            "an operator's ban (cli-ban) and another VM's stay"
+        );
+        assert_eq!(health_bans(&cib, "vm1", "n2").unwrap().len(), 1);
+        assert!(health_bans(&cib, "vm3", "").unwrap().is_empty());
+        assert!(health_bans("<cib", "vm1", "").is_err());
+        assert!(health_ban("vm1", "n1").contains(r#"score="-INFINITY""#));
+    }
 
     const CIB: &str = r#"<cib><configuration><nodes>
         <node id="1" uname="n1"><instance_attributes id="nodes-1"><nvpair id="nodes-1-standby" name="standby" value="off"/></instance_attributes></node>

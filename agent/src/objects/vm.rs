@@ -169,7 +169,7 @@ impl VmObject {
                 E::UnknownVm(_) => Error::UnknownVm(e.to_string()),
                 E::UnknownHost { .. } => Error::UnknownHost(e.to_string()),
                 E::Agent { .. } => Error::InvalidArgument(e.to_string()),
-                E::Cib { .. } | E::Attrd { .. } | E::Refresh { .. } => Error::Cib(e.to_string()),
+                E::Cib { .. } | E::Attrd { .. } | E::Refresh { .. } | E::HealthBan { .. } => Error::Cib(e.to_string()),
             })
     }
 

@@ -12,6 +12,8 @@
 //! - before the hung guest was reset, vmhad kept its post-mortem on its host (/var/lib/vmha/postmortem/VM/):
 //!   the reason, the tail of its serial console (the guest's own boot line in it) and why there is no
 //!   screenshot (the lab's guests have no display);
+//! - `health_app_action=restart-elsewhere` (a second VM): the failing hook restarts the VM on another host,
+//!   booted afresh;
 //! - the reset limit: sensitivity high allows three resets an hour on a host; a fourth failing hook is only
 //!   reported, and the VM runs on untouched.
 
@@ -23,6 +25,8 @@ use vmha_lab::lab::VmAgent;
 use vmha_lab::{wait_for, Lab};
 
 const VM: &str = "hvm1";
+/// The VM whose failing hook restarts it elsewhere.
+const VM2: &str = "hvm2";
 /// Sensitivity high's threshold.
 const THRESHOLD: Duration = Duration::from_secs(5);
 
@@ -113,6 +117,12 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
             "health_grace=5",
             "health_app_action=restart",
         ],
+    )
+    .unwrap();
+    lab.add_vm_with(
+        &GuestSpec::new(VM2),
+        VmAgent::Vmha,
+        &["health_app_action=restart-elsewhere"],
     )
     .unwrap();
     let mut n = wait_running(&lab, VM, Duration::from_secs(180));
@@ -215,15 +225,7 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
     // application's failure replaces the hang's as the last failure, with its own reason.)
     let qemu = lab.qemu_processes(VM)[0].1;
     let t0 = Instant::now();
-    guest_exec(
-        &lab,
-        n,
-        VM,
-        "/bin/sh",
-        &["-c", "mkdir -p /run/vmha-guest && touch /run/vmha-guest/app-down"],
-        Duration::from_secs(20),
-    )
-    .unwrap();
+    app_down(&lab, n, VM);
     let failed = wait_for(
         "crm_mon to show the application's failure",
         Duration::from_secs(60),
@@ -259,6 +261,55 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
         "vmhad's log"
     );
 
+    // 3b. restart-elsewhere (the second VM): its failing hook restarts it on another host — a new QEMU
+    // there, booted afresh (a live migration would carry the dead application along).
+    let m = wait_running(&lab, VM2, Duration::from_secs(120));
+    wait_for(
+        &format!("{VM2}'s heartbeats and healthy application"),
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let h = vmha_vm(&lab, m, VM2).ok()?.health;
+            (h.get("heartbeats").map(String::as_str) == Some("yes")
+                && h.get("application").map(String::as_str) == Some("healthy"))
+            .then_some(())
+        },
+    )
+    .unwrap();
+    let qemu2 = lab.qemu_processes(VM2)[0].1;
+    app_down(&lab, m, VM2);
+    let to = wait_for(
+        &format!("{VM2} restarted on another host"),
+        Duration::from_secs(120),
+        POLL,
+        || {
+            let q = lab.qemu_processes(VM2);
+            let on = lab.cfg.host_number(lab.status_from_any().ok()?.running_on(VM2)?)?;
+            (q.len() == 1 && q[0].1 != qemu2 && q[0].0 == on && on != m).then_some(on)
+        },
+    )
+    .unwrap();
+    let up = wait_for("the moved guest's uptime", Duration::from_secs(60), POLL, || {
+        guest_uptime(&lab, to, VM2).ok()
+    })
+    .unwrap();
+    println!(
+        "restart-elsewhere: {VM2} from {} to {}, uptime there {up:.1} s",
+        lab.cfg.host_name(m),
+        lab.cfg.host_name(to)
+    );
+    assert!(host_log(&lab, m).contains("restarting it (health_app_action=restart-elsewhere)"));
+    assert!(up < 60.0, "{VM2} was not booted afresh (uptime {up} s)");
+    // Kept off its first host by vmha's constraint, until `vmha vm cleanup` removes it.
+    let ban = format!("vmha-health-ban-{VM2}-{}", lab.cfg.host_name(m));
+    let constraints = || {
+        lab.exec_ok(1, &["cibadmin", "--query", "--scope", "constraints"])
+            .unwrap()
+    };
+    assert!(constraints().contains(&ban), "{}", constraints());
+    lab.exec_ok(to, &["vmha", "vm", "cleanup", VM2]).unwrap();
+    assert!(!constraints().contains(&ban), "{}", constraints());
+
     // 4. The reset limit (3 an hour for sensitivity high, counted by the vmhad of the VM's host): the hook
     // fails again after each restart until a host's vmhad refuses; it refuses exactly after its third reset.
     let mut refused = false;
@@ -267,15 +318,7 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
         wait_heartbeats(&lab, n);
         let qemu = lab.qemu_processes(VM)[0].1;
         let refusals_before = count(&host_log(&lab, n), REFUSED);
-        guest_exec(
-            &lab,
-            n,
-            VM,
-            "/bin/sh",
-            &["-c", "mkdir -p /run/vmha-guest && touch /run/vmha-guest/app-down"],
-            Duration::from_secs(20),
-        )
-        .unwrap();
+        app_down(&lab, n, VM);
         let outcome = wait_for("a restart or a refusal", Duration::from_secs(120), POLL, || {
             if count(&host_log(&lab, n), REFUSED) > refusals_before {
                 return Some("refused");
@@ -304,6 +347,28 @@ fn hung_guest_and_unhealthy_application_restart_their_vm() {
         assert!(resets <= 3, "{resets} resets on one host within the hour");
     }
     assert!(refused, "the reset limit never stopped the restarts");
+}
+
+/// Makes the lab health hook of `vm` (on host `n`) fail from now on, through qemu-guest-agent once it
+/// answers (a guest just started may not have it up yet).
+fn app_down(lab: &Lab, n: u8, vm: &str) {
+    wait_for(
+        &format!("{vm}'s qemu-guest-agent to run the command"),
+        Duration::from_secs(60),
+        POLL,
+        || {
+            guest_exec(
+                lab,
+                n,
+                vm,
+                "/bin/sh",
+                &["-c", "mkdir -p /run/vmha-guest && touch /run/vmha-guest/app-down"],
+                Duration::from_secs(20),
+            )
+            .ok()
+        },
+    )
+    .unwrap();
 }
 
 /// What vmhad logs when the reset limit keeps it from restarting a VM for its application.
