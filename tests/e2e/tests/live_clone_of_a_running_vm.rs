@@ -357,9 +357,9 @@ fn live_clone_of_a_running_vm() {
     let cl1_blk = domain_field(&lab, b, "cl1", &["domblklist"]);
     println!("after destroy: template on {tpl_blk}, cl1 on {cl1_blk}, layer {layer} removed");
 
-    // 4b. Five clones more in a row, each removed again: with the others, the monitored template is paused
-    // for nine captures in this scenario (two of them cut short by a crash).
-    for i in 1..=5 {
+    // 4b. Eight clones more in a row, each removed again: with cl1 and cl-forced, ten clones of the
+    // monitored template, and two more captures cut short by a crash below.
+    for i in 1..=8 {
         let name = format!("cl-r{i}");
         let (code, _, err) = vmha_run(&lab, d, &["clone", TPL, "--name", &name, "--host", &b_name]);
         assert_eq!(code, 0, "clone {name}: {err}");
