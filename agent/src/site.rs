@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::vcluster::{connect, query};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use vmha_api::json::document;
 use vmha_model::change::{escape, set_resource_meta, validate_name};
 use vmha_model::ClusterView;
-use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
+use vmha_pacemaker::{CallOptions, Cib, Scope};
 use vmha_vcluster::capture;
 use vmha_vcluster::translate::{domain_disks, Maps};
 
@@ -420,16 +421,6 @@ impl SiteCmd {
                 }
         )
     }
-}
-
-async fn connect() -> Result<Cib> {
-    Cib::connect("vmha", Access::ReadWrite, CIB_DEADLINE)
-        .await
-        .context("connecting to this host's CIB (is Pacemaker running here?)")
-}
-
-async fn query(cib: &Cib) -> Result<String> {
-    cib.query_all(CIB_DEADLINE).await.context("reading the CIB")
 }
 
 /// Runs the booth client with `args` (checked by the caller), killed after [`BOOTH_DEADLINE`]. Returns

@@ -125,13 +125,15 @@ impl VclusterCmd {
     }
 }
 
-async fn connect() -> Result<Cib> {
+/// A read-write connection to this host's CIB, for the CLI's own commands (`vmha vcluster`, `vmha site`).
+pub(crate) async fn connect() -> Result<Cib> {
     Cib::connect("vmha", Access::ReadWrite, CIB_DEADLINE)
         .await
         .context("connecting to this host's CIB (is Pacemaker running here?)")
 }
 
-async fn query(cib: &Cib) -> Result<String> {
+/// The whole CIB through `cib`.
+pub(crate) async fn query(cib: &Cib) -> Result<String> {
     cib.query_all(CIB_DEADLINE).await.context("reading the CIB")
 }
 

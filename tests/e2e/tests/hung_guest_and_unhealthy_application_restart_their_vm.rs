@@ -74,7 +74,7 @@ fn wait_heartbeats(lab: &Lab, n: u8) {
 fn vmhad_logs(lab: &Lab) -> String {
     lab.cfg
         .host_numbers()
-        .map(|n| std::fs::read_to_string(lab.cfg.host_dir(n).join("var-log-vmha/vmhad.log")).unwrap_or_default())
+        .map(|n| host_log(lab, n))
         .collect::<Vec<_>>()
         .join("\n")
 }
