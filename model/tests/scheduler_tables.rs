@@ -126,15 +126,19 @@ fn scratch() -> PathBuf {
     dir
 }
 
-/// Runs Pacemaker's scheduler on `copy` and reads its transition graph as what-if does.
-fn schedule(live: &str, copy: &str, failed: &[String]) -> (Prediction, String) {
+/// Runs Pacemaker's scheduler (`crm_simulate`) on `cib`, with its clock at `datetime` (ISO 8601) when
+/// given: the transition graph and what it printed.
+fn simulate(cib: &str, datetime: Option<&str>) -> (String, String) {
     let dir = scratch();
     let cib_file = dir.join("cib.xml");
     let graph_file = dir.join("graph.xml");
-    std::fs::write(&cib_file, copy).unwrap();
-    let out = Command::new("crm_simulate")
-        .arg("-x")
-        .arg(&cib_file)
+    std::fs::write(&cib_file, cib).unwrap();
+    let mut cmd = Command::new("crm_simulate");
+    cmd.arg("-x").arg(&cib_file);
+    if let Some(t) = datetime {
+        cmd.arg("-t").arg(t);
+    }
+    let out = cmd
         .arg("-R")
         .arg("-s")
         .arg("-G")
@@ -151,6 +155,12 @@ fn schedule(live: &str, copy: &str, failed: &[String]) -> (Prediction, String) {
     assert!(out.status.success(), "crm_simulate failed:\n{text}");
     let graph = std::fs::read_to_string(&graph_file).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    (graph, text)
+}
+
+/// Runs Pacemaker's scheduler on `copy` and reads its transition graph as what-if does.
+fn schedule(live: &str, copy: &str, failed: &[String]) -> (Prediction, String) {
+    let (graph, text) = simulate(copy, None);
     (predict(live, copy, &graph, failed, None).unwrap(), text)
 }
 
@@ -579,31 +589,7 @@ fn preemption_a_growing_group_shrinks_a_lower_one_down_to_its_min_and_no_further
 
 /// As [`schedule`], with Pacemaker's clock set to `datetime` (ISO 8601): the VMs that run afterwards.
 fn running_at(live: &str, datetime: &str) -> (Vec<String>, String) {
-    let dir = scratch();
-    let cib_file = dir.join("cib.xml");
-    let graph_file = dir.join("graph.xml");
-    std::fs::write(&cib_file, live).unwrap();
-    let out = Command::new("crm_simulate")
-        .arg("-x")
-        .arg(&cib_file)
-        .arg("-t")
-        .arg(datetime)
-        .arg("-R")
-        .arg("-s")
-        .arg("-G")
-        .arg(&graph_file)
-        .env_remove("CIB_file")
-        .env_remove("CIB_shadow")
-        .output()
-        .expect("crm_simulate (pacemaker-cli-utils) must be installed for the scheduler tables");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "crm_simulate failed:\n{text}");
-    let graph = std::fs::read_to_string(&graph_file).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
+    let (graph, text) = simulate(live, Some(datetime));
     let p = predict(live, live, &graph, &[], None).unwrap();
     let running = p
         .placement()
