@@ -26,6 +26,10 @@ use clap::{Subcommand, ValueEnum};
 use serde::Serialize;
 use vmha_api::json::document;
 use vmha_model::change::{escape, set_resource_meta, validate_name};
+pub use vmha_model::site::{
+    parse_booth_list, validate_site, validate_ticket, BoothConf, BoothTicket, CibTicket, SiteError, SiteView,
+    TicketBinding, TicketConf,
+};
 use vmha_model::ClusterView;
 use vmha_pacemaker::{CallOptions, Cib, Scope};
 use vmha_vcluster::capture;
@@ -38,284 +42,6 @@ pub const BOOTH_CONF: &str = "/etc/booth/booth.conf";
 pub const BOOTH_DEADLINE: Duration = Duration::from_secs(30);
 /// Deadline of one CIB call.
 const CIB_DEADLINE: Duration = Duration::from_secs(30);
-
-/// Errors of site input and booth's answers (names as the operator gave them, printable).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SiteError {
-    #[error("{what} {value:?} is not valid: {why}")]
-    Invalid {
-        what: &'static str,
-        value: String,
-        why: &'static str,
-    },
-    #[error("booth.conf line {line}: {why}")]
-    Conf { line: usize, why: String },
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// Checks a booth ticket name: it goes into booth's command line, booth.conf and the CIB. Letters, digits,
-/// '_' and '-', starting with a letter, at most 63 characters (booth's name length).
-pub fn validate_ticket(name: &str) -> Result<(), SiteError> {
-    let invalid = |why| {
-        Err(SiteError::Invalid {
-            what: "ticket",
-            value: vmha_vcluster::printable(name),
-            why,
-        })
-    };
-    if name.is_empty() || name.len() > 63 {
-        return invalid("must be 1 to 63 characters");
-    }
-    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return invalid("must start with a letter");
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-    {
-        return invalid("may hold only letters, digits, '_' and '-'");
-    }
-    Ok(())
-}
-
-/// Checks a site given by the operator: an IPv4 address (booth names sites by address) that booth.conf
-/// lists as a site. Returns the address.
-pub fn validate_site(value: &str, conf: &BoothConf) -> Result<Ipv4Addr, SiteError> {
-    let addr: Ipv4Addr = value.parse().map_err(|_| SiteError::Invalid {
-        what: "site",
-        value: vmha_vcluster::printable(value),
-        why: "must be a site address of booth.conf (e.g. 192.168.201.100)",
-    })?;
-    if !conf.sites.contains(&addr) {
-        return Err(SiteError::Invalid {
-            what: "site",
-            value: value.to_string(),
-            why: "is not a site of booth.conf",
-        });
-    }
-    Ok(addr)
-}
-
-/// A booth ticket as booth.conf defines it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TicketConf {
-    pub name: String,
-    /// Lease time in seconds (booth's default 600).
-    pub expire: u32,
-    /// `manual` tickets are never moved by booth itself.
-    pub manual: bool,
-}
-
-/// What vmha reads of booth.conf.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct BoothConf {
-    pub sites: Vec<Ipv4Addr>,
-    pub arbitrators: Vec<Ipv4Addr>,
-    pub tickets: Vec<TicketConf>,
-}
-
-impl BoothConf {
-    /// Parses booth.conf (`key = value`, values optionally in double quotes, `#` comments; ticket
-    /// settings follow their `ticket` line). Bad addresses or ticket names are errors.
-    pub fn parse(text: &str) -> Result<BoothConf, SiteError> {
-        let mut conf = BoothConf::default();
-        for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let bad = |why: String| SiteError::Conf { line: i + 1, why };
-            let (key, value) = line.split_once('=').ok_or_else(|| bad("expected key = value".into()))?;
-            let key = key.trim();
-            let value = value.trim();
-            let value = value
-                .strip_prefix('"')
-                .and_then(|v| v.strip_suffix('"'))
-                .unwrap_or(value);
-            let addr = |v: &str| -> Result<Ipv4Addr, SiteError> {
-                // booth allows IPv4-mapped IPv6 notation for IPv4 sites.
-                v.trim_start_matches("::ffff:").parse().map_err(|_| {
-                    bad(format!(
-                        "{key}: {:?} is not an IPv4 address",
-                        vmha_vcluster::printable(v)
-                    ))
-                })
-            };
-            match key {
-                "site" => conf.sites.push(addr(value)?),
-                "arbitrator" => conf.arbitrators.push(addr(value)?),
-                "ticket" => {
-                    if value == "__defaults__" {
-                        continue;
-                    }
-                    validate_ticket(value).map_err(|e| bad(e.to_string()))?;
-                    conf.tickets.push(TicketConf {
-                        name: value.to_string(),
-                        expire: 600,
-                        manual: false,
-                    });
-                }
-                "expire" => {
-                    let secs = value
-                        .parse()
-                        .map_err(|_| bad(format!("expire {value:?} is not a number")))?;
-                    if let Some(t) = conf.tickets.last_mut() {
-                        t.expire = secs;
-                    }
-                }
-                "mode" => {
-                    if let Some(t) = conf.tickets.last_mut() {
-                        t.manual = value.eq_ignore_ascii_case("manual");
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(conf)
-    }
-
-    pub fn read(path: &Path) -> Result<BoothConf> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading booth's configuration {} (is booth set up?)", path.display()))?;
-        Ok(BoothConf::parse(&text)?)
-    }
-
-    pub fn ticket(&self, name: &str) -> Option<&TicketConf> {
-        self.tickets.iter().find(|t| t.name == name)
-    }
-
-    /// The other site of a two-site configuration.
-    pub fn other_site(&self, site: Ipv4Addr) -> Option<Ipv4Addr> {
-        (self.sites.len() == 2).then(|| self.sites.iter().copied().find(|s| *s != site))?
-    }
-}
-
-/// One line of `booth list`: `ticket: T, leader: ADDR, expires: TIME, ...`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BoothTicket {
-    pub name: String,
-    /// The site that holds the ticket (`None`: nobody).
-    pub leader: Option<Ipv4Addr>,
-    pub expires: Option<String>,
-}
-
-/// Parses `booth list`. Lines that are not ticket lines, and fields it does not know, are skipped; a
-/// leader that is no address counts as none.
-pub fn parse_booth_list(text: &str) -> Vec<BoothTicket> {
-    text.lines()
-        .filter_map(|line| {
-            let fields: BTreeMap<&str, &str> = line
-                .split(',')
-                .filter_map(|f| f.split_once(':').map(|(k, v)| (k.trim(), v.trim())))
-                .collect();
-            let name = *fields.get("ticket")?;
-            validate_ticket(name).ok()?;
-            Some(BoothTicket {
-                name: name.to_string(),
-                leader: fields.get("leader").and_then(|l| l.parse().ok()),
-                // "expires: 2026-12-06 06:40:00" holds ':' itself: take the rest of the line.
-                expires: line
-                    .split_once("expires:")
-                    .map(|(_, rest)| rest.split(',').next().unwrap_or("").trim().to_string())
-                    .filter(|s| !s.is_empty() && s != "INF"),
-            })
-        })
-        .collect()
-}
-
-/// A ticket's state as booth committed it to this site's CIB.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct CibTicket {
-    pub name: String,
-    pub granted: bool,
-    pub standby: bool,
-    /// Unix time of the last grant here.
-    pub last_granted: Option<u64>,
-    /// booth's lease end (Unix time), when booth wrote one.
-    pub expires: Option<u64>,
-}
-
-/// An `rsc_ticket` constraint: resource (a virtual cluster's tag) held by a ticket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TicketBinding {
-    pub id: String,
-    pub rsc: String,
-    pub ticket: String,
-    pub loss_policy: String,
-}
-
-/// What a site's CIB says about sites: tickets, bindings, and the booth site address of this cluster.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct SiteView {
-    pub local_site: Option<Ipv4Addr>,
-    pub tickets: Vec<CibTicket>,
-    pub bindings: Vec<TicketBinding>,
-}
-
-impl SiteView {
-    pub fn from_cib(cib: &str) -> Result<SiteView, roxmltree::Error> {
-        let doc = roxmltree::Document::parse(cib)?;
-        let tickets = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("ticket_state"))
-            .filter_map(|t| {
-                Some(CibTicket {
-                    name: t.attribute("id")?.to_string(),
-                    granted: t.attribute("granted") == Some("true"),
-                    standby: t.attribute("standby") == Some("true"),
-                    last_granted: t.attribute("last-granted").and_then(|v| v.parse().ok()),
-                    expires: t.attribute("expires").and_then(|v| v.parse().ok()),
-                })
-            })
-            .collect();
-        let bindings = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("rsc_ticket"))
-            .filter_map(|c| {
-                Some(TicketBinding {
-                    id: c.attribute("id")?.to_string(),
-                    rsc: c.attribute("rsc")?.to_string(),
-                    ticket: c.attribute("ticket")?.to_string(),
-                    loss_policy: c.attribute("loss-policy").unwrap_or("stop").to_string(),
-                })
-            })
-            .collect();
-        // booth's documented setup: a group holding an IPaddr2 (the site address) and booth-site.
-        let local_site = doc
-            .descendants()
-            .filter(|g| g.has_tag_name("group"))
-            .find(|g| {
-                g.children()
-                    .any(|p| p.has_tag_name("primitive") && p.attribute("type") == Some("booth-site"))
-            })
-            .and_then(|g| {
-                g.children()
-                    .filter(|p| p.has_tag_name("primitive") && p.attribute("type") == Some("IPaddr2"))
-                    .flat_map(|p| p.descendants())
-                    .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some("ip"))
-                    .and_then(|n| n.attribute("value")?.parse().ok())
-            });
-        Ok(SiteView {
-            local_site,
-            tickets,
-            bindings,
-        })
-    }
-
-    pub fn ticket(&self, name: &str) -> Option<&CibTicket> {
-        self.tickets.iter().find(|t| t.name == name)
-    }
-
-    pub fn granted_here(&self, name: &str) -> bool {
-        self.ticket(name).is_some_and(|t| t.granted)
-    }
-
-    /// The ticket that holds virtual cluster `vc`.
-    pub fn binding_of(&self, vc: &str) -> Option<&TicketBinding> {
-        self.bindings.iter().find(|b| b.rsc == vc)
-    }
-}
 
 /// What a site does with a virtual cluster when its ticket is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -457,6 +183,13 @@ fn local_site(view: &SiteView) -> Result<String> {
     })
 }
 
+/// Reads and parses booth's configuration.
+pub fn read_booth_conf(path: &Path) -> Result<BoothConf> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading booth's configuration {} (is booth set up?)", path.display()))?;
+    Ok(BoothConf::parse(&text)?)
+}
+
 /// Everything `vmha site status` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -574,7 +307,7 @@ struct SiteContext {
 }
 
 async fn read_all() -> Result<SiteContext> {
-    let conf = BoothConf::read(Path::new(BOOTH_CONF))?;
+    let conf = read_booth_conf(Path::new(BOOTH_CONF))?;
     let cib = connect().await?;
     let xml = query(&cib).await?;
     let view = SiteView::from_cib(&xml).context("reading the CIB")?;

@@ -236,5 +236,14 @@ fn main() {
         version(4, "{}").replace("vmha-policy-v4", "vmha-policy-v9").as_bytes(),
     );
     write(&dir, "unnamed", r#"<nvpair id="x" name="y" value="{}"/>"#.as_bytes());
+    // booth.conf, `booth list` and a site's CIB, separated by NUL bytes (see booth_inputs.rs).
+    let dir = root.join("booth_inputs");
+    let conf = "transport = UDP\nport = 9929\nsite = 10.213.191.100\nsite = \"10.213.192.100\"\narbitrator = 10.213.193.10\n\
+                ticket = \"__defaults__\"\n    expire = 300\nticket = \"shop\"\n    expire = 20\n    timeout = 1\nticket = db-8\n    mode = manual\n";
+    let list = "ticket: shop, leader: 10.213.191.100, expires: 2026-12-06 06:40:00, commit: 2026-12-06 06:39:40\n\
+                ticket: db-8, leader: NONE\n10.213.192.100\n";
+    let cib = r#"<cib><configuration><resources><group id="booth"><primitive id="booth-ip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="booth-ip-ia"><nvpair id="booth-ip-ip" name="ip" value="10.213.191.100"/></instance_attributes></primitive><primitive id="booth-site" class="ocf" provider="pacemaker" type="booth-site"/></group></resources><constraints><rsc_ticket id="vmha-site-shop" rsc="shop" ticket="shop" loss-policy="stop"/></constraints></configuration><status><tickets><ticket_state id="shop" granted="true" last-granted="1796000000" expires="1796000020"/></tickets></status></cib>"#;
+    write(&dir, "two-sites", format!("{conf}\0{list}\0{cib}").as_bytes());
+    write(&dir, "hostile", "ticket = -F\nsite = ::ffff:1.2.3.4\n\0ticket: --help, leader: 1.2.3.4\nticket: a\u{1b}[2J\0<cib><tickets><ticket_state/></tickets></cib>".as_bytes());
     println!("seeds written under {}", root.display());
 }

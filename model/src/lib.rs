@@ -12,9 +12,29 @@ pub mod group;
 pub mod guest;
 pub mod health;
 pub mod policy;
+pub mod site;
 pub mod whatif;
 
 pub use cib::{ClusterView, Constraint, HostView, VmState, VmView};
+
+/// `text` fit to print on a terminal or in a log: control characters (and the DEL and C1 controls,
+/// which terminals act on) are escaped as `\u{..}`, a backslash is doubled. Everything that came from
+/// an archive (or a guest) goes through this before it is printed, in the plan and in errors.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control()
+                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 /// Resource agents whose resources vmha treats as virtual machines.
 pub const VM_AGENTS: [(&str, &str, &str); 2] =

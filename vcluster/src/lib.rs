@@ -34,24 +34,7 @@ pub enum VclusterError {
     Format(#[from] ArchiveError),
 }
 
-/// `text` fit to print on a terminal or in a log: control characters (and the DEL and C1 controls,
-/// which terminals act on) are escaped as `\u{..}`, a backslash is doubled. Everything that came from
-/// an archive (or a guest) goes through this before it is printed, in the plan and in errors.
-pub fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            c if c.is_control()
-                || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
-            {
-                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)))
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use vmha_model::printable;
 
 /// The archive name of a VM's domain definition.
 pub fn domain_file(vm: &str) -> String {

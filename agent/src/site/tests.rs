@@ -19,117 +19,6 @@ fn conf() -> BoothConf {
     BoothConf::parse(CONF).unwrap()
 }
 
-#[test]
-fn booth_conf_gives_sites_arbitrators_and_tickets() {
-    let c = conf();
-    assert_eq!(
-        c.sites,
-        vec![Ipv4Addr::new(10, 213, 191, 100), Ipv4Addr::new(10, 213, 192, 100)]
-    );
-    assert_eq!(c.arbitrators, vec![Ipv4Addr::new(10, 213, 193, 10)]);
-    assert_eq!(
-        c.tickets,
-        vec![
-            TicketConf {
-                name: "shop".into(),
-                expire: 20,
-                manual: false
-            },
-            TicketConf {
-                name: "db-8".into(),
-                expire: 600,
-                manual: true
-            },
-        ]
-    );
-    assert_eq!(c.other_site(c.sites[0]), Some(c.sites[1]));
-}
-
-#[test]
-fn hostile_booth_conf_is_an_error_naming_the_line() {
-    for (text, line) in [
-        ("site = 10.0.0.1\nsite = not-an-address\n", 2),
-        ("ticket = \"a;rm -rf /\"\n", 1),
-        ("ticket = -F\n", 1),
-        ("site 10.0.0.1\n", 1),
-        ("ticket = t\nexpire = soon\n", 2),
-        ("arbitrator = 10.0.0.300\n", 1),
-    ] {
-        match BoothConf::parse(text) {
-            Err(SiteError::Conf { line: l, .. }) => assert_eq!(l, line, "{text:?}"),
-            other => panic!("{text:?}: {other:?}"),
-        }
-    }
-}
-
-#[test]
-fn hostile_ticket_names_are_refused() {
-    for bad in [
-        "",
-        "-F",
-        "--help",
-        "1shop",
-        "shop ticket",
-        "shop\nsite = 1.2.3.4",
-        "shop\"",
-        "shop'",
-        "../etc/passwd",
-        "shop;reboot",
-        "$(reboot)",
-        "shöp",
-        "shop\u{202e}",
-        &"t".repeat(64),
-    ] {
-        let e = validate_ticket(bad).unwrap_err();
-        let text = e.to_string();
-        assert!(text.starts_with("ticket "), "{text}");
-        // The message prints control and bidi characters escaped.
-        assert!(!text.contains('\n') && !text.contains('\u{202e}'), "{text:?}");
-    }
-    for good in ["shop", "db-8", "T_1", &"t".repeat(63)] {
-        validate_ticket(good).unwrap();
-    }
-}
-
-#[test]
-fn hostile_sites_are_refused() {
-    let c = conf();
-    assert_eq!(
-        validate_site("10.213.192.100", &c),
-        Ok(Ipv4Addr::new(10, 213, 192, 100))
-    );
-    for bad in [
-        "",
-        "-s",
-        "siteB",
-        "10.213.193.10", // the arbitrator is no site
-        "10.213.191.1",  // not in booth.conf
-        "10.213.192.100 ",
-        "10.213.192.100\n",
-        "10.213.192.100;reboot",
-        "::1",
-    ] {
-        let e = validate_site(bad, &c).unwrap_err();
-        assert!(matches!(e, SiteError::Invalid { what: "site", .. }), "{bad:?}: {e}");
-    }
-}
-
-#[test]
-fn booth_list_lines_parse_and_junk_is_skipped() {
-    let text = "ticket: shop, leader: 10.213.191.100, expires: 2026-12-06 06:40:00, commit: 2026-12-06 06:39:40\n\
-                ticket: db-8, leader: NONE\n\
-                ticket: -F, leader: 10.0.0.1\n\
-                garbage line\n\
-                ticket: idle, leader: 10.213.192.100, expires: INF\n";
-    let l = parse_booth_list(text);
-    assert_eq!(l.len(), 3, "{l:?}");
-    assert_eq!(l[0].name, "shop");
-    assert_eq!(l[0].leader, Some(Ipv4Addr::new(10, 213, 191, 100)));
-    assert_eq!(l[0].expires.as_deref(), Some("2026-12-06 06:40:00"));
-    assert_eq!(l[1].leader, None);
-    assert_eq!(l[2].expires, None);
-}
-
 const CIB: &str = r#"<cib><configuration><resources>
   <group id="booth">
     <primitive id="booth-ip" class="ocf" provider="heartbeat" type="IPaddr2">
@@ -147,20 +36,6 @@ const CIB: &str = r#"<cib><configuration><resources>
   <ticket_state id="shop" granted="true" booth-cfg-name="booth" last-granted="1796000000" expires="1796000020"/>
   <ticket_state id="db-8" granted="false"/>
 </tickets></status></cib>"#;
-
-#[test]
-fn site_view_reads_tickets_bindings_and_the_local_site() {
-    let v = SiteView::from_cib(CIB).unwrap();
-    assert_eq!(v.local_site, Some(Ipv4Addr::new(10, 213, 191, 100)));
-    assert!(v.granted_here("shop"));
-    assert!(!v.granted_here("db-8"));
-    assert!(!v.granted_here("nosuch"));
-    assert_eq!(v.ticket("shop").unwrap().expires, Some(1_796_000_020));
-    let b = v.binding_of("shop").unwrap();
-    assert_eq!((b.ticket.as_str(), b.loss_policy.as_str()), ("shop", "fence"));
-    assert!(v.binding_of("web").is_none());
-    assert!(SiteView::from_cib("<cib").is_err());
-}
 
 #[test]
 fn rsc_ticket_xml_is_escaped_and_names_the_tag() {

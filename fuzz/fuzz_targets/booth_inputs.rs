@@ -1,0 +1,70 @@
+//! What `vmha site` reads from booth and the CIB (issue 20): booth.conf (anyone who can edit it), the
+//! output of `booth list` (what the other sites and the arbitrator sent) and a site's CIB (ticket states,
+//! rsc_ticket constraints, the booth site group). The input is split at the first two NUL bytes into those
+//! three texts. Nothing may panic, and whatever comes out must be safe to act on: every ticket name read
+//! from booth.conf or `booth list` passes `validate_ticket` (so it never reaches booth's command line as an
+//! option), `validate_site` only accepts a site booth.conf lists, and errors print no control characters.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmha_model::site::{parse_booth_list, validate_site, validate_ticket, BoothConf, SiteView};
+
+fn no_controls(text: &str) {
+    assert!(
+        !text.chars().any(|c| c.is_control() && c != '\n'),
+        "an error prints a control character: {text:?}"
+    );
+}
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\0');
+    let conf_text = parts.next().unwrap_or("");
+    let list_text = parts.next().unwrap_or("");
+    let cib_text = parts.next().unwrap_or("");
+
+    match BoothConf::parse(conf_text) {
+        Ok(conf) => {
+            for t in &conf.tickets {
+                validate_ticket(&t.name).expect("a ticket read from booth.conf is a valid name");
+                assert_eq!(conf.ticket(&t.name), Some(t), "ticket names are unique");
+            }
+            // Any line of the other texts as a site name given by the operator.
+            for candidate in list_text.lines().chain(cib_text.lines()).take(16) {
+                match validate_site(candidate, &conf) {
+                    Ok(addr) => assert!(conf.sites.contains(&addr), "{candidate:?} is no site"),
+                    Err(e) => no_controls(&e.to_string()),
+                }
+            }
+            let mut members: Vec<_> = conf.sites.iter().chain(&conf.arbitrators).collect();
+            members.sort();
+            members.dedup();
+            assert_eq!(
+                members.len(),
+                conf.sites.len() + conf.arbitrators.len(),
+                "a member listed twice"
+            );
+            if let [a, b] = conf.sites.as_slice() {
+                assert_eq!(conf.other_site(*a), Some(*b));
+                assert_eq!(conf.other_site(*b), Some(*a));
+            }
+        }
+        Err(e) => no_controls(&e.to_string()),
+    }
+
+    for t in parse_booth_list(list_text) {
+        validate_ticket(&t.name).expect("a ticket read from booth list is a valid name");
+        if let Some(e) = &t.expires {
+            assert!(!e.is_empty() && e != "INF");
+        }
+    }
+
+    if let Ok(view) = SiteView::from_cib(cib_text) {
+        for t in &view.tickets {
+            let _ = view.granted_here(&t.name);
+        }
+        for b in &view.bindings {
+            assert!(view.binding_of(&b.rsc).is_some());
+        }
+    }
+});
