@@ -204,6 +204,8 @@ pub struct TicketStatus {
     pub name: String,
     pub expire_seconds: u32,
     pub manual: bool,
+    /// booth's `acquire-after`: how long the losing site has to stop what the ticket holds.
+    pub acquire_after_seconds: u32,
     /// The site booth says holds it (`None`: nobody, or booth did not answer).
     pub leader: Option<Ipv4Addr>,
     pub expires: Option<String>,
@@ -241,6 +243,7 @@ fn status_of(
                 name: t.name.clone(),
                 expire_seconds: t.expire,
                 manual: t.manual,
+                acquire_after_seconds: t.acquire_after,
                 leader: b.and_then(|b| b.leader),
                 expires: b.and_then(|b| b.expires.clone()),
                 granted_here: view.granted_here(&t.name),
@@ -296,7 +299,29 @@ pub fn status_text(s: &Status) -> String {
             }
         ));
     }
+    for w in status_warnings(s) {
+        out.push_str(&format!("\nwarning: {w}"));
+    }
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
     out
+}
+
+/// What an operator should fix in booth's configuration for the virtual clusters it protects.
+pub fn status_warnings(s: &Status) -> Vec<String> {
+    s.tickets
+        .iter()
+        .filter(|t| t.acquire_after_seconds == 0 && t.vclusters.iter().any(|(_, loss)| loss == "stop"))
+        .map(|t| {
+            format!(
+                "ticket {} has acquire-after 0 and loss-policy stop: after a link cut the other site may start \
+                 the VMs while this site still stops them; set acquire-after (booth.conf) longer than they take \
+                 to stop, or use --loss-policy fence",
+                t.name
+            )
+        })
+        .collect()
 }
 
 struct SiteContext {

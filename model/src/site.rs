@@ -74,6 +74,9 @@ pub struct TicketConf {
     pub expire: u32,
     /// `manual` tickets are never moved by booth itself.
     pub manual: bool,
+    /// Seconds booth waits after a ticket is lost before another site acquires it (`acquire-after`,
+    /// booth's default 0): the time the losing site has to stop what the ticket held.
+    pub acquire_after: u32,
 }
 
 /// booth's default lease time of a ticket, in seconds.
@@ -104,6 +107,7 @@ impl BoothConf {
             name: String::new(),
             expire: DEFAULT_EXPIRE,
             manual: false,
+            acquire_after: 0,
         };
         let mut stanza = Stanza::Global;
         for (i, raw) in text.lines().enumerate() {
@@ -170,6 +174,14 @@ impl BoothConf {
                         .map_err(|_| bad(format!("expire {:?} is not a number", crate::printable(value))))?;
                     if let Some(t) = current {
                         t.expire = secs;
+                    }
+                }
+                "acquire-after" => {
+                    let secs = value
+                        .parse()
+                        .map_err(|_| bad(format!("acquire-after {:?} is not a number", crate::printable(value))))?;
+                    if let Some(t) = current {
+                        t.acquire_after = secs;
                     }
                 }
                 "mode" => {

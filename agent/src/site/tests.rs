@@ -120,3 +120,28 @@ fn disk_copies_need_a_storage_map_for_every_disk() {
     assert!(e.to_string().contains("no --map storage"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn status_warns_of_a_stop_policy_without_acquire_after() {
+    let ticket = |name: &str, acquire_after: u32, loss: &str| TicketStatus {
+        name: name.into(),
+        expire_seconds: 20,
+        manual: false,
+        acquire_after_seconds: acquire_after,
+        leader: None,
+        expires: None,
+        granted_here: true,
+        vclusters: vec![("vc".into(), loss.into())],
+        running_here: vec![],
+    };
+    let s = Status {
+        local_site: None,
+        sites: vec![],
+        arbitrators: vec![],
+        tickets: vec![ticket("a", 0, "stop"), ticket("b", 10, "stop"), ticket("c", 0, "fence")],
+    };
+    let w = status_warnings(&s);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("ticket a has acquire-after 0"), "{w:?}");
+    assert!(status_text(&s).contains("\nwarning: ticket a "));
+}

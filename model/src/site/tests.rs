@@ -13,6 +13,7 @@ ticket = "shop"
     timeout = 1
 ticket = db-8
     mode = MANUAL
+    acquire-after = 60
 "#;
 
 fn conf() -> BoothConf {
@@ -51,13 +52,15 @@ fn booth_conf_gives_sites_arbitrators_and_tickets() {
             TicketConf {
                 name: "shop".into(),
                 expire: 20,
-                manual: false
+                manual: false,
+                acquire_after: 0
             },
             // The __defaults__ stanza's expire; its own mode.
             TicketConf {
                 name: "db-8".into(),
                 expire: 300,
-                manual: true
+                manual: true,
+                acquire_after: 60
             },
         ]
     );
@@ -76,6 +79,7 @@ fn hostile_booth_conf_is_an_error_naming_the_line() {
         ("ticket = a\nticket = b\nticket = a\n", 3),
         ("ticket = a\nticket = __defaults__\nexpire = 1\n", 2),
         ("expire = -1\n", 1),
+        ("ticket = t\nacquire-after = 1m\n", 2),
         ("site = 10.0.0.1\narbitrator = 10.0.0.1\n", 2),
         ("site = \u{1b}[31m\n", 1),
     ] {

@@ -8,7 +8,11 @@
 //! - `vmha site switchover` A -> B and back: what the guest wrote to its disk before each switchover is
 //!   there after it; a 50 ms poll over every QEMU of the machine never sees the VM run twice;
 //! - site A powered off while it runs the VM: booth grants the ticket to B after its expiry and B runs the
-//!   VM from its copy (what was synced at the last switchover); A powered on again does not start it.
+//!   VM from its copy (what was synced at the last switchover); A powered on again does not start it;
+//! - failback: a switchover B -> A copies B's disk back, A runs the VM with what B wrote;
+//! - the link between the sites cut with the arbitrator reachable from B only: A's lease runs out and A
+//!   stops the VM (loss-policy stop, within booth's acquire-after), B takes the ticket and runs the VM
+//!   from its copy; the link back, A does not start it again.
 //!
 //! Disk replication here is the switchover's full copy while the VM is stopped (no incremental
 //! replication while running yet): the failover loses what A wrote after the last switchover.
@@ -300,6 +304,50 @@ fn site_switchover_and_failover_with_booth() {
             a.status_from_any().unwrap().running_on(VM).is_none(),
             "A started the VM again"
         );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(running_at(b), Some(nb));
+
+    // Failback after resync: a switchover B -> A copies B's disk back over A's stale copy.
+    let t = Instant::now();
+    vmha_long_ok(b, 1, &["site", "switchover", VC, "--to", &addr_a, "--map", &storage_ba]);
+    let na = wait_running_at(a, Duration::from_secs(90));
+    println!(
+        "failback B -> A: VM running at A after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(read_sector(a, na, 101), "written-at-B");
+    write_sector(a, na, 102, "written-at-A-after-failback");
+
+    // The link between the sites cut, the arbitrator reachable from B only (A's leg of the router
+    // down): A's lease runs out, A stops the VM (loss-policy stop) within acquire-after, B and the
+    // arbitrator move the ticket to B, and B starts the VM from its copy. Never both (the poller).
+    let t = Instant::now();
+    site_lab.cut_site(Site::A).unwrap();
+    let nb = wait_running_at(b, Duration::from_secs(u64::from(EXPIRE) * 2 + 90));
+    let rto = t.elapsed().as_secs_f64();
+    println!(
+        "link to A cut: VM running at B after {rto:.1} s (expire {EXPIRE} s, acquire-after {} s)",
+        EXPIRE / 2
+    );
+    assert!(
+        rto >= f64::from(EXPIRE) / 2.0 - 0.5,
+        "B started it before A's lease can have run out ({rto:.1} s)"
+    );
+    assert!(
+        a.status(1).unwrap().running_on(VM).is_none(),
+        "A still runs the VM after losing the ticket"
+    );
+    assert_eq!(granted_here(a), Some(false), "A still holds the ticket");
+    assert_eq!(read_sector(b, nb, 101), "written-at-B");
+    // A's write after the failback was never replicated (no replication while running yet).
+    assert_ne!(read_sector(b, nb, 102), "written-at-A-after-failback");
+    // The link back: booth at A learns B holds the ticket; A does not start the VM again.
+    site_lab.heal_site(Site::A).unwrap();
+    let healed = Instant::now();
+    while healed.elapsed() < Duration::from_secs(u64::from(EXPIRE)) {
+        assert!(!granted_here(a).unwrap_or(false), "the ticket came back to A");
+        assert!(a.status(1).unwrap().running_on(VM).is_none(), "A started the VM again");
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(running_at(b), Some(nb));

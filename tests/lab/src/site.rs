@@ -68,7 +68,8 @@ impl SiteLabConfig {
 
     /// booth.conf, identical at both sites and the arbitrator (lab only: no authfile, the subnets exist
     /// only inside the lab's namespaces). Short timing so that a lost site's ticket moves within a test:
-    /// timeout * (retries + 1) < expire / 2, as booth requires.
+    /// timeout * (retries + 1) < expire / 2, as booth requires; `acquire-after` half the expire time, so a
+    /// site cut off has that long after its lease ran out to stop what the ticket holds.
     pub fn booth_conf(&self) -> String {
         let mut s = String::from("# vmha site lab\ntransport = UDP\nport = 9929\n");
         s.push_str(&format!("site = {}\n", Self::site_address(&self.a)));
@@ -77,7 +78,8 @@ impl SiteLabConfig {
         s.push_str("arbitrator-user = root\narbitrator-group = root\n");
         for (t, expire) in &self.tickets {
             s.push_str(&format!(
-                "ticket = \"{t}\"\n    expire = {expire}\n    timeout = 1\n    retries = 3\n"
+                "ticket = \"{t}\"\n    expire = {expire}\n    acquire-after = {}\n    timeout = 1\n    retries = 3\n",
+                expire / 2
             ));
         }
         s
@@ -534,7 +536,7 @@ mod tests {
     fn booth_conf_names_both_sites_the_arbitrator_and_short_tickets() {
         let conf = cfg().booth_conf();
         assert!(conf.contains("site = 10.213.191.100\nsite = 10.213.192.100\narbitrator = 10.213.193.10\n"));
-        assert!(conf.contains("ticket = \"shop\"\n    expire = 20\n"));
+        assert!(conf.contains("ticket = \"shop\"\n    expire = 20\n    acquire-after = 10\n"));
     }
 
     #[test]
