@@ -663,15 +663,18 @@ async fn run_scheduler(copy: &str, limit: Duration) -> Result<String> {
     std::fs::read_to_string(&graph_path).context("reading the transition graph")
 }
 
-async fn predict(live: &str, failed: &[String], add: Option<(&str, &str)>, limit: Duration) -> Result<Prediction> {
-    let mut copy = whatif::fail_hosts(live, failed)?;
-    if let Some((_, primitive)) = add {
-        copy = whatif::add_resource(&copy, primitive)?;
-    }
-    // The free capacity the placement rules read, as vmhad keeps it, computed afresh for the copy.
-    let copy = vmha_model::failover::with_free_capacity(&copy)?;
-    let graph = run_scheduler(&copy, limit).await?;
-    Ok(whatif::predict(live, &copy, &graph, failed, add.map(|(n, _)| n))?)
+/// One event's prediction: its copy of the live CIB, Pacemaker's scheduler on it in a child process, the
+/// transition graph read.
+async fn predict(
+    events: &whatif::Events<'_>,
+    failed: &[String],
+    add: Option<(&str, &str)>,
+    limit: Duration,
+) -> Result<Prediction> {
+    // The free capacity the placement rules read, as vmhad keeps it, is computed afresh for the copy.
+    let copy = events.copy(failed, add.map(|(_, primitive)| primitive))?;
+    let graph = run_scheduler(&whatif::scheduler_input(&copy)?, limit).await?;
+    Ok(events.predict(&copy, &graph, failed, add.map(|(n, _)| n))?)
 }
 
 pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Result<()> {
@@ -679,13 +682,27 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
         let cib = connect(Access::ReadOnly).await?;
         query(&cib).await?
     };
-    let view = ClusterView::from_cib(&xml)?;
+    let events = whatif::Events::new(&xml)?;
+    let view = events.view();
     if args.n_plus_one {
-        let mut reports = Vec::new();
-        for host in view.hosts.iter().filter(|h| h.state == HostState::Online && !h.standby) {
-            let p = predict(&xml, std::slice::from_ref(&host.name), None, limit).await?;
-            reports.push(p);
-        }
+        use futures_util::{StreamExt, TryStreamExt};
+        // One event per online host, each scheduler in a child process of its own (libpacemaker keeps
+        // process-wide state: never two runs in one process at once), as many at a time as there are cores
+        // and one more, which starts while the others' graphs are read. Reported in host order; the first
+        // failure ends them all (the children still running are killed).
+        let width = std::thread::available_parallelism().map_or(1, |n| n.get()) + 1;
+        let hosts: Vec<&str> = view
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Online && !h.standby)
+            .map(|h| h.name.as_str())
+            .collect();
+        let events = &events;
+        let reports: Vec<Prediction> = futures_util::stream::iter(hosts)
+            .map(|h| async move { predict(events, &[h.to_string()], None, limit).await })
+            .buffered(width)
+            .try_collect()
+            .await?;
         let ok = reports.iter().all(|p| p.without_place().is_empty());
         if json_out {
             println!(
@@ -739,7 +756,7 @@ pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Resul
         (args.fail.clone(), None)
     };
     let p = predict(
-        &xml,
+        &events,
         &failed,
         added.as_ref().map(|(n, x)| (n.as_str(), x.as_str())),
         limit,

@@ -8,6 +8,7 @@ mod memory;
 mod report;
 mod scale;
 mod vcluster;
+mod whatif;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -158,6 +159,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// `vmha what-if --n-plus-one` on a generated file-backed CIB (32 hosts, 2000 VMs; no lab), sides alternating.
+    Whatif(whatif::WhatifArgs),
     /// vmhad's memory (RSS from /proc) freshly started and idle, after --jobs jobs of each kind (VM stop +
     /// start, live move, guest request) and after settling. Brings up its own lab.
     Memory {
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
             let (jobs, settle) = if quick { (3, 5) } else { (jobs, settle) };
             memory::run(jobs, Duration::from_secs(settle), &lab.config("bmem", "10.213.21"), out)
         }
+        Cmd::Whatif(args) => whatif::run(args),
         Cmd::CibChanges { pid, count, vms } => scale::cib_changes(pid, count, vms),
         Cmd::Measure { runs, actions, sides } => measure_cmd(runs, &actions, &sides),
         Cmd::PingLoop { domain } => clone::ping_loop(&domain),

@@ -63,7 +63,7 @@ pub fn free_capacity(cib: &str) -> Result<FreeCapacity, PolicyError> {
     Ok(free_capacity_of(&Document::parse(cib)?, &ClusterView::from_cib(cib)?))
 }
 
-fn free_capacity_of(doc: &Document, view: &ClusterView) -> FreeCapacity {
+pub(crate) fn free_capacity_of(doc: &Document, view: &ClusterView) -> FreeCapacity {
     let primitives: BTreeMap<&str, Node> = doc
         .descendants()
         .filter(|n| n.has_tag_name("primitive"))
@@ -125,9 +125,9 @@ pub fn free_set_xml(node: &str, free: &BTreeMap<String, i64>) -> String {
 /// (what the scheduler reads): stale `vmha-free-*` values are dropped first. What-if runs the scheduler on
 /// such a copy, so its answer does not depend on how fresh the live attributes are.
 pub fn with_free_capacity(cib: &str) -> Result<String, PolicyError> {
-    let free = free_capacity(cib)?;
     let doc = Document::parse(cib)?;
     let view = ClusterView::from_cib(cib)?;
+    let free = free_capacity_of(&doc, &view);
     let ids: BTreeMap<String, String> = view.hosts.iter().map(|h| (h.id.clone(), h.name.clone())).collect();
     let state_host = |n: Node| -> Option<&String> {
         n.has_tag_name("node_state")
@@ -234,7 +234,10 @@ pub struct HostPlace {
 
 /// Every host's zone and pool, from the node attributes in the CIB.
 pub fn host_places(cib: &str) -> Result<BTreeMap<String, HostPlace>, PolicyError> {
-    let doc = Document::parse(cib)?;
+    Ok(host_places_of(&Document::parse(cib)?))
+}
+
+pub(crate) fn host_places_of(doc: &Document) -> BTreeMap<String, HostPlace> {
     let mut out = BTreeMap::new();
     for node in doc
         .descendants()
@@ -250,7 +253,7 @@ pub fn host_places(cib: &str) -> Result<BTreeMap<String, HostPlace>, PolicyError
             },
         );
     }
-    Ok(out)
+    out
 }
 
 /// The deepest zone level `a` and `b` share (None: not even the site).

@@ -7,7 +7,7 @@ use roxmltree::{Document, Node};
 use serde::Serialize;
 
 use crate::cib::{ClusterView, HostState};
-use crate::policy::{effective_nvpairs, write_xml, write_xml_with, Attributes, PolicyError, LEVELS};
+use crate::policy::{effective_nvpairs, write_xml, write_xml_with, Attributes, Policy, PolicyError, LEVELS};
 
 fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
     Err(PolicyError::Invalid(msg.into()))
@@ -16,7 +16,10 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
 /// The hosts of the cluster with their zone (the deepest `vmha-zone-*` node attribute the policy set), or
 /// `None` for hosts in no zone.
 pub fn host_zones(cib: &str) -> Result<BTreeMap<String, Option<String>>, PolicyError> {
-    let doc = Document::parse(cib)?;
+    Ok(host_zones_of(&Document::parse(cib)?))
+}
+
+fn host_zones_of(doc: &Document) -> BTreeMap<String, Option<String>> {
     let mut out = BTreeMap::new();
     for node in doc.descendants().filter(|n| n.has_tag_name("node")) {
         let Some(name) = node.attribute("uname") else { continue };
@@ -27,7 +30,7 @@ pub fn host_zones(cib: &str) -> Result<BTreeMap<String, Option<String>>, PolicyE
         let zone = LEVELS.iter().rev().find_map(|l| attrs.get(&l.attribute()).cloned());
         out.insert(name.to_string(), zone);
     }
-    Ok(out)
+    out
 }
 
 /// The hosts in `zone` (or under it), by the node attributes in the CIB.
@@ -66,8 +69,11 @@ pub fn with_configuration(cib: &str, configuration: &str) -> Result<String, Poli
 /// expected down), their resource history and transient attributes gone — what the CIB says once the
 /// cluster fenced them.
 pub fn fail_hosts(cib: &str, hosts: &[String]) -> Result<String, PolicyError> {
-    let doc = Document::parse(cib)?;
-    let view = ClusterView::from_cib(cib)?;
+    fail_hosts_in(&Document::parse(cib)?, &ClusterView::from_cib(cib)?, hosts)
+}
+
+/// [`fail_hosts`] on the CIB `doc` already parsed, `view` its cluster view.
+fn fail_hosts_in(doc: &Document, view: &ClusterView, hosts: &[String]) -> Result<String, PolicyError> {
     let mut ids = BTreeSet::new();
     for h in hosts {
         match view.host(h) {
@@ -126,6 +132,110 @@ pub fn add_resource(cib: &str, primitive: &str) -> Result<String, PolicyError> {
     let mut out = String::new();
     write_xml(doc.root_element(), &mut out, &|_| false, &append);
     Ok(out)
+}
+
+/// The live CIB read once for several events (`vmha what-if --n-plus-one` asks one per host): each event's
+/// copy and prediction are exactly those of [`fail_hosts`], [`add_resource`],
+/// [`crate::failover::with_free_capacity`] and [`predict`], without parsing the live CIB again per event.
+#[derive(Debug)]
+pub struct Events<'a> {
+    doc: Document<'a>,
+    view: ClusterView,
+    policy: Option<Policy>,
+}
+
+impl<'a> Events<'a> {
+    pub fn new(live: &'a str) -> Result<Self, PolicyError> {
+        Ok(Events {
+            doc: Document::parse(live)?,
+            view: ClusterView::from_cib(live)?,
+            policy: Policy::from_cib(live).ok().flatten(),
+        })
+    }
+
+    /// The live CIB's cluster view.
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    /// The CIB the scheduler runs on for the event: `failed` hosts failed and fenced, `primitive` (a VM
+    /// resource's XML) added, the free capacity of every online host set as vmhad keeps it.
+    pub fn copy(&self, failed: &[String], primitive: Option<&str>) -> Result<String, PolicyError> {
+        let mut copy = fail_hosts_in(&self.doc, &self.view, failed)?;
+        if let Some(p) = primitive {
+            copy = add_resource(&copy, p)?;
+        }
+        crate::failover::with_free_capacity(&copy)
+    }
+
+    /// What the transition graph `graph` the scheduler computed on `copy` means (see [`predict`]).
+    pub fn predict(
+        &self,
+        copy: &str,
+        graph: &str,
+        failed_hosts: &[String],
+        added_vm: Option<&str>,
+    ) -> Result<Prediction, PolicyError> {
+        predict_in(&self.view, self.policy.as_ref(), copy, graph, failed_hosts, added_vm)
+    }
+}
+
+/// Id of the resource defaults [`scheduler_input`] adds.
+pub const NO_FAILURES_ID: &str = "vmha-what-if-no-failures";
+
+/// The text to hand Pacemaker's scheduler for `copy`: `copy` itself, or, when no fail count is recorded
+/// anywhere in it, `copy` with `migration-threshold=0` in a resource defaults set of score INFINITY.
+///
+/// Same answer, less work: the scheduler reads a resource's migration-threshold in one place only
+/// (`pcmk__threshold_reached`, Pacemaker 2.1.5), which returns "not reached" either when the threshold is
+/// 0 or when the resource's fail count on the node is 0; with no `fail-count-*` attribute on any node
+/// every fail count is 0. What the threshold of 0 saves: that check asks `pe_get_failcount` for every
+/// resource on every node (32 x 2000 pairs at the scale bench's size), which compiles two regular
+/// expressions per pair, over half of the scheduler's time there. Conservative: any `fail-count-` text,
+/// a set of that id already there, or an unexpected shape leaves `copy` as it is.
+pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyError> {
+    use std::borrow::Cow;
+    if copy.contains("fail-count-") || copy.contains(NO_FAILURES_ID) {
+        return Ok(Cow::Borrowed(copy));
+    }
+    let doc = Document::parse(copy)?;
+    let Some(config) = doc.root_element().children().find(|n| n.has_tag_name("configuration")) else {
+        return Ok(Cow::Borrowed(copy));
+    };
+    let set = format!(
+        r#"<meta_attributes id="{NO_FAILURES_ID}" score="INFINITY"><nvpair id="{NO_FAILURES_ID}-migration-threshold" name="migration-threshold" value="0"/></meta_attributes>"#
+    );
+    let splice = |at: usize, end: usize, text: &str| format!("{}{text}{}", &copy[..at], &copy[end..]);
+    let defaults = config
+        .children()
+        .filter(|n| n.has_tag_name("rsc_defaults"))
+        .collect::<Vec<_>>();
+    let out = match defaults.as_slice() {
+        [] => {
+            let r = config.range();
+            let close = "</configuration>";
+            if !copy[r.clone()].ends_with(close) {
+                return Ok(Cow::Borrowed(copy));
+            }
+            let at = r.end - close.len();
+            splice(at, at, &format!("<rsc_defaults>{set}</rsc_defaults>"))
+        }
+        [d] => {
+            let r = d.range();
+            let text = &copy[r.clone()];
+            let close = "</rsc_defaults>";
+            if text.ends_with("/>") {
+                splice(r.end - 2, r.end, &format!(">{set}{close}"))
+            } else if text.ends_with(close) {
+                let at = r.end - close.len();
+                splice(at, at, &set)
+            } else {
+                return Ok(Cow::Borrowed(copy));
+            }
+        }
+        _ => return Ok(Cow::Borrowed(copy)),
+    };
+    Ok(Cow::Owned(out))
 }
 
 /// One resource operation of a transition graph.
@@ -241,12 +351,12 @@ impl Prediction {
 /// Names the failover step of each VM in `vms` (sorted highest priority first): a VM that lands on a host
 /// where the free capacity before the event (less what higher-priority VMs took there first) covered its
 /// needs took free room (steps 1-3), else it took the place of the VMs that leave that host (4-5).
-fn label_steps(live: &str, copy: &str, after: &ClusterView, vms: &mut [VmPrediction]) -> Result<(), PolicyError> {
-    use crate::failover::{displaced_from, fits, free_capacity, host_places, step_for};
-    let policy = crate::policy::Policy::from_cib(live).ok().flatten();
-    let mut free = free_capacity(copy)?;
-    let places = host_places(copy)?;
-    let before: BTreeMap<String, Option<String>> = ClusterView::from_cib(copy)?
+fn label_steps(policy: Option<&Policy>, copy: &Document, after: &ClusterView, vms: &mut [VmPrediction]) {
+    use crate::failover::{displaced_from, fits, free_capacity_of, host_places_of, step_for};
+    let mut free = free_capacity_of(copy, after);
+    let places = host_places_of(copy);
+    // Where each VM runs in the copy (the event applied, before the scheduler acts).
+    let before: BTreeMap<String, Option<String>> = after
         .vms
         .iter()
         .map(|v| (v.name.clone(), v.hosts.first().cloned()))
@@ -283,7 +393,7 @@ fn label_steps(live: &str, copy: &str, after: &ClusterView, vms: &mut [VmPredict
                 }
                 let displaced = displaced_from(&to, &before, &after_hosts);
                 let place = places.get(&to).cloned().unwrap_or_default();
-                let taken = step_for(policy.as_ref(), &v.vm, &to, &place, room, &displaced);
+                let taken = step_for(policy, &v.vm, &to, &place, room, &displaced);
                 v.step = Some(taken.step);
                 v.step_label = taken.label;
             }
@@ -307,7 +417,6 @@ fn label_steps(live: &str, copy: &str, after: &ClusterView, vms: &mut [VmPredict
             }
         }
     }
-    Ok(())
 }
 
 fn int(v: &str) -> i64 {
@@ -324,7 +433,21 @@ pub fn predict(
     added_vm: Option<&str>,
 ) -> Result<Prediction, PolicyError> {
     let before = ClusterView::from_cib(live)?;
+    let policy = Policy::from_cib(live).ok().flatten();
+    predict_in(&before, policy.as_ref(), copy, graph, failed_hosts, added_vm)
+}
+
+/// [`predict`] with the live CIB's view and stored policy already read.
+fn predict_in(
+    before: &ClusterView,
+    policy: Option<&Policy>,
+    copy: &str,
+    graph: &str,
+    failed_hosts: &[String],
+    added_vm: Option<&str>,
+) -> Result<Prediction, PolicyError> {
     let after_view = ClusterView::from_cib(copy)?;
+    let doc = Document::parse(copy)?;
     let actions = graph_actions(graph)?;
     let mut vms = Vec::new();
     let mut placed: BTreeMap<String, String> = BTreeMap::new();
@@ -368,11 +491,10 @@ pub fn predict(
         });
     }
     vms.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.vm.cmp(&b.vm)));
-    label_steps(live, copy, &after_view, &mut vms)?;
+    label_steps(policy, &doc, &after_view, &mut vms);
 
     // Capacity per zone: the scheduler's view of each surviving host's capacity, minus the predicted VMs.
-    let doc = Document::parse(copy)?;
-    let zones = host_zones(copy)?;
+    let zones = host_zones_of(&doc);
     let mut capacity: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     for node in doc
         .descendants()
