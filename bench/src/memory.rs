@@ -266,7 +266,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     });
     // Archive jobs through vmhad's D-Bus jobs: a live capture of the virtual cluster `soak` (soak1, no
     // disk), then an instantiate of that archive on the same cluster, which vmhad verifies and plans and
-    // then refuses (soak1's domain and resource exist here): the archive is read, checked and translated,
+    // then refuses (soak1's ids are in use here, no storage is mapped): the archive is read, checked and translated,
     // nothing is created.
     let archives = lab.cfg.dir().join("archives");
     std::fs::create_dir_all(&archives)?;
@@ -307,10 +307,10 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
         )?;
         ms.push(t.elapsed().as_secs_f64() * 1000.0);
         let err = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() || !err.contains("the target is not ready") {
+        if out.status.success() || !err.contains("the archive was rejected") {
             bail!(
                 "vmha vcluster instantiate of {VM}'s archive on the cluster that has {VM}: expected a \
-                 refusal (target not ready), got {}: {}{}",
+                 refusal (the archive was rejected), got {}: {}{}",
                 out.status,
                 String::from_utf8_lossy(&out.stdout).trim(),
                 err.trim()
@@ -343,7 +343,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
          test-ok` (through the guest channel, asked on each host in turn), archive jobs through vmhad's D-Bus \
          jobs: `vmha vcluster capture soak` (a live capture of the virtual cluster `soak` = {VM}, no disk, \
          asked on host 1) and `vmha vcluster instantiate` of that archive (asked on each host in turn: vmhad \
-         reads, verifies and plans it, then refuses it because {VM} exists on this cluster); {jobs} of each \
+         reads, verifies and plans it, then refuses it: {VM}'s ids are in use on this cluster); {jobs} of each \
          kind. Not in the soak: clone jobs.\n\n\
          RSS: VmRSS of each host's vmhad, read by the bench from /proc/<pid>/status in that host (never a \
          figure vmhad reports), split into RssAnon (vmhad's own heap and stacks) and RssFile + RssShmem (the \
