@@ -40,8 +40,8 @@ pub async fn follow_corosync(conn: Connection, shared: Arc<Shared>) {
 }
 
 async fn session(conn: &Connection, shared: &Arc<Shared>, delay: &mut Duration) -> Result<(), vmha_corosync::Error> {
-    let cmap = Cmap::connect(DEFAULT_DEADLINE).await?;
-    let node_names = cmap.node_names().await?;
+    // cmap only for the node names: its connection (and its shared-memory rings) closes right after.
+    let node_names = Cmap::connect(DEFAULT_DEADLINE).await?.node_names().await?;
     let (_quorum, mut quorum_events) = Quorum::connect(DEFAULT_DEADLINE).await?;
     let (cpg, mut cpg_events) = Cpg::connect(DEFAULT_DEADLINE).await?;
     cpg.join(VMHAD_GROUP).await?;

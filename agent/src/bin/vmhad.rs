@@ -37,7 +37,15 @@ fn main() -> ExitCode {
     if let Some(why) = &chosen.fallback {
         tracing::warn!("logging to {:?} instead of {target:?}: {why}", chosen.target);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    // One thread for vmhad's async work; library calls (libvirt, Corosync, Pacemaker, disks) run on
+    // tokio's blocking pool. An idle blocking thread leaves after 2 s rather than tokio's default 10 s: each
+    // holds a stack (returned to the system when the thread ends), and vmhad's calls are seconds apart when
+    // it is idle (bench/results/memory.md).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_keep_alive(Duration::from_secs(2))
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("starting the runtime: {e}");
