@@ -26,6 +26,50 @@ use crate::state::{Shared, Snapshot};
 
 /// Deadline of one libvirt call (connect, snapshot, restore, volume creation, compaction).
 pub const LIBVIRT_DEADLINE: Duration = Duration::from_secs(60);
+/// The downtime limit of a clone's live capture (ms): QEMU stops the template's vCPUs for the last
+/// pass of its memory only once it expects that pass to take at most this long. QEMU's default, 300 ms,
+/// is what a live migration accepts; a capture the template should not feel wants far less.
+pub const CAPTURE_DOWNTIME_MS: u64 = 5;
+/// When a capture under [`CAPTURE_DOWNTIME_MS`] has not converged by then, the template's own limit
+/// applies again for the rest of it.
+pub const CAPTURE_CONVERGE_WITHIN: Duration = Duration::from_secs(10);
+
+/// The domain's migration downtime limit lowered to [`CAPTURE_DOWNTIME_MS`] for a capture; `old` is
+/// the limit to put back (none: it was not lowered, because reading or setting it failed or it was
+/// lower already; the capture then runs under the domain's own limit, as before).
+struct LowDowntime {
+    old: Option<u64>,
+}
+
+impl LowDowntime {
+    fn set(dom: &virt::domain::Domain, vm: &str) -> LowDowntime {
+        let old = match libvirt_ext::max_downtime(dom) {
+            Ok(old) if old > CAPTURE_DOWNTIME_MS => old,
+            Ok(_) => return LowDowntime { old: None },
+            Err(e) => {
+                tracing::warn!(%vm, "reading the downtime limit: {e}; capturing under the domain's own");
+                return LowDowntime { old: None };
+            }
+        };
+        match dom.migrate_set_max_downtime(CAPTURE_DOWNTIME_MS, 0) {
+            Ok(()) => LowDowntime { old: Some(old) },
+            Err(e) => {
+                tracing::warn!(%vm, "lowering the downtime limit: {e}; capturing under the domain's own");
+                LowDowntime { old: None }
+            }
+        }
+    }
+
+    /// Puts the domain's own limit back (its live migrations use it).
+    fn restore(self, dom: &virt::domain::Domain, vm: &str) {
+        if let Some(old) = self.old {
+            if let Err(e) = dom.migrate_set_max_downtime(old, 0) {
+                tracing::warn!(%vm, "putting the downtime limit back to {old} ms: {e}");
+            }
+        }
+    }
+}
+
 /// Largest file [`Storage::read_small`] reads.
 const MAX_SMALL_FILE: u64 = 1 << 20;
 
@@ -200,7 +244,13 @@ impl Hypervisor for Libvirt {
         }))
     }
 
-    fn live_snapshot(&self, host: &str, vm: &str, snapshot_xml: String) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
+    fn live_snapshot(
+        &self,
+        host: &str,
+        vm: &str,
+        snapshot_xml: String,
+        reuse: bool,
+    ) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
         let (on, name) = (host.to_string(), vm.to_string());
         Box::pin(self.with_conn(host.to_string(), "capturing the template", move |conn| {
             let dom = conn.lookup_domain_by_name(&name).map_err(|e| HvError {
@@ -208,10 +258,36 @@ impl Hypervisor for Libvirt {
                 call: "virDomainLookupByName",
                 message: format!("domain {name}: {e}"),
             })?;
-            let flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
+            // LIVE: the memory is written while the vCPUs run; QEMU stops them for the last pass, and
+            // libvirt switches the disks to the overlays before it resumes them. REUSE_EXT: the overlays
+            // were made beforehand, so libvirt only opens them in that pause (no image creation jobs).
+            let mut flags = virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_LIVE
                 | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                 | virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC;
-            dom.create_snapshot_xml(&snapshot_xml, flags).map_err(|e| HvError {
+            if reuse {
+                flags |= virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
+            }
+            let limit = LowDowntime::set(&dom, &name);
+            let made = std::thread::scope(|s| {
+                let (done, wait) = std::sync::mpsc::channel::<()>();
+                if let Some(old) = limit.old {
+                    let d = &dom;
+                    let n = &name;
+                    s.spawn(move || {
+                        // A guest that dirties its memory faster than it can be written never gets
+                        // under the low limit: give it its old one back, and the capture ends as before.
+                        if wait.recv_timeout(CAPTURE_CONVERGE_WITHIN) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                            tracing::warn!(vm = %n, "the live capture did not converge within {CAPTURE_CONVERGE_WITHIN:?} under a {CAPTURE_DOWNTIME_MS} ms downtime limit; allowing {old} ms");
+                            let _ = d.migrate_set_max_downtime(old, 0);
+                        }
+                    });
+                }
+                let made = dom.create_snapshot_xml(&snapshot_xml, flags);
+                drop(done);
+                made
+            });
+            limit.restore(&dom, &name);
+            made.map_err(|e| HvError {
                 host: on,
                 call: "virDomainSnapshotCreateXML",
                 message: format!("live snapshot of {name}: {e}"),

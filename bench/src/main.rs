@@ -208,6 +208,17 @@ enum Cmd {
         #[arg(long)]
         domain: String,
     },
+    /// (internal, runs inside a lab host) Opens the host end of a domain's serial console (its pty),
+    /// starts `vmha-guest --tick-to /dev/ttyS0` in the guest through its guest agent and times every
+    /// `vmha-tick` line as it arrives, until stdin closes; prints the arrivals as JSON.
+    #[command(hide = true)]
+    TickReader {
+        #[arg(long)]
+        domain: String,
+        /// How long the guest writes the stream (ms, by its clock).
+        #[arg(long, default_value_t = 4000)]
+        for_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -279,6 +290,7 @@ fn main() -> ExitCode {
         Cmd::CibChanges { pid, count, vms } => scale::cib_changes(pid, count, vms),
         Cmd::Measure { runs, actions, sides } => measure_cmd(runs, &actions, &sides),
         Cmd::PingLoop { domain } => clone::ping_loop(&domain),
+        Cmd::TickReader { domain, for_ms } => clone::tick_reader(&domain, for_ms),
         Cmd::Vcluster {
             vms,
             rounds,

@@ -8,6 +8,7 @@
 mod channel;
 mod health;
 mod hooks;
+mod tick;
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -62,6 +63,13 @@ struct Args {
     /// Failed rounds in a row before the application is reported unhealthy.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     health_failures: u32,
+    /// Benchmark helper: instead of serving the channel, write a timestamp stream (`vmha-tick <n>` lines,
+    /// about one per millisecond) to PATH for --tick-for-ms, then exit (see vmha-bench clone).
+    #[arg(long, hide = true, value_name = "PATH")]
+    tick_to: Option<PathBuf>,
+    /// How long the timestamp stream runs, by the guest's clock (ms).
+    #[arg(long, hide = true, default_value_t = 4_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    tick_for_ms: u64,
     /// Write the manual page vmha-guest.8 into DIR and exit (for packaging).
     #[arg(long, hide = true, value_name = "DIR")]
     generate_man: Option<PathBuf>,
@@ -87,6 +95,15 @@ fn main() {
             std::process::exit(1);
         }
         return;
+    }
+    if let Some(path) = &args.tick_to {
+        match tick::run(path, Duration::from_millis(args.tick_for_ms)) {
+            Ok(_) => return,
+            Err(e) => {
+                eprintln!("vmha-guest: timestamp stream to {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
     }
     let config = Config {
         hooks: args.hooks,

@@ -74,9 +74,17 @@ pub trait Hypervisor: Send + Sync {
     /// Whether `host` sees each file (directory, base name) through its storage API.
     fn sees_files(&self, host: &str, files: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>>;
     /// A live external snapshot of `vm` on `host` (`snapshot_xml`: a `<domainsnapshot>` with an external
-    /// memory file and new overlays for its disks); the VM goes on running on the overlays. Returns the
-    /// downtime libvirt measured, when it says.
-    fn live_snapshot(&self, host: &str, vm: &str, snapshot_xml: String) -> BoxFuture<'_, Result<Option<u64>, HvError>>;
+    /// memory file and new overlays for its disks); the VM goes on running on the overlays. With `reuse`,
+    /// the overlays exist already (made by [`Hypervisor::create_overlays`] on the VM's current layers),
+    /// so that they are only opened, not created, while the vCPUs are stopped. Returns the downtime
+    /// libvirt measured, when it says.
+    fn live_snapshot(
+        &self,
+        host: &str,
+        vm: &str,
+        snapshot_xml: String,
+        reuse: bool,
+    ) -> BoxFuture<'_, Result<Option<u64>, HvError>>;
     /// Creates each (backing, overlay) qcow2 overlay through `host`'s storage API.
     fn create_overlays(&self, host: &str, overlays: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>>;
     /// Restores a save image on `host`, running.

@@ -198,6 +198,20 @@ pub fn block_job_active(domain: &Domain, disk: &str) -> Result<bool, Error> {
     Ok(rc == 1)
 }
 
+/// `virDomainMigrateGetMaxDowntime`: the longest the domain's vCPUs may be stopped for the last pass of
+/// a live migration or live memory capture (ms): QEMU stops them once it expects the rest of the
+/// memory to go out within it. (virt 0.5 has only the setter, `Domain::migrate_set_max_downtime`.)
+pub fn max_downtime(domain: &Domain) -> Result<u64, Error> {
+    let mut downtime: std::ffi::c_ulonglong = 0;
+    // SAFETY: `domain.as_ptr()` is a live virDomainPtr owned by `domain`, which outlives the call;
+    // `downtime` is a valid, writable c_ulonglong on this stack frame; flags must be 0.
+    let rc = unsafe { sys::virDomainMigrateGetMaxDowntime(domain.as_ptr(), &mut downtime, 0) };
+    if rc < 0 {
+        return Err(last_error("virDomainMigrateGetMaxDowntime"));
+    }
+    Ok(downtime)
+}
+
 /// `virDomainAbortJob`: abort the domain's current background job (for example a live migration
 /// started by another thread or connection). Fails when no job is running.
 pub fn abort_job(domain: &Domain) -> Result<(), Error> {
@@ -220,6 +234,19 @@ mod tests {
         let conn = Connect::open(Some("test:///default")).expect("open test driver");
         let dom = conn.lookup_domain_by_name("test").expect("test domain");
         (conn, dom)
+    }
+
+    #[test]
+    fn max_downtime_fails_cleanly_where_the_driver_lacks_it() {
+        // The test driver has no migration: the call reports libvirt's error and names itself.
+        let (_conn, dom) = test_domain();
+        match max_downtime(&dom) {
+            Ok(ms) => assert!(ms > 0, "a downtime limit of 0 ms is no limit QEMU uses"),
+            Err(e) => {
+                assert!(e.to_string().starts_with("virDomainMigrateGetMaxDowntime: "), "{e}");
+                assert!(e.libvirt_error().is_some());
+            }
+        }
     }
 
     #[test]

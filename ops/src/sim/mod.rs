@@ -1132,7 +1132,13 @@ impl Hypervisor for At {
         })
     }
 
-    fn live_snapshot(&self, host: &str, vm: &str, snapshot_xml: String) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
+    fn live_snapshot(
+        &self,
+        host: &str,
+        vm: &str,
+        snapshot_xml: String,
+        reuse: bool,
+    ) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
         let fail = hv_fail(&h, "live snapshot");
         guarded!(self, "hv.live_snapshot", format!("{vm} on {h}"), fail, {
@@ -1161,9 +1167,24 @@ impl Hypervisor for At {
                 }
             }
             let mem = mem.ok_or_else(|| self.hv_err(&h, "live snapshot", "no memory file"))?;
-            for f in news.values().chain(std::iter::once(&mem)) {
-                if g.files.contains_key(f) {
-                    return Err(self.hv_err(&h, "live snapshot", format!("{f} exists")));
+            if g.files.contains_key(&mem) {
+                return Err(self.hv_err(&h, "live snapshot", format!("{mem} exists")));
+            }
+            // As libvirt: without reuse the overlays must not exist; with it they must, on the disk's
+            // current layer.
+            for (dev, f) in &news {
+                let current = g.domains[i]
+                    .disks
+                    .iter()
+                    .find(|(d, _)| d == dev)
+                    .and_then(|(_, c)| c.first().cloned());
+                match (reuse, g.files.get(f)) {
+                    (false, Some(_)) => return Err(self.hv_err(&h, "live snapshot", format!("{f} exists"))),
+                    (true, None) => return Err(self.hv_err(&h, "live snapshot", format!("no {f} to reuse"))),
+                    (true, Some(file)) if file.backing != current => {
+                        return Err(self.hv_err(&h, "live snapshot", format!("{f} is not on the current layer")))
+                    }
+                    _ => {}
                 }
             }
             let image = SaveImage {
