@@ -22,6 +22,19 @@ pub trait CibBackend: Send + Sync + 'static {
     fn query_followed(&self) -> BoxFuture<'_, Result<String, CibError>> {
         self.query()
     }
+    /// What changed in the CIB since the last call, as the change notifications say (the caller's parts
+    /// of it then need reading again), or the whole CIB when they cannot say. One caller only: each call
+    /// starts a new "since". A backend that keeps no copy gives the whole CIB.
+    fn query_followed_parts(&self) -> BoxFuture<'_, Result<FollowedCib, CibError>> {
+        Box::pin(async move { self.query_followed().await.map(FollowedCib::Whole) })
+    }
+}
+
+/// The CIB as [`CibBackend::query_followed_parts`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowedCib {
+    Whole(String),
+    Parts(vmha_model::cib::CibUpdate),
 }
 
 /// A CIB for unit tests: `query` returns the document it holds, `apply` records the change.

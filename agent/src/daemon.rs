@@ -6,30 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmha_model::change;
+use vmha_model::cib::CibParts;
 use vmha_model::domain::DomainSummary;
-use vmha_model::ClusterView;
 use zbus::Connection;
 
-use crate::backend::CibChange;
+use crate::backend::{CibChange, FollowedCib};
 use crate::objects::publish;
 use crate::state::Shared;
 
-/// Re-reads the CIB and publishes what changed. Returns false when the CIB could not be read.
-pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> Option<String> {
-    // The copy the notifications' diffs keep current: no whole read of the CIB per change.
-    let read = match shared.backend.query_followed().await {
-        Ok(xml) => ClusterView::from_cib(&xml).map(|v| (v, xml)).map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let (old, cib) = match read {
-        Ok((view, xml)) => (
-            shared.update(|s| {
-                s.view = Some(view);
-                s.cib_connected = true;
-            }),
-            Some(xml),
-        ),
+/// Reads what changed in the CIB and publishes it. `parts` is the CIB as last read, part by part: a
+/// change re-reads only the parts its diff touched ([`vmha_model::cib::CibParts`]), and the whole copy
+/// when the diff cannot say (or those parts do not read). Returns whether a placement policy placed hosts
+/// in zones, `None` when the CIB could not be read.
+pub async fn refresh(conn: &Connection, shared: &Arc<Shared>, parts: &mut Option<CibParts>) -> Option<bool> {
+    let read = read_parts(shared, parts).await.map(|()| {
+        let p = parts.as_ref().expect("read_parts sets the parts");
+        (p.view(), p.zoned())
+    });
+    let (old, zoned) = match read {
+        Ok((view, zoned)) => (shared.replace_view(view), Some(zoned)),
         Err(e) => {
+            *parts = None;
             tracing::warn!("reading the CIB: {e}");
             (shared.update(|s| s.cib_connected = false), None)
         }
@@ -38,7 +35,30 @@ pub async fn refresh(conn: &Connection, shared: &Arc<Shared>) -> Option<String> 
     if let Err(e) = publish(conn, shared, &old, &new).await {
         tracing::warn!("publishing on the bus: {e}");
     }
-    cib
+    zoned
+}
+
+/// Brings `parts` up to date from the copy the notifications' diffs keep current: no whole read of the
+/// CIB per change.
+async fn read_parts(shared: &Arc<Shared>, parts: &mut Option<CibParts>) -> Result<(), String> {
+    let followed = shared.backend.query_followed_parts().await.map_err(|e| e.to_string())?;
+    let update = match (followed, parts.as_mut()) {
+        (FollowedCib::Parts(update), Some(p)) => match p.update(&update) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("the changed parts of the CIB do not read ({e}); reading it whole");
+                None
+            }
+        },
+        (FollowedCib::Parts(_), None) => None,
+        (FollowedCib::Whole(xml), _) => Some(xml),
+    };
+    let xml = match update {
+        Some(xml) => xml,
+        None => shared.backend.query_followed().await.map_err(|e| e.to_string())?,
+    };
+    *parts = Some(CibParts::from_cib(&xml).map_err(|e| e.to_string())?);
+    Ok(())
 }
 
 /// Follows the CIB forever: on every change notification (coalesced) re-reads it. When the connection
@@ -51,15 +71,16 @@ pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
                 tracing::info!("following the CIB");
                 delay = Duration::from_millis(200);
                 let mut checked = Checked::default();
-                if let Some(cib) = refresh(&conn, &shared).await {
+                let mut parts = None;
+                if let Some(zoned) = refresh(&conn, &shared, &mut parts).await {
                     reconcile_utilization(&shared, &mut checked).await;
-                    crate::free_capacity::reconcile(&shared, &cib).await;
+                    crate::free_capacity::reconcile(&shared, zoned).await;
                 }
                 while changes.recv().await.is_some() {
                     while changes.try_recv().is_ok() {}
-                    if let Some(cib) = refresh(&conn, &shared).await {
+                    if let Some(zoned) = refresh(&conn, &shared, &mut parts).await {
                         reconcile_utilization(&shared, &mut checked).await;
-                        crate::free_capacity::reconcile(&shared, &cib).await;
+                        crate::free_capacity::reconcile(&shared, zoned).await;
                     }
                 }
                 tracing::warn!("lost the CIB connection; reconnecting");

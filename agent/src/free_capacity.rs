@@ -9,20 +9,27 @@ use vmha_model::failover;
 
 use crate::state::Shared;
 
-/// Brings the free-capacity attributes up to date (on the DC, when a policy places hosts in zones) from
-/// `cib`, the CIB the snapshot was just read from.
-pub async fn reconcile(shared: &Arc<Shared>, cib: &str) {
+/// Brings the free-capacity attributes up to date (on the DC, when a policy places hosts in zones: `zoned`,
+/// as the snapshot's CIB says) from the CIB as the change notifications left it.
+pub async fn reconcile(shared: &Arc<Shared>, zoned: bool) {
     let snap = shared.snapshot();
     let Some(view) = snap.view.as_ref() else { return };
     if view.dc.as_deref() != Some(shared.local_host.as_str()) {
         return;
     }
-    // Only where a policy placed hosts in zones (its rules read the attributes); a cheap test first, as
-    // this runs on every CIB change.
-    if !cib.contains(r#"name="vmha-zone-site""#) {
+    // Only where a policy placed hosts in zones (its rules read the attributes): the whole CIB is read
+    // only then.
+    if !zoned {
         return;
     }
-    let updates = match failover::free_updates(cib) {
+    let cib = match shared.backend.query_followed().await {
+        Ok(cib) => cib,
+        Err(e) => {
+            tracing::warn!("reading the CIB for the hosts' free capacity: {e}");
+            return;
+        }
+    };
+    let updates = match failover::free_updates(&cib) {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!("computing the hosts' free capacity: {e}");

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Mutex};
-use vmha_pacemaker::{Access, CallOptions, Cib, Scope};
+use vmha_pacemaker::{Access, CallOptions, Cib, Followed, Scope};
 
-use crate::backend::{BoxFuture, CibBackend, CibChange, CibError};
+use crate::backend::{BoxFuture, CibBackend, CibChange, CibError, FollowedCib};
 
 /// Deadline of one CIB call.
 const CALL_DEADLINE: Duration = Duration::from_secs(15);
@@ -78,6 +78,25 @@ impl CibBackend for PacemakerCib {
 
     fn query_followed(&self) -> BoxFuture<'_, Result<String, CibError>> {
         Box::pin(self.read_whole(true))
+    }
+
+    fn query_followed_parts(&self) -> BoxFuture<'_, Result<FollowedCib, CibError>> {
+        Box::pin(async move {
+            let cib = self.cib().await?;
+            match cib.query_followed_parts(CALL_DEADLINE).await {
+                Ok(Followed::Whole(xml)) => Ok(FollowedCib::Whole(xml)),
+                Ok(Followed::Parts(p)) => Ok(FollowedCib::Parts(vmha_model::cib::CibUpdate {
+                    root: p.root,
+                    sections: p.sections,
+                    resources: p.resources,
+                    node_states: p.node_states,
+                })),
+                Err(e) => {
+                    self.forget(&e).await;
+                    Err(error("query", e))
+                }
+            }
+        })
     }
 
     fn apply(&self, change: CibChange) -> BoxFuture<'_, Result<(), CibError>> {

@@ -81,6 +81,21 @@ impl Shared {
         old
     }
 
+    /// Replaces the CIB's view (connected to the CIB); returns the previous state. The rest of the state
+    /// is carried over without copying the previous view.
+    pub fn replace_view(&self, view: vmha_model::ClusterView) -> Arc<Snapshot> {
+        let mut old = None;
+        self.snapshot.send_modify(|current| {
+            let new = Snapshot {
+                view: Some(view),
+                membership: current.membership.clone(),
+                cib_connected: true,
+            };
+            old = Some(std::mem::replace(current, Arc::new(new)));
+        });
+        old.unwrap_or_default()
+    }
+
     pub fn host_capacity(&self) -> Option<(u32, u64)> {
         self.capacity.get().copied()
     }

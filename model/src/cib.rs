@@ -182,184 +182,516 @@ fn history_state(lrm_resource: Node) -> Option<HistoryState> {
     })
 }
 
-impl ClusterView {
-    /// Reads the cluster from a whole CIB (`cibadmin --query` output).
+/// One configured host as the `nodes` section gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeConf {
+    id: String,
+    name: String,
+    attrs: BTreeMap<String, String>,
+    utilization: BTreeMap<String, String>,
+    /// A placement zone is set on it (`vmha-zone-site`).
+    zoned: bool,
+}
+
+/// One `<node_state>` of the status section, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeStateInfo {
+    in_ccm: bool,
+    crmd: bool,
+    join: String,
+    expected: String,
+    transient: BTreeMap<String, String>,
+    /// What each `<lrm_resource>`'s history says, in the document's order.
+    history: Vec<(String, HistoryState)>,
+}
+
+/// One VM primitive of the resources section, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Prim {
+    name: String,
+    agent: String,
+    params: BTreeMap<String, String>,
+    meta: BTreeMap<String, String>,
+    utilization: BTreeMap<String, String>,
+}
+
+/// A CIB read part by part, so that a change re-reads only the parts it touched ([`CibParts::update`]) and
+/// [`CibParts::view`] recombines them: the `<cib>` element's attributes, the `crm_config`, `nodes` and
+/// `constraints` sections whole, the resources section per top-level element and the status section per
+/// `<node_state>`. [`ClusterView::from_cib`] goes through it too, so both ways read the same.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CibParts {
+    version: String,
+    dc_uuid: Option<String>,
+    quorate: bool,
+    crm_config: BTreeMap<String, String>,
+    nodes: Vec<NodeConf>,
+    /// By id; the last `<node_state>` with an id wins, as in a map built in document order.
+    node_states: BTreeMap<String, NodeStateInfo>,
+    constraints: BTreeMap<String, Vec<Constraint>>,
+    /// The resources section's top-level elements in order: (id, the VM primitives in or under it).
+    resources: Vec<(Option<String>, Vec<Prim>)>,
+    /// Any `vmha-zone-site` nvpair in the nodes, status or resources sections (a placement policy with zones).
+    zoned_nodes: bool,
+}
+
+/// What changed in a CIB since it was last read, part by part (see [`CibParts`]): each part as XML text,
+/// `None` or empty where the part is gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CibUpdate {
+    /// The `<cib>` element (its children are not read).
+    pub root: String,
+    /// Whole sections: `crm_config`, `nodes`, `constraints`, `resources` or `status`, with their element
+    /// ("" when the CIB has none).
+    pub sections: Vec<(String, String)>,
+    /// Top-level elements of the resources section by id, after the sections.
+    pub resources: Vec<(String, Option<String>)>,
+    /// `<node_state>` elements by id, after the sections.
+    pub node_states: Vec<(String, Option<String>)>,
+}
+
+fn parse_nodes(nodes: Option<Node>) -> Vec<NodeConf> {
+    let Some(nodes) = nodes else { return Vec::new() };
+    children(nodes, "node")
+        .filter(|n| n.attribute("type").is_none_or(|t| t == "member"))
+        .filter_map(|node| {
+            Some(NodeConf {
+                id: node.attribute("id")?.to_string(),
+                name: node.attribute("uname")?.to_string(),
+                attrs: nvpairs(node, "instance_attributes"),
+                // What vmhad and users declare; the placement policy's own (scaled) set is not theirs.
+                utilization: crate::policy::effective_nvpairs(node, "utilization", true),
+                zoned: false,
+            })
+        })
+        .collect()
+}
+
+fn has_zone(node: Option<Node>) -> bool {
+    node.is_some_and(|n| {
+        n.descendants()
+            .any(|d| d.has_tag_name("nvpair") && d.attribute("name") == Some("vmha-zone-site"))
+    })
+}
+
+fn parse_node_state(s: Node) -> NodeStateInfo {
+    let mut history = Vec::new();
+    if let Some(lrm_resources) = child(s, "lrm").and_then(|l| child(l, "lrm_resources")) {
+        for r in children(lrm_resources, "lrm_resource") {
+            if let (Some(rsc), Some(state)) = (r.attribute("id"), history_state(r)) {
+                history.push((rsc.to_string(), state));
+            }
+        }
+    }
+    NodeStateInfo {
+        in_ccm: up_flag(s.attribute("in_ccm")),
+        crmd: up_flag(s.attribute("crmd")),
+        join: s.attribute("join").unwrap_or("down").to_string(),
+        expected: s.attribute("expected").unwrap_or("down").to_string(),
+        transient: child(s, "transient_attributes")
+            .map(|t| nvpairs(t, "instance_attributes"))
+            .unwrap_or_default(),
+        history,
+    }
+}
+
+fn parse_node_states(status: Option<Node>) -> BTreeMap<String, NodeStateInfo> {
+    status
+        .map(|s| {
+            children(s, "node_state")
+                .filter_map(|n| Some((n.attribute("id")?.to_string(), parse_node_state(n))))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The VM primitives in or under one element of the resources section (itself included).
+fn vm_primitives(top: Node) -> Vec<Prim> {
+    top.descendants()
+        .filter(|n| n.has_tag_name("primitive"))
+        .filter_map(|p| {
+            let class = p.attribute("class").unwrap_or("");
+            let provider = p.attribute("provider").unwrap_or("");
+            let kind = p.attribute("type").unwrap_or("");
+            if !VM_AGENTS
+                .iter()
+                .any(|(c, pr, t)| *c == class && *pr == provider && *t == kind)
+            {
+                return None;
+            }
+            Some(Prim {
+                name: p.attribute("id")?.to_string(),
+                agent: format!("{class}:{provider}:{kind}"),
+                params: nvpairs(p, "instance_attributes"),
+                meta: nvpairs(p, "meta_attributes"),
+                utilization: nvpairs(p, "utilization"),
+            })
+        })
+        .collect()
+}
+
+fn parse_resources(resources: Option<Node>) -> Vec<(Option<String>, Vec<Prim>)> {
+    let Some(resources) = resources else { return Vec::new() };
+    // Primitives right under the section and the elements holding others, each once, in order.
+    resources
+        .children()
+        .filter(|n| n.is_element())
+        .map(|top| (top.attribute("id").map(str::to_string), vm_primitives(top)))
+        .collect()
+}
+
+fn prim_zoned(p: &Prim) -> bool {
+    [&p.params, &p.meta, &p.utilization]
+        .iter()
+        .any(|m| m.contains_key("vmha-zone-site"))
+}
+
+/// The root element of `text`, which must be `<tag>`; `None` for empty text (the part is gone).
+fn part<'a, 'i>(doc: &'a Option<Document<'i>>, tag: &str) -> Result<Option<Node<'a, 'i>>, ModelError> {
+    match doc {
+        None => Ok(None),
+        Some(d) if d.root_element().has_tag_name(tag) => Ok(Some(d.root_element())),
+        Some(d) => Err(ModelError::Invalid {
+            what: "CIB part",
+            value: d.root_element().tag_name().name().to_string(),
+            why: "is not the element expected there",
+        }),
+    }
+}
+
+fn parse_opt(text: Option<&str>) -> Result<Option<Document<'_>>, ModelError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(t) => Ok(Some(Document::parse(t)?)),
+    }
+}
+
+impl CibParts {
+    /// Reads a whole CIB (`cibadmin --query` output).
     pub fn from_cib(xml: &str) -> Result<Self, ModelError> {
         let doc = Document::parse(xml)?;
         let cib = doc.root_element();
         let configuration = child(cib, "configuration").ok_or(ModelError::MissingSection("configuration"))?;
-        let status = child(cib, "status");
-        let crm_config = child(configuration, "crm_config")
-            .map(|c| nvpairs(c, "cluster_property_set"))
+        let mut parts = CibParts::default();
+        parts.set_root(cib);
+        parts.crm_config = crm_config_of(child(configuration, "crm_config"));
+        parts.nodes = parse_nodes(child(configuration, "nodes"));
+        parts.constraints = child(configuration, "constraints")
+            .map(constraints_by_resource_owned)
             .unwrap_or_default();
-        let version = format!(
+        parts.resources = parse_resources(child(configuration, "resources"));
+        parts.node_states = parse_node_states(child(cib, "status"));
+        parts.zoned_nodes = has_zone(child(configuration, "nodes"));
+        Ok(parts)
+    }
+
+    fn set_root(&mut self, cib: Node) {
+        self.version = format!(
             "{}.{}.{}",
             cib.attribute("admin_epoch").unwrap_or("0"),
             cib.attribute("epoch").unwrap_or("0"),
             cib.attribute("num_updates").unwrap_or("0")
         );
+        self.dc_uuid = cib.attribute("dc-uuid").map(str::to_string);
+        self.quorate = cib.attribute("have-quorum").is_some_and(is_true);
+    }
 
-        // Hosts: configured nodes, with their state from the status section.
-        let node_states: BTreeMap<&str, Node> = status
-            .map(|s| {
-                children(s, "node_state")
-                    .filter_map(|n| Some((n.attribute("id")?, n)))
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// Re-reads the parts `update` carries. On error nothing changed (read the CIB whole then).
+    pub fn update(&mut self, update: &CibUpdate) -> Result<(), ModelError> {
+        // Everything is parsed first, then applied: an error leaves the parts as they were.
+        let root = Document::parse(&update.root)?;
+        if !root.root_element().has_tag_name("cib") {
+            return Err(ModelError::Invalid {
+                what: "CIB part",
+                value: root.root_element().tag_name().name().to_string(),
+                why: "is not <cib>",
+            });
+        }
+        let mut sections = Vec::new();
+        for (name, text) in &update.sections {
+            sections.push((name.as_str(), parse_opt(Some(text))?));
+        }
+        let mut resources = Vec::new();
+        for (id, text) in &update.resources {
+            let doc = parse_opt(text.as_deref())?;
+            let prims = match &doc {
+                Some(d) if d.root_element().attribute("id") != Some(id.as_str()) => {
+                    return Err(ModelError::Invalid {
+                        what: "resource part",
+                        value: id.clone(),
+                        why: "holds an element with another id",
+                    })
+                }
+                Some(d) => Some(vm_primitives(d.root_element())),
+                None => None,
+            };
+            resources.push((id, prims));
+        }
+        let mut states = Vec::new();
+        for (id, text) in &update.node_states {
+            let doc = parse_opt(text.as_deref())?;
+            let state = match part(&doc, "node_state")? {
+                Some(n) if n.attribute("id") != Some(id.as_str()) => {
+                    return Err(ModelError::Invalid {
+                        what: "node_state part",
+                        value: id.clone(),
+                        why: "holds an element with another id",
+                    })
+                }
+                Some(n) => Some(parse_node_state(n)),
+                None => None,
+            };
+            states.push((id, state));
+        }
+        let mut next = Vec::new();
+        for (name, doc) in &sections {
+            let node = part(doc, name)?;
+            next.push(match *name {
+                "crm_config" => Section::CrmConfig(crm_config_of(node)),
+                "nodes" => Section::Nodes(parse_nodes(node), has_zone(node)),
+                "constraints" => Section::Constraints(node.map(constraints_by_resource_owned).unwrap_or_default()),
+                "resources" => Section::Resources(parse_resources(node)),
+                "status" => Section::Status(parse_node_states(node)),
+                other => {
+                    return Err(ModelError::Invalid {
+                        what: "CIB section",
+                        value: other.to_string(),
+                        why: "is not one the view reads by section",
+                    })
+                }
+            });
+        }
+        // Resources by id must be known ones (a new top-level element comes with its section).
+        let mut known = self.resources.clone_ids();
+        for s in &next {
+            if let Section::Resources(r) = s {
+                known = r.clone_ids();
+            }
+        }
+        for (id, prims) in &resources {
+            if prims.is_some() && !known.iter().any(|k| k.as_deref() == Some(id.as_str())) {
+                return Err(ModelError::Invalid {
+                    what: "resource part",
+                    value: id.to_string(),
+                    why: "names a resource not read before (a new one comes with its section)",
+                });
+            }
+        }
+
+        self.set_root(root.root_element());
+        for s in next {
+            match s {
+                Section::CrmConfig(c) => self.crm_config = c,
+                Section::Nodes(n, z) => (self.nodes, self.zoned_nodes) = (n, z),
+                Section::Constraints(c) => self.constraints = c,
+                Section::Resources(r) => self.resources = r,
+                Section::Status(s) => self.node_states = s,
+            }
+        }
+        for (id, prims) in resources {
+            let at = self
+                .resources
+                .iter()
+                .position(|(i, _)| i.as_deref() == Some(id.as_str()));
+            match (at, prims) {
+                (Some(at), Some(p)) => self.resources[at].1 = p,
+                (Some(at), None) => {
+                    self.resources.remove(at);
+                }
+                (None, _) => {}
+            }
+        }
+        for (id, state) in states {
+            match state {
+                Some(s) => {
+                    self.node_states.insert(id.clone(), s);
+                }
+                None => {
+                    self.node_states.remove(id.as_str());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A placement policy placed hosts in zones (`vmha-zone-site` is set somewhere).
+    pub fn zoned(&self) -> bool {
+        self.zoned_nodes
+            || self
+                .node_states
+                .values()
+                .any(|s| s.transient.contains_key("vmha-zone-site"))
+            || self.resources.iter().flat_map(|(_, p)| p).any(prim_zoned)
+    }
+
+    /// The cluster these parts describe.
+    pub fn view(&self) -> ClusterView {
         let mut hosts = Vec::new();
         let mut names_by_id = BTreeMap::new();
-        if let Some(nodes) = child(configuration, "nodes") {
-            for node in children(nodes, "node").filter(|n| n.attribute("type").is_none_or(|t| t == "member")) {
-                let (Some(id), Some(name)) = (node.attribute("id"), node.attribute("uname")) else {
-                    continue;
-                };
-                names_by_id.insert(id.to_string(), name.to_string());
-                let attrs = nvpairs(node, "instance_attributes");
-                let state_node = node_states.get(id);
-                let transient = state_node
-                    .and_then(|s| child(*s, "transient_attributes"))
-                    .map(|t| nvpairs(t, "instance_attributes"))
-                    .unwrap_or_default();
-                let flag = |name: &str| {
-                    attrs
-                        .get(name)
-                        .or_else(|| transient.get(name))
-                        .is_some_and(|v| is_true(v))
-                };
-                let state = match state_node {
-                    None => HostState::Offline,
-                    Some(s) => {
-                        let in_ccm = up_flag(s.attribute("in_ccm"));
-                        let crmd = up_flag(s.attribute("crmd"));
-                        let join = s.attribute("join").unwrap_or("down");
-                        let expected = s.attribute("expected").unwrap_or("down");
-                        if in_ccm && crmd && join == "member" {
-                            HostState::Online
-                        } else if in_ccm {
-                            HostState::Pending
-                        } else if expected == "member" && join != "down" {
-                            HostState::Unclean
-                        } else {
-                            HostState::Offline
-                        }
-                    }
-                };
-                hosts.push(HostView {
-                    name: name.to_string(),
-                    id: id.to_string(),
-                    state,
-                    standby: flag("standby"),
-                    maintenance: flag("maintenance"),
-                    // What vmhad and users declare; the placement policy's own (scaled) set is not theirs.
-                    utilization: crate::policy::effective_nvpairs(node, "utilization", true),
-                });
-            }
-        }
-        let dc = cib.attribute("dc-uuid").and_then(|id| names_by_id.get(id).cloned());
-
-        // Per host and resource: what the operation history says, and fail counts.
-        // Keyed by resource, then host: each VM reads its own entries (a CIB holds one per VM and host).
-        let mut history: BTreeMap<&str, BTreeMap<String, HistoryState>> = BTreeMap::new();
-        let mut fail_counts: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
-        for (id, state_node) in &node_states {
-            let Some(host) = names_by_id.get(*id) else { continue };
-            let offline_clean = hosts.iter().any(|h| &h.name == host && h.state == HostState::Offline);
-            if let Some(lrm_resources) = child(*state_node, "lrm").and_then(|l| child(l, "lrm_resources")) {
-                for r in children(lrm_resources, "lrm_resource") {
-                    let (Some(rsc), Some(state)) = (r.attribute("id"), history_state(r)) else {
-                        continue;
-                    };
-                    if offline_clean {
-                        continue;
-                    }
-                    history.entry(rsc).or_default().insert(host.clone(), state);
-                }
-            }
-            if let Some(t) = child(*state_node, "transient_attributes") {
-                for (name, value) in nvpairs(t, "instance_attributes") {
-                    let Some(rest) = name.strip_prefix("fail-count-") else {
-                        continue;
-                    };
-                    let rsc = rest.split('#').next().unwrap_or(rest).to_string();
-                    let n: u32 = if value == "INFINITY" {
-                        1_000_000
+        for node in &self.nodes {
+            names_by_id.insert(node.id.as_str(), node.name.as_str());
+            let state_node = self.node_states.get(&node.id);
+            let transient = state_node.map(|s| &s.transient);
+            let flag = |name: &str| {
+                node.attrs
+                    .get(name)
+                    .or_else(|| transient.and_then(|t| t.get(name)))
+                    .is_some_and(|v| is_true(v))
+            };
+            let state = match state_node {
+                None => HostState::Offline,
+                Some(s) => {
+                    if s.in_ccm && s.crmd && s.join == "member" {
+                        HostState::Online
+                    } else if s.in_ccm {
+                        HostState::Pending
+                    } else if s.expected == "member" && s.join != "down" {
+                        HostState::Unclean
                     } else {
-                        value.parse().unwrap_or(0)
-                    };
-                    *fail_counts.entry(rsc).or_default().entry(host.clone()).or_default() += n;
+                        HostState::Offline
+                    }
+                }
+            };
+            hosts.push(HostView {
+                name: node.name.clone(),
+                id: node.id.clone(),
+                state,
+                standby: flag("standby"),
+                maintenance: flag("maintenance"),
+                utilization: node.utilization.clone(),
+            });
+        }
+        let dc = self
+            .dc_uuid
+            .as_deref()
+            .and_then(|id| names_by_id.get(id))
+            .map(|n| n.to_string());
+
+        // Per resource, then host: what the operation history says, and fail counts.
+        let mut history: BTreeMap<&str, BTreeMap<&str, HistoryState>> = BTreeMap::new();
+        let mut fail_counts: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+        for (id, state_node) in &self.node_states {
+            let Some(host) = names_by_id.get(id.as_str()).copied() else {
+                continue;
+            };
+            let offline_clean = hosts.iter().any(|h| h.name == host && h.state == HostState::Offline);
+            if !offline_clean {
+                for (rsc, state) in &state_node.history {
+                    history.entry(rsc.as_str()).or_default().insert(host, *state);
                 }
             }
-        }
-
-        let mut constraints = child(configuration, "constraints")
-            .map(constraints_by_resource)
-            .unwrap_or_default();
-        let mut vms = Vec::new();
-        if let Some(resources) = child(configuration, "resources") {
-            for p in resources.descendants().filter(|n| n.has_tag_name("primitive")) {
-                let class = p.attribute("class").unwrap_or("");
-                let provider = p.attribute("provider").unwrap_or("");
-                let kind = p.attribute("type").unwrap_or("");
-                if !VM_AGENTS
-                    .iter()
-                    .any(|(c, pr, t)| *c == class && *pr == provider && *t == kind)
-                {
+            for (name, value) in &state_node.transient {
+                let Some(rest) = name.strip_prefix("fail-count-") else {
                     continue;
-                }
-                let Some(name) = p.attribute("id") else { continue };
-                let params = nvpairs(p, "instance_attributes");
-                let meta = nvpairs(p, "meta_attributes");
-                let mut hosts_active = Vec::new();
-                let mut failed_on = Vec::new();
-                let mut pending = None;
-                for (host, state) in history.get(name).into_iter().flatten() {
-                    match state {
-                        HistoryState::Active => hosts_active.push(host.clone()),
-                        HistoryState::Failed => failed_on.push(host.clone()),
-                        HistoryState::Pending(op) => pending = Some(*op),
-                        HistoryState::Inactive => {}
-                    }
-                }
-                let state = if !failed_on.is_empty() || hosts_active.len() > 1 {
-                    VmState::Failed
-                } else {
-                    match pending {
-                        Some(PendingOp::Start) => VmState::Starting,
-                        Some(PendingOp::Stop) => VmState::Stopping,
-                        Some(PendingOp::Migrate) => VmState::Migrating,
-                        _ if !hosts_active.is_empty() => VmState::Running,
-                        Some(PendingOp::Other) => VmState::Starting,
-                        None => VmState::Stopped,
-                    }
                 };
-                vms.push(VmView {
-                    name: name.to_string(),
-                    agent: format!("{class}:{provider}:{kind}"),
-                    config: params.get("config").cloned(),
-                    state,
-                    hosts: hosts_active,
-                    failed_on,
-                    fail_counts: fail_counts.remove(name).unwrap_or_default(),
-                    target_role: meta.get("target-role").cloned(),
-                    managed: meta.get("is-managed").is_none_or(|v| is_true(v)),
-                    utilization: nvpairs(p, "utilization"),
-                    constraints: constraints.remove(name).unwrap_or_default(),
-                    params,
-                    meta,
-                });
+                let rsc = rest.split('#').next().unwrap_or(rest).to_string();
+                let n: u32 = if value == "INFINITY" {
+                    1_000_000
+                } else {
+                    value.parse().unwrap_or(0)
+                };
+                *fail_counts.entry(rsc).or_default().entry(host.to_string()).or_default() += n;
             }
         }
 
-        Ok(ClusterView {
-            cluster_name: crm_config.get("cluster-name").cloned(),
-            version,
+        let mut vms = Vec::new();
+        for p in self.resources.iter().flat_map(|(_, p)| p) {
+            let mut hosts_active = Vec::new();
+            let mut failed_on = Vec::new();
+            let mut pending = None;
+            for (host, state) in history.get(p.name.as_str()).into_iter().flatten() {
+                match state {
+                    HistoryState::Active => hosts_active.push(host.to_string()),
+                    HistoryState::Failed => failed_on.push(host.to_string()),
+                    HistoryState::Pending(op) => pending = Some(*op),
+                    HistoryState::Inactive => {}
+                }
+            }
+            let state = if !failed_on.is_empty() || hosts_active.len() > 1 {
+                VmState::Failed
+            } else {
+                match pending {
+                    Some(PendingOp::Start) => VmState::Starting,
+                    Some(PendingOp::Stop) => VmState::Stopping,
+                    Some(PendingOp::Migrate) => VmState::Migrating,
+                    _ if !hosts_active.is_empty() => VmState::Running,
+                    Some(PendingOp::Other) => VmState::Starting,
+                    None => VmState::Stopped,
+                }
+            };
+            vms.push(VmView {
+                name: p.name.clone(),
+                agent: p.agent.clone(),
+                config: p.params.get("config").cloned(),
+                state,
+                hosts: hosts_active,
+                failed_on,
+                // A VM named twice gets them once (the first), as the whole read did.
+                fail_counts: fail_counts.remove(&p.name).unwrap_or_default(),
+                target_role: p.meta.get("target-role").cloned(),
+                managed: p.meta.get("is-managed").is_none_or(|v| is_true(v)),
+                utilization: p.utilization.clone(),
+                constraints: Vec::new(),
+                params: p.params.clone(),
+                meta: p.meta.clone(),
+            });
+        }
+        // Constraints go to the first VM of each name, as the whole read's `remove` did.
+        let mut taken = std::collections::BTreeSet::new();
+        for vm in &mut vms {
+            if taken.insert(vm.name.clone()) {
+                if let Some(c) = self.constraints.get(&vm.name) {
+                    vm.constraints = c.clone();
+                }
+            }
+        }
+
+        ClusterView {
+            cluster_name: self.crm_config.get("cluster-name").cloned(),
+            version: self.version.clone(),
             dc,
-            quorate: cib.attribute("have-quorum").is_some_and(is_true),
-            stonith_enabled: crm_config.get("stonith-enabled").is_none_or(|v| is_true(v)),
+            quorate: self.quorate,
+            stonith_enabled: self.crm_config.get("stonith-enabled").is_none_or(|v| is_true(v)),
             hosts,
             vms,
-        })
+        }
+    }
+}
+
+/// A section read for [`CibParts::update`].
+enum Section {
+    CrmConfig(BTreeMap<String, String>),
+    Nodes(Vec<NodeConf>, bool),
+    Constraints(BTreeMap<String, Vec<Constraint>>),
+    Resources(Vec<(Option<String>, Vec<Prim>)>),
+    Status(BTreeMap<String, NodeStateInfo>),
+}
+
+trait CloneIds {
+    fn clone_ids(&self) -> Vec<Option<String>>;
+}
+
+impl CloneIds for Vec<(Option<String>, Vec<Prim>)> {
+    fn clone_ids(&self) -> Vec<Option<String>> {
+        self.iter().map(|(id, _)| id.clone()).collect()
+    }
+}
+
+fn crm_config_of(node: Option<Node>) -> BTreeMap<String, String> {
+    node.map(|c| nvpairs(c, "cluster_property_set")).unwrap_or_default()
+}
+
+fn constraints_by_resource_owned(constraints: Node) -> BTreeMap<String, Vec<Constraint>> {
+    constraints_by_resource(constraints)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+impl ClusterView {
+    /// Reads the cluster from a whole CIB (`cibadmin --query` output).
+    pub fn from_cib(xml: &str) -> Result<Self, ModelError> {
+        Ok(CibParts::from_cib(xml)?.view())
     }
 
     pub fn host(&self, name: &str) -> Option<&HostView> {
@@ -610,6 +942,152 @@ mod tests {
         let ts = r#"in_ccm="1795307033" crmd="1795307034" join="member" expected="member""#;
         let v = ClusterView::from_cib(&cib("1", "", &[("1", "n1", ts, "", "")])).unwrap();
         assert_eq!(v.host("n1").unwrap().state, HostState::Online);
+    }
+
+    /// The parts of `xml` as the CIB thread gives them: every section, resource and node_state.
+    fn all_parts(xml: &str) -> CibUpdate {
+        let doc = Document::parse(xml).unwrap();
+        let cib = doc.root_element();
+        let text = |n: Node| xml[n.range()].to_string();
+        let root_end = xml[cib.range()].find('>').unwrap();
+        let mut root = xml[cib.range().start..cib.range().start + root_end].to_string();
+        root.push_str("/>");
+        let root = root.replace("/>/>", "/>");
+        let configuration = child(cib, "configuration").unwrap();
+        let mut u = CibUpdate {
+            root,
+            ..CibUpdate::default()
+        };
+        for name in ["crm_config", "nodes", "constraints"] {
+            u.sections
+                .push((name.into(), child(configuration, name).map(text).unwrap_or_default()));
+        }
+        if let Some(r) = child(configuration, "resources") {
+            for top in r.children().filter(|n| n.is_element()) {
+                u.resources.push((top.attribute("id").unwrap().into(), Some(text(top))));
+            }
+        }
+        if let Some(s) = child(cib, "status") {
+            for n in children(s, "node_state") {
+                u.node_states.push((n.attribute("id").unwrap().into(), Some(text(n))));
+            }
+        }
+        u
+    }
+
+    #[test]
+    fn parts_updated_read_as_the_whole_cib_does() {
+        let lost = r#"in_ccm="false" crmd="offline" join="member" expected="member""#;
+        let fc = r#"<nvpair id="f" name="fail-count-vm1#monitor_10000" value="INFINITY"/>"#;
+        let c = r#"<constraints><rsc_location id="l" rsc="vm1" node="n2" score="10"/></constraints>"#;
+        let docs = [
+            cib(
+                "1",
+                "",
+                &[("1", "n1", UP, PROBED_STOPPED, ""), ("2", "n2", UP, STARTED, "")],
+            ),
+            cib("2", c, &[("1", "n1", UP, STARTED, fc), ("2", "n2", lost, STARTED, "")]),
+            cib("1", c, &[("1", "n1", UP, "", "")]),
+            STARTING.to_string(),
+            cib("2", "", &[("1", "n1", UP, STARTED, ""), ("3", "n3", UP, "", fc)]),
+        ];
+        for old in &docs {
+            for new in &docs {
+                let mut parts = CibParts::from_cib(old).unwrap();
+                let mut update = all_parts(new);
+                // What the old CIB had and the new one has not is sent as gone.
+                for (id, _) in all_parts(old).resources {
+                    if !update.resources.iter().any(|(i, _)| *i == id) {
+                        update.resources.push((id, None));
+                    }
+                }
+                for (id, _) in all_parts(old).node_states {
+                    if !update.node_states.iter().any(|(i, _)| *i == id) {
+                        update.node_states.push((id, None));
+                    }
+                }
+                // A resource the old CIB lacked comes with its section.
+                let known = |id: &str| all_parts(old).resources.iter().any(|(i, _)| i == id);
+                if update.resources.iter().any(|(id, p)| p.is_some() && !known(id)) {
+                    assert!(
+                        parts.clone().update(&update).is_err(),
+                        "a new resource needs its section"
+                    );
+                    let doc = Document::parse(new).unwrap();
+                    let section = child(child(doc.root_element(), "configuration").unwrap(), "resources").unwrap();
+                    update
+                        .sections
+                        .push(("resources".into(), new[section.range()].to_string()));
+                    update.resources.clear();
+                }
+                parts.update(&update).unwrap();
+                assert_eq!(parts.view(), ClusterView::from_cib(new).unwrap());
+                assert_eq!(parts.view(), CibParts::from_cib(new).unwrap().view());
+            }
+        }
+    }
+
+    #[test]
+    fn parts_that_do_not_read_change_nothing() {
+        let x = cib("1", "", &[("1", "n1", UP, STARTED, "")]);
+        let parts = CibParts::from_cib(&x).unwrap();
+        let good = all_parts(&x);
+        let bad = [
+            CibUpdate {
+                root: "not xml".into(),
+                ..good.clone()
+            },
+            CibUpdate {
+                root: "<node/>".into(),
+                ..good.clone()
+            },
+            CibUpdate {
+                sections: vec![("nodes".into(), "<resources/>".into())],
+                ..good.clone()
+            },
+            CibUpdate {
+                sections: vec![("acls".into(), "<acls/>".into())],
+                ..good.clone()
+            },
+            CibUpdate {
+                resources: vec![("vm1".into(), Some(r#"<primitive id="other"/>"#.into()))],
+                ..good.clone()
+            },
+            CibUpdate {
+                resources: vec![("vm9".into(), Some(r#"<primitive id="vm9"/>"#.into()))],
+                ..good.clone()
+            },
+            CibUpdate {
+                node_states: vec![("1".into(), Some(r#"<node_state id="2"/>"#.into()))],
+                ..good.clone()
+            },
+            CibUpdate {
+                node_states: vec![("1".into(), Some(r#"<lrm id="1"/>"#.into()))],
+                ..good.clone()
+            },
+            CibUpdate {
+                node_states: vec![("1".into(), Some("<node_state id='1'".into()))],
+                ..good.clone()
+            },
+        ];
+        for update in bad {
+            let mut p = parts.clone();
+            assert!(p.update(&update).is_err(), "{update:?}");
+            assert_eq!(p, parts, "a refused update changed nothing");
+        }
+        // A removed VM and node_state, and an emptied section.
+        let mut p = parts.clone();
+        p.update(&CibUpdate {
+            root: good.root.clone(),
+            sections: vec![("crm_config".into(), String::new())],
+            resources: vec![("vm1".into(), None)],
+            node_states: vec![("1".into(), None)],
+        })
+        .unwrap();
+        let v = p.view();
+        assert!(v.vm("vm1").is_none());
+        assert_eq!(v.host("n1").unwrap().state, HostState::Offline);
+        assert_eq!(v.cluster_name, None);
     }
 
     #[test]

@@ -111,6 +111,27 @@ pub struct CibChange {
     pub missed: u64,
 }
 
+/// The local copy of the CIB as [`Cib::query_followed_parts`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followed {
+    /// The whole CIB.
+    Whole(String),
+    /// Only what changed.
+    Parts(FollowedParts),
+}
+
+/// The parts of the CIB that changed, as XML text: the `<cib>` element alone (attributes, no children),
+/// whole sections, and single top-level elements of the resources section and `<node_state>` elements by
+/// id (`None`: gone). A section or element that is in `sections` is not also listed by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowedParts {
+    pub root: String,
+    /// (`crm_config`, `nodes`, `constraints`, `resources` or `status`, the element's text or "").
+    pub sections: Vec<(String, String)>,
+    pub resources: Vec<(String, Option<String>)>,
+    pub node_states: Vec<(String, Option<String>)>,
+}
+
 /// A connection to the CIB. Dropping it signs off and frees the connection on the CIB thread.
 #[derive(Debug)]
 pub struct Cib {
@@ -153,6 +174,13 @@ impl Cib {
     /// own writes.
     pub async fn query_all_followed(&self, limit: Duration) -> Result<String> {
         cib_thread::copy_text(self.id, limit).await
+    }
+
+    /// What changed in the local copy (see [`Cib::query_all_followed`]) since this was last called: the
+    /// parts the notifications' diffs touched, or the whole CIB when they cannot say (the first call, a
+    /// diff not understood or not applied). One caller per connection: each call starts a new "since".
+    pub async fn query_followed_parts(&self, limit: Duration) -> Result<Followed> {
+        cib_thread::copy_parts(self.id, limit).await
     }
 
     /// The local copy's counters: (diffs applied since it was last read whole, whole reads so far).

@@ -39,7 +39,7 @@ mod simulate;
 mod xml;
 
 pub use attrd::{clear_failures, update_attribute};
-pub use cib::{Access, CallOptions, Cib, CibChange, CibChanges, CibVersion, Scope};
+pub use cib::{Access, CallOptions, Cib, CibChange, CibChanges, CibVersion, Followed, FollowedParts, Scope};
 pub use controller::{Controller, ControllerState, Resource};
 pub use error::{Error, Result};
 pub use simulate::schedule_file;
