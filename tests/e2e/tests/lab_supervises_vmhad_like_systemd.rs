@@ -33,7 +33,9 @@ fn lab_supervises_vmhad_like_systemd() {
     let old = lab.vmhad_pid(n).unwrap().expect("vmhad runs");
     let t0 = Instant::now();
     lab.exec_ok(n, &["kill", "-9", &old.to_string()]).unwrap();
-    let new = lab.wait_vmhad(n, RESTART_SEC + Duration::from_secs(5)).unwrap();
+    let new = lab
+        .wait_new_vmhad(n, old, RESTART_SEC + Duration::from_secs(5))
+        .unwrap();
     let took = t0.elapsed();
     println!("vmhad {old} killed: vmhad {new} owns org.vmha.Vmha1 after {took:.2?}");
     assert_ne!(new, old, "a new vmhad");

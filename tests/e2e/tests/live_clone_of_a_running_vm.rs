@@ -393,7 +393,7 @@ fn live_clone_of_a_running_vm() {
         assert_ne!(code, 0, "the CLI reports the lost job");
         assert!(err.contains("went away midway"), "{err}");
     });
-    let restarted = lab.wait_vmhad(d, Duration::from_secs(30)).unwrap();
+    let restarted = lab.wait_new_vmhad(d, crashed, Duration::from_secs(30)).unwrap();
     assert_ne!(restarted, crashed, "the supervisor started a new vmhad");
     assert_no_trace(&lab, d, "cl-v");
     assert_template_resumed(&lab);

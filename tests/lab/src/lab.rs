@@ -836,12 +836,22 @@ impl Lab {
     /// Waits (at most `limit`) until a running vmhad on host N, started by the host's supervisor, owns
     /// its bus name, without starting anything; returns its PID inside the host.
     pub fn wait_vmhad(&self, n: u8, limit: Duration) -> Result<u32> {
+        self.wait_vmhad_not(n, None, limit)
+    }
+
+    /// Like [`Lab::wait_vmhad`], for a vmhad other than `old` (one just killed may still own its bus
+    /// name and answer `kill -0` while it exits, until its supervisor reaps it).
+    pub fn wait_new_vmhad(&self, n: u8, old: u32, limit: Duration) -> Result<u32> {
+        self.wait_vmhad_not(n, Some(old), limit)
+    }
+
+    fn wait_vmhad_not(&self, n: u8, old: Option<u32>, limit: Duration) -> Result<u32> {
         wait_for(
             &format!("vmhad on {} to own its bus name", self.cfg.host_name(n)),
             limit,
             Duration::from_millis(100),
             || {
-                let pid = self.vmhad_pid(n).ok()??;
+                let pid = self.vmhad_pid(n).ok()?.filter(|p| Some(*p) != old)?;
                 self.bus_name_has_owner(n, "org.vmha.Vmha1").ok()?.then_some(())?;
                 // The owner is that process (not a previous vmhad leaving the bus).
                 (self.vmhad_pid(n).ok()?? == pid).then_some(pid)
