@@ -133,6 +133,10 @@ impl BoothConf {
                     ))
                 })
             };
+            let seconds = |v: &str| -> Result<u32, SiteError> {
+                v.parse()
+                    .map_err(|_| bad(format!("{key} {:?} is not a number", crate::printable(v))))
+            };
             // The ticket whose settings this line changes: ticket settings before the first ticket
             // (globally, or in the __defaults__ stanza) are the defaults of the tickets after them.
             let current = match stanza {
@@ -169,17 +173,13 @@ impl BoothConf {
                     stanza = Stanza::Ticket;
                 }
                 "expire" => {
-                    let secs = value
-                        .parse()
-                        .map_err(|_| bad(format!("expire {:?} is not a number", crate::printable(value))))?;
+                    let secs = seconds(value)?;
                     if let Some(t) = current {
                         t.expire = secs;
                     }
                 }
                 "acquire-after" => {
-                    let secs = value
-                        .parse()
-                        .map_err(|_| bad(format!("acquire-after {:?} is not a number", crate::printable(value))))?;
+                    let secs = seconds(value)?;
                     if let Some(t) = current {
                         t.acquire_after = secs;
                     }

@@ -584,25 +584,29 @@ pub(crate) async fn copy_text(id: u64, limit: Duration) -> Result<String> {
             // Subscribed, with a copy: the copy.
             Some(Some(text)) => Ok(text),
             // Subscribed, no copy yet: read whole and keep it.
-            Some(None) => {
-                let tree = query_tree(CALL, id, None, opts, deadline)?;
-                let text = tree.as_ref().map(Tree::to_text).unwrap_or_default();
-                with_connections(|c| {
-                    if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
-                        copy.doc = tree;
-                        copy.applied = 0;
-                        copy.reads += 1;
-                        copy.dirty = Dirty::everything();
-                    }
-                });
-                Ok(text)
-            }
+            Some(None) => read_and_keep(CALL, id, opts, deadline, Dirty::everything()),
             None => Ok(query_tree(CALL, id, None, opts, deadline)?
                 .map(|t| t.to_text())
                 .unwrap_or_default()),
         }
     })
     .await
+}
+
+/// Reads the whole CIB, keeps it as connection `id`'s local copy (with `dirty` as what is marked changed
+/// since) and returns its text.
+fn read_and_keep(call: &'static str, id: u64, opts: i32, deadline: Instant, dirty: Dirty) -> Result<String> {
+    let tree = query_tree(call, id, None, opts, deadline)?;
+    let text = tree.as_ref().map(Tree::to_text).unwrap_or_default();
+    with_connections(|c| {
+        if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
+            copy.doc = tree;
+            copy.applied = 0;
+            copy.reads += 1;
+            copy.dirty = dirty;
+        }
+    });
+    Ok(text)
 }
 
 /// What changed in connection `id`'s local copy since the last call: the parts the diffs touched (see
@@ -638,19 +642,7 @@ pub(crate) async fn copy_parts(id: u64, limit: Duration) -> Result<Followed> {
         .unwrap_or(Kept::Query);
         match kept {
             Kept::Done(followed) => Ok(followed),
-            Kept::Read => {
-                let tree = query_tree(CALL, id, None, opts, deadline)?;
-                let text = tree.as_ref().map(Tree::to_text).unwrap_or_default();
-                with_connections(|c| {
-                    if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
-                        copy.doc = tree;
-                        copy.applied = 0;
-                        copy.reads += 1;
-                        copy.dirty = Dirty::default();
-                    }
-                });
-                Ok(Followed::Whole(text))
-            }
+            Kept::Read => read_and_keep(CALL, id, opts, deadline, Dirty::default()).map(Followed::Whole),
             Kept::Query => Ok(Followed::Whole(
                 query_tree(CALL, id, None, opts, deadline)?
                     .map(|t| t.to_text())
