@@ -104,7 +104,17 @@ pub fn guest_agent(lab: &Lab, n: u8, vm: &str, command: &serde_json::Value) -> R
 pub fn guest_exec(lab: &Lab, n: u8, vm: &str, path: &str, args: &[&str], limit: Duration) -> Result<String> {
     let exec = serde_json::json!({"execute": "guest-exec",
         "arguments": {"path": path, "arg": args, "capture-output": true}});
-    let pid = guest_agent(lab, n, vm, &exec)?["pid"]
+    // Right after a migration or a start libvirt may not have seen the agent's channel connect yet
+    // ("Guest agent is not responding: Guest agent not available for now"): that one refusal is waited out
+    // within `limit`; any other error is returned at once.
+    let deadline = Instant::now() + limit;
+    let started = loop {
+        match guest_agent(lab, n, vm, &exec) {
+            Err(e) if agent_not_yet_connected(&e) && Instant::now() < deadline => std::thread::sleep(POLL),
+            other => break other?,
+        }
+    };
+    let pid = started["pid"]
         .as_i64()
         .ok_or_else(|| anyhow!("guest-exec gave no pid"))?;
     let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}});
@@ -117,6 +127,12 @@ pub fn guest_exec(lab: &Lab, n: u8, vm: &str, path: &str, args: &[&str], limit: 
     Ok(String::from_utf8(
         base64::engine::general_purpose::STANDARD.decode(data)?,
     )?)
+}
+
+/// Whether libvirt refused a guest-agent command only because the agent's channel is not connected (yet).
+fn agent_not_yet_connected(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("Guest agent not available for now") || text.contains("Guest agent is not connected")
 }
 
 /// What the lab guest's test hooks recorded in `/run/vmha-guest/seen.log` (see `tests/lab/guest/build-guest`),
