@@ -422,6 +422,14 @@ async fn predict_configuration(live: &str, configuration: &str, limit: Duration)
     Ok(whatif::predict(live, &copy, &graph, &[], None)?)
 }
 
+/// Pacemaker's scheduler on `copy` (the live CIB `live` with an event applied, e.g. tickets granted by
+/// `vmha site what-if`), its free capacity computed afresh as vmhad keeps it: what it would do to each VM.
+pub async fn predict_cib(live: &str, copy: &str, limit: Duration) -> Result<Prediction> {
+    let copy = vmha_model::failover::with_free_capacity(copy)?;
+    let graph = run_scheduler(&whatif::scheduler_input(&copy)?, limit).await?;
+    Ok(whatif::predict(live, &copy, &graph, &[], None)?)
+}
+
 /// Asks on the terminal whether to roll back; refuses when stdin is not one.
 fn confirm(version: u32) -> Result<()> {
     use std::io::{BufRead, IsTerminal, Read, Write};

@@ -133,6 +133,17 @@ pub enum SiteCmd {
         #[arg(long)]
         confirm_lost: bool,
     },
+    /// What a takeover would do here if SITE were lost: the tickets it holds (booth list, or --ticket)
+    /// granted to this cluster on a copy of its CIB, and Pacemaker's scheduler says which VMs would start
+    /// where and which of this site's VMs would give way. Changes nothing.
+    WhatIf {
+        /// The site assumed lost (its booth site address).
+        #[arg(long)]
+        lost: String,
+        /// The tickets to assume granted here (default: those booth says the lost site holds).
+        #[arg(long = "ticket", value_name = "TICKET")]
+        tickets: Vec<String>,
+    },
 }
 
 impl SiteCmd {
@@ -197,6 +208,55 @@ pub struct Status {
     pub sites: Vec<Ipv4Addr>,
     pub arbitrators: Vec<Ipv4Addr>,
     pub tickets: Vec<TicketStatus>,
+    pub authentication: Authentication,
+}
+
+/// Whether booth's messages are authenticated here: booth.conf's `authfile` and what is wrong with it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Authentication {
+    /// booth.conf's `authfile` (`None`: booth's messages are not authenticated).
+    pub authfile: Option<String>,
+    /// What is wrong with the key file (`None`: boothd can use it). Never the key itself.
+    pub problem: Option<String>,
+}
+
+/// The longest key file vmha reads to check it: booth's keys are at most 64 bytes (plus white space).
+const AUTHKEY_READ_LIMIT: u64 = 4096;
+
+/// Checks booth.conf's `authfile` on this host: there, a regular file, owner-only, 8 to 64 bytes of key.
+pub fn check_authentication(conf: &BoothConf) -> Authentication {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(path) = conf.authfile.clone() else {
+        return Authentication::default();
+    };
+    let problem = (|| -> std::result::Result<(), String> {
+        // Not followed through a symbolic link: boothd opens the path itself, and a link could point vmha
+        // at a device or a huge file.
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| format!("cannot be read: {e}"))?;
+        if !meta.file_type().is_file() {
+            return Err("is not a regular file".into());
+        }
+        if meta.len() > AUTHKEY_READ_LIMIT {
+            return Err(format!(
+                "is {} bytes; booth needs a key of at most 64 (booth-keygen makes one)",
+                meta.len()
+            ));
+        }
+        let mut key = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(AUTHKEY_READ_LIMIT).read_to_end(&mut key))
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        match vmha_model::site::authkey_problem(meta.mode(), &key) {
+            Some(p) => Err(p),
+            None => Ok(()),
+        }
+    })()
+    .err();
+    Authentication {
+        authfile: Some(path),
+        problem,
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -222,6 +282,7 @@ fn status_of(
     booth_list: &[BoothTicket],
     cluster: &ClusterView,
     tags: &BTreeMap<String, Vec<String>>,
+    authentication: Authentication,
 ) -> Status {
     let tickets = conf
         .tickets
@@ -257,6 +318,7 @@ fn status_of(
         sites: conf.sites.clone(),
         arbitrators: conf.arbitrators.clone(),
         tickets,
+        authentication,
     }
 }
 
@@ -270,9 +332,14 @@ pub fn status_text(s: &Status) -> String {
         }
     };
     let mut out = format!(
-        "sites: {}\narbitrators: {}\n\nTICKET           EXPIRE  HOLDER                 UNTIL                VIRTUAL CLUSTERS (running here)\n",
+        "sites: {}\narbitrators: {}\nbooth authentication: {}\n\nTICKET           EXPIRE  HOLDER                 UNTIL                VIRTUAL CLUSTERS (running here)\n",
         s.sites.iter().map(site).collect::<Vec<_>>().join(", "),
-        s.arbitrators.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        s.arbitrators.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+        match (&s.authentication.authfile, &s.authentication.problem) {
+            (None, _) => "none".to_string(),
+            (Some(path), None) => format!("key {}", vmha_model::printable(path)),
+            (Some(path), Some(_)) => format!("key {} (unusable: see below)", vmha_model::printable(path)),
+        }
     );
     for t in &s.tickets {
         let holder = t.leader.map(|l| site(&l)).unwrap_or_else(|| "(nobody)".into());
@@ -310,17 +377,31 @@ pub fn status_text(s: &Status) -> String {
 
 /// What an operator should fix in booth's configuration for the virtual clusters it protects.
 pub fn status_warnings(s: &Status) -> Vec<String> {
-    s.tickets
-        .iter()
-        .filter(|t| t.acquire_after_seconds == 0 && t.vclusters.iter().any(|(_, loss)| loss == "stop"))
-        .map(|t| {
-            format!(
+    let auth = &s.authentication;
+    let key = match (&auth.authfile, &auth.problem) {
+        (None, _) => Some(
+            "booth's messages are not authenticated (booth.conf sets no authfile): anyone who can send UDP to a \
+             site or the arbitrator can grant or revoke tickets, and so start or stop virtual clusters; make a key \
+             with booth-keygen, copy it to every site and the arbitrator, set authfile"
+                .to_string(),
+        ),
+        (Some(path), Some(problem)) => Some(format!("booth's key file {} {problem}", vmha_model::printable(path))),
+        (Some(_), None) => None,
+    };
+    key.into_iter()
+        .chain(
+            s.tickets
+                .iter()
+                .filter(|t| t.acquire_after_seconds == 0 && t.vclusters.iter().any(|(_, loss)| loss == "stop"))
+                .map(|t| {
+                    format!(
                 "ticket {} has acquire-after 0 and loss-policy stop: after a link cut the other site may start \
                  the VMs while this site still stops them; set acquire-after (booth.conf) longer than they take \
                  to stop, or use --loss-policy fence",
                 t.name
             )
-        })
+                }),
+        )
         .collect()
 }
 
@@ -356,7 +437,7 @@ pub async fn status(json_out: bool) -> Result<ExitCode> {
     };
     let cluster = ClusterView::from_cib(&c.xml).context("reading the CIB")?;
     let tags = capture::list(&c.xml)?;
-    let s = status_of(&c.conf, &c.view, &list, &cluster, &tags);
+    let s = status_of(&c.conf, &c.view, &list, &cluster, &tags, check_authentication(&c.conf));
     if json_out {
         println!("{}", serde_json::to_string_pretty(&document("site_status", &s))?);
     } else {
@@ -684,7 +765,141 @@ pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
             lost,
             confirm_lost,
         } => failover(&vcluster, &lost, confirm_lost).await,
+        SiteCmd::WhatIf { lost, tickets } => what_if(&lost, &tickets, json_out).await,
     }
+}
+
+/// How long `vmha site what-if` lets Pacemaker's scheduler run.
+const WHAT_IF_DEADLINE: Duration = Duration::from_secs(120);
+
+/// What `vmha site what-if` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct SiteWhatIf {
+    pub lost_site: Ipv4Addr,
+    /// The tickets assumed granted here.
+    pub tickets: Vec<String>,
+    /// Virtual clusters those tickets hold here, with their members.
+    pub vclusters: BTreeMap<String, Vec<String>>,
+    /// Every protected member gets a place here.
+    pub takeover_complete: bool,
+    /// What the scheduler would do, VM by VM (those that change or stay without a place).
+    pub vms: Vec<vmha_model::whatif::VmPrediction>,
+}
+
+/// The tickets a lost site holds, as booth here says.
+async fn tickets_held_by(view: &SiteView, lost: Ipv4Addr) -> Result<Vec<String>> {
+    let here = local_site(view)?;
+    let list = booth(&["list", "-s", &here])
+        .await
+        .context("asking booth which tickets the lost site holds (name them with --ticket)")?;
+    Ok(parse_booth_list(&list)
+        .into_iter()
+        .filter(|t| t.leader == Some(lost))
+        .map(|t| t.name)
+        .collect())
+}
+
+/// Reads what the scheduler predicted for a takeover of `tickets` here.
+pub fn site_what_if(
+    lost: Ipv4Addr,
+    tickets: Vec<String>,
+    view: &SiteView,
+    tags: &BTreeMap<String, Vec<String>>,
+    p: &vmha_model::whatif::Prediction,
+) -> SiteWhatIf {
+    use vmha_model::whatif::VmOutcome;
+    let vclusters: BTreeMap<String, Vec<String>> = view
+        .bindings
+        .iter()
+        .filter(|b| tickets.contains(&b.ticket))
+        .map(|b| (b.rsc.clone(), tags.get(&b.rsc).cloned().unwrap_or_default()))
+        .collect();
+    let protected: Vec<&String> = vclusters.values().flatten().collect();
+    let placement = p.placement();
+    let takeover_complete = protected.iter().all(|m| placement.get(*m).is_some_and(|h| h.is_some()));
+    let vms = p
+        .vms
+        .iter()
+        .filter(|v| !matches!(v.outcome, VmOutcome::Stays { .. }) || protected.contains(&&v.vm))
+        .cloned()
+        .collect();
+    SiteWhatIf {
+        lost_site: lost,
+        tickets,
+        vclusters,
+        takeover_complete,
+        vms,
+    }
+}
+
+/// Human form of [`SiteWhatIf`].
+pub fn site_what_if_text(w: &SiteWhatIf) -> String {
+    use vmha_model::whatif::VmOutcome;
+    let mut out = format!(
+        "if site {} is lost and this site takes ticket(s) {}:\n",
+        w.lost_site,
+        w.tickets.join(", ")
+    );
+    out.push_str(&format!(
+        "{:<16} {:<16} {:>8}  OUTCOME\n",
+        "VM", "VIRTUAL CLUSTER", "PRIORITY"
+    ));
+    for v in &w.vms {
+        let vc = w
+            .vclusters
+            .iter()
+            .find(|(_, members)| members.contains(&v.vm))
+            .map_or("-", |(vc, _)| vc.as_str());
+        let what = match &v.outcome {
+            VmOutcome::Stays { host } => format!("runs on {host}"),
+            VmOutcome::Moves { from, to } => format!("moves {from} -> {to}"),
+            VmOutcome::Stops { from } => format!("STOPS (was on {from}): gives way"),
+            VmOutcome::Starts { to } => format!("starts on {to}"),
+            VmOutcome::StaysStopped => "STAYS STOPPED: no host has room".to_string(),
+        };
+        out.push_str(&format!("{:<16} {:<16} {:>8}  {what}\n", v.vm, vc, v.priority));
+    }
+    out.push_str(if w.takeover_complete {
+        "takeover: every protected VM gets a place here\n"
+    } else {
+        "takeover: INCOMPLETE: some protected VMs would get no place here\n"
+    });
+    out
+}
+
+/// `vmha site what-if`.
+async fn what_if(lost: &str, tickets: &[String], json_out: bool) -> Result<ExitCode> {
+    let c = read_all().await?;
+    let lost = validate_site(lost, &c.conf)?;
+    if c.view.local_site == Some(lost) {
+        bail!("{lost} is this site; --lost names the other one");
+    }
+    let tickets = if tickets.is_empty() {
+        tickets_held_by(&c.view, lost).await?
+    } else {
+        for t in tickets {
+            validate_ticket(t)?;
+            if c.conf.ticket(t).is_none() {
+                bail!("booth.conf defines no ticket {t}");
+            }
+        }
+        tickets.to_vec()
+    };
+    if tickets.is_empty() {
+        bail!(
+            "booth says site {lost} holds no ticket: a takeover here would start nothing (name tickets with --ticket)"
+        );
+    }
+    let copy = vmha_model::whatif::grant_tickets(&c.xml, &tickets)?;
+    let p = crate::placement::predict_cib(&c.xml, &copy, WHAT_IF_DEADLINE).await?;
+    let tags = capture::list(&c.xml)?;
+    let w = site_what_if(lost, tickets, &c.view, &tags, &p);
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&document("site_what_if", &w))?);
+    } else {
+        print!("{}", site_what_if_text(&w));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

@@ -244,6 +244,11 @@ fn main() {
                 ticket: db-8, leader: NONE\n10.213.192.100\n";
     let cib = r#"<cib><configuration><resources><group id="booth"><primitive id="booth-ip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="booth-ip-ia"><nvpair id="booth-ip-ip" name="ip" value="10.213.191.100"/></instance_attributes></primitive><primitive id="booth-site" class="ocf" provider="pacemaker" type="booth-site"/></group></resources><constraints><rsc_ticket id="vmha-site-shop" rsc="shop" ticket="shop" loss-policy="stop"/></constraints></configuration><status><tickets><ticket_state id="shop" granted="true" last-granted="1796000000" expires="1796000020"/></tickets></status></cib>"#;
     write(&dir, "two-sites", format!("{conf}\0{list}\0{cib}").as_bytes());
+    write(
+        &dir,
+        "authfile",
+        "authfile = /etc/booth/authkey\nsite = 10.0.0.1\n\0\0  0123456789abcdef\n".as_bytes(),
+    );
     write(&dir, "hostile", "ticket = -F\nsite = ::ffff:1.2.3.4\n\0ticket: --help, leader: 1.2.3.4\nticket: a\u{1b}[2J\0<cib><tickets><ticket_state/></tickets></cib>".as_bytes());
     println!("seeds written under {}", root.display());
 }

@@ -3,11 +3,13 @@
 //! rsc_ticket constraints, the booth site group). The input is split at the first two NUL bytes into those
 //! three texts. Nothing may panic, and whatever comes out must be safe to act on: every ticket name read
 //! from booth.conf or `booth list` passes `validate_ticket` (so it never reaches booth's command line as an
-//! option), `validate_site` only accepts a site booth.conf lists, and errors print no control characters.
+//! option), `validate_site` only accepts a site booth.conf lists, an authfile is an absolute path without
+//! control characters, errors print no control characters, and the key check never shows the key (the
+//! third text read as a key file).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmha_model::site::{parse_booth_list, validate_site, validate_ticket, BoothConf, SiteView};
+use vmha_model::site::{authkey_problem, parse_booth_list, validate_site, validate_ticket, BoothConf, SiteView};
 
 fn no_controls(text: &str) {
     assert!(
@@ -44,6 +46,9 @@ fuzz_target!(|data: &[u8]| {
                 conf.sites.len() + conf.arbitrators.len(),
                 "a member listed twice"
             );
+            if let Some(path) = &conf.authfile {
+                assert!(path.starts_with('/') && !path.chars().any(char::is_control), "{path:?}");
+            }
             if let [a, b] = conf.sites.as_slice() {
                 assert_eq!(conf.other_site(*a), Some(*b));
                 assert_eq!(conf.other_site(*b), Some(*a));
@@ -58,6 +63,23 @@ fuzz_target!(|data: &[u8]| {
             assert!(!e.is_empty() && e != "INF");
         }
     }
+
+    let key = cib_text.as_bytes();
+    let mode = data.first().map_or(0o600, |&b| u32::from(b) << 3);
+    let problem = authkey_problem(mode, key);
+    if let Some(p) = &problem {
+        no_controls(p);
+    }
+    // The answer depends on the key's length only, never on its bytes (so it cannot show them).
+    let blanked: Vec<u8> = key
+        .iter()
+        .map(|&b| if b.is_ascii_whitespace() { b } else { b'k' })
+        .collect();
+    assert_eq!(
+        problem,
+        authkey_problem(mode, &blanked),
+        "the answer depends on the key's bytes"
+    );
 
     if let Ok(view) = SiteView::from_cib(cib_text) {
         for t in &view.tickets {

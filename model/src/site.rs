@@ -66,6 +66,54 @@ pub fn validate_site(value: &str, conf: &BoothConf) -> Result<Ipv4Addr, SiteErro
     Ok(addr)
 }
 
+/// Checks booth.conf's `authfile`: an absolute path of printable characters (booth requires absolute
+/// paths; vmha opens it to check it). Returns it.
+pub fn validate_authfile(value: &str) -> Result<String, SiteError> {
+    let invalid = |why| {
+        Err(SiteError::Invalid {
+            what: "authfile",
+            value: crate::printable(value),
+            why,
+        })
+    };
+    if !value.starts_with('/') {
+        return invalid("must be an absolute path");
+    }
+    if value.len() > 4096 {
+        return invalid("is longer than 4096 bytes");
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return invalid("may not hold control characters");
+    }
+    Ok(value.to_string())
+}
+
+/// The shortest and longest key booth accepts (bytes, after leading and trailing white space of a text
+/// key is dropped).
+pub const AUTHKEY_LEN: std::ops::RangeInclusive<usize> = 8..=64;
+
+/// What is wrong with booth's key file, from its permission bits and contents (`None`: nothing). boothd
+/// refuses a key readable by anyone but its owner, and one shorter than 8 or longer than 64 bytes.
+/// The key itself never appears in the answer.
+pub fn authkey_problem(mode: u32, key: &[u8]) -> Option<String> {
+    if mode & 0o077 != 0 {
+        return Some(format!(
+            "is accessible to others than its owner (mode {:04o}); booth refuses it: chmod 600",
+            mode & 0o7777
+        ));
+    }
+    let key = key.trim_ascii();
+    if !AUTHKEY_LEN.contains(&key.len()) {
+        return Some(format!(
+            "holds a {}-byte key; booth needs {} to {} bytes (booth-keygen makes one)",
+            key.len(),
+            AUTHKEY_LEN.start(),
+            AUTHKEY_LEN.end()
+        ));
+    }
+    None
+}
+
 /// A booth ticket as booth.conf defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TicketConf {
@@ -88,6 +136,9 @@ pub struct BoothConf {
     pub sites: Vec<Ipv4Addr>,
     pub arbitrators: Vec<Ipv4Addr>,
     pub tickets: Vec<TicketConf>,
+    /// booth's `authfile`: the shared key that authenticates every booth message (`None`: messages are
+    /// not authenticated). An absolute path.
+    pub authfile: Option<String>,
 }
 
 impl BoothConf {
@@ -183,6 +234,12 @@ impl BoothConf {
                     if let Some(t) = current {
                         t.acquire_after = secs;
                     }
+                }
+                "authfile" => {
+                    if conf.authfile.is_some() {
+                        return Err(bad("authfile is set twice".into()));
+                    }
+                    conf.authfile = Some(validate_authfile(value).map_err(|e| bad(e.to_string()))?);
                 }
                 "mode" => {
                     if let Some(t) = current {

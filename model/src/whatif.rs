@@ -134,6 +134,60 @@ pub fn add_resource(cib: &str, primitive: &str) -> Result<String, PolicyError> {
     Ok(out)
 }
 
+/// The whole CIB with booth `tickets` granted to this cluster (`status/tickets`: each ticket's
+/// `ticket_state` granted and not on standby, created when missing) — what the CIB says once booth granted
+/// them here, for the scheduler to run on (`vmha site what-if`). Ticket names are checked as booth's.
+pub fn grant_tickets(cib: &str, tickets: &[String]) -> Result<String, PolicyError> {
+    for t in tickets {
+        crate::site::validate_ticket(t).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+    }
+    let doc = Document::parse(cib)?;
+    let root = doc.root_element();
+    let Some(status) = root.children().find(|n| n.has_tag_name("status")) else {
+        return invalid("the CIB has no status section");
+    };
+    let ticket_list = status.children().find(|n| n.has_tag_name("tickets"));
+    let present: BTreeSet<&str> = ticket_list
+        .iter()
+        .flat_map(|l| l.children())
+        .filter(|n| n.has_tag_name("ticket_state"))
+        .filter_map(|n| n.attribute("id"))
+        .collect();
+    let missing: Vec<String> = tickets
+        .iter()
+        .filter(|t| !present.contains(t.as_str()))
+        .map(|t| format!(r#"<ticket_state id="{t}" granted="true"/>"#))
+        .collect();
+    let append = |n: Node| -> Vec<String> {
+        if ticket_list.is_some_and(|l| l == n) {
+            missing.clone()
+        } else if ticket_list.is_none() && n == status {
+            vec![format!("<tickets>{}</tickets>", missing.concat())]
+        } else {
+            Vec::new()
+        }
+    };
+    let attributes = |n: Node| -> Option<Attributes> {
+        let id = n.attribute("id")?;
+        if !(n.has_tag_name("ticket_state")
+            && n.parent().is_some_and(|p| ticket_list == Some(p))
+            && tickets.iter().any(|t| t == id))
+        {
+            return None;
+        }
+        let mut attrs: Vec<(String, String)> = n
+            .attributes()
+            .filter(|a| a.name() != "granted" && a.name() != "standby")
+            .map(|a| (a.name().to_string(), a.value().to_string()))
+            .collect();
+        attrs.push(("granted".into(), "true".into()));
+        Some(attrs)
+    };
+    let mut out = String::new();
+    write_xml_with(root, &mut out, &|_| false, &append, &attributes);
+    Ok(out)
+}
+
 /// The live CIB read once for several events (`vmha what-if --n-plus-one` asks one per host): each event's
 /// copy and prediction are exactly those of [`fail_hosts`], [`add_resource`],
 /// [`crate::failover::with_free_capacity`] and [`predict`], without parsing the live CIB again per event.
@@ -676,5 +730,37 @@ mod tests {
         let v = ClusterView::from_cib(&x).unwrap();
         assert!(v.vm("new").is_some());
         assert!(add_resource(LIVE, r#"<primitive id="hi"/>"#).is_err());
+    }
+
+    #[test]
+    fn granting_tickets_sets_or_adds_their_state_and_refuses_bad_names() {
+        let shop = vec!["shop".to_string()];
+        // No tickets section yet: one is made.
+        let g = grant_tickets(LIVE, &shop).unwrap();
+        assert!(
+            g.contains(r#"<tickets><ticket_state id="shop" granted="true"/></tickets></status>"#),
+            "{g}"
+        );
+        Document::parse(&g).unwrap();
+        // A ticket revoked and on standby here, another left alone, a third added.
+        let with = LIVE.replace(
+            "</status>",
+            r#"<tickets><ticket_state id="shop" granted="false" standby="true" last-granted="5"/><ticket_state id="db" granted="false"/></tickets></status>"#,
+        );
+        let g = grant_tickets(&with, &["shop".to_string(), "new-1".to_string()]).unwrap();
+        assert!(
+            g.contains(r#"<ticket_state id="shop" last-granted="5" granted="true"/>"#),
+            "{g}"
+        );
+        assert!(g.contains(r#"<ticket_state id="db" granted="false"/>"#), "{g}");
+        assert!(
+            g.contains(r#"<ticket_state id="new-1" granted="true"/></tickets>"#),
+            "{g}"
+        );
+        // Names that are no booth ticket (they would be written into the XML) change nothing.
+        for bad in ["a\"/><x", "-F", ""] {
+            assert!(grant_tickets(LIVE, &[bad.to_string()]).is_err(), "{bad:?}");
+        }
+        assert!(grant_tickets("<cib/>", &shop).is_err());
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use vmha_model::failover::with_free_capacity;
 use vmha_model::policy::{plan, Policy};
-use vmha_model::whatif::{fail_hosts, predict, Prediction};
+use vmha_model::whatif::{fail_hosts, grant_tickets, predict, Prediction};
 
 /// A host: name, zone, pool, capacity (in VM-sized slots of `hv_memory`).
 type Host = (&'static str, &'static str, &'static str, u32);
@@ -407,6 +407,77 @@ fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
     let copy = with_free_capacity(&fail_hosts(&live, &failed).unwrap()).unwrap();
     let (p, _) = schedule(&live, &copy, &failed);
     assert!(p.without_place().is_empty(), "{:#?}", p.vms);
+}
+
+/// `vmha site what-if`: site B holds site A's virtual cluster stopped by its booth ticket; the scheduler
+/// run on B's CIB with the ticket granted says what a takeover would start where, and what it displaces.
+#[test]
+fn a_lost_sites_ticket_granted_here_starts_its_vms_and_says_what_gives_way() {
+    let case = Case {
+        name: "site takeover",
+        hosts: &[("b1", "site-b", "std", 2), ("b2", "site-b", "std", 1)],
+        vms: &[
+            ("local", 1, "site-b", "std", Some("b1")),
+            ("shop1", 100, "site-b", "std", None),
+            ("shop2", 100, "site-b", "std", None),
+            ("shop3", 100, "site-b", "std", None),
+        ],
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let planned = plan(&policy(&case), &base).unwrap();
+    let tickets: String = ["shop1", "shop2", "shop3"]
+        .iter()
+        .map(|v| format!(r#"<rsc_ticket id="vmha-site-{v}" rsc="{v}" ticket="shop" loss-policy="stop"/>"#))
+        .collect();
+    let configuration = planned
+        .configuration
+        .replacen("</constraints>", &format!("{tickets}</constraints>"), 1);
+    let configuration = if configuration.contains(&tickets) {
+        configuration
+    } else {
+        configuration.replacen("<constraints/>", &format!("<constraints>{tickets}</constraints>"), 1)
+    };
+    let live = with_configuration(&base, &configuration);
+    assert!(live.contains(&tickets));
+    // Without the ticket the site's own VM runs and the protected ones are held stopped.
+    let (now, _) = schedule(&live, &with_free_capacity(&live).unwrap(), &[]);
+    let placement = now.placement();
+    assert_eq!(
+        placement.get("local").cloned().flatten().as_deref(),
+        Some("b1"),
+        "{:#?}",
+        now.vms
+    );
+    for v in ["shop1", "shop2", "shop3"] {
+        assert_eq!(
+            placement.get(v).cloned().flatten(),
+            None,
+            "{v} without the ticket: {:#?}",
+            now.vms
+        );
+    }
+    // The ticket granted: the three priority-100 VMs need every slot of the site; the priority-1 VM gives
+    // way, and the prediction says so.
+    let granted = grant_tickets(&live, &["shop".to_string()]).unwrap();
+    assert!(
+        granted.contains(r#"<ticket_state id="shop" granted="true"/>"#),
+        "{granted}"
+    );
+    let (p, scores) = schedule(&live, &with_free_capacity(&granted).unwrap(), &[]);
+    let placement = p.placement();
+    for v in ["shop1", "shop2", "shop3"] {
+        assert!(
+            placement.get(v).cloned().flatten().is_some(),
+            "{v}: {:#?}\n{scores}",
+            p.vms
+        );
+    }
+    assert_eq!(placement.get("local").cloned().flatten(), None, "{:#?}", p.vms);
+    assert_eq!(p.without_place(), vec!["local"], "{:#?}", p.vms);
 }
 
 /// The `<constraints>` section of a CIB, as written.

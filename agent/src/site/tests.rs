@@ -139,9 +139,146 @@ fn status_warns_of_a_stop_policy_without_acquire_after() {
         sites: vec![],
         arbitrators: vec![],
         tickets: vec![ticket("a", 0, "stop"), ticket("b", 10, "stop"), ticket("c", 0, "fence")],
+        authentication: Authentication {
+            authfile: Some("/etc/booth/authkey".into()),
+            problem: None,
+        },
     };
     let w = status_warnings(&s);
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].starts_with("ticket a has acquire-after 0"), "{w:?}");
     assert!(status_text(&s).contains("\nwarning: ticket a "));
+}
+
+#[test]
+fn status_warns_when_booth_is_not_authenticated_or_its_key_is_unusable() {
+    let dir = std::env::temp_dir().join(format!("vmha-authkey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("authkey");
+    let conf = |path: &std::path::Path| BoothConf::parse(&format!("authfile = {}\n", path.display())).unwrap();
+    let status = |auth: Authentication| Status {
+        local_site: None,
+        sites: vec![],
+        arbitrators: vec![],
+        tickets: vec![],
+        authentication: auth,
+    };
+    // No authfile at all.
+    let none = status(check_authentication(&BoothConf::default()));
+    let w = status_warnings(&none);
+    assert!(w.len() == 1 && w[0].contains("not authenticated"), "{w:?}");
+    assert!(status_text(&none).contains("booth authentication: none\n"));
+    // Missing file, then a usable key, then group-readable, then too short.
+    let missing = check_authentication(&conf(&key));
+    assert!(
+        missing.problem.as_deref().unwrap().starts_with("cannot be read"),
+        "{missing:?}"
+    );
+    std::fs::write(&key, "0123456789abcdef-secret\n").unwrap();
+    let set_mode = |m: u32| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    set_mode(0o600);
+    let good = status(check_authentication(&conf(&key)));
+    assert_eq!(good.authentication.problem, None);
+    assert!(status_warnings(&good).is_empty());
+    assert!(status_text(&good).contains(&format!("booth authentication: key {}\n", key.display())));
+    set_mode(0o644);
+    let open = status(check_authentication(&conf(&key)));
+    let w = status_warnings(&open);
+    assert!(
+        w.len() == 1 && w[0].contains("mode 0644") && !w[0].contains("secret"),
+        "{w:?}"
+    );
+    assert!(status_text(&open).contains("(unusable: see below)"));
+    std::fs::write(&key, "short").unwrap();
+    set_mode(0o600);
+    let short = check_authentication(&conf(&key));
+    assert!(short.problem.as_deref().unwrap().contains("5-byte key"), "{short:?}");
+    // A symbolic link (to a device here) is not followed, and a directory is no key.
+    std::fs::remove_file(&key).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &key).unwrap();
+    assert_eq!(
+        check_authentication(&conf(&key)).problem.as_deref(),
+        Some("is not a regular file")
+    );
+    std::fs::remove_file(&key).unwrap();
+    std::fs::create_dir(&key).unwrap();
+    assert_eq!(
+        check_authentication(&conf(&key)).problem.as_deref(),
+        Some("is not a regular file")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn site_what_if_lists_the_takeover_and_says_when_it_is_incomplete() {
+    use vmha_model::whatif::{Prediction, VmOutcome, VmPrediction};
+    let vm = |name: &str, priority: i64, outcome: VmOutcome| VmPrediction {
+        vm: name.into(),
+        priority,
+        outcome,
+        step: None,
+        step_label: String::new(),
+        displaced_by: vec![],
+    };
+    let view = SiteView {
+        local_site: Some("10.0.2.100".parse().unwrap()),
+        tickets: vec![],
+        bindings: vec![
+            TicketBinding {
+                id: "vmha-site-shop".into(),
+                rsc: "shop".into(),
+                ticket: "shop".into(),
+                loss_policy: "stop".into(),
+            },
+            TicketBinding {
+                id: "vmha-site-db".into(),
+                rsc: "db".into(),
+                ticket: "db".into(),
+                loss_policy: "stop".into(),
+            },
+        ],
+    };
+    let tags = BTreeMap::from([
+        ("shop".to_string(), vec!["web1".to_string(), "web2".to_string()]),
+        ("db".to_string(), vec!["pg".to_string()]),
+    ]);
+    let mut p = Prediction {
+        failed_hosts: vec![],
+        added_vm: None,
+        vms: vec![
+            vm("web1", 100, VmOutcome::Starts { to: "b1".into() }),
+            vm("web2", 100, VmOutcome::Starts { to: "b2".into() }),
+            vm("local", 1, VmOutcome::Stops { from: "b2".into() }),
+            vm("calm", 1, VmOutcome::Stays { host: "b1".into() }),
+            vm("pg", 50, VmOutcome::StaysStopped),
+        ],
+        zones: vec![],
+    };
+    let lost = "10.0.1.100".parse().unwrap();
+    // Only the shop ticket: pg (held by db) is not part of the takeover; calm stays and is not listed.
+    let w = site_what_if(lost, vec!["shop".into()], &view, &tags, &p);
+    assert!(w.takeover_complete, "{w:?}");
+    assert_eq!(w.vclusters.keys().collect::<Vec<_>>(), ["shop"]);
+    let listed: Vec<&str> = w.vms.iter().map(|v| v.vm.as_str()).collect();
+    assert_eq!(listed, ["web1", "web2", "local", "pg"]);
+    let text = site_what_if_text(&w);
+    assert!(
+        text.contains("web1             shop                  100  starts on b1\n"),
+        "{text}"
+    );
+    assert!(text.contains("STOPS (was on b2): gives way"), "{text}");
+    assert!(
+        text.ends_with("takeover: every protected VM gets a place here\n"),
+        "{text}"
+    );
+    // Both tickets: pg gets no place, so the takeover is incomplete.
+    let w = site_what_if(lost, vec!["shop".into(), "db".into()], &view, &tags, &p);
+    assert!(!w.takeover_complete);
+    assert!(site_what_if_text(&w).contains("INCOMPLETE"));
+    // A protected member that is not in the prediction at all has no place either.
+    p.vms.remove(1);
+    assert!(!site_what_if(lost, vec!["shop".into()], &view, &tags, &p).takeover_complete);
 }

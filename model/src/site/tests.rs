@@ -82,6 +82,9 @@ fn hostile_booth_conf_is_an_error_naming_the_line() {
         ("ticket = t\nacquire-after = 1m\n", 2),
         ("site = 10.0.0.1\narbitrator = 10.0.0.1\n", 2),
         ("site = \u{1b}[31m\n", 1),
+        ("authfile = etc/booth/authkey\n", 1),
+        ("authfile = /etc/booth/a\u{7}b\n", 1),
+        ("authfile = /a\nsite = 10.0.0.1\nauthfile = /b\n", 3),
     ] {
         match BoothConf::parse(text) {
             Err(SiteError::Conf { line: l, .. }) => assert_eq!(l, line, "{text:?}"),
@@ -193,4 +196,25 @@ fn errors_print_hostile_text_escaped() {
         .unwrap_err()
         .to_string();
     assert!(!e.contains('\u{1b}') && !e.contains('\u{7}'), "{e:?}");
+}
+
+#[test]
+fn authfile_is_read_and_checked_without_showing_the_key() {
+    let c = BoothConf::parse("authfile = \"/etc/booth/authkey\"\nsite = 10.0.0.1\n").unwrap();
+    assert_eq!(c.authfile.as_deref(), Some("/etc/booth/authkey"));
+    assert_eq!(conf().authfile, None);
+    let long = "/x".repeat(2049);
+    assert!(validate_authfile(&long).is_err());
+    // Owner-only and 8 to 64 bytes (white space around a text key does not count): fine.
+    assert_eq!(authkey_problem(0o100600, b"\n  12345678\n"), None);
+    assert_eq!(authkey_problem(0o400, &[0xff; 64]), None);
+    // Readable by the group or others: booth refuses it.
+    let p = authkey_problem(0o100640, b"secret-key-1234").unwrap();
+    assert!(p.contains("mode 0640") && !p.contains("secret"), "{p}");
+    assert!(authkey_problem(0o604, b"secret-key-1234").is_some());
+    // Too short, too long, empty.
+    for key in [&b"1234567"[..], &[7u8; 65][..], &b"   \n"[..]] {
+        let p = authkey_problem(0o600, key).unwrap();
+        assert!(p.contains("booth needs 8 to 64 bytes"), "{p}");
+    }
 }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use vmha_e2e::{domain_with_raw_disk, guest_exec, release_build, vmha_long, vmha_long_ok, POLL};
 use vmha_lab::guest::image_dir;
-use vmha_lab::site::{Site, SiteLab, SiteLabConfig};
+use vmha_lab::process::run_with_deadline;
+use vmha_lab::site::{Site, SiteLab, SiteLabConfig, BOOTH_AUTHKEY};
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 const VM: &str = "stvm";
@@ -249,6 +250,73 @@ fn site_switchover_and_failover_with_booth() {
     let status = vmha_long_ok(b, 1, &["site", "status"]);
     println!("site B after protect:\n{status}");
     assert!(status.contains("shop (loss-policy stop)"), "{status}");
+    // booth's messages are authenticated with the lab's key, and vmha says so without a warning.
+    assert!(
+        status.contains("booth authentication: key /etc/booth/authkey\n"),
+        "{status}"
+    );
+    assert!(!status.contains("warning: booth"), "{status}");
+    // Hostile: from the arbitrator's network (which reaches both sites), a booth client without the key
+    // asks site A to revoke the ticket. It is refused and A keeps the ticket and the VM.
+    let forged = cfg.dir().join("forged.conf");
+    std::fs::write(
+        &forged,
+        cfg.booth_conf(BOOTH_AUTHKEY)
+            .replace("authfile = /etc/booth/authkey\n", ""),
+    )
+    .unwrap();
+    let revoke = run_with_deadline(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &cfg.arbitrator_netns(),
+            "booth",
+            "revoke",
+            "-s",
+            &addr_a,
+            TICKET,
+            "-c",
+            forged.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    println!(
+        "booth revoke without the key: {} {}",
+        revoke.status,
+        String::from_utf8_lossy(&revoke.stderr).trim()
+    );
+    assert!(
+        !revoke.status.success(),
+        "booth revoked the ticket for a client without the key"
+    );
+    assert_eq!(
+        granted_here(a),
+        Some(true),
+        "site A lost the ticket to a client without the key"
+    );
+    assert_eq!(running_at(a), Some(n), "the VM at A after the forged revoke");
+    // What-if at B: site A lost, B takes its ticket: the VM would start at B, and nothing changed.
+    let configuration = |lab: &Lab| {
+        lab.exec_ok(1, &["cibadmin", "--query", "--scope", "configuration"])
+            .unwrap()
+    };
+    let config_before = configuration(b);
+    let what_if = vmha_long_ok(b, 1, &["site", "what-if", "--lost", &addr_a]);
+    println!("site B, what if A is lost:\n{what_if}");
+    assert!(
+        what_if
+            .lines()
+            .any(|l| l.starts_with(VM) && l.contains(&format!(" {VC} ")) && l.contains("starts on sb")),
+        "{what_if}"
+    );
+    assert!(
+        what_if.contains("takeover: every protected VM gets a place here"),
+        "{what_if}"
+    );
+    assert_eq!(configuration(b), config_before, "the what-if changed B's configuration");
+    assert_eq!(granted_here(b), Some(false), "the what-if granted the ticket at B");
     // Held stopped at B while A runs it.
     assert!(b.status(1).unwrap().resource(VM).is_some_and(|r| !r.active));
     assert_eq!(running_at(a), Some(n));

@@ -22,6 +22,9 @@ use crate::wait::wait_for;
 /// Where booth's configuration lives on every site host (booth's default).
 pub const BOOTH_CONF: &str = "/etc/booth/booth.conf";
 
+/// Where booth's key lives on every site host (booth-keygen's default).
+pub const BOOTH_AUTHKEY: &str = "/etc/booth/authkey";
+
 /// The shape of a two-site lab.
 #[derive(Debug, Clone)]
 pub struct SiteLabConfig {
@@ -66,12 +69,19 @@ impl SiteLabConfig {
         PathBuf::from(LAB_ROOT).join(format!("{}-booth", self.a.name))
     }
 
-    /// booth.conf, identical at both sites and the arbitrator (lab only: no authfile, the subnets exist
-    /// only inside the lab's namespaces). Short timing so that a lost site's ticket moves within a test:
-    /// timeout * (retries + 1) < expire / 2, as booth requires; `acquire-after` half the expire time, so a
-    /// site cut off has that long after its lease ran out to stop what the ticket holds.
-    pub fn booth_conf(&self) -> String {
-        let mut s = String::from("# vmha site lab\ntransport = UDP\nport = 9929\n");
+    /// The lab's booth key (the arbitrator's copy; every site host has it as [`BOOTH_AUTHKEY`]).
+    pub fn authkey(&self) -> PathBuf {
+        self.dir().join("authkey")
+    }
+
+    /// booth.conf, the same at both sites and the arbitrator but for where the key is (`authfile`: the
+    /// sites' /etc/booth/authkey; the arbitrator runs in a network namespace only, so its copy is in the
+    /// lab's directory). Every booth message is authenticated with that key, as in production. Short
+    /// timing so that a lost site's ticket moves within a test: timeout * (retries + 1) < expire / 2, as
+    /// booth requires; `acquire-after` half the expire time, so a site cut off has that long after its
+    /// lease ran out to stop what the ticket holds.
+    pub fn booth_conf(&self, authfile: &str) -> String {
+        let mut s = format!("# vmha site lab\ntransport = UDP\nport = 9929\nauthfile = {authfile}\n");
         s.push_str(&format!("site = {}\n", Self::site_address(&self.a)));
         s.push_str(&format!("site = {}\n", Self::site_address(&self.b)));
         s.push_str(&format!("arbitrator = {}\n", self.arbitrator_address()));
@@ -254,8 +264,17 @@ impl SiteLab {
         let c = &self.cfg;
         let dir = c.dir();
         fs::create_dir_all(&dir)?;
-        let conf = dir.join("booth.conf");
-        fs::write(&conf, c.booth_conf())?;
+        // One key for the whole lab, made by booth's own tool; the sites' copies go with their booth.conf.
+        let key = c.authkey();
+        match fs::remove_file(&key) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let key_s = key.to_str().ok_or_else(|| anyhow!("lab path is not UTF-8"))?;
+        run_ok("booth-keygen", &[key_s], Duration::from_secs(10)).context("making booth's key")?;
+        fs::write(dir.join("booth.conf"), c.booth_conf(BOOTH_AUTHKEY))?;
+        let conf = dir.join("arbitrator.conf");
+        fs::write(&conf, c.booth_conf(key_s))?;
         let log = fs::File::create(dir.join("arbitrator.log"))?;
         let conf_s = conf.to_str().ok_or_else(|| anyhow!("lab path is not UTF-8"))?;
         let lock = dir.join("arbitrator.lock");
@@ -318,6 +337,7 @@ impl SiteLab {
         let conf = self.cfg.dir().join("booth.conf");
         for n in lab.cfg.host_numbers() {
             lab.install(n, &conf, BOOTH_CONF, "0644")?;
+            lab.install(n, &self.cfg.authkey(), BOOTH_AUTHKEY, "0600")?;
         }
         let ip = format!("ip={}", SiteLabConfig::site_address(&lab.cfg));
         lab.exec_ok(
@@ -534,7 +554,8 @@ mod tests {
 
     #[test]
     fn booth_conf_names_both_sites_the_arbitrator_and_short_tickets() {
-        let conf = cfg().booth_conf();
+        let conf = cfg().booth_conf(BOOTH_AUTHKEY);
+        assert!(conf.contains("port = 9929\nauthfile = /etc/booth/authkey\n"));
         assert!(conf.contains("site = 10.213.191.100\nsite = 10.213.192.100\narbitrator = 10.213.193.10\n"));
         assert!(conf.contains("ticket = \"shop\"\n    expire = 20\n    acquire-after = 10\n"));
     }
