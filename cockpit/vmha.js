@@ -522,7 +522,7 @@
         if (now.join("\n") === names.join("\n"))
             return;
         select.replaceChildren(el("option", { value: "" }, "(none)"),
-                               names.map(h => el("option", { value: h, selected: h === chosen }, h)));
+                               ...names.map(h => el("option", { value: h, selected: h === chosen }, h)));
     }
 
     /* Where each VM runs now (the page's own view), for the "Now" column. */
