@@ -245,5 +245,15 @@ fn main() {
     let cib = r#"<cib><configuration><resources><group id="booth"><primitive id="booth-ip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="booth-ip-ia"><nvpair id="booth-ip-ip" name="ip" value="10.213.191.100"/></instance_attributes></primitive><primitive id="booth-site" class="ocf" provider="pacemaker" type="booth-site"/></group></resources><constraints><rsc_ticket id="vmha-site-shop" rsc="shop" ticket="shop" loss-policy="stop"/></constraints></configuration><status><tickets><ticket_state id="shop" granted="true" last-granted="1796000000" expires="1796000020"/></tickets></status></cib>"#;
     write(&dir, "two-sites", format!("{conf}\0{list}\0{cib}").as_bytes());
     write(&dir, "hostile", "ticket = -F\nsite = ::ffff:1.2.3.4\n\0ticket: --help, leader: 1.2.3.4\nticket: a\u{1b}[2J\0<cib><tickets><ticket_state/></tickets></cib>".as_bytes());
+    // Cluster.WhatIf's strings: the zone on the first line, a host on each further one (whatif_request.rs).
+    let dir = root.join("whatif_request");
+    write(&dir, "zone", b"east");
+    write(&dir, "rack", b"east/b1/r1/k1");
+    write(&dir, "hosts", b"\nn1\nn3");
+    write(
+        &dir,
+        "hostile",
+        "east/../west\nn1\u{1b}[2J\n\u{202e}n2\n\\x00\n".as_bytes(),
+    );
     println!("seeds written under {}", root.display());
 }
