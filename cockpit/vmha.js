@@ -106,6 +106,7 @@
             ? document.activeElement.dataset.key : null;
         renderHosts();
         renderJobs();
+        fillWhatIfHosts();
         if (focused) {
             const again = document.querySelector(`[data-key="${CSS.escape(focused)}"]`);
             if (again)
@@ -222,6 +223,36 @@
         return `${seen.kind} at ${seen.at.toLocaleTimeString()}`;
     }
 
+    /* The VM's health monitoring as vmhad's Health property reads it (settings, and heartbeats and the
+       application's verdict as the vmhad of this host sees them). The property sends no PropertiesChanged:
+       it is read again when an event or a guest message about the VM arrives. */
+    const health = new Map();
+
+    function refreshHealth(name) {
+        const vm = sortedValues(vms).find(v => v.Name === name);
+        if (!vm)
+            return;
+        client.call(vm.path, "org.freedesktop.DBus.Properties", "Get", [IFACE.vm, "Health"], { type: "ss" })
+                .then(([variant]) => {
+                    health.set(name, (variant && variant.v) || {});
+                    queueRender();
+                })
+                .catch(ex => console.warn("health of", name, describeError(ex)));
+    }
+
+    function healthLine(vm) {
+        const h = health.get(vm.Name) || vm.Health || {};
+        if (h.monitoring !== "on")
+            return "not monitored";
+        const parts = [];
+        if (h.heartbeats)
+            parts.push(`heartbeats ${h.heartbeats}` +
+                       (h.last_heartbeat_ms_ago ? ` (last ${h.last_heartbeat_ms_ago} ms ago)` : ""));
+        if (h.application)
+            parts.push(`application ${h.application}` + (h.application_reason ? `: ${h.application_reason}` : ""));
+        return "monitored" + (parts.length ? ": " + parts.join(", ") : " (seen from another host)");
+    }
+
     function vmCard(vm) {
         const failedOn = vm.FailedOn || [];
         const counts = Object.entries(vm.FailCounts || {}).filter(([, n]) => n > 0);
@@ -236,6 +267,7 @@
                      el("div", {}, el("dt", {}, "Host"), el("dd", {}, (vm.Hosts || []).join(", ") || "none")),
                      el("div", {}, el("dt", {}, "Failures"), el("dd", { "data-field": "failures" }, failures)),
                      el("div", {}, el("dt", {}, "Guest channel"), el("dd", { "data-field": "guest" }, guestLine(vm))),
+                     el("div", {}, el("dt", {}, "Health"), el("dd", { "data-field": "health" }, healthLine(vm))),
                      el("div", {}, el("dt", {}, "Agent"), el("dd", {}, vm.Agent || "?"))),
                   el("div", { class: "actions", role: "group", "aria-label": `Actions for VM ${name}` },
                      el("button", {
@@ -480,10 +512,102 @@
                               .then(() => `Host ${host.Name}: ${what} ${on ? "on" : "off"}.`));
     }
 
+    /* --------------------------------------------------------------------------------- what-if */
+
+    function fillWhatIfHosts() {
+        const select = $("whatif-host");
+        const chosen = select.value;
+        const names = hostNames();
+        const now = [...select.options].map(o => o.value).slice(1);
+        if (now.join("\n") === names.join("\n"))
+            return;
+        select.replaceChildren(el("option", { value: "" }, "(none)"),
+                               ...names.map(h => el("option", { value: h, selected: h === chosen }, h)));
+    }
+
+    /* Where each VM runs now (the page's own view), for the "Now" column. */
+    function nowOn(name) {
+        const vm = sortedValues(vms).find(v => v.Name === name);
+        return vm ? ((vm.Hosts || []).join(", ") || "no host") : "?";
+    }
+
+    function outcomeText(v) {
+        switch (v.outcome) {
+        case "stays": return [v.host, `stays on ${v.host}`];
+        case "moves": return [v.to, `moves to ${v.to}`];
+        case "starts": return [v.to, `starts on ${v.to}`];
+        case "stops": return ["", "STOPS: no host has room"];
+        case "stays-stopped": return ["", "stays stopped: no host has room"];
+        default: return ["", String(v.outcome)];
+        }
+    }
+
+    function showWhatIf(asked, doc) {
+        const rows = Array.isArray(doc.vms) ? doc.vms : [];
+        const failed = Array.isArray(doc.failed_hosts) ? doc.failed_hosts : [];
+        $("whatif-caption").textContent = `If ${asked} failed (${failed.join(", ") || "no host"}):`;
+        $("whatif-rows").replaceChildren(...rows.map(v => {
+            const [then, text] = outcomeText(v);
+            return el("tr", { "data-vm": String(v.vm), "data-outcome": String(v.outcome), "data-then": then || "" },
+                      el("th", { scope: "row" }, String(v.vm)),
+                      el("td", {}, nowOn(v.vm)),
+                      el("td", {}, text),
+                      el("td", {}, v.step_label ? String(v.step_label) : ""));
+        }));
+        const result = $("whatif-result");
+        result.dataset.asked = asked;
+        result.hidden = false;
+        const lost = rows.filter(v => v.outcome === "stops" || v.outcome === "stays-stopped").length;
+        $("whatif-status").textContent = `${rows.length} VM(s): ${lost ? lost + " without a place" : "every VM keeps a place"}. Nothing changed.`;
+    }
+
+    function runWhatIf(ev) {
+        ev.preventDefault();
+        const host = $("whatif-host").value;
+        const zone = $("whatif-zone").value.trim();
+        if (!host === !zone) {
+            $("whatif-status").textContent = "Choose a host or name a zone (one of the two).";
+            return;
+        }
+        const asked = host ? `host ${host}` : `zone ${zone}`;
+        $("whatif-run").disabled = true;
+        $("whatif-result").hidden = true;
+        $("whatif-result").dataset.asked = "";
+        $("whatif-status").textContent = `Asking Pacemaker's scheduler what happens if ${asked} fails…`;
+        call(ROOT, IFACE.cluster, "WhatIf", "ass", [host ? [host] : [], zone])
+                .then(([json]) => showWhatIf(asked, JSON.parse(json)))
+                .catch(ex => {
+                    $("whatif-status").textContent = "vmhad refused: " + describeError(ex);
+                })
+                .finally(() => {
+                    $("whatif-run").disabled = false;
+                });
+    }
+
+    /* --------------------------------------------------------------------------------- group scale */
+
+    function confirmScale(ev) {
+        ev.preventDefault();
+        const group = $("scale-group").value.trim();
+        const size = parseInt($("scale-size").value, 10);
+        if (!group || !Number.isInteger(size) || size < 0) {
+            notice("Name the group and the number of members.", "error");
+            return;
+        }
+        confirmAction(`Scale group ${group} to ${size} member(s)?`,
+                      "Grows by live clones of the group's template, shrinks by draining and destroying its " +
+                      "newest members (each guest gets 60 s to drain). The job's progress shows under Jobs.",
+                      [], "Scale",
+                      () => call(ROOT, IFACE.cluster, "ScaleGroup", "subu", [group, size, false, 60000])
+                              .then(([job]) => `Scale of group ${group} to ${size} started (job ${job}).`));
+    }
+
     /* --------------------------------------------------------------------------------- wiring */
 
     function start() {
         $("confirm-form").addEventListener("submit", onConfirm);
+        $("whatif-form").addEventListener("submit", runWhatIf);
+        $("scale-form").addEventListener("submit", confirmScale);
         $("confirm-cancel").addEventListener("click", () => {
             dialogRun = null;
             $("confirm").close();
@@ -510,6 +634,8 @@
             const [kind, subject, message] = args;
             addEvent(kind, subject, message);
             refreshReadiness();
+            if (subject && sortedValues(vms).some(v => v.Name === subject))
+                refreshHealth(subject);
         });
         client.subscribe({ path: ROOT, interface: IFACE.cluster, member: "GuestMessage" },
                          (path, iface, signal, args) => {
@@ -524,6 +650,8 @@
                                  kind = "unreadable message";
                              }
                              guests.set(vm, { kind, at: new Date() });
+                             if (kind !== "heartbeat" || !health.has(vm))
+                                 refreshHealth(vm);
                              queueRender();
                          });
         /* A job's end is in the feed already (Event "job"); Finished only brings its final state in. */

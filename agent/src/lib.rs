@@ -40,3 +40,4 @@ pub mod signals;
 pub mod site;
 pub mod state;
 pub mod vcluster;
+pub mod whatif;

@@ -673,7 +673,7 @@ async fn run_scheduler(copy: &str, limit: Duration) -> Result<String> {
 
 /// One event's prediction: its copy of the live CIB, Pacemaker's scheduler on it in a child process, the
 /// transition graph read.
-async fn predict(
+pub(crate) async fn predict(
     events: &whatif::Events<'_>,
     failed: &[String],
     add: Option<(&str, &str)>,

@@ -61,6 +61,10 @@ pub trait Cluster {
         force: bool,
     ) -> Result<OwnedObjectPath, Error>;
 
+    /// What the scheduler would do if `hosts` (or every host of `zone`) failed: `vmha what-if`'s JSON.
+    /// Read-only; one at a time per vmhad.
+    fn what_if(&self, hosts: &[&str], zone: &str) -> Result<String, Error>;
+
     fn scale_group(&self, group: &str, size: u32, force: bool, drain_timeout_ms: u32)
         -> Result<OwnedObjectPath, Error>;
     #[zbus(name = "ScaleGroup", allow_interactive_auth)]

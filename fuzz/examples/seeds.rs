@@ -250,5 +250,15 @@ fn main() {
         "authfile = /etc/booth/authkey\nsite = 10.0.0.1\n\0\0  0123456789abcdef\n".as_bytes(),
     );
     write(&dir, "hostile", "ticket = -F\nsite = ::ffff:1.2.3.4\n\0ticket: --help, leader: 1.2.3.4\nticket: a\u{1b}[2J\0<cib><tickets><ticket_state/></tickets></cib>".as_bytes());
+    // Cluster.WhatIf's strings: the zone on the first line, a host on each further one (whatif_request.rs).
+    let dir = root.join("whatif_request");
+    write(&dir, "zone", b"east");
+    write(&dir, "rack", b"east/b1/r1/k1");
+    write(&dir, "hosts", b"\nn1\nn3");
+    write(
+        &dir,
+        "hostile",
+        "east/../west\nn1\u{1b}[2J\n\u{202e}n2\n\\x00\n".as_bytes(),
+    );
     println!("seeds written under {}", root.display());
 }

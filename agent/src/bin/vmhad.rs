@@ -22,7 +22,26 @@ use vmha_agent::ports::Uris;
 use vmha_agent::readiness::{follow_readiness, ReadinessObject, Reports, READINESS_PATH};
 use vmha_agent::state::Shared;
 
+/// `vmhad schedule-copy --cib FILE --graph FILE`: the what-if's child (Pacemaker's scheduler on a copy of
+/// the CIB, in a process of its own: libpacemaker keeps process-wide state). Not for people.
+#[derive(Parser, Debug)]
+#[command(name = "vmhad schedule-copy", hide = true)]
+struct ScheduleCopy {
+    #[command(flatten)]
+    args: vmha_agent::placement::ScheduleArgs,
+}
+
 fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "schedule-copy") {
+        let parsed = ScheduleCopy::parse_from(std::env::args_os().skip(1));
+        return match vmha_agent::placement::schedule(&parsed.args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmhad schedule-copy: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = VmhadArgs::parse();
     let host = args
         .host

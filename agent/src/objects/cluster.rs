@@ -370,6 +370,16 @@ impl ClusterObject {
         Ok(path)
     }
 
+    /// What Pacemaker's scheduler would do if the hosts `hosts` failed, or every host of zone `zone`
+    /// (exactly one of the two non-empty): the answer of `vmha what-if` with JSON output (see `vmha
+    /// what-if`; JSON: failed_hosts, vms with each VM's outcome, zones with the capacity left). Run on a
+    /// copy of the live CIB in a child process with a deadline; changes nothing, so every caller may
+    /// ask. One at a time per vmhad (Conflict while another runs).
+    async fn what_if(&self, hosts: Vec<String>, zone: String) -> Result<String> {
+        ready(&self.shared)?;
+        crate::whatif::run(&self.shared, hosts, zone).await
+    }
+
     /// Something happened in the cluster (a host left, a DC was elected, a VM failed, a job ended).
     #[zbus(signal)]
     pub async fn event(emitter: &SignalEmitter<'_>, kind: &str, subject: &str, message: &str) -> zbus::Result<()>;

@@ -137,6 +137,10 @@ def cmd_act(c):
     title = css("#confirm-title")[0].text
     if "select" in c:
         Select(css("#" + c["select"]["id"])[0]).select_by_value(c["select"]["value"])
+    if "fill" in c:
+        field = css("#" + c["fill"]["id"])[0]
+        field.clear()
+        field.send_keys(c["fill"]["value"])
     css("#confirm-ok")[0].click()
     outcome = wait(c.get("timeout", 60), "the dialog to close or show a refusal",
                    lambda: ("refused" if css("#confirm-error:not([hidden])") else None)
@@ -150,6 +154,84 @@ def cmd_act(c):
         css("#confirm-cancel")[0].click()
         wait(10, "the dialog to close", lambda: not css("dialog#confirm[open]"))
     return result
+
+
+def cmd_whatif(c):
+    """Asks the page's what-if panel what happens if host HOST fails (keyboard: focus the button, Enter), and
+    returns its answer as the page shows it: VM -> [outcome, host it would run on or ""]."""
+    Select(css("#whatif-host")[0]).select_by_value(c["host"])
+    css("#whatif-zone")[0].clear()
+    button = css("#whatif-run")[0]
+    driver.execute_script("arguments[0].focus()", button)
+    button.send_keys(Keys.ENTER)
+    asked = "host " + c["host"]
+
+    def answered():
+        if driver.execute_script("const t = document.getElementById('whatif-result');"
+                                 " return !t.hidden && t.dataset.asked === arguments[0];", asked):
+            return True
+        status = css("#whatif-status")[0].text
+        if status.startswith("vmhad refused"):
+            raise RuntimeError(status)
+        return None
+    wait(c.get("timeout", 60), f"the what-if of {asked} on the page", answered)
+    rows = driver.execute_script(
+        "const o = {}; document.querySelectorAll('#whatif-rows tr').forEach(r => {"
+        " o[r.dataset.vm] = [r.dataset.outcome, r.dataset.then]; }); return o;")
+    if c.get("screenshot"):
+        driver.save_screenshot(os.path.join(ARTIFACTS, c["screenshot"] + ".png"))
+    return {"vms": rows, "status": css("#whatif-status")[0].text,
+            "same_load": driver.execute_script("return window.vmhaSameLoad === true")}
+
+
+def cmd_trace_jobs(c):
+    """From now on, records every change of the job list (each job's label and message as shown), so that
+    steps shown only briefly are not missed between two looks."""
+    driver.execute_script("""
+        window.vmhaJobTrace = [];
+        const seen = new Map();
+        const look = () => document.querySelectorAll('#jobs li.job').forEach(li => {
+            const label = li.querySelector('label'), msg = li.querySelector('.job-message');
+            const text = (label ? label.textContent : '') + ' | ' + (msg ? msg.textContent : '');
+            if (seen.get(li.dataset.job) !== text) {
+                seen.set(li.dataset.job, text);
+                window.vmhaJobTrace.push({job: li.dataset.job, state: li.dataset.state, text: text});
+            }
+        });
+        if (window.vmhaJobObserver) window.vmhaJobObserver.disconnect();
+        window.vmhaJobObserver = new MutationObserver(look);
+        window.vmhaJobObserver.observe(document.getElementById('jobs'),
+                                       {childList: true, subtree: true, characterData: true});
+        look();
+    """)
+    return {}
+
+
+def cmd_wait_job(c):
+    """Waits for a job of KIND (as the Jobs list labels it) to reach STATE; returns what the trace saw of it."""
+    kind, state = c["kind"], c.get("state", "succeeded")
+    script = ("return (window.vmhaJobTrace || []).filter(e => e.text.startsWith(arguments[0] + ' '));")
+
+    def ended():
+        trace = driver.execute_script(script, kind)
+        done = [e for e in trace if e["state"] in ("succeeded", "failed")]
+        return trace if done else None
+    trace = wait(c.get("timeout", 120), f"a {kind} job to end on the page", ended)
+    if c.get("screenshot"):
+        driver.save_screenshot(os.path.join(ARTIFACTS, c["screenshot"] + ".png"))
+    final = [e for e in trace if e["state"] in ("succeeded", "failed")][-1]
+    if final["state"] != state:
+        raise RuntimeError(f"the {kind} job ended {final['state']}: {final['text']}")
+    return {"trace": trace, "final": final}
+
+
+def cmd_scale(c):
+    """Fills the group scale form and confirms; like act, reports the outcome or vmhad's refusal."""
+    css("#scale-group")[0].clear()
+    css("#scale-group")[0].send_keys(c["group"])
+    css("#scale-size")[0].clear()
+    css("#scale-size")[0].send_keys(str(c["size"]))
+    return cmd_act({"key": "group-scale", **{k: v for k, v in c.items() if k in ("screenshot", "timeout")}})
 
 
 def cmd_events(c):
@@ -187,6 +269,10 @@ COMMANDS = {
     "wait_readiness": cmd_wait_readiness,
     "act": cmd_act,
     "events": cmd_events,
+    "whatif": cmd_whatif,
+    "trace_jobs": cmd_trace_jobs,
+    "wait_job": cmd_wait_job,
+    "scale": cmd_scale,
     "screenshot": cmd_screenshot,
     "narrow": cmd_narrow,
 }

@@ -5,7 +5,10 @@
 //! alice (group haclient, which the shipped polkit rule lets manage) sees three hosts and both VMs, moves a
 //! VM with the page's Move dialog and sees it arrive; the host it arrived on is powered off and the page
 //! shows it come back elsewhere within seconds of Pacemaker; bob (no such group) sees the same cluster and
-//! his Stop is refused with vmhad's reason on the page, and nothing changes. Screenshots go to
+//! his Stop and his group scale are refused with vmhad's reason on the page, and nothing changes. Before the
+//! move, the page's what-if of vm1's host failing answers VM by VM what `vmha what-if --json` answers, with
+//! the CIB's configuration unchanged, and alice live-clones vm2 from the page and sees the job's steps until
+//! the clone runs. Screenshots go to
 //! target/e2e-artifacts/cockpit/.
 
 use std::io::{BufRead, BufReader, Write};
@@ -15,7 +18,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmha_e2e::wait_running;
+use vmha_e2e::{vmha_json, vmha_run, wait_running, POLL};
 use vmha_lab::guest::GuestSpec;
 use vmha_lab::{wait_for, Lab};
 
@@ -110,6 +113,38 @@ impl Drop for Browser {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `admin_epoch.epoch` of the CIB on host N: what any configuration change moves.
+fn config_version(lab: &Lab) -> String {
+    let xml = lab.exec_ok(N, &["cibadmin", "--query"]).unwrap();
+    let head = &xml[..xml.find('>').expect("a <cib> element")];
+    let attr = |name: &str| {
+        let key = format!(" {name}=\"");
+        let at = head.find(&key).unwrap_or_else(|| panic!("no {name} in {head}")) + key.len();
+        head[at..].split('"').next().unwrap().to_string()
+    };
+    format!("{}.{}", attr("admin_epoch"), attr("epoch"))
+}
+
+/// Where each VM would run after the event, from a what-if document: VM -> (outcome, host or "").
+fn then_on(vms: &Value) -> std::collections::BTreeMap<String, (String, String)> {
+    vms.as_array()
+        .expect("vms")
+        .iter()
+        .map(|v| {
+            let outcome = v["outcome"].as_str().unwrap().to_string();
+            let host = match outcome.as_str() {
+                "stays" => v["host"].as_str(),
+                "moves" | "starts" => v["to"].as_str(),
+                _ => None,
+            };
+            (
+                v["vm"].as_str().unwrap().to_string(),
+                (outcome, host.unwrap_or("").to_string()),
+            )
+        })
+        .collect()
 }
 
 fn host(n: u8) -> String {
@@ -232,6 +267,83 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
     }
     b.ask(json!({"cmd": "screenshot", "name": "cluster"}), long);
 
+    // What if vm1's host failed? The page's answer (vmhad's WhatIf) is what `vmha what-if --json` says for
+    // that host, VM by VM, and asking changed nothing in the CIB.
+    let before = config_version(&lab);
+    let t0 = Instant::now();
+    let page = b.ask(
+        json!({"cmd": "whatif", "host": host(on1), "timeout": 90, "screenshot": "what-if"}),
+        long,
+    );
+    println!(
+        "what-if of {} on the page: {:.1} s",
+        host(on1),
+        t0.elapsed().as_secs_f64()
+    );
+    let cli = vmha_json(&lab, N, &["what-if", "--fail", &host(on1)]).unwrap();
+    assert_eq!(cli["failed_hosts"], json!([host(on1)]), "{cli}");
+    let expected = then_on(&cli["vms"]);
+    let shown: std::collections::BTreeMap<String, (String, String)> = page["vms"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(vm, v)| {
+            (
+                vm.clone(),
+                (v[0].as_str().unwrap().to_string(), v[1].as_str().unwrap().to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(shown, expected, "the page's what-if is the CLI's: {page} vs {cli}");
+    assert!(shown.contains_key("vm1") && shown.contains_key("vm2"), "{page}");
+    assert_ne!(shown["vm1"].1, host(on1), "vm1 leaves the failed host: {page}");
+    assert_eq!(
+        config_version(&lab),
+        before,
+        "the what-if changed the CIB's configuration"
+    );
+    assert_eq!(page["same_load"], true, "{page}");
+
+    // alice live-clones vm2 from the page and follows the job step by step until the clone runs.
+    wait_for("vm2's guest channel", Duration::from_secs(90), POLL, || {
+        let (code, _, _) = vmha_run(&lab, on2, &["vm", "request", "vm2", "test-ok", "--timeout-ms", "5000"]);
+        (code == 0).then_some(())
+    })
+    .unwrap();
+    b.ask(json!({"cmd": "trace_jobs"}), long);
+    let t0 = Instant::now();
+    let cloned = b.ask(
+        json!({"cmd": "act", "key": "vm-clone-vm2", "fill": {"id": "clone-name", "value": "vm2c"}}),
+        long,
+    );
+    assert_eq!(cloned["outcome"], "done", "alice's clone: {cloned}");
+    let job = b.ask(
+        json!({"cmd": "wait_job", "kind": "clone", "timeout": 150, "screenshot": "clone-done"}),
+        Duration::from_secs(170),
+    );
+    let steps: Vec<&str> = job["trace"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["state"] == "running")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    println!(
+        "clone of vm2 from the page: {:.1} s, {} steps shown: {steps:?}",
+        t0.elapsed().as_secs_f64(),
+        steps.len()
+    );
+    assert!(steps.len() >= 3, "the clone's progress shown step by step: {job}");
+    assert!(
+        steps.iter().any(|s| s.contains("prepare")),
+        "the guest's prepare step shown: {job}"
+    );
+    let at = wait_running(&lab, "vm2c", Duration::from_secs(90));
+    b.ask(
+        json!({"cmd": "wait_vm", "vm": "vm2c", "host": host(at), "timeout": 30}),
+        long,
+    );
+
     // alice moves vm1 (keyboard: the dialog takes the focus) to a host other than the browser's.
     let to = lab.cfg.host_numbers().find(|&n| n != N && n != on1).unwrap();
     let t0 = Instant::now();
@@ -329,6 +441,17 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         wait_running(&lab, "vm1", Duration::from_secs(5)),
         back,
         "bob's refused stop changed nothing"
+    );
+    // bob's group scale is refused with vmhad's reason too (vmhad checks who asks before anything else).
+    let scale = b.ask(
+        json!({"cmd": "scale", "group": "web", "size": 2, "screenshot": "scale-refused"}),
+        long,
+    );
+    assert_eq!(scale["outcome"], "refused", "bob's scale: {scale}");
+    let reason = scale["error"].as_str().unwrap();
+    assert!(
+        reason.contains("scale group web") && reason.contains("AccessDenied"),
+        "bob sees vmhad's reason: {reason}"
     );
 
     // Readable in a narrow window: the host columns stack and nothing scrolls sideways.
