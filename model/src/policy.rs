@@ -27,7 +27,9 @@
 //!             "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
 //!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
 //!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4,  // elastic (crate::group)
-//!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
+//!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}, "priority": 50},  // arbitration
+//!              "batch": {"members": ["b1"], "template": "b1", "min": 2, "max": 10, "priority": 1,
+//!                        "time_bounds": [{"max": 8, "from": "20:00", "to": "06:00"}]}}
 //! }
 //! ```
 //!
@@ -55,7 +57,9 @@
 //! `units` as `vmha-units`), a higher-scored meta set per VM with `priority` and `resource-stickiness` (the
 //! latter for every VM once hosts are placed in zones), a utilization set with `vmha-units` per VM with a
 //! quota, one location constraint per VM with its zone, pool, class and free-room rules, colocation
-//! constraints for groups, and a cluster property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
+//! constraints for groups, elastic groups' member priorities and time bounds (`target-role=Stopped` under a
+//! `date_spec` rule, see [`crate::arbitration`] and `docs/policy.md`), and a cluster property set with
+//! `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
 //! the policy owned before is dropped and generated afresh, everything else is copied as it is, so applying
 //! it (one `cib_replace` of the configuration section) changes exactly what the policy owns.
 
