@@ -96,6 +96,8 @@ pub struct ScaleJournal {
     pub leaving: Option<String>,
     /// The group `leaving` leaves when it is not `group` (a member preempted from a lower-priority group).
     pub leaving_group: Option<String>,
+    /// The lower-priority groups this job takes members from (no other job scales them meanwhile).
+    pub preempting: Vec<String>,
     /// The leaving member's domain XML file (its files go even when its resource went already).
     pub leaving_config: Option<String>,
 }
@@ -150,15 +152,14 @@ pub async fn check(p: &Ports, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
 
 /// The plan of a scale request against `cib` (`vmha group scale --dry-run` shows it; nothing changes).
 pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
-    let cib = cib.to_string();
-    let policy = stored(&cib)?;
+    let policy = stored(cib)?;
     let g = elastic(&policy, &spec.group)?;
-    let view = ClusterView::from_cib(&cib).map_err(|e| OpError::data("the CIB", e))?;
+    let view = ClusterView::from_cib(cib).map_err(|e| OpError::data("the CIB", e))?;
     let plan = group::scale_plan(&g, spec.size, |n| {
         view.vm(n).is_some() || cib.contains(&format!("id=\"{n}\""))
     })
     .map_err(|e| OpError::Invalid(e.to_string()))?;
-    if let Some(j) = journals(&cib).into_iter().find(|j| j.1.group == spec.group) {
+    if let Some(j) = journals(cib).into_iter().find(|j| j.1.group == spec.group) {
         return Err(OpError::Conflict(format!(
             "group {} is being scaled already (job {} on {})",
             spec.group,
@@ -166,9 +167,18 @@ pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
             j.0.host
         )));
     }
+    if let Some(j) = journals(cib).into_iter().find(|j| j.1.preempting.contains(&spec.group)) {
+        return Err(OpError::Conflict(format!(
+            "group {} is giving members to group {} (job {} on {}); try again when that ends",
+            spec.group,
+            j.1.group,
+            j.0.key.trim_start_matches(JOURNAL_PREFIX),
+            j.0.host
+        )));
+    }
     let (mut preempt, mut from_free) = (Vec::new(), plan.add.len() as u32);
     if !plan.add.is_empty() && group::arbitrated(&policy) {
-        let a = arbitration(&cib, &view, &policy, &g, plan.add.len() as u32)?;
+        let a = arbitration(cib, &view, &policy, &g, plan.add.len() as u32)?;
         if a.short > 0 {
             let prio = |name: &str| policy.groups.get(name).and_then(|s| s.priority).unwrap_or(0);
             let mut by_group: Vec<(String, Vec<String>)> = Vec::new();
@@ -258,10 +268,12 @@ fn arbitration(
         js.iter().any(|(_, j)| {
             j.joining.as_deref() == Some(vm)
                 || j.leaving.as_deref() == Some(vm)
-                || policy
-                    .groups
-                    .get(&j.group)
-                    .is_some_and(|s| s.members.iter().any(|m| m == vm))
+                || std::iter::once(&j.group).chain(&j.preempting).any(|name| {
+                    policy
+                        .groups
+                        .get(name)
+                        .is_some_and(|s| s.members.iter().any(|m| m == vm))
+                })
         })
     };
     let groups = group::arbitration_groups(policy, &busy);
@@ -353,6 +365,11 @@ pub async fn run(
         key: format!("{JOURNAL_PREFIX}{job_id}"),
         journal: ScaleJournal {
             group: plan.spec.group.clone(),
+            preempting: {
+                let mut groups: Vec<String> = plan.preempt.iter().map(|(g, _)| g.clone()).collect();
+                groups.dedup();
+                groups
+            },
             ..ScaleJournal::default()
         },
         steps: Vec::new(),

@@ -494,6 +494,31 @@ async fn a_growth_plan_names_the_lower_groups_members_it_takes_and_a_dry_run_cha
     .unwrap_err()
     .to_string();
     assert!(e.contains("no lower-priority group has a member to give"), "{e}");
+    // While a job of web takes members of batch (its journal names batch), batch is not scaled, and
+    // batch's members are busy for another growth.
+    let journal = r#"{&quot;group&quot;:&quot;web&quot;,&quot;preempting&quot;:[&quot;batch&quot;]}"#;
+    let at = before.find("<node ").unwrap();
+    let end = at + before[at..].find('>').unwrap() + 1;
+    let busy = format!(
+        r#"{}<instance_attributes id="j"><nvpair id="j1" name="vmha-scale-journal-7" value="{journal}"/></instance_attributes>{}"#,
+        &before[..end],
+        &before[end..]
+    );
+    let e = group::plan_of(
+        &busy,
+        &group::ScaleSpec {
+            group: "batch".into(),
+            ..spec(2)
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("group batch is giving members to group web (job 7 on h1)"),
+        "{e}"
+    );
+    let e = group::plan_of(&busy, &spec(2)).unwrap_err().to_string();
+    assert!(e.contains("group web is being scaled already"), "{e}");
 }
 
 #[tokio::test(start_paused = true)]
