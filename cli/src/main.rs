@@ -247,6 +247,10 @@ enum GroupCmd {
         /// How long a leaving member's guest has to drain, in ms.
         #[arg(long, default_value_t = 30_000)]
         drain_timeout_ms: u32,
+        /// Show the plan (members added or removed, and those taken from lower-priority groups when
+        /// groups set priorities), change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Apply the groups' autoscale rules once.
     ///
@@ -606,6 +610,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 size,
                 force,
                 drain_timeout_ms,
+                dry_run: true,
+            } => group_scale_dry_run(&client, &name, size, force, drain_timeout_ms).await,
+            GroupCmd::Scale {
+                name,
+                size,
+                force,
+                drain_timeout_ms,
+                dry_run: false,
             } => group_scale(&client, &name, size, force, drain_timeout_ms).await,
             GroupCmd::Autoscale {
                 names,
@@ -726,6 +738,49 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The plan of scaling group `name` to `size`, checked against the CIB `xml` as the DC's vmhad checks it
+/// (`Ok`: JSON and text; `Err`: the refusal, with its reason).
+fn scale_plan_of(xml: &str, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<(Value, String), String> {
+    let spec = vmha_ops::group::ScaleSpec {
+        group: name.to_string(),
+        size,
+        force,
+        drain_ms,
+    };
+    let plan = vmha_ops::group::plan_of(xml, &spec).map_err(|e| e.to_string())?;
+    let preempt: Vec<Value> = plan
+        .preempt
+        .iter()
+        .map(|(g, vm)| json!({"group": g, "vm": vm}))
+        .collect();
+    Ok((
+        json!({"group": name, "from": plan.from, "asked": size, "add": plan.add, "remove": plan.remove,
+               "from_free": plan.from_free, "preempt": preempt}),
+        plan.describe(),
+    ))
+}
+
+/// `vmha group scale --dry-run`: the plan, read from the local CIB; nothing changes.
+async fn group_scale_dry_run(client: &Client, name: &str, size: u32, force: bool, drain_ms: u32) -> Result<ExitCode> {
+    let (_, xml, _) = vmha_agent::placement::load(vmha_pacemaker::Access::ReadOnly).await?;
+    match scale_plan_of(&xml, name, size, force, drain_ms) {
+        Ok((plan, text)) => {
+            if client.output == Output::Json {
+                return client.print_json("scale_plan", json!({"ok": true, "plan": plan}));
+            }
+            println!("{text} (dry run: nothing changed)");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            if client.output == Output::Json {
+                client.print_json("scale_plan", json!({"ok": false, "refused": why}))?;
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(anyhow!("{why}"))
+        }
+    }
 }
 
 /// `vmha group scale`: see [`GroupCmd::Scale`]. The DC's vmhad runs it as one journaled job
@@ -884,6 +939,20 @@ async fn group_autoscale(client: &Client, names: &[String], how: &AutoscaleHow) 
             );
         }
         let mut entry = json!({"group": name, "size": size, "load": average, "loads": loads, "target": target});
+        if let (Some(t), true) = (target, how.dry_run) {
+            // What the scale would do, preemptions of lower-priority groups included.
+            let plan = scale_plan_of(&xml, name, t, false, how.drain_ms);
+            if client.output == Output::Human {
+                match &plan {
+                    Ok((_, text)) => println!("  would: {text}"),
+                    Err(why) => println!("  would be refused: {why}"),
+                }
+            }
+            entry["plan"] = match plan {
+                Ok((p, _)) => p,
+                Err(why) => json!({"refused": why}),
+            };
+        }
         if let (Some(t), false) = (target, how.dry_run) {
             let scaled = scale_group(client, name, t, false, how.drain_ms).await?;
             if client.output == Output::Human {

@@ -194,6 +194,15 @@ fn main() {
                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
 }"#,
         ),
+        (
+            "arbitration",
+            r#"{
+  "hosts": {"n1": {"zone": "a"}, "n2": {"zone": "a"}},
+  "groups": {"web": {"members": ["vm1"], "template": "vm1", "min": 1, "max": 4, "priority": 50},
+             "batch": {"members": ["vm2", "vm3"], "template": "vm2", "min": 1, "max": 9, "priority": 1,
+                       "time_bounds": [{"max": 1, "from": "20:00", "to": "06:00"}, {"max": 2, "from": "06:00", "to": "07:00"}]}}
+}"#,
+        ),
         ("empty", "{}"),
     ];
     for (name, doc) in policies {

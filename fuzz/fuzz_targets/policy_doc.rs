@@ -1,14 +1,18 @@
 //! The placement policy document (`vmha policy set FILE`; stored in the CIB, read back by every vmhad):
 //! parsing (`Policy::from_json`), validation and compilation against a CIB (`policy::plan`, as in model's
 //! policy tests), the stored form (`store_xml` / `Policy::from_cib`) and the elastic-group logic that reads
-//! the same document (`group::elastic`, `autoscale_size`, `scale_plan`, `choose_host`).
+//! the same document (`group::elastic`, `autoscale_size`, `scale_plan`, `choose_host`), and the arbitration
+//! between groups it carries (priorities, entitlements, time bounds: `member_priorities`,
+//! `time_bound_sets`, `arbitrate`).
 #![no_main]
 
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
+use vmha_model::arbitration::arbitrate;
 use vmha_model::group::{
-    autoscale_size, candidate_hosts, choose_host, elastic, scale_plan, with_member, without_member,
+    arbitration_groups, autoscale_size, candidate_hosts, choose_host, elastic, member_priorities, scale_plan,
+    time_bound_sets, with_member, without_member,
 };
 use vmha_model::policy::{plan, store_xml, Policy};
 use vmha_model::ClusterView;
@@ -48,6 +52,27 @@ fuzz_target!(|data: &[u8]| {
         let _ = p.diff_text();
         let again = plan(&policy, &applied).unwrap_or_else(|e| panic!("re-planning an applied policy fails: {e}"));
         assert!(again.is_empty(), "re-applying changes:\n{}", again.diff_text());
+    }
+
+    // Arbitration: compiled the same whatever the document says (errors, never panics), and a growth
+    // never takes more than it asks, never a template, never below a group's min.
+    let _ = member_priorities(&policy);
+    let _ = time_bound_sets(&policy);
+    let groups = arbitration_groups(&policy, &|vm| vm.len() % 3 == 0);
+    for g in &groups {
+        for (want, free) in [(1, 0), (3, 1), (u32::MAX, 0)] {
+            if let Ok(a) = arbitrate(&groups, &g.name, want, free) {
+                assert!(a.granted <= want && a.granted + a.short == want, "{a:?}");
+                for (victim, vm) in &a.preempt {
+                    let v = groups.iter().find(|o| &o.name == victim).expect("a known group");
+                    assert!(v.priority < g.priority, "{a:?}");
+                    let m = v.members.iter().find(|m| &m.vm == vm).expect("a member");
+                    assert!(!m.busy, "took a busy member or template: {a:?}");
+                    let left = v.members.len() - a.preempt.iter().filter(|(o, _)| o == victim).count();
+                    assert!(left as u32 >= v.min.min(v.members.len() as u32), "{a:?}");
+                }
+            }
+        }
     }
 
     let view = ClusterView::from_cib(CIB).expect("the fixed CIB reads");

@@ -1,6 +1,8 @@
-//! Arbitration between elastic groups (issue 19, partial): priority between groups and entitlement (a
-//! group's guaranteed minimum). Pure model logic; nothing calls it yet (see "Not done" in
-//! `docs/policy.md`).
+//! Arbitration between elastic groups (issue 19): priority between groups and entitlement (a group's
+//! guaranteed minimum, its `min`). Pure model logic: `vmha policy apply` compiles [`member_priorities`]
+//! and [`time_bound_meta`] from the policy's groups ([`crate::group::member_priorities`],
+//! [`crate::group::time_bound_sets`]), and `vmha group scale` plans a growth with [`arbitrate`]
+//! (`vmha_ops::group::check`).
 //!
 //! A group that must grow takes free room first. Only when there is not enough does it take members of
 //! groups of strictly lower priority, the lowest priority first and the newest member first, and never:
@@ -185,7 +187,7 @@ pub fn time_bound_meta(bound: &TimeBound, members: &[String]) -> Result<BTreeMap
     }
     let mut out = BTreeMap::new();
     for vm in members.iter().skip(bound.max as usize) {
-        let id = format!("vmha-policy-bound-{vm}");
+        let id = format!("vmha-policy-bound-{}-{from}-{to}", crate::policy::id_part(vm));
         let dates: String = hour_ranges(from, to)
             .iter()
             .enumerate()

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::arbitration::{time_bound_meta, GroupState, Member, TimeBound, ENTITLED};
 use crate::cib::{ClusterView, HostState};
 use crate::policy::{zone_at, GroupSpec, Level, Policy, PolicyError};
 
@@ -65,8 +66,148 @@ impl GroupSpec {
         if let Some(rule) = &self.autoscale {
             rule.validate(group)?;
         }
+        if let Some(p) = self.priority {
+            if p <= -ENTITLED || p >= ENTITLED {
+                return invalid(format!(
+                    "group {group}: priority {p} must be above -{ENTITLED} and below {ENTITLED}"
+                ));
+            }
+        }
+        let mut windows: Vec<(u8, u8)> = Vec::new();
+        for b in &self.time_bounds {
+            let (from, to) = b.hours(group)?;
+            if b.max < min {
+                return invalid(format!(
+                    "group {group}: time bound {}-{} max {} is below the group's min {min}",
+                    b.from, b.to, b.max
+                ));
+            }
+            if b.max > max {
+                return invalid(format!(
+                    "group {group}: time bound {}-{} max {} is above the group's max {max}",
+                    b.from, b.to, b.max
+                ));
+            }
+            for (f, t) in &windows {
+                if (*f, *t) == (from, to) {
+                    return invalid(format!("group {group}: time bound {}-{} is given twice", b.from, b.to));
+                }
+                if hours_of(*f, *t).intersection(&hours_of(from, to)).next().is_some() {
+                    return invalid(format!(
+                        "group {group}: time bounds {f:02}:00-{t:02}:00 and {}-{} overlap",
+                        b.from, b.to
+                    ));
+                }
+            }
+            windows.push((from, to));
+        }
         Ok(())
     }
+}
+
+/// The hours `[from, to)` of a window (wrapping midnight).
+fn hours_of(from: u8, to: u8) -> BTreeSet<u8> {
+    let mut out = BTreeSet::new();
+    let mut h = from;
+    while h != to {
+        out.insert(h);
+        h = (h + 1) % 24;
+    }
+    out
+}
+
+/// A time bound of an elastic group: at most `max` members from `from` to `to` (`"HH:00"`, the DC's
+/// clock; the window may wrap midnight, e.g. `{"max": 8, "from": "20:00", "to": "06:00"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeBoundSpec {
+    pub max: u32,
+    pub from: String,
+    pub to: String,
+}
+
+impl TimeBoundSpec {
+    /// The window's hours, checked: whole hours `HH:00` (Pacemaker's `date_spec` rules compare hours),
+    /// 00 to 23, `from` and `to` differing.
+    pub fn hours(&self, group: &str) -> Result<(u8, u8), PolicyError> {
+        let hour = |s: &str| -> Option<u8> {
+            let (h, m) = s.split_once(':')?;
+            if h.len() != 2 || m != "00" || !h.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            h.parse::<u8>().ok().filter(|h| *h <= 23)
+        };
+        let bad = || {
+            PolicyError::Invalid(format!(
+                "group {group}: time bound hours {:?} to {:?}: each must be a whole hour 00:00 to 23:00, and they must differ",
+                self.from, self.to
+            ))
+        };
+        let (from, to) = (hour(&self.from).ok_or_else(bad)?, hour(&self.to).ok_or_else(bad)?);
+        if from == to {
+            return Err(bad());
+        }
+        Ok((from, to))
+    }
+}
+
+/// Arbitration is on when any group of the policy sets a `priority`.
+pub fn arbitrated(policy: &Policy) -> bool {
+    policy.groups.values().any(|g| g.priority.is_some())
+}
+
+/// The elastic groups as arbitration sees them (empty when no group sets a priority): priority (default
+/// 0), `min` as the entitlement, members oldest first; `busy(vm)` marks members mid-transaction, and a
+/// group's template is never given up (it is counted as busy).
+pub fn arbitration_groups(policy: &Policy, busy: &dyn Fn(&str) -> bool) -> Vec<GroupState> {
+    if !arbitrated(policy) {
+        return Vec::new();
+    }
+    policy
+        .groups
+        .iter()
+        .filter(|(_, g)| g.is_elastic())
+        .map(|(name, g)| GroupState {
+            name: name.clone(),
+            priority: g.priority.unwrap_or(0),
+            min: g.min.unwrap_or(1),
+            members: g
+                .members
+                .iter()
+                .map(|m| Member {
+                    vm: m.clone(),
+                    busy: busy(m) || g.template.as_deref() == Some(m.as_str()),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The compiled Pacemaker priority of every member of an elastic group, when arbitration is on
+/// ([`crate::arbitration::member_priorities`]; no member counts as busy here: the entitled are the
+/// template and the oldest up to `min`).
+pub fn member_priorities(policy: &Policy) -> Result<BTreeMap<String, i32>, PolicyError> {
+    crate::arbitration::member_priorities(&arbitration_groups(policy, &|_| false))
+        .map_err(|e| PolicyError::Invalid(e.to_string()))
+}
+
+/// The time bounds' meta attribute sets, by member ([`crate::arbitration::time_bound_meta`]).
+pub fn time_bound_sets(policy: &Policy) -> Result<Vec<(String, String)>, PolicyError> {
+    let mut out = Vec::new();
+    for (name, g) in &policy.groups {
+        for b in &g.time_bounds {
+            let (from_hour, to_hour) = b.hours(name)?;
+            let bound = TimeBound {
+                group: name.clone(),
+                max: b.max,
+                from_hour,
+                to_hour,
+            };
+            let sets = time_bound_meta(&bound, &g.members).map_err(|e| PolicyError::Invalid(e.to_string()))?;
+            out.extend(sets);
+        }
+    }
+    Ok(out)
 }
 
 /// An elastic group's scaling rule: the members' CPU load (busy share of their vCPUs, in percent,
@@ -351,6 +492,152 @@ mod tests {
             let e = elastic(&p, "g").unwrap_err().to_string();
             assert!(e.contains(why), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn priorities_and_time_bounds_are_checked_and_hostile_ones_refused_by_group() {
+        let ok = policy(
+            r#"{"groups": {"batch": {"members": ["a", "b"], "template": "a", "min": 1, "max": 9, "priority": 1,
+                "time_bounds": [{"max": 8, "from": "20:00", "to": "06:00"}, {"max": 2, "from": "06:00", "to": "08:00"}]}}}"#,
+        );
+        assert_eq!(ok.groups["batch"].time_bounds[0].hours("batch").unwrap(), (20, 6));
+        elastic(&ok, "batch").unwrap();
+        for (json, why) in [
+            (r#""priority": 100000"#, "priority 100000 must be"),
+            (r#""priority": -100000"#, "priority -100000 must be"),
+            (
+                r#""time_bounds": [{"max": 8, "from": "20:30", "to": "06:00"}]"#,
+                "whole hour",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "24:00", "to": "06:00"}]"#,
+                "whole hour",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "7:00", "to": "06:00"}]"#,
+                "whole hour",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "+1:00", "to": "06:00"}]"#,
+                "whole hour",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "", "to": "06:00"}]"#,
+                "whole hour",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "06:00", "to": "06:00"}]"#,
+                "must differ",
+            ),
+            (
+                r#""time_bounds": [{"max": 1, "from": "20:00", "to": "06:00"}]"#,
+                "below the group's min 2",
+            ),
+            (
+                r#""time_bounds": [{"max": 10, "from": "20:00", "to": "06:00"}]"#,
+                "above the group's max 9",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "20:00", "to": "06:00"}, {"max": 8, "from": "20:00", "to": "06:00"}]"#,
+                "given twice",
+            ),
+            (
+                r#""time_bounds": [{"max": 8, "from": "20:00", "to": "06:00"}, {"max": 3, "from": "05:00", "to": "07:00"}]"#,
+                "overlap",
+            ),
+        ] {
+            let p = policy(&format!(
+                r#"{{"groups": {{"batch": {{"members": ["a", "b"], "template": "a", "min": 2, "max": 9, {json}}}}}}}"#
+            ));
+            let e = elastic(&p, "batch").unwrap_err().to_string();
+            assert!(e.contains("group batch") && e.contains(why), "{json}: {e}");
+        }
+        // Unknown fields (a misspelt bound, a bound of an unknown kind) do not read at all.
+        for json in [
+            r#"{"groups": {"g": {"members": ["a"], "template": "a", "time_bounds": [{"max": 1, "from": "01:00", "to": "02:00", "days": "mon"}]}}}"#,
+            r#"{"groups": {"g": {"members": ["a"], "template": "a", "time_bound": []}}}"#,
+            r#"{"groups": {"g": {"members": ["a"], "template": "a", "priority": "high"}}}"#,
+            r#"{"groups": {"g": {"members": ["a"], "template": "a", "priority": 4294967296}}}"#,
+        ] {
+            assert!(Policy::from_json(json).is_err(), "{json}");
+        }
+    }
+
+    #[test]
+    fn priorities_and_time_bounds_need_an_elastic_group_and_no_own_vm_priority() {
+        use crate::policy::tests::CIB;
+        let view = ClusterView::from_cib(CIB).unwrap();
+        let check = |json: &str| policy(json).validate(&view).map_err(|e| e.to_string());
+        let e = check(r#"{"groups": {"g": {"members": ["vm1", "vm2"], "anti_affinity": "host", "priority": 3}}}"#)
+            .unwrap_err();
+        assert!(
+            e.contains("group g: priority and time_bounds need an elastic group"),
+            "{e}"
+        );
+        let e = check(
+            r#"{"vms": {"vm2": {"priority": 9}},
+                "groups": {"g": {"members": ["vm1", "vm2"], "template": "vm1", "priority": 3}}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("VM vm2: its priority comes from group g"), "{e}");
+        // Without any group priority, a member's own priority stays allowed (as before).
+        check(r#"{"vms": {"vm2": {"priority": 9}}, "groups": {"g": {"members": ["vm1", "vm2"], "template": "vm1"}}}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn apply_compiles_member_priorities_and_time_bound_rules() {
+        use crate::arbitration::ENTITLED;
+        use crate::policy::plan;
+        use crate::policy::tests::CIB;
+        let p = policy(
+            r#"{"groups": {"batch": {"members": ["vm1", "vm2", "vm3"], "template": "vm1", "min": 1, "max": 3,
+                "priority": 4, "time_bounds": [{"max": 1, "from": "20:00", "to": "06:00"}]}}}"#,
+        );
+        let c = plan(&p, CIB).unwrap().configuration;
+        let doc = roxmltree::Document::parse(&c).unwrap();
+        let prio = |vm: &str| -> Option<String> {
+            doc.descendants()
+                .find(|n| n.attribute("id") == Some(format!("vmha-policy-meta-{vm}-priority").as_str()))
+                .and_then(|n| n.attribute("value").map(str::to_string))
+        };
+        assert_eq!(
+            prio("vm1").as_deref(),
+            Some((ENTITLED + 4).to_string().as_str()),
+            "the template: entitled"
+        );
+        assert_eq!(prio("vm2").as_deref(), Some("4"));
+        assert_eq!(prio("vm3").as_deref(), Some("4"));
+        // The newest two members beyond max 1 get the night's stop rule; the template none.
+        for (vm, bounded) in [("vm1", false), ("vm2", true), ("vm3", true)] {
+            let prim = doc
+                .descendants()
+                .find(|n| n.has_tag_name("primitive") && n.attribute("id") == Some(vm))
+                .unwrap();
+            let set = prim
+                .children()
+                .find(|n| n.attribute("id") == Some(format!("vmha-policy-bound-{vm}-20-6").as_str()));
+            assert_eq!(set.is_some(), bounded, "{vm}");
+            if let Some(set) = set {
+                let hours: Vec<&str> = set.descendants().filter_map(|n| n.attribute("hours")).collect();
+                assert_eq!(hours, ["20-23", "0-5"]);
+                assert!(set
+                    .descendants()
+                    .any(|n| n.attribute("name") == Some("target-role") && n.attribute("value") == Some("Stopped")));
+            }
+        }
+        // Applied, planning again changes nothing; a policy without them drops them all.
+        let applied = crate::policy::tests::with_configuration(CIB, &c);
+        assert!(plan(&p, &applied).unwrap().is_empty());
+        let mut plain = p.clone();
+        let g = plain.groups.get_mut("batch").unwrap();
+        g.priority = None;
+        g.time_bounds.clear();
+        let back = plan(&plain, &applied).unwrap().configuration;
+        assert!(
+            !back.contains("vmha-policy-bound-") && !back.contains("vmha-policy-meta-vm2-priority"),
+            "{back}"
+        );
     }
 
     #[test]

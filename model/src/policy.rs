@@ -27,7 +27,9 @@
 //!             "batch": {"priority": 1, "zone": "eu/b1", "strict_zone": true}},
 //!   "groups": {"web": {"members": ["web1", "web2"], "anti_affinity": "host"},   // or "site", "rack", ...
 //!              "app": {"members": ["app1"], "template": "app1", "min": 1, "max": 4,  // elastic (crate::group)
-//!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}}}
+//!                      "autoscale": {"cpu_above": 70, "cpu_below": 20}, "priority": 50},  // arbitration
+//!              "batch": {"members": ["b1"], "template": "b1", "min": 2, "max": 10, "priority": 1,
+//!                        "time_bounds": [{"max": 8, "from": "20:00", "to": "06:00"}]}}
 //! }
 //! ```
 //!
@@ -55,7 +57,9 @@
 //! `units` as `vmha-units`), a higher-scored meta set per VM with `priority` and `resource-stickiness` (the
 //! latter for every VM once hosts are placed in zones), a utilization set with `vmha-units` per VM with a
 //! quota, one location constraint per VM with its zone, pool, class and free-room rules, colocation
-//! constraints for groups, and a cluster property set with `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
+//! constraints for groups, elastic groups' member priorities and time bounds (`target-role=Stopped` under a
+//! `date_spec` rule, see [`crate::arbitration`] and `docs/policy.md`), and a cluster property set with
+//! `placement-strategy`. [`plan`] computes the whole new `<configuration>`: everything
 //! the policy owned before is dropped and generated afresh, everything else is copied as it is, so applying
 //! it (one `cib_replace` of the configuration section) changes exactly what the policy owns.
 
@@ -253,6 +257,16 @@ pub struct GroupSpec {
     /// Elastic group: scale on the members' measured CPU load (see [`crate::group::autoscale_size`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<crate::group::Autoscale>,
+    /// Elastic group: priority between groups (see [`crate::arbitration`]); a group that must grow and
+    /// finds no free room takes members of groups of strictly lower priority, never below their `min`
+    /// (the entitlement). Once any group sets one, every elastic group takes part (default 0) and its
+    /// members' Pacemaker priority is compiled from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// Elastic group: at most `max` members running from `from` to `to` (hours of the DC's clock),
+    /// compiled into Pacemaker date rules on the newest members beyond `max`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub time_bounds: Vec<crate::group::TimeBoundSpec>,
 }
 
 fn default_strategy() -> String {
@@ -443,6 +457,18 @@ impl Policy {
         for (group, spec) in &self.groups {
             validate_name("group name", group).map_err(|e| PolicyError::Invalid(e.to_string()))?;
             spec.validate_elastic(group)?;
+            if !spec.is_elastic() && (spec.priority.is_some() || !spec.time_bounds.is_empty()) {
+                return invalid(format!(
+                    "group {group}: priority and time_bounds need an elastic group (template, min, max)"
+                ));
+            }
+            if spec.is_elastic() && crate::group::arbitrated(self) {
+                if let Some(m) = spec.members.iter().find(|m| self.priority_of(m).is_some()) {
+                    return invalid(format!(
+                        "VM {m}: its priority comes from group {group}'s priority (groups set priorities); remove it from vms"
+                    ));
+                }
+            }
             if spec.is_elastic() {
                 // An elastic group may be the template alone, and need not constrain placement.
                 if spec.anti_affinity.is_some() && spec.affinity.is_some() {
@@ -492,6 +518,10 @@ impl Policy {
     /// The hardware class of a pool.
     pub fn class_of(&self, pool: &str) -> Option<&str> {
         self.pools.get(pool).map(|p| p.class.as_str())
+    }
+
+    fn priority_of(&self, vm: &str) -> Option<i32> {
+        self.vms.get(vm).and_then(|v| v.priority)
     }
 
     fn priority(&self, vm: &str) -> i32 {
@@ -568,7 +598,7 @@ pub fn is_owned(id: &str) -> bool {
     id.starts_with(PREFIX)
 }
 
-fn id_part(s: &str) -> String {
+pub(crate) fn id_part(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
@@ -663,11 +693,17 @@ fn generate(policy: &Policy, doc: &Document, view: &ClusterView) -> Result<Gener
     let scores = policy.scores();
     let zoned = !policy.hosts.is_empty();
     let none = VmSpec::default();
+    // Arbitration between elastic groups: members' priorities from their group's (entitled ones
+    // above every group), and the time bounds' date rules.
+    let member_priority = crate::group::member_priorities(policy)?;
+    for (vm, set) in crate::group::time_bound_sets(policy)? {
+        g.primitives.entry(vm).or_default().push(set);
+    }
     for vm in view.vms.iter().map(|v| v.name.as_str()) {
         let spec = policy.vms.get(vm).unwrap_or(&none);
         let v = id_part(vm);
         let mut meta = String::new();
-        if let Some(p) = spec.priority {
+        if let Some(p) = member_priority.get(vm).copied().or(spec.priority) {
             meta.push_str(&nvpair(
                 &format!("{PREFIX}meta-{v}-priority"),
                 "priority",
@@ -1127,7 +1163,7 @@ pub fn plan(policy: &Policy, cib: &str) -> Result<Plan, PolicyError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The CIB of the policy tests (the policy fuzz target uses it too).

@@ -465,7 +465,19 @@ fn label_steps(policy: Option<&Policy>, copy: &Document, after: &ClusterView, vm
                         Some(_) => format!("; {}", v.step_label),
                         None => "; no free room left for it".to_string(),
                     };
-                    v.step_label = format!("displaced from {was} by {}{how}", by.join(", "));
+                    // Arbitration between elastic groups: every newcomer of one other group with a
+                    // priority took the place of this member (or VM).
+                    let group_of = |vm: &str| -> Option<&str> {
+                        let p = policy.filter(|p| crate::group::arbitrated(p))?;
+                        p.groups
+                            .iter()
+                            .find(|(_, g)| g.is_elastic() && g.members.iter().any(|m| m == vm))
+                            .map(|(n, _)| n.as_str())
+                    };
+                    let by_group = group_of(&by[0])
+                        .filter(|g| by.iter().all(|b| group_of(b) == Some(*g)) && group_of(&v.vm) != Some(*g));
+                    let preempted = by_group.map_or(String::new(), |g| format!(" (preempted by group {g})"));
+                    v.step_label = format!("displaced from {was} by {}{preempted}{how}", by.join(", "));
                     v.displaced_by = by;
                 }
             }
@@ -654,6 +666,30 @@ mod tests {
         assert_eq!(v.vm("mid").unwrap().hosts, vec!["n2"]);
         assert!(!copy.contains("<transient_attributes id=\"1\""));
         assert!(fail_hosts(LIVE, &["n9".to_string()]).is_err());
+    }
+
+    #[test]
+    fn a_member_displaced_by_a_higher_groups_members_names_the_group() {
+        let failed = vec!["n1".to_string()];
+        let copy = fail_hosts(LIVE, &failed).unwrap();
+        let before = ClusterView::from_cib(LIVE).unwrap();
+        let label = |json: &str| {
+            let policy = Policy::from_json(json).unwrap();
+            let p = predict_in(&before, Some(&policy), &copy, GRAPH, &failed, None).unwrap();
+            p.vms.iter().find(|v| v.vm == "mid").unwrap().step_label.clone()
+        };
+        let groups = r#"{"groups": {"front": {"members": ["hi"], "template": "hi", "priority": 50},
+                                    "batch": {"members": ["mid"], "template": "mid", "priority": 1}}}"#;
+        let l = label(groups);
+        assert!(
+            l.starts_with("displaced from n2 by hi (preempted by group front); step 1"),
+            "{l}"
+        );
+        // Without group priorities (or in the same group), no group is named.
+        let l = label(r#"{"groups": {"front": {"members": ["hi"], "template": "hi"}}}"#);
+        assert!(l.starts_with("displaced from n2 by hi; step 1"), "{l}");
+        let l = label(r#"{"groups": {"front": {"members": ["hi", "mid"], "template": "hi", "priority": 5}}}"#);
+        assert!(!l.contains("preempted"), "{l}");
     }
 
     #[test]

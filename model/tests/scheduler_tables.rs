@@ -717,3 +717,97 @@ fn time_bounds_batch_max_8_from_20_to_6_at_two_times_of_day() {
     let (morning, text) = running_at(&live, "2026-12-07T06:00:00Z");
     assert_eq!(morning, all, "{text}");
 }
+
+/// The `time_bounds` and `priority` of the policy document, compiled by `vmha policy apply` (not put
+/// in by hand as above): at 12:00 every batch member runs, at 22:00 the newest beyond the bound stop;
+/// a higher-priority group's new members displace batch's excess members, never its entitled ones; a
+/// rollback to the version without them drops every compiled element, and all run again at 22:00.
+#[test]
+fn apply_compiles_group_priorities_and_time_bounds_and_a_rollback_removes_them() {
+    use vmha_model::policy::history::{find, policy_of};
+    // h1 and h2 hold 3 slots each: web w1 (running), w2, w3 (new, stopped); batch b1..b4 running.
+    let vms: &[Vm] = &[
+        ("w1", 0, "a", "std", Some("h1")),
+        ("w2", 0, "a", "std", None),
+        ("w3", 0, "a", "std", None),
+        ("b1", 0, "a", "std", Some("h1")),
+        ("b2", 0, "a", "std", Some("h1")),
+        ("b3", 0, "a", "std", Some("h2")),
+        ("b4", 0, "a", "std", Some("h2")),
+    ];
+    let case = Case {
+        name: "compiled arbitration",
+        hosts: &[("h1", "a", "std", 3), ("h2", "a", "std", 3)],
+        vms,
+        fail: &[],
+        expect: &[],
+        steps: &[],
+        user_stickiness: None,
+    };
+    let base = cib(&case);
+    let mut doc = serde_json::to_value(policy(&case)).unwrap();
+    // No VM sets its own priority: the groups' priorities give the members theirs.
+    for vm in doc["vms"].as_object_mut().unwrap().values_mut() {
+        vm.as_object_mut().unwrap().remove("priority");
+    }
+    let p0: Policy = serde_json::from_value(doc.clone()).unwrap();
+    doc["groups"] = serde_json::json!({
+        "web": {"members": ["w1", "w2", "w3"], "template": "w1", "min": 1, "max": 4, "priority": 50},
+        "batch": {"members": ["b1", "b2", "b3", "b4"], "template": "b1", "min": 2, "max": 8, "priority": 1,
+                  "time_bounds": [{"max": 3, "from": "20:00", "to": "06:00"}]}
+    });
+    let p1: Policy = serde_json::from_value(doc).unwrap();
+    let cib0 = apply_recorded(&base, &p0, 1, "apply");
+    let cib1 = apply_recorded(&cib0, &p1, 2, "apply");
+    let runs = |live: &str, t: &str| -> (Vec<String>, String) {
+        let (mut r, text) = running_at(live, t);
+        r.sort();
+        (r, text)
+    };
+    // Without the groups' priorities: nothing is displaced for w2, w3 (one free slot: one of them).
+    let (noon0, text) = runs(&cib0, "2026-12-06T12:00:00Z");
+    assert_eq!(
+        noon0.iter().filter(|v| v.starts_with('b')).count(),
+        4,
+        "{noon0:?}\n{text}"
+    );
+    assert_eq!(
+        noon0.iter().filter(|v| v.starts_with('w')).count(),
+        2,
+        "{noon0:?}\n{text}"
+    );
+    // With them, at noon: web takes the free slot and one of batch's two excess members (b3, b4);
+    // batch keeps its min of 2 (b1, b2) plus one.
+    let (noon, text) = runs(&cib1, "2026-12-06T12:00:00Z");
+    let web: Vec<&str> = noon.iter().map(String::as_str).filter(|v| v.starts_with('w')).collect();
+    let batch: Vec<&str> = noon.iter().map(String::as_str).filter(|v| v.starts_with('b')).collect();
+    assert_eq!(web, ["w1", "w2", "w3"], "{text}");
+    assert_eq!(batch.len(), 3, "{noon:?}\n{text}");
+    assert!(
+        batch.contains(&"b1") && batch.contains(&"b2"),
+        "the entitled stay: {batch:?}\n{text}"
+    );
+    // At 22:00 the bound (max 3) stops b4 whatever else happens.
+    let (night, text) = runs(&cib1, "2026-12-06T22:00:00Z");
+    assert!(!night.contains(&"b4".to_string()), "{night:?}\n{text}");
+    assert!(
+        night.contains(&"b1".to_string()) && night.contains(&"b2".to_string()),
+        "{night:?}\n{text}"
+    );
+    // Rollback to version 1: none of the compiled elements stay.
+    let back = policy_of(&find(&cib1, 1).unwrap()).unwrap();
+    let cib2 = apply_recorded(&cib1, &back, 3, "rollback to 1");
+    let conf = |c: &str| {
+        let s = c.find("<configuration>").unwrap();
+        c[s..c.find("</configuration>").unwrap()].to_string()
+    };
+    assert!(conf(&cib1).contains("vmha-policy-bound-b4-20-6"));
+    assert!(!conf(&cib2).contains("vmha-policy-bound-"), "{}", conf(&cib2));
+    assert!(!conf(&cib2).contains("vmha-policy-meta-b1-priority"));
+    let (night, text) = runs(&cib2, "2026-12-06T22:00:00Z");
+    assert_eq!(
+        night.iter().filter(|v| v.starts_with('b')).count(),
+        4,
+        "{night:?}\n{text}"
+    );
+}

@@ -4,6 +4,13 @@
 //! stored placement policy and applies it. Shrinking asks the newest member's guest to drain, takes it
 //! out of the policy, then destroys it. After each member the group is consistent at the size reached.
 //!
+//! Between elastic groups with priorities (the policy's `priority`, [`vmha_model::arbitration`]), a
+//! growth first takes free room; when there is not enough it takes members of groups of strictly lower
+//! priority (lowest first, newest first, never below their `min`, never a template, never a member of a
+//! group being scaled): they are drained through the guest API, taken out of the policy and destroyed
+//! as a shrink removes a member, before the new members are cloned. A growth that would still fall short
+//! is refused before anything changes, naming what it would take ([`check`]).
+//!
 //! The job's journal (a node attribute of its host) names the member between two of those changes: a
 //! member cloned and not yet in the policy, or out of the policy and not yet destroyed. A restarted vmhad
 //! or the next DC completes that member's step ([`recover`]): the clone is running, so it joins; the
@@ -46,6 +53,36 @@ pub struct ScalePlan {
     pub from: usize,
     pub add: Vec<String>,
     pub remove: Vec<String>,
+    /// Members of lower-priority groups to drain and remove first, in order: (group, VM).
+    pub preempt: Vec<(String, String)>,
+    /// How many of the new members take free room.
+    pub from_free: u32,
+}
+
+impl ScalePlan {
+    /// The plan for people: what is added, removed and taken from other groups.
+    pub fn describe(&self) -> String {
+        let g = &self.spec.group;
+        let mut out = format!("group {g}: {} -> {} members", self.from, self.spec.size);
+        if !self.add.is_empty() {
+            out.push_str(&format!("; adds {}", self.add.join(", ")));
+        }
+        if !self.remove.is_empty() {
+            out.push_str(&format!("; drains and removes {}", self.remove.join(", ")));
+        }
+        if !self.preempt.is_empty() {
+            out.push_str(&format!(
+                "; {} from free room, then drains and removes {} (lower-priority groups)",
+                self.from_free,
+                self.preempt
+                    .iter()
+                    .map(|(g, vm)| format!("{vm} of {g}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        out
+    }
 }
 
 /// The journal of a scale job: the member between two of its changes.
@@ -57,6 +94,10 @@ pub struct ScaleJournal {
     pub joining: Option<String>,
     /// Drained and out of the policy (or about to be), not yet destroyed.
     pub leaving: Option<String>,
+    /// The group `leaving` leaves when it is not `group` (a member preempted from a lower-priority group).
+    pub leaving_group: Option<String>,
+    /// The lower-priority groups this job takes members from (no other job scales them meanwhile).
+    pub preempting: Vec<String>,
     /// The leaving member's domain XML file (its files go even when its resource went already).
     pub leaving_config: Option<String>,
 }
@@ -106,14 +147,19 @@ fn elastic(p: &Policy, name: &str) -> Result<Elastic, OpError> {
 /// Checks a scale request (nothing changes).
 pub async fn check(p: &Ports, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
     let cib = p.cluster.query().await?;
-    let policy = stored(&cib)?;
+    plan_of(&cib, spec)
+}
+
+/// The plan of a scale request against `cib` (`vmha group scale --dry-run` shows it; nothing changes).
+pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
+    let policy = stored(cib)?;
     let g = elastic(&policy, &spec.group)?;
-    let view = ClusterView::from_cib(&cib).map_err(|e| OpError::data("the CIB", e))?;
+    let view = ClusterView::from_cib(cib).map_err(|e| OpError::data("the CIB", e))?;
     let plan = group::scale_plan(&g, spec.size, |n| {
         view.vm(n).is_some() || cib.contains(&format!("id=\"{n}\""))
     })
     .map_err(|e| OpError::Invalid(e.to_string()))?;
-    if let Some(j) = journals(&cib).into_iter().find(|j| j.1.group == spec.group) {
+    if let Some(j) = journals(cib).into_iter().find(|j| j.1.group == spec.group) {
         return Err(OpError::Conflict(format!(
             "group {} is being scaled already (job {} on {})",
             spec.group,
@@ -121,13 +167,118 @@ pub async fn check(p: &Ports, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
             j.0.host
         )));
     }
+    if let Some(j) = journals(cib).into_iter().find(|j| j.1.preempting.contains(&spec.group)) {
+        return Err(OpError::Conflict(format!(
+            "group {} is giving members to group {} (job {} on {}); try again when that ends",
+            spec.group,
+            j.1.group,
+            j.0.key.trim_start_matches(JOURNAL_PREFIX),
+            j.0.host
+        )));
+    }
+    let (mut preempt, mut from_free) = (Vec::new(), plan.add.len() as u32);
+    if !plan.add.is_empty() && group::arbitrated(&policy) {
+        let a = arbitration(cib, &view, &policy, &g, plan.add.len() as u32)?;
+        if a.short > 0 {
+            let prio = |name: &str| policy.groups.get(name).and_then(|s| s.priority).unwrap_or(0);
+            let mut by_group: Vec<(String, Vec<String>)> = Vec::new();
+            for (o, vm) in &a.preempt {
+                match by_group.iter_mut().find(|(n, _)| n == o) {
+                    Some((_, vms)) => vms.push(vm.clone()),
+                    None => by_group.push((o.clone(), vec![vm.clone()])),
+                }
+            }
+            let taking = if by_group.is_empty() {
+                "no lower-priority group has a member to give (each is at its min, busy or being scaled)".to_string()
+            } else {
+                format!(
+                    "would take {}",
+                    by_group
+                        .iter()
+                        .map(|(o, vms)| format!("{} from group {o} (priority {})", vms.join(", "), prio(o)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            };
+            return Err(OpError::Conflict(format!(
+                "group {} (priority {}): no free room for {} of its {} new member(s); {taking}, and {} would still have no room; nothing changed",
+                g.name,
+                prio(&g.name),
+                plan.add.len() as u32 - a.from_free,
+                plan.add.len(),
+                a.short
+            )));
+        }
+        preempt = a.preempt;
+        from_free = a.from_free;
+    }
     Ok(ScalePlan {
         spec: spec.clone(),
         template: g.template.clone(),
         from: g.members.len(),
         add: plan.add,
         remove: plan.remove,
+        preempt,
+        from_free,
     })
+}
+
+/// Free slots for new members of `g`: on each host that can take a VM, its free `hv_memory` over the
+/// template's (one slot per host without a member when the group keeps members apart by host); unknown
+/// (no preemption) when the template or a host declares no memory.
+pub fn free_slots(view: &ClusterView, policy: &Policy, g: &Elastic) -> u32 {
+    let Some(need) = view
+        .vm(&g.template)
+        .and_then(|t| t.utilization.get("hv_memory"))
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n > 0)
+    else {
+        return u32::MAX;
+    };
+    let apart = policy.groups.get(&g.name).is_some_and(|s| {
+        s.anti_affinity == Some(policy::Level::Host) && s.score.as_deref().is_none_or(|x| x == "-INFINITY")
+    });
+    let running = group::running(view);
+    let mut slots: u64 = 0;
+    for host in group::candidate_hosts(view).keys() {
+        let Some(free) = group::free_memory(view, host) else {
+            return u32::MAX;
+        };
+        let mut n = free / need;
+        if apart {
+            let used = g.members.iter().any(|m| running.get(m) == Some(host));
+            n = if used { 0 } else { n.min(1) };
+        }
+        slots = slots.saturating_add(n);
+    }
+    u32::try_from(slots).unwrap_or(u32::MAX)
+}
+
+/// What growing `g` by `want` takes ([`vmha_model::arbitration::arbitrate`]): members named in a scale
+/// journal, and every member of a group being scaled, are busy.
+fn arbitration(
+    cib: &str,
+    view: &ClusterView,
+    policy: &Policy,
+    g: &Elastic,
+    want: u32,
+) -> Result<vmha_model::arbitration::Arbitration, OpError> {
+    let js = journals(cib);
+    let busy = |vm: &str| {
+        js.iter().any(|(_, j)| {
+            j.joining.as_deref() == Some(vm)
+                || j.leaving.as_deref() == Some(vm)
+                || std::iter::once(&j.group).chain(&j.preempting).any(|name| {
+                    policy
+                        .groups
+                        .get(name)
+                        .is_some_and(|s| s.members.iter().any(|m| m == vm))
+                })
+        })
+    };
+    let groups = group::arbitration_groups(policy, &busy);
+    vmha_model::arbitration::arbitrate(&groups, &g.name, want, free_slots(view, policy, g))
+        .map_err(|e| OpError::Invalid(e.to_string()))
 }
 
 /// Stores `policy` in the CIB and applies it (its compiled constraints replace vmha's own in the
@@ -214,6 +365,11 @@ pub async fn run(
         key: format!("{JOURNAL_PREFIX}{job_id}"),
         journal: ScaleJournal {
             group: plan.spec.group.clone(),
+            preempting: {
+                let mut groups: Vec<String> = plan.preempt.iter().map(|(g, _)| g.clone()).collect();
+                groups.dedup();
+                groups
+            },
             ..ScaleJournal::default()
         },
         steps: Vec::new(),
@@ -258,14 +414,20 @@ impl ScaleRun<'_> {
 
     async fn steps(&mut self) -> Result<(), OpError> {
         self.save().await?;
-        let total = (self.plan.add.len() + self.plan.remove.len()).max(1) as f64;
+        let total = (self.plan.add.len() + self.plan.remove.len() + self.plan.preempt.len()).max(1) as f64;
         let mut done = 0.0;
+        // Room first: the lower-priority groups' members the plan takes, drained as a shrink drains.
+        for (other, member) in &self.plan.preempt {
+            self.remove(other, member, done / total).await?;
+            done += 1.0;
+        }
         for member in &self.plan.add {
             self.add(member, done / total, (done + 1.0) / total).await?;
             done += 1.0;
         }
+        let group = self.plan.spec.group.clone();
         for member in &self.plan.remove {
-            self.remove(member, done / total).await?;
+            self.remove(&group, member, done / total).await?;
             done += 1.0;
         }
         Ok(())
@@ -317,13 +479,37 @@ impl ScaleRun<'_> {
         Ok(())
     }
 
-    /// Drains `member`'s guest, takes it out of the policy and destroys it.
-    async fn remove(&mut self, member: &str, at: f64) -> Result<(), OpError> {
-        let group = &self.plan.spec.group;
+    /// Drains `member`'s guest, takes it out of `group`'s policy and destroys it (`group` is another
+    /// than the one scaled when the member is preempted).
+    async fn remove(&mut self, group: &str, member: &str, at: f64) -> Result<(), OpError> {
+        let preempted = group != self.plan.spec.group;
         self.progress
-            .progress(at, &format!("asking {member}'s guest to drain"))
+            .progress(
+                at,
+                &if preempted {
+                    format!(
+                        "asking {member}'s guest to drain (group {group} gives way to group {})",
+                        self.plan.spec.group
+                    )
+                } else {
+                    format!("asking {member}'s guest to drain")
+                },
+            )
             .await;
-        let data = json!({"group": group, "size": self.plan.spec.size}).to_string();
+        let data = if preempted {
+            let size = self
+                .p
+                .cluster
+                .query()
+                .await
+                .ok()
+                .and_then(|cib| stored(&cib).ok())
+                .and_then(|pol| pol.groups.get(group).map(|g| g.members.len().saturating_sub(1)))
+                .unwrap_or(0);
+            json!({"group": group, "size": size, "preempted_by": self.plan.spec.group}).to_string()
+        } else {
+            json!({"group": group, "size": self.plan.spec.size}).to_string()
+        };
         let answer = self
             .p
             .guests
@@ -347,6 +533,7 @@ impl ScaleRun<'_> {
             }
         }
         self.journal.leaving = Some(member.to_string());
+        self.journal.leaving_group = preempted.then(|| group.to_string());
         self.journal.leaving_config = self
             .p
             .cluster
@@ -358,9 +545,14 @@ impl ScaleRun<'_> {
         self.save().await?;
         leave(self.p, group, member, self.journal.leaving_config.as_deref()).await?;
         self.journal.leaving = None;
+        self.journal.leaving_group = None;
         self.journal.leaving_config = None;
         self.save().await?;
-        self.steps.push(json!({"removed": member}));
+        if preempted {
+            self.steps.push(json!({"preempted": member, "group": group}));
+        } else {
+            self.steps.push(json!({"removed": member}));
+        }
         Ok(())
     }
 }
@@ -415,7 +607,8 @@ async fn complete(p: &Ports, journal: &ScaleJournal) -> Result<(), OpError> {
         }
     }
     if let Some(member) = &journal.leaving {
-        leave(p, &journal.group, member, journal.leaving_config.as_deref()).await?;
+        let group = journal.leaving_group.as_deref().unwrap_or(&journal.group);
+        leave(p, group, member, journal.leaving_config.as_deref()).await?;
     }
     Ok(())
 }
