@@ -85,6 +85,10 @@ pub struct WhatIfArgs {
     /// For every single host failure: does every VM still have a place?
     #[arg(long)]
     n_plus_one: bool,
+    /// A whole site is lost (its booth site address), asked at the site that would take over: as
+    /// `vmha site what-if --lost SITE`.
+    #[arg(long, value_name = "SITE", conflicts_with_all = ["fail", "fail_zone", "add_vm", "n_plus_one"])]
+    fail_site: Option<String>,
 }
 
 /// The hidden subcommand the what-if child runs.
@@ -686,6 +690,10 @@ pub(crate) async fn predict(
 }
 
 pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Result<()> {
+    if let Some(site) = &args.fail_site {
+        crate::site::what_if(site, &[], json_out).await?;
+        return Ok(());
+    }
     let xml = {
         let cib = connect(Access::ReadOnly).await?;
         query(&cib).await?

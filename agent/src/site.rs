@@ -867,8 +867,8 @@ pub fn site_what_if_text(w: &SiteWhatIf) -> String {
     out
 }
 
-/// `vmha site what-if`.
-async fn what_if(lost: &str, tickets: &[String], json_out: bool) -> Result<ExitCode> {
+/// `vmha site what-if` (and `vmha what-if --fail-site`).
+pub async fn what_if(lost: &str, tickets: &[String], json_out: bool) -> Result<ExitCode> {
     let c = read_all().await?;
     let lost = validate_site(lost, &c.conf)?;
     if c.view.local_site == Some(lost) {

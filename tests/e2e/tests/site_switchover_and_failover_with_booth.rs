@@ -315,6 +315,11 @@ fn site_switchover_and_failover_with_booth() {
         what_if.contains("takeover: every protected VM gets a place here"),
         "{what_if}"
     );
+    let through_what_if = vmha_long_ok(b, 1, &["what-if", "--fail-site", &addr_a]);
+    assert_eq!(
+        through_what_if, what_if,
+        "vmha what-if --fail-site answers as vmha site what-if"
+    );
     assert_eq!(configuration(b), config_before, "the what-if changed B's configuration");
     assert_eq!(granted_here(b), Some(false), "the what-if granted the ticket at B");
     // Held stopped at B while A runs it.
