@@ -420,10 +420,7 @@ async fn apply_policy(cib: &Cib, source: Source<'_>, note: &str, shown: Option<(
 /// The what-if of a configuration: Pacemaker's scheduler run on the live CIB with its configuration
 /// section replaced, read as `vmha what-if` reads it.
 async fn predict_configuration(live: &str, configuration: &str, limit: Duration) -> Result<Prediction> {
-    let copy = whatif::with_configuration(live, configuration)?;
-    let copy = vmha_model::failover::with_free_capacity(&copy)?;
-    let graph = run_scheduler(&copy, limit).await?;
-    Ok(whatif::predict(live, &copy, &graph, &[], None)?)
+    predict_cib(live, &whatif::with_configuration(live, configuration)?, limit).await
 }
 
 /// Pacemaker's scheduler on `copy` (the live CIB `live` with an event applied, e.g. tickets granted by

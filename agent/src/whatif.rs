@@ -26,7 +26,11 @@ pub const SCHEDULER_DEADLINE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failing {
     Hosts(Vec<String>),
-    Zone(String),
+    /// A zone, with its hosts as the CIB names them.
+    Zone {
+        zone: String,
+        hosts: Vec<String>,
+    },
 }
 
 fn printable(s: &str) -> String {
@@ -86,9 +90,12 @@ pub fn check_request(view: &ClusterView, cib: &str, hosts: &[String], zone: &str
         }
         (true, false) => {
             check_name("zone", zone)?;
-            whatif::hosts_in_zone(cib, zone)
+            let hosts = whatif::hosts_in_zone(cib, zone)
                 .map_err(|e| Error::InvalidArgument(format!("what-if: zone {}: {e}", printable(zone))))?;
-            Ok(Failing::Zone(zone.to_string()))
+            Ok(Failing::Zone {
+                zone: zone.to_string(),
+                hosts,
+            })
         }
     }
 }
@@ -134,8 +141,7 @@ pub async fn run(shared: &Arc<Shared>, hosts: Vec<String>, zone: String) -> Resu
         let events = whatif::Events::new(&cib).map_err(|e| Error::Cib(format!("what-if: reading the CIB: {e}")))?;
         let failing = check_request(events.view(), &cib, &hosts, &zone)?;
         let failed = match failing {
-            Failing::Hosts(h) => h,
-            Failing::Zone(z) => whatif::hosts_in_zone(&cib, &z).map_err(Error::invalid)?,
+            Failing::Hosts(hosts) | Failing::Zone { hosts, .. } => hosts,
         };
         // The child and its deadline are driven by vmhad's runtime; this blocking-pool thread only waits.
         let p = runtime
@@ -182,7 +188,13 @@ mod tests {
             check(&["n1", "n3"], "").unwrap(),
             Failing::Hosts(vec!["n1".into(), "n3".into()])
         );
-        assert_eq!(check(&[], "east").unwrap(), Failing::Zone("east".into()));
+        assert_eq!(
+            check(&[], "east").unwrap(),
+            Failing::Zone {
+                zone: "east".into(),
+                hosts: vec!["n1".into(), "n2".into()]
+            }
+        );
     }
 
     #[test]
