@@ -198,42 +198,10 @@ async fn group_world(size: u32) -> Arc<World> {
     let policy = vmha_model::policy::Policy::from_json(WEB_POLICY).unwrap();
     group::store_policy(&w.vmhad("h1"), &policy).await.unwrap();
     if size > 1 {
-        let (_, r) = scale_on_dc(&w, size).await.expect("no fault");
+        let (_, r) = scale_group_on_dc(&w, "web", size).await.expect("no fault");
         r.unwrap();
     }
     w
-}
-
-async fn scale_on_dc(w: &Arc<World>, size: u32) -> Option<(group::ScaleSummary, Result<(), String>)> {
-    let ports = w.vmhad("h1");
-    let spec = group::ScaleSpec {
-        group: "web".into(),
-        size,
-        force: false,
-        drain_ms: 1000,
-    };
-    let work = async {
-        let plan = match group::check(&ports, &spec).await {
-            Ok(plan) => plan,
-            Err(e) => {
-                let summary = group::ScaleSummary {
-                    group: "web".into(),
-                    from: 0,
-                    asked: size,
-                    size: 0,
-                    steps: Vec::new(),
-                    error: Some(e.to_string()),
-                };
-                return (summary, Err(e.to_string()));
-            }
-        };
-        let (summary, r) = group::run(&ports, &LogProgress, &plan, "9").await;
-        (summary, r.map_err(|e| e.to_string()))
-    };
-    tokio::select! {
-        r = work => Some(r),
-        () = w.vmhad_dies("h1") => None,
-    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -241,9 +209,9 @@ async fn a_group_scale_survives_a_failure_or_a_dead_vmhad_at_every_call() {
     for (from, to) in [(1, 3), (3, 1)] {
         let w = group_world(from).await;
         let base = w.calls();
-        let (summary, r) = scale_on_dc(&w, to).await.unwrap();
+        let (summary, r) = scale_group_on_dc(&w, "web", to).await.unwrap();
         r.unwrap();
-        assert_eq!(summary.size, to as usize);
+        assert_eq!(summary.expect("checked, so run").size, to as usize);
         assert!(w.violations("web1").is_empty(), "{:?}", w.violations("web1"));
         let total = w.calls() - base;
         for k in 1..=total {
@@ -254,7 +222,7 @@ async fn a_group_scale_survives_a_failure_or_a_dead_vmhad_at_every_call() {
                     trigger: Trigger::Call(base + k),
                     action,
                 });
-                if scale_on_dc(&w, to).await.is_none() {
+                if scale_group_on_dc(&w, "web", to).await.is_none() {
                     w.restart_vmhad("h1");
                     clone::recover(&w.vmhad("h1")).await;
                     group::recover(&w.vmhad("h1")).await;
