@@ -88,7 +88,7 @@ pub struct WhatIfArgs {
     /// A whole site is lost (its booth site address), asked at the site that would take over: as
     /// `vmha site what-if --lost SITE`.
     #[arg(long, value_name = "SITE", conflicts_with_all = ["fail", "fail_zone", "add_vm", "n_plus_one"])]
-    fail_site: Option<String>,
+    pub fail_site: Option<String>,
 }
 
 /// The hidden subcommand the what-if child runs.
@@ -687,9 +687,10 @@ pub(crate) async fn predict(
 }
 
 pub async fn what_if(args: WhatIfArgs, json_out: bool, limit: Duration) -> Result<()> {
-    if let Some(site) = &args.fail_site {
-        crate::site::what_if(site, &[], json_out).await?;
-        return Ok(());
+    // `--fail-site` is the site takeover question: the CLI sends it to `site::what_if` (site builds on
+    // placement's prediction, so placement never calls back into site).
+    if args.fail_site.is_some() {
+        anyhow::bail!("what_if: --fail-site is answered by site::what_if");
     }
     let xml = {
         let cib = connect(Access::ReadOnly).await?;

@@ -411,7 +411,18 @@ fn main() -> ExitCode {
         Cmd::Policy { command } => {
             return report(runtime.block_on(vmha_agent::placement::policy(command, json_out, limit)))
         }
-        Cmd::WhatIf(args) => return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit))),
+        Cmd::WhatIf(args) => {
+            if let Some(site) = &args.fail_site {
+                return match runtime.block_on(vmha_agent::site::what_if(site, &[], json_out)) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("vmha: {}", one_line(&e));
+                        failure(&e)
+                    }
+                };
+            }
+            return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit)));
+        }
         _ => {}
     }
     match runtime.block_on(run(cli)) {
