@@ -409,6 +409,27 @@ fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
     assert!(p.without_place().is_empty(), "{:#?}", p.vms);
 }
 
+/// The lab scenario `zone_lost_whole_fails_over_nearest_first` as a table: zone s1/a loses its only host
+/// with two VMs on it. The nearest zone (s1/b, same site) has room for one: the priority-100 VM takes it;
+/// the priority-50 VM goes to the other site, where the priority-1 VM keeps running beside it (room for
+/// both there: nothing is displaced).
+#[test]
+fn a_zone_lost_whole_sends_the_highest_priority_nearest_and_displaces_nothing_while_room_exists() {
+    run(&Case {
+        name: "zone lost, lab shape",
+        hosts: &[("n1", "s1/a", "std", 2), ("n2", "s1/b", "std", 1), ("n3", "s2", "std", 2)],
+        vms: &[
+            ("hi", 100, "s1/a", "std", Some("n1")),
+            ("mid", 50, "s1/a", "std", Some("n1")),
+            ("lo", 1, "s2", "std", Some("n3")),
+        ],
+        fail: &["n1"],
+        expect: &[("hi", Some("n2")), ("mid", Some("n3")), ("lo", Some("n3"))],
+        steps: &[("hi", 2), ("mid", 2)],
+        user_stickiness: None,
+    });
+}
+
 /// `vmha site what-if`: site B holds site A's virtual cluster stopped by its booth ticket; the scheduler
 /// run on B's CIB with the ticket granted says what a takeover would start where, and what it displaces.
 #[test]
