@@ -417,7 +417,11 @@ fn a_zone_lost_whole_keeps_every_vm_running_highest_priority_nearest() {
 fn a_zone_lost_whole_sends_the_highest_priority_nearest_and_displaces_nothing_while_room_exists() {
     run(&Case {
         name: "zone lost, lab shape",
-        hosts: &[("n1", "s1/a", "std", 2), ("n2", "s1/b", "std", 1), ("n3", "s2", "std", 2)],
+        hosts: &[
+            ("n1", "s1/a", "std", 2),
+            ("n2", "s1/b", "std", 1),
+            ("n3", "s2", "std", 2),
+        ],
         vms: &[
             ("hi", 100, "s1/a", "std", Some("n1")),
             ("mid", 50, "s1/a", "std", Some("n1")),

@@ -184,6 +184,10 @@ fn zone_lost_whole_fails_over_nearest_first() {
     assert_eq!(after["hi"], Some(h(2)), "hi took the nearest free room");
     assert_eq!(after["mid"], Some(h(3)), "mid took the room left at the other site");
     assert_eq!(after["lo"], Some(h(3)), "lo kept running where it ran");
-    assert_eq!(lab.qemu_processes("lo"), lo_qemu, "lo's QEMU is the same process: never restarted");
+    assert_eq!(
+        lab.qemu_processes("lo"),
+        lo_qemu,
+        "lo's QEMU is the same process: never restarted"
+    );
     lab.power_on(1).unwrap();
 }
