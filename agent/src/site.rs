@@ -104,6 +104,10 @@ pub enum SiteCmd {
         /// Maps for the instantiate at the peer (as `vmha vcluster instantiate --map`).
         #[arg(long = "map", value_name = "KIND=OLD:NEW", requires = "from_archive")]
         maps: Vec<String>,
+        /// Protect although booth's messages are not authenticated here (booth.conf has no usable
+        /// `authfile`): then anyone who can send to booth's port can grant or revoke the ticket.
+        #[arg(long)]
+        allow_unauthenticated_booth: bool,
     },
     /// Planned switchover (no data loss): stop the virtual cluster here, wait until it is stopped, copy
     /// its disks to the peer's storage (a full copy while stopped; --map storage=/HERE:/PEER), revoke the
@@ -489,11 +493,39 @@ fn check_protect_parts(
     Ok(peer)
 }
 
+/// A protect puts a virtual cluster under a booth ticket: whoever can grant or revoke the ticket decides
+/// where it runs. Without authenticated booth messages that is anyone who can send to booth's port, so a
+/// protect refuses (changing nothing) unless the operator says `--allow-unauthenticated-booth`.
+pub fn require_authentication(auth: &Authentication, ticket: &str, allow: bool) -> Result<()> {
+    let why = match (&auth.authfile, &auth.problem) {
+        (None, _) => "booth.conf sets no authfile".to_string(),
+        (Some(path), Some(problem)) => format!("booth's key file {path} {problem}"),
+        (Some(_), None) => return Ok(()),
+    };
+    if allow {
+        eprintln!(
+            "vmha: warning: {why}: booth's messages are not authenticated, anyone who can reach booth's port can grant or revoke ticket {ticket}"
+        );
+        return Ok(());
+    }
+    bail!(
+        "{why}: booth's messages are not authenticated, so anyone who can reach booth's port could grant or revoke ticket {ticket} and start the virtual cluster at the wrong site; nothing changed. Make a key (booth-keygen), install it 0600 at every site and arbitrator, set authfile in booth.conf, or pass --allow-unauthenticated-booth"
+    )
+}
+
 /// `vmha site protect` at either site, the CIB part: checks, then the rsc_ticket. At the peer the tag does
 /// not exist yet: the constraint is made first so that the instantiated resources are held from the start.
-pub async fn protect_here(vc: &str, ticket: &str, peer: &str, loss: LossPolicy, at_peer: bool) -> Result<()> {
+pub async fn protect_here(
+    vc: &str,
+    ticket: &str,
+    peer: &str,
+    loss: LossPolicy,
+    at_peer: bool,
+    allow_unauthenticated: bool,
+) -> Result<()> {
     let c = read_all().await?;
     check_protect(&c, vc, ticket, peer, at_peer)?;
+    require_authentication(&check_authentication(&c.conf), ticket, allow_unauthenticated)?;
     let fragment = rsc_ticket_xml(vc, ticket, loss);
     c.cib
         .create(
@@ -511,9 +543,10 @@ pub async fn protect_here(vc: &str, ticket: &str, peer: &str, loss: LossPolicy, 
 /// The peer's part of `vmha site protect` before the instantiate: checks, then Pacemaker's maintenance
 /// mode on (nothing is started or stopped at this site while the resources exist without their
 /// rsc_ticket: Pacemaker refuses a constraint naming a resource that does not exist yet).
-pub async fn protect_peer_begin(vc: &str, ticket: &str, peer: &str) -> Result<()> {
+pub async fn protect_peer_begin(vc: &str, ticket: &str, peer: &str, allow_unauthenticated: bool) -> Result<()> {
     let c = read_all().await?;
     check_protect(&c, vc, ticket, peer, true)?;
+    require_authentication(&check_authentication(&c.conf), ticket, allow_unauthenticated)?;
     set_maintenance(&c.cib, true).await
 }
 
@@ -749,9 +782,18 @@ pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
             ticket,
             peer,
             loss_policy,
+            allow_unauthenticated_booth,
             ..
         } => {
-            protect_here(&vcluster, &ticket, &peer, loss_policy, false).await?;
+            protect_here(
+                &vcluster,
+                &ticket,
+                &peer,
+                loss_policy,
+                false,
+                allow_unauthenticated_booth,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         SiteCmd::Switchover {

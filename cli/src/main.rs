@@ -1597,6 +1597,7 @@ impl Client {
             archive,
             from_archive,
             maps,
+            allow_unauthenticated_booth,
         } = command
         else {
             unreachable!("the other site commands run without vmhad")
@@ -1605,7 +1606,15 @@ impl Client {
             if out.exists() {
                 bail!("{} exists; not overwriting it", out.display());
             }
-            protect_here(&vcluster, &ticket, &peer, loss_policy, false).await?;
+            protect_here(
+                &vcluster,
+                &ticket,
+                &peer,
+                loss_policy,
+                false,
+                allow_unauthenticated_booth,
+            )
+            .await?;
             return self.vcluster_capture(&vcluster, &out, true, false, 1, None).await;
         }
         let Some(file) = from_archive else {
@@ -1615,7 +1624,7 @@ impl Client {
         std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
         // Maintenance mode while the resources exist without their rsc_ticket (Pacemaker refuses a
         // constraint on a resource that does not exist yet): nothing starts here in between.
-        protect_peer_begin(&vcluster, &ticket, &peer).await?;
+        protect_peer_begin(&vcluster, &ticket, &peer, allow_unauthenticated_booth).await?;
         let done = self
             .vcluster_instantiate(
                 &file,

@@ -282,3 +282,34 @@ fn site_what_if_lists_the_takeover_and_says_when_it_is_incomplete() {
     p.vms.remove(1);
     assert!(!site_what_if(lost, vec!["shop".into()], &view, &tags, &p).takeover_complete);
 }
+
+#[test]
+fn a_protect_refuses_unauthenticated_booth_unless_allowed() {
+    let none = Authentication::default();
+    let e = require_authentication(&none, "shop", false).unwrap_err().to_string();
+    assert!(
+        e.starts_with("booth.conf sets no authfile: booth's messages are not authenticated")
+            && e.contains("ticket shop")
+            && e.contains("nothing changed")
+            && e.contains("--allow-unauthenticated-booth"),
+        "{e}"
+    );
+    let broken = Authentication {
+        authfile: Some("/etc/booth/authkey".into()),
+        problem: Some("has mode 0644: readable by others".into()),
+    };
+    let e = require_authentication(&broken, "shop", false).unwrap_err().to_string();
+    assert!(
+        e.starts_with("booth's key file /etc/booth/authkey has mode 0644"),
+        "{e}"
+    );
+    // Said explicitly: allowed (with a warning on stderr).
+    require_authentication(&none, "shop", true).unwrap();
+    require_authentication(&broken, "shop", true).unwrap();
+    // A usable key: no question.
+    let good = Authentication {
+        authfile: Some("/etc/booth/authkey".into()),
+        problem: None,
+    };
+    require_authentication(&good, "shop", false).unwrap();
+}
