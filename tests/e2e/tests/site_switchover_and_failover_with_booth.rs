@@ -226,27 +226,42 @@ fn site_switchover_and_failover_with_booth() {
         a.cfg.shared_dir().display()
     );
     let images = format!("storage={}:{}", image_dir().display(), image_dir().display());
-    vmha_long_ok(
-        b,
-        1,
-        &[
-            "site",
-            "protect",
-            VC,
-            "--ticket",
-            TICKET,
-            "--peer",
-            &addr_a,
-            "--from-archive",
-            archive.to_str().unwrap(),
-            "--map",
-            "hosts=sa1:sb1,sa2:sb2",
-            "--map",
-            &storage_ab,
-            "--map",
-            &images,
-        ],
+    let protect_b = [
+        "site",
+        "protect",
+        VC,
+        "--ticket",
+        TICKET,
+        "--peer",
+        &addr_a,
+        "--from-archive",
+        archive.to_str().unwrap(),
+        "--map",
+        "hosts=sa1:sb1,sa2:sb2",
+        "--map",
+        &storage_ab,
+        "--map",
+        &images,
+    ];
+    // Hostile: B's booth key readable by others (booth's messages not safely authenticated there): the
+    // protect is refused before it changes anything; with the key owner-only again it goes through.
+    let config_b = || {
+        b.exec_ok(1, &["cibadmin", "--query", "--scope", "configuration"])
+            .unwrap()
+    };
+    let before = config_b();
+    b.exec_ok(1, &["chmod", "0644", "/etc/booth/authkey"]).unwrap();
+    let (code, out, err) = vmha_long(b, 1, &protect_b);
+    b.exec_ok(1, &["chmod", "0600", "/etc/booth/authkey"]).unwrap();
+    assert_ne!(code, 0, "protect with an open booth key was accepted: {out}");
+    assert!(
+        err.contains("booth's key file /etc/booth/authkey is accessible to others")
+            && err.contains("mode 0644")
+            && err.contains("nothing changed"),
+        "{err}"
     );
+    assert_eq!(config_b(), before, "a refused protect changes nothing at B");
+    vmha_long_ok(b, 1, &protect_b);
     let status = vmha_long_ok(b, 1, &["site", "status"]);
     println!("site B after protect:\n{status}");
     assert!(status.contains("shop (loss-policy stop)"), "{status}");
