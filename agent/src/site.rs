@@ -450,9 +450,19 @@ pub async fn status(json_out: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Checks a protect's input against booth.conf and this site's CIB; returns the peer's address.
-fn check_protect(c: &SiteContext, vc: &str, ticket: &str, peer: &str, at_peer: bool) -> Result<Ipv4Addr> {
-    check_protect_parts(&c.xml, &c.conf, &c.view, vc, ticket, peer, at_peer)
+/// Checks a protect's input against booth.conf and this site's CIB, then that booth's messages are
+/// authenticated here (unless `allow_unauthenticated`); returns the peer's address.
+fn check_protect(
+    c: &SiteContext,
+    vc: &str,
+    ticket: &str,
+    peer: &str,
+    at_peer: bool,
+    allow_unauthenticated: bool,
+) -> Result<Ipv4Addr> {
+    let peer = check_protect_parts(&c.xml, &c.conf, &c.view, vc, ticket, peer, at_peer)?;
+    require_authentication(&check_authentication(&c.conf), ticket, allow_unauthenticated)?;
+    Ok(peer)
 }
 
 fn check_protect_parts(
@@ -524,8 +534,7 @@ pub async fn protect_here(
     allow_unauthenticated: bool,
 ) -> Result<()> {
     let c = read_all().await?;
-    check_protect(&c, vc, ticket, peer, at_peer)?;
-    require_authentication(&check_authentication(&c.conf), ticket, allow_unauthenticated)?;
+    check_protect(&c, vc, ticket, peer, at_peer, allow_unauthenticated)?;
     let fragment = rsc_ticket_xml(vc, ticket, loss);
     c.cib
         .create(
@@ -545,8 +554,7 @@ pub async fn protect_here(
 /// rsc_ticket: Pacemaker refuses a constraint naming a resource that does not exist yet).
 pub async fn protect_peer_begin(vc: &str, ticket: &str, peer: &str, allow_unauthenticated: bool) -> Result<()> {
     let c = read_all().await?;
-    check_protect(&c, vc, ticket, peer, true)?;
-    require_authentication(&check_authentication(&c.conf), ticket, allow_unauthenticated)?;
+    check_protect(&c, vc, ticket, peer, true, allow_unauthenticated)?;
     set_maintenance(&c.cib, true).await
 }
 

@@ -411,17 +411,9 @@ fn main() -> ExitCode {
         Cmd::Policy { command } => {
             return report(runtime.block_on(vmha_agent::placement::policy(command, json_out, limit)))
         }
-        Cmd::WhatIf(args) => {
-            if let Some(site) = &args.fail_site {
-                return match runtime.block_on(vmha_agent::site::what_if(site, &[], json_out)) {
-                    Ok(code) => code,
-                    Err(e) => {
-                        eprintln!("vmha: {}", one_line(&e));
-                        failure(&e)
-                    }
-                };
-            }
-            return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit)));
+        // `--fail-site` is a site question: answered in run(), with the other site commands.
+        Cmd::WhatIf(args) if args.fail_site.is_none() => {
+            return report(runtime.block_on(vmha_agent::placement::what_if(args, json_out, limit)))
         }
         _ => {}
     }
@@ -506,6 +498,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Site { command } if command.runs_locally() => {
             return vmha_agent::site::run(command, cli.output == Output::Json).await
         }
+        Cmd::WhatIf(vmha_agent::placement::WhatIfArgs {
+            fail_site: Some(site), ..
+        }) => return vmha_agent::site::what_if(&site, &[], cli.output == Output::Json).await,
         _ => cli,
     };
     let limit = Duration::from_secs(cli.timeout);
