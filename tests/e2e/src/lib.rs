@@ -566,3 +566,54 @@ pub fn sha256(path: &std::path::Path) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Where each of `vms` runs according to Pacemaker (None: stopped), once none of them is between states;
+/// `None` until then, and while QEMU does not run each VM exactly where Pacemaker says.
+pub fn settled_placement(
+    lab: &Lab,
+    observer: u8,
+    vms: &[&str],
+) -> Option<std::collections::BTreeMap<String, Option<String>>> {
+    let s = lab.status(observer).ok()?;
+    let mut out = std::collections::BTreeMap::new();
+    for vm in vms {
+        let r = s.resource(vm)?;
+        let host = match (r.active, r.role.as_str(), r.nodes.len()) {
+            (true, "Started", 1) => Some(r.nodes[0].clone()),
+            (false, "Stopped", 0) => None,
+            _ => return None,
+        };
+        let expected: Vec<u8> = host.iter().filter_map(|h| lab.cfg.host_number(h)).collect();
+        if lab.qemu_processes(vm).iter().map(|q| q.0).collect::<Vec<_>>() != expected {
+            return None;
+        }
+        out.insert(vm.to_string(), host);
+    }
+    Some(out)
+}
+
+/// The DC's controller is idle (no transition running or pending), as `observer` sees it.
+pub fn dc_idle(lab: &Lab, observer: u8) -> bool {
+    let Some(dc) = lab.status(observer).ok().and_then(|s| s.dc) else {
+        return false;
+    };
+    lab.exec_ok(observer, &["crmadmin", "--status", &dc])
+        .is_ok_and(|out| out.contains("S_IDLE"))
+}
+
+/// Where `vmha what-if --output json` says each VM runs afterwards (None: stopped).
+pub fn predicted_placement(p: &serde_json::Value) -> std::collections::BTreeMap<String, Option<String>> {
+    p["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let host = match v["outcome"].as_str().unwrap() {
+                "stays" => Some(v["host"].as_str().unwrap().to_string()),
+                "moves" | "starts" => Some(v["to"].as_str().unwrap().to_string()),
+                _ => None,
+            };
+            (v["vm"].as_str().unwrap().to_string(), host)
+        })
+        .collect()
+}

@@ -8,42 +8,12 @@
 //! fenced (action `off`, it stays down). The DC's vmhad keeps each host's free capacity in `vmha-free-*`
 //! node attributes, which the policy's rules read.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{vmha_json, POLL};
-use vmha_lab::{wait_for, Lab};
+use vmha_e2e::{dc_idle, settled_placement, vmha_json, POLL};
+use vmha_lab::wait_for;
 
 const VMS: [&str; 2] = ["hi", "lo"];
-
-/// Where each VM runs according to Pacemaker (None: stopped) once none is between states, and QEMU runs
-/// it exactly there.
-fn settled(lab: &Lab, observer: u8) -> Option<BTreeMap<String, Option<String>>> {
-    let s = lab.status(observer).ok()?;
-    let mut out = BTreeMap::new();
-    for vm in VMS {
-        let r = s.resource(vm)?;
-        let host = match (r.active, r.role.as_str(), r.nodes.len()) {
-            (true, "Started", 1) => Some(r.nodes[0].clone()),
-            (false, "Stopped", 0) => None,
-            _ => return None,
-        };
-        let expected: Vec<u8> = host.iter().filter_map(|h| lab.cfg.host_number(h)).collect();
-        if lab.qemu_processes(vm).iter().map(|q| q.0).collect::<Vec<_>>() != expected {
-            return None;
-        }
-        out.insert(vm.to_string(), host);
-    }
-    Some(out)
-}
-
-fn dc_idle(lab: &Lab, observer: u8) -> bool {
-    let Some(dc) = lab.status(observer).ok().and_then(|s| s.dc) else {
-        return false;
-    };
-    lab.exec_ok(observer, &["crmadmin", "--status", &dc])
-        .is_ok_and(|out| out.contains("S_IDLE"))
-}
 
 #[test]
 #[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
@@ -86,7 +56,7 @@ fn failover_takes_free_room_before_displacing() {
         Duration::from_secs(240),
         POLL,
         || {
-            let p = settled(&lab, 1)?;
+            let p = settled_placement(&lab, 1, &VMS)?;
             (p.values().all(Option::is_some) && dc_idle(&lab, 1)).then_some(p)
         },
     )
@@ -144,7 +114,7 @@ fn failover_takes_free_room_before_displacing() {
             if s.node(&victim).is_some_and(|n| n.online || n.unclean) {
                 return None;
             }
-            let p = settled(&lab, 3)?;
+            let p = settled_placement(&lab, 3, &VMS)?;
             (dc_idle(&lab, 3) && p["hi"].is_some()).then_some(p)
         },
     )

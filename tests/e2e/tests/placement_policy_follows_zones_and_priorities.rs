@@ -10,11 +10,10 @@
 //! `amid` has to cross into `b`, where the lowest priority, `btwo`, is stopped to make room. Fencing stays
 //! on (action `off`, so the fenced host stays down while the outcome is compared).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmha_e2e::{vmha_json, POLL};
+use vmha_e2e::{dc_idle, predicted_placement, settled_placement, vmha_json, POLL};
 use vmha_lab::{wait_for, Lab};
 
 const VMS: [&str; 4] = ["ahi", "amid", "bone", "btwo"];
@@ -45,53 +44,6 @@ fn zone_of(lab: &Lab, host: &str) -> &'static str {
         Some(3) => "b",
         _ => panic!("unknown host {host}"),
     }
-}
-
-/// Where each VM runs according to Pacemaker (None: stopped), once no VM is between states; checks that
-/// QEMU runs each VM exactly where Pacemaker says.
-fn settled_placement(lab: &Lab, observer: u8) -> Option<BTreeMap<String, Option<String>>> {
-    let s = lab.status(observer).ok()?;
-    let mut out = BTreeMap::new();
-    for vm in VMS {
-        let r = s.resource(vm)?;
-        let host = match (r.active, r.role.as_str(), r.nodes.len()) {
-            (true, "Started", 1) => Some(r.nodes[0].clone()),
-            (false, "Stopped", 0) => None,
-            _ => return None,
-        };
-        let qemus = lab.qemu_processes(vm);
-        let expected: Vec<u8> = host.iter().filter_map(|h| lab.cfg.host_number(h)).collect();
-        if qemus.iter().map(|q| q.0).collect::<Vec<_>>() != expected {
-            return None;
-        }
-        out.insert(vm.to_string(), host);
-    }
-    Some(out)
-}
-
-/// The DC's controller is idle (no transition running or pending).
-fn dc_idle(lab: &Lab, observer: u8) -> bool {
-    let Some(dc) = lab.status(observer).ok().and_then(|s| s.dc) else {
-        return false;
-    };
-    lab.exec_ok(observer, &["crmadmin", "--status", &dc])
-        .is_ok_and(|out| out.contains("S_IDLE"))
-}
-
-fn predicted(p: &Value) -> BTreeMap<String, Option<String>> {
-    p["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let host = match v["outcome"].as_str().unwrap() {
-                "stays" => Some(v["host"].as_str().unwrap().to_string()),
-                "moves" | "starts" => Some(v["to"].as_str().unwrap().to_string()),
-                _ => None,
-            };
-            (v["vm"].as_str().unwrap().to_string(), host)
-        })
-        .collect()
 }
 
 #[test]
@@ -216,7 +168,7 @@ fn placement_policy_follows_zones_and_priorities() {
         Duration::from_secs(300),
         POLL,
         || {
-            let p = settled_placement(&lab, 1)?;
+            let p = settled_placement(&lab, 1, &VMS)?;
             (p.values().all(Option::is_some) && dc_idle(&lab, 1)).then_some(p)
         },
     )
@@ -240,7 +192,7 @@ fn placement_policy_follows_zones_and_priorities() {
         serde_json::json!([lab.cfg.host_name(1), lab.cfg.host_name(2)])
     );
     // Zone a lost: everything crowds into node3, and the replicas ahi and bone still do not share it.
-    let crowded = predicted(&zone_a);
+    let crowded = predicted_placement(&zone_a);
     assert!(
         crowded["ahi"].is_none() || crowded["ahi"] != crowded["bone"],
         "replicas apart: {zone_a}"
@@ -260,7 +212,7 @@ fn placement_policy_follows_zones_and_priorities() {
         .exec_ok(observer, &["vmha", "what-if", "--fail", &victim_name])
         .unwrap();
     println!("{human}");
-    let expected = predicted(&prediction);
+    let expected = predicted_placement(&prediction);
 
     // The prediction follows the policy: ahi restarts in zone a (node2 has room for one), amid must cross
     // into b, where the lowest priority (btwo) gives way; bone (10) keeps running.
@@ -319,7 +271,7 @@ fn placement_policy_follows_zones_and_priorities() {
             if s.node(&victim_name).is_some_and(|n| n.online || n.unclean) {
                 return None;
             }
-            let p = settled_placement(&lab, observer)?;
+            let p = settled_placement(&lab, observer, &VMS)?;
             dc_idle(&lab, observer).then_some(p)
         },
     )

@@ -11,55 +11,12 @@
 //! scores cannot express exactly (two VMs of a lost zone competing for one free slot where a lower-priority
 //! VM runs) is described there and in docs/placement.md.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use vmha_e2e::{vmha_json, POLL};
-use vmha_lab::{wait_for, Lab};
+use vmha_e2e::{dc_idle, predicted_placement, settled_placement, vmha_json, POLL};
+use vmha_lab::wait_for;
 
 const VMS: [&str; 3] = ["hi", "mid", "lo"];
-
-/// Where each VM runs according to Pacemaker (None: stopped) once none is between states, and QEMU runs
-/// it exactly there.
-fn settled(lab: &Lab, observer: u8) -> Option<BTreeMap<String, Option<String>>> {
-    let s = lab.status(observer).ok()?;
-    let mut out = BTreeMap::new();
-    for vm in VMS {
-        let r = s.resource(vm)?;
-        let host = match (r.active, r.role.as_str(), r.nodes.len()) {
-            (true, "Started", 1) => Some(r.nodes[0].clone()),
-            (false, "Stopped", 0) => None,
-            _ => return None,
-        };
-        let expected: Vec<u8> = host.iter().filter_map(|h| lab.cfg.host_number(h)).collect();
-        if lab.qemu_processes(vm).iter().map(|q| q.0).collect::<Vec<_>>() != expected {
-            return None;
-        }
-        out.insert(vm.to_string(), host);
-    }
-    Some(out)
-}
-
-/// Where what-if says each VM runs afterwards (None: stopped).
-fn placement(prediction: &serde_json::Value) -> BTreeMap<String, Option<String>> {
-    prediction["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| {
-            let host = v["to"].as_str().or(v["host"].as_str()).map(str::to_string);
-            (v["vm"].as_str().unwrap().to_string(), host)
-        })
-        .collect()
-}
-
-fn dc_idle(lab: &Lab, observer: u8) -> bool {
-    let Some(dc) = lab.status(observer).ok().and_then(|s| s.dc) else {
-        return false;
-    };
-    lab.exec_ok(observer, &["crmadmin", "--status", &dc])
-        .is_ok_and(|out| out.contains("S_IDLE"))
-}
 
 #[test]
 #[ignore = "lab scenario: needs root and the lab's daemons (run ci/test)"]
@@ -93,7 +50,7 @@ fn zone_lost_whole_fails_over_nearest_first() {
         Duration::from_secs(240),
         POLL,
         || {
-            let p = settled(&lab, 1)?;
+            let p = settled_placement(&lab, 1, &VMS)?;
             (p.values().all(Option::is_some) && dc_idle(&lab, 1)).then_some(p)
         },
     )
@@ -134,9 +91,13 @@ fn zone_lost_whole_fails_over_nearest_first() {
     assert_eq!(vm("mid")["to"], h(3), "mid: the nearest room left, at the other site");
     assert_eq!(vm("lo")["outcome"], "stays", "lo is not displaced while room exists");
     assert_eq!(vm("lo")["host"], h(3));
-    let predicted = placement(&zone);
+    let predicted = predicted_placement(&zone);
     let host_event = vmha_json(&lab, 3, &["what-if", "--fail", &h(1)]).unwrap();
-    assert_eq!(placement(&host_event), predicted, "failing zone s1/a is failing node1");
+    assert_eq!(
+        predicted_placement(&host_event),
+        predicted,
+        "failing zone s1/a is failing node1"
+    );
 
     // lo's QEMU process: the same one before and after, so lo was neither restarted nor moved.
     let lo_qemu = lab.qemu_processes("lo");
@@ -170,7 +131,7 @@ fn zone_lost_whole_fails_over_nearest_first() {
             if s.node(&victim).is_some_and(|n| n.online || n.unclean) {
                 return None;
             }
-            let p = settled(&lab, 3)?;
+            let p = settled_placement(&lab, 3, &VMS)?;
             (dc_idle(&lab, 3) && p.values().all(Option::is_some)).then_some(p)
         },
     )
