@@ -37,24 +37,33 @@ fn vmha(lab: &Lab, n: u8, args: &[&str]) -> Result<()> {
 }
 
 /// The VM's state and hosts as host 1's vmhad (where the jobs are asked) sees them.
-fn vm_state(lab: &Lab) -> Option<(String, Vec<String>)> {
-    let out = lab.exec_ok(1, &["vmha", "--output", "json", "vm", "show", VM]).ok()?;
+fn vm_state(lab: &Lab, n: u8) -> Option<(String, Vec<String>)> {
+    let out = lab.exec_ok(n, &["vmha", "--output", "json", "vm", "show", VM]).ok()?;
     let shown: vmha_api::json::VmShow = serde_json::from_str(&out).ok()?;
     Some((shown.vm.state, shown.vm.hosts))
 }
 
-/// The host the VM runs on, once vmhad sees it running there (not while its start or migration is still
-/// pending: vmhad refuses to move a VM that is starting).
+/// The host the VM runs on, once every host's vmhad sees it running there (not while its start or
+/// migration is still pending anywhere: the DC's vmhad, which runs a move, refuses one of a VM it still
+/// sees starting).
 fn host_of(lab: &Lab) -> Option<u8> {
-    let (state, hosts) = vm_state(lab)?;
-    match hosts.as_slice() {
-        [host] if state == "running" => lab.cfg.host_number(host),
-        _ => None,
+    let mut seen = None;
+    for n in lab.cfg.host_numbers() {
+        let (state, hosts) = vm_state(lab, n)?;
+        let here = match hosts.as_slice() {
+            [host] if state == "running" => lab.cfg.host_number(host)?,
+            _ => return None,
+        };
+        if seen.is_some_and(|s| s != here) {
+            return None;
+        }
+        seen = Some(here);
     }
+    seen
 }
 
 fn stopped(lab: &Lab) -> bool {
-    vm_state(lab).is_some_and(|(state, _)| state == "stopped")
+    vm_state(lab, 1).is_some_and(|(state, _)| state == "stopped")
 }
 
 fn wait_running(lab: &Lab) -> Result<u8> {

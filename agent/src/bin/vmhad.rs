@@ -89,25 +89,39 @@ fn main() -> ExitCode {
     }
 }
 
-/// From this size an allocation gets its own mapping (glibc's initial default, now fixed).
-const MMAP_THRESHOLD: u32 = 128 * 1024;
+/// From this size an allocation gets its own mapping, returned to the system when it is freed (whole CIB
+/// texts and documents; fixed: glibc would raise it up to 32 MiB after such a buffer is freed).
+const MMAP_THRESHOLD: u32 = 1024 * 1024;
 /// The free top of a heap glibc keeps rather than giving it back at once.
-const TRIM_THRESHOLD: u32 = 1024 * 1024;
-/// How long after a change of the cluster view (or, when nothing changes, how often) vmhad gives the
-/// memory freed meanwhile back to the system: changes come in bursts, one trim serves a burst.
-const TRIM_AFTER: Duration = Duration::from_secs(2);
-const TRIM_IDLE: Duration = Duration::from_secs(30);
+const TRIM_THRESHOLD: u32 = 4 * 1024 * 1024;
+/// After a change of the cluster view, vmhad gives back the memory freed meanwhile once the view has
+/// been quiet this long: while changes stream in, the freed memory is reused at once, and giving it back
+/// would only have the next change fault it in again (CPU on every change).
+const TRIM_QUIET: Duration = Duration::from_secs(10);
+/// And at least this often, quiet or not.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 
-/// Gives freed memory back to the system after each burst of cluster changes and every 30 s
-/// otherwise: handling a change frees whole CIB texts and documents on several threads, and glibc keeps
-/// free pages inside its arenas (44 of 104 MiB at 2000 VMs, bench/results/scale.md) until trimmed.
+/// Gives freed memory back to the system when the cluster view has been quiet for [`TRIM_QUIET`] after
+/// a change, and every [`TRIM_EVERY`] otherwise: handling a change frees whole CIB texts and documents
+/// on several threads, and glibc keeps free pages inside its arenas (44 of 104 MiB at 2000 VMs,
+/// bench/results/scale.md) until trimmed.
 async fn give_back_memory(shared: Arc<Shared>) {
     let mut changes = shared.subscribe();
     loop {
-        match tokio::time::timeout(TRIM_IDLE, changes.changed()).await {
-            Ok(Err(_)) => return,
-            Ok(Ok(())) => tokio::time::sleep(TRIM_AFTER).await,
-            Err(_) => {}
+        let since = tokio::time::Instant::now();
+        if let Ok(changed) = tokio::time::timeout(TRIM_EVERY, changes.changed()).await {
+            if changed.is_err() {
+                return;
+            }
+            // Wait for TRIM_QUIET without a change, or until TRIM_EVERY has passed since the last trim.
+            let limit = since + TRIM_EVERY;
+            while let Ok(changed) =
+                tokio::time::timeout_at(limit.min(tokio::time::Instant::now() + TRIM_QUIET), changes.changed()).await
+            {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
         changes.mark_unchanged();
         // malloc_trim walks every arena under its lock: off the async thread.
