@@ -432,6 +432,24 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         .host_numbers()
         .map(|n| vmhad_usage(&lab, n))
         .collect::<Result<_>>()?;
+    // At rest: once the CIB has not changed for 15 s (vmhad gives freed memory back after 10 s of quiet).
+    let mut last = String::new();
+    wait_for(
+        "the CIB to be quiet for 15 s",
+        Duration::from_secs(600),
+        Duration::from_secs(15),
+        || {
+            let v = cib_version(&lab, 1).ok()?;
+            let same = v == last;
+            last = v;
+            same.then_some(())
+        },
+    )?;
+    let rested: Vec<(u32, f64, f64)> = lab
+        .cfg
+        .host_numbers()
+        .map(|n| vmhad_usage(&lab, n))
+        .collect::<Result<_>>()?;
 
     let mut r = String::new();
     let _ = writeln!(
@@ -532,6 +550,16 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
             .map(|x| format!("{:.1}", mib(x.1)))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    let _ = writeln!(
+        r,
+        "| vmhad RSS at rest afterwards (the CIB unchanged for 15 s), MiB (hosts 1, 2, 3) | {} | <= 64 MiB: {} |",
+        rested
+            .iter()
+            .map(|x| format!("{:.1}", mib(x.1)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        verdict(mib(rested.iter().map(|x| x.1).fold(0.0, f64::max)) <= 64.0)
     );
     let _ = writeln!(
         r,
