@@ -105,6 +105,8 @@
         const focused = document.activeElement && document.activeElement.dataset
             ? document.activeElement.dataset.key : null;
         renderHosts();
+        renderVclusters();
+        renderGroups();
         renderJobs();
         fillWhatIfHosts();
         if (focused) {
@@ -360,6 +362,75 @@
             : []));
     }
 
+    /* Virtual clusters and elastic groups: the Cluster's VirtualClusters (a(sas)) and ElasticGroups
+       (a(ssuuas)) properties, kept current by their PropertiesChanged. */
+    function vclusterList() {
+        const raw = (cluster && cluster.valid && Array.isArray(cluster.VirtualClusters)) ? cluster.VirtualClusters : [];
+        return raw.map(([name, members]) => ({ name: String(name), members: (members || []).map(String) }));
+    }
+
+    function groupList() {
+        const raw = (cluster && cluster.valid && Array.isArray(cluster.ElasticGroups)) ? cluster.ElasticGroups : [];
+        return raw.map(([name, template, min, max, members]) => ({
+            name: String(name), template: String(template), min: Number(min), max: Number(max),
+            members: (members || []).map(String),
+        }));
+    }
+
+    /* Where a member runs, as the page's VM objects say ("vm1 on node2"); a member that is no VM (an IP
+       address, ...) is shown by its name. */
+    function memberText(name) {
+        const vm = sortedValues(vms).find(v => v.Name === name);
+        if (!vm)
+            return name;
+        const on = (vm.Hosts || []).join(", ");
+        return `${name} ${on ? "on " + on : "(" + (vm.State || "not running") + ")"}`;
+    }
+
+    function memberList(members) {
+        return el("ul", { class: "members" }, members.map(m => {
+            const vm = sortedValues(vms).find(v => v.Name === m);
+            const on = vm && (vm.Hosts || []).length === 1 ? vm.Hosts[0] : "";
+            return el("li", { "data-member": m, "data-host": on }, memberText(m));
+        }));
+    }
+
+    function renderVclusters() {
+        const list = vclusterList();
+        $("vclusters").replaceChildren(...(list.length
+            ? list.map(v => el("li", { class: "vcluster", "data-vcluster": v.name, "data-members": JSON.stringify(v.members) },
+                               el("h3", {}, v.name,
+                                  el("span", { class: "muted" }, `${v.members.length} member(s)`)),
+                               memberList(v.members),
+                               el("p", { class: "muted" }, "Capture: ",
+                                  el("code", {}, `vmha vcluster capture ${v.name} --out ARCHIVE`))))
+            : [el("li", { class: "empty" }, "No virtual clusters (vmha vcluster create NAME RESOURCE... makes one).")]));
+    }
+
+    function renderGroups() {
+        const list = groupList();
+        $("groups").replaceChildren(...(list.length
+            ? list.map(g => el("li", {
+                class: "group",
+                "data-group": g.name,
+                "data-template": g.template,
+                "data-min": String(g.min),
+                "data-max": String(g.max),
+                "data-members": JSON.stringify(g.members),
+            },
+                               el("h3", {}, g.name,
+                                  el("span", { class: "muted" },
+                                     `${g.members.length} member(s), min ${g.min}, max ${g.max}, template ${g.template}`),
+                                  el("button", {
+                                      type: "button",
+                                      "data-key": `group-scale-${g.name}`,
+                                      "aria-label": `Scale group ${g.name}`,
+                                      onclick: () => confirmScale(g.name),
+                                  }, "Scale…")),
+                               memberList(g.members)))
+            : [el("li", { class: "empty" }, "No elastic groups in the stored placement policy.")]));
+    }
+
     function renderJobs() {
         for (const [path, p] of Object.entries(jobs)) {
             if (p.valid !== false && p.Kind !== undefined) {
@@ -586,20 +657,39 @@
 
     /* --------------------------------------------------------------------------------- group scale */
 
-    function confirmScale(ev) {
-        ev.preventDefault();
-        const group = $("scale-group").value.trim();
-        const size = parseInt($("scale-size").value, 10);
-        if (!group || !Number.isInteger(size) || size < 0) {
-            notice("Name the group and the number of members.", "error");
+    /* The group is chosen from vmhad's list (a labelled select, the dialog's first field); the number of
+       members is bounded by the chosen group's min and max and starts at its size. */
+    function confirmScale(name) {
+        const groups = groupList();
+        if (groups.length === 0)
             return;
-        }
-        confirmAction(`Scale group ${group} to ${size} member(s)?`,
+        const select = el("select", { id: "scale-group", name: "group", required: true },
+                          groups.map(g => el("option", { value: g.name, selected: g.name === name },
+                                             `${g.name} (${g.members.length} member(s), ${g.min} to ${g.max})`)));
+        const size = el("input", { id: "scale-size", name: "size", type: "number", required: true });
+        const bounds = el("p", { id: "scale-bounds", class: "muted" });
+        const follow = () => {
+            const g = groups.find(x => x.name === select.value) || groups[0];
+            size.min = String(g.min);
+            size.max = String(g.max);
+            size.value = String(g.members.length);
+            bounds.textContent = `${g.name} has ${g.members.length} member(s): ${g.members.join(", ")}; ` +
+                `it may have ${g.min} to ${g.max}.`;
+        };
+        select.addEventListener("change", follow);
+        follow();
+        size.setAttribute("aria-describedby", "scale-bounds");
+        confirmAction("Scale an elastic group?",
                       "Grows by live clones of the group's template, shrinks by draining and destroying its " +
                       "newest members (each guest gets 60 s to drain). The job's progress shows under Jobs.",
-                      [], "Scale",
-                      () => call(ROOT, IFACE.cluster, "ScaleGroup", "subu", [group, size, false, 60000])
-                              .then(([job]) => `Scale of group ${group} to ${size} started (job ${job}).`));
+                      [el("label", { for: "scale-group" }, "Group"), select,
+                          el("label", { for: "scale-size" }, "Members"), size, bounds], "Scale",
+                      form => {
+                          const group = form.querySelector("#scale-group").value;
+                          const n = parseInt(form.querySelector("#scale-size").value, 10);
+                          return call(ROOT, IFACE.cluster, "ScaleGroup", "subu", [group, n, false, 60000])
+                                  .then(([job]) => `Scale of group ${group} to ${n} started (job ${job}).`);
+                      });
     }
 
     /* --------------------------------------------------------------------------------- wiring */
@@ -607,7 +697,6 @@
     function start() {
         $("confirm-form").addEventListener("submit", onConfirm);
         $("whatif-form").addEventListener("submit", runWhatIf);
-        $("scale-form").addEventListener("submit", confirmScale);
         $("confirm-cancel").addEventListener("click", () => {
             dialogRun = null;
             $("confirm").close();

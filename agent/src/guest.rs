@@ -789,6 +789,8 @@ mod tests {
                     utilization: Default::default(),
                     constraints: vec![],
                 }],
+                vclusters: Default::default(),
+                groups: vec![],
             }),
             ..Snapshot::default()
         }

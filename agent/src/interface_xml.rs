@@ -199,7 +199,7 @@ async fn the_api_proxies_read_what_vmhad_serves_and_get_typed_errors() {
     assert_eq!(readiness.reports().await.unwrap(), "[]");
 
     // Every property of every proxy reads (its type matches what vmhad serves).
-    let (_, _, _, _, _, _, _, _, _) = (
+    let (_, _, _, _, _, _, _, _, _, _, _) = (
         cluster.name().await.unwrap(),
         cluster.quorate().await.unwrap(),
         cluster.designated_controller().await.unwrap(),
@@ -209,6 +209,8 @@ async fn the_api_proxies_read_what_vmhad_serves_and_get_typed_errors() {
         cluster.stonith_enabled().await.unwrap(),
         cluster.connected().await.unwrap(),
         cluster.cib_version().await.unwrap(),
+        cluster.virtual_clusters().await.unwrap(),
+        cluster.elastic_groups().await.unwrap(),
     );
     let (_, _, _, _, _, _) = (
         host.name().await.unwrap(),
@@ -351,4 +353,103 @@ async fn interactive_proxy_methods_allow_interactive_authorization() {
         assert!(matches!(r, Err(Error::ZBus(_))), "{r:?}");
         assert_eq!(flag, interactive);
     }
+}
+
+/// A CIB with the virtual cluster `shop` and a stored policy with the elastic group `web` (no hosts, no
+/// VMs), at `epoch`.
+fn cib_with_lists(epoch: u32, tags: &str) -> String {
+    let policy = r#"{"groups": {"web": {"members": ["vm1"], "template": "vm1", "min": 1, "max": 3}}}"#;
+    format!(
+        r#"<cib admin_epoch="0" epoch="{epoch}" num_updates="0"><configuration><crm_config><cluster_property_set id="vmha-policy"><nvpair id="vmha-policy-p" name="vmha-policy" value="{}"/></cluster_property_set></crm_config><nodes/><resources/><constraints/>{tags}</configuration><status/></cib>"#,
+        vmha_model::change::escape(policy)
+    )
+}
+
+/// The Cluster's changed properties in the next PropertiesChanged signals, until one names `until`.
+async fn changed_until(signals: &mut zbus::MessageStream, until: &str) -> Vec<Vec<String>> {
+    use futures_util::StreamExt;
+    let mut seen = Vec::new();
+    let wait = async {
+        loop {
+            let m = signals.next().await.unwrap().unwrap();
+            let h = m.header();
+            if h.member().is_none_or(|n| n.as_str() != "PropertiesChanged") {
+                continue;
+            }
+            let (iface, props, _): (
+                String,
+                std::collections::HashMap<String, zbus::zvariant::OwnedValue>,
+                Vec<String>,
+            ) = m.body().deserialize().unwrap();
+            if iface != api::CLUSTER_INTERFACE {
+                continue;
+            }
+            let mut names: Vec<String> = props.keys().cloned().collect();
+            names.sort();
+            let done = names.iter().any(|n| n == until);
+            seen.push(names);
+            if done {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no PropertiesChanged of {until} within 10 s: {seen:?}"));
+    seen
+}
+
+/// The lists of virtual clusters and elastic groups are published: PropertiesChanged when the CIB's tags
+/// or stored policy change (and not when only something else changes), and the properties read them.
+#[tokio::test]
+async fn virtual_clusters_and_elastic_groups_are_published_when_they_change() {
+    let shared = shared();
+    let (server, client) = pair(&shared).await;
+    let mut signals = zbus::MessageStream::from(&client);
+    let shop = r#"<tags><tag id="shop"><obj_ref id="vm1"/><obj_ref id="ip1"/></tag></tags>"#;
+    let publish = |xml: String| {
+        let (server, shared) = (server.clone(), Arc::clone(&shared));
+        async move {
+            let old = shared.replace_view(vmha_model::ClusterView::from_cib(&xml).unwrap());
+            crate::objects::publish(&server, &shared, &old, &shared.snapshot())
+                .await
+                .unwrap();
+        }
+    };
+
+    publish(cib_with_lists(1, shop)).await;
+    let seen = changed_until(&mut signals, "ElasticGroups").await;
+    assert!(seen.iter().flatten().any(|n| n == "VirtualClusters"), "{seen:?}");
+    let cluster = api::proxy::ClusterProxy::new(&client).await.unwrap();
+    assert_eq!(
+        cluster.virtual_clusters().await.unwrap(),
+        [("shop".to_string(), vec!["vm1".to_string(), "ip1".to_string()])]
+    );
+    assert_eq!(
+        cluster.elastic_groups().await.unwrap(),
+        [("web".to_string(), "vm1".to_string(), 1, 3, vec!["vm1".to_string()])]
+    );
+
+    // Only the version changes: its signal, none for the lists.
+    publish(cib_with_lists(2, shop)).await;
+    let seen = changed_until(&mut signals, "CibVersion").await;
+    assert!(
+        !seen
+            .iter()
+            .flatten()
+            .any(|n| n == "VirtualClusters" || n == "ElasticGroups"),
+        "{seen:?}"
+    );
+
+    // The tags go: the virtual clusters change, the groups do not.
+    publish(cib_with_lists(3, "")).await;
+    let seen = changed_until(&mut signals, "VirtualClusters").await;
+    assert!(!seen.iter().flatten().any(|n| n == "ElasticGroups"), "{seen:?}");
+    let fresh = api::proxy::ClusterProxy::builder(&client)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert!(fresh.virtual_clusters().await.unwrap().is_empty());
+    assert_eq!(fresh.elastic_groups().await.unwrap().len(), 1);
 }

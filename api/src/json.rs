@@ -65,6 +65,25 @@ pub struct Cluster {
     pub connected: bool,
     /// The CIB version vmhad last read (`admin_epoch.epoch.num_updates`); `""` before the first read.
     pub cib_version: String,
+    /// The virtual clusters (the CIB's tags): name -> member resources, as `vmha vcluster list` lists them.
+    #[serde(default)]
+    pub virtual_clusters: BTreeMap<String, Vec<String>>,
+    /// The elastic groups of the stored placement policy, as `vmha group list` lists them.
+    #[serde(default)]
+    pub elastic_groups: Vec<ElasticGroup>,
+}
+
+/// An elastic group of the stored placement policy (D-Bus property `ElasticGroups`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElasticGroup {
+    pub name: String,
+    /// The running VM its new members are live-cloned from (always a member).
+    pub template: String,
+    pub min: u32,
+    pub max: u32,
+    /// Its members in order, the newest last.
+    pub members: Vec<String>,
 }
 
 /// One cluster host.
@@ -195,6 +214,7 @@ pub fn value_json(v: &Value<'_>) -> serde_json::Value {
             serde_json::Value::Object(m)
         }
         Value::Value(inner) => value_json(inner),
+        Value::Structure(st) => serde_json::Value::Array(st.fields().iter().map(value_json).collect()),
         other => json!(format!("{other:?}")),
     }
 }
@@ -256,6 +276,8 @@ pub const CLUSTER_PROPERTIES: &[&str] = &[
     "StonithEnabled",
     "Connected",
     "CibVersion",
+    "VirtualClusters",
+    "ElasticGroups",
 ];
 pub const HOST_PROPERTIES: &[&str] = &[
     "Name",
@@ -298,6 +320,24 @@ impl Cluster {
             stonith_enabled: known.then(|| p.boolean("StonithEnabled")),
             connected,
             cib_version,
+            virtual_clusters: serde_json::from_value::<Vec<(String, Vec<String>)>>(p.json("VirtualClusters"))
+                .map(|v| v.into_iter().collect())
+                .unwrap_or_default(),
+            elastic_groups: serde_json::from_value::<Vec<(String, String, u32, u32, Vec<String>)>>(
+                p.json("ElasticGroups"),
+            )
+            .map(|v| {
+                v.into_iter()
+                    .map(|(name, template, min, max, members)| ElasticGroup {
+                        name,
+                        template,
+                        min,
+                        max,
+                        members,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         }
     }
 
@@ -403,6 +443,41 @@ mod tests {
         assert_eq!(c.designated_controller.as_deref(), Some("h1"));
         assert_eq!(c.stonith_enabled, Some(false));
         assert_eq!(c.members, ["h1", "h2"]);
+    }
+
+    #[test]
+    fn virtual_clusters_and_elastic_groups_read_from_their_struct_arrays() {
+        let vclusters = vec![("shop".to_string(), vec!["vm1".to_string(), "ip1".to_string()])];
+        let groups = vec![(
+            "web".to_string(),
+            "web1".to_string(),
+            1u32,
+            3u32,
+            vec!["web1".to_string()],
+        )];
+        let c = Cluster::from_properties(&props(vec![
+            ("VirtualClusters", Value::from(vclusters)),
+            ("ElasticGroups", Value::from(groups)),
+        ]));
+        assert_eq!(c.virtual_clusters.get("shop").unwrap(), &["vm1", "ip1"]);
+        assert_eq!(
+            c.elastic_groups,
+            [ElasticGroup {
+                name: "web".into(),
+                template: "web1".into(),
+                min: 1,
+                max: 3,
+                members: vec!["web1".into()],
+            }]
+        );
+        // Without them (an older vmhad): empty, and a document without the members still reads.
+        let old = Cluster::from_properties(&props(vec![("Name", Value::from("c"))]));
+        assert!(old.virtual_clusters.is_empty() && old.elastic_groups.is_empty());
+        let mut j = serde_json::to_value(&old).unwrap();
+        let o = j.as_object_mut().unwrap();
+        o.remove("virtual_clusters");
+        o.remove("elastic_groups");
+        assert_eq!(serde_json::from_value::<Cluster>(j).unwrap(), old);
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub trait Cluster {
     fn connected(&self) -> zbus::Result<bool>;
     #[zbus(property)]
     fn cib_version(&self) -> zbus::Result<String>;
+    /// The virtual clusters: (name, member resources).
+    #[zbus(property)]
+    fn virtual_clusters(&self) -> zbus::Result<Vec<(String, Vec<String>)>>;
+    /// The elastic groups of the stored policy: (name, template, min, max, members).
+    #[zbus(property)]
+    fn elastic_groups(&self) -> zbus::Result<Vec<(String, String, u32, u32, Vec<String>)>>;
 
     fn add_vm(&self, name: &str, config: &str, start: bool) -> Result<OwnedObjectPath, Error>;
     #[zbus(name = "AddVm", allow_interactive_auth)]

@@ -707,8 +707,7 @@ async fn group_list(client: &Client) -> Result<ExitCode> {
     let view = vmha_model::ClusterView::from_cib(&xml)?;
     let running = group::running(&view);
     let mut rows = Vec::new();
-    for name in policy.groups.iter().filter(|(_, g)| g.is_elastic()).map(|(n, _)| n) {
-        let g = group::elastic(&policy, name)?;
+    for g in group::elastic_groups(&policy)? {
         let members: Vec<Value> = g
             .members
             .iter()

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use roxmltree::{Document, Node};
 use serde::Serialize;
 
+use crate::group::Elastic;
+use crate::policy::Policy;
 use crate::{ModelError, VM_AGENTS};
 
 /// A host (Pacemaker node) and its state.
@@ -93,6 +95,36 @@ pub struct ClusterView {
     pub stonith_enabled: bool,
     pub hosts: Vec<HostView>,
     pub vms: Vec<VmView>,
+    /// The virtual clusters: the tags of the configuration's `tags` section (tag id -> the ids it refers
+    /// to, in order), as `vmha vcluster list` lists them.
+    pub vclusters: BTreeMap<String, Vec<String>>,
+    /// The elastic groups of the stored placement policy, as `vmha group list` lists them (none without a
+    /// stored policy, or when it does not read).
+    pub groups: Vec<Elastic>,
+}
+
+/// The virtual clusters of a `<tags>` section: each `<tag>`'s id -> the ids of its `<obj_ref>`s, in order.
+pub fn tags_of(tags: Node) -> BTreeMap<String, Vec<String>> {
+    children(tags, "tag")
+        .map(|t| {
+            (
+                t.attribute("id").unwrap_or("").to_string(),
+                children(t, "obj_ref")
+                    .filter_map(|n| n.attribute("id").map(str::to_string))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The elastic groups of the policy stored in a `crm_config` section (none when there is no policy or it
+/// does not read).
+fn groups_of(crm_config: Option<Node>) -> Vec<Elastic> {
+    crm_config
+        .and_then(crate::policy::stored_json)
+        .and_then(|json| Policy::from_json(json).ok())
+        .and_then(|p| crate::group::elastic_groups(&p).ok())
+        .unwrap_or_default()
 }
 
 fn child<'a, 'i>(node: Node<'a, 'i>, tag: &str) -> Option<Node<'a, 'i>> {
@@ -216,8 +248,8 @@ struct Prim {
 }
 
 /// A CIB read part by part, so that a change re-reads only the parts it touched ([`CibParts::update`]) and
-/// [`CibParts::view`] recombines them: the `<cib>` element's attributes, the `crm_config`, `nodes` and
-/// `constraints` sections whole, the resources section per top-level element and the status section per
+/// [`CibParts::view`] recombines them: the `<cib>` element's attributes, the `crm_config`, `nodes`,
+/// `constraints` and `tags` sections whole, the resources section per top-level element and the status section per
 /// `<node_state>`. [`ClusterView::from_cib`] goes through it too, so both ways read the same.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CibParts {
@@ -233,6 +265,10 @@ pub struct CibParts {
     resources: Vec<(Option<String>, Vec<Prim>)>,
     /// Any `vmha-zone-site` nvpair in the nodes, status or resources sections (a placement policy with zones).
     zoned_nodes: bool,
+    /// The `tags` section: the virtual clusters.
+    tags: BTreeMap<String, Vec<String>>,
+    /// The elastic groups of the policy stored in `crm_config`.
+    groups: Vec<Elastic>,
 }
 
 /// What changed in a CIB since it was last read, part by part (see [`CibParts`]): each part as XML text,
@@ -241,8 +277,8 @@ pub struct CibParts {
 pub struct CibUpdate {
     /// The `<cib>` element (its children are not read).
     pub root: String,
-    /// Whole sections: `crm_config`, `nodes`, `constraints`, `resources` or `status`, with their element
-    /// ("" when the CIB has none).
+    /// Whole sections: `crm_config`, `nodes`, `constraints`, `resources`, `tags` or `status`, with their
+    /// element ("" when the CIB has none).
     pub sections: Vec<(String, String)>,
     /// Top-level elements of the resources section by id, after the sections.
     pub resources: Vec<(String, Option<String>)>,
@@ -375,6 +411,8 @@ impl CibParts {
         let mut parts = CibParts::default();
         parts.set_root(cib);
         parts.crm_config = crm_config_of(child(configuration, "crm_config"));
+        parts.groups = groups_of(child(configuration, "crm_config"));
+        parts.tags = child(configuration, "tags").map(tags_of).unwrap_or_default();
         parts.nodes = parse_nodes(child(configuration, "nodes"));
         parts.constraints = child(configuration, "constraints")
             .map(constraints_by_resource_owned)
@@ -447,7 +485,8 @@ impl CibParts {
         for (name, doc) in &sections {
             let node = part(doc, name)?;
             next.push(match *name {
-                "crm_config" => Section::CrmConfig(crm_config_of(node)),
+                "crm_config" => Section::CrmConfig(crm_config_of(node), groups_of(node)),
+                "tags" => Section::Tags(node.map(tags_of).unwrap_or_default()),
                 "nodes" => Section::Nodes(parse_nodes(node), has_zone(node)),
                 "constraints" => Section::Constraints(node.map(constraints_by_resource_owned).unwrap_or_default()),
                 "resources" => Section::Resources(parse_resources(node)),
@@ -481,7 +520,8 @@ impl CibParts {
         self.set_root(root.root_element());
         for s in next {
             match s {
-                Section::CrmConfig(c) => self.crm_config = c,
+                Section::CrmConfig(c, g) => (self.crm_config, self.groups) = (c, g),
+                Section::Tags(t) => self.tags = t,
                 Section::Nodes(n, z) => (self.nodes, self.zoned_nodes) = (n, z),
                 Section::Constraints(c) => self.constraints = c,
                 Section::Resources(r) => self.resources = r,
@@ -654,13 +694,16 @@ impl CibParts {
             stonith_enabled: self.crm_config.get("stonith-enabled").is_none_or(|v| is_true(v)),
             hosts,
             vms,
+            vclusters: self.tags.clone(),
+            groups: self.groups.clone(),
         }
     }
 }
 
 /// A section read for [`CibParts::update`].
 enum Section {
-    CrmConfig(BTreeMap<String, String>),
+    CrmConfig(BTreeMap<String, String>, Vec<Elastic>),
+    Tags(BTreeMap<String, Vec<String>>),
     Nodes(Vec<NodeConf>, bool),
     Constraints(BTreeMap<String, Vec<Constraint>>),
     Resources(Vec<(Option<String>, Vec<Prim>)>),
@@ -958,7 +1001,7 @@ mod tests {
             root,
             ..CibUpdate::default()
         };
-        for name in ["crm_config", "nodes", "constraints"] {
+        for name in ["crm_config", "nodes", "constraints", "tags"] {
             u.sections
                 .push((name.into(), child(configuration, name).map(text).unwrap_or_default()));
         }
@@ -1088,6 +1131,47 @@ mod tests {
         assert!(v.vm("vm1").is_none());
         assert_eq!(v.host("n1").unwrap().state, HostState::Offline);
         assert_eq!(v.cluster_name, None);
+    }
+
+    #[test]
+    fn virtual_clusters_and_elastic_groups_read_whole_and_by_parts() {
+        let nodes = [("1", "n1", UP, STARTED, "")];
+        let plain = cib("1", "", &nodes);
+        let with_policy = |json: &str| {
+            let set = format!(
+                r#"<cluster_property_set id="vmha-policy"><nvpair id="vmha-policy-p" name="vmha-policy" value="{}"/></cluster_property_set></crm_config>"#,
+                crate::change::escape(json)
+            );
+            let tags = r#"<tags><tag id="shop"><obj_ref id="vm1"/><obj_ref id="ip1"/></tag><tag id="solo"><obj_ref id="ip1"/></tag></tags>"#;
+            cib("1", tags, &nodes).replacen("</crm_config>", &set, 1)
+        };
+        let full = with_policy(
+            r#"{"groups": {"web": {"members": ["vm1"], "template": "vm1", "min": 1, "max": 3},
+                           "plain": {"members": ["ip1"]}}}"#,
+        );
+        let v = ClusterView::from_cib(&full).unwrap();
+        let shop: Vec<String> = vec!["vm1".into(), "ip1".into()];
+        assert_eq!(v.vclusters.get("shop"), Some(&shop));
+        assert_eq!(v.vclusters.get("solo"), Some(&vec!["ip1".to_string()]));
+        assert_eq!(v.vclusters.len(), 2);
+        assert_eq!(v.groups.len(), 1, "only the elastic group: {:?}", v.groups);
+        let web = &v.groups[0];
+        assert_eq!(
+            (web.name.as_str(), web.template.as_str(), web.min, web.max, &web.members),
+            ("web", "vm1", 1, 3, &vec!["vm1".to_string()])
+        );
+        let none = ClusterView::from_cib(&plain).unwrap();
+        assert!(none.vclusters.is_empty() && none.groups.is_empty());
+        // A stored policy that does not read lists no groups (the tags still read).
+        let broken = ClusterView::from_cib(&with_policy("{not json")).unwrap();
+        assert!(broken.groups.is_empty());
+        assert_eq!(broken.vclusters.len(), 2);
+        // By parts, both ways: the crm_config and tags sections carry them.
+        for (old, new) in [(&plain, &full), (&full, &plain)] {
+            let mut parts = CibParts::from_cib(old).unwrap();
+            parts.update(&all_parts(new)).unwrap();
+            assert_eq!(parts.view(), ClusterView::from_cib(new).unwrap());
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ fn invalid<T>(msg: impl Into<String>) -> Result<T, PolicyError> {
 }
 
 /// An elastic group, read from the policy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Elastic {
     pub name: String,
     pub template: String,
@@ -273,6 +273,16 @@ pub fn elastic(policy: &Policy, name: &str) -> Result<Elastic, PolicyError> {
         members: spec.members.clone(),
         autoscale: spec.autoscale.clone(),
     })
+}
+
+/// Every elastic group of `policy`, by name (what `vmha group list` lists and vmhad publishes).
+pub fn elastic_groups(policy: &Policy) -> Result<Vec<Elastic>, PolicyError> {
+    policy
+        .groups
+        .iter()
+        .filter(|(_, g)| g.is_elastic())
+        .map(|(name, _)| elastic(policy, name))
+        .collect()
 }
 
 /// What a scale to a size does: members to add (in order) or to remove (newest first).

@@ -354,15 +354,7 @@ impl Policy {
     /// The policy stored in the CIB, if any.
     pub fn from_cib(cib: &str) -> Result<Option<Policy>, PolicyError> {
         let doc = Document::parse(cib)?;
-        let stored = doc
-            .descendants()
-            .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some(STORE_SET_ID))
-            .and_then(|set| {
-                set.children()
-                    .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some(STORE_NAME))
-            })
-            .and_then(|nv| nv.attribute("value"));
-        stored.map(Policy::from_json).transpose()
+        stored_json(doc.root()).map(Policy::from_json).transpose()
     }
 
     /// Checks the policy against the cluster: every host, VM and zone it names exists. A policy that fails
@@ -537,6 +529,17 @@ impl Policy {
             .and_then(|(_, s)| s.overcommit)
             .unwrap_or(1.0)
     }
+}
+
+/// The stored policy's JSON text under `node` (the whole CIB or its `crm_config` section), if any.
+pub fn stored_json<'a>(node: Node<'a, '_>) -> Option<&'a str> {
+    node.descendants()
+        .find(|n| n.has_tag_name("cluster_property_set") && n.attribute("id") == Some(STORE_SET_ID))
+        .and_then(|set| {
+            set.children()
+                .find(|n| n.has_tag_name("nvpair") && n.attribute("name") == Some(STORE_NAME))
+        })
+        .and_then(|nv| nv.attribute("value"))
 }
 
 /// The `<cluster_property_set>` that stores `policy` in the CIB; for a modify of `crm_config`.

@@ -182,6 +182,8 @@ mod tests {
                 stonith_enabled: true,
                 hosts,
                 vms,
+                vclusters: Default::default(),
+                groups: Vec::new(),
             }),
             membership: None,
             cib_connected: true,

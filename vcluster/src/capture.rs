@@ -106,22 +106,7 @@ fn nvpair<'a>(node: Node<'a, '_>, set: &str, name: &str) -> Option<(String, &'a 
 /// The names of the tags (virtual clusters) in a CIB, with their members.
 pub fn list(cib: &str) -> Result<BTreeMap<String, Vec<String>>, VclusterError> {
     let doc = Document::parse(cib)?;
-    Ok(section(&doc, "tags")
-        .map(|tags| {
-            tags.children()
-                .filter(|n| n.has_tag_name("tag"))
-                .map(|t| {
-                    (
-                        t.attribute("id").unwrap_or("").to_string(),
-                        t.children()
-                            .filter(|n| n.has_tag_name("obj_ref"))
-                            .filter_map(|n| n.attribute("id").map(str::to_string))
-                            .collect(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(section(&doc, "tags").map(vmha_model::cib::tags_of).unwrap_or_default())
 }
 
 /// Every `id` in the CIB's configuration.

@@ -160,6 +160,36 @@ impl ClusterObject {
             .unwrap_or_default()
     }
 
+    /// The virtual clusters (the CIB's tags, as `vmha vcluster list` lists them): (name, member resources
+    /// in order), by name; empty until vmhad first read the CIB.
+    #[zbus(property)]
+    async fn virtual_clusters(&self) -> Vec<(String, Vec<String>)> {
+        self.shared
+            .snapshot()
+            .view
+            .as_ref()
+            .map(|v| v.vclusters.iter().map(|(n, m)| (n.clone(), m.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The elastic groups of the stored placement policy (as `vmha group list` lists them): (name,
+    /// template, min, max, members in order, the newest last), by name; empty without a stored policy,
+    /// when it does not read, or until vmhad first read the CIB.
+    #[zbus(property)]
+    async fn elastic_groups(&self) -> Vec<(String, String, u32, u32, Vec<String>)> {
+        self.shared
+            .snapshot()
+            .view
+            .as_ref()
+            .map(|v| {
+                v.groups
+                    .iter()
+                    .map(|g| (g.name.clone(), g.template.clone(), g.min, g.max, g.members.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Defines a VM from its domain XML file (on storage every host sees) as a cluster resource under
     /// `ocf:vmha:VirtualMachine`, with utilization from the definition; starts it when `start` is true.
     /// Returns the job.

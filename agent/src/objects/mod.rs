@@ -100,6 +100,12 @@ pub async fn publish(conn: &Connection, shared: &Arc<Shared>, old: &Snapshot, ne
     if old.view.as_ref().map(|v| &v.version) != new.view.as_ref().map(|v| &v.version) {
         cluster.cib_version_changed(e).await?;
     }
+    if old.view.as_ref().map(|v| &v.vclusters) != new.view.as_ref().map(|v| &v.vclusters) {
+        cluster.virtual_clusters_changed(e).await?;
+    }
+    if old.view.as_ref().map(|v| &v.groups) != new.view.as_ref().map(|v| &v.groups) {
+        cluster.elastic_groups_changed(e).await?;
+    }
     drop(cluster);
 
     let changes = vmha_ops::state::Changes::between(old, new);

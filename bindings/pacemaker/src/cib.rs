@@ -126,7 +126,7 @@ pub enum Followed {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FollowedParts {
     pub root: String,
-    /// (`crm_config`, `nodes`, `constraints`, `resources` or `status`, the element's text or "").
+    /// (`crm_config`, `nodes`, `constraints`, `resources`, `tags` or `status`, the element's text or "").
     pub sections: Vec<(String, String)>,
     pub resources: Vec<(String, Option<String>)>,
     pub node_states: Vec<(String, Option<String>)>,

@@ -164,7 +164,7 @@ struct LocalCopy {
 struct Dirty {
     /// Not understood (or the copy was read whole since): everything.
     whole: bool,
-    /// Whole sections: `crm_config`, `nodes`, `constraints`, `resources`, `status`.
+    /// Whole sections: `crm_config`, `nodes`, `constraints`, `resources`, `tags`, `status`.
     sections: BTreeSet<&'static str>,
     /// Top-level elements of the resources section, by id.
     resources: BTreeSet<String>,
@@ -287,7 +287,7 @@ fn mark(dirty: &mut Dirty, op: &str, path: &str, change: roxmltree::Node) -> boo
                 Some(section) => {
                     dirty.sections.insert(section);
                 }
-                // Sections the view does not read (rsc_defaults, op_defaults, acls, tags, ...).
+                // Sections the view does not read (rsc_defaults, op_defaults, acls, ...).
                 None => {}
             }
             true
@@ -325,7 +325,7 @@ fn mark(dirty: &mut Dirty, op: &str, path: &str, change: roxmltree::Node) -> boo
 
 /// The sections of the configuration the view reads by section.
 fn section_name(tag: &str) -> Option<&'static str> {
-    ["crm_config", "nodes", "constraints", "resources"]
+    ["crm_config", "nodes", "constraints", "resources", "tags"]
         .into_iter()
         .find(|s| *s == tag)
 }
@@ -1221,7 +1221,7 @@ mod tests {
         let followed = unsafe {
             let mut all = Dirty::default();
             all.sections
-                .extend(["crm_config", "nodes", "constraints", "resources", "status"]);
+                .extend(["crm_config", "nodes", "constraints", "resources", "tags", "status"]);
             parts_of(doc.as_ptr(), &all)
         };
         let Followed::Parts(p) = followed else {
@@ -1333,6 +1333,15 @@ mod tests {
             ),
             (
                 r#"<change operation="create" path="/cib/configuration/rsc_defaults" position="0"><meta_attributes id="rd"/></change>"#,
+                true,
+            ),
+            // The virtual clusters (tags): created with their section, then changed inside it.
+            (
+                r#"<change operation="create" path="/cib/configuration" position="5"><tags><tag id="shop"><obj_ref id="vm3"/></tag></tags></change>"#,
+                true,
+            ),
+            (
+                r#"<change operation="create" path="/cib/configuration/tags/tag[@id='shop']" position="1"><obj_ref id="g"/></change>"#,
                 true,
             ),
             (

@@ -125,6 +125,32 @@ def cmd_placement(c):
     return {"vms": vm_placement(), "hosts": host_states()}
 
 
+def dialog_fields():
+    """The dialog's fields as shown: id, the text of its label, its value, bounds and (a select) options."""
+    return driver.execute_script("""
+        return [...document.querySelectorAll('#confirm-fields input, #confirm-fields select')].map(f => {
+            const l = document.querySelector('#confirm-fields label[for="' + f.id + '"]');
+            return {id: f.id, label: l ? l.textContent : null, value: f.value, min: f.min || null,
+                    max: f.max || null,
+                    options: f.tagName === 'SELECT' ? [...f.options].map(o => o.value) : null};
+        });""")
+
+
+def choose_by_keyboard(field_id, value):
+    """Moves the select FIELD_ID to VALUE with the arrow keys (as a keyboard user does)."""
+    sel = css("#" + field_id)[0]
+    options = driver.execute_script("return [...arguments[0].options].map(o => o.value)", sel)
+    if value not in options:
+        raise RuntimeError(f"{value} is not among the options of #{field_id}: {options}")
+    now = options.index(driver.execute_script("return arguments[0].value", sel))
+    step = Keys.ARROW_DOWN if options.index(value) > now else Keys.ARROW_UP
+    for _ in range(abs(options.index(value) - now)):
+        sel.send_keys(step)
+    chosen = driver.execute_script("return arguments[0].value", sel)
+    if chosen != value:
+        raise RuntimeError(f"the arrow keys left #{field_id} at {chosen}, not {value}")
+
+
 def cmd_act(c):
     """Clicks the button with data-key KEY (by keyboard: focus and Enter), fills the dialog, confirms, and
     reports what became of it: the notice, or vmhad's refusal shown in the dialog."""
@@ -134,7 +160,11 @@ def cmd_act(c):
     wait(10, "the confirmation dialog", lambda: css("dialog#confirm[open]"))
     focused = driver.switch_to.active_element
     in_dialog = driver.execute_script("return document.getElementById('confirm').contains(arguments[0])", focused)
+    focused_id = focused.get_attribute("id")
     title = css("#confirm-title")[0].text
+    if "choose" in c:
+        choose_by_keyboard(c["choose"]["id"], c["choose"]["value"])
+    fields = dialog_fields()
     if "select" in c:
         Select(css("#" + c["select"]["id"])[0]).select_by_value(c["select"]["value"])
     if "fill" in c:
@@ -145,8 +175,8 @@ def cmd_act(c):
     outcome = wait(c.get("timeout", 60), "the dialog to close or show a refusal",
                    lambda: ("refused" if css("#confirm-error:not([hidden])") else None)
                    or ("done" if not css("dialog#confirm[open]") else None))
-    result = {"title": title, "focus_in_dialog": bool(in_dialog), "outcome": outcome,
-              "notice": css("#notice")[0].text}
+    result = {"title": title, "focus_in_dialog": bool(in_dialog), "focused": focused_id, "fields": fields,
+              "outcome": outcome, "notice": css("#notice")[0].text}
     if outcome == "refused":
         result["error"] = css("#confirm-error")[0].text
         if c.get("screenshot"):
@@ -226,12 +256,49 @@ def cmd_wait_job(c):
 
 
 def cmd_scale(c):
-    """Fills the group scale form and confirms; like act, reports the outcome or vmhad's refusal."""
-    css("#scale-group")[0].clear()
-    css("#scale-group")[0].send_keys(c["group"])
-    css("#scale-size")[0].clear()
-    css("#scale-size")[0].send_keys(str(c["size"]))
-    return cmd_act({"key": "group-scale", **{k: v for k, v in c.items() if k in ("screenshot", "timeout")}})
+    """Opens the Scale… dialog of group FROM (its button in the group list, by keyboard), chooses GROUP in
+    the dialog's group list with the arrow keys, sets the number of members and confirms; like act, reports
+    the outcome or vmhad's refusal, and the dialog's fields as they were shown."""
+    return cmd_act({"key": "group-scale-" + c.get("from", c["group"]),
+                    "choose": {"id": "scale-group", "value": c["group"]},
+                    "fill": {"id": "scale-size", "value": str(c["size"])},
+                    **{k: v for k, v in c.items() if k in ("screenshot", "timeout")}})
+
+
+def page_lists():
+    """The virtual clusters and elastic groups as the page shows them now (one script: the page re-renders):
+    vclusters: name -> members; groups: name -> template, min, max, size, members ({vm, host or None})."""
+    return driver.execute_script("""
+        const v = {}, g = {};
+        document.querySelectorAll('#vclusters li.vcluster').forEach(e => {
+            v[e.dataset.vcluster] = JSON.parse(e.dataset.members); });
+        document.querySelectorAll('#groups li.group').forEach(e => {
+            const members = [...e.querySelectorAll('ul.members > li')].map(m => ({
+                vm: m.dataset.member, host: m.dataset.host || null}));
+            g[e.dataset.group] = {template: e.dataset.template, min: Number(e.dataset.min),
+                                  max: Number(e.dataset.max), size: members.length, members: members}; });
+        return {vclusters: v, groups: g};""")
+
+
+def cmd_wait_lists(c):
+    """Waits until the page shows exactly the virtual clusters and elastic groups given (what the CLI lists)."""
+    want = {"vclusters": c["vclusters"], "groups": c["groups"]}
+    t0 = time.monotonic()
+    seen = [None]
+
+    def same():
+        seen[0] = page_lists()
+        return seen[0] == want
+    try:
+        wait(c.get("timeout", 30), "the page's virtual clusters and elastic groups to be the CLI's", same)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}: the page shows {json.dumps(seen[0])}, the CLI lists {json.dumps(want)}") from None
+    seconds = time.monotonic() - t0
+    if c.get("screenshot"):
+        driver.execute_script("document.getElementById('vclusters-title').scrollIntoView()")
+        driver.save_screenshot(os.path.join(ARTIFACTS, c["screenshot"] + ".png"))
+    return {**seen[0], "seconds": seconds,
+            "same_load": driver.execute_script("return window.vmhaSameLoad === true")}
 
 
 def cmd_events(c):
@@ -273,6 +340,7 @@ COMMANDS = {
     "trace_jobs": cmd_trace_jobs,
     "wait_job": cmd_wait_job,
     "scale": cmd_scale,
+    "wait_lists": cmd_wait_lists,
     "screenshot": cmd_screenshot,
     "narrow": cmd_narrow,
 }

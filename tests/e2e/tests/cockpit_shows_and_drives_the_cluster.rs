@@ -8,8 +8,10 @@
 //! his Stop and his group scale are refused with vmhad's reason on the page, and nothing changes. Before the
 //! move, the page's what-if of vm1's host failing answers VM by VM what `vmha what-if --json` answers, with
 //! the CIB's configuration unchanged, and alice live-clones vm2 from the page and sees the job's steps until
-//! the clone runs. Screenshots go to
-//! target/e2e-artifacts/cockpit/.
+//! the clone runs. The page's virtual clusters and elastic groups are what `vmha vcluster list` and `vmha
+//! group list` list, before and after a virtual cluster, a member and two groups are added on other hosts
+//! (without a reload); bob's refused scale picks its group from the dialog's list by keyboard. Screenshots
+//! go to target/e2e-artifacts/cockpit/.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -97,6 +99,19 @@ impl Browser {
         println!("browser: {} -> {}", cmd["cmd"], answer);
         answer
     }
+
+    /// Waits until the page shows exactly the virtual clusters and elastic groups `lists` ([`cli_lists`])
+    /// within `timeout` seconds; returns what it showed, how long that took and whether the page is still
+    /// the one loaded at sign-in.
+    fn wait_lists(&mut self, lists: &Value, timeout: u64, screenshot: Option<&str>) -> Value {
+        let mut cmd = lists.as_object().unwrap().clone();
+        cmd.insert("cmd".into(), json!("wait_lists"));
+        cmd.insert("timeout".into(), json!(timeout));
+        if let Some(name) = screenshot {
+            cmd.insert("screenshot".into(), json!(name));
+        }
+        self.ask(Value::Object(cmd), Duration::from_secs(timeout + 60))
+    }
 }
 
 impl Drop for Browser {
@@ -149,6 +164,28 @@ fn then_on(vms: &Value) -> std::collections::BTreeMap<String, (String, String)> 
 
 fn host(n: u8) -> String {
     format!("node{n}")
+}
+
+/// The virtual clusters and elastic groups as the CLI on host N lists them (`vmha vcluster list`, `vmha group
+/// list`), in the shape the browser driver reads the page: vclusters: name -> members; groups: name ->
+/// template, min, max, size, members ({vm, host}). No stored policy lists no groups.
+fn cli_lists(lab: &Lab) -> Value {
+    let vclusters = vmha_json(lab, N, &["vcluster", "list"]).unwrap()["vclusters"].clone();
+    let (code, out, err) = vmha_run(lab, N, &["--output", "json", "group", "list"]);
+    let mut groups = serde_json::Map::new();
+    if code == 0 {
+        let listed: Value = serde_json::from_str(&out).unwrap();
+        for g in listed["groups"].as_array().unwrap() {
+            let mut g = g.clone();
+            let name = g["group"].as_str().unwrap().to_string();
+            let row = g.as_object_mut().unwrap();
+            row.remove("group");
+            groups.insert(name, g);
+        }
+    } else {
+        assert!(err.contains("no policy is stored"), "vmha group list: {code} {err}");
+    }
+    json!({"vclusters": vclusters, "groups": groups})
 }
 
 /// The machine's own /etc/cockpit/cockpit.conf (None when absent): the lab must never touch it.
@@ -344,6 +381,53 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         long,
     );
 
+    // Virtual clusters and elastic groups: none at first; then a virtual cluster and two groups are made
+    // on other hosts, and a member added, and each time the page shows what `vmha vcluster list` and `vmha
+    // group list` list, without a reload (from the Cluster's PropertiesChanged).
+    let empty = cli_lists(&lab);
+    assert_eq!(empty, json!({"vclusters": {}, "groups": {}}), "a lab without either");
+    b.wait_lists(&empty, 10, None);
+    let t0 = Instant::now();
+    lab.exec_ok(2, &["vmha", "vcluster", "create", "pair", "vm1", "vm2"])
+        .unwrap();
+    let listed = cli_lists(&lab);
+    assert_eq!(listed["vclusters"], json!({"pair": ["vm1", "vm2"]}), "{listed}");
+    let shown = b.wait_lists(&listed, 15, None);
+    println!(
+        "virtual cluster pair on the page within {:.1} s of running `vmha vcluster create` (the CLI's list \
+         commands included; {:.2} s of waiting on the page after them)",
+        t0.elapsed().as_secs_f64(),
+        shown["seconds"].as_f64().unwrap()
+    );
+    assert_eq!(shown["same_load"], true, "no reload: {shown}");
+    let policy = json!({"groups": {
+        "web": {"members": ["vm2"], "template": "vm2", "min": 1, "max": 3},
+        "db": {"members": ["vm1"], "template": "vm1", "min": 1, "max": 2},
+    }});
+    let file = lab.cfg.shared_dir().join("cockpit-group-policy.json");
+    std::fs::write(&file, policy.to_string()).unwrap();
+    let t0 = Instant::now();
+    lab.exec_ok(3, &["vmha", "policy", "set", file.to_str().unwrap()])
+        .unwrap();
+    lab.exec_ok(2, &["vmha", "vcluster", "add", "pair", "vm2c"]).unwrap();
+    let listed = cli_lists(&lab);
+    assert_eq!(listed["vclusters"], json!({"pair": ["vm1", "vm2", "vm2c"]}), "{listed}");
+    let groups = listed["groups"].as_object().unwrap();
+    assert_eq!(groups.keys().collect::<Vec<_>>(), ["db", "web"], "{listed}");
+    assert_eq!(
+        groups["web"]["members"],
+        json!([{"vm": "vm2", "host": host(on2)}]),
+        "{listed}"
+    );
+    let shown = b.wait_lists(&listed, 15, Some("lists"));
+    println!(
+        "the groups and the new member on the page within {:.1} s of running `vmha policy set` ({:.2} s of \
+         waiting on the page after the CLI's list commands)",
+        t0.elapsed().as_secs_f64(),
+        shown["seconds"].as_f64().unwrap()
+    );
+    assert_eq!(shown["same_load"], true, "no reload: {shown}");
+
     // alice moves vm1 (keyboard: the dialog takes the focus) to a host other than the browser's.
     let to = lab.cfg.host_numbers().find(|&n| n != N && n != on1).unwrap();
     let t0 = Instant::now();
@@ -442,10 +526,29 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         back,
         "bob's refused stop changed nothing"
     );
-    // bob's group scale is refused with vmhad's reason too (vmhad checks who asks before anything else).
+    // bob's group scale is refused with vmhad's reason too (vmhad checks who asks before anything else). He
+    // opens db's Scale… by keyboard, and the dialog's labelled group list (focused first) offers the
+    // groups vmhad lists; he picks web with the arrow keys, which sets the members' bounds to web's.
     let scale = b.ask(
-        json!({"cmd": "scale", "group": "web", "size": 2, "screenshot": "scale-refused"}),
+        json!({"cmd": "scale", "from": "db", "group": "web", "size": 2, "screenshot": "scale-refused"}),
         long,
+    );
+    assert_eq!(
+        scale["focused"], "scale-group",
+        "the group list takes the focus: {scale}"
+    );
+    let fields = scale["fields"].as_array().unwrap();
+    assert_eq!(fields[0]["label"], "Group", "{scale}");
+    assert_eq!(
+        fields[0]["options"],
+        json!(["db", "web"]),
+        "vmhad's groups to choose from: {scale}"
+    );
+    assert_eq!(fields[0]["value"], "web", "{scale}");
+    assert_eq!(
+        (&fields[1]["label"], &fields[1]["min"], &fields[1]["max"]),
+        (&json!("Members"), &json!("1"), &json!("3")),
+        "web's bounds: {scale}"
     );
     assert_eq!(scale["outcome"], "refused", "bob's scale: {scale}");
     let reason = scale["error"].as_str().unwrap();
@@ -460,6 +563,55 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         narrow["scroll_width"].as_f64().unwrap() <= narrow["viewport"].as_f64().unwrap() + 1.0,
         "no sideways scrolling in a narrow window: {narrow}"
     );
+
+    // alice scales group web to 2 from the page: the job's steps show until it succeeds, and the group's
+    // card then lists what `vmha group list` lists (the new member and where it runs), from vmhad's
+    // signals. (Last: the scale applies the stored policy, which may place VMs anew.)
+    let template_on = wait_running(&lab, "vm2", Duration::from_secs(90));
+    wait_for("vm2's guest channel", Duration::from_secs(90), POLL, || {
+        let (code, _, _) = vmha_run(
+            &lab,
+            template_on,
+            &["vm", "request", "vm2", "test-ok", "--timeout-ms", "5000"],
+        );
+        (code == 0).then_some(())
+    })
+    .unwrap();
+    b.ask(
+        json!({"cmd": "login", "user": "alice", "password": "alice-lab-password"}),
+        long,
+    );
+    b.ask(json!({"cmd": "trace_jobs"}), long);
+    let t0 = Instant::now();
+    let scaled = b.ask(json!({"cmd": "scale", "group": "web", "size": 2}), long);
+    assert_eq!(scaled["outcome"], "done", "alice's scale: {scaled}");
+    assert_eq!(
+        scaled["fields"][1]["value"], "1",
+        "the members start at web's size: {scaled}"
+    );
+    let job = b.ask(
+        json!({"cmd": "wait_job", "kind": "scale", "timeout": 150, "screenshot": "scale-done"}),
+        Duration::from_secs(170),
+    );
+    let steps = job["trace"].as_array().unwrap().len();
+    let listed = wait_for(
+        "web's two members running, as vmha group list lists them",
+        Duration::from_secs(60),
+        POLL,
+        || {
+            let l = cli_lists(&lab);
+            let web = &l["groups"]["web"];
+            let running = web["members"].as_array()?.iter().all(|m| m["host"].is_string());
+            (web["size"] == 2 && running).then_some(l)
+        },
+    )
+    .unwrap();
+    let shown = b.wait_lists(&listed, 30, Some("scaled"));
+    println!(
+        "group web scaled 1 -> 2 from the page in {:.1} s ({steps} job lines shown); its card lists both members",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(shown["same_load"], true, "no reload: {shown}");
     drop(b);
     assert_eq!(
         machine_cockpit_conf(),
