@@ -2,8 +2,9 @@
  *
  * The whole back end is vmhad (org.vmha.Vmha1 on the system bus, see docs/dbus-api.md), reached through
  * Cockpit's own D-Bus client (../base1/cockpit.js): proxies follow the Cluster, Host, VirtualMachine and Job
- * objects (their PropertiesChanged and the ObjectManager's added/removed objects), and the Cluster's Event
- * and GuestMessage signals feed the event list. Nothing is polled. vmhad decides who may act (root, or
+ * objects (their PropertiesChanged and the ObjectManager's added/removed objects; the Cluster's
+ * VirtualClusters and ElasticGroups properties among them), and the Cluster's Event and GuestMessage
+ * signals feed the event list. Nothing is polled. vmhad decides who may act (root, or
  * polkit's org.vmha.Vmha1.manage): this page only asks, and shows vmhad's refusal as it came.
  *
  * Plain JavaScript that runs as it is in the browser: no build step.
