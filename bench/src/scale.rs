@@ -349,6 +349,27 @@ fn fencing_facts(lab: &Lab) -> Result<(usize, usize, String)> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// Every host's vmhad: (PID, RSS KiB, CPU ms).
+fn usage_all(lab: &Lab) -> Result<Vec<(u32, f64, f64)>> {
+    lab.cfg.host_numbers().map(|n| vmhad_usage(lab, n)).collect()
+}
+
+/// Waits (at most `limit`) until host 1 reads the same CIB version twice `quiet` apart.
+fn wait_quiet(lab: &Lab, quiet: Duration, limit: Duration) -> Result<()> {
+    let mut last = String::new();
+    wait_for(
+        &format!("the CIB to be quiet for {} s", quiet.as_secs()),
+        limit,
+        quiet,
+        || {
+            let v = cib_version(lab, 1).ok()?;
+            let same = v == last;
+            last = v;
+            same.then_some(())
+        },
+    )
+}
+
 pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, out: Option<PathBuf>) -> Result<()> {
     vmha_lab::init_logging();
     if hosts < 3 || changes == 0 || runs == 0 {
@@ -358,11 +379,7 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
     let lab = crate::lab_with_vmhad(cfg)?;
     wait_seen(&lab, 3, 0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(5));
-    let fresh: Vec<(u32, f64, f64)> = lab
-        .cfg
-        .host_numbers()
-        .map(|n| vmhad_usage(&lab, n))
-        .collect::<Result<_>>()?;
+    let fresh: Vec<(u32, f64, f64)> = usage_all(&lab)?;
 
     let t0 = Instant::now();
     grow(&lab, hosts, vms)?;
@@ -370,27 +387,12 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
     let seen_s = wait_seen(&lab, hosts as usize, vms, Duration::from_secs(900))?;
     // Pacemaker probes every new resource on every online host; the CIB settles when the probes are done.
     let t1 = Instant::now();
-    let mut last = String::new();
-    let settled = wait_for(
-        "the CIB to settle (no change for 10 s)",
-        Duration::from_secs(1800),
-        Duration::from_secs(10),
-        || {
-            let v = cib_version(&lab, 1).ok()?;
-            let same = v == last;
-            last = v;
-            same.then_some(())
-        },
-    );
+    let settled = wait_quiet(&lab, Duration::from_secs(10), Duration::from_secs(1800));
     let settle_s = t1.elapsed().as_secs_f64();
     settled?;
     wait_seen(&lab, hosts as usize, vms, Duration::from_secs(120))?;
     let (unclean, pending, history) = fencing_facts(&lab)?;
-    let big: Vec<(u32, f64, f64)> = lab
-        .cfg
-        .host_numbers()
-        .map(|n| vmhad_usage(&lab, n))
-        .collect::<Result<_>>()?;
+    let big: Vec<(u32, f64, f64)> = usage_all(&lab)?;
 
     // Changes, timed inside host 1.
     let me = std::env::current_exe()?;
@@ -427,29 +429,10 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
     let (st, st_rc) = time_cli(&lab, "vmha status", "vmha status", runs)?;
     let (wi, wi_rc) = time_cli(&lab, "vmha what-if --n-plus-one", "vmha what-if --n-plus-one", runs)?;
     let (pa, pa_rc) = time_cli(&lab, "vmha policy apply --dry-run", "vmha policy apply --dry-run", runs)?;
-    let after: Vec<(u32, f64, f64)> = lab
-        .cfg
-        .host_numbers()
-        .map(|n| vmhad_usage(&lab, n))
-        .collect::<Result<_>>()?;
+    let after: Vec<(u32, f64, f64)> = usage_all(&lab)?;
     // At rest: once the CIB has not changed for 15 s (vmhad gives freed memory back after 10 s of quiet).
-    let mut last = String::new();
-    wait_for(
-        "the CIB to be quiet for 15 s",
-        Duration::from_secs(600),
-        Duration::from_secs(15),
-        || {
-            let v = cib_version(&lab, 1).ok()?;
-            let same = v == last;
-            last = v;
-            same.then_some(())
-        },
-    )?;
-    let rested: Vec<(u32, f64, f64)> = lab
-        .cfg
-        .host_numbers()
-        .map(|n| vmhad_usage(&lab, n))
-        .collect::<Result<_>>()?;
+    wait_quiet(&lab, Duration::from_secs(15), Duration::from_secs(600))?;
+    let rested: Vec<(u32, f64, f64)> = usage_all(&lab)?;
 
     let mut r = String::new();
     let _ = writeln!(
