@@ -354,6 +354,20 @@ fn usage_all(lab: &Lab) -> Result<Vec<(u32, f64, f64)>> {
     lab.cfg.host_numbers().map(|n| vmhad_usage(lab, n)).collect()
 }
 
+/// Every host's vmhad RSS in MiB, as a table cell ("94.2, 95.9, 94.2").
+fn rss_cells(usage: &[(u32, f64, f64)]) -> String {
+    usage
+        .iter()
+        .map(|x| format!("{:.1}", mib(x.1)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The largest vmhad RSS of the hosts, MiB.
+fn largest_mib(usage: &[(u32, f64, f64)]) -> f64 {
+    mib(usage.iter().map(|x| x.1).fold(0.0, f64::max))
+}
+
 /// Waits (at most `limit`) until host 1 reads the same CIB version twice `quiet` apart.
 fn wait_quiet(lab: &Lab, quiet: Duration, limit: Duration) -> Result<()> {
     let mut last = String::new();
@@ -482,7 +496,6 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
     };
     let per_change = (ch.cpu_ms - idle_rate * ch.span_ms) / changes as f64;
     let lat = median(&ch.from_notify_ms);
-    let rss_big = big.iter().map(|x| x.1).fold(0.0, f64::max);
     let wi_med = median(&wi);
     let _ = writeln!(r, "| figure | value | goal |\n|---|---|---|");
     let _ = writeln!(
@@ -519,39 +532,24 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
     let _ = writeln!(
         r,
         "| vmhad RSS at {hosts} hosts / {vms} VMs, MiB (hosts 1, 2, 3) | {} | <= 64 MiB: {} |",
-        big.iter()
-            .map(|x| format!("{:.1}", mib(x.1)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        verdict(mib(rss_big) <= 64.0)
+        rss_cells(&big),
+        verdict(largest_mib(&big) <= 64.0)
     );
     let _ = writeln!(
         r,
         "| vmhad RSS after the changes and the CLI runs, MiB (hosts 1, 2, 3) | {} | |",
-        after
-            .iter()
-            .map(|x| format!("{:.1}", mib(x.1)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        rss_cells(&after)
     );
     let _ = writeln!(
         r,
         "| vmhad RSS at rest afterwards (the CIB unchanged for 15 s), MiB (hosts 1, 2, 3) | {} | <= 64 MiB: {} |",
-        rested
-            .iter()
-            .map(|x| format!("{:.1}", mib(x.1)))
-            .collect::<Vec<_>>()
-            .join(", "),
-        verdict(mib(rested.iter().map(|x| x.1).fold(0.0, f64::max)) <= 64.0)
+        rss_cells(&rested),
+        verdict(largest_mib(&rested) <= 64.0)
     );
     let _ = writeln!(
         r,
         "| vmhad RSS freshly started, 3 hosts and no VM, MiB (hosts 1, 2, 3) | {} | |",
-        fresh
-            .iter()
-            .map(|x| format!("{:.1}", mib(x.1)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        rss_cells(&fresh)
     );
     let _ = writeln!(
         r,
