@@ -36,7 +36,7 @@ fn vmha(lab: &Lab, n: u8, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The VM's state and hosts as host 1's vmhad (where the jobs are asked) sees them.
+/// The VM's state and hosts as host N's vmhad sees them (host 1 is where the jobs are asked).
 fn vm_state(lab: &Lab, n: u8) -> Option<(String, Vec<String>)> {
     let out = lab.exec_ok(n, &["vmha", "--output", "json", "vm", "show", VM]).ok()?;
     let shown: vmha_api::json::VmShow = serde_json::from_str(&out).ok()?;

@@ -31,7 +31,7 @@ pub fn trim() -> bool {
 mod imp {
     pub(crate) fn set_thresholds(mmap: i32, trim: i32) -> bool {
         // SAFETY: mallopt only changes malloc's parameters (under its own lock); M_MMAP_THRESHOLD and
-        // M_TRIM_THRESHOLD take a byte count, and glibc rejects (returns 0 for) values out of range.
+        // M_TRIM_THRESHOLD take a byte count, and mallopt returns 0 for a value it does not take.
         unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, mmap) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, trim) == 1 }
     }
 
@@ -58,9 +58,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn thresholds_in_range_are_taken_and_out_of_range_refused() {
+    fn thresholds_in_range_are_taken_and_ones_beyond_an_int_refused() {
         assert!(set_thresholds(256 * 1024, 1024 * 1024));
-        // glibc refuses an mmap threshold above HEAP_MAX / 2 (32 MiB on 64-bit).
+        // Beyond what mallopt's int can carry: refused before glibc is asked.
         assert!(!set_thresholds(u32::MAX, 1024 * 1024));
     }
 
