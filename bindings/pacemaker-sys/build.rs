@@ -53,6 +53,7 @@ fn main() {
         .allowlist_function("dump_xml_formatted")
         .allowlist_function("free_xml")
         .allowlist_function("xml_apply_patchset")
+        .allowlist_function("calculate_xml_versioned_digest")
         // libcrmcommon: IPC API, controller and pacemakerd
         .allowlist_function("pcmk_new_ipc_api")
         .allowlist_function("pcmk_free_ipc_api")

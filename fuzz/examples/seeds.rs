@@ -269,5 +269,40 @@ fn main() {
         "hostile",
         "east/../west\nn1\u{1b}[2J\n\u{202e}n2\n\\x00\n".as_bytes(),
     );
+    // Diffs as the CIB manager sends them (format 2, as `crm_diff --cib` writes them), against the base CIB
+    // of cib_patchset.rs: values changed, created, moved, deleted (a comment by its position), a digest.
+    let dir = root.join("cib_patchset");
+    let wrap = |digest: &str, changes: &str| {
+        format!(
+            r#"<diff format="2"{digest}><version><source admin_epoch="0" epoch="1" num_updates="0"/><target admin_epoch="0" epoch="2" num_updates="0"/></version><change operation="modify" path="/cib"><change-list><change-attr name="epoch" operation="set" value="2"/></change-list><change-result><cib admin_epoch="0" epoch="2" num_updates="0" crm_feature_set="3.16.2" validate-with="pacemaker-3.9"/></change-result></change>{changes}</diff>"#
+        )
+    };
+    write(
+        &dir,
+        "modify-create",
+        wrap(
+            "",
+            r#"<change operation="modify" path="/cib/configuration/resources/primitive[@id='vm1']/meta_attributes[@id='vm1-m']/nvpair[@id='vm1-m-t']"><change-list><change-attr name="value" operation="set" value="Stopped"/></change-list><change-result><nvpair id="vm1-m-t" name="target-role" value="Stopped"/></change-result></change><change operation="create" path="/cib/configuration/resources" position="3"><primitive id="vm3" class="ocf" provider="vmha" type="VirtualMachine"/></change>"#,
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "delete-move",
+        wrap(
+            "",
+            r#"<change operation="delete" path="/cib/configuration/resources/comment" position="1"/><change operation="delete" path="/cib/status/node_state[@id='1']/lrm[@id='1']/lrm_resources/lrm_resource[@id='vm1']"/><change operation="move" path="/cib/configuration/resources/primitive[@id='vm2']" position="0"/>"#,
+        )
+        .as_bytes(),
+    );
+    write(
+        &dir,
+        "digest",
+        wrap(
+            r#" digest="0123456789abcdef0123456789abcdef""#,
+            r#"<change operation="create" path="/cib/status" position="1"><node_state id="2" uname="n2"/></change>"#,
+        )
+        .as_bytes(),
+    );
     println!("seeds written under {}", root.display());
 }

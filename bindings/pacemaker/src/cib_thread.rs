@@ -28,6 +28,7 @@ use crate::cib::{
 };
 use crate::error::{Error, Result};
 use crate::xml::{self, cstring, Tree};
+use vmha_cib_copy::{Applied, Doc, ElementRef};
 
 /// How many connections of the process may be subscribed to notifications at once (libcib's notification
 /// callback has no user data, so each subscription needs a callback function of its own).
@@ -150,7 +151,8 @@ struct Connection {
 
 #[derive(Default)]
 struct LocalCopy {
-    doc: Option<Tree>,
+    /// The copy (compact: see [`vmha_cib_copy`]); `None`: to be read whole.
+    doc: Option<Doc>,
     /// Diffs applied since the last whole read.
     applied: u64,
     /// Whole reads (the first, and each after a diff did not apply).
@@ -577,7 +579,7 @@ pub(crate) async fn copy_text(id: u64, limit: Duration) -> Result<String> {
             let conn = c.by_id.get_mut(&id)?;
             conn.subscription.as_ref()?;
             let copy = conn.copy.get_or_insert_with(LocalCopy::default);
-            Some(copy.doc.as_ref().map(Tree::to_text))
+            Some(copy.doc.as_ref().map(Doc::to_text))
         })
         .flatten();
         match kept {
@@ -596,11 +598,20 @@ pub(crate) async fn copy_text(id: u64, limit: Duration) -> Result<String> {
 /// Reads the whole CIB, keeps it as connection `id`'s local copy (with `dirty` as what is marked changed
 /// since) and returns its text.
 fn read_and_keep(call: &'static str, id: u64, opts: i32, deadline: Instant, dirty: Dirty) -> Result<String> {
-    let tree = query_tree(call, id, None, opts, deadline)?;
-    let text = tree.as_ref().map(Tree::to_text).unwrap_or_default();
+    let text = query_tree(call, id, None, opts, deadline)?
+        .map(|t| t.to_text())
+        .unwrap_or_default();
+    // The libxml2 tree is freed before the compact copy is built from the text.
+    let doc = match Doc::parse(&text) {
+        Ok(doc) => Some(doc),
+        Err(why) => {
+            tracing::debug!("the CIB read whole does not make a local copy ({why}); read whole next time too");
+            None
+        }
+    };
     with_connections(|c| {
         if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
-            copy.doc = tree;
+            copy.doc = doc;
             copy.applied = 0;
             copy.reads += 1;
             copy.dirty = dirty;
@@ -636,8 +647,7 @@ pub(crate) async fn copy_parts(id: u64, limit: Duration) -> Result<Followed> {
             if dirty.whole {
                 return Kept::Done(Followed::Whole(doc.to_text()));
             }
-            // SAFETY: doc is the copy, a valid tree owned by this thread, not changed while it is read.
-            Kept::Done(unsafe { parts_of(doc.as_ptr(), &dirty) })
+            Kept::Done(parts_of(doc, &dirty))
         })
         .unwrap_or(Kept::Query);
         match kept {
@@ -653,190 +663,72 @@ pub(crate) async fn copy_parts(id: u64, limit: Duration) -> Result<Followed> {
     .await
 }
 
-/// The element children of `node`.
-///
-/// # Safety
-/// `node` must be a valid node that does not change while the iterator is used.
-unsafe fn elements(node: *mut sys::xmlNode) -> impl Iterator<Item = *mut sys::xmlNode> {
-    // SAFETY: see the contract.
-    let first = unsafe { (*node).children };
-    std::iter::successors((!first.is_null()).then_some(first), |n| {
-        // SAFETY: n is a valid child of node (contract).
-        let next = unsafe { (**n).next };
-        (!next.is_null()).then_some(next)
-    })
-    // SAFETY: as above.
-    .filter(|n| unsafe { (**n).type_ } == sys::XML_ELEMENT_NODE)
-}
-
-/// Whether element `node` is `<tag>`.
-///
-/// # Safety
-/// `node` must be a valid node.
-unsafe fn is_tag(node: *mut sys::xmlNode, tag: &str) -> bool {
-    // SAFETY: see the contract; an element's name is a NUL-terminated string.
-    unsafe { !(*node).name.is_null() && std::ffi::CStr::from_ptr((*node).name.cast()).to_bytes() == tag.as_bytes() }
-}
-
-/// The attributes of element `node`, in order (values as libxml2 holds them, unescaped).
-///
-/// # Safety
-/// `node` must be a valid node.
-unsafe fn attributes(node: *mut sys::xmlNode) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    // SAFETY: see the contract: the attribute list and its text children belong to node.
-    unsafe {
-        let mut attr = (*node).properties;
-        while !attr.is_null() {
-            let name = xml::copy_str((*attr).name.cast()).unwrap_or_default();
-            let mut value = String::new();
-            let mut text = (*attr).children;
-            while !text.is_null() {
-                if let Some(v) = xml::copy_str((*text).content.cast()) {
-                    value.push_str(&v);
-                }
-                text = (*text).next;
-            }
-            out.push((name, value));
-            attr = (*attr).next;
-        }
-    }
-    out
-}
-
-/// The `id` attribute of element `node`.
-///
-/// # Safety
-/// `node` must be a valid node.
-unsafe fn id_of(node: *mut sys::xmlNode) -> Option<String> {
-    // SAFETY: see the contract.
-    unsafe { attributes(node) }
-        .into_iter()
-        .find(|(n, _)| n == "id")
-        .map(|(_, v)| v)
-}
-
-/// The first child `<tag>` of `node`.
-///
-/// # Safety
-/// `node` must be NULL or a valid node.
-unsafe fn first(node: *mut sys::xmlNode, tag: &str) -> *mut sys::xmlNode {
-    if node.is_null() {
-        return ptr::null_mut();
-    }
-    // SAFETY: see the contract.
-    unsafe { elements(node).find(|n| is_tag(*n, tag)) }.unwrap_or(ptr::null_mut())
-}
-
-/// The `<cib>` element alone, as text: its attributes without its children.
-///
-/// # Safety
-/// `root` must be a valid element.
-unsafe fn root_text(root: *mut sys::xmlNode) -> String {
-    let mut text = String::from("<cib");
-    // SAFETY: see the contract.
-    for (name, value) in unsafe { attributes(root) } {
-        text.push(' ');
-        text.push_str(&name);
-        text.push_str("=\"");
-        for ch in value.chars() {
-            match ch {
-                '&' => text.push_str("&amp;"),
-                '<' => text.push_str("&lt;"),
-                '"' => text.push_str("&quot;"),
-                '\n' => text.push_str("&#10;"),
-                '\r' => text.push_str("&#13;"),
-                '\t' => text.push_str("&#9;"),
-                c => text.push(c),
-            }
-        }
-        text.push('"');
-    }
-    text.push_str("/>");
-    text
-}
-
 /// The children `<tag>` (any tag when `None`) of `parent` with id `id`: `Ok(None)` for none, `Err` for
 /// more than one.
-///
-/// # Safety
-/// `parent` must be NULL or a valid element.
-unsafe fn by_id(parent: *mut sys::xmlNode, tag: Option<&str>, id: &str) -> std::result::Result<Option<String>, ()> {
-    if parent.is_null() {
-        return Ok(None);
-    }
-    // SAFETY: see the contract.
-    let found: Vec<_> = unsafe {
-        elements(parent)
-            .filter(|n| tag.is_none_or(|t| is_tag(*n, t)) && id_of(*n).as_deref() == Some(id))
-            .collect()
-    };
-    match found.as_slice() {
-        [] => Ok(None),
-        // SAFETY: a valid child of parent.
-        [one] => Ok(Some(unsafe { xml::dump(*one) })),
-        _ => Err(()),
+fn by_id(parent: Option<ElementRef>, tag: Option<&str>, id: &str) -> std::result::Result<Option<String>, ()> {
+    let Some(parent) = parent else { return Ok(None) };
+    let mut found = parent
+        .elements()
+        .filter(|e| tag.is_none_or(|t| e.name() == t) && e.attr("id") == Some(id));
+    match (found.next(), found.next()) {
+        (None, _) => Ok(None),
+        (Some(one), None) => Ok(Some(one.to_text())),
+        (Some(_), Some(_)) => Err(()),
     }
 }
 
 /// The parts of `doc` that `dirty` names.
-///
-/// # Safety
-/// `doc` must be a valid `<cib>` tree that does not change meanwhile.
-unsafe fn parts_of(doc: *mut sys::xmlNode, dirty: &Dirty) -> Followed {
-    // SAFETY: see the contract.
-    unsafe {
-        let configuration = first(doc, "configuration");
-        let status = first(doc, "status");
-        if configuration.is_null() {
-            return Followed::Whole(xml::dump(doc));
-        }
-        let mut sections = dirty.sections.clone();
-        let resources_section = first(configuration, "resources");
-        let mut resources = Vec::new();
-        if !sections.contains("resources") {
-            for id in &dirty.resources {
-                match by_id(resources_section, None, id) {
-                    Ok(part) => resources.push((id.clone(), part)),
-                    Err(()) => {
-                        sections.insert("resources");
-                        resources.clear();
-                        break;
-                    }
+fn parts_of(doc: &Doc, dirty: &Dirty) -> Followed {
+    let root = doc.root();
+    let Some(configuration) = root.first("configuration") else {
+        return Followed::Whole(doc.to_text());
+    };
+    let status = root.first("status");
+    let mut sections = dirty.sections.clone();
+    let resources_section = configuration.first("resources");
+    let mut resources = Vec::new();
+    if !sections.contains("resources") {
+        for id in &dirty.resources {
+            match by_id(resources_section, None, id) {
+                Ok(part) => resources.push((id.clone(), part)),
+                Err(()) => {
+                    sections.insert("resources");
+                    resources.clear();
+                    break;
                 }
             }
         }
-        let mut node_states = Vec::new();
-        if !sections.contains("status") {
-            for id in &dirty.node_states {
-                match by_id(status, Some("node_state"), id) {
-                    Ok(part) => node_states.push((id.clone(), part)),
-                    Err(()) => {
-                        sections.insert("status");
-                        node_states.clear();
-                        break;
-                    }
-                }
-            }
-        }
-        let sections = sections
-            .into_iter()
-            .map(|name| {
-                let node = if name == "status" {
-                    status
-                } else {
-                    first(configuration, name)
-                };
-                (name.to_string(), xml::dump(node))
-            })
-            .collect();
-        Followed::Parts(FollowedParts {
-            root: root_text(doc),
-            sections,
-            resources,
-            node_states,
-        })
     }
+    let mut node_states = Vec::new();
+    if !sections.contains("status") {
+        for id in &dirty.node_states {
+            match by_id(status, Some("node_state"), id) {
+                Ok(part) => node_states.push((id.clone(), part)),
+                Err(()) => {
+                    sections.insert("status");
+                    node_states.clear();
+                    break;
+                }
+            }
+        }
+    }
+    let sections = sections
+        .into_iter()
+        .map(|name| {
+            let node = if name == "status" {
+                status
+            } else {
+                configuration.first(name)
+            };
+            (name.to_string(), node.map(ElementRef::to_text).unwrap_or_default())
+        })
+        .collect();
+    Followed::Parts(FollowedParts {
+        root: root.alone_text(),
+        sections,
+        resources,
+        node_states,
+    })
 }
 
 /// Applies a notification's diff to the local copy of connection `id`, if it keeps one; a diff that does
@@ -844,12 +736,12 @@ unsafe fn parts_of(doc: *mut sys::xmlNode, dirty: &Dirty) -> Followed {
 /// before the whole read that already holds it) is skipped.
 fn apply_to_copy(id: u64, notification: &str, rc: i32) {
     let doc = with_connections(|c| c.by_id.get_mut(&id)?.copy.as_mut()?.doc.take()).flatten();
-    let Some(doc) = doc else { return };
+    let Some(mut doc) = doc else { return };
     let kept = if rc != 0 {
         // A failed operation changed nothing.
         Some(doc)
     } else {
-        match apply_diff(&doc, notification) {
+        match apply_diff(&mut doc, notification) {
             Applied::Yes => {
                 let dirty = diff_of(notification).map_or_else(Dirty::everything, dirty_of);
                 with_connections(|c| {
@@ -882,37 +774,16 @@ fn apply_to_copy(id: u64, notification: &str, rc: i32) {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Applied {
-    Yes,
-    /// The diff's source is older than the document (which already holds it): nothing done.
-    Older,
-    /// Not applied (the document may be half changed: drop it).
-    No(String),
-}
-
-/// Applies the diff a notification carries to `doc` in place (Pacemaker's `xml_apply_patchset`, versions
-/// checked).
-fn apply_diff(doc: &Tree, notification: &str) -> Applied {
-    let diff = match diff_of(notification).map(|d| Tree::parse("cib_diff_notify", d)) {
-        Some(Ok(diff)) => diff,
-        Some(Err(e)) => return Applied::No(e.to_string()),
-        None => return Applied::No("the notification carries no diff".into()),
-    };
-    // SAFETY: both trees are valid and ours; xml_apply_patchset changes doc in place and keeps no pointer
-    // to either.
-    let rc = unsafe { sys::xml_apply_patchset(doc.as_ptr(), diff.as_ptr(), true) };
-    match -rc {
-        0 => Applied::Yes,
-        PCMK_ERR_OLD_DATA => Applied::Older,
-        _ => Applied::No(xml::legacy_text(rc)),
+/// Applies the diff a notification carries to `doc` in place (as Pacemaker's `xml_apply_patchset`, versions
+/// and digest checked: see [`vmha_cib_copy`]).
+fn apply_diff(doc: &mut Doc, notification: &str) -> Applied {
+    match diff_of(notification) {
+        Some(diff) => doc.apply(diff),
+        None => Applied::No("the notification carries no diff".into()),
     }
 }
 
-/// `pcmk_err_old_data` (Pacemaker's results.h): the diff's source is older than the document.
-const PCMK_ERR_OLD_DATA: i32 = 205;
-
-fn restore(id: u64, doc: Tree, applied: bool) {
+fn restore(id: u64, doc: Doc, applied: bool) {
     with_connections(|c| {
         if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
             copy.doc = Some(doc);
@@ -1156,12 +1027,11 @@ unsafe fn diff_notified<const SLOT: usize>(_event: *const c_char, msg: *mut sys:
 mod tests {
     use super::*;
 
-    fn cib(epoch: u32, num_updates: u32) -> Tree {
-        xml::init_thread();
+    fn cib(epoch: u32, num_updates: u32) -> Doc {
         let text = format!(
             r#"<cib admin_epoch="0" epoch="{epoch}" num_updates="{num_updates}"><configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="a" name="b" value="c"/></cluster_property_set></crm_config><nodes/><resources/><constraints/></configuration><status/></cib>"#
         );
-        Tree::parse("test", &text).unwrap()
+        Doc::parse(&text).unwrap()
     }
 
     fn notification(source: (u32, u32), target: (u32, u32)) -> String {
@@ -1173,8 +1043,8 @@ mod tests {
 
     #[test]
     fn a_diff_applies_to_the_copy_it_follows_and_only_to_it() {
-        let doc = cib(6, 3);
-        assert_eq!(apply_diff(&doc, &notification((6, 3), (7, 0))), Applied::Yes);
+        let mut doc = cib(6, 3);
+        assert_eq!(apply_diff(&mut doc, &notification((6, 3), (7, 0))), Applied::Yes);
         let text = doc.to_text();
         let view = roxmltree::Document::parse(&text).unwrap();
         let root = view.root_element();
@@ -1189,10 +1059,10 @@ mod tests {
             .collect();
         assert_eq!(nvpairs, [("a", "d"), ("x", "z")], "{text}");
         // The same diff again: older than the copy, which already holds it.
-        assert_eq!(apply_diff(&doc, &notification((6, 3), (7, 0))), Applied::Older);
+        assert_eq!(apply_diff(&mut doc, &notification((6, 3), (7, 0))), Applied::Older);
         // A diff from a version the copy never had (one was missed): not applied.
         assert!(matches!(
-            apply_diff(&doc, &notification((9, 0), (10, 0))),
+            apply_diff(&mut doc, &notification((9, 0), (10, 0))),
             Applied::No(_)
         ));
         // Hostile or broken notifications: not applied, nothing panics.
@@ -1202,7 +1072,7 @@ mod tests {
             "<notify><cib_update_result><diff format=\"2\">",
             "not xml",
         ] {
-            assert!(matches!(apply_diff(&doc, bad), Applied::No(_)), "{bad}");
+            assert!(matches!(apply_diff(&mut doc, bad), Applied::No(_)), "{bad}");
         }
         assert_eq!(doc.to_text(), text, "a refused diff left the copy as it was");
     }
@@ -1216,13 +1086,12 @@ mod tests {
         node_states: std::collections::BTreeMap<String, String>,
     }
 
-    fn split(doc: &Tree) -> Split {
-        // SAFETY: doc is a valid tree of this thread.
-        let followed = unsafe {
+    fn split(doc: &Doc) -> Split {
+        let followed = {
             let mut all = Dirty::default();
             all.sections
                 .extend(["crm_config", "nodes", "constraints", "resources", "tags", "status"]);
-            parts_of(doc.as_ptr(), &all)
+            parts_of(doc, &all)
         };
         let Followed::Parts(p) = followed else {
             panic!("no configuration")
@@ -1290,8 +1159,7 @@ mod tests {
 
     #[test]
     fn the_parts_a_diff_names_keep_a_split_copy_current() {
-        xml::init_thread();
-        let doc = Tree::parse("test", BASE).unwrap();
+        let mut doc = Doc::parse(BASE).unwrap();
         let mut kept = split(&doc);
         // (changes, whether the diff names its parts: false = read whole)
         let cases: &[(&str, bool)] = &[
@@ -1383,13 +1251,12 @@ mod tests {
                 // Pacemaker may refuse these itself; either way the copy is read whole.
                 continue;
             }
-            assert_eq!(apply_diff(&doc, &text), Applied::Yes, "{changes}");
+            assert_eq!(apply_diff(&mut doc, &text), Applied::Yes, "{changes}");
             if dirty.whole {
                 kept = split(&doc);
                 continue;
             }
-            // SAFETY: doc is a valid tree of this thread.
-            match unsafe { parts_of(doc.as_ptr(), &dirty) } {
+            match parts_of(&doc, &dirty) {
                 Followed::Parts(p) => apply(&mut kept, p),
                 Followed::Whole(_) => panic!("{changes}: read whole"),
             }

@@ -33,6 +33,8 @@ mod attrd;
 mod callback;
 mod cib;
 mod cib_thread;
+#[cfg(test)]
+mod compact_tests;
 mod controller;
 mod error;
 mod simulate;
