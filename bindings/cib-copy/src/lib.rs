@@ -29,6 +29,9 @@ pub enum Applied {
     Older,
     /// Not applied; the document may be half changed: drop it.
     No(String),
+    /// Applied, but the result is not what the CIB manager's digest says: the copy had drifted from the
+    /// CIB (or this module applied the diff otherwise than Pacemaker). Drop it.
+    Drifted(String),
 }
 
 /// A node of the tree: positions in a v2 patchset count every node, so comments and text stay.
@@ -249,7 +252,7 @@ impl Doc {
         if let Some(expected) = diff.attribute("digest") {
             match self.digest() {
                 Some(d) if d.eq_ignore_ascii_case(expected) => {}
-                Some(d) => return Applied::No(format!("digest mismatch: the diff says {expected}, the copy is {d}")),
+                Some(d) => return Applied::Drifted(format!("the diff's digest is {expected}, the copy's {d}")),
                 None => return Applied::No("the copy's digest cannot be computed (crm_feature_set)".into()),
             }
         }

@@ -755,8 +755,14 @@ fn apply_to_copy(id: u64, notification: &str, rc: i32) {
                 tracing::debug!("CIB diff older than the local copy; skipped");
                 return restore(id, doc, false);
             }
+            // A copy that disagrees with the CIB manager's digest had drifted: worth a warning. Other
+            // refusals (a notification missed, so the versions do not follow) are routine.
+            Applied::Drifted(why) => {
+                tracing::warn!("the local copy of the CIB had drifted ({why}); it will be read whole");
+                None
+            }
             Applied::No(why) => {
-                tracing::debug!("CIB diff did not apply to the local copy ({why}); it will be read whole");
+                tracing::info!("CIB diff did not apply to the local copy ({why}); it will be read whole");
                 None
             }
         }
