@@ -36,7 +36,7 @@ pub struct VmhadArgs {
     #[arg(long, value_name = "DIR", default_value = crate::postmortem::DEFAULT_DIR)]
     pub postmortem_dir: std::path::PathBuf,
     /// How long before a time bound's window starts (by this host's local clock, when it is the DC) the
-    /// members the bound will stop are asked to drain, in seconds.
+    /// members the bound will stop are asked to drain, in seconds (0: they are not asked).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub time_bound_drain_lead: u32,
     /// How long those members' guests have to answer, in ms (at most until the window starts).

@@ -129,7 +129,8 @@ pub struct Look {
 /// window start drained of each bound ([`bound_key`]), `last` the local time of the previous look (`None`
 /// at the first), `now` the local time, `lead` how long before a window's start its members are asked.
 ///
-/// A window is due when `start - lead <= now < start`, it stops at least one member and no window of
+/// A window is due when `start - lead <= now < start` (never with a lead of 0), it stops at least one
+/// member and no window of
 /// that bound at or after `start` was drained (so a window is drained once, also when the clock steps
 /// back into its lead after the drain). A bound whose hours are not valid is ignored.
 pub fn look(
@@ -408,5 +409,11 @@ mod tests {
         );
         assert_eq!(l.due.iter().map(|e| e.start).collect::<Vec<_>>(), [at(D + 1, 20, 0, 0)]);
         assert_eq!(window_name(&night(8)), "20:00-06:00");
+        // A lead of 0: never due (the drains are off), the window's start included.
+        for now in [at(D, 19, 59, 59), at(D, 20, 0, 0)] {
+            assert!(look(&[(night(8), members(10))], &BTreeMap::new(), None, now, 0)
+                .due
+                .is_empty());
+        }
     }
 }

@@ -500,6 +500,7 @@ impl ScaleRun<'_> {
         }
         let grower = self.plan.spec.group.clone();
         let mut taken: Vec<(String, String)> = Vec::new();
+        // Refusing members, and members of a group another job took up since the plan: not asked.
         let mut refused = BTreeSet::new();
         let mut why = Vec::new();
         while let Some((other, member)) =
@@ -507,29 +508,39 @@ impl ScaleRun<'_> {
                 .map_err(|e| OpError::Invalid(e.to_string()))?
         {
             if !self.journal.preempting.contains(&other) {
-                // A candidate of a group the plan did not take from: no scale of it starts meanwhile.
+                // A candidate of a group the plan did not take from: not while another job scales it or
+                // takes from it, and no scale of it starts meanwhile.
+                let cib = self.p.cluster.query().await?;
+                let other_job = journals(&cib)
+                    .into_iter()
+                    .find(|(j, s)| j.key != self.key && (s.group == other || s.preempting.contains(&other)));
+                if let Some((j, _)) = other_job {
+                    why.push(format!(
+                        "group {other} is in job {} on {}",
+                        j.key.trim_start_matches(JOURNAL_PREFIX),
+                        j.host
+                    ));
+                    let all = self.plan.arbitration.iter().filter(|g| g.name == other);
+                    refused.extend(all.flat_map(|g| g.members.iter().map(|m| m.vm.clone())));
+                    continue;
+                }
                 self.journal.preempting.push(other.clone());
                 self.save().await?;
             }
-            match self.drain(&other, &member, *done / total).await {
-                Ok(()) => {}
-                Err(e @ (OpError::GuestRefused { .. } | OpError::GuestUnreachable { .. })) => {
-                    tracing::warn!(group = %grower, vm = %member, from = %other, "{e}; asking the next candidate");
-                    let (OpError::GuestRefused { reason, .. } | OpError::GuestUnreachable { reason, .. }) = &e else {
-                        unreachable!("matched above")
-                    };
-                    let reason = reason.trim_end_matches("; it stays in the group");
-                    let what = match e {
-                        OpError::GuestRefused { .. } => "refused to drain",
-                        _ => "could not be asked to drain",
-                    };
-                    self.steps
-                        .push(json!({"drain_refused": member, "group": other, "reason": reason}));
-                    why.push(format!("{member} of group {other} {what} ({reason})"));
-                    refused.insert(member);
-                    continue;
-                }
+            let refusal = match self.drain(&other, &member, *done / total).await {
+                Ok(()) => None,
+                Err(OpError::GuestRefused { reason, .. }) => Some(("refused to drain", reason)),
+                Err(OpError::GuestUnreachable { reason, .. }) => Some(("could not be asked to drain", reason)),
                 Err(e) => return Err(e),
+            };
+            if let Some((what, reason)) = refusal {
+                let reason = reason.trim_end_matches("; it stays in the group");
+                tracing::warn!(group = %grower, vm = %member, from = %other, "{member} {what} ({reason}); asking the next candidate");
+                self.steps
+                    .push(json!({"drain_refused": member, "group": other, "reason": reason}));
+                why.push(format!("{member} of group {other} {what} ({reason})"));
+                refused.insert(member);
+                continue;
             }
             self.take_out(&other, &member).await?;
             taken.push((other, member));

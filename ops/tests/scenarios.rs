@@ -725,3 +725,84 @@ async fn the_dcs_follower_drains_a_window_once_in_its_lead() {
         assert!(records[0].answers.values().all(|a| a == "done"), "{records:?}");
     }
 }
+
+const THREE_GROUPS: &str = r#"{"groups": {
+    "web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, "priority": 50},
+    "mid": {"members": ["mid1"], "template": "mid1", "min": 1, "max": 4, "priority": 10},
+    "low": {"members": ["low1"], "template": "low1", "min": 1, "max": 4, "priority": 1}}}"#;
+
+/// web (50), mid (10) and low (1), each with one clone beyond its template; no room for a web member.
+async fn three_group_world() -> Arc<World> {
+    let w = World::new(&["h1", "h2"]);
+    w.add_vm("web1", "h1", 4000, &[]);
+    w.add_vm("low1", "h1", 4000, &[]);
+    w.add_vm("mid1", "h2", 2000, &[]);
+    let policy = vmha_model::policy::Policy::from_json(THREE_GROUPS).unwrap();
+    group::store_policy(&w.vmhad("h1"), &policy).await.unwrap();
+    for g in ["low", "mid"] {
+        let (_, r) = scale_group_on_dc(&w, g, 2).await.expect("no fault");
+        r.unwrap();
+    }
+    w
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_refusal_a_group_another_job_took_up_since_the_plan_is_not_asked() {
+    for other_job in [false, true] {
+        let w = three_group_world().await;
+        assert_eq!(members(&w, "mid"), ["mid1", "mid-1"]);
+        w.guest_answers("low-1", "drain", "refused", "busy");
+        let ports = w.vmhad("h1");
+        let spec = group::ScaleSpec {
+            group: "web".into(),
+            size: 2,
+            force: false,
+            drain_ms: 1000,
+        };
+        let plan = group::check(&ports, &spec).await.unwrap();
+        assert_eq!(plan.preempt, [("low".to_string(), "low-1".to_string())]);
+        if other_job {
+            // Between the plan and the run, another job starts scaling mid.
+            let cib = w.cib();
+            let journal = r#"{"group":"mid"}"#;
+            let xml = vmha_model::change::set_node_attribute(&cib, "h2", "vmha-scale-journal-77", journal).unwrap();
+            ports
+                .cluster
+                .apply(vmha_ops::ports::CibChange::Modify { section: "nodes", xml })
+                .await
+                .unwrap();
+        }
+        let mark = w.log().len();
+        let (summary, r) = group::run(&ports, &LogProgress, &plan, "9").await;
+        let asked = drains_asked(&w, mark);
+        assert!(asked[0].contains("low-1 on h2: drain -> refused"), "{asked:?}");
+        if other_job {
+            assert_eq!(asked.len(), 1, "mid-1 is not asked: {asked:?}");
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("low-1 of group low refused to drain (refused: busy)")
+                    && e.contains("group mid is in job 77 on h2"),
+                "{e}"
+            );
+            assert_eq!(members(&w, "mid"), ["mid1", "mid-1"]);
+        } else {
+            // mid's newest is asked next and goes (its room is too small for web's member: the clone's
+            // own room check refuses then).
+            assert!(
+                asked.iter().any(|l| l.contains("mid-1 on h2: drain -> done")),
+                "{asked:?}"
+            );
+            assert_eq!(members(&w, "mid"), ["mid1"]);
+            assert!(
+                summary.steps.iter().any(|s| s["preempted"] == "mid-1"),
+                "{:?}",
+                summary.steps
+            );
+        }
+        assert_eq!(members(&w, "low"), ["low1", "low-1"], "the refusing member stays");
+        let mut v = w.violations("web1");
+        // The other job's journal is the test's own, and stays.
+        v.retain(|x| x != "journal vmha-scale-journal-77 left on h2");
+        assert!(v.is_empty(), "{v:?}");
+    }
+}
