@@ -40,7 +40,7 @@ pub enum OpError {
     /// (or could not be asked) with no other candidate left: those members stay in their groups.
     /// `refused`: one entry per member, naming it, its group and its guest's answer.
     #[error(
-        "group {group}: {short} new member(s) still have no room: {}; no other member of a lower-priority group may go (each is at its min, busy or asked already); the refusing members stay in their groups",
+        "{short} new member(s) of group {group} still have no room: {}; no other member of a lower-priority group may go (each is at its min, busy or asked already); the refusing members stay in their groups",
         .refused.join("; ")
     )]
     DrainsRefused {

@@ -743,6 +743,27 @@ mod tests {
     }
 
     #[test]
+    fn drains_refused_names_the_group_and_every_refusing_member_once() {
+        let e = OpError::DrainsRefused {
+            group: "web".into(),
+            short: 1,
+            refused: vec![
+                "batch-2 of group batch refused to drain (refused: busy)".into(),
+                "group mid is in job 7 on h2".into(),
+            ],
+        };
+        let m = summary(0, 1, Some(&e.to_string())).message();
+        assert!(
+            m.starts_with("group web: 1 new member(s) of group web still have no room: batch-2 of group batch refused to drain (refused: busy); group mid is in job 7 on h2; "),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("the refusing members stay in their groups (the group has 1 members; asked for 3)"),
+            "{m}"
+        );
+    }
+
+    #[test]
     fn a_summary_says_how_the_group_changed_or_why_it_stopped() {
         assert_eq!(summary(2, 3, None).message(), "group web: 1 -> 3 members");
         assert_eq!(summary(0, 1, None).message(), "group web has 1 members already");
