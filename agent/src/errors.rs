@@ -15,7 +15,7 @@ pub fn op_error(e: vmha_ops::OpError) -> Error {
         E::NotReady => Error::NotReady(m),
         E::NotQuorate => Error::NotQuorate(m),
         E::Conflict(_) => Error::Conflict(m),
-        E::GuestRefused { .. } => Error::GuestRefused(m),
+        E::GuestRefused { .. } | E::DrainsRefused { .. } => Error::GuestRefused(m),
         E::GuestUnreachable { .. } => Error::GuestUnreachable(m),
         E::Hypervisor(_) => Error::Libvirt(m),
         E::Cib(_) => Error::Cib(m),

@@ -35,6 +35,13 @@ pub struct VmhadArgs {
     /// vmhad resets it: one directory per hang under <DIR>/<vm>/, the newest five per VM.
     #[arg(long, value_name = "DIR", default_value = crate::postmortem::DEFAULT_DIR)]
     pub postmortem_dir: std::path::PathBuf,
+    /// How long before a time bound's window starts (by this host's local clock, when it is the DC) the
+    /// members the bound will stop are asked to drain, in seconds (0: they are not asked).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub time_bound_drain_lead: u32,
+    /// How long those members' guests have to answer, in ms (at most until the window starts).
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub time_bound_drain_timeout_ms: u32,
 }
 
 /// This machine's host name (of its UTS namespace), Pacemaker's node name for it by default.

@@ -828,6 +828,23 @@ impl Progress for Job {
     }
 }
 
+/// The system clock as local time (the time zone's offset from the C library, as Pacemaker reads it):
+/// what the time bounds' drains follow ([`vmha_ops::bounds`]). Without an offset, UTC.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalSystemClock;
+
+impl vmha_ops::bounds::LocalClock for LocalSystemClock {
+    fn now(&self) -> vmha_model::bound_edges::LocalTime {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        vmha_model::bound_edges::LocalTime {
+            unix,
+            offset: glibc_malloc::utc_offset(unix).unwrap_or(0),
+        }
+    }
+}
+
 /// The system clock and the kernel's randomness.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct System;

@@ -125,6 +125,41 @@ pub fn arbitrate(groups: &[GroupState], grower: &str, want: u32, free: u32) -> R
     })
 }
 
+/// The next member a growth takes from a lower-priority group while it runs, after the members `taken`
+/// were drained and removed and those in `refused` refused to drain: [`arbitrate`] over `groups` as they
+/// were when the growth was planned, without the members taken (gone) and with the refusing ones busy (a
+/// refusing member stays in its group, counts towards its `min`, and is not asked again). `need` is how
+/// many members the growth takes from lower-priority groups in all. `None` when it has taken `need`
+/// already or no candidate is left. Without refusals the members come in [`arbitrate`]'s order.
+pub fn next_preempt(
+    groups: &[GroupState],
+    grower: &str,
+    need: u32,
+    taken: &[(String, String)],
+    refused: &BTreeSet<String>,
+) -> Result<Option<(String, String)>, ArbitrationError> {
+    let left = need.saturating_sub(u32::try_from(taken.len()).unwrap_or(u32::MAX));
+    if left == 0 {
+        return Ok(None);
+    }
+    let now: Vec<GroupState> = groups
+        .iter()
+        .map(|g| GroupState {
+            members: g
+                .members
+                .iter()
+                .filter(|m| !taken.iter().any(|(_, vm)| *vm == m.vm))
+                .map(|m| Member {
+                    vm: m.vm.clone(),
+                    busy: m.busy || refused.contains(&m.vm),
+                })
+                .collect(),
+            ..g.clone()
+        })
+        .collect();
+    Ok(arbitrate(&now, grower, left, 0)?.preempt.into_iter().next())
+}
+
 /// The Pacemaker `priority` of every member: [`ENTITLED`] plus the group's priority within the
 /// entitlement (the oldest `min` members and every busy one), the group's priority beyond it.
 pub fn member_priorities(groups: &[GroupState]) -> Result<BTreeMap<String, i32>, ArbitrationError> {
@@ -304,6 +339,59 @@ mod tests {
         let g = [group("web", 50, 1, &[], &[]), group("low", 1, 9, &["l1"], &[])];
         assert_eq!(arbitrate(&g, "web", u32::MAX, u32::MAX).unwrap().granted, u32::MAX);
         assert!(arbitrate(&g, "web", 3, 0).unwrap().preempt.is_empty());
+    }
+
+    /// Runs a growth's preemptions with `refuses` refusing to drain: (taken, refused).
+    fn run_preemptions(groups: &[GroupState], need: u32, refuses: &[&str]) -> (Vec<String>, Vec<String>) {
+        let (mut taken, mut refused) = (Vec::new(), BTreeSet::new());
+        while let Some((g, vm)) = next_preempt(groups, "web", need, &taken, &refused).unwrap() {
+            assert!(
+                !taken.iter().any(|(_, t)| *t == vm) && !refused.contains(&vm),
+                "{vm} asked twice"
+            );
+            if refuses.contains(&vm.as_str()) {
+                refused.insert(vm);
+            } else {
+                taken.push((g, vm));
+            }
+        }
+        (
+            taken.into_iter().map(|(_, vm)| vm).collect(),
+            refused.into_iter().collect(),
+        )
+    }
+
+    #[test]
+    fn a_refused_drain_takes_the_next_member_in_arbitrations_order_never_below_min() {
+        let groups = [
+            group("web", 50, 1, &["w1"], &[]),
+            group("mid", 10, 1, &["m1", "m2"], &[]),
+            group("low", 1, 2, &["l1", "l2", "l3", "l4"], &["l3"]),
+        ];
+        // Without refusals: arbitrate's own order (low's newest not busy first, then mid).
+        let planned = taken(&arbitrate(&groups, "web", 3, 0).unwrap()).join(" ");
+        assert_eq!(planned, "l4 l2 m2");
+        assert_eq!(run_preemptions(&groups, 3, &[]).0.join(" "), planned);
+        // l4 refuses: it stays and counts, so l2 and l1 may go (l3, l4 keep low at its min of 2).
+        let (t, r) = run_preemptions(&groups, 2, &["l4"]);
+        assert_eq!((t.join(" "), r.join(" ")), ("l2 l1".into(), "l4".into()));
+        // l2 refuses after l4 went: l1 goes instead; low keeps l2, l3 (its min).
+        assert_eq!(run_preemptions(&groups, 2, &["l2"]).0, ["l4", "l1"]);
+        // Every member of low refuses: mid's next; all refuse: nothing is taken, each asked once.
+        assert_eq!(run_preemptions(&groups, 1, &["l4", "l2", "l1"]).0, ["m2"]);
+        let (t, r) = run_preemptions(&groups, 2, &["l4", "l2", "l1", "m2", "m1"]);
+        assert!(t.is_empty(), "{t:?}");
+        assert_eq!(r, ["l1", "l2", "l4", "m1", "m2"]);
+        // Never the busy one (l3), never below min after what was taken: with 2 taken from low, no more.
+        let (t, _) = run_preemptions(&groups, 5, &["m2", "m1"]);
+        assert_eq!(t, ["l4", "l2"]);
+        // Taken enough: nothing more; an unknown grower is refused by name.
+        let done = [("low".to_string(), "l4".to_string())];
+        assert_eq!(next_preempt(&groups, "web", 1, &done, &BTreeSet::new()).unwrap(), None);
+        assert_eq!(
+            next_preempt(&groups, "nope", 1, &[], &BTreeSet::new()).unwrap_err(),
+            ArbitrationError::UnknownGroup("nope".into())
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! ([`guest`]). Pure logic, no I/O.
 
 pub mod arbitration;
+pub mod bound_edges;
 pub mod change;
 pub mod cib;
 pub mod clone;

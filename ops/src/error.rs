@@ -36,6 +36,18 @@ pub enum OpError {
         request: String,
         reason: String,
     },
+    /// A growth needed members of lower-priority groups, and every candidate it asked refused to drain
+    /// (or could not be asked) with no other candidate left: those members stay in their groups.
+    /// `refused`: one entry per member, naming it, its group and its guest's answer.
+    #[error(
+        "{short} new member(s) of group {group} still have no room: {}; no other member of a lower-priority group may go (each is at its min, busy or asked already); the refusing members stay in their groups",
+        .refused.join("; ")
+    )]
+    DrainsRefused {
+        group: String,
+        short: u32,
+        refused: Vec<String>,
+    },
     /// The request could not reach the guest (no channel, relay down).
     #[error("asking {vm}'s guest to {request}: {reason}")]
     GuestUnreachable {

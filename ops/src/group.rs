@@ -9,17 +9,21 @@
 //! priority (lowest first, newest first, never below their `min`, never a template, never a member of a
 //! group being scaled): they are drained through the guest API, taken out of the policy and destroyed
 //! as a shrink removes a member, before the new members are cloned. A growth that would still fall short
-//! is refused before anything changes, naming what it would take ([`check`]).
+//! is refused before anything changes, naming what it would take ([`check`]). A member that refuses to
+//! drain (or whose guest cannot be asked) stays in its group, and the next candidate in the same order
+//! is asked instead ([`vmha_model::arbitration::next_preempt`]); the growth stops only when none is left
+//! ([`OpError::DrainsRefused`], naming the members that refused).
 //!
 //! The job's journal (a node attribute of its host) names the member between two of those changes: a
 //! member cloned and not yet in the policy, or out of the policy and not yet destroyed. A restarted vmhad
 //! or the next DC completes that member's step ([`recover`]): the clone is running, so it joins; the
 //! drained member leaves for good.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use vmha_model::arbitration::{self, GroupState};
 use vmha_model::group::{self, Elastic};
 use vmha_model::policy::{self, Policy};
 use vmha_model::ClusterView;
@@ -55,6 +59,9 @@ pub struct ScalePlan {
     pub remove: Vec<String>,
     /// Members of lower-priority groups to drain and remove first, in order: (group, VM).
     pub preempt: Vec<(String, String)>,
+    /// The elastic groups as arbitration saw them when planning (empty without preemption): where the
+    /// next candidate comes from when a member refuses to drain.
+    pub arbitration: Vec<GroupState>,
     /// How many of the new members take free room.
     pub from_free: u32,
 }
@@ -176,9 +183,9 @@ pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
             j.0.host
         )));
     }
-    let (mut preempt, mut from_free) = (Vec::new(), plan.add.len() as u32);
+    let (mut preempt, mut from_free, mut groups) = (Vec::new(), plan.add.len() as u32, Vec::new());
     if !plan.add.is_empty() && group::arbitrated(&policy) {
-        let a = arbitration(cib, &view, &policy, &g, plan.add.len() as u32)?;
+        let (arbitrated, a) = arbitration(cib, &view, &policy, &g, plan.add.len() as u32)?;
         if a.short > 0 {
             let prio = |name: &str| policy.groups.get(name).and_then(|s| s.priority).unwrap_or(0);
             let mut by_group: Vec<(String, Vec<String>)> = Vec::new();
@@ -209,6 +216,9 @@ pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
                 a.short
             )));
         }
+        if !a.preempt.is_empty() {
+            groups = arbitrated;
+        }
         preempt = a.preempt;
         from_free = a.from_free;
     }
@@ -219,6 +229,7 @@ pub fn plan_of(cib: &str, spec: &ScaleSpec) -> Result<ScalePlan, OpError> {
         add: plan.add,
         remove: plan.remove,
         preempt,
+        arbitration: groups,
         from_free,
     })
 }
@@ -254,15 +265,16 @@ pub fn free_slots(view: &ClusterView, policy: &Policy, g: &Elastic) -> u32 {
     u32::try_from(slots).unwrap_or(u32::MAX)
 }
 
-/// What growing `g` by `want` takes ([`vmha_model::arbitration::arbitrate`]): members named in a scale
-/// journal, and every member of a group being scaled, are busy.
+/// What growing `g` by `want` takes ([`vmha_model::arbitration::arbitrate`]), with the groups as
+/// arbitration saw them: members named in a scale journal, and every member of a group being scaled, are
+/// busy.
 fn arbitration(
     cib: &str,
     view: &ClusterView,
     policy: &Policy,
     g: &Elastic,
     want: u32,
-) -> Result<vmha_model::arbitration::Arbitration, OpError> {
+) -> Result<(Vec<GroupState>, arbitration::Arbitration), OpError> {
     let js = journals(cib);
     let busy = |vm: &str| {
         js.iter().any(|(_, j)| {
@@ -277,8 +289,9 @@ fn arbitration(
         })
     };
     let groups = group::arbitration_groups(policy, &busy);
-    vmha_model::arbitration::arbitrate(&groups, &g.name, want, free_slots(view, policy, g))
-        .map_err(|e| OpError::Invalid(e.to_string()))
+    let a = arbitration::arbitrate(&groups, &g.name, want, free_slots(view, policy, g))
+        .map_err(|e| OpError::Invalid(e.to_string()))?;
+    Ok((groups, a))
 }
 
 /// Stores `policy` in the CIB and applies it (its compiled constraints replace vmha's own in the
@@ -417,10 +430,7 @@ impl ScaleRun<'_> {
         let total = (self.plan.add.len() + self.plan.remove.len() + self.plan.preempt.len()).max(1) as f64;
         let mut done = 0.0;
         // Room first: the lower-priority groups' members the plan takes, drained as a shrink drains.
-        for (other, member) in &self.plan.preempt {
-            self.remove(other, member, done / total).await?;
-            done += 1.0;
-        }
+        self.preempt(&mut done, total).await?;
         for member in &self.plan.add {
             self.add(member, done / total, (done + 1.0) / total).await?;
             done += 1.0;
@@ -479,9 +489,83 @@ impl ScaleRun<'_> {
         Ok(())
     }
 
-    /// Drains `member`'s guest, takes it out of `group`'s policy and destroys it (`group` is another
-    /// than the one scaled when the member is preempted).
+    /// Takes the members of lower-priority groups the growth needs (as many as the plan's `preempt`), in
+    /// arbitration's order: a member that refuses to drain, or whose guest cannot be asked, stays in its
+    /// group and the next candidate is asked ([`arbitration::next_preempt`]); when none is left, the
+    /// growth stops with [`OpError::DrainsRefused`] naming those that refused (nothing more changes).
+    async fn preempt(&mut self, done: &mut f64, total: f64) -> Result<(), OpError> {
+        let need = u32::try_from(self.plan.preempt.len()).unwrap_or(u32::MAX);
+        if need == 0 {
+            return Ok(());
+        }
+        let grower = self.plan.spec.group.clone();
+        let mut taken: Vec<(String, String)> = Vec::new();
+        // Refusing members, and members of a group another job took up since the plan: not asked.
+        let mut refused = BTreeSet::new();
+        let mut why = Vec::new();
+        while let Some((other, member)) =
+            arbitration::next_preempt(&self.plan.arbitration, &grower, need, &taken, &refused)
+                .map_err(|e| OpError::Invalid(e.to_string()))?
+        {
+            if !self.journal.preempting.contains(&other) {
+                // A candidate of a group the plan did not take from: not while another job scales it or
+                // takes from it, and no scale of it starts meanwhile.
+                let cib = self.p.cluster.query().await?;
+                let other_job = journals(&cib)
+                    .into_iter()
+                    .find(|(j, s)| j.key != self.key && (s.group == other || s.preempting.contains(&other)));
+                if let Some((j, _)) = other_job {
+                    why.push(format!(
+                        "group {other} is in job {} on {}",
+                        j.key.trim_start_matches(JOURNAL_PREFIX),
+                        j.host
+                    ));
+                    let all = self.plan.arbitration.iter().filter(|g| g.name == other);
+                    refused.extend(all.flat_map(|g| g.members.iter().map(|m| m.vm.clone())));
+                    continue;
+                }
+                self.journal.preempting.push(other.clone());
+                self.save().await?;
+            }
+            let refusal = match self.drain(&other, &member, *done / total).await {
+                Ok(()) => None,
+                Err(OpError::GuestRefused { reason, .. }) => Some(("refused to drain", reason)),
+                Err(OpError::GuestUnreachable { reason, .. }) => Some(("could not be asked to drain", reason)),
+                Err(e) => return Err(e),
+            };
+            if let Some((what, reason)) = refusal {
+                let reason = reason.trim_end_matches("; it stays in the group");
+                tracing::warn!(group = %grower, vm = %member, from = %other, "{member} {what} ({reason}); asking the next candidate");
+                self.steps
+                    .push(json!({"drain_refused": member, "group": other, "reason": reason}));
+                why.push(format!("{member} of group {other} {what} ({reason})"));
+                refused.insert(member);
+                continue;
+            }
+            self.take_out(&other, &member).await?;
+            taken.push((other, member));
+            *done += 1.0;
+        }
+        let got = u32::try_from(taken.len()).unwrap_or(u32::MAX);
+        if got < need {
+            return Err(OpError::DrainsRefused {
+                group: grower,
+                short: need - got,
+                refused: why,
+            });
+        }
+        Ok(())
+    }
+
+    /// Drains `member`'s guest, takes it out of `group`'s policy and destroys it.
     async fn remove(&mut self, group: &str, member: &str, at: f64) -> Result<(), OpError> {
+        self.drain(group, member, at).await?;
+        self.take_out(group, member).await
+    }
+
+    /// Asks `member`'s guest to drain (`group` is another than the one scaled when the member is
+    /// preempted). A refusal or an unreachable guest changes nothing: the member stays in its group.
+    async fn drain(&mut self, group: &str, member: &str, at: f64) -> Result<(), OpError> {
         let preempted = group != self.plan.spec.group;
         self.progress
             .progress(
@@ -532,6 +616,12 @@ impl ScaleRun<'_> {
                 })
             }
         }
+        Ok(())
+    }
+
+    /// Takes the drained `member` out of `group`'s policy and destroys it, journaled.
+    async fn take_out(&mut self, group: &str, member: &str) -> Result<(), OpError> {
+        let preempted = group != self.plan.spec.group;
         self.journal.leaving = Some(member.to_string());
         self.journal.leaving_group = preempted.then(|| group.to_string());
         self.journal.leaving_config = self
@@ -650,6 +740,27 @@ mod tests {
             steps: (0..steps).map(|i| json!({"added": format!("web-{i}")})).collect(),
             error: error.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn drains_refused_names_the_group_and_every_refusing_member_once() {
+        let e = OpError::DrainsRefused {
+            group: "web".into(),
+            short: 1,
+            refused: vec![
+                "batch-2 of group batch refused to drain (refused: busy)".into(),
+                "group mid is in job 7 on h2".into(),
+            ],
+        };
+        let m = summary(0, 1, Some(&e.to_string())).message();
+        assert!(
+            m.starts_with("group web: 1 new member(s) of group web still have no room: batch-2 of group batch refused to drain (refused: busy); group mid is in job 7 on h2; "),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("the refusing members stay in their groups (the group has 1 members; asked for 3)"),
+            "{m}"
+        );
     }
 
     #[test]

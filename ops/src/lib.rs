@@ -4,7 +4,9 @@
 //!
 //! - [`clone`]: live clone, with its write-ahead journal, rollback and recovery by a restarted vmhad or
 //!   the next DC.
+//! - [`bounds`]: the members a time bound will stop asked to drain before its window starts (on the DC).
 
+pub mod bounds;
 pub mod clone;
 pub mod error;
 pub mod group;

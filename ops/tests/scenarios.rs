@@ -540,3 +540,269 @@ async fn a_preempting_growth_survives_a_failure_or_a_dead_vmhad_at_every_call() 
         }
     }
 }
+
+/// Local seconds of day 20000 (offset one hour east of UTC) at `h:m:s`.
+fn local_at(day: i64, h: i64, m: i64, s: i64) -> vmha_model::bound_edges::LocalTime {
+    vmha_model::bound_edges::LocalTime {
+        unix: (20_000 + day) * 86_400 + h * 3600 + m * 60 + s - 3600,
+        offset: 3600,
+    }
+}
+
+const BOUND_POLICY: &str = r#"{"groups": {"batch": {"members": ["batch1"], "template": "batch1", "min": 1, "max": 8,
+    "time_bounds": [{"max": 1, "from": "20:00", "to": "06:00"}]}}}"#;
+
+/// Group batch (batch1 the template on h1, batch-1 and batch-2 clones) with a bound of 1 member from
+/// 20:00 to 06:00: it stops batch-2 and batch-1.
+async fn bound_world() -> Arc<World> {
+    let w = World::new(&["h1", "h2"]);
+    w.add_vm("batch1", "h1", 512, &[]);
+    let policy = vmha_model::policy::Policy::from_json(BOUND_POLICY).unwrap();
+    group::store_policy(&w.vmhad("h1"), &policy).await.unwrap();
+    let (_, r) = scale_group_on_dc(&w, "batch", 3).await.expect("no fault");
+    r.unwrap();
+    w
+}
+
+fn drains_asked(w: &World, from: usize) -> Vec<String> {
+    w.log()[from..]
+        .iter()
+        .filter(|l| l.contains(": drain -> "))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_time_bound_asks_the_members_it_will_stop_to_drain_once_before_its_window() {
+    use vmha_ops::bounds::{self, DrainRule};
+    let w = bound_world().await;
+    w.guest_answers("batch-1", "drain", "refused", "a backup runs");
+    let rule = DrainRule {
+        lead: std::time::Duration::from_secs(60),
+        drain: std::time::Duration::from_secs(10),
+    };
+    let dc = w.vmhad("h1");
+    let mark = w.log().len();
+    // Noon: nothing asked; the next look is at the lead's start, 19:59.
+    let l = bounds::look(&dc, local_at(0, 12, 0, 0), None, rule).await.unwrap();
+    assert!(l.drained.is_empty() && l.missed.is_empty());
+    assert_eq!(l.next_in, Some(std::time::Duration::from_secs(7 * 3600 + 59 * 60)));
+    // Not the DC: h2's vmhad asks nobody, also inside the lead.
+    let l = bounds::look(&w.vmhad("h2"), local_at(0, 19, 59, 30), None, rule)
+        .await
+        .unwrap();
+    assert!(l.drained.is_empty());
+    assert!(drains_asked(&w, mark).is_empty(), "{:?}", drains_asked(&w, mark));
+    // 19:59:30 on the DC: batch-2 and batch-1 asked; batch-1 refuses, and stays a member.
+    let l = bounds::look(&dc, local_at(0, 19, 59, 30), Some(local_at(0, 12, 0, 0).local()), rule)
+        .await
+        .unwrap();
+    assert_eq!(l.drained.len(), 1);
+    let r = &l.drained[0];
+    assert_eq!(r.answers["batch-2"], "done");
+    assert_eq!(r.answers["batch-1"], "refused: a backup runs");
+    assert_eq!(r.time_bound, "20:00-06:00");
+    let asked = drains_asked(&w, mark);
+    assert_eq!(asked.len(), 2, "{asked:?}");
+    assert!(
+        asked.iter().any(|l| l.contains("batch-1 on h2: drain -> refused")),
+        "{asked:?}"
+    );
+    assert_eq!(bounds::records(&w.cib()), l.drained, "recorded in the CIB");
+    assert_eq!(
+        members(&w, "batch"),
+        ["batch1", "batch-1", "batch-2"],
+        "nobody leaves the group"
+    );
+    // Again within the lead, after the clock stepped back, and on a restarted vmhad: not asked again.
+    let mark = w.log().len();
+    for (now, last) in [
+        (local_at(0, 19, 59, 45), Some(local_at(0, 19, 59, 30).local())),
+        (local_at(0, 19, 59, 5), Some(local_at(0, 19, 59, 45).local())),
+        (local_at(0, 19, 59, 50), None),
+    ] {
+        let l = bounds::look(&dc, now, last, rule).await.unwrap();
+        assert!(l.drained.is_empty(), "{l:?}");
+    }
+    assert!(drains_asked(&w, mark).is_empty(), "{:?}", drains_asked(&w, mark));
+    // The next day's window: asked again.
+    let l = bounds::look(&dc, local_at(1, 19, 59, 1), Some(local_at(1, 19, 0, 0).local()), rule)
+        .await
+        .unwrap();
+    assert_eq!(l.drained.len(), 1);
+    assert_eq!(l.drained[0].window, local_at(1, 20, 0, 0).local());
+    assert_eq!(drains_asked(&w, mark).len(), 2);
+    // The clock jumps from 19:58 over the lead to 20:05 of day 2: nobody asked, the window missed.
+    let mark = w.log().len();
+    let l = bounds::look(&dc, local_at(2, 20, 5, 0), Some(local_at(2, 19, 58, 0).local()), rule)
+        .await
+        .unwrap();
+    assert!(l.drained.is_empty());
+    assert_eq!(l.missed, [("batch/20-6".to_string(), local_at(2, 20, 0, 0).local())]);
+    assert!(drains_asked(&w, mark).is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_time_bound_member_that_is_gone_is_not_asked_and_a_bound_naming_nobody_asks_nobody() {
+    use vmha_ops::bounds::{self, DrainRule};
+    let w = bound_world().await;
+    let dc = w.vmhad("h1");
+    // batch-2 destroyed behind the policy's back: the policy still names it, the CIB has no such VM.
+    let policy = vmha_model::policy::Policy::from_cib(&w.cib()).unwrap().unwrap();
+    let destroy = vmha_ops::vm::VmOp::Destroy("batch-2".into());
+    let r = vmha_ops::vm::run(&dc, &LogProgress, &destroy).await;
+    assert!(r.is_ok(), "{r:?}");
+    if members(&w, "batch").len() != 3 {
+        group::store_policy(&dc, &policy).await.unwrap();
+    }
+    assert_eq!(members(&w, "batch"), ["batch1", "batch-1", "batch-2"]);
+    assert!(w.view().vm("batch-2").is_none());
+    let mark = w.log().len();
+    let l = bounds::look(&dc, local_at(0, 19, 59, 30), None, DrainRule::default())
+        .await
+        .unwrap();
+    assert_eq!(l.drained.len(), 1);
+    assert_eq!(l.drained[0].answers["batch-2"], "gone");
+    assert_eq!(l.drained[0].answers["batch-1"], "done");
+    assert_eq!(drains_asked(&w, mark).len(), 1, "only batch-1 is asked");
+    // A bound that stops nobody (max 8 over 3 members): nothing asked, nothing recorded.
+    let w = bound_world().await;
+    let dc = w.vmhad("h1");
+    let roomy = BOUND_POLICY.replace(r#""max": 1, "from""#, r#""max": 8, "from""#);
+    let mut p = vmha_model::policy::Policy::from_cib(&w.cib()).unwrap().unwrap();
+    p.groups.get_mut("batch").unwrap().time_bounds = vmha_model::policy::Policy::from_json(&roomy).unwrap().groups
+        ["batch"]
+        .time_bounds
+        .clone();
+    group::store_policy(&dc, &p).await.unwrap();
+    let mark = w.log().len();
+    let l = bounds::look(&dc, local_at(0, 19, 59, 30), None, DrainRule::default())
+        .await
+        .unwrap();
+    assert!(l.drained.is_empty());
+    assert!(bounds::records(&w.cib()).is_empty());
+    assert!(drains_asked(&w, mark).is_empty());
+}
+
+/// The DC's clock on the test's virtual time: `start` plus the time elapsed since it was made.
+struct VirtualClock {
+    start: vmha_model::bound_edges::LocalTime,
+    at: tokio::time::Instant,
+}
+
+impl vmha_ops::bounds::LocalClock for VirtualClock {
+    fn now(&self) -> vmha_model::bound_edges::LocalTime {
+        let elapsed = i64::try_from(self.at.elapsed().as_secs()).unwrap();
+        vmha_model::bound_edges::LocalTime {
+            unix: self.start.unix + elapsed,
+            ..self.start
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_dcs_follower_drains_a_window_once_in_its_lead() {
+    // A lead of a minute, and one shorter than the follower's longest sleep from an odd second.
+    for (lead, start) in [(60, local_at(0, 19, 50, 0)), (5, local_at(0, 19, 50, 7))] {
+        let w = bound_world().await;
+        let mark = w.log().len();
+        let clock = Arc::new(VirtualClock {
+            start,
+            at: tokio::time::Instant::now(),
+        });
+        let rule = vmha_ops::bounds::DrainRule {
+            lead: std::time::Duration::from_secs(lead),
+            ..Default::default()
+        };
+        // Half an hour on the clock from 19:50: the lead before 20:00 comes once.
+        let follow = vmha_ops::bounds::follow(w.vmhad("h1"), clock, rule);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30 * 60), follow).await;
+        let asked = drains_asked(&w, mark);
+        assert_eq!(asked.len(), 2, "lead {lead}: {asked:?}");
+        let records = vmha_ops::bounds::records(&w.cib());
+        assert_eq!(records.len(), 1, "lead {lead}");
+        assert_eq!(records[0].window, local_at(0, 20, 0, 0).local());
+        assert!(records[0].answers.values().all(|a| a == "done"), "{records:?}");
+    }
+}
+
+const THREE_GROUPS: &str = r#"{"groups": {
+    "web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, "priority": 50},
+    "mid": {"members": ["mid1"], "template": "mid1", "min": 1, "max": 4, "priority": 10},
+    "low": {"members": ["low1"], "template": "low1", "min": 1, "max": 4, "priority": 1}}}"#;
+
+/// web (50), mid (10) and low (1), each with one clone beyond its template; no room for a web member.
+async fn three_group_world() -> Arc<World> {
+    let w = World::new(&["h1", "h2"]);
+    w.add_vm("web1", "h1", 4000, &[]);
+    w.add_vm("low1", "h1", 4000, &[]);
+    w.add_vm("mid1", "h2", 2000, &[]);
+    let policy = vmha_model::policy::Policy::from_json(THREE_GROUPS).unwrap();
+    group::store_policy(&w.vmhad("h1"), &policy).await.unwrap();
+    for g in ["low", "mid"] {
+        let (_, r) = scale_group_on_dc(&w, g, 2).await.expect("no fault");
+        r.unwrap();
+    }
+    w
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_refusal_a_group_another_job_took_up_since_the_plan_is_not_asked() {
+    for other_job in [false, true] {
+        let w = three_group_world().await;
+        assert_eq!(members(&w, "mid"), ["mid1", "mid-1"]);
+        w.guest_answers("low-1", "drain", "refused", "busy");
+        let ports = w.vmhad("h1");
+        let spec = group::ScaleSpec {
+            group: "web".into(),
+            size: 2,
+            force: false,
+            drain_ms: 1000,
+        };
+        let plan = group::check(&ports, &spec).await.unwrap();
+        assert_eq!(plan.preempt, [("low".to_string(), "low-1".to_string())]);
+        if other_job {
+            // Between the plan and the run, another job starts scaling mid.
+            let cib = w.cib();
+            let journal = r#"{"group":"mid"}"#;
+            let xml = vmha_model::change::set_node_attribute(&cib, "h2", "vmha-scale-journal-77", journal).unwrap();
+            ports
+                .cluster
+                .apply(vmha_ops::ports::CibChange::Modify { section: "nodes", xml })
+                .await
+                .unwrap();
+        }
+        let mark = w.log().len();
+        let (summary, r) = group::run(&ports, &LogProgress, &plan, "9").await;
+        let asked = drains_asked(&w, mark);
+        assert!(asked[0].contains("low-1 on h2: drain -> refused"), "{asked:?}");
+        if other_job {
+            assert_eq!(asked.len(), 1, "mid-1 is not asked: {asked:?}");
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("low-1 of group low refused to drain (refused: busy)")
+                    && e.contains("group mid is in job 77 on h2"),
+                "{e}"
+            );
+            assert_eq!(members(&w, "mid"), ["mid1", "mid-1"]);
+        } else {
+            // mid's newest is asked next and goes (its room is too small for web's member: the clone's
+            // own room check refuses then).
+            assert!(
+                asked.iter().any(|l| l.contains("mid-1 on h2: drain -> done")),
+                "{asked:?}"
+            );
+            assert_eq!(members(&w, "mid"), ["mid1"]);
+            assert!(
+                summary.steps.iter().any(|s| s["preempted"] == "mid-1"),
+                "{:?}",
+                summary.steps
+            );
+        }
+        assert_eq!(members(&w, "low"), ["low1", "low-1"], "the refusing member stays");
+        let mut v = w.violations("web1");
+        // The other job's journal is the test's own, and stays.
+        v.retain(|x| x != "journal vmha-scale-journal-77 left on h2");
+        assert!(v.is_empty(), "{v:?}");
+    }
+}

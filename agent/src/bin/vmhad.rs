@@ -183,6 +183,15 @@ async fn run(args: VmhadArgs) -> Result<()> {
     ));
     let readiness = tokio::spawn(follow_readiness(conn.clone(), Arc::clone(&shared), reports));
     let relay = tokio::spawn(vmha_agent::relay::follow_relay(conn.clone(), Arc::clone(&shared)));
+    // On the DC only: the members a time bound will stop are asked to drain before its window.
+    let bounds = tokio::spawn(vmha_ops::bounds::follow(
+        ports.clone(),
+        Arc::new(vmha_agent::ports::LocalSystemClock),
+        vmha_ops::bounds::DrainRule {
+            lead: Duration::from_secs(args.time_bound_drain_lead.into()),
+            drain: Duration::from_millis(args.time_bound_drain_timeout_ms.into()),
+        },
+    ));
     let journals = tokio::spawn(vmha_ops::clone::follow_journals(ports));
     tokio::spawn(give_back_memory(Arc::clone(&shared)));
 
@@ -198,6 +207,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         r = readiness => match r { Ok(()) => "the readiness reports ended", Err(_) => "the readiness reports panicked" },
         r = relay => match r { Ok(()) => "the guest relay ended", Err(_) => "the guest relay panicked" },
         r = journals => match r { Ok(()) => "the clone journal follower ended", Err(_) => "the clone journal follower panicked" },
+        r = bounds => match r { Ok(()) => "the time bound drain follower ended", Err(_) => "the time bound drain follower panicked" },
     };
     tracing::info!("vmhad stopping: {why}");
     Ok(())

@@ -1,4 +1,5 @@
-//! Safe wrappers for glibc's malloc tuning: a fixed mmap threshold and giving freed memory back.
+//! Safe wrappers for glibc's malloc tuning (a fixed mmap threshold and giving freed memory back), and
+//! for the local time zone's offset from UTC ([`utc_offset`]).
 //!
 //! Why vmhad needs them (bench/results/scale.md, memory.md): glibc keeps freed memory in its arenas and
 //! returns only the free top of each heap. vmhad frees large short-lived buffers (whole CIB texts, parsed
@@ -27,8 +28,29 @@ pub fn trim() -> bool {
     imp::trim()
 }
 
+/// The local time zone's offset from UTC, in seconds east, at the Unix time `unix` (what the C
+/// library's `localtime_r` says, the local time Pacemaker's `date_spec` rules compare against). `None`
+/// when the C library cannot say.
+pub fn utc_offset(unix: i64) -> Option<i32> {
+    imp::utc_offset(unix)
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod imp {
+    pub(crate) fn utc_offset(unix: i64) -> Option<i32> {
+        // time_t is 32 bits on some targets.
+        #[allow(clippy::useless_conversion)]
+        let t: libc::time_t = unix.try_into().ok()?;
+        // SAFETY: an all-zero `tm` is a valid value of the plain C struct (integers and a null pointer).
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        // SAFETY: localtime_r is reentrant; it reads `t` and writes only `tm`, both valid for the call.
+        let r = unsafe { libc::localtime_r(&t, &mut tm) };
+        if r.is_null() {
+            return None;
+        }
+        i32::try_from(tm.tm_gmtoff).ok()
+    }
+
     pub(crate) fn set_thresholds(mmap: i32, trim: i32) -> bool {
         // SAFETY: mallopt only changes malloc's parameters (under its own lock); M_MMAP_THRESHOLD and
         // M_TRIM_THRESHOLD take a byte count, and mallopt returns 0 for a value it does not take.
@@ -51,11 +73,24 @@ mod imp {
     pub(crate) fn trim() -> bool {
         false
     }
+
+    pub(crate) fn utc_offset(_unix: i64) -> Option<i32> {
+        None
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_offset_is_a_whole_quarter_hour_within_a_day_and_overflow_is_none() {
+        for t in [0, 1_700_000_000, 1_800_000_000] {
+            let o = utc_offset(t).expect("glibc knows the local time");
+            assert!(o.abs() <= 14 * 3600 && o % 900 == 0, "offset {o} at {t}");
+        }
+        assert_eq!(utc_offset(i64::MAX), None, "a year beyond an int");
+    }
 
     #[test]
     fn thresholds_in_range_are_taken_and_ones_beyond_an_int_refused() {

@@ -739,12 +739,13 @@ fn find_primitive<'a>(e: &'a Element, rsc: &str) -> Option<&'a Element> {
     e.children.iter().find_map(|c| find_primitive(c, rsc))
 }
 
-/// A resource's meta attribute.
+/// A resource's meta attribute. A set under a rule (a time bound's date rule) never applies: the
+/// simulator's clock is outside every window.
 fn meta(cib: &Element, rsc: &str, name: &str) -> Option<String> {
     find_primitive(cib, rsc)?
         .children
         .iter()
-        .filter(|c| c.name == "meta_attributes")
+        .filter(|c| c.name == "meta_attributes" && !c.children.iter().any(|r| r.name == "rule"))
         .flat_map(|m| m.children.iter())
         .find(|nv| nv.attr("name") == Some(name))
         .and_then(|nv| nv.attr("value"))

@@ -17,6 +17,7 @@
 //! standby h2 on|off                      host standby (Pacemaker moves its VMs away)
 //! policy {"groups": {...}}               stores and applies a placement policy (JSON on one line)
 //! scale web 3 [force] [on h1] [&]        a group scale job
+//! members web                           the stored policy's members of group web
 //! file /srv/vmha/x.img                   a file on the storage (there before: the invariants allow it)
 //! archive shop web1@h2 db1@h3            an archive of virtual cluster `shop` with VMs web1 (on h2) and
 //!                                        db1 (on h3) and their disks, captured on another cluster with
@@ -282,6 +283,18 @@ pub async fn run(script: &str) -> Result<String, String> {
                     None => "vmhad died".into(),
                 };
                 w.note(format!("capture of {name} (job {jobs} on {on}) -> {outcome}"));
+            }
+            "members" => {
+                let name = words.get(1).ok_or_else(|| bad("members GROUP"))?;
+                let cib = w.cib();
+                let members = vmha_model::policy::Policy::from_cib(&cib)
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.groups.get(*name).map(|g| g.members.join(", ")));
+                w.note(format!(
+                    "members of {name}: {}",
+                    members.unwrap_or_else(|| "no such group".into())
+                ));
             }
             "check" => {
                 let template = words.get(1).ok_or_else(|| bad("check TEMPLATE"))?;
