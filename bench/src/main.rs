@@ -632,7 +632,26 @@ fn agents(runs: usize, rounds: usize, rest: Duration, lab_args: &LabArgs, out: O
     // sets a VM's cpu and hv_memory from its definition when the CIB entry changes and, on the DC, re-reads
     // every VM's definition every 300 s. vmhad's CPU at rest (no request, no CIB change of ours) over a
     // window longer than that re-read is an upper bound of what keeping utilization costs it.
+    // vmhad starts only now, so that it took no CPU from the agents' calls above; the window starts once
+    // every vmhad shows the VM (its start-up work done).
     let hosts: Vec<u8> = lab.cfg.host_numbers().collect();
+    for &n in &hosts {
+        lab.start_vmhad(n)?;
+    }
+    wait_for(
+        "every vmhad to show bench1",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            hosts
+                .iter()
+                .all(|&n| {
+                    lab.exec(n, &["vmha", "--output", "json", "status"])
+                        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("\"bench1\""))
+                })
+                .then_some(())
+        },
+    )?;
     let cpu_now = |n: u8| scale::vmhad_usage(&lab, n).map(|(_, _, cpu)| cpu);
     let before = hosts.iter().map(|&n| cpu_now(n)).collect::<Result<Vec<_>>>()?;
     let at = Instant::now();
@@ -647,10 +666,10 @@ fn agents(runs: usize, rounds: usize, rest: Duration, lab_args: &LabArgs, out: O
     let (vd_cpu, vd_libvirtd) = vd_utilization;
     let _ = writeln!(
         r,
-        "\n## keeping utilization, CPU per hour\n\n         | who | CPU s per hour | how measured |\n|---|---|---|\n         | vmhad at rest, the whole daemon (hosts {}) | {} | utime + stime of each host's vmhad over {secs:.0} s \
+        "\n## keeping utilization, CPU per hour\n\n| who | CPU s per hour | how measured |\n|---|---|---|\n| vmhad at rest, the whole daemon (hosts {}) | {} | utime + stime of each host's vmhad over {secs:.0} s \
          with the VM running (in maintenance: its monitors would be the agent's CPU, not vmhad's) and nothing \
          asked of vmhad; includes the DC's re-read of every VM's definition (every 300 s) and everything else \
-         vmhad does at rest: an upper bound for the utilization work, for the whole cluster, not per VM |\n         | {VD}'s utilization updates, per VM at a 10 s monitor interval | {:.1} (agent and children) + {} (libvirtd) | \
+         vmhad does at rest: an upper bound for the utilization work, for the whole cluster, not per VM |\n| {VD}'s utilization updates, per VM at a 10 s monitor interval | {:.1} (agent and children) + {} (libvirtd) | \
          360 monitors an hour times the difference of the medians above: {VD} less {VD_OFF}, {vd_cpu:.1} ms \
          CPU per monitor, libvirtd {} ms |\n",
         hosts.iter().map(u8::to_string).collect::<Vec<_>>().join(", "),
