@@ -9,6 +9,7 @@
 //! ([`check`]), group autoscale measurements ([`autoscale`]) and `vmha keygen` ([`authkey::generate`]).
 
 pub mod api;
+pub mod archive_store;
 pub mod auth;
 pub mod authkey;
 pub mod autoscale;

@@ -35,6 +35,11 @@ pub struct VmhadArgs {
     /// vmhad resets it: one directory per hang under <DIR>/<vm>/, the newest five per VM.
     #[arg(long, value_name = "DIR", default_value = crate::postmortem::DEFAULT_DIR)]
     pub postmortem_dir: std::path::PathBuf,
+    /// Where virtual-cluster archives captured and instantiated by name (CaptureVclusterToStore,
+    /// InstantiateVclusterFromStore: the web console's way, which can pass no file) are kept: made mode
+    /// 0700 when missing, one <name>.vmha per archive.
+    #[arg(long, value_name = "DIR", default_value = crate::archive_store::DEFAULT_DIR)]
+    pub archive_dir: std::path::PathBuf,
     /// How long before a time bound's window starts (by this host's local clock, when it is the DC) the
     /// members the bound will stop are asked to drain, in seconds (0: they are not asked).
     #[arg(long, value_name = "SECS", default_value_t = 60)]

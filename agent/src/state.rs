@@ -30,6 +30,9 @@ pub struct Shared {
     /// What operations run against (vmhad's implementations of the operations crate's ports), set once
     /// at start ([`Shared::set_ports`]).
     ports: OnceLock<Ports>,
+    /// Where vmhad keeps virtual-cluster archives for callers that name them (set once at start; the
+    /// default directory otherwise).
+    archive_store: OnceLock<crate::archive_store::Store>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -52,7 +55,19 @@ impl Shared {
             capacity: OnceLock::new(),
             guests: Arc::new(Guests::default()),
             ports: OnceLock::new(),
+            archive_store: OnceLock::new(),
         })
+    }
+
+    /// Sets the archive store's directory (once, at start).
+    pub fn set_archive_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.archive_store.set(crate::archive_store::Store::new(dir));
+    }
+
+    /// The archive store.
+    pub fn archive_store(&self) -> &crate::archive_store::Store {
+        self.archive_store
+            .get_or_init(|| crate::archive_store::Store::new(crate::archive_store::DEFAULT_DIR))
     }
 
     /// What the guest channels need of this state.

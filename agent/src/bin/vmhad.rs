@@ -135,6 +135,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
         None => vmha_agent::options::system_hostname()?,
     };
     let shared = Shared::new(host.clone(), Arc::new(PacemakerCib::default()));
+    shared.set_archive_dir(args.archive_dir.clone());
     // What the operations (live clone) run against: the real libraries, reached through this host's
     // libvirt URI for this host and the peer URI pattern for the others.
     let ports = vmha_agent::ports::ports(

@@ -41,6 +41,44 @@ pub(super) fn archive_file(fd: zbus::zvariant::OwnedFd, write: bool) -> Result<s
     Ok(file)
 }
 
+/// The error a caller gets for a refusal of the archive store.
+fn store_error(e: crate::archive_store::StoreError) -> Error {
+    use crate::archive_store::StoreError as S;
+    match e {
+        S::BadName(..) | S::Missing(_) => Error::InvalidArgument(e.to_string()),
+        S::Exists(_) => Error::Conflict(e.to_string()),
+        S::Io { .. } => Error::Failed(e.to_string()),
+    }
+}
+
+/// Starts an instantiate job on the archive in `file` (checked options, see `instantiate_vcluster`).
+async fn start_instantiate(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    file: std::fs::File,
+    opts: crate::vcluster::InstantiateOptions,
+    name: Option<String>,
+) -> Result<OwnedObjectPath> {
+    let spec = opts.spec().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
+    let target = name.unwrap_or_else(|| "(archive)".into());
+    let job_shared = Arc::clone(shared);
+    let path = Job::start_task(conn, shared, "instantiate", target, move |job| async move {
+        let ports = match job_shared.ports() {
+            Ok(p) => p.clone(),
+            Err(e) => return (Err(e), String::new()),
+        };
+        let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
+        let done = crate::vcluster::run_instantiate(&ports, &job, report, file, &spec, job.id()).await;
+        let mut details = done.details();
+        if let Err(e) = &done.result {
+            details["error_class"] = serde_json::json!(op_error(e.clone()).short_name());
+        }
+        (done.result.map_err(|e| e.to_string()), details.to_string())
+    })
+    .await?;
+    Ok(path)
+}
+
 /// The signing key of a capture: none, or read from the one regular file the caller passed (a pipe or
 /// socket could block the bus handler). Its content never appears in an error.
 fn signing_key(fds: Vec<zbus::zvariant::OwnedFd>) -> Result<Option<vmha_vcluster::signature::SecretKey>> {
@@ -380,24 +418,117 @@ impl ClusterObject {
             require_signature,
             trusted_keys,
         };
-        let spec = opts.spec().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
-        let target = name.unwrap_or_else(|| "(archive)".into());
+        start_instantiate(conn, &self.shared, file, opts, name).await
+    }
+
+    /// Captures the virtual cluster `name` as `capture_vcluster` does, into the archive `archive` of
+    /// vmhad's archive store (its option archive-dir): for callers that cannot pass a file descriptor, such as
+    /// the web console. `archive` is a name (1 to 64 of letters, digits, `.`, `_`, `-`, starting with a
+    /// letter or digit), never a path; one that exists is refused (Conflict). The archive gets its name
+    /// only when the capture succeeded: a failed capture leaves nothing in the store. zstd level 3, not
+    /// signed.
+    async fn capture_vcluster_to_store(
+        &self,
+        name: String,
+        archive: String,
+        with_disks: bool,
+        halt: bool,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath> {
+        authorize_change(
+            conn,
+            &header,
+            &format!("capture virtual cluster {name} into archive {archive}"),
+        )
+        .await?;
+        crate::archive_store::check_name(&archive).map_err(store_error)?;
+        let cib = self.shared.backend.query().await.map_err(Error::cib)?;
+        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| match e {
+            vmha_vcluster::VclusterError::NotFound(m) => Error::UnknownGroup(m),
+            vmha_vcluster::VclusterError::Cib(m) => Error::Cib(m),
+            other => Error::invalid(other),
+        })?;
+        let (file, pending) = self.shared.archive_store().create(&archive).map_err(store_error)?;
+        let opts = crate::vcluster::CaptureOptions {
+            name: name.clone(),
+            with_disks,
+            halt,
+            level: 3,
+            sign: None,
+        };
         let shared = Arc::clone(&self.shared);
-        let path = Job::start_task(conn, &self.shared, "instantiate", target, move |job| async move {
+        let path = Job::start_task(conn, &self.shared, "capture", name, move |job| async move {
             let ports = match shared.ports() {
                 Ok(p) => p.clone(),
                 Err(e) => return (Err(e), String::new()),
             };
             let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
-            let done = crate::vcluster::run_instantiate(&ports, &job, report, file, &spec, job.id()).await;
-            let mut details = done.details();
-            if let Err(e) = &done.result {
-                details["error_class"] = serde_json::json!(op_error(e.clone()).short_name());
+            // `pending` removes the partial file unless the capture succeeded and it is named.
+            match crate::vcluster::run_capture(&ports, &job, report, &opts, file, job.id()).await {
+                Ok(mut summary) => match pending.finish() {
+                    Ok(path) => {
+                        let message = crate::vcluster::capture_text(&summary, &path);
+                        summary["archive"] = serde_json::json!(archive);
+                        (Ok(message), summary.to_string())
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let details = serde_json::json!({"error_class": store_error(e).short_name()});
+                        (Err(message), details.to_string())
+                    }
+                },
+                Err(e) => {
+                    drop(pending);
+                    let details = serde_json::json!({"error_class": op_error(e.clone()).short_name()});
+                    (Err(e.to_string()), details.to_string())
+                }
             }
-            (done.result.map_err(|e| e.to_string()), details.to_string())
         })
         .await?;
         Ok(path)
+    }
+
+    /// Instantiates the virtual cluster in archive `archive` of vmhad's archive store, as
+    /// `instantiate_vcluster` does (no items let through the safe subset, no signature required): for
+    /// callers that cannot pass a file descriptor, such as the web console, which shows the plan of a
+    /// `dry_run` first.
+    #[allow(clippy::too_many_arguments)] // the D-Bus signature plus zbus's header and connection
+    async fn instantiate_vcluster_from_store(
+        &self,
+        archive: String,
+        maps: Vec<String>,
+        name: String,
+        dry_run: bool,
+        wait_seconds: u32,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<OwnedObjectPath> {
+        authorize_change(
+            conn,
+            &header,
+            &format!("instantiate a virtual cluster from archive {archive}"),
+        )
+        .await?;
+        let file = self.shared.archive_store().open(&archive).map_err(store_error)?;
+        let name = (!name.is_empty()).then_some(name);
+        vmha_vcluster::Maps::parse(&maps, name.clone()).map_err(Error::invalid)?;
+        let opts = crate::vcluster::InstantiateOptions {
+            maps,
+            name: name.clone(),
+            allow: Vec::new(),
+            dry_run,
+            wait: std::time::Duration::from_secs(wait_seconds.into()),
+            require_signature: false,
+            trusted_keys: Vec::new(),
+        };
+        start_instantiate(conn, &self.shared, file, opts, name).await
+    }
+
+    /// The archives in vmhad's archive store: (name, bytes, modified as seconds since the epoch), by name.
+    /// Reading only: every caller may ask.
+    async fn stored_archives(&self) -> Result<Vec<(String, u64, u64)>> {
+        self.shared.archive_store().list().map_err(store_error)
     }
 
     /// What Pacemaker's scheduler would do if the hosts `hosts` failed, or every host of zone `zone`
