@@ -403,8 +403,12 @@
                                el("h3", {}, v.name,
                                   el("span", { class: "muted" }, `${v.members.length} member(s)`)),
                                memberList(v.members),
-                               el("p", { class: "muted" }, "Capture: ",
-                                  el("code", {}, `vmha vcluster capture ${v.name} --out ARCHIVE`))))
+                               el("button", {
+                                   type: "button",
+                                   "data-key": `vcluster-capture-${v.name}`,
+                                   "aria-label": `Capture virtual cluster ${v.name}`,
+                                   onclick: () => confirmCapture(v.name),
+                               }, "Capture…")))
             : [el("li", { class: "empty" }, "No virtual clusters (vmha vcluster create NAME RESOURCE... makes one).")]));
     }
 
@@ -430,6 +434,135 @@
                                   }, "Scale…")),
                                memberList(g.members)))
             : [el("li", { class: "empty" }, "No elastic groups in the stored placement policy.")]));
+    }
+
+    /* The archive store: StoredArchives (a(stt)) read again at start and whenever a job ends. */
+    let archives = [];
+    /* The dry run whose plan the page waits for or shows: {job, archive, maps, name}. */
+    let planFor = null;
+
+    function refreshArchives() {
+        call(ROOT, IFACE.cluster, "StoredArchives", "", [])
+                .then(([list]) => {
+                    archives = (list || []).map(([name, size, mtime]) => ({
+                        name: String(name), size: Number(size), mtime: Number(mtime),
+                    }));
+                    renderArchives();
+                })
+                .catch(ex => notice("Listing the stored archives: " + describeError(ex), "error"));
+    }
+
+    function renderArchives() {
+        $("archives").replaceChildren(...(archives.length
+            ? archives.map(a => el("li", { class: "archive", "data-archive": a.name },
+                                   el("h3", {}, a.name,
+                                      el("span", { class: "muted" },
+                                         `${(a.size / 1048576).toFixed(1)} MiB, ` +
+                                         new Date(a.mtime * 1000).toISOString().replace("T", " ").substring(0, 16) + " UTC")),
+                                   el("button", {
+                                       type: "button",
+                                       "data-key": `archive-instantiate-${a.name}`,
+                                       "aria-label": `Instantiate archive ${a.name}`,
+                                       onclick: () => confirmPlan(a.name),
+                                   }, "Instantiate…")))
+            : [el("li", { class: "empty" }, "No archives (Capture… of a virtual cluster stores one).")]));
+    }
+
+    function stamp() {
+        const d = new Date();
+        const two = n => String(n).padStart(2, "0");
+        return `${d.getUTCFullYear()}${two(d.getUTCMonth() + 1)}${two(d.getUTCDate())}-${two(d.getUTCHours())}${two(d.getUTCMinutes())}`;
+    }
+
+    function confirmCapture(name) {
+        const archive = el("input", {
+            id: "capture-archive", name: "archive", type: "text", required: true,
+            pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]{0,63}", value: `${name}-${stamp()}`,
+        });
+        const disks = el("input", { id: "capture-disks", name: "disks", type: "checkbox" });
+        confirmAction(`Capture virtual cluster ${name}?`,
+                      "Writes its members' definitions, cluster configuration and addresses (and with disks, " +
+                      "their disk images, the guests' file systems frozen meanwhile) into vmhad's archive store " +
+                      "on this host. The job's progress shows under Jobs.",
+                      [el("label", { for: "capture-archive" }, "Archive name"), archive,
+                          el("label", { for: "capture-disks" }, disks, " with the disk images")], "Capture",
+                      form => {
+                          const a = form.querySelector("#capture-archive").value;
+                          const d = form.querySelector("#capture-disks").checked;
+                          return call(ROOT, IFACE.cluster, "CaptureVclusterToStore", "ssbb", [name, a, d, false])
+                                  .then(([job]) => `Capture of ${name} into ${a} started (job ${job}).`);
+                      });
+    }
+
+    function planArgs(form) {
+        const maps = form.querySelector("#plan-maps").value.split(/\s+/).filter(x => x.length > 0);
+        return { maps, name: form.querySelector("#plan-name").value.trim() };
+    }
+
+    function confirmPlan(archive) {
+        const maps = el("input", { id: "plan-maps", name: "maps", type: "text", placeholder: "hosts=OLD:NEW storage=/OLD:/NEW" });
+        const name = el("input", { id: "plan-name", name: "name", type: "text", placeholder: "(the archive's)" });
+        confirmAction(`Plan an instantiate of ${archive}?`,
+                      "A dry run: vmhad reads the archive and says what it would create where, and what stands in " +
+                      "the way. Nothing changes. The plan shows under Stored archives.",
+                      [el("label", { for: "plan-maps" }, "Maps (KIND=OLD:NEW, space-separated)"), maps,
+                          el("label", { for: "plan-name" }, "New name"), name], "Show plan",
+                      form => {
+                          const a = planArgs(form);
+                          return call(ROOT, IFACE.cluster, "InstantiateVclusterFromStore", "sassbu",
+                                      [archive, a.maps, a.name, true, 0])
+                                  .then(([job]) => {
+                                      planFor = { job, archive, maps: a.maps, name: a.name };
+                                      $("plan").hidden = false;
+                                      $("plan-run").hidden = true;
+                                      $("plan-title").textContent = `Plan of ${archive}: being made (job ${job})`;
+                                      $("plan-text").textContent = "";
+                                      $("plan-problems").replaceChildren();
+                                      return `Plan of ${archive} asked (job ${job}).`;
+                                  });
+                      });
+    }
+
+    /* A job ended: the dry run's plan, when it is the one the page waits for. */
+    function jobFinished(path) {
+        refreshArchives();
+        if (!planFor || path !== planFor.job || planFor.shown)
+            return;
+        const want = planFor;
+        const get = prop => client.call(path, "org.freedesktop.DBus.Properties", "Get", [IFACE.job, prop], { type: "ss" })
+                .then(([v]) => v.v);
+        Promise.all([get("State"), get("Message"), get("Details")]).then(([state, message, details]) => {
+            let doc = {};
+            try {
+                doc = JSON.parse(details || "{}");
+            } catch (e) {
+                doc = {};
+            }
+            want.shown = true;
+            const ok = state === "succeeded" && doc.plan_text;
+            $("plan-title").textContent = doc.plan_text
+                ? `Plan of ${want.archive}` + (want.maps.length ? ` with ${want.maps.join(" ")}` : "") +
+                  (ok ? "" : ": it cannot be instantiated here as it stands")
+                : `No plan for ${want.archive}: ${message}`;
+            $("plan").dataset.archive = want.archive;
+            $("plan").dataset.state = state;
+            $("plan-text").textContent = doc.plan_text || "";
+            $("plan-problems").replaceChildren(...(doc.problems || []).map(p => el("li", { class: "problem" }, String(p))));
+            $("plan-run").hidden = !ok || (doc.problems || []).length > 0;
+        }).catch(ex => notice("Reading the plan: " + describeError(ex), "error"));
+    }
+
+    function confirmRunPlan() {
+        if (!planFor || !planFor.shown)
+            return;
+        const p = planFor;
+        confirmAction(`Instantiate ${p.archive} as planned?`,
+                      "Creates the virtual cluster as the plan above says; everything it created is removed again " +
+                      "if it fails. The job's progress shows under Jobs.",
+                      [], "Instantiate",
+                      () => call(ROOT, IFACE.cluster, "InstantiateVclusterFromStore", "sassbu",
+                                 [p.archive, p.maps, p.name, false, 0])
+                              .then(([job]) => `Instantiate of ${p.archive} started (job ${job}).`));
     }
 
     function renderJobs() {
@@ -698,6 +831,7 @@
     function start() {
         $("confirm-form").addEventListener("submit", onConfirm);
         $("whatif-form").addEventListener("submit", runWhatIf);
+        $("plan-run").addEventListener("click", confirmRunPlan);
         $("confirm-cancel").addEventListener("click", () => {
             dialogRun = null;
             $("confirm").close();
@@ -745,10 +879,14 @@
                              queueRender();
                          });
         /* A job's end is in the feed already (Event "job"); Finished only brings its final state in. */
-        client.subscribe({ interface: IFACE.job, member: "Finished" }, queueRender);
+        client.subscribe({ interface: IFACE.job, member: "Finished" }, path => {
+            queueRender();
+            jobFinished(path);
+        });
         Promise.all([cluster.wait(), hosts.wait(), vms.wait(), jobs.wait()]).then(() => {
             addEvent("page", "", "showing the cluster as vmhad on this host sees it");
             refreshReadiness();
+            refreshArchives();
             render();
         });
         render();

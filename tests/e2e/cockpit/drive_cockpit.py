@@ -265,6 +265,31 @@ def cmd_scale(c):
                     **{k: v for k, v in c.items() if k in ("screenshot", "timeout")}})
 
 
+def cmd_wait_archive(c):
+    """Waits until the Stored archives list shows archive NAME; returns the names listed."""
+    wait(c.get("timeout", 60), f"archive {c['name']} in the list",
+         lambda: css(f"#archives li.archive[data-archive='{c['name']}']"))
+    return {"archives": driver.execute_script(
+        "return [...document.querySelectorAll('#archives li.archive')].map(e => e.dataset.archive);")}
+
+
+def cmd_wait_plan(c):
+    """Waits until the plan panel shows the dry run's answer for archive ARCHIVE; returns its title, text,
+    the problems listed and whether the page offers to instantiate as planned."""
+    def shown():
+        return driver.execute_script(
+            "const p = document.getElementById('plan');"
+            " return !p.hidden && p.dataset.archive === arguments[0] && p.dataset.state ? true : null;",
+            c["archive"])
+    wait(c.get("timeout", 120), f"the plan of {c['archive']}", shown)
+    if c.get("screenshot"):
+        driver.save_screenshot(os.path.join(ARTIFACTS, c["screenshot"] + ".png"))
+    return {"title": css("#plan-title")[0].text, "text": css("#plan-text")[0].text,
+            "state": css("#plan")[0].get_attribute("data-state"),
+            "problems": [e.text for e in css("#plan-problems li")],
+            "run_offered": css("#plan-run")[0].is_displayed()}
+
+
 def page_lists():
     """The virtual clusters and elastic groups as the page shows them now (one script: the page re-renders):
     vclusters: name -> members; groups: name -> template, min, max, size, members ({vm, host or None})."""
@@ -340,6 +365,8 @@ COMMANDS = {
     "trace_jobs": cmd_trace_jobs,
     "wait_job": cmd_wait_job,
     "scale": cmd_scale,
+    "wait_archive": cmd_wait_archive,
+    "wait_plan": cmd_wait_plan,
     "wait_lists": cmd_wait_lists,
     "screenshot": cmd_screenshot,
     "narrow": cmd_narrow,

@@ -428,6 +428,55 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
     );
     assert_eq!(shown["same_load"], true, "no reload: {shown}");
 
+    // alice captures virtual cluster pair from the page into vmhad's archive store on host N (by name: no
+    // file descriptor crosses Cockpit's bridge), and the archive is listed; then she asks for the plan of an
+    // instantiate of it under another name. The plan shows on the page before anything is created; here
+    // its VMs' names and files are taken (the same cluster), so the page lists what stands in the way and
+    // does not offer to instantiate, and nothing is created.
+    let t0 = Instant::now();
+    let capture = b.ask(
+        json!({"cmd": "act", "key": "vcluster-capture-pair", "fill": {"id": "capture-archive", "value": "pair-page"}}),
+        long,
+    );
+    assert_eq!(capture["outcome"], "done", "alice's capture: {capture}");
+    assert_eq!(capture["focused"], "capture-archive", "the name field takes the focus: {capture}");
+    let listed_archives = b.ask(
+        json!({"cmd": "wait_archive", "name": "pair-page", "timeout": 120}),
+        Duration::from_secs(130),
+    );
+    assert_eq!(listed_archives["archives"], json!(["pair-page"]), "{listed_archives}");
+    let stat = lab
+        .exec_ok(N, &["stat", "-c", "%a %U %F", "/var/lib/vmha/archives/pair-page.vmha"])
+        .unwrap();
+    assert_eq!(stat.trim(), "600 root regular file", "the stored archive is root's alone");
+    let leftovers = lab.exec_ok(N, &["ls", "-A", "/var/lib/vmha/archives"]).unwrap();
+    assert_eq!(leftovers.trim(), "pair-page.vmha", "no partial file is left");
+    println!(
+        "virtual cluster pair captured from the page into the archive store and listed in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let before = cli_lists(&lab);
+    let asked = b.ask(
+        json!({"cmd": "act", "key": "archive-instantiate-pair-page", "fill": {"id": "plan-name", "value": "pair2"}}),
+        long,
+    );
+    assert_eq!(asked["outcome"], "done", "the plan asked: {asked}");
+    let plan = b.ask(
+        json!({"cmd": "wait_plan", "archive": "pair-page", "timeout": 120, "screenshot": "plan"}),
+        Duration::from_secs(130),
+    );
+    let text = plan["text"].as_str().unwrap();
+    assert!(
+        text.contains("virtual cluster pair2") && text.contains("vm1") && text.contains("vm2"),
+        "the plan names the new virtual cluster and its VMs: {plan}"
+    );
+    assert!(
+        !plan["problems"].as_array().unwrap().is_empty(),
+        "what stands in the way is listed: {plan}"
+    );
+    assert_eq!(plan["run_offered"], false, "no instantiate offered over problems: {plan}");
+    assert_eq!(cli_lists(&lab), before, "the dry run created nothing");
+
     // alice moves vm1 (keyboard: the dialog takes the focus) to a host other than the browser's.
     let to = lab.cfg.host_numbers().find(|&n| n != N && n != on1).unwrap();
     let t0 = Instant::now();
@@ -525,6 +574,20 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         wait_running(&lab, "vm1", Duration::from_secs(5)),
         back,
         "bob's refused stop changed nothing"
+    );
+    let capture = b.ask(
+        json!({"cmd": "act", "key": "vcluster-capture-pair", "fill": {"id": "capture-archive", "value": "bob-page"}}),
+        long,
+    );
+    assert_eq!(capture["outcome"], "refused", "bob's capture: {capture}");
+    assert!(
+        capture["error"].as_str().unwrap().contains("AccessDenied"),
+        "bob sees vmhad's reason: {capture}"
+    );
+    assert_eq!(
+        lab.exec_ok(N, &["ls", "-A", "/var/lib/vmha/archives"]).unwrap().trim(),
+        "pair-page.vmha",
+        "bob's refused capture stored nothing"
     );
     // bob's group scale is refused with vmhad's reason too (vmhad checks who asks before anything else). He
     // opens db's Scale… by keyboard, and the dialog's labelled group list (focused first) offers the
