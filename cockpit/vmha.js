@@ -457,7 +457,7 @@
             ? archives.map(a => el("li", { class: "archive", "data-archive": a.name },
                                    el("h3", {}, a.name,
                                       el("span", { class: "muted" },
-                                         `${(a.size / 1048576).toFixed(1)} MiB, ` +
+                                         (a.size < 1048576 ? `${Math.ceil(a.size / 1024)} KiB, ` : `${(a.size / 1048576).toFixed(1)} MiB, `) +
                                          new Date(a.mtime * 1000).toISOString().replace("T", " ").substring(0, 16) + " UTC")),
                                    el("button", {
                                        type: "button",
@@ -524,14 +524,14 @@
     }
 
     /* A job ended: the dry run's plan, when it is the one the page waits for. */
-    function jobFinished(path) {
+    function jobFinished(path, success, message) {
         refreshArchives();
         if (!planFor || path !== planFor.job || planFor.shown)
             return;
         const want = planFor;
-        const get = prop => client.call(path, "org.freedesktop.DBus.Properties", "Get", [IFACE.job, prop], { type: "ss" })
-                .then(([v]) => v.v);
-        Promise.all([get("State"), get("Message"), get("Details")]).then(([state, message, details]) => {
+        const state = success ? "succeeded" : "failed";
+        client.call(path, "org.freedesktop.DBus.Properties", "Get", [IFACE.job, "Details"], { type: "ss" })
+                .then(([v]) => v.v).then(details => {
             let doc = {};
             try {
                 doc = JSON.parse(details || "{}");
@@ -879,9 +879,9 @@
                              queueRender();
                          });
         /* A job's end is in the feed already (Event "job"); Finished only brings its final state in. */
-        client.subscribe({ interface: IFACE.job, member: "Finished" }, path => {
+        client.subscribe({ interface: IFACE.job, member: "Finished" }, (path, iface, signal, args) => {
             queueRender();
-            jobFinished(path);
+            jobFinished(path, args[0], String(args[1]));
         });
         Promise.all([cluster.wait(), hosts.wait(), vms.wait(), jobs.wait()]).then(() => {
             addEvent("page", "", "showing the cluster as vmhad on this host sees it");

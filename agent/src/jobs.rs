@@ -312,6 +312,11 @@ impl Job {
         }
         {
             let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            // A step reported late (a reporter task that ran on past the job's end) must not overwrite how
+            // the job ended: its Message stays the outcome.
+            if state.is_none() && info.state != "running" {
+                return;
+            }
             if let Some(p) = progress {
                 info.progress = p;
             }
