@@ -82,10 +82,7 @@ pub struct Looked {
 /// The windows drained so far, per bound: the latest window start recorded on any host.
 pub fn drained(cib: &str) -> BTreeMap<String, i64> {
     let mut out: BTreeMap<String, i64> = BTreeMap::new();
-    for a in crate::clone::attributes(cib, RECORD_PREFIX) {
-        let Ok(r) = serde_json::from_str::<Record>(&a.value) else {
-            continue;
-        };
+    for r in records(cib) {
         let w = out.entry(r.bound).or_insert(r.window);
         *w = (*w).max(r.window);
     }

@@ -51,6 +51,62 @@ fn store_error(e: crate::archive_store::StoreError) -> Error {
     }
 }
 
+/// Checks that the virtual cluster `name` exists and can be captured (nothing is written).
+async fn check_vcluster(shared: &Arc<Shared>, name: &str) -> Result<()> {
+    let cib = shared.backend.query().await.map_err(Error::cib)?;
+    vmha_vcluster::capture::capture(&cib, name).map_err(|e| match e {
+        vmha_vcluster::VclusterError::NotFound(m) => Error::UnknownGroup(m),
+        vmha_vcluster::VclusterError::Cib(m) => Error::Cib(m),
+        other => Error::invalid(other),
+    })?;
+    Ok(())
+}
+
+/// Starts a capture job into `file`: the caller's file, or with `store` (the pending file and its
+/// archive name) a file of the archive store, named only when the capture succeeded (`pending` removes the
+/// partial file otherwise).
+async fn start_capture(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    opts: crate::vcluster::CaptureOptions,
+    file: std::fs::File,
+    store: Option<(crate::archive_store::Pending, String)>,
+) -> Result<OwnedObjectPath> {
+    let job_shared = Arc::clone(shared);
+    let path = Job::start_task(conn, shared, "capture", opts.name.clone(), move |job| async move {
+        let ports = match job_shared.ports() {
+            Ok(p) => p.clone(),
+            Err(e) => return (Err(e), String::new()),
+        };
+        let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
+        let mut summary = match crate::vcluster::run_capture(&ports, &job, report, &opts, file, job.id()).await {
+            Ok(summary) => summary,
+            Err(e) => {
+                let details = serde_json::json!({"error_class": op_error(e.clone()).short_name()});
+                return (Err(e.to_string()), details.to_string());
+            }
+        };
+        let Some((pending, archive)) = store else {
+            let message = crate::vcluster::capture_text(&summary, std::path::Path::new("the archive"));
+            return (Ok(message), summary.to_string());
+        };
+        match pending.finish() {
+            Ok(path) => {
+                let message = crate::vcluster::capture_text(&summary, &path);
+                summary["archive"] = serde_json::json!(archive);
+                (Ok(message), summary.to_string())
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let details = serde_json::json!({"error_class": store_error(e).short_name()});
+                (Err(message), details.to_string())
+            }
+        }
+    })
+    .await?;
+    Ok(path)
+}
+
 /// Starts an instantiate job on the archive in `file` (checked options, see `instantiate_vcluster`).
 async fn start_instantiate(
     conn: &Connection,
@@ -346,39 +402,15 @@ impl ClusterObject {
         if !(1..=19).contains(&level) {
             return Err(Error::InvalidArgument(format!("zstd level {level} is outside 1..19")));
         }
-        let cib = self.shared.backend.query().await.map_err(Error::cib)?;
-        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| match e {
-            vmha_vcluster::VclusterError::NotFound(m) => Error::UnknownGroup(m),
-            vmha_vcluster::VclusterError::Cib(m) => Error::Cib(m),
-            other => Error::invalid(other),
-        })?;
+        check_vcluster(&self.shared, &name).await?;
         let opts = crate::vcluster::CaptureOptions {
-            name: name.clone(),
+            name,
             with_disks,
             halt,
             level,
             sign,
         };
-        let shared = Arc::clone(&self.shared);
-        let path = Job::start_task(conn, &self.shared, "capture", name, move |job| async move {
-            let ports = match shared.ports() {
-                Ok(p) => p.clone(),
-                Err(e) => return (Err(e), String::new()),
-            };
-            let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
-            match crate::vcluster::run_capture(&ports, &job, report, &opts, file, job.id()).await {
-                Ok(summary) => {
-                    let message = crate::vcluster::capture_text(&summary, std::path::Path::new("the archive"));
-                    (Ok(message), summary.to_string())
-                }
-                Err(e) => {
-                    let details = serde_json::json!({"error_class": op_error(e.clone()).short_name()});
-                    (Err(e.to_string()), details.to_string())
-                }
-            }
-        })
-        .await?;
-        Ok(path)
+        start_capture(conn, &self.shared, opts, file, None).await
     }
 
     /// Instantiates the virtual cluster in `archive`, a file the caller opened for reading (see `vmha
@@ -443,50 +475,16 @@ impl ClusterObject {
         )
         .await?;
         crate::archive_store::check_name(&archive).map_err(store_error)?;
-        let cib = self.shared.backend.query().await.map_err(Error::cib)?;
-        vmha_vcluster::capture::capture(&cib, &name).map_err(|e| match e {
-            vmha_vcluster::VclusterError::NotFound(m) => Error::UnknownGroup(m),
-            vmha_vcluster::VclusterError::Cib(m) => Error::Cib(m),
-            other => Error::invalid(other),
-        })?;
+        check_vcluster(&self.shared, &name).await?;
         let (file, pending) = self.shared.archive_store().create(&archive).map_err(store_error)?;
         let opts = crate::vcluster::CaptureOptions {
-            name: name.clone(),
+            name,
             with_disks,
             halt,
             level: 3,
             sign: None,
         };
-        let shared = Arc::clone(&self.shared);
-        let path = Job::start_task(conn, &self.shared, "capture", name, move |job| async move {
-            let ports = match shared.ports() {
-                Ok(p) => p.clone(),
-                Err(e) => return (Err(e), String::new()),
-            };
-            let report: Arc<dyn crate::vcluster::Report> = Arc::new(job.reporter());
-            // `pending` removes the partial file unless the capture succeeded and it is named.
-            match crate::vcluster::run_capture(&ports, &job, report, &opts, file, job.id()).await {
-                Ok(mut summary) => match pending.finish() {
-                    Ok(path) => {
-                        let message = crate::vcluster::capture_text(&summary, &path);
-                        summary["archive"] = serde_json::json!(archive);
-                        (Ok(message), summary.to_string())
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        let details = serde_json::json!({"error_class": store_error(e).short_name()});
-                        (Err(message), details.to_string())
-                    }
-                },
-                Err(e) => {
-                    drop(pending);
-                    let details = serde_json::json!({"error_class": op_error(e.clone()).short_name()});
-                    (Err(e.to_string()), details.to_string())
-                }
-            }
-        })
-        .await?;
-        Ok(path)
+        start_capture(conn, &self.shared, opts, file, Some((pending, archive))).await
     }
 
     /// Instantiates the virtual cluster in archive `archive` of vmhad's archive store, as

@@ -660,7 +660,7 @@ fn write_element(out: &mut String, names: &Names, e: &Element, style: Style) {
 }
 
 /// Escapes an attribute value (or text) so that an XML parser reads back exactly `value`.
-pub fn escape_xml(out: &mut String, value: &str) {
+fn escape_xml(out: &mut String, value: &str) {
     for ch in value.chars() {
         match ch {
             '&' => out.push_str("&amp;"),

@@ -741,9 +741,11 @@ fn apply_to_copy(id: u64, notification: &str, rc: i32) {
         // A failed operation changed nothing.
         Some(doc)
     } else {
-        match apply_diff(&mut doc, notification) {
+        // The notification is read once, for both the copy and what the diff marks changed.
+        let diff = diff_of(notification);
+        match apply_diff(&mut doc, diff) {
             Applied::Yes => {
-                let dirty = diff_of(notification).map_or_else(Dirty::everything, dirty_of);
+                let dirty = diff.map_or_else(Dirty::everything, dirty_of);
                 with_connections(|c| {
                     if let Some(copy) = c.by_id.get_mut(&id).and_then(|conn| conn.copy.as_mut()) {
                         copy.dirty.merge(dirty);
@@ -780,10 +782,10 @@ fn apply_to_copy(id: u64, notification: &str, rc: i32) {
     }
 }
 
-/// Applies the diff a notification carries to `doc` in place (as Pacemaker's `xml_apply_patchset`, versions
-/// and digest checked: see [`vmha_cib_copy`]).
-fn apply_diff(doc: &mut Doc, notification: &str) -> Applied {
-    match diff_of(notification) {
+/// Applies the diff a notification carries ([`diff_of`]) to `doc` in place (as Pacemaker's
+/// `xml_apply_patchset`, versions and digest checked: see [`vmha_cib_copy`]).
+fn apply_diff(doc: &mut Doc, diff: Option<&str>) -> Applied {
+    match diff {
         Some(diff) => doc.apply(diff),
         None => Applied::No("the notification carries no diff".into()),
     }
@@ -1050,7 +1052,10 @@ mod tests {
     #[test]
     fn a_diff_applies_to_the_copy_it_follows_and_only_to_it() {
         let mut doc = cib(6, 3);
-        assert_eq!(apply_diff(&mut doc, &notification((6, 3), (7, 0))), Applied::Yes);
+        assert_eq!(
+            apply_diff(&mut doc, diff_of(&notification((6, 3), (7, 0)))),
+            Applied::Yes
+        );
         let text = doc.to_text();
         let view = roxmltree::Document::parse(&text).unwrap();
         let root = view.root_element();
@@ -1065,10 +1070,13 @@ mod tests {
             .collect();
         assert_eq!(nvpairs, [("a", "d"), ("x", "z")], "{text}");
         // The same diff again: older than the copy, which already holds it.
-        assert_eq!(apply_diff(&mut doc, &notification((6, 3), (7, 0))), Applied::Older);
+        assert_eq!(
+            apply_diff(&mut doc, diff_of(&notification((6, 3), (7, 0)))),
+            Applied::Older
+        );
         // A diff from a version the copy never had (one was missed): not applied.
         assert!(matches!(
-            apply_diff(&mut doc, &notification((9, 0), (10, 0))),
+            apply_diff(&mut doc, diff_of(&notification((9, 0), (10, 0)))),
             Applied::No(_)
         ));
         // Hostile or broken notifications: not applied, nothing panics.
@@ -1078,7 +1086,7 @@ mod tests {
             "<notify><cib_update_result><diff format=\"2\">",
             "not xml",
         ] {
-            assert!(matches!(apply_diff(&mut doc, bad), Applied::No(_)), "{bad}");
+            assert!(matches!(apply_diff(&mut doc, diff_of(bad)), Applied::No(_)), "{bad}");
         }
         assert_eq!(doc.to_text(), text, "a refused diff left the copy as it was");
     }
@@ -1257,7 +1265,7 @@ mod tests {
                 // Pacemaker may refuse these itself; either way the copy is read whole.
                 continue;
             }
-            assert_eq!(apply_diff(&mut doc, &text), Applied::Yes, "{changes}");
+            assert_eq!(apply_diff(&mut doc, diff_of(&text)), Applied::Yes, "{changes}");
             if dirty.whole {
                 kept = split(&doc);
                 continue;
