@@ -18,7 +18,7 @@ import time
 import traceback
 
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -154,9 +154,19 @@ def choose_by_keyboard(field_id, value):
 def cmd_act(c):
     """Clicks the button with data-key KEY (by keyboard: focus and Enter), fills the dialog, confirms, and
     reports what became of it: the notice, or vmhad's refusal shown in the dialog."""
-    button = wait(10, f"button {c['key']}", lambda: (css(f"button[data-key='{c['key']}']") or [None])[0])
-    driver.execute_script("arguments[0].focus()", button)
-    button.send_keys(Keys.ENTER)
+    def press():
+        button = (css(f"button[data-key='{c['key']}']") or [None])[0]
+        if button is None:
+            return None
+        try:
+            driver.execute_script("arguments[0].focus()", button)
+            button.send_keys(Keys.ENTER)
+        except StaleElementReferenceException:
+            # The page re-rendered its list (a signal from vmhad) between finding the button and
+            # pressing it: find the new one.
+            return None
+        return True
+    wait(10, f"button {c['key']} pressed", press)
     wait(10, "the confirmation dialog", lambda: css("dialog#confirm[open]"))
     focused = driver.switch_to.active_element
     in_dialog = driver.execute_script("return document.getElementById('confirm').contains(arguments[0])", focused)
@@ -327,7 +337,10 @@ def cmd_wait_lists(c):
 
 
 def cmd_events(c):
-    return {"events": [e.text for e in css("#events li")][: c.get("limit", 20)]}
+    # Read in one script: the feed grows while it is read, and a found element can go stale.
+    events = driver.execute_script(
+        "return [...document.querySelectorAll('#events li')].map(e => e.innerText);")
+    return {"events": events[: c.get("limit", 20)]}
 
 
 def cmd_screenshot(c):
