@@ -113,10 +113,19 @@ async fn start_instantiate(
     shared: &Arc<Shared>,
     file: std::fs::File,
     opts: crate::vcluster::InstantiateOptions,
-    name: Option<String>,
+    stored: Option<&str>,
 ) -> Result<OwnedObjectPath> {
     let spec = opts.spec().map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
-    let target = name.unwrap_or_else(|| "(archive)".into());
+    // The job's Target names what is instantiated: the new name, else the stored archive (a file passed by
+    // descriptor has no name here); a dry run says so, so that a plan is not read as an instantiate.
+    let mut target = match (&opts.name, stored) {
+        (Some(name), _) => name.clone(),
+        (None, Some(archive)) => format!("from archive {archive}"),
+        (None, None) => "(archive)".into(),
+    };
+    if opts.dry_run {
+        target.push_str(" (plan)");
+    }
     let job_shared = Arc::clone(shared);
     let path = Job::start_task(conn, shared, "instantiate", target, move |job| async move {
         let ports = match job_shared.ports() {
@@ -450,7 +459,7 @@ impl ClusterObject {
             require_signature,
             trusted_keys,
         };
-        start_instantiate(conn, &self.shared, file, opts, name).await
+        start_instantiate(conn, &self.shared, file, opts, None).await
     }
 
     /// Captures the virtual cluster `name` as `capture_vcluster` does, into the archive `archive` of
@@ -520,7 +529,7 @@ impl ClusterObject {
             require_signature: false,
             trusted_keys: Vec::new(),
         };
-        start_instantiate(conn, &self.shared, file, opts, name).await
+        start_instantiate(conn, &self.shared, file, opts, Some(&archive)).await
     }
 
     /// The archives in vmhad's archive store: (name, bytes, modified as seconds since the epoch), by name.

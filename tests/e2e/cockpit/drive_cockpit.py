@@ -177,10 +177,12 @@ def cmd_act(c):
     fields = dialog_fields()
     if "select" in c:
         Select(css("#" + c["select"]["id"])[0]).select_by_value(c["select"]["value"])
-    if "fill" in c:
-        field = css("#" + c["fill"]["id"])[0]
+    # One field ({"id", "value"}) or several (a list of them), filled in order.
+    fills = c.get("fill", [])
+    for fill in fills if isinstance(fills, list) else [fills]:
+        field = css("#" + fill["id"])[0]
         field.clear()
-        field.send_keys(c["fill"]["value"])
+        field.send_keys(fill["value"])
     css("#confirm-ok")[0].click()
     outcome = wait(c.get("timeout", 60), "the dialog to close or show a refusal",
                    lambda: ("refused" if css("#confirm-error:not([hidden])") else None)
@@ -248,12 +250,14 @@ def cmd_trace_jobs(c):
 
 
 def cmd_wait_job(c):
-    """Waits for a job of KIND (as the Jobs list labels it) to reach STATE; returns what the trace saw of it."""
-    kind, state = c["kind"], c.get("state", "succeeded")
-    script = ("return (window.vmhaJobTrace || []).filter(e => e.text.startsWith(arguments[0] + ' '));")
+    """Waits for a job of KIND (as the Jobs list labels it; with JOB, that job's object path only) to reach
+    STATE; returns what the trace saw of it."""
+    kind, state, job = c["kind"], c.get("state", "succeeded"), c.get("job")
+    script = ("return (window.vmhaJobTrace || []).filter(e => e.text.startsWith(arguments[0] + ' ')"
+              " && (arguments[1] === null || e.job === arguments[1]));")
 
     def ended():
-        trace = driver.execute_script(script, kind)
+        trace = driver.execute_script(script, kind, job)
         done = [e for e in trace if e["state"] in ("succeeded", "failed")]
         return trace if done else None
     trace = wait(c.get("timeout", 120), f"a {kind} job to end on the page", ended)

@@ -10,8 +10,11 @@
 //! the CIB's configuration unchanged, and alice live-clones vm2 from the page and sees the job's steps until
 //! the clone runs. The page's virtual clusters and elastic groups are what `vmha vcluster list` and `vmha
 //! group list` list, before and after a virtual cluster, a member and two groups are added on other hosts
-//! (without a reload); bob's refused scale picks its group from the dialog's list by keyboard. Screenshots
-//! go to target/e2e-artifacts/cockpit/.
+//! (without a reload); bob's refused scale picks its group from the dialog's list by keyboard. Virtual
+//! clusters are captured from the page into vmhad's archive store; a plan in the cluster the archive came
+//! from is refused with vmhad's reason, and after the operator removed the clone, the page's plan of a
+//! capture of it is clean and its "Instantiate as planned…" brings the clone back. Screenshots go to
+//! target/e2e-artifacts/cockpit/.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -485,6 +488,100 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
     );
     assert_eq!(cli_lists(&lab), before, "the dry run created nothing");
 
+    // The whole round from the page where it can succeed: a virtual cluster of the clone alone is captured
+    // from the page; the operator removes the clone on a host (`vmha vm remove --destroy`: resource, tag
+    // membership and domain file gone); the page's plan of the archive, with the lab's storage mapped onto
+    // itself, lists no problem and offers the instantiate, which brings the clone back as it was captured.
+    lab.exec_ok(2, &["vmha", "vcluster", "create", "solo", "vm2c"]).unwrap();
+    let listed = cli_lists(&lab);
+    assert_eq!(listed["vclusters"]["solo"], json!(["vm2c"]), "{listed}");
+    b.wait_lists(&listed, 15, None);
+    let capture = b.ask(
+        json!({"cmd": "act", "key": "vcluster-capture-solo", "fill": {"id": "capture-archive", "value": "solo-page"}}),
+        long,
+    );
+    assert_eq!(capture["outcome"], "done", "alice's capture of solo: {capture}");
+    b.ask(
+        json!({"cmd": "wait_archive", "name": "solo-page", "timeout": 120}),
+        Duration::from_secs(130),
+    );
+    let vm2c_at = wait_running(&lab, "vm2c", Duration::from_secs(5));
+    lab.exec_ok(2, &["vmha", "vm", "remove", "vm2c", "--destroy"]).unwrap();
+    let listed = cli_lists(&lab);
+    assert_eq!(
+        listed["vclusters"],
+        json!({"pair": ["vm1", "vm2"]}),
+        "the removed clone left both virtual clusters (solo, empty, is gone): {listed}"
+    );
+    let maps = format!(
+        "storage={shared}:{shared} storage={images}:{images}",
+        shared = lab.cfg.shared_dir().display(),
+        images = vmha_lab::guest::image_dir().display()
+    );
+    let before = cli_lists(&lab);
+    let asked = b.ask(
+        json!({"cmd": "act", "key": "archive-instantiate-solo-page", "fill": [{"id": "plan-maps", "value": maps}]}),
+        long,
+    );
+    assert_eq!(asked["outcome"], "done", "the plan of solo-page asked: {asked}");
+    let plan = b.ask(
+        json!({"cmd": "wait_plan", "archive": "solo-page", "timeout": 120, "screenshot": "plan-ok"}),
+        Duration::from_secs(130),
+    );
+    assert_eq!(plan["state"], "succeeded", "{plan}");
+    assert_eq!(plan["problems"], json!([]), "{plan}");
+    assert_eq!(
+        plan["run_offered"], true,
+        "the page offers the planned instantiate: {plan}"
+    );
+    assert!(
+        plan["text"].as_str().unwrap().contains("vm2c"),
+        "the plan shows what it would create: {plan}"
+    );
+    assert_eq!(cli_lists(&lab), before, "the dry run created nothing");
+    b.ask(json!({"cmd": "trace_jobs"}), long);
+    let t0 = Instant::now();
+    let run = b.ask(json!({"cmd": "act", "key": "plan-run"}), long);
+    assert_eq!(run["outcome"], "done", "alice's instantiate as planned: {run}");
+    let notice = run["notice"].as_str().unwrap();
+    let job = notice
+        .split("(job ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("the notice names the job: {run}"));
+    let done = b.ask(
+        json!({"cmd": "wait_job", "kind": "instantiate", "job": job, "timeout": 150, "screenshot": "instantiate-done"}),
+        Duration::from_secs(170),
+    );
+    assert!(
+        done["final"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("instantiate from archive solo-page: succeeded"),
+        "the job names the archive: {done}"
+    );
+    println!(
+        "instantiate of solo-page from the page's plan: {:.1} s, job {}",
+        t0.elapsed().as_secs_f64(),
+        done["final"]
+    );
+    let back_at = wait_running(&lab, "vm2c", Duration::from_secs(90));
+    b.ask(
+        json!({"cmd": "wait_vm", "vm": "vm2c", "host": host(back_at), "timeout": 30}),
+        long,
+    );
+    let listed = cli_lists(&lab);
+    assert_eq!(
+        listed["vclusters"]["solo"],
+        json!(["vm2c"]),
+        "the tag is back: {listed}"
+    );
+    println!(
+        "vm2c ran on {} before the removal, on {} after the instantiate",
+        host(vm2c_at),
+        host(back_at)
+    );
+
     // alice moves vm1 (keyboard: the dialog takes the focus) to a host other than the browser's.
     let to = lab.cfg.host_numbers().find(|&n| n != N && n != on1).unwrap();
     let t0 = Instant::now();
@@ -594,7 +691,7 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
     );
     assert_eq!(
         lab.exec_ok(N, &["ls", "-A", "/var/lib/vmha/archives"]).unwrap().trim(),
-        "pair-page.vmha",
+        "pair-page.vmha\nsolo-page.vmha",
         "bob's refused capture stored nothing"
     );
     // bob's group scale is refused with vmhad's reason too (vmhad checks who asks before anything else). He
