@@ -214,6 +214,170 @@ fn base_of(path: &str) -> String {
     path.rsplit_once('/').map_or(path.into(), |(_, b)| b.to_string())
 }
 
+/// Where a clone's live capture writes the template's memory first, on the template's host: a tmpfs. When
+/// QEMU's last pass is done, libvirt closes the memory image before it resumes the template's vCPUs: its
+/// I/O helper drains the pipe and fdatasyncs the image, tens of milliseconds on a disk, all of it inside
+/// the template's stall. On a tmpfs that flush costs nothing; the image is copied to its place on the
+/// shared storage (where the clones' host reads it) once the template runs again, and the staged copy
+/// removed. A vmhad that dies in between leaves the staged image behind: the next capture on that host
+/// removes it when it is older than [`STAGING_STALE`], and a reboot empties the tmpfs.
+pub const CAPTURE_STAGING_DIR: &str = "/dev/shm/vmha-capture";
+const STAGING_POOL: &str = "vmha-capture-staging";
+/// Memory the template's host keeps available beyond the staged image (its guest's memory size): with
+/// less, the capture writes to the shared storage directly, as without staging.
+const STAGING_HEADROOM_KIB: u64 = 512 * 1024;
+/// A staged image older than this is a leftover of a capture whose vmhad died (a capture takes seconds).
+const STAGING_STALE: Duration = Duration::from_secs(3600);
+
+/// A capture's memory image staged on the template's host ([`CAPTURE_STAGING_DIR`]).
+struct Staged {
+    pool: virt::storage_pool::StoragePool,
+    name: String,
+    path: String,
+}
+
+impl Staged {
+    /// Chooses where `vm`'s capture stages its memory image bound for `final_path`, or `None` (capture
+    /// to `final_path` directly): when the host lacks the memory, the tmpfs the room, or any call fails.
+    fn choose(conn: &Connect, dom: &virt::domain::Domain, vm: &str, final_path: &str) -> Option<Staged> {
+        let skip = |why: String| {
+            tracing::info!(%vm, "capturing straight to {final_path}: {why}");
+            None
+        };
+        let guest_kib = match dom.max_memory() {
+            Ok(k) => k,
+            Err(e) => return skip(format!("the guest's memory size: {e}")),
+        };
+        let available_kib = match libvirt_ext::node_memory_kib(conn) {
+            Ok((_, free, buffers, cached)) => free + buffers + cached,
+            Err(e) => return skip(format!("the host's memory: {e}")),
+        };
+        if available_kib < guest_kib + STAGING_HEADROOM_KIB {
+            return skip(format!(
+                "the host has {} MiB available, the guest's {} MiB and {} MiB to spare are needed",
+                available_kib / 1024,
+                guest_kib / 1024,
+                STAGING_HEADROOM_KIB / 1024
+            ));
+        }
+        let pool = match libvirt_ext::dir_pool_built(conn, CAPTURE_STAGING_DIR, STAGING_POOL, 0o700) {
+            Ok(p) => p,
+            Err(e) => return skip(format!("the staging pool on {CAPTURE_STAGING_DIR}: {e}")),
+        };
+        if let Err(e) = pool.refresh(0) {
+            return skip(format!("refreshing the staging pool: {e}"));
+        }
+        remove_stale(&pool);
+        match pool.info() {
+            Ok(info) if info.available / 1024 >= guest_kib + 64 * 1024 => {}
+            Ok(info) => {
+                return skip(format!(
+                    "{CAPTURE_STAGING_DIR} has {} MiB free, the guest has {} MiB",
+                    info.available >> 20,
+                    guest_kib / 1024
+                ))
+            }
+            Err(e) => return skip(format!("the staging pool's room: {e}")),
+        }
+        let name = base_of(final_path).trim_start_matches('.').to_string();
+        if name.is_empty() || pool.lookup_storage_vol_by_name(&name).is_ok() {
+            return skip(format!("{CAPTURE_STAGING_DIR}/{name} exists"));
+        }
+        let path = format!("{CAPTURE_STAGING_DIR}/{name}");
+        Some(Staged { pool, name, path })
+    }
+
+    /// Copies the staged image to `final_path` (through the host's storage API, a new file there) and
+    /// removes the staged one whatever happened.
+    fn copy_to(self, conn: &Connect, host: &str, final_path: &str) -> Result<(), HvError> {
+        let fail = |call: &'static str, message: String| HvError {
+            host: host.to_string(),
+            call,
+            message,
+        };
+        let copied = (|| {
+            self.pool
+                .refresh(0)
+                .map_err(|e| fail("virStoragePoolRefresh", format!("{CAPTURE_STAGING_DIR}: {e}")))?;
+            let from = self
+                .pool
+                .lookup_storage_vol_by_name(&self.name)
+                .map_err(|e| fail("virStorageVolLookupByName", format!("{}: {e}", self.path)))?;
+            let bytes = from
+                .info()
+                .map_err(|e| fail("virStorageVolGetInfo", format!("{}: {e}", self.path)))?
+                .capacity;
+            let dir = dir_of(final_path);
+            let to = libvirt_ext::dir_pool(conn, &dir, &pool_name(&dir))
+                .map_err(|e| fail("storage pool", format!("{dir}: {e}")))?;
+            to.refresh(0)
+                .map_err(|e| fail("virStoragePoolRefresh", format!("{dir}: {e}")))?;
+            let xml = format!(
+                "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity>\
+                 <target><format type='raw'/><permissions><mode>0600</mode></permissions></target></volume>",
+                change::escape(&base_of(final_path))
+            );
+            virt::storage_vol::StorageVol::create_xml_from(&to, &xml, &from, 0).map_err(|e| {
+                fail(
+                    "virStorageVolCreateXMLFrom",
+                    format!("copying {} to {final_path}: {e}", self.path),
+                )
+            })?;
+            Ok(())
+        })();
+        self.remove();
+        copied
+    }
+
+    /// Removes the staged image, if it is there.
+    fn remove(&self) {
+        if self.pool.refresh(0).is_err() {
+            return;
+        }
+        if let Ok(vol) = self.pool.lookup_storage_vol_by_name(&self.name) {
+            if let Err(e) = vol.delete(0) {
+                tracing::warn!(image = %self.path, "removing the staged memory image: {e}");
+            }
+        }
+    }
+}
+
+/// Removes the staging pool's images older than [`STAGING_STALE`] (by their modification time).
+fn remove_stale(pool: &virt::storage_pool::StoragePool) {
+    let Ok(vols) = pool.list_all_volumes(0) else { return };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    for vol in vols {
+        let Ok(xml) = vol.xml_desc(0) else { continue };
+        let mtime = roxmltree::Document::parse(&xml).ok().and_then(|d| {
+            d.descendants()
+                .find(|n| n.has_tag_name("mtime"))
+                .and_then(|n| n.text())
+                .and_then(|t| t.trim().parse::<f64>().ok())
+        });
+        if mtime.is_some_and(|m| now - m > STAGING_STALE.as_secs_f64()) {
+            let path = vol.path().unwrap_or_default();
+            match vol.delete(0) {
+                Ok(()) => {
+                    tracing::info!(image = %path, "removed a staged memory image left by a capture that did not finish")
+                }
+                Err(e) => tracing::warn!(image = %path, "removing a stale staged memory image: {e}"),
+            }
+        }
+    }
+}
+
+/// The external memory file a `<domainsnapshot>` names.
+fn snapshot_memory_file(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let memory = doc.root_element().children().find(|n| n.has_tag_name("memory"))?;
+    (memory.attribute("snapshot") == Some("external"))
+        .then(|| memory.attribute("file").map(str::to_string))
+        .flatten()
+}
+
 /// The name of the transient pool vmhad makes for a directory no pool has.
 fn pool_name(dir: &str) -> String {
     let h = dir.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -267,6 +431,27 @@ impl Hypervisor for Libvirt {
             if reuse {
                 flags |= virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
             }
+            // The memory goes to a tmpfs on this host first when it can (see CAPTURE_STAGING_DIR): the
+            // snapshot's memory file is swapped for the staged path, which must appear exactly once.
+            let final_memory = snapshot_memory_file(&snapshot_xml);
+            let staged = final_memory
+                .as_deref()
+                .and_then(|m| Staged::choose(conn, &dom, &name, m).map(|s| (m.to_string(), s)));
+            let snapshot_xml = match &staged {
+                Some((m, s)) => {
+                    let (from, to) = (
+                        format!("file='{}'", change::escape(m)),
+                        format!("file='{}'", change::escape(&s.path)),
+                    );
+                    if snapshot_xml.matches(&from).count() == 1 {
+                        snapshot_xml.replace(&from, &to)
+                    } else {
+                        snapshot_xml
+                    }
+                }
+                None => snapshot_xml,
+            };
+            let staged = staged.filter(|(_, s)| snapshot_xml.contains(&format!("file='{}'", change::escape(&s.path))));
             let limit = LowDowntime::set(&dom, &name);
             let made = std::thread::scope(|s| {
                 let (done, wait) = std::sync::mpsc::channel::<()>();
@@ -287,12 +472,23 @@ impl Hypervisor for Libvirt {
                 made
             });
             limit.restore(&dom, &name);
-            made.map_err(|e| HvError {
-                host: on,
-                call: "virDomainSnapshotCreateXML",
-                message: format!("live snapshot of {name}: {e}"),
-            })?;
-            let stats = dom.job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED).ok();
+            let stats = made.as_ref().ok().and_then(|_| dom.job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED).ok());
+            if let Err(e) = made {
+                if let Some((_, s)) = &staged {
+                    s.remove();
+                }
+                return Err(HvError {
+                    host: on,
+                    call: "virDomainSnapshotCreateXML",
+                    message: format!("live snapshot of {name}: {e}"),
+                });
+            }
+            if let Some((final_path, s)) = staged {
+                let at = Instant::now();
+                let staged_at = s.path.clone();
+                s.copy_to(conn, &on, &final_path)?;
+                tracing::info!(vm = %name, "memory image captured to {staged_at}, copied to {final_path} in {} ms", at.elapsed().as_millis());
+            }
             Ok(stats.and_then(|s| s.downtime))
         }))
     }

@@ -126,6 +126,26 @@ pub fn dir_pool(
     dir: &str,
     name: &str,
 ) -> Result<virt::storage_pool::StoragePool, Error> {
+    pool_of_dir(conn, dir, name, None)
+}
+
+/// As [`dir_pool`], but a new pool's directory is made when missing (`VIR_STORAGE_POOL_CREATE_WITH_BUILD`),
+/// with permissions `mode` (e.g. 0o700) and owned by libvirtd's user.
+pub fn dir_pool_built(
+    conn: &virt::connect::Connect,
+    dir: &str,
+    name: &str,
+    mode: u32,
+) -> Result<virt::storage_pool::StoragePool, Error> {
+    pool_of_dir(conn, dir, name, Some(mode))
+}
+
+fn pool_of_dir(
+    conn: &virt::connect::Connect,
+    dir: &str,
+    name: &str,
+    build_mode: Option<u32>,
+) -> Result<virt::storage_pool::StoragePool, Error> {
     let call = "virStoragePoolLookupByTargetPath";
     let path = CString::new(dir).map_err(|source| Error::Nul { call, source })?;
     // SAFETY: `conn.as_ptr()` is a live virConnectPtr owned by `conn`; `path` is a NUL-terminated string
@@ -137,14 +157,23 @@ pub fn dir_pool(
     }
     let call = "virStoragePoolCreateXML";
     let escape = |v: &str| v.replace('&', "&amp;").replace('<', "&lt;").replace('\'', "&apos;");
+    let permissions = build_mode.map_or(String::new(), |m| {
+        format!("<permissions><mode>{m:04o}</mode></permissions>")
+    });
     let xml = format!(
-        "<pool type='dir'><name>{}</name><target><path>{}</path></target></pool>",
+        "<pool type='dir'><name>{}</name><target><path>{}</path>{permissions}</target></pool>",
         escape(name),
         escape(dir)
     );
     let xml = CString::new(xml).map_err(|source| Error::Nul { call, source })?;
-    // SAFETY: as above; `xml` is a NUL-terminated pool definition alive for the call; flags 0.
-    let created = unsafe { sys::virStoragePoolCreateXML(conn.as_ptr(), xml.as_ptr(), 0) };
+    let flags = if build_mode.is_some() {
+        sys::VIR_STORAGE_POOL_CREATE_WITH_BUILD
+    } else {
+        0
+    };
+    // SAFETY: as above; `xml` is a NUL-terminated pool definition alive for the call; `flags` is 0 or
+    // VIR_STORAGE_POOL_CREATE_WITH_BUILD.
+    let created = unsafe { sys::virStoragePoolCreateXML(conn.as_ptr(), xml.as_ptr(), flags) };
     if created.is_null() {
         return Err(last_error(call));
     }
@@ -222,6 +251,68 @@ pub fn abort_job(domain: &Domain) -> Result<(), Error> {
         return Err(last_error("virDomainAbortJob"));
     }
     Ok(())
+}
+
+/// The host's memory as `virNodeGetMemoryStats` reports it over all cells, in KiB: (total, free, buffers,
+/// cached); a field the host does not report reads 0.
+pub fn node_memory_kib(conn: &virt::connect::Connect) -> Result<(u64, u64, u64, u64), Error> {
+    let call = "virNodeGetMemoryStats";
+    let mut n: c_int = 0;
+    // SAFETY: `conn.as_ptr()` is a live virConnectPtr owned by `conn`; a null `params` with `nparams`
+    // pointing at 0 asks only for the number of fields, which libvirt writes into `n`.
+    let rc = unsafe {
+        sys::virNodeGetMemoryStats(
+            conn.as_ptr(),
+            sys::VIR_NODE_MEMORY_STATS_ALL_CELLS,
+            ptr::null_mut(),
+            &mut n,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    let Ok(len) = usize::try_from(n) else {
+        return Ok((0, 0, 0, 0));
+    };
+    if len == 0 {
+        return Ok((0, 0, 0, 0));
+    }
+    let mut params = vec![
+        sys::_virNodeMemoryStats {
+            field: [0; 80],
+            value: 0,
+        };
+        len
+    ];
+    // SAFETY: `params` holds `n` zeroed virNodeMemoryStats records, which libvirt fills (at most `n`, the
+    // number it gave above; it writes how many it filled back into `n`); all are alive for the call.
+    let rc = unsafe {
+        sys::virNodeGetMemoryStats(
+            conn.as_ptr(),
+            sys::VIR_NODE_MEMORY_STATS_ALL_CELLS,
+            params.as_mut_ptr(),
+            &mut n,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    let filled = usize::try_from(n).unwrap_or(0).min(len);
+    let mut out = (0, 0, 0, 0);
+    for p in &params[..filled] {
+        // The field name is a NUL-terminated string within its 80 bytes (libvirt's VIR_NODE_MEMORY_FIELD_LENGTH).
+        let bytes: Vec<u8> = p.field.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        match bytes.as_slice() {
+            b"total" => out.0 = p.value,
+            b"free" => out.1 = p.value,
+            b"buffers" => out.2 = p.value,
+            b"cached" => out.3 = p.value,
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
