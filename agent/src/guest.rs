@@ -773,6 +773,7 @@ mod tests {
                 dc: None,
                 quorate: true,
                 stonith_enabled: true,
+                capture_staging: true,
                 hosts: vec![],
                 vms: vec![vmha_model::VmView {
                     name: "vm1".into(),

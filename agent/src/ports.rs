@@ -414,7 +414,8 @@ impl Hypervisor for Libvirt {
         vm: &str,
         snapshot_xml: String,
         reuse: bool,
-    ) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
+        stage: bool,
+    ) -> BoxFuture<'_, Result<vmha_ops::ports::Captured, HvError>> {
         let (on, name) = (host.to_string(), vm.to_string());
         Box::pin(self.with_conn(host.to_string(), "capturing the template", move |conn| {
             let dom = conn.lookup_domain_by_name(&name).map_err(|e| HvError {
@@ -433,7 +434,7 @@ impl Hypervisor for Libvirt {
             }
             // The memory goes to a tmpfs on this host first when it can (see CAPTURE_STAGING_DIR): the
             // snapshot's memory file is swapped for the staged path, which must appear exactly once.
-            let final_memory = snapshot_memory_file(&snapshot_xml);
+            let final_memory = snapshot_memory_file(&snapshot_xml).filter(|_| stage);
             let staged = final_memory
                 .as_deref()
                 .and_then(|m| Staged::choose(conn, &dom, &name, m).map(|s| (m.to_string(), s)));
@@ -483,13 +484,19 @@ impl Hypervisor for Libvirt {
                     message: format!("live snapshot of {name}: {e}"),
                 });
             }
+            let mut staged_copy_ms = None;
             if let Some((final_path, s)) = staged {
                 let at = Instant::now();
                 let staged_at = s.path.clone();
                 s.copy_to(conn, &on, &final_path)?;
-                tracing::info!(vm = %name, "memory image captured to {staged_at}, copied to {final_path} in {} ms", at.elapsed().as_millis());
+                let ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+                tracing::info!(vm = %name, "memory image captured to {staged_at}, copied to {final_path} in {ms} ms");
+                staged_copy_ms = Some(ms);
             }
-            Ok(stats.and_then(|s| s.downtime))
+            Ok(vmha_ops::ports::Captured {
+                downtime_ms: stats.and_then(|s| s.downtime),
+                staged_copy_ms,
+            })
         }))
     }
 

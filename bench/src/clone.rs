@@ -39,6 +39,9 @@ struct Timings {
     prepare_ms: f64,
     capture_ms: f64,
     stall_ms: Option<f64>,
+    /// Set when the capture staged the memory on a tmpfs of the template's host (the copy's ms).
+    #[serde(default)]
+    staged_copy_ms: Option<f64>,
     create_ms: f64,
     resume_ms: f64,
     register_ms: f64,
@@ -323,6 +326,8 @@ fn timings(message: &str) -> Result<Timings> {
 struct Sample {
     template: &'static str,
     count: u32,
+    /// Whether vmhad staged the template's memory on a tmpfs (as the job reported it).
+    staged: bool,
     t: Timings,
     cli_ms: f64,
     ping_gap_ms: Option<f64>,
@@ -395,11 +400,35 @@ pub fn run(rounds: usize, quick: bool, cfg: &LabConfig, out: Option<PathBuf>) ->
     let mut samples: Vec<Sample> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     for round in 0..rounds {
+        // One clone runs with and without staging the memory (cluster property vmha-capture-staging), the
+        // order alternating by round; eight clones with staging (vmhad's default) only.
+        let mut cases: Vec<(u32, bool)> = Vec::new();
         for &count in counts {
+            if count == 1 && !quick {
+                let first = round % 2 == 0;
+                cases.push((count, first));
+                cases.push((count, !first));
+            } else {
+                cases.push((count, true));
+            }
+        }
+        for (count, staging) in cases {
+            lab.exec_ok(
+                1,
+                &[
+                    "crm_attribute",
+                    "--type",
+                    "crm_config",
+                    "--name",
+                    "vmha-capture-staging",
+                    "--update",
+                    if staging { "true" } else { "false" },
+                ],
+            )?;
             for (ti, (tpl, _)) in TEMPLATES.iter().enumerate() {
                 let a = host_of(tpl).ok_or_else(|| anyhow!("template {tpl} is not running"))?;
                 let target = lab.other_host(a).context("no other host")?;
-                let name = format!("k{ti}n{count}r{round}");
+                let name = format!("k{ti}n{count}s{}r{round}", u8::from(staging));
                 let c = count.to_string();
                 let ticker = PingLoop::start_ticks(&lab, a, tpl, TICK_FOR_MS)?;
                 let pinger = PingLoop::start(&lab, a, tpl)?;
@@ -428,7 +457,11 @@ pub fn run(rounds: usize, quick: bool, cfg: &LabConfig, out: Option<PathBuf>) ->
                     Err(e) => {
                         // A clone that failed (and was rolled back) is reported, not hidden: the run goes on.
                         eprintln!("vmha-bench: clone {name} of {tpl} failed: {e}");
-                        failures.push(format!("{tpl}, {count} clone(s), round {}: {e}", round + 1));
+                        failures.push(format!(
+                            "{tpl}, {count} clone(s), staging {}, round {}: {e}",
+                            if staging { "on" } else { "off" },
+                            round + 1
+                        ));
                         continue;
                     }
                 };
@@ -451,6 +484,7 @@ pub fn run(rounds: usize, quick: bool, cfg: &LabConfig, out: Option<PathBuf>) ->
                     ticks_lost: ticks.lost(),
                     template: tpl,
                     count,
+                    staged: t.staged_copy_ms.is_some(),
                     t,
                     cli_ms,
                     ping_gap_ms: g.during,
@@ -484,7 +518,11 @@ fn body(samples: &[Sample], rounds: usize, counts: &[u32], failures: &[String]) 
         r,
         "Lab: 3 hosts, vmhad on each; templates of 128 MiB under TCG with vmha-guest: **btpl** ({}) and \
          **btpd** ({}), cloned to another host by `vmha clone`. {rounds} rounds; in each round every case \
-         runs once, the two templates alternating.\n\n\
+         runs once, the two templates alternating. One clone runs twice in each round (not in --quick): with the \
+         template's memory staged on a tmpfs of its host and copied to the shared storage after the template \
+         runs again (vmhad's default), and straight to the shared storage (cluster property \
+         `vmha-capture-staging=false`), in an order that alternates by round; rows are grouped by what the \
+         job reported (`staged_copy_ms`).\n\n\
          Two independent clocks watch the template's guest during every clone, both timed by the host's \
          CLOCK_MONOTONIC; each figure is the longest gap between two signs of life:\n\
          - **stream**: a process in the template's guest (`vmha-guest --tick-to /dev/ttyS0`, started through \
@@ -519,47 +557,57 @@ fn body(samples: &[Sample], rounds: usize, counts: &[u32], failures: &[String]) 
     );
     let mut extra = String::new();
     for &count in counts {
-        for (tpl, what) in TEMPLATES {
-            let s: Vec<&Sample> = samples
-                .iter()
-                .filter(|s| s.template == tpl && s.count == count)
-                .collect();
-            let v = |f: fn(&Sample) -> Option<f64>| s.iter().filter_map(|x| f(x)).collect::<Vec<f64>>();
-            let stall = v(|x| x.tick_capture_gap_ms);
-            let total = v(|x| Some(x.t.total_ms));
-            let ready_goal = if count == 1 { 2000.0 } else { 10000.0 };
-            let goals = format!(
-                "stall <= 50 ms by the stream during the capture: {}; ready <= {} s: {}",
-                verdict(!stall.is_empty() && median(&stall) <= 50.0),
-                ready_goal / 1000.0,
-                verdict(!total.is_empty() && median(&total) <= ready_goal)
-            );
-            let idle = |f: fn(&Sample) -> Option<f64>| {
-                let x = v(f);
-                if x.is_empty() {
-                    "-".to_string()
-                } else {
-                    format!("{:.1}", median(&x))
+        for staged in [true, false] {
+            for (tpl, what) in TEMPLATES {
+                let s: Vec<&Sample> = samples
+                    .iter()
+                    .filter(|s| s.template == tpl && s.count == count && s.staged == staged)
+                    .collect();
+                if s.is_empty() {
+                    continue;
                 }
-            };
-            let _ = writeln!(
-                r,
-                "| {tpl} ({what}) | {count} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {goals} |",
-                cell(&stall, 0, ""),
-                cell(&v(|x| x.ping_capture_gap_ms), 0, ""),
-                cell(&v(|x| x.t.stall_ms), 0, ""),
-                cell(&v(|x| x.tick_gap_ms), 0, ""),
-                cell(&v(|x| x.ping_gap_ms), 0, ""),
-                idle(|x| x.tick_idle_gap_ms),
-                idle(|x| x.idle_gap_ms),
-                cell(&total, 0, ""),
-                cell(&v(|x| Some(x.cli_ms)), 0, ""),
-            );
-            let _ = writeln!(
+                let how = if staged {
+                    "memory staged on tmpfs"
+                } else {
+                    "memory straight to shared storage"
+                };
+                let v = |f: fn(&Sample) -> Option<f64>| s.iter().filter_map(|x| f(x)).collect::<Vec<f64>>();
+                let stall = v(|x| x.tick_capture_gap_ms);
+                let total = v(|x| Some(x.t.total_ms));
+                let ready_goal = if count == 1 { 2000.0 } else { 10000.0 };
+                let goals = format!(
+                    "stall <= 50 ms by the stream during the capture: {}; ready <= {} s: {}",
+                    verdict(!stall.is_empty() && median(&stall) <= 50.0),
+                    ready_goal / 1000.0,
+                    verdict(!total.is_empty() && median(&total) <= ready_goal)
+                );
+                let idle = |f: fn(&Sample) -> Option<f64>| {
+                    let x = v(f);
+                    if x.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.1}", median(&x))
+                    }
+                };
+                let _ = writeln!(
+                    r,
+                    "| {tpl} ({what}), {how} | {count} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {goals} |",
+                    cell(&stall, 0, ""),
+                    cell(&v(|x| x.ping_capture_gap_ms), 0, ""),
+                    cell(&v(|x| x.t.stall_ms), 0, ""),
+                    cell(&v(|x| x.tick_gap_ms), 0, ""),
+                    cell(&v(|x| x.ping_gap_ms), 0, ""),
+                    idle(|x| x.tick_idle_gap_ms),
+                    idle(|x| x.idle_gap_ms),
+                    cell(&total, 0, ""),
+                    cell(&v(|x| Some(x.cli_ms)), 0, ""),
+                );
+                let _ = writeln!(
                 extra,
-                "| {tpl} | {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {} | {} | {:.0} / {} |",
+                "| {tpl}, {how} | {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {} | {} | {:.0} / {} |",
                 cell(&v(|x| Some(x.t.prepare_ms)), 0, ""),
                 cell(&v(|x| Some(x.t.capture_ms)), 0, ""),
+                cell(&v(|x| x.t.staged_copy_ms), 0, ""),
                 cell(&v(|x| Some(x.t.create_ms)), 0, ""),
                 cell(&v(|x| Some(x.t.resume_ms)), 0, ""),
                 cell(&v(|x| Some(x.t.register_ms)), 0, ""),
@@ -573,6 +621,7 @@ fn body(samples: &[Sample], rounds: usize, counts: &[u32], failures: &[String]) 
                 median(&v(|x| Some(x.ticks_lost as f64))),
                 s.iter().map(|x| x.ticks_lost).max().unwrap_or(0),
             );
+            }
         }
     }
     let _ = writeln!(
@@ -586,7 +635,7 @@ fn body(samples: &[Sample], rounds: usize, counts: &[u32], failures: &[String]) 
     );
     let _ = writeln!(
         r,
-        "| template | clones | prepare | capture | create+start | resume | register | post-clone | longest gap over the call began, ms after the call: stream | same, ping loop | ping answers per clone | failed pings (median / max) | stream lines per clone | stream lines lost (median / max) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| template | clones | prepare | capture | of it, copying the staged memory | create+start | resume | register | post-clone | longest gap over the call began, ms after the call: stream | same, ping loop | ping answers per clone | failed pings (median / max) | stream lines per clone | stream lines lost (median / max) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     r.push_str(&extra);
     if !failures.is_empty() {

@@ -93,6 +93,9 @@ pub struct ClusterView {
     pub dc: Option<String>,
     pub quorate: bool,
     pub stonith_enabled: bool,
+    /// Whether a live clone's capture may stage the template's memory on a tmpfs of its host (cluster
+    /// property `vmha-capture-staging`, true unless set false).
+    pub capture_staging: bool,
     pub hosts: Vec<HostView>,
     pub vms: Vec<VmView>,
     /// The virtual clusters: the tags of the configuration's `tags` section (tag id -> the ids it refers
@@ -692,6 +695,7 @@ impl CibParts {
             dc,
             quorate: self.quorate,
             stonith_enabled: self.crm_config.get("stonith-enabled").is_none_or(|v| is_true(v)),
+            capture_staging: self.crm_config.get("vmha-capture-staging").is_none_or(|v| is_true(v)),
             hosts,
             vms,
             vclusters: self.tags.clone(),

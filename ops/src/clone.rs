@@ -89,6 +89,9 @@ pub struct Timings {
     pub capture_ms: u128,
     /// How long the template's vCPUs were stopped (libvirt's downtime of the snapshot job), when known.
     pub stall_ms: Option<u64>,
+    /// When the capture staged the template's memory on a tmpfs of its host: how long copying it to the
+    /// shared storage took (part of `capture_ms`, after the template ran again). `None`: not staged.
+    pub staged_copy_ms: Option<u64>,
     pub create_ms: u128,
     pub resume_ms: u128,
     pub register_ms: u128,
@@ -389,11 +392,20 @@ impl<'a> CloneRun<'a> {
         }
         x.push_str("</disks></domainsnapshot>");
         let reuse = self.make_overlays_ahead().await;
-        self.t.stall_ms = self
+        let stage = self
+            .p
+            .cluster
+            .snapshot()
+            .view
+            .as_ref()
+            .is_none_or(|v| v.capture_staging);
+        let captured = self
             .p
             .hypervisor
-            .live_snapshot(&self.plan.source, &tpl, x, reuse)
+            .live_snapshot(&self.plan.source, &tpl, x, reuse, stage)
             .await?;
+        self.t.stall_ms = captured.downtime_ms;
+        self.t.staged_copy_ms = captured.staged_copy_ms;
         // The template now writes to its new overlays: its definition must say so before anything else, or
         // a restart would boot it from the frozen layer the clones share.
         follow_overlays(self.p, &self.plan.config, &self.journal.overlays).await?;

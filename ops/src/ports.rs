@@ -69,6 +69,15 @@ pub struct HvError {
 /// A domain's disk chains: (target dev, [active layer, backing, ...]).
 pub type DiskChains = Vec<(String, Vec<String>)>;
 
+/// What a live capture ([`Hypervisor::live_snapshot`]) reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// How long the VM's vCPUs were stopped by libvirt's own figure, when it says.
+    pub downtime_ms: Option<u64>,
+    /// When the memory was staged: how long copying it to its file took (after the vCPUs ran again).
+    pub staged_copy_ms: Option<u64>,
+}
+
 /// The hypervisor (libvirt) of every host.
 pub trait Hypervisor: Send + Sync {
     /// Whether `host` sees each file (directory, base name) through its storage API.
@@ -76,15 +85,17 @@ pub trait Hypervisor: Send + Sync {
     /// A live external snapshot of `vm` on `host` (`snapshot_xml`: a `<domainsnapshot>` with an external
     /// memory file and new overlays for its disks); the VM goes on running on the overlays. With `reuse`,
     /// the overlays exist already (made by [`Hypervisor::create_overlays`] on the VM's current layers),
-    /// so that they are only opened, not created, while the vCPUs are stopped. Returns the downtime
-    /// libvirt measured, when it says.
+    /// so that they are only opened, not created, while the vCPUs are stopped. With `stage`, the memory
+    /// may be written to a fast local place on `host` first and copied to its file after the vCPUs run
+    /// again (the adapter decides whether it can). Returns the downtime libvirt measured, when it says.
     fn live_snapshot(
         &self,
         host: &str,
         vm: &str,
         snapshot_xml: String,
         reuse: bool,
-    ) -> BoxFuture<'_, Result<Option<u64>, HvError>>;
+        stage: bool,
+    ) -> BoxFuture<'_, Result<Captured, HvError>>;
     /// Creates each (backing, overlay) qcow2 overlay through `host`'s storage API.
     fn create_overlays(&self, host: &str, overlays: Vec<(String, String)>) -> BoxFuture<'_, Result<(), HvError>>;
     /// Restores a save image on `host`, running.

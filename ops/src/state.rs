@@ -180,6 +180,7 @@ mod tests {
                 dc: Some(dc.into()),
                 quorate: true,
                 stonith_enabled: true,
+                capture_staging: true,
                 hosts,
                 vms,
                 vclusters: Default::default(),

@@ -1139,7 +1139,8 @@ impl Hypervisor for At {
         vm: &str,
         snapshot_xml: String,
         reuse: bool,
-    ) -> BoxFuture<'_, Result<Option<u64>, HvError>> {
+        _stage: bool,
+    ) -> BoxFuture<'_, Result<crate::ports::Captured, HvError>> {
         let (h, vm) = (host.to_string(), vm.to_string());
         let fail = hv_fail(&h, "live snapshot");
         guarded!(self, "hv.live_snapshot", format!("{vm} on {h}"), fail, {
@@ -1215,7 +1216,10 @@ impl Hypervisor for At {
             }
             g.domains[i] = dom;
             g.log.push(format!("{} hv live snapshot of {vm} on {h}", self.host));
-            Ok(Some(3))
+            Ok(crate::ports::Captured {
+                downtime_ms: Some(3),
+                staged_copy_ms: None,
+            })
         })
     }
 
