@@ -214,14 +214,16 @@ fn base_of(path: &str) -> String {
     path.rsplit_once('/').map_or(path.into(), |(_, b)| b.to_string())
 }
 
-/// Where a clone's live capture writes the template's memory first, on the template's host: a tmpfs. When
+/// Where a clone's live capture writes the template's memory first, on the template's host: under `/run`,
+/// a tmpfs on systemd hosts (as in the lab) that only root may write to (never `/dev/shm`, where any
+/// local user could make the directory first and read the guest's memory). When
 /// QEMU's last pass is done, libvirt closes the memory image before it resumes the template's vCPUs: its
 /// I/O helper drains the pipe and fdatasyncs the image, tens of milliseconds on a disk, all of it inside
 /// the template's stall. On a tmpfs that flush costs nothing; the image is copied to its place on the
 /// shared storage (where the clones' host reads it) once the template runs again, and the staged copy
 /// removed. A vmhad that dies in between leaves the staged image behind: the next capture on that host
 /// removes it when it is older than [`STAGING_STALE`], and a reboot empties the tmpfs.
-pub const CAPTURE_STAGING_DIR: &str = "/dev/shm/vmha-capture";
+pub const CAPTURE_STAGING_DIR: &str = "/run/vmha-capture";
 const STAGING_POOL: &str = "vmha-capture-staging";
 /// Memory the template's host keeps available beyond the staged image (its guest's memory size): with
 /// less, the capture writes to the shared storage directly, as without staging.
@@ -342,7 +344,8 @@ impl Staged {
     }
 }
 
-/// Removes the staging pool's images older than [`STAGING_STALE`] (by their modification time).
+/// Removes the staging pool's memory images (`*.mem`) older than [`STAGING_STALE`] (by their
+/// modification time); nothing else in the directory is touched.
 fn remove_stale(pool: &virt::storage_pool::StoragePool) {
     let Ok(vols) = pool.list_all_volumes(0) else { return };
     let now = SystemTime::now()
@@ -350,6 +353,9 @@ fn remove_stale(pool: &virt::storage_pool::StoragePool) {
         .unwrap_or_default()
         .as_secs_f64();
     for vol in vols {
+        if !vol.name().is_ok_and(|n| n.ends_with(".mem")) {
+            continue;
+        }
         let Ok(xml) = vol.xml_desc(0) else { continue };
         let mtime = roxmltree::Document::parse(&xml).ok().and_then(|d| {
             d.descendants()
