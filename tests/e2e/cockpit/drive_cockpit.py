@@ -51,8 +51,11 @@ def css(sel):
 
 
 def wait(timeout, what, cond):
+    """Polls cond() until it returns something true. An element that went stale while cond() read it (the
+    page re-renders its lists on vmhad's signals) is not an answer: cond() is asked again."""
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: cond())
+        return WebDriverWait(driver, timeout, poll_frequency=0.2,
+                             ignored_exceptions=[StaleElementReferenceException]).until(lambda d: cond())
     except TimeoutException:
         raise RuntimeError(f"timed out after {timeout} s waiting for {what}") from None
 
