@@ -309,11 +309,7 @@ impl Staged {
                 .info()
                 .map_err(|e| fail("virStorageVolGetInfo", format!("{}: {e}", self.path)))?
                 .capacity;
-            let dir = dir_of(final_path);
-            let to = libvirt_ext::dir_pool(conn, &dir, &pool_name(&dir))
-                .map_err(|e| fail("storage pool", format!("{dir}: {e}")))?;
-            to.refresh(0)
-                .map_err(|e| fail("virStoragePoolRefresh", format!("{dir}: {e}")))?;
+            let to = refreshed_dir_pool(conn, host, &dir_of(final_path))?;
             let xml = format!(
                 "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity>\
                  <target><format type='raw'/><permissions><mode>0600</mode></permissions></target></volume>",
@@ -384,6 +380,21 @@ fn snapshot_memory_file(xml: &str) -> Option<String> {
         .flatten()
 }
 
+/// The storage pool of directory `dir` on `host` ([`libvirt_ext::dir_pool`]), refreshed so that it lists
+/// the files there now.
+fn refreshed_dir_pool(conn: &Connect, host: &str, dir: &str) -> Result<virt::storage_pool::StoragePool, HvError> {
+    let fail = |call: &'static str, message: String| HvError {
+        host: host.to_string(),
+        call,
+        message,
+    };
+    let pool =
+        libvirt_ext::dir_pool(conn, dir, &pool_name(dir)).map_err(|e| fail("storage pool", format!("{dir}: {e}")))?;
+    pool.refresh(0)
+        .map_err(|e| fail("virStoragePoolRefresh", format!("refreshing {dir}: {e}")))?;
+    Ok(pool)
+}
+
 /// The name of the transient pool vmhad makes for a directory no pool has.
 fn pool_name(dir: &str) -> String {
     let h = dir.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
@@ -439,26 +450,15 @@ impl Hypervisor for Libvirt {
                 flags |= virt::sys::VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT;
             }
             // The memory goes to a tmpfs on this host first when it can (see CAPTURE_STAGING_DIR): the
-            // snapshot's memory file is swapped for the staged path, which must appear exactly once.
-            let final_memory = snapshot_memory_file(&snapshot_xml).filter(|_| stage);
-            let staged = final_memory
-                .as_deref()
-                .and_then(|m| Staged::choose(conn, &dom, &name, m).map(|s| (m.to_string(), s)));
+            // snapshot's memory file is swapped for the staged path, so its attribute must appear once.
+            let file_attr = |path: &str| format!("file='{}'", change::escape(path));
+            let staged = snapshot_memory_file(&snapshot_xml)
+                .filter(|m| stage && snapshot_xml.matches(&file_attr(m)).count() == 1)
+                .and_then(|m| Staged::choose(conn, &dom, &name, &m).map(|s| (m, s)));
             let snapshot_xml = match &staged {
-                Some((m, s)) => {
-                    let (from, to) = (
-                        format!("file='{}'", change::escape(m)),
-                        format!("file='{}'", change::escape(&s.path)),
-                    );
-                    if snapshot_xml.matches(&from).count() == 1 {
-                        snapshot_xml.replace(&from, &to)
-                    } else {
-                        snapshot_xml
-                    }
-                }
+                Some((m, s)) => snapshot_xml.replace(&file_attr(m), &file_attr(&s.path)),
                 None => snapshot_xml,
             };
-            let staged = staged.filter(|(_, s)| snapshot_xml.contains(&format!("file='{}'", change::escape(&s.path))));
             let limit = LowDowntime::set(&dom, &name);
             let made = std::thread::scope(|s| {
                 let (done, wait) = std::sync::mpsc::channel::<()>();
@@ -516,11 +516,7 @@ impl Hypervisor for Libvirt {
                     message,
                 };
                 for (backing, overlay) in &overlays {
-                    let dir = dir_of(overlay);
-                    let pool = libvirt_ext::dir_pool(conn, &dir, &pool_name(&dir))
-                        .map_err(|e| fail("storage pool", format!("{dir}: {e}")))?;
-                    pool.refresh(0)
-                        .map_err(|e| fail("virStoragePoolRefresh", format!("refreshing {dir}: {e}")))?;
+                    let pool = refreshed_dir_pool(conn, &on, &dir_of(overlay))?;
                     let capacity = pool
                         .lookup_storage_vol_by_name(&base_of(backing))
                         .and_then(|v| v.info())

@@ -103,6 +103,22 @@ impl Browser {
         answer
     }
 
+    /// Asks the page for the plan of an instantiate of stored archive `archive` (its Instantiate… button,
+    /// the dialog's fields filled with `fill`, confirmed), checks the dry run was asked, and waits for the
+    /// plan panel's answer (kept as screenshot `screenshot`).
+    fn plan(&mut self, archive: &str, fill: Value, screenshot: &str) -> Value {
+        let key = format!("archive-instantiate-{archive}");
+        let asked = self.ask(
+            json!({"cmd": "act", "key": key, "fill": fill}),
+            Duration::from_secs(150),
+        );
+        assert_eq!(asked["outcome"], "done", "the plan of {archive} asked: {asked}");
+        self.ask(
+            json!({"cmd": "wait_plan", "archive": archive, "timeout": 120, "screenshot": screenshot}),
+            Duration::from_secs(130),
+        )
+    }
+
     /// Waits until the page shows exactly the virtual clusters and elastic groups `lists` ([`cli_lists`])
     /// within `timeout` seconds; returns what it showed, how long that took and whether the page is still
     /// the one loaded at sign-in.
@@ -464,15 +480,7 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         t0.elapsed().as_secs_f64()
     );
     let before = cli_lists(&lab);
-    let asked = b.ask(
-        json!({"cmd": "act", "key": "archive-instantiate-pair-page", "fill": {"id": "plan-name", "value": "pair2"}}),
-        long,
-    );
-    assert_eq!(asked["outcome"], "done", "the plan asked: {asked}");
-    let plan = b.ask(
-        json!({"cmd": "wait_plan", "archive": "pair-page", "timeout": 120, "screenshot": "plan"}),
-        Duration::from_secs(130),
-    );
+    let plan = b.plan("pair-page", json!({"id": "plan-name", "value": "pair2"}), "plan");
     // In the cluster it was captured from, vmhad's planning rejects it (its resources' ids are in use, no
     // storage directory is mapped): the page says so with vmhad's reason and offers no instantiate.
     assert_eq!(plan["state"], "failed", "{plan}");
@@ -519,15 +527,7 @@ fn cockpit_page_shows_moves_and_follows_failover_and_shows_refusals() {
         images = vmha_lab::guest::image_dir().display()
     );
     let before = cli_lists(&lab);
-    let asked = b.ask(
-        json!({"cmd": "act", "key": "archive-instantiate-solo-page", "fill": [{"id": "plan-maps", "value": maps}]}),
-        long,
-    );
-    assert_eq!(asked["outcome"], "done", "the plan of solo-page asked: {asked}");
-    let plan = b.ask(
-        json!({"cmd": "wait_plan", "archive": "solo-page", "timeout": 120, "screenshot": "plan-ok"}),
-        Duration::from_secs(130),
-    );
+    let plan = b.plan("solo-page", json!([{"id": "plan-maps", "value": maps}]), "plan-ok");
     assert_eq!(plan["state"], "succeeded", "{plan}");
     assert_eq!(plan["problems"], json!([]), "{plan}");
     assert_eq!(
