@@ -206,6 +206,127 @@ impl Libvirt {
     }
 }
 
+/// Where a domain's backup job (`vmha site replicate`) stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupState {
+    /// Still copying: bytes done and in all, as libvirt reports them.
+    Running {
+        processed: u64,
+        total: u64,
+    },
+    Completed,
+    Failed(String),
+}
+
+/// The replication calls of `vmha site replicate`, made from the CLI to each host's libvirt, each with
+/// [`LIBVIRT_DEADLINE`].
+impl Libvirt {
+    /// libvirt on every host as vmhad reaches it, seen from `local_host`.
+    pub fn from_host(local_host: &str) -> Self {
+        Libvirt {
+            local_host: local_host.to_string(),
+            uris: Uris::default(),
+        }
+    }
+
+    /// The running domain's live XML.
+    pub async fn live_xml(&self, host: &str, domain: &str) -> Result<String, HvError> {
+        let (on, domain) = (host.to_string(), domain.to_string());
+        self.with_conn(host.to_string(), "virDomainGetXMLDesc", move |conn| {
+            conn.lookup_domain_by_name(&domain)
+                .and_then(|d| d.xml_desc(0))
+                .map_err(|e| HvError {
+                    host: on,
+                    call: "virDomainGetXMLDesc",
+                    message: format!("domain {domain}: {e}"),
+                })
+        })
+        .await
+    }
+
+    /// Starts the push-mode backup `xml` describes on `domain`.
+    pub async fn backup_begin(&self, host: &str, domain: &str, xml: String) -> Result<(), HvError> {
+        let (on, domain) = (host.to_string(), domain.to_string());
+        self.with_conn(host.to_string(), "virDomainBackupBegin", move |conn| {
+            let fail = |message| HvError {
+                host: on.clone(),
+                call: "virDomainBackupBegin",
+                message,
+            };
+            let dom = conn
+                .lookup_domain_by_name(&domain)
+                .map_err(|e| fail(format!("domain {domain}: {e}")))?;
+            libvirt_ext::backup_begin(&dom, &xml).map_err(|e| fail(format!("domain {domain}: {e}")))
+        })
+        .await
+    }
+
+    /// Where `domain`'s backup job stands: running (with progress), or how it ended.
+    pub async fn backup_state(&self, host: &str, domain: &str) -> Result<BackupState, HvError> {
+        let (on, domain) = (host.to_string(), domain.to_string());
+        self.with_conn(host.to_string(), "virDomainGetJobStats", move |conn| {
+            let fail = |message| HvError {
+                host: on.clone(),
+                call: "virDomainGetJobStats",
+                message,
+            };
+            let dom = conn
+                .lookup_domain_by_name(&domain)
+                .map_err(|e| fail(format!("domain {domain}: {e}")))?;
+            let now = dom.job_stats(0).map_err(|e| fail(format!("domain {domain}: {e}")))?;
+            if now.r#type != virt::sys::VIR_DOMAIN_JOB_NONE as i32 {
+                if now.operation != Some(virt::sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32) {
+                    return Ok(BackupState::Failed(format!(
+                        "domain {domain} runs another job (operation {:?}), not the backup",
+                        now.operation
+                    )));
+                }
+                return Ok(BackupState::Running {
+                    processed: now.disk_processed.or(now.data_processed).unwrap_or(0),
+                    total: now.disk_total.or(now.data_total).unwrap_or(0),
+                });
+            }
+            let done = dom
+                .job_stats(virt::sys::VIR_DOMAIN_JOB_STATS_COMPLETED)
+                .map_err(|e| fail(format!("domain {domain}: {e}")))?;
+            Ok(match (done.r#type as u32, done.operation) {
+                (virt::sys::VIR_DOMAIN_JOB_COMPLETED, Some(op))
+                    if op == virt::sys::VIR_DOMAIN_JOB_OPERATION_BACKUP as i32 =>
+                {
+                    BackupState::Completed
+                }
+                (virt::sys::VIR_DOMAIN_JOB_FAILED, _) => BackupState::Failed(
+                    done.error_message
+                        .unwrap_or_else(|| "the backup job failed (libvirt gave no reason)".into()),
+                ),
+                _ => BackupState::Failed("libvirt has no record of the backup job completing".into()),
+            })
+        })
+        .await
+    }
+
+    /// Cancels `domain`'s backup job (a round that failed elsewhere); a job already ended is fine.
+    pub async fn backup_abort(&self, host: &str, domain: &str) -> Result<(), HvError> {
+        let (on, domain) = (host.to_string(), domain.to_string());
+        self.with_conn(host.to_string(), "virDomainAbortJob", move |conn| {
+            let dom = conn.lookup_domain_by_name(&domain).map_err(|e| HvError {
+                host: on.clone(),
+                call: "virDomainAbortJob",
+                message: format!("domain {domain}: {e}"),
+            })?;
+            match dom.job_stats(0) {
+                Ok(j) if j.r#type == virt::sys::VIR_DOMAIN_JOB_NONE as i32 => Ok(()),
+                _ => libvirt_ext::abort_job(&dom).map_err(|e| HvError {
+                    host: on,
+                    call: "virDomainAbortJob",
+                    message: format!("domain {domain}: {e}"),
+                }),
+            }
+        })
+        .await
+    }
+}
+
 fn dir_of(path: &str) -> String {
     path.rsplit_once('/').map_or(".".into(), |(d, _)| d.to_string())
 }

@@ -124,6 +124,26 @@ pub enum SiteCmd {
         #[arg(long, default_value_t = 120)]
         wait: u64,
     },
+    /// Replication while running: bring the peer's copies of the virtual cluster's disks up to one
+    /// consistent point (guests frozen through qemu-guest-agent only while libvirt's backup jobs start;
+    /// the copy runs while they work on). Run it at the site that holds the ticket; the peer's copies are
+    /// replaced only once every copy of the round is complete. A full copy each round.
+    Replicate {
+        vcluster: String,
+        /// storage=/HERE:/PEER: where the peer's copies of the disks are (mounted on this site's hosts).
+        #[arg(long = "map", value_name = "KIND=OLD:NEW")]
+        maps: Vec<String>,
+        /// Repeat every SECS seconds (a failed round is reported and the next one tried; stops when the
+        /// ticket is no longer here).
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        every: Option<u64>,
+        /// Seconds a round may take to copy before it is abandoned (the peer keeps its previous copies).
+        #[arg(long, default_value_t = 3600)]
+        wait: u64,
+        /// Do not freeze the guests' file systems: crash-consistent copies (for VMs without qemu-guest-agent).
+        #[arg(long)]
+        no_freeze: bool,
+    },
     /// Failover by hand when the site holding the ticket is known to be lost: the ticket is granted here
     /// with booth's override (`booth grant -F`), without waiting for the lost site to give it up. Booth
     /// does this itself after the ticket's expiry; this is for when the operator knows sooner.
@@ -213,6 +233,59 @@ pub struct Status {
     pub arbitrators: Vec<Ipv4Addr>,
     pub tickets: Vec<TicketStatus>,
     pub authentication: Authentication,
+    /// This site's copies of the protected virtual clusters that do not run here: how old they are (the
+    /// data a failover here would lose, up to now).
+    pub replicas: Vec<ReplicaAge>,
+}
+
+/// How old this site's copy of a virtual cluster's disks is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaAge {
+    pub vcluster: String,
+    /// The oldest image's point (RFC 3339): `vmha site replicate` stamps each copy with its consistent
+    /// point; a switchover's copy or an instantiate carries the time it was written.
+    pub as_of: String,
+    pub age_seconds: u64,
+    pub images: usize,
+}
+
+/// The age of this site's copies of every protected virtual cluster of which nothing runs here.
+fn replica_ages(view: &SiteView, cluster: &ClusterView, tags: &BTreeMap<String, Vec<String>>) -> Vec<ReplicaAge> {
+    let mut out = Vec::new();
+    for b in &view.bindings {
+        let members = tags.get(&b.rsc).cloned().unwrap_or_default();
+        if members
+            .iter()
+            .any(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
+        {
+            continue;
+        }
+        let mut oldest: Option<std::time::SystemTime> = None;
+        let mut images = 0;
+        for m in &members {
+            let Some(config) = cluster.vm(m).and_then(|v| v.config.clone()) else {
+                continue;
+            };
+            let Ok(domain) = std::fs::read_to_string(&config) else {
+                continue;
+            };
+            for disk in domain_disks(&domain).unwrap_or_default() {
+                if let Ok(t) = std::fs::symlink_metadata(&disk).and_then(|m| m.modified()) {
+                    images += 1;
+                    oldest = Some(oldest.map_or(t, |o| o.min(t)));
+                }
+            }
+        }
+        if let Some(t) = oldest {
+            out.push(ReplicaAge {
+                vcluster: b.rsc.clone(),
+                as_of: humantime::format_rfc3339_seconds(t).to_string(),
+                age_seconds: t.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+                images,
+            });
+        }
+    }
+    out
 }
 
 /// Whether booth's messages are authenticated here: booth.conf's `authfile` and what is wrong with it.
@@ -323,6 +396,7 @@ fn status_of(
         arbitrators: conf.arbitrators.clone(),
         tickets,
         authentication,
+        replicas: Vec::new(),
     }
 }
 
@@ -368,6 +442,12 @@ pub fn status_text(s: &Status) -> String {
             } else {
                 format!(" [{}]", t.running_here.join(", "))
             }
+        ));
+    }
+    for r in &s.replicas {
+        out.push_str(&format!(
+            "replica here of {}: disks as of {} ({} s ago, {} image(s)): a failover here starts from it\n",
+            r.vcluster, r.as_of, r.age_seconds, r.images
         ));
     }
     for w in status_warnings(s) {
@@ -441,7 +521,8 @@ pub async fn status(json_out: bool) -> Result<ExitCode> {
     };
     let cluster = ClusterView::from_cib(&c.xml).context("reading the CIB")?;
     let tags = capture::list(&c.xml)?;
-    let s = status_of(&c.conf, &c.view, &list, &cluster, &tags, check_authentication(&c.conf));
+    let mut s = status_of(&c.conf, &c.view, &list, &cluster, &tags, check_authentication(&c.conf));
+    s.replicas = replica_ages(&c.view, &cluster, &tags);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&document("site_status", &s))?);
     } else {
@@ -810,6 +891,23 @@ pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
             maps,
             wait,
         } => switchover(&vcluster, &to, &maps, Duration::from_secs(wait)).await,
+        SiteCmd::Replicate {
+            vcluster,
+            maps,
+            every,
+            wait,
+            no_freeze,
+        } => {
+            replicate::replicate(
+                &vcluster,
+                &maps,
+                every.map(Duration::from_secs),
+                Duration::from_secs(wait),
+                !no_freeze,
+                json_out,
+            )
+            .await
+        }
         SiteCmd::Failover {
             vcluster,
             lost,
@@ -954,3 +1052,5 @@ pub async fn what_if(lost: &str, tickets: &[String], json_out: bool) -> Result<E
 
 #[cfg(test)]
 mod tests;
+
+pub mod replicate;

@@ -2,11 +2,13 @@
 //! (`vcluster::translate::translate_domain`, with the maps of vcluster's tests) and the disk list
 //! (`domain_disks`). And what reads a domain file as root elsewhere: the resource agent's `config` file
 //! (`DomainConfig::parse`, `model::domain::with_guest_channel`, which splices vmha's guest channel in) and
-//! vmhad's `DomainSummary::parse`.
+//! vmhad's `DomainSummary::parse`. And a running domain's live XML as `vmha site replicate` plans its copies
+//! (`model::replica::replica_plan`, `backup_xml`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vmha_model::domain::{with_guest_channel, DomainSummary};
+use vmha_model::replica::{backup_xml, replica_plan};
 use vmha_resource_agents::domain_config::DomainConfig;
 use vmha_vcluster::domain_check::{self, Allow, Roots};
 use vmha_vcluster::translate::{domain_disks, translate_domain, Maps};
@@ -48,6 +50,18 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let maps = Maps::parse(&MAPS.map(String::from), None).expect("the fixed maps parse");
+    // Replication: a plan it accepts copies only into plain paths under the mapped storage, never onto
+    // its source, and its backup request is well-formed XML naming each planned disk once.
+    if let Ok(plan) = replica_plan("web", xml, |p| maps.path(p)) {
+        let request = backup_xml(&plan);
+        let doc = roxmltree::Document::parse(&request).unwrap_or_else(|e| panic!("backup XML: {e}\n{request}"));
+        let named = doc.descendants().filter(|n| n.has_tag_name("disk")).count();
+        assert_eq!(named, plan.disks.len() + plan.skipped.len(), "{request}");
+        for d in &plan.disks {
+            assert!(d.target.starts_with("/srv/b/shared/") && d.target != d.source, "{d:?}");
+            assert!(!d.target.split('/').any(|c| c == ".."), "{d:?}");
+        }
+    }
     let mut remaps = Vec::new();
     let Ok(translated) = translate_domain("web", xml, &maps, &mut remaps) else {
         let _ = domain_disks(xml);

@@ -13,6 +13,7 @@ pub mod group;
 pub mod guest;
 pub mod health;
 pub mod policy;
+pub mod replica;
 pub mod site;
 pub mod whatif;
 

@@ -143,11 +143,20 @@ fn status_warns_of_a_stop_policy_without_acquire_after() {
             authfile: Some("/etc/booth/authkey".into()),
             problem: None,
         },
+        replicas: vec![ReplicaAge {
+            vcluster: "vc".into(),
+            as_of: "2026-12-07T06:00:00Z".into(),
+            age_seconds: 42,
+            images: 2,
+        }],
     };
     let w = status_warnings(&s);
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].starts_with("ticket a has acquire-after 0"), "{w:?}");
     assert!(status_text(&s).contains("\nwarning: ticket a "));
+    assert!(status_text(&s).contains(
+        "replica here of vc: disks as of 2026-12-07T06:00:00Z (42 s ago, 2 image(s)): a failover here starts from it\n"
+    ));
 }
 
 #[test]
@@ -162,6 +171,7 @@ fn status_warns_when_booth_is_not_authenticated_or_its_key_is_unusable() {
         arbitrators: vec![],
         tickets: vec![],
         authentication: auth,
+        replicas: vec![],
     };
     // No authfile at all.
     let none = status(check_authentication(&BoothConf::default()));

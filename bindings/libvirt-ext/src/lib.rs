@@ -227,6 +227,21 @@ pub fn block_job_active(domain: &Domain, disk: &str) -> Result<bool, Error> {
     Ok(rc == 1)
 }
 
+/// `virDomainBackupBegin` without a checkpoint: starts the backup job `backup_xml` describes (push mode:
+/// QEMU copies each disk, as it was when the job began, into the target file while the guest runs).
+/// Watch it with `Domain::job_stats`; [`abort_job`] cancels it.
+pub fn backup_begin(domain: &Domain, backup_xml: &str) -> Result<(), Error> {
+    let call = "virDomainBackupBegin";
+    let xml = CString::new(backup_xml).map_err(|source| Error::Nul { call, source })?;
+    // SAFETY: `domain.as_ptr()` is a live virDomainPtr owned by `domain`; `xml` is NUL-terminated and alive
+    // for the call; a null checkpoint XML means "no checkpoint"; flags 0. libvirt keeps no pointer.
+    let rc = unsafe { sys::virDomainBackupBegin(domain.as_ptr(), xml.as_ptr(), ptr::null(), 0) };
+    if rc < 0 {
+        return Err(last_error(call));
+    }
+    Ok(())
+}
+
 /// `virDomainMigrateGetMaxDowntime`: the longest the domain's vCPUs may be stopped for the last pass of
 /// a live migration or live memory capture (ms): QEMU stops them once it expects the rest of the
 /// memory to go out within it. (virt 0.5 has only the setter, `Domain::migrate_set_max_downtime`.)

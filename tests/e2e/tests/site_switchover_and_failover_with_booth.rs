@@ -10,12 +10,13 @@
 //! - site A powered off while it runs the VM: booth grants the ticket to B after its expiry and B runs the
 //!   VM from its copy (what was synced at the last switchover); A powered on again does not start it;
 //! - failback: a switchover B -> A copies B's disk back, A runs the VM with what B wrote;
+//! - `vmha site replicate` at A while the VM runs (refused at B, which lacks the ticket, and without a
+//!   map): B's copy brought to a consistent point, the VM's QEMU untouched, no partial file left, B's
+//!   `vmha site status` shows the replica's point;
 //! - the link between the sites cut with the arbitrator reachable from B only: A's lease runs out and A
 //!   stops the VM (loss-policy stop, within booth's acquire-after), B takes the ticket and runs the VM
-//!   from its copy; the link back, A does not start it again.
-//!
-//! Disk replication here is the switchover's full copy while the VM is stopped (no incremental
-//! replication while running yet): the failover loses what A wrote after the last switchover.
+//!   from its copy, which has what A wrote before the replication and not what it wrote after; the link
+//!   back, A does not start it again.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -407,6 +408,47 @@ fn site_switchover_and_failover_with_booth() {
     assert_eq!(read_sector(a, na, 101), "written-at-B");
     write_sector(a, na, 102, "written-at-A-after-failback");
 
+    // Replication while running: B's copy brought to one consistent point while the VM runs on at A.
+    // Hostile first: at B (the ticket is at A, so B's copy could be in use) and without a map: refused.
+    let (code, out, err) = vmha_long(b, 1, &["site", "replicate", VC, "--map", &storage_ba]);
+    assert_ne!(code, 0, "replicate at the site without the ticket was accepted: {out}");
+    assert!(err.contains("is not granted at this site"), "{err}");
+    let (code, out, err) = vmha_long(a, 1, &["site", "replicate", VC]);
+    assert_ne!(code, 0, "replicate without a map was accepted: {out}");
+    assert!(err.contains("no --map storage="), "{err}");
+    let qemu_before = a.qemu_processes(VM);
+    let t = Instant::now();
+    let out = vmha_long_ok(a, 1, &["site", "replicate", VC, "--map", &storage_ab]);
+    println!(
+        "replicate A -> B while running ({:.1} s by the test's clock): {}",
+        t.elapsed().as_secs_f64(),
+        out.trim()
+    );
+    let point = out
+        .split("consistent point ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or_else(|| panic!("no consistent point in {out}"))
+        .to_string();
+    assert_eq!(
+        a.qemu_processes(VM),
+        qemu_before,
+        "the VM's QEMU changed during the replication"
+    );
+    assert_eq!(running_at(a), Some(na));
+    let leftovers: Vec<_> = std::fs::read_dir(b.cfg.shared_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".vmha-replica"))
+        .collect();
+    assert!(leftovers.is_empty(), "partial copies left at B: {leftovers:?}");
+    let status = vmha_long_ok(b, 1, &["site", "status"]);
+    assert!(
+        status.contains(&format!("replica here of {VC}: disks as of {point} (")),
+        "B's status does not show the replica's point {point}:\n{status}"
+    );
+    write_sector(a, na, 103, "written-at-A-after-replicate");
+
     // The link between the sites cut, the arbitrator reachable from B only (A's leg of the router
     // down): A's lease runs out, A stops the VM (loss-policy stop) within acquire-after, B and the
     // arbitrator move the ticket to B, and B starts the VM from its copy. Never both (the poller).
@@ -428,8 +470,10 @@ fn site_switchover_and_failover_with_booth() {
     );
     assert_eq!(granted_here(a), Some(false), "A still holds the ticket");
     assert_eq!(read_sector(b, nb, 101), "written-at-B");
-    // A's write after the failback was never replicated (no replication while running yet).
-    assert_ne!(read_sector(b, nb, 102), "written-at-A-after-failback");
+    // A's write before the replication is at B; the one after it is not (the loss is bounded by the
+    // replica's age, which B's status showed).
+    assert_eq!(read_sector(b, nb, 102), "written-at-A-after-failback");
+    assert_ne!(read_sector(b, nb, 103), "written-at-A-after-replicate");
     // The link back: booth at A learns B holds the ticket; A does not start the VM again.
     site_lab.heal_site(Site::A).unwrap();
     let healed = Instant::now();

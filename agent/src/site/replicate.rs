@@ -1,0 +1,380 @@
+//! `vmha site replicate VC --map storage=/HERE:/PEER [--every SECS]`: the peer's copies of a running
+//! virtual cluster's disks brought up to one consistent point while its VMs keep running.
+//!
+//! A round, at the site holding VC's ticket (so the peer runs nothing of VC: its copies are not in use):
+//! 1. every running member's disks are planned from its live XML ([`replica_plan`]): every writable disk
+//!    must be a raw or qcow2 file covered by the storage map, or the round is refused before any change;
+//! 2. the guests' file systems are frozen (qemu-guest-agent), all of them at once, so the point is
+//!    consistent across the virtual cluster;
+//! 3. a push-mode backup job starts on each running domain (`virDomainBackupBegin`): from that moment
+//!    QEMU copies each disk as it was then into a partial file beside the peer's image, while the guest
+//!    writes on (QEMU saves a block's old contents to the copy before the guest's write lands);
+//! 4. the guests are thawed: their stall is steps 2-4, not the copy;
+//! 5. once every job completed, the partial files are synced, their modification time set to the point
+//!    (what `vmha site status` at the peer shows as the replica's age), and renamed over the peer's images
+//!    after a last check that the ticket is still here. Stopped members' images are copied as they are.
+//!
+//! A failure anywhere before the renames aborts the jobs and removes the partial files: the peer's
+//! copies stay as they were (the previous point). The copies are full copies each round (no dirty-block
+//! tracking yet) and need the peer's storage mounted at the same path on every host of this site that
+//! runs a member, and on the host running the command.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use vmha_api::json::document;
+use vmha_model::change::validate_name;
+use vmha_model::printable;
+use vmha_model::replica::{backup_xml, partial_name, replica_plan, ReplicaPlan};
+use vmha_model::ClusterView;
+use vmha_ops::ports::Hypervisor;
+use vmha_vcluster::capture;
+use vmha_vcluster::translate::Maps;
+
+use super::{disk_copies, read_all, validate_ticket};
+use crate::ports::{BackupState, Libvirt};
+
+/// How often a running backup job is asked how far it is.
+const POLL: Duration = Duration::from_millis(200);
+
+/// What one round did (`--output json`: kind `site_replicate`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub vcluster: String,
+    /// The consistent point, RFC 3339 (UTC).
+    pub point: String,
+    /// How long the guests' file systems were frozen (freeze, jobs started, thaw), in ms.
+    pub frozen_ms: u64,
+    /// The whole round, in ms.
+    pub seconds: f64,
+    /// Images copied (peer path), with bytes.
+    pub images: Vec<(String, u64)>,
+    /// Running members copied live, and stopped members copied as they are.
+    pub live: Vec<String>,
+    pub stopped: Vec<String>,
+}
+
+/// One running member: where it runs and its plan.
+struct Live {
+    member: String,
+    host: String,
+    domain: String,
+    plan: ReplicaPlan,
+}
+
+/// `vmha site replicate`.
+pub async fn replicate(
+    vc: &str,
+    maps: &[String],
+    every: Option<Duration>,
+    wait: Duration,
+    freeze: bool,
+    json_out: bool,
+) -> Result<ExitCode> {
+    validate_name("virtual cluster name", vc)?;
+    let maps = Maps::parse(maps, None)?;
+    if maps.roots().is_empty() {
+        bail!("no --map storage=/HERE:/PEER: say where the peer's copies of the disks are");
+    }
+    let local = nix::unistd::gethostname()
+        .context("reading this host's name")?
+        .to_string_lossy()
+        .into_owned();
+    let hv = Libvirt::from_host(&local);
+    loop {
+        match round(&hv, vc, &maps, wait, freeze).await {
+            Ok(r) => {
+                if json_out {
+                    println!("{}", serde_json::to_string(&document("site_replicate", &r))?);
+                } else {
+                    println!(
+                        "replicated {vc}: consistent point {}, guests frozen {} ms, {} image(s), {} bytes, {:.1} s",
+                        r.point,
+                        r.frozen_ms,
+                        r.images.len(),
+                        r.images.iter().map(|(_, b)| b).sum::<u64>(),
+                        r.seconds
+                    );
+                }
+            }
+            Err(e) => {
+                let Some(every) = every else { return Err(e) };
+                if e.downcast_ref::<NotHere>().is_some() {
+                    return Err(e);
+                }
+                eprintln!(
+                    "vmha: replication round failed (the peer keeps its previous copies): {e:#}; next round in {} s",
+                    every.as_secs()
+                );
+            }
+        }
+        let Some(every) = every else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The ticket is not (or no longer) granted here: the peer may run the virtual cluster on its copies.
+#[derive(Debug, thiserror::Error)]
+#[error("ticket {ticket} is not granted at this site: the peer may run {vc} on its copies; replicate from the site that holds the ticket")]
+struct NotHere {
+    ticket: String,
+    vc: String,
+}
+
+async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool) -> Result<Round> {
+    let t0 = Instant::now();
+    let c = read_all().await?;
+    let binding = c
+        .view
+        .binding_of(vc)
+        .ok_or_else(|| anyhow!("{vc} is not protected by a ticket here (vmha site protect)"))?
+        .clone();
+    validate_ticket(&binding.ticket)?;
+    if !c.view.granted_here(&binding.ticket) {
+        return Err(NotHere {
+            ticket: binding.ticket,
+            vc: vc.to_string(),
+        }
+        .into());
+    }
+    let members = capture::list(&c.xml)?
+        .get(vc)
+        .cloned()
+        .ok_or_else(|| anyhow!("no virtual cluster named {vc}"))?;
+    let cluster = ClusterView::from_cib(&c.xml).context("reading the CIB")?;
+
+    // 1. Every disk planned before anything is changed.
+    let mut live = Vec::new();
+    let mut stopped = Vec::new();
+    for m in &members {
+        let Some(vm) = cluster.vm(m) else { continue };
+        match vm.hosts.as_slice() {
+            [] => stopped.push(m.clone()),
+            [host] => {
+                let domain = vm.params.get("domain").cloned().unwrap_or_else(|| m.clone());
+                let xml = hv.live_xml(host, &domain).await?;
+                let plan = replica_plan(&domain, &xml, |p| maps.path(p))?;
+                live.push(Live {
+                    member: m.clone(),
+                    host: host.clone(),
+                    domain,
+                    plan,
+                });
+            }
+            hosts => bail!(
+                "{m} is active on {} hosts ({}): not replicating until Pacemaker has settled it",
+                hosts.len(),
+                hosts.join(", ")
+            ),
+        }
+    }
+    let copies = disk_copies(&c.xml, &stopped, maps)?;
+    let mut partials: Vec<(String, String)> = live
+        .iter()
+        .flat_map(|l| l.plan.disks.iter().map(|d| (d.partial(), d.target.clone())))
+        .collect();
+    partials.extend(copies.iter().map(|(_, to)| (partial_name(to), to.clone())));
+    if partials.is_empty() {
+        bail!("{vc} has no disk images to replicate");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, target) in &partials {
+        if !seen.insert(target) {
+            bail!("two disks of {vc} map to the same peer path {target}");
+        }
+    }
+    // Leftovers of a round that died are removed (they are never renamed into place).
+    for (partial, _) in &partials {
+        remove_if_there(partial)?;
+    }
+
+    // 2-4. Frozen, jobs begun, thawed.
+    let r = live_round(hv, &live, wait, freeze).await;
+    let (point, frozen_ms) = match r {
+        Ok(x) => x,
+        Err(e) => {
+            cleanup(&partials);
+            return Err(e);
+        }
+    };
+    // Stopped members: their images as they are.
+    let mut images = BTreeMap::new();
+    for (from, to) in &copies {
+        let (from2, partial) = (from.clone(), partial_name(to));
+        let copied = tokio::task::spawn_blocking(move || std::fs::copy(&from2, &partial))
+            .await
+            .context("the disk copy")?
+            .with_context(|| format!("copying {from} for the peer"));
+        match copied {
+            Ok(bytes) => {
+                images.insert(to.clone(), bytes);
+            }
+            Err(e) => {
+                cleanup(&partials);
+                return Err(e);
+            }
+        }
+    }
+
+    // 5. Synced, stamped with the point, renamed into place while the ticket is still here.
+    let finish = {
+        let partials = partials.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<(String, u64)>> {
+            let mut sizes = Vec::new();
+            for (partial, target) in &partials {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(partial)
+                    .with_context(|| format!("opening the copy {partial}"))?;
+                f.sync_all().with_context(|| format!("syncing {partial}"))?;
+                f.set_modified(point).with_context(|| format!("stamping {partial}"))?;
+                sizes.push((target.clone(), f.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+            Ok(sizes)
+        })
+        .await
+        .context("syncing the copies")?
+    };
+    let sizes = match finish {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup(&partials);
+            return Err(e);
+        }
+    };
+    let still = read_all().await;
+    if !still.as_ref().is_ok_and(|c| c.view.granted_here(&binding.ticket)) {
+        cleanup(&partials);
+        return Err(NotHere {
+            ticket: binding.ticket,
+            vc: vc.to_string(),
+        }
+        .into());
+    }
+    for (partial, target) in &partials {
+        std::fs::rename(partial, target).with_context(|| format!("renaming {partial} to {target}"))?;
+        if let Some(dir) = Path::new(target).parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("syncing {}", dir.display()))?;
+        }
+    }
+    Ok(Round {
+        vcluster: vc.to_string(),
+        point: humantime::format_rfc3339_seconds(point).to_string(),
+        frozen_ms,
+        seconds: t0.elapsed().as_secs_f64(),
+        images: sizes,
+        live: live.iter().map(|l| l.member.clone()).collect(),
+        stopped,
+    })
+}
+
+/// Freezes every running member, starts the backups, thaws; then waits for the copies. Returns the point
+/// and how long the guests were frozen. On error every job begun is aborted (the caller removes the files).
+async fn live_round(hv: &Libvirt, live: &[Live], wait: Duration, freeze: bool) -> Result<(SystemTime, u64)> {
+    let started = Instant::now();
+    let mut frozen = Vec::new();
+    let mut begun = Vec::new();
+    let mut failed: Option<anyhow::Error> = None;
+    if freeze {
+        for l in live {
+            match hv.guest_fsfreeze(&l.host, &l.domain, true).await {
+                Ok(()) => frozen.push(l),
+                Err(e) => {
+                    failed = Some(anyhow!(e).context(format!(
+                        "freezing {}'s file systems (a consistent point needs qemu-guest-agent in every running VM; \
+                         --no-freeze replicates crash-consistent copies)",
+                        l.member
+                    )));
+                    break;
+                }
+            }
+        }
+    }
+    if failed.is_none() {
+        for l in live.iter().filter(|l| !l.plan.disks.is_empty()) {
+            match hv.backup_begin(&l.host, &l.domain, backup_xml(&l.plan)).await {
+                Ok(()) => begun.push(l),
+                Err(e) => {
+                    failed = Some(anyhow!(e).context(format!("starting the copy of {}", l.member)));
+                    break;
+                }
+            }
+        }
+    }
+    let point = SystemTime::now();
+    for l in &frozen {
+        if let Err(e) = hv.guest_fsfreeze(&l.host, &l.domain, false).await {
+            tracing::warn!(domain = %l.domain, "thawing failed: {e}");
+            failed.get_or_insert(anyhow!(e).context(format!("thawing {}", l.member)));
+        }
+    }
+    let frozen_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if failed.is_none() {
+        failed = wait_all(hv, &begun, wait).await.err();
+    }
+    if let Some(e) = failed {
+        for l in &begun {
+            if let Err(a) = hv.backup_abort(&l.host, &l.domain).await {
+                tracing::warn!(domain = %l.domain, "aborting the copy: {a}");
+            }
+        }
+        return Err(e);
+    }
+    Ok((point, frozen_ms))
+}
+
+/// Waits until every begun job completed, `wait` at most.
+async fn wait_all(hv: &Libvirt, begun: &[&Live], wait: Duration) -> Result<()> {
+    let deadline = Instant::now() + wait;
+    let mut open: Vec<&&Live> = begun.iter().collect();
+    while !open.is_empty() {
+        let mut still = Vec::new();
+        for l in open {
+            match hv.backup_state(&l.host, &l.domain).await? {
+                BackupState::Completed => {}
+                BackupState::Running { processed, total } => {
+                    if Instant::now() > deadline {
+                        bail!(
+                            "the copy of {} did not complete within {} s ({processed} of {total} bytes)",
+                            l.member,
+                            wait.as_secs()
+                        );
+                    }
+                    still.push(l);
+                }
+                BackupState::Failed(why) => {
+                    bail!("the copy of {} on {} failed: {}", l.member, l.host, printable(&why))
+                }
+            }
+        }
+        open = still;
+        if !open.is_empty() {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_there(path: &str) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the leftover {path}")),
+    }
+}
+
+fn cleanup(partials: &[(String, String)]) {
+    for (partial, _) in partials {
+        if let Err(e) = remove_if_there(partial) {
+            tracing::warn!("{e:#}");
+        }
+    }
+}

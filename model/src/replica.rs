@@ -1,0 +1,283 @@
+//! Replication of a running virtual cluster's disks to the peer site (`vmha site replicate`): which disks
+//! of a running domain are copied where, read from the domain's live XML (libvirt's, but written from a
+//! domain definition that may have come from an archive: untrusted text), and the push-mode backup
+//! request that makes libvirt copy them as they were at one point in time while the guest runs.
+//!
+//! Every disk the guest writes is either replicated or the plan is refused: a data disk that is not a
+//! plain file (a block device, a network or pool volume) would leave the peer with a stale disk beside
+//! fresh ones, so it is an error, not a skip. Removable media (cdrom, floppy) and read-only disks hold
+//! nothing the guest writes and are left out.
+
+use std::collections::BTreeSet;
+
+use crate::change::escape;
+
+/// Why a domain's disks cannot be replicated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReplicaError {
+    #[error("domain {domain}: its XML does not parse: {why}")]
+    Xml { domain: String, why: String },
+    #[error("domain {domain}, disk {disk}: {why}")]
+    Disk { domain: String, disk: String, why: String },
+}
+
+/// One disk copied to the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaDisk {
+    /// The disk's target name in the domain (`vda`).
+    pub dev: String,
+    /// The image the guest runs on here.
+    pub source: String,
+    /// `raw` or `qcow2`: the copy has the same format.
+    pub format: String,
+    /// Where the peer's copy is (the storage map applied to `source`).
+    pub target: String,
+}
+
+impl ReplicaDisk {
+    /// Where the copy is written first: a hidden sibling of `target`, renamed over it once every copy of
+    /// the round is complete.
+    pub fn partial(&self) -> String {
+        partial_name(&self.target)
+    }
+}
+
+/// What a replication round does with one running domain.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReplicaPlan {
+    pub disks: Vec<ReplicaDisk>,
+    /// Target names of the disks left out (removable media, read-only disks).
+    pub skipped: Vec<String>,
+}
+
+/// The partial copy's name for `target`: `/dir/.name.vmha-replica`.
+pub fn partial_name(target: &str) -> String {
+    match target.rsplit_once('/') {
+        Some((dir, base)) => format!("{dir}/.{base}.vmha-replica"),
+        None => format!(".{target}.vmha-replica"),
+    }
+}
+
+/// A disk target name as libvirt writes it: 1-32 lowercase letters and digits.
+fn valid_dev(dev: &str) -> bool {
+    !dev.is_empty() && dev.len() <= 32 && dev.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// An absolute path with no control characters, no `..` or `.` component and no empty component.
+fn valid_path(p: &str) -> bool {
+    p.starts_with('/')
+        && p.len() > 1
+        && p.len() <= 4096
+        && !p.chars().any(char::is_control)
+        && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// Plans the replication of `domain`'s disks from its live XML: every writable file disk with the peer's
+/// path given by `map` (the storage map; `None`: not covered). Refuses anything it cannot copy faithfully.
+pub fn replica_plan(
+    domain: &str,
+    xml: &str,
+    map: impl Fn(&str) -> Option<String>,
+) -> Result<ReplicaPlan, ReplicaError> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| ReplicaError::Xml {
+        domain: crate::printable(domain),
+        why: e.to_string(),
+    })?;
+    let root = doc.root_element();
+    if !root.has_tag_name("domain") {
+        return Err(ReplicaError::Xml {
+            domain: crate::printable(domain),
+            why: format!(
+                "the root element is <{}>, not <domain>",
+                crate::printable(root.tag_name().name())
+            ),
+        });
+    }
+    let devices = root.children().filter(|n| n.has_tag_name("devices"));
+    let mut plan = ReplicaPlan::default();
+    let mut devs = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    for disk in devices.flat_map(|d| d.children()).filter(|n| n.has_tag_name("disk")) {
+        let child = |tag: &str| disk.children().find(|c| c.has_tag_name(tag));
+        let dev = child("target").and_then(|t| t.attribute("dev")).unwrap_or("");
+        let err = |why: String| ReplicaError::Disk {
+            domain: crate::printable(domain),
+            disk: crate::printable(dev),
+            why,
+        };
+        if !valid_dev(dev) {
+            return Err(err("its target name must be 1-32 lowercase letters and digits".into()));
+        }
+        if !devs.insert(dev.to_string()) {
+            return Err(err("two disks have this target name".into()));
+        }
+        let device = disk.attribute("device").unwrap_or("disk");
+        if matches!(device, "cdrom" | "floppy") || child("readonly").is_some() {
+            plan.skipped.push(dev.to_string());
+            continue;
+        }
+        let kind = disk.attribute("type").unwrap_or("");
+        if kind != "file" {
+            return Err(err(format!(
+                "a {} disk of type {:?}: only file disks are replicated, and the peer would get a stale copy of it",
+                crate::printable(device),
+                crate::printable(kind)
+            )));
+        }
+        let Some(source) = child("source").and_then(|s| s.attribute("file")) else {
+            return Err(err("a file disk with no source file".into()));
+        };
+        if !valid_path(source) {
+            return Err(err(format!(
+                "its source {:?} is not a plain absolute path",
+                crate::printable(source)
+            )));
+        }
+        let format = child("driver").and_then(|d| d.attribute("type")).unwrap_or("raw");
+        if !matches!(format, "raw" | "qcow2") {
+            return Err(err(format!(
+                "format {:?}: only raw and qcow2 images are replicated",
+                crate::printable(format)
+            )));
+        }
+        let Some(target) = map(source) else {
+            return Err(err(format!(
+                "no --map storage=... covers its image {}",
+                crate::printable(source)
+            )));
+        };
+        if !valid_path(&target) {
+            return Err(err(format!(
+                "the peer's path {:?} is not a plain absolute path",
+                crate::printable(&target)
+            )));
+        }
+        if target == source {
+            return Err(err(format!("the peer's copy of {source} would be the image itself")));
+        }
+        if !targets.insert(target.clone()) {
+            return Err(err(format!("two disks map to the same peer path {target}")));
+        }
+        plan.disks.push(ReplicaDisk {
+            dev: dev.to_string(),
+            source: source.to_string(),
+            format: format.to_string(),
+            target,
+        });
+    }
+    Ok(plan)
+}
+
+/// libvirt's push-mode backup request for `plan` (`virDomainBackupBegin`): a full copy of every planned
+/// disk into its partial file, as the disk was when the job began; every other disk named and left out.
+pub fn backup_xml(plan: &ReplicaPlan) -> String {
+    let mut out = String::from("<domainbackup mode='push'>\n  <disks>\n");
+    for d in &plan.disks {
+        out.push_str(&format!(
+            "    <disk name='{}' backup='yes' type='file'>\n      <target file='{}'/>\n      <driver type='{}'/>\n    </disk>\n",
+            escape(&d.dev),
+            escape(&d.partial()),
+            escape(&d.format)
+        ));
+    }
+    for dev in &plan.skipped {
+        out.push_str(&format!("    <disk name='{}' backup='no'/>\n", escape(dev)));
+    }
+    out.push_str("  </disks>\n</domainbackup>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(p: &str) -> Option<String> {
+        p.strip_prefix("/srv/a/").map(|rest| format!("/srv/b/{rest}"))
+    }
+
+    fn domain(disks: &str) -> String {
+        format!("<domain type='kvm'><name>web</name><devices>{disks}</devices></domain>")
+    }
+
+    const RAW: &str = "<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/srv/a/web.img'/><target dev='vda' bus='virtio'/></disk>";
+
+    #[test]
+    fn file_disks_are_copied_beside_the_peers_image_and_media_left_out() {
+        let xml = domain(&format!(
+            "{RAW}<disk type='file' device='disk'><driver type='qcow2'/><source file='/srv/a/data.qcow2'/><backingStore/><target dev='vdb'/></disk>\
+             <disk type='file' device='cdrom'><target dev='hdc'/><readonly/></disk>\
+             <disk type='file' device='disk'><source file='/srv/a/ro.img'/><target dev='vdc'/><readonly/></disk>"
+        ));
+        let plan = replica_plan("web", &xml, map).unwrap();
+        assert_eq!(
+            plan.disks,
+            vec![
+                ReplicaDisk {
+                    dev: "vda".into(),
+                    source: "/srv/a/web.img".into(),
+                    format: "raw".into(),
+                    target: "/srv/b/web.img".into()
+                },
+                ReplicaDisk {
+                    dev: "vdb".into(),
+                    source: "/srv/a/data.qcow2".into(),
+                    format: "qcow2".into(),
+                    target: "/srv/b/data.qcow2".into()
+                },
+            ]
+        );
+        assert_eq!(plan.skipped, vec!["hdc".to_string(), "vdc".to_string()]);
+        assert_eq!(plan.disks[0].partial(), "/srv/b/.web.img.vmha-replica");
+        let b = backup_xml(&plan);
+        assert!(b.contains("<disk name='vda' backup='yes' type='file'>\n      <target file='/srv/b/.web.img.vmha-replica'/>\n      <driver type='raw'/>"), "{b}");
+        assert!(b.contains("<disk name='hdc' backup='no'/>"), "{b}");
+        assert!(roxmltree::Document::parse(&b).is_ok());
+    }
+
+    #[test]
+    fn a_disk_that_cannot_be_copied_faithfully_refuses_the_whole_plan() {
+        let cases = [
+            ("<disk type='block' device='disk'><source dev='/dev/sdb'/><target dev='vdb'/></disk>", "only file disks"),
+            ("<disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='vdb'/></disk>", "only file disks"),
+            ("<disk type='volume' device='lun'><source pool='p' volume='v'/><target dev='sda'/></disk>", "only file disks"),
+            ("<disk type='file' device='disk'><target dev='vdb'/></disk>", "no source file"),
+            ("<disk type='file' device='disk'><driver type='vmdk'/><source file='/srv/a/x.vmdk'/><target dev='vdb'/></disk>", "only raw and qcow2"),
+            ("<disk type='file' device='disk'><source file='/srv/other/x.img'/><target dev='vdb'/></disk>", "no --map"),
+            ("<disk type='file' device='disk'><source file='/srv/a/../../etc/shadow'/><target dev='vdb'/></disk>", "plain absolute path"),
+            ("<disk type='file' device='disk'><source file='srv/a/x.img'/><target dev='vdb'/></disk>", "plain absolute path"),
+            ("<disk type='file' device='disk'><source file='/srv/a/x&#10;y.img'/><target dev='vdb'/></disk>", "plain absolute path"),
+            ("<disk type='file' device='disk'><source file='/srv/a/web.img'/><target dev='vdb'/></disk>", "same peer path"),
+            ("<disk type='file' device='disk'><source file='/srv/a/x.img'/><target dev='vda'/></disk>", "two disks have this target"),
+            ("<disk type='file' device='disk'><source file='/srv/a/x.img'/><target dev='VDB&apos;/>'/></disk>", "target name"),
+            ("<disk type='file' device='disk'><source file='/srv/a/x.img'/></disk>", "target name"),
+        ];
+        for (extra, why) in cases {
+            let xml = domain(&format!("{RAW}{extra}"));
+            let e = replica_plan("web", &xml, map).unwrap_err().to_string();
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+        // The map must not send a copy onto the image itself, nor anywhere that is not a plain path.
+        let same = replica_plan("web", &domain(RAW), |p| Some(p.to_string())).unwrap_err();
+        assert!(same.to_string().contains("the image itself"), "{same}");
+        let odd = replica_plan("web", &domain(RAW), |_| Some("/srv/b/x\u{1b}[2J".into())).unwrap_err();
+        assert!(odd.to_string().contains("not a plain absolute path"), "{odd}");
+        assert!(
+            !odd.to_string().contains('\u{1b}'),
+            "control characters are escaped: {odd}"
+        );
+    }
+
+    #[test]
+    fn hostile_documents_are_errors() {
+        for xml in [
+            "",
+            "<domain",
+            "<dom/>",
+            "<!DOCTYPE x [<!ENTITY a 'b'>]><domain>&a;</domain>",
+        ] {
+            assert!(replica_plan("web", xml, map).is_err(), "{xml:?}");
+        }
+        // A domain with no disks replicates nothing (the caller says so).
+        assert_eq!(replica_plan("web", &domain(""), map).unwrap(), ReplicaPlan::default());
+    }
+}
