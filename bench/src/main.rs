@@ -7,6 +7,7 @@ mod measure;
 mod memory;
 mod report;
 mod scale;
+mod site;
 mod vcluster;
 mod whatif;
 
@@ -161,6 +162,9 @@ enum Cmd {
     },
     /// `vmha what-if --n-plus-one` on a generated file-backed CIB (32 hosts, 2000 VMs; no lab), sides alternating.
     Whatif(whatif::WhatifArgs),
+    /// Disaster recovery between two sites: switchover time, and RPO and RTO when a site is lost while
+    /// `vmha site replicate --every` runs and the guest writes. Brings up two sites and booth's arbitrator.
+    Site(site::SiteArgs),
     /// vmhad's memory (RSS from /proc) freshly started and idle, after --jobs jobs of each kind (VM stop +
     /// start, live move, guest request) and after settling. Brings up its own lab.
     Memory {
@@ -289,6 +293,7 @@ fn main() -> ExitCode {
             memory::run(jobs, Duration::from_secs(settle), &lab.config("bmem", "10.213.21"), out)
         }
         Cmd::Whatif(args) => whatif::run(args),
+        Cmd::Site(args) => site::run(args),
         Cmd::CibChanges { pid, count, vms } => scale::cib_changes(pid, count, vms),
         Cmd::Measure { runs, actions, sides } => measure_cmd(runs, &actions, &sides),
         Cmd::PingLoop { domain } => clone::ping_loop(&domain),
