@@ -214,7 +214,9 @@ impl Bench {
         vmha(a, 1, &["vm", "add", VM, "--config", xml])?;
         let n = wait_running_at(a, Duration::from_secs(90))?;
         // The capture freezes the guest through its agent: it must answer first.
-        wait_for("the guest agent", Duration::from_secs(90), POLL, || shell(a, n, "true").ok())?;
+        wait_for("the guest agent", Duration::from_secs(90), POLL, || {
+            shell(a, n, "true").ok()
+        })?;
         vmha(a, 1, &["vcluster", "create", VC, VM])?;
         let archive = cfg.dir().join("bench.vmha");
         let _ = std::fs::remove_file(&archive);

@@ -53,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
     // Replication: a plan it accepts copies only into plain paths under the mapped storage, never onto
     // its source, and its backup request is well-formed XML naming each planned disk once.
     if let Ok(plan) = replica_plan("web", xml, |p| maps.path(p)) {
-        let request = backup_xml(&plan);
+        let request = backup_xml(&plan, "0a");
         let doc = roxmltree::Document::parse(&request).unwrap_or_else(|e| panic!("backup XML: {e}\n{request}"));
         let named = doc.descendants().filter(|n| n.has_tag_name("disk")).count();
         assert_eq!(named, plan.disks.len() + plan.skipped.len(), "{request}");

@@ -35,10 +35,10 @@ pub struct ReplicaDisk {
 }
 
 impl ReplicaDisk {
-    /// Where the copy is written first: a hidden sibling of `target`, renamed over it once every copy of
-    /// the round is complete.
-    pub fn partial(&self) -> String {
-        partial_name(&self.target)
+    /// Where round `round`'s copy is written first: a hidden sibling of `target`, renamed over it once
+    /// every copy of the round is complete.
+    pub fn partial(&self, round: &str) -> String {
+        partial_name(&self.target, round)
     }
 }
 
@@ -50,12 +50,26 @@ pub struct ReplicaPlan {
     pub skipped: Vec<String>,
 }
 
-/// The partial copy's name for `target`: `/dir/.name.vmha-replica`.
-pub fn partial_name(target: &str) -> String {
+/// The partial copy's name for `target` in round `round` (a round's own id, so that two rounds running
+/// at once never write or remove each other's files): `/dir/.name.ROUND.vmha-replica`.
+pub fn partial_name(target: &str, round: &str) -> String {
     match target.rsplit_once('/') {
-        Some((dir, base)) => format!("{dir}/.{base}.vmha-replica"),
-        None => format!(".{target}.vmha-replica"),
+        Some((dir, base)) => format!("{dir}/.{base}.{round}{PARTIAL_SUFFIX}"),
+        None => format!(".{target}.{round}{PARTIAL_SUFFIX}"),
     }
+}
+
+/// The end of every partial copy's name.
+pub const PARTIAL_SUFFIX: &str = ".vmha-replica";
+
+/// Whether `name` (a file name in the directory of `target`) is a partial copy of `target` by some round.
+pub fn is_partial_of(name: &str, target: &str) -> bool {
+    let base = target.rsplit_once('/').map_or(target, |(_, b)| b);
+    name.strip_prefix('.')
+        .and_then(|n| n.strip_prefix(base))
+        .and_then(|n| n.strip_prefix('.'))
+        .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
+        .is_some_and(|round| !round.is_empty() && round.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A disk target name as libvirt writes it: 1-32 lowercase letters and digits.
@@ -170,13 +184,13 @@ pub fn replica_plan(
 
 /// libvirt's push-mode backup request for `plan` (`virDomainBackupBegin`): a full copy of every planned
 /// disk into its partial file, as the disk was when the job began; every other disk named and left out.
-pub fn backup_xml(plan: &ReplicaPlan) -> String {
+pub fn backup_xml(plan: &ReplicaPlan, round: &str) -> String {
     let mut out = String::from("<domainbackup mode='push'>\n  <disks>\n");
     for d in &plan.disks {
         out.push_str(&format!(
             "    <disk name='{}' backup='yes' type='file'>\n      <target file='{}'/>\n      <driver type='{}'/>\n    </disk>\n",
             escape(&d.dev),
-            escape(&d.partial()),
+            escape(&d.partial(round)),
             escape(&d.format)
         ));
     }
@@ -227,9 +241,19 @@ mod tests {
             ]
         );
         assert_eq!(plan.skipped, vec!["hdc".to_string(), "vdc".to_string()]);
-        assert_eq!(plan.disks[0].partial(), "/srv/b/.web.img.vmha-replica");
-        let b = backup_xml(&plan);
-        assert!(b.contains("<disk name='vda' backup='yes' type='file'>\n      <target file='/srv/b/.web.img.vmha-replica'/>\n      <driver type='raw'/>"), "{b}");
+        assert_eq!(plan.disks[0].partial("1f"), "/srv/b/.web.img.1f.vmha-replica");
+        assert!(is_partial_of(".web.img.1f.vmha-replica", "/srv/b/web.img"));
+        for other in [
+            ".web.img.vmha-replica",
+            ".web.img.x1.vmha-replica",
+            ".web.img2.1f.vmha-replica",
+            "web.img",
+            ".data.qcow2.1f.vmha-replica",
+        ] {
+            assert!(!is_partial_of(other, "/srv/b/web.img"), "{other}");
+        }
+        let b = backup_xml(&plan, "1f");
+        assert!(b.contains("<disk name='vda' backup='yes' type='file'>\n      <target file='/srv/b/.web.img.1f.vmha-replica'/>\n      <driver type='raw'/>"), "{b}");
         assert!(b.contains("<disk name='hdc' backup='no'/>"), "{b}");
         assert!(roxmltree::Document::parse(&b).is_ok());
     }

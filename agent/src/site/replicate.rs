@@ -29,7 +29,7 @@ use serde::Serialize;
 use vmha_api::json::document;
 use vmha_model::change::validate_name;
 use vmha_model::printable;
-use vmha_model::replica::{backup_xml, partial_name, replica_plan, ReplicaPlan};
+use vmha_model::replica::{backup_xml, is_partial_of, partial_name, replica_plan, ReplicaPlan};
 use vmha_model::ClusterView;
 use vmha_ops::ports::Hypervisor;
 use vmha_vcluster::capture;
@@ -175,11 +175,16 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
         }
     }
     let copies = disk_copies(&c.xml, &stopped, maps)?;
+    // This round's own id names its partial files: a round running at the same time (another `--every`,
+    // an operator's) never writes over or removes them.
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| anyhow!("drawing the round's id: {e}"))?;
+    let round_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
     let mut partials: Vec<(String, String)> = live
         .iter()
-        .flat_map(|l| l.plan.disks.iter().map(|d| (d.partial(), d.target.clone())))
+        .flat_map(|l| l.plan.disks.iter().map(|d| (d.partial(&round_id), d.target.clone())))
         .collect();
-    partials.extend(copies.iter().map(|(_, to)| (partial_name(to), to.clone())));
+    partials.extend(copies.iter().map(|(_, to)| (partial_name(to, &round_id), to.clone())));
     if partials.is_empty() {
         bail!("{vc} has no disk images to replicate");
     }
@@ -189,13 +194,14 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
             bail!("two disks of {vc} map to the same peer path {target}");
         }
     }
-    // Leftovers of a round that died are removed (they are never renamed into place).
-    for (partial, _) in &partials {
-        remove_if_there(partial)?;
+    // Leftovers of rounds that died (never renamed into place) are removed once older than any round
+    // may take.
+    for (_, target) in &partials {
+        remove_leftovers(target, wait + LEFTOVER_GRACE);
     }
 
     // 2-4. Frozen, jobs begun, thawed.
-    let r = live_round(hv, &live, wait, freeze).await;
+    let r = live_round(hv, &live, &round_id, wait, freeze).await;
     let (point, frozen_ms) = match r {
         Ok(x) => x,
         Err(e) => {
@@ -206,7 +212,7 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
     // Stopped members: their images as they are.
     let mut images = BTreeMap::new();
     for (from, to) in &copies {
-        let (from2, partial) = (from.clone(), partial_name(to));
+        let (from2, partial) = (from.clone(), partial_name(to, &round_id));
         let copied = tokio::task::spawn_blocking(move || std::fs::copy(&from2, &partial))
             .await
             .context("the disk copy")?
@@ -278,7 +284,13 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
 
 /// Freezes every running member, starts the backups, thaws; then waits for the copies. Returns the point
 /// and how long the guests were frozen. On error every job begun is aborted (the caller removes the files).
-async fn live_round(hv: &Libvirt, live: &[Live], wait: Duration, freeze: bool) -> Result<(SystemTime, u64)> {
+async fn live_round(
+    hv: &Libvirt,
+    live: &[Live],
+    round_id: &str,
+    wait: Duration,
+    freeze: bool,
+) -> Result<(SystemTime, u64)> {
     let started = Instant::now();
     let mut frozen = Vec::new();
     let mut begun = Vec::new();
@@ -300,7 +312,7 @@ async fn live_round(hv: &Libvirt, live: &[Live], wait: Duration, freeze: bool) -
     }
     if failed.is_none() {
         for l in live.iter().filter(|l| !l.plan.disks.is_empty()) {
-            match hv.backup_begin(&l.host, &l.domain, backup_xml(&l.plan)).await {
+            match hv.backup_begin(&l.host, &l.domain, backup_xml(&l.plan, round_id)).await {
                 Ok(()) => begun.push(l),
                 Err(e) => {
                     failed = Some(anyhow!(e).context(format!("starting the copy of {}", l.member)));
@@ -368,6 +380,33 @@ fn remove_if_there(path: &str) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("removing the leftover {path}")),
+    }
+}
+
+/// Beyond a round's `--wait`, how much older a partial file must be before another round removes it.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(60);
+
+/// Removes partial copies of `target` by any round that are older than `older_than`.
+fn remove_leftovers(target: &str, older_than: Duration) {
+    let Some(dir) = Path::new(target).parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !is_partial_of(name, target) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > older_than);
+        if old {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!("removing the leftover {}: {err}", e.path().display());
+            }
+        }
     }
 }
 
