@@ -774,6 +774,7 @@ mod tests {
                 quorate: true,
                 stonith_enabled: true,
                 capture_staging: true,
+                replications: Default::default(),
                 hosts: vec![],
                 vms: vec![vmha_model::VmView {
                     name: "vm1".into(),

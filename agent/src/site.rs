@@ -144,6 +144,21 @@ pub enum SiteCmd {
         #[arg(long)]
         no_freeze: bool,
     },
+    /// Replication by vmhad: while this site holds the virtual cluster's ticket, the DC's vmhad runs a
+    /// `replicate` round every SECS seconds (stored in this site's CIB; set it at each site, with that
+    /// site's maps, so that the copies follow the ticket). --off removes it.
+    Replication {
+        vcluster: String,
+        /// Seconds between rounds (5 to 86400).
+        #[arg(long, value_name = "SECS", required_unless_present = "off")]
+        every: Option<u64>,
+        /// storage=/HERE:/PEER: where the peer's copies are.
+        #[arg(long = "map", value_name = "KIND=OLD:NEW")]
+        maps: Vec<String>,
+        /// Stop vmhad's replication of the virtual cluster.
+        #[arg(long, conflicts_with_all = ["every", "maps"])]
+        off: bool,
+    },
     /// Failover by hand when the site holding the ticket is known to be lost: the ticket is granted here
     /// with booth's override (`booth grant -F`), without waiting for the lost site to give it up. Booth
     /// does this itself after the ticket's expiry; this is for when the operator knows sooner.
@@ -236,6 +251,70 @@ pub struct Status {
     /// This site's copies of the protected virtual clusters that do not run here: how old they are (the
     /// data a failover here would lose, up to now).
     pub replicas: Vec<ReplicaAge>,
+    /// Replication by vmhad set at this site (`vmha site replication`).
+    pub replication: Vec<ReplicationStatus>,
+}
+
+/// A replication setting of this site and, where the virtual cluster runs here, how old the peer's
+/// copies are (read through the setting's storage maps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicationStatus {
+    pub vcluster: String,
+    /// The setting as stored (`every=SECS storage=/HERE:/PEER`).
+    pub setting: String,
+    /// Why vmhad does not use it, when it does not.
+    pub problem: Option<String>,
+    /// The oldest of the peer's copies (RFC 3339) and its age, when the virtual cluster runs here.
+    pub peer_copies_as_of: Option<String>,
+    pub age_seconds: Option<u64>,
+}
+
+/// The replication settings of this site's CIB, with the peer's copies' age where VC runs here.
+fn replication_status(
+    xml: &str,
+    cluster: &ClusterView,
+    tags: &BTreeMap<String, Vec<String>>,
+) -> Vec<ReplicationStatus> {
+    use vmha_model::replica::ReplicationSetting;
+    cluster
+        .replications
+        .iter()
+        .map(|(vc, raw)| {
+            let members = tags.get(vc).cloned().unwrap_or_default();
+            let runs_here = members
+                .iter()
+                .any(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()));
+            let setting = validate_name("virtual cluster name", vc)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(ReplicationSetting::parse(vc, raw)?))
+                .and_then(|s| Ok(Maps::parse(&s.maps(), None)?));
+            let mut st = ReplicationStatus {
+                vcluster: vmha_model::printable(vc),
+                setting: vmha_model::printable(raw),
+                problem: None,
+                peer_copies_as_of: None,
+                age_seconds: None,
+            };
+            match setting {
+                Err(e) => st.problem = Some(format!("{e:#}")),
+                Ok(maps) if runs_here => match disk_copies(xml, &members, &maps) {
+                    Err(e) => st.problem = Some(format!("{e:#}")),
+                    Ok(copies) => {
+                        let oldest = copies
+                            .iter()
+                            .filter_map(|(_, to)| std::fs::symlink_metadata(to).and_then(|m| m.modified()).ok())
+                            .min();
+                        if let Some(t) = oldest {
+                            st.peer_copies_as_of = Some(humantime::format_rfc3339_seconds(t).to_string());
+                            st.age_seconds = Some(t.elapsed().map(|d| d.as_secs()).unwrap_or(0));
+                        }
+                    }
+                },
+                Ok(_) => {}
+            }
+            st
+        })
+        .collect()
 }
 
 /// How old this site's copy of a virtual cluster's disks is.
@@ -397,6 +476,7 @@ fn status_of(
         tickets,
         authentication,
         replicas: Vec::new(),
+        replication: Vec::new(),
     }
 }
 
@@ -449,6 +529,14 @@ pub fn status_text(s: &Status) -> String {
             "replica here of {}: disks as of {} ({} s ago, {} image(s)): a failover here starts from it\n",
             r.vcluster, r.as_of, r.age_seconds, r.images
         ));
+    }
+    for r in &s.replication {
+        out.push_str(&format!("replication of {} by vmhad: {}", r.vcluster, r.setting));
+        match (&r.problem, &r.peer_copies_as_of, r.age_seconds) {
+            (Some(p), _, _) => out.push_str(&format!(" (NOT USED: {p})\n")),
+            (None, Some(t), Some(age)) => out.push_str(&format!("; the peer's copies as of {t} ({age} s ago)\n")),
+            _ => out.push_str("; runs while this site holds the ticket\n"),
+        }
     }
     for w in status_warnings(s) {
         out.push_str(&format!("\nwarning: {w}"));
@@ -523,6 +611,7 @@ pub async fn status(json_out: bool) -> Result<ExitCode> {
     let tags = capture::list(&c.xml)?;
     let mut s = status_of(&c.conf, &c.view, &list, &cluster, &tags, check_authentication(&c.conf));
     s.replicas = replica_ages(&c.view, &cluster, &tags);
+    s.replication = replication_status(&c.xml, &cluster, &tags);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&document("site_status", &s))?);
     } else {
@@ -908,6 +997,12 @@ pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
             )
             .await
         }
+        SiteCmd::Replication {
+            vcluster,
+            every,
+            maps,
+            off,
+        } => replicate::configure(&vcluster, every, &maps, off).await,
         SiteCmd::Failover {
             vcluster,
             lost,

@@ -288,9 +288,17 @@ impl Bench {
             .find(|&n| here.host_alive(n))
             .ok_or_else(|| anyhow!("no host of {} runs", here.cfg.name))?;
         let t = Instant::now();
-        vmha(here, n, &["site", "switchover", VC, "--to", to, "--map", map])?;
+        let out = vmha(here, n, &["site", "switchover", VC, "--to", to, "--map", map])?;
+        let command = t.elapsed().as_secs_f64();
         wait_running_at(there, Duration::from_secs(120))?;
-        Ok(t.elapsed().as_secs_f64())
+        let total = t.elapsed().as_secs_f64();
+        println!(
+            "switchover {} -> {}: command {command:.1} s, VM running {total:.1} s\n{}",
+            here.cfg.name,
+            there.cfg.name,
+            out.trim()
+        );
+        Ok(total)
     }
 }
 
@@ -298,6 +306,7 @@ impl Bench {
 fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)> {
     let (a, b) = (&bench.sites.a, &bench.sites.b);
     let na = wait_running_at(a, Duration::from_secs(90))?;
+    wait_for("the guest agent", Duration::from_secs(90), POLL, || shell(a, na, "true").ok())?;
     // The guest's steady load: 1 MiB of random bytes every second, synced, away from the marker.
     shell(
         a,

@@ -5,10 +5,12 @@
 //! from booth.conf or `booth list` passes `validate_ticket` (so it never reaches booth's command line as an
 //! option), `validate_site` only accepts a site booth.conf lists, an authfile is an absolute path without
 //! control characters, errors print no control characters, and the key check never shows the key (the
-//! third text read as a key file).
+//! third text read as a key file). Each line of the third text is also read as a replication setting
+//! (`vmha-replicate-VC`, CIB text): accepted ones read back the same and name only plain absolute paths.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vmha_model::replica::ReplicationSetting;
 use vmha_model::site::{authkey_problem, parse_booth_list, validate_site, validate_ticket, BoothConf, SiteView};
 
 fn no_controls(text: &str) {
@@ -87,6 +89,20 @@ fuzz_target!(|data: &[u8]| {
         }
         for b in &view.bindings {
             assert!(view.binding_of(&b.rsc).is_some());
+        }
+    }
+    for line in cib_text.lines() {
+        match ReplicationSetting::parse("vc", line) {
+            Ok(setting) => {
+                assert_eq!(ReplicationSetting::parse("vc", &setting.value()).as_ref(), Ok(&setting));
+                for (here, peer) in &setting.storage {
+                    for p in [here, peer] {
+                        assert!(p.starts_with('/') && !p.split('/').any(|c| c == ".."), "{p:?}");
+                        assert!(!p.chars().any(char::is_control), "{p:?}");
+                    }
+                }
+            }
+            Err(e) => no_controls(&e.to_string()),
         }
     }
 });

@@ -96,6 +96,9 @@ pub struct ClusterView {
     /// Whether a live clone's capture may stage the template's memory on a tmpfs of its host (cluster
     /// property `vmha-capture-staging`, true unless set false).
     pub capture_staging: bool,
+    /// Replication settings of protected virtual clusters (cluster properties `vmha-replicate-VC`, see
+    /// [`crate::replica::ReplicationSetting`]): virtual cluster -> the raw value, read when used.
+    pub replications: BTreeMap<String, String>,
     pub hosts: Vec<HostView>,
     pub vms: Vec<VmView>,
     /// The virtual clusters: the tags of the configuration's `tags` section (tag id -> the ids it refers
@@ -696,6 +699,14 @@ impl CibParts {
             quorate: self.quorate,
             stonith_enabled: self.crm_config.get("stonith-enabled").is_none_or(|v| is_true(v)),
             capture_staging: self.crm_config.get("vmha-capture-staging").is_none_or(|v| is_true(v)),
+            replications: self
+                .crm_config
+                .iter()
+                .filter_map(|(k, v)| {
+                    let vc = k.strip_prefix(crate::replica::REPLICATE_PREFIX)?;
+                    (!vc.is_empty()).then(|| (vc.to_string(), v.clone()))
+                })
+                .collect(),
             hosts,
             vms,
             vclusters: self.tags.clone(),

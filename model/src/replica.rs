@@ -19,6 +19,8 @@ pub enum ReplicaError {
     Xml { domain: String, why: String },
     #[error("domain {domain}, disk {disk}: {why}")]
     Disk { domain: String, disk: String, why: String },
+    #[error("the replication setting of {vc}: {why}")]
+    Setting { vc: String, why: String },
 }
 
 /// One disk copied to the peer.
@@ -201,6 +203,95 @@ pub fn backup_xml(plan: &ReplicaPlan, round: &str) -> String {
     out
 }
 
+/// Cluster property names that hold a virtual cluster's replication setting: `vmha-replicate-VC`, in
+/// the `crm_config` property set [`REPLICATION_SET`].
+pub const REPLICATE_PREFIX: &str = "vmha-replicate-";
+/// The id of the `cluster_property_set` vmha writes replication settings to.
+pub const REPLICATION_SET: &str = "vmha-site-replication";
+/// Bounds of a replication period, seconds.
+pub const EVERY_MIN: u64 = 5;
+pub const EVERY_MAX: u64 = 86_400;
+
+/// How vmhad replicates a protected virtual cluster while this site holds its ticket (`vmha site
+/// replication VC --every SECS --map storage=/HERE:/PEER`). Stored in the CIB as
+/// `every=SECS storage=/HERE:/PEER [storage=...]`: CIB text, so read as untrusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationSetting {
+    pub every_secs: u64,
+    /// Storage maps (here, peer): absolute plain paths.
+    pub storage: Vec<(String, String)>,
+}
+
+impl ReplicationSetting {
+    /// Reads a setting's value; any deviation is an error naming the virtual cluster.
+    pub fn parse(vc: &str, value: &str) -> Result<Self, ReplicaError> {
+        let bad = |why: String| ReplicaError::Setting {
+            vc: crate::printable(vc),
+            why,
+        };
+        if value.len() > 4096 {
+            return Err(bad("longer than 4096 bytes".into()));
+        }
+        let mut every = None;
+        let mut storage = Vec::new();
+        for word in value.split_ascii_whitespace() {
+            if let Some(n) = word.strip_prefix("every=") {
+                let n: u64 = n
+                    .parse()
+                    .map_err(|_| bad(format!("every={} is not a number of seconds", crate::printable(n))))?;
+                if !(EVERY_MIN..=EVERY_MAX).contains(&n) {
+                    return Err(bad(format!("every={n}: must be {EVERY_MIN} to {EVERY_MAX} seconds")));
+                }
+                if every.replace(n).is_some() {
+                    return Err(bad("every= given twice".into()));
+                }
+            } else if let Some(pair) = word.strip_prefix("storage=") {
+                let Some((here, peer)) = pair.split_once(':') else {
+                    return Err(bad(format!("storage={}: not HERE:PEER", crate::printable(pair))));
+                };
+                for p in [here, peer] {
+                    if !valid_path(p) {
+                        return Err(bad(format!(
+                            "storage path {:?} is not a plain absolute path",
+                            crate::printable(p)
+                        )));
+                    }
+                }
+                if here == peer {
+                    return Err(bad(format!(
+                        "storage={here}:{peer}: the peer's copies would be the images"
+                    )));
+                }
+                if storage.len() == 16 {
+                    return Err(bad("more than 16 storage maps".into()));
+                }
+                storage.push((here.to_string(), peer.to_string()));
+            } else {
+                return Err(bad(format!("unknown word {:?}", crate::printable(word))));
+            }
+        }
+        let every_secs = every.ok_or_else(|| bad("no every=SECS".into()))?;
+        if storage.is_empty() {
+            return Err(bad("no storage=HERE:PEER".into()));
+        }
+        Ok(ReplicationSetting { every_secs, storage })
+    }
+
+    /// The value stored in the CIB.
+    pub fn value(&self) -> String {
+        let mut out = format!("every={}", self.every_secs);
+        for (here, peer) in &self.storage {
+            out.push_str(&format!(" storage={here}:{peer}"));
+        }
+        out
+    }
+
+    /// The maps as `vmha vcluster` takes them (`storage=HERE:PEER`).
+    pub fn maps(&self) -> Vec<String> {
+        self.storage.iter().map(|(h, p)| format!("storage={h}:{p}")).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,5 +394,48 @@ mod tests {
         }
         // A domain with no disks replicates nothing (the caller says so).
         assert_eq!(replica_plan("web", &domain(""), map).unwrap(), ReplicaPlan::default());
+    }
+
+    #[test]
+    fn replication_settings_read_back_and_refuse_anything_else() {
+        let s = ReplicationSetting::parse("shop", "every=60 storage=/srv/a:/srv/b  storage=/x:/y").unwrap();
+        assert_eq!(s.every_secs, 60);
+        assert_eq!(
+            s.storage,
+            vec![("/srv/a".into(), "/srv/b".into()), ("/x".into(), "/y".into())]
+        );
+        assert_eq!(s.value(), "every=60 storage=/srv/a:/srv/b storage=/x:/y");
+        assert_eq!(ReplicationSetting::parse("shop", &s.value()).unwrap(), s);
+        assert_eq!(
+            s.maps(),
+            vec!["storage=/srv/a:/srv/b".to_string(), "storage=/x:/y".to_string()]
+        );
+        let too_many = format!("every=5{}", " storage=/a:/b".repeat(17));
+        let long = format!("every=5 storage=/a:/{}", "b".repeat(5000));
+        for (value, why) in [
+            ("", "no every="),
+            ("every=60", "no storage="),
+            ("storage=/a:/b", "no every="),
+            ("every=4 storage=/a:/b", "must be 5 to 86400"),
+            ("every=86401 storage=/a:/b", "must be 5 to 86400"),
+            ("every=-1 storage=/a:/b", "not a number"),
+            ("every=1e3 storage=/a:/b", "not a number"),
+            ("every=60 every=60 storage=/a:/b", "twice"),
+            ("every=60 storage=/a", "not HERE:PEER"),
+            ("every=60 storage=a:/b", "plain absolute path"),
+            ("every=60 storage=/a:/b/../../etc", "plain absolute path"),
+            ("every=60 storage=/a:/b\u{7}", "plain absolute path"),
+            ("every=60 storage=/a:/a", "would be the images"),
+            ("every=60 storage=/a:/b; rm -rf /", "unknown word"),
+            ("every=60 storage=/a:/b --wait=1", "unknown word"),
+            (too_many.as_str(), "more than 16"),
+            (long.as_str(), "longer than 4096"),
+        ] {
+            let e = ReplicationSetting::parse("shop", value).unwrap_err().to_string();
+            assert!(
+                e.starts_with("the replication setting of shop: ") && e.contains(why),
+                "{value:?}: {e}"
+            );
+        }
     }
 }

@@ -181,6 +181,7 @@ mod tests {
                 quorate: true,
                 stonith_enabled: true,
                 capture_staging: true,
+                replications: Default::default(),
                 hosts,
                 vms,
                 vclusters: Default::default(),

@@ -27,15 +27,20 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use vmha_api::json::document;
+use vmha_model::change::escape;
 use vmha_model::change::validate_name;
 use vmha_model::printable;
-use vmha_model::replica::{backup_xml, is_partial_of, partial_name, replica_plan, ReplicaPlan};
+use vmha_model::replica::{
+    backup_xml, is_partial_of, partial_name, replica_plan, ReplicaPlan, ReplicationSetting, REPLICATE_PREFIX,
+    REPLICATION_SET,
+};
 use vmha_model::ClusterView;
 use vmha_ops::ports::Hypervisor;
+use vmha_pacemaker::{CallOptions, Scope};
 use vmha_vcluster::capture;
 use vmha_vcluster::translate::Maps;
 
-use super::{disk_copies, read_all, validate_ticket};
+use super::{disk_copies, read_all, validate_ticket, CIB_DEADLINE};
 use crate::ports::{BackupState, Libvirt};
 
 /// How often a running backup job is asked how far it is.
@@ -414,6 +419,163 @@ fn cleanup(partials: &[(String, String)]) {
     for (partial, _) in partials {
         if let Err(e) = remove_if_there(partial) {
             tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// `vmha site replication VC --every SECS --map storage=/HERE:/PEER` (or `--off`): this site's vmhad
+/// replicates VC every SECS seconds while this site holds its ticket. Stored as the cluster property
+/// `vmha-replicate-VC` (property set `vmha-site-replication`).
+pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool) -> Result<ExitCode> {
+    validate_name("virtual cluster name", vc)?;
+    let c = read_all().await?;
+    if c.view.binding_of(vc).is_none() {
+        bail!("{vc} is not protected by a ticket here (vmha site protect)");
+    }
+    let id = format!("{REPLICATE_PREFIX}{vc}");
+    if off {
+        if !maps.is_empty() || every.is_some() {
+            bail!("--off takes no --every or --map");
+        }
+        c.cib
+            .delete(
+                &Scope::section("crm_config"),
+                &format!(r#"<nvpair id="{}"/>"#, escape(&id)),
+                CallOptions::NONE,
+                CIB_DEADLINE,
+            )
+            .await
+            .with_context(|| format!("removing the replication setting of {vc}"))?;
+        println!("replication of {vc} by vmhad: off");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let every = every.ok_or_else(|| anyhow!("--every SECS (or --off) is needed"))?;
+    // The maps as `vmha vcluster` reads them, then the setting as vmhad will read it back.
+    let parsed = Maps::parse(maps, None)?;
+    let storage: Vec<(String, String)> = maps
+        .iter()
+        .map(|m| {
+            m.strip_prefix("storage=")
+                .and_then(|p| p.split_once(':'))
+                .map(|(h, p)| (h.to_string(), p.to_string()))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "--map {}: only storage=/HERE:/PEER maps apply to replication",
+                        printable(m)
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    if parsed.roots().is_empty() {
+        bail!("no --map storage=/HERE:/PEER: say where the peer's copies of the disks are");
+    }
+    let value = ReplicationSetting {
+        every_secs: every,
+        storage,
+    }
+    .value();
+    let setting = ReplicationSetting::parse(vc, &value)?;
+    // Every disk must be covered now (a member added later is checked by each round).
+    let members = capture::list(&c.xml)?.get(vc).cloned().unwrap_or_default();
+    disk_copies(&c.xml, &members, &parsed)?;
+    let fragment = format!(
+        r#"<crm_config><cluster_property_set id="{REPLICATION_SET}"><nvpair id="{}" name="{}" value="{}"/></cluster_property_set></crm_config>"#,
+        escape(&id),
+        escape(&id),
+        escape(&setting.value())
+    );
+    c.cib
+        .modify(
+            &Scope::section("crm_config"),
+            &fragment,
+            CallOptions::CAN_CREATE,
+            CIB_DEADLINE,
+        )
+        .await
+        .with_context(|| format!("storing the replication setting of {vc}"))?;
+    println!(
+        "replication of {vc} by vmhad: every {every} s while this site holds its ticket ({})",
+        setting.maps().join(" ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How often vmhad looks at the replication settings.
+const FOLLOW_TICK: Duration = Duration::from_secs(1);
+/// The longest a round run by vmhad may copy.
+const SERVICE_WAIT: Duration = Duration::from_secs(3600);
+
+/// vmhad's replication: on the DC of a quorate site, each virtual cluster with a replication setting
+/// (`vmha site replication`) gets a round every period while this site holds its ticket; one round per
+/// virtual cluster at a time. A round that finds the ticket elsewhere does nothing (the other site's
+/// vmhad replicates towards here if it is set to). Outcomes go to vmhad's log; the copies' age shows in
+/// `vmha site status`. Ends only with vmhad.
+pub async fn follow(shared: std::sync::Arc<crate::state::Shared>) {
+    let state = shared.subscribe();
+    let local = shared.local_host.clone();
+    let hv = Libvirt::from_host(&local);
+    let mut started: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut running: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut refused: BTreeMap<String, String> = BTreeMap::new();
+    let mut tick = tokio::time::interval(FOLLOW_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        running.retain(|_, h| !h.is_finished());
+        let snap = state.borrow().clone();
+        let Some(view) = snap.view.as_ref() else { continue };
+        if view.dc.as_deref() != Some(local.as_str()) || !snap.quorate() {
+            continue;
+        }
+        for (vc, raw) in &view.replications {
+            let parsed = validate_name("virtual cluster name", vc)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| Ok(ReplicationSetting::parse(vc, raw)?))
+                .and_then(|s| Ok((Maps::parse(&s.maps(), None)?, s.every_secs)));
+            let (maps, every) = match parsed {
+                Ok(x) => {
+                    refused.remove(vc);
+                    x
+                }
+                Err(e) => {
+                    if refused.get(vc) != Some(raw) {
+                        tracing::warn!(vcluster = %printable(vc), "replication setting not used: {e:#}");
+                        refused.insert(vc.clone(), raw.clone());
+                    }
+                    continue;
+                }
+            };
+            if running.contains_key(vc)
+                || started
+                    .get(vc)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(every))
+            {
+                continue;
+            }
+            started.insert(vc.clone(), Instant::now());
+            let (hv, vc2) = (hv.clone(), vc.clone());
+            running.insert(
+                vc.clone(),
+                tokio::spawn(async move {
+                    match round(&hv, &vc2, &maps, SERVICE_WAIT, true).await {
+                        Ok(r) => tracing::info!(
+                            vcluster = %vc2,
+                            point = %r.point,
+                            frozen_ms = r.frozen_ms,
+                            images = r.images.len(),
+                            seconds = r.seconds,
+                            "replicated to the peer site"
+                        ),
+                        Err(e) if e.downcast_ref::<NotHere>().is_some() => {
+                            tracing::debug!(vcluster = %vc2, "not replicating: {e}")
+                        }
+                        Err(e) => tracing::warn!(
+                            vcluster = %vc2,
+                            "replication round failed (the peer keeps its previous copies): {e:#}"
+                        ),
+                    }
+                }),
+            );
         }
     }
 }

@@ -149,11 +149,33 @@ fn status_warns_of_a_stop_policy_without_acquire_after() {
             age_seconds: 42,
             images: 2,
         }],
+        replication: vec![
+            ReplicationStatus {
+                vcluster: "vc".into(),
+                setting: "every=60 storage=/a:/b".into(),
+                problem: None,
+                peer_copies_as_of: Some("2026-12-07T06:00:00Z".into()),
+                age_seconds: Some(7),
+            },
+            ReplicationStatus {
+                vcluster: "vd".into(),
+                setting: "every=1".into(),
+                problem: Some("the replication setting of vd: every=1: must be 5 to 86400 seconds".into()),
+                peer_copies_as_of: None,
+                age_seconds: None,
+            },
+        ],
     };
     let w = status_warnings(&s);
     assert_eq!(w.len(), 1, "{w:?}");
     assert!(w[0].starts_with("ticket a has acquire-after 0"), "{w:?}");
     assert!(status_text(&s).contains("\nwarning: ticket a "));
+    let text = status_text(&s);
+    assert!(
+        text.contains("replication of vc by vmhad: every=60 storage=/a:/b; the peer's copies as of 2026-12-07T06:00:00Z (7 s ago)\n"),
+        "{text}"
+    );
+    assert!(text.contains("replication of vd by vmhad: every=1 (NOT USED: the replication setting of vd: every=1: must be 5 to 86400 seconds)\n"), "{text}");
     assert!(status_text(&s).contains(
         "replica here of vc: disks as of 2026-12-07T06:00:00Z (42 s ago, 2 image(s)): a failover here starts from it\n"
     ));
@@ -172,6 +194,7 @@ fn status_warns_when_booth_is_not_authenticated_or_its_key_is_unusable() {
         tickets: vec![],
         authentication: auth,
         replicas: vec![],
+        replication: vec![],
     };
     // No authfile at all.
     let none = status(check_authentication(&BoothConf::default()));

@@ -12,11 +12,11 @@
 //! - failback: a switchover B -> A copies B's disk back, A runs the VM with what B wrote;
 //! - `vmha site replicate` at A while the VM runs (refused at B, which lacks the ticket, and without a
 //!   map): B's copy brought to a consistent point, the VM's QEMU untouched, no partial file left, B's
-//!   `vmha site status` shows the replica's point;
+//!   `vmha site status` shows the replica's point; then `vmha site replication` (hostile settings refused)
+//!   and vmhad's own rounds bring B's copy past a later write;
 //! - the link between the sites cut with the arbitrator reachable from B only: A's lease runs out and A
 //!   stops the VM (loss-policy stop, within booth's acquire-after), B takes the ticket and runs the VM
-//!   from its copy, which has what A wrote before the replication and not what it wrote after; the link
-//!   back, A does not start it again.
+//!   from its copy, which has what A wrote before the rounds; the link back, A does not start it again.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -448,6 +448,45 @@ fn site_switchover_and_failover_with_booth() {
         "B's status does not show the replica's point {point}:\n{status}"
     );
     write_sector(a, na, 103, "written-at-A-after-replicate");
+    let written = Instant::now();
+
+    // Replication by vmhad: A's DC runs a round every 5 s while A holds the ticket. Hostile settings
+    // first: refused, nothing stored.
+    for (args, expect) in [
+        (vec!["--every", "1", "--map", storage_ab.as_str()], "must be 5 to 86400"),
+        (
+            vec!["--every", "5", "--map", "hosts=sa1:sb1"],
+            "only storage=/HERE:/PEER",
+        ),
+        (vec!["--every", "5", "--map", "storage=relative:/x"], "storage"),
+    ] {
+        let mut all = vec!["site", "replication", VC];
+        all.extend(args.iter().copied());
+        let (code, out, err) = vmha_long(a, 1, &all);
+        assert_ne!(code, 0, "{all:?} was accepted: {out}");
+        assert!(err.contains(expect), "{all:?}: {err}");
+    }
+    assert!(!vmha_long_ok(a, 1, &["site", "status"]).contains("replication of"));
+    vmha_long_ok(a, 1, &["site", "replication", VC, "--every", "5", "--map", &storage_ab]);
+    // B's copy gets a point after the write within two periods or so, by vmhad alone.
+    let t = Instant::now();
+    let age = wait_for("a replication round by vmhad", Duration::from_secs(60), POLL, || {
+        let (code, out, _) = vmha_long(b, 1, &["--output", "json", "site", "status"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok().filter(|_| code == 0)?;
+        let age = v["replicas"].as_array()?.iter().find(|r| r["vcluster"] == VC)?["age_seconds"].as_u64()?;
+        (age + 1 < written.elapsed().as_secs()).then_some(age)
+    })
+    .unwrap();
+    println!(
+        "vmhad's replication: B's copy {age} s old, {:.1} s after it was set",
+        t.elapsed().as_secs_f64()
+    );
+    let status_a = vmha_long_ok(a, 1, &["site", "status"]);
+    assert!(
+        status_a.contains(&format!("replication of {VC} by vmhad: every=5 storage="))
+            && status_a.contains("; the peer's copies as of"),
+        "{status_a}"
+    );
 
     // The link between the sites cut, the arbitrator reachable from B only (A's leg of the router
     // down): A's lease runs out, A stops the VM (loss-policy stop) within acquire-after, B and the
@@ -470,10 +509,9 @@ fn site_switchover_and_failover_with_booth() {
     );
     assert_eq!(granted_here(a), Some(false), "A still holds the ticket");
     assert_eq!(read_sector(b, nb, 101), "written-at-B");
-    // A's write before the replication is at B; the one after it is not (the loss is bounded by the
-    // replica's age, which B's status showed).
+    // A's writes before the manual round and before vmhad's round are at B.
     assert_eq!(read_sector(b, nb, 102), "written-at-A-after-failback");
-    assert_ne!(read_sector(b, nb, 103), "written-at-A-after-replicate");
+    assert_eq!(read_sector(b, nb, 103), "written-at-A-after-replicate");
     // The link back: booth at A learns B holds the ticket; A does not start the VM again.
     site_lab.heal_site(Site::A).unwrap();
     let healed = Instant::now();
