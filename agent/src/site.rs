@@ -1048,6 +1048,7 @@ pub fn site_what_if(
     tickets: Vec<String>,
     view: &SiteView,
     tags: &BTreeMap<String, Vec<String>>,
+    is_vm: impl Fn(&str) -> bool,
     p: &vmha_model::whatif::Prediction,
 ) -> SiteWhatIf {
     use vmha_model::whatif::VmOutcome;
@@ -1057,7 +1058,9 @@ pub fn site_what_if(
         .filter(|b| tickets.contains(&b.ticket))
         .map(|b| (b.rsc.clone(), tags.get(&b.rsc).cloned().unwrap_or_default()))
         .collect();
-    let protected: Vec<&String> = vclusters.values().flatten().collect();
+    // The VMs among the members: an address or another resource of the virtual cluster has no placement
+    // in the prediction (Pacemaker's constraints start it with the VMs).
+    let protected: Vec<&String> = vclusters.values().flatten().filter(|m| is_vm(m)).collect();
     let placement = p.placement();
     let takeover_complete = protected.iter().all(|m| placement.get(*m).is_some_and(|h| h.is_some()));
     let vms = p
@@ -1136,7 +1139,8 @@ pub async fn what_if(lost: &str, tickets: &[String], json_out: bool) -> Result<E
     let copy = vmha_model::whatif::grant_tickets(&c.xml, &tickets)?;
     let p = crate::placement::predict_cib(&c.xml, &copy, WHAT_IF_DEADLINE).await?;
     let tags = capture::list(&c.xml)?;
-    let w = site_what_if(lost, tickets, &c.view, &tags, &p);
+    let cluster = ClusterView::from_cib(&c.xml).context("reading the CIB")?;
+    let w = site_what_if(lost, tickets, &c.view, &tags, |m| cluster.vm(m).is_some(), &p);
     if json_out {
         println!("{}", serde_json::to_string_pretty(&document("site_what_if", &w))?);
     } else {

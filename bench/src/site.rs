@@ -306,7 +306,9 @@ impl Bench {
 fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)> {
     let (a, b) = (&bench.sites.a, &bench.sites.b);
     let na = wait_running_at(a, Duration::from_secs(90))?;
-    wait_for("the guest agent", Duration::from_secs(90), POLL, || shell(a, na, "true").ok())?;
+    wait_for("the guest agent", Duration::from_secs(90), POLL, || {
+        shell(a, na, "true").ok()
+    })?;
     // The guest's steady load: 1 MiB of random bytes every second, synced, away from the marker.
     shell(
         a,

@@ -275,7 +275,10 @@ fn site_what_if_lists_the_takeover_and_says_when_it_is_incomplete() {
         ],
     };
     let tags = BTreeMap::from([
-        ("shop".to_string(), vec!["web1".to_string(), "web2".to_string()]),
+        (
+            "shop".to_string(),
+            vec!["web1".to_string(), "web2".to_string(), "shop-ip".to_string()],
+        ),
         ("db".to_string(), vec!["pg".to_string()]),
     ]);
     let mut p = Prediction {
@@ -291,8 +294,10 @@ fn site_what_if_lists_the_takeover_and_says_when_it_is_incomplete() {
         zones: vec![],
     };
     let lost = "10.0.1.100".parse().unwrap();
+    // shop's address is no VM: the prediction places VMs only, and it does not make the takeover incomplete.
+    let is_vm = |m: &str| m != "shop-ip";
     // Only the shop ticket: pg (held by db) is not part of the takeover; calm stays and is not listed.
-    let w = site_what_if(lost, vec!["shop".into()], &view, &tags, &p);
+    let w = site_what_if(lost, vec!["shop".into()], &view, &tags, is_vm, &p);
     assert!(w.takeover_complete, "{w:?}");
     assert_eq!(w.vclusters.keys().collect::<Vec<_>>(), ["shop"]);
     let listed: Vec<&str> = w.vms.iter().map(|v| v.vm.as_str()).collect();
@@ -308,12 +313,12 @@ fn site_what_if_lists_the_takeover_and_says_when_it_is_incomplete() {
         "{text}"
     );
     // Both tickets: pg gets no place, so the takeover is incomplete.
-    let w = site_what_if(lost, vec!["shop".into(), "db".into()], &view, &tags, &p);
+    let w = site_what_if(lost, vec!["shop".into(), "db".into()], &view, &tags, is_vm, &p);
     assert!(!w.takeover_complete);
     assert!(site_what_if_text(&w).contains("INCOMPLETE"));
     // A protected member that is not in the prediction at all has no place either.
     p.vms.remove(1);
-    assert!(!site_what_if(lost, vec!["shop".into()], &view, &tags, &p).takeover_complete);
+    assert!(!site_what_if(lost, vec!["shop".into()], &view, &tags, is_vm, &p).takeover_complete);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Disaster recovery between two sites with booth. Site A (2 hosts `sa1..2`) and site B (2 hosts
 //! `sb1..2`) are two clusters on their own subnets, routed to each other and to booth's arbitrator in a
 //! namespace of its own; booth's site daemon runs at each site as a cluster resource group (site address
-//! and booth-site). A virtual cluster `shop` of one VM with a raw disk runs at A, holding ticket `shop`
-//! (expire 20 s):
+//! and booth-site). A virtual cluster `shop` of two VMs with raw disks and an address runs at A, holding
+//! ticket `shop` (expire 20 s):
 //! - `vmha site protect` at A (rsc_ticket, capture with disks) and at B (rsc_ticket first, then the archive
 //!   instantiated through the maps, held stopped by the ticket);
 //! - `vmha site switchover` A -> B and back: what the guest wrote to its disk before each switchover is
@@ -29,6 +29,10 @@ use vmha_lab::site::{Site, SiteLab, SiteLabConfig, BOOTH_AUTHKEY};
 use vmha_lab::{wait_for, Lab, LabConfig};
 
 const VM: &str = "stvm";
+/// The virtual cluster's second VM and its address (an `ocf:heartbeat:IPaddr2` at `.60` of the site's
+/// subnet, mapped to the other site's subnet by the protect).
+const VM2: &str = "stvm2";
+const IP: &str = "shopip";
 const VC: &str = "shop";
 const TICKET: &str = "shop";
 const EXPIRE: u32 = 20;
@@ -70,12 +74,49 @@ fn granted_here(lab: &Lab) -> Option<bool> {
     v["tickets"].as_array()?.iter().find(|t| t["name"] == TICKET)?["granted_here"].as_bool()
 }
 
-/// The host of `lab` where Pacemaker runs the VM and exactly one QEMU runs it.
+/// The host of `lab` where Pacemaker runs the VM and exactly one QEMU runs it, once the whole virtual
+/// cluster runs in `lab`: the second VM the same way, and its address.
 fn running_at(lab: &Lab) -> Option<u8> {
     let s = lab.status_from_any().ok()?;
-    let n = lab.cfg.host_number(s.running_on(VM)?)?;
-    let q = lab.qemu_processes(VM);
-    (q.len() == 1 && q[0].0 == n).then_some(n)
+    s.running_on(IP)?;
+    let mut hosts = [VM, VM2].into_iter().map(|vm| {
+        let n = lab.cfg.host_number(s.running_on(vm)?)?;
+        let q = lab.qemu_processes(vm);
+        (q.len() == 1 && q[0].0 == n).then_some(n)
+    });
+    let n = hosts.next()??;
+    hosts.next()??;
+    Some(n)
+}
+
+/// Every member of the virtual cluster is defined in `lab` and none is active (held by the ticket).
+fn held_stopped(lab: &Lab) -> bool {
+    let s = lab.status(1).unwrap();
+    [VM, VM2, IP].iter().all(|r| s.resource(r).is_some_and(|x| !x.active))
+}
+
+/// The host of `lab` that holds the virtual cluster's address (`.60` of the lab's subnet), by `ip addr`
+/// there, where Pacemaker says it runs.
+fn address_at(lab: &Lab) -> Option<u8> {
+    let n = lab.cfg.host_number(lab.status_from_any().ok()?.running_on(IP)?)?;
+    let out = lab.exec_ok(n, &["ip", "-o", "-4", "addr", "show"]).ok()?;
+    out.contains(&format!(" {}.60/24 ", lab.cfg.subnet)).then_some(n)
+}
+
+/// Waits until the second VM's guest agent answers in `lab` (a capture or a replication round freezes
+/// every guest of the virtual cluster through its agent; right after a start it is not connected yet).
+fn wait_second_agent(lab: &Lab) {
+    wait_for("the second guest's agent", Duration::from_secs(90), POLL, || {
+        let n = lab.cfg.host_number(lab.status_from_any().ok()?.running_on(VM2)?)?;
+        guest_exec(lab, n, VM2, "/bin/true", &[], Duration::from_secs(30)).ok()
+    })
+    .unwrap();
+}
+
+/// Whether any member of the virtual cluster runs in `lab`.
+fn any_running(lab: &Lab) -> bool {
+    let s = lab.status(1).or_else(|_| lab.status_from_any()).unwrap();
+    [VM, VM2, IP].iter().any(|r| s.running_on(r).is_some())
 }
 
 fn wait_running_at(lab: &Lab, limit: Duration) -> u8 {
@@ -172,14 +213,34 @@ fn site_switchover_and_failover_with_booth() {
     })
     .unwrap();
     assert_eq!(granted_here(b), Some(false));
-    let disk = a.cfg.shared_dir().join(format!("{VM}.img"));
-    std::fs::File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
-    let xml = a.cfg.shared_dir().join(format!("{VM}.xml"));
-    std::fs::write(&xml, domain_with_raw_disk(a, VM)).unwrap();
-    vmha_long_ok(a, 1, &["vm", "add", VM, "--config", xml.to_str().unwrap()]);
+    for vm in [VM, VM2] {
+        let disk = a.cfg.shared_dir().join(format!("{vm}.img"));
+        std::fs::File::create(&disk).unwrap().set_len(DISK_MIB << 20).unwrap();
+        let xml = a.cfg.shared_dir().join(format!("{vm}.xml"));
+        std::fs::write(&xml, domain_with_raw_disk(a, vm)).unwrap();
+        vmha_long_ok(a, 1, &["vm", "add", vm, "--config", xml.to_str().unwrap()]);
+    }
+    a.exec_ok(
+        1,
+        &[
+            "pcs",
+            "resource",
+            "create",
+            IP,
+            "ocf:heartbeat:IPaddr2",
+            &format!("ip={}.60", a.cfg.subnet),
+            "cidr_netmask=24",
+            "op",
+            "monitor",
+            "interval=10s",
+        ],
+    )
+    .unwrap();
     let n = wait_running_at(a, Duration::from_secs(90));
-    vmha_long_ok(a, 1, &["vcluster", "create", VC, VM]);
+    vmha_long_ok(a, 1, &["vcluster", "create", VC, VM, VM2, IP]);
     write_sector(a, n, 100, "written-at-A-before-protect");
+    // The protect's capture freezes both guests through their agents: the second's must answer too.
+    wait_second_agent(a);
 
     // Never two QEMUs of the VM on this machine (both sites together), polled every 50 ms from here on.
     let stop = Arc::new(AtomicBool::new(false));
@@ -190,7 +251,7 @@ fn site_switchover_and_failover_with_booth() {
         let watcher = Lab::attach(a.cfg.clone()).unwrap();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let count = watcher.qemu_processes(VM).len();
+                let count = watcher.qemu_processes(VM).len().max(watcher.qemu_processes(VM2).len());
                 most.fetch_max(count, Ordering::Relaxed);
                 polls.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
@@ -227,6 +288,7 @@ fn site_switchover_and_failover_with_booth() {
         a.cfg.shared_dir().display()
     );
     let images = format!("storage={}:{}", image_dir().display(), image_dir().display());
+    let addresses = format!("address={}.0/24:{}.0/24", a.cfg.subnet, b.cfg.subnet);
     let protect_b = [
         "site",
         "protect",
@@ -239,6 +301,8 @@ fn site_switchover_and_failover_with_booth() {
         archive.to_str().unwrap(),
         "--map",
         "hosts=sa1:sb1,sa2:sb2",
+        "--map",
+        &addresses,
         "--map",
         &storage_ab,
         "--map",
@@ -339,8 +403,9 @@ fn site_switchover_and_failover_with_booth() {
     assert_eq!(configuration(b), config_before, "the what-if changed B's configuration");
     assert_eq!(granted_here(b), Some(false), "the what-if granted the ticket at B");
     // Held stopped at B while A runs it.
-    assert!(b.status(1).unwrap().resource(VM).is_some_and(|r| !r.active));
+    assert!(held_stopped(b));
     assert_eq!(running_at(a), Some(n));
+    assert!(address_at(a).is_some(), "the address is not up at A");
 
     // Switchover A -> B.
     let t = Instant::now();
@@ -352,7 +417,9 @@ fn site_switchover_and_failover_with_booth() {
     );
     assert_eq!(read_sector(b, nb, 100), "written-at-A-before-protect");
     assert_eq!(granted_here(a), Some(false));
-    assert!(a.status(1).unwrap().resource(VM).is_some_and(|r| !r.active));
+    assert!(held_stopped(a));
+    // The address moved with it, mapped to B's subnet.
+    wait_for("the address up at B", Duration::from_secs(30), POLL, || address_at(b)).unwrap();
     write_sector(b, nb, 101, "written-at-B");
 
     // Switchover B -> A.
@@ -389,10 +456,7 @@ fn site_switchover_and_failover_with_booth() {
     let back = Instant::now();
     while back.elapsed() < Duration::from_secs(15) {
         assert!(!granted_here(a).unwrap_or(false), "the ticket came back to A");
-        assert!(
-            a.status_from_any().unwrap().running_on(VM).is_none(),
-            "A started the VM again"
-        );
+        assert!(!any_running(a), "A started the virtual cluster again");
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(running_at(b), Some(nb));
@@ -407,6 +471,7 @@ fn site_switchover_and_failover_with_booth() {
     );
     assert_eq!(read_sector(a, na, 101), "written-at-B");
     write_sector(a, na, 102, "written-at-A-after-failback");
+    wait_second_agent(a);
 
     // Replication while running: B's copy brought to one consistent point while the VM runs on at A.
     // Hostile first: at B (the ticket is at A, so B's copy could be in use) and without a map: refused.
@@ -504,8 +569,8 @@ fn site_switchover_and_failover_with_booth() {
         "B started it before A's lease can have run out ({rto:.1} s)"
     );
     assert!(
-        a.status(1).unwrap().running_on(VM).is_none(),
-        "A still runs the VM after losing the ticket"
+        !any_running(a),
+        "A still runs the virtual cluster after losing the ticket"
     );
     assert_eq!(granted_here(a), Some(false), "A still holds the ticket");
     assert_eq!(read_sector(b, nb, 101), "written-at-B");
@@ -517,7 +582,7 @@ fn site_switchover_and_failover_with_booth() {
     let healed = Instant::now();
     while healed.elapsed() < Duration::from_secs(u64::from(EXPIRE)) {
         assert!(!granted_here(a).unwrap_or(false), "the ticket came back to A");
-        assert!(a.status(1).unwrap().running_on(VM).is_none(), "A started the VM again");
+        assert!(!any_running(a), "A started the virtual cluster again");
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(running_at(b), Some(nb));
@@ -525,7 +590,7 @@ fn site_switchover_and_failover_with_booth() {
     stop.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     let (most, polls) = (most.load(Ordering::Relaxed), polls.load(Ordering::Relaxed));
-    println!("QEMU processes of {VM} on this machine: at most {most} in {polls} polls of 50 ms");
+    println!("QEMU processes of {VM} and of {VM2} on this machine: at most {most} each in {polls} polls of 50 ms");
     assert_eq!(most, 1, "the VM ran at both sites at once");
     assert!(polls > 100);
     println!("scenario took {:.1} s", t0.elapsed().as_secs_f64());
