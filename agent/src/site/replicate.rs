@@ -296,39 +296,48 @@ async fn live_round(
     wait: Duration,
     freeze: bool,
 ) -> Result<(SystemTime, u64)> {
+    use futures_util::future::join_all;
     let started = Instant::now();
     let mut frozen = Vec::new();
     let mut begun = Vec::new();
     let mut failed: Option<anyhow::Error> = None;
+    // Each step on every VM at once: the guests' stall is the slowest VM's, not the sum.
     if freeze {
-        for l in live {
-            match hv.guest_fsfreeze(&l.host, &l.domain, true).await {
+        let results = join_all(live.iter().map(|l| hv.guest_fsfreeze(&l.host, &l.domain, true))).await;
+        for (l, r) in live.iter().zip(results) {
+            match r {
                 Ok(()) => frozen.push(l),
                 Err(e) => {
-                    failed = Some(anyhow!(e).context(format!(
+                    failed.get_or_insert(anyhow!(e).context(format!(
                         "freezing {}'s file systems (a consistent point needs qemu-guest-agent in every running VM; \
                          --no-freeze replicates crash-consistent copies)",
                         l.member
                     )));
-                    break;
                 }
             }
         }
     }
     if failed.is_none() {
-        for l in live.iter().filter(|l| !l.plan.disks.is_empty()) {
-            match hv.backup_begin(&l.host, &l.domain, backup_xml(&l.plan, round_id)).await {
+        let with_disks: Vec<&Live> = live.iter().filter(|l| !l.plan.disks.is_empty()).collect();
+        let results = join_all(
+            with_disks
+                .iter()
+                .map(|l| hv.backup_begin(&l.host, &l.domain, backup_xml(&l.plan, round_id))),
+        )
+        .await;
+        for (l, r) in with_disks.into_iter().zip(results) {
+            match r {
                 Ok(()) => begun.push(l),
                 Err(e) => {
-                    failed = Some(anyhow!(e).context(format!("starting the copy of {}", l.member)));
-                    break;
+                    failed.get_or_insert(anyhow!(e).context(format!("starting the copy of {}", l.member)));
                 }
             }
         }
     }
     let point = SystemTime::now();
-    for l in &frozen {
-        if let Err(e) = hv.guest_fsfreeze(&l.host, &l.domain, false).await {
+    let thawed = join_all(frozen.iter().map(|l| hv.guest_fsfreeze(&l.host, &l.domain, false))).await;
+    for (l, r) in frozen.iter().zip(thawed) {
+        if let Err(e) = r {
             tracing::warn!(domain = %l.domain, "thawing failed: {e}");
             failed.get_or_insert(anyhow!(e).context(format!("thawing {}", l.member)));
         }
