@@ -281,9 +281,7 @@ fn replication_status(
         .iter()
         .map(|(vc, raw)| {
             let members = tags.get(vc).cloned().unwrap_or_default();
-            let runs_here = members
-                .iter()
-                .any(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()));
+            let runs_here = members.iter().any(|m| cluster.vm(m).is_some_and(not_settled_stopped));
             let setting = validate_name("virtual cluster name", vc)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| Ok(ReplicationSetting::parse(vc, raw)?))
@@ -333,10 +331,7 @@ fn replica_ages(view: &SiteView, cluster: &ClusterView, tags: &BTreeMap<String, 
     let mut out = Vec::new();
     for b in &view.bindings {
         let members = tags.get(&b.rsc).cloned().unwrap_or_default();
-        if members
-            .iter()
-            .any(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
-        {
+        if members.iter().any(|m| cluster.vm(m).is_some_and(not_settled_stopped)) {
             continue;
         }
         let mut oldest: Option<std::time::SystemTime> = None;
@@ -454,7 +449,7 @@ fn status_of(
             let running_here = vclusters
                 .iter()
                 .flat_map(|(vc, _)| tags.get(vc).cloned().unwrap_or_default())
-                .filter(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
+                .filter(|m| cluster.vm(m).is_some_and(not_settled_stopped))
                 .collect();
             TicketStatus {
                 name: t.name.clone(),
@@ -782,12 +777,21 @@ pub async fn unprotect_here(vc: &str) -> Result<()> {
     .with_context(|| format!("removing the rsc_ticket of {vc}"))
 }
 
-/// Members of `vc` that are active on some host of this site.
+/// Whether a VM may run on some host of this site: active somewhere, or an operation is under way
+/// (Pacemaker records a pending stop, start or migration before it ends: a VM being stopped runs until its
+/// stop completed), or its last operation failed (its state there is unknown until Pacemaker recovers it).
+/// Only a VM whose every host's history ends in a completed stop (or a probe that found it not running)
+/// is settled stopped.
+pub fn not_settled_stopped(v: &vmha_model::VmView) -> bool {
+    !v.hosts.is_empty() || v.state != vmha_model::VmState::Stopped
+}
+
+/// Members of `vc` that run, or may run, on some host of this site ([`not_settled_stopped`]).
 fn running_members(xml: &str, members: &[String]) -> Result<Vec<String>> {
     let cluster = ClusterView::from_cib(xml).context("reading the CIB")?;
     Ok(members
         .iter()
-        .filter(|m| cluster.vm(m).is_some_and(|v| !v.hosts.is_empty()))
+        .filter(|m| cluster.vm(m).is_some_and(not_settled_stopped))
         .cloned()
         .collect())
 }
@@ -860,7 +864,7 @@ pub async fn switchover(vc: &str, to: &str, maps: &[String], wait: Duration) -> 
         }
         if Instant::now() > deadline {
             bail!(
-                "{} still running after {} s; nothing else was changed (the ticket stays here, target-role Stopped is set)",
+                "{} still running or stopping after {} s; nothing else was changed (the ticket stays here, target-role Stopped is set)",
                 running.join(", "),
                 wait.as_secs()
             );

@@ -34,7 +34,7 @@ use vmha_model::replica::{
     backup_xml, is_partial_of, partial_name, replica_plan, ReplicaPlan, ReplicationSetting, REPLICATE_PREFIX,
     REPLICATION_SET,
 };
-use vmha_model::ClusterView;
+use vmha_model::{ClusterView, VmState};
 use vmha_ops::ports::Hypervisor;
 use vmha_pacemaker::{CallOptions, Scope};
 use vmha_vcluster::capture;
@@ -159,9 +159,9 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
     let mut stopped = Vec::new();
     for m in &members {
         let Some(vm) = cluster.vm(m) else { continue };
-        match vm.hosts.as_slice() {
-            [] => stopped.push(m.clone()),
-            [host] => {
+        match (vm.hosts.as_slice(), vm.state) {
+            ([], VmState::Stopped) => stopped.push(m.clone()),
+            ([host], VmState::Running) => {
                 let domain = vm.params.get("domain").cloned().unwrap_or_else(|| m.clone());
                 let xml = hv.live_xml(host, &domain).await?;
                 let plan = replica_plan(&domain, &xml, |p| maps.path(p))?;
@@ -172,10 +172,14 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
                     plan,
                 });
             }
-            hosts => bail!(
-                "{m} is active on {} hosts ({}): not replicating until Pacemaker has settled it",
-                hosts.len(),
-                hosts.join(", ")
+            (hosts, state) => bail!(
+                "{m} is {} (active on {}): not replicating until Pacemaker has settled it",
+                format!("{state:?}").to_lowercase(),
+                if hosts.is_empty() {
+                    "no host".to_string()
+                } else {
+                    hosts.join(", ")
+                }
             ),
         }
     }

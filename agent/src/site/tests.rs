@@ -351,3 +351,26 @@ fn a_protect_refuses_unauthenticated_booth_unless_allowed() {
     };
     require_authentication(&good, "shop", false).unwrap();
 }
+
+#[test]
+fn a_vm_being_stopped_still_runs_for_the_switchover_and_the_replication() {
+    let cib = |op: &str| {
+        format!(
+            r#"<cib admin_epoch="0" epoch="1" num_updates="0" have-quorum="1" dc-uuid="1"><configuration><crm_config/><nodes><node id="1" uname="h1"/></nodes><resources><primitive id="vm1" class="ocf" provider="vmha" type="VirtualMachine"/></resources><constraints/></configuration><status><node_state id="1" uname="h1" in_ccm="true" crmd="online" join="member" expected="member"><lrm id="1"><lrm_resources><lrm_resource id="vm1" type="VirtualMachine" class="ocf" provider="vmha"><lrm_rsc_op id="vm1_last_0" operation="start" call-id="4" rc-code="0" op-status="0" interval="0"/>{op}</lrm_resource></lrm_resources></lrm></node_state></status></cib>"#
+        )
+    };
+    let members = vec!["vm1".to_string()];
+    // Pacemaker records the stop as pending while the agent shuts the guest down: its QEMU still runs.
+    let stopping =
+        cib(r#"<lrm_rsc_op id="vm1_last_0" operation="stop" call-id="-1" rc-code="193" op-status="-1" interval="0"/>"#);
+    assert_eq!(running_members(&stopping, &members).unwrap(), members);
+    // A failed stop: unknown until Pacemaker recovers it (fencing).
+    let failed = cib(
+        r#"<lrm_rsc_op id="vm1_last_failure_0" operation="stop" call-id="5" rc-code="1" op-status="0" interval="0"/>"#,
+    );
+    assert_eq!(running_members(&failed, &members).unwrap(), members);
+    // The stop completed: settled.
+    let stopped =
+        cib(r#"<lrm_rsc_op id="vm1_stop_0" operation="stop" call-id="5" rc-code="0" op-status="0" interval="0"/>"#);
+    assert!(running_members(&stopped, &members).unwrap().is_empty());
+}

@@ -6,7 +6,8 @@
 //! - `vmha site protect` at A (rsc_ticket, capture with disks) and at B (rsc_ticket first, then the archive
 //!   instantiated through the maps, held stopped by the ticket);
 //! - `vmha site switchover` A -> B and back: what the guest wrote to its disk before each switchover is
-//!   there after it; a 50 ms poll over every QEMU of the machine never sees the VM run twice;
+//!   there after it; a 50 ms poll over every QEMU of the machine never sees the VM run twice, also when
+//!   a switchover follows the last at once (its guests just booted: their stops take seconds);
 //! - site A powered off while it runs the VM: booth grants the ticket to B after its expiry and B runs the
 //!   VM from its copy (what was synced at the last switchover); A powered on again does not start it;
 //! - failback: a switchover B -> A copies B's disk back, A runs the VM with what B wrote;
@@ -410,11 +411,26 @@ fn site_switchover_and_failover_with_booth() {
     // Switchover A -> B.
     let t = Instant::now();
     vmha_long_ok(a, 1, &["site", "switchover", VC, "--to", &addr_b, "--map", &storage_ab]);
-    let nb = wait_running_at(b, Duration::from_secs(90));
+    wait_running_at(b, Duration::from_secs(90));
     println!(
         "switchover A -> B: VM running at B after {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    // At once back and forth again: the guests have just booted and ignore the ACPI shutdown for a
+    // while, so each stop takes seconds. The switchover waits until Pacemaker's stop completed (a
+    // pending stop in the history is a VM still running), so the poller never sees a VM at both sites.
+    for (from, to, addr, map) in [(b, a, &addr_a, &storage_ba), (a, b, &addr_b, &storage_ab)] {
+        let t = Instant::now();
+        vmha_long_ok(from, 1, &["site", "switchover", VC, "--to", addr, "--map", map]);
+        wait_running_at(to, Duration::from_secs(90));
+        println!(
+            "switchover at once {} -> {}: running after {:.1} s",
+            from.cfg.name,
+            to.cfg.name,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let nb = wait_running_at(b, Duration::from_secs(90));
     assert_eq!(read_sector(b, nb, 100), "written-at-A-before-protect");
     assert_eq!(granted_here(a), Some(false));
     assert!(held_stopped(a));
