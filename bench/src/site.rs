@@ -399,7 +399,23 @@ pub fn run(args: SiteArgs) -> Result<()> {
     vmha_lab::init_logging();
     let cfg = config(&args.lab, &args.subnet)?;
     let run = Run::start(&cfg.a.shared_dir());
-    let bench = Bench::up(cfg, if args.quick { 16 } else { args.disk_mib })?;
+    let bench = Bench::up(cfg.clone(), if args.quick { 16 } else { args.disk_mib })?;
+    // Never two QEMUs of the VM on this machine (both sites), polled every 50 ms for the whole run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let poller = {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (stop, most, polls) = (stop.clone(), most.clone(), polls.clone());
+        let watcher = Lab::attach(cfg.a.clone())?;
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                most.fetch_max(watcher.qemu_processes(VM).len(), Relaxed);
+                polls.fetch_add(1, Relaxed);
+                std::thread::sleep(POLL);
+            }
+        })
+    };
     let mut there = Vec::new();
     let mut back = Vec::new();
     let mut failback = Vec::new();
@@ -434,6 +450,12 @@ pub fn run(args: SiteArgs) -> Result<()> {
         rounds_before.push(done as f64);
         failback.push(bench.switchover(Site::B)?);
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    let (most, polls) = (
+        most.load(std::sync::atomic::Ordering::Relaxed),
+        polls.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let bound = args.every as f64;
     let rpo_goal = !rpo.is_empty() && rpo.iter().all(|p| *p <= bound + 5.0);
     let mut body = String::new();
@@ -471,7 +493,15 @@ pub fn run(args: SiteArgs) -> Result<()> {
             median(&rounds_before)
         ));
     }
+    body.push_str(&format!(
+        "\nQEMU processes of the VM on this machine (both sites), polled every 50 ms over the run: at most **{most}** at once in {polls} polls{}.\n",
+        if most > 1 { " (**the VM ran at both sites at once**)" } else { "" }
+    ));
     let report = run.finish("Sites: switchover, RPO and RTO", &body);
+    if most > 1 {
+        crate::report::emit(&report, args.out.as_deref())?;
+        bail!("the VM ran at both sites at once ({most} QEMU processes)");
+    }
     crate::report::emit(&report, args.out.as_deref())?;
     drop(bench);
     let _ = std::io::stdout().flush();
