@@ -426,11 +426,14 @@ pub fn run(args: SiteArgs) -> Result<()> {
         there.push(bench.switchover(Site::A)?);
         back.push(bench.switchover(Site::B)?);
         if args.quick {
-            let out = vmha(
-                &bench.sites.a,
-                1,
-                &["site", "replicate", VC, "--map", &bench.storage_ab],
-            )?;
+            // The round freezes the guest through its agent: right after the switchover back it is
+            // not connected yet.
+            let a = &bench.sites.a;
+            let n = wait_running_at(a, Duration::from_secs(90))?;
+            wait_for("the guest agent", Duration::from_secs(90), POLL, || {
+                shell(a, n, "true").ok()
+            })?;
+            let out = vmha(a, 1, &["site", "replicate", VC, "--map", &bench.storage_ab])?;
             if !out.contains("consistent point") {
                 bail!("vmha site replicate: {out}");
             }
