@@ -40,8 +40,9 @@ use vmha_pacemaker::{CallOptions, Scope};
 use vmha_vcluster::capture;
 use vmha_vcluster::translate::Maps;
 
-use super::{disk_copies, read_all, validate_ticket, CIB_DEADLINE};
+use super::{disk_copies, read_all, validate_ticket, SiteView, CIB_DEADLINE};
 use crate::ports::{BackupState, Libvirt};
+use crate::vcluster::query;
 
 /// How often a running backup job is asked how far it is.
 const POLL: Duration = Duration::from_millis(200);
@@ -263,8 +264,9 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
             return Err(e);
         }
     };
-    let still = read_all().await;
-    if !still.as_ref().is_ok_and(|c| c.view.granted_here(&binding.ticket)) {
+    // The ticket once more, through the round's own CIB connection.
+    let still = query(&c.cib).await.ok().and_then(|xml| SiteView::from_cib(&xml).ok());
+    if !still.is_some_and(|v| v.granted_here(&binding.ticket)) {
         cleanup(&partials);
         return Err(NotHere {
             ticket: binding.ticket,
