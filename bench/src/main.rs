@@ -9,6 +9,7 @@ mod report;
 mod scale;
 mod site;
 mod vcluster;
+mod vcluster_lab;
 mod whatif;
 
 use std::fmt::Write as _;
@@ -79,7 +80,9 @@ enum Cmd {
     },
     /// Virtual clusters: capture and instantiate of the metadata of --vms VMs (file-backed CIBs, the
     /// library's path) and of a disk image (incompressible bytes from /dev/urandom; a compressible image
-    /// separately) against this machine's own copy of the same bytes, alternating in the same run.
+    /// separately) against this machine's own copy of the same bytes, alternating in the same run. With
+    /// --vmhad: the same through the product's path, `vmha vcluster capture`/`instantiate` as vmhad's
+    /// D-Bus jobs on a lab cluster of its own.
     Vcluster {
         #[arg(long, default_value_t = 50)]
         vms: usize,
@@ -90,9 +93,14 @@ enum Cmd {
         /// One round, 5 VMs, 16 MiB disks: proves the bench works, measures nothing.
         #[arg(long)]
         quick: bool,
-        /// Work directory (default /var/tmp).
+        /// Work directory (default /var/tmp; not with --vmhad, which works in its lab's directory).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Through vmhad's D-Bus jobs on a 3-host lab cluster instead of the library calls.
+        #[arg(long)]
+        vmhad: bool,
+        #[command(flatten)]
+        lab: LabArgs,
         /// Also write the report (markdown) to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -304,10 +312,16 @@ fn main() -> ExitCode {
             disk_mib,
             quick,
             dir,
+            vmhad,
+            lab,
             out,
         } => {
             let (vms, rounds, disk_mib) = if quick { (5, 1, 16) } else { (vms, rounds, disk_mib) };
-            vcluster::run(vms, rounds, disk_mib, dir, out)
+            if vmhad {
+                vcluster_lab::run(vms, rounds, disk_mib, &lab.config("bvcl", "10.213.23"), out)
+            } else {
+                vcluster::run(vms, rounds, disk_mib, dir, out)
+            }
         }
     };
     match result {
@@ -321,6 +335,26 @@ fn main() -> ExitCode {
 
 /// Brings up the lab of `cfg` with this build installed in every host and vmhad running on each (the
 /// benches that measure vmha through vmhad).
+/// Waits until every host's vmhad has read the cluster (`vmha status` no longer says it is connecting).
+pub(crate) fn wait_vmhad_ready(lab: &Lab) -> Result<()> {
+    vmha_lab::wait_for(
+        "every vmhad to have read the cluster",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            lab.cfg
+                .host_numbers()
+                .all(|n| {
+                    lab.exec_ok(n, &["vmha", "--output", "json", "status"])
+                        .ok()
+                        .and_then(|o| serde_json::from_str::<vmha_api::json::Status>(&o).ok())
+                        .is_some_and(|s| !s.connecting)
+                })
+                .then_some(())
+        },
+    )
+}
+
 pub(crate) fn lab_with_vmhad(cfg: &LabConfig) -> Result<Lab> {
     let lab = Lab::up(cfg.clone())?;
     let build = target_binary("vmhad")?

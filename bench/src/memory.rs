@@ -170,22 +170,7 @@ pub fn run(jobs: usize, settle: Duration, cfg: &LabConfig, out: Option<PathBuf>)
     let run = Run::start(&cfg.shared_dir());
     let lab = crate::lab_with_vmhad(cfg)?;
     // Fresh and idle: every vmhad has read the cluster, then 10 s without anything happening.
-    wait_for(
-        "every vmhad to have read the cluster",
-        Duration::from_secs(60),
-        Duration::from_millis(300),
-        || {
-            lab.cfg
-                .host_numbers()
-                .all(|n| {
-                    lab.exec_ok(n, &["vmha", "--output", "json", "status"])
-                        .ok()
-                        .and_then(|o| serde_json::from_str::<vmha_api::json::Status>(&o).ok())
-                        .is_some_and(|s| !s.connecting)
-                })
-                .then_some(())
-        },
-    )?;
+    crate::wait_vmhad_ready(&lab)?;
     std::thread::sleep(Duration::from_secs(10));
     let mut points = vec![Point {
         label: "fresh, idle (3 hosts, no VM)".into(),

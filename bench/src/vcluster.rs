@@ -28,17 +28,20 @@ use crate::report::{cell, median, verdict, Run};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn source_cib(dir: &Path, vms: usize) -> String {
+/// The virtual cluster's configuration: `vms` stopped VMs (their domain files in `files`) and a virtual IP
+/// `vip`, with order, colocation and location constraints over `hosts`: (resources, constraints, the tag
+/// `name`'s element).
+pub(crate) fn members(files: &Path, vms: usize, vip: &str, hosts: &[&str], name: &str) -> (String, String, String) {
     let mut r = String::new();
     let mut c = String::new();
-    let mut tag = String::from("<tags><tag id=\"bench\">");
+    let mut tag = format!("<tag id=\"{name}\">");
     for i in 0..vms {
         let vm = format!("bvm{i:03}");
         let _ = write!(
             r,
             r#"<primitive id="{vm}" class="ocf" provider="vmha" type="VirtualMachine">
   <instance_attributes id="{vm}-ia">
-    <nvpair id="{vm}-ia-config" name="config" value="{dir}/shared/{vm}.xml"/>
+    <nvpair id="{vm}-ia-config" name="config" value="{dir}/{vm}.xml"/>
     <nvpair id="{vm}-ia-hypervisor" name="hypervisor" value="qemu:///system"/>
     <nvpair id="{vm}-ia-migration_transport" name="migration_transport" value="tcp"/>
   </instance_attributes>
@@ -47,7 +50,7 @@ fn source_cib(dir: &Path, vms: usize) -> String {
   <operations><op id="{vm}-monitor" name="monitor" interval="10s" timeout="30s"/><op id="{vm}-start" name="start" interval="0s" timeout="90s"/><op id="{vm}-stop" name="stop" interval="0s" timeout="90s"/></operations>
 </primitive>
 "#,
-            dir = dir.display()
+            dir = files.display()
         );
         if i > 0 {
             let _ = writeln!(
@@ -65,22 +68,33 @@ fn source_cib(dir: &Path, vms: usize) -> String {
         }
         let _ = writeln!(
             c,
-            r#"<rsc_location id="bench-loc-{i}" rsc="{vm}" node="node{}" score="10"/>"#,
-            i % 3 + 1
+            r#"<rsc_location id="bench-loc-{i}" rsc="{vm}" node="{}" score="10"/>"#,
+            hosts[i % hosts.len()]
         );
         let _ = write!(tag, "<obj_ref id=\"{vm}\"/>");
     }
-    r.push_str(
-        r#"<primitive id="bvip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="bvip-ia"><nvpair id="bvip-ia-ip" name="ip" value="10.213.7.100"/><nvpair id="bvip-ia-cidr" name="cidr_netmask" value="24"/></instance_attributes></primitive>
-"#,
+    let _ = writeln!(
+        r,
+        r#"<primitive id="bvip" class="ocf" provider="heartbeat" type="IPaddr2"><instance_attributes id="bvip-ia"><nvpair id="bvip-ia-ip" name="ip" value="{vip}"/><nvpair id="bvip-ia-cidr" name="cidr_netmask" value="24"/></instance_attributes><meta_attributes id="bvip-meta"><nvpair id="bvip-meta-target-role" name="target-role" value="Stopped"/></meta_attributes></primitive>"#,
     );
     c.push_str(r#"<rsc_colocation id="bench-vip" rsc="bvip" with-rsc="bvm000" score="INFINITY"/>"#);
-    tag.push_str("<obj_ref id=\"bvip\"/></tag></tags>");
+    tag.push_str("<obj_ref id=\"bvip\"/></tag>");
+    (r, c, tag)
+}
+
+fn source_cib(dir: &Path, vms: usize) -> String {
+    let (r, c, tag) = members(
+        &dir.join("shared"),
+        vms,
+        "10.213.7.100",
+        &["node1", "node2", "node3"],
+        "bench",
+    );
     format!(
         r#"<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
 <configuration><crm_config><cluster_property_set id="cib-bootstrap-options"><nvpair id="cib-bootstrap-options-cluster-name" name="cluster-name" value="bench-a"/></cluster_property_set></crm_config>
 <nodes><node id="1" uname="node1"/><node id="2" uname="node2"/><node id="3" uname="node3"/></nodes>
-<resources>{r}</resources><constraints>{c}</constraints>{tag}</configuration><status/></cib>
+<resources>{r}</resources><constraints>{c}</constraints><tags>{tag}</tags></configuration><status/></cib>
 "#
     )
 }
@@ -92,10 +106,11 @@ fn target_cib() -> String {
     .to_string()
 }
 
-fn domain_xml(vm: &str, dir: &Path) -> String {
+/// A small domain whose one disk is `{files}/{vm}.img`.
+pub(crate) fn domain_xml(vm: &str, files: &Path) -> String {
     format!(
-        "<domain type='qemu'>\n  <name>{vm}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu>1</vcpu>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}/shared/{vm}.img'/><target dev='vda' bus='virtio'/></disk>\n    <interface type='network'><source network='default'/></interface>\n  </devices>\n</domain>\n",
-        dir.display()
+        "<domain type='qemu'>\n  <name>{vm}</name>\n  <memory unit='MiB'>128</memory>\n  <vcpu>1</vcpu>\n  <os><type arch='x86_64' machine='pc'>hvm</type></os>\n  <devices>\n    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{}/{vm}.img'/><target dev='vda' bus='virtio'/></disk>\n    <interface type='network'><source network='default'/></interface>\n  </devices>\n</domain>\n",
+        files.display()
     )
 }
 
@@ -158,7 +173,7 @@ async fn instantiate_metadata(archive: &Path, target: &Path, dir_a: &Path, dir_b
     Ok(created)
 }
 
-fn drop_cache(path: &Path) -> Result<()> {
+pub(crate) fn drop_cache(path: &Path) -> Result<()> {
     let f = File::open(path)?;
     f.sync_all()?;
     nix::fcntl::posix_fadvise(f.as_raw_fd(), 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)?;
@@ -167,7 +182,7 @@ fn drop_cache(path: &Path) -> Result<()> {
 
 /// A disk image of `mib` MiB, all data (no holes): half pseudo-random, half repetitive text, in 1 MiB
 /// stripes, roughly what a used guest file system holds.
-fn make_image(path: &Path, mib: u64) -> Result<()> {
+pub(crate) fn make_image(path: &Path, mib: u64) -> Result<()> {
     let mut f = BufWriter::with_capacity(1 << 20, File::create(path)?);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let text: Vec<u8> = b"Nov 22 03:00:00 guest app[123]: request handled in 12 ms, status 200 OK\n"
@@ -196,7 +211,7 @@ fn make_image(path: &Path, mib: u64) -> Result<()> {
 
 /// A disk image of `mib` MiB of bytes from /dev/urandom: incompressible, as encrypted or already
 /// compressed guest data is.
-fn make_random_image(path: &Path, mib: u64) -> Result<()> {
+pub(crate) fn make_random_image(path: &Path, mib: u64) -> Result<()> {
     use std::io::Read;
     let mut src = File::open("/dev/urandom")?;
     let mut f = BufWriter::with_capacity(1 << 20, File::create(path)?);
@@ -210,7 +225,7 @@ fn make_random_image(path: &Path, mib: u64) -> Result<()> {
 }
 
 /// User + system CPU seconds of this process so far.
-fn cpu() -> f64 {
+pub(crate) fn cpu() -> f64 {
     use nix::sys::resource::{getrusage, UsageWho};
     getrusage(UsageWho::RUSAGE_SELF)
         .map(|u| {
@@ -392,7 +407,10 @@ fn run_in(base: &Path, vms: usize, rounds: usize, disk_mib: u64) -> Result<Strin
     fs::write(&cib_a, source_cib(&dir_a, vms))?;
     for i in 0..vms {
         let vm = format!("bvm{i:03}");
-        fs::write(dir_a.join("shared").join(format!("{vm}.xml")), domain_xml(&vm, &dir_a))?;
+        fs::write(
+            dir_a.join("shared").join(format!("{vm}.xml")),
+            domain_xml(&vm, &dir_a.join("shared")),
+        )?;
     }
     let archive = base.join("meta.vca");
     let mut cap = Vec::new();
