@@ -362,15 +362,27 @@ impl InstantiateRun<'_> {
         Ok(())
     }
 
-    /// Links every staged file into place (never replacing a file that appeared meanwhile), journals it,
-    /// then drops the staged name.
+    /// Links every staged file into place (never replacing a file that appeared meanwhile), journals them
+    /// all in one write, then drops the staged names. Until that write a rollback knows a placed file by
+    /// its final name being a hard link of its staged one (one journal write per file cost a CIB change
+    /// each: 50 domain files took 5 s).
     async fn place_files(&mut self) -> Result<(), OpError> {
         let roots = self.journal.roots.clone();
-        for (stage, to) in self.journal.files.clone() {
-            self.p.storage.link_new(&stage, &to, &roots).await?;
+        let files = self.journal.files.clone();
+        let mut linked = Ok(());
+        for (stage, to) in &files {
+            linked = self.p.storage.link_new(stage, to, &roots).await;
+            if linked.is_err() {
+                break;
+            }
             self.journal.placed.push(to.clone());
+        }
+        if !self.journal.placed.is_empty() {
             self.save_journal().await?;
-            self.p.storage.remove_confined(&stage, &roots).await?;
+        }
+        linked?;
+        for (stage, _) in &files {
+            self.p.storage.remove_confined(stage, &roots).await?;
         }
         Ok(())
     }
