@@ -679,7 +679,10 @@ fn walk<R: Read>(
     input: R,
     mut each: impl FnMut(String, Vec<u8>) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
-    let decoder = zstd::stream::read::Decoder::new(input).map_err(read_error)?;
+    // zstd reads its input straight from this buffer (`Decoder::new` would wrap the reader in a
+    // buffer of its own and copy every byte once more); a caller's own 1 MiB buffer is bypassed by it.
+    let decoder =
+        zstd::stream::read::Decoder::with_buffer(io::BufReader::with_capacity(1 << 20, input)).map_err(read_error)?;
     let mut archive = tar::Archive::new(decoder);
     let mut seen = BTreeSet::new();
     // Raw entries: the tar crate would read a GNU long-name or PAX extension entry whole into memory
