@@ -78,7 +78,7 @@ fn cib_delete(lab: &Lab, xpath: &str) -> Result<()> {
     Ok(())
 }
 
-/// The ids of the primitives in the CIB whose id starts with `prefix` or equals one of `also`.
+/// How many primitives in the CIB have an id starting with `prefix`.
 fn primitives(lab: &Lab, prefix: &str) -> Result<usize> {
     let xml = lab.exec_ok(1, &["cibadmin", "--query", "--scope", "resources"])?;
     let doc = roxmltree::Document::parse(&xml)?;
@@ -136,6 +136,16 @@ impl Samples {
     }
 }
 
+/// Deletes the metadata case's virtual cluster from the CIB: its tag, constraints and resources.
+fn delete_metadata(lab: &Lab) -> Result<()> {
+    cib_delete(lab, "/cib/configuration/tags/tag[@id='bmeta']")?;
+    cib_delete(lab, "/cib/configuration/constraints/*[starts-with(@id, 'bench-')]")?;
+    cib_delete(
+        lab,
+        "/cib/configuration/resources/primitive[starts-with(@id, 'bvm') or @id='bvip']",
+    )
+}
+
 fn metadata(lab: &Lab, vms: usize, rounds: usize) -> Result<(Samples, Samples, u64)> {
     let dir = lab.cfg.shared_dir().join("bmeta");
     fs::create_dir_all(&dir)?;
@@ -169,12 +179,7 @@ fn metadata(lab: &Lab, vms: usize, rounds: usize) -> Result<(Samples, Samples, u
             bail!("the archive holds {} VMs, not {vms}", captured.manifest.vms.len());
         }
         // The virtual cluster deleted: the instantiate creates it again in the same place.
-        cib_delete(lab, "/cib/configuration/tags/tag[@id='bmeta']")?;
-        cib_delete(lab, "/cib/configuration/constraints/*[starts-with(@id, 'bench-')]")?;
-        cib_delete(
-            lab,
-            "/cib/configuration/resources/primitive[starts-with(@id, 'bvm') or @id='bvip']",
-        )?;
+        delete_metadata(lab)?;
         if primitives(lab, "bvm")? != 0 {
             bail!("the virtual cluster's VMs are still in the CIB after their deletion");
         }
@@ -200,12 +205,7 @@ fn metadata(lab: &Lab, vms: usize, rounds: usize) -> Result<(Samples, Samples, u
     }
     let size = fs::metadata(&archive)?.len();
     // Out of the way of the disk cases (the lab's 3 hosts probe nothing more of them).
-    cib_delete(lab, "/cib/configuration/tags/tag[@id='bmeta']")?;
-    cib_delete(lab, "/cib/configuration/constraints/*[starts-with(@id, 'bench-')]")?;
-    cib_delete(
-        lab,
-        "/cib/configuration/resources/primitive[starts-with(@id, 'bvm') or @id='bvip']",
-    )?;
+    delete_metadata(lab)?;
     Ok((cap, inst, size))
 }
 
