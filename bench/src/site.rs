@@ -1,6 +1,6 @@
 //! Disaster recovery between sites (issue 20): switchover time, and RPO and RTO when a whole site is
-//! lost while `vmha site replicate --every` keeps the peer's copy of a running VM's disk and the guest
-//! writes steadily.
+//! lost while vmhad's replication service (`vmha site replication VC --every`, run by the DC's vmhad)
+//! keeps the peer's copy of a running VM's disk and the guest writes steadily.
 //!
 //! Two sites (2 + 2 hosts, each its own cluster with fencing), booth's arbitrator at a third place, one
 //! TCG guest with a raw disk of incompressible bytes (/dev/urandom) in virtual cluster `bench`, protected
@@ -21,9 +21,8 @@
 //! the same RTO floor), and neither VirtualDomain nor Proxmox replicates a running VM's disks between
 //! clusters. The figures are for judging vmha's own goals: RPO within one period plus one round.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,7 +46,7 @@ pub struct SiteArgs {
     /// Rounds (each: switchover A -> B and back, then site A lost under replication and failed back).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
-    /// `vmha site replicate --every` period, seconds.
+    /// The replication period (`vmha site replication --every`), seconds.
     #[arg(long, default_value_t = 10)]
     every: u64,
     /// The VM's disk, MiB of incompressible bytes.
@@ -316,34 +315,38 @@ fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)>
         "nohup /bin/sh -c 'i=0; while :; do dd if=/dev/urandom of=/dev/vda bs=64k count=16 seek=$((1024 + (i % 32) * 16)) conv=notrunc,fsync 2>/dev/null; i=$((i+1)); sleep 1; done' >/dev/null 2>&1 &",
     )?;
     write_marker(a, na, 0)?;
-    // The product's replication, as an operator runs it, at A's first host.
-    let mut child = a
-        .command(
-            1,
-            &[
-                "vmha",
-                "site",
-                "replicate",
-                VC,
-                "--map",
-                &bench.storage_ab,
-                "--every",
-                &every.to_string(),
-            ],
-        )?
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting vmha site replicate --every")?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    // The product's replication as an operator sets it up: vmhad's service at A (the DC's vmhad runs a
+    // round every `every` s while A holds the ticket). A round is seen done when the copy at B changes:
+    // each round stamps the peer's image with its consistent point (its mtime), read here on the file.
+    let replica = b.cfg.shared_dir().join(format!("{VM}.img"));
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let before = stamp(&replica);
+    vmha(
+        a,
+        1,
+        &[
+            "site",
+            "replication",
+            VC,
+            "--every",
+            &every.to_string(),
+            "--map",
+            &bench.storage_ab,
+        ],
+    )?;
     let rounds = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let reader = {
-        let rounds = std::sync::Arc::clone(&rounds);
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (rounds, watching) = (std::sync::Arc::clone(&rounds), std::sync::Arc::clone(&watching));
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.starts_with("replicated ") {
+            let mut last = before;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let now = stamp(&replica);
+                if now.is_some() && now != last {
+                    last = now;
                     rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
+                std::thread::sleep(Duration::from_millis(100));
             }
         })
     };
@@ -364,9 +367,10 @@ fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)>
             break;
         }
         if Instant::now() > limit {
-            let _ = child.kill();
+            watching.store(false, std::sync::atomic::Ordering::Relaxed);
+            let _ = watcher.join();
             bail!(
-                "vmha site replicate --every {every} completed {done} rounds in {} s",
+                "vmhad's replication every {every} s completed {done} rounds in {} s",
                 every * 4 + 120
             );
         }
@@ -375,9 +379,8 @@ fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)>
     let completed = rounds.load(std::sync::atomic::Ordering::Relaxed);
     let lost_at = Instant::now();
     bench.sites.power_off_site(Site::A)?;
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = reader.join();
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = watcher.join();
     let nb = wait_running_at(b, Duration::from_secs(u64::from(EXPIRE) * 2 + 120))?;
     let rto = lost_at.elapsed().as_secs_f64();
     let saved = read_marker(b, nb)?.ok_or_else(|| anyhow!("B's copy holds no marker"))?;
@@ -392,6 +395,13 @@ fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)>
     wait_for("booth running at A again", Duration::from_secs(180), POLL, || {
         a.status_from_any().ok()?.running_on("booth-site").map(|_| ())
     })?;
+    // Off before the failback gives A the ticket again (the next round's switchovers run without it).
+    let n = a
+        .cfg
+        .host_numbers()
+        .find(|&n| a.host_alive(n))
+        .ok_or_else(|| anyhow!("no host of {} runs", a.cfg.name))?;
+    vmha(a, n, &["site", "replication", VC, "--off"])?;
     Ok((rpo, rto, completed))
 }
 
@@ -464,7 +474,9 @@ pub fn run(args: SiteArgs) -> Result<()> {
     let mut body = String::new();
     body.push_str(&format!(
         "Two sites of 2 hosts, booth ticket expire {EXPIRE} s (acquire-after 10 s); one TCG guest, raw disk of {} MiB of \
-         /dev/urandom bytes; replication `vmha site replicate --every {}` (a full copy of the disk each round); the \
+         /dev/urandom bytes; replication by vmhad's service, `vmha site replication bench --every {}` set at A for each loss and off \
+         again before the failback (a full copy of the disk each round; a round counted when the copy at B \
+         changes); the \
          guest writes 1 MiB of random bytes every second, and this process writes a numbered marker about 4 \
          times a second.\n\n",
         if args.quick { 16 } else { args.disk_mib },
