@@ -333,8 +333,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Brings up the lab of `cfg` with this build installed in every host and vmhad running on each (the
-/// benches that measure vmha through vmhad).
 /// Waits until every host's vmhad has read the cluster (`vmha status` no longer says it is connecting).
 pub(crate) fn wait_vmhad_ready(lab: &Lab) -> Result<()> {
     vmha_lab::wait_for(
@@ -355,6 +353,8 @@ pub(crate) fn wait_vmhad_ready(lab: &Lab) -> Result<()> {
     )
 }
 
+/// Brings up the lab of `cfg` with this build installed in every host and vmhad running on each (the
+/// benches that measure vmha through vmhad).
 pub(crate) fn lab_with_vmhad(cfg: &LabConfig) -> Result<Lab> {
     let lab = Lab::up(cfg.clone())?;
     let build = target_binary("vmhad")?

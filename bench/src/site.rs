@@ -124,8 +124,26 @@ fn wait_running_at(lab: &Lab, limit: Duration) -> Result<u8> {
     })
 }
 
+/// The VM running at `lab` with its guest agent answering (a freeze needs it; right after a start it is not
+/// connected yet): the host it runs on.
+fn wait_guest_agent(lab: &Lab) -> Result<u8> {
+    let n = wait_running_at(lab, Duration::from_secs(90))?;
+    wait_for("the guest agent", Duration::from_secs(90), POLL, || {
+        shell(lab, n, "true").ok()
+    })?;
+    Ok(n)
+}
+
+/// A host of `lab` that is powered on.
+fn live_host(lab: &Lab) -> Result<u8> {
+    lab.cfg
+        .host_numbers()
+        .find(|&n| lab.host_alive(n))
+        .ok_or_else(|| anyhow!("no host of {} runs", lab.cfg.name))
+}
+
 fn granted_here(lab: &Lab) -> Option<bool> {
-    let n = lab.cfg.host_numbers().find(|&n| lab.host_alive(n))?;
+    let n = live_host(lab).ok()?;
     let out = vmha(lab, n, &["--output", "json", "site", "status"]).ok()?;
     let v: serde_json::Value = serde_json::from_str(&out).ok()?;
     v["tickets"].as_array()?.iter().find(|t| t["name"] == TICKET)?["granted_here"].as_bool()
@@ -211,11 +229,8 @@ impl Bench {
         std::fs::write(&xml, domain_with_raw_disk(a, VM))?;
         let xml = xml.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
         vmha(a, 1, &["vm", "add", VM, "--config", xml])?;
-        let n = wait_running_at(a, Duration::from_secs(90))?;
         // The capture freezes the guest through its agent: it must answer first.
-        wait_for("the guest agent", Duration::from_secs(90), POLL, || {
-            shell(a, n, "true").ok()
-        })?;
+        wait_guest_agent(a)?;
         vmha(a, 1, &["vcluster", "create", VC, VM])?;
         let archive = cfg.dir().join("bench.vmha");
         let _ = std::fs::remove_file(&archive);
@@ -281,11 +296,7 @@ impl Bench {
             Site::A => (&self.sites.a, &self.sites.b, &self.addr[1], &self.storage_ab),
             Site::B => (&self.sites.b, &self.sites.a, &self.addr[0], &self.storage_ba),
         };
-        let n = here
-            .cfg
-            .host_numbers()
-            .find(|&n| here.host_alive(n))
-            .ok_or_else(|| anyhow!("no host of {} runs", here.cfg.name))?;
+        let n = live_host(here)?;
         let t = Instant::now();
         let out = vmha(here, n, &["site", "switchover", VC, "--to", to, "--map", map])?;
         let command = t.elapsed().as_secs_f64();
@@ -304,10 +315,7 @@ impl Bench {
 /// One site loss under replication: (RPO, RTO, replication rounds completed before it), seconds.
 fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)> {
     let (a, b) = (&bench.sites.a, &bench.sites.b);
-    let na = wait_running_at(a, Duration::from_secs(90))?;
-    wait_for("the guest agent", Duration::from_secs(90), POLL, || {
-        shell(a, na, "true").ok()
-    })?;
+    let na = wait_guest_agent(a)?;
     // The guest's steady load: 1 MiB of random bytes every second, synced, away from the marker.
     shell(
         a,
@@ -396,12 +404,7 @@ fn site_loss(bench: &Bench, every: u64, phase: f64) -> Result<(f64, f64, usize)>
         a.status_from_any().ok()?.running_on("booth-site").map(|_| ())
     })?;
     // Off before the failback gives A the ticket again (the next round's switchovers run without it).
-    let n = a
-        .cfg
-        .host_numbers()
-        .find(|&n| a.host_alive(n))
-        .ok_or_else(|| anyhow!("no host of {} runs", a.cfg.name))?;
-    vmha(a, n, &["site", "replication", VC, "--off"])?;
+    vmha(a, live_host(a)?, &["site", "replication", VC, "--off"])?;
     Ok((rpo, rto, completed))
 }
 
@@ -439,10 +442,7 @@ pub fn run(args: SiteArgs) -> Result<()> {
             // The round freezes the guest through its agent: right after the switchover back it is
             // not connected yet.
             let a = &bench.sites.a;
-            let n = wait_running_at(a, Duration::from_secs(90))?;
-            wait_for("the guest agent", Duration::from_secs(90), POLL, || {
-                shell(a, n, "true").ok()
-            })?;
+            wait_guest_agent(a)?;
             let out = vmha(a, 1, &["site", "replicate", VC, "--map", &bench.storage_ab])?;
             if !out.contains("consistent point") {
                 bail!("vmha site replicate: {out}");

@@ -494,46 +494,18 @@ fn run_in(base: &Path, vms: usize, rounds: usize, disk_mib: u64) -> Result<Strin
             case.size,
             100.0 * case.archive as f64 / case.size as f64
         );
-        let mb = case.size as f64 / 1e6;
         let n = case.copy.len() as f64;
-        let rate = |t: &[f64]| t.iter().map(|t| mb / t).collect::<Vec<_>>();
-        let ratio = |t: &[f64]| {
-            case.copy
-                .iter()
-                .zip(t)
-                .map(|(b, k)| 100.0 * b / k)
-                .collect::<Vec<_>>()
-        };
-        let _ = writeln!(
-            s,
-            "| what | seconds | MB/s | % of the machine's copy, same round | CPU s per round (mean) | goal: >= 80 % of the copy |\n|---|---|---|---|---|---|"
+        disk_table(
+            &mut s,
+            case.size,
+            &case.copy,
+            format!("{:.2}", case.cpu.0 / n),
+            &[
+                ("capture", &case.capture, format!("{:.2}", case.cpu.1 / n)),
+                ("instantiate", &case.instantiate, format!("{:.2}", case.cpu.2 / n)),
+            ],
+            main,
         );
-        let _ = writeln!(
-            s,
-            "| machine's copy (baseline) | {} | {} | 100 | {:.2} | |",
-            cell(&case.copy, 2, ""),
-            cell(&rate(&case.copy), 0, ""),
-            case.cpu.0 / n
-        );
-        for (what, t, cpu) in [
-            ("capture", &case.capture, case.cpu.1),
-            ("instantiate", &case.instantiate, case.cpu.2),
-        ] {
-            let r = ratio(t);
-            let goal = if main {
-                verdict(median(&r) >= 80.0).to_string()
-            } else {
-                format!("{} (not the goal's case)", verdict(median(&r) >= 80.0))
-            };
-            let _ = writeln!(
-                s,
-                "| {what} | {} | {} | {} | {:.2} | {goal} |",
-                cell(t, 2, ""),
-                cell(&rate(t), 0, ""),
-                cell(&r, 0, ""),
-                cpu / n
-            );
-        }
         let _ = writeln!(
             s,
             "\n\"% of the machine's copy\": per round, the copy's time divided by the operation's time in the \
@@ -541,4 +513,45 @@ fn run_in(base: &Path, vms: usize, rounds: usize, disk_mib: u64) -> Result<Strin
         );
     }
     Ok(s)
+}
+
+/// One disk case's table: the machine's copy (`copy`, seconds per round, and its CPU cell), then each step
+/// (label, seconds per round, CPU cell) with its throughput and its ratio to the copy of the same round,
+/// judged against the 80 % goal (`main`: the goal's case, incompressible data).
+pub(crate) fn disk_table(
+    s: &mut String,
+    size: u64,
+    copy: &[f64],
+    copy_cpu: String,
+    steps: &[(&str, &[f64], String)],
+    main: bool,
+) {
+    let mb = size as f64 / 1e6;
+    let rate = |t: &[f64]| t.iter().map(|t| mb / t).collect::<Vec<_>>();
+    let _ = writeln!(
+        s,
+        "| what | seconds | MB/s | % of the machine's copy, same round | CPU s per round (mean) | goal: >= 80 % of the copy |\n|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        s,
+        "| machine's copy (baseline) | {} | {} | 100 | {copy_cpu} | |",
+        cell(copy, 2, ""),
+        cell(&rate(copy), 0, ""),
+    );
+    for (what, t, cpu) in steps {
+        let r: Vec<f64> = copy.iter().zip(t.iter()).map(|(b, k)| 100.0 * b / k).collect();
+        let met = verdict(median(&r) >= 80.0);
+        let goal = if main {
+            met.to_string()
+        } else {
+            format!("{met} (not the goal's case)")
+        };
+        let _ = writeln!(
+            s,
+            "| {what} | {} | {} | {} | {cpu} | {goal} |",
+            cell(t, 2, ""),
+            cell(&rate(t), 0, ""),
+            cell(&r, 0, ""),
+        );
+    }
 }

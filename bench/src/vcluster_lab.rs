@@ -23,7 +23,7 @@ use vmha_vcluster::archive::verify;
 
 use crate::report::{cell, median, verdict, Run};
 use crate::scale::vmhad_usage;
-use crate::vcluster::{domain_xml, drop_cache, make_image, make_random_image, members};
+use crate::vcluster::{disk_table, domain_xml, drop_cache, make_image, make_random_image, members};
 
 /// The longest a capture or instantiate may take here.
 const JOB_LIMIT: Duration = Duration::from_secs(600);
@@ -357,44 +357,25 @@ fn run_in(lab: &Lab, vms: usize, rounds: usize, disk_mib: u64) -> Result<String>
             case.size,
             100.0 * case.archive as f64 / case.size as f64
         );
-        let mb = case.size as f64 / 1e6;
-        let rate = |t: &[f64]| t.iter().map(|t| mb / t).collect::<Vec<_>>();
-        let ratio = |t: &[f64]| {
-            case.copy
-                .wall
-                .iter()
-                .zip(t)
-                .map(|(b, k)| 100.0 * b / k)
-                .collect::<Vec<_>>()
-        };
-        let _ = writeln!(
-            s,
-            "| what | seconds | MB/s | % of the machine's copy, same round | CPU s (mean) | goal: >= 80 % of the copy |\n|---|---|---|---|---|---|"
+        disk_table(
+            &mut s,
+            case.size,
+            &case.copy.wall,
+            format!("{:.2} (this process)", mean(&case.copy.cpu)),
+            &[
+                (
+                    "capture (vmhad job)",
+                    &case.capture.wall,
+                    format!("{:.2} (vmhads)", mean(&case.capture.cpu)),
+                ),
+                (
+                    "instantiate (vmhad job)",
+                    &case.instantiate.wall,
+                    format!("{:.2} (vmhads)", mean(&case.instantiate.cpu)),
+                ),
+            ],
+            main,
         );
-        let _ = writeln!(
-            s,
-            "| machine's copy (baseline) | {} | {} | 100 | {:.2} (this process) | |",
-            cell(&case.copy.wall, 2, ""),
-            cell(&rate(&case.copy.wall), 0, ""),
-            mean(&case.copy.cpu)
-        );
-        for (what, t) in [("capture", &case.capture), ("instantiate", &case.instantiate)] {
-            let r = ratio(&t.wall);
-            let met = verdict(median(&r) >= 80.0);
-            let goal = if main {
-                met.to_string()
-            } else {
-                format!("{met} (not the goal's case)")
-            };
-            let _ = writeln!(
-                s,
-                "| {what} (vmhad job) | {} | {} | {} | {:.2} (vmhads) | {goal} |",
-                cell(&t.wall, 2, ""),
-                cell(&rate(&t.wall), 0, ""),
-                cell(&r, 0, ""),
-                mean(&t.cpu)
-            );
-        }
         let _ = writeln!(s);
     }
     Ok(s)
