@@ -95,13 +95,39 @@ const EXPECT_FOR: Duration = Duration::from_secs(60);
 struct Channel {
     vm: String,
     outgoing: mpsc::Sender<String>,
-    pending: Mutex<HashMap<String, oneshot::Sender<(Outcome, String)>>>,
+    /// Requests waiting for their answer: the line sent, to send again if the guest reopens its port.
+    pending: Mutex<HashMap<String, Pending>>,
     connected: AtomicBool,
     /// Problems already logged for this VM (each kind once).
     logged: Mutex<HashSet<&'static str>>,
 }
 
+/// A request sent to a guest and not answered yet.
+#[derive(Debug)]
+struct Pending {
+    line: String,
+    answer: oneshot::Sender<(Outcome, String)>,
+}
+
 impl Channel {
+    /// Queues the lines of the requests still waiting for an answer again, oldest first: the guest reopened
+    /// its side of the port, and what it had not read when it closed it is gone. vmha-guest answers a request
+    /// it has seen already without running its hooks again. The number queued.
+    fn resend_pending(&self) -> usize {
+        let mut lines: Vec<(u64, String)> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, p)| (request_number(id), p.line.clone()))
+            .collect();
+        lines.sort();
+        lines
+            .into_iter()
+            .filter(|(_, line)| self.outgoing.try_send(line.clone()).is_ok())
+            .count()
+    }
+
     fn log_once(&self, kind: &'static str, detail: &str) {
         if self.logged.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
             tracing::warn!(vmha_vm = %self.vm, "guest channel of VM {}: {kind}: {detail} (logged once)", self.vm);
@@ -204,14 +230,16 @@ impl Guests {
         let timeout_ms = u32::try_from(deadline.saturating_duration_since(Instant::now()).as_millis())
             .unwrap_or(timeout_ms)
             .max(1);
-        let id = format!("r{}", self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
+        let id = format!("{}-r{}", instance(), self.next_id.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = oneshot::channel();
-        channel
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), tx);
         let msg = HostMessage::request(&id, name, u64::from(timeout_ms), data);
+        channel.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id.clone(),
+            Pending {
+                line: msg.to_line(),
+                answer: tx,
+            },
+        );
         let answer = if channel.send(&msg) {
             let limit = Duration::from_millis(u64::from(timeout_ms)) + Duration::from_secs(1);
             match tokio::time::timeout(limit, rx).await {
@@ -512,9 +540,18 @@ async fn run_channel(
                 loop {
                     tokio::select! {
                         _ = &mut reader => break,
-                        _ = hello.notified(), if !greeted => {
-                            greet(&ctx, &channel, &mut arrival);
-                            greeted = true;
+                        _ = hello.notified() => {
+                            if greeted {
+                                // vmha-guest reopened its side of the port (it had seen the host side closed, e.g.
+                                // a restored clone): lines written before that may have been dropped with its old
+                                // session's buffer.
+                                greet(&ctx, &channel, &mut arrival);
+                                let n = channel.resend_pending();
+                                tracing::info!(vmha_vm = %channel.vm, "vmha-guest reopened its port: membership and {n} waiting request(s) sent again");
+                            } else {
+                                greet(&ctx, &channel, &mut arrival);
+                                greeted = true;
+                            }
                         }
                         _ = tokio::time::sleep_until(greet_by), if !greeted => {
                             greet(&ctx, &channel, &mut arrival);
@@ -547,6 +584,24 @@ async fn run_channel(
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(2));
     }
+}
+
+/// This vmhad's part of its request ids: a request id is never used twice on a guest, across vmhad restarts
+/// and hosts (vmha-guest remembers the ids it answered; the time vmhad started, in ns, and its pid).
+fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| {
+        let ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        format!("{ns:x}.{}", std::process::id())
+    })
+}
+
+/// The sequence number of one of our request ids (`<instance>-r<n>`); 0 for any other.
+fn request_number(id: &str) -> u64 {
+    id.rsplit_once("-r").and_then(|(_, n)| n.parse().ok()).unwrap_or(0)
 }
 
 /// How long after connecting vmhad waits for vmha-guest's hello before greeting the guest anyway.
@@ -702,8 +757,8 @@ async fn read_guest(
             GuestMessage::Result { id, result, reason, .. } => {
                 let waiter = channel.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
                 match waiter {
-                    Some(tx) => {
-                        let _ = tx.send((*result, reason.clone()));
+                    Some(p) => {
+                        let _ = p.answer.send((*result, reason.clone()));
                     }
                     None => channel.log_once("unexpected result", &format!("no request {id} is waiting")),
                 }
@@ -1004,6 +1059,44 @@ mod tests {
             took >= Duration::from_millis(200) && took < Duration::from_secs(1),
             "took {took:?}"
         );
+    }
+
+    /// When vmha-guest reopens its port, every request still waiting is queued again, oldest first, and an
+    /// answered one is not.
+    #[test]
+    fn waiting_requests_are_sent_again_oldest_first() {
+        let (outgoing, mut queue) = mpsc::channel(QUEUE);
+        let channel = Channel {
+            vm: "cl-1".into(),
+            outgoing,
+            pending: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(true),
+            logged: Mutex::new(HashSet::new()),
+        };
+        let mut answers = Vec::new();
+        for n in [10, 9, 2] {
+            let (answer, rx) = oneshot::channel();
+            answers.push(rx);
+            let id = format!("{}-r{n}", instance());
+            let line = HostMessage::request(&id, "post-clone", 1000, serde_json::json!({})).to_line();
+            channel.pending.lock().unwrap().insert(id, Pending { line, answer });
+        }
+        assert!(
+            vmha_model::guest::valid_id(&format!("{}-r{}", instance(), u64::MAX)),
+            "ids stay valid"
+        );
+        assert_eq!(channel.resend_pending(), 3);
+        let mut sent = Vec::new();
+        while let Ok(line) = queue.try_recv() {
+            match vmha_model::guest::parse_host_line(line.as_bytes()).unwrap() {
+                HostMessage::Request { id, .. } => sent.push(request_number(&id)),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert_eq!(sent, [2, 9, 10]);
+        channel.pending.lock().unwrap().clear();
+        assert_eq!(channel.resend_pending(), 0, "nothing waits");
+        assert_eq!(request_number("someone-else"), 0);
     }
 
     #[test]

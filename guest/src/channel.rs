@@ -1,13 +1,14 @@
 //! One session on the channel: reads the host's lines (bounded), runs events' hooks one after another
 //! on an event worker, runs each request's hooks on its own thread and writes its result back.
 
+use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmha_model::guest::{parse_host_line, BoundedLine, GuestMessage, HostMessage, Line, MAX_LINE};
+use vmha_model::guest::{parse_host_line, BoundedLine, GuestMessage, HostMessage, Line, Outcome, MAX_LINE};
 
 use crate::hooks::run_hooks;
 
@@ -18,6 +19,65 @@ pub struct Config {
     pub hooks: PathBuf,
     /// How long an event's hooks may run together.
     pub event_timeout: Duration,
+    /// The requests seen lately, across sessions.
+    pub requests: Arc<Requests>,
+}
+
+/// How many request ids vmha-guest remembers.
+const REMEMBERED: usize = 64;
+
+/// The requests seen lately and their results: vmhad sends a request again when this side reopened the port
+/// (what it had not read was dropped with the old session), so a request may arrive twice. Its hooks run
+/// once: a second copy of a finished request gets the result again, of a running one nothing (the result
+/// follows when the hooks end).
+#[derive(Debug, Default)]
+pub struct Requests {
+    /// Oldest first: each id and, once its hooks ended, its result.
+    seen: Mutex<VecDeque<(String, Option<Answer>)>>,
+}
+
+/// A request's result and reason.
+type Answer = (Outcome, String);
+
+/// What to do with a request that arrived.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    New,
+    Running,
+    Done(Outcome, String),
+}
+
+impl Requests {
+    /// Records `id` as running if it is new.
+    fn arrived(&self, id: &str) -> Seen {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.iter().find(|(i, _)| i == id) {
+            Some((_, None)) => Seen::Running,
+            Some((_, Some((outcome, reason)))) => Seen::Done(*outcome, reason.clone()),
+            None => {
+                if seen.len() == REMEMBERED {
+                    // The oldest finished one goes (a running one stays: its second copy must not run).
+                    match seen.iter().position(|(_, r)| r.is_some()) {
+                        Some(i) => {
+                            seen.remove(i);
+                        }
+                        None => {
+                            seen.pop_front();
+                        }
+                    }
+                }
+                seen.push_back((id.to_string(), None));
+                Seen::New
+            }
+        }
+    }
+
+    fn finished(&self, id: &str, outcome: Outcome, reason: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, r)) = seen.iter_mut().find(|(i, _)| i == id) {
+            *r = Some((outcome, reason.to_string()));
+        }
+    }
 }
 
 /// Reads one `\n`-terminated line of at most `max` bytes, never buffering more than that.
@@ -82,16 +142,26 @@ where
             }
             Ok(HostMessage::Request {
                 id, name, deadline_ms, ..
-            }) => {
-                let writer = Arc::clone(&writer);
-                let hooks = config.hooks.clone();
-                std::thread::spawn(move || {
-                    let r = run_hooks(&hooks, &name, &text, Duration::from_millis(deadline_ms));
-                    if let Err(e) = send(&writer, &GuestMessage::result(&id, r.outcome, &r.reason)) {
-                        eprintln!("vmha-guest: answering request {id} ({name}): {e}");
+            }) => match config.requests.arrived(&id) {
+                Seen::New => {
+                    let writer = Arc::clone(&writer);
+                    let hooks = config.hooks.clone();
+                    let requests = Arc::clone(&config.requests);
+                    std::thread::spawn(move || {
+                        let r = run_hooks(&hooks, &name, &text, Duration::from_millis(deadline_ms));
+                        requests.finished(&id, r.outcome, &r.reason);
+                        if let Err(e) = send(&writer, &GuestMessage::result(&id, r.outcome, &r.reason)) {
+                            eprintln!("vmha-guest: answering request {id} ({name}): {e}");
+                        }
+                    });
+                }
+                Seen::Running => {}
+                Seen::Done(outcome, reason) => {
+                    if let Err(e) = send(&writer, &GuestMessage::result(&id, outcome, &reason)) {
+                        eprintln!("vmha-guest: answering request {id} ({name}) again: {e}");
                     }
-                });
-            }
+                }
+            },
             Err(e) => eprintln!("vmha-guest: ignored a line from the host: {e}"),
         }
     };
@@ -134,6 +204,7 @@ mod tests {
         let config = Config {
             hooks: dir.clone(),
             event_timeout: Duration::from_secs(5),
+            requests: Arc::default(),
         };
         let writer = Arc::new(Mutex::new(guest.try_clone().unwrap()));
         let session = std::thread::spawn(move || serve(guest, writer, &config));
@@ -169,5 +240,97 @@ mod tests {
         host.shutdown(std::net::Shutdown::Both).unwrap();
         session.join().unwrap().unwrap();
         assert_eq!(std::fs::read_to_string(&seen).unwrap(), format!("{event}\n"));
+    }
+
+    /// vmhad sends a waiting request again when vmha-guest reopens its port, so one may arrive twice, in
+    /// one session or the next: its hooks run once, a copy while they run gets nothing, a copy after gets
+    /// the same result again.
+    #[test]
+    fn a_request_seen_twice_runs_its_hooks_once() {
+        let dir = hooks_dir("twice");
+        let ran = dir.join("ran");
+        let gate = dir.join("gate");
+        hook(
+            &dir,
+            "post-clone",
+            "record",
+            &format!(
+                "echo run >> {}; while [ ! -e {} ]; do sleep 0.01; done; echo not yet; exit 3",
+                ran.display(),
+                gate.display()
+            ),
+        );
+        let config = Config {
+            hooks: dir.clone(),
+            event_timeout: Duration::from_secs(5),
+            requests: Arc::default(),
+        };
+        let request = HostMessage::request("h1-r7", "post-clone", 20_000, serde_json::json!({})).to_line() + "\n";
+        let session = |config: &Config| {
+            let (guest, host) = UnixStream::pair().unwrap();
+            let writer = Arc::new(Mutex::new(guest.try_clone().unwrap()));
+            let config = config.clone();
+            let t = std::thread::spawn(move || serve(guest, writer, &config));
+            (host, t)
+        };
+        let results = |host: &UnixStream| {
+            host.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut from_guest = BufReader::new(host.try_clone().unwrap());
+            let mut got = Vec::new();
+            while let Ok(Line::Complete(l)) = read_line(&mut from_guest, MAX_LINE) {
+                if let GuestMessage::Result { id, result, reason, .. } = parse_guest_line(&l).unwrap() {
+                    got.push((id, result, reason));
+                }
+            }
+            got
+        };
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while !what() {
+                assert!(std::time::Instant::now() < until, "timed out");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let runs = || std::fs::read_to_string(&ran).map(|s| s.lines().count()).unwrap_or(0);
+
+        // Session 1: the request arrives and its hook starts; a second copy in the same session while it
+        // runs starts nothing.
+        let (mut host1, t1) = session(&config);
+        host1.write_all(request.as_bytes()).unwrap();
+        wait_for(&|| runs() == 1);
+        host1.write_all(request.as_bytes()).unwrap();
+        // Session 2 (the port reopened): a copy while the hook still runs: nothing either.
+        let (mut host2, t2) = session(&config);
+        host2.write_all(request.as_bytes()).unwrap();
+        assert_eq!(results(&host2), vec![], "no answer while the hooks run");
+        std::fs::write(&gate, "").unwrap();
+        // The one run answers once, on the session it came from.
+        let first = results(&host1);
+        assert_eq!(
+            first,
+            vec![("h1-r7".to_string(), Outcome::Refused, "not yet".to_string())]
+        );
+        // A copy after it ended: the same result again, no second run.
+        host2.write_all(request.as_bytes()).unwrap();
+        assert_eq!(results(&host2), first);
+        assert_eq!(runs(), 1, "the hook ran once");
+        for (host, t) in [(host1, t1), (host2, t2)] {
+            host.shutdown(std::net::Shutdown::Both).unwrap();
+            t.join().unwrap().unwrap();
+        }
+    }
+
+    #[test]
+    fn the_oldest_finished_request_is_forgotten_first() {
+        let r = Requests::default();
+        assert_eq!(r.arrived("running"), Seen::New);
+        for i in 0..REMEMBERED - 1 {
+            assert_eq!(r.arrived(&format!("d{i}")), Seen::New);
+            r.finished(&format!("d{i}"), Outcome::Done, "");
+        }
+        assert_eq!(r.arrived("d0"), Seen::Done(Outcome::Done, String::new()));
+        assert_eq!(r.arrived("new"), Seen::New, "remembering {REMEMBERED} at most");
+        assert_eq!(r.arrived("running"), Seen::Running, "a running request is kept");
+        assert_eq!(r.arrived("d0"), Seen::New, "d0, the oldest finished one, was forgotten");
     }
 }

@@ -108,6 +108,7 @@ fn main() {
     let config = Config {
         hooks: args.hooks,
         event_timeout: Duration::from_millis(args.event_timeout_ms),
+        requests: Arc::default(),
     };
     // SIGTERM and SIGINT are taken by a thread of their own (blocked here, before any thread starts, so
     // that every thread inherits the mask): vmha-guest says it stops before it exits, so vmhad does not
