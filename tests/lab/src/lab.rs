@@ -16,6 +16,22 @@ use crate::power;
 use crate::process::{self, run_ok, run_with_deadline, ProcId};
 use crate::wait::wait_for;
 
+/// Every lab host's first CIB: empty, but for a 2 s dc-deadtime (see `Lab::prepare_host`).
+const FIRST_CIB: &str = r#"<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+  <configuration>
+    <crm_config>
+      <cluster_property_set id="cib-bootstrap-options">
+        <nvpair id="cib-bootstrap-options-dc-deadtime" name="dc-deadtime" value="2s"/>
+      </cluster_property_set>
+    </crm_config>
+    <nodes/>
+    <resources/>
+    <constraints/>
+  </configuration>
+  <status/>
+</cib>
+"#;
+
 /// The host's PID 1 script, written into the lab directory at bring-up.
 const HOST_INIT: &str = include_str!("../scripts/host-init");
 /// The lab's stand-in for systemd supervising vmhad (host-init starts it in every host).
@@ -309,6 +325,16 @@ impl Lab {
                 fs::remove_file(e.path())?;
             }
         }
+        // The first CIB: Pacemaker's controller waits dc-deadtime (20 s by default) after it starts before it
+        // holds the first DC election. The lab's hosts start together, so it waits 2 s.
+        let cib = d.join("var-lib-pacemaker/cib/cib.xml");
+        fs::write(&cib, FIRST_CIB)?;
+        run_ok(
+            "chown",
+            &["hacluster:haclient", path_str(&cib)?],
+            Duration::from_secs(10),
+        )?;
+        run_ok("chmod", &["0600", path_str(&cib)?], Duration::from_secs(10))?;
         fs::write(d.join("etc-corosync/corosync.conf"), cfg.corosync_conf())?;
         fs::write(d.join("hosts"), cfg.etc_hosts())?;
         fs::write(d.join("hostname"), format!("{}\n", cfg.host_name(n)))?;
