@@ -196,7 +196,7 @@ async fn run(args: VmhadArgs) -> Result<()> {
     let journals = tokio::spawn(vmha_ops::clone::follow_journals(ports));
     tokio::spawn(give_back_memory(Arc::clone(&shared)));
     // On the DC of a booth site only: the replication settings of `vmha site replication`.
-    tokio::spawn(vmha_agent::site::replicate::follow(Arc::clone(&shared)));
+    tokio::spawn(vmha_agent::site::replicate::follow(Arc::clone(&shared), conn.clone()));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -520,28 +520,107 @@ const FOLLOW_TICK: Duration = Duration::from_secs(1);
 /// The longest a round run by vmhad may copy.
 const SERVICE_WAIT: Duration = Duration::from_secs(3600);
 
+/// How many periods without a successful round make a virtual cluster's replica stale.
+pub const STALE_PERIODS: u64 = 3;
+
+/// One virtual cluster's replication as vmhad's service sees it: since when no round has succeeded (or
+/// since the service began to follow it here), and whether that was reported as stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Freshness {
+    since: Instant,
+    stale: bool,
+}
+
+/// A change of a [`Freshness`] to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// No round succeeded for [`STALE_PERIODS`] periods: the peer's copies grow old.
+    Stale { for_secs: u64 },
+    /// A round succeeded after the replica was reported stale.
+    Current { after_secs: u64 },
+}
+
+impl Freshness {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            since: now,
+            stale: false,
+        }
+    }
+
+    /// At `now`, for a setting of one round every `every_secs`: stale (reported once) when no round
+    /// succeeded for [`STALE_PERIODS`] periods.
+    pub fn check(&mut self, now: Instant, every_secs: u64) -> Option<Change> {
+        let for_secs = now.saturating_duration_since(self.since).as_secs();
+        if self.stale || for_secs < every_secs.saturating_mul(STALE_PERIODS) {
+            return None;
+        }
+        self.stale = true;
+        Some(Change::Stale { for_secs })
+    }
+
+    /// A round succeeded at `now` (or the ticket is elsewhere, so the replica is not this site's to keep).
+    pub fn current(&mut self, now: Instant) -> Option<Change> {
+        let after_secs = now.saturating_duration_since(self.since).as_secs();
+        let was = std::mem::replace(self, Self::new(now));
+        was.stale.then_some(Change::Current { after_secs })
+    }
+}
+
+/// How one round of the service ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Done,
+    Failed,
+    /// The ticket is not here: nothing to do at this site.
+    NotHere,
+}
+
 /// vmhad's replication: on the DC of a quorate site, each virtual cluster with a replication setting
 /// (`vmha site replication`) gets a round every period while this site holds its ticket; one round per
 /// virtual cluster at a time. A round that finds the ticket elsewhere does nothing (the other site's
-/// vmhad replicates towards here if it is set to). Outcomes go to vmhad's log; the copies' age shows in
-/// `vmha site status`. Ends only with vmhad.
-pub async fn follow(shared: std::sync::Arc<crate::state::Shared>) {
+/// vmhad replicates towards here if it is set to). Outcomes go to vmhad's log and out as the D-Bus signal
+/// `Event`: `replication` (a round copied), `replication-failed`, and `replica-stale` once no round
+/// succeeded for [`STALE_PERIODS`] periods (then `replica-current` when one does again); the copies' age
+/// shows in `vmha site status`. Ends only with vmhad.
+pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Connection) {
     let state = shared.subscribe();
     let local = shared.local_host.clone();
     let hv = Libvirt::from_host(&local);
     let mut started: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut running: BTreeMap<String, tokio::task::JoinHandle<()>> = BTreeMap::new();
+    let mut running: BTreeMap<String, tokio::task::JoinHandle<Ended>> = BTreeMap::new();
+    let mut fresh: BTreeMap<String, Freshness> = BTreeMap::new();
     let mut refused: BTreeMap<String, String> = BTreeMap::new();
     let mut tick = tokio::time::interval(FOLLOW_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        running.retain(|_, h| !h.is_finished());
+        let finished: Vec<String> = running
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(vc, _)| vc.clone())
+            .collect();
+        for vc in finished {
+            let Some(h) = running.remove(&vc) else { continue };
+            let ended = h.await.unwrap_or(Ended::Failed);
+            let now = Instant::now();
+            if ended != Ended::Failed {
+                let f = fresh.entry(vc.clone()).or_insert_with(|| Freshness::new(now));
+                if let Some(Change::Current { after_secs }) = f.current(now) {
+                    let message = format!("replica current again: a round succeeded after {after_secs} s without one");
+                    tracing::info!(vcluster = %printable(&vc), "{message}");
+                    crate::signals::event(&conn, "replica-current", &vc, &message).await;
+                }
+            }
+        }
         let snap = state.borrow().clone();
         let Some(view) = snap.view.as_ref() else { continue };
         if view.dc.as_deref() != Some(local.as_str()) || !snap.quorate() {
+            // Not this host's to follow: begun afresh when it is again.
+            fresh.clear();
             continue;
         }
+        fresh.retain(|vc, _| view.replications.contains_key(vc));
         for (vc, raw) in &view.replications {
             let parsed = validate_name("virtual cluster name", vc)
                 .map_err(anyhow::Error::from)
@@ -560,6 +639,16 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>) {
                     continue;
                 }
             };
+            let f = fresh
+                .entry(vc.clone())
+                .or_insert_with(|| Freshness::new(Instant::now()));
+            if let Some(Change::Stale { for_secs }) = f.check(Instant::now(), every) {
+                let message = format!(
+                    "replica stale: no replication round succeeded for {for_secs} s (one every {every} s is set); the peer site's copies are at least that old, and a failover there loses what was written since"
+                );
+                tracing::warn!(vcluster = %printable(vc), "{message}");
+                crate::signals::event(&conn, "replica-stale", vc, &message).await;
+            }
             if running.contains_key(vc)
                 || started
                     .get(vc)
@@ -568,29 +657,69 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>) {
                 continue;
             }
             started.insert(vc.clone(), Instant::now());
-            let (hv, vc2) = (hv.clone(), vc.clone());
+            let (hv, vc2, conn) = (hv.clone(), vc.clone(), conn.clone());
             running.insert(
                 vc.clone(),
                 tokio::spawn(async move {
                     match round(&hv, &vc2, &maps, SERVICE_WAIT, true).await {
-                        Ok(r) => tracing::info!(
-                            vcluster = %vc2,
-                            point = %r.point,
-                            frozen_ms = r.frozen_ms,
-                            images = r.images.len(),
-                            seconds = r.seconds,
-                            "replicated to the peer site"
-                        ),
-                        Err(e) if e.downcast_ref::<NotHere>().is_some() => {
-                            tracing::debug!(vcluster = %vc2, "not replicating: {e}")
+                        Ok(r) => {
+                            tracing::info!(
+                                vcluster = %vc2,
+                                point = %r.point,
+                                frozen_ms = r.frozen_ms,
+                                images = r.images.len(),
+                                seconds = r.seconds,
+                                "replicated to the peer site"
+                            );
+                            let message = format!(
+                                "replicated to the peer site: {} image(s) as of {}, frozen {} ms, {:.1} s",
+                                r.images.len(),
+                                r.point,
+                                r.frozen_ms,
+                                r.seconds
+                            );
+                            crate::signals::event(&conn, "replication", &vc2, &message).await;
+                            Ended::Done
                         }
-                        Err(e) => tracing::warn!(
-                            vcluster = %vc2,
-                            "replication round failed (the peer keeps its previous copies): {e:#}"
-                        ),
+                        Err(e) if e.downcast_ref::<NotHere>().is_some() => {
+                            tracing::debug!(vcluster = %vc2, "not replicating: {e}");
+                            Ended::NotHere
+                        }
+                        Err(e) => {
+                            let message =
+                                format!("replication round failed (the peer keeps its previous copies): {e:#}");
+                            tracing::warn!(vcluster = %vc2, "{message}");
+                            crate::signals::event(&conn, "replication-failed", &vc2, &message).await;
+                            Ended::Failed
+                        }
                     }
                 }),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scenario: rounds every 10 s; the stale report comes once, at three periods without a success, and
+    /// the next success reports the replica current again, once.
+    #[test]
+    fn a_replica_is_stale_after_three_periods_without_a_success_and_current_after_the_next() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut f = Freshness::new(t0);
+        assert_eq!(f.check(at(29), 10), None, "not yet: under three periods");
+        assert_eq!(f.current(at(25)), None, "a success before: nothing to report");
+        assert_eq!(f.check(at(54), 10), None, "counted from the last success");
+        assert_eq!(f.check(at(55), 10), Some(Change::Stale { for_secs: 30 }));
+        assert_eq!(f.check(at(90), 10), None, "reported once");
+        assert_eq!(f.current(at(95)), Some(Change::Current { after_secs: 70 }));
+        assert_eq!(f.current(at(96)), None, "once");
+        assert_eq!(f.check(at(125), 10), None);
+        assert_eq!(f.check(at(126), 10), Some(Change::Stale { for_secs: 30 }), "and again");
+        // The longest setting does not overflow.
+        assert_eq!(Freshness::new(t0).check(at(1), u64::MAX), None);
     }
 }

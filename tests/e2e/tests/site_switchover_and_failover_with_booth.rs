@@ -548,6 +548,21 @@ fn site_switchover_and_failover_with_booth() {
         assert!(err.contains(expect), "{all:?}: {err}");
     }
     assert!(!vmha_long_ok(a, 1, &["site", "status"]).contains("replication of"));
+    // The rounds run on A's DC; its vmhad tells each on the bus (`vmha watch` there, in the background).
+    let dc_a = a
+        .status_from_any()
+        .ok()
+        .and_then(|s| s.dc)
+        .and_then(|d| a.cfg.host_number(&d))
+        .expect("site A has a DC");
+    let watch_log = a.cfg.dir().join("watch-replication.log");
+    let mut watch = a
+        .command(dc_a, &["vmha", "watch"])
+        .unwrap()
+        .stdout(std::fs::File::create(&watch_log).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     vmha_long_ok(a, 1, &["site", "replication", VC, "--every", "5", "--map", &storage_ab]);
     // B's copy gets a point after the write within two periods or so, by vmhad alone.
     let t = Instant::now();
@@ -562,6 +577,20 @@ fn site_switchover_and_failover_with_booth() {
         "vmhad's replication: B's copy {age} s old, {:.1} s after it was set",
         t.elapsed().as_secs_f64()
     );
+    let round_event = format!(" replication {VC} replicated to the peer site: ");
+    let told = wait_for("the round's Event on A's DC", Duration::from_secs(30), POLL, || {
+        let log = std::fs::read_to_string(&watch_log).ok()?;
+        log.lines().find(|l| l.contains(&round_event)).map(str::to_string)
+    });
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let told = told.unwrap_or_else(|e| {
+        panic!(
+            "{e}: vmha watch on A's DC printed:\n{}",
+            std::fs::read_to_string(&watch_log).unwrap_or_default()
+        )
+    });
+    println!("vmha watch on A's DC: {told}");
     let status_a = vmha_long_ok(a, 1, &["site", "status"]);
     assert!(
         status_a.contains(&format!("replication of {VC} by vmhad: every=5 storage="))
