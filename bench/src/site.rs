@@ -25,11 +25,11 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use vmha_e2e::{domain_with_raw_disk, guest_exec, with_test_timing};
 use vmha_lab::lab::target_binary;
 use vmha_lab::site::{Site, SiteLab, SiteLabConfig};
-use vmha_lab::{wait_for, Lab, LabConfig};
+use vmha_lab::{wait_for, Lab};
 
 use crate::report::{cell, median, verdict, Run};
 
@@ -68,29 +68,13 @@ pub struct SiteArgs {
 }
 
 fn config(name: &str, subnet: &str) -> Result<SiteLabConfig> {
-    let (prefix, third) = subnet
-        .rsplit_once('.')
-        .ok_or_else(|| anyhow!("--subnet takes three octets"))?;
-    let third: u8 = third.parse().context("--subnet takes three octets")?;
-    let next = |k: u8| -> Result<String> {
-        Ok(format!(
-            "{prefix}.{}",
-            third
-                .checked_add(k)
-                .ok_or_else(|| anyhow!("no room for two more subnets"))?
-        ))
-    };
-    let mut a = LabConfig::new(name, 2, subnet);
-    a.host_prefix = "ra".into();
-    let short: String = name.chars().take(7).collect();
-    let mut b = LabConfig::new(&format!("{short}2"), 2, &next(1)?);
-    b.host_prefix = "rb".into();
-    Ok(SiteLabConfig {
-        a: with_test_timing(a),
-        b: with_test_timing(b),
-        arbitrator_subnet: next(2)?,
-        tickets: vec![(TICKET.into(), EXPIRE)],
-    })
+    SiteLabConfig::two_sites(
+        name,
+        subnet,
+        ("ra", "rb"),
+        vec![(TICKET.into(), EXPIRE)],
+        with_test_timing,
+    )
 }
 
 /// `vmha ARGS` on host `n`; its stdout, or an error with its output.
@@ -143,10 +127,7 @@ fn live_host(lab: &Lab) -> Result<u8> {
 }
 
 fn granted_here(lab: &Lab) -> Option<bool> {
-    let n = live_host(lab).ok()?;
-    let out = vmha(lab, n, &["--output", "json", "site", "status"]).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    v["tickets"].as_array()?.iter().find(|t| t["name"] == TICKET)?["granted_here"].as_bool()
+    vmha_lab::site::granted_here(lab, TICKET)
 }
 
 fn shell(lab: &Lab, n: u8, script: &str) -> Result<String> {

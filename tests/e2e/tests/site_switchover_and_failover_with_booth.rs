@@ -27,7 +27,7 @@ use vmha_e2e::{domain_with_raw_disk, guest_exec, release_build, vmha_long, vmha_
 use vmha_lab::guest::image_dir;
 use vmha_lab::process::run_with_deadline;
 use vmha_lab::site::{Site, SiteLab, SiteLabConfig, BOOTH_AUTHKEY};
-use vmha_lab::{wait_for, Lab, LabConfig};
+use vmha_lab::{wait_for, Lab};
 
 const VM: &str = "stvm";
 /// The virtual cluster's second VM and its address (an `ocf:heartbeat:IPaddr2` at `.60` of the site's
@@ -43,21 +43,14 @@ const DISK_MIB: u64 = 16;
 fn config() -> SiteLabConfig {
     let name = std::env::var("VMHA_E2E_LAB").unwrap_or_else(|_| "st".into());
     let subnet = std::env::var("VMHA_E2E_SUBNET").unwrap_or_else(|_| "10.213.191".into());
-    let (prefix, third) = subnet.rsplit_once('.').expect("subnet of three octets");
-    let third: u8 = third.parse().expect("subnet of three octets");
-    let next = |k: u8| format!("{prefix}.{}", third.checked_add(k).expect("room for two more subnets"));
-    let mut a = LabConfig::new(&name, 2, &subnet);
-    a.host_prefix = "sa".into();
-    // Lab names are at most 8 characters.
-    let short: String = name.chars().take(7).collect();
-    let mut b = LabConfig::new(&format!("{short}2"), 2, &next(1));
-    b.host_prefix = "sb".into();
-    SiteLabConfig {
-        a: vmha_e2e::with_test_timing(a),
-        b: vmha_e2e::with_test_timing(b),
-        arbitrator_subnet: next(2),
-        tickets: vec![(TICKET.into(), EXPIRE)],
-    }
+    SiteLabConfig::two_sites(
+        &name,
+        &subnet,
+        ("sa", "sb"),
+        vec![(TICKET.into(), EXPIRE)],
+        vmha_e2e::with_test_timing,
+    )
+    .unwrap()
 }
 
 fn site_address(lab: &Lab) -> String {
@@ -66,13 +59,7 @@ fn site_address(lab: &Lab) -> String {
 
 /// Whether the ticket is granted at a site, as `vmha site status` there says.
 fn granted_here(lab: &Lab) -> Option<bool> {
-    let n = lab.cfg.host_numbers().find(|&n| lab.host_alive(n))?;
-    let (code, out, _) = vmha_long(lab, n, &["--output", "json", "site", "status"]);
-    if code != 0 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
-    v["tickets"].as_array()?.iter().find(|t| t["name"] == TICKET)?["granted_here"].as_bool()
+    vmha_lab::site::granted_here(lab, TICKET)
 }
 
 /// The host of `lab` where Pacemaker runs the VM and exactly one QEMU runs it, once the whole virtual

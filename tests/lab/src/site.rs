@@ -39,6 +39,42 @@ pub struct SiteLabConfig {
 }
 
 impl SiteLabConfig {
+    /// Two sites of two hosts each: A named `name` on `subnet` (three octets), with hosts `prefixes.0`1 and
+    /// 2; B named after A (its first 7 characters and `2`: lab names are at most 8) on the next subnet, with
+    /// hosts `prefixes.1`1 and 2; the arbitrator on the subnet after that. Each site's [`LabConfig`] goes
+    /// through `timing` (e.g. the tests' Corosync and Pacemaker timing).
+    pub fn two_sites(
+        name: &str,
+        subnet: &str,
+        prefixes: (&str, &str),
+        tickets: Vec<(String, u32)>,
+        timing: impl Fn(LabConfig) -> LabConfig,
+    ) -> Result<SiteLabConfig> {
+        let (prefix, third) = subnet
+            .rsplit_once('.')
+            .ok_or_else(|| anyhow!("subnet {subnet}: three octets wanted"))?;
+        let third: u8 = third
+            .parse()
+            .with_context(|| format!("subnet {subnet}: three octets wanted"))?;
+        let next = |k: u8| -> Result<String> {
+            let octet = third
+                .checked_add(k)
+                .ok_or_else(|| anyhow!("subnet {subnet}: no room for two more subnets after it"))?;
+            Ok(format!("{prefix}.{octet}"))
+        };
+        let mut a = LabConfig::new(name, 2, subnet);
+        a.host_prefix = prefixes.0.into();
+        let short: String = name.chars().take(7).collect();
+        let mut b = LabConfig::new(&format!("{short}2"), 2, &next(1)?);
+        b.host_prefix = prefixes.1.into();
+        Ok(SiteLabConfig {
+            a: timing(a),
+            b: timing(b),
+            arbitrator_subnet: next(2)?,
+            tickets,
+        })
+    }
+
     /// Site address of a site: `.100` of its subnet, held by the site's booth group.
     pub fn site_address(cfg: &LabConfig) -> String {
         format!("{}.100", cfg.subnet)
@@ -535,20 +571,55 @@ impl StaleBooth {
     }
 }
 
+/// Whether `ticket` is granted at `lab`'s site, as `vmha site status --output json` on a powered-on host
+/// there says; `None` when no host answers.
+pub fn granted_here(lab: &Lab, ticket: &str) -> Option<bool> {
+    let n = lab.cfg.host_numbers().find(|&n| lab.host_alive(n))?;
+    let out = lab
+        .exec_with_deadline(
+            n,
+            &["vmha", "--output", "json", "site", "status"],
+            Duration::from_secs(120),
+        )
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["tickets"].as_array()?.iter().find(|t| t["name"] == ticket)?["granted_here"].as_bool()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn cfg() -> SiteLabConfig {
-        let mut a = LabConfig::new("st", 2, "10.213.191");
-        a.host_prefix = "sa".into();
-        let mut b = LabConfig::new("st2", 2, "10.213.192");
-        b.host_prefix = "sb".into();
-        SiteLabConfig {
-            a,
-            b,
-            arbitrator_subnet: "10.213.193".into(),
-            tickets: vec![("shop".into(), 20)],
+        SiteLabConfig::two_sites("st", "10.213.191", ("sa", "sb"), vec![("shop".into(), 20)], |c| c).unwrap()
+    }
+
+    #[test]
+    fn two_sites_take_the_next_two_subnets_and_a_short_name_for_b() {
+        let c = cfg();
+        assert_eq!((c.a.name.as_str(), c.a.subnet.as_str()), ("st", "10.213.191"));
+        assert_eq!((c.b.name.as_str(), c.b.subnet.as_str()), ("st2", "10.213.192"));
+        assert_eq!(
+            (c.a.host_name(1), c.b.host_name(2)),
+            ("sa1".to_string(), "sb2".to_string())
+        );
+        assert_eq!(c.arbitrator_subnet, "10.213.193");
+        let long = SiteLabConfig::two_sites("abcdefgh", "10.213.1", ("a", "b"), vec![], |c| c).unwrap();
+        assert_eq!(long.b.name, "abcdefg2", "at most 8 characters");
+        let timed = SiteLabConfig::two_sites("t", "10.213.1", ("a", "b"), vec![], |mut c| {
+            c.token_ms = Some(7);
+            c
+        })
+        .unwrap();
+        assert_eq!((timed.a.token_ms, timed.b.token_ms), (Some(7), Some(7)));
+        for bad in ["10.213.254", "10.213.x", "10213"] {
+            assert!(
+                SiteLabConfig::two_sites("t", bad, ("a", "b"), vec![], |c| c).is_err(),
+                "{bad}"
+            );
         }
     }
 
