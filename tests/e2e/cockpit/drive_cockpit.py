@@ -18,7 +18,11 @@ import time
 import traceback
 
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+from selenium.common.exceptions import (
+    ElementNotInteractableException,
+    StaleElementReferenceException,
+    TimeoutException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -164,9 +168,10 @@ def cmd_act(c):
         try:
             driver.execute_script("arguments[0].focus()", button)
             button.send_keys(Keys.ENTER)
-        except StaleElementReferenceException:
+        except (StaleElementReferenceException, ElementNotInteractableException):
             # The page re-rendered its list (a signal from vmhad) between finding the button and
-            # pressing it: find the new one.
+            # pressing it, or is rendering it: find it again. A button that stays out of reach
+            # fails the wait below.
             return None
         return True
     wait(10, f"button {c['key']} pressed", press)
