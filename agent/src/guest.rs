@@ -541,17 +541,15 @@ async fn run_channel(
                     tokio::select! {
                         _ = &mut reader => break,
                         _ = hello.notified() => {
+                            greet(&ctx, &channel, &mut arrival);
                             if greeted {
                                 // vmha-guest reopened its side of the port (it had seen the host side closed, e.g.
                                 // a restored clone): lines written before that may have been dropped with its old
                                 // session's buffer.
-                                greet(&ctx, &channel, &mut arrival);
                                 let n = channel.resend_pending();
                                 tracing::info!(vmha_vm = %channel.vm, "vmha-guest reopened its port: membership and {n} waiting request(s) sent again");
-                            } else {
-                                greet(&ctx, &channel, &mut arrival);
-                                greeted = true;
                             }
+                            greeted = true;
                         }
                         _ = tokio::time::sleep_until(greet_by), if !greeted => {
                             greet(&ctx, &channel, &mut arrival);

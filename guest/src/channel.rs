@@ -44,7 +44,7 @@ type Answer = (Outcome, String);
 enum Seen {
     New,
     Running,
-    Done(Outcome, String),
+    Done(Answer),
 }
 
 impl Requests {
@@ -53,7 +53,7 @@ impl Requests {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         match seen.iter().find(|(i, _)| i == id) {
             Some((_, None)) => Seen::Running,
-            Some((_, Some((outcome, reason)))) => Seen::Done(*outcome, reason.clone()),
+            Some((_, Some(answer))) => Seen::Done(answer.clone()),
             None => {
                 if seen.len() == REMEMBERED {
                     // The oldest finished one goes (a running one stays: its second copy must not run).
@@ -156,7 +156,7 @@ where
                     });
                 }
                 Seen::Running => {}
-                Seen::Done(outcome, reason) => {
+                Seen::Done((outcome, reason)) => {
                     if let Err(e) = send(&writer, &GuestMessage::result(&id, outcome, &reason)) {
                         eprintln!("vmha-guest: answering request {id} ({name}) again: {e}");
                     }
@@ -328,7 +328,7 @@ mod tests {
             assert_eq!(r.arrived(&format!("d{i}")), Seen::New);
             r.finished(&format!("d{i}"), Outcome::Done, "");
         }
-        assert_eq!(r.arrived("d0"), Seen::Done(Outcome::Done, String::new()));
+        assert_eq!(r.arrived("d0"), Seen::Done((Outcome::Done, String::new())));
         assert_eq!(r.arrived("new"), Seen::New, "remembering {REMEMBERED} at most");
         assert_eq!(r.arrived("running"), Seen::Running, "a running request is kept");
         assert_eq!(r.arrived("d0"), Seen::New, "d0, the oldest finished one, was forgotten");
