@@ -207,12 +207,22 @@
         const offset = Number.isFinite(r.offset_ms) ? `, offset ${r.offset_ms} ms` : "";
         const paths = Array.isArray(r.storage) ? r.storage : [];
         const missing = paths.filter(p => p.exists !== true);
-        const ok = clock.synchronized === true && missing.length === 0;
+        /* Today's vmhad lists only the paths it does not see and counts them all in storage_summary; an
+           older one listed every path (the first 256). */
+        const summary = r.storage_summary;
+        const total = summary ? summary.paths : paths.length;
+        const unseen = summary ? summary.problems : missing.length;
+        const sweeping = summary && summary.looked_at < summary.vms;
+        const ok = clock.synchronized === true && unseen === 0 && !sweeping;
+        let storage;
+        if (unseen > 0)
+            storage = `${unseen} of ${total} paths not visible: ${missing.slice(0, 3).map(p => p.path).join(", ")}${unseen > 3 ? ", …" : ""}`;
+        else if (sweeping)
+            storage = `looked at ${summary.looked_at} of ${summary.vms} VMs so far, all ${total} paths visible`;
+        else
+            storage = `${total} of ${total} paths visible`;
         return el("p", { class: "readiness", "data-field": "readiness", "data-state": ok ? "good" : "warn" },
-                  `Clock ${synced} (${clock.ntp_daemon || "no NTP daemon"}${offset}); storage: ` +
-                  (missing.length === 0
-                      ? `${paths.length} of ${paths.length} paths visible`
-                      : `missing ${missing.slice(0, 3).map(p => p.path).join(", ")}${missing.length > 3 ? ", …" : ""}`));
+                  `Clock ${synced} (${clock.ntp_daemon || "no NTP daemon"}${offset}); storage: ${storage}`);
     }
 
     function stateBadge(state) {

@@ -578,6 +578,9 @@ fn no_reports(item: &'static str) -> Finding {
     )
 }
 
+/// At most this many paths a host does not see are named in the finding's summary (the others counted).
+const NAMED_PATHS: usize = 10;
+
 fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
     const ITEM: &str = "shared-storage";
     if !reports.iter().any(fresh) {
@@ -585,48 +588,102 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
     }
     let mut missing = Vec::new();
     let mut unknown = Vec::new();
+    // Problems a report counted but did not list (it lists the first 256).
+    let mut unlisted = 0;
+    // Hosts whose first sweep over the VMs' files has not ended yet.
+    let mut sweeping = Vec::new();
+    let (mut vms, mut oldest_ms) = (None, 0);
     let mut paths = BTreeSet::new();
+    let mut counted_paths = 0;
     for r in reports.iter().filter(|r| fresh(r)) {
+        let host = &r.report.host;
+        if let Some(s) = &r.report.storage_summary {
+            unlisted += s.problems.saturating_sub(r.report.storage.len());
+            if s.looked_at < s.vms {
+                sweeping.push(format!("{host} has looked at {} of {} VMs", s.looked_at, s.vms));
+            }
+            vms = Some(vms.unwrap_or(0).max(s.vms));
+            oldest_ms = oldest_ms.max(s.oldest_ms);
+            counted_paths = counted_paths.max(s.paths);
+        }
         for p in &r.report.storage {
             paths.insert(p.path.as_str());
             match p.exists {
                 Some(true) => {}
-                Some(false) => missing.push(format!("{} cannot see {} (VM {})", r.report.host, p.path, p.vm)),
-                None => unknown.push(format!("{} did not answer for {} (VM {})", r.report.host, p.path, p.vm)),
+                Some(false) => missing.push(format!("{host} cannot see {} (VM {})", p.path, p.vm)),
+                None => unknown.push(format!("{host} did not answer for {} (VM {})", p.path, p.vm)),
             }
         }
     }
+    let named = |list: &[String], extra: usize| {
+        let more = list.len().saturating_sub(NAMED_PATHS) + extra;
+        let mut text = list[..list.len().min(NAMED_PATHS)].join("; ");
+        if more > 0 {
+            text.push_str(&format!("; and {more} more"));
+        }
+        text
+    };
     if !missing.is_empty() {
+        let extra = if unknown.is_empty() { unlisted } else { 0 };
         return finding(
             ITEM,
             Level::Red,
-            missing.join("; "),
+            named(&missing, extra),
             "mount the shared storage at the same path on every host (and check the paths in the VMs' domain XML)",
         );
     }
-    if !unknown.is_empty() {
+    if !unknown.is_empty() || unlisted > 0 {
         return finding(
             ITEM,
             Level::Red,
-            format!("{}: is the shared storage hung?", unknown.join("; ")),
+            format!("{}: is the shared storage hung?", named(&unknown, unlisted)),
             "check the storage mount on those hosts (a hung NFS mount blocks VM start and migration)",
         );
     }
     if let Some(f) = silent_hosts(ITEM, reports, members) {
         return f;
     }
-    let hosts: Vec<&str> = reports.iter().map(|r| r.report.host.as_str()).collect();
-    if paths.is_empty() {
-        return green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", ")));
+    if !sweeping.is_empty() {
+        return finding(
+            ITEM,
+            Level::Yellow,
+            format!(
+                "{} so far (each host looks at {} VMs' files every {} s)",
+                sweeping.join("; "),
+                crate::readiness::VMS_PER_REPORT,
+                REPORT_INTERVAL.as_secs()
+            ),
+            "run vmha check again once every host has looked at every VM",
+        );
     }
-    green(
-        ITEM,
-        format!(
-            "the {} files of the managed VMs exist on every host ({})",
-            paths.len(),
-            hosts.join(", ")
+    let hosts: Vec<&str> = reports.iter().map(|r| r.report.host.as_str()).collect();
+    match vms {
+        // Reports that count what they looked at (they list only what a host does not see).
+        Some(0) => green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", "))),
+        Some(vms) => green(
+            ITEM,
+            format!(
+                "the {counted_paths} files of {} exist on every host ({}); the oldest look was {} s ago",
+                if vms == 1 {
+                    "the one managed VM".to_string()
+                } else {
+                    format!("the {vms} managed VMs")
+                },
+                hosts.join(", "),
+                oldest_ms.div_ceil(1000)
+            ),
         ),
-    )
+        // Reports of an older vmhad, which lists the paths it sees too (the first 256).
+        None if paths.is_empty() => green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", "))),
+        None => green(
+            ITEM,
+            format!(
+                "the {} files of the managed VMs exist on every host ({})",
+                paths.len(),
+                hosts.join(", ")
+            ),
+        ),
+    }
 }
 
 fn clocks(reports: &[ReceivedReport], members: &[String]) -> Finding {

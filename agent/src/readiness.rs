@@ -28,8 +28,16 @@ pub use vmha_api::{READINESS_INTERFACE, READINESS_PATH};
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Deadline for looking at one file on (possibly hung) shared storage.
 const STAT_DEADLINE: Duration = Duration::from_secs(3);
-/// At most this many paths are reported (a CPG message stays small).
+/// At most this many paths the host does not see are listed in a report (a CPG message stays small); the
+/// report's [`StorageSummary`] counts them all.
 const MAX_PATHS: usize = 256;
+/// At most this many VMs' files are looked at for one report; the others keep their last look. A host
+/// with up to this many VMs looks at all of them every [`REPORT_INTERVAL`]; with 2000 VMs a full sweep
+/// takes 16 reports (80 s) instead of reading 2000 domain XMLs every 5 s.
+pub const VMS_PER_REPORT: usize = 128;
+/// At most this many VMs are looked at at once (each look holds a blocking thread; [`MAX_OUTSTANDING`]
+/// bounds them all).
+const LOOKS_AT_ONCE: usize = 16;
 /// At most this many looks at shared storage may be outstanding at once (each holds a blocking thread).
 const MAX_OUTSTANDING: usize = 64;
 
@@ -40,6 +48,21 @@ pub struct PathState {
     pub path: String,
     /// `true`: exists; `false`: missing; `None`: could not be looked at in time (hung storage?).
     pub exists: Option<bool>,
+}
+
+/// What a host's last look at every managed VM's files found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageSummary {
+    /// Managed VMs with a domain XML path.
+    pub vms: usize,
+    /// Of those, the ones looked at so far (all of them once the first sweep ended).
+    pub looked_at: usize,
+    /// Paths those looks found needed (each VM's domain XML and the files it names).
+    pub paths: usize,
+    /// Of those, the ones missing or unanswered ([`HostReport::storage`] lists the first [`MAX_PATHS`]).
+    pub problems: usize,
+    /// How long ago the oldest of those looks was, in ms.
+    pub oldest_ms: u64,
 }
 
 /// What the kernel and the process table say about this host's clock.
@@ -58,7 +81,13 @@ pub struct HostReport {
     /// The sender's wall clock when it sent the report (ms since the Unix epoch).
     pub time_ms: i64,
     pub clock: ClockFacts,
+    /// With a [`StorageSummary`]: the paths of the managed VMs this host does not see (missing, or no
+    /// answer in time), the first [`MAX_PATHS`]. Without one (a vmhad before the summary): the VMs' paths,
+    /// seen or not, the first [`MAX_PATHS`].
     pub storage: Vec<PathState>,
+    /// What the last look at every managed VM's files found, counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_summary: Option<StorageSummary>,
     /// The fingerprint of the relay's authkey on that host (never the key); `None`: no usable key (or a
     /// vmhad older than the authenticated relay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,56 +281,128 @@ impl Probes {
     }
 }
 
-/// Whether `path` exists, looked at within [`STAT_DEADLINE`] (`None`: no answer in time, or the last look
-/// at it has not returned yet).
-async fn exists(path: String) -> Option<bool> {
-    let look = path.clone();
-    Probes::shared()
-        .look(&path, STAT_DEADLINE, move || Path::new(&look).exists())
-        .await
-}
-
-/// The paths every managed VM needs: its domain XML and the disk images it names, the first
-/// [`MAX_PATHS`] of them.
-async fn needed_paths(shared: &Shared) -> Vec<(String, String)> {
+/// Every managed VM with a domain XML path: (VM, XML path), in the view's order.
+fn managed_configs(shared: &Shared) -> Vec<(String, String)> {
     let snap = shared.snapshot();
     let Some(view) = snap.view.as_ref() else {
         return Vec::new();
     };
-    let configs = view
-        .vms
+    view.vms
         .iter()
-        .filter_map(|vm| Some((vm.name.clone(), vm.config.clone()?)));
-    first_paths(configs, |config| async move {
-        read_shared_file(&config, 1 << 20, STAT_DEADLINE)
-            .await
-            .map(|xml| disk_sources(&xml))
-            .unwrap_or_default()
-    })
-    .await
+        .filter_map(|vm| Some((vm.name.clone(), vm.config.clone()?)))
+        .collect()
 }
 
-/// Each VM's domain XML path and the disks `disks_of` finds in it, in order, until there are
-/// [`MAX_PATHS`]: no VM's XML is read past that (each host reads them every [`REPORT_INTERVAL`]; with
-/// thousands of VMs, reading them all to keep the first paths cost vmhad more CPU at rest than anything
-/// else it does).
-async fn first_paths<F, Fut>(configs: impl Iterator<Item = (String, String)>, mut disks_of: F) -> Vec<(String, String)>
-where
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = Vec<String>>,
-{
-    let mut paths = Vec::new();
-    for (vm, config) in configs {
-        if paths.len() >= MAX_PATHS {
-            break;
+/// What one look at a VM's files found: every path and whether it exists (`None`: no answer in time).
+type Found = Vec<(String, Option<bool>)>;
+
+/// One VM's last look.
+#[derive(Debug)]
+struct Look {
+    config: String,
+    found: Found,
+    at: Instant,
+}
+
+/// The last look at every managed VM's files. Each report looks again at [`VMS_PER_REPORT`] VMs: those
+/// never looked at first, then those looked at longest ago; so every VM is covered, and a host with
+/// thousands of VMs does not read every domain XML every [`REPORT_INTERVAL`].
+#[derive(Debug, Default)]
+pub struct StorageSweep {
+    looks: BTreeMap<String, Look>,
+}
+
+impl StorageSweep {
+    /// Looks at the next VMs of `vms` (VM, XML path) with `look` and returns the paths not seen (the first
+    /// [`MAX_PATHS`]) and the summary over every VM's last look. VMs gone from `vms` are forgotten; a VM
+    /// whose XML path changed counts as never looked at.
+    pub async fn refresh<F, Fut>(
+        &mut self,
+        vms: &[(String, String)],
+        now: Instant,
+        look: F,
+    ) -> (Vec<PathState>, StorageSummary)
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Option<Found>>,
+    {
+        let wanted: BTreeMap<&str, &str> = vms.iter().map(|(vm, c)| (vm.as_str(), c.as_str())).collect();
+        self.looks
+            .retain(|vm, l| wanted.get(vm.as_str()).is_some_and(|c| *c == l.config));
+        let mut due: Vec<&(String, String)> = vms.iter().collect();
+        // Never looked at first (in the view's order), then the oldest looks.
+        due.sort_by_key(|(vm, _)| self.looks.get(vm).map(|l| l.at));
+        due.truncate(VMS_PER_REPORT);
+        for batch in due.chunks(LOOKS_AT_ONCE) {
+            let found = futures_util::future::join_all(batch.iter().map(|(_, config)| look(config.clone()))).await;
+            for ((vm, config), found) in batch.iter().zip(found) {
+                // No answer: the paths of the last look (or the XML) are unknown now.
+                let found = found.unwrap_or_else(|| match self.looks.get(vm) {
+                    Some(last) => last.found.iter().map(|(p, _)| (p.clone(), None)).collect(),
+                    None => vec![(config.clone(), None)],
+                });
+                let look = Look {
+                    config: config.clone(),
+                    found,
+                    at: now,
+                };
+                self.looks.insert(vm.clone(), look);
+            }
         }
-        paths.push((vm.clone(), config.clone()));
-        for disk in disks_of(config).await {
-            paths.push((vm.clone(), disk));
+        let mut summary = StorageSummary {
+            vms: vms.len(),
+            ..StorageSummary::default()
+        };
+        let mut unseen = Vec::new();
+        for (vm, _) in vms {
+            let Some(l) = self.looks.get(vm) else {
+                continue;
+            };
+            summary.looked_at += 1;
+            summary.paths += l.found.len();
+            let age = u64::try_from(now.saturating_duration_since(l.at).as_millis()).unwrap_or(u64::MAX);
+            summary.oldest_ms = summary.oldest_ms.max(age);
+            for (path, exists) in &l.found {
+                if *exists == Some(true) {
+                    continue;
+                }
+                summary.problems += 1;
+                if unseen.len() < MAX_PATHS {
+                    unseen.push(PathState {
+                        vm: vm.clone(),
+                        path: path.clone(),
+                        exists: *exists,
+                    });
+                }
+            }
+        }
+        (unseen, summary)
+    }
+}
+
+/// The files VM definition `config` needs and whether this host sees them, from one blocking look
+/// within [`STAT_DEADLINE`] (`None`: no answer in time, or a look at it still outstanding).
+async fn look_at_files(config: String) -> Option<Found> {
+    let key = format!("vm-files:{config}");
+    Probes::shared()
+        .look(&key, STAT_DEADLINE, move || files_of(&config))
+        .await
+}
+
+/// The domain XML at `config` and the files it names, each with whether it exists. An XML that cannot be
+/// read (too big, not UTF-8) names no files.
+fn files_of(config: &str) -> Found {
+    if !Path::new(config).exists() {
+        return vec![(config.to_string(), Some(false))];
+    }
+    let mut found = vec![(config.to_string(), Some(true))];
+    if let Some(xml) = read_small(Path::new(config), 1 << 20) {
+        for path in disk_sources(&xml) {
+            let exists = Path::new(&path).exists();
+            found.push((path, Some(exists)));
         }
     }
-    paths.truncate(MAX_PATHS);
-    paths
+    found
 }
 
 /// The text of file `path` on shared storage if it is at most `max` bytes, read within `limit` through
@@ -349,17 +450,10 @@ pub fn disk_sources(xml: &str) -> Vec<String> {
     disks.chain(boot).map(str::to_string).collect()
 }
 
-/// This host's report now.
-pub async fn own_report(shared: &Shared, bus: Option<&zbus::Connection>) -> HostReport {
-    let mut storage = Vec::new();
-    for (vm, path) in needed_paths(shared).await {
-        let found = exists(path.clone()).await;
-        storage.push(PathState {
-            vm,
-            path,
-            exists: found,
-        });
-    }
+/// This host's report now, after `sweep` looked at the next VMs' files.
+pub async fn own_report(shared: &Shared, bus: Option<&zbus::Connection>, sweep: &mut StorageSweep) -> HostReport {
+    let configs = managed_configs(shared);
+    let (storage, summary) = sweep.refresh(&configs, Instant::now(), look_at_files).await;
     let clock = clock_facts(bus).await;
     let (authkey, authkey_problem) = match crate::relay::authkey_status() {
         Some(Ok(fingerprint)) => (Some(fingerprint), None),
@@ -371,6 +465,7 @@ pub async fn own_report(shared: &Shared, bus: Option<&zbus::Connection>) -> Host
         time_ms: now_ms(),
         clock,
         storage,
+        storage_summary: Some(summary),
         authkey,
         authkey_problem,
     }
@@ -403,10 +498,11 @@ async fn session(
     cpg.join(READINESS_GROUP).await.map_err(|e| e.to_string())?;
     *delay = Duration::from_millis(500);
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    let mut sweep = StorageSweep::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let report = own_report(shared, Some(bus)).await;
+                let report = own_report(shared, Some(bus), &mut sweep).await;
                 let data = serde_json::to_vec(&report).map_err(|e| e.to_string())?;
                 cpg.mcast(&data).await.map_err(|e| e.to_string())?;
             }
@@ -442,8 +538,9 @@ pub struct ReadinessObject {
 #[zbus::interface(name = "org.vmha.Vmha1.Readiness")]
 impl ReadinessObject {
     /// The last report of every host whose vmhad is in the readiness group, as a JSON array of objects
-    /// `{host, time_ms, clock: {ntp_daemon, synchronized}, storage: [{vm, path, exists}], offset_ms,
-    /// age_ms}`.
+    /// `{host, time_ms, clock: {ntp_daemon, synchronized}, storage: [{vm, path, exists}], storage_summary:
+    /// {vms, looked_at, paths, problems, oldest_ms}, offset_ms, age_ms}` (`storage`: the paths that host
+    /// does not see).
     async fn reports(&self) -> String {
         serde_json::to_string(&self.reports.list()).unwrap_or_else(|_| "[]".into())
     }
@@ -453,25 +550,113 @@ impl ReadinessObject {
 mod tests {
     use super::*;
 
-    /// Scenario: 2000 VMs of one disk each: the paths of the first 128 are kept, and no XML past the
-    /// 128th is read.
+    fn vms(n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("vm{i}"), format!("/shared/vm{i}.xml")))
+            .collect()
+    }
+
+    /// A look that finds the XML and one disk, the disk missing for `vm7`; counts its calls.
+    fn counting_look(calls: &Arc<Mutex<Vec<String>>>) -> impl Fn(String) -> std::future::Ready<Option<Found>> + '_ {
+        move |config: String| {
+            calls.lock().unwrap().push(config.clone());
+            let disk = config.replace(".xml", ".qcow2");
+            let seen = !config.ends_with("/vm7.xml");
+            std::future::ready(Some(vec![(config, Some(true)), (disk, Some(seen))]))
+        }
+    }
+
+    /// Scenario: 2000 VMs of one disk each. Each report reads 128 domain XMLs, never-read ones first and
+    /// then the oldest; after 16 reports every VM has been looked at, and the summary counts all 4000
+    /// paths, not the first 256.
     #[tokio::test]
-    async fn no_domain_xml_is_read_past_the_path_limit() {
-        let configs = (0..2000).map(|i| (format!("vm{i}"), format!("/shared/vm{i}.xml")));
-        let mut read = 0;
-        let paths = first_paths(configs, |config| {
-            read += 1;
-            async move { vec![config.replace(".xml", ".qcow2")] }
-        })
-        .await;
-        assert_eq!(paths.len(), MAX_PATHS);
-        assert_eq!(read, MAX_PATHS / 2, "XML files read");
-        assert_eq!(paths[0], ("vm0".to_string(), "/shared/vm0.xml".to_string()));
-        assert_eq!(paths[255], ("vm127".to_string(), "/shared/vm127.qcow2".to_string()));
-        // A VM with many disks at the limit: cut at the limit.
-        let many = [("big".to_string(), "/shared/big.xml".to_string())].into_iter();
-        let paths = first_paths(many, |_| async { (0..300).map(|d| format!("/shared/d{d}")).collect() }).await;
-        assert_eq!(paths.len(), MAX_PATHS);
+    async fn every_vm_is_covered_128_per_report() {
+        let vms = vms(2000);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut sweep = StorageSweep::default();
+        let t0 = Instant::now();
+        let (unseen, s) = sweep.refresh(&vms, t0, counting_look(&calls)).await;
+        assert_eq!(calls.lock().unwrap().len(), VMS_PER_REPORT, "XML files read per report");
+        assert_eq!((s.vms, s.looked_at, s.paths, s.problems), (2000, 128, 256, 1));
+        assert_eq!(unseen.len(), 1);
+        assert_eq!(
+            (unseen[0].vm.as_str(), unseen[0].path.as_str()),
+            ("vm7", "/shared/vm7.qcow2")
+        );
+        assert_eq!(unseen[0].exists, Some(false));
+        for k in 1..16u64 {
+            let (_, s) = sweep
+                .refresh(&vms, t0 + REPORT_INTERVAL * k as u32, counting_look(&calls))
+                .await;
+            assert_eq!(s.looked_at, (128 * (k as usize + 1)).min(2000));
+        }
+        let read = calls.lock().unwrap().clone();
+        assert_eq!(read.len(), 16 * 128);
+        let distinct: HashSet<&String> = read[..2000].iter().collect();
+        assert_eq!(distinct.len(), 2000, "no VM read twice before every VM was read once");
+        // The 16th report read the last 80 VMs, then the 48 oldest looks again (VMs 0 to 47).
+        assert_eq!(read[2000], "/shared/vm0.xml");
+        let (_, s) = sweep
+            .refresh(&vms, t0 + REPORT_INTERVAL * 16, counting_look(&calls))
+            .await;
+        assert_eq!((s.looked_at, s.paths, s.problems), (2000, 4000, 1));
+        // The 17th: the oldest again, VMs 48 to 175; the oldest look left is the 2nd report's.
+        assert_eq!(calls.lock().unwrap()[2048], "/shared/vm48.xml");
+        assert_eq!(s.oldest_ms, 75_000);
+    }
+
+    /// A VM that left is forgotten; one whose XML path changed is looked at again first; a look with no
+    /// answer makes that VM's last paths unknown (or its XML, never looked at).
+    #[tokio::test]
+    async fn left_changed_and_unanswered_vms() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut sweep = StorageSweep::default();
+        let t0 = Instant::now();
+        sweep.refresh(&vms(3), t0, counting_look(&calls)).await;
+        let mut now = vms(2);
+        now[1].1 = "/other/vm1.xml".into();
+        calls.lock().unwrap().clear();
+        let (_, s) = sweep.refresh(&now, t0, counting_look(&calls)).await;
+        assert_eq!(s.vms, 2);
+        assert_eq!(*calls.lock().unwrap(), vec!["/other/vm1.xml", "/shared/vm0.xml"]);
+        let (unseen, s) = sweep.refresh(&now, t0, |_| std::future::ready(None::<Found>)).await;
+        assert_eq!((s.paths, s.problems), (4, 4));
+        assert!(unseen.iter().all(|p| p.exists.is_none()));
+        assert_eq!(unseen[0].path, "/shared/vm0.xml");
+        let mut fresh = StorageSweep::default();
+        let (unseen, s) = fresh.refresh(&vms(1), t0, |_| std::future::ready(None::<Found>)).await;
+        assert_eq!((s.paths, s.problems), (1, 1));
+        assert_eq!(unseen[0].path, "/shared/vm0.xml");
+    }
+
+    /// Files on a real file system: the XML, a disk present, a disk and a kernel missing; a missing XML
+    /// names nothing else.
+    #[test]
+    fn files_of_a_domain_xml() {
+        let dir = std::env::temp_dir().join(format!("vmha-files-of-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = dir.join("a.qcow2");
+        std::fs::write(&disk, b"").unwrap();
+        let xml = dir.join("vm.xml");
+        std::fs::write(
+            &xml,
+            format!(
+                "<domain><devices><disk type='file'><source file='{}'/></disk><disk type='file'><source file='{}/b.qcow2'/></disk></devices><os><kernel>/nonexistent/vmlinuz</kernel></os></domain>",
+                disk.display(),
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let found = files_of(xml.to_str().unwrap());
+        let flags: Vec<Option<bool>> = found.iter().map(|(_, e)| *e).collect();
+        assert_eq!(flags, vec![Some(true), Some(true), Some(false), Some(false)]);
+        assert_eq!(found[3].0, "/nonexistent/vmlinuz");
+        let gone = dir.join("gone.xml");
+        assert_eq!(
+            files_of(gone.to_str().unwrap()),
+            vec![(gone.display().to_string(), Some(false))]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -599,8 +784,15 @@ mod tests {
             storage: vec![PathState {
                 vm: "vm1".into(),
                 path: "/shared/vm1.qcow2".into(),
-                exists: Some(true),
+                exists: Some(false),
             }],
+            storage_summary: Some(StorageSummary {
+                vms: 1,
+                looked_at: 1,
+                paths: 2,
+                problems: 1,
+                oldest_ms: 5000,
+            }),
             authkey: Some("0123456789abcdef".into()),
             authkey_problem: None,
         };
@@ -610,6 +802,9 @@ mod tests {
         assert_eq!(back.len(), 1);
         assert_eq!(back[0].report, r);
         assert_eq!(back[0].offset_ms, -40);
+        // A report of a vmhad before the summary still reads.
+        let old = r#"{"host":"node2","time_ms":1,"clock":{"ntp_daemon":null,"synchronized":null},"storage":[]}"#;
+        assert_eq!(serde_json::from_str::<HostReport>(old).unwrap().storage_summary, None);
         reports.forget_nodes(&[2]);
         assert_eq!(reports.list().len(), 1);
         reports.forget_nodes(&[1]);

@@ -1,7 +1,7 @@
 //! The evaluation of `vmha check`: facts in, findings out.
 
 use super::*;
-use crate::readiness::{ClockFacts, HostReport, PathState};
+use crate::readiness::{ClockFacts, HostReport, PathState, StorageSummary};
 
 fn cib_xml(props: &str, resources: &str, status: &str) -> String {
     format!(
@@ -26,6 +26,7 @@ fn report(host: &str, offset_ms: i64, storage: Vec<PathState>) -> ReceivedReport
                 synchronized: Some(true),
             },
             storage,
+            storage_summary: None,
             authkey: Some("0123456789abcdef".into()),
             authkey_problem: None,
         },
@@ -342,6 +343,82 @@ fn storage_missing_or_hung_on_a_host_is_red() {
         report("node3", 0, disk(Some(true))),
     ]);
     assert_eq!(item(&evaluate(&i), "shared-storage").level, Level::Red);
+}
+
+/// A host's report as today's vmhad sends it: the paths it does not see, and what it counted.
+fn swept(host: &str, unseen: Vec<PathState>, summary: StorageSummary) -> ReceivedReport {
+    let mut r = report(host, 0, unseen);
+    r.report.storage_summary = Some(summary);
+    r
+}
+
+fn summary(vms: usize, looked_at: usize, problems: usize) -> StorageSummary {
+    StorageSummary {
+        vms,
+        looked_at,
+        paths: looked_at * 2,
+        problems,
+        oldest_ms: 75_000,
+    }
+}
+
+/// 2000 VMs: the finding counts every VM's files, not the 256 a report lists; a host whose first sweep
+/// has not ended is yellow (nothing to say yet about the VMs it has not looked at); the missing paths a
+/// report counted past its list are counted in the finding, and the finding names at most 10.
+#[test]
+fn storage_of_thousands_of_vms() {
+    let mut i = healthy();
+    i.reports = Ok(["node1", "node2", "node3"]
+        .iter()
+        .map(|h| swept(h, vec![], summary(2000, 2000, 0)))
+        .collect());
+    let x = item(&evaluate(&i), "shared-storage").clone();
+    assert_eq!(x.level, Level::Green);
+    assert_eq!(
+        x.summary,
+        "the 4000 files of the 2000 managed VMs exist on every host (node1, node2, node3); the oldest look was 75 s ago"
+    );
+
+    let mut reports = i.reports.clone().unwrap();
+    reports[1] = swept("node2", vec![], summary(2000, 512, 0));
+    i.reports = Ok(reports);
+    let x = item(&evaluate(&i), "shared-storage").clone();
+    assert_eq!(x.level, Level::Yellow);
+    assert!(
+        x.summary
+            .starts_with("node2 has looked at 512 of 2000 VMs so far (each host looks at 128"),
+        "{}",
+        x.summary
+    );
+
+    let unseen: Vec<PathState> = (0..256)
+        .map(|n| PathState {
+            vm: format!("vm{n}"),
+            path: format!("/shared/vm{n}.qcow2"),
+            exists: Some(false),
+        })
+        .collect();
+    let mut reports = i.reports.clone().unwrap();
+    reports[2] = swept("node3", unseen, summary(2000, 2000, 300));
+    i.reports = Ok(reports);
+    let x = item(&evaluate(&i), "shared-storage").clone();
+    assert_eq!(x.level, Level::Red, "a missing file wins over a sweep not ended");
+    assert!(
+        x.summary.starts_with("node3 cannot see /shared/vm0.qcow2 (VM vm0); "),
+        "{}",
+        x.summary
+    );
+    assert!(x.summary.ends_with("; and 290 more"), "{}", x.summary);
+    assert_eq!(x.summary.matches("cannot see").count(), 10);
+
+    // No VM at all.
+    i.reports = Ok(["node1", "node2", "node3"]
+        .iter()
+        .map(|h| swept(h, vec![], summary(0, 0, 0)))
+        .collect());
+    assert!(item(&evaluate(&i), "shared-storage")
+        .summary
+        .starts_with("no managed VM needs files"));
 }
 
 #[test]
