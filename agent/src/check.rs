@@ -589,7 +589,7 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
     let mut missing = Vec::new();
     let mut unknown = Vec::new();
     // Problems a report counted but did not list (it lists the first 256).
-    let mut unlisted = 0;
+    let mut unlisted: usize = 0;
     // Hosts whose first sweep over the VMs' files has not ended yet.
     let mut sweeping = Vec::new();
     let (mut vms, mut oldest_ms) = (None, 0);
@@ -598,7 +598,8 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
     for r in reports.iter().filter(|r| fresh(r)) {
         let host = &r.report.host;
         if let Some(s) = &r.report.storage_summary {
-            unlisted += s.problems.saturating_sub(r.report.storage.len());
+            // Saturating: the counts come from other hosts' vmhads (a CPG group, not the relay's key).
+            unlisted = unlisted.saturating_add(s.problems.saturating_sub(r.report.storage.len()));
             if s.looked_at < s.vms {
                 sweeping.push(format!("{host} has looked at {} of {} VMs", s.looked_at, s.vms));
             }
@@ -616,7 +617,7 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
         }
     }
     let named = |list: &[String], extra: usize| {
-        let more = list.len().saturating_sub(NAMED_PATHS) + extra;
+        let more = list.len().saturating_sub(NAMED_PATHS).saturating_add(extra);
         let mut text = list[..list.len().min(NAMED_PATHS)].join("; ");
         if more > 0 {
             text.push_str(&format!("; and {more} more"));

@@ -411,6 +411,14 @@ fn storage_of_thousands_of_vms() {
     assert!(x.summary.ends_with("; and 290 more"), "{}", x.summary);
     assert_eq!(x.summary.matches("cannot see").count(), 10);
 
+    // Counts no vmhad would send (the reports come from a CPG group): said, no overflow.
+    let mut reports = i.reports.clone().unwrap();
+    reports[0] = swept("node1", vec![], summary(usize::MAX, 1, usize::MAX));
+    reports[1] = swept("node2", vec![], summary(2000, 2000, usize::MAX));
+    i.reports = Ok(reports);
+    let x = item(&evaluate(&i), "shared-storage").clone();
+    assert_eq!(x.level, Level::Red);
+
     // No VM at all.
     i.reports = Ok(["node1", "node2", "node3"]
         .iter()
