@@ -274,12 +274,19 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
         }
         .into());
     }
-    for (partial, target) in &partials {
-        std::fs::rename(partial, target).with_context(|| format!("renaming {partial} to {target}"))?;
-        if let Some(dir) = Path::new(target).parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("syncing {}", dir.display()))?;
+    for (i, (partial, target)) in partials.iter().enumerate() {
+        let renamed = std::fs::rename(partial, target)
+            .with_context(|| format!("renaming {partial} to {target}"))
+            .and_then(|()| match Path::new(target).parent() {
+                Some(dir) => std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| format!("syncing {}", dir.display())),
+                None => Ok(()),
+            });
+        if let Err(e) = renamed {
+            // The copies not renamed into place are removed (the peer keeps its previous images of them).
+            cleanup(&partials[i..]);
+            return Err(e);
         }
     }
     Ok(Round {

@@ -564,20 +564,73 @@ fn site_switchover_and_failover_with_booth() {
         "vmhad's replication: B's copy {age} s old, {:.1} s after it was set",
         t.elapsed().as_secs_f64()
     );
-    let round_event = format!(" replication {VC} replicated to the peer site: ");
-    let told = wait_for("the round's Event on A's DC", Duration::from_secs(30), POLL, || {
-        let log = std::fs::read_to_string(&watch_log).ok()?;
-        log.lines().find(|l| l.contains(&round_event)).map(str::to_string)
-    });
+    // The events `vmha watch` on A's DC printed: the first line after `after` lines that has `text`.
+    let watched = |what: &str, text: &str, after: usize, limit: u64| {
+        wait_for(what, Duration::from_secs(limit), POLL, || {
+            let log = std::fs::read_to_string(&watch_log).ok()?;
+            let lines: Vec<&str> = log.lines().collect();
+            let at = lines.iter().skip(after).position(|l| l.contains(text))? + after;
+            Some((at, lines[at].to_string()))
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}: vmha watch on A's DC printed:\n{}",
+                std::fs::read_to_string(&watch_log).unwrap_or_default()
+            )
+        })
+    };
+    let (at, told) = watched(
+        "the round's Event on A's DC",
+        &format!(" replication {VC} replicated to the peer site: "),
+        0,
+        30,
+    );
+    println!("vmha watch on A's DC: {told}");
+    // Rounds that fail: B's image of the second VM moved aside and a directory in its place, so every
+    // round's rename onto it fails. Each failure is an event, and after 3 periods (15 s) without a
+    // round that succeeded, `replica-stale` once; the failed rounds leave no partial copy at B. Then the
+    // image back: the next round succeeds and `replica-current` says so.
+    let b_image = b.cfg.shared_dir().join(format!("{VM2}.img"));
+    let aside = b.cfg.shared_dir().join(format!("{VM2}.img.aside"));
+    std::fs::rename(&b_image, &aside).unwrap();
+    std::fs::create_dir(&b_image).unwrap();
+    std::fs::write(b_image.join("keep"), b"").unwrap();
+    let broken = Instant::now();
+    let (at, failed) = watched(
+        "a failed round's Event",
+        &format!(" replication-failed {VC} replication round failed"),
+        at + 1,
+        30,
+    );
+    println!("vmha watch on A's DC: {failed}");
+    assert!(failed.contains("renaming"), "{failed}");
+    let (at, stale) = watched("replica-stale", &format!(" replica-stale {VC} replica stale: "), at, 60);
+    let stale_after = broken.elapsed().as_secs_f64();
+    println!("vmha watch on A's DC, {stale_after:.1} s after the rounds began to fail: {stale}");
+    assert!(
+        stale_after >= 9.0,
+        "stale after {stale_after:.1} s: sooner than 3 periods of 5 s allow"
+    );
+    let partials: Vec<String> = std::fs::read_dir(b.cfg.shared_dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".vmha-replica"))
+        .collect();
+    assert!(
+        partials.is_empty(),
+        "failed rounds left partial copies at B: {partials:?}"
+    );
+    std::fs::remove_dir_all(&b_image).unwrap();
+    std::fs::rename(&aside, &b_image).unwrap();
+    let (_, current) = watched(
+        "replica-current",
+        &format!(" replica-current {VC} replica current again"),
+        at,
+        30,
+    );
+    println!("vmha watch on A's DC: {current}");
     let _ = watch.kill();
     let _ = watch.wait();
-    let told = told.unwrap_or_else(|e| {
-        panic!(
-            "{e}: vmha watch on A's DC printed:\n{}",
-            std::fs::read_to_string(&watch_log).unwrap_or_default()
-        )
-    });
-    println!("vmha watch on A's DC: {told}");
     let status_a = vmha_long_ok(a, 1, &["site", "status"]);
     assert!(
         status_a.contains(&format!("replication of {VC} by vmhad: every=5 storage="))
