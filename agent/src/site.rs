@@ -155,8 +155,12 @@ pub enum SiteCmd {
         /// storage=/HERE:/PEER: where the peer's copies are.
         #[arg(long = "map", value_name = "KIND=OLD:NEW")]
         maps: Vec<String>,
+        /// Report the replica stale (the D-Bus event `replica-stale`, a warning in vmhad's log) after SECS
+        /// seconds without a round that succeeded: one period to a week; 3 periods when not given.
+        #[arg(long, value_name = "SECS")]
+        stale_after: Option<u64>,
         /// Stop vmhad's replication of the virtual cluster.
-        #[arg(long, conflicts_with_all = ["every", "maps"])]
+        #[arg(long, conflicts_with_all = ["every", "maps", "stale_after"])]
         off: bool,
     },
     /// Failover by hand when the site holding the ticket is known to be lost: the ticket is granted here
@@ -1005,8 +1009,9 @@ pub async fn run(cmd: SiteCmd, json_out: bool) -> Result<ExitCode> {
             vcluster,
             every,
             maps,
+            stale_after,
             off,
-        } => replicate::configure(&vcluster, every, &maps, off).await,
+        } => replicate::configure(&vcluster, every, stale_after, &maps, off).await,
         SiteCmd::Failover {
             vcluster,
             lost,

@@ -258,6 +258,12 @@ fn main() {
         "authfile",
         "authfile = /etc/booth/authkey\nsite = 10.0.0.1\n\0\0  0123456789abcdef\n".as_bytes(),
     );
+    // The third text's lines as replication settings (`vmha-replicate-VC`).
+    write(
+        &dir,
+        "replication",
+        "site = 10.0.0.1\n\0\0every=60 storage=/srv/a:/srv/b\nevery=5 stale=10 storage=/a:/b storage=/c:/d\nstale=9 every=10 storage=/a:/b\n".as_bytes(),
+    );
     write(&dir, "hostile", "ticket = -F\nsite = ::ffff:1.2.3.4\n\0ticket: --help, leader: 1.2.3.4\nticket: a\u{1b}[2J\0<cib><tickets><ticket_state/></tickets></cib>".as_bytes());
     // Cluster.WhatIf's strings: the zone on the first line, a host on each further one (whatif_request.rs).
     let dir = root.join("whatif_request");

@@ -211,13 +211,20 @@ pub const REPLICATION_SET: &str = "vmha-site-replication";
 /// Bounds of a replication period, seconds.
 pub const EVERY_MIN: u64 = 5;
 pub const EVERY_MAX: u64 = 86_400;
+/// Without `stale=SECS`, a replica is stale after this many periods without a round that succeeded.
+pub const STALE_PERIODS: u64 = 3;
+/// The longest `stale=SECS` (a week).
+pub const STALE_MAX: u64 = 7 * 86_400;
 
 /// How vmhad replicates a protected virtual cluster while this site holds its ticket (`vmha site
-/// replication VC --every SECS --map storage=/HERE:/PEER`). Stored in the CIB as
-/// `every=SECS storage=/HERE:/PEER [storage=...]`: CIB text, so read as untrusted.
+/// replication VC --every SECS --map storage=/HERE:/PEER [--stale-after SECS]`). Stored in the CIB as
+/// `every=SECS [stale=SECS] storage=/HERE:/PEER [storage=...]`: CIB text, so read as untrusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationSetting {
     pub every_secs: u64,
+    /// After how long without a round that succeeded the replica is reported stale (`None`:
+    /// [`STALE_PERIODS`] periods); at least one period, at most [`STALE_MAX`].
+    pub stale_secs: Option<u64>,
     /// Storage maps (here, peer): absolute plain paths.
     pub storage: Vec<(String, String)>,
 }
@@ -233,6 +240,7 @@ impl ReplicationSetting {
             return Err(bad("longer than 4096 bytes".into()));
         }
         let mut every = None;
+        let mut stale = None;
         let mut storage = Vec::new();
         for word in value.split_ascii_whitespace() {
             if let Some(n) = word.strip_prefix("every=") {
@@ -244,6 +252,13 @@ impl ReplicationSetting {
                 }
                 if every.replace(n).is_some() {
                     return Err(bad("every= given twice".into()));
+                }
+            } else if let Some(n) = word.strip_prefix("stale=") {
+                let n: u64 = n
+                    .parse()
+                    .map_err(|_| bad(format!("stale={} is not a number of seconds", crate::printable(n))))?;
+                if stale.replace(n).is_some() {
+                    return Err(bad("stale= given twice".into()));
                 }
             } else if let Some(pair) = word.strip_prefix("storage=") {
                 let Some((here, peer)) = pair.split_once(':') else {
@@ -274,12 +289,32 @@ impl ReplicationSetting {
         if storage.is_empty() {
             return Err(bad("no storage=HERE:PEER".into()));
         }
-        Ok(ReplicationSetting { every_secs, storage })
+        if let Some(n) = stale {
+            if !(every_secs..=STALE_MAX).contains(&n) {
+                return Err(bad(format!(
+                    "stale={n}: must be one period (every={every_secs}) to {STALE_MAX} seconds"
+                )));
+            }
+        }
+        Ok(ReplicationSetting {
+            every_secs,
+            stale_secs: stale,
+            storage,
+        })
+    }
+
+    /// After how many seconds without a round that succeeded the replica is stale.
+    pub fn stale_after_secs(&self) -> u64 {
+        self.stale_secs
+            .unwrap_or_else(|| self.every_secs.saturating_mul(STALE_PERIODS))
     }
 
     /// The value stored in the CIB.
     pub fn value(&self) -> String {
         let mut out = format!("every={}", self.every_secs);
+        if let Some(n) = self.stale_secs {
+            out.push_str(&format!(" stale={n}"));
+        }
         for (here, peer) in &self.storage {
             out.push_str(&format!(" storage={here}:{peer}"));
         }
@@ -407,6 +442,17 @@ mod tests {
         assert_eq!(s.value(), "every=60 storage=/srv/a:/srv/b storage=/x:/y");
         assert_eq!(ReplicationSetting::parse("shop", &s.value()).unwrap(), s);
         assert_eq!(
+            (s.stale_secs, s.stale_after_secs()),
+            (None, 180),
+            "3 periods by default"
+        );
+        let t = ReplicationSetting::parse("shop", "stale=600 every=60 storage=/srv/a:/srv/b").unwrap();
+        assert_eq!((t.stale_secs, t.stale_after_secs()), (Some(600), 600));
+        assert_eq!(t.value(), "every=60 stale=600 storage=/srv/a:/srv/b");
+        assert_eq!(ReplicationSetting::parse("shop", &t.value()).unwrap(), t);
+        let one = ReplicationSetting::parse("shop", "every=60 stale=60 storage=/a:/b").unwrap();
+        assert_eq!(one.stale_after_secs(), 60);
+        assert_eq!(
             s.maps(),
             vec!["storage=/srv/a:/srv/b".to_string(), "storage=/x:/y".to_string()]
         );
@@ -421,6 +467,16 @@ mod tests {
             ("every=-1 storage=/a:/b", "not a number"),
             ("every=1e3 storage=/a:/b", "not a number"),
             ("every=60 every=60 storage=/a:/b", "twice"),
+            (
+                "every=60 stale=59 storage=/a:/b",
+                "must be one period (every=60) to 604800",
+            ),
+            ("every=60 stale=604801 storage=/a:/b", "to 604800 seconds"),
+            ("every=60 stale=0 storage=/a:/b", "must be one period"),
+            ("every=60 stale=-1 storage=/a:/b", "not a number"),
+            ("every=60 stale=18446744073709551616 storage=/a:/b", "not a number"),
+            ("every=60 stale=60 stale=60 storage=/a:/b", "twice"),
+            ("every=60 stale= storage=/a:/b", "not a number"),
             ("every=60 storage=/a", "not HERE:PEER"),
             ("every=60 storage=a:/b", "plain absolute path"),
             ("every=60 storage=/a:/b/../../etc", "plain absolute path"),

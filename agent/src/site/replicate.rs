@@ -448,7 +448,13 @@ fn cleanup(partials: &[(String, String)]) {
 /// `vmha site replication VC --every SECS --map storage=/HERE:/PEER` (or `--off`): this site's vmhad
 /// replicates VC every SECS seconds while this site holds its ticket. Stored as the cluster property
 /// `vmha-replicate-VC` (property set `vmha-site-replication`).
-pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool) -> Result<ExitCode> {
+pub async fn configure(
+    vc: &str,
+    every: Option<u64>,
+    stale_after: Option<u64>,
+    maps: &[String],
+    off: bool,
+) -> Result<ExitCode> {
     validate_name("virtual cluster name", vc)?;
     let c = read_all().await?;
     if c.view.binding_of(vc).is_none() {
@@ -456,8 +462,8 @@ pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool)
     }
     let id = format!("{REPLICATE_PREFIX}{vc}");
     if off {
-        if !maps.is_empty() || every.is_some() {
-            bail!("--off takes no --every or --map");
+        if !maps.is_empty() || every.is_some() || stale_after.is_some() {
+            bail!("--off takes no --every, --stale-after or --map");
         }
         c.cib
             .delete(
@@ -493,6 +499,7 @@ pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool)
     }
     let value = ReplicationSetting {
         every_secs: every,
+        stale_secs: stale_after,
         storage,
     }
     .value();
@@ -516,7 +523,8 @@ pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool)
         .await
         .with_context(|| format!("storing the replication setting of {vc}"))?;
     println!(
-        "replication of {vc} by vmhad: every {every} s while this site holds its ticket ({})",
+        "replication of {vc} by vmhad: every {every} s while this site holds its ticket, stale after {} s without a round that succeeded ({})",
+        setting.stale_after_secs(),
         setting.maps().join(" ")
     );
     Ok(ExitCode::SUCCESS)
@@ -526,9 +534,6 @@ pub async fn configure(vc: &str, every: Option<u64>, maps: &[String], off: bool)
 const FOLLOW_TICK: Duration = Duration::from_secs(1);
 /// The longest a round run by vmhad may copy.
 const SERVICE_WAIT: Duration = Duration::from_secs(3600);
-
-/// How many periods without a successful round make a virtual cluster's replica stale.
-pub const STALE_PERIODS: u64 = 3;
 
 /// One virtual cluster's replication as vmhad's service sees it: since when no round has succeeded (or
 /// since the service began to follow it here), and whether that was reported as stale.
@@ -541,7 +546,7 @@ pub struct Freshness {
 /// A change of a [`Freshness`] to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// No round succeeded for [`STALE_PERIODS`] periods: the peer's copies grow old.
+    /// No round succeeded for the setting's stale limit: the peer's copies grow old.
     Stale { for_secs: u64 },
     /// A round succeeded after the replica was reported stale.
     Current { after_secs: u64 },
@@ -555,11 +560,11 @@ impl Freshness {
         }
     }
 
-    /// At `now`, for a setting of one round every `every_secs`: stale (reported once) when no round
-    /// succeeded for [`STALE_PERIODS`] periods.
-    pub fn check(&mut self, now: Instant, every_secs: u64) -> Option<Change> {
+    /// At `now`: stale (reported once) when no round succeeded for `limit_secs` (the setting's
+    /// [`ReplicationSetting::stale_after_secs`]).
+    pub fn check(&mut self, now: Instant, limit_secs: u64) -> Option<Change> {
         let for_secs = now.saturating_duration_since(self.since).as_secs();
-        if self.stale || for_secs < every_secs.saturating_mul(STALE_PERIODS) {
+        if self.stale || for_secs < limit_secs {
             return None;
         }
         self.stale = true;
@@ -588,7 +593,8 @@ enum Ended {
 /// virtual cluster at a time. A round that finds the ticket elsewhere does nothing (the other site's
 /// vmhad replicates towards here if it is set to). Outcomes go to vmhad's log and out as the D-Bus signal
 /// `Event`: `replication` (a round copied), `replication-failed`, and `replica-stale` once no round
-/// succeeded for [`STALE_PERIODS`] periods (then `replica-current` when one does again); the copies' age
+/// succeeded for the setting's stale limit (3 periods unless `stale=SECS`; then `replica-current` when
+/// one does again); the copies' age
 /// shows in `vmha site status`. Ends only with vmhad.
 pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Connection) {
     let state = shared.subscribe();
@@ -632,8 +638,8 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Co
             let parsed = validate_name("virtual cluster name", vc)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| Ok(ReplicationSetting::parse(vc, raw)?))
-                .and_then(|s| Ok((Maps::parse(&s.maps(), None)?, s.every_secs)));
-            let (maps, every) = match parsed {
+                .and_then(|s| Ok((Maps::parse(&s.maps(), None)?, s.every_secs, s.stale_after_secs())));
+            let (maps, every, stale_after) = match parsed {
                 Ok(x) => {
                     refused.remove(vc);
                     x
@@ -649,9 +655,9 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Co
             let f = fresh
                 .entry(vc.clone())
                 .or_insert_with(|| Freshness::new(Instant::now()));
-            if let Some(Change::Stale { for_secs }) = f.check(Instant::now(), every) {
+            if let Some(Change::Stale { for_secs }) = f.check(Instant::now(), stale_after) {
                 let message = format!(
-                    "replica stale: no replication round succeeded for {for_secs} s (one every {every} s is set); the peer site's copies are at least that old, and a failover there loses what was written since"
+                    "replica stale: no replication round succeeded for {for_secs} s (one every {every} s is set, stale after {stale_after} s); the peer site's copies are at least that old, and a failover there loses what was written since"
                 );
                 tracing::warn!(vcluster = %printable(vc), "{message}");
                 crate::signals::event(&conn, "replica-stale", vc, &message).await;
@@ -710,22 +716,34 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Co
 mod tests {
     use super::*;
 
-    /// Scenario: rounds every 10 s; the stale report comes once, at three periods without a success, and
-    /// the next success reports the replica current again, once.
+    /// Scenario: rounds every 10 s, stale after 30 s (the default of 3 periods); the stale report comes
+    /// once, at 30 s without a success, and the next success reports the replica current again, once.
     #[test]
-    fn a_replica_is_stale_after_three_periods_without_a_success_and_current_after_the_next() {
+    fn a_replica_is_stale_after_its_limit_without_a_success_and_current_after_the_next() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
+        let limit = ReplicationSetting::parse("shop", "every=10 storage=/a:/b")
+            .unwrap()
+            .stale_after_secs();
+        assert_eq!(limit, 30);
         let mut f = Freshness::new(t0);
-        assert_eq!(f.check(at(29), 10), None, "not yet: under three periods");
+        assert_eq!(f.check(at(29), limit), None, "not yet: under three periods");
         assert_eq!(f.current(at(25)), None, "a success before: nothing to report");
-        assert_eq!(f.check(at(54), 10), None, "counted from the last success");
-        assert_eq!(f.check(at(55), 10), Some(Change::Stale { for_secs: 30 }));
-        assert_eq!(f.check(at(90), 10), None, "reported once");
+        assert_eq!(f.check(at(54), limit), None, "counted from the last success");
+        assert_eq!(f.check(at(55), limit), Some(Change::Stale { for_secs: 30 }));
+        assert_eq!(f.check(at(90), limit), None, "reported once");
         assert_eq!(f.current(at(95)), Some(Change::Current { after_secs: 70 }));
         assert_eq!(f.current(at(96)), None, "once");
-        assert_eq!(f.check(at(125), 10), None);
-        assert_eq!(f.check(at(126), 10), Some(Change::Stale { for_secs: 30 }), "and again");
+        assert_eq!(f.check(at(125), limit), None);
+        assert_eq!(
+            f.check(at(126), limit),
+            Some(Change::Stale { for_secs: 30 }),
+            "and again"
+        );
+        // A limit of its own (stale=120): not at three periods.
+        let mut g = Freshness::new(t0);
+        assert_eq!(g.check(at(119), 120), None);
+        assert_eq!(g.check(at(120), 120), Some(Change::Stale { for_secs: 120 }));
         // The longest setting does not overflow.
         assert_eq!(Freshness::new(t0).check(at(1), u64::MAX), None);
     }

@@ -527,6 +527,10 @@ fn site_switchover_and_failover_with_booth() {
             "only storage=/HERE:/PEER",
         ),
         (vec!["--every", "5", "--map", "storage=relative:/x"], "storage"),
+        (
+            vec!["--every", "5", "--stale-after", "4", "--map", storage_ab.as_str()],
+            "must be one period (every=5) to 604800",
+        ),
     ] {
         let mut all = vec!["site", "replication", VC];
         all.extend(args.iter().copied());
@@ -550,7 +554,21 @@ fn site_switchover_and_failover_with_booth() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    vmha_long_ok(a, 1, &["site", "replication", VC, "--every", "5", "--map", &storage_ab]);
+    vmha_long_ok(
+        a,
+        1,
+        &[
+            "site",
+            "replication",
+            VC,
+            "--every",
+            "5",
+            "--stale-after",
+            "10",
+            "--map",
+            &storage_ab,
+        ],
+    );
     // B's copy gets a point after the write within two periods or so, by vmhad alone.
     let t = Instant::now();
     let age = wait_for("a replication round by vmhad", Duration::from_secs(60), POLL, || {
@@ -587,8 +605,8 @@ fn site_switchover_and_failover_with_booth() {
     );
     println!("vmha watch on A's DC: {told}");
     // Rounds that fail: B's image of the second VM moved aside and a directory in its place, so every
-    // round's rename onto it fails. Each failure is an event, and after 3 periods (15 s) without a
-    // round that succeeded, `replica-stale` once; the failed rounds leave no partial copy at B. Then the
+    // round's rename onto it fails. Each failure is an event, and after 10 s (`--stale-after 10`) without
+    // a round that succeeded, `replica-stale` once; the failed rounds leave no partial copy at B. Then the
     // image back: the next round succeeds and `replica-current` says so.
     let b_image = b.cfg.shared_dir().join(format!("{VM2}.img"));
     let aside = b.cfg.shared_dir().join(format!("{VM2}.img.aside"));
@@ -607,9 +625,11 @@ fn site_switchover_and_failover_with_booth() {
     let (at, stale) = watched("replica-stale", &format!(" replica-stale {VC} replica stale: "), at, 60);
     let stale_after = broken.elapsed().as_secs_f64();
     println!("vmha watch on A's DC, {stale_after:.1} s after the rounds began to fail: {stale}");
+    assert!(stale.contains("stale after 10 s"), "{stale}");
+    // The count runs from the last round that succeeded, at most a period (and a round) before.
     assert!(
-        stale_after >= 9.0,
-        "stale after {stale_after:.1} s: sooner than 3 periods of 5 s allow"
+        stale_after >= 4.0,
+        "stale {stale_after:.1} s after the rounds began to fail: sooner than the limit allows"
     );
     let partials: Vec<String> = std::fs::read_dir(b.cfg.shared_dir())
         .unwrap()
@@ -633,7 +653,7 @@ fn site_switchover_and_failover_with_booth() {
     let _ = watch.wait();
     let status_a = vmha_long_ok(a, 1, &["site", "status"]);
     assert!(
-        status_a.contains(&format!("replication of {VC} by vmhad: every=5 storage="))
+        status_a.contains(&format!("replication of {VC} by vmhad: every=5 stale=10 storage="))
             && status_a.contains("; the peer's copies as of"),
         "{status_a}"
     );
