@@ -329,10 +329,20 @@ impl StorageSweep {
         let wanted: BTreeMap<&str, &str> = vms.iter().map(|(vm, c)| (vm.as_str(), c.as_str())).collect();
         self.looks
             .retain(|vm, l| wanted.get(vm.as_str()).is_some_and(|c| *c == l.config));
-        let mut due: Vec<&(String, String)> = vms.iter().collect();
-        // Never looked at first (in the view's order), then the oldest looks.
-        due.sort_by_key(|(vm, _)| self.looks.get(vm).map(|l| l.at));
-        due.truncate(VMS_PER_REPORT);
+        // Never looked at first (in the view's order), then the oldest looks: each VM's key read once, and
+        // only the VMs due sorted (with thousands of VMs, a sort of all of them by lookups in `looks` cost
+        // more than the looks).
+        let mut keyed: Vec<(Option<Instant>, usize)> = vms
+            .iter()
+            .enumerate()
+            .map(|(i, (vm, _))| (self.looks.get(vm).map(|l| l.at), i))
+            .collect();
+        if keyed.len() > VMS_PER_REPORT {
+            keyed.select_nth_unstable(VMS_PER_REPORT);
+            keyed.truncate(VMS_PER_REPORT);
+        }
+        keyed.sort_unstable();
+        let due: Vec<&(String, String)> = keyed.iter().map(|&(_, i)| &vms[i]).collect();
         for batch in due.chunks(LOOKS_AT_ONCE) {
             let found = futures_util::future::join_all(batch.iter().map(|(_, config)| look(config.clone()))).await;
             for ((vm, config), found) in batch.iter().zip(found) {
