@@ -631,14 +631,30 @@ fn site_switchover_and_failover_with_booth() {
         stale_after >= 4.0,
         "stale {stale_after:.1} s after the rounds began to fail: sooner than the limit allows"
     );
+    // Each failed round's event names its partial copy (`.IMAGE.ROUND.vmha-replica`) and comes after the
+    // round removed its copies; a round running now has partial copies of its own, with another id.
+    let failed_rounds: Vec<String> = std::fs::read_to_string(&watch_log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!(" replication-failed {VC} ")))
+        .filter_map(|l| {
+            let after = l.split(&format!(".{VM2}.img.")).nth(1)?;
+            Some(after.split(".vmha-replica").next()?.to_string())
+        })
+        .collect();
+    assert!(!failed_rounds.is_empty(), "no failed round named its copy");
     let partials: Vec<String> = std::fs::read_dir(b.cfg.shared_dir())
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".vmha-replica"))
+        .filter(|n| n.ends_with(".vmha-replica") && failed_rounds.iter().any(|id| n.contains(id.as_str())))
         .collect();
     assert!(
         partials.is_empty(),
-        "failed rounds left partial copies at B: {partials:?}"
+        "failed rounds ({failed_rounds:?}) left partial copies at B: {partials:?}"
+    );
+    println!(
+        "{} failed round(s), no partial copy of theirs left at B",
+        failed_rounds.len()
     );
     std::fs::remove_dir_all(&b_image).unwrap();
     std::fs::rename(&aside, &b_image).unwrap();
