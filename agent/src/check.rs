@@ -658,9 +658,12 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
         );
     }
     let hosts: Vec<&str> = reports.iter().map(|r| r.report.host.as_str()).collect();
+    // Reports that count what they looked at list only what a host does not see; an older vmhad's list
+    // every path it needs (the first 256).
+    if vms.map_or(paths.is_empty(), |n| n == 0) {
+        return green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", ")));
+    }
     match vms {
-        // Reports that count what they looked at (they list only what a host does not see).
-        Some(0) => green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", "))),
         Some(vms) => green(
             ITEM,
             format!(
@@ -674,8 +677,6 @@ fn storage(reports: &[ReceivedReport], members: &[String]) -> Finding {
                 oldest_ms.div_ceil(1000)
             ),
         ),
-        // Reports of an older vmhad, which lists the paths it sees too (the first 256).
-        None if paths.is_empty() => green(ITEM, format!("no managed VM needs files (hosts: {})", hosts.join(", "))),
         None => green(
             ITEM,
             format!(
