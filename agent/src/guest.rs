@@ -846,6 +846,7 @@ mod tests {
                 }],
                 vclusters: Default::default(),
                 groups: vec![],
+                policy_fingerprint: None,
             }),
             ..Snapshot::default()
         }

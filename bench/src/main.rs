@@ -167,6 +167,13 @@ enum Cmd {
         /// Also write the report (markdown) to this file.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// vmhad's log filter in every host (`RUST_LOG` in /etc/default/vmhad, e.g.
+        /// `info,vmha_pacemaker=debug`), for finding where its time goes; the default is the shipped one.
+        #[arg(long)]
+        vmhad_log: Option<String>,
+        /// Copy every host's daemon logs (vmhad's included) into this directory before the lab goes down.
+        #[arg(long)]
+        logs: Option<PathBuf>,
     },
     /// `vmha what-if --n-plus-one` on a generated file-backed CIB (32 hosts, 2000 VMs; no lab), sides alternating.
     Whatif(whatif::WhatifArgs),
@@ -282,13 +289,24 @@ fn main() -> ExitCode {
             quick,
             lab,
             out,
+            vmhad_log,
+            logs,
         } => {
             let (hosts, vms, changes, runs) = if quick {
                 (8, 200, 10, 2)
             } else {
                 (hosts, vms, changes, runs)
             };
-            scale::run(hosts, vms, changes, runs, &lab.config("bscale", "10.213.20"), out)
+            let diag = scale::Diagnostics { vmhad_log, logs };
+            scale::run(
+                hosts,
+                vms,
+                changes,
+                runs,
+                &lab.config("bscale", "10.213.20"),
+                out,
+                &diag,
+            )
         }
         Cmd::Memory {
             jobs,

@@ -398,31 +398,88 @@ fn wait_quiet(lab: &Lab, quiet: Duration, limit: Duration) -> Result<()> {
     )
 }
 
-pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, out: Option<PathBuf>) -> Result<()> {
+/// What the bench can leave behind for finding where vmhad's time goes (no figure depends on them).
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    /// vmhad's `RUST_LOG` in every host.
+    pub vmhad_log: Option<String>,
+    /// Where every host's daemon logs are copied before the lab goes down.
+    pub logs: Option<PathBuf>,
+}
+
+pub fn run(
+    hosts: u8,
+    vms: usize,
+    changes: usize,
+    runs: usize,
+    cfg: &LabConfig,
+    out: Option<PathBuf>,
+    diag: &Diagnostics,
+) -> Result<()> {
     vmha_lab::init_logging();
     if hosts < 3 || changes == 0 || runs == 0 {
         bail!("--hosts must be at least 3, --changes and --runs at least 1");
     }
     let run = Run::start(&cfg.shared_dir());
     let lab = crate::lab_with_vmhad(cfg)?;
-    wait_seen(&lab, 3, 0, Duration::from_secs(60))?;
+    if let Some(filter) = &diag.vmhad_log {
+        for n in lab.cfg.host_numbers() {
+            lab.stop_vmhad(n)?;
+            lab.exec_ok(
+                n,
+                &[
+                    "sh",
+                    "-c",
+                    r#"printf 'RUST_LOG=%s\n' "$1" >> /etc/default/vmhad"#,
+                    "sh",
+                    filter,
+                ],
+            )?;
+            lab.start_vmhad(n)?;
+        }
+    }
+    let result = measure(&lab, hosts, vms, changes, runs, run, out);
+    if let Some(dir) = &diag.logs {
+        match lab.collect_logs(dir) {
+            Ok(d) => eprintln!("daemon logs in {}", d.display()),
+            Err(e) => eprintln!("collecting the daemon logs: {e:#}"),
+        }
+    }
+    drop(lab);
+    result
+}
+
+fn measure(
+    lab: &Lab,
+    hosts: u8,
+    vms: usize,
+    changes: usize,
+    runs: usize,
+    run: Run,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    wait_seen(lab, 3, 0, Duration::from_secs(60))?;
     std::thread::sleep(Duration::from_secs(5));
-    let fresh: Vec<(u32, f64, f64)> = usage_all(&lab)?;
+    let fresh: Vec<(u32, f64, f64)> = usage_all(lab)?;
 
     let t0 = Instant::now();
-    grow(&lab, hosts, vms)?;
+    grow(lab, hosts, vms)?;
     let grow_s = t0.elapsed().as_secs_f64();
-    let seen_s = wait_seen(&lab, hosts as usize, vms, Duration::from_secs(900))?;
+    let seen_s = wait_seen(lab, hosts as usize, vms, Duration::from_secs(900))?;
     // Pacemaker probes every new resource on every online host; the CIB settles when the probes are done.
     let t1 = Instant::now();
-    let settled = wait_quiet(&lab, Duration::from_secs(10), Duration::from_secs(1800));
+    let settled = wait_quiet(lab, Duration::from_secs(10), Duration::from_secs(1800));
     let settle_s = t1.elapsed().as_secs_f64();
     settled?;
-    wait_seen(&lab, hosts as usize, vms, Duration::from_secs(120))?;
-    let (unclean, pending, history) = fencing_facts(&lab)?;
-    let big: Vec<(u32, f64, f64)> = usage_all(&lab)?;
+    wait_seen(lab, hosts as usize, vms, Duration::from_secs(120))?;
+    let (unclean, pending, history) = fencing_facts(lab)?;
+    let big: Vec<(u32, f64, f64)> = usage_all(lab)?;
 
-    // Changes, timed inside host 1.
+    // Changes, timed inside host 1. Whether host 1 is the DC matters: the DC's vmhad has work of its
+    // own (utilization, free capacity).
+    let dc_of = |s: vmha_api::json::Status| s.cluster.designated_controller.unwrap_or_default();
+    let dc_before = dc_of(status(lab, 1)?);
+    let cpu_before: Vec<(u32, f64, f64)> = usage_all(lab)?;
     let me = std::env::current_exe()?;
     let me = me.to_str().ok_or_else(|| anyhow!("non-UTF-8 path"))?;
     let pid = big[0].0.to_string();
@@ -436,6 +493,8 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         bail!("cib-changes: {}", String::from_utf8_lossy(&o.stderr).trim());
     }
     let ch: Changes = serde_json::from_slice(&o.stdout)?;
+    let cpu_after: Vec<(u32, f64, f64)> = usage_all(lab)?;
+    let dc_after = dc_of(status(lab, 1)?);
 
     // The CLI.
     let policy = lab.cfg.shared_dir().join("bench-policy.json");
@@ -462,17 +521,17 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         "the DC to be idle",
         Duration::from_secs(900),
         Duration::from_millis(500),
-        || vmha_e2e::dc_idle(&lab, 1).then_some(()),
+        || vmha_e2e::dc_idle(lab, 1).then_some(()),
     )?;
-    wait_quiet(&lab, Duration::from_secs(5), Duration::from_secs(600))?;
+    wait_quiet(lab, Duration::from_secs(5), Duration::from_secs(600))?;
     let idle_wait_s = t_idle.elapsed().as_secs_f64();
-    let (st, st_rc) = time_cli(&lab, "vmha status", "vmha status", runs)?;
-    let (wi, wi_rc) = time_cli(&lab, "vmha what-if --n-plus-one", "vmha what-if --n-plus-one", runs)?;
-    let (pa, pa_rc) = time_cli(&lab, "vmha policy apply --dry-run", "vmha policy apply --dry-run", runs)?;
-    let after: Vec<(u32, f64, f64)> = usage_all(&lab)?;
+    let (st, st_rc) = time_cli(lab, "vmha status", "vmha status", runs)?;
+    let (wi, wi_rc) = time_cli(lab, "vmha what-if --n-plus-one", "vmha what-if --n-plus-one", runs)?;
+    let (pa, pa_rc) = time_cli(lab, "vmha policy apply --dry-run", "vmha policy apply --dry-run", runs)?;
+    let after: Vec<(u32, f64, f64)> = usage_all(lab)?;
     // At rest: once the CIB has not changed for 15 s (vmhad gives freed memory back after 10 s of quiet).
-    wait_quiet(&lab, Duration::from_secs(15), Duration::from_secs(600))?;
-    let rested: Vec<(u32, f64, f64)> = usage_all(&lab)?;
+    wait_quiet(lab, Duration::from_secs(15), Duration::from_secs(600))?;
+    let rested: Vec<(u32, f64, f64)> = usage_all(lab)?;
 
     let mut r = String::new();
     let _ = writeln!(
@@ -513,8 +572,24 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
          at its idle rate (measured over {:.0} s of quiet right before the changes) over as long, divided by \
          {changes} (clock ticks of 10 ms: only the mean means anything), and the same divided by every CIB update the bench's \
          own subscription was notified of in that window (vmhad handles each one, whoever wrote it). RSS: VmRSS of /proc/<pid>/status. CLI: `vmha-bench measure` around the process in host 1 \
-         ({runs} runs each, output discarded). No figure comes from vmhad itself.\n",
-        ch.idle_ms / 1000.0
+         ({runs} runs each, output discarded). No figure comes from vmhad itself.\n\n\
+         The DC (Pacemaker's designated controller, as host 1's vmhad showed it) before the changes: **{}**, \
+         after them: **{}**; the measured host is {}. Every host's vmhad's CPU over the quiet span and the \
+         changes together (utime + stime from outside the hosts, ms; hosts 1, 2, 3): {}.\n",
+        ch.idle_ms / 1000.0,
+        if dc_before.is_empty() { "none" } else { &dc_before },
+        if dc_after.is_empty() { "none" } else { &dc_after },
+        lab.cfg.host_name(1),
+        cpu_before
+            .iter()
+            .zip(&cpu_after)
+            .map(|(b, a)| if a.0 == b.0 {
+                format!("{:.0}", a.2 - b.2)
+            } else {
+                "(restarted)".into()
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
     );
     let idle_rate = if ch.idle_ms > 0.0 {
         ch.idle_cpu_ms / ch.idle_ms
@@ -632,7 +707,6 @@ pub fn run(hosts: u8, vms: usize, changes: usize, runs: usize, cfg: &LabConfig, 
         &format!("Scale: vmhad and the CLI with {hosts} hosts and {vms} VMs in the CIB"),
         &r,
     );
-    drop(lab);
     crate::report::emit(&report, out.as_deref())
 }
 

@@ -107,6 +107,10 @@ pub struct ClusterView {
     /// The elastic groups of the stored placement policy, as `vmha group list` lists them (none without a
     /// stored policy, or when it does not read).
     pub groups: Vec<Elastic>,
+    /// A fingerprint of the stored placement policy's text (cluster property `vmha-policy`); `None`
+    /// without one. What follows the policy (its time bounds) reads the CIB again only when this changed,
+    /// not on every change of the configuration.
+    pub policy_fingerprint: Option<u64>,
 }
 
 /// The virtual clusters of a `<tags>` section: each `<tag>`'s id -> the ids of its `<obj_ref>`s, in order.
@@ -275,6 +279,8 @@ pub struct CibParts {
     tags: BTreeMap<String, Vec<String>>,
     /// The elastic groups of the policy stored in `crm_config`.
     groups: Vec<Elastic>,
+    /// [`ClusterView::policy_fingerprint`], computed when `crm_config` is read.
+    policy_fingerprint: Option<u64>,
 }
 
 /// What changed in a CIB since it was last read, part by part (see [`CibParts`]): each part as XML text,
@@ -417,6 +423,7 @@ impl CibParts {
         let mut parts = CibParts::default();
         parts.set_root(cib);
         parts.crm_config = crm_config_of(child(configuration, "crm_config"));
+        parts.policy_fingerprint = policy_fingerprint(&parts.crm_config);
         parts.groups = groups_of(child(configuration, "crm_config"));
         parts.tags = child(configuration, "tags").map(tags_of).unwrap_or_default();
         parts.nodes = parse_nodes(child(configuration, "nodes"));
@@ -526,7 +533,10 @@ impl CibParts {
         self.set_root(root.root_element());
         for s in next {
             match s {
-                Section::CrmConfig(c, g) => (self.crm_config, self.groups) = (c, g),
+                Section::CrmConfig(c, g) => {
+                    self.policy_fingerprint = policy_fingerprint(&c);
+                    (self.crm_config, self.groups) = (c, g);
+                }
                 Section::Tags(t) => self.tags = t,
                 Section::Nodes(n, z) => (self.nodes, self.zoned_nodes) = (n, z),
                 Section::Constraints(c) => self.constraints = c,
@@ -711,6 +721,7 @@ impl CibParts {
             vms,
             vclusters: self.tags.clone(),
             groups: self.groups.clone(),
+            policy_fingerprint: self.policy_fingerprint,
         }
     }
 }
@@ -733,6 +744,15 @@ impl CloneIds for Vec<(Option<String>, Vec<Prim>)> {
     fn clone_ids(&self) -> Vec<Option<String>> {
         self.iter().map(|(id, _)| id.clone()).collect()
     }
+}
+
+/// A fingerprint of the stored policy's text in `crm_config`'s properties (stable within one process).
+fn policy_fingerprint(crm_config: &BTreeMap<String, String>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let text = crm_config.get(crate::policy::STORE_NAME)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    Some(h.finish())
 }
 
 fn crm_config_of(node: Option<Node>) -> BTreeMap<String, String> {

@@ -118,7 +118,10 @@ fn attribute_name(edge: &Edge) -> String {
 /// ones. `last`: the local time of the previous look.
 pub async fn look(p: &Ports, now: LocalTime, last: Option<i64>, rule: DrainRule) -> Result<Looked, OpError> {
     let snap = p.cluster.snapshot();
-    if snap.dc() != Some(p.cluster.local_host()) {
+    // Not the DC, or no policy stored (as the CIB last followed says): nothing to drain, and no read of
+    // the whole CIB.
+    let no_policy = snap.view.as_ref().is_some_and(|v| v.policy_fingerprint.is_none());
+    if snap.dc() != Some(p.cluster.local_host()) || no_policy {
         return Ok(Looked {
             next_in: Some(LOOK_EVERY),
             ..Looked::default()
@@ -220,15 +223,17 @@ async fn drain_edge(
 }
 
 /// Follows the clock in the vmhad: looks at it at each lead's start and at least every 30 s (a clock
-/// step is seen within that), on the DC only ([`look`]). The CIB is read again only when its
-/// configuration changed, the clock reached the next lead or stepped back since the last read.
+/// step is seen within that), on the DC only ([`look`]). The CIB is read again only when the stored
+/// policy changed (not any other change of the configuration: on a large cluster a whole read per
+/// change was most of the DC's vmhad's work), this host became the DC, the clock reached the next lead
+/// or stepped back since the last read.
 pub async fn follow(p: Ports, clock: Arc<dyn LocalClock>, rule: DrainRule) {
     let mut last: Option<i64> = None;
-    // (configuration version, local time of the next lead) as of the last read of the CIB.
-    let mut known: Option<(Option<String>, i64)> = None;
+    // (the stored policy, local time of the next lead) as of the last read of the CIB.
+    let mut known: Option<(Option<Option<u64>>, i64)> = None;
     loop {
         let now = clock.now();
-        let version = config_version(&p);
+        let version = policy_key(&p);
         let quiet = known.as_ref().and_then(|(v, next)| {
             let same = *v == version && version.is_some();
             let ahead = next.saturating_sub(now.local());
@@ -259,13 +264,13 @@ pub async fn follow(p: Ports, clock: Arc<dyn LocalClock>, rule: DrainRule) {
     }
 }
 
-/// `admin_epoch.epoch` of the CIB vmhad follows (what changes when the configuration does); `None`
-/// when not the DC or not known, so that the next look reads the CIB.
-fn config_version(p: &Ports) -> Option<String> {
+/// The stored policy as the CIB vmhad follows has it ([`vmha_model::ClusterView::policy_fingerprint`]:
+/// `Some(None)` when there is none); `None` when not the DC or not known, so that the next look reads
+/// the CIB.
+fn policy_key(p: &Ports) -> Option<Option<u64>> {
     let snap = p.cluster.snapshot();
     if snap.dc() != Some(p.cluster.local_host()) {
         return None;
     }
-    let v = &snap.view.as_ref()?.version;
-    Some(v.rsplit_once('.').map_or(v.clone(), |(a, _)| a.to_string()))
+    Some(snap.view.as_ref()?.policy_fingerprint)
 }

@@ -186,6 +186,7 @@ mod tests {
                 vms,
                 vclusters: Default::default(),
                 groups: Vec::new(),
+                policy_fingerprint: None,
             }),
             membership: None,
             cib_connected: true,

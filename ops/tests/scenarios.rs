@@ -726,6 +726,67 @@ async fn the_dcs_follower_drains_a_window_once_in_its_lead() {
     }
 }
 
+/// A whole read of the CIB per configuration change was most of a 2000-VM DC's vmhad's CPU (the scale
+/// bench): the DC's follower reads the CIB when the stored policy changed or a lead comes, never because
+/// something else in the configuration changed, and not at all while no policy is stored.
+#[tokio::test(start_paused = true)]
+async fn the_dcs_follower_reads_the_cib_only_for_the_policy() {
+    use std::time::Duration;
+    let ten_minutes = |w: Arc<World>, tag: &'static str| async move {
+        for i in 0..60 {
+            w.add_vm(&format!("{tag}{i}"), "h2", 64, &[]);
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    };
+    let clock = |start| {
+        Arc::new(VirtualClock {
+            start,
+            at: tokio::time::Instant::now(),
+        })
+    };
+    // No policy: sixty configuration changes over ten minutes, no read.
+    let w = World::new(&["h1", "h2"]);
+    let follow = tokio::spawn(vmha_ops::bounds::follow(
+        w.vmhad("h1"),
+        clock(local_at(0, 12, 0, 0)),
+        Default::default(),
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reads = w.calls_named("cib.query");
+    ten_minutes(w.clone(), "a").await;
+    assert_eq!(w.calls_named("cib.query"), reads, "no policy: no read of the CIB");
+    follow.abort();
+
+    // A policy with a time bound at 20:00, followed from noon: read once, then not for the changes.
+    let w = bound_world().await;
+    let follow = tokio::spawn(vmha_ops::bounds::follow(
+        w.vmhad("h1"),
+        clock(local_at(0, 12, 0, 0)),
+        Default::default(),
+    ));
+    let reads = w.calls_named("cib.query");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w.calls_named("cib.query"), reads + 1, "the first look reads the CIB");
+    ten_minutes(w.clone(), "b").await;
+    assert_eq!(w.calls_named("cib.query"), reads + 1, "other changes: no read");
+    // The policy changes (a second bound): read again within a look's period.
+    let policy = vmha_model::policy::Policy::from_json(
+        r#"{"groups": {"batch": {"members": ["batch1", "batch-1", "batch-2"], "template": "batch1", "min": 1, "max": 8,
+            "time_bounds": [{"max": 1, "from": "20:00", "to": "06:00"}, {"max": 2, "from": "07:00", "to": "08:00"}]}}}"#,
+    )
+    .unwrap();
+    let stored = w.calls_named("cib.query");
+    group::store_policy(&w.vmhad("h1"), &policy).await.unwrap();
+    let by_store = w.calls_named("cib.query") - stored;
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    assert_eq!(
+        w.calls_named("cib.query"),
+        stored + by_store + 1,
+        "the changed policy read once"
+    );
+    follow.abort();
+}
+
 const THREE_GROUPS: &str = r#"{"groups": {
     "web": {"members": ["web1"], "template": "web1", "min": 1, "max": 4, "priority": 50},
     "mid": {"members": ["mid1"], "template": "mid1", "min": 1, "max": 4, "priority": 10},

@@ -297,6 +297,11 @@ impl World {
         lock(&self.inner).calls
     }
 
+    /// How many calls named `call` (as the log names them: `cib.query`, ...) were made so far.
+    pub fn calls_named(&self, call: &str) -> u32 {
+        lock(&self.inner).named.get(call).copied().unwrap_or(0)
+    }
+
     /// The log: every change, guest request, fault and death, in order.
     pub fn log(&self) -> Vec<String> {
         lock(&self.inner).log.clone()
