@@ -1,7 +1,7 @@
 //! vmhad's main loop: follows the CIB (reconnecting when Pacemaker restarts), publishes every change on
 //! the bus, and owns utilization (host capacity from libvirt, VM needs from their definitions).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,7 +102,7 @@ const RECHECK_ALL: Duration = Duration::from_secs(300);
 /// checked against: a CIB change re-reads only the definitions of VMs whose entry changed, not all of them.
 #[derive(Debug, Default)]
 struct Checked {
-    vms: HashMap<String, (String, BTreeMap<String, String>)>,
+    vms: HashMap<String, (String, vmha_model::cib::Attrs)>,
     /// When every VM was last checked; `None`: never (or not as the DC).
     all_at: Option<std::time::Instant>,
 }

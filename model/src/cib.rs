@@ -78,11 +78,18 @@ pub struct VmView {
     pub target_role: Option<String>,
     /// `is-managed` is not false.
     pub managed: bool,
-    pub params: BTreeMap<String, String>,
-    pub meta: BTreeMap<String, String>,
-    pub utilization: BTreeMap<String, String>,
+    /// Instance attributes, meta attributes and utilization: shared with the parts the view was built
+    /// from ([`Attrs`]), so that building a view per CIB change does not copy them for every VM.
+    pub params: Attrs,
+    pub meta: Attrs,
+    pub utilization: Attrs,
     pub constraints: Vec<Constraint>,
 }
+
+/// A resource's name/value pairs of one kind (instance attributes, meta attributes, utilization). Shared:
+/// a view built per CIB change points at the ones its unchanged resources already had (cloned as a
+/// reference count, compared as a pointer first, dropped without freeing).
+pub type Attrs = std::sync::Arc<BTreeMap<String, String>>;
 
 /// The whole cluster as one CIB document describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -252,9 +259,9 @@ struct NodeStateInfo {
 struct Prim {
     name: String,
     agent: String,
-    params: BTreeMap<String, String>,
-    meta: BTreeMap<String, String>,
-    utilization: BTreeMap<String, String>,
+    params: Attrs,
+    meta: Attrs,
+    utilization: Attrs,
 }
 
 /// A CIB read part by part, so that a change re-reads only the parts it touched ([`CibParts::update`]) and
@@ -370,9 +377,9 @@ fn vm_primitives(top: Node) -> Vec<Prim> {
             Some(Prim {
                 name: p.attribute("id")?.to_string(),
                 agent: format!("{class}:{provider}:{kind}"),
-                params: nvpairs(p, "instance_attributes"),
-                meta: nvpairs(p, "meta_attributes"),
-                utilization: nvpairs(p, "utilization"),
+                params: Attrs::new(nvpairs(p, "instance_attributes")),
+                meta: Attrs::new(nvpairs(p, "meta_attributes")),
+                utilization: Attrs::new(nvpairs(p, "utilization")),
             })
         })
         .collect()
@@ -1166,6 +1173,45 @@ mod tests {
         assert!(v.vm("vm1").is_none());
         assert_eq!(v.host("n1").unwrap().state, HostState::Offline);
         assert_eq!(v.cluster_name, None);
+    }
+
+    /// A view built after a change shares the attributes of the VMs the change did not touch with the
+    /// view before it (no copy per VM and change), and has new ones where it did.
+    #[test]
+    fn views_share_the_attributes_of_untouched_vms() {
+        let nodes = [("1", "n1", UP, STARTED, "")];
+        let old = cib("1", "", &nodes);
+        let mut parts = CibParts::from_cib(&old).unwrap();
+        let before = parts.view();
+        let vm = |v: &ClusterView| v.vm("vm1").unwrap().clone();
+        // The status changes (the VM stops): its attributes are the same allocations.
+        let stopped = cib("1", "", &[("1", "n1", UP, PROBED_STOPPED, "")]);
+        let mut update = all_parts(&stopped);
+        update.sections.clear();
+        update.resources.clear();
+        parts.update(&update).unwrap();
+        let after = parts.view();
+        assert_ne!(vm(&before).state, vm(&after).state);
+        for (a, b) in [
+            (&vm(&before).params, &vm(&after).params),
+            (&vm(&before).meta, &vm(&after).meta),
+            (&vm(&before).utilization, &vm(&after).utilization),
+        ] {
+            assert!(std::sync::Arc::ptr_eq(a, b), "shared: {a:?}");
+        }
+        // Its primitive changes: new attributes, with the new value.
+        let grown = stopped.replace(r#"name="hv_memory" value="128""#, r#"name="hv_memory" value="256""#);
+        let mut update = all_parts(&grown);
+        update.sections.clear();
+        update.node_states.clear();
+        parts.update(&update).unwrap();
+        let grown_view = parts.view();
+        assert!(!std::sync::Arc::ptr_eq(
+            &vm(&after).utilization,
+            &vm(&grown_view).utilization
+        ));
+        assert_eq!(vm(&grown_view).utilization["hv_memory"], "256");
+        assert_eq!(grown_view, ClusterView::from_cib(&grown).unwrap());
     }
 
     #[test]

@@ -439,7 +439,7 @@ fn label_steps(policy: Option<&Policy>, copy: &Document, after: &ClusterView, vm
             VmOutcome::Moves { to, .. } | VmOutcome::Starts { to } => {
                 let room = fits(free.get(&to), &needs);
                 if let Some(f) = free.get_mut(&to) {
-                    for (k, need) in &needs {
+                    for (k, need) in needs.iter() {
                         if let Some(x) = f.get_mut(k) {
                             *x -= int(need);
                         }
@@ -606,7 +606,7 @@ fn predict_in(
         let Some(v) = after_view.vm(vm) else { continue };
         for zone in zones_of(host) {
             let Some(z) = by_zone.get_mut(&zone) else { continue };
-            for (k, need) in &v.utilization {
+            for (k, need) in v.utilization.iter() {
                 if let Some(free) = z.free.get_mut(k) {
                     *free -= int(need);
                 }

@@ -112,7 +112,7 @@ impl VmObject {
     #[zbus(property)]
     async fn utilization(&self) -> HashMap<String, String> {
         self.view()
-            .map(|v| v.utilization.into_iter().collect())
+            .map(|v| v.utilization.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default()
     }
 
