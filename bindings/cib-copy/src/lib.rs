@@ -301,8 +301,11 @@ impl Doc {
         // Creates and moves wait until every delete and modify is done; their targets are marked so that
         // they are found again wherever the other changes left them.
         let mut later: Vec<(roxmltree::Node, u32, i64)> = Vec::new();
-        // Marks are 0 outside of this function; 1, 2, ... within.
+        // Marks are 0 outside of this function; 1, 2, ... within. Where each mark was put: where it is
+        // looked for first (a whole walk of a 2000-VM copy per create was most of applying a diff), the
+        // whole document only when the changes since moved it.
         let mut marks = 0u32;
+        let mut marked_at: Vec<Vec<usize>> = Vec::new();
         for change in diff.children().filter(|n| n.is_element()) {
             let Some(op) = change.attribute("operation") else {
                 continue;
@@ -328,6 +331,7 @@ impl Doc {
                     if target.mark == 0 {
                         marks += 1;
                         target.mark = marks;
+                        marked_at.push(at.clone());
                     }
                     let mark = target.mark;
                     if op == "move" {
@@ -373,7 +377,7 @@ impl Doc {
         later.sort_by_key(|(_, _, position)| *position);
         for (change, mark, position) in later {
             let at = self
-                .find_mark(mark)
+                .find_mark(mark, &marked_at)
                 .ok_or("a create or move target was removed by the diff")?;
             let op = change.attribute("operation").unwrap_or("");
             if op == "create" {
@@ -420,7 +424,7 @@ impl Doc {
             }
         }
         for mark in 1..=marks {
-            if let Some(at) = self.find_mark(mark) {
+            if let Some(at) = self.find_mark(mark, &marked_at) {
                 if let Some(e) = self.element_mut(&at) {
                     e.mark = 0;
                 }
@@ -461,6 +465,18 @@ impl Doc {
     }
 
     /// The element at `at` (the root at `[]`); `None` when it is not an element.
+    fn element(&self, at: &[usize]) -> Option<&Element> {
+        let mut element = &self.root;
+        for &i in at {
+            match element.children.get(i)? {
+                Node::Element(e) => element = e,
+                _ => return None,
+            }
+        }
+        Some(element)
+    }
+
+    /// The element at `at` (the root at `[]`); `None` when it is not an element.
     fn element_mut(&mut self, at: &[usize]) -> Option<&mut Element> {
         let mut element = &mut self.root;
         for &i in at {
@@ -476,7 +492,21 @@ impl Doc {
         self.element_mut(at).map(|e| &mut e.children)
     }
 
-    fn find_mark(&self, mark: u32) -> Option<Vec<usize>> {
+    /// Where the element marked `mark` is: where it was marked (`marked_at[mark - 1]`) if it is still
+    /// there, else wherever a walk of the whole document finds it.
+    fn find_mark(&self, mark: u32, marked_at: &[Vec<usize>]) -> Option<Vec<usize>> {
+        let hint = usize::try_from(mark)
+            .ok()
+            .and_then(|m| marked_at.get(m.checked_sub(1)?));
+        if let Some(hint) = hint {
+            if self.element(hint).is_some_and(|e| e.mark == mark) {
+                return Some(hint.clone());
+            }
+        }
+        self.walk_to_mark(mark)
+    }
+
+    fn walk_to_mark(&self, mark: u32) -> Option<Vec<usize>> {
         fn walk(e: &Element, mark: u32, at: &mut Vec<usize>) -> bool {
             for (i, child) in e.children.iter().enumerate() {
                 if let Node::Element(c) = child {

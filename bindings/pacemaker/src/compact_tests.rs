@@ -253,6 +253,55 @@ fn versions_decide_whether_a_diff_applies() {
     assert!(pacemaker_apply(&behind, &diff).is_err());
 }
 
+/// Creates and moves are done after the deletes and modifies, at the elements they were marked on: found
+/// where they were marked when nothing moved them, and wherever they are when a later delete of an
+/// earlier sibling, or a move, shifted them. Both as Pacemaker applies the same diff.
+#[test]
+fn creates_find_their_targets_after_the_other_changes_moved_them() {
+    let base = cib(
+        1,
+        &format!("{}{}{}", vm("vm1", ""), vm("vm2", ""), vm("vm3", "")),
+        "",
+        "",
+    );
+    let wrap = |changes: &str| {
+        format!(
+            r#"<diff format="2"><version><source admin_epoch="0" epoch="1" num_updates="0"/><target admin_epoch="0" epoch="2" num_updates="0"/></version>{changes}</diff>"#
+        )
+    };
+    let create = |id: &str, name: &str| {
+        format!(
+            r#"<change operation="create" path="/cib/configuration/resources/primitive[@id='{id}']/meta_attributes[@id='{id}-m']" position="1"><nvpair id="{id}-m-{name}" name="{name}" value="1"/></change>"#
+        )
+    };
+    let delete_vm1 = r#"<change operation="delete" path="/cib/configuration/resources/primitive[@id='vm1']"/>"#;
+    let diffs = [
+        // In place.
+        wrap(&create("vm2", "a")),
+        // Two creates under one element, and one elsewhere.
+        wrap(&format!(
+            "{}{}{}",
+            create("vm2", "a"),
+            create("vm3", "b"),
+            create("vm2", "c")
+        )),
+        // vm2 and vm3 move up by one after they were marked.
+        wrap(&format!("{}{}{delete_vm1}", create("vm2", "a"), create("vm3", "b"))),
+        // A move ahead of a create's target.
+        wrap(&format!(
+            r#"{}<change operation="move" path="/cib/configuration/resources/primitive[@id='vm3']" position="0"/>"#,
+            create("vm1", "a")
+        )),
+    ];
+    for diff in &diffs {
+        let mut doc = Doc::parse(&base).unwrap();
+        assert_eq!(doc.apply(diff), Applied::Yes, "{diff}");
+        let theirs = pacemaker_apply(&base, diff).expect("Pacemaker applies it");
+        assert_eq!(shape(&doc.to_text()), shape(&theirs), "{diff}");
+        assert!(!doc.to_text().contains("mark"), "no mark left: {diff}");
+    }
+}
+
 /// Hostile and broken diffs: refused (or, where Pacemaker would apply them, applied), never a panic.
 #[test]
 fn hostile_diffs_are_refused_without_panic() {
