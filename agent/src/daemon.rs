@@ -65,12 +65,15 @@ async fn read_parts(shared: &Arc<Shared>, parts: &mut Option<CibParts>) -> Resul
 /// is lost, marks the state stale and reconnects with a growing delay (at most 5 s).
 pub async fn follow_cib(conn: Connection, shared: Arc<Shared>) {
     let mut delay = Duration::from_millis(200);
+    // Kept across reconnects: a CIB manager that restarted (Pacemaker restarts one it finds unresponsive)
+    // changed no VM's definition, and the entries are checked against the CIB's again anyway. A DC's vmhad
+    // that started over here read every VM's domain XML again (2000 files in the scale bench).
+    let mut checked = Checked::default();
     loop {
         match shared.backend.changes().await {
             Ok(mut changes) => {
                 tracing::info!("following the CIB");
                 delay = Duration::from_millis(200);
-                let mut checked = Checked::default();
                 let mut parts = None;
                 if let Some(zoned) = refresh(&conn, &shared, &mut parts).await {
                     reconcile_utilization(&shared, &mut checked).await;
