@@ -174,6 +174,10 @@ enum Cmd {
         /// Copy every host's daemon logs (vmhad's included) into this directory before the lab goes down.
         #[arg(long)]
         logs: Option<PathBuf>,
+        /// Leave the lab running at the end (to look at its vmhads; `vmha-lab --lab NAME down` tears it
+        /// down).
+        #[arg(long)]
+        keep: bool,
     },
     /// `vmha what-if --n-plus-one` on a generated file-backed CIB (32 hosts, 2000 VMs; no lab), sides alternating.
     Whatif(whatif::WhatifArgs),
@@ -291,13 +295,14 @@ fn main() -> ExitCode {
             out,
             vmhad_log,
             logs,
+            keep,
         } => {
             let (hosts, vms, changes, runs) = if quick {
                 (8, 200, 10, 2)
             } else {
                 (hosts, vms, changes, runs)
             };
-            let diag = scale::Diagnostics { vmhad_log, logs };
+            let diag = scale::Diagnostics { vmhad_log, logs, keep };
             scale::run(
                 hosts,
                 vms,

@@ -405,6 +405,8 @@ pub struct Diagnostics {
     pub vmhad_log: Option<String>,
     /// Where every host's daemon logs are copied before the lab goes down.
     pub logs: Option<PathBuf>,
+    /// Leave the lab running.
+    pub keep: bool,
 }
 
 pub fn run(
@@ -445,7 +447,12 @@ pub fn run(
             Err(e) => eprintln!("collecting the daemon logs: {e:#}"),
         }
     }
-    drop(lab);
+    if diag.keep {
+        eprintln!("lab {} left running", lab.cfg.name);
+        lab.release();
+    } else {
+        drop(lab);
+    }
     result
 }
 
