@@ -233,9 +233,9 @@ pub async fn follow(p: Ports, clock: Arc<dyn LocalClock>, rule: DrainRule) {
     let mut known: Option<(Option<Option<u64>>, i64)> = None;
     loop {
         let now = clock.now();
-        let version = policy_key(&p);
+        let policy = policy_key(&p);
         let quiet = known.as_ref().and_then(|(v, next)| {
-            let same = *v == version && version.is_some();
+            let same = *v == policy && policy.is_some();
             let ahead = next.saturating_sub(now.local());
             (same && ahead > 0 && last.is_none_or(|l| now.local() >= l)).then_some(ahead)
         });
@@ -246,7 +246,7 @@ pub async fn follow(p: Ports, clock: Arc<dyn LocalClock>, rule: DrainRule) {
                 Ok(l) => {
                     let next = l.next_in.unwrap_or(Duration::from_secs(86_400));
                     known = Some((
-                        version,
+                        policy,
                         now.local()
                             .saturating_add(i64::try_from(next.as_secs()).unwrap_or(i64::MAX)),
                     ));

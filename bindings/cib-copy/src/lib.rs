@@ -301,9 +301,9 @@ impl Doc {
         // Creates and moves wait until every delete and modify is done; their targets are marked so that
         // they are found again wherever the other changes left them.
         let mut later: Vec<(roxmltree::Node, u32, i64)> = Vec::new();
-        // Marks are 0 outside of this function; 1, 2, ... within. Where each mark was put: where it is
-        // looked for first (a whole walk of a 2000-VM copy per create was most of applying a diff), the
-        // whole document only when the changes since moved it.
+        // Marks are 0 outside of this function; 1, 2, ... within. Where each marked element is (for a
+        // move, after it was put last): where it is looked for first (a whole walk of a 2000-VM copy per
+        // create was most of applying a diff), the whole document only when later changes moved it.
         let mut marks = 0u32;
         let mut marked_at: Vec<Vec<usize>> = Vec::new();
         for change in diff.children().filter(|n| n.is_element()) {
@@ -342,6 +342,14 @@ impl Doc {
                         let siblings = self.children_mut(parent).ok_or("move: no parent")?;
                         let node = siblings.remove(index);
                         siblings.push(node);
+                        // Where it is looked for first: where it went, not where it was marked.
+                        let last = siblings.len() - 1;
+                        if let Some(hint) = usize::try_from(mark)
+                            .ok()
+                            .and_then(|m| marked_at.get_mut(m.checked_sub(1)?))
+                        {
+                            *hint = [parent, &[last][..]].concat();
+                        }
                     }
                     later.push((change, mark, change.attribute("position").map_or(-1, int_value)));
                 }
