@@ -273,11 +273,17 @@ mod tests {
             let t = std::thread::spawn(move || serve(guest, writer, &config));
             (host, t)
         };
-        let results = |host: &UnixStream| {
-            host.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        // The results on a session: the `expected` ones waited for up to 10 s each (a loaded machine may
+        // be slow to run the hook), then 300 ms more for any that should not be there.
+        let results = |host: &UnixStream, expected: usize| {
             let mut from_guest = BufReader::new(host.try_clone().unwrap());
             let mut got = Vec::new();
-            while let Ok(Line::Complete(l)) = read_line(&mut from_guest, MAX_LINE) {
+            loop {
+                let wait = if got.len() < expected { 10_000 } else { 300 };
+                host.set_read_timeout(Some(Duration::from_millis(wait))).unwrap();
+                let Ok(Line::Complete(l)) = read_line(&mut from_guest, MAX_LINE) else {
+                    break;
+                };
                 if let GuestMessage::Result { id, result, reason, .. } = parse_guest_line(&l).unwrap() {
                     got.push((id, result, reason));
                 }
@@ -302,17 +308,17 @@ mod tests {
         // Session 2 (the port reopened): a copy while the hook still runs: nothing either.
         let (mut host2, t2) = session(&config);
         host2.write_all(request.as_bytes()).unwrap();
-        assert_eq!(results(&host2), vec![], "no answer while the hooks run");
+        assert_eq!(results(&host2, 0), vec![], "no answer while the hooks run");
         std::fs::write(&gate, "").unwrap();
         // The one run answers once, on the session it came from.
-        let first = results(&host1);
+        let first = results(&host1, 1);
         assert_eq!(
             first,
             vec![("h1-r7".to_string(), Outcome::Refused, "not yet".to_string())]
         );
         // A copy after it ended: the same result again, no second run.
         host2.write_all(request.as_bytes()).unwrap();
-        assert_eq!(results(&host2), first);
+        assert_eq!(results(&host2, 1), first);
         assert_eq!(runs(), 1, "the hook ran once");
         for (host, t) in [(host1, t1), (host2, t2)] {
             host.shutdown(std::net::Shutdown::Both).unwrap();
