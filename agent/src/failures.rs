@@ -80,6 +80,13 @@ pub async fn report_vm_failures(shared: Arc<Shared>, uri: String) {
                         }
                     }
                 }
+                // Closing waits for libvirt (bounded by the watch's close timeout): not on this runtime
+                // thread, which serves everything else vmhad does.
+                match tokio::task::spawn_blocking(move || watch.close()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(%uri, "closing the libvirt event watch: {e}"),
+                    Err(e) => tracing::warn!("closing the libvirt event watch: {e}"),
+                }
             }
             Ok(Err(e)) => tracing::warn!(%uri, "watching libvirt: {e}"),
             Err(e) => tracing::warn!("libvirt watcher: {e}"),

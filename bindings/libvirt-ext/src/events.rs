@@ -6,18 +6,23 @@
 //! libvirt delivers events only from an event loop, and its default loop is one per process. This module:
 //!
 //! - registers libvirt's default event loop implementation once per process (`virEventRegisterDefaultImpl`), on the
-//!   first call to [`watch`]; nothing happens before that, so a process that never watches starts no thread;
-//! - runs that loop on one thread, `vmha-virt-loop`, shared by all live watches of the process. The thread starts with
-//!   the first watch and is stopped and joined when the last watch closes (a later watch starts a new one). Event
-//!   callbacks run on it and only push into an unbounded channel, so they never block the loop;
-//! - opens each watch's connection on a short-lived thread, `vmha-virt-open`, so that a hung libvirtd costs the
+//!   first call to [`watch`]; nothing happens before that;
+//! - lets the process's glib loop thread ([`LOOP_THREAD_NAME`], from `vmha-glib-loop`) run that loop. libvirt's
+//!   default implementation is glib's: its handles and timeouts are sources on glib's default main context, and
+//!   `virEventRunDefaultImpl` is one iteration of that context. libcib needs the same context iterated, and glib
+//!   lets one thread at a time do it, so one thread of the process does it for both (a loop thread of this
+//!   module's own would wait for ever for the context the CIB thread owns). The thread starts with the first watch
+//!   and lives as long as the process. Event callbacks run on it and only push into an unbounded channel, so they
+//!   never block it;
+//! - opens each watch's connection on a short-lived thread, [`OPEN_THREAD_NAME`], so that a hung libvirtd costs the
 //!   caller at most [`WatchOptions::open_timeout`];
-//! - tears each watch down (deregister, close) on the loop thread and waits for it at most
-//!   [`WatchOptions::close_timeout`]. A teardown against a hung libvirtd is bounded by the keepalive: libvirt closes
-//!   a connection whose peer misses `count` probes sent every `interval` seconds.
+//! - tears each watch down (deregister, close) on another short-lived thread, [`CLOSE_THREAD_NAME`], and waits for it
+//!   at most [`WatchOptions::close_timeout`]; never on the loop thread, whose other users a hung libvirtd would hold
+//!   up. A teardown against a hung libvirtd is bounded by the keepalive: libvirt closes a connection whose peer
+//!   misses `count` probes sent every `interval` seconds.
 //!
 //! Connections passed to libvirt's event machinery must be opened after the loop is registered, which [`watch`]
-//! guarantees. The process must not register another event loop implementation.
+//! guarantees. The process must not register another event loop implementation, nor call `virEventRunDefaultImpl`.
 //!
 //! # Reconnect contract
 //!
@@ -30,9 +35,9 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
-use std::sync::{mpsc, Mutex, OnceLock, PoisonError};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::sync::{mpsc, OnceLock};
+use std::thread;
+use std::time::Duration;
 
 use tokio::sync::mpsc::{self as channel, UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use virt::connect::Connect;
@@ -105,7 +110,7 @@ pub struct WatchOptions {
     pub keepalive: Option<KeepAlive>,
     /// How long opening the connection and registering the callbacks may take.
     pub open_timeout: Duration,
-    /// How long closing the watch may take, including stopping the loop thread when it is the last watch.
+    /// How long closing the watch (deregistering its callbacks and closing its connection) may take.
     pub close_timeout: Duration,
 }
 
@@ -117,21 +122,23 @@ pub struct KeepAlive {
     pub count: u32,
 }
 
-/// A live watch on one connection. Dropping it deregisters the callback, closes the connection and, when it is the
-/// last watch of the process, stops the event loop thread (see the module documentation for the time bounds).
+/// A live watch on one connection. Dropping it deregisters the callbacks and closes the connection (see the module
+/// documentation for the time bounds).
 pub struct EventWatch {
     uri: String,
     registration: Option<Registration>,
     items: UnboundedReceiver<WatchItem>,
-    event_loop: Option<LoopUser>,
     close_timeout: Duration,
 }
 
-/// Name of the thread that runs libvirt's default event loop.
-pub const LOOP_THREAD_NAME: &str = "vmha-virt-loop";
+/// Name of the thread that runs libvirt's default event loop: the process's glib loop thread.
+pub const LOOP_THREAD_NAME: &str = vmha_glib_loop::THREAD_NAME;
 
 /// Name of the short-lived threads that open a watch's connection.
 pub const OPEN_THREAD_NAME: &str = "vmha-virt-open";
+
+/// Name of the short-lived threads that close a watch's connection.
+pub const CLOSE_THREAD_NAME: &str = "vmha-virt-close";
 
 macro_rules! detail_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $raw:path,)+ }) => {
@@ -323,7 +330,7 @@ pub fn watch(uri: &str) -> Result<EventWatch, Error> {
 /// Watches lifecycle events of all domains on `uri`: starts the event loop thread if needed, opens the connection,
 /// sets the keepalive, and registers the lifecycle and close callbacks, all within `options.open_timeout`.
 pub fn watch_with(uri: &str, options: &WatchOptions) -> Result<EventWatch, Error> {
-    let event_loop = LoopUser::acquire(options.close_timeout)?;
+    start_event_loop()?;
     let (tx, items) = channel::unbounded_channel();
     let (opened_tx, opened) = mpsc::sync_channel(1);
     let (target, opts) = (uri.to_owned(), options.clone());
@@ -356,7 +363,6 @@ pub fn watch_with(uri: &str, options: &WatchOptions) -> Result<EventWatch, Error
         uri: uri.to_owned(),
         registration: Some(registration),
         items,
-        event_loop: Some(event_loop),
         close_timeout: options.close_timeout,
     })
 }
@@ -382,22 +388,17 @@ impl EventWatch {
         self.items.recv().await
     }
 
-    /// Closes the watch like dropping it does, but reports a teardown or loop shutdown that missed
-    /// `close_timeout` (the work then finishes in the background).
+    /// Closes the watch like dropping it does, but reports a teardown that missed `close_timeout` (the teardown then
+    /// finishes in the background).
     pub fn close(mut self) -> Result<(), Error> {
         self.shut_down()
     }
 
     fn shut_down(&mut self) -> Result<(), Error> {
-        let until = Instant::now() + self.close_timeout;
-        let mut outcome = Ok(());
-        if let (Some(registration), Some(event_loop)) = (self.registration.take(), self.event_loop.as_ref()) {
-            outcome = event_loop.tear_down(registration, until, self.close_timeout);
+        match self.registration.take() {
+            Some(registration) => tear_down(registration, self.close_timeout),
+            None => Ok(()),
         }
-        if let Some(event_loop) = self.event_loop.take() {
-            outcome = outcome.and(event_loop.release(until, self.close_timeout));
-        }
-        outcome
     }
 }
 
@@ -419,7 +420,7 @@ impl fmt::Debug for EventWatch {
 }
 
 /// A connection with the watch's callbacks registered on it. Dropping it deregisters them and closes the connection,
-/// which may block on a hung libvirtd (up to the keepalive bound): only the loop and opening threads drop it.
+/// which may block on a hung libvirtd (up to the keepalive bound): only the opening and closing threads drop it.
 struct Registration {
     conn: Connect,
     callback_id: Option<c_int>,
@@ -627,208 +628,43 @@ unsafe fn domain_identity(dom: sys::virDomainPtr) -> (String, String) {
     (name, uuid)
 }
 
-/// Work for the loop thread besides running the loop.
-enum Command {
-    /// Drop the registration (deregister, close) and report back.
-    TearDown(Registration, mpsc::SyncSender<()>),
-    /// Leave the loop; sent by the last watch.
-    Stop,
-}
-
-/// The loop thread while it runs.
-struct LoopThread {
-    commands: mpsc::Sender<Command>,
-    wake_timer: c_int,
-    handle: JoinHandle<()>,
-    exited: mpsc::Receiver<()>,
-}
-
-/// The process's event loop: how many watches use it, and its thread while any does.
-struct LoopState {
-    users: usize,
-    running: Option<LoopThread>,
-}
-
-static EVENT_LOOP: Mutex<LoopState> = Mutex::new(LoopState {
-    users: 0,
-    running: None,
-});
-
 static DEFAULT_IMPL: OnceLock<Result<(), virt::error::Error>> = OnceLock::new();
 
-/// One watch's share of the loop thread; the thread stops when the last share is released.
-struct LoopUser {
-    commands: mpsc::Sender<Command>,
-    wake_timer: c_int,
-    close_timeout: Duration,
-    released: bool,
+/// Registers libvirt's default (glib) event loop implementation once per process and makes sure the process's glib
+/// loop thread runs it.
+fn start_event_loop() -> Result<(), Error> {
+    DEFAULT_IMPL
+        .get_or_init(virt::event::event_register_default_impl)
+        .clone()
+        .map_err(|source| Error::Libvirt {
+            call: "virEventRegisterDefaultImpl",
+            source,
+        })?;
+    Ok(vmha_glib_loop::ensure_running()?)
 }
 
-impl LoopUser {
-    fn acquire(close_timeout: Duration) -> Result<LoopUser, Error> {
-        DEFAULT_IMPL
-            .get_or_init(virt::event::event_register_default_impl)
-            .clone()
-            .map_err(|source| Error::Libvirt {
-                call: "virEventRegisterDefaultImpl",
-                source,
-            })?;
-        let mut state = EVENT_LOOP.lock().unwrap_or_else(PoisonError::into_inner);
-        let running = match &mut state.running {
-            Some(running) => running,
-            running @ None => running.insert(LoopThread::start()?),
-        };
-        let user = LoopUser {
-            commands: running.commands.clone(),
-            wake_timer: running.wake_timer,
-            close_timeout,
-            released: false,
-        };
-        state.users += 1;
-        Ok(user)
-    }
-
-    /// Has the loop thread drop `registration`, waiting until `until`.
-    fn tear_down(&self, registration: Registration, until: Instant, limit: Duration) -> Result<(), Error> {
-        let (done_tx, done) = mpsc::sync_channel(1);
-        if let Err(mpsc::SendError(command)) = self.commands.send(Command::TearDown(registration, done_tx)) {
-            // The loop thread is gone: tear down here.
-            drop(command);
-            return Ok(());
-        }
-        wake(self.wake_timer);
-        match done.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout {
-                what: "closing the event connection",
-                after: limit,
-            }),
-        }
-    }
-
-    /// Gives up this share; the last one stops the loop thread and joins it, waiting until `until`.
-    fn release(mut self, until: Instant, limit: Duration) -> Result<(), Error> {
-        self.released = true;
-        release_loop(until, limit)
-    }
-}
-
-impl Drop for LoopUser {
-    fn drop(&mut self) {
-        if !self.released {
-            if let Err(error) = release_loop(Instant::now() + self.close_timeout, self.close_timeout) {
-                tracing::warn!(%error, "libvirt event loop did not stop cleanly");
-            }
-        }
-    }
-}
-
-fn release_loop(until: Instant, limit: Duration) -> Result<(), Error> {
-    let mut state = EVENT_LOOP.lock().unwrap_or_else(PoisonError::into_inner);
-    state.users = state.users.saturating_sub(1);
-    if state.users > 0 {
-        return Ok(());
-    }
-    let Some(running) = state.running.take() else {
-        return Ok(());
-    };
-    // Holding the lock until the thread is gone keeps a new loop thread from starting while this one still runs.
-    running.stop(until, limit)
-}
-
-impl LoopThread {
-    fn start() -> Result<LoopThread, Error> {
-        // SAFETY: the default event loop implementation is registered (LoopUser::acquire); a null opaque with no
-        // free callback is allowed, and `disarm_wake_timer` does not use it.
-        let wake_timer = unsafe { sys::virEventAddTimeout(-1, Some(disarm_wake_timer), ptr::null_mut(), None) };
-        if wake_timer < 0 {
-            return Err(last_error("virEventAddTimeout"));
-        }
-        let (commands, inbox) = mpsc::channel();
-        let (exit_guard, exited) = mpsc::sync_channel::<()>(0);
-        let spawned = thread::Builder::new().name(LOOP_THREAD_NAME.to_owned()).spawn(move || {
-            // Dropped when the thread ends, which is what `exited` waits for.
-            let _exit_guard = exit_guard;
-            run_loop(&inbox);
+/// Drops `registration` (deregister, close) on a thread of its own and waits for it at most `limit`.
+fn tear_down(registration: Registration, limit: Duration) -> Result<(), Error> {
+    let (done_tx, done) = mpsc::sync_channel::<()>(1);
+    let spawned = thread::Builder::new()
+        .name(CLOSE_THREAD_NAME.to_owned())
+        .spawn(move || {
+            drop(registration);
+            let _waited = done_tx.send(());
         });
-        match spawned {
-            Ok(handle) => Ok(LoopThread {
-                commands,
-                wake_timer,
-                handle,
-                exited,
-            }),
-            Err(source) => {
-                remove_wake_timer(wake_timer);
-                Err(Error::Thread {
-                    what: "starting the libvirt event loop thread",
-                    source,
-                })
-            }
-        }
+    if let Err(source) = spawned {
+        return Err(Error::Thread {
+            what: "starting the thread that closes the event connection",
+            source,
+        });
     }
-
-    fn stop(self, until: Instant, limit: Duration) -> Result<(), Error> {
-        // A send failure means the thread has already ended.
-        let _ended = self.commands.send(Command::Stop);
-        wake(self.wake_timer);
-        match self
-            .exited
-            .recv_timeout(until.saturating_duration_since(Instant::now()))
-        {
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout {
-                what: "stopping the libvirt event loop thread",
-                after: limit,
-            }),
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if self.handle.join().is_err() {
-                    tracing::error!("the libvirt event loop thread panicked");
-                }
-                remove_wake_timer(self.wake_timer);
-                Ok(())
-            }
-        }
+    match done.recv_timeout(limit) {
+        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout {
+            what: "closing the event connection",
+            after: limit,
+        }),
     }
-}
-
-/// The loop thread: run libvirt's loop, and between iterations do what the watches asked, until told to stop.
-fn run_loop(inbox: &mpsc::Receiver<Command>) {
-    loop {
-        loop {
-            match inbox.try_recv() {
-                Ok(Command::TearDown(registration, done)) => {
-                    drop(registration);
-                    let _gone = done.send(());
-                }
-                Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
-                Err(mpsc::TryRecvError::Empty) => break,
-            }
-        }
-        if let Err(error) = virt::event::event_run_default_impl() {
-            tracing::error!(%error, "virEventRunDefaultImpl failed; no more domain events in this process");
-            return;
-        }
-    }
-}
-
-/// Makes the loop thread's current or next `virEventRunDefaultImpl` return, so it sees new commands.
-fn wake(timer: c_int) {
-    // SAFETY: plain integer arguments; libvirt ignores an id that no longer exists. Arming a timer with 0 fires it on
-    // the next loop iteration and interrupts a loop that is waiting.
-    unsafe { sys::virEventUpdateTimeout(timer, 0) };
-}
-
-fn remove_wake_timer(timer: c_int) {
-    // SAFETY: plain integer argument; the timer has no opaque data or free callback.
-    if unsafe { sys::virEventRemoveTimeout(timer) } < 0 {
-        tracing::debug!(timer, "virEventRemoveTimeout failed");
-    }
-}
-
-/// The wake timer's callback: disarm it again, so the loop sleeps until the next wake.
-unsafe extern "C" fn disarm_wake_timer(timer: c_int, _opaque: *mut c_void) {
-    // SAFETY: plain integer arguments; updating a timer from its own callback is allowed.
-    unsafe { sys::virEventUpdateTimeout(timer, -1) };
 }
 
 #[cfg(test)]

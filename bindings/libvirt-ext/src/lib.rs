@@ -43,6 +43,9 @@ pub enum Error {
     /// A step failed without a libvirt error.
     #[error("{what}")]
     Failed { what: &'static str },
+    /// The process's glib loop thread, which runs libvirt's event loop, is not there.
+    #[error("libvirt's event loop: {0}")]
+    EventLoop(#[from] vmha_glib_loop::Error),
 }
 
 impl Error {
@@ -50,7 +53,11 @@ impl Error {
     pub fn libvirt_error(&self) -> Option<&virt::error::Error> {
         match self {
             Error::Libvirt { source, .. } => Some(source),
-            Error::Nul { .. } | Error::Timeout { .. } | Error::Thread { .. } | Error::Failed { .. } => None,
+            Error::Nul { .. }
+            | Error::Timeout { .. }
+            | Error::Thread { .. }
+            | Error::Failed { .. }
+            | Error::EventLoop(_) => None,
         }
     }
 }

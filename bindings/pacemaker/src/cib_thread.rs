@@ -3,9 +3,11 @@
 //! Pacemaker 2.1.5's native CIB client delivers notifications only through glib's process-wide default main
 //! context (`mainloop_add_ipc_client`, a `GIOChannel` watch on the IPC socket; `inputfd` is unset for it and
 //! the dispatch function is private), and libcib keeps process-wide state (the table of asynchronous call
-//! callbacks). So every CIB connection of the process lives on this thread, which owns the default main
-//! context: it runs the jobs callers send, then blocks in `g_main_context_iteration`, which polls the IPC
-//! sockets and dispatches notifications and disconnects. Callers wake it with `g_main_context_wakeup`.
+//! callbacks). So every CIB connection of the process lives on the thread that owns the default main
+//! context, the process's glib loop thread ([`vmha_glib_loop`], shared with libvirt's event loop): it runs
+//! the jobs callers send, then blocks in `g_main_context_iteration`, which polls the IPC sockets and
+//! dispatches notifications and disconnects (and libvirt's sources). Callers wake it with
+//! `g_main_context_wakeup`.
 //!
 //! Deadlines: each job carries its caller's deadline. A job whose caller gave up or whose deadline passed
 //! before it started is skipped. A running call is bounded by libcib's own timeout (`call_timeout`, whole
@@ -16,7 +18,6 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{c_char, c_void, CString};
 use std::ptr;
-use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,83 +40,30 @@ const BACKLOG: usize = 256;
 
 const DAEMON: &str = "the CIB manager";
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// glib's default main context, owned by the CIB thread.
+/// The CIB thread: the process's glib loop thread ([`vmha_glib_loop`]), which owns glib's default main
+/// context. Every job this module submits first makes sure that thread has the libxml2 settings Pacemaker's
+/// XML code needs (a job submitted before any other installs them; the loop runs jobs in order).
 #[derive(Debug, Clone, Copy)]
-struct MainContext(*mut sys::GMainContext);
-
-// SAFETY: a GMainContext is thread-safe; other threads only call g_main_context_wakeup on it.
-unsafe impl Send for MainContext {}
-// SAFETY: as above.
-unsafe impl Sync for MainContext {}
-
-#[derive(Debug)]
-struct Worker {
-    jobs: std_mpsc::Sender<Job>,
-    context: MainContext,
-}
+struct Worker;
 
 impl Worker {
-    fn submit(&self, job: Job) {
-        if self.jobs.send(job).is_ok() {
-            // SAFETY: the context is valid for the process's life (glib's default context is never freed);
-            // g_main_context_wakeup may be called from any thread.
-            unsafe { sys::g_main_context_wakeup(self.context.0) };
-        }
+    fn submit(self, job: vmha_glib_loop::Job) {
+        // The loop thread outlives every caller once started; a failure here was reported by `worker`.
+        let _ = vmha_glib_loop::submit(job);
     }
 }
-
-/// The name of the thread that owns every CIB connection.
-const THREAD_NAME: &str = "pcmk-cib";
 
 static WORKER: OnceLock<std::result::Result<Worker, String>> = OnceLock::new();
 
-fn worker(call: &'static str) -> Result<&'static Worker> {
-    WORKER.get_or_init(start).as_ref().map_err(|reason| Error::Invalid {
-        call,
-        reason: reason.clone(),
-    })
-}
-
-fn start() -> std::result::Result<Worker, String> {
-    let (jobs, rx) = std_mpsc::channel::<Job>();
-    let (ready_tx, ready_rx) = std_mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name(THREAD_NAME.into())
-        .spawn(move || run(rx, ready_tx))
-        .map_err(|e| format!("starting the CIB thread: {e}"))?;
-    let context = ready_rx
-        .recv()
-        .map_err(|_| "the CIB thread stopped while starting".to_string())??;
-    Ok(Worker { jobs, context })
-}
-
-fn run(jobs: std_mpsc::Receiver<Job>, ready: std_mpsc::SyncSender<std::result::Result<MainContext, String>>) {
-    xml::init_thread();
-    // SAFETY: g_main_context_default returns glib's global default context (never NULL, never freed).
-    let context = unsafe { sys::g_main_context_default() };
-    // SAFETY: context is valid; acquiring makes this thread its owner for the process's life.
-    if unsafe { sys::g_main_context_acquire(context) } == 0 {
-        let _ = ready.send(Err(
-            "another thread owns glib's default main context, which libcib's notifications need".into(),
-        ));
-        return;
-    }
-    if ready.send(Ok(MainContext(context))).is_err() {
-        return;
-    }
-    loop {
-        loop {
-            match jobs.try_recv() {
-                Ok(job) => job(),
-                Err(std_mpsc::TryRecvError::Empty) => break,
-                Err(std_mpsc::TryRecvError::Disconnected) => return,
-            }
-        }
-        // SAFETY: this thread owns the context; blocks until an IPC socket is ready or a caller wakes us.
-        unsafe { sys::g_main_context_iteration(context, 1) };
-    }
+fn worker(call: &'static str) -> Result<Worker> {
+    WORKER
+        .get_or_init(|| {
+            vmha_glib_loop::submit(Box::new(xml::init_thread))
+                .map(|()| Worker)
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|reason| Error::Invalid { call, reason })
 }
 
 /// Runs `f` on the CIB thread with the caller's deadline; waits for it at most `limit`.
@@ -952,7 +900,7 @@ pub(crate) fn close(id: u64) {
     }));
     // Done (or the job dropped) disconnects the channel; a hung signoff is waited for CLOSE_WAIT at most.
     // (Never on the CIB thread itself: the job runs after the current one.)
-    if std::thread::current().name() != Some(THREAD_NAME) {
+    if !vmha_glib_loop::on_loop_thread() {
         let _ = signed_off.recv_timeout(CLOSE_WAIT);
     }
 }

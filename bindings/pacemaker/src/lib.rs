@@ -6,8 +6,9 @@
 //! # Threads
 //! Pacemaker's client libraries are not thread-safe, so no handle is ever used from two threads:
 //! - every [`Cib`] of the process lives on one thread, the CIB thread. libcib delivers notifications only
-//!   through glib's process-wide default main context and keeps process-wide state, so the CIB thread owns
-//!   that context (the application must not run a glib main loop on the default context elsewhere);
+//!   through glib's process-wide default main context and keeps process-wide state, so the CIB thread is
+//!   the thread that owns that context, the process's glib loop thread (`vmha-glib-loop`; libvirt's event
+//!   loop shares it; the application must not run a glib main loop on the default context elsewhere);
 //! - every [`Controller`] has a thread of its own (its connection uses `pcmk_ipc_dispatch_poll`, no glib).
 //!
 //! Callers talk to these threads through channels; the async methods only await answers. Each thread first

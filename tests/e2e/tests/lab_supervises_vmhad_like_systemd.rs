@@ -1,7 +1,8 @@
 //! The lab supervises vmhad as systemd does on a real host with the shipped unit
 //! (packaging/systemd/vmhad.service: Restart=on-failure, RestartSec=2s, enabled at boot):
 //! - vmhad killed by SIGKILL (a crash): a new vmhad owns the bus name after RestartSec, with no test action;
-//! - `systemctl stop` (Lab::stop_vmhad): it stays stopped;
+//! - `systemctl stop` (Lab::stop_vmhad): it stops at once, its libvirt event watch closed cleanly, and stays
+//!   stopped;
 //! - a power-cycled host has vmhad again without any test action, and its fast path works there: a VM's
 //!   QEMU killed on that host is reported to Pacemaker in under a second (monitor interval 10 s).
 
@@ -14,6 +15,14 @@ use vmha_lab::{wait_for, Lab};
 
 /// RestartSec= of the shipped unit.
 const RESTART_SEC: Duration = Duration::from_secs(2);
+
+/// How many times vmhad on host `n` has logged that it watches libvirt's events (its log spans restarts).
+fn watches_logged(lab: &Lab, n: u8) -> usize {
+    lab.exec_ok(n, &["cat", "/var/log/vmha/vmhad.log"])
+        .unwrap()
+        .matches("watching libvirt lifecycle events")
+        .count()
+}
 
 fn qemu_pid(lab: &Lab, vm: &str) -> i32 {
     let q = lab.qemu_processes(vm);
@@ -31,6 +40,7 @@ fn lab_supervises_vmhad_like_systemd() {
     // 1. kill -9 vmhad: the supervisor starts a new one after RestartSec.
     let n = lab.other_host(vm_host).unwrap();
     let old = lab.vmhad_pid(n).unwrap().expect("vmhad runs");
+    let watches_before = watches_logged(&lab, n);
     let t0 = Instant::now();
     lab.exec_ok(n, &["kill", "-9", &old.to_string()]).unwrap();
     let new = lab
@@ -46,8 +56,31 @@ fn lab_supervises_vmhad_like_systemd() {
         "/run/vmhad.pid names the new vmhad"
     );
 
-    // 2. stop_vmhad (`systemctl stop`): nothing restarts it. Watched for three times RestartSec.
+    // 2. stop_vmhad (`systemctl stop`): vmhad stops promptly and cleanly, and nothing restarts it. Watched
+    // for three times RestartSec.
+    // vmhad has watched libvirt's events from its start; closing that watch must not run out its 5 s close
+    // timeout (it did while libvirt's event loop thread waited for ever for the glib context the CIB thread
+    // owned: every stop took 5 s).
+    wait_for(
+        "the new vmhad to watch libvirt's events",
+        Duration::from_secs(30),
+        POLL,
+        || (watches_logged(&lab, n) > watches_before).then_some(()),
+    )
+    .unwrap();
+    let stopping = Instant::now();
     lab.stop_vmhad(n).unwrap();
+    let stop_took = stopping.elapsed();
+    println!("vmhad stopped {stop_took:.2?} after systemctl stop");
+    let log = lab.exec_ok(n, &["cat", "/var/log/vmha/vmhad.log"]).unwrap();
+    assert!(
+        !log.contains("did not close cleanly"),
+        "vmhad's libvirt event watch ran out its close timeout: {log}"
+    );
+    assert!(
+        stop_took < Duration::from_secs(4),
+        "vmhad took {stop_took:?} to stop (the event watch's close timeout is 5 s)"
+    );
     let watch = Instant::now();
     while watch.elapsed() < RESTART_SEC * 3 {
         assert_eq!(lab.vmhad_pid(n).unwrap(), None, "vmhad restarted after a stop");
