@@ -237,34 +237,99 @@ impl<'a> Events<'a> {
 /// Id of the resource defaults [`scheduler_input`] adds.
 pub const NO_FAILURES_ID: &str = "vmha-what-if-no-failures";
 
-/// The text to hand Pacemaker's scheduler for `copy`: `copy` itself, or, when no fail count is recorded
-/// anywhere in it, `copy` with `migration-threshold=0` in a resource defaults set of score INFINITY.
+/// Id prefix of the meta attributes [`scheduler_input`] gives a resource with a fail count (the resource's id
+/// follows).
+pub const KEEP_THRESHOLD_ID: &str = "vmha-what-if-keep-threshold-";
+
+/// The text to hand Pacemaker's scheduler for `copy`: `copy` with `migration-threshold=0` in a resource defaults
+/// set of score INFINITY, and each resource that has a fail count keeping the threshold it had; or `copy` itself
+/// when that cannot be done safely.
 ///
 /// Same answer, less work: the scheduler reads a resource's migration-threshold in one place only
 /// (`pcmk__threshold_reached`, Pacemaker 2.1.5), which returns "not reached" either when the threshold is
-/// 0 or when the resource's fail count on the node is 0; with no `fail-count-*` attribute on any node
-/// every fail count is 0. What the threshold of 0 saves: that check asks `pe_get_failcount` for every
-/// resource on every node (32 x 2000 pairs at the scale bench's size), which compiles two regular
-/// expressions per pair, over half of the scheduler's time there. Conservative: any `fail-count-` text,
-/// a set of that id already there, or an unexpected shape leaves `copy` as it is.
+/// 0 or when the resource's fail count on the node is 0. What the threshold of 0 saves: that check asks
+/// `pe_get_failcount` for every resource on every node (32 x 2000 pairs at the scale bench's size), which
+/// compiles two regular expressions per pair, two thirds of the scheduler's time there (1.5 s against 0.5 s).
+///
+/// Resources with a `fail-count-*` attribute on some node (a real cluster usually has a few) keep their
+/// threshold: when no `migration-threshold` is set anywhere in the CIB, every resource's threshold is Pacemaker's
+/// default, INFINITY, so each of them gets a meta attributes set of its own saying so, which wins over resource
+/// defaults. Conservative: a `migration-threshold` anywhere while some fail count exists (a resource's own,
+/// a group's or clone's, or a default, maybe under a rule), a fail count of a resource not found as a primitive
+/// or whose id has other characters than letters, digits, `-`, `_` and `.`, `fail-count-` text in the configuration, a set of these ids already there, or an unexpected shape leaves
+/// `copy` as it is.
 pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyError> {
     use std::borrow::Cow;
-    if copy.contains("fail-count-") || copy.contains(NO_FAILURES_ID) {
+    if copy.contains(NO_FAILURES_ID) || copy.contains(KEEP_THRESHOLD_ID) {
         return Ok(Cow::Borrowed(copy));
     }
     let doc = Document::parse(copy)?;
-    let Some(config) = doc.root_element().children().find(|n| n.has_tag_name("configuration")) else {
+    let root = doc.root_element();
+    let Some(config) = root.children().find(|n| n.has_tag_name("configuration")) else {
         return Ok(Cow::Borrowed(copy));
     };
+    if copy[config.range()].contains("fail-count-") {
+        return Ok(Cow::Borrowed(copy));
+    }
+    // The resources with a fail count on some node.
+    let mut failing = BTreeSet::new();
+    for status in root.children().filter(|n| n.has_tag_name("status")) {
+        for name in status
+            .descendants()
+            .filter(|n| n.has_tag_name("nvpair"))
+            .filter_map(|n| n.attribute("name")?.strip_prefix("fail-count-"))
+        {
+            // fail-count-RSC#OP_INTERVAL (fail-count-RSC before Pacemaker 2.0); a clone instance's RSC ends in :N.
+            let rsc = name.split_once('#').map_or(name, |(rsc, _)| rsc);
+            let rsc = match rsc.rsplit_once(':') {
+                Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+                _ => rsc,
+            };
+            failing.insert(rsc);
+        }
+    }
+    if !failing.is_empty() && copy.contains("migration-threshold") {
+        return Ok(Cow::Borrowed(copy));
+    }
+    // What goes where: (start, end, text) of each replaced range, none overlapping.
+    let mut splices: Vec<(usize, usize, String)> = Vec::new();
+    for rsc in &failing {
+        // Written into an id below: only what Pacemaker's ids are made of (its schema checks them as XML IDs).
+        if !rsc
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        {
+            return Ok(Cow::Borrowed(copy));
+        }
+        let Some(primitive) = config
+            .descendants()
+            .find(|n| n.has_tag_name("primitive") && n.attribute("id") == Some(*rsc))
+        else {
+            return Ok(Cow::Borrowed(copy));
+        };
+        let set = format!(
+            r#"<meta_attributes id="{KEEP_THRESHOLD_ID}{rsc}"><nvpair id="{KEEP_THRESHOLD_ID}{rsc}-migration-threshold" name="migration-threshold" value="INFINITY"/></meta_attributes>"#
+        );
+        let r = primitive.range();
+        let text = &copy[r.clone()];
+        let close = "</primitive>";
+        if text.ends_with("/>") {
+            splices.push((r.end - 2, r.end, format!(">{set}{close}")));
+        } else if text.ends_with(close) {
+            let at = r.end - close.len();
+            splices.push((at, at, set));
+        } else {
+            return Ok(Cow::Borrowed(copy));
+        }
+    }
     let set = format!(
         r#"<meta_attributes id="{NO_FAILURES_ID}" score="INFINITY"><nvpair id="{NO_FAILURES_ID}-migration-threshold" name="migration-threshold" value="0"/></meta_attributes>"#
     );
-    let splice = |at: usize, end: usize, text: &str| format!("{}{text}{}", &copy[..at], &copy[end..]);
     let defaults = config
         .children()
         .filter(|n| n.has_tag_name("rsc_defaults"))
         .collect::<Vec<_>>();
-    let out = match defaults.as_slice() {
+    match defaults.as_slice() {
         [] => {
             let r = config.range();
             let close = "</configuration>";
@@ -272,23 +337,32 @@ pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyEr
                 return Ok(Cow::Borrowed(copy));
             }
             let at = r.end - close.len();
-            splice(at, at, &format!("<rsc_defaults>{set}</rsc_defaults>"))
+            splices.push((at, at, format!("<rsc_defaults>{set}</rsc_defaults>")));
         }
         [d] => {
             let r = d.range();
             let text = &copy[r.clone()];
             let close = "</rsc_defaults>";
             if text.ends_with("/>") {
-                splice(r.end - 2, r.end, &format!(">{set}{close}"))
+                splices.push((r.end - 2, r.end, format!(">{set}{close}")));
             } else if text.ends_with(close) {
                 let at = r.end - close.len();
-                splice(at, at, &set)
+                splices.push((at, at, set));
             } else {
                 return Ok(Cow::Borrowed(copy));
             }
         }
         _ => return Ok(Cow::Borrowed(copy)),
-    };
+    }
+    splices.sort_by_key(|&(start, _, _)| start);
+    let mut out = String::with_capacity(copy.len() + splices.iter().map(|(_, _, t)| t.len()).sum::<usize>());
+    let mut from = 0;
+    for (start, end, text) in &splices {
+        out.push_str(&copy[from..*start]);
+        out.push_str(text);
+        from = *end;
+    }
+    out.push_str(&copy[from..]);
     Ok(Cow::Owned(out))
 }
 

@@ -2,7 +2,7 @@
 //! several priorities, online and offline hosts, some full), every single host failure predicted per call
 //! as before (`fail_hosts`, `with_free_capacity`, `predict`, the copy handed to the scheduler as it is)
 //! equals the prediction of `whatif::Events` with the scheduler run on `scheduler_input` (the copy with
-//! migration-threshold 0 when no fail count exists). Pacemaker's own scheduler (`crm_simulate`, no
+//! migration-threshold 0 by default, the resources with a fail count keeping theirs). Pacemaker's own scheduler (`crm_simulate`, no
 //! daemons, no root) decides both; its schema validation checks the edited input too.
 //!
 //! Needs `crm_simulate` (pacemaker-cli-utils, installed by ci/install-deps).
@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vmha_model::failover::with_free_capacity;
-use vmha_model::whatif::{fail_hosts, predict, scheduler_input, Events, VmOutcome, NO_FAILURES_ID};
+use vmha_model::whatif::{fail_hosts, predict, scheduler_input, Events, VmOutcome, KEEP_THRESHOLD_ID, NO_FAILURES_ID};
 use vmha_model::ClusterView;
 
 /// How a generated cluster looks.
@@ -228,7 +228,7 @@ fn existing_resource_defaults_are_kept_and_extended() {
 }
 
 #[test]
-fn a_fail_count_anywhere_leaves_the_input_as_it_is() {
+fn a_fail_count_with_a_threshold_set_leaves_the_input_as_it_is() {
     // vm000 failed once on h1 with migration-threshold 1 (user default): the threshold bans it from h1.
     let shape = Shape {
         online: 3,
@@ -256,6 +256,56 @@ fn a_fail_count_anywhere_leaves_the_input_as_it_is() {
     );
 }
 
+/// A fail count with no threshold set anywhere: the failing resource keeps Pacemaker's default threshold (INFINITY),
+/// every other resource gets 0. A start failure's fail count is INFINITY, which reaches that default: the
+/// scheduler moves the VM off the host, on both paths.
+#[test]
+fn a_fail_count_keeps_its_resources_default_threshold() {
+    let shape = Shape {
+        online: 3,
+        offline: 1,
+        vms: 12,
+        running: 6,
+        slots: 6,
+        extra_config: "",
+        fail_count: Some(1_000_000),
+    };
+    let (_, changed) = compare(&shape);
+    assert_eq!(changed, vec![true; 3], "every event's input is the faster one");
+    let live = cib(&shape);
+    let copy = with_free_capacity(&live).unwrap();
+    let input = scheduler_input(&copy).unwrap();
+    let keep = format!(
+        r#"<meta_attributes id="{KEEP_THRESHOLD_ID}vm000"><nvpair id="{KEEP_THRESHOLD_ID}vm000-migration-threshold" name="migration-threshold" value="INFINITY"/></meta_attributes>"#
+    );
+    assert_eq!(
+        input.matches(KEEP_THRESHOLD_ID).count(),
+        2,
+        "vm000 alone keeps its threshold"
+    );
+    assert!(
+        input.contains(&format!("{keep}</primitive>")),
+        "inside vm000's primitive"
+    );
+    let old = predict(&live, &copy, &simulate(&copy), &[], None).unwrap();
+    let new = predict(&live, &copy, &simulate(&input), &[], None).unwrap();
+    assert_eq!(new, old);
+    let vm0 = |p: &vmha_model::whatif::Prediction| p.vms.iter().find(|v| v.vm == "vm000").unwrap().outcome.clone();
+    assert!(
+        matches!(&vm0(&new), VmOutcome::Moves { from, .. } if from == "h1"),
+        "{:?}",
+        vm0(&new)
+    );
+    // Without the kept threshold the answer would be wrong: vm000 would stay on h1.
+    let naive = input.replace(&keep, "");
+    let wrong = predict(&live, &copy, &simulate(&naive), &[], None).unwrap();
+    assert!(
+        matches!(&vm0(&wrong), VmOutcome::Stays { host } if host == "h1"),
+        "{:?}",
+        vm0(&wrong)
+    );
+}
+
 #[test]
 fn scheduler_input_refuses_unexpected_shapes() {
     // A set of that id already there, or two resource defaults sections: left alone.
@@ -274,4 +324,39 @@ fn scheduler_input_refuses_unexpected_shapes() {
     assert_eq!(out.matches(NO_FAILURES_ID).count(), 2);
     assert!(out.starts_with("<cib><configuration><nodes/><rsc_defaults><meta_attributes"));
     assert!(out.ends_with("</rsc_defaults></configuration><status/></cib>"));
+
+    // Fail counts: of a clone instance, found as its primitive (self-closing here); of a resource that is no
+    // primitive of the configuration, or with a threshold set anywhere, or fail-count text in the
+    // configuration: left alone.
+    let status = |name: &str| {
+        format!(
+            r#"<status><node_state id="1" uname="h1"><transient_attributes id="1"><instance_attributes id="s-1"><nvpair id="s-1-f" name="fail-count-{name}#monitor_10000" value="1"/></instance_attributes></transient_attributes></node_state></status>"#
+        )
+    };
+    let clone = format!(
+        r#"<cib><configuration><resources><clone id="c"><primitive id="p" class="ocf" provider="heartbeat" type="Dummy"/></clone></resources></configuration>{}</cib>"#,
+        status("p:1")
+    );
+    let out = scheduler_input(&clone).unwrap();
+    assert!(
+        out.contains(&format!(
+            r#"type="Dummy"><meta_attributes id="{KEEP_THRESHOLD_ID}p"><nvpair id="{KEEP_THRESHOLD_ID}p-migration-threshold" name="migration-threshold" value="INFINITY"/></meta_attributes></primitive></clone>"#
+        )),
+        "{out}"
+    );
+    assert_eq!(out.matches(NO_FAILURES_ID).count(), 2, "{out}");
+    assert!(roxmltree::Document::parse(&out).is_ok());
+    let ghost = clone.replace("fail-count-p:1", "fail-count-ghost");
+    assert_eq!(scheduler_input(&ghost).unwrap(), ghost);
+    let threshold = clone.replace(
+        r#"<clone id="c">"#,
+        r#"<clone id="c"><meta_attributes id="c-m"><nvpair id="c-m-t" name="migration-threshold" value="2"/></meta_attributes>"#,
+    );
+    assert_eq!(scheduler_input(&threshold).unwrap(), threshold);
+    let quoted = clone
+        .replace(r#"primitive id="p""#, r#"primitive id="p&quot;q""#)
+        .replace("fail-count-p:1", "fail-count-p&quot;q");
+    assert_eq!(scheduler_input(&quoted).unwrap(), quoted);
+    let rule = clone.replace("<resources>", r#"<resources><!-- fail-count-p -->"#);
+    assert_eq!(scheduler_input(&rule).unwrap(), rule);
 }
