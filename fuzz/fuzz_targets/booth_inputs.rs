@@ -7,10 +7,14 @@
 //! control characters, errors print no control characters, and the key check never shows the key (the
 //! third text read as a key file). Each line of the third text is also read as a replication setting
 //! (`vmha-replicate-VC`, CIB text): accepted ones read back the same and name only plain absolute paths.
+//! The whole input is also read as a replication round's commit record (a file on the peer's shared
+//! storage, `vmha_model::round_record`): an accepted one names only absolute, normal paths, and completing
+//! it in a directory could only rename a partial copy in that directory over an image it names there.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmha_model::replica::ReplicationSetting;
+use vmha_model::replica::{is_partial_of, partial_name, ReplicationSetting};
+use vmha_model::round_record::RoundRecord;
 use vmha_model::site::{authkey_problem, parse_booth_list, validate_site, validate_ticket, BoothConf, SiteView};
 
 fn no_controls(text: &str) {
@@ -20,8 +24,41 @@ fn no_controls(text: &str) {
     );
 }
 
+fn round_record(text: &str) {
+    match RoundRecord::parse(std::path::Path::new("/peer/.vmha-round-0.json"), text) {
+        Ok(r) => {
+            for dir in r.directories() {
+                for image in r.images_in(&dir) {
+                    let image_path = std::path::Path::new(image);
+                    assert!(image_path.is_absolute(), "{image:?}");
+                    assert_eq!(image_path.parent(), Some(dir.as_path()));
+                    let partial = partial_name(image, &r.round);
+                    let partial_path = std::path::Path::new(&partial);
+                    assert_eq!(
+                        partial_path.parent(),
+                        Some(dir.as_path()),
+                        "{partial:?} outside {dir:?}"
+                    );
+                    let name = partial_path.file_name().and_then(|n| n.to_str()).expect("a file name");
+                    assert!(
+                        is_partial_of(name, image),
+                        "{partial:?} is no partial copy of {image:?}"
+                    );
+                }
+            }
+            assert_eq!(
+                r.directories().iter().map(|d| r.images_in(d).count()).sum::<usize>(),
+                r.images.len(),
+                "an image outside every directory"
+            );
+        }
+        Err(e) => no_controls(&e.to_string()),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
+    round_record(&text);
     let mut parts = text.splitn(3, '\0');
     let conf_text = parts.next().unwrap_or("");
     let list_text = parts.next().unwrap_or("");

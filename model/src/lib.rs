@@ -14,6 +14,7 @@ pub mod guest;
 pub mod health;
 pub mod policy;
 pub mod replica;
+pub mod round_record;
 pub mod site;
 pub mod whatif;
 

@@ -220,6 +220,7 @@ pub fn start(hv: &Hypervisor, ctx: &Context, name: &str, config: Option<&LoadedC
         }
     } else if let Some(config) = config {
         refuse_conflicting_definition(hv, name, config)?;
+        complete_replica_rounds(name, &config.xml)?;
         tracing::info!(vm = name, config = %config.path.display(), "creating transient domain");
         let with_channel = if ctx.params.guest_channel {
             vmha_model::domain::with_guest_channel(&config.xml).map_err(|e| AgentError::ConfigInvalid {
@@ -239,6 +240,40 @@ pub fn start(hv: &Hypervisor, ctx: &Context, name: &str, config: Option<&LoadedC
         vm.boot()?;
     }
     wait_until_running(hv, ctx, name)
+}
+
+/// Before a VM starts on its disks: a replication round (`vmha site replicate`, from the site that held
+/// the ticket) that committed but died between its renames is completed in the directories of the VM's
+/// disks, so the VM never starts on images of two points in time (see `vmha_model::round_record`). A
+/// record that is not valid is logged and left alone; a rename that fails fails the start.
+fn complete_replica_rounds(name: &str, xml: &str) -> Result<(), AgentError> {
+    // A definition whose disks do not read is libvirt's to refuse, with its own message.
+    let Ok(disks) = vmha_model::clone::writable_disks(xml) else {
+        return Ok(());
+    };
+    let dirs: std::collections::BTreeSet<&std::path::Path> = disks
+        .iter()
+        .filter_map(|(_, file)| std::path::Path::new(file).parent())
+        .collect();
+    for dir in dirs {
+        for done in vmha_model::round_record::complete_in(dir) {
+            match done {
+                Ok(c) if c.renamed > 0 => tracing::warn!(
+                    vm = name,
+                    dir = %dir.display(),
+                    renamed = c.renamed,
+                    point = %vmha_model::printable(&c.point),
+                    "completed an interrupted replication round before starting"
+                ),
+                Ok(_) => {}
+                Err(e @ vmha_model::round_record::RecordError::Invalid { .. }) => {
+                    tracing::warn!(vm = name, "{e} (left alone)");
+                }
+                Err(e) => return Err(AgentError::failed(name, e.to_string())),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A persistent domain with the config's name but another UUID would make libvirt refuse the
@@ -950,6 +985,49 @@ mod tests {
         assert_eq!(status(monitor(&hv, &shallow, "alive")), OcfStatus::Success);
         // A paused guest cannot answer, so it is not asked.
         assert_eq!(status(monitor(&hv, &ctx, "paused")), OcfStatus::Success);
+    }
+
+    /// A failover after the other site died mid-round: the round's record and a partial copy wait beside the
+    /// VM's disk image. The start completes the round first (the image is the round's point), and a partial
+    /// copy of a round that never committed is not touched.
+    #[test]
+    fn start_completes_an_interrupted_replication_round_first() {
+        use std::os::unix::fs::PermissionsExt as _;
+        use vmha_model::replica::partial_name;
+        use vmha_model::round_record::{file_name, RoundRecord, VERSION};
+        let s = scene("replica_round");
+        let image = s.write("rep1.img", "old point");
+        let uncommitted = s.write("rep1-data.img", "old point");
+        fs::write(partial_name(&image, "a1b2"), "new point").expect("partial");
+        fs::write(partial_name(&uncommitted, "c3d4"), "never committed").expect("partial");
+        let record = RoundRecord {
+            version: VERSION,
+            vcluster: "vc1".into(),
+            round: "a1b2".into(),
+            point: "2026-12-07T23:00:00Z".into(),
+            images: vec![image.clone()],
+        };
+        let record_path = s.write(&file_name("a1b2"), &serde_json::to_string(&record).expect("json"));
+        fs::set_permissions(&record_path, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let xml = format!(
+            "<domain type='test'><name>rep1</name><memory>1024</memory><os><type>hvm</type></os><devices>\
+             <disk type='file' device='disk'><source file='{image}'/><target dev='vda'/></disk>\
+             <disk type='file' device='disk'><source file='{uncommitted}'/><target dev='vdb'/></disk>\
+             </devices></domain>"
+        );
+        let config = s.write("rep1.xml", &xml);
+        let hv = s.open();
+        let ctx = s.ctx(&[("config", &config)]);
+        let loaded = load_config(&ctx.params).expect("config").expect("set");
+        assert_eq!(status(start(&hv, &ctx, "rep1", Some(&loaded))), OcfStatus::Success);
+        assert_eq!(fs::read_to_string(&image).expect("image"), "new point");
+        assert!(
+            !std::path::Path::new(&record_path).exists(),
+            "the record is removed once completed"
+        );
+        assert_eq!(fs::read_to_string(&uncommitted).expect("image"), "old point");
+        assert!(std::path::Path::new(&partial_name(&uncommitted, "c3d4")).exists());
+        assert_eq!(status(stop(&hv, &ctx, "rep1")), OcfStatus::Success);
     }
 
     #[test]

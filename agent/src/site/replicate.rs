@@ -15,7 +15,10 @@
 //!    after a last check that the ticket is still here. Stopped members' images are copied as they are.
 //!
 //! A failure anywhere before the renames aborts the jobs and removes the partial files: the peer's
-//! copies stay as they were (the previous point). The copies are full copies each round (no dirty-block
+//! copies stay as they were (the previous point). Right before the renames the round writes its commit
+//! record ([`vmha_model::round_record`]) beside the peer's images, so a round that dies between two renames
+//! is completed (never left half old, half new) by the next round, or by the resource agent at the peer
+//! before it starts a VM on those images. The copies are full copies each round (no dirty-block
 //! tracking yet) and need the peer's storage mounted at the same path on every host of this site that
 //! runs a member, and on the host running the command.
 
@@ -34,6 +37,7 @@ use vmha_model::replica::{
     backup_xml, is_partial_of, partial_name, replica_plan, ReplicaPlan, ReplicationSetting, REPLICATE_PREFIX,
     REPLICATION_SET,
 };
+use vmha_model::round_record::{self, RoundRecord};
 use vmha_model::{ClusterView, VmState};
 use vmha_ops::ports::Hypervisor;
 use vmha_pacemaker::{CallOptions, Scope};
@@ -204,8 +208,10 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
             bail!("two disks of {vc} map to the same peer path {target}");
         }
     }
-    // Leftovers of rounds that died (never renamed into place) are removed once older than any round
-    // may take.
+    // Rounds that died after committing are completed first (their partial copies are renamed into
+    // place, the set whole); then leftovers of rounds that died before (never committed) are removed once
+    // older than any round may take.
+    complete_pending(partials.iter().map(|(_, target)| target.as_str()))?;
     for (_, target) in &partials {
         remove_leftovers(target, wait + LEFTOVER_GRACE);
     }
@@ -274,7 +280,24 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
         }
         .into());
     }
-    for (i, (partial, target)) in partials.iter().enumerate() {
+    // The commit: the round's record in every directory of the peer's images. From here on the set is
+    // replaced whole: if this round dies between two renames, the next round or the peer's resource
+    // agent (before it starts a VM there) completes it from the record.
+    let record = RoundRecord {
+        version: round_record::VERSION,
+        vcluster: vc.to_string(),
+        round: round_id.clone(),
+        point: humantime::format_rfc3339_seconds(point).to_string(),
+        images: partials.iter().map(|(_, target)| target.clone()).collect(),
+    };
+    let records = match record.commit() {
+        Ok(r) => r,
+        Err(e) => {
+            cleanup(&partials);
+            return Err(anyhow!(e).context("committing the round (the peer keeps its previous point)"));
+        }
+    };
+    for (partial, target) in &partials {
         let renamed = std::fs::rename(partial, target)
             .with_context(|| format!("renaming {partial} to {target}"))
             .and_then(|()| match Path::new(target).parent() {
@@ -284,9 +307,16 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
                 None => Ok(()),
             });
         if let Err(e) = renamed {
-            // The copies not renamed into place are removed (the peer keeps its previous images of them).
-            cleanup(&partials[i..]);
-            return Err(e);
+            // Committed: the copies not renamed yet stay, with the record, for the next completion.
+            return Err(e.context(format!(
+                "round {round_id} is committed; its remaining images are renamed into place by the next round \
+                 or by the peer's resource agent before it starts a VM there"
+            )));
+        }
+    }
+    for r in &records {
+        if let Err(e) = std::fs::remove_file(r) {
+            tracing::warn!("removing the completed round's record {}: {e}", r.display());
         }
     }
     Ok(Round {
@@ -435,6 +465,30 @@ fn remove_leftovers(target: &str, older_than: Duration) {
             }
         }
     }
+}
+
+/// Completes the committed rounds whose records are in the directories of `targets` (see
+/// [`vmha_model::round_record`]). A record that is not valid is reported and left alone; a rename that
+/// fails ends the round (the storage is not fit for one).
+fn complete_pending<'a>(targets: impl Iterator<Item = &'a str>) -> Result<()> {
+    let dirs: std::collections::BTreeSet<&Path> = targets.filter_map(|t| Path::new(t).parent()).collect();
+    for dir in dirs {
+        for done in round_record::complete_in(dir) {
+            match done {
+                Ok(c) if c.renamed > 0 => tracing::warn!(
+                    "completed the interrupted replication round of {} at {} in {}: {} images renamed into place",
+                    printable(&c.vcluster),
+                    printable(&c.point),
+                    dir.display(),
+                    c.renamed
+                ),
+                Ok(_) => {}
+                Err(e @ round_record::RecordError::Invalid { .. }) => tracing::warn!("{e} (left alone)"),
+                Err(e) => return Err(anyhow!(e).context("completing an interrupted replication round")),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn cleanup(partials: &[(String, String)]) {
