@@ -46,6 +46,10 @@ pub struct WhatifArgs {
     /// A second vmha binary run beside it (e.g. the previous revision's), whose answers must be the same.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// The fence device's monitor failed once on host 1 (a fail count in the status section, as real
+    /// clusters often carry one): the scheduler must then check migration thresholds.
+    #[arg(long)]
+    fence_fail_count: bool,
     /// 8 hosts, 200 VMs, 1 round: proves the bench works, measures nothing.
     #[arg(long)]
     quick: bool,
@@ -64,7 +68,7 @@ fn host_name(i: usize) -> String {
 
 /// The CIB: see the module's description. The status section has a `node_state` for every node (members
 /// for the online ones, cleanly down for the others, as the scale bench records them).
-pub fn cib(hosts: usize, online: usize, vms: usize, running: usize) -> Result<String> {
+pub fn cib(hosts: usize, online: usize, vms: usize, running: usize, fence_fail_count: bool) -> Result<String> {
     let mut nodes = String::new();
     let mut states = String::new();
     for i in 1..=hosts {
@@ -92,9 +96,14 @@ pub fn cib(hosts: usize, online: usize, vms: usize, running: usize) -> Result<St
                     10 + v
                 );
             }
+            let attrs = if i == 1 && fence_fail_count {
+                r#"<nvpair id="status-1-fail-count-fence-lab.monitor_60000" name="fail-count-fence-lab#monitor_60000" value="1"/><nvpair id="status-1-last-failure-fence-lab.monitor_60000" name="last-failure-fence-lab#monitor_60000" value="1765000000"/>"#
+            } else {
+                ""
+            };
             let _ = write!(
                 states,
-                r#"<node_state id="{id}" uname="{name}" in_ccm="true" crmd="online" crm-debug-origin="do_state_transition" join="member" expected="member"><transient_attributes id="{id}"><instance_attributes id="status-{id}"/></transient_attributes><lrm id="{id}"><lrm_resources>{ops}</lrm_resources></lrm></node_state>"#
+                r#"<node_state id="{id}" uname="{name}" in_ccm="true" crmd="online" crm-debug-origin="do_state_transition" join="member" expected="member"><transient_attributes id="{id}"><instance_attributes id="status-{id}">{attrs}</instance_attributes></transient_attributes><lrm id="{id}"><lrm_resources>{ops}</lrm_resources></lrm></node_state>"#
             );
         } else {
             let _ = write!(nodes, r#"<node id="{id}" uname="{name}"/>"#);
@@ -189,7 +198,7 @@ pub fn run(args: WhatifArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let run = Run::start(&dir);
     let cib_file = dir.join("cib.xml");
-    let text = cib(hosts, args.online, vms, running)?;
+    let text = cib(hosts, args.online, vms, running, args.fence_fail_count)?;
     std::fs::write(&cib_file, &text)?;
     let mut sides = vec![("this build", args.vmha.clone())];
     if let Some(b) = &args.baseline {
@@ -232,10 +241,15 @@ pub fn run(args: WhatifArgs) -> Result<()> {
         "CIB: a file ({:.1} MB) of **{hosts} hosts** ({} online: node_state members; {} offline, recorded \
          as cleanly down as the scale bench records them) and **{vms} VMs** (`ocf:vmha:VirtualMachine` \
          primitives as `vmha vm add` writes them, cpu 1 and hv_memory 128; {running} running, spread over \
-         the online hosts, the rest target-role=Stopped), a fence device on host 1, and the scale bench's \
+         the online hosts, the rest target-role=Stopped), a fence device on host 1{}, and the scale bench's \
          no-probe location constraints. No lab, no daemons: `vmha` reads it through libcib's file-backed \
          CIB (`CIB_file`, read-only).\n",
         text.len() as f64 / 1e6,
+        if args.fence_fail_count {
+            " (its monitor failed once there: a fail count in the status section)"
+        } else {
+            ""
+        },
         args.online,
         hosts - args.online
     );
@@ -278,7 +292,7 @@ mod tests {
 
     #[test]
     fn the_generated_cib_has_the_asked_size_and_state() {
-        let text = cib(6, 2, 10, 4).unwrap();
+        let text = cib(6, 2, 10, 4, true).unwrap();
         let view = vmha_model::ClusterView::from_cib(&text).unwrap();
         assert_eq!(view.hosts.len(), 6);
         assert_eq!(view.online_hosts(), vec!["host1", "host2"]);
@@ -291,7 +305,7 @@ mod tests {
             .collect();
         assert_eq!(running, vec!["sv0000", "sv0001", "sv0002", "sv0003"]);
         assert_eq!(view.vm("sv0001").unwrap().hosts, vec!["host2"]);
-        assert!(cib(3, 1, 2, 0).unwrap().contains(r#"value="Stopped""#));
+        assert!(cib(3, 1, 2, 0, false).unwrap().contains(r#"value="Stopped""#));
     }
 
     #[test]

@@ -117,7 +117,8 @@ pub async fn replicate(
                     return Err(e);
                 }
                 eprintln!(
-                    "vmha: replication round failed (the peer keeps its previous copies): {e:#}; next round in {} s",
+                    "vmha: replication round failed ({}): {e:#}; next round in {} s",
+                    failure_outcome(&e),
                     every.as_secs()
                 );
             }
@@ -135,6 +136,26 @@ pub async fn replicate(
 struct NotHere {
     ticket: String,
     vc: String,
+}
+
+/// A round failed after its commit record was written: its remaining renames are completed later (next round,
+/// or the peer's resource agent), so the peer gets this round's point, not the previous one.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "round {round} is committed; its remaining images are renamed into place by the next round or by the \
+     peer's resource agent before it starts a VM there"
+)]
+struct Committed {
+    round: String,
+}
+
+/// How a failed round leaves the peer's copies, for its message.
+fn failure_outcome(e: &anyhow::Error) -> &'static str {
+    if e.downcast_ref::<Committed>().is_some() {
+        "the peer gets this round's point once its remaining renames succeed"
+    } else {
+        "the peer keeps its previous copies"
+    }
 }
 
 async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool) -> Result<Round> {
@@ -308,10 +329,9 @@ async fn round(hv: &Libvirt, vc: &str, maps: &Maps, wait: Duration, freeze: bool
             });
         if let Err(e) = renamed {
             // Committed: the copies not renamed yet stay, with the record, for the next completion.
-            return Err(e.context(format!(
-                "round {round_id} is committed; its remaining images are renamed into place by the next round \
-                 or by the peer's resource agent before it starts a VM there"
-            )));
+            return Err(e.context(Committed {
+                round: round_id.clone(),
+            }));
         }
     }
     for r in &records {
@@ -753,8 +773,7 @@ pub async fn follow(shared: std::sync::Arc<crate::state::Shared>, conn: zbus::Co
                             Ended::NotHere
                         }
                         Err(e) => {
-                            let message =
-                                format!("replication round failed (the peer keeps its previous copies): {e:#}");
+                            let message = format!("replication round failed ({}): {e:#}", failure_outcome(&e));
                             tracing::warn!(vcluster = %vc2, "{message}");
                             crate::signals::event(&conn, "replication-failed", &vc2, &message).await;
                             Ended::Failed
@@ -800,5 +819,24 @@ mod tests {
         assert_eq!(g.check(at(120), 120), Some(Change::Stale { for_secs: 120 }));
         // The longest setting does not overflow.
         assert_eq!(Freshness::new(t0).check(at(1), u64::MAX), None);
+    }
+}
+
+#[cfg(test)]
+mod outcome_tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_after_the_commit_says_the_peer_gets_the_round() {
+        let renaming = anyhow!("renaming /peer/.m2.img.ab.vmha-replica to /peer/m2.img: Is a directory");
+        let committed = renaming.context(Committed { round: "ab".into() });
+        assert_eq!(
+            failure_outcome(&committed),
+            "the peer gets this round's point once its remaining renames succeed"
+        );
+        let text = format!("{committed:#}");
+        assert!(text.starts_with("round ab is committed;") && text.ends_with("Is a directory"), "{text}");
+        let before = anyhow!("freezing m1's file systems").context("the round");
+        assert_eq!(failure_outcome(&before), "the peer keeps its previous copies");
     }
 }

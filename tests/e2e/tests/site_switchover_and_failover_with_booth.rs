@@ -604,10 +604,13 @@ fn site_switchover_and_failover_with_booth() {
         30,
     );
     println!("vmha watch on A's DC: {told}");
-    // Rounds that fail: B's image of the second VM moved aside and a directory in its place, so every
-    // round's rename onto it fails. Each failure is an event, and after 10 s (`--stale-after 10`) without
-    // a round that succeeded, `replica-stale` once; the failed rounds leave no partial copy at B. Then the
-    // image back: the next round succeeds and `replica-current` says so.
+    // Rounds that fail: B's image of the second VM moved aside and a directory in its place, so the
+    // rename onto it fails. Each failure is an event, and after 10 s (`--stale-after 10`) without a round
+    // that succeeded, `replica-stale` once. The first failed round had committed (its record written
+    // before its renames): its copies stay at B with its record, to be completed; the rounds after it
+    // fail completing it, before they copy anything. Then the image back: the next round completes the
+    // committed one, replicates, and `replica-current` says so; no record and no copy of a failed round
+    // is left at B.
     let b_image = b.cfg.shared_dir().join(format!("{VM2}.img"));
     let aside = b.cfg.shared_dir().join(format!("{VM2}.img.aside"));
     std::fs::rename(&b_image, &aside).unwrap();
@@ -643,17 +646,36 @@ fn site_switchover_and_failover_with_booth() {
         })
         .collect();
     assert!(!failed_rounds.is_empty(), "no failed round named its copy");
-    let partials: Vec<String> = std::fs::read_dir(b.cfg.shared_dir())
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".vmha-replica") && failed_rounds.iter().any(|id| n.contains(id.as_str())))
-        .collect();
+    let at_b = || -> (Vec<String>, Vec<String>) {
+        let names: Vec<String> = std::fs::read_dir(b.cfg.shared_dir())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        let records = names
+            .iter()
+            .filter_map(|n| Some(n.strip_prefix(".vmha-round-")?.strip_suffix(".json")?.to_string()))
+            .collect();
+        let partials = names
+            .into_iter()
+            .filter(|n| n.ends_with(".vmha-replica") && failed_rounds.iter().any(|id| n.contains(id.as_str())))
+            .collect();
+        (records, partials)
+    };
+    let (records, partials) = at_b();
+    assert_eq!(records.len(), 1, "one committed round's record at B: {records:?}");
+    let committed = &records[0];
     assert!(
-        partials.is_empty(),
-        "failed rounds ({failed_rounds:?}) left partial copies at B: {partials:?}"
+        failed_rounds.iter().all(|id| id == committed),
+        "every failed round names the committed round's copy (the later ones fail completing it): \
+         {failed_rounds:?}, committed {committed}"
+    );
+    assert_eq!(
+        partials,
+        vec![format!(".{VM2}.img.{committed}.vmha-replica")],
+        "the committed round's copy that could not be renamed waits at B"
     );
     println!(
-        "{} failed round(s), no partial copy of theirs left at B",
+        "{} failed round(s): round {committed} committed, its copy of {VM2} and its record wait at B",
         failed_rounds.len()
     );
     std::fs::remove_dir_all(&b_image).unwrap();
@@ -665,6 +687,11 @@ fn site_switchover_and_failover_with_booth() {
         30,
     );
     println!("vmha watch on A's DC: {current}");
+    let (records, partials) = at_b();
+    assert!(
+        records.is_empty() && partials.is_empty(),
+        "left at B after the rounds succeeded again: records {records:?}, copies {partials:?}"
+    );
     let _ = watch.kill();
     let _ = watch.wait();
     let status_a = vmha_long_ok(a, 1, &["site", "status"]);
