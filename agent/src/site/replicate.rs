@@ -835,7 +835,10 @@ mod outcome_tests {
             "the peer gets this round's point once its remaining renames succeed"
         );
         let text = format!("{committed:#}");
-        assert!(text.starts_with("round ab is committed;") && text.ends_with("Is a directory"), "{text}");
+        assert!(
+            text.starts_with("round ab is committed;") && text.ends_with("Is a directory"),
+            "{text}"
+        );
         let before = anyhow!("freezing m1's file systems").context("the round");
         assert_eq!(failure_outcome(&before), "the peer keeps its previous copies");
     }
