@@ -84,7 +84,13 @@ impl Requests {
 pub fn read_line(reader: &mut impl BufRead, max: usize) -> io::Result<Line> {
     let mut bounded = BoundedLine::new(max);
     loop {
-        let buf = reader.fill_buf()?;
+        // A signal that interrupts the read is no reason to end the session (a socket with a receive
+        // timeout is never restarted by the kernel, whatever SA_RESTART says).
+        let buf = match reader.fill_buf() {
+            Ok(buf) => buf,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if buf.is_empty() {
             return Ok(bounded.end());
         }
@@ -281,8 +287,10 @@ mod tests {
             loop {
                 let wait = if got.len() < expected { 10_000 } else { 300 };
                 host.set_read_timeout(Some(Duration::from_millis(wait))).unwrap();
-                let Ok(Line::Complete(l)) = read_line(&mut from_guest, MAX_LINE) else {
-                    break;
+                let l = match read_line(&mut from_guest, MAX_LINE) {
+                    Ok(Line::Complete(l)) => l,
+                    Err(e) if got.len() >= expected && e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    other => panic!("reading the session: {other:?} after {got:?} (wanted {expected})"),
                 };
                 if let GuestMessage::Result { id, result, reason, .. } = parse_guest_line(&l).unwrap() {
                     got.push((id, result, reason));
@@ -324,6 +332,37 @@ mod tests {
             host.shutdown(std::net::Shutdown::Both).unwrap();
             t.join().unwrap().unwrap();
         }
+    }
+
+    /// A read interrupted by a signal (EINTR, as the test harness's reads of a session with a receive timeout
+    /// saw when a hook process ended) is tried again, not taken as the end of the line.
+    #[test]
+    fn an_interrupted_read_is_tried_again() {
+        struct Interrupting {
+            interrupted: bool,
+            data: &'static [u8],
+        }
+        impl Read for Interrupting {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if !self.interrupted {
+                    self.interrupted = true;
+                    return Err(io::Error::from(io::ErrorKind::Interrupted));
+                }
+                let n = self.data.len().min(buf.len());
+                buf[..n].copy_from_slice(&self.data[..n]);
+                self.data = &self.data[n..];
+                Ok(n)
+            }
+        }
+        let mut reader = BufReader::new(Interrupting {
+            interrupted: false,
+            data: b"{\"a\":1}\n",
+        });
+        match read_line(&mut reader, MAX_LINE).unwrap() {
+            Line::Complete(l) => assert_eq!(l, b"{\"a\":1}".to_vec()),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(read_line(&mut reader, MAX_LINE).unwrap(), Line::Eof));
     }
 
     #[test]
