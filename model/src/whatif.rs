@@ -310,17 +310,10 @@ pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyEr
         let set = format!(
             r#"<meta_attributes id="{KEEP_THRESHOLD_ID}{rsc}"><nvpair id="{KEEP_THRESHOLD_ID}{rsc}-migration-threshold" name="migration-threshold" value="INFINITY"/></meta_attributes>"#
         );
-        let r = primitive.range();
-        let text = &copy[r.clone()];
-        let close = "</primitive>";
-        if text.ends_with("/>") {
-            splices.push((r.end - 2, r.end, format!(">{set}{close}")));
-        } else if text.ends_with(close) {
-            let at = r.end - close.len();
-            splices.push((at, at, set));
-        } else {
+        let Some(splice) = last_child(copy, primitive, "primitive", set) else {
             return Ok(Cow::Borrowed(copy));
-        }
+        };
+        splices.push(splice);
     }
     let set = format!(
         r#"<meta_attributes id="{NO_FAILURES_ID}" score="INFINITY"><nvpair id="{NO_FAILURES_ID}-migration-threshold" name="migration-threshold" value="0"/></meta_attributes>"#
@@ -340,17 +333,10 @@ pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyEr
             splices.push((at, at, format!("<rsc_defaults>{set}</rsc_defaults>")));
         }
         [d] => {
-            let r = d.range();
-            let text = &copy[r.clone()];
-            let close = "</rsc_defaults>";
-            if text.ends_with("/>") {
-                splices.push((r.end - 2, r.end, format!(">{set}{close}")));
-            } else if text.ends_with(close) {
-                let at = r.end - close.len();
-                splices.push((at, at, set));
-            } else {
+            let Some(splice) = last_child(copy, *d, "rsc_defaults", set) else {
                 return Ok(Cow::Borrowed(copy));
-            }
+            };
+            splices.push(splice);
         }
         _ => return Ok(Cow::Borrowed(copy)),
     }
@@ -364,6 +350,22 @@ pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyEr
     }
     out.push_str(&copy[from..]);
     Ok(Cow::Owned(out))
+}
+
+/// The splice (start, end, text) of `copy` that makes `child` the last child of `element` (a `<tag>` written
+/// either empty, `<tag .../>`, or with its end tag): `None` for any other shape.
+fn last_child(copy: &str, element: Node<'_, '_>, tag: &str, child: String) -> Option<(usize, usize, String)> {
+    let r = element.range();
+    let text = &copy[r.clone()];
+    let close = format!("</{tag}>");
+    if text.ends_with("/>") {
+        Some((r.end - 2, r.end, format!(">{child}{close}")))
+    } else if text.ends_with(&close) {
+        let at = r.end - close.len();
+        Some((at, at, child))
+    } else {
+        None
+    }
 }
 
 /// One resource operation of a transition graph.
