@@ -81,13 +81,11 @@ pub fn submit(job: Job) -> Result<(), Error> {
 
 /// Whether the calling thread is the loop thread.
 pub fn on_loop_thread() -> bool {
-    std::thread::current().name() == Some(THREAD_NAME)
-        && LOOP.get().is_some_and(|running| {
-            // SAFETY: the context is valid for the process's life; the call only reads its owner.
-            running
-                .as_ref()
-                .is_ok_and(|l| unsafe { sys::g_main_context_is_owner(l.context.0) } != 0)
-        })
+    // Only the loop thread ever owns the default context (it acquired it for good).
+    LOOP.get().and_then(|running| running.as_ref().ok()).is_some_and(|l| {
+        // SAFETY: the context is valid for the process's life; the call only reads its owner.
+        unsafe { sys::g_main_context_is_owner(l.context.0) != 0 }
+    })
 }
 
 fn the_loop() -> Result<&'static Loop, Error> {

@@ -332,19 +332,15 @@ pub fn watch(uri: &str) -> Result<EventWatch, Error> {
 pub fn watch_with(uri: &str, options: &WatchOptions) -> Result<EventWatch, Error> {
     start_event_loop()?;
     let (tx, items) = channel::unbounded_channel();
-    let (opened_tx, opened) = mpsc::sync_channel(1);
     let (target, opts) = (uri.to_owned(), options.clone());
-    thread::Builder::new()
-        .name(OPEN_THREAD_NAME.to_owned())
-        .spawn(move || {
-            // When the caller gave up waiting, the registration comes back here and is torn down on this thread.
-            let _late = opened_tx.send(Registration::open(&target, &opts, tx));
-        })
-        .map_err(|source| Error::Thread {
-            what: "starting the thread that opens the event connection",
-            source,
-        })?;
-    let registration = match opened.recv_timeout(options.open_timeout) {
+    // When the caller gave up waiting, the registration is torn down on the opening thread.
+    let opened = on_own_thread(
+        OPEN_THREAD_NAME,
+        "starting the thread that opens the event connection",
+        options.open_timeout,
+        move || Registration::open(&target, &opts, tx),
+    )?;
+    let registration = match opened {
         Ok(opened) => opened?,
         Err(mpsc::RecvTimeoutError::Timeout) => {
             return Err(Error::Timeout {
@@ -645,26 +641,38 @@ fn start_event_loop() -> Result<(), Error> {
 
 /// Drops `registration` (deregister, close) on a thread of its own and waits for it at most `limit`.
 fn tear_down(registration: Registration, limit: Duration) -> Result<(), Error> {
-    let (done_tx, done) = mpsc::sync_channel::<()>(1);
-    let spawned = thread::Builder::new()
-        .name(CLOSE_THREAD_NAME.to_owned())
-        .spawn(move || {
-            drop(registration);
-            let _waited = done_tx.send(());
-        });
-    if let Err(source) = spawned {
-        return Err(Error::Thread {
-            what: "starting the thread that closes the event connection",
-            source,
-        });
-    }
-    match done.recv_timeout(limit) {
+    let closed = on_own_thread(
+        CLOSE_THREAD_NAME,
+        "starting the thread that closes the event connection",
+        limit,
+        move || drop(registration),
+    )?;
+    match closed {
         Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => Ok(()),
         Err(mpsc::RecvTimeoutError::Timeout) => Err(Error::Timeout {
             what: "closing the event connection",
             after: limit,
         }),
     }
+}
+
+/// Runs `work` on a new thread named `name` and waits for its result at most `limit`: the result, or why there is
+/// none (`Timeout`; `Disconnected` when `work` panicked). A result that comes after the wait ran out is dropped on
+/// that thread. `starting` names the step in the error when the thread cannot be started.
+fn on_own_thread<T: Send + 'static>(
+    name: &str,
+    starting: &'static str,
+    limit: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<Result<T, mpsc::RecvTimeoutError>, Error> {
+    let (done_tx, done) = mpsc::sync_channel(1);
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _late = done_tx.send(work());
+        })
+        .map_err(|source| Error::Thread { what: starting, source })?;
+    Ok(done.recv_timeout(limit))
 }
 
 #[cfg(test)]
