@@ -266,6 +266,32 @@ pub fn complete_in(dir: &Path) -> Vec<Result<Completed, RecordError>> {
     records.into_iter().map(|path| complete_one(dir, &path)).collect()
 }
 
+/// What [`complete_for`] did: the rounds it completed that renamed something, and the records it could not
+/// act on (left where they are).
+#[derive(Debug, Default)]
+pub struct Sweep {
+    pub completed: Vec<Completed>,
+    pub invalid: Vec<RecordError>,
+}
+
+/// [`complete_in`] every directory of `images` (each once). A rename or I/O failure ends the sweep with that
+/// error: the images are then not fit to start from or replicate over.
+pub fn complete_for<'a>(images: impl IntoIterator<Item = &'a str>) -> Result<Sweep, RecordError> {
+    let dirs: std::collections::BTreeSet<&Path> = images.into_iter().filter_map(|i| Path::new(i).parent()).collect();
+    let mut sweep = Sweep::default();
+    for dir in dirs {
+        for done in complete_in(dir) {
+            match done {
+                Ok(c) if c.renamed > 0 => sweep.completed.push(c),
+                Ok(_) => {}
+                Err(e @ RecordError::Invalid { .. }) => sweep.invalid.push(e),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(sweep)
+}
+
 fn complete_one(dir: &Path, path: &Path) -> Result<Completed, RecordError> {
     let r = match read(path) {
         Ok(r) => r,

@@ -256,8 +256,8 @@ pub const KEEP_THRESHOLD_ID: &str = "vmha-what-if-keep-threshold-";
 /// default, INFINITY, so each of them gets a meta attributes set of its own saying so, which wins over resource
 /// defaults. Conservative: a `migration-threshold` anywhere while some fail count exists (a resource's own,
 /// a group's or clone's, or a default, maybe under a rule), a fail count of a resource not found as a primitive
-/// or whose id has other characters than letters, digits, `-`, `_` and `.`, `fail-count-` text in the configuration, a set of these ids already there, or an unexpected shape leaves
-/// `copy` as it is.
+/// or whose id has other characters than letters, digits, `-`, `_` and `.`, `fail-count-` text in the
+/// configuration, a set of these ids already there, or an unexpected shape leaves `copy` as it is.
 pub fn scheduler_input(copy: &str) -> Result<std::borrow::Cow<'_, str>, PolicyError> {
     use std::borrow::Cow;
     if copy.contains(NO_FAILURES_ID) || copy.contains(KEEP_THRESHOLD_ID) {

@@ -251,27 +251,19 @@ fn complete_replica_rounds(name: &str, xml: &str) -> Result<(), AgentError> {
     let Ok(disks) = vmha_model::clone::writable_disks(xml) else {
         return Ok(());
     };
-    let dirs: std::collections::BTreeSet<&std::path::Path> = disks
-        .iter()
-        .filter_map(|(_, file)| std::path::Path::new(file).parent())
-        .collect();
-    for dir in dirs {
-        for done in vmha_model::round_record::complete_in(dir) {
-            match done {
-                Ok(c) if c.renamed > 0 => tracing::warn!(
-                    vm = name,
-                    dir = %dir.display(),
-                    renamed = c.renamed,
-                    point = %vmha_model::printable(&c.point),
-                    "completed an interrupted replication round before starting"
-                ),
-                Ok(_) => {}
-                Err(e @ vmha_model::round_record::RecordError::Invalid { .. }) => {
-                    tracing::warn!(vm = name, "{e} (left alone)");
-                }
-                Err(e) => return Err(AgentError::failed(name, e.to_string())),
-            }
-        }
+    let sweep = vmha_model::round_record::complete_for(disks.iter().map(|(_, file)| file.as_str()))
+        .map_err(|e| AgentError::failed(name, e.to_string()))?;
+    for c in &sweep.completed {
+        tracing::warn!(
+            vm = name,
+            record = %c.record.display(),
+            renamed = c.renamed,
+            point = %vmha_model::printable(&c.point),
+            "completed an interrupted replication round before starting"
+        );
+    }
+    for e in &sweep.invalid {
+        tracing::warn!(vm = name, "{e} (left alone)");
     }
     Ok(())
 }

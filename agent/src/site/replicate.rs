@@ -491,22 +491,19 @@ fn remove_leftovers(target: &str, older_than: Duration) {
 /// [`vmha_model::round_record`]). A record that is not valid is reported and left alone; a rename that
 /// fails ends the round (the storage is not fit for one).
 fn complete_pending<'a>(targets: impl Iterator<Item = &'a str>) -> Result<()> {
-    let dirs: std::collections::BTreeSet<&Path> = targets.filter_map(|t| Path::new(t).parent()).collect();
-    for dir in dirs {
-        for done in round_record::complete_in(dir) {
-            match done {
-                Ok(c) if c.renamed > 0 => tracing::warn!(
-                    "completed the interrupted replication round of {} at {} in {}: {} images renamed into place",
-                    printable(&c.vcluster),
-                    printable(&c.point),
-                    dir.display(),
-                    c.renamed
-                ),
-                Ok(_) => {}
-                Err(e @ round_record::RecordError::Invalid { .. }) => tracing::warn!("{e} (left alone)"),
-                Err(e) => return Err(anyhow!(e).context("completing an interrupted replication round")),
-            }
-        }
+    let sweep = round_record::complete_for(targets)
+        .map_err(|e| anyhow!(e).context("completing an interrupted replication round"))?;
+    for c in &sweep.completed {
+        tracing::warn!(
+            "completed the interrupted replication round of {} at {} ({}): {} images renamed into place",
+            printable(&c.vcluster),
+            printable(&c.point),
+            c.record.display(),
+            c.renamed
+        );
+    }
+    for e in &sweep.invalid {
+        tracing::warn!("{e} (left alone)");
     }
     Ok(())
 }
